@@ -1,0 +1,171 @@
+//! Outcomes: what applying a command produced — a `Reply` or a business `Rejection`.
+//!
+//! Outcomes are stored under the command's idempotency key and replayed to retries, so a `Reply` is a
+//! snapshot of everything the response shows (the wallet as it was right after the command, say), never a
+//! pointer to state that may have moved on.
+
+use serde::{Deserialize, Serialize};
+
+use super::command::Envelope;
+use super::model::{Credit, Entitlement, Item, Order, Refund, Topup, User, WalletView};
+use super::money::Money;
+use super::time::Timestamp;
+
+pub type Outcome = Result<Reply, Rejection>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    UserCreated(User),
+    TokenIssued {
+        user_id: String,
+        expires_at: Timestamp,
+    },
+    /// `fresh: false` when the external reference had already been credited (nothing credited now).
+    Credited {
+        credit: Credit,
+        wallet: WalletView,
+        fresh: bool,
+    },
+    TopupCreated(Topup),
+    /// A webhook's answer: the top-up after the event (or unchanged, for a replay or a final top-up).
+    TopupUpdated(Topup),
+    Item(Item),
+    OrderCreated(Order),
+    OrderUpdated(Order),
+    Refunded {
+        refund: Refund,
+        wallet: WalletView,
+    },
+    Entitlement(Entitlement),
+    GlobalClaim(GlobalClaim),
+    RefClaim {
+        accepted: bool,
+    },
+    Swept {
+        orders: u32,
+        topups: u32,
+        idempotency_records: u32,
+    },
+}
+
+/// What the home shard of a global idempotency key says about it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GlobalClaim {
+    /// Execute this (the first request's) command on its shard, then settle the key.
+    Run(Box<Envelope>),
+    /// The key already has this outcome.
+    Settled(Box<Outcome>),
+}
+
+/// Business rejections. They are outcomes like successes: decided by `apply` in log order and stored
+/// under the idempotency key, except `InvalidRequest` and `IdempotencyKeyReused`, which store nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("user not found")]
+    UserNotFound,
+    #[error("a user with this id already exists")]
+    UserExists,
+    #[error("item {item_id} not found")]
+    ItemNotFound { item_id: String },
+    #[error("order not found")]
+    OrderNotFound,
+    #[error("top-up not found")]
+    TopupNotFound,
+    #[error("available credit is below the order total")]
+    InsufficientFunds { available: Money, required: Money },
+    #[error("the order total changed since it was shown")]
+    PriceChanged { expected: Money, current: Money },
+    #[error("item {item_id} is already owned or in a pending order")]
+    AlreadyOwned { item_id: String },
+    #[error("item {item_id} is not for sale")]
+    ItemInactive { item_id: String },
+    #[error("not allowed while the order is {status}")]
+    InvalidState { status: String },
+    #[error("refund of {item_id} exceeds what was purchased and not yet refunded")]
+    RefundExceedsPurchase {
+        item_id: String,
+        requested: u32,
+        refundable: u32,
+    },
+    #[error("units of {item_id} were already consumed")]
+    AlreadyConsumed {
+        item_id: String,
+        requested: u32,
+        unspent: u64,
+    },
+    #[error("not enough units of {item_id}")]
+    InsufficientEntitlement {
+        item_id: String,
+        requested: u32,
+        owned: u64,
+    },
+    #[error("external reference already used with another amount or user")]
+    ExternalRefConflict { external_ref: String },
+    #[error("amount differs from the top-up's")]
+    AmountMismatch { expected: Money, received: Money },
+    #[error("the order expired")]
+    OrderExpired { expires_at: Timestamp },
+    #[error("the refund window of {item_id} closed")]
+    RefundWindowClosed {
+        item_id: String,
+        closed_at: Timestamp,
+    },
+    #[error("too many pending orders")]
+    TooManyPendingOrders { limit: u32 },
+    #[error("too many refunds on this order")]
+    TooManyRefunds { limit: u32 },
+    #[error("the catalog is full")]
+    CatalogFull { limit: u64 },
+    #[error("the wallet would exceed its maximum balance")]
+    BalanceLimitExceeded { max: Money },
+    #[error("{message}")]
+    InvalidRequest { message: String },
+    #[error("this idempotency key was used with a different request")]
+    IdempotencyKeyReused,
+}
+
+impl Rejection {
+    /// The stable, machine-readable code of the contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::UserNotFound => "user_not_found",
+            Rejection::UserExists => "user_exists",
+            Rejection::ItemNotFound { .. } => "item_not_found",
+            Rejection::OrderNotFound => "order_not_found",
+            Rejection::TopupNotFound => "topup_not_found",
+            Rejection::InsufficientFunds { .. } => "insufficient_funds",
+            Rejection::PriceChanged { .. } => "price_changed",
+            Rejection::AlreadyOwned { .. } => "already_owned",
+            Rejection::ItemInactive { .. } => "item_inactive",
+            Rejection::InvalidState { .. } => "invalid_state",
+            Rejection::RefundExceedsPurchase { .. } => "refund_exceeds_purchase",
+            Rejection::AlreadyConsumed { .. } => "already_consumed",
+            Rejection::InsufficientEntitlement { .. } => "insufficient_entitlement",
+            Rejection::ExternalRefConflict { .. } => "external_ref_conflict",
+            Rejection::AmountMismatch { .. } => "amount_mismatch",
+            Rejection::OrderExpired { .. } => "order_expired",
+            Rejection::RefundWindowClosed { .. } => "refund_window_closed",
+            Rejection::TooManyPendingOrders { .. } => "too_many_pending_orders",
+            Rejection::TooManyRefunds { .. } => "too_many_refunds",
+            Rejection::CatalogFull { .. } => "catalog_full",
+            Rejection::BalanceLimitExceeded { .. } => "balance_limit_exceeded",
+            Rejection::InvalidRequest { .. } => "invalid_request",
+            Rejection::IdempotencyKeyReused => "idempotency_key_reused",
+        }
+    }
+
+    /// Whether this rejection is stored under the idempotency key. A malformed request and a reused key
+    /// store nothing: the client may fix the request and send it again with the same key.
+    pub fn is_stored(&self) -> bool {
+        !matches!(
+            self,
+            Rejection::InvalidRequest { .. } | Rejection::IdempotencyKeyReused
+        )
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Rejection {
+        Rejection::InvalidRequest {
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The JSON shapes of the API (requests and responses) and their OpenAPI schemas.
+//!
+//! Requests reject unknown fields. Money travels as decimal strings; money fields are read as raw JSON
+//! values so that a number or a malformed string is `invalid_amount` (422), not a parse error (400).
+//! Responses are built from domain records by the `from_*` functions, always with the same field order,
+//! so a stored outcome renders to the same bytes every time.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::domain::{
+    Credit, Currency, Entitlement, Item, Order, Posting, Refund, Timestamp, Topup, User, WalletView,
+};
+
+// ----- requests ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    /// 1–64 chars of `[A-Za-z0-9_.-]`; the server makes a UUIDv7 when absent.
+    pub user_id: Option<String>,
+    /// Up to 100 characters.
+    pub display_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// Lifetime of the token, 1–2592000 seconds (30 days). Default 3600.
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreditRequest {
+    #[schema(value_type = String, example = "20.00")]
+    pub amount: Value,
+    /// Unique across the shop: the PSP's payment id. 1–255 printable ASCII characters.
+    pub external_ref: String,
+    /// Free text such as `card`, up to 64 characters.
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TopupRequest {
+    #[schema(value_type = String, example = "20.00")]
+    pub amount: Value,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    /// Unique per event: replays of an event are answered from its stored outcome.
+    pub event_id: String,
+    /// `payment.succeeded` or `payment.failed`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub topup_id: String,
+    pub user_id: String,
+    #[schema(value_type = String, example = "20.00")]
+    pub amount: Value,
+    /// Required for `payment.succeeded`; unique across the shop.
+    pub psp_payment_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutItemRequest {
+    /// 1–200 characters.
+    pub name: String,
+    /// `game`, `skin` or `currency`. Cannot change once the item exists.
+    pub kind: String,
+    /// 0.00 (free) up to 1000000.00.
+    #[schema(value_type = String, example = "4.99")]
+    pub price: Value,
+    /// Default true.
+    pub active: Option<bool>,
+    /// Days after completion a refund is allowed (0 = not refundable, default 14, at most 3650).
+    pub refund_window_days: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LineInput {
+    pub item_id: String,
+    /// 1–1000 (1 for `game` and `skin`).
+    pub quantity: u32,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrderRequest {
+    /// 1–50 lines with distinct items.
+    pub lines: Vec<LineInput>,
+    /// The total the player was shown; the order is refused with `price_changed` if it differs.
+    #[schema(value_type = Option<String>, example = "19.96")]
+    pub expected_total: Option<Value>,
+    /// Create and complete in one atomic step. Default false.
+    pub complete: Option<bool>,
+}
+
+/// The body of `complete` and `cancel`: empty, or `{}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefundRequest {
+    /// What to refund; everything not yet refunded when absent.
+    pub lines: Option<Vec<LineInput>>,
+    /// Up to 200 characters.
+    pub reason: Option<String>,
+    /// Refund even after the refund window closed (admin only).
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumeRequest {
+    /// 1–1000000 units.
+    pub quantity: u32,
+}
+
+// ----- responses --------------------------------------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WalletResponse {
+    pub currency: String,
+    #[schema(example = "20.00")]
+    pub balance: String,
+    #[schema(example = "4.99")]
+    pub held: String,
+    /// `balance - held`
+    #[schema(example = "15.01")]
+    pub available: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserResponse {
+    pub user_id: String,
+    pub display_name: Option<String>,
+    pub created_at: String,
+    pub wallet: WalletResponse,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenResponse {
+    pub token: String,
+    pub expires_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreditResponse {
+    pub credit_id: String,
+    pub user_id: String,
+    pub amount: String,
+    pub external_ref: String,
+    pub source: Option<String>,
+    /// Always `COMPLETED`.
+    pub status: String,
+    pub wallet: WalletResponse,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TopupResponse {
+    pub topup_id: String,
+    pub user_id: String,
+    /// `PENDING`, `COMPLETED`, `FAILED` or `EXPIRED`.
+    pub status: String,
+    pub amount: String,
+    pub psp_payment_id: Option<String>,
+    pub created_at: String,
+    pub expires_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemResponse {
+    pub item_id: String,
+    pub name: String,
+    pub kind: String,
+    pub price: String,
+    pub active: bool,
+    pub refund_window_days: u32,
+    pub version: u64,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ItemsResponse {
+    pub items: Vec<ItemResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderLineResponse {
+    pub item_id: String,
+    pub kind: String,
+    pub quantity: u32,
+    pub unit_price: String,
+    pub line_total: String,
+    pub refunded_quantity: u32,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryResponse {
+    pub status: String,
+    pub at: String,
+    /// For `CANCELLED`: `expired` or `cancelled_by_client`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderResponse {
+    pub order_id: String,
+    pub user_id: String,
+    /// `PENDING`, `COMPLETED`, `CANCELLED`, `PARTIALLY_REFUNDED` or `REFUNDED`.
+    pub status: String,
+    pub currency: String,
+    pub lines: Vec<OrderLineResponse>,
+    pub total: String,
+    pub refunded_total: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub completed_at: Option<String>,
+    pub history: Vec<HistoryResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrdersPage {
+    pub orders: Vec<OrderResponse>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RefundLineResponse {
+    pub item_id: String,
+    pub quantity: u32,
+    pub amount: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RefundResponse {
+    pub refund_id: String,
+    pub order_id: String,
+    pub user_id: String,
+    pub amount: String,
+    pub lines: Vec<RefundLineResponse>,
+    pub reason: Option<String>,
+    pub forced: bool,
+    /// Always `COMPLETED`.
+    pub status: String,
+    pub wallet: WalletResponse,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntitlementResponse {
+    pub item_id: String,
+    pub kind: String,
+    pub quantity: u64,
+    pub granted_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntitlementsResponse {
+    pub entitlements: Vec<EntitlementResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryRef {
+    /// `credit`, `topup`, `order` or `refund`.
+    #[serde(rename = "type")]
+    pub ref_type: String,
+    pub id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerEntry {
+    pub entry_id: String,
+    pub seq: u64,
+    /// `credit`, `hold`, `release`, `debit` or `refund`.
+    pub kind: String,
+    pub amount: String,
+    pub balance_after: String,
+    pub held_after: String,
+    /// The double-entry accounts: `debit` loses the amount, `credit` gains it.
+    pub debit_account: String,
+    pub credit_account: String,
+    #[serde(rename = "ref")]
+    pub reference: EntryRef,
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerPage {
+    pub entries: Vec<LedgerEntry>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IdempotencyResponse {
+    pub key: String,
+    pub status: u16,
+    #[schema(value_type = Object)]
+    pub body: Value,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ShardAuditResponse {
+    pub shard: u32,
+    pub last_applied: u64,
+    pub users: u64,
+    pub orders: u64,
+    pub postings: u64,
+    pub state_hash: String,
+    pub violations: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditResponse {
+    pub ok: bool,
+    pub shards: Vec<ShardAuditResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterNode {
+    pub node_id: u64,
+    pub address: String,
+    pub this_node: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterShard {
+    pub shard: u32,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub voters: Vec<u64>,
+    pub applied_index: u64,
+    pub healthy: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterResponse {
+    pub node_id: u64,
+    /// `single` (one node, one-voter shards).
+    pub mode: String,
+    pub nodes: Vec<ClusterNode>,
+    pub shards: Vec<ClusterShard>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusResponse {
+    pub status: String,
+}
+
+// ----- rendering domain records -------------------------------------------------------------------------
+
+fn time(t: Timestamp) -> String {
+    t.to_rfc3339()
+}
+
+pub fn wallet(currency: &Currency, wallet: &WalletView) -> WalletResponse {
+    WalletResponse {
+        currency: currency.code().to_owned(),
+        balance: currency.format(wallet.balance),
+        held: currency.format(wallet.held),
+        available: currency.format(wallet.available()),
+    }
+}
+
+pub fn user(currency: &Currency, user: &User, view: &WalletView) -> UserResponse {
+    UserResponse {
+        user_id: user.user_id.clone(),
+        display_name: user.display_name.clone(),
+        created_at: time(user.created_at),
+        wallet: wallet(currency, view),
+    }
+}
+
+pub fn credit(currency: &Currency, credit: &Credit, view: &WalletView) -> CreditResponse {
+    CreditResponse {
+        credit_id: credit.credit_id.to_string(),
+        user_id: credit.user_id.clone(),
+        amount: currency.format(credit.amount),
+        external_ref: credit.external_ref.clone(),
+        source: credit.source.clone(),
+        status: "COMPLETED".to_owned(),
+        wallet: wallet(currency, view),
+        created_at: time(credit.created_at),
+    }
+}
+
+pub fn topup(currency: &Currency, topup: &Topup) -> TopupResponse {
+    TopupResponse {
+        topup_id: topup.topup_id.to_string(),
+        user_id: topup.user_id.clone(),
+        status: topup.status.as_str().to_owned(),
+        amount: currency.format(topup.amount),
+        psp_payment_id: topup.psp_payment_id.clone(),
+        created_at: time(topup.created_at),
+        expires_at: time(topup.expires_at),
+        finished_at: topup.finished_at.map(time),
+    }
+}
+
+pub fn item(currency: &Currency, item: &Item) -> ItemResponse {
+    ItemResponse {
+        item_id: item.spec.item_id.clone(),
+        name: item.spec.name.clone(),
+        kind: item.spec.kind.as_str().to_owned(),
+        price: currency.format(item.spec.price),
+        active: item.spec.active,
+        refund_window_days: item.spec.refund_window_days,
+        version: item.version,
+        updated_at: time(item.updated_at),
+    }
+}
+
+pub fn order(currency: &Currency, order: &Order) -> OrderResponse {
+    OrderResponse {
+        order_id: order.order_id.to_string(),
+        user_id: order.user_id.clone(),
+        status: order.status.as_str().to_owned(),
+        currency: currency.code().to_owned(),
+        lines: order
+            .lines
+            .iter()
+            .map(|l| OrderLineResponse {
+                item_id: l.item_id.clone(),
+                kind: l.kind.as_str().to_owned(),
+                quantity: l.quantity,
+                unit_price: currency.format(l.unit_price),
+                line_total: currency.format(l.line_total()),
+                refunded_quantity: l.refunded_quantity,
+            })
+            .collect(),
+        total: currency.format(order.total),
+        refunded_total: currency.format(order.refunded_total),
+        created_at: time(order.created_at),
+        expires_at: time(order.expires_at),
+        completed_at: order.completed_at.map(time),
+        history: order
+            .history
+            .iter()
+            .map(|h| HistoryResponse {
+                status: h.status.as_str().to_owned(),
+                at: time(h.at),
+                reason: h.reason.map(|r| r.as_str().to_owned()),
+            })
+            .collect(),
+    }
+}
+
+pub fn refund(currency: &Currency, refund: &Refund, view: &WalletView) -> RefundResponse {
+    RefundResponse {
+        refund_id: refund.refund_id.to_string(),
+        order_id: refund.order_id.to_string(),
+        user_id: refund.user_id.clone(),
+        amount: currency.format(refund.amount),
+        lines: refund
+            .lines
+            .iter()
+            .map(|l| RefundLineResponse { item_id: l.item_id.clone(), quantity: l.quantity, amount: currency.format(l.amount) })
+            .collect(),
+        reason: refund.reason.clone(),
+        forced: refund.forced,
+        status: "COMPLETED".to_owned(),
+        wallet: wallet(currency, view),
+        created_at: time(refund.created_at),
+    }
+}
+
+pub fn entitlement(entitlement: &Entitlement) -> EntitlementResponse {
+    EntitlementResponse {
+        item_id: entitlement.item_id.clone(),
+        kind: entitlement.kind.as_str().to_owned(),
+        quantity: entitlement.quantity(),
+        granted_at: time(entitlement.granted_at),
+    }
+}
+
+fn account_name(account: &crate::domain::Account) -> String {
+    use crate::domain::Account;
+    match account {
+        Account::Available(user) => format!("wallet:{user}:available"),
+        Account::Held(user) => format!("wallet:{user}:held"),
+        Account::PspClearing => "psp_clearing".to_owned(),
+        Account::Revenue => "revenue".to_owned(),
+    }
+}
+
+pub fn ledger_entry(currency: &Currency, posting: &Posting) -> LedgerEntry {
+    LedgerEntry {
+        entry_id: posting.entry_id.to_string(),
+        seq: posting.user_seq,
+        kind: posting.kind.as_str().to_owned(),
+        amount: currency.format(posting.amount),
+        balance_after: currency.format(posting.balance_after),
+        held_after: currency.format(posting.held_after),
+        debit_account: account_name(&posting.debit),
+        credit_account: account_name(&posting.credit),
+        reference: EntryRef { ref_type: posting.reference.kind_str().to_owned(), id: posting.reference.id().to_string() },
+        at: time(posting.at),
+    }
+}

@@ -1,0 +1,198 @@
+//! The one error shape of the API and the one place where every error becomes an HTTP status.
+//!
+//! `{"error": {"code": "insufficient_funds", "message": "…", "details": {…}}}`. Business rejections from
+//! the state machine are rendered here too, so a stored rejection replays byte for byte.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::domain::{AmountError, Currency, Rejection};
+use crate::engine::EngineError;
+
+/// An error response. Built by the helpers below, rendered by `IntoResponse`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Value,
+    /// Seconds for `Retry-After` (429 and 503).
+    pub retry_after: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code, e.g. `insufficient_funds`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Structured facts about the error (may be empty).
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), details: json!({}), retry_after: None }
+    }
+
+    pub fn with_details(mut self, details: Value) -> ApiError {
+        self.details = details;
+        self
+    }
+
+    pub fn invalid_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn idempotency_key_required() -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            "POST requests need an Idempotency-Key header (1-255 printable ASCII characters)",
+        )
+    }
+
+    pub fn unauthenticated() -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "a valid bearer token is required")
+    }
+
+    pub fn invalid_signature(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn user_not_found() -> ApiError {
+        ApiError::not_found("user_not_found", "user not found")
+    }
+
+    pub fn payload_too_large(limit: usize) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request bodies are limited to {limit} bytes"))
+            .with_details(json!({ "limit_bytes": limit }))
+    }
+
+    pub fn invalid_amount(field: &str, error: &AmountError) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", format!("{field}: {error}"))
+            .with_details(json!({ "field": field }))
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+        error.retry_after = Some(1);
+        error
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> Vec<u8> {
+        let body = ErrorBody {
+            error: ErrorDetail { code: self.code.to_owned(), message: self.message.clone(), details: self.details.clone() },
+        };
+        serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"error":{"code":"internal","message":"","details":{}}}"#.to_vec())
+    }
+
+    /// A business rejection as the contract shows it. Deterministic: the same rejection always renders the
+    /// same bytes, which is what makes stored rejections replay byte for byte.
+    pub fn from_rejection(rejection: &Rejection, currency: &Currency) -> ApiError {
+        let money = |m| currency.format(m);
+        let (status, details) = match rejection {
+            Rejection::UserNotFound | Rejection::OrderNotFound | Rejection::TopupNotFound => (StatusCode::NOT_FOUND, json!({})),
+            Rejection::ItemNotFound { item_id } => (StatusCode::NOT_FOUND, json!({ "item_id": item_id })),
+            Rejection::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, json!({})),
+            Rejection::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, json!({})),
+            Rejection::UserExists => (StatusCode::CONFLICT, json!({})),
+            Rejection::InsufficientFunds { available, required } => {
+                (StatusCode::CONFLICT, json!({ "available": money(*available), "required": money(*required) }))
+            }
+            Rejection::PriceChanged { expected, current } => (
+                StatusCode::CONFLICT,
+                json!({ "expected_total": money(*expected), "current_total": money(*current) }),
+            ),
+            Rejection::AlreadyOwned { item_id } | Rejection::ItemInactive { item_id } => {
+                (StatusCode::CONFLICT, json!({ "item_id": item_id }))
+            }
+            Rejection::InvalidState { status } => (StatusCode::CONFLICT, json!({ "status": status })),
+            Rejection::RefundExceedsPurchase { item_id, requested, refundable } => (
+                StatusCode::CONFLICT,
+                json!({ "item_id": item_id, "requested": requested, "refundable": refundable }),
+            ),
+            Rejection::AlreadyConsumed { item_id, requested, unspent } => (
+                StatusCode::CONFLICT,
+                json!({ "item_id": item_id, "requested": requested, "unspent": unspent }),
+            ),
+            Rejection::InsufficientEntitlement { item_id, requested, owned } => (
+                StatusCode::CONFLICT,
+                json!({ "item_id": item_id, "requested": requested, "owned": owned }),
+            ),
+            Rejection::ExternalRefConflict { external_ref } => {
+                (StatusCode::CONFLICT, json!({ "external_ref": external_ref }))
+            }
+            Rejection::AmountMismatch { expected, received } => {
+                (StatusCode::CONFLICT, json!({ "expected": money(*expected), "received": money(*received) }))
+            }
+            Rejection::OrderExpired { expires_at } => {
+                (StatusCode::CONFLICT, json!({ "expires_at": expires_at.to_rfc3339() }))
+            }
+            Rejection::RefundWindowClosed { item_id, closed_at } => {
+                (StatusCode::CONFLICT, json!({ "item_id": item_id, "closed_at": closed_at.to_rfc3339() }))
+            }
+            Rejection::TooManyPendingOrders { limit } | Rejection::TooManyRefunds { limit } => {
+                (StatusCode::CONFLICT, json!({ "limit": limit }))
+            }
+            Rejection::CatalogFull { limit } => (StatusCode::CONFLICT, json!({ "limit": limit })),
+            Rejection::BalanceLimitExceeded { max } => (StatusCode::CONFLICT, json!({ "max_balance": money(*max) })),
+        };
+        ApiError::new(status, rejection.code(), rejection.to_string()).with_details(details)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        match error {
+            EngineError::Overloaded { shard } => {
+                let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "the shop is busy; retry shortly with the same Idempotency-Key")
+                    .with_details(json!({ "shard": shard }));
+                e.retry_after = Some(1);
+                e
+            }
+            EngineError::Unavailable(reason) => ApiError::unavailable(reason),
+            EngineError::Storage(e) => {
+                tracing::error!(error = %e, "storage error");
+                ApiError::unavailable("storage error; retry with the same Idempotency-Key")
+            }
+            EngineError::Internal(reason) => {
+                tracing::error!(%reason, "internal error");
+                ApiError::internal("internal error; retry with the same Idempotency-Key to learn the outcome")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], self.body())
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,197 @@
+//! Everything that checks a request before it becomes a command: body size, JSON shape, identifiers,
+//! amounts, the Idempotency-Key header and the request fingerprint. A request refused here reaches no
+//! state machine and stores nothing.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, header};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use crate::domain::{Currency, Fingerprint, Money, ids};
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Idempotency keys are 1–255 printable ASCII characters.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The raw body of a request, at most `MAX_BODY_BYTES`.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Body, ApiError> {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
+            return Err(ApiError::payload_too_large(MAX_BODY_BYTES));
+        }
+        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
+        Ok(Body(bytes))
+    }
+}
+
+impl Body {
+    /// Parses the body as `T` (which rejects unknown fields). An empty body reads as `{}`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let bytes: &[u8] = if self.is_blank() { b"{}" } else { &self.0 };
+        serde_json::from_slice(bytes).map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
+    }
+
+    fn is_blank(&self) -> bool {
+        self.0.iter().all(u8::is_ascii_whitespace)
+    }
+
+    /// SHA-256 of method, path and the body in canonical form (keys sorted, no insignificant whitespace),
+    /// so that a retry that re-encodes the same JSON has the same fingerprint.
+    pub fn fingerprint(&self, method: &str, path: &str) -> Fingerprint {
+        let canonical = if self.is_blank() {
+            b"{}".to_vec()
+        } else {
+            match serde_json::from_slice::<Value>(&self.0) {
+                Ok(value) => canonical_json(&value),
+                Err(_) => self.0.to_vec(),
+            }
+        };
+        let mut hasher = Sha256::new();
+        hasher.update(method.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(path.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(&canonical);
+        hasher.finalize().into()
+    }
+}
+
+/// JSON with object keys sorted at every level.
+fn canonical_json(value: &Value) -> Vec<u8> {
+    fn write(value: &Value, out: &mut Vec<u8>) {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push(b'{');
+                for (i, (key, value)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend(serde_json::to_vec(key).unwrap_or_default());
+                    out.push(b':');
+                    write(value, out);
+                }
+                out.push(b'}');
+            }
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write(item, out);
+                }
+                out.push(b']');
+            }
+            scalar => out.extend(serde_json::to_vec(scalar).unwrap_or_default()),
+        }
+    }
+    let mut out = Vec::new();
+    write(value, &mut out);
+    out
+}
+
+/// The `Idempotency-Key` header, required on every POST.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let value = headers.get("idempotency-key").ok_or_else(ApiError::idempotency_key_required)?;
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&k.len()) && k.bytes().all(|b| (0x20..=0x7e).contains(&b)))
+        .ok_or_else(|| ApiError::invalid_request("Idempotency-Key must be 1-255 printable ASCII characters"))?;
+    Ok(key.to_owned())
+}
+
+/// A client-chosen identifier (`user_id`, `item_id`): 1–64 chars of `[A-Za-z0-9_.-]`.
+pub fn client_id(field: &str, value: &str) -> Result<String, ApiError> {
+    if ids::is_valid_id(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(ApiError::invalid_request(format!("{field} must be 1-64 characters of A-Z a-z 0-9 _ . -")))
+    }
+}
+
+/// Optional free text of at most `max_chars` characters.
+pub fn bounded_text(field: &str, value: Option<String>, max_chars: usize) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(text) if text.chars().count() > max_chars => {
+            Err(ApiError::invalid_request(format!("{field} must be at most {max_chars} characters")))
+        }
+        Some(text) if text.chars().any(char::is_control) => {
+            Err(ApiError::invalid_request(format!("{field} must not contain control characters")))
+        }
+        other => Ok(other),
+    }
+}
+
+/// How an amount field must be shaped.
+#[derive(Clone, Copy)]
+pub enum AmountRule {
+    Positive,
+    NonNegative,
+}
+
+/// A money field: a JSON string holding a decimal in the deployment's currency.
+pub fn amount(currency: &Currency, field: &str, value: &Value, rule: AmountRule) -> Result<Money, ApiError> {
+    let Value::String(text) = value else {
+        return Err(ApiError::invalid_amount(field, &crate::domain::AmountError::NotAString));
+    };
+    let parsed = match rule {
+        AmountRule::Positive => currency.parse_positive(text),
+        AmountRule::NonNegative => currency.parse_non_negative(text),
+    };
+    parsed.map_err(|e| ApiError::invalid_amount(field, &e))
+}
+
+/// Query parameters as (name, value) pairs. Unknown names are ignored; a malformed query is refused.
+pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| ApiError::invalid_request(format!("invalid query: {e}")))
+}
+
+/// The `limit` query parameter: `default` when absent, else 1..=`max`.
+pub fn limit(pairs: &[(String, String)], default: usize, max: usize) -> Result<usize, ApiError> {
+    match pairs.iter().find(|(k, _)| k == "limit") {
+        None => Ok(default),
+        Some((_, v)) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::invalid_request(format!("limit must be an integer from 1 to {max}"))),
+    }
+}
+
+pub fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_ignores_key_order_and_whitespace_but_not_values() {
+        let a = Body(Bytes::from_static(br#"{"a": 1, "b": {"y": 2, "x": [1, 2]}}"#));
+        let b = Body(Bytes::from_static(br#"{"b":{"x":[1,2],"y":2},"a":1}"#));
+        let c = Body(Bytes::from_static(br#"{"b":{"x":[2,1],"y":2},"a":1}"#));
+        assert_eq!(a.fingerprint("POST", "/p"), b.fingerprint("POST", "/p"));
+        assert_ne!(a.fingerprint("POST", "/p"), c.fingerprint("POST", "/p"));
+        assert_ne!(a.fingerprint("POST", "/p"), a.fingerprint("POST", "/q"));
+        assert_eq!(Body(Bytes::new()).fingerprint("POST", "/p"), Body(Bytes::from_static(b"{}")).fingerprint("POST", "/p"));
+    }
+}

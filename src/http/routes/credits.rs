@@ -1,0 +1,208 @@
+//! Adding credit: direct credits reported by the game backend, PSP top-ups and the signed PSP webhook.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Uri};
+use axum::response::Response;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use uuid::Uuid;
+
+use super::{read_user, user_path};
+use crate::domain::command::PSP_EVENT_SCOPE;
+use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
+use crate::domain::{Command, RefClaim, Timestamp, TopupStatus};
+use crate::http::auth::Caller;
+use crate::http::dto::{self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::input::{self, AmountRule, Body};
+use crate::http::{AppState, render};
+use crate::state::query;
+
+/// How far a webhook's signed timestamp may be from now.
+const WEBHOOK_TOLERANCE_SECONDS: i64 = 300;
+
+fn external_ref(field: &str, value: &str) -> Result<(), ApiError> {
+    if is_valid_external_ref(value) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_request(format!("{field} must be 1-255 printable ASCII characters without spaces")))
+    }
+}
+
+/// Credit a payment the PSP already settled (admin, service). `external_ref` is unique across the shop.
+#[utoipa::path(post, path = "/v1/users/{user_id}/credits", tag = "credit", request_body = CreditRequest,
+    params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
+    responses(
+        (status = 201, description = "Credited", body = CreditResponse),
+        (status = 200, description = "This external_ref was already credited: the original credit, nothing credited now", body = CreditResponse),
+        (status = 404, description = "`user_not_found`", body = ErrorBody),
+        (status = 409, description = "`external_ref_conflict`, `balance_limit_exceeded`", body = ErrorBody),
+        (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_credit(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.require_staff()?;
+    let user_id = input::client_id("user_id", &user_id)?;
+    let key = input::idempotency_key(&headers)?;
+    let request: CreditRequest = body.json()?;
+    let amount = input::amount(&app.config.currency, "amount", &request.amount, AmountRule::Positive)?;
+    external_ref("external_ref", &request.external_ref)?;
+    let source = input::bounded_text("source", request.source, MAX_SOURCE_CHARS)?;
+    let now = Timestamp::now();
+    // Users are never deleted: a user seen here exists when the credit applies. Checking first keeps an
+    // unknown user from reserving the external_ref.
+    read_user(&app, &user_id, now).await?;
+    let claim = RefClaim { user_id: user_id.clone(), amount, topup_id: None };
+    let ref_accepted = app.bounded(app.node.claim_external_ref(format!("credit:{}", request.external_ref), claim)).await?;
+    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let command = Command::Credit { user_id: user_id.clone(), amount, external_ref: request.external_ref, source, ref_accepted };
+    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    Ok(render::applied(&app, &applied))
+}
+
+/// Start a top-up through the PSP (user for itself, service, admin); the webhook completes it.
+#[utoipa::path(post, path = "/v1/users/{user_id}/topups", tag = "credit", request_body = TopupRequest,
+    params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
+    responses(
+        (status = 201, body = TopupResponse),
+        (status = 404, description = "`user_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_topup(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let user_id = user_path(&caller, &user_id)?;
+    let key = input::idempotency_key(&headers)?;
+    let request: TopupRequest = body.json()?;
+    let amount = input::amount(&app.config.currency, "amount", &request.amount, AmountRule::Positive)?;
+    let now = Timestamp::now();
+    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let command = Command::CreateTopup { user_id: user_id.clone(), amount, expires_at: now.plus(app.config.topup_ttl) };
+    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    Ok(render::applied(&app, &applied))
+}
+
+/// A top-up and its status (`PENDING` past its deadline reads as `EXPIRED`).
+#[utoipa::path(get, path = "/v1/users/{user_id}/topups/{topup_id}", tag = "credit",
+    params(("user_id" = String, Path), ("topup_id" = String, Path)),
+    responses((status = 200, body = TopupResponse), (status = 404, description = "`user_not_found`, `topup_not_found`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_topup(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((user_id, topup_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let user_id = user_path(&caller, &user_id)?;
+    let now = Timestamp::now();
+    read_user(&app, &user_id, now).await?;
+    let not_found = || ApiError::not_found("topup_not_found", "top-up not found");
+    let topup_id = Uuid::parse_str(&topup_id).map_err(|_| not_found())?;
+    let topup = app.bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| query::topup(txn, topup_id))).await?;
+    match topup {
+        Some(topup) if topup.user_id == user_id => Ok(render::ok(&dto::topup(&app.config.currency, &topup.as_of(now)))),
+        _ => Err(not_found()),
+    }
+}
+
+/// Checks `Psp-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`.
+fn verify_signature(secret: Option<&[u8]>, headers: &HeaderMap, raw: &Bytes, now: Timestamp) -> Result<(), ApiError> {
+    let secret = secret.ok_or_else(|| ApiError::invalid_signature("webhooks are disabled: SHOPKEEP_PSP_SECRET is not set"))?;
+    let header = headers
+        .get("psp-signature")
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| ApiError::invalid_signature("missing Psp-Signature header"))?;
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", value)) => timestamp = value.parse::<i64>().ok(),
+            Some(("v1", value)) => signatures.extend(hex::decode(value).ok()),
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or_else(|| ApiError::invalid_signature("Psp-Signature has no valid t="))?;
+    if (now.unix_seconds() - timestamp).abs() > WEBHOOK_TOLERANCE_SECONDS {
+        return Err(ApiError::invalid_signature("Psp-Signature timestamp is more than 300 s away from now"));
+    }
+    let valid = signatures.iter().any(|signature| {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(raw);
+        mac.verify_slice(signature).is_ok()
+    });
+    if valid { Ok(()) } else { Err(ApiError::invalid_signature("signature does not match")) }
+}
+
+/// The PSP's payment notification. Authenticated by its HMAC signature; `event_id` is its idempotency key.
+#[utoipa::path(post, path = "/v1/psp/webhook", tag = "credit", request_body = WebhookRequest,
+    params(("Psp-Signature" = String, Header, description = "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>")),
+    responses(
+        (status = 200, description = "The top-up after the event (unchanged for a replay or a final top-up)", body = TopupResponse),
+        (status = 401, description = "`invalid_signature`", body = ErrorBody),
+        (status = 404, description = "`topup_not_found`", body = ErrorBody),
+        (status = 409, description = "`amount_mismatch`, `external_ref_conflict`", body = ErrorBody),
+        (status = 422, description = "`invalid_amount`", body = ErrorBody),
+    ))]
+pub async fn psp_webhook(State(app): State<AppState>, uri: Uri, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let now = Timestamp::now();
+    verify_signature(app.psp_secret.as_deref(), &headers, &body.0, now)?;
+    let request: WebhookRequest = body.json()?;
+    let succeeded = match request.event_type.as_str() {
+        "payment.succeeded" => true,
+        "payment.failed" => false,
+        other => return Err(ApiError::invalid_request(format!("unknown event type {other:?}"))),
+    };
+    external_ref("event_id", &request.event_id)?;
+    let user_id = input::client_id("user_id", &request.user_id)?;
+    let amount = input::amount(&app.config.currency, "amount", &request.amount, AmountRule::Positive)?;
+    let psp_payment_id = match (&request.psp_payment_id, succeeded) {
+        (Some(id), _) => {
+            external_ref("psp_payment_id", id)?;
+            id.clone()
+        }
+        (None, true) => return Err(ApiError::invalid_request("payment.succeeded needs psp_payment_id")),
+        (None, false) => String::new(),
+    };
+    let not_found = || ApiError::not_found("topup_not_found", "top-up not found");
+    let topup_id = Uuid::parse_str(&request.topup_id).map_err(|_| not_found())?;
+    let shard = app.node.shard_of_user(&user_id);
+    let topup = app.bounded(app.node.read(shard, move |txn| query::topup(txn, topup_id))).await?;
+    let topup = topup.filter(|t| t.user_id == user_id).ok_or_else(not_found)?;
+
+    // Reserve the PSP payment id only for an event that can credit this top-up, so a malformed event can
+    // never lock a payment id away from the real one.
+    let can_credit = succeeded && topup.amount == amount && topup.status != TopupStatus::Completed;
+    let ref_accepted = if can_credit {
+        let claim = RefClaim { user_id: user_id.clone(), amount, topup_id: Some(topup_id) };
+        app.bounded(app.node.claim_external_ref(format!("psp:{psp_payment_id}"), claim)).await?
+    } else {
+        true
+    };
+    let tag = app.tag(PSP_EVENT_SCOPE, request.event_id.clone(), body.fingerprint("POST", uri.path()), now);
+    let command = Command::PspPayment {
+        event_id: request.event_id,
+        succeeded,
+        topup_id,
+        user_id: user_id.clone(),
+        amount,
+        psp_payment_id,
+        ref_accepted,
+    };
+    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    Ok(render::applied(&app, &applied))
+}

@@ -1,0 +1,99 @@
+//! The endpoints, one module per resource. Each handler is annotated for the OpenAPI document and
+//! registered through `utoipa_axum::routes!`, so the document and the router come from the same list.
+
+mod catalog;
+mod credits;
+mod entitlements;
+mod ops;
+mod orders;
+mod users;
+
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::input;
+use crate::domain::{Timestamp, User, WalletView};
+use crate::state::query;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "shopkeep",
+        description = "The backend of a digital game shop: wallets, catalog, orders, refunds. \
+            Money is a decimal string in the deployment's currency. Every POST needs an Idempotency-Key. \
+            Errors have one shape: {\"error\": {\"code\", \"message\", \"details\"}}."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "users", description = "Users, wallets, tokens, idempotency lookups"),
+        (name = "credit", description = "Direct credits, PSP top-ups and the PSP webhook"),
+        (name = "catalog", description = "Items for sale"),
+        (name = "orders", description = "Purchases and refunds"),
+        (name = "entitlements", description = "What users own, and their ledger"),
+        (name = "operations", description = "Health, metrics, audit, cluster")
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+pub fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(users::create_user))
+        .routes(routes!(users::get_user))
+        .routes(routes!(users::get_wallet))
+        .routes(routes!(users::create_token))
+        .routes(routes!(users::get_idempotency))
+        .routes(routes!(credits::create_credit))
+        .routes(routes!(credits::create_topup))
+        .routes(routes!(credits::get_topup))
+        .routes(routes!(credits::psp_webhook))
+        .routes(routes!(catalog::put_item, catalog::get_item))
+        .routes(routes!(catalog::list_items))
+        .routes(routes!(orders::create_order, orders::list_orders))
+        .routes(routes!(orders::get_order))
+        .routes(routes!(orders::complete_order))
+        .routes(routes!(orders::cancel_order))
+        .routes(routes!(orders::create_refund))
+        .routes(routes!(entitlements::list_entitlements))
+        .routes(routes!(entitlements::consume))
+        .routes(routes!(entitlements::ledger))
+        .routes(routes!(ops::audit))
+        .routes(routes!(ops::cluster))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi))
+}
+
+/// Checks that `caller` may act on `user_id` and that the id is well-formed.
+fn user_path(caller: &Caller, user_id: &str) -> Result<String, ApiError> {
+    caller.require_user_access(user_id)?;
+    input::client_id("user_id", user_id)
+}
+
+/// Reads a user and its wallet as of `now`; 404 `user_not_found` if there is no such user.
+async fn read_user(app: &AppState, user_id: &str, now: Timestamp) -> Result<(User, WalletView), ApiError> {
+    let shard = app.node.shard_of_user(user_id);
+    let id = user_id.to_owned();
+    let found = app
+        .bounded(app.node.read(shard, move |txn| {
+            let Some(user) = query::user(txn, &id)? else { return Ok(None) };
+            let wallet = query::wallet_at(txn, &user, now)?;
+            Ok(Some((user, wallet)))
+        }))
+        .await?;
+    found.ok_or_else(ApiError::user_not_found)
+}

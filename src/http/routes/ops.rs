@@ -1,0 +1,97 @@
+//! Operations: health, readiness, metrics, the audit, the cluster view and the OpenAPI document.
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::http::auth::Caller;
+use crate::http::dto::{AuditResponse, ClusterNode, ClusterResponse, ClusterShard, ShardAuditResponse, StatusResponse};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::{AppState, render, status};
+use crate::state::{audit as shard_audit, query};
+
+/// Recompute every invariant on every shard (admin).
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
+    responses((status = 200, body = AuditResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let mut shards = Vec::with_capacity(app.node.shard_count() as usize);
+    for shard in 0..app.node.shard_count() {
+        // The audit reads whole shards: no request timeout applies.
+        let report = app.node.read(shard, move |txn| shard_audit::audit(txn, shard)).await?;
+        shards.push(ShardAuditResponse {
+            shard: report.shard,
+            last_applied: report.last_applied,
+            users: report.users,
+            orders: report.orders,
+            postings: report.postings,
+            state_hash: report.state_hash,
+            violations: report.violations,
+        });
+    }
+    let ok = shards.iter().all(|s| s.violations.is_empty());
+    if !ok {
+        tracing::error!("audit found violations");
+    }
+    Ok(render::ok(&AuditResponse { ok, shards }))
+}
+
+/// Nodes and shards: leader, term, applied index (admin).
+#[utoipa::path(get, path = "/v1/cluster", tag = "operations",
+    responses((status = 200, body = ClusterResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    const THIS_NODE: u64 = 1;
+    let mut shards = Vec::new();
+    for handle in app.node.shards() {
+        let meta = app.bounded(app.node.read(handle.id(), |txn| query::meta(txn))).await?;
+        shards.push(ClusterShard {
+            shard: handle.id(),
+            leader: handle.is_healthy().then_some(THIS_NODE),
+            term: 1,
+            voters: vec![THIS_NODE],
+            applied_index: meta.last_applied,
+            healthy: handle.is_healthy(),
+        });
+    }
+    Ok(render::ok(&ClusterResponse {
+        node_id: THIS_NODE,
+        mode: "single".to_owned(),
+        nodes: vec![ClusterNode { node_id: THIS_NODE, address: app.config.listen.to_string(), this_node: true }],
+        shards,
+    }))
+}
+
+/// 200 while the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = StatusResponse)))]
+pub async fn healthz() -> Response {
+    status("ok")
+}
+
+/// 200 when every shard this node serves can take writes; 503 `unavailable` otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
+pub async fn readyz(State(app): State<AppState>) -> Response {
+    let failed: Vec<u32> = app.node.shards().iter().filter(|s| !s.is_healthy()).map(|s| s.id()).collect();
+    if failed.is_empty() {
+        status("ready")
+    } else {
+        ApiError::unavailable(format!("shards {failed:?} stopped after storage failures")).into_response()
+    }
+}
+
+/// Prometheus metrics (text format).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let text = app.metrics.render();
+    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations", responses((status = 200, content_type = "application/json", body = Object)))]
+pub async fn openapi(State(app): State<AppState>) -> Response {
+    render::body(StatusCode::OK, app.openapi.clone())
+}
+

@@ -1,0 +1,136 @@
+//! Users, wallets, user tokens and the idempotency lookup.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Uri};
+use axum::response::Response;
+
+use super::{read_user, user_path};
+use crate::domain::command::{GLOBAL_INNER_SCOPE, IdempotencyTag};
+use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
+use crate::domain::{Command, Envelope, Timestamp};
+use crate::engine::coordinator::new_seed;
+use crate::http::auth::Caller;
+use crate::http::dto::{self, CreateTokenRequest, CreateUserRequest, IdempotencyResponse, TokenResponse, UserResponse, WalletResponse};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::input::{self, Body};
+use crate::state::IdempotencyState;
+use crate::http::{AppState, render};
+use crate::state::query;
+
+/// Longest lifetime of a user token (30 days).
+const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 86_400;
+const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3_600;
+
+/// Create a user with an empty wallet (admin, service).
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = CreateUserRequest,
+    params(("Idempotency-Key" = String, Header, description = "1-255 printable ASCII characters; scope `global`")),
+    responses(
+        (status = 201, description = "Created", body = UserResponse),
+        (status = 400, description = "`invalid_request`, `idempotency_key_required`", body = ErrorBody),
+        (status = 409, description = "`user_exists`", body = ErrorBody),
+        (status = 422, description = "`idempotency_key_reused`", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_user(State(app): State<AppState>, caller: Caller, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    caller.require_staff()?;
+    let key = input::idempotency_key(&headers)?;
+    let request: CreateUserRequest = body.json()?;
+    let user_id = request.user_id.map(|id| input::client_id("user_id", &id)).transpose()?;
+    let display_name = input::bounded_text("display_name", request.display_name, MAX_DISPLAY_NAME_CHARS)?;
+    let now = Timestamp::now();
+    let seed = new_seed(now);
+    let user_id = user_id.unwrap_or_else(|| seed.derive(0).to_string());
+    let fingerprint = body.fingerprint("POST", "/v1/users");
+    let expires_at = now.plus(app.config.idempotency_ttl);
+    let inner = Envelope {
+        now,
+        seed,
+        idempotency: Some(IdempotencyTag { scope: GLOBAL_INNER_SCOPE.to_owned(), key: key.clone(), fingerprint, expires_at }),
+        command: Command::CreateUser { user_id, display_name },
+    };
+    let applied = app.bounded(app.node.propose_with_global_key(&key, fingerprint, expires_at, inner)).await?;
+    Ok(render::applied(&app, &applied))
+}
+
+/// A user and its wallet.
+#[utoipa::path(get, path = "/v1/users/{user_id}", tag = "users",
+    params(("user_id" = String, Path)),
+    responses((status = 200, body = UserResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_user(State(app): State<AppState>, caller: Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+    let user_id = user_path(&caller, &user_id)?;
+    let (user, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
+    Ok(render::ok(&dto::user(&app.config.currency, &user, &wallet)))
+}
+
+/// The wallet: `available = balance - held`, holds of expired orders left out.
+#[utoipa::path(get, path = "/v1/users/{user_id}/wallet", tag = "users",
+    params(("user_id" = String, Path)),
+    responses((status = 200, body = WalletResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_wallet(State(app): State<AppState>, caller: Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+    let user_id = user_path(&caller, &user_id)?;
+    let (_, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
+    Ok(render::ok(&dto::wallet(&app.config.currency, &wallet)))
+}
+
+/// Mint a token bound to this user (admin, service).
+#[utoipa::path(post, path = "/v1/users/{user_id}/tokens", tag = "users", request_body = CreateTokenRequest,
+    params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
+    responses((status = 201, body = TokenResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_token(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.require_staff()?;
+    let user_id = input::client_id("user_id", &user_id)?;
+    let key = input::idempotency_key(&headers)?;
+    let request: CreateTokenRequest = body.json()?;
+    let ttl = request.ttl_seconds.unwrap_or(DEFAULT_TOKEN_TTL_SECONDS);
+    if !(1..=MAX_TOKEN_TTL_SECONDS).contains(&ttl) {
+        return Err(ApiError::invalid_request(format!("ttl_seconds must be from 1 to {MAX_TOKEN_TTL_SECONDS}")));
+    }
+    let now = Timestamp::now();
+    let expires_at = Timestamp::from_unix_seconds(now.unix_seconds() + ttl as i64);
+    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), Command::IssueToken { user_id: user_id.clone(), expires_at })
+        .await?;
+    Ok(render::applied(&app, &applied))
+}
+
+/// What happened to a request sent with this Idempotency-Key (for a client whose request timed out).
+#[utoipa::path(get, path = "/v1/users/{user_id}/idempotency/{key}", tag = "users",
+    params(("user_id" = String, Path), ("key" = String, Path)),
+    responses(
+        (status = 200, body = IdempotencyResponse),
+        (status = 404, description = "`user_not_found`, `not_found`", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn get_idempotency(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path((user_id, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let user_id = user_path(&caller, &user_id)?;
+    read_user(&app, &user_id, Timestamp::now()).await?;
+    let shard = app.node.shard_of_user(&user_id);
+    let (scope, lookup) = (user_id.clone(), key.clone());
+    let record = app.bounded(app.node.read(shard, move |txn| query::idempotency(txn, &scope, &lookup))).await?;
+    let not_found = || ApiError::not_found("not_found", "no outcome is stored under this key");
+    let record = record.ok_or_else(not_found)?;
+    let IdempotencyState::Done(outcome) = &record.state else { return Err(not_found()) };
+    let rendered = render::outcome(&app, outcome);
+    let body = serde_json::from_slice(&rendered.body).map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(render::ok(&IdempotencyResponse {
+        key,
+        status: rendered.status.as_u16(),
+        body,
+        created_at: record.created_at.to_rfc3339(),
+    }))
+}

@@ -1,0 +1,9 @@
+//! shopkeep: the backend of a digital game shop. See ARCHITECTURE.md for the map.
+
+pub mod config;
+pub mod datadir;
+pub mod domain;
+pub mod engine;
+pub mod http;
+pub mod server;
+pub mod state;

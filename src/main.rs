@@ -1,0 +1,40 @@
+//! The `shopkeep` binary: parses the command line and runs the chosen command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use shopkeep::config::{Cli, CliCommand, Config, Secrets};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        CliCommand::Serve(args) => {
+            let config = match Config::from_args(&args) {
+                Ok(config) => config,
+                Err(message) => {
+                    eprintln!("shopkeep: {message}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("shopkeep: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(shopkeep::server::run(config, Secrets::from_env())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("shopkeep: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

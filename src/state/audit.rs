@@ -1,0 +1,291 @@
+//! The audit of one shard: recompute everything derivable from the stored rows and report every mismatch,
+//! and `state_hash`, a digest of the whole shard that is equal on every replica that applied the same log.
+//!
+//! Invariants checked (see ARCHITECTURE.md):
+//! - the posting chain is unbroken (each posting carries the hash of the previous one; the head matches);
+//! - each posting moves a positive amount between the two accounts its kind names;
+//! - each wallet's balance and held equal the sums of its postings; `0 ≤ held ≤ balance`;
+//! - each wallet's held equals the totals of its pending orders;
+//! - the system accounts equal the sums of their postings, and all accounts together sum to zero;
+//! - each order's total is the sum of its lines, refunds never exceed what was bought, per line and in all;
+//! - each entitlement's granted and revoked quantities equal what completed orders granted and refunds
+//!   revoked; `granted ≥ revoked + consumed`; at most one game or skin.
+
+use std::collections::{BTreeMap, HashMap};
+
+use redb::{Key, ReadTransaction, ReadableTable, TableDefinition, Value};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::tables::{self, decode};
+use super::{StoreError, query};
+use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, PostingKind, User};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardAudit {
+    pub shard: u32,
+    pub last_applied: u64,
+    pub users: u64,
+    pub orders: u64,
+    pub postings: u64,
+    pub state_hash: String,
+    pub violations: Vec<String>,
+}
+
+#[derive(Default)]
+struct WalletSums {
+    balance: i64,
+    held: i64,
+    entries: u64,
+}
+
+pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError> {
+    let meta = query::meta(txn)?;
+    let mut violations = Vec::new();
+
+    // Postings: the chain, the accounts, and the sums per wallet and system account.
+    let mut wallets: HashMap<String, WalletSums> = HashMap::new();
+    let (mut psp_clearing, mut revenue) = (0i64, 0i64);
+    let mut head = [0u8; 32];
+    let mut posting_count = 0u64;
+    for entry in txn.open_table(tables::POSTINGS)?.iter()? {
+        let (key, value) = entry?;
+        let posting: Posting = decode(value.value())?;
+        posting_count += 1;
+        if key.value() != posting_count || posting.seq != posting_count {
+            violations.push(format!(
+                "posting {} is out of sequence (expected {posting_count})",
+                key.value()
+            ));
+        }
+        if posting.prev_hash != head {
+            violations.push(format!("posting {} breaks the hash chain", posting.seq));
+        }
+        head = Sha256::digest(value.value()).into();
+        if posting.amount <= Money::ZERO {
+            violations.push(format!(
+                "posting {} moves a non-positive amount",
+                posting.seq
+            ));
+        }
+        if (posting.debit.clone(), posting.credit.clone())
+            != posting.kind.accounts(&posting.user_id)
+        {
+            violations.push(format!(
+                "posting {} uses accounts its kind does not name",
+                posting.seq
+            ));
+        }
+        let (balance_delta, held_delta) = posting.kind.wallet_delta(posting.amount);
+        let sums = wallets.entry(posting.user_id.clone()).or_default();
+        sums.balance += balance_delta;
+        sums.held += held_delta;
+        sums.entries += 1;
+        if sums.entries != posting.user_seq
+            || sums.balance != posting.balance_after.0
+            || sums.held != posting.held_after.0
+        {
+            violations.push(format!(
+                "posting {} disagrees with the running wallet of {}",
+                posting.seq, posting.user_id
+            ));
+        }
+        match posting.kind {
+            PostingKind::Credit => psp_clearing -= posting.amount.0,
+            PostingKind::Debit => revenue += posting.amount.0,
+            PostingKind::Refund => revenue -= posting.amount.0,
+            PostingKind::Hold | PostingKind::Release => {}
+        }
+    }
+    if head != meta.posting_head || posting_count != meta.posting_seq {
+        violations.push("the posting chain's head does not match the recorded head".to_owned());
+    }
+    if psp_clearing != meta.psp_clearing || revenue != meta.revenue {
+        violations
+            .push("system account balances differ from the sums of their postings".to_owned());
+    }
+
+    // Pending holds per user.
+    let mut pending_holds: HashMap<String, i64> = HashMap::new();
+    for entry in txn.open_table(tables::USER_PENDING)?.iter()? {
+        let (key, value) = entry?;
+        *pending_holds.entry(key.value().0.to_owned()).or_default() += value.value().1;
+    }
+
+    // Wallets.
+    let mut user_count = 0u64;
+    let mut wallet_total = 0i64;
+    for entry in txn.open_table(tables::USERS)?.iter()? {
+        let user: User = decode(entry?.1.value())?;
+        user_count += 1;
+        wallet_total += user.balance.0;
+        let sums = wallets.remove(&user.user_id).unwrap_or_default();
+        let id = &user.user_id;
+        if user.balance.0 != sums.balance {
+            violations.push(format!(
+                "wallet {id}: balance {} != sum of postings {}",
+                user.balance.0, sums.balance
+            ));
+        }
+        if user.held.0 != sums.held {
+            violations.push(format!(
+                "wallet {id}: held {} != sum of postings {}",
+                user.held.0, sums.held
+            ));
+        }
+        if user.ledger_seq != sums.entries {
+            violations.push(format!(
+                "wallet {id}: ledger_seq {} != {} entries",
+                user.ledger_seq, sums.entries
+            ));
+        }
+        let pending = pending_holds.remove(id).unwrap_or(0);
+        if user.held.0 != pending {
+            violations.push(format!(
+                "wallet {id}: held {} != pending orders {pending}",
+                user.held.0
+            ));
+        }
+        if user.balance.is_negative() || user.held.is_negative() || user.held > user.balance {
+            violations.push(format!("wallet {id}: negative balance or available"));
+        }
+    }
+    for user_id in wallets.keys().chain(pending_holds.keys()) {
+        violations.push(format!(
+            "postings or pending orders reference unknown user {user_id}"
+        ));
+    }
+    if wallet_total + psp_clearing + revenue != 0 {
+        violations.push("accounts do not sum to zero".to_owned());
+    }
+
+    // Orders, and what they granted and revoked.
+    let pending_index = txn.open_table(tables::USER_PENDING)?;
+    let mut expected_grants: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    let mut order_count = 0u64;
+    for entry in txn.open_table(tables::ORDERS)?.iter()? {
+        let order: Order = decode(entry?.1.value())?;
+        order_count += 1;
+        let id = order.order_id;
+        let total: i64 = order.lines.iter().map(|l| l.line_total().0).sum();
+        let refunded: i64 = order
+            .lines
+            .iter()
+            .map(|l| l.unit_price.0 * i64::from(l.refunded_quantity))
+            .sum();
+        if total != order.total.0 || refunded != order.refunded_total.0 {
+            violations.push(format!("order {id}: totals differ from its lines"));
+        }
+        if order.lines.iter().any(|l| l.refunded_quantity > l.quantity)
+            || order.refunded_total > order.total
+        {
+            violations.push(format!("order {id}: refunds exceed the purchase"));
+        }
+        let indexed = pending_index
+            .get((order.user_id.as_str(), id.as_u128()))?
+            .is_some();
+        if indexed != (order.status == OrderStatus::Pending) {
+            violations.push(format!(
+                "order {id}: pending index disagrees with status {}",
+                order.status.as_str()
+            ));
+        }
+        if order.status.was_completed() {
+            for line in &order.lines {
+                let e = expected_grants
+                    .entry((order.user_id.clone(), line.item_id.clone()))
+                    .or_default();
+                e.0 += u64::from(line.quantity);
+                e.1 += u64::from(line.refunded_quantity);
+            }
+        }
+    }
+
+    for entry in txn.open_table(tables::ENTITLEMENTS)?.iter()? {
+        let (key, value) = entry?;
+        let (user_id, item_id) = key.value();
+        let entitlement: Entitlement = decode(value.value())?;
+        let (granted, revoked) = expected_grants
+            .remove(&(user_id.to_owned(), item_id.to_owned()))
+            .unwrap_or_default();
+        if entitlement.granted != granted || entitlement.revoked != revoked {
+            violations.push(format!(
+                "entitlement {user_id}/{item_id}: granted {} revoked {} but orders say {granted} and {revoked}",
+                entitlement.granted, entitlement.revoked
+            ));
+        }
+        if entitlement.granted < entitlement.revoked + entitlement.consumed {
+            violations.push(format!(
+                "entitlement {user_id}/{item_id}: negative quantity"
+            ));
+        }
+        if !entitlement.kind.is_consumable() && entitlement.quantity() > 1 {
+            violations.push(format!(
+                "entitlement {user_id}/{item_id}: more than one non-consumable"
+            ));
+        }
+    }
+    for ((user_id, item_id), (granted, _)) in expected_grants {
+        if granted > 0 {
+            violations.push(format!(
+                "entitlement {user_id}/{item_id}: completed orders granted it but no row exists"
+            ));
+        }
+    }
+
+    Ok(ShardAudit {
+        shard,
+        last_applied: meta.last_applied,
+        users: user_count,
+        orders: order_count,
+        postings: posting_count,
+        state_hash: state_hash(txn)?,
+        violations,
+    })
+}
+
+/// SHA-256 over every row of every table, in key order: equal on replicas that applied the same commands.
+pub fn state_hash(txn: &ReadTransaction) -> Result<String, StoreError> {
+    let mut hasher = Sha256::new();
+    hash_table(txn, tables::META, &mut hasher)?;
+    hash_table(txn, tables::USERS, &mut hasher)?;
+    hash_table(txn, tables::ITEMS, &mut hasher)?;
+    hash_table(txn, tables::ORDERS, &mut hasher)?;
+    hash_table(txn, tables::USER_ORDERS, &mut hasher)?;
+    hash_table(txn, tables::PENDING_ORDERS, &mut hasher)?;
+    hash_table(txn, tables::USER_PENDING, &mut hasher)?;
+    hash_table(txn, tables::POSTINGS, &mut hasher)?;
+    hash_table(txn, tables::USER_POSTINGS, &mut hasher)?;
+    hash_table(txn, tables::ENTITLEMENTS, &mut hasher)?;
+    hash_table(txn, tables::CREDITS, &mut hasher)?;
+    hash_table(txn, tables::EXTERNAL_REFS, &mut hasher)?;
+    hash_table(txn, tables::TOPUPS, &mut hasher)?;
+    hash_table(txn, tables::PENDING_TOPUPS, &mut hasher)?;
+    hash_table(txn, tables::REFUNDS, &mut hasher)?;
+    hash_table(txn, tables::IDEMPOTENCY, &mut hasher)?;
+    hash_table(txn, tables::IDEMPOTENCY_EXPIRY, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn hash_table<K: Key + 'static, V: Value + 'static>(
+    txn: &ReadTransaction,
+    definition: TableDefinition<K, V>,
+    hasher: &mut Sha256,
+) -> Result<(), StoreError> {
+    let name = definition.to_string();
+    hasher.update((name.len() as u64).to_le_bytes());
+    hasher.update(name.as_bytes());
+    let table = txn.open_table(definition)?;
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        let key_value = key.value();
+        let value_value = value.value();
+        let key_bytes = K::as_bytes(&key_value);
+        let value_bytes = V::as_bytes(&value_value);
+        hasher.update((key_bytes.as_ref().len() as u64).to_le_bytes());
+        hasher.update(key_bytes.as_ref());
+        hasher.update((value_bytes.as_ref().len() as u64).to_le_bytes());
+        hasher.update(value_bytes.as_ref());
+    }
+    Ok(())
+}

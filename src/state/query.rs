@@ -1,0 +1,181 @@
+//! Reads of one shard, for the HTTP read endpoints and the background tasks.
+//!
+//! Reads happen in a redb read transaction (a consistent snapshot that never blocks the writer). Anything
+//! time-dependent is computed "as of" the reader's `now`: a pending order past its deadline reads as
+//! cancelled, and its hold is left out of the wallet, even before the sweeper has written that down.
+
+use redb::{ReadTransaction, ReadableTable};
+use uuid::Uuid;
+
+use super::tables::{self, get};
+use super::{IdempotencyRecord, MetaState, StoreError};
+use crate::domain::{
+    Entitlement, Item, Money, Order, OrderStatus, Posting, Timestamp, Topup, User, WalletView,
+};
+
+pub fn meta(txn: &ReadTransaction) -> Result<MetaState, StoreError> {
+    let table = txn.open_table(tables::META)?;
+    Ok(get(&table, tables::META_STATE_KEY)?.unwrap_or_default())
+}
+
+pub fn user(txn: &ReadTransaction, user_id: &str) -> Result<Option<User>, StoreError> {
+    get(&txn.open_table(tables::USERS)?, user_id)
+}
+
+/// The user's wallet as of `now`: holds of pending orders whose deadline has passed are released.
+pub fn wallet_at(
+    txn: &ReadTransaction,
+    user: &User,
+    now: Timestamp,
+) -> Result<WalletView, StoreError> {
+    let pending = txn.open_table(tables::USER_PENDING)?;
+    let mut expired_holds = 0i64;
+    let user_id = user.user_id.as_str();
+    for entry in pending.range((user_id, 0u128)..=(user_id, u128::MAX))? {
+        let (expires_at, total) = entry?.1.value();
+        if expires_at <= now.micros() {
+            expired_holds += total;
+        }
+    }
+    let wallet = WalletView {
+        balance: user.balance,
+        held: Money(user.held.0 - expired_holds),
+    };
+    debug_assert!(!wallet.held.is_negative() && wallet.held <= wallet.balance);
+    Ok(wallet)
+}
+
+pub fn order(txn: &ReadTransaction, order_id: Uuid) -> Result<Option<Order>, StoreError> {
+    get(&txn.open_table(tables::ORDERS)?, order_id.as_u128())
+}
+
+/// Where a page of a user's orders starts: the (created_at, order_id) of the last order already shown.
+pub type OrderCursor = (i64, u128);
+
+/// A page of a user's orders, newest first, as of `now`, optionally of one status.
+pub fn orders_page(
+    txn: &ReadTransaction,
+    user_id: &str,
+    status: Option<OrderStatus>,
+    limit: usize,
+    before: Option<OrderCursor>,
+    now: Timestamp,
+) -> Result<(Vec<Order>, Option<OrderCursor>), StoreError> {
+    let index = txn.open_table(tables::USER_ORDERS)?;
+    let orders = txn.open_table(tables::ORDERS)?;
+    let (end_created, end_id) = before.unwrap_or((i64::MAX, u128::MAX));
+    let range = index.range((user_id, i64::MIN, 0u128)..(user_id, end_created, end_id))?;
+    let mut page = Vec::with_capacity(limit);
+    let mut more = false;
+    for entry in range.rev() {
+        let (_, created_at, order_id) = entry?.0.value();
+        let order: Order = get(&orders, order_id)?
+            .ok_or_else(|| StoreError::Corrupt(format!("indexed order {order_id} has no row")))?;
+        let order = order.as_of(now);
+        if status.is_some_and(|s| s != order.status) {
+            continue;
+        }
+        if page.len() == limit {
+            more = true;
+            break;
+        }
+        debug_assert_eq!(order.created_at.micros(), created_at);
+        page.push(order);
+    }
+    let next = if more {
+        page.last()
+            .map(|o| (o.created_at.micros(), o.order_id.as_u128()))
+    } else {
+        None
+    };
+    Ok((page, next))
+}
+
+/// A page of a user's ledger, oldest first, starting after entry `after_seq`.
+pub fn ledger_page(
+    txn: &ReadTransaction,
+    user_id: &str,
+    after_seq: u64,
+    limit: usize,
+) -> Result<(Vec<Posting>, Option<u64>), StoreError> {
+    let index = txn.open_table(tables::USER_POSTINGS)?;
+    let postings = txn.open_table(tables::POSTINGS)?;
+    let mut page = Vec::with_capacity(limit);
+    let mut more = false;
+    let start = after_seq.saturating_add(1);
+    for entry in index.range((user_id, start)..=(user_id, u64::MAX))? {
+        if page.len() == limit {
+            more = true;
+            break;
+        }
+        let seq = entry?.1.value();
+        let bytes = postings.get(seq)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("ledger entry points at missing posting {seq}"))
+        })?;
+        page.push(super::apply::decode_posting(bytes.value())?);
+    }
+    let next = if more {
+        page.last().map(|p| p.user_seq)
+    } else {
+        None
+    };
+    Ok((page, next))
+}
+
+/// The user's entitlements with a quantity above zero, by item id.
+pub fn entitlements(txn: &ReadTransaction, user_id: &str) -> Result<Vec<Entitlement>, StoreError> {
+    let table = txn.open_table(tables::ENTITLEMENTS)?;
+    let mut list = Vec::new();
+    for entry in table.range((user_id, "")..)? {
+        let (key, value) = entry?;
+        if key.value().0 != user_id {
+            break;
+        }
+        let entitlement: Entitlement = tables::decode(value.value())?;
+        if entitlement.quantity() > 0 {
+            list.push(entitlement);
+        }
+    }
+    Ok(list)
+}
+
+pub fn topup(txn: &ReadTransaction, topup_id: Uuid) -> Result<Option<Topup>, StoreError> {
+    get(&txn.open_table(tables::TOPUPS)?, topup_id.as_u128())
+}
+
+pub fn item(txn: &ReadTransaction, item_id: &str) -> Result<Option<Item>, StoreError> {
+    get(&txn.open_table(tables::ITEMS)?, item_id)
+}
+
+/// The whole catalog, by item id (bounded by `MAX_CATALOG_ITEMS`).
+pub fn items(txn: &ReadTransaction) -> Result<Vec<Item>, StoreError> {
+    let table = txn.open_table(tables::ITEMS)?;
+    let mut list = Vec::new();
+    for entry in table.iter()? {
+        list.push(tables::decode(entry?.1.value())?);
+    }
+    Ok(list)
+}
+
+pub fn idempotency(
+    txn: &ReadTransaction,
+    scope: &str,
+    key: &str,
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    get(&txn.open_table(tables::IDEMPOTENCY)?, (scope, key))
+}
+
+/// Is there background work due at `now` (an order or top-up to expire, an outcome to purge)?
+pub fn sweep_due(txn: &ReadTransaction, now: Timestamp) -> Result<bool, StoreError> {
+    let bound = now.micros().saturating_add(1);
+    let orders = txn.open_table(tables::PENDING_ORDERS)?;
+    if orders.range(..(bound, 0u128))?.next().is_some() {
+        return Ok(true);
+    }
+    let topups = txn.open_table(tables::PENDING_TOPUPS)?;
+    if topups.range(..(bound, 0u128))?.next().is_some() {
+        return Ok(true);
+    }
+    let records = txn.open_table(tables::IDEMPOTENCY_EXPIRY)?;
+    Ok(records.range(..(bound, "", ""))?.next().is_some())
+}

@@ -1,0 +1,77 @@
+//! The redb tables of one shard and the encoding of their values.
+//!
+//! Keys are native redb types (strings, integers, tuples) so that ranges scan in a useful order; values are
+//! postcard-encoded records from `domain`. Every table of a shard lives in that shard's one redb file.
+
+use redb::{ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::StoreError;
+
+type Bytes = &'static [u8];
+
+/// name → postcard value (`MetaState`).
+pub const META: TableDefinition<&str, Bytes> = TableDefinition::new("meta");
+/// user_id → `User`
+pub const USERS: TableDefinition<&str, Bytes> = TableDefinition::new("users");
+/// item_id → `Item`
+pub const ITEMS: TableDefinition<&str, Bytes> = TableDefinition::new("items");
+/// order_id → `Order`
+pub const ORDERS: TableDefinition<u128, Bytes> = TableDefinition::new("orders");
+/// (user_id, created_at, order_id) → (): a user's orders, oldest first (listed newest first).
+pub const USER_ORDERS: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("user_orders");
+/// (expires_at, order_id) → user_id: the expiry sweeper's queue of pending orders.
+pub const PENDING_ORDERS: TableDefinition<(i64, u128), &str> =
+    TableDefinition::new("pending_orders");
+/// (user_id, order_id) → (expires_at, total): a user's pending orders, to compute exact holds.
+pub const USER_PENDING: TableDefinition<(&str, u128), (i64, i64)> =
+    TableDefinition::new("user_pending");
+/// seq → `Posting`: the shard's hash-chained journal.
+pub const POSTINGS: TableDefinition<u64, Bytes> = TableDefinition::new("postings");
+/// (user_id, user_seq) → seq: a user's ledger.
+pub const USER_POSTINGS: TableDefinition<(&str, u64), u64> = TableDefinition::new("user_postings");
+/// (user_id, item_id) → `Entitlement`
+pub const ENTITLEMENTS: TableDefinition<(&str, &str), Bytes> = TableDefinition::new("entitlements");
+/// external_ref → `Credit` (on the user's shard)
+pub const CREDITS: TableDefinition<&str, Bytes> = TableDefinition::new("credits");
+/// namespaced external reference → `RefClaim` (on the reference's home shard): global uniqueness.
+pub const EXTERNAL_REFS: TableDefinition<&str, Bytes> = TableDefinition::new("external_refs");
+/// topup_id → `Topup`
+pub const TOPUPS: TableDefinition<u128, Bytes> = TableDefinition::new("topups");
+/// (expires_at, topup_id) → (): pending top-ups, for the sweeper.
+pub const PENDING_TOPUPS: TableDefinition<(i64, u128), ()> = TableDefinition::new("pending_topups");
+/// refund_id → `Refund`
+pub const REFUNDS: TableDefinition<u128, Bytes> = TableDefinition::new("refunds");
+/// (scope, key) → `IdempotencyRecord`
+pub const IDEMPOTENCY: TableDefinition<(&str, &str), Bytes> = TableDefinition::new("idempotency");
+/// (expires_at, scope, key) → (): idempotency records by retention deadline, for the purge.
+pub const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
+    TableDefinition::new("idempotency_expiry");
+
+/// The key of the one `MetaState` row in `META`.
+pub const META_STATE_KEY: &str = "state";
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Reads and decodes one value of a `&[u8]`-valued table.
+pub fn get<'k, K, T, Tab>(
+    table: &Tab,
+    key: impl std::borrow::Borrow<K::SelfType<'k>>,
+) -> Result<Option<T>, StoreError>
+where
+    K: redb::Key + 'static,
+    T: DeserializeOwned,
+    Tab: ReadableTable<K, Bytes>,
+{
+    match table.get(key)? {
+        Some(guard) => Ok(Some(decode(guard.value())?)),
+        None => Ok(None),
+    }
+}
