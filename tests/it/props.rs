@@ -1,0 +1,939 @@
+//! Property tests of the state machine on a real redb file: random sequences of commands (with replays,
+//! key reuse, expiries, partial refunds, consumption) against a plain in-memory model of the shop's rules.
+//! After every command the outcome's kind must match the model's; at the end every wallet, order and
+//! entitlement must match, and the audit must find no violation. A second property applies the same
+//! envelopes to a fresh store in different batch sizes and demands the same outcomes and `state_hash`.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use shopkeep::domain::command::IdempotencyTag;
+use shopkeep::domain::{
+    Command, Envelope, IdSeed, ItemKind, ItemSpec, LineRequest, Money, OrderStatus, Outcome,
+    RefClaim, Reply, Timestamp,
+};
+use shopkeep::state::{ShardStore, audit};
+use uuid::Uuid;
+
+const USERS: [&str; 3] = ["u0", "u1", "u2"];
+const MAX_PENDING: u32 = 3;
+const IDEMPOTENCY_TTL_MICROS: i64 = 600 * 1_000_000;
+const DAY_MICROS: i64 = 86_400 * 1_000_000;
+
+/// (id, kind, price in cents, active, refund window days)
+const ITEMS: [(&str, ItemKind, i64, bool, u32); 5] = [
+    ("skin", ItemKind::Skin, 500, true, 14),
+    ("game", ItemKind::Game, 1000, true, 0),
+    ("gems", ItemKind::Currency, 99, true, 14),
+    ("free", ItemKind::Currency, 0, true, 14),
+    ("old", ItemKind::Skin, 300, false, 14),
+];
+/// Index 5 names an item that does not exist.
+const ITEM_NAMES: [&str; 6] = ["skin", "game", "gems", "free", "old", "nope"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Advance(u32),
+    Credit {
+        user: usize,
+        amount: i64,
+        external_ref: usize,
+    },
+    Order {
+        user: usize,
+        lines: Vec<(usize, u32)>,
+        complete: bool,
+        price_delta: i64,
+        ttl_seconds: u32,
+    },
+    Complete {
+        user: usize,
+        order: usize,
+    },
+    Cancel {
+        user: usize,
+        order: usize,
+    },
+    Refund {
+        user: usize,
+        order: usize,
+        lines: Option<Vec<(usize, u32)>>,
+        force: bool,
+    },
+    Consume {
+        user: usize,
+        item: usize,
+        quantity: u32,
+    },
+    Sweep,
+    Replay(usize),
+    Reuse(usize),
+}
+
+fn lines_strategy(max_qty: u32) -> impl Strategy<Value = Vec<(usize, u32)>> {
+    prop::collection::btree_map(0usize..6, 1u32..=max_qty, 1..4)
+        .prop_map(|m| m.into_iter().collect())
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        // Multiples of 10 s, like the order TTLs, so that time often lands exactly on a deadline.
+        3 => (0u32..6).prop_map(|tens| Op::Advance(tens * 10)),
+        4 => (0usize..3, 1i64..3000, 0usize..6).prop_map(|(user, amount, external_ref)| Op::Credit { user, amount, external_ref }),
+        6 => (0usize..3, lines_strategy(3), any::<bool>(), prop_oneof![4 => Just(0i64), 1 => -50i64..50], (1u32..9).prop_map(|tens| tens * 10))
+            .prop_map(|(user, lines, complete, price_delta, ttl_seconds)| Op::Order { user, lines, complete, price_delta, ttl_seconds }),
+        4 => (0usize..3, 0usize..64).prop_map(|(user, order)| Op::Complete { user, order }),
+        2 => (0usize..3, 0usize..64).prop_map(|(user, order)| Op::Cancel { user, order }),
+        3 => (0usize..3, 0usize..64, prop::option::of(lines_strategy(2)), prop::bool::weighted(0.2))
+            .prop_map(|(user, order, lines, force)| Op::Refund { user, order, lines, force }),
+        2 => (0usize..3, 0usize..6, 1u32..4).prop_map(|(user, item, quantity)| Op::Consume { user, item, quantity }),
+        1 => Just(Op::Sweep),
+        2 => (0usize..1000).prop_map(Op::Replay),
+        1 => (0usize..1000).prop_map(Op::Reuse),
+    ]
+}
+
+// ----- the model ------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct MWallet {
+    balance: i64,
+    held: i64,
+}
+
+#[derive(Clone, Debug)]
+struct MLine {
+    item: &'static str,
+    quantity: u32,
+    price: i64,
+    refunded: u32,
+    window_days: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum MStatus {
+    Pending,
+    Completed,
+    PartiallyRefunded,
+    Refunded,
+    CancelledByClient,
+    Expired,
+}
+
+#[derive(Clone, Debug)]
+struct MOrder {
+    id: Uuid,
+    user: &'static str,
+    status: MStatus,
+    lines: Vec<MLine>,
+    total: i64,
+    expires_at: i64,
+    completed_at: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct MEntitlement {
+    granted: u64,
+    revoked: u64,
+    consumed: u64,
+}
+
+impl MEntitlement {
+    fn quantity(&self) -> u64 {
+        self.granted - self.revoked - self.consumed
+    }
+}
+
+#[derive(Default)]
+struct Model {
+    wallets: BTreeMap<&'static str, MWallet>,
+    orders: Vec<MOrder>,
+    entitlements: BTreeMap<(&'static str, &'static str), MEntitlement>,
+    /// external_ref → (user, amount)
+    credits: BTreeMap<String, (&'static str, i64)>,
+    /// (scope, key) → expires_at, for the stored outcomes
+    idempotency: BTreeMap<(String, String), i64>,
+}
+
+type Expect = Result<(), &'static str>;
+
+fn item(name: &str) -> Option<(ItemKind, i64, bool, u32)> {
+    ITEMS
+        .iter()
+        .find(|i| i.0 == name)
+        .map(|i| (i.1, i.2, i.3, i.4))
+}
+
+impl Model {
+    fn new() -> Model {
+        let mut model = Model::default();
+        for user in USERS {
+            model.wallets.insert(user, MWallet::default());
+        }
+        model
+    }
+
+    fn expire_user(&mut self, user: &str, now: i64) {
+        for order in self
+            .orders
+            .iter_mut()
+            .filter(|o| o.user == user && o.status == MStatus::Pending)
+        {
+            if order.expires_at <= now {
+                order.status = MStatus::Expired;
+                self.wallets.get_mut(order.user).unwrap().held -= order.total;
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: i64) {
+        for user in USERS {
+            self.expire_user(user, now);
+        }
+        self.idempotency.retain(|_, expires_at| *expires_at > now);
+    }
+
+    fn credit(
+        &mut self,
+        user: &'static str,
+        amount: i64,
+        external_ref: &str,
+        ref_accepted: bool,
+        now: i64,
+    ) -> Expect {
+        self.expire_user(user, now);
+        if let Some(&(owner, existing)) = self.credits.get(external_ref) {
+            return if owner == user && existing == amount {
+                Ok(())
+            } else {
+                Err("external_ref_conflict")
+            };
+        }
+        if !ref_accepted {
+            return Err("external_ref_conflict");
+        }
+        self.credits.insert(external_ref.to_owned(), (user, amount));
+        self.wallets.get_mut(user).unwrap().balance += amount;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_order(
+        &mut self,
+        id: Uuid,
+        user: &'static str,
+        lines: &[(usize, u32)],
+        complete: bool,
+        price_delta: i64,
+        expires_at: i64,
+        now: i64,
+    ) -> (Expect, Option<i64>) {
+        self.expire_user(user, now);
+        let pending: Vec<&MOrder> = self
+            .orders
+            .iter()
+            .filter(|o| o.user == user && o.status == MStatus::Pending)
+            .collect();
+        if !complete && pending.len() >= MAX_PENDING as usize {
+            return (Err("too_many_pending_orders"), None);
+        }
+        let mut order_lines = Vec::new();
+        let mut total = 0;
+        for &(index, quantity) in lines {
+            let name = ITEM_NAMES[index];
+            let Some((kind, price, active, window_days)) = item(name) else {
+                return (Err("item_not_found"), None);
+            };
+            if !active {
+                return (Err("item_inactive"), None);
+            }
+            if !kind.is_consumable() && quantity > 1 {
+                return (Err("invalid_request"), None);
+            }
+            if !kind.is_consumable() {
+                let owned = self
+                    .entitlements
+                    .get(&(user, name))
+                    .is_some_and(|e| e.quantity() > 0);
+                let in_pending = pending
+                    .iter()
+                    .any(|o| o.lines.iter().any(|l| l.item == name));
+                if owned || in_pending {
+                    return (Err("already_owned"), None);
+                }
+            }
+            total += price * i64::from(quantity);
+            order_lines.push(MLine {
+                item: name,
+                quantity,
+                price,
+                refunded: 0,
+                window_days,
+            });
+        }
+        let expected = total + price_delta;
+        if price_delta != 0 && expected >= 0 {
+            return (Err("price_changed"), Some(expected));
+        }
+        let wallet = self.wallets.get_mut(user).unwrap();
+        if wallet.balance - wallet.held < total {
+            return (
+                Err("insufficient_funds"),
+                (expected >= 0).then_some(expected),
+            );
+        }
+        wallet.held += total;
+        self.orders.push(MOrder {
+            id,
+            user,
+            status: MStatus::Pending,
+            lines: order_lines,
+            total,
+            expires_at,
+            completed_at: 0,
+        });
+        if complete {
+            let index = self.orders.len() - 1;
+            self.complete_effects(index, now);
+        }
+        (Ok(()), (expected >= 0).then_some(expected))
+    }
+
+    fn complete_effects(&mut self, index: usize, now: i64) {
+        let order = &mut self.orders[index];
+        order.status = MStatus::Completed;
+        order.completed_at = now;
+        let wallet = self.wallets.get_mut(order.user).unwrap();
+        wallet.balance -= order.total;
+        wallet.held -= order.total;
+        for line in &order.lines {
+            self.entitlements
+                .entry((order.user, line.item))
+                .or_default()
+                .granted += u64::from(line.quantity);
+        }
+    }
+
+    fn order_of(&self, user: &str, id: Uuid) -> Option<usize> {
+        self.orders
+            .iter()
+            .position(|o| o.id == id && o.user == user)
+    }
+
+    fn complete(&mut self, user: &'static str, id: Uuid, now: i64) -> Expect {
+        self.expire_user(user, now);
+        let Some(index) = self.order_of(user, id) else {
+            return Err("order_not_found");
+        };
+        match self.orders[index].status {
+            MStatus::Pending => {
+                self.complete_effects(index, now);
+                Ok(())
+            }
+            MStatus::Completed | MStatus::PartiallyRefunded | MStatus::Refunded => Ok(()),
+            MStatus::Expired => Err("order_expired"),
+            MStatus::CancelledByClient => Err("invalid_state"),
+        }
+    }
+
+    fn cancel(&mut self, user: &'static str, id: Uuid, now: i64) -> Expect {
+        self.expire_user(user, now);
+        let Some(index) = self.order_of(user, id) else {
+            return Err("order_not_found");
+        };
+        let order = &mut self.orders[index];
+        match order.status {
+            MStatus::Pending => {
+                order.status = MStatus::CancelledByClient;
+                self.wallets.get_mut(user).unwrap().held -= order.total;
+                Ok(())
+            }
+            MStatus::CancelledByClient | MStatus::Expired => Ok(()),
+            _ => Err("invalid_state"),
+        }
+    }
+
+    fn refund(
+        &mut self,
+        user: &'static str,
+        id: Uuid,
+        lines: &Option<Vec<(usize, u32)>>,
+        force: bool,
+        now: i64,
+    ) -> Expect {
+        self.expire_user(user, now);
+        let Some(index) = self.order_of(user, id) else {
+            return Err("order_not_found");
+        };
+        let order = &self.orders[index];
+        if !matches!(
+            order.status,
+            MStatus::Completed | MStatus::PartiallyRefunded
+        ) {
+            return Err("invalid_state");
+        }
+        let wanted: Vec<(usize, u32)> = match lines {
+            None => order
+                .lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.quantity > l.refunded)
+                .map(|(i, l)| (i, l.quantity - l.refunded))
+                .collect(),
+            Some(lines) => {
+                let mut wanted = Vec::new();
+                for &(item_index, quantity) in lines {
+                    let name = ITEM_NAMES[item_index];
+                    match order.lines.iter().position(|l| l.item == name) {
+                        Some(i)
+                            if quantity <= order.lines[i].quantity - order.lines[i].refunded =>
+                        {
+                            wanted.push((i, quantity))
+                        }
+                        _ => return Err("refund_exceeds_purchase"),
+                    }
+                }
+                wanted
+            }
+        };
+        if wanted.is_empty() {
+            return Err("invalid_state");
+        }
+        let mut amount = 0;
+        for &(i, quantity) in &wanted {
+            let line = &order.lines[i];
+            let closes = order.completed_at + i64::from(line.window_days) * DAY_MICROS;
+            if !force && (line.window_days == 0 || now > closes) {
+                return Err("refund_window_closed");
+            }
+            let unspent = self
+                .entitlements
+                .get(&(user, line.item))
+                .map_or(0, MEntitlement::quantity);
+            if unspent < u64::from(quantity) {
+                return Err("already_consumed");
+            }
+            amount += line.price * i64::from(quantity);
+        }
+        let order = &mut self.orders[index];
+        for &(i, quantity) in &wanted {
+            order.lines[i].refunded += quantity;
+            self.entitlements
+                .get_mut(&(user, order.lines[i].item))
+                .unwrap()
+                .revoked += u64::from(quantity);
+        }
+        order.status = if order.lines.iter().all(|l| l.refunded == l.quantity) {
+            MStatus::Refunded
+        } else {
+            MStatus::PartiallyRefunded
+        };
+        self.wallets.get_mut(user).unwrap().balance += amount;
+        Ok(())
+    }
+
+    fn consume(
+        &mut self,
+        user: &'static str,
+        item_index: usize,
+        quantity: u32,
+        now: i64,
+    ) -> Expect {
+        self.expire_user(user, now);
+        let name = ITEM_NAMES[item_index];
+        let Some(entitlement) = self.entitlements.get_mut(&(user, name)) else {
+            return Err("insufficient_entitlement");
+        };
+        if !item(name).is_some_and(|(kind, ..)| kind.is_consumable()) {
+            return Err("invalid_request");
+        }
+        if entitlement.quantity() < u64::from(quantity) {
+            return Err("insufficient_entitlement");
+        }
+        entitlement.consumed += u64::from(quantity);
+        Ok(())
+    }
+}
+
+// ----- driving the real state machine -------------------------------------------------------------------
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: ShardStore,
+    now: i64,
+    counter: u128,
+    model: Model,
+    /// Every envelope applied, in order, with its outcome (for the batching property).
+    log: Vec<(Envelope, Outcome)>,
+    /// Keyed envelopes whose outcome was stored, with that outcome.
+    stored: Vec<(Envelope, Outcome)>,
+    /// Ids of every order created, in order.
+    order_ids: Vec<Uuid>,
+}
+
+fn outcome_kind(outcome: &Outcome) -> Expect {
+    outcome.as_ref().map(|_| ()).map_err(|r| r.code())
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = ShardStore::open(&dir.path().join("shard.redb"), 0).expect("open store");
+        let mut harness = Harness {
+            _dir: dir,
+            store,
+            now: 1_800_000_000_000_000,
+            counter: 0,
+            model: Model::new(),
+            log: Vec::new(),
+            stored: Vec::new(),
+            order_ids: Vec::new(),
+        };
+        for (id, kind, price, active, window) in ITEMS {
+            let spec = ItemSpec {
+                item_id: id.to_owned(),
+                name: id.to_owned(),
+                kind,
+                price: Money(price),
+                active,
+                refund_window_days: window,
+            };
+            let outcome = harness.apply(
+                Command::PutItem {
+                    spec,
+                    version: None,
+                },
+                None,
+            );
+            assert!(outcome.is_ok());
+        }
+        for user in USERS {
+            let outcome = harness.apply(
+                Command::CreateUser {
+                    user_id: user.to_owned(),
+                    display_name: None,
+                },
+                None,
+            );
+            assert!(outcome.is_ok());
+        }
+        harness
+    }
+
+    fn envelope(&mut self, command: Command, scope: Option<&str>) -> Envelope {
+        self.counter += 1;
+        let now = Timestamp(self.now);
+        let idempotency = scope.map(|scope| IdempotencyTag {
+            scope: scope.to_owned(),
+            key: format!("key-{}", self.counter),
+            fingerprint: [(self.counter % 251) as u8; 32],
+            expires_at: Timestamp(self.now + IDEMPOTENCY_TTL_MICROS),
+        });
+        Envelope {
+            now,
+            seed: IdSeed {
+                unix_millis: now.unix_millis(),
+                entropy: self.counter,
+            },
+            idempotency,
+            command,
+        }
+    }
+
+    fn apply_envelope(&mut self, envelope: Envelope) -> (Outcome, bool) {
+        let applied = self
+            .store
+            .apply_batch(&[&envelope])
+            .expect("apply")
+            .remove(0);
+        if let Some(tag) = &envelope.idempotency {
+            let stored = applied.outcome.as_ref().err().is_none_or(|r| r.is_stored());
+            if stored && !applied.replayed {
+                self.model.idempotency.insert(
+                    (tag.scope.clone(), tag.key.clone()),
+                    tag.expires_at.micros(),
+                );
+                self.stored
+                    .push((envelope.clone(), applied.outcome.clone()));
+            }
+        }
+        self.log.push((envelope, applied.outcome.clone()));
+        (applied.outcome, applied.replayed)
+    }
+
+    fn apply(&mut self, command: Command, scope: Option<&str>) -> Outcome {
+        let envelope = self.envelope(command, scope);
+        self.apply_envelope(envelope).0
+    }
+
+    fn order_id(&self, index: usize) -> Uuid {
+        if self.order_ids.is_empty() {
+            Uuid::nil()
+        } else {
+            self.order_ids[index % self.order_ids.len()]
+        }
+    }
+
+    fn run(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let now = self.now;
+        match op.clone() {
+            Op::Advance(seconds) => self.now += i64::from(seconds) * 1_000_000,
+            Op::Sweep => {
+                let outcome = self.apply(Command::Sweep { limit: 1000 }, None);
+                prop_assert!(outcome.is_ok());
+                self.model.sweep(now);
+            }
+            Op::Credit {
+                user,
+                amount,
+                external_ref,
+            } => {
+                let user = USERS[user];
+                let reference = format!("ref-{external_ref}");
+                let claim = RefClaim {
+                    user_id: user.to_owned(),
+                    amount: Money(amount),
+                    topup_id: None,
+                };
+                let accepted = match self.apply(
+                    Command::ClaimExternalRef {
+                        reference: format!("credit:{reference}"),
+                        claim,
+                    },
+                    None,
+                ) {
+                    Ok(Reply::RefClaim { accepted }) => accepted,
+                    other => return Err(TestCaseError::fail(format!("claim: {other:?}"))),
+                };
+                let expected = self.model.credit(user, amount, &reference, accepted, now);
+                let command = Command::Credit {
+                    user_id: user.to_owned(),
+                    amount: Money(amount),
+                    external_ref: reference,
+                    source: None,
+                    ref_accepted: accepted,
+                };
+                let outcome = self.apply(command, Some(user));
+                prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
+            }
+            Op::Order {
+                user,
+                lines,
+                complete,
+                price_delta,
+                ttl_seconds,
+            } => {
+                let user = USERS[user];
+                let expires_at = now + i64::from(ttl_seconds) * 1_000_000;
+                // The order id the next envelope's seed will give.
+                let id = IdSeed {
+                    unix_millis: Timestamp(now).unix_millis(),
+                    entropy: self.counter + 1,
+                }
+                .derive(0);
+                let (expected, expected_total) = self.model.create_order(
+                    id,
+                    user,
+                    &lines,
+                    complete,
+                    price_delta,
+                    expires_at,
+                    now,
+                );
+                let command = Command::CreateOrder {
+                    user_id: user.to_owned(),
+                    lines: lines
+                        .iter()
+                        .map(|&(i, q)| LineRequest {
+                            item_id: ITEM_NAMES[i].to_owned(),
+                            quantity: q,
+                        })
+                        .collect(),
+                    expected_total: if price_delta == 0 {
+                        None
+                    } else {
+                        expected_total.map(Money)
+                    },
+                    complete,
+                    expires_at: Timestamp(expires_at),
+                    max_pending_orders: MAX_PENDING,
+                };
+                let outcome = self.apply(command, Some(user));
+                if let Ok(Reply::OrderCreated(order)) = &outcome {
+                    prop_assert_eq!(order.order_id, id);
+                    self.order_ids.push(id);
+                }
+                prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
+            }
+            Op::Complete { user, order } => {
+                let (user, id) = (USERS[user], self.order_id(order));
+                let expected = self.model.complete(user, id, now);
+                let outcome = self.apply(
+                    Command::CompleteOrder {
+                        user_id: user.to_owned(),
+                        order_id: id,
+                    },
+                    Some(user),
+                );
+                prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
+            }
+            Op::Cancel { user, order } => {
+                let (user, id) = (USERS[user], self.order_id(order));
+                let expected = self.model.cancel(user, id, now);
+                let outcome = self.apply(
+                    Command::CancelOrder {
+                        user_id: user.to_owned(),
+                        order_id: id,
+                    },
+                    Some(user),
+                );
+                prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
+            }
+            Op::Refund {
+                user,
+                order,
+                lines,
+                force,
+            } => {
+                let (user, id) = (USERS[user], self.order_id(order));
+                let expected = self.model.refund(user, id, &lines, force, now);
+                let command = Command::Refund {
+                    user_id: user.to_owned(),
+                    order_id: id,
+                    lines: lines.map(|ls| {
+                        ls.iter()
+                            .map(|&(i, q)| LineRequest {
+                                item_id: ITEM_NAMES[i].to_owned(),
+                                quantity: q,
+                            })
+                            .collect()
+                    }),
+                    reason: None,
+                    force,
+                };
+                let outcome = self.apply(command, Some(user));
+                prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
+                if let Ok(Reply::Refunded { refund, .. }) = &outcome {
+                    prop_assert!(refund.amount >= Money::ZERO);
+                }
+            }
+            Op::Consume {
+                user,
+                item,
+                quantity,
+            } => {
+                let user = USERS[user];
+                let expected = self.model.consume(user, item, quantity, now);
+                let command = Command::Consume {
+                    user_id: user.to_owned(),
+                    item_id: ITEM_NAMES[item].to_owned(),
+                    quantity,
+                };
+                let outcome = self.apply(command, Some(user));
+                prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
+            }
+            Op::Replay(which) => {
+                if self.stored.is_empty() {
+                    return Ok(());
+                }
+                let (original, first_outcome) = self.stored[which % self.stored.len()].clone();
+                let tag = original
+                    .idempotency
+                    .clone()
+                    .expect("stored envelopes have keys");
+                let still_stored = self
+                    .model
+                    .idempotency
+                    .contains_key(&(tag.scope.clone(), tag.key.clone()));
+                if still_stored {
+                    // A retry: later time, new seed, same key and fingerprint → the stored outcome, no effect.
+                    let mut retry = original.clone();
+                    retry.now = Timestamp(now);
+                    retry.seed.entropy += 1_000_000;
+                    let (outcome, replayed) = self.apply_envelope(retry);
+                    prop_assert!(replayed);
+                    prop_assert_eq!(outcome, first_outcome);
+                }
+            }
+            Op::Reuse(which) => {
+                if self.stored.is_empty() {
+                    return Ok(());
+                }
+                let (original, _) = self.stored[which % self.stored.len()].clone();
+                let tag = original
+                    .idempotency
+                    .clone()
+                    .expect("stored envelopes have keys");
+                if self
+                    .model
+                    .idempotency
+                    .contains_key(&(tag.scope.clone(), tag.key.clone()))
+                {
+                    let mut reuse = original.clone();
+                    reuse.now = Timestamp(now);
+                    if let Some(tag) = reuse.idempotency.as_mut() {
+                        tag.fingerprint[0] ^= 0xff;
+                    }
+                    let (outcome, replayed) = self.apply_envelope(reuse);
+                    prop_assert!(!replayed);
+                    prop_assert_eq!(outcome_kind(&outcome), Err("idempotency_key_reused"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The store agrees with the model, and the audit finds nothing wrong.
+    fn check_final_state(&mut self) -> Result<(), TestCaseError> {
+        let txn = self.store.begin_read().expect("read");
+        for user in USERS {
+            let stored = shopkeep::state::query::user(&txn, user)
+                .expect("read user")
+                .expect("user exists");
+            let model = &self.model.wallets[user];
+            prop_assert_eq!(
+                (stored.balance.0, stored.held.0),
+                (model.balance, model.held),
+                "wallet of {}",
+                user
+            );
+            prop_assert!(stored.held.0 >= 0 && stored.held <= stored.balance);
+            let entitlements =
+                shopkeep::state::query::entitlements(&txn, user).expect("entitlements");
+            for (name, ..) in ITEMS {
+                let stored_quantity = entitlements
+                    .iter()
+                    .find(|e| e.item_id == name)
+                    .map_or(0, |e| e.quantity());
+                let model_quantity = self
+                    .model
+                    .entitlements
+                    .get(&(user, name))
+                    .map_or(0, MEntitlement::quantity);
+                prop_assert_eq!(
+                    stored_quantity,
+                    model_quantity,
+                    "entitlement {}/{}",
+                    user,
+                    name
+                );
+            }
+        }
+        for order in &self.model.orders {
+            let stored = shopkeep::state::query::order(&txn, order.id)
+                .expect("read order")
+                .expect("order exists");
+            let expected = match order.status {
+                MStatus::Pending => OrderStatus::Pending,
+                MStatus::Completed => OrderStatus::Completed,
+                MStatus::PartiallyRefunded => OrderStatus::PartiallyRefunded,
+                MStatus::Refunded => OrderStatus::Refunded,
+                MStatus::CancelledByClient | MStatus::Expired => OrderStatus::Cancelled,
+            };
+            prop_assert_eq!(stored.status, expected, "order {}", order.id);
+            for (stored_line, model_line) in stored.lines.iter().zip(&order.lines) {
+                prop_assert!(stored_line.refunded_quantity <= stored_line.quantity);
+                prop_assert_eq!(stored_line.refunded_quantity, model_line.refunded);
+            }
+        }
+        let report = audit::audit(&txn, 0).expect("audit");
+        prop_assert!(
+            report.violations.is_empty(),
+            "audit: {:?}",
+            report.violations
+        );
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn state_machine_agrees_with_the_model_and_keeps_every_invariant(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        let mut harness = Harness::new();
+        for op in &ops {
+            harness.run(op)?;
+        }
+        harness.check_final_state()?;
+    }
+
+    #[test]
+    fn same_commands_in_any_batches_give_the_same_outcomes_and_state_hash(
+        ops in prop::collection::vec(op_strategy(), 1..80),
+        batch_sizes in prop::collection::vec(1usize..20, 1..40),
+    ) {
+        let mut first = Harness::new();
+        for op in &ops {
+            first.run(op)?;
+        }
+        let first_hash = audit::state_hash(&first.store.begin_read().expect("read")).expect("hash");
+        let (envelopes, first_outcomes): (Vec<Envelope>, Vec<Outcome>) = first.log.iter().cloned().unzip();
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let batched = ShardStore::open(&dir.path().join("batched.redb"), 0).expect("open");
+        let mut outcomes = Vec::new();
+        let mut rest: &[Envelope] = &envelopes;
+        let mut sizes = batch_sizes.iter().cycle();
+        while !rest.is_empty() {
+            let size = (*sizes.next().expect("cycle")).min(rest.len());
+            let (batch, tail) = rest.split_at(size);
+            let refs: Vec<&Envelope> = batch.iter().collect();
+            outcomes.extend(batched.apply_batch(&refs).expect("apply").into_iter().map(|a| a.outcome));
+            rest = tail;
+        }
+        prop_assert_eq!(&outcomes, &first_outcomes);
+        let batched_hash = audit::state_hash(&batched.begin_read().expect("read")).expect("hash");
+        prop_assert_eq!(batched_hash, first_hash);
+    }
+}
+
+#[test]
+fn state_hash_differs_when_the_state_differs() {
+    let mut a = Harness::new();
+    let mut b = Harness::new();
+    let hash = |h: &Harness| audit::state_hash(&h.store.begin_read().expect("read")).expect("hash");
+    assert_eq!(hash(&a), hash(&b), "same commands, same hash");
+    a.run(&Op::Credit {
+        user: 0,
+        amount: 100,
+        external_ref: 0,
+    })
+    .expect("credit");
+    b.run(&Op::Credit {
+        user: 0,
+        amount: 101,
+        external_ref: 0,
+    })
+    .expect("credit");
+    assert_ne!(hash(&a), hash(&b));
+}
+
+#[test]
+fn sweep_purges_idempotency_outcomes_after_their_retention() {
+    let mut h = Harness::new();
+    h.run(&Op::Credit {
+        user: 0,
+        amount: 100,
+        external_ref: 0,
+    })
+    .expect("credit");
+    let (envelope, _) = h.stored[0].clone();
+    let tag = envelope.idempotency.clone().expect("keyed");
+    let stored = |h: &Harness| {
+        shopkeep::state::query::idempotency(
+            &h.store.begin_read().expect("read"),
+            &tag.scope,
+            &tag.key,
+        )
+        .expect("read")
+        .is_some()
+    };
+    assert!(stored(&h));
+    h.now += IDEMPOTENCY_TTL_MICROS - 1;
+    h.run(&Op::Sweep).expect("sweep");
+    assert!(stored(&h), "kept until its retention ends");
+    h.now += 1;
+    h.run(&Op::Sweep).expect("sweep");
+    assert!(!stored(&h), "purged once its retention ended");
+}
