@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::domain::Currency;
 
 #[derive(Debug, Parser)]
-#[command(name = "shopkeep", version, about = "The backend of a digital game shop: wallets, catalog, orders, refunds.")]
+#[command(
+    name = "shopkeep",
+    version,
+    about = "The backend of a digital game shop: wallets, catalog, orders, refunds."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: CliCommand,
@@ -92,7 +96,8 @@ pub struct ServeArgs {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 30s, 15m, 1h, 7d)"))?;
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 30s, 15m, 1h, 7d)"))?;
     if duration.is_zero() {
         return Err("must be longer than zero".into());
     }

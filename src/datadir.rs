@@ -19,13 +19,19 @@ use crate::domain::Currency;
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error("data directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Mismatch(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
-    move |source| DataDirError::Io { path: path.to_owned(), source }
+    move |source| DataDirError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// What cannot change once a data directory holds data.
@@ -42,8 +48,9 @@ pub fn prepare(dir: &Path, wanted: &FixedSettings) -> Result<(), DataDirError> {
     let path = dir.join("shopkeep.json");
     match fs::read(&path) {
         Ok(bytes) => {
-            let found: FixedSettings = serde_json::from_slice(&bytes)
-                .map_err(|e| DataDirError::Mismatch(format!("{} is unreadable: {e}", path.display())))?;
+            let found: FixedSettings = serde_json::from_slice(&bytes).map_err(|e| {
+                DataDirError::Mismatch(format!("{} is unreadable: {e}", path.display()))
+            })?;
             if found != *wanted {
                 return Err(DataDirError::Mismatch(format!(
                     "{} was created with {} shards in {} ({} decimals); it cannot be opened with {} shards in {} ({} decimals)",
@@ -59,7 +66,8 @@ pub fn prepare(dir: &Path, wanted: &FixedSettings) -> Result<(), DataDirError> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let bytes = serde_json::to_vec_pretty(wanted).map_err(|e| DataDirError::Mismatch(e.to_string()))?;
+            let bytes = serde_json::to_vec_pretty(wanted)
+                .map_err(|e| DataDirError::Mismatch(e.to_string()))?;
             write_atomically(&path, &bytes, 0o644)
         }
         Err(e) => Err(io(&path)(e)),
@@ -68,7 +76,11 @@ pub fn prepare(dir: &Path, wanted: &FixedSettings) -> Result<(), DataDirError> {
 
 impl FixedSettings {
     pub fn new(shards: u32, currency: &Currency) -> FixedSettings {
-        FixedSettings { shards, currency: currency.code().to_owned(), currency_decimals: currency.exponent() }
+        FixedSettings {
+            shards,
+            currency: currency.code().to_owned(),
+            currency_decimals: currency.exponent(),
+        }
     }
 }
 

@@ -19,7 +19,10 @@ pub enum StartError {
     #[error("cannot open the shards: {0}")]
     Engine(#[from] crate::engine::EngineError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("metrics: {0}")]
     Metrics(String),
     #[error("server: {0}")]
@@ -28,14 +31,21 @@ pub enum StartError {
 
 /// Runs the server until SIGTERM or Ctrl-C.
 pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
-    datadir::prepare(&config.data_dir, &FixedSettings::new(config.shards, &config.currency))?;
+    datadir::prepare(
+        &config.data_dir,
+        &FixedSettings::new(config.shards, &config.currency),
+    )?;
 
     let admin_token = match secrets.admin_token {
         Some(token) => token,
         None => {
-            let (token, generated, path) = datadir::generated_secret(&config.data_dir, "admin-token")?;
+            let (token, generated, path) =
+                datadir::generated_secret(&config.data_dir, "admin-token")?;
             if generated {
-                println!("admin token: generated and stored in {} (mode 0600)", path.display());
+                println!(
+                    "admin token: generated and stored in {} (mode 0600)",
+                    path.display()
+                );
             } else {
                 println!("admin token: read from {}", path.display());
             }
@@ -52,10 +62,20 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     if secrets.psp_secret.is_none() {
         tracing::warn!("SHOPKEEP_PSP_SECRET is not set: PSP webhooks will be refused");
     }
-    let auth = Authenticator::new(Some(&admin_token), secrets.service_token.as_deref(), TokenSigner::new(token_key.as_bytes()));
-    let metrics = PrometheusBuilder::new().install_recorder().map_err(|e| StartError::Metrics(e.to_string()))?;
+    let auth = Authenticator::new(
+        Some(&admin_token),
+        secrets.service_token.as_deref(),
+        TokenSigner::new(token_key.as_bytes()),
+    );
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| StartError::Metrics(e.to_string()))?;
 
-    let engine_config = EngineConfig { shards: config.shards, max_batch: config.max_batch, queue_capacity: config.queue_capacity };
+    let engine_config = EngineConfig {
+        shards: config.shards,
+        max_batch: config.max_batch,
+        queue_capacity: config.queue_capacity,
+    };
     let data_dir = config.data_dir.clone();
     let node = tokio::task::spawn_blocking(move || Node::open(&data_dir, engine_config))
         .await
@@ -71,23 +91,38 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     let address = listener.local_addr().map_err(StartError::Serve)?;
     let mut config = config;
     config.listen = address;
     let drain = config.shutdown_timeout;
-    let router = http::router(node.clone(), config, auth, secrets.psp_secret.map(String::into_bytes), metrics);
+    let router = http::router(
+        node.clone(),
+        config,
+        auth,
+        secrets.psp_secret.map(String::into_bytes),
+        metrics,
+    );
     tracing::info!(%address, shards = node.shard_count(), "serving");
     println!("shopkeep listening on http://{address}");
 
-    http::serve(listener, router, shutdown_signal(), drain).await.map_err(StartError::Serve)?;
+    http::serve(listener, router, shutdown_signal(), drain)
+        .await
+        .map_err(StartError::Serve)?;
 
     tracing::info!("stopping: in-flight requests drained");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     match Arc::try_unwrap(node) {
-        Ok(node) => tokio::task::spawn_blocking(move || node.shutdown()).await.unwrap_or(()),
-        Err(_) => tracing::warn!("shards still in use at shutdown; committed data is durable regardless"),
+        Ok(node) => tokio::task::spawn_blocking(move || node.shutdown())
+            .await
+            .unwrap_or(()),
+        Err(_) => {
+            tracing::warn!("shards still in use at shutdown; committed data is durable regardless")
+        }
     }
     tracing::info!("stopped");
     Ok(())

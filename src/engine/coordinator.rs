@@ -152,12 +152,10 @@ impl Node {
     /// copies). Returns how many copies it wrote.
     pub async fn repair_catalog(&self) -> Result<usize, EngineError> {
         let _serialised = self.catalog_lock.lock().await;
-        let truth = self
-            .read(CATALOG_HOME_SHARD, |txn| query::items(txn))
-            .await?;
+        let truth = self.read(CATALOG_HOME_SHARD, query::items).await?;
         let mut repaired = 0;
         for shard in (0..self.shard_count()).filter(|&s| s != CATALOG_HOME_SHARD) {
-            let copy = self.read(shard, |txn| query::items(txn)).await?;
+            let copy = self.read(shard, query::items).await?;
             for item in &truth {
                 let current = copy.iter().find(|c| c.spec.item_id == item.spec.item_id);
                 if current.is_none_or(|c| c.version < item.version) {

@@ -201,7 +201,9 @@ mod tests {
     #[test]
     fn routing_is_stable_and_spread() {
         // Fixed values: a change here would move every user to another shard on upgrade.
-        assert_eq!(shard_of("player-42", 8), shard_of("player-42", 8));
+        assert_eq!(shard_of("player-42", 8), 5);
+        assert_eq!(shard_of("a", 8), 1);
+        assert_eq!(shard_of("user-1", 8), 3);
         let mut counts = [0u32; 8];
         for i in 0..8000 {
             counts[shard_of(&format!("user-{i}"), 8) as usize] += 1;

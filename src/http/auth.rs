@@ -38,7 +38,9 @@ impl Caller {
     pub fn require_staff(&self) -> Result<(), ApiError> {
         match self {
             Caller::Admin | Caller::Service => Ok(()),
-            Caller::User(_) => Err(ApiError::forbidden("this endpoint is for the admin or the service")),
+            Caller::User(_) => Err(ApiError::forbidden(
+                "this endpoint is for the admin or the service",
+            )),
         }
     }
 
@@ -47,7 +49,9 @@ impl Caller {
         match self {
             Caller::Admin | Caller::Service => Ok(()),
             Caller::User(own) if own == user_id => Ok(()),
-            Caller::User(_) => Err(ApiError::forbidden("a user token gives access to its own user only")),
+            Caller::User(_) => Err(ApiError::forbidden(
+                "a user token gives access to its own user only",
+            )),
         }
     }
 }
@@ -60,9 +64,17 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(admin_token: Option<&str>, service_token: Option<&str>, signer: TokenSigner) -> Authenticator {
+    pub fn new(
+        admin_token: Option<&str>,
+        service_token: Option<&str>,
+        signer: TokenSigner,
+    ) -> Authenticator {
         let digest = |t: &str| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() };
-        Authenticator { admin: admin_token.map(digest), service: service_token.map(digest), signer }
+        Authenticator {
+            admin: admin_token.map(digest),
+            service: service_token.map(digest),
+            signer,
+        }
     }
 
     pub fn signer(&self) -> &TokenSigner {
@@ -72,7 +84,8 @@ impl Authenticator {
     /// The caller a bearer token stands for, if any.
     pub fn identify(&self, token: &str, now: Timestamp) -> Option<Caller> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let matches = |expected: &Option<[u8; 32]>| expected.is_some_and(|e| bool::from(e.ct_eq(&digest)));
+        let matches =
+            |expected: &Option<[u8; 32]>| expected.is_some_and(|e| bool::from(e.ct_eq(&digest)));
         if matches(&self.admin) {
             return Some(Caller::Admin);
         }
@@ -93,7 +106,8 @@ impl TokenSigner {
     }
 
     fn mac(&self, payload: &str) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+            .expect("HMAC takes keys of any length");
         mac.update(payload.as_bytes());
         mac
     }
@@ -101,7 +115,11 @@ impl TokenSigner {
     /// A token for `user_id` that expires at `expires_at` (whole seconds). Deterministic, so a replayed
     /// mint returns the very same token.
     pub fn mint(&self, user_id: &str, expires_at: Timestamp) -> String {
-        let payload = format!("{USER_TOKEN_PREFIX}.{}.{}", URL_SAFE_NO_PAD.encode(user_id), expires_at.unix_seconds());
+        let payload = format!(
+            "{USER_TOKEN_PREFIX}.{}.{}",
+            URL_SAFE_NO_PAD.encode(user_id),
+            expires_at.unix_seconds()
+        );
         let signature = URL_SAFE_NO_PAD.encode(self.mac(&payload).finalize().into_bytes());
         format!("{payload}.{signature}")
     }
@@ -128,7 +146,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
-        let header = parts.headers.get(header::AUTHORIZATION).ok_or_else(ApiError::unauthenticated)?;
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(ApiError::unauthenticated)?;
         let token = header
             .to_str()
             .ok()
@@ -136,7 +157,10 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(ApiError::unauthenticated)?;
-        state.auth.identify(token, Timestamp::now()).ok_or_else(ApiError::unauthenticated)
+        state
+            .auth
+            .identify(token, Timestamp::now())
+            .ok_or_else(ApiError::unauthenticated)
     }
 }
 
@@ -150,9 +174,15 @@ mod tests {
         let now = Timestamp::from_unix_seconds(1_000);
         let token = signer.mint("player-42", Timestamp::from_unix_seconds(2_000));
         assert_eq!(signer.verify(&token, now), Some("player-42".to_owned()));
-        assert_eq!(signer.verify(&token, Timestamp::from_unix_seconds(2_000)), None);
+        assert_eq!(
+            signer.verify(&token, Timestamp::from_unix_seconds(2_000)),
+            None
+        );
         assert_eq!(TokenSigner::new(b"other").verify(&token, now), None);
-        let forged = token.replace(&URL_SAFE_NO_PAD.encode("player-42"), &URL_SAFE_NO_PAD.encode("player-43"));
+        let forged = token.replace(
+            &URL_SAFE_NO_PAD.encode("player-42"),
+            &URL_SAFE_NO_PAD.encode("player-43"),
+        );
         assert_eq!(signer.verify(&forged, now), None);
         assert_eq!(signer.verify("garbage", now), None);
     }

@@ -466,7 +466,11 @@ pub fn refund(currency: &Currency, refund: &Refund, view: &WalletView) -> Refund
         lines: refund
             .lines
             .iter()
-            .map(|l| RefundLineResponse { item_id: l.item_id.clone(), quantity: l.quantity, amount: currency.format(l.amount) })
+            .map(|l| RefundLineResponse {
+                item_id: l.item_id.clone(),
+                quantity: l.quantity,
+                amount: currency.format(l.amount),
+            })
             .collect(),
         reason: refund.reason.clone(),
         forced: refund.forced,
@@ -505,7 +509,10 @@ pub fn ledger_entry(currency: &Currency, posting: &Posting) -> LedgerEntry {
         held_after: currency.format(posting.held_after),
         debit_account: account_name(&posting.debit),
         credit_account: account_name(&posting.credit),
-        reference: EntryRef { ref_type: posting.reference.kind_str().to_owned(), id: posting.reference.id().to_string() },
+        reference: EntryRef {
+            ref_type: posting.reference.kind_str().to_owned(),
+            id: posting.reference.id().to_string(),
+        },
         at: time(posting.at),
     }
 }

@@ -41,7 +41,13 @@ pub struct ErrorDetail {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), details: json!({}), retry_after: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: json!({}),
+            retry_after: None,
+        }
     }
 
     pub fn with_details(mut self, details: Value) -> ApiError {
@@ -62,7 +68,11 @@ impl ApiError {
     }
 
     pub fn unauthenticated() -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "a valid bearer token is required")
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "a valid bearer token is required",
+        )
     }
 
     pub fn invalid_signature(message: impl Into<String>) -> ApiError {
@@ -82,13 +92,21 @@ impl ApiError {
     }
 
     pub fn payload_too_large(limit: usize) -> ApiError {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request bodies are limited to {limit} bytes"))
-            .with_details(json!({ "limit_bytes": limit }))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request bodies are limited to {limit} bytes"),
+        )
+        .with_details(json!({ "limit_bytes": limit }))
     }
 
     pub fn invalid_amount(field: &str, error: &AmountError) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", format!("{field}: {error}"))
-            .with_details(json!({ "field": field }))
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_amount",
+            format!("{field}: {error}"),
+        )
+        .with_details(json!({ "field": field }))
     }
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
@@ -104,9 +122,15 @@ impl ApiError {
     /// The JSON body of this error.
     pub fn body(&self) -> Vec<u8> {
         let body = ErrorBody {
-            error: ErrorDetail { code: self.code.to_owned(), message: self.message.clone(), details: self.details.clone() },
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message.clone(),
+                details: self.details.clone(),
+            },
         };
-        serde_json::to_vec(&body).unwrap_or_else(|_| br#"{"error":{"code":"internal","message":"","details":{}}}"#.to_vec())
+        serde_json::to_vec(&body).unwrap_or_else(|_| {
+            br#"{"error":{"code":"internal","message":"","details":{}}}"#.to_vec()
+        })
     }
 
     /// A business rejection as the contract shows it. Deterministic: the same rejection always renders the
@@ -114,14 +138,22 @@ impl ApiError {
     pub fn from_rejection(rejection: &Rejection, currency: &Currency) -> ApiError {
         let money = |m| currency.format(m);
         let (status, details) = match rejection {
-            Rejection::UserNotFound | Rejection::OrderNotFound | Rejection::TopupNotFound => (StatusCode::NOT_FOUND, json!({})),
-            Rejection::ItemNotFound { item_id } => (StatusCode::NOT_FOUND, json!({ "item_id": item_id })),
+            Rejection::UserNotFound | Rejection::OrderNotFound | Rejection::TopupNotFound => {
+                (StatusCode::NOT_FOUND, json!({}))
+            }
+            Rejection::ItemNotFound { item_id } => {
+                (StatusCode::NOT_FOUND, json!({ "item_id": item_id }))
+            }
             Rejection::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, json!({})),
             Rejection::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, json!({})),
             Rejection::UserExists => (StatusCode::CONFLICT, json!({})),
-            Rejection::InsufficientFunds { available, required } => {
-                (StatusCode::CONFLICT, json!({ "available": money(*available), "required": money(*required) }))
-            }
+            Rejection::InsufficientFunds {
+                available,
+                required,
+            } => (
+                StatusCode::CONFLICT,
+                json!({ "available": money(*available), "required": money(*required) }),
+            ),
             Rejection::PriceChanged { expected, current } => (
                 StatusCode::CONFLICT,
                 json!({ "expected_total": money(*expected), "current_total": money(*current) }),
@@ -129,36 +161,56 @@ impl ApiError {
             Rejection::AlreadyOwned { item_id } | Rejection::ItemInactive { item_id } => {
                 (StatusCode::CONFLICT, json!({ "item_id": item_id }))
             }
-            Rejection::InvalidState { status } => (StatusCode::CONFLICT, json!({ "status": status })),
-            Rejection::RefundExceedsPurchase { item_id, requested, refundable } => (
+            Rejection::InvalidState { status } => {
+                (StatusCode::CONFLICT, json!({ "status": status }))
+            }
+            Rejection::RefundExceedsPurchase {
+                item_id,
+                requested,
+                refundable,
+            } => (
                 StatusCode::CONFLICT,
                 json!({ "item_id": item_id, "requested": requested, "refundable": refundable }),
             ),
-            Rejection::AlreadyConsumed { item_id, requested, unspent } => (
+            Rejection::AlreadyConsumed {
+                item_id,
+                requested,
+                unspent,
+            } => (
                 StatusCode::CONFLICT,
                 json!({ "item_id": item_id, "requested": requested, "unspent": unspent }),
             ),
-            Rejection::InsufficientEntitlement { item_id, requested, owned } => (
+            Rejection::InsufficientEntitlement {
+                item_id,
+                requested,
+                owned,
+            } => (
                 StatusCode::CONFLICT,
                 json!({ "item_id": item_id, "requested": requested, "owned": owned }),
             ),
-            Rejection::ExternalRefConflict { external_ref } => {
-                (StatusCode::CONFLICT, json!({ "external_ref": external_ref }))
-            }
-            Rejection::AmountMismatch { expected, received } => {
-                (StatusCode::CONFLICT, json!({ "expected": money(*expected), "received": money(*received) }))
-            }
-            Rejection::OrderExpired { expires_at } => {
-                (StatusCode::CONFLICT, json!({ "expires_at": expires_at.to_rfc3339() }))
-            }
-            Rejection::RefundWindowClosed { item_id, closed_at } => {
-                (StatusCode::CONFLICT, json!({ "item_id": item_id, "closed_at": closed_at.to_rfc3339() }))
-            }
+            Rejection::ExternalRefConflict { external_ref } => (
+                StatusCode::CONFLICT,
+                json!({ "external_ref": external_ref }),
+            ),
+            Rejection::AmountMismatch { expected, received } => (
+                StatusCode::CONFLICT,
+                json!({ "expected": money(*expected), "received": money(*received) }),
+            ),
+            Rejection::OrderExpired { expires_at } => (
+                StatusCode::CONFLICT,
+                json!({ "expires_at": expires_at.to_rfc3339() }),
+            ),
+            Rejection::RefundWindowClosed { item_id, closed_at } => (
+                StatusCode::CONFLICT,
+                json!({ "item_id": item_id, "closed_at": closed_at.to_rfc3339() }),
+            ),
             Rejection::TooManyPendingOrders { limit } | Rejection::TooManyRefunds { limit } => {
                 (StatusCode::CONFLICT, json!({ "limit": limit }))
             }
             Rejection::CatalogFull { limit } => (StatusCode::CONFLICT, json!({ "limit": limit })),
-            Rejection::BalanceLimitExceeded { max } => (StatusCode::CONFLICT, json!({ "max_balance": money(*max) })),
+            Rejection::BalanceLimitExceeded { max } => {
+                (StatusCode::CONFLICT, json!({ "max_balance": money(*max) }))
+            }
         };
         ApiError::new(status, rejection.code(), rejection.to_string()).with_details(details)
     }
@@ -168,8 +220,12 @@ impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> ApiError {
         match error {
             EngineError::Overloaded { shard } => {
-                let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "the shop is busy; retry shortly with the same Idempotency-Key")
-                    .with_details(json!({ "shard": shard }));
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "the shop is busy; retry shortly with the same Idempotency-Key",
+                )
+                .with_details(json!({ "shard": shard }));
                 e.retry_after = Some(1);
                 e
             }
@@ -180,7 +236,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Internal(reason) => {
                 tracing::error!(%reason, "internal error");
-                ApiError::internal("internal error; retry with the same Idempotency-Key to learn the outcome")
+                ApiError::internal(
+                    "internal error; retry with the same Idempotency-Key to learn the outcome",
+                )
             }
         }
     }
@@ -188,10 +246,19 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], self.body())
+        let mut response = (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.body(),
+        )
             .into_response();
         if let Some(seconds) = self.retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

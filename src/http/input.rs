@@ -43,7 +43,8 @@ impl Body {
     /// Parses the body as `T` (which rejects unknown fields). An empty body reads as `{}`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let bytes: &[u8] = if self.is_blank() { b"{}" } else { &self.0 };
-        serde_json::from_slice(bytes).map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
+        serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
     }
 
     fn is_blank(&self) -> bool {
@@ -109,12 +110,19 @@ fn canonical_json(value: &Value) -> Vec<u8> {
 
 /// The `Idempotency-Key` header, required on every POST.
 pub fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
-    let value = headers.get("idempotency-key").ok_or_else(ApiError::idempotency_key_required)?;
+    let value = headers
+        .get("idempotency-key")
+        .ok_or_else(ApiError::idempotency_key_required)?;
     let key = value
         .to_str()
         .ok()
-        .filter(|k| (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&k.len()) && k.bytes().all(|b| (0x20..=0x7e).contains(&b)))
-        .ok_or_else(|| ApiError::invalid_request("Idempotency-Key must be 1-255 printable ASCII characters"))?;
+        .filter(|k| {
+            (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&k.len())
+                && k.bytes().all(|b| (0x20..=0x7e).contains(&b))
+        })
+        .ok_or_else(|| {
+            ApiError::invalid_request("Idempotency-Key must be 1-255 printable ASCII characters")
+        })?;
     Ok(key.to_owned())
 }
 
@@ -123,19 +131,25 @@ pub fn client_id(field: &str, value: &str) -> Result<String, ApiError> {
     if ids::is_valid_id(value) {
         Ok(value.to_owned())
     } else {
-        Err(ApiError::invalid_request(format!("{field} must be 1-64 characters of A-Z a-z 0-9 _ . -")))
+        Err(ApiError::invalid_request(format!(
+            "{field} must be 1-64 characters of A-Z a-z 0-9 _ . -"
+        )))
     }
 }
 
 /// Optional free text of at most `max_chars` characters.
-pub fn bounded_text(field: &str, value: Option<String>, max_chars: usize) -> Result<Option<String>, ApiError> {
+pub fn bounded_text(
+    field: &str,
+    value: Option<String>,
+    max_chars: usize,
+) -> Result<Option<String>, ApiError> {
     match value {
-        Some(text) if text.chars().count() > max_chars => {
-            Err(ApiError::invalid_request(format!("{field} must be at most {max_chars} characters")))
-        }
-        Some(text) if text.chars().any(char::is_control) => {
-            Err(ApiError::invalid_request(format!("{field} must not contain control characters")))
-        }
+        Some(text) if text.chars().count() > max_chars => Err(ApiError::invalid_request(format!(
+            "{field} must be at most {max_chars} characters"
+        ))),
+        Some(text) if text.chars().any(char::is_control) => Err(ApiError::invalid_request(
+            format!("{field} must not contain control characters"),
+        )),
         other => Ok(other),
     }
 }
@@ -148,9 +162,17 @@ pub enum AmountRule {
 }
 
 /// A money field: a JSON string holding a decimal in the deployment's currency.
-pub fn amount(currency: &Currency, field: &str, value: &Value, rule: AmountRule) -> Result<Money, ApiError> {
+pub fn amount(
+    currency: &Currency,
+    field: &str,
+    value: &Value,
+    rule: AmountRule,
+) -> Result<Money, ApiError> {
     let Value::String(text) = value else {
-        return Err(ApiError::invalid_amount(field, &crate::domain::AmountError::NotAString));
+        return Err(ApiError::invalid_amount(
+            field,
+            &crate::domain::AmountError::NotAString,
+        ));
     };
     let parsed = match rule {
         AmountRule::Positive => currency.parse_positive(text),
@@ -161,7 +183,8 @@ pub fn amount(currency: &Currency, field: &str, value: &Value, rule: AmountRule)
 
 /// Query parameters as (name, value) pairs. Unknown names are ignored; a malformed query is refused.
 pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| ApiError::invalid_request(format!("invalid query: {e}")))
+    serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::invalid_request(format!("invalid query: {e}")))
 }
 
 /// The `limit` query parameter: `default` when absent, else 1..=`max`.
@@ -172,12 +195,18 @@ pub fn limit(pairs: &[(String, String)], default: usize, max: usize) -> Result<u
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| ApiError::invalid_request(format!("limit must be an integer from 1 to {max}"))),
+            .ok_or_else(|| {
+                ApiError::invalid_request(format!("limit must be an integer from 1 to {max}"))
+            }),
     }
 }
 
 pub fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]
@@ -186,12 +215,17 @@ mod tests {
 
     #[test]
     fn fingerprint_ignores_key_order_and_whitespace_but_not_values() {
-        let a = Body(Bytes::from_static(br#"{"a": 1, "b": {"y": 2, "x": [1, 2]}}"#));
+        let a = Body(Bytes::from_static(
+            br#"{"a": 1, "b": {"y": 2, "x": [1, 2]}}"#,
+        ));
         let b = Body(Bytes::from_static(br#"{"b":{"x":[1,2],"y":2},"a":1}"#));
         let c = Body(Bytes::from_static(br#"{"b":{"x":[2,1],"y":2},"a":1}"#));
         assert_eq!(a.fingerprint("POST", "/p"), b.fingerprint("POST", "/p"));
         assert_ne!(a.fingerprint("POST", "/p"), c.fingerprint("POST", "/p"));
         assert_ne!(a.fingerprint("POST", "/p"), a.fingerprint("POST", "/q"));
-        assert_eq!(Body(Bytes::new()).fingerprint("POST", "/p"), Body(Bytes::from_static(b"{}")).fingerprint("POST", "/p"));
+        assert_eq!(
+            Body(Bytes::new()).fingerprint("POST", "/p"),
+            Body(Bytes::from_static(b"{}")).fingerprint("POST", "/p")
+        );
     }
 }

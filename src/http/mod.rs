@@ -46,8 +46,19 @@ pub type AppState = Arc<App>;
 
 impl App {
     /// The idempotency tag of a request scoped to `scope` (a user id, or a system scope).
-    pub fn tag(&self, scope: &str, key: String, fingerprint: Fingerprint, now: Timestamp) -> IdempotencyTag {
-        IdempotencyTag { scope: scope.to_owned(), key, fingerprint, expires_at: now.plus(self.config.idempotency_ttl) }
+    pub fn tag(
+        &self,
+        scope: &str,
+        key: String,
+        fingerprint: Fingerprint,
+        now: Timestamp,
+    ) -> IdempotencyTag {
+        IdempotencyTag {
+            scope: scope.to_owned(),
+            key,
+            fingerprint,
+            expires_at: now.plus(self.config.idempotency_ttl),
+        }
     }
 
     /// Proposes a command for `user_id`'s shard and waits (bounded) for its outcome.
@@ -58,7 +69,12 @@ impl App {
         tag: Option<IdempotencyTag>,
         command: Command,
     ) -> Result<Applied, ApiError> {
-        let envelope = Envelope { now, seed: new_seed(now), idempotency: tag, command };
+        let envelope = Envelope {
+            now,
+            seed: new_seed(now),
+            idempotency: tag,
+            command,
+        };
         let shard = self.node.shard_of_user(user_id);
         self.bounded(self.node.propose(shard, envelope)).await
     }
@@ -84,14 +100,34 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 }
 
 /// Builds the complete router (routes, OpenAPI, middleware) around the node.
-pub fn router(node: Arc<Node>, config: Config, auth: Authenticator, psp_secret: Option<Vec<u8>>, metrics: PrometheusHandle) -> Router {
+pub fn router(
+    node: Arc<Node>,
+    config: Config,
+    auth: Authenticator,
+    psp_secret: Option<Vec<u8>>,
+    metrics: PrometheusHandle,
+) -> Router {
     let (router, document) = routes::api().split_for_parts();
-    let openapi = document.to_json().map(String::into_bytes).unwrap_or_default();
-    let app = Arc::new(App { node, config, auth, psp_secret, metrics, openapi });
+    let openapi = document
+        .to_json()
+        .map(String::into_bytes)
+        .unwrap_or_default();
+    let app = Arc::new(App {
+        node,
+        config,
+        auth,
+        psp_secret,
+        metrics,
+        openapi,
+    });
     router
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not accept that method")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not accept that method",
+            )
         })
         .with_state(app)
         .layer(axum::middleware::from_fn(record_metrics))
@@ -141,5 +177,8 @@ pub async fn serve(
 
 /// A 200 `{"status": "..."}`.
 fn status(text: &str) -> Response {
-    render::ok(&dto::StatusResponse { status: text.to_owned() }).into_response()
+    render::ok(&dto::StatusResponse {
+        status: text.to_owned(),
+    })
+    .into_response()
 }

@@ -23,7 +23,10 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Rendered {
         Ok(body) => Rendered { status, body },
         Err(e) => {
             let error = ApiError::internal(format!("cannot render the response: {e}"));
-            Rendered { status: error.status, body: error.body() }
+            Rendered {
+                status: error.status,
+                body: error.body(),
+            }
         }
     }
 }
@@ -31,13 +34,30 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Rendered {
 pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
     let currency = &app.config.currency;
     match outcome {
-        Ok(Reply::UserCreated(user)) => json(StatusCode::CREATED, &dto::user(currency, user, &user.wallet())),
-        Ok(Reply::TokenIssued { user_id, expires_at }) => json(
+        Ok(Reply::UserCreated(user)) => json(
             StatusCode::CREATED,
-            &dto::TokenResponse { token: app.auth.signer().mint(user_id, *expires_at), expires_at: expires_at.to_rfc3339() },
+            &dto::user(currency, user, &user.wallet()),
         ),
-        Ok(Reply::Credited { credit, wallet, fresh }) => {
-            let status = if *fresh { StatusCode::CREATED } else { StatusCode::OK };
+        Ok(Reply::TokenIssued {
+            user_id,
+            expires_at,
+        }) => json(
+            StatusCode::CREATED,
+            &dto::TokenResponse {
+                token: app.auth.signer().mint(user_id, *expires_at),
+                expires_at: expires_at.to_rfc3339(),
+            },
+        ),
+        Ok(Reply::Credited {
+            credit,
+            wallet,
+            fresh,
+        }) => {
+            let status = if *fresh {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             json(status, &dto::credit(currency, credit, wallet))
         }
         Ok(Reply::TopupCreated(topup)) => json(StatusCode::CREATED, &dto::topup(currency, topup)),
@@ -45,15 +65,23 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
         Ok(Reply::Item(item)) => json(StatusCode::OK, &dto::item(currency, item)),
         Ok(Reply::OrderCreated(order)) => json(StatusCode::CREATED, &dto::order(currency, order)),
         Ok(Reply::OrderUpdated(order)) => json(StatusCode::OK, &dto::order(currency, order)),
-        Ok(Reply::Refunded { refund, wallet }) => json(StatusCode::CREATED, &dto::refund(currency, refund, wallet)),
+        Ok(Reply::Refunded { refund, wallet }) => {
+            json(StatusCode::CREATED, &dto::refund(currency, refund, wallet))
+        }
         Ok(Reply::Entitlement(entitlement)) => json(StatusCode::OK, &dto::entitlement(entitlement)),
         Ok(other @ (Reply::GlobalClaim(_) | Reply::RefClaim { .. } | Reply::Swept { .. })) => {
             let error = ApiError::internal(format!("internal reply reached the API: {other:?}"));
-            Rendered { status: error.status, body: error.body() }
+            Rendered {
+                status: error.status,
+                body: error.body(),
+            }
         }
         Err(rejection) => {
             let error = ApiError::from_rejection(rejection, currency);
-            Rendered { status: error.status, body: error.body() }
+            Rendered {
+                status: error.status,
+                body: error.body(),
+            }
         }
     }
 }
@@ -64,14 +92,24 @@ pub fn applied(app: &App, applied: &Applied) -> Response {
     let rendered = outcome(app, &applied.outcome);
     let mut response = body(rendered.status, rendered.body);
     if applied.replayed {
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     response
 }
 
 /// A JSON response from already serialised bytes.
 pub fn body(status: StatusCode, bytes: Vec<u8>) -> Response {
-    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response()
 }
 
 /// A JSON response of a read.

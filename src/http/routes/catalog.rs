@@ -26,24 +26,52 @@ const DEFAULT_REFUND_WINDOW_DAYS: u32 = 14;
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-pub async fn put_item(State(app): State<AppState>, caller: Caller, Path(item_id): Path<String>, body: Body) -> Result<Response, ApiError> {
+pub async fn put_item(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(item_id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let item_id = input::client_id("item_id", &item_id)?;
     let request: PutItemRequest = body.json()?;
-    let name = input::bounded_text("name", Some(request.name), MAX_ITEM_NAME_CHARS)?.unwrap_or_default();
+    let name =
+        input::bounded_text("name", Some(request.name), MAX_ITEM_NAME_CHARS)?.unwrap_or_default();
     if name.trim().is_empty() {
         return Err(ApiError::invalid_request("name must not be empty"));
     }
     let kind = ItemKind::parse(&request.kind)
         .ok_or_else(|| ApiError::invalid_request("kind must be one of game, skin, currency"))?;
-    let price = input::amount(&app.config.currency, "price", &request.price, AmountRule::NonNegative)?;
-    let refund_window_days = request.refund_window_days.unwrap_or(DEFAULT_REFUND_WINDOW_DAYS);
+    let price = input::amount(
+        &app.config.currency,
+        "price",
+        &request.price,
+        AmountRule::NonNegative,
+    )?;
+    let refund_window_days = request
+        .refund_window_days
+        .unwrap_or(DEFAULT_REFUND_WINDOW_DAYS);
     if refund_window_days > MAX_REFUND_WINDOW_DAYS {
-        return Err(ApiError::invalid_request(format!("refund_window_days must be at most {MAX_REFUND_WINDOW_DAYS}")));
+        return Err(ApiError::invalid_request(format!(
+            "refund_window_days must be at most {MAX_REFUND_WINDOW_DAYS}"
+        )));
     }
-    let spec = ItemSpec { item_id, name, kind, price, active: request.active.unwrap_or(true), refund_window_days };
+    let spec = ItemSpec {
+        item_id,
+        name,
+        kind,
+        price,
+        active: request.active.unwrap_or(true),
+        refund_window_days,
+    };
     let outcome = app.bounded(app.node.put_item(spec)).await?;
-    Ok(render::applied(&app, &Applied { outcome, replayed: false }))
+    Ok(render::applied(
+        &app,
+        &Applied {
+            outcome,
+            replayed: false,
+        },
+    ))
 }
 
 /// One item (any role).
@@ -51,12 +79,22 @@ pub async fn put_item(State(app): State<AppState>, caller: Caller, Path(item_id)
     params(("item_id" = String, Path)),
     responses((status = 200, body = ItemResponse), (status = 404, description = "`item_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn get_item(State(app): State<AppState>, _caller: Caller, Path(item_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_item(
+    State(app): State<AppState>,
+    _caller: Caller,
+    Path(item_id): Path<String>,
+) -> Result<Response, ApiError> {
     let item_id = input::client_id("item_id", &item_id)?;
     let id = item_id.clone();
-    let item = app.bounded(app.node.read(CATALOG_HOME_SHARD, move |txn| query::item(txn, &id))).await?;
+    let item = app
+        .bounded(
+            app.node
+                .read(CATALOG_HOME_SHARD, move |txn| query::item(txn, &id)),
+        )
+        .await?;
     let item = item.ok_or_else(|| {
-        ApiError::not_found("item_not_found", format!("item {item_id} not found")).with_details(serde_json::json!({ "item_id": item_id }))
+        ApiError::not_found("item_not_found", format!("item {item_id} not found"))
+            .with_details(serde_json::json!({ "item_id": item_id }))
     })?;
     Ok(render::ok(&dto::item(&app.config.currency, &item)))
 }
@@ -65,8 +103,15 @@ pub async fn get_item(State(app): State<AppState>, _caller: Caller, Path(item_id
 #[utoipa::path(get, path = "/v1/items", tag = "catalog",
     responses((status = 200, body = ItemsResponse)),
     security(("bearer" = [])))]
-pub async fn list_items(State(app): State<AppState>, _caller: Caller) -> Result<Response, ApiError> {
-    let items = app.bounded(app.node.read(CATALOG_HOME_SHARD, |txn| query::items(txn))).await?;
+pub async fn list_items(
+    State(app): State<AppState>,
+    _caller: Caller,
+) -> Result<Response, ApiError> {
+    let items = app
+        .bounded(app.node.read(CATALOG_HOME_SHARD, query::items))
+        .await?;
     let currency = &app.config.currency;
-    Ok(render::ok(&ItemsResponse { items: items.iter().map(|i| dto::item(currency, i)).collect() }))
+    Ok(render::ok(&ItemsResponse {
+        items: items.iter().map(|i| dto::item(currency, i)).collect(),
+    }))
 }

@@ -13,7 +13,9 @@ use crate::domain::command::PSP_EVENT_SCOPE;
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
 use crate::domain::{Command, RefClaim, Timestamp, TopupStatus};
 use crate::http::auth::Caller;
-use crate::http::dto::{self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest};
+use crate::http::dto::{
+    self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest,
+};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::{self, AmountRule, Body};
 use crate::http::{AppState, render};
@@ -26,7 +28,9 @@ fn external_ref(field: &str, value: &str) -> Result<(), ApiError> {
     if is_valid_external_ref(value) {
         Ok(())
     } else {
-        Err(ApiError::invalid_request(format!("{field} must be 1-255 printable ASCII characters without spaces")))
+        Err(ApiError::invalid_request(format!(
+            "{field} must be 1-255 printable ASCII characters without spaces"
+        )))
     }
 }
 
@@ -53,18 +57,40 @@ pub async fn create_credit(
     let user_id = input::client_id("user_id", &user_id)?;
     let key = input::idempotency_key(&headers)?;
     let request: CreditRequest = body.json()?;
-    let amount = input::amount(&app.config.currency, "amount", &request.amount, AmountRule::Positive)?;
+    let amount = input::amount(
+        &app.config.currency,
+        "amount",
+        &request.amount,
+        AmountRule::Positive,
+    )?;
     external_ref("external_ref", &request.external_ref)?;
     let source = input::bounded_text("source", request.source, MAX_SOURCE_CHARS)?;
     let now = Timestamp::now();
     // Users are never deleted: a user seen here exists when the credit applies. Checking first keeps an
     // unknown user from reserving the external_ref.
     read_user(&app, &user_id, now).await?;
-    let claim = RefClaim { user_id: user_id.clone(), amount, topup_id: None };
-    let ref_accepted = app.bounded(app.node.claim_external_ref(format!("credit:{}", request.external_ref), claim)).await?;
+    let claim = RefClaim {
+        user_id: user_id.clone(),
+        amount,
+        topup_id: None,
+    };
+    let ref_accepted = app
+        .bounded(
+            app.node
+                .claim_external_ref(format!("credit:{}", request.external_ref), claim),
+        )
+        .await?;
     let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
-    let command = Command::Credit { user_id: user_id.clone(), amount, external_ref: request.external_ref, source, ref_accepted };
-    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    let command = Command::Credit {
+        user_id: user_id.clone(),
+        amount,
+        external_ref: request.external_ref,
+        source,
+        ref_accepted,
+    };
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
+        .await?;
     Ok(render::applied(&app, &applied))
 }
 
@@ -88,11 +114,22 @@ pub async fn create_topup(
     let user_id = user_path(&caller, &user_id)?;
     let key = input::idempotency_key(&headers)?;
     let request: TopupRequest = body.json()?;
-    let amount = input::amount(&app.config.currency, "amount", &request.amount, AmountRule::Positive)?;
+    let amount = input::amount(
+        &app.config.currency,
+        "amount",
+        &request.amount,
+        AmountRule::Positive,
+    )?;
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
-    let command = Command::CreateTopup { user_id: user_id.clone(), amount, expires_at: now.plus(app.config.topup_ttl) };
-    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    let command = Command::CreateTopup {
+        user_id: user_id.clone(),
+        amount,
+        expires_at: now.plus(app.config.topup_ttl),
+    };
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
+        .await?;
     Ok(render::applied(&app, &applied))
 }
 
@@ -111,16 +148,30 @@ pub async fn get_topup(
     read_user(&app, &user_id, now).await?;
     let not_found = || ApiError::not_found("topup_not_found", "top-up not found");
     let topup_id = Uuid::parse_str(&topup_id).map_err(|_| not_found())?;
-    let topup = app.bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| query::topup(txn, topup_id))).await?;
+    let topup = app
+        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
+            query::topup(txn, topup_id)
+        }))
+        .await?;
     match topup {
-        Some(topup) if topup.user_id == user_id => Ok(render::ok(&dto::topup(&app.config.currency, &topup.as_of(now)))),
+        Some(topup) if topup.user_id == user_id => Ok(render::ok(&dto::topup(
+            &app.config.currency,
+            &topup.as_of(now),
+        ))),
         _ => Err(not_found()),
     }
 }
 
 /// Checks `Psp-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`.
-fn verify_signature(secret: Option<&[u8]>, headers: &HeaderMap, raw: &Bytes, now: Timestamp) -> Result<(), ApiError> {
-    let secret = secret.ok_or_else(|| ApiError::invalid_signature("webhooks are disabled: SHOPKEEP_PSP_SECRET is not set"))?;
+fn verify_signature(
+    secret: Option<&[u8]>,
+    headers: &HeaderMap,
+    raw: &Bytes,
+    now: Timestamp,
+) -> Result<(), ApiError> {
+    let secret = secret.ok_or_else(|| {
+        ApiError::invalid_signature("webhooks are disabled: SHOPKEEP_PSP_SECRET is not set")
+    })?;
     let header = headers
         .get("psp-signature")
         .and_then(|h| h.to_str().ok())
@@ -134,18 +185,26 @@ fn verify_signature(secret: Option<&[u8]>, headers: &HeaderMap, raw: &Bytes, now
             _ => {}
         }
     }
-    let timestamp = timestamp.ok_or_else(|| ApiError::invalid_signature("Psp-Signature has no valid t="))?;
+    let timestamp =
+        timestamp.ok_or_else(|| ApiError::invalid_signature("Psp-Signature has no valid t="))?;
     if (now.unix_seconds() - timestamp).abs() > WEBHOOK_TOLERANCE_SECONDS {
-        return Err(ApiError::invalid_signature("Psp-Signature timestamp is more than 300 s away from now"));
+        return Err(ApiError::invalid_signature(
+            "Psp-Signature timestamp is more than 300 s away from now",
+        ));
     }
     let valid = signatures.iter().any(|signature| {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes keys of any length");
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
+            .expect("HMAC takes keys of any length");
         mac.update(timestamp.to_string().as_bytes());
         mac.update(b".");
         mac.update(raw);
         mac.verify_slice(signature).is_ok()
     });
-    if valid { Ok(()) } else { Err(ApiError::invalid_signature("signature does not match")) }
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_signature("signature does not match"))
+    }
 }
 
 /// The PSP's payment notification. Authenticated by its HMAC signature; `event_id` is its idempotency key.
@@ -158,42 +217,77 @@ fn verify_signature(secret: Option<&[u8]>, headers: &HeaderMap, raw: &Bytes, now
         (status = 409, description = "`amount_mismatch`, `external_ref_conflict`", body = ErrorBody),
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
     ))]
-pub async fn psp_webhook(State(app): State<AppState>, uri: Uri, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn psp_webhook(
+    State(app): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let now = Timestamp::now();
     verify_signature(app.psp_secret.as_deref(), &headers, &body.0, now)?;
     let request: WebhookRequest = body.json()?;
     let succeeded = match request.event_type.as_str() {
         "payment.succeeded" => true,
         "payment.failed" => false,
-        other => return Err(ApiError::invalid_request(format!("unknown event type {other:?}"))),
+        other => {
+            return Err(ApiError::invalid_request(format!(
+                "unknown event type {other:?}"
+            )));
+        }
     };
     external_ref("event_id", &request.event_id)?;
     let user_id = input::client_id("user_id", &request.user_id)?;
-    let amount = input::amount(&app.config.currency, "amount", &request.amount, AmountRule::Positive)?;
+    let amount = input::amount(
+        &app.config.currency,
+        "amount",
+        &request.amount,
+        AmountRule::Positive,
+    )?;
     let psp_payment_id = match (&request.psp_payment_id, succeeded) {
         (Some(id), _) => {
             external_ref("psp_payment_id", id)?;
             id.clone()
         }
-        (None, true) => return Err(ApiError::invalid_request("payment.succeeded needs psp_payment_id")),
+        (None, true) => {
+            return Err(ApiError::invalid_request(
+                "payment.succeeded needs psp_payment_id",
+            ));
+        }
         (None, false) => String::new(),
     };
     let not_found = || ApiError::not_found("topup_not_found", "top-up not found");
     let topup_id = Uuid::parse_str(&request.topup_id).map_err(|_| not_found())?;
     let shard = app.node.shard_of_user(&user_id);
-    let topup = app.bounded(app.node.read(shard, move |txn| query::topup(txn, topup_id))).await?;
-    let topup = topup.filter(|t| t.user_id == user_id).ok_or_else(not_found)?;
+    let topup = app
+        .bounded(app.node.read(shard, move |txn| query::topup(txn, topup_id)))
+        .await?;
+    let topup = topup
+        .filter(|t| t.user_id == user_id)
+        .ok_or_else(not_found)?;
 
     // Reserve the PSP payment id only for an event that can credit this top-up, so a malformed event can
     // never lock a payment id away from the real one.
     let can_credit = succeeded && topup.amount == amount && topup.status != TopupStatus::Completed;
     let ref_accepted = if can_credit {
-        let claim = RefClaim { user_id: user_id.clone(), amount, topup_id: Some(topup_id) };
-        app.bounded(app.node.claim_external_ref(format!("psp:{psp_payment_id}"), claim)).await?
+        let claim = RefClaim {
+            user_id: user_id.clone(),
+            amount,
+            topup_id: Some(topup_id),
+        };
+        app.bounded(
+            app.node
+                .claim_external_ref(format!("psp:{psp_payment_id}"), claim),
+        )
+        .await?
     } else {
         true
     };
-    let tag = app.tag(PSP_EVENT_SCOPE, request.event_id.clone(), body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(
+        PSP_EVENT_SCOPE,
+        request.event_id.clone(),
+        body.fingerprint("POST", uri.path()),
+        now,
+    );
     let command = Command::PspPayment {
         event_id: request.event_id,
         succeeded,
@@ -203,6 +297,8 @@ pub async fn psp_webhook(State(app): State<AppState>, uri: Uri, headers: HeaderM
         psp_payment_id,
         ref_accepted,
     };
-    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
+        .await?;
     Ok(render::applied(&app, &applied))
 }

@@ -7,7 +7,9 @@ use axum::response::Response;
 use super::{read_user, user_path};
 use crate::domain::{Command, Timestamp};
 use crate::http::auth::Caller;
-use crate::http::dto::{self, ConsumeRequest, EntitlementResponse, EntitlementsResponse, LedgerPage};
+use crate::http::dto::{
+    self, ConsumeRequest, EntitlementResponse, EntitlementsResponse, LedgerPage,
+};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::{self, Body};
 use crate::http::{AppState, render};
@@ -23,12 +25,22 @@ const MAX_LEDGER_PAGE: usize = 100;
     params(("user_id" = String, Path)),
     responses((status = 200, body = EntitlementsResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn list_entitlements(State(app): State<AppState>, caller: Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn list_entitlements(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     read_user(&app, &user_id, Timestamp::now()).await?;
     let id = user_id.clone();
-    let list = app.bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| query::entitlements(txn, &id))).await?;
-    Ok(render::ok(&EntitlementsResponse { entitlements: list.iter().map(dto::entitlement).collect() }))
+    let list = app
+        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
+            query::entitlements(txn, &id)
+        }))
+        .await?;
+    Ok(render::ok(&EntitlementsResponse {
+        entitlements: list.iter().map(dto::entitlement).collect(),
+    }))
 }
 
 /// Spend units of an in-game currency item (service, admin).
@@ -55,12 +67,20 @@ pub async fn consume(
     let key = input::idempotency_key(&headers)?;
     let request: ConsumeRequest = body.json()?;
     if !(1..=MAX_CONSUME_QUANTITY).contains(&request.quantity) {
-        return Err(ApiError::invalid_request(format!("quantity must be from 1 to {MAX_CONSUME_QUANTITY}")));
+        return Err(ApiError::invalid_request(format!(
+            "quantity must be from 1 to {MAX_CONSUME_QUANTITY}"
+        )));
     }
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
-    let command = Command::Consume { user_id: user_id.clone(), item_id, quantity: request.quantity };
-    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    let command = Command::Consume {
+        user_id: user_id.clone(),
+        item_id,
+        quantity: request.quantity,
+    };
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
+        .await?;
     Ok(render::applied(&app, &applied))
 }
 
@@ -83,17 +103,25 @@ pub async fn ledger(
     let pairs = input::query_pairs(raw.as_deref())?;
     let limit = input::limit(&pairs, DEFAULT_LEDGER_PAGE, MAX_LEDGER_PAGE)?;
     let after = input::param(&pairs, "cursor")
-        .map(|c| c.parse::<u64>().map_err(|_| ApiError::invalid_request("invalid cursor")))
+        .map(|c| {
+            c.parse::<u64>()
+                .map_err(|_| ApiError::invalid_request("invalid cursor"))
+        })
         .transpose()?
         .unwrap_or(0);
     read_user(&app, &user_id, Timestamp::now()).await?;
     let id = user_id.clone();
     let (entries, next) = app
-        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| query::ledger_page(txn, &id, after, limit)))
+        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
+            query::ledger_page(txn, &id, after, limit)
+        }))
         .await?;
     let currency = &app.config.currency;
     Ok(render::ok(&LedgerPage {
-        entries: entries.iter().map(|p| dto::ledger_entry(currency, p)).collect(),
+        entries: entries
+            .iter()
+            .map(|p| dto::ledger_entry(currency, p))
+            .collect(),
         next_cursor: next.map(|seq| seq.to_string()),
     }))
 }

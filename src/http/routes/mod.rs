@@ -45,7 +45,10 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
     }
 }
 
@@ -85,12 +88,18 @@ fn user_path(caller: &Caller, user_id: &str) -> Result<String, ApiError> {
 }
 
 /// Reads a user and its wallet as of `now`; 404 `user_not_found` if there is no such user.
-async fn read_user(app: &AppState, user_id: &str, now: Timestamp) -> Result<(User, WalletView), ApiError> {
+async fn read_user(
+    app: &AppState,
+    user_id: &str,
+    now: Timestamp,
+) -> Result<(User, WalletView), ApiError> {
     let shard = app.node.shard_of_user(user_id);
     let id = user_id.to_owned();
     let found = app
         .bounded(app.node.read(shard, move |txn| {
-            let Some(user) = query::user(txn, &id)? else { return Ok(None) };
+            let Some(user) = query::user(txn, &id)? else {
+                return Ok(None);
+            };
             let wallet = query::wallet_at(txn, &user, now)?;
             Ok(Some((user, wallet)))
         }))

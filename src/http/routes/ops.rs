@@ -5,7 +5,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::http::auth::Caller;
-use crate::http::dto::{AuditResponse, ClusterNode, ClusterResponse, ClusterShard, ShardAuditResponse, StatusResponse};
+use crate::http::dto::{
+    AuditResponse, ClusterNode, ClusterResponse, ClusterShard, ShardAuditResponse, StatusResponse,
+};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::{AppState, render, status};
 use crate::state::{audit as shard_audit, query};
@@ -19,7 +21,10 @@ pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Respon
     let mut shards = Vec::with_capacity(app.node.shard_count() as usize);
     for shard in 0..app.node.shard_count() {
         // The audit reads whole shards: no request timeout applies.
-        let report = app.node.read(shard, move |txn| shard_audit::audit(txn, shard)).await?;
+        let report = app
+            .node
+            .read(shard, move |txn| shard_audit::audit(txn, shard))
+            .await?;
         shards.push(ShardAuditResponse {
             shard: report.shard,
             last_applied: report.last_applied,
@@ -46,7 +51,7 @@ pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Resp
     const THIS_NODE: u64 = 1;
     let mut shards = Vec::new();
     for handle in app.node.shards() {
-        let meta = app.bounded(app.node.read(handle.id(), |txn| query::meta(txn))).await?;
+        let meta = app.bounded(app.node.read(handle.id(), query::meta)).await?;
         shards.push(ClusterShard {
             shard: handle.id(),
             leader: handle.is_healthy().then_some(THIS_NODE),
@@ -59,7 +64,11 @@ pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Resp
     Ok(render::ok(&ClusterResponse {
         node_id: THIS_NODE,
         mode: "single".to_owned(),
-        nodes: vec![ClusterNode { node_id: THIS_NODE, address: app.config.listen.to_string(), this_node: true }],
+        nodes: vec![ClusterNode {
+            node_id: THIS_NODE,
+            address: app.config.listen.to_string(),
+            this_node: true,
+        }],
         shards,
     }))
 }
@@ -74,11 +83,18 @@ pub async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    let failed: Vec<u32> = app.node.shards().iter().filter(|s| !s.is_healthy()).map(|s| s.id()).collect();
+    let failed: Vec<u32> = app
+        .node
+        .shards()
+        .iter()
+        .filter(|s| !s.is_healthy())
+        .map(|s| s.id())
+        .collect();
     if failed.is_empty() {
         status("ready")
     } else {
-        ApiError::unavailable(format!("shards {failed:?} stopped after storage failures")).into_response()
+        ApiError::unavailable(format!("shards {failed:?} stopped after storage failures"))
+            .into_response()
     }
 }
 
@@ -86,7 +102,15 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let text = app.metrics.render();
-    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], text).into_response()
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// This document.
@@ -94,4 +118,3 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 pub async fn openapi(State(app): State<AppState>) -> Response {
     render::body(StatusCode::OK, app.openapi.clone())
 }
-

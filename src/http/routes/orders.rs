@@ -9,7 +9,10 @@ use super::{read_user, user_path};
 use crate::domain::model::{MAX_LINES, MAX_QUANTITY, MAX_REASON_CHARS};
 use crate::domain::{Command, LineRequest, OrderStatus, Timestamp};
 use crate::http::auth::Caller;
-use crate::http::dto::{self, CreateOrderRequest, EmptyRequest, LineInput, OrderResponse, OrdersPage, RefundRequest, RefundResponse};
+use crate::http::dto::{
+    self, CreateOrderRequest, EmptyRequest, LineInput, OrderResponse, OrdersPage, RefundRequest,
+    RefundResponse,
+};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::{self, AmountRule, Body};
 use crate::http::{AppState, render};
@@ -21,18 +24,27 @@ const MAX_PAGE: usize = 100;
 /// Checks order or refund lines: 1–50, distinct well-formed item ids, quantities 1–1000.
 fn lines(input: Vec<LineInput>) -> Result<Vec<LineRequest>, ApiError> {
     if input.is_empty() || input.len() > MAX_LINES {
-        return Err(ApiError::invalid_request(format!("lines must have 1 to {MAX_LINES} entries")));
+        return Err(ApiError::invalid_request(format!(
+            "lines must have 1 to {MAX_LINES} entries"
+        )));
     }
     let mut lines: Vec<LineRequest> = Vec::with_capacity(input.len());
     for line in input {
         let item_id = input::client_id("item_id", &line.item_id)?;
         if !(1..=MAX_QUANTITY).contains(&line.quantity) {
-            return Err(ApiError::invalid_request(format!("quantity must be from 1 to {MAX_QUANTITY}")));
+            return Err(ApiError::invalid_request(format!(
+                "quantity must be from 1 to {MAX_QUANTITY}"
+            )));
         }
         if lines.iter().any(|l| l.item_id == item_id) {
-            return Err(ApiError::invalid_request(format!("item {item_id} appears in more than one line")));
+            return Err(ApiError::invalid_request(format!(
+                "item {item_id} appears in more than one line"
+            )));
         }
-        lines.push(LineRequest { item_id, quantity: line.quantity });
+        lines.push(LineRequest {
+            item_id,
+            quantity: line.quantity,
+        });
     }
     Ok(lines)
 }
@@ -67,7 +79,12 @@ pub async fn create_order(
     let lines = lines(request.lines)?;
     let expected_total = match &request.expected_total {
         None | Some(serde_json::Value::Null) => None,
-        Some(value) => Some(input::amount(&app.config.currency, "expected_total", value, AmountRule::NonNegative)?),
+        Some(value) => Some(input::amount(
+            &app.config.currency,
+            "expected_total",
+            value,
+            AmountRule::NonNegative,
+        )?),
     };
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
@@ -79,7 +96,9 @@ pub async fn create_order(
         expires_at: now.plus(app.config.order_ttl),
         max_pending_orders: app.config.max_pending_orders,
     };
-    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
+        .await?;
     Ok(render::applied(&app, &applied))
 }
 
@@ -103,7 +122,10 @@ pub async fn list_orders(
     let pairs = input::query_pairs(raw.as_deref())?;
     let limit = input::limit(&pairs, DEFAULT_PAGE, MAX_PAGE)?;
     let status = input::param(&pairs, "status")
-        .map(|s| OrderStatus::parse(s).ok_or_else(|| ApiError::invalid_request(format!("unknown status {s:?}"))))
+        .map(|s| {
+            OrderStatus::parse(s)
+                .ok_or_else(|| ApiError::invalid_request(format!("unknown status {s:?}")))
+        })
         .transpose()?;
     let cursor = input::param(&pairs, "cursor")
         .map(|c| parse_order_cursor(c).ok_or_else(|| ApiError::invalid_request("invalid cursor")))
@@ -142,9 +164,16 @@ pub async fn get_order(
     let now = Timestamp::now();
     read_user(&app, &user_id, now).await?;
     let id = order_id(&order_id_text)?;
-    let order = app.bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| query::order(txn, id))).await?;
+    let order = app
+        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
+            query::order(txn, id)
+        }))
+        .await?;
     match order {
-        Some(order) if order.user_id == user_id => Ok(render::ok(&dto::order(&app.config.currency, &order.as_of(now)))),
+        Some(order) if order.user_id == user_id => Ok(render::ok(&dto::order(
+            &app.config.currency,
+            &order.as_of(now),
+        ))),
         _ => Err(ApiError::not_found("order_not_found", "order not found")),
     }
 }
@@ -152,8 +181,7 @@ pub async fn get_order(
 async fn order_transition(
     app: AppState,
     caller: Caller,
-    user_id: String,
-    order_id_text: String,
+    (user_id, order_id_text): (String, String),
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -166,11 +194,19 @@ async fn order_transition(
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
     let command = if complete {
-        Command::CompleteOrder { user_id: user_id.clone(), order_id }
+        Command::CompleteOrder {
+            user_id: user_id.clone(),
+            order_id,
+        }
     } else {
-        Command::CancelOrder { user_id: user_id.clone(), order_id }
+        Command::CancelOrder {
+            user_id: user_id.clone(),
+            order_id,
+        }
     };
-    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
+        .await?;
     Ok(render::applied(&app, &applied))
 }
 
@@ -191,7 +227,7 @@ pub async fn complete_order(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    order_transition(app, caller, user_id, order_id, uri, headers, body, true).await
+    order_transition(app, caller, (user_id, order_id), uri, headers, body, true).await
 }
 
 /// Cancel a pending order and release its hold.
@@ -211,7 +247,7 @@ pub async fn cancel_order(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    order_transition(app, caller, user_id, order_id, uri, headers, body, false).await
+    order_transition(app, caller, (user_id, order_id), uri, headers, body, false).await
 }
 
 /// Refund some or all of a completed order (service, admin; `force` is admin only).
@@ -244,7 +280,15 @@ pub async fn create_refund(
     let order_id = order_id(&order_id_text)?;
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
-    let command = Command::Refund { user_id: user_id.clone(), order_id, lines: refund_lines, reason, force };
-    let applied = app.submit_for_user(&user_id, now, Some(tag), command).await?;
+    let command = Command::Refund {
+        user_id: user_id.clone(),
+        order_id,
+        lines: refund_lines,
+        reason,
+        force,
+    };
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
+        .await?;
     Ok(render::applied(&app, &applied))
 }

@@ -10,11 +10,14 @@ use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
 use crate::domain::{Command, Envelope, Timestamp};
 use crate::engine::coordinator::new_seed;
 use crate::http::auth::Caller;
-use crate::http::dto::{self, CreateTokenRequest, CreateUserRequest, IdempotencyResponse, TokenResponse, UserResponse, WalletResponse};
+use crate::http::dto::{
+    self, CreateTokenRequest, CreateUserRequest, IdempotencyResponse, TokenResponse, UserResponse,
+    WalletResponse,
+};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::{self, Body};
-use crate::state::IdempotencyState;
 use crate::http::{AppState, render};
+use crate::state::IdempotencyState;
 use crate::state::query;
 
 /// Longest lifetime of a user token (30 days).
@@ -31,12 +34,21 @@ const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3_600;
         (status = 422, description = "`idempotency_key_reused`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-pub async fn create_user(State(app): State<AppState>, caller: Caller, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub async fn create_user(
+    State(app): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     caller.require_staff()?;
     let key = input::idempotency_key(&headers)?;
     let request: CreateUserRequest = body.json()?;
-    let user_id = request.user_id.map(|id| input::client_id("user_id", &id)).transpose()?;
-    let display_name = input::bounded_text("display_name", request.display_name, MAX_DISPLAY_NAME_CHARS)?;
+    let user_id = request
+        .user_id
+        .map(|id| input::client_id("user_id", &id))
+        .transpose()?;
+    let display_name =
+        input::bounded_text("display_name", request.display_name, MAX_DISPLAY_NAME_CHARS)?;
     let now = Timestamp::now();
     let seed = new_seed(now);
     let user_id = user_id.unwrap_or_else(|| seed.derive(0).to_string());
@@ -45,10 +57,23 @@ pub async fn create_user(State(app): State<AppState>, caller: Caller, headers: H
     let inner = Envelope {
         now,
         seed,
-        idempotency: Some(IdempotencyTag { scope: GLOBAL_INNER_SCOPE.to_owned(), key: key.clone(), fingerprint, expires_at }),
-        command: Command::CreateUser { user_id, display_name },
+        idempotency: Some(IdempotencyTag {
+            scope: GLOBAL_INNER_SCOPE.to_owned(),
+            key: key.clone(),
+            fingerprint,
+            expires_at,
+        }),
+        command: Command::CreateUser {
+            user_id,
+            display_name,
+        },
     };
-    let applied = app.bounded(app.node.propose_with_global_key(&key, fingerprint, expires_at, inner)).await?;
+    let applied = app
+        .bounded(
+            app.node
+                .propose_with_global_key(&key, fingerprint, expires_at, inner),
+        )
+        .await?;
     Ok(render::applied(&app, &applied))
 }
 
@@ -57,7 +82,11 @@ pub async fn create_user(State(app): State<AppState>, caller: Caller, headers: H
     params(("user_id" = String, Path)),
     responses((status = 200, body = UserResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn get_user(State(app): State<AppState>, caller: Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_user(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let (user, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
     Ok(render::ok(&dto::user(&app.config.currency, &user, &wallet)))
@@ -68,7 +97,11 @@ pub async fn get_user(State(app): State<AppState>, caller: Caller, Path(user_id)
     params(("user_id" = String, Path)),
     responses((status = 200, body = WalletResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn get_wallet(State(app): State<AppState>, caller: Caller, Path(user_id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_wallet(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let (_, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
     Ok(render::ok(&dto::wallet(&app.config.currency, &wallet)))
@@ -93,13 +126,23 @@ pub async fn create_token(
     let request: CreateTokenRequest = body.json()?;
     let ttl = request.ttl_seconds.unwrap_or(DEFAULT_TOKEN_TTL_SECONDS);
     if !(1..=MAX_TOKEN_TTL_SECONDS).contains(&ttl) {
-        return Err(ApiError::invalid_request(format!("ttl_seconds must be from 1 to {MAX_TOKEN_TTL_SECONDS}")));
+        return Err(ApiError::invalid_request(format!(
+            "ttl_seconds must be from 1 to {MAX_TOKEN_TTL_SECONDS}"
+        )));
     }
     let now = Timestamp::now();
     let expires_at = Timestamp::from_unix_seconds(now.unix_seconds() + ttl as i64);
     let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
     let applied = app
-        .submit_for_user(&user_id, now, Some(tag), Command::IssueToken { user_id: user_id.clone(), expires_at })
+        .submit_for_user(
+            &user_id,
+            now,
+            Some(tag),
+            Command::IssueToken {
+                user_id: user_id.clone(),
+                expires_at,
+            },
+        )
         .await?;
     Ok(render::applied(&app, &applied))
 }
@@ -121,12 +164,20 @@ pub async fn get_idempotency(
     read_user(&app, &user_id, Timestamp::now()).await?;
     let shard = app.node.shard_of_user(&user_id);
     let (scope, lookup) = (user_id.clone(), key.clone());
-    let record = app.bounded(app.node.read(shard, move |txn| query::idempotency(txn, &scope, &lookup))).await?;
+    let record = app
+        .bounded(
+            app.node
+                .read(shard, move |txn| query::idempotency(txn, &scope, &lookup)),
+        )
+        .await?;
     let not_found = || ApiError::not_found("not_found", "no outcome is stored under this key");
     let record = record.ok_or_else(not_found)?;
-    let IdempotencyState::Done(outcome) = &record.state else { return Err(not_found()) };
+    let IdempotencyState::Done(outcome) = &record.state else {
+        return Err(not_found());
+    };
     let rendered = render::outcome(&app, outcome);
-    let body = serde_json::from_slice(&rendered.body).map_err(|e| ApiError::internal(e.to_string()))?;
+    let body =
+        serde_json::from_slice(&rendered.body).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(render::ok(&IdempotencyResponse {
         key,
         status: rendered.status.as_u16(),
