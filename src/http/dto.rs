@@ -81,12 +81,32 @@ pub struct PutItemRequest {
     pub refund_window_days: Option<u32>,
 }
 
+/// One order or refund line. Must be a JSON object: serde's derive would also take `["gems", 1]`.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "serde_json::Map<String, Value>")]
 pub struct LineInput {
     pub item_id: String,
     /// 1–1000 (1 for `game` and `skin`).
     pub quantity: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineFields {
+    item_id: String,
+    quantity: u32,
+}
+
+impl TryFrom<serde_json::Map<String, Value>> for LineInput {
+    type Error = serde_json::Error;
+
+    fn try_from(object: serde_json::Map<String, Value>) -> Result<LineInput, serde_json::Error> {
+        let fields: LineFields = serde_json::from_value(Value::Object(object))?;
+        Ok(LineInput {
+            item_id: fields.item_id,
+            quantity: fields.quantity,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

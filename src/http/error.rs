@@ -21,6 +21,9 @@ pub struct ApiError {
     pub details: Value,
     /// Seconds for `Retry-After` (429 and 503).
     pub retry_after: Option<u32>,
+    /// Answer with `Connection: close`: the request body was not read to its end, so the connection
+    /// cannot carry another request.
+    pub close_connection: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -47,6 +50,7 @@ impl ApiError {
             message: message.into(),
             details: json!({}),
             retry_after: None,
+            close_connection: false,
         }
     }
 
@@ -92,12 +96,14 @@ impl ApiError {
     }
 
     pub fn payload_too_large(limit: usize) -> ApiError {
-        ApiError::new(
+        let mut error = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("request bodies are limited to {limit} bytes"),
         )
-        .with_details(json!({ "limit_bytes": limit }))
+        .with_details(json!({ "limit_bytes": limit }));
+        error.close_connection = true;
+        error
     }
 
     pub fn invalid_amount(field: &str, error: &AmountError) -> ApiError {
@@ -259,6 +265,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -1,0 +1,1138 @@
+//! Black-box harness: starts the real `shopkeep` binary on a temporary data directory and talks HTTP to it.
+//!
+//! Every test starts its own [`Server`] (own process, own temp dir, own port), so tests run in parallel.
+
+#![allow(dead_code)]
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Write};
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use reqwest::Method;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tempfile::TempDir;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+pub const ADMIN_TOKEN: &str = "it-admin-token-5f0c2d9e8b7a41c3a2e1";
+pub const SERVICE_TOKEN: &str = "it-service-token-9a8b7c6d5e4f3a2b1c0d";
+pub const PSP_SECRET: &str = "it-psp-secret-0123456789abcdef";
+
+// ------------------------------------------------------------------------------------------------
+// Server process
+// ------------------------------------------------------------------------------------------------
+
+/// Flags for `shopkeep serve`. Unset options are not passed (the server's defaults apply).
+#[derive(Clone, Debug, Default)]
+pub struct Opts {
+    pub shards: Option<u32>,
+    pub order_ttl: Option<String>,
+    pub topup_ttl: Option<String>,
+    pub idempotency_ttl: Option<String>,
+    pub sweep_interval: Option<String>,
+    pub max_pending_orders: Option<u32>,
+    /// Start without `SHOPKEEP_ADMIN_TOKEN` (the server must generate one).
+    pub no_admin_token: bool,
+    pub env: Vec<(String, String)>,
+}
+
+impl Opts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn shards(mut self, n: u32) -> Self {
+        self.shards = Some(n);
+        self
+    }
+    pub fn order_ttl(mut self, d: &str) -> Self {
+        self.order_ttl = Some(d.to_string());
+        self
+    }
+    pub fn topup_ttl(mut self, d: &str) -> Self {
+        self.topup_ttl = Some(d.to_string());
+        self
+    }
+    pub fn idempotency_ttl(mut self, d: &str) -> Self {
+        self.idempotency_ttl = Some(d.to_string());
+        self
+    }
+    pub fn sweep_interval(mut self, d: &str) -> Self {
+        self.sweep_interval = Some(d.to_string());
+        self
+    }
+    pub fn max_pending_orders(mut self, n: u32) -> Self {
+        self.max_pending_orders = Some(n);
+        self
+    }
+    pub fn no_admin_token(mut self) -> Self {
+        self.no_admin_token = true;
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+}
+
+/// A running `shopkeep serve` process. Killed (SIGKILL) on drop. Derefs to its [`Api`] client.
+pub struct Server {
+    child: Option<Child>,
+    dir: TempDir,
+    opts: Opts,
+    api: Api,
+    runs: usize,
+}
+
+static SPAWNED: AtomicUsize = AtomicUsize::new(0);
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("reqwest client")
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(Opts::default()).await
+    }
+
+    pub async fn start_with(opts: Opts) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("shopkeep-it-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+        let mut srv = Server {
+            child: None,
+            dir,
+            opts,
+            api: Api {
+                base: String::new(),
+                http: http_client(),
+            },
+            runs: 0,
+        };
+        srv.spawn().await;
+        srv
+    }
+
+    pub fn api(&self) -> Api {
+        self.api.clone()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    fn log_paths(&self, run: usize) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join(format!("run{run}.stdout.log")),
+            self.dir.path().join(format!("run{run}.stderr.log")),
+        )
+    }
+
+    /// All stdout + stderr the server printed, over every run.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for run in 1..=self.runs {
+            let (o, e) = self.log_paths(run);
+            out.push_str(&format!("==== run {run} stdout ====\n"));
+            out.push_str(&std::fs::read_to_string(o).unwrap_or_default());
+            out.push_str(&format!("==== run {run} stderr ====\n"));
+            out.push_str(&std::fs::read_to_string(e).unwrap_or_default());
+        }
+        out
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        self.runs += 1;
+        SPAWNED.fetch_add(1, Ordering::Relaxed);
+        let (out_log, err_log) = self.log_paths(self.runs);
+        let data = self.data_dir();
+        let opts = self.opts.clone();
+        let (child, base) = match tokio::task::spawn_blocking(move || {
+            spawn_process(&data, &opts, &out_log, &err_log)
+        })
+        .await
+        .expect("spawn thread")
+        {
+            Ok(v) => v,
+            Err(msg) => panic!("{msg}"),
+        };
+        self.child = Some(child);
+        self.api.base = base;
+        // The server prints the line when it serves; a freshly elected single-node group may still need a moment:
+        // wait (bounded) for /readyz like a load balancer would. If it never gets ready, go on: the ops tests say so.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(r) = self
+                .api
+                .http
+                .get(format!("{}/readyz", self.api.base))
+                .send()
+                .await
+            {
+                // keep waiting only while it says 503 (no leader yet)
+                if r.status().as_u16() != 503 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL the process and reap it. The data directory stays.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Options for the next (re)start.
+    pub fn opts_mut(&mut self) -> &mut Opts {
+        &mut self.opts
+    }
+
+    /// Stop (gracefully if running) and start again on the same data directory; the port may change.
+    pub async fn restart(&mut self) {
+        if self.child.is_some() {
+            let st = self.sigterm_and_wait().await;
+            assert!(
+                st.success(),
+                "server did not exit cleanly on SIGTERM: {st:?}"
+            );
+        }
+        self.spawn().await;
+    }
+
+    /// Send SIGTERM and wait (≤ 20 s) for the process to exit.
+    pub async fn sigterm_and_wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("server not running");
+        let pid = child.id();
+        let st = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not exit within 20 s of SIGTERM\n{}",
+                    tail(&self.logs(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Deref for Server {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- server logs ({}) ----\n{}",
+                self.dir.path().display(),
+                tail(&self.logs(), 80)
+            );
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn spawn_process(
+    data: &Path,
+    opts: &Opts,
+    out_log: &Path,
+    err_log: &Path,
+) -> Result<(Child, String), String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shopkeep"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--listen")
+        .arg("127.0.0.1:0");
+    if let Some(n) = opts.shards {
+        cmd.arg("--shards").arg(n.to_string());
+    }
+    if let Some(d) = &opts.order_ttl {
+        cmd.arg("--order-ttl").arg(d);
+    }
+    if let Some(d) = &opts.topup_ttl {
+        cmd.arg("--topup-ttl").arg(d);
+    }
+    if let Some(d) = &opts.idempotency_ttl {
+        cmd.arg("--idempotency-ttl").arg(d);
+    }
+    if let Some(d) = &opts.sweep_interval {
+        cmd.arg("--sweep-interval").arg(d);
+    }
+    if let Some(n) = opts.max_pending_orders {
+        cmd.arg("--max-pending-orders").arg(n.to_string());
+    }
+    // Nothing from the test's own environment leaks in (every flag has a SHOPKEEP_* twin).
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("SHOPKEEP_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env_remove("SHOPKEEP_ADMIN_TOKEN")
+        .env_remove("SHOPKEEP_SERVICE_TOKEN")
+        .env_remove("SHOPKEEP_PSP_SECRET")
+        .env_remove("SHOPKEEP_CLUSTER_SECRET");
+    if !opts.no_admin_token {
+        cmd.env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN);
+    }
+    cmd.env("SHOPKEEP_SERVICE_TOKEN", SERVICE_TOKEN)
+        .env("SHOPKEEP_PSP_SECRET", PSP_SECRET)
+        .env("RUST_LOG", "warn");
+    for (k, v) in &opts.env {
+        cmd.env(k, v);
+    }
+    let err_file = std::fs::File::create(err_log).expect("stderr log");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(err_file));
+    let mut child = cmd.spawn().expect("spawn shopkeep");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel::<String>();
+    let out_log = out_log.to_path_buf();
+    std::thread::spawn(move || {
+        let mut log = std::fs::File::create(&out_log).ok();
+        let mut rd = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match rd.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if let Some(f) = log.as_mut() {
+                        let _ = f.write_all(line.as_bytes());
+                    }
+                    let _ = tx.send(line.trim_end().to_string());
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let marker = "shopkeep listening on ";
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(pos) = line.find(marker) {
+                    let url = line[pos + marker.len()..]
+                        .trim()
+                        .trim_end_matches('/')
+                        .to_string();
+                    if !url.starts_with("http://") {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!("unexpected listen line: {line}"));
+                    }
+                    return Ok((child, url));
+                }
+            }
+            Err(_) => {
+                let exited = child.try_wait().ok().flatten();
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let why = match exited {
+                    Some(st) => format!("it exited first ({st})"),
+                    None => format!("not within 30 s (killed: {status:?})"),
+                };
+                let out = std::fs::read_to_string(out_log_path_of(err_log)).unwrap_or_default();
+                let err = std::fs::read_to_string(err_log).unwrap_or_default();
+                return Err(format!(
+                    "shopkeep did not print `{marker}http://...`: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    tail(&out, 40),
+                    tail(&err, 60)
+                ));
+            }
+        }
+    }
+}
+
+fn out_log_path_of(err_log: &Path) -> PathBuf {
+    let s = err_log
+        .to_string_lossy()
+        .replace(".stderr.log", ".stdout.log");
+    PathBuf::from(s)
+}
+
+// ------------------------------------------------------------------------------------------------
+// HTTP client
+// ------------------------------------------------------------------------------------------------
+
+/// Who calls.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    None,
+    Admin,
+    Service,
+    /// A bearer token (e.g. a user token).
+    Bearer(String),
+    /// The whole `Authorization` header value.
+    Raw(String),
+}
+
+impl Auth {
+    pub fn user(token: &str) -> Auth {
+        Auth::Bearer(token.to_string())
+    }
+    fn header(&self) -> Option<String> {
+        match self {
+            Auth::None => None,
+            Auth::Admin => Some(format!("Bearer {ADMIN_TOKEN}")),
+            Auth::Service => Some(format!("Bearer {SERVICE_TOKEN}")),
+            Auth::Bearer(t) => Some(format!("Bearer {t}")),
+            Auth::Raw(v) => Some(v.clone()),
+        }
+    }
+}
+
+/// A response: status, headers, raw body.
+#[derive(Clone)]
+pub struct Resp {
+    pub method: Method,
+    pub path: String,
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl fmt::Debug for Resp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let body = String::from_utf8_lossy(&self.body);
+        let body: String = body.chars().take(1500).collect();
+        write!(
+            f,
+            "{} {} -> {} {}",
+            self.method, self.path, self.status, body
+        )
+    }
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        match serde_json::from_slice(&self.body) {
+            Ok(v) => v,
+            Err(e) => panic!("response is not JSON ({e}): {self:?}"),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    pub fn replayed(&self) -> bool {
+        self.header("idempotent-replayed")
+            .map(|v| v.eq_ignore_ascii_case("true"))
+            .unwrap_or(false)
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The error code, if the body has the error shape.
+    pub fn code(&self) -> Option<String> {
+        let v: Value = serde_json::from_slice(&self.body).ok()?;
+        v.pointer("/error/code")?.as_str().map(str::to_string)
+    }
+
+    /// Assert the status and return the JSON body.
+    #[track_caller]
+    pub fn expect(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "unexpected status: {self:?}");
+        self.json()
+    }
+
+    /// Assert the status, the error shape `{"error":{"code","message","details"}}` and the code; return the error.
+    #[track_caller]
+    pub fn expect_error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(
+            (self.status, self.code().as_deref()),
+            (status, Some(code)),
+            "expected {status} `{code}`, got: {self:?}"
+        );
+        let v = self.json();
+        assert_error_shape(&v, self);
+        v["error"].clone()
+    }
+}
+
+#[track_caller]
+pub fn assert_error_shape(v: &Value, ctx: &Resp) {
+    let e = v
+        .get("error")
+        .unwrap_or_else(|| panic!("no `error` object: {ctx:?}"));
+    assert!(e.is_object(), "`error` is not an object: {ctx:?}");
+    assert!(e["code"].is_string(), "error.code is not a string: {ctx:?}");
+    assert!(
+        e["message"].is_string(),
+        "error.message is not a string: {ctx:?}"
+    );
+    assert!(
+        e.get("details")
+            .is_some_and(|d| d.is_object() || d.is_null()),
+        "error.details missing or not an object: {ctx:?}"
+    );
+}
+
+/// One HTTP request under construction.
+pub struct Call {
+    api: Api,
+    method: Method,
+    path: String,
+    auth: Auth,
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+}
+
+impl Call {
+    pub fn auth(mut self, a: Auth) -> Self {
+        self.auth = a;
+        self
+    }
+    /// Set the `Idempotency-Key` header.
+    pub fn key(mut self, k: &str) -> Self {
+        self.key = Some(k.to_string());
+        self
+    }
+    /// Set a fresh `Idempotency-Key`.
+    pub fn fresh_key(self) -> Self {
+        self.key(&new_key())
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn json(mut self, v: &Value) -> Self {
+        self.body = Some(serde_json::to_vec(v).unwrap());
+        self.headers
+            .push(("content-type".into(), "application/json".into()));
+        self
+    }
+    /// A raw body with no `Content-Type` (add one with [`Call::header`]).
+    pub fn body_bytes(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.body = Some(bytes.into());
+        self
+    }
+    /// A raw body sent as `application/json`.
+    pub fn raw(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.body = Some(bytes.into());
+        self.headers
+            .push(("content-type".into(), "application/json".into()));
+        self
+    }
+    pub async fn try_send(self) -> Result<Resp, reqwest::Error> {
+        let url = format!("{}{}", self.api.base, self.path);
+        let mut rb = self.api.http.request(self.method.clone(), url);
+        if let Some(h) = self.auth.header() {
+            rb = rb.header("authorization", h);
+        }
+        if let Some(k) = &self.key {
+            rb = rb.header("idempotency-key", k.as_str());
+        }
+        for (k, v) in &self.headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        if let Some(b) = self.body {
+            // Oversized bodies go on a connection of their own: a server may close the connection after an early
+            // 413, and a pooled reuse would then fail the *next* request. (http_bad_input tests that separately.)
+            if b.len() > 64 * 1024 {
+                rb = rb.header("connection", "close");
+            }
+            rb = rb.body(b);
+        }
+        let r = rb.send().await?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.bytes().await?.to_vec();
+        Ok(Resp {
+            method: self.method,
+            path: self.path,
+            status,
+            headers,
+            body,
+        })
+    }
+    pub async fn send(self) -> Resp {
+        let what = format!("{} {}", self.method, self.path);
+        match self.try_send().await {
+            Ok(r) => r,
+            Err(e) => panic!("{what}: transport error: {e:?}"),
+        }
+    }
+}
+
+/// A cloneable client bound to one server address.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+/// A wallet read, in minor units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wallet {
+    pub balance: i64,
+    pub held: i64,
+    pub available: i64,
+}
+
+impl Api {
+    pub fn call(&self, method: Method, path: &str) -> Call {
+        Call {
+            api: self.clone(),
+            method,
+            path: path.to_string(),
+            auth: Auth::None,
+            key: None,
+            headers: vec![],
+            body: None,
+        }
+    }
+
+    pub async fn get(&self, path: &str, auth: Auth) -> Resp {
+        self.call(Method::GET, path).auth(auth).send().await
+    }
+
+    /// POST with a fresh idempotency key.
+    pub async fn post(&self, path: &str, auth: Auth, body: &Value) -> Resp {
+        self.post_key(path, auth, &new_key(), body).await
+    }
+
+    pub async fn post_key(&self, path: &str, auth: Auth, key: &str, body: &Value) -> Resp {
+        self.call(Method::POST, path)
+            .auth(auth)
+            .key(key)
+            .json(body)
+            .send()
+            .await
+    }
+
+    pub async fn put(&self, path: &str, auth: Auth, body: &Value) -> Resp {
+        self.call(Method::PUT, path)
+            .auth(auth)
+            .json(body)
+            .send()
+            .await
+    }
+
+    // ---- domain helpers ----------------------------------------------------------------------
+
+    pub async fn create_user(&self, user_id: &str) -> Value {
+        self.post("/v1/users", Auth::Service, &json!({"user_id": user_id}))
+            .await
+            .expect(201)
+    }
+
+    /// A new user with `amount` credited (if non-zero).
+    pub async fn funded_user(&self, user_id: &str, amount: &str) -> Value {
+        let u = self.create_user(user_id).await;
+        if cents(amount) > 0 {
+            self.credit(user_id, amount).await;
+        }
+        u
+    }
+
+    pub async fn put_item(&self, item_id: &str, body: &Value) -> Resp {
+        self.put(&format!("/v1/items/{item_id}"), Auth::Admin, body)
+            .await
+    }
+
+    /// Create (or replace) an active item with the default refund window.
+    pub async fn create_item(&self, item_id: &str, kind: &str, price: &str) -> Value {
+        self.put_item(
+            item_id,
+            &json!({"name": format!("Item {item_id}"), "kind": kind, "price": price, "active": true}),
+        )
+        .await
+        .expect(200)
+    }
+
+    pub async fn create_item_window(
+        &self,
+        item_id: &str,
+        kind: &str,
+        price: &str,
+        days: u32,
+    ) -> Value {
+        self.put_item(
+            item_id,
+            &json!({"name": format!("Item {item_id}"), "kind": kind, "price": price, "active": true,
+                    "refund_window_days": days}),
+        )
+        .await
+        .expect(200)
+    }
+
+    /// Direct credit (service) with a unique `external_ref`; asserts 201.
+    pub async fn credit(&self, user_id: &str, amount: &str) -> Value {
+        self.post(
+            &format!("/v1/users/{user_id}/credits"),
+            Auth::Service,
+            &json!({"amount": amount, "external_ref": format!("ext-{}", new_key()), "source": "card"}),
+        )
+        .await
+        .expect(201)
+    }
+
+    pub async fn create_order_as(
+        &self,
+        user_id: &str,
+        auth: Auth,
+        lines: &[(&str, u32)],
+        complete: bool,
+    ) -> Resp {
+        self.post(
+            &format!("/v1/users/{user_id}/orders"),
+            auth,
+            &order_body(lines, complete),
+        )
+        .await
+    }
+
+    /// Create an order as the service; returns the raw response.
+    pub async fn create_order(&self, user_id: &str, lines: &[(&str, u32)], complete: bool) -> Resp {
+        self.create_order_as(user_id, Auth::Service, lines, complete)
+            .await
+    }
+
+    /// Create an order as the service; asserts 201 and returns it.
+    pub async fn order(&self, user_id: &str, lines: &[(&str, u32)], complete: bool) -> Value {
+        self.create_order(user_id, lines, complete)
+            .await
+            .expect(201)
+    }
+
+    pub async fn complete_order(&self, user_id: &str, order_id: &str, auth: Auth) -> Resp {
+        self.post(
+            &format!("/v1/users/{user_id}/orders/{order_id}/complete"),
+            auth,
+            &json!({}),
+        )
+        .await
+    }
+
+    pub async fn cancel_order(&self, user_id: &str, order_id: &str, auth: Auth) -> Resp {
+        self.post(
+            &format!("/v1/users/{user_id}/orders/{order_id}/cancel"),
+            auth,
+            &json!({}),
+        )
+        .await
+    }
+
+    pub async fn get_order(&self, user_id: &str, order_id: &str) -> Value {
+        self.get(
+            &format!("/v1/users/{user_id}/orders/{order_id}"),
+            Auth::Service,
+        )
+        .await
+        .expect(200)
+    }
+
+    pub async fn refund(&self, user_id: &str, order_id: &str, auth: Auth, body: &Value) -> Resp {
+        self.post(
+            &format!("/v1/users/{user_id}/orders/{order_id}/refunds"),
+            auth,
+            body,
+        )
+        .await
+    }
+
+    pub async fn consume(&self, user_id: &str, item_id: &str, auth: Auth, quantity: Value) -> Resp {
+        self.post(
+            &format!("/v1/users/{user_id}/entitlements/{item_id}/consume"),
+            auth,
+            &json!({"quantity": quantity}),
+        )
+        .await
+    }
+
+    /// The wallet in minor units; asserts the shape and `available = balance - held`, `0 <= held <= balance`.
+    pub async fn wallet(&self, user_id: &str) -> Wallet {
+        let w = self
+            .get(&format!("/v1/users/{user_id}/wallet"), Auth::Service)
+            .await
+            .expect(200);
+        wallet_of(&w)
+    }
+
+    /// A user token (service mints it), default TTL.
+    pub async fn user_token(&self, user_id: &str) -> String {
+        let v = self
+            .post(
+                &format!("/v1/users/{user_id}/tokens"),
+                Auth::Service,
+                &json!({"ttl_seconds": 3600}),
+            )
+            .await
+            .expect(201);
+        v["token"].as_str().expect("token string").to_string()
+    }
+
+    /// Every order of a user, following `next_cursor` (service).
+    pub async fn all_orders(&self, user_id: &str, query: &str) -> Vec<Value> {
+        let mut out = vec![];
+        let mut cursor: Option<String> = None;
+        for _ in 0..1000 {
+            let mut q = format!(
+                "limit=100{}",
+                if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("&{query}")
+                }
+            );
+            if let Some(c) = &cursor {
+                q.push_str(&format!("&cursor={}", urlenc(c)));
+            }
+            let v = self
+                .get(&format!("/v1/users/{user_id}/orders?{q}"), Auth::Service)
+                .await
+                .expect(200);
+            out.extend(
+                v["orders"]
+                    .as_array()
+                    .expect("orders array")
+                    .iter()
+                    .cloned(),
+            );
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return out,
+            }
+        }
+        panic!("orders paging never ended");
+    }
+
+    /// Every ledger entry of a user, following `next_cursor`.
+    pub async fn all_ledger(&self, user_id: &str) -> Vec<Value> {
+        let mut out = vec![];
+        let mut cursor: Option<String> = None;
+        for _ in 0..1000 {
+            let mut q = "limit=100".to_string();
+            if let Some(c) = &cursor {
+                q.push_str(&format!("&cursor={}", urlenc(c)));
+            }
+            let v = self
+                .get(&format!("/v1/users/{user_id}/ledger?{q}"), Auth::Service)
+                .await
+                .expect(200);
+            out.extend(
+                v["entries"]
+                    .as_array()
+                    .expect("entries array")
+                    .iter()
+                    .cloned(),
+            );
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return out,
+            }
+        }
+        panic!("ledger paging never ended");
+    }
+
+    pub async fn entitlements(&self, user_id: &str) -> Vec<Value> {
+        let v = self
+            .get(&format!("/v1/users/{user_id}/entitlements"), Auth::Service)
+            .await
+            .expect(200);
+        v["entitlements"]
+            .as_array()
+            .expect("entitlements array")
+            .clone()
+    }
+
+    /// Quantity of one entitlement (0 if the row is absent).
+    pub async fn entitlement_qty(&self, user_id: &str, item_id: &str) -> i64 {
+        self.entitlements(user_id)
+            .await
+            .iter()
+            .find(|e| e["item_id"] == item_id)
+            .map(|e| e["quantity"].as_i64().expect("quantity integer"))
+            .unwrap_or(0)
+    }
+
+    /// `GET /v1/admin/audit`, asserting `ok: true` and no violations.
+    pub async fn audit_ok(&self) -> Value {
+        let v = self.get("/v1/admin/audit", Auth::Admin).await.expect(200);
+        assert_eq!(v["ok"], json!(true), "audit not ok: {v:#}");
+        for s in v["shards"].as_array().expect("shards array") {
+            assert_eq!(
+                s["violations"].as_array().map(|a| a.len()),
+                Some(0),
+                "violations: {v:#}"
+            );
+        }
+        v
+    }
+
+    pub async fn topup(&self, user_id: &str, amount: &str) -> Value {
+        self.post(
+            &format!("/v1/users/{user_id}/topups"),
+            Auth::Service,
+            &json!({"amount": amount}),
+        )
+        .await
+        .expect(201)
+    }
+
+    /// Deliver a webhook event signed now with the right secret.
+    pub async fn webhook(&self, event: &Value) -> Resp {
+        let body = serde_json::to_vec(event).unwrap();
+        let sig = sign_webhook(PSP_SECRET, now_unix(), &body);
+        self.webhook_raw(body, Some(&sig)).await
+    }
+
+    pub async fn webhook_raw(&self, body: Vec<u8>, signature: Option<&str>) -> Resp {
+        let mut c = self.call(Method::POST, "/v1/psp/webhook").raw(body);
+        if let Some(s) = signature {
+            c = c.header("psp-signature", s);
+        }
+        c.send().await
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Small helpers
+// ------------------------------------------------------------------------------------------------
+
+pub fn order_body(lines: &[(&str, u32)], complete: bool) -> Value {
+    let lines: Vec<Value> = lines
+        .iter()
+        .map(|(i, q)| json!({"item_id": i, "quantity": q}))
+        .collect();
+    json!({"lines": lines, "complete": complete})
+}
+
+/// A fresh idempotency key (UUIDv7).
+pub fn new_key() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// A unique identifier with a readable prefix, valid as a user_id / item_id.
+pub fn uniq(prefix: &str) -> String {
+    let s = uuid::Uuid::now_v7().simple().to_string();
+    format!("{prefix}-{}", &s[20..])
+}
+
+/// `Psp-Signature` header value: `t=<t>,v1=<hex hmac-sha256(secret, "<t>.<body>")>`.
+pub fn sign_webhook(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac key");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let sig = hex::encode(mac.finalize().into_bytes());
+    format!("t={t},v1={sig}")
+}
+
+pub fn now_unix() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Parse a money string strictly (`-?digits.two-digits`) into minor units.
+#[track_caller]
+pub fn cents(s: &str) -> i64 {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s),
+    };
+    let (int, frac) = body
+        .split_once('.')
+        .unwrap_or_else(|| panic!("money {s:?} is not a decimal string with 2 places"));
+    assert!(
+        !int.is_empty()
+            && int.bytes().all(|b| b.is_ascii_digit())
+            && frac.len() == 2
+            && frac.bytes().all(|b| b.is_ascii_digit()),
+        "money {s:?} is not a decimal string with 2 places"
+    );
+    let v = int.parse::<i64>().unwrap() * 100 + frac.parse::<i64>().unwrap();
+    if neg { -v } else { v }
+}
+
+/// Money value of a JSON field (must be a string).
+#[track_caller]
+pub fn money_of(v: &Value) -> i64 {
+    cents(
+        v.as_str()
+            .unwrap_or_else(|| panic!("money is not a string: {v}")),
+    )
+}
+
+pub fn money(c: i64) -> String {
+    let sign = if c < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", c.abs() / 100, c.abs() % 100)
+}
+
+#[track_caller]
+pub fn wallet_of(w: &Value) -> Wallet {
+    assert_eq!(w["currency"], "EUR", "wallet currency: {w}");
+    let wallet = Wallet {
+        balance: money_of(&w["balance"]),
+        held: money_of(&w["held"]),
+        available: money_of(&w["available"]),
+    };
+    assert_eq!(
+        wallet.available,
+        wallet.balance - wallet.held,
+        "available != balance - held: {w}"
+    );
+    assert!(
+        wallet.balance >= 0 && wallet.held >= 0 && wallet.held <= wallet.balance,
+        "wallet invariants: {w}"
+    );
+    wallet
+}
+
+#[track_caller]
+pub fn ts(v: &Value) -> OffsetDateTime {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("timestamp is not a string: {v}"));
+    let t = OffsetDateTime::parse(s, &Rfc3339)
+        .unwrap_or_else(|e| panic!("timestamp {s:?} is not RFC 3339: {e}"));
+    assert!(t.offset().is_utc(), "timestamp {s:?} is not UTC");
+    t
+}
+
+#[track_caller]
+pub fn assert_uuid_v7(v: &Value) {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("id is not a string: {v}"));
+    let u = uuid::Uuid::parse_str(s).unwrap_or_else(|e| panic!("id {s:?} is not a UUID: {e}"));
+    assert_eq!(u.get_version_num(), 7, "id {s:?} is not a UUIDv7");
+}
+
+pub fn urlenc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Sleep until the wall clock has passed `t` (plus a margin).
+pub async fn sleep_until(t: OffsetDateTime, margin: Duration) {
+    let now = OffsetDateTime::now_utc();
+    if t > now {
+        let d: Duration = (t - now).try_into().unwrap_or_default();
+        tokio::time::sleep(d + margin).await;
+    } else {
+        tokio::time::sleep(margin).await;
+    }
+}
+
+/// Poll `f` until it returns `Some`, at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Assert that `actual` contains `expected`: objects may carry extra fields (API.md: "add fields freely"),
+/// arrays must have the same length, scalars must be equal.
+#[track_caller]
+pub fn assert_includes(actual: &Value, expected: &Value) {
+    fn walk(a: &Value, e: &Value, path: &str, errs: &mut Vec<String>) {
+        match (a, e) {
+            (Value::Object(ao), Value::Object(eo)) => {
+                for (k, ev) in eo {
+                    match ao.get(k) {
+                        Some(av) => walk(av, ev, &format!("{path}.{k}"), errs),
+                        None => errs.push(format!("{path}.{k}: missing (expected {ev})")),
+                    }
+                }
+            }
+            (Value::Array(aa), Value::Array(ea)) => {
+                if aa.len() != ea.len() {
+                    errs.push(format!(
+                        "{path}: {} elements, expected {}",
+                        aa.len(),
+                        ea.len()
+                    ));
+                } else {
+                    for (i, (av, ev)) in aa.iter().zip(ea).enumerate() {
+                        walk(av, ev, &format!("{path}[{i}]"), errs);
+                    }
+                }
+            }
+            _ => {
+                if a != e {
+                    errs.push(format!("{path}: got {a}, expected {e}"));
+                }
+            }
+        }
+    }
+    let mut errs = vec![];
+    walk(actual, expected, "$", &mut errs);
+    assert!(
+        errs.is_empty(),
+        "JSON mismatch:\n  {}\nin {actual}",
+        errs.join("\n  ")
+    );
+}

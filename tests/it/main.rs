@@ -1,0 +1,17 @@
+mod backpressure;
+mod concurrency;
+mod crash;
+mod harness;
+mod http_auth;
+mod http_bad_input;
+mod http_catalog;
+mod http_credits;
+mod http_entitlements;
+mod http_idempotency;
+mod http_ledger;
+mod http_ops;
+mod http_orders;
+mod http_refunds;
+mod http_topups;
+mod http_users;
+mod props;
