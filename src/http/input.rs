@@ -40,11 +40,17 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 }
 
 impl Body {
-    /// Parses the body as `T` (which rejects unknown fields). An empty body reads as `{}`.
+    /// Parses the body, which must be a JSON object, as `T` (which rejects unknown fields). An empty body
+    /// reads as `{}`. (serde's derive would also take a struct written as a JSON array.)
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let bytes: &[u8] = if self.is_blank() { b"{}" } else { &self.0 };
-        serde_json::from_slice(bytes)
-            .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))
+        let invalid =
+            |e: serde_json::Error| ApiError::invalid_request(format!("invalid JSON body: {e}"));
+        let value: Value = serde_json::from_slice(bytes).map_err(invalid)?;
+        if !value.is_object() {
+            return Err(ApiError::invalid_request("the body must be a JSON object"));
+        }
+        serde_json::from_value(value).map_err(invalid)
     }
 
     fn is_blank(&self) -> bool {
