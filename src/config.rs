@@ -90,6 +90,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Most requests handled at once; beyond it requests get 429 rate_limited (health endpoints excepted).
+    #[arg(long, env = "SHOPKEEP_MAX_INFLIGHT", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight: u32,
+
     /// Longest the server waits for in-flight requests on SIGTERM.
     #[arg(long, env = "SHOPKEEP_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -152,6 +156,7 @@ pub struct Config {
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub request_timeout: Duration,
+    pub max_inflight: usize,
     pub shutdown_timeout: Duration,
 }
 
@@ -174,6 +179,7 @@ impl Config {
             max_batch: args.max_batch as usize,
             queue_capacity: args.queue_capacity as usize,
             request_timeout: args.request_timeout,
+            max_inflight: args.max_inflight as usize,
             shutdown_timeout: args.shutdown_timeout,
         })
     }

@@ -121,6 +121,12 @@ impl ApiError {
         error
     }
 
+    pub fn rate_limited(message: impl Into<String>) -> ApiError {
+        let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        error.retry_after = Some(1);
+        error
+    }
+
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
@@ -225,16 +231,10 @@ impl ApiError {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> ApiError {
         match error {
-            EngineError::Overloaded { shard } => {
-                let mut e = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    "the shop is busy; retry shortly with the same Idempotency-Key",
-                )
-                .with_details(json!({ "shard": shard }));
-                e.retry_after = Some(1);
-                e
-            }
+            EngineError::Overloaded { shard } => ApiError::rate_limited(
+                "the shop is busy; retry shortly with the same Idempotency-Key",
+            )
+            .with_details(json!({ "shard": shard })),
             EngineError::Unavailable(reason) => ApiError::unavailable(reason),
             EngineError::Storage(e) => {
                 tracing::error!(error = %e, "storage error");

@@ -112,6 +112,7 @@ pub fn router(
         .to_json()
         .map(String::into_bytes)
         .unwrap_or_default();
+    let inflight = Arc::new(tokio::sync::Semaphore::new(config.max_inflight));
     let app = Arc::new(App {
         node,
         config,
@@ -130,9 +131,31 @@ pub fn router(
             )
         })
         .with_state(app)
+        .layer(axum::middleware::from_fn_with_state(
+            inflight,
+            limit_inflight,
+        ))
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Refuses requests beyond `--max-inflight` at once with 429, so a flood cannot grow memory or threads
+/// without bound. Health and metrics endpoints are always answered.
+async fn limit_inflight(
+    axum::extract::State(limit): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+        return next.run(request).await;
+    }
+    match limit.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            ApiError::rate_limited("too many requests in flight; retry shortly").into_response()
+        }
+    }
 }
 
 /// Counts requests and their latency by route and status.

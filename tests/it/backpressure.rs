@@ -159,3 +159,36 @@ async fn request_timeout_answers_503_and_the_same_key_later_learns_the_one_outco
     assert_eq!(srv.entitlement_qty("slow", "penny").await, 64);
     srv.audit_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_flight_limit_answers_429_and_health_still_answers() {
+    let srv = Server::start_with(Opts::new().shards(1).env("SHOPKEEP_MAX_INFLIGHT", "1")).await;
+    srv.create_item("penny", "currency", "0.01").await;
+    srv.funded_user("busy", "10.00").await;
+
+    // Health probes run during the burst of purchases: they are never refused.
+    let api = srv.api();
+    let probes: Vec<_> = (0..32)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move { api.get("/healthz", Auth::None).await.status })
+        })
+        .collect();
+    let results = concurrent_purchases(&srv, "busy", 64).await;
+    for probe in probes {
+        assert_eq!(probe.await.expect("probe"), 200);
+    }
+
+    let limited = results.iter().filter(|(_, r)| r.status == 429).count();
+    let accepted = results.iter().filter(|(_, r)| r.status == 201).count();
+    assert_eq!(limited + accepted, 64, "only 201 or 429");
+    assert!(
+        limited > 0,
+        "one request at a time must refuse some of 64 concurrent ones"
+    );
+    for (_, response) in results.iter().filter(|(_, r)| r.status == 429) {
+        response.expect_error(429, "rate_limited");
+        assert!(response.header("retry-after").is_some());
+    }
+    assert_eq!(srv.wallet("busy").await.balance, 1000 - accepted as i64);
+}

@@ -267,7 +267,9 @@ pub async fn psp_webhook(
 
     // Reserve the PSP payment id only for an event that can credit this top-up, so a malformed event can
     // never lock a payment id away from the real one.
-    let can_credit = succeeded && topup.amount == amount && topup.status != TopupStatus::Completed;
+    let can_credit = succeeded
+        && topup.amount == amount
+        && matches!(topup.status, TopupStatus::Pending | TopupStatus::Expired);
     let ref_accepted = if can_credit {
         let claim = RefClaim {
             user_id: user_id.clone(),
