@@ -24,18 +24,63 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, _: &S) -> Result<Body, ApiError> {
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
-            return Err(ApiError::payload_too_large(MAX_BODY_BYTES));
-        }
-        let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
-        Ok(Body(bytes))
+        read_body(request).await
+    }
+}
+
+async fn read_body(request: Request) -> Result<Body, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
+        return Err(ApiError::payload_too_large(MAX_BODY_BYTES));
+    }
+    let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
+    Ok(Body(bytes))
+}
+
+/// A POST as idempotency sees it: its path, its headers (the `Idempotency-Key`) and its body.
+pub struct Post {
+    path: String,
+    headers: HeaderMap,
+    pub body: Body,
+}
+
+impl<S: Send + Sync> FromRequest<S> for Post {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Post, ApiError> {
+        let path = request.uri().path().to_owned();
+        let headers = request.headers().clone();
+        Ok(Post {
+            path,
+            headers,
+            body: read_body(request).await?,
+        })
+    }
+}
+
+impl Post {
+    /// The `Idempotency-Key` header, required on every POST.
+    pub fn idempotency_key(&self) -> Result<String, ApiError> {
+        idempotency_key(&self.headers)
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        self.body.json()
+    }
+
+    /// The request's fingerprint: method, path and canonical body.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.body.fingerprint("POST", &self.path)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Uri};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -17,7 +17,7 @@ use crate::http::dto::{
     self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Body};
+use crate::http::input::{self, AmountRule, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -49,14 +49,12 @@ pub async fn create_credit(
     State(app): State<AppState>,
     caller: Caller,
     Path(user_id): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
     let user_id = input::client_id("user_id", &user_id)?;
-    let key = input::idempotency_key(&headers)?;
-    let request: CreditRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let request: CreditRequest = post.json()?;
     let amount = input::amount(
         &app.config.currency,
         "amount",
@@ -80,7 +78,7 @@ pub async fn create_credit(
                 .claim_external_ref(format!("credit:{}", request.external_ref), claim),
         )
         .await?;
-    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let command = Command::Credit {
         user_id: user_id.clone(),
         amount,
@@ -107,13 +105,11 @@ pub async fn create_topup(
     State(app): State<AppState>,
     caller: Caller,
     Path(user_id): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let key = input::idempotency_key(&headers)?;
-    let request: TopupRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let request: TopupRequest = post.json()?;
     let amount = input::amount(
         &app.config.currency,
         "amount",
@@ -121,7 +117,7 @@ pub async fn create_topup(
         AmountRule::Positive,
     )?;
     let now = Timestamp::now();
-    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let command = Command::CreateTopup {
         user_id: user_id.clone(),
         amount,
@@ -217,15 +213,10 @@ fn verify_signature(
         (status = 409, description = "`amount_mismatch`, `external_ref_conflict`", body = ErrorBody),
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
     ))]
-pub async fn psp_webhook(
-    State(app): State<AppState>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+pub async fn psp_webhook(State(app): State<AppState>, post: Post) -> Result<Response, ApiError> {
     let now = Timestamp::now();
-    verify_signature(app.psp_secret.as_deref(), &headers, &body.0, now)?;
-    let request: WebhookRequest = body.json()?;
+    verify_signature(app.psp_secret.as_deref(), post.headers(), &post.body.0, now)?;
+    let request: WebhookRequest = post.json()?;
     let succeeded = match request.event_type.as_str() {
         "payment.succeeded" => true,
         "payment.failed" => false,
@@ -287,7 +278,7 @@ pub async fn psp_webhook(
     let tag = app.tag(
         PSP_EVENT_SCOPE,
         request.event_id.clone(),
-        body.fingerprint("POST", uri.path()),
+        post.fingerprint(),
         now,
     );
     let command = Command::PspPayment {

@@ -1,7 +1,6 @@
 //! What users own (entitlements, consumption of in-game currency) and their wallet's ledger.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 
 use super::{read_user, user_path};
@@ -11,7 +10,7 @@ use crate::http::dto::{
     self, ConsumeRequest, EntitlementResponse, EntitlementsResponse, LedgerPage,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Body};
+use crate::http::input::{self, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -57,22 +56,20 @@ pub async fn consume(
     State(app): State<AppState>,
     caller: Caller,
     Path((user_id, item_id)): Path<(String, String)>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
     let user_id = input::client_id("user_id", &user_id)?;
     let item_id = input::client_id("item_id", &item_id)?;
-    let key = input::idempotency_key(&headers)?;
-    let request: ConsumeRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let request: ConsumeRequest = post.json()?;
     if !(1..=MAX_CONSUME_QUANTITY).contains(&request.quantity) {
         return Err(ApiError::invalid_request(format!(
             "quantity must be from 1 to {MAX_CONSUME_QUANTITY}"
         )));
     }
     let now = Timestamp::now();
-    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let command = Command::Consume {
         user_id: user_id.clone(),
         item_id,

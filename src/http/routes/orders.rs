@@ -1,7 +1,6 @@
 //! Orders (purchases) and their refunds.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use uuid::Uuid;
 
@@ -14,7 +13,7 @@ use crate::http::dto::{
     RefundResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Body};
+use crate::http::input::{self, AmountRule, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -69,13 +68,11 @@ pub async fn create_order(
     State(app): State<AppState>,
     caller: Caller,
     Path(user_id): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let key = input::idempotency_key(&headers)?;
-    let request: CreateOrderRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let request: CreateOrderRequest = post.json()?;
     let lines = lines(request.lines)?;
     let expected_total = match &request.expected_total {
         None | Some(serde_json::Value::Null) => None,
@@ -87,7 +84,7 @@ pub async fn create_order(
         )?),
     };
     let now = Timestamp::now();
-    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let command = Command::CreateOrder {
         user_id: user_id.clone(),
         lines,
@@ -182,17 +179,15 @@ async fn order_transition(
     app: AppState,
     caller: Caller,
     (user_id, order_id_text): (String, String),
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
     complete: bool,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let key = input::idempotency_key(&headers)?;
-    let _: EmptyRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let _: EmptyRequest = post.json()?;
     let order_id = order_id(&order_id_text)?;
     let now = Timestamp::now();
-    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let command = if complete {
         Command::CompleteOrder {
             user_id: user_id.clone(),
@@ -223,11 +218,9 @@ pub async fn complete_order(
     State(app): State<AppState>,
     caller: Caller,
     Path((user_id, order_id)): Path<(String, String)>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    order_transition(app, caller, (user_id, order_id), uri, headers, body, true).await
+    order_transition(app, caller, (user_id, order_id), post, true).await
 }
 
 /// Cancel a pending order and release its hold.
@@ -243,11 +236,9 @@ pub async fn cancel_order(
     State(app): State<AppState>,
     caller: Caller,
     Path((user_id, order_id)): Path<(String, String)>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
-    order_transition(app, caller, (user_id, order_id), uri, headers, body, false).await
+    order_transition(app, caller, (user_id, order_id), post, false).await
 }
 
 /// Refund some or all of a completed order (service, admin; `force` is admin only).
@@ -263,14 +254,12 @@ pub async fn create_refund(
     State(app): State<AppState>,
     caller: Caller,
     Path((user_id, order_id_text)): Path<(String, String)>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
     let user_id = input::client_id("user_id", &user_id)?;
-    let key = input::idempotency_key(&headers)?;
-    let request: RefundRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let request: RefundRequest = post.json()?;
     let force = request.force.unwrap_or(false);
     if force {
         caller.require_admin()?;
@@ -279,7 +268,7 @@ pub async fn create_refund(
     let reason = input::bounded_text("reason", request.reason, MAX_REASON_CHARS)?;
     let order_id = order_id(&order_id_text)?;
     let now = Timestamp::now();
-    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let command = Command::Refund {
         user_id: user_id.clone(),
         order_id,

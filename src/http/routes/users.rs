@@ -1,7 +1,6 @@
 //! Users, wallets, user tokens and the idempotency lookup.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 
 use super::{read_user, user_path};
@@ -15,7 +14,7 @@ use crate::http::dto::{
     WalletResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Body};
+use crate::http::input::{self, Post};
 use crate::http::{AppState, render};
 use crate::state::IdempotencyState;
 use crate::state::query;
@@ -37,12 +36,11 @@ const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3_600;
 pub async fn create_user(
     State(app): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
-    let key = input::idempotency_key(&headers)?;
-    let request: CreateUserRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let request: CreateUserRequest = post.json()?;
     let user_id = request
         .user_id
         .map(|id| input::client_id("user_id", &id))
@@ -52,7 +50,7 @@ pub async fn create_user(
     let now = Timestamp::now();
     let seed = new_seed(now);
     let user_id = user_id.unwrap_or_else(|| seed.derive(0).to_string());
-    let fingerprint = body.fingerprint("POST", "/v1/users");
+    let fingerprint = post.fingerprint();
     let expires_at = now.plus(app.config.idempotency_ttl);
     let inner = Envelope {
         now,
@@ -116,14 +114,12 @@ pub async fn create_token(
     State(app): State<AppState>,
     caller: Caller,
     Path(user_id): Path<String>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
     let user_id = input::client_id("user_id", &user_id)?;
-    let key = input::idempotency_key(&headers)?;
-    let request: CreateTokenRequest = body.json()?;
+    let key = post.idempotency_key()?;
+    let request: CreateTokenRequest = post.json()?;
     let ttl = request.ttl_seconds.unwrap_or(DEFAULT_TOKEN_TTL_SECONDS);
     if !(1..=MAX_TOKEN_TTL_SECONDS).contains(&ttl) {
         return Err(ApiError::invalid_request(format!(
@@ -132,7 +128,7 @@ pub async fn create_token(
     }
     let now = Timestamp::now();
     let expires_at = Timestamp::from_unix_seconds(now.unix_seconds() + ttl as i64);
-    let tag = app.tag(&user_id, key, body.fingerprint("POST", uri.path()), now);
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let applied = app
         .submit_for_user(
             &user_id,
