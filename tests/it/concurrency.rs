@@ -64,22 +64,10 @@ async fn fifty_concurrent_pending_orders_hold_no_more_than_the_balance() {
     let srv = Server::start().await;
     srv.create_item("gems", "currency", "1.00").await;
     srv.funded_user("holder", "10.00").await;
-    let api = srv.api();
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let api = api.clone();
-            tokio::spawn(async move { api.create_order("holder", &[("gems", 1)], false).await })
-        })
-        .collect();
-    let mut ok = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
-        if r.status == 201 {
-            ok += 1;
-        } else {
-            r.expect_error(409, "insufficient_funds");
-        }
-    }
+    let responses = srv
+        .concurrent_orders("holder", &[("gems", 1)], false, 50)
+        .await;
+    let ok = created_else_error(&responses, 409, "insufficient_funds");
     assert_eq!(ok, 10);
     assert_eq!(
         srv.wallet("holder").await,
@@ -309,22 +297,8 @@ async fn concurrent_skin_purchases_grant_it_once() {
     let srv = Server::start().await;
     srv.create_item("skin", "skin", "1.00").await;
     srv.funded_user("sk", "20.00").await;
-    let api = srv.api();
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let api = api.clone();
-            tokio::spawn(async move { api.create_order("sk", &[("skin", 1)], true).await })
-        })
-        .collect();
-    let mut ok = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
-        if r.status == 201 {
-            ok += 1;
-        } else {
-            r.expect_error(409, "already_owned");
-        }
-    }
+    let responses = srv.concurrent_orders("sk", &[("skin", 1)], true, 20).await;
+    let ok = created_else_error(&responses, 409, "already_owned");
     assert_eq!(ok, 1);
     assert_eq!(srv.wallet("sk").await.balance, 1900);
     assert_eq!(srv.entitlement_qty("sk", "skin").await, 1);
@@ -428,22 +402,8 @@ async fn concurrent_pending_orders_respect_the_pending_limit() {
     let srv = Server::start_with(Opts::new().max_pending_orders(5)).await;
     srv.create_item("gems", "currency", "1.00").await;
     srv.funded_user("pl", "100.00").await;
-    let api = srv.api();
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let api = api.clone();
-            tokio::spawn(async move { api.create_order("pl", &[("gems", 1)], false).await })
-        })
-        .collect();
-    let mut ok = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
-        if r.status == 201 {
-            ok += 1;
-        } else {
-            r.expect_error(409, "too_many_pending_orders");
-        }
-    }
+    let responses = srv.concurrent_orders("pl", &[("gems", 1)], false, 20).await;
+    let ok = created_else_error(&responses, 409, "too_many_pending_orders");
     assert_eq!(ok, 5);
     assert_eq!(srv.wallet("pl").await.held, 500);
     assert_eq!(srv.all_orders("pl", "status=PENDING").await.len(), 5);

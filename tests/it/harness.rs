@@ -744,6 +744,33 @@ impl Api {
             .await
     }
 
+    /// Sends `n` identical orders for `user_id` at once, each with its own key; the responses.
+    pub async fn concurrent_orders(
+        &self,
+        user_id: &str,
+        lines: &[(&str, u32)],
+        complete: bool,
+        n: usize,
+    ) -> Vec<Resp> {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (api, user) = (self.clone(), user_id.to_owned());
+                let lines: Vec<(String, u32)> =
+                    lines.iter().map(|(i, q)| (i.to_string(), *q)).collect();
+                tokio::spawn(async move {
+                    let lines: Vec<(&str, u32)> =
+                        lines.iter().map(|(i, q)| (i.as_str(), *q)).collect();
+                    api.create_order(&user, &lines, complete).await
+                })
+            })
+            .collect();
+        let mut responses = Vec::with_capacity(n);
+        for task in tasks {
+            responses.push(task.await.expect("order task"));
+        }
+        responses
+    }
+
     /// Create an order as the service; asserts 201 and returns it.
     pub async fn order(&self, user_id: &str, lines: &[(&str, u32)], complete: bool) -> Value {
         self.create_order(user_id, lines, complete)
@@ -955,6 +982,19 @@ pub fn order_body(lines: &[(&str, u32)], complete: bool) -> Value {
 }
 
 /// A fresh idempotency key (UUIDv7).
+/// How many responses are 201; asserts that every other one is the error `status` / `code`.
+pub fn created_else_error(responses: &[Resp], status: u16, code: &str) -> usize {
+    let mut created = 0;
+    for response in responses {
+        if response.status == 201 {
+            created += 1;
+        } else {
+            response.expect_error(status, code);
+        }
+    }
+    created
+}
+
 pub fn new_key() -> String {
     uuid::Uuid::now_v7().to_string()
 }
