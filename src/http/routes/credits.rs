@@ -8,7 +8,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use super::{read_user, user_path};
+use super::{read_for_user, read_user, user_path};
 use crate::domain::command::PSP_EVENT_SCOPE;
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
 use crate::domain::{Command, RefClaim, Timestamp, TopupStatus};
@@ -141,14 +141,13 @@ pub async fn get_topup(
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let now = Timestamp::now();
-    read_user(&app, &user_id, now).await?;
     let not_found = || ApiError::not_found("topup_not_found", "top-up not found");
-    let topup_id = Uuid::parse_str(&topup_id).map_err(|_| not_found())?;
-    let topup = app
-        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
-            query::topup(txn, topup_id)
-        }))
-        .await?;
+    let topup_id = Uuid::parse_str(&topup_id).ok();
+    let topup = read_for_user(&app, &user_id, move |txn, _| match topup_id {
+        Some(id) => query::topup(txn, id),
+        None => Ok(None),
+    })
+    .await?;
     match topup {
         Some(topup) if topup.user_id == user_id => Ok(render::ok(&dto::topup(
             &app.config.currency,

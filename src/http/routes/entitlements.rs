@@ -3,7 +3,7 @@
 use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 
-use super::{read_user, user_path};
+use super::{read_for_user, user_path};
 use crate::domain::{Command, Timestamp};
 use crate::http::auth::Caller;
 use crate::http::dto::{
@@ -30,13 +30,10 @@ pub async fn list_entitlements(
     Path(user_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    read_user(&app, &user_id, Timestamp::now()).await?;
-    let id = user_id.clone();
-    let list = app
-        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
-            query::entitlements(txn, &id)
-        }))
-        .await?;
+    let list = read_for_user(&app, &user_id, |txn, user| {
+        query::entitlements(txn, &user.user_id)
+    })
+    .await?;
     Ok(render::ok(&EntitlementsResponse {
         entitlements: list.iter().map(dto::entitlement).collect(),
     }))
@@ -106,13 +103,10 @@ pub async fn ledger(
         })
         .transpose()?
         .unwrap_or(0);
-    read_user(&app, &user_id, Timestamp::now()).await?;
-    let id = user_id.clone();
-    let (entries, next) = app
-        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
-            query::ledger_page(txn, &id, after, limit)
-        }))
-        .await?;
+    let (entries, next) = read_for_user(&app, &user_id, move |txn, user| {
+        query::ledger_page(txn, &user.user_id, after, limit)
+    })
+    .await?;
     let currency = &app.config.currency;
     Ok(render::ok(&LedgerPage {
         entries: entries

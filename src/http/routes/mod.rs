@@ -18,7 +18,8 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::input;
 use crate::domain::{Timestamp, User, WalletView};
-use crate::state::query;
+use crate::state::{StoreError, query};
+use redb::ReadTransaction;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -87,22 +88,35 @@ fn user_path(caller: &Caller, user_id: &str) -> Result<String, ApiError> {
     input::client_id("user_id", user_id)
 }
 
+/// Runs `read` on `user_id`'s shard in one snapshot, after checking there that the user exists (404
+/// `user_not_found` otherwise): one read per request, and the check and the data agree.
+async fn read_for_user<T, F>(app: &AppState, user_id: &str, read: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&ReadTransaction, &User) -> Result<T, StoreError> + Send + 'static,
+{
+    let shard = app.node.shard_of_user(user_id);
+    let id = user_id.to_owned();
+    let found = app
+        .bounded(
+            app.node
+                .read(shard, move |txn| match query::user(txn, &id)? {
+                    Some(user) => read(txn, &user).map(Some),
+                    None => Ok(None),
+                }),
+        )
+        .await?;
+    found.ok_or_else(ApiError::user_not_found)
+}
+
 /// Reads a user and its wallet as of `now`; 404 `user_not_found` if there is no such user.
 async fn read_user(
     app: &AppState,
     user_id: &str,
     now: Timestamp,
 ) -> Result<(User, WalletView), ApiError> {
-    let shard = app.node.shard_of_user(user_id);
-    let id = user_id.to_owned();
-    let found = app
-        .bounded(app.node.read(shard, move |txn| {
-            let Some(user) = query::user(txn, &id)? else {
-                return Ok(None);
-            };
-            let wallet = query::wallet_at(txn, &user, now)?;
-            Ok(Some((user, wallet)))
-        }))
-        .await?;
-    found.ok_or_else(ApiError::user_not_found)
+    read_for_user(app, user_id, move |txn, user| {
+        Ok((user.clone(), query::wallet_at(txn, user, now)?))
+    })
+    .await
 }

@@ -4,7 +4,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use uuid::Uuid;
 
-use super::{read_user, user_path};
+use super::{read_for_user, user_path};
 use crate::domain::model::{MAX_LINES, MAX_QUANTITY, MAX_REASON_CHARS};
 use crate::domain::{Command, LineRequest, OrderStatus, Timestamp};
 use crate::http::auth::Caller;
@@ -128,13 +128,10 @@ pub async fn list_orders(
         .map(|c| parse_order_cursor(c).ok_or_else(|| ApiError::invalid_request("invalid cursor")))
         .transpose()?;
     let now = Timestamp::now();
-    read_user(&app, &user_id, now).await?;
-    let id = user_id.clone();
-    let (orders, next) = app
-        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
-            query::orders_page(txn, &id, status, limit, cursor, now)
-        }))
-        .await?;
+    let (orders, next) = read_for_user(&app, &user_id, move |txn, user| {
+        query::orders_page(txn, &user.user_id, status, limit, cursor, now)
+    })
+    .await?;
     let currency = &app.config.currency;
     Ok(render::ok(&OrdersPage {
         orders: orders.iter().map(|o| dto::order(currency, o)).collect(),
@@ -159,13 +156,12 @@ pub async fn get_order(
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let now = Timestamp::now();
-    read_user(&app, &user_id, now).await?;
-    let id = order_id(&order_id_text)?;
-    let order = app
-        .bounded(app.node.read(app.node.shard_of_user(&user_id), move |txn| {
-            query::order(txn, id)
-        }))
-        .await?;
+    let id = Uuid::parse_str(&order_id_text).ok();
+    let order = read_for_user(&app, &user_id, move |txn, _| match id {
+        Some(id) => query::order(txn, id),
+        None => Ok(None),
+    })
+    .await?;
     match order {
         Some(order) if order.user_id == user_id => Ok(render::ok(&dto::order(
             &app.config.currency,

@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::response::Response;
 
-use super::{read_user, user_path};
+use super::{read_for_user, read_user, user_path};
 use crate::domain::command::{GLOBAL_INNER_SCOPE, IdempotencyTag};
 use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
 use crate::domain::{Command, Envelope, Timestamp};
@@ -157,15 +157,11 @@ pub async fn get_idempotency(
     Path((user_id, key)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    read_user(&app, &user_id, Timestamp::now()).await?;
-    let shard = app.node.shard_of_user(&user_id);
-    let (scope, lookup) = (user_id.clone(), key.clone());
-    let record = app
-        .bounded(
-            app.node
-                .read(shard, move |txn| query::idempotency(txn, &scope, &lookup)),
-        )
-        .await?;
+    let lookup = key.clone();
+    let record = read_for_user(&app, &user_id, move |txn, user| {
+        query::idempotency(txn, &user.user_id, &lookup)
+    })
+    .await?;
     let not_found = || ApiError::not_found("not_found", "no outcome is stored under this key");
     let record = record.ok_or_else(not_found)?;
     let IdempotencyState::Done(outcome) = &record.state else {
