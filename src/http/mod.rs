@@ -96,7 +96,9 @@ impl App {
 
 /// The OpenAPI document of the API (also served at `/v1/openapi.json`).
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    routes::api().into_openapi()
+    let mut document = routes::api().into_openapi();
+    routes::document_common_responses(&mut document);
+    document
 }
 
 /// Builds the complete router (routes, OpenAPI, middleware) around the node.
@@ -107,7 +109,8 @@ pub fn router(
     psp_secret: Option<Vec<u8>>,
     metrics: PrometheusHandle,
 ) -> Router {
-    let (router, document) = routes::api().split_for_parts();
+    let (router, mut document) = routes::api().split_for_parts();
+    routes::document_common_responses(&mut document);
     let openapi = document
         .to_json()
         .map(String::into_bytes)

@@ -27,7 +27,9 @@ use redb::ReadTransaction;
         title = "shopkeep",
         description = "The backend of a digital game shop: wallets, catalog, orders, refunds. \
             Money is a decimal string in the deployment's currency. Every POST needs an Idempotency-Key. \
-            Errors have one shape: {\"error\": {\"code\", \"message\", \"details\"}}."
+            Errors have one shape: {\"error\": {\"code\", \"message\", \"details\"}}. \
+            Every response carries X-Request-Id (echoed when the client sent one); a response replayed from \
+            a stored outcome carries Idempotent-Replayed: true."
     ),
     modifiers(&BearerAuth),
     tags(
@@ -50,6 +52,84 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+    }
+}
+
+/// Endpoints that answer whatever the load, without the request plumbing (auth, limits, engine).
+const PLAIN_ENDPOINTS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/v1/openapi.json"];
+
+/// Adds to every operation the error responses that the shared request plumbing can give, so the document
+/// lists what the server really answers: 401/403 where a token is needed, 400/413 where a body is read,
+/// 429/503 wherever the in-flight limit and the engine apply. Responses an operation documents itself are
+/// left as they are.
+pub fn document_common_responses(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        if PLAIN_ENDPOINTS.contains(&path.as_str()) {
+            continue;
+        }
+        let keyed = path != "/v1/psp/webhook";
+        let operations = [
+            (&mut item.post, true),
+            (&mut item.put, false),
+            (&mut item.get, false),
+        ];
+        for (operation, is_post) in operations {
+            let Some(operation) = operation.as_mut() else {
+                continue;
+            };
+            let reads_body = operation.request_body.is_some();
+            let bad_request = if is_post && keyed {
+                "`invalid_request` (malformed input), `idempotency_key_required` (no Idempotency-Key)"
+            } else {
+                "`invalid_request` (malformed input)"
+            };
+            let mut common = vec![
+                ("400", bad_request),
+                (
+                    "429",
+                    "`rate_limited`: too many requests in flight or a full shard queue (Retry-After)",
+                ),
+                (
+                    "503",
+                    "`unavailable`: not applied in time; retry with the same Idempotency-Key (Retry-After)",
+                ),
+            ];
+            if is_post && keyed {
+                common.push((
+                    "422",
+                    "`idempotency_key_reused`: this key was used with another request",
+                ));
+            }
+            if operation.security.is_some() {
+                common.push(("401", "`unauthenticated`: no or bad bearer token"));
+                common.push((
+                    "403",
+                    "`forbidden`: the token's role or user may not do this",
+                ));
+            }
+            if reads_body {
+                common.push(("413", "`payload_too_large`: the body is over 64 KiB"));
+            }
+            for (status, description) in common {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| error(description).into());
+            }
+        }
     }
 }
 
