@@ -412,6 +412,17 @@ impl PostingKind {
         }
     }
 
+    /// How a posting of this kind changes the system accounts' (psp_clearing, revenue) balances.
+    pub fn system_delta(self, amount: Money) -> (i64, i64) {
+        let a = amount.0;
+        match self {
+            PostingKind::Credit => (-a, 0),
+            PostingKind::Debit => (0, a),
+            PostingKind::Refund => (0, -a),
+            PostingKind::Hold | PostingKind::Release => (0, 0),
+        }
+    }
+
     /// How a posting of this kind changes the wallet's (balance, held).
     pub fn wallet_delta(self, amount: Money) -> (i64, i64) {
         let a = amount.0;

@@ -1223,12 +1223,9 @@ impl<'t> Applier<'t> {
             !user.held.is_negative() && user.held <= user.balance,
             "wallet stays consistent"
         );
-        match kind {
-            PostingKind::Credit => self.meta.psp_clearing -= amount.0,
-            PostingKind::Debit => self.meta.revenue += amount.0,
-            PostingKind::Refund => self.meta.revenue -= amount.0,
-            PostingKind::Hold | PostingKind::Release => {}
-        }
+        let (psp_clearing_delta, revenue_delta) = kind.system_delta(amount);
+        self.meta.psp_clearing += psp_clearing_delta;
+        self.meta.revenue += revenue_delta;
         user.ledger_seq += 1;
         self.meta.posting_seq += 1;
         let (debit, credit) = kind.accounts(&user.user_id);

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::tables::{self, decode};
 use super::{StoreError, query};
-use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, PostingKind, User};
+use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, User};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ShardAudit {
@@ -90,12 +90,9 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
                 posting.seq, posting.user_id
             ));
         }
-        match posting.kind {
-            PostingKind::Credit => psp_clearing -= posting.amount.0,
-            PostingKind::Debit => revenue += posting.amount.0,
-            PostingKind::Refund => revenue -= posting.amount.0,
-            PostingKind::Hold | PostingKind::Release => {}
-        }
+        let (psp_clearing_delta, revenue_delta) = posting.kind.system_delta(posting.amount);
+        psp_clearing += psp_clearing_delta;
+        revenue += revenue_delta;
     }
     if head != meta.posting_head || posting_count != meta.posting_seq {
         violations.push("the posting chain's head does not match the recorded head".to_owned());
