@@ -19,16 +19,8 @@ pub struct Money(pub i64);
 impl Money {
     pub const ZERO: Money = Money(0);
 
-    pub fn minor(self) -> i64 {
-        self.0
-    }
-
     pub fn checked_add(self, other: Money) -> Option<Money> {
         self.0.checked_add(other.0).map(Money)
-    }
-
-    pub fn checked_sub(self, other: Money) -> Option<Money> {
-        self.0.checked_sub(other.0).map(Money)
     }
 
     pub fn checked_mul(self, factor: u32) -> Option<Money> {

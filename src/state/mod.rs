@@ -144,8 +144,4 @@ impl ShardStore {
     pub fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
         Ok(self.db.begin_read()?)
     }
-
-    pub fn meta(&self) -> Result<MetaState, StoreError> {
-        query::meta(&self.begin_read()?)
-    }
 }
