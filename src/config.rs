@@ -3,6 +3,7 @@
 //! Every flag has an environment variable twin (`SHOPKEEP_*`); secrets come only from the environment or
 //! from files in the data directory, never from flags (flags show up in `ps`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +25,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
-    /// Run the shop's HTTP server (one node; with no flags: ./shopkeep-data on 127.0.0.1:8080).
+    /// Run the shop's HTTP server (with no flags: one node, ./shopkeep-data on 127.0.0.1:8080; with
+    /// --node-id and --peers: one member of a cluster).
     Serve(ServeArgs),
 }
 
@@ -42,13 +44,27 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_SHARDS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub shards: u32,
 
-    /// This node's id in a cluster (reserved: replication across nodes is not part of this build).
-    #[arg(long, env = "SHOPKEEP_NODE_ID", default_value_t = 1)]
+    /// This node's id in a cluster. Never reuse the id of a node that was removed.
+    #[arg(long, env = "SHOPKEEP_NODE_ID", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub node_id: u64,
 
-    /// The cluster's members as id=host:port,… (reserved: replication across nodes is not part of this build).
+    /// The cluster's initial members as id=host:port,… including this node (its entry is the address the
+    /// others reach it at). Without it the node is a cluster of one. Needs SHOPKEEP_CLUSTER_SECRET.
     #[arg(long, env = "SHOPKEEP_PEERS")]
     pub peers: Option<String>,
+
+    /// Interval of the shard leaders' heartbeats to their followers.
+    #[arg(long, env = "SHOPKEEP_RAFT_HEARTBEAT", default_value = "100ms", value_parser = parse_duration)]
+    pub raft_heartbeat: Duration,
+
+    /// How long a follower waits without hearing from its leader before it stands for election (its
+    /// shard's preferred node: 1–1.5×, the others 2–3×). At least 3× the heartbeat.
+    #[arg(long, env = "SHOPKEEP_RAFT_ELECTION_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub raft_election_timeout: Duration,
+
+    /// Log entries between two snapshots of a shard; the log before a snapshot is then purged.
+    #[arg(long, env = "SHOPKEEP_SNAPSHOT_EVERY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(10..=100_000_000))]
+    pub snapshot_every: u64,
 
     /// ISO code of the deployment's one currency. Fixed when the data directory is created.
     #[arg(long, env = "SHOPKEEP_CURRENCY", default_value = "EUR")]
@@ -78,11 +94,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_MAX_PENDING_ORDERS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_pending_orders: u32,
 
-    /// Most commands a shard applies in one transaction (one fsync).
+    /// Most log entries a shard's leader sends a follower in one message.
     #[arg(long, env = "SHOPKEEP_MAX_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
 
-    /// Most commands waiting per shard; beyond it requests get 429 rate_limited.
+    /// Most writes a shard's leader has in flight; beyond it requests get 429 rate_limited.
     #[arg(long, env = "SHOPKEEP_QUEUE_CAPACITY", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub queue_capacity: u32,
 
@@ -115,6 +131,8 @@ pub struct Secrets {
     pub service_token: Option<String>,
     pub psp_secret: Option<String>,
     pub token_secret: Option<String>,
+    /// Authenticates node-to-node traffic; required in a cluster.
+    pub cluster_secret: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -125,6 +143,7 @@ impl std::fmt::Debug for Secrets {
             .field("service_token", &shown(&self.service_token))
             .field("psp_secret", &shown(&self.psp_secret))
             .field("token_secret", &shown(&self.token_secret))
+            .field("cluster_secret", &shown(&self.cluster_secret))
             .finish()
     }
 }
@@ -137,6 +156,7 @@ impl Secrets {
             service_token: var("SHOPKEEP_SERVICE_TOKEN"),
             psp_secret: var("SHOPKEEP_PSP_SECRET"),
             token_secret: var("SHOPKEEP_TOKEN_SECRET"),
+            cluster_secret: var("SHOPKEEP_CLUSTER_SECRET"),
         }
     }
 }
@@ -158,12 +178,61 @@ pub struct Config {
     pub request_timeout: Duration,
     pub max_inflight: usize,
     pub shutdown_timeout: Duration,
+    pub node_id: u64,
+    /// The initial members (this node included); `None` for a single node.
+    pub peers: Option<BTreeMap<u64, String>>,
+    pub raft_heartbeat: Duration,
+    pub raft_election_timeout: Duration,
+    pub snapshot_every: u64,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, address) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--peers: `{part}` is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| format!("--peers: `{id}` is not a node id (a positive integer)"))?;
+        let address = address.trim();
+        let port_ok = address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            return Err(format!("--peers: `{address}` is not host:port"));
+        }
+        if peers.insert(id, address.to_owned()).is_some() {
+            return Err(format!("--peers: node {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("--peers: no members".into());
+    }
+    Ok(peers)
 }
 
 impl Config {
     pub fn from_args(args: &ServeArgs) -> Result<Config, String> {
-        if args.peers.is_some() {
-            return Err("--peers: replication across nodes is not part of this build yet; run without --peers".into());
+        let peers = match &args.peers {
+            None => None,
+            Some(text) => {
+                let peers = parse_peers(text)?;
+                if !peers.contains_key(&args.node_id) {
+                    return Err(format!(
+                        "--peers must include this node (--node-id {})",
+                        args.node_id
+                    ));
+                }
+                Some(peers)
+            }
+        };
+        if args.raft_election_timeout < args.raft_heartbeat * 3 {
+            return Err("--raft-election-timeout must be at least 3× --raft-heartbeat".into());
         }
         let currency = Currency::new(&args.currency, args.currency_decimals)?;
         Ok(Config {
@@ -181,6 +250,11 @@ impl Config {
             request_timeout: args.request_timeout,
             max_inflight: args.max_inflight as usize,
             shutdown_timeout: args.shutdown_timeout,
+            node_id: args.node_id,
+            peers,
+            raft_heartbeat: args.raft_heartbeat,
+            raft_election_timeout: args.raft_election_timeout,
+            snapshot_every: args.snapshot_every,
         })
     }
 }

@@ -1,5 +1,6 @@
-//! `shopkeep serve`: prepares the data directory and secrets, opens the shards, starts the background
-//! sweeper and the HTTP server, and shuts everything down in order on SIGTERM / Ctrl-C.
+//! `shopkeep serve`: prepares the data directory and secrets, opens the shards and their Raft groups
+//! (joining or forming the cluster), starts the background sweeper and the HTTP server, and shuts
+//! everything down in order on SIGTERM / Ctrl-C.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, Secrets};
 use crate::datadir::{self, FixedSettings};
-use crate::engine::{EngineConfig, Node, sweeper};
+use crate::engine::{Node, sweeper};
 use crate::http::{self, auth::Authenticator, auth::TokenSigner};
 
 /// Anything that stops the server from starting.
@@ -23,6 +24,8 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Cluster(String),
     #[error("metrics: {0}")]
     Metrics(String),
     #[error("server: {0}")]
@@ -36,6 +39,21 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         &FixedSettings::new(config.shards, &config.currency),
     )?;
 
+    let clustered = config.peers.is_some();
+    let cluster_secret = match (&secrets.cluster_secret, clustered) {
+        (Some(secret), _) => secret.clone(),
+        (None, false) => hex::encode(rand::random::<[u8; 32]>()),
+        (None, true) => {
+            return Err(StartError::Cluster(
+                "a cluster member needs SHOPKEEP_CLUSTER_SECRET (the same on every member)".into(),
+            ));
+        }
+    };
+    if clustered && secrets.admin_token.is_none() {
+        return Err(StartError::Cluster(
+            "a cluster member needs SHOPKEEP_ADMIN_TOKEN (the same on every member)".into(),
+        ));
+    }
     let admin_token = match secrets.admin_token {
         Some(token) => token,
         None => {
@@ -52,9 +70,11 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
             token
         }
     };
-    let token_key = match secrets.token_secret {
-        Some(secret) => secret,
-        None => datadir::generated_secret(&config.data_dir, "token-secret")?.0,
+    let token_key = match (secrets.token_secret, clustered) {
+        (Some(secret), _) => secret,
+        // Every member must verify the tokens any member signs: derive the key from the shared secret.
+        (None, true) => derive_key(&cluster_secret, "user-token-key"),
+        (None, false) => datadir::generated_secret(&config.data_dir, "token-secret")?.0,
     };
     if secrets.service_token.is_none() {
         tracing::warn!("SHOPKEEP_SERVICE_TOKEN is not set: the service role is disabled");
@@ -71,19 +91,30 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         .install_recorder()
         .map_err(|e| StartError::Metrics(e.to_string()))?;
 
-    let engine_config = EngineConfig {
+    let peers = config.peers.clone().unwrap_or_else(|| {
+        std::collections::BTreeMap::from([(config.node_id, config.listen.to_string())])
+    });
+    let cluster_config = shopkeep_raft::ClusterConfig {
+        node_id: config.node_id,
+        peers,
         shards: config.shards,
-        max_batch: config.max_batch,
-        queue_capacity: config.queue_capacity,
+        data_dir: config.data_dir.clone(),
+        secret: cluster_secret.clone(),
+        heartbeat: config.raft_heartbeat,
+        election_timeout: config.raft_election_timeout,
+        snapshot_every: config.snapshot_every,
+        max_payload_entries: config.max_batch as u64,
+        max_inflight_per_shard: config.queue_capacity,
+        // The engine gives up a little before the HTTP request does, so the client gets its reason.
+        deadline: config.request_timeout.mul_f64(0.8),
     };
-    let data_dir = config.data_dir.clone();
-    let node = tokio::task::spawn_blocking(move || Node::open(&data_dir, engine_config))
-        .await
-        .map_err(|e| StartError::Engine(crate::engine::EngineError::Internal(e.to_string())))??;
-    let node = Arc::new(node);
-    let repaired = node.repair_catalog().await?;
-    if repaired > 0 {
-        tracing::info!(repaired, "catalog copies brought up to date");
+    let node = Arc::new(Node::open(&config.data_dir, cluster_config).await?);
+    if !clustered {
+        // A single node leads every shard at once; check the catalog before serving.
+        let repaired = node.repair_catalog().await?;
+        if repaired > 0 {
+            tracing::info!(repaired, "catalog copies brought up to date");
+        }
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -103,6 +134,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         node.clone(),
         config,
         auth,
+        cluster_secret,
         secrets.psp_secret.map(String::into_bytes),
         metrics,
     );
@@ -116,16 +148,20 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     tracing::info!("stopping: in-flight requests drained");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
-    match Arc::try_unwrap(node) {
-        Ok(node) => tokio::task::spawn_blocking(move || node.shutdown())
-            .await
-            .unwrap_or(()),
-        Err(_) => {
-            tracing::warn!("shards still in use at shutdown; committed data is durable regardless")
-        }
-    }
+    node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A key for `purpose` derived from `secret` (SHA-256 of both, domain-separated).
+fn derive_key(secret: &str, purpose: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"shopkeep/");
+    hasher.update(purpose.as_bytes());
+    hasher.update(b"/");
+    hasher.update(secret.as_bytes());
+    hex::encode(hasher.finalize())
 }
 
 async fn shutdown_signal() {

@@ -1,21 +1,26 @@
 //! Background work of a node, always proposed as commands (state never changes outside `apply`): expire
-//! pending orders and top-ups at their deadlines, purge idempotency outcomes past their retention.
+//! pending orders and top-ups at their deadlines, purge idempotency outcomes past their retention, and
+//! bring the catalog copies up to date after a crash. Each shard's work is done by the node that leads
+//! it, so a cluster sweeps each shard once, not once per node.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Node;
-use super::coordinator::system_envelope;
+use super::coordinator::{CATALOG_HOME_SHARD, system_envelope};
+use super::{Consistency, Node};
 use crate::domain::{Command, Reply, Timestamp};
 use crate::state::query;
 
 /// Most orders (and top-ups, and idempotency records) one sweep command handles: bounds the transaction.
 pub const SWEEP_LIMIT: u32 = 500;
 
-/// Sweeps every shard every `interval` until `stop` turns true.
+/// Sweeps every shard this node leads every `interval` until `stop` turns true.
 pub async fn run(node: Arc<Node>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    // The catalog's copies are checked once by whichever node leads the catalog's home shard (again
+    // after the leadership moves to this node).
+    let mut catalog_checked = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -24,7 +29,24 @@ pub async fn run(node: Arc<Node>, interval: Duration, mut stop: watch::Receiver<
         if *stop.borrow() {
             return;
         }
+        let leads_catalog = node.cluster().is_leader(CATALOG_HOME_SHARD);
+        if !leads_catalog {
+            catalog_checked = false;
+        } else if !catalog_checked {
+            match node.repair_catalog().await {
+                Ok(repaired) => {
+                    catalog_checked = true;
+                    if repaired > 0 {
+                        tracing::info!(repaired, "catalog copies brought up to date");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "catalog check failed; will retry"),
+            }
+        }
         for shard in 0..node.shard_count() {
+            if !node.cluster().is_leader(shard) {
+                continue;
+            }
             if let Err(error) = sweep_shard(&node, shard).await {
                 tracing::warn!(shard, %error, "sweep failed; will retry");
             }
@@ -37,7 +59,9 @@ pub async fn sweep_shard(node: &Node, shard: u32) -> Result<(), super::EngineErr
     loop {
         let now = Timestamp::now();
         if !node
-            .read(shard, move |txn| query::sweep_due(txn, now))
+            .read_with(Consistency::Local, shard, move |txn| {
+                query::sweep_due(txn, now)
+            })
             .await?
         {
             return Ok(());

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 use crate::domain::{
@@ -351,6 +352,7 @@ pub struct AuditResponse {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClusterNode {
     pub node_id: u64,
+    /// How this node reaches it.
     pub address: String,
     pub this_node: bool,
 }
@@ -358,20 +360,45 @@ pub struct ClusterNode {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClusterShard {
     pub shard: u32,
+    /// This node's role in the shard's group: `leader`, `follower`, `candidate`, `learner`, `shutdown`.
+    pub role: String,
     pub leader: Option<u64>,
     pub term: u64,
     pub voters: Vec<u64>,
-    pub applied_index: u64,
+    pub learners: Vec<u64>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// The last log index covered by this node's newest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// On the shard's leader: entries each other replica is behind (null: not known yet).
+    #[schema(value_type = Object)]
+    pub lag: BTreeMap<String, Option<u64>>,
+    /// Whether the shard has a leader.
     pub healthy: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClusterResponse {
     pub node_id: u64,
-    /// `single` (one node, one-voter shards).
+    /// `single` (one node, one-voter groups) or `cluster`.
     pub mode: String,
     pub nodes: Vec<ClusterNode>,
     pub shards: Vec<ClusterShard>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouteResponse {
+    pub user_id: String,
+    pub shard: u32,
+    pub leader: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeRequest {
+    pub node_id: u64,
+    /// host:port where the members reach the new node.
+    pub address: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

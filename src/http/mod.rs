@@ -9,6 +9,7 @@ pub mod auth;
 pub mod dto;
 pub mod error;
 pub mod input;
+mod node_traffic;
 pub mod render;
 mod routes;
 
@@ -25,8 +26,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use crate::config::Config;
 use crate::domain::{Command, Envelope, Fingerprint, IdempotencyTag, Timestamp};
-use crate::engine::Node;
 use crate::engine::coordinator::new_seed;
+use crate::engine::{Consistency, Node};
 use crate::state::Applied;
 use auth::Authenticator;
 use error::ApiError;
@@ -106,6 +107,7 @@ pub fn router(
     node: Arc<Node>,
     config: Config,
     auth: Authenticator,
+    cluster_secret: String,
     psp_secret: Option<Vec<u8>>,
     metrics: PrometheusHandle,
 ) -> Router {
@@ -116,6 +118,7 @@ pub fn router(
         .map(String::into_bytes)
         .unwrap_or_default();
     let inflight = Arc::new(tokio::sync::Semaphore::new(config.max_inflight));
+    let node_traffic = node_traffic::router(node.clone(), cluster_secret);
     let app = Arc::new(App {
         node,
         config,
@@ -138,9 +141,41 @@ pub fn router(
             inflight,
             limit_inflight,
         ))
+        .layer(axum::middleware::from_fn(read_consistency))
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        // Node traffic has its own authentication and limits, and is never refused for client load.
+        .merge(node_traffic)
+}
+
+tokio::task_local! {
+    /// The read consistency the current request asked for (`?consistency=`).
+    static READ_CONSISTENCY: Consistency;
+}
+
+/// The consistency reads of the current request use: linearizable unless it said `?consistency=local`.
+pub fn current_consistency() -> Consistency {
+    READ_CONSISTENCY
+        .try_with(|c| *c)
+        .unwrap_or(Consistency::Linearizable)
+}
+
+/// Reads `?consistency=linearizable|local` once for the whole request (400 for anything else).
+async fn read_consistency(request: Request, next: Next) -> Response {
+    let pairs = match input::query_pairs(request.uri().query()) {
+        Ok(pairs) => pairs,
+        Err(error) => return error.into_response(),
+    };
+    let consistency = match input::param(&pairs, "consistency") {
+        None | Some("linearizable") => Consistency::Linearizable,
+        Some("local") => Consistency::Local,
+        Some(_) => {
+            return ApiError::invalid_request("consistency must be `linearizable` or `local`")
+                .into_response();
+        }
+    };
+    READ_CONSISTENCY.scope(consistency, next.run(request)).await
 }
 
 /// Refuses requests beyond `--max-inflight` at once with 429, so a flood cannot grow memory or threads

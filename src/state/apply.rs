@@ -28,7 +28,7 @@ type Bytes = &'static [u8];
 
 /// What applying one envelope gave: its outcome, and whether that outcome was replayed from an earlier
 /// command with the same idempotency key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
     pub outcome: Outcome,
     pub replayed: bool,
@@ -112,6 +112,21 @@ impl<'t> Applier<'t> {
         &mut self.meta
     }
 
+    /// Records that the entry at `index` (which carries no command) is applied.
+    pub(crate) fn advance(&mut self, index: u64) {
+        debug_assert!(
+            index > self.meta.last_applied || (index == 0 && self.meta.last_applied == 0),
+            "log positions only grow (the first entry of a Raft log is at 0)"
+        );
+        self.meta.last_applied = index;
+    }
+
+    /// Stores the replication layer's marker (where this state is in the log) with the batch.
+    pub(crate) fn set_marker(&mut self, marker: &[u8]) -> Result<(), StoreError> {
+        self.meta_table.insert(tables::MARKER_KEY, marker)?;
+        Ok(())
+    }
+
     /// Writes the shard's bookkeeping; call once, after the batch's last command.
     pub(crate) fn finish(mut self) -> Result<(), StoreError> {
         let bytes = encode(&self.meta)?;
@@ -122,7 +137,10 @@ impl<'t> Applier<'t> {
 
     /// Applies one envelope at log position `index`.
     pub(crate) fn apply(&mut self, index: u64, envelope: &Envelope) -> Result<Applied, StoreError> {
-        debug_assert!(index > self.meta.last_applied, "log positions only grow");
+        debug_assert!(
+            index > self.meta.last_applied || (index == 0 && self.meta.last_applied == 0),
+            "log positions only grow (the first entry of a Raft log is at 0)"
+        );
         self.meta.last_applied = index;
         if let Some(tag) = &envelope.idempotency {
             if let Some(record) = self.idempotency_record(&tag.scope, &tag.key)? {

@@ -17,7 +17,7 @@ use redb::{Key, ReadTransaction, ReadableTable, TableDefinition, Value};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::tables::{self, decode};
+use super::tables::{self, TableVisitor, decode};
 use super::{StoreError, query};
 use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, User};
 
@@ -241,48 +241,44 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     })
 }
 
-/// SHA-256 over every row of every table, in key order: equal on replicas that applied the same commands.
+/// SHA-256 over every row of every table, in key order: equal on replicas that applied the same log.
 pub fn state_hash(txn: &ReadTransaction) -> Result<String, StoreError> {
-    let mut hasher = Sha256::new();
-    hash_table(txn, tables::META, &mut hasher)?;
-    hash_table(txn, tables::USERS, &mut hasher)?;
-    hash_table(txn, tables::ITEMS, &mut hasher)?;
-    hash_table(txn, tables::ORDERS, &mut hasher)?;
-    hash_table(txn, tables::USER_ORDERS, &mut hasher)?;
-    hash_table(txn, tables::PENDING_ORDERS, &mut hasher)?;
-    hash_table(txn, tables::USER_PENDING, &mut hasher)?;
-    hash_table(txn, tables::POSTINGS, &mut hasher)?;
-    hash_table(txn, tables::USER_POSTINGS, &mut hasher)?;
-    hash_table(txn, tables::ENTITLEMENTS, &mut hasher)?;
-    hash_table(txn, tables::CREDITS, &mut hasher)?;
-    hash_table(txn, tables::EXTERNAL_REFS, &mut hasher)?;
-    hash_table(txn, tables::TOPUPS, &mut hasher)?;
-    hash_table(txn, tables::PENDING_TOPUPS, &mut hasher)?;
-    hash_table(txn, tables::REFUNDS, &mut hasher)?;
-    hash_table(txn, tables::IDEMPOTENCY, &mut hasher)?;
-    hash_table(txn, tables::IDEMPOTENCY_EXPIRY, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()))
+    let mut hashing = Hashing {
+        txn,
+        hasher: Sha256::new(),
+    };
+    tables::visit_all(&mut hashing)?;
+    Ok(hex::encode(hashing.hasher.finalize()))
 }
 
-fn hash_table<K: Key + 'static, V: Value + 'static>(
-    txn: &ReadTransaction,
-    definition: TableDefinition<K, V>,
-    hasher: &mut Sha256,
-) -> Result<(), StoreError> {
-    let name = definition.to_string();
-    hasher.update((name.len() as u64).to_le_bytes());
-    hasher.update(name.as_bytes());
-    let table = txn.open_table(definition)?;
-    for entry in table.iter()? {
-        let (key, value) = entry?;
-        let key_value = key.value();
-        let value_value = value.value();
-        let key_bytes = K::as_bytes(&key_value);
-        let value_bytes = V::as_bytes(&value_value);
-        hasher.update((key_bytes.as_ref().len() as u64).to_le_bytes());
-        hasher.update(key_bytes.as_ref());
-        hasher.update((value_bytes.as_ref().len() as u64).to_le_bytes());
-        hasher.update(value_bytes.as_ref());
+struct Hashing<'a> {
+    txn: &'a ReadTransaction,
+    hasher: Sha256,
+}
+
+impl TableVisitor for Hashing<'_> {
+    fn visit<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        _tag: u8,
+        definition: TableDefinition<'static, K, V>,
+    ) -> Result<(), StoreError> {
+        let name = definition.to_string();
+        self.hasher.update((name.len() as u64).to_le_bytes());
+        self.hasher.update(name.as_bytes());
+        let table = self.txn.open_table(definition)?;
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let key_value = key.value();
+            let value_value = value.value();
+            let key_bytes = K::as_bytes(&key_value);
+            let value_bytes = V::as_bytes(&value_value);
+            self.hasher
+                .update((key_bytes.as_ref().len() as u64).to_le_bytes());
+            self.hasher.update(key_bytes.as_ref());
+            self.hasher
+                .update((value_bytes.as_ref().len() as u64).to_le_bytes());
+            self.hasher.update(value_bytes.as_ref());
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -1,16 +1,20 @@
 //! The state machine of one shard: its redb file, `apply` and the read queries.
 //!
-//! `ShardStore::apply_batch` is the only way state changes: it applies a batch of commands, in order, in
-//! ONE redb write transaction that also records the position of the last one (`last_applied`). Either
-//! the whole batch is on disk or none of it, so a crash can never leave "debited but not granted", and
-//! on restart the shard resumes exactly after `last_applied`.
+//! `ShardStore::apply_entries` is the only way state changes: it applies a batch of committed log
+//! entries, in order, in ONE redb write transaction that also records the position of the last one
+//! (`last_applied`) and the replication layer's marker. Either the whole batch is in the file or none
+//! of it, so a crash can never leave "debited but not granted", and on restart the shard resumes
+//! exactly after `last_applied`. Snapshots (`snapshot`) export and import the whole file's tables.
 
 pub mod apply;
 pub mod audit;
 pub mod query;
+pub mod snapshot;
 pub mod tables;
 
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase};
 use serde::{Deserialize, Serialize};
@@ -50,7 +54,12 @@ redb_error_into_store_error!(
 );
 
 /// The version of the on-disk layout; a file written by another layout is refused, not misread.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2: positions are Raft log indexes and `META` holds the replication marker.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Longest time between two durable commits of the state (the others skip the fsync; see
+/// `apply_entries`). Bounds how much of the log a restart re-applies.
+pub const DURABLE_EVERY: Duration = Duration::from_millis(500);
 
 /// Shard-wide bookkeeping, one row in `META`, rewritten once per batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,13 +96,19 @@ pub enum IdempotencyState {
 pub struct ShardStore {
     shard: u32,
     db: Database,
+    /// When the state was last committed durably.
+    durable_at: Mutex<Instant>,
 }
 
 impl ShardStore {
     /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`.
     pub fn open(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
         let db = Database::builder().create(path)?;
-        let store = ShardStore { shard, db };
+        let store = ShardStore {
+            shard,
+            db,
+            durable_at: Mutex::new(Instant::now()),
+        };
         let mut txn = store.db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Redb(e.into()))?;
@@ -121,27 +136,84 @@ impl ShardStore {
         self.shard
     }
 
-    /// Applies `batch` in order in one write transaction and commits it durably: when this returns `Ok`,
-    /// every outcome is on disk. The commands get consecutive positions after `last_applied`.
-    pub fn apply_batch(&self, batch: &[&Envelope]) -> Result<Vec<Applied>, StoreError> {
+    /// Applies committed log entries in order in ONE write transaction that also stores `marker`.
+    /// An entry without an envelope (a new leader's blank entry, a membership change) only advances
+    /// `last_applied`; its result is `None`.
+    ///
+    /// The commit is durable (fsync) only when the last durable one is older than `DURABLE_EVERY`:
+    /// every entry is durable in the Raft log before it is applied, and the marker rolls back with the
+    /// state, so a crash only makes the shard re-apply entries the log still holds (the argument is in
+    /// `shopkeep_raft::state_machine`). `sync` makes everything durable before a snapshot.
+    pub fn apply_entries(
+        &self,
+        entries: &[(u64, Option<&Envelope>)],
+        marker: &[u8],
+    ) -> Result<Vec<Option<Applied>>, StoreError> {
+        let durable = {
+            let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
+            durable_at.elapsed() >= DURABLE_EVERY
+        };
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| StoreError::Redb(e.into()))?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| StoreError::Redb(e.into()))?;
         let applied = {
             let mut applier = apply::Applier::open(&txn)?;
-            let mut results = Vec::with_capacity(batch.len());
-            for envelope in batch {
-                let index = applier.meta_mut().last_applied + 1;
-                results.push(applier.apply(index, envelope)?);
+            let mut results = Vec::with_capacity(entries.len());
+            for (index, envelope) in entries {
+                match envelope {
+                    Some(envelope) => results.push(Some(applier.apply(*index, envelope)?)),
+                    None => {
+                        applier.advance(*index);
+                        results.push(None);
+                    }
+                }
             }
+            applier.set_marker(marker)?;
             applier.finish()?;
             results
         };
         txn.commit()?;
+        if durable {
+            *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
         Ok(applied)
+    }
+
+    /// Applies `batch` at the positions after `last_applied`, with no marker (tests and tools).
+    pub fn apply_batch(&self, batch: &[&Envelope]) -> Result<Vec<Applied>, StoreError> {
+        let next = query::meta(&self.begin_read()?)?.last_applied + 1;
+        let entries: Vec<(u64, Option<&Envelope>)> = (next..)
+            .zip(batch)
+            .map(|(index, envelope)| (index, Some(*envelope)))
+            .collect();
+        let applied = self.apply_entries(&entries, &[])?;
+        Ok(applied.into_iter().flatten().collect())
+    }
+
+    /// The replication marker stored by the last apply or import.
+    pub fn marker(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        query::marker(&self.begin_read()?)
+    }
+
+    /// Makes every commit so far durable (one empty durable commit).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Redb(e.into()))?;
+        txn.commit()?;
+        *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Ok(())
     }
 
     pub fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
         Ok(self.db.begin_read()?)
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        Ok(self.db.begin_write()?)
     }
 }

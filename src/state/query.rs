@@ -18,6 +18,15 @@ pub fn meta(txn: &ReadTransaction) -> Result<MetaState, StoreError> {
     Ok(get(&table, tables::META_STATE_KEY)?.unwrap_or_default())
 }
 
+/// The replication marker stored with the state, if any.
+pub fn marker(txn: &ReadTransaction) -> Result<Option<Vec<u8>>, StoreError> {
+    let table = txn.open_table(tables::META)?;
+    Ok(table
+        .get(tables::MARKER_KEY)?
+        .map(|v| v.value().to_vec())
+        .filter(|m| !m.is_empty()))
+}
+
 pub fn user(txn: &ReadTransaction, user_id: &str) -> Result<Option<User>, StoreError> {
     get(&txn.open_table(tables::USERS)?, user_id)
 }

@@ -3,7 +3,7 @@
 //! Keys are native redb types (strings, integers, tuples) so that ranges scan in a useful order; values are
 //! postcard-encoded records from `domain`. Every table of a shard lives in that shard's one redb file.
 
-use redb::{ReadableTable, TableDefinition};
+use redb::{Key, ReadableTable, TableDefinition, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -51,6 +51,9 @@ pub const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
 
 /// The key of the one `MetaState` row in `META`.
 pub const META_STATE_KEY: &str = "state";
+/// The key of the replication marker in `META` (opaque bytes of the Raft layer: last applied log id and
+/// membership), written in the same transaction as the state it describes.
+pub const MARKER_KEY: &str = "replication";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(|e| StoreError::Encode(e.to_string()))
@@ -74,4 +77,36 @@ where
         Some(guard) => Ok(Some(decode(guard.value())?)),
         None => Ok(None),
     }
+}
+
+/// Something done to every table of a shard, in one fixed order (hashing, snapshots).
+pub trait TableVisitor {
+    fn visit<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        tag: u8,
+        table: TableDefinition<'static, K, V>,
+    ) -> Result<(), StoreError>;
+}
+
+/// Visits every table of a shard with its stable tag. A new table must be added here, or snapshots and
+/// `state_hash` would miss it.
+pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
+    visitor.visit(0, META)?;
+    visitor.visit(1, USERS)?;
+    visitor.visit(2, ITEMS)?;
+    visitor.visit(3, ORDERS)?;
+    visitor.visit(4, USER_ORDERS)?;
+    visitor.visit(5, PENDING_ORDERS)?;
+    visitor.visit(6, USER_PENDING)?;
+    visitor.visit(7, POSTINGS)?;
+    visitor.visit(8, USER_POSTINGS)?;
+    visitor.visit(9, ENTITLEMENTS)?;
+    visitor.visit(10, CREDITS)?;
+    visitor.visit(11, EXTERNAL_REFS)?;
+    visitor.visit(12, TOPUPS)?;
+    visitor.visit(13, PENDING_TOPUPS)?;
+    visitor.visit(14, REFUNDS)?;
+    visitor.visit(15, IDEMPOTENCY)?;
+    visitor.visit(16, IDEMPOTENCY_EXPIRY)?;
+    Ok(())
 }

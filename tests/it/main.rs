@@ -15,3 +15,4 @@ mod http_refunds;
 mod http_topups;
 mod http_users;
 mod props;
+mod raft_conformance;

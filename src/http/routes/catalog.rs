@@ -7,6 +7,7 @@ use crate::domain::model::{MAX_ITEM_NAME_CHARS, MAX_REFUND_WINDOW_DAYS};
 use crate::domain::{ItemKind, ItemSpec};
 use crate::engine::coordinator::CATALOG_HOME_SHARD;
 use crate::http::auth::Caller;
+use crate::http::current_consistency;
 use crate::http::dto::{self, ItemResponse, ItemsResponse, PutItemRequest};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::{self, AmountRule, Body};
@@ -108,7 +109,10 @@ pub async fn list_items(
     _caller: Caller,
 ) -> Result<Response, ApiError> {
     let items = app
-        .bounded(app.node.read(CATALOG_HOME_SHARD, query::items))
+        .bounded(
+            app.node
+                .read_with(current_consistency(), CATALOG_HOME_SHARD, query::items),
+        )
         .await?;
     let currency = &app.config.currency;
     Ok(render::ok(&ItemsResponse {

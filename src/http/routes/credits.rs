@@ -13,6 +13,7 @@ use crate::domain::command::PSP_EVENT_SCOPE;
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
 use crate::domain::{Command, RefClaim, Timestamp, TopupStatus};
 use crate::http::auth::Caller;
+use crate::http::current_consistency;
 use crate::http::dto::{
     self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest,
 };
@@ -249,7 +250,12 @@ pub async fn psp_webhook(State(app): State<AppState>, post: Post) -> Result<Resp
     let topup_id = Uuid::parse_str(&request.topup_id).map_err(|_| not_found())?;
     let shard = app.node.shard_of_user(&user_id);
     let topup = app
-        .bounded(app.node.read(shard, move |txn| query::topup(txn, topup_id)))
+        .bounded(
+            app.node
+                .read_with(current_consistency(), shard, move |txn| {
+                    query::topup(txn, topup_id)
+                }),
+        )
         .await?;
     let topup = topup
         .filter(|t| t.user_id == user_id)

@@ -2,6 +2,7 @@
 //! registered through `utoipa_axum::routes!`, so the document and the router come from the same list.
 
 mod catalog;
+mod cluster;
 mod credits;
 mod entitlements;
 mod ops;
@@ -13,10 +14,10 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::input;
+use super::{AppState, current_consistency};
 use crate::domain::{Timestamp, User, WalletView};
 use crate::state::{StoreError, query};
 use redb::ReadTransaction;
@@ -155,7 +156,11 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(entitlements::consume))
         .routes(routes!(entitlements::ledger))
         .routes(routes!(ops::audit))
-        .routes(routes!(ops::cluster))
+        .routes(routes!(cluster::cluster))
+        .routes(routes!(cluster::route))
+        .routes(routes!(cluster::add_node))
+        .routes(routes!(cluster::promote_node))
+        .routes(routes!(cluster::remove_node))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
@@ -177,14 +182,15 @@ where
 {
     let shard = app.node.shard_of_user(user_id);
     let id = user_id.to_owned();
-    let found = app
-        .bounded(
-            app.node
-                .read(shard, move |txn| match query::user(txn, &id)? {
-                    Some(user) => read(txn, &user).map(Some),
-                    None => Ok(None),
-                }),
-        )
+    let found =
+        app.bounded(app.node.read_with(
+            current_consistency(),
+            shard,
+            move |txn| match query::user(txn, &id)? {
+                Some(user) => read(txn, &user).map(Some),
+                None => Ok(None),
+            },
+        ))
         .await?;
     found.ok_or_else(ApiError::user_not_found)
 }

@@ -1,16 +1,15 @@
-//! Operations: health, readiness, metrics, the audit, the cluster view and the OpenAPI document.
+//! Operations: health, readiness, metrics, the audit and the OpenAPI document.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::http::auth::Caller;
-use crate::http::dto::{
-    AuditResponse, ClusterNode, ClusterResponse, ClusterShard, ShardAuditResponse, StatusResponse,
-};
+use crate::http::current_consistency;
+use crate::http::dto::{AuditResponse, ShardAuditResponse, StatusResponse};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::{AppState, render, status};
-use crate::state::{audit as shard_audit, query};
+use crate::state::audit as shard_audit;
 
 /// Recompute every invariant on every shard (admin).
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
@@ -23,7 +22,9 @@ pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Respon
         // The audit reads whole shards: no request timeout applies.
         let report = app
             .node
-            .read(shard, move |txn| shard_audit::audit(txn, shard))
+            .read_with(current_consistency(), shard, move |txn| {
+                shard_audit::audit(txn, shard)
+            })
             .await?;
         shards.push(ShardAuditResponse {
             shard: report.shard,
@@ -42,59 +43,21 @@ pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Respon
     Ok(render::ok(&AuditResponse { ok, shards }))
 }
 
-/// Nodes and shards: leader, term, applied index (admin).
-#[utoipa::path(get, path = "/v1/cluster", tag = "operations",
-    responses((status = 200, body = ClusterResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
-    caller.require_admin()?;
-    const THIS_NODE: u64 = 1;
-    let mut shards = Vec::new();
-    for handle in app.node.shards() {
-        let meta = app.bounded(app.node.read(handle.id(), query::meta)).await?;
-        shards.push(ClusterShard {
-            shard: handle.id(),
-            leader: handle.is_healthy().then_some(THIS_NODE),
-            term: 1,
-            voters: vec![THIS_NODE],
-            applied_index: meta.last_applied,
-            healthy: handle.is_healthy(),
-        });
-    }
-    Ok(render::ok(&ClusterResponse {
-        node_id: THIS_NODE,
-        mode: "single".to_owned(),
-        nodes: vec![ClusterNode {
-            node_id: THIS_NODE,
-            address: app.config.listen.to_string(),
-            this_node: true,
-        }],
-        shards,
-    }))
-}
-
 /// 200 while the process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = StatusResponse)))]
 pub async fn healthz() -> Response {
     status("ok")
 }
 
-/// 200 when every shard this node serves can take writes; 503 `unavailable` otherwise.
+/// 200 when every shard has a leader this node knows (it can serve reads and writes); 503 `unavailable`
+/// otherwise.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    let failed: Vec<u32> = app
-        .node
-        .shards()
-        .iter()
-        .filter(|s| !s.is_healthy())
-        .map(|s| s.id())
-        .collect();
-    if failed.is_empty() {
+    if app.node.cluster().every_shard_has_leader() {
         status("ready")
     } else {
-        ApiError::unavailable(format!("shards {failed:?} stopped after storage failures"))
-            .into_response()
+        ApiError::unavailable("not every shard has a leader yet").into_response()
     }
 }
 

@@ -1,0 +1,707 @@
+//! A node's replicas of every shard (multi-Raft) and everything a caller does with them: cluster
+//! formation, writes forwarded to the shard's leader, linearizable read barriers, membership changes
+//! and status.
+//!
+//! Every node hosts a replica of every shard. Each shard has a *preferred* node (the shard number modulo
+//! the initial members): it initialises the shard at formation and gets the shortest election timeout,
+//! so leaders start spread across nodes and drift back there after a full restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::log_store::LogDb;
+use crate::network::{ShardNetwork, Transport};
+use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
+use crate::state_machine::{ReplicatedState, StateMachineStore};
+use crate::{Payload, Raft};
+
+pub type NodeId = u64;
+
+/// How a node takes part in the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub node_id: NodeId,
+    /// The initial members and how this node reaches them, this node included. One entry (this node)
+    /// for a single-node shop.
+    pub peers: BTreeMap<NodeId, String>,
+    pub shards: u32,
+    /// Holds `raft-log.redb` and `snapshots/`.
+    pub data_dir: PathBuf,
+    /// Authenticates node-to-node calls.
+    pub secret: String,
+    pub heartbeat: Duration,
+    /// The shortest election timeout (the preferred node's); the others wait two to three times it.
+    pub election_timeout: Duration,
+    /// A snapshot is built after this many new log entries; the log before it is then purged.
+    pub snapshot_every: u64,
+    /// Most entries per append message.
+    pub max_payload_entries: u64,
+    /// Most writes a shard's leader has in flight; more are refused (backpressure).
+    pub max_inflight_per_shard: usize,
+    /// How long a write or a read barrier may look for a leader and a quorum before giving up.
+    pub deadline: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("shard {shard} is overloaded")]
+    Overloaded { shard: u32 },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+    #[error("cannot open the replicas: {0}")]
+    Open(String),
+}
+
+impl From<Refusal> for ClusterError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::NotLeader { .. } => {
+                ClusterError::Unavailable("no leader for the shard".into())
+            }
+            Refusal::Overloaded => ClusterError::Unavailable("the leader is overloaded".into()),
+            Refusal::Unavailable(message) => ClusterError::Unavailable(message),
+            Refusal::Rejected(message) => ClusterError::Rejected(message),
+        }
+    }
+}
+
+struct Replica {
+    raft: Raft,
+    inflight: Arc<Semaphore>,
+}
+
+/// The node's replicas and its client to the other nodes.
+pub struct Cluster {
+    config: ClusterConfig,
+    replicas: Vec<Replica>,
+    transport: Arc<Transport>,
+    /// Serialises membership changes made through this node.
+    membership_lock: tokio::sync::Mutex<()>,
+}
+
+/// One shard as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardStatus {
+    pub shard: u32,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: &'static str,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// On the leader: how many entries each other replica is behind (`None`: not known yet).
+    pub lag: BTreeMap<NodeId, Option<u64>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    /// Every node this node knows: the initial peers and the members of any shard.
+    pub nodes: BTreeMap<NodeId, String>,
+    pub shards: Vec<ShardStatus>,
+}
+
+/// The first index of `election_timeout` a node waits before it stands for election in `shard`.
+fn raft_config(
+    config: &ClusterConfig,
+    shard: u32,
+    preferred: bool,
+) -> Result<openraft::Config, ClusterError> {
+    let election = config.election_timeout.as_millis().max(1) as u64;
+    let (min, max) = if preferred {
+        (election, election * 3 / 2)
+    } else {
+        (election * 2, election * 3)
+    };
+    let keep = (config.snapshot_every / 2).clamp(1, 1000);
+    openraft::Config {
+        cluster_name: format!("shopkeep-shard-{shard}"),
+        heartbeat_interval: config.heartbeat.as_millis().max(1) as u64,
+        election_timeout_min: min,
+        election_timeout_max: max,
+        max_payload_entries: config.max_payload_entries,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: keep,
+        snapshot_max_chunk_size: 1024 * 1024,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ClusterError::Open(format!("raft configuration: {e}")))
+}
+
+fn not_leader(transport: &Transport, forward: ForwardToLeader<NodeId, BasicNode>) -> Refusal {
+    let leader = match (forward.leader_id, forward.leader_node) {
+        (Some(id), Some(node)) => Some((id, transport.address_of(id, &node.addr))),
+        (Some(id), None) => {
+            let addr = transport.address_of(id, "");
+            (!addr.is_empty()).then_some((id, addr))
+        }
+        _ => None,
+    };
+    Refusal::NotLeader { leader }
+}
+
+fn fatal<E: std::fmt::Display>(error: E) -> Refusal {
+    Refusal::Unavailable(format!("the shard's replica stopped: {error}"))
+}
+
+impl Cluster {
+    /// Opens the node's log, one Raft group per shard on `states` (index = shard), and the network.
+    pub async fn open<S: ReplicatedState>(
+        config: ClusterConfig,
+        states: Vec<Arc<S>>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        assert_eq!(states.len(), config.shards as usize, "one state per shard");
+        assert!(
+            config.peers.contains_key(&config.node_id),
+            "the peers include this node"
+        );
+        let log_path = config.data_dir.join("raft-log.redb");
+        let log_db = tokio::task::spawn_blocking(move || LogDb::open(&log_path))
+            .await
+            .map_err(|e| ClusterError::Open(e.to_string()))?
+            .map_err(|e| ClusterError::Open(e.to_string()))?;
+        let transport = Arc::new(Transport::new(config.secret.clone(), config.peers.clone()));
+        let mut replicas = Vec::with_capacity(states.len());
+        for (shard, state) in (0u32..).zip(states) {
+            let log = log_db
+                .shard(shard)
+                .map_err(|e| ClusterError::Open(e.to_string()))?;
+            let snapshot_dir = config
+                .data_dir
+                .join("snapshots")
+                .join(format!("shard-{shard:03}"));
+            let machine = StateMachineStore::new(state, snapshot_dir)
+                .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?;
+            let preferred = preferred_node(&config.peers, shard) == config.node_id;
+            let network = ShardNetwork {
+                shard,
+                local: config.node_id,
+                transport: transport.clone(),
+            };
+            let raft = Raft::new(
+                config.node_id,
+                Arc::new(raft_config(&config, shard, preferred)?),
+                network,
+                log,
+                machine,
+            )
+            .await
+            .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            replicas.push(Replica {
+                raft,
+                inflight: Arc::new(Semaphore::new(config.max_inflight_per_shard)),
+            });
+        }
+        Ok(Arc::new(Cluster {
+            config,
+            replicas,
+            transport,
+            membership_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.replicas.len() as u32
+    }
+
+    fn replica(&self, shard: u32) -> Result<&Replica, Refusal> {
+        self.replicas
+            .get(shard as usize)
+            .ok_or_else(|| Refusal::Rejected(format!("no shard {shard}")))
+    }
+
+    /// Forms the cluster if it has not been: a single node initialises its shards at once; in a
+    /// cluster, formation runs in the background until a majority of the peers is reachable.
+    pub async fn form(self: &Arc<Self>) {
+        if self.config.peers.len() == 1 {
+            for shard in 0..self.shard_count() {
+                if let Err(refusal) = self
+                    .initialize_local(shard, self.config.peers.clone())
+                    .await
+                {
+                    tracing::error!(shard, %refusal, "cannot initialise the shard");
+                }
+            }
+            return;
+        }
+        let cluster = self.clone();
+        tokio::spawn(async move { cluster.form_in_background().await });
+    }
+
+    async fn any_initialized(&self) -> bool {
+        for replica in &self.replicas {
+            if replica.raft.is_initialized().await.unwrap_or(true) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Exactly one initialisation: only a node that sees a majority of pristine peers, none of them
+    /// initialised and itself the lowest id among them, initialises; each shard on its preferred node.
+    /// (Two nodes initialising with the same members, which a race can cause, is safe in openraft.)
+    async fn form_in_background(self: Arc<Self>) {
+        let me = self.config.node_id;
+        let majority = self.config.peers.len() / 2 + 1;
+        loop {
+            if self.any_initialized().await {
+                tracing::info!("this node is part of a cluster");
+                return;
+            }
+            let mut reachable = BTreeSet::from([me]);
+            let mut joined = false;
+            for (&id, addr) in self.config.peers.iter().filter(|(id, _)| **id != me) {
+                match self
+                    .transport
+                    .call(addr, &NodeRequest::Probe, Duration::from_secs(1))
+                    .await
+                {
+                    Ok(NodeResponse::Probe(probe)) if probe.node_id == id => {
+                        if probe.shards != self.shard_count() {
+                            tracing::error!(
+                                peer = id,
+                                theirs = probe.shards,
+                                ours = self.shard_count(),
+                                "peer has a different shard count; not forming a cluster with it"
+                            );
+                            continue;
+                        }
+                        joined |= probe.initialized;
+                        reachable.insert(id);
+                    }
+                    Ok(other) => tracing::warn!(peer = id, ?other, "unexpected probe answer"),
+                    Err(error) => tracing::debug!(peer = id, %error, "peer not reachable yet"),
+                }
+            }
+            if joined {
+                tracing::info!("the cluster exists; waiting for its leaders to contact this node");
+                return;
+            }
+            if reachable.len() >= majority && reachable.first() == Some(&me) {
+                tracing::info!(members = ?self.config.peers.keys(), "forming the cluster");
+                for shard in 0..self.shard_count() {
+                    let preferred = preferred_node(&self.config.peers, shard);
+                    let members = self.config.peers.clone();
+                    let remote = if preferred != me && reachable.contains(&preferred) {
+                        let addr = self.transport.address_of(preferred, "");
+                        let request = NodeRequest::Initialize {
+                            shard,
+                            members: members.clone(),
+                        };
+                        matches!(
+                            self.transport
+                                .call(&addr, &request, Duration::from_secs(5))
+                                .await,
+                            Ok(NodeResponse::Done(Ok(())))
+                        )
+                    } else {
+                        false
+                    };
+                    if !remote {
+                        if let Err(refusal) = self.initialize_local(shard, members).await {
+                            tracing::error!(shard, %refusal, "cannot initialise the shard");
+                        }
+                    }
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn initialize_local(
+        &self,
+        shard: u32,
+        members: BTreeMap<NodeId, String>,
+    ) -> Result<(), Refusal> {
+        let replica = self.replica(shard)?;
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode::new(addr)))
+            .collect();
+        match replica.raft.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(RaftError::APIError(other)) => Err(Refusal::Rejected(other.to_string())),
+            Err(RaftError::Fatal(error)) => Err(fatal(error)),
+        }
+    }
+
+    /// Runs `local` on the shard's leader: here if this node leads, else forwarded once to the leader
+    /// (`remote` builds the request, `answer` reads the reply). Retries while there is no leader or the
+    /// leader moves, until the deadline.
+    async fn on_leader<T, F, Fut>(
+        &self,
+        shard: u32,
+        local: F,
+        remote: impl Fn() -> NodeRequest,
+        answer: fn(NodeResponse) -> Option<Result<T, Refusal>>,
+    ) -> Result<T, ClusterError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, Refusal>>,
+    {
+        let deadline = Instant::now() + self.config.deadline;
+        let mut pause = Duration::from_millis(25);
+        let mut last_error = String::from("no leader for the shard");
+        loop {
+            let leader = match local().await {
+                Ok(value) => return Ok(value),
+                Err(Refusal::NotLeader { leader }) => leader,
+                Err(Refusal::Overloaded) => return Err(ClusterError::Overloaded { shard }),
+                Err(other) => return Err(other.into()),
+            };
+            if let Some((id, addr)) = leader.filter(|(id, _)| *id != self.config.node_id) {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match self
+                    .transport
+                    .call(&addr, &remote(), remaining.max(Duration::from_millis(10)))
+                    .await
+                {
+                    Ok(response) => match answer(response) {
+                        Some(Ok(value)) => return Ok(value),
+                        Some(Err(Refusal::NotLeader { .. })) => {
+                            last_error = format!("node {id} no longer leads")
+                        }
+                        Some(Err(Refusal::Overloaded)) => {
+                            return Err(ClusterError::Overloaded { shard });
+                        }
+                        Some(Err(other)) => return Err(other.into()),
+                        None => {
+                            return Err(ClusterError::Unavailable(format!(
+                                "node {id} answered nonsense"
+                            )));
+                        }
+                    },
+                    Err(error) => last_error = error.to_string(),
+                }
+            }
+            if Instant::now() + pause >= deadline {
+                return Err(ClusterError::Unavailable(format!(
+                    "shard {shard}: {last_error}"
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(400));
+        }
+    }
+
+    /// Replicates `command` through the shard's log and returns the state machine's reply.
+    pub async fn write(&self, shard: u32, command: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
+        let payload = Payload(command);
+        let reply = self
+            .on_leader(
+                shard,
+                || self.write_local(shard, payload.clone()),
+                || NodeRequest::Write {
+                    shard,
+                    command: payload.clone(),
+                },
+                |response| match response {
+                    NodeResponse::Written(result) => Some(result),
+                    _ => None,
+                },
+            )
+            .await?;
+        Ok(reply.0)
+    }
+
+    async fn write_local(&self, shard: u32, payload: Payload) -> Result<Payload, Refusal> {
+        let replica = self.replica(shard)?;
+        let Ok(_permit) = replica.inflight.clone().try_acquire_owned() else {
+            return Err(Refusal::Overloaded);
+        };
+        let write = replica.raft.client_write(payload);
+        match tokio::time::timeout(self.config.deadline, write).await {
+            Err(_) => Err(Refusal::Unavailable(format!(
+                "shard {shard}: not committed within {:?} (no quorum?)",
+                self.config.deadline
+            ))),
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                Err(not_leader(&self.transport, forward))
+            }
+            Ok(Err(RaftError::APIError(other))) => Err(Refusal::Rejected(other.to_string())),
+            Ok(Err(RaftError::Fatal(error))) => Err(fatal(error)),
+        }
+    }
+
+    /// Waits until this node's replica of `shard` has applied everything committed before the call,
+    /// as confirmed by the shard's leader with a quorum (read index). After it, a local read is
+    /// linearizable.
+    pub async fn read_barrier(&self, shard: u32) -> Result<(), ClusterError> {
+        let started = Instant::now();
+        let index = self
+            .on_leader(
+                shard,
+                || self.read_index_local(shard),
+                || NodeRequest::ReadIndex { shard },
+                |response| match response {
+                    NodeResponse::ReadIndex(result) => Some(result),
+                    _ => None,
+                },
+            )
+            .await?;
+        let replica = self.replica(shard).map_err(ClusterError::from)?;
+        let remaining = self.config.deadline.saturating_sub(started.elapsed());
+        replica
+            .raft
+            .wait(Some(remaining.max(Duration::from_millis(10))))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| {
+                ClusterError::Unavailable(format!("shard {shard}: replica is behind: {e}"))
+            })?;
+        Ok(())
+    }
+
+    async fn read_index_local(&self, shard: u32) -> Result<u64, Refusal> {
+        let replica = self.replica(shard)?;
+        match tokio::time::timeout(self.config.deadline, replica.raft.get_read_log_id()).await {
+            Err(_) => Err(Refusal::Unavailable(format!(
+                "shard {shard}: no quorum confirmed the leader"
+            ))),
+            Ok(Ok((read_log_id, _applied))) => Ok(read_log_id.map(|id| id.index).unwrap_or(0)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                Err(not_leader(&self.transport, forward))
+            }
+            Ok(Err(RaftError::APIError(other))) => Err(Refusal::Unavailable(other.to_string())),
+            Ok(Err(RaftError::Fatal(error))) => Err(fatal(error)),
+        }
+    }
+
+    /// Applies a membership change to every shard, one shard at a time, on each shard's leader.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
+        let _serialised = self.membership_lock.lock().await;
+        if let MembershipChange::AddLearner { node, addr } = &change {
+            self.transport.remember(*node, addr);
+        }
+        for shard in 0..self.shard_count() {
+            self.on_leader(
+                shard,
+                || self.change_membership_local(shard, change.clone()),
+                || NodeRequest::ChangeMembership {
+                    shard,
+                    change: change.clone(),
+                },
+                |response| match response {
+                    NodeResponse::Done(result) => Some(result),
+                    _ => None,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn change_membership_local(
+        &self,
+        shard: u32,
+        change: MembershipChange,
+    ) -> Result<(), Refusal> {
+        let replica = self.replica(shard)?;
+        let raft = &replica.raft;
+        let membership = raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let result = match change {
+            MembershipChange::AddLearner { node, addr } => {
+                self.transport.remember(node, &addr);
+                if voters.contains(&node) {
+                    return Ok(());
+                }
+                raft.add_learner(node, BasicNode::new(addr), true)
+                    .await
+                    .map(|_| ())
+            }
+            MembershipChange::Promote { node } => {
+                if voters.contains(&node) {
+                    return Ok(());
+                }
+                if !known.contains(&node) {
+                    return Err(Refusal::Rejected(format!(
+                        "node {node} is not a learner of shard {shard}; add it first"
+                    )));
+                }
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node])), false)
+                    .await
+                    .map(|_| ())
+            }
+            MembershipChange::Remove { node } => {
+                if !known.contains(&node) {
+                    return Ok(());
+                }
+                if voters.contains(&node) {
+                    if voters.len() == 1 {
+                        return Err(Refusal::Rejected("cannot remove the last voter".into()));
+                    }
+                    raft.change_membership(
+                        ChangeMembers::RemoveVoters(BTreeSet::from([node])),
+                        false,
+                    )
+                    .await
+                    .map(|_| ())
+                } else {
+                    raft.change_membership(
+                        ChangeMembers::RemoveNodes(BTreeSet::from([node])),
+                        false,
+                    )
+                    .await
+                    .map(|_| ())
+                }
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(not_leader(&self.transport, forward))
+            }
+            Err(RaftError::APIError(other)) => Err(Refusal::Rejected(other.to_string())),
+            Err(RaftError::Fatal(error)) => Err(fatal(error)),
+        }
+    }
+
+    /// Answers a call from another node (the HTTP layer has checked the cluster secret).
+    pub async fn serve_call(&self, request: NodeRequest) -> NodeResponse {
+        match request {
+            NodeRequest::Append { shard, rpc } => NodeResponse::Append(match self.replica(shard) {
+                Ok(replica) => replica.raft.append_entries(rpc).await,
+                Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Panicked)),
+            }),
+            NodeRequest::Vote { shard, rpc } => NodeResponse::Vote(match self.replica(shard) {
+                Ok(replica) => replica.raft.vote(rpc).await,
+                Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Panicked)),
+            }),
+            NodeRequest::InstallSnapshot { shard, rpc } => {
+                NodeResponse::InstallSnapshot(match self.replica(shard) {
+                    Ok(replica) => replica.raft.install_snapshot(rpc).await,
+                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Panicked)),
+                })
+            }
+            NodeRequest::Write { shard, command } => {
+                NodeResponse::Written(self.write_local(shard, command).await)
+            }
+            NodeRequest::ReadIndex { shard } => {
+                NodeResponse::ReadIndex(self.read_index_local(shard).await)
+            }
+            NodeRequest::ChangeMembership { shard, change } => {
+                NodeResponse::Done(self.change_membership_local(shard, change).await)
+            }
+            NodeRequest::Initialize { shard, members } => {
+                NodeResponse::Done(self.initialize_local(shard, members).await)
+            }
+            NodeRequest::Probe => NodeResponse::Probe(Probe {
+                node_id: self.config.node_id,
+                shards: self.shard_count(),
+                initialized: self.any_initialized().await,
+            }),
+        }
+    }
+
+    /// Whether this node currently leads `shard` (background work runs on leaders only).
+    pub fn is_leader(&self, shard: u32) -> bool {
+        self.replicas.get(shard as usize).is_some_and(|r| {
+            let metrics = r.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics.current_leader == Some(self.config.node_id)
+                && metrics.state == ServerState::Leader
+        })
+    }
+
+    /// Whether every shard has a known leader.
+    pub fn every_shard_has_leader(&self) -> bool {
+        self.replicas.iter().all(|r| {
+            let metrics = r.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics.running_state.is_ok() && metrics.current_leader.is_some()
+        })
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        let mut nodes = self.transport.peers();
+        let shards = (0u32..)
+            .zip(&self.replicas)
+            .map(|(shard, replica)| {
+                let metrics = replica.raft.metrics().borrow().clone();
+                let membership = metrics.membership_config.membership();
+                for (id, node) in membership.nodes() {
+                    nodes.entry(*id).or_insert_with(|| node.addr.clone());
+                }
+                let voters: Vec<NodeId> = membership.voter_ids().collect();
+                let learners: Vec<NodeId> = membership.learner_ids().collect();
+                let last = metrics.last_log_index.unwrap_or(0);
+                let lag = metrics
+                    .replication
+                    .as_ref()
+                    .map(|replication| {
+                        replication
+                            .iter()
+                            .filter(|(id, _)| **id != self.config.node_id)
+                            .map(|(id, matched)| {
+                                (*id, matched.map(|m| last.saturating_sub(m.index)))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ShardStatus {
+                    shard,
+                    role: match metrics.state {
+                        ServerState::Leader => "leader",
+                        ServerState::Follower => "follower",
+                        ServerState::Candidate => "candidate",
+                        ServerState::Learner => "learner",
+                        ServerState::Shutdown => "shutdown",
+                    },
+                    leader: metrics.current_leader,
+                    term: metrics.current_term,
+                    last_log_index: metrics.last_log_index,
+                    applied_index: metrics.last_applied.map(|id| id.index),
+                    snapshot_index: metrics.snapshot.map(|id| id.index),
+                    voters,
+                    learners,
+                    lag,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.config.node_id,
+            nodes,
+            shards,
+        }
+    }
+
+    /// Stops every replica (their committed data is durable already).
+    pub async fn shutdown(&self) {
+        for replica in &self.replicas {
+            if let Err(error) = replica.raft.shutdown().await {
+                tracing::warn!(%error, "a replica did not stop cleanly");
+            }
+        }
+    }
+}
+
+/// The node that initialises `shard` and stands first for election in it.
+fn preferred_node(peers: &BTreeMap<NodeId, String>, shard: u32) -> NodeId {
+    let ids: Vec<NodeId> = peers.keys().copied().collect();
+    ids[shard as usize % ids.len()]
+}

@@ -1,0 +1,241 @@
+//! Node-to-node calls: one keep-alive HTTP client per node, postcard bodies, the cluster secret in a
+//! header, a deadline on every call, and the openraft network of each shard on top of it.
+//!
+//! Addresses come from the node's own `--peers` first and from the membership second, so an operator
+//! (or a test putting a proxy in between) decides how this node reaches the others.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
+
+use crate::TypeConfig;
+use crate::rpc::{CALL_PATH, MAX_MESSAGE_BYTES, NodeRequest, NodeResponse, SECRET_HEADER};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("{addr} answered {status}")]
+    Status { addr: String, status: u16 },
+    #[error("bad message from {addr}: {reason}")]
+    Decode { addr: String, reason: String },
+    #[error("cannot encode a message: {0}")]
+    Encode(String),
+}
+
+/// The node's client for calls to other nodes.
+pub struct Transport {
+    client: reqwest::Client,
+    secret: String,
+    peers: RwLock<BTreeMap<u64, String>>,
+}
+
+impl Transport {
+    pub fn new(secret: String, peers: BTreeMap<u64, String>) -> Transport {
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Transport {
+            client,
+            secret,
+            peers: RwLock::new(peers),
+        }
+    }
+
+    /// The address this node uses for `node`: its own peer list first, else `fallback`.
+    pub fn address_of(&self, node: u64, fallback: &str) -> String {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .cloned()
+            .unwrap_or_else(|| fallback.to_owned())
+    }
+
+    pub fn remember(&self, node: u64, addr: &str) {
+        self.peers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node)
+            .or_insert_with(|| addr.to_owned());
+    }
+
+    pub fn peers(&self) -> BTreeMap<u64, String> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends `request` to the node at `addr` and waits at most `timeout` for its answer.
+    pub async fn call(
+        &self,
+        addr: &str,
+        request: &NodeRequest,
+        timeout: Duration,
+    ) -> Result<NodeResponse, TransportError> {
+        let body = crate::encode(request).map_err(|e| TransportError::Encode(e.to_string()))?;
+        let unreachable = |e: reqwest::Error| TransportError::Unreachable {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        };
+        let response = self
+            .client
+            .post(format!("http://{addr}{CALL_PATH}"))
+            .header(SECRET_HEADER, &self.secret)
+            .header("content-type", "application/octet-stream")
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(TransportError::Status {
+                addr: addr.to_owned(),
+                status: status.as_u16(),
+            });
+        }
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(TransportError::Decode {
+                addr: addr.to_owned(),
+                reason: "answer too large".into(),
+            });
+        }
+        crate::decode(&bytes).map_err(|e| TransportError::Decode {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The openraft network of one shard.
+pub struct ShardNetwork {
+    pub(crate) shard: u32,
+    pub(crate) local: u64,
+    pub(crate) transport: Arc<Transport>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        // openraft never asks for a client to itself (its leader asserts so); check it anyway.
+        debug_assert_ne!(target, self.local, "a network client to the local node");
+        PeerClient {
+            shard: self.shard,
+            target,
+            addr: self.transport.address_of(target, &node.addr),
+            transport: self.transport.clone(),
+        }
+    }
+}
+
+/// Calls to one peer for one shard.
+pub struct PeerClient {
+    shard: u32,
+    target: u64,
+    addr: String,
+    transport: Arc<Transport>,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>;
+
+impl PeerClient {
+    async fn send(
+        &self,
+        request: NodeRequest,
+        option: &RPCOption,
+    ) -> Result<NodeResponse, TransportError> {
+        self.transport
+            .call(&self.addr, &request, option.hard_ttl())
+            .await
+    }
+
+    fn failed<E: std::error::Error>(
+        &self,
+        error: TransportError,
+    ) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
+        match error {
+            TransportError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+            other => RPCError::Network(NetworkError::new(&other)),
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(
+        &self,
+        answer: &NodeResponse,
+    ) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
+        let error = TransportError::Decode {
+            addr: self.addr.clone(),
+            reason: format!("unexpected answer {answer:?}"),
+        };
+        RPCError::Network(NetworkError::new(&error))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<u64>> {
+        let shard = self.shard;
+        match self.send(NodeRequest::Append { shard, rpc }, &option).await {
+            Ok(NodeResponse::Append(Ok(response))) => Ok(response),
+            Ok(NodeResponse::Append(Err(error))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
+            }
+            Ok(other) => Err(self.unexpected(&other)),
+            Err(error) => Err(self.failed(error)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
+        let shard = self.shard;
+        match self
+            .send(NodeRequest::InstallSnapshot { shard, rpc }, &option)
+            .await
+        {
+            Ok(NodeResponse::InstallSnapshot(Ok(response))) => Ok(response),
+            Ok(NodeResponse::InstallSnapshot(Err(error))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
+            }
+            Ok(other) => Err(self.unexpected(&other)),
+            Err(error) => Err(self.failed(error)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<u64>> {
+        let shard = self.shard;
+        match self.send(NodeRequest::Vote { shard, rpc }, &option).await {
+            Ok(NodeResponse::Vote(Ok(response))) => Ok(response),
+            Ok(NodeResponse::Vote(Err(error))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
+            }
+            Ok(other) => Err(self.unexpected(&other)),
+            Err(error) => Err(self.failed(error)),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The node-to-node wire: every message between nodes is one `POST /_node/v1/call` whose body is a
+//! postcard [`NodeRequest`] and whose answer is a postcard [`NodeResponse`]. The caller proves it is a
+//! member with the cluster secret in [`SECRET_HEADER`]; the HTTP layer checks it before anything here
+//! runs.
+
+use std::collections::BTreeMap;
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{Payload, TypeConfig};
+
+/// The one path of node traffic.
+pub const CALL_PATH: &str = "/_node/v1/call";
+/// The header that carries the cluster secret.
+pub const SECRET_HEADER: &str = "x-shopkeep-cluster-secret";
+/// The largest node message accepted: an append of `max_payload_entries` full-size commands, or one
+/// snapshot chunk, fits well inside it.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeRequest {
+    Append {
+        shard: u32,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    },
+    Vote {
+        shard: u32,
+        rpc: VoteRequest<u64>,
+    },
+    InstallSnapshot {
+        shard: u32,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    },
+    /// A command forwarded to the node that leads `shard`.
+    Write {
+        shard: u32,
+        command: Payload,
+    },
+    /// Asks the leader of `shard` for the index a linearizable read must wait for.
+    ReadIndex {
+        shard: u32,
+    },
+    /// A membership change, run by the leader of `shard`.
+    ChangeMembership {
+        shard: u32,
+        change: MembershipChange,
+    },
+    /// Asks a pristine node to initialise `shard` with these voters (cluster formation).
+    Initialize {
+        shard: u32,
+        members: BTreeMap<u64, String>,
+    },
+    /// Who are you, and have you joined a cluster yet?
+    Probe,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeResponse {
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    Written(Result<Payload, Refusal>),
+    ReadIndex(Result<u64, Refusal>),
+    Done(Result<(), Refusal>),
+    Probe(Probe),
+}
+
+/// Why a node did not do what was asked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("not the leader of this shard (leader: {leader:?})")]
+    NotLeader { leader: Option<(u64, String)> },
+    #[error("overloaded")]
+    Overloaded,
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// Adds `node` as a learner (or updates its address) and waits until it has caught up.
+    AddLearner { node: u64, addr: String },
+    /// Makes `node` (already a learner) a voter.
+    Promote { node: u64 },
+    /// Removes `node` from the voters and the learners.
+    Remove { node: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    pub node_id: u64,
+    pub shards: u32,
+    /// Whether any of its shards has a log or a vote (it is, or was, part of a cluster).
+    pub initialized: bool,
+}
+
+/// Reads a request body (the caller is authenticated already).
+pub fn decode_request(body: &[u8]) -> Result<NodeRequest, postcard::Error> {
+    crate::decode(body)
+}
+
+pub fn encode_response(response: &NodeResponse) -> Result<Vec<u8>, postcard::Error> {
+    crate::encode(response)
+}

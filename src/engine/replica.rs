@@ -1,0 +1,130 @@
+//! A shard's state machine as the replication layer drives it: decodes the committed commands, applies
+//! them through `ShardStore`, encodes the outcomes, and exports/imports the state for snapshots.
+//!
+//! Every replica runs this on the same log, so everything here must be deterministic, failures included:
+//! a command that cannot be decoded, or whose `apply` panics (a bug), becomes a no-op with an error reply
+//! on every replica alike, and the rest of its batch is still applied.
+
+use std::io::{Read, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use redb::ReadTransaction;
+use shopkeep_raft::{Applying, Export, ReplicatedState, StateError};
+
+use crate::domain::Envelope;
+use crate::state::{Applied, ShardStore, snapshot};
+
+/// What a replica answers for one command: its outcome, or why it could not be applied at all.
+pub type ApplyReply = Result<Applied, String>;
+
+pub struct ShardMachine {
+    pub store: Arc<ShardStore>,
+}
+
+fn encode_reply(reply: &ApplyReply) -> Vec<u8> {
+    // An outcome always encodes; an empty reply would read back as "not applied".
+    postcard::to_stdvec(reply).unwrap_or_default()
+}
+
+impl ReplicatedState for ShardMachine {
+    fn marker(&self) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.store.marker()?)
+    }
+
+    fn apply(
+        &self,
+        batch: &[Applying<'_>],
+        marker_after: &dyn Fn(usize) -> Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, StateError> {
+        let Some(last) = batch.len().checked_sub(1) else {
+            return Ok(Vec::new());
+        };
+        let decoded: Vec<Option<Result<Envelope, String>>> = batch
+            .iter()
+            .map(|entry| {
+                entry.command.map(|bytes| {
+                    postcard::from_bytes::<Envelope>(bytes)
+                        .map_err(|e| format!("undecodable command: {e}"))
+                })
+            })
+            .collect();
+        let entries: Vec<(u64, Option<&Envelope>)> = batch
+            .iter()
+            .zip(&decoded)
+            .map(|(entry, envelope)| (entry.index, envelope.as_ref().and_then(|e| e.as_ref().ok())))
+            .collect();
+        let whole = catch_unwind(AssertUnwindSafe(|| {
+            self.store.apply_entries(&entries, &marker_after(last))
+        }));
+        let applied = match whole {
+            Ok(result) => result?,
+            Err(_) => {
+                // A command panicked (a bug); the transaction was dropped, so nothing of the batch was
+                // written. Apply the entries one by one so that only the culprit fails.
+                tracing::error!(
+                    shard = self.store.shard(),
+                    "apply panicked; applying the batch one by one"
+                );
+                let mut applied = Vec::with_capacity(entries.len());
+                for (i, entry) in entries.iter().enumerate() {
+                    let single = catch_unwind(AssertUnwindSafe(|| {
+                        self.store.apply_entries(&[*entry], &marker_after(i))
+                    }));
+                    match single {
+                        Ok(result) => applied.extend(result?),
+                        Err(_) => {
+                            tracing::error!(
+                                shard = self.store.shard(),
+                                index = entry.0,
+                                "apply panicked"
+                            );
+                            self.store
+                                .apply_entries(&[(entry.0, None)], &marker_after(i))?;
+                            applied.push(None);
+                        }
+                    }
+                }
+                applied
+            }
+        };
+        debug_assert_eq!(applied.len(), batch.len());
+        Ok(decoded
+            .iter()
+            .zip(applied)
+            .map(|(command, applied)| match (command, applied) {
+                (None, _) => Vec::new(),
+                (Some(Err(error)), _) => encode_reply(&Err(error.clone())),
+                (Some(Ok(_)), Some(applied)) => encode_reply(&Ok(applied)),
+                (Some(Ok(_)), None) => {
+                    encode_reply(&Err("the command could not be applied".to_owned()))
+                }
+            })
+            .collect())
+    }
+
+    fn export(&self) -> Result<Box<dyn Export>, StateError> {
+        let view = self.store.durable_view()?;
+        let marker = crate::state::query::marker(&view)?;
+        Ok(Box::new(ShardExport { view, marker }))
+    }
+
+    fn import(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StateError> {
+        Ok(self.store.import(body, marker)?)
+    }
+}
+
+struct ShardExport {
+    view: ReadTransaction,
+    marker: Option<Vec<u8>>,
+}
+
+impl Export for ShardExport {
+    fn marker(&self) -> Option<Vec<u8>> {
+        self.marker.clone()
+    }
+
+    fn write_to(&mut self, out: &mut dyn Write) -> Result<(), StateError> {
+        Ok(snapshot::export(&self.view, out)?)
+    }
+}

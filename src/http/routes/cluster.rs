@@ -1,0 +1,178 @@
+//! The cluster as an operator sees it: the view of nodes and shards, where a user lives, and membership
+//! changes (add a node as a learner, promote it to voter, remove a node), applied to every shard.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use shopkeep_raft::rpc::MembershipChange;
+
+use crate::http::auth::Caller;
+use crate::http::dto::{AddNodeRequest, ClusterNode, ClusterResponse, ClusterShard, RouteResponse};
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::input::{self, Post};
+use crate::http::{AppState, render};
+
+fn view(app: &AppState) -> ClusterResponse {
+    let status = app.node.cluster().status();
+    let mode = if app.config.peers.is_some() || status.nodes.len() > 1 {
+        "cluster"
+    } else {
+        "single"
+    };
+    ClusterResponse {
+        node_id: status.node_id,
+        mode: mode.to_owned(),
+        nodes: status
+            .nodes
+            .iter()
+            .map(|(id, address)| ClusterNode {
+                node_id: *id,
+                address: address.clone(),
+                this_node: *id == status.node_id,
+            })
+            .collect(),
+        shards: status
+            .shards
+            .into_iter()
+            .map(|shard| ClusterShard {
+                shard: shard.shard,
+                role: shard.role.to_owned(),
+                leader: shard.leader,
+                term: shard.term,
+                voters: shard.voters,
+                learners: shard.learners,
+                last_log_index: shard.last_log_index,
+                applied_index: shard.applied_index,
+                snapshot_index: shard.snapshot_index,
+                lag: shard
+                    .lag
+                    .into_iter()
+                    .map(|(node, lag)| (node.to_string(), lag))
+                    .collect(),
+                healthy: shard.leader.is_some(),
+            })
+            .collect(),
+    }
+}
+
+/// Nodes and shards as this node sees them: role, leader, term, log and applied indexes, lag (admin).
+#[utoipa::path(get, path = "/v1/cluster", tag = "operations",
+    responses((status = 200, body = ClusterResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    Ok(render::ok(&view(&app)))
+}
+
+/// The shard that holds a user's rows and that shard's leader (admin).
+#[utoipa::path(get, path = "/v1/cluster/route/{user_id}", tag = "operations",
+    params(("user_id" = String, Path)),
+    responses((status = 200, body = RouteResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn route(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let user_id = input::client_id("user_id", &user_id)?;
+    let shard = app.node.shard_of_user(&user_id);
+    let leader = app
+        .node
+        .cluster()
+        .status()
+        .shards
+        .get(shard as usize)
+        .and_then(|s| s.leader);
+    Ok(render::ok(&RouteResponse {
+        user_id,
+        shard,
+        leader,
+    }))
+}
+
+async fn change(app: &AppState, change: MembershipChange) -> Result<Response, ApiError> {
+    match app.node.cluster().change_membership(change).await {
+        Ok(()) => Ok(render::ok(&view(app))),
+        Err(shopkeep_raft::ClusterError::Rejected(message)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_state",
+            message,
+        )),
+        Err(error) => Err(crate::engine::EngineError::from(error).into()),
+    }
+}
+
+/// Add a node as a learner of every shard; answers once it has caught up (admin). Start the node first
+/// with `--node-id` and `--peers`: it waits to be added.
+#[utoipa::path(post, path = "/v1/admin/cluster/nodes", tag = "operations", request_body = AddNodeRequest,
+    params(("Idempotency-Key" = String, Header)),
+    responses(
+        (status = 200, body = ClusterResponse),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the change is not allowed now", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn add_node(
+    State(app): State<AppState>,
+    caller: Caller,
+    post: Post,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    post.idempotency_key()?;
+    let request: AddNodeRequest = post.json()?;
+    if request.node_id == 0 {
+        return Err(ApiError::invalid_request(
+            "node_id must be a positive integer",
+        ));
+    }
+    if crate::config::parse_peers(&format!("{}={}", request.node_id, request.address)).is_err() {
+        return Err(ApiError::invalid_request("address must be host:port"));
+    }
+    change(
+        &app,
+        MembershipChange::AddLearner {
+            node: request.node_id,
+            addr: request.address,
+        },
+    )
+    .await
+}
+
+/// Make a learner a voter of every shard (admin).
+#[utoipa::path(post, path = "/v1/admin/cluster/nodes/{node_id}/promote", tag = "operations",
+    params(("node_id" = u64, Path), ("Idempotency-Key" = String, Header)),
+    responses(
+        (status = 200, body = ClusterResponse),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: not a learner yet", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn promote_node(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(node_id): Path<u64>,
+    post: Post,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    post.idempotency_key()?;
+    change(&app, MembershipChange::Promote { node: node_id }).await
+}
+
+/// Remove a node from every shard (admin). Its data is then stale: never restart it with the same id.
+#[utoipa::path(delete, path = "/v1/admin/cluster/nodes/{node_id}", tag = "operations",
+    params(("node_id" = u64, Path)),
+    responses(
+        (status = 200, body = ClusterResponse),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: e.g. the last voter", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn remove_node(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(node_id): Path<u64>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    change(&app, MembershipChange::Remove { node: node_id }).await
+}

@@ -1,0 +1,173 @@
+//! A shard's whole state as a byte stream (the body of a Raft snapshot), and back.
+//!
+//! Format: for every table in `tables::visit_all` order, each row as
+//! `tag (u8) | key length (u32 LE) | key | value length (u32 LE) | value`, then `END`. Rows are the
+//! tables' raw redb encodings, so a snapshot is exactly the file's content, whatever the row types.
+//! An import replaces every table in ONE durable transaction: a crash leaves the old state or the new.
+
+use std::io::{Read, Write};
+
+use redb::{Key, ReadTransaction, ReadableTable, TableDefinition, Value, WriteTransaction};
+
+use super::tables::{self, TableVisitor};
+use super::{SCHEMA_VERSION, ShardStore, StoreError, query};
+
+const END: u8 = 0xFF;
+/// The largest key or value a snapshot may carry (a real row is far smaller).
+const MAX_FIELD: u32 = 16 * 1024 * 1024;
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Corrupt(format!("snapshot stream: {e}"))
+}
+
+/// Writes every row of the state `txn` sees to `out`.
+pub fn export(txn: &ReadTransaction, out: &mut dyn Write) -> Result<(), StoreError> {
+    tables::visit_all(&mut Exporter { txn, out })?;
+    out.write_all(&[END]).map_err(io)
+}
+
+struct Exporter<'a> {
+    txn: &'a ReadTransaction,
+    out: &'a mut dyn Write,
+}
+
+impl TableVisitor for Exporter<'_> {
+    fn visit<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        tag: u8,
+        definition: TableDefinition<'static, K, V>,
+    ) -> Result<(), StoreError> {
+        let table = self.txn.open_table(definition)?;
+        for row in table.iter()? {
+            let (key, value) = row?;
+            let key_value = key.value();
+            let value_value = value.value();
+            let key_bytes = K::as_bytes(&key_value);
+            let value_bytes = V::as_bytes(&value_value);
+            self.out.write_all(&[tag]).map_err(io)?;
+            for field in [key_bytes.as_ref(), value_bytes.as_ref()] {
+                let len = u32::try_from(field.len())
+                    .map_err(|_| StoreError::Encode("row too large for a snapshot".into()))?;
+                self.out.write_all(&len.to_le_bytes()).map_err(io)?;
+                self.out.write_all(field).map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One row's raw key and value.
+type Row = (Vec<u8>, Vec<u8>);
+
+/// Reads rows, one tag of look-ahead.
+struct Rows<'a> {
+    input: &'a mut dyn Read,
+    next_tag: Option<u8>,
+}
+
+impl Rows<'_> {
+    fn peek(&mut self) -> Result<u8, StoreError> {
+        if let Some(tag) = self.next_tag {
+            return Ok(tag);
+        }
+        let mut tag = [0u8; 1];
+        self.input.read_exact(&mut tag).map_err(io)?;
+        self.next_tag = Some(tag[0]);
+        Ok(tag[0])
+    }
+
+    fn field(&mut self) -> Result<Vec<u8>, StoreError> {
+        let mut len = [0u8; 4];
+        self.input.read_exact(&mut len).map_err(io)?;
+        let len = u32::from_le_bytes(len);
+        if len > MAX_FIELD {
+            return Err(StoreError::Corrupt(format!(
+                "snapshot field of {len} bytes"
+            )));
+        }
+        let mut field = vec![0u8; len as usize];
+        self.input.read_exact(&mut field).map_err(io)?;
+        Ok(field)
+    }
+
+    /// The next row if it belongs to the table `tag`.
+    fn next_of(&mut self, tag: u8) -> Result<Option<Row>, StoreError> {
+        if self.peek()? != tag {
+            return Ok(None);
+        }
+        self.next_tag = None;
+        Ok(Some((self.field()?, self.field()?)))
+    }
+}
+
+struct Importer<'a> {
+    txn: &'a WriteTransaction,
+    rows: Rows<'a>,
+}
+
+impl TableVisitor for Importer<'_> {
+    fn visit<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        tag: u8,
+        definition: TableDefinition<'static, K, V>,
+    ) -> Result<(), StoreError> {
+        let mut table = self.txn.open_table(definition)?;
+        table.retain(|_, _| false)?;
+        while let Some((key, value)) = self.rows.next_of(tag)? {
+            table.insert(K::from_bytes(&key), V::from_bytes(&value))?;
+        }
+        Ok(())
+    }
+}
+
+impl ShardStore {
+    /// Makes the state durable, then returns a read view of it to export (see `sync`).
+    pub fn durable_view(&self) -> Result<ReadTransaction, StoreError> {
+        // The view is taken first: everything it sees was committed before the durable commit below,
+        // so all of it is durable once `sync` returns.
+        let view = self.begin_read()?;
+        self.sync()?;
+        Ok(view)
+    }
+
+    /// Replaces the whole state by an exported one and `marker`, in one durable transaction.
+    pub fn import(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| StoreError::Redb(e.into()))?;
+        {
+            let mut importer = Importer {
+                txn: &txn,
+                rows: Rows {
+                    input: body,
+                    next_tag: None,
+                },
+            };
+            tables::visit_all(&mut importer)?;
+            let last = importer.rows.peek()?;
+            if last != END {
+                return Err(StoreError::Corrupt(format!(
+                    "snapshot row of unknown or out-of-order table {last}"
+                )));
+            }
+            let mut meta_table = txn.open_table(tables::META)?;
+            let meta: super::MetaState =
+                tables::get(&meta_table, tables::META_STATE_KEY)?.unwrap_or_default();
+            if meta.schema_version != SCHEMA_VERSION || meta.shard != self.shard() {
+                return Err(StoreError::Incompatible(format!(
+                    "snapshot of shard {} schema {}, this is shard {} schema {SCHEMA_VERSION}",
+                    meta.shard,
+                    meta.schema_version,
+                    self.shard()
+                )));
+            }
+            meta_table.insert(tables::MARKER_KEY, marker)?;
+        }
+        txn.commit()?;
+        debug_assert_eq!(
+            query::marker(&self.begin_read()?).ok().flatten().as_deref(),
+            Some(marker).filter(|m| !m.is_empty())
+        );
+        self.sync()
+    }
+}
