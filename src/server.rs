@@ -91,6 +91,17 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         .install_recorder()
         .map_err(|e| StartError::Metrics(e.to_string()))?;
 
+    // Bind before the replicas start: peers that call while this node opens its shards wait in the
+    // listen queue instead of being refused.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(StartError::Serve)?;
+    let mut config = config;
+    config.listen = address;
     let peers = config.peers.clone().unwrap_or_else(|| {
         std::collections::BTreeMap::from([(config.node_id, config.listen.to_string())])
     });
@@ -120,15 +131,6 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let sweeper = tokio::spawn(sweeper::run(node.clone(), config.sweep_interval, stop_rx));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let address = listener.local_addr().map_err(StartError::Serve)?;
-    let mut config = config;
-    config.listen = address;
     let drain = config.shutdown_timeout;
     let router = http::router(
         node.clone(),

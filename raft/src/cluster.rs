@@ -264,6 +264,7 @@ impl Cluster {
     async fn form_in_background(self: Arc<Self>) {
         let me = self.config.node_id;
         let majority = self.config.peers.len() / 2 + 1;
+        let mut rounds_with_majority = 0u32;
         loop {
             if self.any_initialized().await {
                 tracing::info!("this node is part of a cluster");
@@ -298,7 +299,14 @@ impl Cluster {
                 tracing::info!("the cluster exists; waiting for its leaders to contact this node");
                 return;
             }
-            if reachable.len() >= majority && reachable.first() == Some(&me) {
+            let everyone = reachable.len() == self.config.peers.len();
+            if reachable.len() >= majority {
+                rounds_with_majority += 1;
+            }
+            // With only a majority up, wait a little for the rest: each shard is then initialised on
+            // its preferred node, and leaders start spread.
+            let waited_enough = everyone || rounds_with_majority > 4;
+            if reachable.len() >= majority && waited_enough && reachable.first() == Some(&me) {
                 tracing::info!(members = ?self.config.peers.keys(), "forming the cluster");
                 for shard in 0..self.shard_count() {
                     let preferred = preferred_node(&self.config.peers, shard);

@@ -40,6 +40,8 @@ impl ReplicatedState for ShardMachine {
         let Some(last) = batch.len().checked_sub(1) else {
             return Ok(Vec::new());
         };
+        metrics::histogram!("shopkeep_apply_batch_size", "shard" => self.store.shard().to_string())
+            .record(batch.len() as f64);
         let decoded: Vec<Option<Result<Envelope, String>>> = batch
             .iter()
             .map(|entry| {
