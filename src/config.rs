@@ -57,9 +57,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_RAFT_HEARTBEAT", default_value = "100ms", value_parser = parse_duration)]
     pub raft_heartbeat: Duration,
 
-    /// How long a follower waits without hearing from its leader before it stands for election (its
-    /// shard's preferred node: 1–1.5×, the others 2–3×). At least 3× the heartbeat.
-    #[arg(long, env = "SHOPKEEP_RAFT_ELECTION_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    /// How long a follower waits without hearing from its leader before it stands for election (1–2×
+    /// this, at random). At least 3× the heartbeat. A dead leader is replaced in about 2–4× this.
+    #[arg(long, env = "SHOPKEEP_RAFT_ELECTION_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub raft_election_timeout: Duration,
 
     /// Log entries between two snapshots of a shard; the log before a snapshot is then purged.

@@ -3,8 +3,8 @@
 //! and status.
 //!
 //! Every node hosts a replica of every shard. Each shard has a *preferred* node (the shard number modulo
-//! the initial members): it initialises the shard at formation and gets the shortest election timeout,
-//! so leaders start spread across nodes and drift back there after a full restart.
+//! the initial members): it initialises the shard at formation and so becomes its first leader, which
+//! spreads the leaders across nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -40,7 +40,7 @@ pub struct ClusterConfig {
     /// Authenticates node-to-node calls.
     pub secret: String,
     pub heartbeat: Duration,
-    /// The shortest election timeout (the preferred node's); the others wait two to three times it.
+    /// A follower that hears nothing from its leader for one to two of these stands for election.
     pub election_timeout: Duration,
     /// A snapshot is built after this many new log entries; the log before it is then purged.
     pub snapshot_every: u64,
@@ -116,18 +116,16 @@ pub struct ClusterStatus {
     pub shards: Vec<ShardStatus>,
 }
 
-/// The first index of `election_timeout` a node waits before it stands for election in `shard`.
-fn raft_config(
-    config: &ClusterConfig,
-    shard: u32,
-    preferred: bool,
-) -> Result<openraft::Config, ClusterError> {
+/// The Raft configuration of `shard`'s group.
+///
+/// Every node waits between one and two election timeouts before it stands. (openraft 0.9 makes a voter
+/// refuse candidates for `election_timeout_max` after it last heard from a leader — its leader lease — so
+/// the first candidate after a leader dies is usually refused and the second round wins: failover takes
+/// about two to four election timeouts. Giving the shard's preferred node a shorter timeout than the others
+/// would lengthen their leases and slow failover, so leaders are spread at formation instead.)
+fn raft_config(config: &ClusterConfig, shard: u32) -> Result<openraft::Config, ClusterError> {
     let election = config.election_timeout.as_millis().max(1) as u64;
-    let (min, max) = if preferred {
-        (election, election * 3 / 2)
-    } else {
-        (election * 2, election * 3)
-    };
+    let (min, max) = (election, election * 2);
     let keep = (config.snapshot_every / 2).clamp(1, 1000);
     openraft::Config {
         cluster_name: format!("shopkeep-shard-{shard}"),
@@ -189,7 +187,6 @@ impl Cluster {
                 .join(format!("shard-{shard:03}"));
             let machine = StateMachineStore::new(state, snapshot_dir)
                 .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?;
-            let preferred = preferred_node(&config.peers, shard) == config.node_id;
             let network = ShardNetwork {
                 shard,
                 local: config.node_id,
@@ -197,7 +194,7 @@ impl Cluster {
             };
             let raft = Raft::new(
                 config.node_id,
-                Arc::new(raft_config(&config, shard, preferred)?),
+                Arc::new(raft_config(&config, shard)?),
                 network,
                 log,
                 machine,
