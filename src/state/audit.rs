@@ -265,20 +265,14 @@ impl TableVisitor for Hashing<'_> {
         let name = definition.to_string();
         self.hasher.update((name.len() as u64).to_le_bytes());
         self.hasher.update(name.as_bytes());
-        let table = self.txn.open_table(definition)?;
-        for entry in table.iter()? {
-            let (key, value) = entry?;
-            let key_value = key.value();
-            let value_value = value.value();
-            let key_bytes = K::as_bytes(&key_value);
-            let value_bytes = V::as_bytes(&value_value);
-            self.hasher
-                .update((key_bytes.as_ref().len() as u64).to_le_bytes());
-            self.hasher.update(key_bytes.as_ref());
-            self.hasher
-                .update((value_bytes.as_ref().len() as u64).to_le_bytes());
-            self.hasher.update(value_bytes.as_ref());
-        }
+        let hasher = &mut self.hasher;
+        tables::for_each_raw_row(self.txn, definition, |key, value| {
+            hasher.update((key.len() as u64).to_le_bytes());
+            hasher.update(key);
+            hasher.update((value.len() as u64).to_le_bytes());
+            hasher.update(value);
+            Ok(())
+        })?;
         Ok(())
     }
 }

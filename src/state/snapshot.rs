@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 
-use redb::{Key, ReadTransaction, ReadableTable, TableDefinition, Value, WriteTransaction};
+use redb::{Key, ReadTransaction, TableDefinition, Value, WriteTransaction};
 
 use super::tables::{self, TableVisitor};
 use super::{SCHEMA_VERSION, ShardStore, StoreError, query};
@@ -37,21 +37,17 @@ impl TableVisitor for Exporter<'_> {
         tag: u8,
         definition: TableDefinition<'static, K, V>,
     ) -> Result<(), StoreError> {
-        let table = self.txn.open_table(definition)?;
-        for row in table.iter()? {
-            let (key, value) = row?;
-            let key_value = key.value();
-            let value_value = value.value();
-            let key_bytes = K::as_bytes(&key_value);
-            let value_bytes = V::as_bytes(&value_value);
-            self.out.write_all(&[tag]).map_err(io)?;
-            for field in [key_bytes.as_ref(), value_bytes.as_ref()] {
+        let out = &mut self.out;
+        tables::for_each_raw_row(self.txn, definition, |key, value| {
+            out.write_all(&[tag]).map_err(io)?;
+            for field in [key, value] {
                 let len = u32::try_from(field.len())
                     .map_err(|_| StoreError::Encode("row too large for a snapshot".into()))?;
-                self.out.write_all(&len.to_le_bytes()).map_err(io)?;
-                self.out.write_all(field).map_err(io)?;
+                out.write_all(&len.to_le_bytes()).map_err(io)?;
+                out.write_all(field).map_err(io)?;
             }
-        }
+            Ok(())
+        })?;
         Ok(())
     }
 }

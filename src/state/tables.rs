@@ -3,7 +3,7 @@
 //! Keys are native redb types (strings, integers, tuples) so that ranges scan in a useful order; values are
 //! postcard-encoded records from `domain`. Every table of a shard lives in that shard's one redb file.
 
-use redb::{Key, ReadableTable, TableDefinition, Value};
+use redb::{Key, ReadTransaction, ReadableTable, TableDefinition, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -108,5 +108,23 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(14, REFUNDS)?;
     visitor.visit(15, IDEMPOTENCY)?;
     visitor.visit(16, IDEMPOTENCY_EXPIRY)?;
+    Ok(())
+}
+
+/// Calls `row` with every row's raw key and value bytes (redb's own encodings), in key order.
+pub fn for_each_raw_row<K: Key + 'static, V: Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<'static, K, V>,
+    mut row: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for entry in txn.open_table(table)?.iter()? {
+        let (key, value) = entry?;
+        let key_value = key.value();
+        let value_value = value.value();
+        row(
+            K::as_bytes(&key_value).as_ref(),
+            V::as_bytes(&value_value).as_ref(),
+        )?;
+    }
     Ok(())
 }
