@@ -91,6 +91,20 @@ pub struct Server {
     runs: usize,
 }
 
+/// Every run's stdout and stderr (`run<N>.stdout.log`, `run<N>.stderr.log` in `dir`), each under a header
+/// starting with `label`.
+pub fn collect_run_logs(dir: &Path, runs: usize, label: &str) -> String {
+    let mut out = String::new();
+    for run in 1..=runs {
+        for stream in ["stdout", "stderr"] {
+            out.push_str(&format!("==== {label}run {run} {stream} ====\n"));
+            let path = dir.join(format!("run{run}.{stream}.log"));
+            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
+        }
+    }
+    out
+}
+
 static SPAWNED: AtomicUsize = AtomicUsize::new(0);
 
 fn http_client() -> reqwest::Client {
@@ -149,15 +163,7 @@ impl Server {
 
     /// All stdout + stderr the server printed, over every run.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for run in 1..=self.runs {
-            let (o, e) = self.log_paths(run);
-            out.push_str(&format!("==== run {run} stdout ====\n"));
-            out.push_str(&std::fs::read_to_string(o).unwrap_or_default());
-            out.push_str(&format!("==== run {run} stderr ====\n"));
-            out.push_str(&std::fs::read_to_string(e).unwrap_or_default());
-        }
-        out
+        collect_run_logs(self.dir.path(), self.runs, "")
     }
 
     async fn spawn(&mut self) {

@@ -1,4 +1,6 @@
 mod backpressure;
+mod cluster;
+mod cluster_harness;
 mod concurrency;
 mod crash;
 mod harness;

@@ -1,0 +1,1080 @@
+//! The 3-node cluster, black-box: real `shopkeep serve` processes replicating every shard through openraft, peer
+//! links through cuttable proxies (see `cluster_harness.rs`). Each test proves one behaviour of the cluster.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::cluster_harness::*;
+use crate::harness::*;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn orders_path(user: &str) -> String {
+    format!("/v1/users/{user}/orders")
+}
+
+fn credits_body(amount: &str) -> Value {
+    json!({"amount": amount, "external_ref": format!("ext-{}", new_key()), "source": "card"})
+}
+
+/// GET `path` with `?consistency=local` (or `&…`), as the service, asserting 200.
+async fn local_get(api: &Api, path: &str) -> Value {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    api.get(&format!("{path}{sep}consistency=local"), Auth::Service)
+        .await
+        .expect(200)
+}
+
+fn entitlement_qty_of(v: &Value, item: &str) -> i64 {
+    v["entitlements"]
+        .as_array()
+        .expect("entitlements array")
+        .iter()
+        .find(|e| e["item_id"] == item)
+        .map(|e| e["quantity"].as_i64().expect("quantity"))
+        .unwrap_or(0)
+}
+
+fn others(c: &TestCluster, not: u64) -> Vec<u64> {
+    c.ids().into_iter().filter(|&i| i != not).collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purchase_through_a_follower_is_applied_on_every_replica() {
+    let c = TestCluster::start(3).await;
+    let user = uniq("fol");
+    c.api(1).create_item("gems", "currency", "1.25").await;
+    let (shard, routed_leader) = c.route(&user).await;
+    let leader = c.leader_of_shard(shard).await;
+    assert_eq!(
+        routed_leader,
+        Some(leader),
+        "route's leader of shard {shard}"
+    );
+    let via = others(&c, leader)[0];
+    for id in c.ids() {
+        let v = c.node(id).view().await;
+        assert_eq!(v["node_id"], id, "{v}");
+        assert_eq!(v["mode"], "cluster", "{v}");
+        let nodes = v["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 3, "{v}");
+        let this: Vec<_> = nodes.iter().filter(|n| n["this_node"] == true).collect();
+        assert!(
+            this.len() == 1 && this[0]["node_id"] == id,
+            "this_node: {v}"
+        );
+        assert_eq!(
+            v["shards"].as_array().expect("shards").len(),
+            c.opts.shards as usize
+        );
+        for shard in 0..c.opts.shards as u64 {
+            let s = shard_view(&v, shard);
+            assert_eq!(ids_of(&s["voters"]), vec![1, 2, 3], "{s}");
+            assert!(
+                s["leader"].as_u64().is_some() && s["healthy"] == true,
+                "{s}"
+            );
+        }
+    }
+    let api = c.api(via);
+
+    api.create_user(&user).await;
+    api.credit(&user, "20.00").await;
+    let order = api.order(&user, &[("gems", 3)], true).await;
+    assert_eq!(order["status"], "COMPLETED", "{order}");
+    assert_eq!(order["total"], "3.75", "{order}");
+    let order_id = order["order_id"].as_str().unwrap().to_string();
+    eprintln!("user {user}: shard {shard}, leader node {leader}, written via node {via}");
+
+    let want = Wallet {
+        balance: 1625,
+        held: 0,
+        available: 1625,
+    };
+    for id in c.ids() {
+        let n = c.node(id);
+        // read barrier: a linearizable read on this node waits until it applied the leader's commit index
+        assert_eq!(
+            n.wallet(&user).await,
+            want,
+            "node {id}: linearizable wallet read"
+        );
+        assert_eq!(n.local_wallet(&user).await, want, "node {id}: local wallet");
+        let o = local_get(&n.api(), &format!("/v1/users/{user}/orders/{order_id}")).await;
+        assert_eq!(o, order, "node {id}: local copy of the order");
+        let e = local_get(&n.api(), &format!("/v1/users/{user}/entitlements")).await;
+        assert_eq!(
+            entitlement_qty_of(&e, "gems"),
+            3,
+            "node {id}: local entitlements {e}"
+        );
+    }
+    let hashes = c.state_hashes().await;
+    assert_eq!(hashes.len(), 3);
+    assert_eq!(
+        hashes[&1].len(),
+        c.opts.shards as usize,
+        "audit must list every shard: {hashes:#?}"
+    );
+    assert_all_equal(&hashes);
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Attempt {
+    key: String,
+    body: Value,
+    via: u64,
+    started: Instant,
+    finished: Instant,
+    /// Some((status, body)) for a definite answer (< 500); None when unknown (5xx, transport error, timeout).
+    answer: Option<(u16, Value)>,
+    note: String,
+}
+
+/// Complete purchases of 1–3 gems for `user`, one at a time, round-robin over `apis`, until `stop`.
+async fn purchase_stream(
+    apis: Vec<(u64, Api)>,
+    user: String,
+    worker: usize,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Attempt>>>,
+) {
+    let path = orders_path(&user);
+    let mut i = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        let (via, api) = &apis[(worker + i) % apis.len()];
+        let body = order_body(&[("gems", (i % 3 + 1) as u32)], true);
+        let key = new_key();
+        let started = Instant::now();
+        let call = api
+            .call(Method::POST, &path)
+            .auth(Auth::Service)
+            .key(&key)
+            .json(&body);
+        let r = tokio::time::timeout(Duration::from_secs(8), call.try_send()).await;
+        let finished = Instant::now();
+        let (answer, note) = match r {
+            Ok(Ok(r)) if r.status < 500 => (Some((r.status, r.json())), String::new()),
+            Ok(Ok(r)) => (None, format!("{r:?}")),
+            Ok(Err(e)) => (None, format!("transport error: {e}")),
+            Err(_) => (None, "no answer within 8 s".into()),
+        };
+        let ok = matches!(answer, Some((201, _)));
+        log.lock().unwrap().push(Attempt {
+            key,
+            body,
+            via: *via,
+            started,
+            finished,
+            answer,
+            note,
+        });
+        if !ok {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        i += 1;
+    }
+}
+
+/// `n` concurrent purchase streams over `apis`, logging every attempt.
+struct PurchaseStreams {
+    log: Arc<Mutex<Vec<Attempt>>>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl PurchaseStreams {
+    fn start(apis: Vec<(u64, Api)>, user: &str, n: usize) -> PurchaseStreams {
+        let log = Arc::new(Mutex::new(Vec::<Attempt>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..n)
+            .map(|w| {
+                tokio::spawn(purchase_stream(
+                    apis.clone(),
+                    user.to_owned(),
+                    w,
+                    stop.clone(),
+                    log.clone(),
+                ))
+            })
+            .collect();
+        PurchaseStreams { log, stop, workers }
+    }
+
+    /// Stops the streams, waits for them, and returns every attempt.
+    async fn finish(self) -> Vec<Attempt> {
+        self.stop.store(true, Ordering::SeqCst);
+        for w in self.workers {
+            w.await.expect("worker");
+        }
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+/// Every acknowledged purchase is there exactly as acknowledged; every attempt retried with its key (via the
+/// nodes `via`) until definite gives one order per key; the wallet is charged exactly once per order; audit ok.
+/// Returns the wallet.
+async fn verify_purchases(
+    c: &TestCluster,
+    via: &[u64],
+    user: &str,
+    attempts: &[Attempt],
+    credited: i64,
+) -> Wallet {
+    // Every acknowledged purchase is there, exactly as acknowledged.
+    let reader = c.api(via[0]);
+    for a in attempts {
+        if let Some((_, body)) = &a.answer {
+            let id = body["order_id"].as_str().expect("order_id");
+            let got = reader
+                .get(&format!("/v1/users/{user}/orders/{id}"), Auth::Service)
+                .await
+                .expect(200);
+            assert_eq!(
+                &got, body,
+                "acknowledged order {id} differs after the fault"
+            );
+        }
+    }
+
+    // Retry every purchase with its key until the answer is definite: one order per key.
+    let path = orders_path(user);
+    let mut orders = BTreeSet::new();
+    let mut total = 0i64;
+    let mut gems = 0i64;
+    for (n, a) in attempts.iter().enumerate() {
+        let api = c.api(via[n % via.len()]);
+        let r = post_until_definite(&api, &path, &a.key, &a.body, Duration::from_secs(20)).await;
+        assert_eq!(r.status, 201, "retry of key {}: {r:?}", a.key);
+        let body = r.json();
+        if let Some((_, acked)) = &a.answer {
+            assert!(
+                r.replayed(),
+                "retry of an acknowledged purchase was not a replay: {r:?}"
+            );
+            assert_eq!(&body, acked, "replay differs from the acknowledged answer");
+        }
+        assert_eq!(body["status"], "COMPLETED", "{body}");
+        let again =
+            post_until_definite(&api, &path, &a.key, &a.body, Duration::from_secs(20)).await;
+        assert!(again.replayed(), "{again:?}");
+        assert_eq!(again.body, r.body, "two replays of key {} differ", a.key);
+        let id = body["order_id"].as_str().unwrap().to_string();
+        assert!(
+            orders.insert(id.clone()),
+            "order {id} returned for two keys"
+        );
+        total += money_of(&body["total"]);
+        gems += body["lines"][0]["quantity"].as_i64().unwrap();
+    }
+    let listed: BTreeSet<String> = reader
+        .all_orders(user, "")
+        .await
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        listed.len(),
+        orders.len(),
+        "orders in the shard vs distinct purchases (extra = applied twice)"
+    );
+    assert_eq!(listed, orders);
+    let want = Wallet {
+        balance: credited - total,
+        held: 0,
+        available: credited - total,
+    };
+    assert_eq!(
+        reader.wallet(user).await,
+        want,
+        "charged exactly once per order"
+    );
+    assert_eq!(reader.entitlement_qty(user, "gems").await, gems);
+    reader.audit_ok().await;
+
+    want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_a_shard_leader_mid_stream_loses_no_acknowledged_purchase() {
+    let mut c = TestCluster::start(3).await;
+    let user = uniq("kill");
+    c.api(1).create_item("gems", "currency", "1.00").await;
+    c.api(1).funded_user(&user, "5000.00").await;
+    let credited = 500_000i64;
+    let (shard, _) = c.route(&user).await;
+    let leader = c.leader_of_shard(shard).await;
+    let live = others(&c, leader);
+    eprintln!("user {user}: shard {shard}, leader node {leader}; purchases via nodes {live:?}");
+
+    let apis: Vec<(u64, Api)> = live.iter().map(|&i| (i, c.api(i))).collect();
+    let streams = PurchaseStreams::start(apis, &user, 6);
+    let log = streams.log.clone();
+    let acks = |log: &Mutex<Vec<Attempt>>, after: Option<Instant>| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|a| matches!(a.answer, Some((201, _))))
+            .filter(|a| after.is_none_or(|t| a.started >= t))
+            .count()
+    };
+
+    // Some purchases acknowledged before the kill.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acks(&log, None) < 30 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 30 purchases acknowledged in 20 s before any fault: {:?}",
+            log.lock().unwrap().iter().rev().take(5).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // the shard's leader right now (normally the same node; if it moved, kill the current one)
+    let leader_now = c.leader_of_shard(shard).await;
+    if leader_now != leader {
+        eprintln!(
+            "note: the leader of shard {shard} moved from node {leader} to {leader_now} without a fault"
+        );
+    }
+    let leader = leader_now;
+    let live = others(&c, leader);
+    let kill_at = Instant::now();
+    c.kill9(leader);
+    // Go on until 30 purchases sent after the kill were acknowledged (or 15 s).
+    let deadline = kill_at + Duration::from_secs(15);
+    while acks(&log, Some(kill_at)) < 30 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let attempts = streams.finish().await;
+
+    let first_after = attempts
+        .iter()
+        .filter(|a| a.started >= kill_at && matches!(a.answer, Some((201, _))))
+        .map(|a| a.finished)
+        .min();
+    let Some(first_after) = first_after else {
+        panic!(
+            "no purchase succeeded within 15 s of killing node {leader}; last attempts: {:#?}",
+            attempts.iter().rev().take(6).collect::<Vec<_>>()
+        );
+    };
+    let failover = first_after - kill_at;
+    let acked = attempts
+        .iter()
+        .filter(|a| matches!(a.answer, Some((201, _))))
+        .count();
+    let unknown = attempts.iter().filter(|a| a.answer.is_none()).count();
+    eprintln!(
+        "failover: {} ms ({} attempts: {acked} acknowledged, {unknown} unknown)",
+        failover.as_millis(),
+        attempts.len()
+    );
+    let mut notes: Vec<&str> = attempts
+        .iter()
+        .map(|a| a.note.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    notes.dedup();
+    for n in notes.iter().take(5) {
+        eprintln!("  unknown outcome: {n}");
+    }
+    assert!(
+        failover < Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
+    for a in &attempts {
+        if let Some((status, body)) = &a.answer {
+            assert_eq!(
+                *status, 201,
+                "a purchase was refused (funds are ample): via node {} {body}",
+                a.via
+            );
+        }
+    }
+
+    let want = verify_purchases(&c, &live, &user, &attempts, credited).await;
+
+    // The killed leader comes back and catches up.
+    c.restart(leader).await;
+    c.wait_ready(&[leader], READY_TIMEOUT).await;
+    c.wait_converged(CONVERGE).await;
+    assert_eq!(c.node(leader).local_wallet(&user).await, want);
+}
+
+// ------------------------------------------------------------------------------------------------
+
+/// Beyond the list: every node SIGKILLed at once under load (no replica survives to hand over its state),
+/// then all restarted: nothing acknowledged is lost, retries apply once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_every_node_at_once_loses_no_acknowledged_purchase() {
+    let mut c = TestCluster::start(3).await;
+    let user = uniq("all");
+    c.api(1).create_item("gems", "currency", "1.00").await;
+    c.api(1).funded_user(&user, "5000.00").await;
+    let ids = c.ids();
+    let apis: Vec<(u64, Api)> = ids.iter().map(|&i| (i, c.api(i))).collect();
+    let streams = PurchaseStreams::start(apis, &user, 6);
+    let log = streams.log.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let acked = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| matches!(a.answer, Some((201, _))))
+            .count();
+        if acked >= 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 40 purchases acknowledged in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for &id in &ids {
+        c.kill9(id);
+    }
+    let attempts = streams.finish().await;
+    for a in &attempts {
+        if let Some((status, body)) = &a.answer {
+            assert_eq!(*status, 201, "a purchase was refused: {body}");
+        }
+    }
+    let acked = attempts.iter().filter(|a| a.answer.is_some()).count();
+    eprintln!(
+        "{} attempts: {acked} acknowledged before every node was killed",
+        attempts.len()
+    );
+
+    for &id in &ids {
+        c.restart(id).await;
+    }
+    c.wait_ready(&ids, READY_TIMEOUT).await;
+    let want = verify_purchases(&c, &ids, &user, &attempts, 500_000).await;
+    c.wait_converged(CONVERGE).await;
+    for &id in &ids {
+        assert_eq!(c.node(id).local_wallet(&user).await, want, "node {id}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_catches_up_from_log_and_snapshot() {
+    let mut c = TestCluster::start_with(ClusterOpts::new().snapshot_every(50)).await;
+    let user = uniq("snap");
+    c.api(1).create_user(&user).await;
+    let (shard, _) = c.route(&user).await;
+    let leader = c.leader_of_shard(shard).await;
+    let victim = others(&c, leader)[0];
+    let live = others(&c, victim);
+    // the victim has the user before it goes down
+    assert_eq!(c.node(victim).wallet(&user).await.balance, 0);
+    let victim_before = shard_view(&c.node(victim).view().await, shard);
+    let applied_before = victim_before["applied_index"].as_u64().unwrap_or(0);
+    c.kill9(victim);
+
+    // > 200 writes on the user's shard while the victim is down (one after the other, alternating the nodes)
+    const WRITES: usize = 240;
+    for i in 0..WRITES {
+        c.api(live[i % live.len()]).credit(&user, "0.01").await;
+    }
+    let want = WRITES as i64;
+    assert_eq!(c.node(leader).wallet(&user).await.balance, want);
+    let leader_view = shard_view(&c.node(leader).view().await, shard);
+    let target = leader_view["applied_index"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("leader applied_index: {leader_view}"));
+    assert!(
+        target > applied_before,
+        "leader applied index {target} after {WRITES} writes (victim was at {applied_before})"
+    );
+    assert!(
+        leader_view["snapshot_index"].as_u64().is_some(),
+        "leader took no snapshot after > 200 entries with --snapshot-every 50: {leader_view}"
+    );
+
+    c.restart(victim).await;
+    let n = c.node(victim);
+    let caught_up = eventually(CONVERGE, move || async move {
+        let v = n.try_view().await?;
+        let s = shard_view(&v, shard);
+        (s["applied_index"].as_u64().unwrap_or(0) >= target).then_some(s)
+    })
+    .await;
+    let Some(s) = caught_up else {
+        panic!(
+            "node {victim} did not apply index {target} of shard {shard} within {CONVERGE:?}: {:#}",
+            n.try_view().await.unwrap_or_default()
+        );
+    };
+    c.wait_converged(CONVERGE).await;
+    assert_eq!(c.node(victim).local_wallet(&user).await.balance, want);
+    let snap = s["snapshot_index"].as_u64();
+    assert!(
+        snap.is_some_and(|i| i > applied_before),
+        "node {victim}: snapshot_index of shard {shard} should be set past {applied_before} (compacted log): {s}"
+    );
+    let s = shard_view(&c.node(victim).view().await, shard);
+    eprintln!(
+        "node {victim} caught up: shard {shard} applied {} snapshot {} (was at {applied_before}; leader at {target})",
+        s["applied_index"], s["snapshot_index"]
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_is_rebuilt_from_the_others() {
+    let mut c = TestCluster::start(3).await;
+    let user = uniq("wipe");
+    let a2 = c.api(2);
+    a2.create_item("gems", "currency", "1.50").await;
+    a2.funded_user(&user, "50.00").await;
+    let first = a2.order(&user, &[("gems", 2)], true).await;
+
+    // Node 1 is the lowest id (the one that initialises a new cluster): wiped, it must join the existing one.
+    let victim = 1;
+    c.kill9(victim);
+    c.wipe_data_dir(victim);
+    // more writes while it is gone (its shards may need a new leader first)
+    let path = format!("/v1/users/{user}/credits");
+    post_until_definite(
+        &a2,
+        &path,
+        &new_key(),
+        &credits_body("5.00"),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect(201);
+    let second = post_until_definite(
+        &a2,
+        &orders_path(&user),
+        &new_key(),
+        &order_body(&[("gems", 1)], true),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect(201);
+
+    c.restart(victim).await;
+    c.wait_ready(&[victim], READY_TIMEOUT).await;
+    c.wait_converged(CONVERGE).await;
+    let n = c.node(victim);
+    let want = Wallet {
+        balance: 5050,
+        held: 0,
+        available: 5050,
+    };
+    assert_eq!(n.local_wallet(&user).await, want, "rebuilt node's replica");
+    assert_eq!(n.wallet(&user).await, want);
+    for o in [&first, &second] {
+        let id = o["order_id"].as_str().unwrap();
+        let got = local_get(&n.api(), &format!("/v1/users/{user}/orders/{id}")).await;
+        assert_eq!(&got, o, "rebuilt node's copy of order {id}");
+    }
+    let e = local_get(&n.api(), &format!("/v1/users/{user}/entitlements")).await;
+    assert_eq!(entitlement_qty_of(&e, "gems"), 3, "{e}");
+    let item = local_get(&n.api(), "/v1/items/gems").await;
+    assert_eq!(item["price"], "1.50", "{item}");
+    // one cluster, not two: the rebuilt node agrees with the others on every shard's leader and term
+    for shard in 0..c.opts.shards as u64 {
+        let l = c.leader_of_shard(shard).await;
+        assert!(c.ids().contains(&l));
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_minority_answers_503_and_the_majority_goes_on() {
+    let c = TestCluster::start(3).await;
+    let user = uniq("part");
+    let a1 = c.api(1);
+    a1.create_item("gems", "currency", "1.00").await;
+    a1.funded_user(&user, "100.00").await;
+    let (shard, _) = c.route(&user).await;
+    // Isolate the leader of the user's shard: the hard case (a stale leader must not acknowledge anything).
+    let isolated = c.leader_of_shard(shard).await;
+    let majority = others(&c, isolated);
+    let iso = c.node(isolated).api();
+    assert_eq!(iso.wallet(&user).await.balance, 10000);
+    // and a user on a shard the isolated node only follows
+    let mut other_user = None;
+    for _ in 0..64 {
+        let u = uniq("part2");
+        let (s, _) = c.route(&u).await;
+        if c.leader_of_shard(s).await != isolated {
+            other_user = Some(u);
+            break;
+        }
+    }
+    let other_user = other_user.expect("a shard the isolated node does not lead");
+    a1.funded_user(&other_user, "1.00").await;
+    assert_eq!(iso.wallet(&other_user).await.balance, 100);
+    eprintln!("user {user}: shard {shard}; isolating node {isolated} (its leader)");
+    c.isolate(isolated);
+
+    // A write sent to the isolated node: 503 unavailable with Retry-After, within the request timeout + margin.
+    let limit = c.opts.request_timeout_duration() + Duration::from_secs(3);
+    let minority_key = new_key();
+    let minority_body = order_body(&[("gems", 7)], true);
+    let t0 = Instant::now();
+    let r = tokio::time::timeout(
+        limit + Duration::from_secs(5),
+        iso.call(Method::POST, &orders_path(&user))
+            .auth(Auth::Service)
+            .key(&minority_key)
+            .json(&minority_body)
+            .try_send(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the isolated node did not answer a write within {limit:?} + 5 s"))
+    .expect("transport error on the isolated node");
+    let took = t0.elapsed();
+    eprintln!(
+        "isolated node answered the write in {} ms: {r:?}",
+        took.as_millis()
+    );
+    r.expect_error(503, "unavailable");
+    let retry_after = r
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("503 without Retry-After: {r:?}"));
+    assert!(
+        retry_after.trim().parse::<u64>().is_ok() || retry_after.contains("GMT"),
+        "Retry-After is neither seconds nor an HTTP date: {retry_after:?}"
+    );
+    assert!(took <= limit, "503 came after {took:?} (limit {limit:?})");
+
+    // A linearizable read there cannot be served either; a local one can (and shows no charge).
+    let t0 = Instant::now();
+    let r = iso
+        .get(&format!("/v1/users/{user}/wallet"), Auth::Service)
+        .await;
+    r.expect_error(503, "unavailable");
+    assert!(
+        r.header("retry-after").is_some(),
+        "503 without Retry-After: {r:?}"
+    );
+    assert!(
+        t0.elapsed() <= limit,
+        "read barrier 503 after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(c.node(isolated).local_wallet(&user).await.balance, 10000);
+
+    // On a shard it follows, the isolated node cannot forward a write nor pass a read barrier either.
+    let refused_credit = (new_key(), credits_body("1.00"));
+    let t0 = Instant::now();
+    let r = iso
+        .post_key(
+            &format!("/v1/users/{other_user}/credits"),
+            Auth::Service,
+            &refused_credit.0,
+            &refused_credit.1,
+        )
+        .await;
+    r.expect_error(503, "unavailable");
+    assert!(
+        r.header("retry-after").is_some(),
+        "503 without Retry-After: {r:?}"
+    );
+    assert!(
+        t0.elapsed() <= limit,
+        "forwarded write 503 after {:?}",
+        t0.elapsed()
+    );
+    let t0 = Instant::now();
+    let r = iso
+        .get(&format!("/v1/users/{other_user}/wallet"), Auth::Service)
+        .await;
+    r.expect_error(503, "unavailable");
+    assert!(
+        r.header("retry-after").is_some(),
+        "503 without Retry-After: {r:?}"
+    );
+    assert!(
+        t0.elapsed() <= limit,
+        "follower read barrier 503 after {:?}",
+        t0.elapsed()
+    );
+    // the shard's leader, in the majority, did not even notice
+    c.api(majority[0]).credit(&other_user, "2.00").await;
+    assert_eq!(c.api(majority[1]).wallet(&other_user).await.balance, 300);
+
+    // The majority goes on (after electing a leader for the shard if needed).
+    let mut spent = 0i64;
+    let mut keys = vec![];
+    for &id in &majority {
+        let api = c.api(id);
+        let key = new_key();
+        let r = post_until_definite(
+            &api,
+            &orders_path(&user),
+            &key,
+            &order_body(&[("gems", 2)], true),
+            Duration::from_secs(20),
+        )
+        .await;
+        r.expect(201);
+        keys.push(key);
+        spent += 200;
+        // and now without any retry
+        api.order(&user, &[("gems", 1)], true).await;
+        spent += 100;
+    }
+    for &id in &majority {
+        assert_eq!(c.node(id).wallet(&user).await.balance, 10000 - spent);
+    }
+
+    c.heal();
+    // The write the minority refused is still retryable with its key: exactly one outcome.
+    let r = post_until_definite(
+        &c.api(majority[0]),
+        &orders_path(&user),
+        &minority_key,
+        &minority_body,
+        Duration::from_secs(20),
+    )
+    .await;
+    r.expect(201);
+    spent += 700;
+    let again = post_until_definite(
+        &iso,
+        &orders_path(&user),
+        &minority_key,
+        &minority_body,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(again.replayed(), "{again:?}");
+    assert_eq!(again.body, r.body);
+
+    // (a 503 promises nothing either way: the retry with its key settles it, once)
+    let r = post_until_definite(
+        &iso,
+        &format!("/v1/users/{other_user}/credits"),
+        &refused_credit.0,
+        &refused_credit.1,
+        Duration::from_secs(20),
+    )
+    .await;
+    r.expect(201);
+
+    c.wait_ready(&[isolated], READY_TIMEOUT).await;
+    c.wait_converged(CONVERGE).await;
+    let want = Wallet {
+        balance: 10000 - spent,
+        held: 0,
+        available: 10000 - spent,
+    };
+    for id in c.ids() {
+        assert_eq!(c.node(id).local_wallet(&user).await, want, "node {id}");
+        assert_eq!(
+            c.node(id).local_wallet(&other_user).await.balance,
+            400,
+            "node {id}: the retried credit applies exactly once"
+        );
+    }
+    assert_eq!(a1.all_orders(&user, "").await.len(), 5);
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_traffic_without_the_cluster_secret_is_refused() {
+    let c = TestCluster::start_with(
+        ClusterOpts::new()
+            .node_env(
+                3,
+                "SHOPKEEP_CLUSTER_SECRET",
+                "not-the-cluster-secret-0f1e2d3c",
+            )
+            .wait_ready(&[1, 2]),
+    )
+    .await;
+    let node_call = |id: u64, secret: Option<&str>| {
+        let mut call = c
+            .node(id)
+            .call(Method::POST, "/_node/v1/call")
+            .header("content-type", "application/octet-stream")
+            .body_bytes(vec![0x01, 0x02, 0x03, 0xff, 0x00]);
+        if let Some(s) = secret {
+            call = call.header("x-shopkeep-cluster-secret", s);
+        }
+        call.send()
+    };
+    node_call(1, None)
+        .await
+        .expect_error(401, "unauthenticated");
+    node_call(1, Some("wrong-secret"))
+        .await
+        .expect_error(401, "unauthenticated");
+    node_call(1, Some(""))
+        .await
+        .expect_error(401, "unauthenticated");
+    // node 3 has another secret: the cluster's is wrong there
+    node_call(3, Some(CLUSTER_SECRET))
+        .await
+        .expect_error(401, "unauthenticated");
+    // with the right secret the request gets past authentication (and the garbage body is refused otherwise)
+    let r = node_call(1, Some(CLUSTER_SECRET)).await;
+    assert!(
+        r.status != 401 && r.status != 404,
+        "the right secret with a garbage body must get past authentication: {r:?}"
+    );
+
+    // Nodes 1 and 2 serve; node 3 never catches up.
+    let user = uniq("sec");
+    c.api(1).funded_user(&user, "7.00").await;
+    c.api(2).credit(&user, "3.00").await;
+    for id in [1, 2] {
+        assert_eq!(c.node(id).wallet(&user).await.balance, 1000, "node {id}");
+    }
+    let (shard, _) = c.route(&user).await;
+    let leader = c.leader_of_shard_among(shard, &[1, 2]).await;
+    let applied = shard_view(&c.node(leader).view().await, shard)["applied_index"]
+        .as_u64()
+        .expect("leader applied_index");
+    let n3 = c.node(3);
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut polls = 0;
+    while Instant::now() < until {
+        polls += 1;
+        let ready = n3.readyz().await;
+        assert_ne!(ready, Some(200), "node 3 (wrong secret) says it is ready");
+        let r = n3
+            .get(
+                &format!("/v1/users/{user}/wallet?consistency=local"),
+                Auth::Service,
+            )
+            .await;
+        assert!(
+            !(r.status == 200 && money_of(&r.json()["balance"]) == 1000),
+            "node 3 (wrong secret) has the cluster's data: {r:?}"
+        );
+        if let Some(v) = n3.try_view().await {
+            let s = shard_view(&v, shard);
+            assert!(
+                s["applied_index"].as_u64().unwrap_or(0) < applied,
+                "node 3 (wrong secret) applied shard {shard} up to the leader's {applied}: {s}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(polls >= 3);
+    // and the two others still serve
+    c.api(2).credit(&user, "1.00").await;
+    assert_eq!(c.node(1).wallet(&user).await.balance, 1100);
+}
+
+// ------------------------------------------------------------------------------------------------
+
+/// Poll the views of `ids` (≤ 10 s) until every shard has exactly `voters` and no learner on each of them.
+async fn wait_voters(c: &TestCluster, ids: &[u64], voters: &[u64]) {
+    let shards = c.opts.shards as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut ok = true;
+        let mut last = vec![];
+        for &id in ids {
+            let Some(v) = c.node(id).try_view().await else {
+                last.push((id, Value::Null));
+                ok = false;
+                continue;
+            };
+            for shard in 0..shards {
+                let s = shard_view(&v, shard);
+                ok &= ids_of(&s["voters"]) == voters && ids_of(&s["learners"]).is_empty();
+            }
+            last.push((id, v));
+        }
+        if ok {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "voters of every shard should be {voters:?} (no learners) on nodes {ids:?}: {last:#?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_add_promote_remove() {
+    let mut c = TestCluster::start(3).await;
+    let user = uniq("mem");
+    c.api(1).funded_user(&user, "10.00").await;
+
+    let n4 = c.start_extra_node().await;
+    assert_eq!(n4, 4);
+    // it waits to be added: it initialises nothing by itself
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_ne!(
+        c.node(4).readyz().await,
+        Some(200),
+        "node 4 is ready before it was added"
+    );
+
+    let t0 = Instant::now();
+    let r = c
+        .api(1)
+        .call(Method::POST, "/v1/admin/cluster/nodes")
+        .auth(Auth::Admin)
+        .fresh_key()
+        .json(&json!({"node_id": 4, "address": c.node(4).addr()}))
+        .send()
+        .await;
+    let view = r.expect(200);
+    eprintln!("node 4 added in {} ms", t0.elapsed().as_millis());
+    for shard in 0..c.opts.shards as u64 {
+        let s = shard_view(&view, shard);
+        assert!(
+            ids_of(&s["learners"]).contains(&4),
+            "node 4 should be a learner of shard {shard}: {s}"
+        );
+        assert_eq!(ids_of(&s["voters"]), vec![1, 2, 3], "{s}");
+    }
+    assert!(
+        view["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .any(|n| n["node_id"] == 4),
+        "node 4 missing from the view's nodes: {view:#}"
+    );
+
+    let r = c
+        .api(2)
+        .call(Method::POST, "/v1/admin/cluster/nodes/4/promote")
+        .auth(Auth::Admin)
+        .fresh_key()
+        .json(&json!({}))
+        .send()
+        .await;
+    assert!(r.is_success(), "promote: {r:?}");
+    wait_voters(&c, &[1, 2, 3, 4], &[1, 2, 3, 4]).await;
+    c.wait_ready(&[4], READY_TIMEOUT).await;
+
+    // write via the new node; it reads it back from its own replica
+    let a4 = c.api(4);
+    a4.credit(&user, "2.50").await;
+    assert_eq!(a4.wallet(&user).await.balance, 1250);
+    assert_eq!(c.node(4).local_wallet(&user).await.balance, 1250);
+
+    // remove node 1
+    let r = c
+        .api(2)
+        .call(Method::DELETE, "/v1/admin/cluster/nodes/1")
+        .auth(Auth::Admin)
+        .send()
+        .await;
+    assert!(r.is_success(), "{r:?}");
+    wait_voters(&c, &[2, 3, 4], &[2, 3, 4]).await;
+
+    // writes still work without node 1...
+    c.kill9(1);
+    let credits = format!("/v1/users/{user}/credits");
+    post_until_definite(
+        &c.api(2),
+        &credits,
+        &new_key(),
+        &credits_body("1.00"),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect(201);
+    // ...and the quorum really is {2,3,4}: with 3 down too, 2 of 3 voters remain (2 of {1,2,3,4} would not do)
+    c.kill9(3);
+    post_until_definite(
+        &c.api(4),
+        &credits,
+        &new_key(),
+        &credits_body("1.00"),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect(201);
+    for id in [2, 4] {
+        assert_eq!(c.node(id).wallet(&user).await.balance, 1450, "node {id}");
+    }
+    c.wait_converged_among(&[2, 4], CONVERGE).await;
+}
+
+// ------------------------------------------------------------------------------------------------
+
+/// The harness's partition mechanism itself: a proxy forwards, a cut closes live connections and refuses new
+/// ones, a heal lets new ones through again (so that the partition tests above fail, or pass, for the right
+/// reason). Runs against an in-test echo server, not the product.
+#[test]
+fn the_partition_proxy_cuts_and_heals_links() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in echo.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(target);
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    let roundtrip = |s: &mut TcpStream, msg: &[u8]| -> std::io::Result<Vec<u8>> {
+        s.write_all(msg)?;
+        let mut buf = vec![0u8; msg.len()];
+        let mut got = 0;
+        while got < msg.len() {
+            match s.read(&mut buf[got..])? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
+        Ok(buf)
+    };
+
+    let mut live = connect();
+    assert_eq!(roundtrip(&mut live, b"ping").unwrap(), b"ping");
+    proxy.cut();
+    let after_cut = roundtrip(&mut live, b"again");
+    assert!(
+        after_cut.is_err(),
+        "a live connection survived the cut: {after_cut:?}"
+    );
+    let mut fresh = connect();
+    let through = roundtrip(&mut fresh, b"new");
+    assert!(
+        through.is_err(),
+        "a new connection got through a cut link: {through:?}"
+    );
+    proxy.heal();
+    let mut healed = connect();
+    assert_eq!(roundtrip(&mut healed, b"healed").unwrap(), b"healed");
+    assert!(
+        roundtrip(&mut live, b"x").is_err(),
+        "the cut connection came back"
+    );
+}
