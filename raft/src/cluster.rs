@@ -591,16 +591,16 @@ impl Cluster {
         match request {
             NodeRequest::Append { shard, rpc } => NodeResponse::Append(match self.replica(shard) {
                 Ok(replica) => replica.raft.append_entries(rpc).await,
-                Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Panicked)),
+                Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
             NodeRequest::Vote { shard, rpc } => NodeResponse::Vote(match self.replica(shard) {
                 Ok(replica) => replica.raft.vote(rpc).await,
-                Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Panicked)),
+                Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
             NodeRequest::InstallSnapshot { shard, rpc } => {
                 NodeResponse::InstallSnapshot(match self.replica(shard) {
                     Ok(replica) => replica.raft.install_snapshot(rpc).await,
-                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Panicked)),
+                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
                 })
             }
             NodeRequest::Write { shard, command } => {

@@ -18,3 +18,4 @@ mod http_topups;
 mod http_users;
 mod props;
 mod raft_conformance;
+mod startup;

@@ -1,0 +1,103 @@
+//! A node started with an unusable cluster configuration refuses to start, says why, and serves nothing.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `shopkeep serve` with `args` and `env`; expects it to exit non-zero within 10 s. Returns stderr.
+fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shopkeep"));
+    command
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("SHOPKEEP_CLUSTER_SECRET")
+        .env_remove("SHOPKEEP_ADMIN_TOKEN")
+        .env_remove("SHOPKEEP_PEERS")
+        .env_remove("SHOPKEEP_NODE_ID")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("spawn shopkeep");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("shopkeep {args:?} kept running; it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!status.success(), "{args:?} started: {stdout}");
+    assert!(
+        !stdout.contains("listening"),
+        "{args:?} served before refusing: {stdout}"
+    );
+    stderr
+}
+
+const PEERS: &str = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
+
+#[test]
+fn a_cluster_member_without_the_cluster_secret_refuses_to_start() {
+    let stderr = refused_start(
+        &["--node-id", "1", "--peers", PEERS],
+        &[("SHOPKEEP_ADMIN_TOKEN", "admin")],
+    );
+    assert!(stderr.contains("SHOPKEEP_CLUSTER_SECRET"), "{stderr}");
+}
+
+#[test]
+fn a_cluster_member_without_an_admin_token_refuses_to_start() {
+    let stderr = refused_start(
+        &["--node-id", "1", "--peers", PEERS],
+        &[("SHOPKEEP_CLUSTER_SECRET", "secret")],
+    );
+    assert!(stderr.contains("SHOPKEEP_ADMIN_TOKEN"), "{stderr}");
+}
+
+#[test]
+fn peers_that_leave_out_this_node_or_are_malformed_are_refused() {
+    let env = [
+        ("SHOPKEEP_CLUSTER_SECRET", "secret"),
+        ("SHOPKEEP_ADMIN_TOKEN", "admin"),
+    ];
+    let stderr = refused_start(&["--node-id", "4", "--peers", PEERS], &env);
+    assert!(stderr.contains("must include this node"), "{stderr}");
+    for bad in [
+        "1=127.0.0.1",
+        "1=:7001",
+        "x=127.0.0.1:7001",
+        "0=127.0.0.1:7001",
+        "1=a:1,1=b:2",
+        "1=127.0.0.1:99999",
+        ",",
+    ] {
+        let stderr = refused_start(&["--node-id", "1", "--peers", bad], &env);
+        assert!(stderr.contains("--peers"), "{bad}: {stderr}");
+    }
+}
+
+#[test]
+fn an_election_timeout_shorter_than_three_heartbeats_is_refused() {
+    let stderr = refused_start(
+        &[
+            "--raft-heartbeat",
+            "200ms",
+            "--raft-election-timeout",
+            "500ms",
+        ],
+        &[],
+    );
+    assert!(stderr.contains("--raft-election-timeout"), "{stderr}");
+}
