@@ -172,7 +172,8 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Op>) {
         let started = std::time::Instant::now();
         let result = write_batch(db, &batch).map_err(|e| e.to_string());
         metrics::histogram!("shopkeep_raft_log_ops_per_commit").record(batch.len() as f64);
-        metrics::histogram!("shopkeep_raft_log_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("shopkeep_raft_log_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
             tracing::error!(%error, "raft log commit failed");
         }
