@@ -367,7 +367,6 @@ impl Cluster {
         Fut: Future<Output = Result<T, Refusal>>,
     {
         let deadline = Instant::now() + self.config.deadline;
-        let mut pause = Duration::from_millis(25);
         let mut last_error = String::from("no leader for the shard");
         loop {
             let leader = match local().await {
@@ -376,6 +375,7 @@ impl Cluster {
                 Err(Refusal::Overloaded) => return Err(ClusterError::Overloaded { shard }),
                 Err(other) => return Err(other.into()),
             };
+            let failed_leader = leader.as_ref().map(|(id, _)| *id);
             if let Some((id, addr)) = leader.filter(|(id, _)| *id != self.config.node_id) {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 match self
@@ -401,13 +401,40 @@ impl Cluster {
                     Err(error) => last_error = error.to_string(),
                 }
             }
-            if Instant::now() + pause >= deadline {
+            if Instant::now() >= deadline {
                 return Err(ClusterError::Unavailable(format!(
                     "shard {shard}: {last_error}"
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(400));
+            self.wait_for_other_leader(shard, failed_leader, deadline)
+                .await;
+        }
+    }
+
+    /// Waits until this node's replica of `shard` knows a leader other than `failed` (a leader that
+    /// refused or could not be reached), at most 200 ms and not past `deadline`: a retry goes out as
+    /// soon as an election is won, without a blind back-off.
+    async fn wait_for_other_leader(&self, shard: u32, failed: Option<NodeId>, deadline: Instant) {
+        let Ok(replica) = self.replica(shard) else {
+            return;
+        };
+        let until = deadline.min(Instant::now() + Duration::from_millis(200));
+        let mut metrics = replica.raft.metrics();
+        // A short pause first: a leader that just refused may be about to learn of its successor.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        loop {
+            let known = metrics.borrow_and_update().current_leader;
+            if known.is_some() && known != failed {
+                return;
+            }
+            let remaining = until.saturating_duration_since(Instant::now());
+            if remaining.is_zero()
+                || tokio::time::timeout(remaining, metrics.changed())
+                    .await
+                    .is_err()
+            {
+                return;
+            }
         }
     }
 
