@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # Measures write unavailability after SIGKILL of a shard leader, on a local 3-node release cluster with
 # default raft timings. Usage: cargo build --release && python3 benches/failover.py target/release/shopkeep 10
-import json, os, signal, subprocess, sys, tempfile, time, urllib.request, uuid, threading
+import json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.request, uuid, threading
 
 BIN = sys.argv[1]; ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 PORTS = {1: 7201, 2: 7202, 3: 7203}
@@ -74,4 +74,6 @@ for rnd in range(ROUNDS):
     time.sleep(1.0)
 gaps.sort()
 print(f"failover gaps ms: min {gaps[0]:.0f}, median {gaps[len(gaps)//2]:.0f}, max {gaps[-1]:.0f} over {len(gaps)} kills")
-for p in procs.values(): p.kill()
+for p in procs.values():
+    p.kill(); p.wait()
+shutil.rmtree(root, ignore_errors=True)
