@@ -94,11 +94,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_MAX_PENDING_ORDERS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_pending_orders: u32,
 
-    /// Most log entries a shard's leader sends a follower in one message.
+    /// Most commands proposed together in one log entry (one fsync, one replication, one apply).
     #[arg(long, env = "SHOPKEEP_MAX_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
 
-    /// Most writes a shard's leader has in flight; beyond it requests get 429 rate_limited.
+    /// Most commands waiting per shard on a node (and entries in flight on its leader); beyond it
+    /// requests get 429 rate_limited.
     #[arg(long, env = "SHOPKEEP_QUEUE_CAPACITY", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub queue_capacity: u32,
 

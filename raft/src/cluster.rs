@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use openraft::error::{
@@ -17,13 +17,13 @@ use openraft::error::{
 };
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::log_store::LogDb;
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
 use crate::state_machine::{ReplicatedState, StateMachineStore};
-use crate::{Payload, Raft};
+use crate::{Payload, Raft, batch};
 
 pub type NodeId = u64;
 
@@ -44,15 +44,16 @@ pub struct ClusterConfig {
     pub election_timeout: Duration,
     /// A snapshot is built after this many new log entries; the log before it is then purged.
     pub snapshot_every: u64,
-    /// Most entries per append message.
-    pub max_payload_entries: u64,
-    /// Most writes a shard's leader has in flight; more are refused (backpressure).
+    /// Most commands in one log entry (see `batch`).
+    pub max_batch_commands: usize,
+    /// Most commands waiting on this node for a shard, and most entries a shard's leader has in flight;
+    /// more are refused (backpressure).
     pub max_inflight_per_shard: usize,
     /// How long a write or a read barrier may look for a leader and a quorum before giving up.
     pub deadline: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("shard {shard} is overloaded")]
     Overloaded { shard: u32 },
@@ -77,9 +78,30 @@ impl From<Refusal> for ClusterError {
     }
 }
 
+/// Most bytes of commands in one log entry. With `MAX_ENTRIES_PER_APPEND` it keeps every append
+/// message well under `rpc::MAX_MESSAGE_BYTES`.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Most entries in one append message to a follower.
+const MAX_ENTRIES_PER_APPEND: u64 = 64;
+/// Batches of one shard a node has in flight at once: while they are being committed, the next
+/// commands gather into the next batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+const _: () = assert!(
+    MAX_BATCH_BYTES * (MAX_ENTRIES_PER_APPEND as usize) * 2 <= crate::rpc::MAX_MESSAGE_BYTES
+);
+
+/// A command waiting to be proposed in the next batch.
+struct Waiting {
+    command: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, ClusterError>>,
+}
+
 struct Replica {
     raft: Raft,
+    /// Entries this node proposes as the shard's leader (its own batches and forwarded ones).
     inflight: Arc<Semaphore>,
+    /// Commands waiting for this node's next batch for the shard.
+    waiting: mpsc::Sender<Waiting>,
 }
 
 /// The node's replicas and its client to the other nodes.
@@ -132,7 +154,7 @@ fn raft_config(config: &ClusterConfig, shard: u32) -> Result<openraft::Config, C
         heartbeat_interval: config.heartbeat.as_millis().max(1) as u64,
         election_timeout_min: min,
         election_timeout_max: max,
-        max_payload_entries: config.max_payload_entries,
+        max_payload_entries: MAX_ENTRIES_PER_APPEND,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
         max_in_snapshot_log_to_keep: keep,
         snapshot_max_chunk_size: 1024 * 1024,
@@ -177,6 +199,7 @@ impl Cluster {
             .map_err(|e| ClusterError::Open(e.to_string()))?;
         let transport = Arc::new(Transport::new(config.secret.clone(), config.peers.clone()));
         let mut replicas = Vec::with_capacity(states.len());
+        let mut queues = Vec::with_capacity(states.len());
         for (shard, state) in (0u32..).zip(states) {
             let log = log_db
                 .shard(shard)
@@ -201,17 +224,24 @@ impl Cluster {
             )
             .await
             .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            let (waiting, queue) = mpsc::channel(config.max_inflight_per_shard);
+            queues.push(queue);
             replicas.push(Replica {
                 raft,
                 inflight: Arc::new(Semaphore::new(config.max_inflight_per_shard)),
+                waiting,
             });
         }
-        Ok(Arc::new(Cluster {
+        let cluster = Arc::new(Cluster {
             config,
             replicas,
             transport,
             membership_lock: tokio::sync::Mutex::new(()),
-        }))
+        });
+        for (shard, queue) in (0u32..).zip(queues) {
+            tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
+        }
+        Ok(cluster)
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -438,9 +468,32 @@ impl Cluster {
         }
     }
 
-    /// Replicates `command` through the shard's log and returns the state machine's reply.
+    /// Replicates `command` through the shard's log and returns the state machine's reply. Commands
+    /// waiting for the same shard are proposed together, in one log entry (see `batch`).
     pub async fn write(&self, shard: u32, command: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
-        let payload = Payload(command);
+        let replica = self.replica(shard).map_err(ClusterError::from)?;
+        let (reply, answer) = oneshot::channel();
+        match replica.waiting.try_send(Waiting { command, reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(ClusterError::Overloaded { shard });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(ClusterError::Unavailable("shutting down".into()));
+            }
+        }
+        answer
+            .await
+            .map_err(|_| ClusterError::Unavailable("shutting down".into()))?
+    }
+
+    /// Proposes `commands` as one entry through the shard's leader; one reply per command.
+    async fn write_batch(
+        &self,
+        shard: u32,
+        commands: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, ClusterError> {
+        let payload = Payload(batch::encode(commands));
         let reply = self
             .on_leader(
                 shard,
@@ -455,7 +508,16 @@ impl Cluster {
                 },
             )
             .await?;
-        Ok(reply.0)
+        let replies = batch::decode(&reply.0)
+            .map_err(|e| ClusterError::Unavailable(format!("shard {shard}: bad reply: {e}")))?;
+        if replies.len() != commands.len() {
+            return Err(ClusterError::Unavailable(format!(
+                "shard {shard}: {} replies for {} commands",
+                replies.len(),
+                commands.len()
+            )));
+        }
+        Ok(replies.into_iter().map(<[u8]>::to_vec).collect())
     }
 
     async fn write_local(&self, shard: u32, payload: Payload) -> Result<Payload, Refusal> {
@@ -729,6 +791,51 @@ impl Cluster {
                 tracing::warn!(%error, "a replica did not stop cleanly");
             }
         }
+    }
+}
+
+/// Gathers the commands waiting for `shard` into batches and proposes each as one entry, with at most
+/// `BATCHES_IN_FLIGHT` batches in flight. Stops when the cluster is gone.
+async fn run_batcher(cluster: Weak<Cluster>, shard: u32, mut queue: mpsc::Receiver<Waiting>) {
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let mut bytes = first.command.len();
+        let mut batch = vec![first];
+        while batch.len() < cluster.config.max_batch_commands && bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.command.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(async move {
+            let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
+                batch.into_iter().map(|w| (w.command, w.reply)).unzip();
+            match cluster.write_batch(shard, &commands).await {
+                Ok(answers) => {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(Ok(answer));
+                    }
+                }
+                Err(error) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
     }
 }
 

@@ -13,11 +13,15 @@
 //! - [`cluster`]: the shards' Raft instances, cluster formation, forwarding writes to leaders,
 //!   linearizable read barriers, membership changes and status.
 //!
-//! Commands and replies are opaque bytes ([`Payload`]): the application encodes them.
+//! - [`batch`]: many commands in one log entry, so a shard's fsync, replication and apply serve many
+//!   commands at once.
+//!
+//! Commands and replies are opaque bytes: the application encodes them.
 
 // openraft's `StorageError` is large; it is the trait's error type, so it is returned as it is.
 #![allow(clippy::result_large_err)]
 
+pub mod batch;
 pub mod cluster;
 pub mod log_store;
 pub mod network;

@@ -27,14 +27,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    Entry, LogId, Payload, SnapshotMeta, StorageError, StoredMembership, TypeConfig, decode, encode,
+    Entry, LogId, Payload, SnapshotMeta, StorageError, StoredMembership, TypeConfig, batch, decode,
+    encode,
 };
 
 /// An application error, reported to openraft as a storage error.
 pub type StateError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One committed entry handed to the application: its log index and, for a normal entry, its command.
-/// Entries without a command (blank entries of new leaders, membership changes) only advance the index.
+/// One committed command handed to the application, with the index of its log entry, or an entry
+/// without commands (a new leader's blank entry, a membership change), which only advances the index.
+/// The commands of one entry (see `batch`) come one after the other and share its index.
 pub struct Applying<'a> {
     pub index: u64,
     pub command: Option<&'a [u8]>,
@@ -52,15 +54,9 @@ pub trait Export: Send {
 pub trait ReplicatedState: Send + Sync + 'static {
     /// The marker stored by the last `apply` or `import`, `None` for a new state.
     fn marker(&self) -> Result<Option<Vec<u8>>, StateError>;
-    /// Applies `batch` in order in ONE transaction that also stores `marker_after(batch.len() - 1)`;
-    /// one reply per entry (empty for entries without a command). `marker_after(i)` is the marker of
-    /// the state after entry `i`, for an implementation that must split the batch. May commit
-    /// non-durably (see the module docs).
-    fn apply(
-        &self,
-        batch: &[Applying<'_>],
-        marker_after: &dyn Fn(usize) -> Vec<u8>,
-    ) -> Result<Vec<Vec<u8>>, StateError>;
+    /// Applies `batch` in order in ONE transaction that also stores `marker`; one reply per item
+    /// (ignored for items without a command). May commit non-durably (see the module docs).
+    fn apply(&self, batch: &[Applying<'_>], marker: &[u8]) -> Result<Vec<Vec<u8>>, StateError>;
     /// Makes everything applied so far durable, then starts exporting a consistent view of the state.
     fn export(&self) -> Result<Box<dyn Export>, StateError>;
     /// Replaces the whole state by an exported body and its marker, atomically and durably.
@@ -137,49 +133,69 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        if entries.is_empty() {
+        let Some(last) = entries.last().map(|e| e.log_id) else {
             return Ok(Vec::new());
-        }
-        // The membership in force after each entry, for the markers.
-        let mut memberships = Vec::with_capacity(entries.len());
+        };
         for entry in &entries {
             if let EntryPayload::Membership(membership) = &entry.payload {
                 self.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
             }
-            memberships.push(self.membership.clone());
         }
+        let marker = encode(&Marker {
+            last_applied: Some(last),
+            membership: self.membership.clone(),
+        })
+        .map_err(sm_error)?;
         let state = self.state.clone();
-        let replies = blocking(move || {
-            let batch: Vec<Applying<'_>> = entries
-                .iter()
-                .map(|entry| Applying {
-                    index: entry.log_id.index,
-                    command: match &entry.payload {
-                        EntryPayload::Normal(payload) => Some(payload.0.as_slice()),
-                        EntryPayload::Blank | EntryPayload::Membership(_) => None,
-                    },
-                })
-                .collect();
-            let marker_after = |i: usize| -> Vec<u8> {
-                let marker = Marker {
-                    last_applied: Some(entries[i].log_id),
-                    membership: memberships[i].clone(),
-                };
-                // Encoding a log id and a membership into a Vec cannot fail.
-                encode(&marker).unwrap_or_default()
-            };
-            let replies = state.apply(&batch, &marker_after).map_err(sm_error)?;
-            if replies.len() != batch.len() {
+        blocking(move || {
+            // Flatten the entries into their commands; remember how many each entry has.
+            let mut items = Vec::with_capacity(entries.len());
+            let mut counts = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                let index = entry.log_id.index;
+                match &entry.payload {
+                    EntryPayload::Normal(payload) => {
+                        // Only this crate proposes entries, always as batches.
+                        let commands = batch::decode(&payload.0).map_err(sm_error)?;
+                        counts.push(Some(commands.len()));
+                        items.extend(commands.into_iter().map(|command| Applying {
+                            index,
+                            command: Some(command),
+                        }));
+                    }
+                    EntryPayload::Blank | EntryPayload::Membership(_) => {
+                        counts.push(None);
+                        items.push(Applying {
+                            index,
+                            command: None,
+                        });
+                    }
+                }
+            }
+            let replies = state.apply(&items, &marker).map_err(sm_error)?;
+            if replies.len() != items.len() {
                 return Err(sm_error(format!(
-                    "{} replies for {} entries",
+                    "{} replies for {} commands",
                     replies.len(),
-                    batch.len()
+                    items.len()
                 )));
             }
-            Ok(replies)
+            // One response per entry: the batch of its commands' replies.
+            let mut replies = replies.into_iter();
+            Ok(counts
+                .into_iter()
+                .map(|count| match count {
+                    Some(n) => {
+                        Payload(batch::encode(&replies.by_ref().take(n).collect::<Vec<_>>()))
+                    }
+                    None => {
+                        replies.next();
+                        Payload::default()
+                    }
+                })
+                .collect())
         })
-        .await?;
-        Ok(replies.into_iter().map(Payload).collect())
+        .await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

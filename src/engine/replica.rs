@@ -3,8 +3,10 @@
 //!
 //! Every replica runs this on the same log, so everything here must be deterministic, failures included:
 //! a command that cannot be decoded, or whose `apply` panics (a bug), becomes a no-op with an error reply
-//! on every replica alike, and the rest of its batch is still applied.
+//! on every replica alike, and the rest of its batch is still applied, in the same one transaction.
 
+use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -32,20 +34,16 @@ impl ReplicatedState for ShardMachine {
         Ok(self.store.marker()?)
     }
 
-    fn apply(
-        &self,
-        batch: &[Applying<'_>],
-        marker_after: &dyn Fn(usize) -> Vec<u8>,
-    ) -> Result<Vec<Vec<u8>>, StateError> {
-        let Some(last) = batch.len().checked_sub(1) else {
+    fn apply(&self, batch: &[Applying<'_>], marker: &[u8]) -> Result<Vec<Vec<u8>>, StateError> {
+        if batch.is_empty() {
             return Ok(Vec::new());
-        };
+        }
         metrics::histogram!("shopkeep_apply_batch_size", "shard" => self.store.shard().to_string())
             .record(batch.len() as f64);
         let decoded: Vec<Option<Result<Envelope, String>>> = batch
             .iter()
-            .map(|entry| {
-                entry.command.map(|bytes| {
+            .map(|item| {
+                item.command.map(|bytes| {
                     postcard::from_bytes::<Envelope>(bytes)
                         .map_err(|e| format!("undecodable command: {e}"))
                 })
@@ -54,40 +52,30 @@ impl ReplicatedState for ShardMachine {
         let entries: Vec<(u64, Option<&Envelope>)> = batch
             .iter()
             .zip(&decoded)
-            .map(|(entry, envelope)| (entry.index, envelope.as_ref().and_then(|e| e.as_ref().ok())))
+            .map(|(item, envelope)| (item.index, envelope.as_ref().and_then(|e| e.as_ref().ok())))
             .collect();
-        let whole = catch_unwind(AssertUnwindSafe(|| {
-            self.store.apply_entries(&entries, &marker_after(last))
-        }));
-        let applied = match whole {
-            Ok(result) => result?,
-            Err(_) => {
-                // A command panicked (a bug); the transaction was dropped, so nothing of the batch was
-                // written. Apply the entries one by one so that only the culprit fails.
-                tracing::error!(
-                    shard = self.store.shard(),
-                    "apply panicked; applying the batch one by one"
-                );
-                let mut applied = Vec::with_capacity(entries.len());
-                for (i, entry) in entries.iter().enumerate() {
-                    let single = catch_unwind(AssertUnwindSafe(|| {
-                        self.store.apply_entries(&[*entry], &marker_after(i))
-                    }));
-                    match single {
-                        Ok(result) => applied.extend(result?),
-                        Err(_) => {
-                            tracing::error!(
-                                shard = self.store.shard(),
-                                index = entry.0,
-                                "apply panicked"
-                            );
-                            self.store
-                                .apply_entries(&[(entry.0, None)], &marker_after(i))?;
-                            applied.push(None);
-                        }
+        // A command that panics (a bug) is skipped on every replica alike: the transaction is dropped,
+        // so nothing of the batch was written, and the batch is applied again without the culprit.
+        let mut skip = BTreeSet::new();
+        let applied = loop {
+            let progress = Cell::new(0);
+            let attempt = catch_unwind(AssertUnwindSafe(|| {
+                self.store
+                    .apply_entries_except(&entries, marker, &skip, &progress)
+            }));
+            match attempt {
+                Ok(result) => break result?,
+                Err(_) => {
+                    let culprit = progress.get();
+                    if culprit >= entries.len() || !skip.insert(culprit) {
+                        return Err("apply panicked outside any command".into());
                     }
+                    tracing::error!(
+                        shard = self.store.shard(),
+                        index = entries[culprit].0,
+                        "apply panicked; the command is skipped"
+                    );
                 }
-                applied
             }
         };
         debug_assert_eq!(applied.len(), batch.len());

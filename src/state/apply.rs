@@ -115,8 +115,8 @@ impl<'t> Applier<'t> {
     /// Records that the entry at `index` (which carries no command) is applied.
     pub(crate) fn advance(&mut self, index: u64) {
         debug_assert!(
-            index > self.meta.last_applied || (index == 0 && self.meta.last_applied == 0),
-            "log positions only grow (the first entry of a Raft log is at 0)"
+            index >= self.meta.last_applied,
+            "log positions never go back (the commands of one entry share its index)"
         );
         self.meta.last_applied = index;
     }
@@ -138,8 +138,8 @@ impl<'t> Applier<'t> {
     /// Applies one envelope at log position `index`.
     pub(crate) fn apply(&mut self, index: u64, envelope: &Envelope) -> Result<Applied, StoreError> {
         debug_assert!(
-            index > self.meta.last_applied || (index == 0 && self.meta.last_applied == 0),
-            "log positions only grow (the first entry of a Raft log is at 0)"
+            index >= self.meta.last_applied,
+            "log positions never go back (the commands of one entry share its index)"
         );
         self.meta.last_applied = index;
         if let Some(tag) = &envelope.idempotency {

@@ -12,6 +12,8 @@ pub mod query;
 pub mod snapshot;
 pub mod tables;
 
+use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -136,9 +138,10 @@ impl ShardStore {
         self.shard
     }
 
-    /// Applies committed log entries in order in ONE write transaction that also stores `marker`.
-    /// An entry without an envelope (a new leader's blank entry, a membership change) only advances
-    /// `last_applied`; its result is `None`.
+    /// Applies committed commands in order in ONE write transaction that also stores `marker`. Each
+    /// carries the index of its log entry (the commands of one entry share it); an item without an
+    /// envelope (a new leader's blank entry, a membership change) only advances `last_applied`; its
+    /// result is `None`.
     ///
     /// The commit is durable (fsync) only when the last durable one is older than `DURABLE_EVERY`:
     /// every entry is durable in the Raft log before it is applied, and the marker rolls back with the
@@ -148,6 +151,19 @@ impl ShardStore {
         &self,
         entries: &[(u64, Option<&Envelope>)],
         marker: &[u8],
+    ) -> Result<Vec<Option<Applied>>, StoreError> {
+        self.apply_entries_except(entries, marker, &BTreeSet::new(), &Cell::new(0))
+    }
+
+    /// `apply_entries`, but the items at the positions in `skip` only advance `last_applied` (their
+    /// result is `None`), and `progress` holds the position of the item being applied (so that the
+    /// caller knows which one panicked).
+    pub fn apply_entries_except(
+        &self,
+        entries: &[(u64, Option<&Envelope>)],
+        marker: &[u8],
+        skip: &BTreeSet<usize>,
+        progress: &Cell<usize>,
     ) -> Result<Vec<Option<Applied>>, StoreError> {
         let durable = {
             let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
@@ -163,15 +179,19 @@ impl ShardStore {
         let applied = {
             let mut applier = apply::Applier::open(&txn)?;
             let mut results = Vec::with_capacity(entries.len());
-            for (index, envelope) in entries {
+            for (position, (index, envelope)) in entries.iter().enumerate() {
+                progress.set(position);
                 match envelope {
-                    Some(envelope) => results.push(Some(applier.apply(*index, envelope)?)),
-                    None => {
+                    Some(envelope) if !skip.contains(&position) => {
+                        results.push(Some(applier.apply(*index, envelope)?));
+                    }
+                    _ => {
                         applier.advance(*index);
                         results.push(None);
                     }
                 }
             }
+            progress.set(entries.len());
             applier.set_marker(marker)?;
             applier.finish()?;
             results
