@@ -6,15 +6,17 @@
 //! append as flushed (`LogFlushed::log_io_completed`) and answers each vote. Under load, while one commit
 //! is being flushed the next batch queues up, so the cost of an fsync is shared by every shard's entries.
 //!
-//! openraft reads entries from an in-memory mirror of each shard's live log (the entries after the last
-//! purge), updated before an operation is queued, so a read always sees what openraft has written, even
-//! before it is durable. Operations of one shard are queued in the order openraft issues them and the
+//! openraft reads entries from an in-memory mirror of the tail of each shard's log, updated before an
+//! operation is queued, so a read always sees what openraft has written, even before it is durable. The
+//! mirror is bounded (`MIRROR_BYTES` per shard): older entries, once durable, are dropped from memory and
+//! read from the file. Operations of one shard are queued in the order openraft issues them and the
 //! writer keeps that order, so the file always holds a prefix of that sequence.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -33,6 +35,17 @@ const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("ra
 const MAX_OPS_PER_COMMIT: usize = 4096;
 /// Most operations waiting for the writer; a full queue makes openraft wait (backpressure).
 const QUEUE_CAPACITY: usize = 8192;
+/// Most bytes of entries a shard keeps in memory (beyond the newest entry), by default.
+pub const MIRROR_BYTES: usize = 4 * 1024 * 1024;
+
+/// What an entry costs in the mirror.
+fn entry_bytes(entry: &Entry) -> usize {
+    let payload = match &entry.payload {
+        openraft::EntryPayload::Normal(payload) => payload.0.len(),
+        _ => 0,
+    };
+    payload + 64
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogDbError {
@@ -53,12 +66,14 @@ enum Op {
         shard: u32,
         entries: Vec<(u64, Vec<u8>)>,
         flushed: LogFlushed<TypeConfig>,
+        durable: Arc<AtomicU64>,
     },
     /// Deletes the entries at and after `from`.
     Truncate {
         shard: u32,
         from: u64,
         done: oneshot::Sender<Result<(), String>>,
+        durable: Arc<AtomicU64>,
     },
     /// Deletes the entries up to and including `upto` and records the purge mark.
     Purge {
@@ -80,11 +95,17 @@ enum Op {
 pub struct LogDb {
     db: Arc<Database>,
     ops: mpsc::Sender<Op>,
+    mirror_bytes: usize,
 }
 
 impl LogDb {
     /// Opens (or creates) the log file and starts its writer thread.
     pub fn open(path: &Path) -> Result<LogDb, LogDbError> {
+        Self::open_with_mirror(path, MIRROR_BYTES)
+    }
+
+    /// `open`, keeping at most `mirror_bytes` of each shard's entries in memory.
+    pub fn open_with_mirror(path: &Path, mirror_bytes: usize) -> Result<LogDb, LogDbError> {
         let db = Arc::new(Database::builder().create(path).map_err(redb_error)?);
         let txn = db.begin_write().map_err(redb_error)?;
         txn.open_table(LOG).map_err(redb_error)?;
@@ -96,7 +117,11 @@ impl LogDb {
             .name("raft-log-writer".into())
             .spawn(move || run_writer(&writer_db, queue))
             .map_err(LogDbError::Thread)?;
-        Ok(LogDb { db, ops })
+        Ok(LogDb {
+            db,
+            ops,
+            mirror_bytes,
+        })
     }
 
     /// The log of `shard`, loaded into memory.
@@ -123,10 +148,13 @@ impl LogDb {
             .transpose()
             .map_err(corrupt)?;
         let log = txn.open_table(LOG).map_err(redb_error)?;
+        // The newest entries, up to the mirror's bound; older ones stay in the file.
         let mut entries = VecDeque::new();
+        let mut bytes = 0;
         for row in log
             .range((shard, 0)..=(shard, u64::MAX))
             .map_err(redb_error)?
+            .rev()
         {
             let (key, value) = row.map_err(redb_error)?;
             let entry: Entry = decode(value.value()).map_err(corrupt)?;
@@ -137,24 +165,31 @@ impl LogDb {
                     entry.log_id
                 )));
             }
-            if let Some(previous) = entries.back().map(|e: &Entry| e.log_id.index) {
-                if index != previous + 1 {
+            if let Some(next) = entries.front().map(|e: &Entry| e.log_id.index) {
+                if index + 1 != next {
                     return Err(LogDbError::Corrupt(format!(
-                        "shard {shard}: gap in the log between {previous} and {index}"
+                        "shard {shard}: gap in the log between {index} and {next}"
                     )));
                 }
             }
-            entries.push_back(entry);
+            bytes += entry_bytes(&entry);
+            entries.push_front(entry);
+            if bytes > self.mirror_bytes {
+                break;
+            }
         }
+        let durable = entries.back().map_or(0, |e| e.log_id.index + 1);
         Ok(LogStore {
             shard,
             db: self.clone(),
             mirror: Arc::new(Mutex::new(Mirror {
                 entries,
+                bytes,
                 last_purged,
                 vote,
                 committed,
             })),
+            durable: Arc::new(AtomicU64::new(durable)),
         })
     }
 }
@@ -180,10 +215,30 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Op>) {
         for op in batch {
             let outcome = result.clone();
             match op {
-                Op::Append { flushed, .. } => {
+                // In operation order: what is durable of each shard's log (entries below the count).
+                Op::Append {
+                    flushed,
+                    durable,
+                    entries,
+                    ..
+                } => {
+                    if outcome.is_ok() {
+                        if let Some((last, _)) = entries.last() {
+                            durable.fetch_max(last + 1, Ordering::AcqRel);
+                        }
+                    }
                     flushed.log_io_completed(outcome.map_err(std::io::Error::other));
                 }
-                Op::Truncate { done, .. } | Op::Purge { done, .. } => {
+                Op::Truncate {
+                    done,
+                    durable,
+                    from,
+                    ..
+                } => {
+                    durable.fetch_min(from, Ordering::AcqRel);
+                    let _ = done.send(outcome);
+                }
+                Op::Purge { done, .. } => {
                     let _ = done.send(outcome);
                 }
                 Op::Put { done, .. } => {
@@ -241,7 +296,10 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), LogDbError> {
 
 /// What openraft reads: a shard's live log, its vote and its marks.
 struct Mirror {
+    /// The newest entries, contiguous; older ones are in the file only.
     entries: VecDeque<Entry>,
+    /// `entry_bytes` of `entries`.
+    bytes: usize,
     last_purged: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
@@ -253,6 +311,9 @@ pub struct LogStore {
     shard: u32,
     db: LogDb,
     mirror: Arc<Mutex<Mirror>>,
+    /// One past the index of the newest entry known durable in the file (0: none). Only entries below it
+    /// may leave the mirror.
+    durable: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -295,34 +356,94 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         use std::ops::Bound;
-        let mirror = self.mirror();
-        let Some(first) = mirror.entries.front().map(|e| e.log_id.index) else {
-            return Ok(Vec::new());
-        };
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
             Bound::Excluded(&s) => s.saturating_add(1),
-            Bound::Unbounded => first,
+            Bound::Unbounded => 0,
         };
         let end = match range.end_bound() {
             Bound::Included(&e) => e.saturating_add(1),
             Bound::Excluded(&e) => e,
             Bound::Unbounded => u64::MAX,
         };
-        let from = start.max(first);
-        if end <= from {
+        if end <= start {
             return Ok(Vec::new());
         }
-        let skip = usize::try_from(from - first).unwrap_or(usize::MAX);
-        if skip >= mirror.entries.len() {
-            return Ok(Vec::new());
+        let (first_in_memory, from_memory) = {
+            let mirror = self.mirror();
+            let first = mirror.entries.front().map_or(u64::MAX, |e| e.log_id.index);
+            let skip = usize::try_from(start.saturating_sub(first)).unwrap_or(usize::MAX);
+            let from_memory: Vec<Entry> = if skip < mirror.entries.len() {
+                mirror
+                    .entries
+                    .range(skip..)
+                    .take_while(|e| e.log_id.index < end)
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (first, from_memory)
+        };
+        if start >= first_in_memory {
+            return Ok(from_memory);
         }
-        Ok(mirror
-            .entries
-            .range(skip..)
-            .take_while(|e| e.log_id.index < end)
-            .cloned()
-            .collect())
+        // The older part is durable in the file (entries leave the mirror only once durable).
+        let mut entries = self.read_file(start, end.min(first_in_memory))?;
+        entries.extend(from_memory);
+        Ok(entries)
+    }
+}
+
+impl LogStore {
+    /// Entries `start..end` of this shard from the file.
+    fn read_file(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        let read_error = |e: String| -> StorageError {
+            StorageIOError::read_logs(openraft::AnyError::error(e)).into()
+        };
+        let txn = self
+            .db
+            .db
+            .begin_read()
+            .map_err(|e| read_error(e.to_string()))?;
+        let log = txn.open_table(LOG).map_err(|e| read_error(e.to_string()))?;
+        let mut entries = Vec::new();
+        if end == 0 {
+            return Ok(entries);
+        }
+        for row in log
+            .range((self.shard, start)..=(self.shard, end - 1))
+            .map_err(|e| read_error(e.to_string()))?
+        {
+            let (_, value) = row.map_err(|e| read_error(e.to_string()))?;
+            entries.push(decode(value.value()).map_err(|e| read_error(e.to_string()))?);
+        }
+        Ok(entries)
+    }
+
+    /// The newest entry in the file, if any (after a truncation emptied the mirror).
+    fn last_in_file(&self) -> Result<Option<Entry>, StorageError> {
+        let read_error = |e: String| -> StorageError {
+            StorageIOError::read_logs(openraft::AnyError::error(e)).into()
+        };
+        let txn = self
+            .db
+            .db
+            .begin_read()
+            .map_err(|e| read_error(e.to_string()))?;
+        let log = txn.open_table(LOG).map_err(|e| read_error(e.to_string()))?;
+        let last = log
+            .range((self.shard, 0)..=(self.shard, u64::MAX))
+            .map_err(|e| read_error(e.to_string()))?
+            .next_back()
+            .transpose()
+            .map_err(|e| read_error(e.to_string()))?;
+        match last {
+            Some((_, value)) => Ok(Some(
+                decode(value.value()).map_err(|e| read_error(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
     }
 }
 
@@ -411,7 +532,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     }
                 }
                 encoded.push((index, encode(&entry).map_err(encode_error)?));
+                mirror.bytes += entry_bytes(&entry);
                 mirror.entries.push_back(entry);
+            }
+            // Bound the mirror: drop the oldest entries that are durable in the file.
+            let durable = self.durable.load(Ordering::Acquire);
+            while mirror.bytes > self.db.mirror_bytes
+                && mirror.entries.len() > 1
+                && mirror
+                    .entries
+                    .front()
+                    .is_some_and(|e| e.log_id.index < durable)
+            {
+                if let Some(dropped) = mirror.entries.pop_front() {
+                    mirror.bytes -= entry_bytes(&dropped);
+                }
             }
         }
         if encoded.is_empty() {
@@ -422,6 +557,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             shard: self.shard,
             entries: encoded,
             flushed: callback,
+            durable: self.durable.clone(),
         })
         .await
     }
@@ -434,19 +570,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .back()
                 .is_some_and(|e| e.log_id.index >= log_id.index)
             {
-                mirror.entries.pop_back();
+                if let Some(dropped) = mirror.entries.pop_back() {
+                    mirror.bytes -= entry_bytes(&dropped);
+                }
             }
         }
         let shard = self.shard;
+        let durable = self.durable.clone();
         self.queue_and_wait(
             |done| Op::Truncate {
                 shard,
                 from: log_id.index,
                 done,
+                durable,
             },
             StorageIOError::write_logs,
         )
-        .await
+        .await?;
+        // The truncation may have removed every entry still in memory: the newest entry is then in
+        // the file (it is durable there), and the mirror must hold it for `get_log_state`.
+        if self.mirror().entries.is_empty() {
+            if let Some(last) = self.last_in_file()? {
+                let mut mirror = self.mirror();
+                if mirror.entries.is_empty() {
+                    mirror.bytes += entry_bytes(&last);
+                    mirror.entries.push_back(last);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -458,7 +610,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .front()
                 .is_some_and(|e| e.log_id.index <= log_id.index)
             {
-                mirror.entries.pop_front();
+                if let Some(dropped) = mirror.entries.pop_front() {
+                    mirror.bytes -= entry_bytes(&dropped);
+                }
             }
             mirror.last_purged = Some(log_id);
         }
@@ -473,5 +627,102 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             StorageIOError::write_logs,
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::Payload;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(Payload(vec![index as u8; 1000])),
+        }
+    }
+
+    async fn indexes(store: &mut LogStore, range: std::ops::Range<u64>) -> Vec<(u64, u64)> {
+        store
+            .try_get_log_entries(range)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_bounded_mirror_reads_old_entries_from_the_file_and_survives_truncation_and_restart()
+    {
+        let dir = std::env::temp_dir().join(format!("sklog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.redb");
+        // Room for about 5 entries in memory.
+        let db = LogDb::open_with_mirror(&path, 5 * 1100).unwrap();
+        let mut store = db.shard(0).unwrap();
+        for index in 0..40 {
+            store.blocking_append([entry(1, index)]).await.unwrap();
+        }
+        assert!(store.mirror().entries.len() <= 7, "the mirror is bounded");
+        let expected: Vec<(u64, u64)> = (10..30).map(|i| (1, i)).collect();
+        assert_eq!(
+            indexes(&mut store, 10..30).await,
+            expected,
+            "old entries come from the file"
+        );
+
+        // Truncate into the part that is only in the file, then go on in a new term.
+        store
+            .truncate(LogId::new(CommittedLeaderId::new(1, 1), 20))
+            .await
+            .unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id.map(|id| id.index), Some(19));
+        for index in 20..25 {
+            store.blocking_append([entry(2, index)]).await.unwrap();
+        }
+        let read = indexes(&mut store, 18..25).await;
+        assert_eq!(
+            read,
+            vec![
+                (1, 18),
+                (1, 19),
+                (2, 20),
+                (2, 21),
+                (2, 22),
+                (2, 23),
+                (2, 24)
+            ]
+        );
+
+        // A restart sees the same log.
+        drop(store);
+        drop(db);
+        // The writer thread lets go of the file once it sees every sender gone.
+        let mut reopened = LogDb::open_with_mirror(&path, 5 * 1100);
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            reopened = LogDb::open_with_mirror(&path, 5 * 1100);
+        }
+        let db = reopened.unwrap();
+        let mut store = db.shard(0).unwrap();
+        assert_eq!(indexes(&mut store, 18..25).await, read);
+        assert_eq!(
+            store
+                .get_log_state()
+                .await
+                .unwrap()
+                .last_log_id
+                .map(|id| id.index),
+            Some(24)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
