@@ -35,6 +35,8 @@ const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("ra
 const MAX_OPS_PER_COMMIT: usize = 4096;
 /// Most operations waiting for the writer; a full queue makes openraft wait (backpressure).
 const QUEUE_CAPACITY: usize = 8192;
+/// redb's page cache for the log file (its default is 1 GiB).
+const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of entries a shard keeps in memory (beyond the newest entry), by default.
 pub const MIRROR_BYTES: usize = 4 * 1024 * 1024;
 
@@ -106,7 +108,13 @@ impl LogDb {
 
     /// `open`, keeping at most `mirror_bytes` of each shard's entries in memory.
     pub fn open_with_mirror(path: &Path, mirror_bytes: usize) -> Result<LogDb, LogDbError> {
-        let db = Arc::new(Database::builder().create(path).map_err(redb_error)?);
+        // The log is written far more than it is read (openraft reads the mirror): a small page cache.
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(LOG_CACHE_BYTES)
+                .create(path)
+                .map_err(redb_error)?,
+        );
         let txn = db.begin_write().map_err(redb_error)?;
         txn.open_table(LOG).map_err(redb_error)?;
         txn.open_table(RAFT_STATE).map_err(redb_error)?;

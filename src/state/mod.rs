@@ -59,6 +59,10 @@ redb_error_into_store_error!(
 /// Version 2: positions are Raft log indexes and `META` holds the replication marker.
 pub const SCHEMA_VERSION: u32 = 2;
 
+/// redb's page cache per shard file (redb's default is 1 GiB per file, which lets a node with 8 shards
+/// grow far beyond what it needs: reads are of recent rows, and the OS caches the file anyway).
+pub const SHARD_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Longest time between two durable commits of the state (the others skip the fsync; see
 /// `apply_entries`). Bounds how much of the log a restart re-applies.
 pub const DURABLE_EVERY: Duration = Duration::from_millis(500);
@@ -105,7 +109,9 @@ pub struct ShardStore {
 impl ShardStore {
     /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`.
     pub fn open(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
-        let db = Database::builder().create(path)?;
+        let db = Database::builder()
+            .set_cache_size(SHARD_CACHE_BYTES)
+            .create(path)?;
         let store = ShardStore {
             shard,
             db,
