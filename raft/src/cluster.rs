@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
 };
+use openraft::raft::VoteResponse;
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -111,6 +112,8 @@ pub struct Cluster {
     transport: Arc<Transport>,
     /// Serialises membership changes made through this node.
     membership_lock: tokio::sync::Mutex<()>,
+    /// Until when this node, started with empty shards, refuses to vote in them (see `vote_guard`).
+    vote_guard: std::sync::Mutex<Option<Instant>>,
 }
 
 /// One shard as this node sees it.
@@ -237,7 +240,17 @@ impl Cluster {
             replicas,
             transport,
             membership_lock: tokio::sync::Mutex::new(()),
+            vote_guard: std::sync::Mutex::new(None),
         });
+        // A member whose data dir was wiped has forgotten whom it voted for: voting again at once could
+        // elect two leaders in one term. Until the formation probe shows the cluster is new, or two
+        // leader leases have passed (every term it may have voted in is over), it votes in no shard it
+        // holds nothing of.
+        if cluster.config.peers.len() > 1 && !cluster.any_initialized().await {
+            let lease = cluster.config.election_timeout * 2;
+            *cluster.vote_guard.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + lease * 2);
+        }
         for (shard, queue) in (0u32..).zip(queues) {
             tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
         }
@@ -325,6 +338,10 @@ impl Cluster {
             if joined {
                 tracing::info!("the cluster exists; waiting for its leaders to contact this node");
                 return;
+            }
+            if reachable.len() >= majority {
+                // A new cluster: its first elections need this node's vote.
+                *self.vote_guard.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
             let everyone = reachable.len() == self.config.peers.len();
             if reachable.len() >= majority {
@@ -683,6 +700,10 @@ impl Cluster {
                 Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
             NodeRequest::Vote { shard, rpc } => NodeResponse::Vote(match self.replica(shard) {
+                Ok(replica) if self.refuses_votes(replica).await => {
+                    tracing::info!(shard, candidate = %rpc.vote, "not voting yet: this node's data was empty");
+                    Ok(VoteResponse::new(openraft::Vote::default(), None, false))
+                }
                 Ok(replica) => replica.raft.vote(rpc).await,
                 Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
@@ -709,6 +730,18 @@ impl Cluster {
                 shards: self.shard_count(),
                 initialized: self.any_initialized().await,
             }),
+        }
+    }
+
+    /// Whether the vote guard (see `open`) holds for `replica`: still in force, and the replica still
+    /// holds nothing (once a leader has replicated to it, it knows the term again).
+    async fn refuses_votes(&self, replica: &Replica) -> bool {
+        let until = *self.vote_guard.lock().unwrap_or_else(|p| p.into_inner());
+        match until {
+            Some(until) if Instant::now() < until => {
+                !replica.raft.is_initialized().await.unwrap_or(true)
+            }
+            _ => false,
         }
     }
 
