@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -114,6 +115,10 @@ pub struct Cluster {
     membership_lock: tokio::sync::Mutex<()>,
     /// Until when this node, started with empty shards, refuses to vote in them (see `vote_guard`).
     vote_guard: std::sync::Mutex<Option<Instant>>,
+    /// When this node started; the base of `leader_contact`.
+    started: Instant,
+    /// Per shard, milliseconds after `started` when a leader last reached this node (an append).
+    leader_contact: Vec<AtomicU64>,
 }
 
 /// One shard as this node sees it.
@@ -241,6 +246,8 @@ impl Cluster {
             transport,
             membership_lock: tokio::sync::Mutex::new(()),
             vote_guard: std::sync::Mutex::new(None),
+            started: Instant::now(),
+            leader_contact: (0..queues.len()).map(|_| AtomicU64::new(0)).collect(),
         });
         // A member whose data dir was wiped has forgotten whom it voted for: voting again at once could
         // elect two leaders in one term. Until the formation probe shows the cluster is new, or two
@@ -696,7 +703,13 @@ impl Cluster {
     pub async fn serve_call(&self, request: NodeRequest) -> NodeResponse {
         match request {
             NodeRequest::Append { shard, rpc } => NodeResponse::Append(match self.replica(shard) {
-                Ok(replica) => replica.raft.append_entries(rpc).await,
+                Ok(replica) => {
+                    let result = replica.raft.append_entries(rpc).await;
+                    if result.is_ok() {
+                        self.note_leader_contact(shard);
+                    }
+                    result
+                }
                 Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
             NodeRequest::Vote { shard, rpc } => NodeResponse::Vote(match self.replica(shard) {
@@ -755,12 +768,37 @@ impl Cluster {
         })
     }
 
-    /// Whether every shard has a known leader.
-    pub fn every_shard_has_leader(&self) -> bool {
-        self.replicas.iter().all(|r| {
-            let metrics = r.raft.metrics();
+    fn note_leader_contact(&self, shard: u32) {
+        if let Some(contact) = self.leader_contact.get(shard as usize) {
+            let now = self.started.elapsed().as_millis() as u64;
+            contact.fetch_max(now.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether every shard has a leader that is alive as far as this node can tell: this node leads it
+    /// and a quorum acknowledged it recently, or its leader reached this node recently ("recently":
+    /// within two leader leases). A single voter is always its own live leader.
+    pub fn is_ready(&self) -> bool {
+        let limit = (self.config.election_timeout * 4).as_millis() as u64;
+        let now = self.started.elapsed().as_millis() as u64;
+        (0u32..).zip(&self.replicas).all(|(shard, replica)| {
+            let metrics = replica.raft.metrics();
             let metrics = metrics.borrow();
-            metrics.running_state.is_ok() && metrics.current_leader.is_some()
+            if metrics.running_state.is_err() || metrics.current_leader.is_none() {
+                return false;
+            }
+            if metrics.membership_config.membership().voter_ids().count() <= 1
+                && metrics.state == ServerState::Leader
+            {
+                return true;
+            }
+            if metrics.state == ServerState::Leader {
+                return metrics
+                    .millis_since_quorum_ack
+                    .is_some_and(|ms| ms <= limit);
+            }
+            let contact = self.leader_contact[shard as usize].load(Ordering::Relaxed);
+            contact > 0 && now.saturating_sub(contact) <= limit
         })
     }
 

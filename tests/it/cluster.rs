@@ -738,7 +738,23 @@ async fn a_minority_answers_503_and_the_majority_goes_on() {
         assert_eq!(c.node(id).wallet(&user).await.balance, 10000 - spent);
     }
 
+    // Readiness tells a load balancer the same: the cut-off node is not ready, the majority is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c.node(isolated).readyz().await;
+        if status == Some(503) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the isolated node still says ready: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.wait_ready(&majority, Duration::from_secs(10)).await;
+
     c.heal();
+    c.wait_ready(&c.ids(), Duration::from_secs(15)).await;
     // The write the minority refused is still retryable with its key: exactly one outcome.
     let r = post_until_definite(
         &c.api(majority[0]),

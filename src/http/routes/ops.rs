@@ -49,15 +49,17 @@ pub async fn healthz() -> Response {
     status("ok")
 }
 
-/// 200 when every shard has a leader this node knows (it can serve reads and writes); 503 `unavailable`
-/// otherwise.
+/// 200 when every shard has a live leader as far as this node can tell (this node leads it with a quorum
+/// acknowledging, or its leader reached this node recently); 503 `unavailable` otherwise (no leader yet,
+/// or this node is cut off from the others).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    if app.node.cluster().every_shard_has_leader() {
+    if app.node.cluster().is_ready() {
         status("ready")
     } else {
-        ApiError::unavailable("not every shard has a leader yet").into_response()
+        ApiError::unavailable("not every shard has a live leader reachable from this node")
+            .into_response()
     }
 }
 
