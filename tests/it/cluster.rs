@@ -1094,3 +1094,27 @@ fn the_partition_proxy_cuts_and_heals_links() {
         "the cut connection came back"
     );
 }
+
+#[tokio::test]
+async fn a_leader_cut_off_from_its_quorum_stops_saying_ready() {
+    // One shard: the leader of shard 0 leads everything, so nothing but the leader's own view of its
+    // quorum can make it unready (openraft 0.9 leaders do not step down by themselves).
+    let c = TestCluster::start_with(ClusterOpts::new().shards(1)).await;
+    let leader = c.leader_of_shard(0).await;
+    assert_eq!(c.node(leader).readyz().await, Some(200));
+    c.isolate(leader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c.node(leader).readyz().await;
+        if status == Some(503) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a leader without a quorum still says ready: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.heal();
+    c.wait_ready(&c.ids(), Duration::from_secs(15)).await;
+}
