@@ -1118,3 +1118,46 @@ async fn a_leader_cut_off_from_its_quorum_stops_saying_ready() {
     c.heal();
     c.wait_ready(&c.ids(), Duration::from_secs(15)).await;
 }
+
+#[tokio::test]
+async fn a_five_node_cluster_survives_losing_two_nodes() {
+    let mut c = TestCluster::start(5).await;
+    let user = uniq("five");
+    c.api(1).create_item("gems", "currency", "1.00").await;
+    c.api(1).funded_user(&user, "10.00").await;
+    let (shard, _) = c.route(&user).await;
+    let leader = c.leader_of_shard(shard).await;
+    for shard in 0..c.opts.shards as u64 {
+        let s = shard_view(&c.node(1).view().await, shard);
+        assert_eq!(ids_of(&s["voters"]), vec![1, 2, 3, 4, 5], "{s}");
+    }
+    // Lose the user's shard leader and one more node: 3 of 5 remain, a majority.
+    let second = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("another node");
+    c.kill9(leader);
+    c.kill9(second);
+    let survivors: Vec<u64> = c
+        .ids()
+        .into_iter()
+        .filter(|&id| id != leader && id != second)
+        .collect();
+    let api = c.api(survivors[0]);
+    let key = new_key();
+    post_until_definite(
+        &api,
+        &orders_path(&user),
+        &key,
+        &order_body(&[("gems", 3)], true),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect(201);
+    for &id in &survivors {
+        assert_eq!(c.node(id).wallet(&user).await.balance, 700, "node {id}");
+    }
+    c.wait_converged_among(&survivors, Duration::from_secs(20))
+        .await;
+}
