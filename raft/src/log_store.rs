@@ -403,55 +403,51 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
+fn read_error(e: impl ToString) -> StorageError {
+    StorageIOError::read_logs(openraft::AnyError::error(e.to_string())).into()
+}
+
 impl LogStore {
+    /// Runs `read` on the log table of the file (a consistent read view).
+    fn with_file<T>(
+        &self,
+        read: impl FnOnce(&redb::ReadOnlyTable<(u32, u64), &'static [u8]>) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let txn = self.db.db.begin_read().map_err(read_error)?;
+        let log = txn.open_table(LOG).map_err(read_error)?;
+        read(&log)
+    }
+
     /// Entries `start..end` of this shard from the file.
     fn read_file(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
-        let read_error = |e: String| -> StorageError {
-            StorageIOError::read_logs(openraft::AnyError::error(e)).into()
-        };
-        let txn = self
-            .db
-            .db
-            .begin_read()
-            .map_err(|e| read_error(e.to_string()))?;
-        let log = txn.open_table(LOG).map_err(|e| read_error(e.to_string()))?;
-        let mut entries = Vec::new();
-        if end == 0 {
-            return Ok(entries);
+        if end <= start {
+            return Ok(Vec::new());
         }
-        for row in log
-            .range((self.shard, start)..=(self.shard, end - 1))
-            .map_err(|e| read_error(e.to_string()))?
-        {
-            let (_, value) = row.map_err(|e| read_error(e.to_string()))?;
-            entries.push(decode(value.value()).map_err(|e| read_error(e.to_string()))?);
-        }
-        Ok(entries)
+        self.with_file(|log| {
+            let mut entries = Vec::new();
+            for row in log
+                .range((self.shard, start)..=(self.shard, end - 1))
+                .map_err(read_error)?
+            {
+                let (_, value) = row.map_err(read_error)?;
+                entries.push(decode(value.value()).map_err(read_error)?);
+            }
+            Ok(entries)
+        })
     }
 
     /// The newest entry in the file, if any (after a truncation emptied the mirror).
     fn last_in_file(&self) -> Result<Option<Entry>, StorageError> {
-        let read_error = |e: String| -> StorageError {
-            StorageIOError::read_logs(openraft::AnyError::error(e)).into()
-        };
-        let txn = self
-            .db
-            .db
-            .begin_read()
-            .map_err(|e| read_error(e.to_string()))?;
-        let log = txn.open_table(LOG).map_err(|e| read_error(e.to_string()))?;
-        let last = log
-            .range((self.shard, 0)..=(self.shard, u64::MAX))
-            .map_err(|e| read_error(e.to_string()))?
-            .next_back()
-            .transpose()
-            .map_err(|e| read_error(e.to_string()))?;
-        match last {
-            Some((_, value)) => Ok(Some(
-                decode(value.value()).map_err(|e| read_error(e.to_string()))?,
-            )),
-            None => Ok(None),
-        }
+        self.with_file(|log| {
+            let last = log
+                .range((self.shard, 0)..=(self.shard, u64::MAX))
+                .map_err(read_error)?
+                .next_back()
+                .transpose()
+                .map_err(read_error)?;
+            last.map(|(_, value)| decode(value.value()).map_err(read_error))
+                .transpose()
+        })
     }
 }
 

@@ -128,6 +128,21 @@ async fn purchase_through_a_follower_is_applied_on_every_replica() {
 
 // ------------------------------------------------------------------------------------------------
 
+/// `r` is 503 `unavailable` with `Retry-After`, and came within `limit` of `t0`.
+#[track_caller]
+fn assert_unavailable_within(r: &Resp, t0: Instant, limit: Duration, what: &str) {
+    r.expect_error(503, "unavailable");
+    assert!(
+        r.header("retry-after").is_some(),
+        "{what}: 503 without Retry-After: {r:?}"
+    );
+    assert!(
+        t0.elapsed() <= limit,
+        "{what}: 503 after {:?} (limit {limit:?})",
+        t0.elapsed()
+    );
+}
+
 #[derive(Debug)]
 struct Attempt {
     key: String,
@@ -662,16 +677,7 @@ async fn a_minority_answers_503_and_the_majority_goes_on() {
     let r = iso
         .get(&format!("/v1/users/{user}/wallet"), Auth::Service)
         .await;
-    r.expect_error(503, "unavailable");
-    assert!(
-        r.header("retry-after").is_some(),
-        "503 without Retry-After: {r:?}"
-    );
-    assert!(
-        t0.elapsed() <= limit,
-        "read barrier 503 after {:?}",
-        t0.elapsed()
-    );
+    assert_unavailable_within(&r, t0, limit, "read barrier 503");
     assert_eq!(c.node(isolated).local_wallet(&user).await.balance, 10000);
 
     // On a shard it follows, the isolated node cannot forward a write nor pass a read barrier either.
@@ -685,30 +691,12 @@ async fn a_minority_answers_503_and_the_majority_goes_on() {
             &refused_credit.1,
         )
         .await;
-    r.expect_error(503, "unavailable");
-    assert!(
-        r.header("retry-after").is_some(),
-        "503 without Retry-After: {r:?}"
-    );
-    assert!(
-        t0.elapsed() <= limit,
-        "forwarded write 503 after {:?}",
-        t0.elapsed()
-    );
+    assert_unavailable_within(&r, t0, limit, "forwarded write 503");
     let t0 = Instant::now();
     let r = iso
         .get(&format!("/v1/users/{other_user}/wallet"), Auth::Service)
         .await;
-    r.expect_error(503, "unavailable");
-    assert!(
-        r.header("retry-after").is_some(),
-        "503 without Retry-After: {r:?}"
-    );
-    assert!(
-        t0.elapsed() <= limit,
-        "follower read barrier 503 after {:?}",
-        t0.elapsed()
-    );
+    assert_unavailable_within(&r, t0, limit, "follower read barrier 503");
     // the shard's leader, in the majority, did not even notice
     c.api(majority[0]).credit(&other_user, "2.00").await;
     assert_eq!(c.api(majority[1]).wallet(&other_user).await.balance, 300);
