@@ -736,6 +736,8 @@ impl Cluster {
                 NodeResponse::Done(self.change_membership_local(shard, change).await)
             }
             NodeRequest::Initialize { shard, members } => {
+                // The cluster is being formed: it is new, and its first elections need this vote.
+                *self.vote_guard.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 NodeResponse::Done(self.initialize_local(shard, members).await)
             }
             NodeRequest::Probe => NodeResponse::Probe(Probe {

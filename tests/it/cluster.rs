@@ -1149,3 +1149,38 @@ async fn a_five_node_cluster_survives_losing_two_nodes() {
     c.wait_converged_among(&survivors, Duration::from_secs(20))
         .await;
 }
+
+#[tokio::test]
+async fn a_wiped_node_does_not_vote_until_its_forgotten_terms_are_over() {
+    let mut c = TestCluster::start(3).await;
+    let user = uniq("guard");
+    let a2 = c.api(2);
+    a2.create_item("gems", "currency", "1.00").await;
+    a2.funded_user(&user, "10.00").await;
+    // Node 3 loses its disk; before it is back, node 1 dies too. Node 2 can only win elections with
+    // node 3's vote, which a node that forgot whom it voted for must not give at once.
+    c.kill9(3);
+    c.wipe_data_dir(3);
+    c.kill9(1);
+    let restarted = Instant::now();
+    c.restart(3).await;
+    c.wait_ready(&[2, 3], READY_TIMEOUT).await;
+    let took = restarted.elapsed();
+    let logs = c.logs(3);
+    assert!(
+        logs.contains("not voting yet"),
+        "the wiped node voted at once (ready after {took:?})"
+    );
+    // Once its guard is over, the two of them serve, with nothing lost.
+    let order = post_until_definite(
+        &a2,
+        &orders_path(&user),
+        &new_key(),
+        &order_body(&[("gems", 2)], true),
+        Duration::from_secs(20),
+    )
+    .await;
+    order.expect(201);
+    assert_eq!(c.node(3).wallet(&user).await.balance, 800);
+    c.wait_converged_among(&[2, 3], CONVERGE).await;
+}
