@@ -78,6 +78,10 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/v1/cluster"),
+    ("get", "/v1/cluster/route/{user_id}"),
+    ("post", "/v1/admin/cluster/nodes"),
+    ("post", "/v1/admin/cluster/nodes/{node_id}/promote"),
+    ("delete", "/v1/admin/cluster/nodes/{node_id}"),
     ("get", "/v1/openapi.json"),
 ];
 
@@ -128,6 +132,35 @@ async fn openapi_document_describes_every_endpoint() {
         missing.is_empty(),
         "OpenAPI paths lack {missing:?}; documented: {documented:?}"
     );
+    // Reads say how fresh they are.
+    let wallet_params = doc["paths"]["/v1/users/{user_id}/wallet"]["get"]["parameters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("wallet GET parameters: {doc}"));
+    assert!(
+        wallet_params
+            .iter()
+            .any(|p| p["name"] == "consistency" && p["in"] == "query"),
+        "no consistency parameter: {wallet_params:?}"
+    );
+}
+
+#[tokio::test]
+async fn reads_take_a_consistency_and_refuse_an_unknown_one() {
+    let srv = Server::start().await;
+    srv.api().create_user("cons").await;
+    for consistency in ["linearizable", "local"] {
+        let wallet = srv
+            .get(
+                &format!("/v1/users/cons/wallet?consistency={consistency}"),
+                Auth::Service,
+            )
+            .await
+            .expect(200);
+        assert_eq!(wallet["balance"], "0.00", "{consistency}: {wallet}");
+    }
+    srv.get("/v1/users/cons/wallet?consistency=eventual", Auth::Service)
+        .await
+        .expect_error(400, "invalid_request");
 }
 
 #[tokio::test]

@@ -81,10 +81,16 @@ pub fn document_common_responses(openapi: &mut utoipa::openapi::OpenApi) {
             continue;
         }
         let keyed = path != "/v1/psp/webhook";
+        if let Some(get) = item.get.as_mut() {
+            get.parameters
+                .get_or_insert_with(Vec::new)
+                .push(consistency_parameter().into());
+        }
         let operations = [
             (&mut item.post, true),
             (&mut item.put, false),
             (&mut item.get, false),
+            (&mut item.delete, false),
         ];
         for (operation, is_post) in operations {
             let Some(operation) = operation.as_mut() else {
@@ -132,6 +138,27 @@ pub fn document_common_responses(openapi: &mut utoipa::openapi::OpenApi) {
             }
         }
     }
+}
+
+/// The `consistency` query parameter every read takes (see `http::read_consistency`).
+fn consistency_parameter() -> utoipa::openapi::path::Parameter {
+    use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+    use utoipa::openapi::{ObjectBuilder, Type};
+    ParameterBuilder::new()
+        .name("consistency")
+        .parameter_in(ParameterIn::Query)
+        .required(utoipa::openapi::Required::False)
+        .description(Some(
+            "`linearizable` (default): the read reflects every write acknowledged before it \
+             (leader + read index; 503 `unavailable` without a quorum). `local`: this node's \
+             replica as it is, possibly behind.",
+        ))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["linearizable", "local"])),
+        ))
+        .build()
 }
 
 pub fn api() -> OpenApiRouter<AppState> {
