@@ -264,10 +264,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn node_id(&self) -> NodeId {
-        self.config.node_id
-    }
-
     pub fn shard_count(&self) -> u32 {
         self.replicas.len() as u32
     }

@@ -727,18 +727,12 @@ async fn a_minority_answers_503_and_the_majority_goes_on() {
     }
 
     // Readiness tells a load balancer the same: the cut-off node is not ready, the majority is.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = c.node(isolated).readyz().await;
-        if status == Some(503) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the isolated node still says ready: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_unready(
+        isolated,
+        Duration::from_secs(10),
+        "the isolated node still says ready",
+    )
+    .await;
     c.wait_ready(&majority, Duration::from_secs(10)).await;
 
     c.heal();
@@ -1091,18 +1085,12 @@ async fn a_leader_cut_off_from_its_quorum_stops_saying_ready() {
     let leader = c.leader_of_shard(0).await;
     assert_eq!(c.node(leader).readyz().await, Some(200));
     c.isolate(leader);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = c.node(leader).readyz().await;
-        if status == Some(503) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a leader without a quorum still says ready: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c.wait_unready(
+        leader,
+        Duration::from_secs(10),
+        "a leader without a quorum still says ready",
+    )
+    .await;
     c.heal();
     c.wait_ready(&c.ids(), Duration::from_secs(15)).await;
 }

@@ -221,10 +221,7 @@ impl ClusterNode {
     }
 
     fn log_paths(&self, run: usize) -> (PathBuf, PathBuf) {
-        (
-            self.dir.path().join(format!("run{run}.stdout.log")),
-            self.dir.path().join(format!("run{run}.stderr.log")),
-        )
+        crate::harness::run_log_paths(self.dir.path(), run)
     }
 
     /// All stdout + stderr the node printed, over every run.
@@ -807,6 +804,19 @@ impl TestCluster {
     }
 
     // ---- waiting -------------------------------------------------------------------------------
+
+    /// Wait (≤ `timeout`) until node `id` answers `/readyz` with 503; panics with `what` otherwise.
+    pub async fn wait_unready(&self, id: u64, timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.node(id).readyz().await;
+            if status == Some(503) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {status:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     /// Wait until `/readyz` is 200 on every node of `ids`; panics with the logs of all nodes otherwise.
     pub async fn wait_ready(&self, ids: &[u64], timeout: Duration) {

@@ -91,6 +91,14 @@ pub struct Server {
     runs: usize,
 }
 
+/// Where run `run` of a server in `dir` writes its stdout and stderr.
+pub fn run_log_paths(dir: &Path, run: usize) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("run{run}.stdout.log")),
+        dir.join(format!("run{run}.stderr.log")),
+    )
+}
+
 /// Every run's stdout and stderr (`run<N>.stdout.log`, `run<N>.stderr.log` in `dir`), each under a header
 /// starting with `label`.
 pub fn collect_run_logs(dir: &Path, runs: usize, label: &str) -> String {
@@ -98,7 +106,8 @@ pub fn collect_run_logs(dir: &Path, runs: usize, label: &str) -> String {
     for run in 1..=runs {
         for stream in ["stdout", "stderr"] {
             out.push_str(&format!("==== {label}run {run} {stream} ====\n"));
-            let path = dir.join(format!("run{run}.{stream}.log"));
+            let (stdout, stderr) = run_log_paths(dir, run);
+            let path = if stream == "stdout" { stdout } else { stderr };
             out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
         }
     }
@@ -155,10 +164,7 @@ impl Server {
     }
 
     fn log_paths(&self, run: usize) -> (PathBuf, PathBuf) {
-        (
-            self.dir.path().join(format!("run{run}.stdout.log")),
-            self.dir.path().join(format!("run{run}.stderr.log")),
-        )
+        run_log_paths(self.dir.path(), run)
     }
 
     /// All stdout + stderr the server printed, over every run.
