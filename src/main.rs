@@ -17,6 +17,10 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         CliCommand::Serve(args) => {
+            if let Err(message) = shopkeep_raft::failpoints::arm_from_env() {
+                eprintln!("shopkeep: {message}");
+                return ExitCode::from(2);
+            }
             let config = match Config::from_args(&args) {
                 Ok(config) => config,
                 Err(message) => {

@@ -16,6 +16,8 @@
 //! - [`batch`]: many commands in one log entry, so a shard's fsync, replication and apply serve many
 //!   commands at once.
 //!
+//! - [`failpoints`]: crash points for the chaos suite (only in builds with the `failpoints` feature).
+//!
 //! Commands and replies are opaque bytes: the application encodes them.
 
 // openraft's `StorageError` is large; it is the trait's error type, so it is returned as it is.
@@ -23,6 +25,7 @@
 
 pub mod batch;
 pub mod cluster;
+pub mod failpoints;
 pub mod log_store;
 pub mod network;
 pub mod rpc;

@@ -219,6 +219,8 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Op>) {
             .record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
             tracing::error!(%error, "raft log commit failed");
+        } else if batch.iter().any(|op| matches!(op, Op::Append { .. })) {
+            crate::failpoints::crash_point(crate::failpoints::AFTER_LOG_APPEND);
         }
         for op in batch {
             let outcome = result.clone();

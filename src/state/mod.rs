@@ -203,6 +203,7 @@ impl ShardStore {
             results
         };
         txn.commit()?;
+        shopkeep_raft::failpoints::crash_point(shopkeep_raft::failpoints::AFTER_APPLY_COMMIT);
         if durable {
             *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }

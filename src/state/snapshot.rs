@@ -112,6 +112,9 @@ impl TableVisitor for Importer<'_> {
         while let Some((key, value)) = self.rows.next_of(tag)? {
             table.insert(K::from_bytes(&key), V::from_bytes(&value))?;
         }
+        if tag == tables::HALFWAY_TAG {
+            shopkeep_raft::failpoints::crash_point(shopkeep_raft::failpoints::MID_SNAPSHOT_INSTALL);
+        }
         Ok(())
     }
 }

@@ -218,6 +218,20 @@ impl Server {
         }
     }
 
+    /// Waits (≤ `within`) for the process to exit on its own (a crash point firing), and reaps it.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// Options for the next (re)start.
     pub fn opts_mut(&mut self) -> &mut Opts {
         &mut self.opts
@@ -282,7 +296,7 @@ impl Drop for Server {
     }
 }
 
-fn tail(s: &str, n: usize) -> String {
+pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -3,6 +3,8 @@ mod cluster;
 mod cluster_harness;
 mod concurrency;
 mod crash;
+#[cfg(feature = "failpoints")]
+mod crash_points;
 mod harness;
 mod http_auth;
 mod http_bad_input;

@@ -1,0 +1,130 @@
+//! Crash points (test builds with the `failpoints` feature): the process aborts at an exact instant of
+//! a write, and a retry with the same key after the restart gets the one outcome, charged once.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+const SECRET: &str = "crash-point-test-secret-0123456789";
+
+async fn single_node() -> Server {
+    // No background sweeps: the first apply after arming is the test's own purchase.
+    Server::start_with(
+        Opts::new()
+            .sweep_interval("1h")
+            .env("SHOPKEEP_CLUSTER_SECRET", SECRET),
+    )
+    .await
+}
+
+async fn arm(srv: &Server, name: &str, actions: &str, secret: &str) -> u16 {
+    srv.call(
+        reqwest::Method::PUT,
+        &format!("/_node/v1/failpoints/{name}"),
+    )
+    .header("x-shopkeep-cluster-secret", secret)
+    .raw(actions.as_bytes().to_vec())
+    .send()
+    .await
+    .status
+}
+
+/// Arms `name`, sends one purchase (which must go unanswered: the process aborts), restarts the node and
+/// retries the same key; returns the retry's response and the user's orders.
+async fn purchase_across_crash(name: &str) -> (Resp, Value, Value) {
+    let mut srv = single_node().await;
+    srv.create_item("gems", "currency", "0.10").await;
+    srv.funded_user("u1", "10.00").await;
+    assert_eq!(arm(&srv, name, "1*return", SECRET).await, 200);
+
+    let key = new_key();
+    let path = "/v1/users/u1/orders";
+    let body = order_body(&[("gems", 3)], true);
+    let first = srv
+        .call(reqwest::Method::POST, path)
+        .auth(Auth::Service)
+        .key(&key)
+        .json(&body)
+        .try_send()
+        .await;
+    assert!(
+        first.as_ref().map_or(true, |r| r.status >= 500),
+        "the crash point did not stop the reply: {first:?}"
+    );
+    let status = srv.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the process did not abort at {name}: {status:?}\n{}",
+        tail(&srv.logs(), 40)
+    );
+    assert!(srv.logs().contains(&format!("crash point {name} fired")));
+
+    srv.restart().await;
+    let retry = srv
+        .call(reqwest::Method::POST, path)
+        .auth(Auth::Service)
+        .key(&key)
+        .json(&body)
+        .send()
+        .await;
+    let wallet = srv
+        .get("/v1/users/u1/wallet", Auth::Service)
+        .await
+        .expect(200);
+    let orders = srv
+        .get("/v1/users/u1/orders", Auth::Service)
+        .await
+        .expect(200);
+    (retry, wallet, orders)
+}
+
+fn order_count(orders: &Value) -> usize {
+    orders["orders"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test]
+async fn crash_after_apply_commit_then_retry_replays_the_purchase_charged_once() {
+    let (retry, wallet, orders) = purchase_across_crash("crash-after-apply-commit").await;
+    retry.expect(201);
+    assert!(
+        retry.replayed(),
+        "the purchase was committed before the crash: {retry:?}"
+    );
+    assert_eq!(retry.json()["status"], "COMPLETED");
+    assert_eq!(wallet["balance"], "9.70");
+    assert_eq!(wallet["held"], "0.00");
+    assert_eq!(order_count(&orders), 1, "{orders}");
+}
+
+#[tokio::test]
+async fn crash_after_log_append_then_retry_applies_the_logged_purchase_once() {
+    let (retry, wallet, orders) = purchase_across_crash("crash-after-log-append").await;
+    retry.expect(201);
+    // The entry was durable in the log before the abort: the restarted node commits and applies it,
+    // so the retry finds the purchase done.
+    assert!(retry.replayed(), "the logged purchase was lost: {retry:?}");
+    assert_eq!(wallet["balance"], "9.70");
+    assert_eq!(order_count(&orders), 1, "{orders}");
+}
+
+#[tokio::test]
+async fn crash_points_refuse_unknown_names_and_a_wrong_secret() {
+    let srv = single_node().await;
+    assert_eq!(arm(&srv, "no-such-point", "return", SECRET).await, 404);
+    assert_eq!(
+        arm(&srv, "crash-after-apply-commit", "return", "wrong").await,
+        401
+    );
+    assert_eq!(
+        arm(&srv, "crash-after-apply-commit", "not-an-action", SECRET).await,
+        400
+    );
+    // Nothing armed: a purchase goes through.
+    srv.create_item("gems", "currency", "0.10").await;
+    srv.funded_user("u1", "1.00").await;
+    srv.create_order("u1", &[("gems", 1)], true)
+        .await
+        .expect(201);
+}
