@@ -60,8 +60,10 @@ redb_error_into_store_error!(
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// redb's page cache per shard file (redb's default is 1 GiB per file, which lets a node with 8 shards
-/// grow far beyond what it needs: reads are of recent rows, and the OS caches the file anyway).
-pub const SHARD_CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// grow far beyond what it needs: reads are of recent rows, and the OS caches the file anyway). 4 MiB
+/// holds the hot pages of the purchase path: 16 MiB was no faster and cost 100 MiB of peak RSS at 256
+/// clients (`cargo bench --bench load`).
+pub const SHARD_CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Longest time between two durable commits of the state (the others skip the fsync; see
 /// `apply_entries`). Bounds how much of the log a restart re-applies.
