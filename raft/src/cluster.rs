@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::log_store::LogDb;
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
-use crate::state_machine::{ReplicatedState, StateMachineStore};
+use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
 use crate::{Payload, Raft, batch};
 
 pub type NodeId = u64;
@@ -80,6 +80,18 @@ impl From<Refusal> for ClusterError {
     }
 }
 
+impl From<ClusterError> for Refusal {
+    fn from(error: ClusterError) -> Self {
+        match error {
+            ClusterError::Overloaded { .. } => Refusal::Overloaded,
+            ClusterError::Unavailable(message) | ClusterError::Open(message) => {
+                Refusal::Unavailable(message)
+            }
+            ClusterError::Rejected(message) => Refusal::Rejected(message),
+        }
+    }
+}
+
 /// Most bytes of commands in one log entry. With `MAX_ENTRIES_PER_APPEND` it keeps every append
 /// message well under `rpc::MAX_MESSAGE_BYTES`.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
@@ -100,7 +112,7 @@ struct Waiting {
 
 struct Replica {
     raft: Raft,
-    /// Entries this node proposes as the shard's leader (its own batches and forwarded ones).
+    /// Entries this node proposes as the shard's leader (its batches, which take in forwarded ones).
     inflight: Arc<Semaphore>,
     /// Commands waiting for this node's next batch for the shard.
     waiting: mpsc::Sender<Waiting>,
@@ -209,15 +221,19 @@ impl Cluster {
         let mut replicas = Vec::with_capacity(states.len());
         let mut queues = Vec::with_capacity(states.len());
         for (shard, state) in (0u32..).zip(states) {
+            // the log is purged only up to what the state machine holds durably
+            let gate = PurgeGate::new();
             let log = log_db
                 .shard(shard)
-                .map_err(|e| ClusterError::Open(e.to_string()))?;
+                .map_err(|e| ClusterError::Open(e.to_string()))?
+                .with_purge_gate(gate.clone());
             let snapshot_dir = config
                 .data_dir
                 .join("snapshots")
                 .join(format!("shard-{shard:03}"));
             let machine = StateMachineStore::new(state, snapshot_dir)
-                .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?;
+                .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?
+                .with_purge_gate(gate);
             let network = ShardNetwork {
                 shard,
                 local: config.node_id,
@@ -540,6 +556,58 @@ impl Cluster {
         Ok(replies.into_iter().map(<[u8]>::to_vec).collect())
     }
 
+    /// A batch another node forwarded to this node as the shard's leader. Its commands join this node's
+    /// own queue for the shard, so the leader proposes what every node sends it as one entry: openraft
+    /// 0.9 appends (and waits for the fsync of) each proposal on its own, so the batches of three
+    /// nodes proposed one by one cost three appends in a row where one does.
+    async fn write_forwarded(&self, shard: u32, payload: Payload) -> Result<Payload, Refusal> {
+        let replica = self.replica(shard)?;
+        if !self.is_leader(shard) {
+            // One hop only: the sender looks for the leader again; this node does not forward.
+            let metrics = replica.raft.metrics().borrow().clone();
+            let leader = metrics
+                .current_leader
+                .filter(|id| *id != self.config.node_id)
+                .map(|id| {
+                    let known = metrics.membership_config.membership().get_node(&id);
+                    let addr = self
+                        .transport
+                        .address_of(id, known.map_or("", |node| node.addr.as_str()));
+                    (id, addr)
+                })
+                .filter(|(_, addr)| !addr.is_empty());
+            return Err(Refusal::NotLeader { leader });
+        }
+        let commands = batch::decode(&payload.0)
+            .map_err(|e| Refusal::Rejected(format!("undecodable forwarded batch: {e}")))?;
+        // All or nothing: a batch is queued whole or refused whole.
+        let permits = match replica.waiting.try_reserve_many(commands.len()) {
+            Ok(permits) => permits,
+            Err(mpsc::error::TrySendError::Full(())) => return Err(Refusal::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                return Err(Refusal::Unavailable("shutting down".into()));
+            }
+        };
+        let mut answers = Vec::with_capacity(commands.len());
+        for (permit, command) in permits.zip(commands) {
+            let (reply, answer) = oneshot::channel();
+            permit.send(Waiting {
+                command: command.to_vec(),
+                reply,
+            });
+            answers.push(answer);
+        }
+        let mut replies = Vec::with_capacity(answers.len());
+        for answer in answers {
+            match answer.await {
+                Ok(Ok(reply)) => replies.push(reply),
+                Ok(Err(error)) => return Err(Refusal::from(error)),
+                Err(_) => return Err(Refusal::Unavailable("shutting down".into())),
+            }
+        }
+        Ok(Payload(batch::encode(&replies)))
+    }
+
     async fn write_local(&self, shard: u32, payload: Payload) -> Result<Payload, Refusal> {
         let replica = self.replica(shard)?;
         let Ok(_permit) = replica.inflight.clone().try_acquire_owned() else {
@@ -723,7 +791,7 @@ impl Cluster {
                 })
             }
             NodeRequest::Write { shard, command } => {
-                NodeResponse::Written(self.write_local(shard, command).await)
+                NodeResponse::Written(self.write_forwarded(shard, command).await)
             }
             NodeRequest::ReadIndex { shard } => {
                 NodeResponse::ReadIndex(self.read_index_local(shard).await)
