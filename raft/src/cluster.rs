@@ -614,7 +614,14 @@ impl Cluster {
             return Err(Refusal::Overloaded);
         };
         let write = replica.raft.client_write(payload);
-        match tokio::time::timeout(self.config.deadline, write).await {
+        let started = Instant::now();
+        let written = tokio::time::timeout(self.config.deadline, write).await;
+        if let Ok(Ok(_)) = &written {
+            // From proposal to applied reply, on the leader (refusals are not proposals).
+            metrics::histogram!("shopkeep_raft_proposal_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
+        match written {
             Err(_) => Err(Refusal::Unavailable(format!(
                 "shard {shard}: not committed within {:?} (no quorum?)",
                 self.config.deadline
@@ -959,7 +966,12 @@ async fn run_batcher(cluster: Weak<Cluster>, shard: u32, mut queue: mpsc::Receiv
         tokio::spawn(async move {
             let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
                 batch.into_iter().map(|w| (w.command, w.reply)).unzip();
-            match cluster.write_batch(shard, &commands).await {
+            metrics::histogram!("shopkeep_raft_batch_commands").record(commands.len() as f64);
+            let started = Instant::now();
+            let written = cluster.write_batch(shard, &commands).await;
+            metrics::histogram!("shopkeep_raft_batch_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match written {
                 Ok(answers) => {
                     for (reply, answer) in replies.into_iter().zip(answers) {
                         let _ = reply.send(Ok(answer));
