@@ -24,6 +24,7 @@ use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::state_machine::PurgeGate;
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
 
 /// (shard, index) → postcard `Entry`.
@@ -198,6 +199,7 @@ impl LogDb {
                 committed,
             })),
             durable: Arc::new(AtomicU64::new(durable)),
+            gate: PurgeGate::open(),
         })
     }
 }
@@ -324,9 +326,17 @@ pub struct LogStore {
     /// One past the index of the newest entry known durable in the file (0: none). Only entries below it
     /// may leave the mirror.
     durable: Arc<AtomicU64>,
+    /// A purge waits here until the shard's state machine holds what it removes (see [`PurgeGate`]).
+    gate: PurgeGate,
 }
 
 impl LogStore {
+    /// Purges wait at `gate` (shared with the shard's state machine) until the state covers them.
+    pub fn with_purge_gate(mut self, gate: PurgeGate) -> Self {
+        self.gate = gate;
+        self
+    }
+
     fn mirror(&self) -> MutexGuard<'_, Mirror> {
         // A panic while holding the lock cannot leave the mirror half-updated: every update is a single
         // push/pop sequence checked before it starts.
@@ -608,6 +618,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Never durably purge what the state machine does not hold durably yet: after a snapshot is
+        // received, openraft purges while the state machine is still installing it.
+        self.gate
+            .wait(log_id.index)
+            .await
+            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e)))?;
         let mark = encode(&log_id).map_err(encode_error)?;
         {
             let mut mirror = self.mirror();

@@ -9,7 +9,8 @@
 //!    so after a crash the state and its marker roll back together to the last durable commit, and
 //!    openraft re-applies the committed entries after it, exactly once;
 //! 3. the log is only purged up to a snapshot, and [`ReplicatedState::export`] makes the state durable
-//!    before the snapshot is taken, so no purged entry is ever missing from the durable state.
+//!    before the snapshot is taken, so no purged entry is ever missing from the durable state; for a
+//!    received snapshot, the log store waits at the shard's [`PurgeGate`] until the install committed.
 //!
 //! Snapshot file: `SKSNAP01` | meta length (u32 LE) | postcard `SnapshotMeta` | application body |
 //! SHA-256 of everything before it. A received snapshot is verified whole before the state is touched,
@@ -83,11 +84,89 @@ fn snapshot_error(e: impl ToString) -> StorageError {
     StorageIOError::write_snapshot(None, AnyError::error(e.to_string())).into()
 }
 
+/// How far a shard's log may be purged: up to the newest log index the state machine holds durably (the
+/// state it opened with, a snapshot it built, a snapshot it installed).
+///
+/// openraft 0.9 purges a follower's log up to a received snapshot as soon as it hands the snapshot to
+/// the state machine, without waiting for the install (`install_full_snapshot` emits the state-machine
+/// command and `PurgeLog` together). A crash between the durable purge and the install's commit left a
+/// log purged beyond the durable state, which openraft refuses at the next start ("purge_upto <=
+/// committed"): the node could never start again. The log store waits at this gate before it purges, so
+/// a purge is never durable before the state that covers it.
+#[derive(Clone)]
+pub struct PurgeGate {
+    tx: Arc<tokio::sync::watch::Sender<GateState>>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct GateState {
+    /// Purges up to this index (inclusive) may proceed.
+    upto: Option<u64>,
+    /// A snapshot install failed: purges waiting for it give up.
+    failed: bool,
+}
+
+impl PurgeGate {
+    /// A gate that holds purges back until the state machine reports what it holds durably.
+    pub fn new() -> PurgeGate {
+        PurgeGate {
+            tx: Arc::new(tokio::sync::watch::channel(GateState::default()).0),
+        }
+    }
+
+    /// A gate that never holds a purge back (a log store or state machine used on its own).
+    pub fn open() -> PurgeGate {
+        let gate = PurgeGate::new();
+        gate.raise(u64::MAX);
+        gate
+    }
+
+    /// The state machine holds everything up to `index` durably.
+    fn raise(&self, index: u64) {
+        self.tx.send_if_modified(|s| {
+            let raised = s.upto.is_none_or(|u| u < index);
+            if raised {
+                s.upto = Some(index);
+            }
+            raised
+        });
+    }
+
+    fn fail(&self) {
+        self.tx.send_modify(|s| s.failed = true);
+    }
+
+    /// Waits until a purge up to `index` is covered by the durable state; `Err` if the install that
+    /// would have covered it failed.
+    pub async fn wait(&self, index: u64) -> Result<(), String> {
+        let mut rx = self.tx.subscribe();
+        let covered = |s: &GateState| s.upto.is_some_and(|u| u >= index);
+        let state = *rx
+            .wait_for(|s| covered(s) || s.failed)
+            .await
+            .map_err(|_| "the state machine is gone".to_string())?;
+        if covered(&state) {
+            Ok(())
+        } else {
+            Err(format!(
+                "not purging the log up to {index}: the snapshot install that covers it failed"
+            ))
+        }
+    }
+}
+
+impl Default for PurgeGate {
+    fn default() -> Self {
+        PurgeGate::new()
+    }
+}
+
 /// A shard's state machine as openraft drives it.
 pub struct StateMachineStore<S: ReplicatedState> {
     state: Arc<S>,
     snapshots: Arc<SnapshotDir>,
     membership: StoredMembership,
+    gate: PurgeGate,
 }
 
 impl<S: ReplicatedState> StateMachineStore<S> {
@@ -103,7 +182,14 @@ impl<S: ReplicatedState> StateMachineStore<S> {
             state,
             snapshots: Arc::new(snapshots),
             membership: StoredMembership::default(),
+            gate: PurgeGate::open(),
         })
+    }
+
+    /// Reports to `gate` (shared with the shard's log store) what this state machine holds durably.
+    pub fn with_purge_gate(mut self, gate: PurgeGate) -> Self {
+        self.gate = gate;
+        self
     }
 }
 
@@ -124,6 +210,10 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         })
         .await?;
         self.membership = marker.membership.clone();
+        // Called when the shard opens: what the state holds now is what survived, durably.
+        if let Some(id) = marker.last_applied {
+            self.gate.raise(id.index);
+        }
         Ok((marker.last_applied, marker.membership))
     }
 
@@ -202,6 +292,7 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         SnapshotBuilder {
             state: self.state.clone(),
             snapshots: self.snapshots.clone(),
+            gate: self.gate.clone(),
         }
     }
 
@@ -227,7 +318,7 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         let state = self.state.clone();
         let snapshots = self.snapshots.clone();
         let expected = meta.clone();
-        blocking(move || {
+        let installed = blocking(move || {
             file.sync_all().map_err(snapshot_error)?;
             let (stored, body_len) = verify(&mut file).map_err(snapshot_error)?;
             if stored.last_log_id != expected.last_log_id
@@ -260,7 +351,14 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
             };
             snapshots.keep(&kept, &stored)
         })
-        .await?;
+        .await;
+        match (&installed, meta.last_log_id) {
+            // the import committed durably: the log may now be purged up to the snapshot
+            (Ok(()), Some(id)) => self.gate.raise(id.index),
+            (Ok(()), None) => {}
+            (Err(_), _) => self.gate.fail(),
+        }
+        installed?;
         self.membership = meta.last_membership.clone();
         Ok(())
     }
@@ -282,6 +380,7 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
 pub struct SnapshotBuilder<S: ReplicatedState> {
     state: Arc<S>,
     snapshots: Arc<SnapshotDir>,
+    gate: PurgeGate,
 }
 
 impl<S: ReplicatedState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
@@ -319,6 +418,10 @@ impl<S: ReplicatedState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> 
             Ok((current, file))
         })
         .await?;
+        // The export made the state durable up to the snapshot (`ReplicatedState::export`).
+        if let Some(id) = meta.last_log_id {
+            self.gate.raise(id.index);
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
