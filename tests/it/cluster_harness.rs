@@ -174,6 +174,10 @@ pub struct ClusterNode {
     listening: Arc<AtomicBool>,
     runs: usize,
     api: Api,
+    /// Extra environment for the next starts only (see [`ClusterNode::set_run_env`]).
+    run_env: Vec<(String, String)>,
+    /// Stopped with SIGSTOP (see [`ClusterNode::pause`]).
+    paused: bool,
 }
 
 impl ClusterNode {
@@ -196,6 +200,8 @@ impl ClusterNode {
                 base: format!("http://127.0.0.1:{port}"),
                 http: cluster_http_client(),
             },
+            run_env: vec![],
+            paused: false,
         }
     }
 
@@ -249,7 +255,7 @@ impl ClusterNode {
             .env("SHOPKEEP_PSP_SECRET", PSP_SECRET)
             .env("SHOPKEEP_CLUSTER_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", log_filter);
-        for (k, v) in &self.env {
+        for (k, v) in self.env.iter().chain(&self.run_env) {
             cmd.env(k, v);
         }
         let err_file = std::fs::File::create(&err_log).expect("stderr log");
@@ -319,6 +325,75 @@ impl ClusterNode {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        self.paused = false;
+    }
+
+    /// Extra environment (e.g. `FAILPOINTS`) for the next starts, until set again (empty: none).
+    pub fn set_run_env(&mut self, env: Vec<(String, String)>) {
+        self.run_env = env;
+    }
+
+    /// Freeze the process (SIGSTOP): it holds its sockets but answers nothing until [`resume`](Self::resume).
+    pub fn pause(&mut self) {
+        if let Some(pid) = self.pid() {
+            let st = Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status()
+                .expect("run kill -STOP");
+            assert!(st.success(), "kill -STOP {pid} failed");
+            self.paused = true;
+        }
+    }
+
+    /// Let a paused process go on (SIGCONT).
+    pub fn resume(&mut self) {
+        if let Some(pid) = self.pid() {
+            let st = Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status()
+                .expect("run kill -CONT");
+            assert!(st.success(), "kill -CONT {pid} failed");
+        }
+        self.paused = false;
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// If the process has exited by itself (e.g. a crash point aborted it), reap it and return its status.
+    pub fn try_exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        self.paused = false;
+        Some(st)
+    }
+
+    /// Start the process again (it must be stopped) and wait until it listens; `Err` (instead of a panic)
+    /// if it exits first or does not listen within 30 s.
+    pub async fn try_start(&mut self) -> Result<(), String> {
+        assert!(
+            self.child.is_none(),
+            "try_start: node {} is running",
+            self.id
+        );
+        self.spawn();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.listening.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if let Some(st) = self.try_exited() {
+                return Err(format!("node {} exited before it listened ({st})", self.id));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "node {} did not listen within {READY_TIMEOUT:?}",
+                    self.id
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -1,4 +1,5 @@
 mod backpressure;
+mod chaos;
 mod cluster;
 mod cluster_harness;
 mod concurrency;

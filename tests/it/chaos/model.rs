@@ -1,0 +1,968 @@
+//! The model of one user's account, computed from the definite outcomes of that user's operations, in
+//! integer minor units. Each user is driven by one client at a time (an operation is retried until it is
+//! definite before the next one starts), so the model is exact; the only thing it cannot know to the
+//! microsecond is when the server's clock passed an order's deadline, so it keeps both possibilities open
+//! while an operation's time window straddles one.
+//!
+//! `apply` checks that the answer is one the API allows in the current state (given the op's time window)
+//! and moves the model on by that answer. Every check here is a property of the contract, not of timing.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::history::{Cents, Op, Spec};
+
+/// One catalog item of the run (created before the faults start and never changed).
+pub struct CatalogItem {
+    pub id: &'static str,
+    pub kind: &'static str,
+    pub price: Cents,
+}
+
+pub const CATALOG: &[CatalogItem] = &[
+    CatalogItem {
+        id: "gems",
+        kind: "currency",
+        price: 10,
+    },
+    CatalogItem {
+        id: "coins",
+        kind: "currency",
+        price: 25,
+    },
+    CatalogItem {
+        id: "skin-a",
+        kind: "skin",
+        price: 199,
+    },
+    CatalogItem {
+        id: "skin-b",
+        kind: "skin",
+        price: 249,
+    },
+    CatalogItem {
+        id: "skin-c",
+        kind: "skin",
+        price: 499,
+    },
+    CatalogItem {
+        id: "game-x",
+        kind: "game",
+        price: 999,
+    },
+];
+
+pub fn item(id: &str) -> Option<&'static CatalogItem> {
+    CATALOG.iter().find(|i| i.id == id)
+}
+
+pub fn consumable(id: &str) -> bool {
+    item(id).is_some_and(|i| i.kind == "currency")
+}
+
+/// A money string of the API (`"12.50"`) in minor units; None if it is not one.
+pub fn cents_of(v: &Value) -> Option<Cents> {
+    let s = v.as_str()?;
+    let (int, frac) = s.split_once('.')?;
+    if int.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || frac.len() != 2
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    Some(int.parse::<i64>().ok()? * 100 + frac.parse::<i64>().ok()?)
+}
+
+pub fn money(c: Cents) -> String {
+    crate::harness::money(c)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrderState {
+    Pending,
+    Completed,
+    PartiallyRefunded,
+    Refunded,
+    CancelledByClient,
+    /// Cancelled because its deadline passed (seen so by an answer, or certain by the clock).
+    Expired,
+}
+
+impl OrderState {
+    pub fn api(self) -> &'static str {
+        match self {
+            OrderState::Pending => "PENDING",
+            OrderState::Completed => "COMPLETED",
+            OrderState::PartiallyRefunded => "PARTIALLY_REFUNDED",
+            OrderState::Refunded => "REFUNDED",
+            OrderState::CancelledByClient | OrderState::Expired => "CANCELLED",
+        }
+    }
+
+    pub fn was_completed(self) -> bool {
+        matches!(
+            self,
+            OrderState::Completed | OrderState::PartiallyRefunded | OrderState::Refunded
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub item_id: String,
+    pub quantity: u32,
+    pub unit_price: Cents,
+    pub refunded: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct MOrder {
+    pub order_id: String,
+    /// The op that created it.
+    pub op: usize,
+    pub lines: Vec<Line>,
+    pub total: Cents,
+    pub state: OrderState,
+    /// Unix micros.
+    pub expires_at: i64,
+    pub refunds: u32,
+}
+
+impl MOrder {
+    pub fn refunded_total(&self) -> Cents {
+        self.lines
+            .iter()
+            .map(|l| l.unit_price * i64::from(l.refunded))
+            .sum()
+    }
+    /// Pending at server time `t` for sure / possibly (deadline passed at `expires_at <= t`).
+    pub fn surely_pending_at(&self, t: i64) -> bool {
+        self.state == OrderState::Pending && self.expires_at > t
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TopupState {
+    Pending,
+    Completed(String),
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+pub struct MTopup {
+    pub amount: Cents,
+    pub state: TopupState,
+    /// Unix micros: a PENDING top-up reads as EXPIRED from then on (a payment still completes it).
+    pub expires_at: i64,
+    /// Op id of the webhook that completed it.
+    pub completed_by: Option<usize>,
+}
+
+/// The model of one user.
+#[derive(Clone, Debug, Default)]
+pub struct UserModel {
+    pub user: String,
+    pub exists: bool,
+    pub balance: Cents,
+    /// order_id → order, and the creation order.
+    pub orders: BTreeMap<String, MOrder>,
+    pub order_seq: Vec<String>,
+    /// item → quantity owned (granted − revoked − consumed).
+    pub ent: BTreeMap<String, i64>,
+    /// credit_id → amount.
+    pub credits: BTreeMap<String, Cents>,
+    /// external_ref → (credit_id, amount).
+    pub ext_refs: BTreeMap<String, (String, Cents)>,
+    pub topups: BTreeMap<String, MTopup>,
+    /// refund_id → (order_id, amount).
+    pub refunds: BTreeMap<String, (String, Cents)>,
+    /// Idempotency key → the stored answer.
+    pub keys: BTreeMap<String, (u16, Value)>,
+    /// PSP event id → its answer.
+    pub events: BTreeMap<String, (u16, Value)>,
+}
+
+/// The server-time window of an op: [first attempt's start, end of the first definite attempt].
+pub fn window(op: &Op) -> (i64, i64) {
+    let t1 = op
+        .attempts
+        .iter()
+        .filter(|a| matches!(a.outcome, super::history::Outcome::Definite { .. }))
+        .map(|a| a.end)
+        .min()
+        .unwrap_or(i64::MAX);
+    if op.is_read() {
+        // a read is answered from the state at the time of the attempt that answered
+        let a = op
+            .attempts
+            .iter()
+            .find(|a| matches!(a.outcome, super::history::Outcome::Definite { .. }));
+        if let Some(a) = a {
+            return (a.start, a.end);
+        }
+    }
+    (op.invoked, t1)
+}
+
+fn code_of(body: &Value) -> Option<&str> {
+    body.pointer("/error/code").and_then(|c| c.as_str())
+}
+
+type Check = Result<(), String>;
+
+fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Check {
+    if cond { Ok(()) } else { Err(msg()) }
+}
+
+fn err_is(status: u16, body: &Value, want_status: u16, code: &str) -> bool {
+    status == want_status && code_of(body) == Some(code)
+}
+
+impl UserModel {
+    pub fn new(user: &str) -> UserModel {
+        UserModel {
+            user: user.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Held at server time `t`: the totals of orders still pending at `t`.
+    pub fn held_at(&self, t: i64) -> Cents {
+        self.orders
+            .values()
+            .filter(|o| o.surely_pending_at(t))
+            .map(|o| o.total)
+            .sum()
+    }
+
+    /// Held somewhere in [t0, t1]: (lowest, highest).
+    pub fn held_range(&self, t0: i64, t1: i64) -> (Cents, Cents) {
+        (self.held_at(t1), self.held_at(t0))
+    }
+
+    pub fn check_wallet(&self, w: &Value, t0: i64, t1: i64, what: &str) -> Check {
+        let (lo, hi) = self.held_range(t0, t1);
+        let balance = cents_of(&w["balance"]);
+        let held = cents_of(&w["held"]);
+        let available = cents_of(&w["available"]);
+        ensure(balance == Some(self.balance), || {
+            format!(
+                "{what}: wallet balance {} but the model says {} (every definite credit, purchase and refund of the user)",
+                w["balance"],
+                money(self.balance)
+            )
+        })?;
+        ensure(held.is_some_and(|h| lo <= h && h <= hi), || {
+            format!(
+                "{what}: wallet held {} but the pending orders hold between {} and {}",
+                w["held"],
+                money(lo),
+                money(hi)
+            )
+        })?;
+        ensure(
+            matches!((balance, held, available), (Some(b), Some(h), Some(a)) if a == b - h && h <= b && h >= 0),
+            || {
+                format!(
+                    "{what}: wallet inconsistent (available != balance - held, or negative): {w}"
+                )
+            },
+        )
+    }
+
+    /// Applies op `op` whose (agreed) answer is `status`/`body`. Returns a violation if the answer is not
+    /// one the contract allows here; the model then follows the answer as far as it can.
+    pub fn apply(&mut self, op: &Op, status: u16, body: &Value) -> Check {
+        let (t0, t1) = window(op);
+        let result = self.apply_inner(op, status, body, t0, t1);
+        if let Some(key) = &op.key {
+            // 422 idempotency_key_reused and 400 invalid_request are not stored under the key
+            let stored = !(err_is(status, body, 422, "idempotency_key_reused")
+                || err_is(status, body, 400, "invalid_request"));
+            // (a user's creation is keyed in the global scope, not under the user)
+            if stored && !matches!(op.spec, Spec::KeyReuse { .. } | Spec::CreateUser) {
+                self.keys.insert(key.clone(), (status, body.clone()));
+            }
+        }
+        result
+    }
+
+    fn apply_inner(&mut self, op: &Op, status: u16, body: &Value, t0: i64, t1: i64) -> Check {
+        match &op.spec {
+            Spec::CreateUser => {
+                ensure(status == 201, || {
+                    format!("create_user: expected 201 for a new user id, got {status} {body}")
+                })?;
+                self.exists = true;
+                ensure(
+                    body["user_id"] == self.user.as_str()
+                        && cents_of(&body["wallet"]["balance"]) == Some(0),
+                    || format!("create_user: unexpected body {body}"),
+                )
+            }
+            Spec::Credit {
+                amount,
+                external_ref,
+            } => {
+                if let Some((credit_id, first_amount)) = self.ext_refs.get(external_ref).cloned() {
+                    // the same external_ref again under a new key: the original credit, nothing credited
+                    ensure(status == 200, || {
+                        format!(
+                            "credit with an already credited external_ref {external_ref}: expected 200 (the original credit), got {status} {body}"
+                        )
+                    })?;
+                    ensure(
+                        body["credit_id"] == credit_id.as_str()
+                            && cents_of(&body["amount"]) == Some(first_amount),
+                        || {
+                            format!(
+                                "credit with an already credited external_ref: not the original credit {credit_id}: {body}"
+                            )
+                        },
+                    )?;
+                    return self.check_wallet(
+                        &body["wallet"],
+                        t0,
+                        t1,
+                        "credit (same external_ref)",
+                    );
+                }
+                ensure(status == 201, || {
+                    format!("credit: expected 201, got {status} {body}")
+                })?;
+                let Some(credit_id) = body["credit_id"].as_str() else {
+                    return Err(format!("credit: no credit_id in {body}"));
+                };
+                self.balance += amount;
+                self.credits.insert(credit_id.to_string(), *amount);
+                self.ext_refs
+                    .insert(external_ref.clone(), (credit_id.to_string(), *amount));
+                ensure(
+                    cents_of(&body["amount"]) == Some(*amount)
+                        && body["external_ref"] == external_ref.as_str(),
+                    || format!("credit: body does not match the request: {body}"),
+                )?;
+                self.check_wallet(&body["wallet"], t0, t1, "credit")
+            }
+            Spec::Topup { amount } => {
+                ensure(status == 201, || {
+                    format!("topup: expected 201, got {status} {body}")
+                })?;
+                let Some(id) = body["topup_id"].as_str() else {
+                    return Err(format!("topup: no topup_id in {body}"));
+                };
+                self.topups.insert(
+                    id.to_string(),
+                    MTopup {
+                        amount: *amount,
+                        state: TopupState::Pending,
+                        completed_by: None,
+                        expires_at: body["expires_at"]
+                            .as_str()
+                            .map(|_| super::history::micros_of(&body["expires_at"]))
+                            .unwrap_or(i64::MAX),
+                    },
+                );
+                ensure(
+                    body["status"] == "PENDING" && cents_of(&body["amount"]) == Some(*amount),
+                    || format!("topup: unexpected body {body}"),
+                )
+            }
+            Spec::Webhook {
+                event_id,
+                topup_id,
+                succeeded,
+                amount,
+                psp_payment_id,
+                replay_of,
+            } => {
+                if replay_of.is_some() {
+                    let Some((s, b)) = self.events.get(event_id) else {
+                        return Err(format!(
+                            "webhook replay of event {event_id}, whose first delivery has no answer"
+                        ));
+                    };
+                    return ensure(*s == status && b == body, || {
+                        format!(
+                            "webhook replay of event {event_id}: answer {status} {body} differs from the first delivery's {s} {b}"
+                        )
+                    });
+                }
+                self.events.insert(event_id.clone(), (status, body.clone()));
+                let Some(topup) = self.topups.get_mut(topup_id) else {
+                    return Err(format!("webhook for unknown topup {topup_id}"));
+                };
+                ensure(status == 200, || {
+                    format!("webhook: expected 200, got {status} {body}")
+                })?;
+                match topup.state.clone() {
+                    TopupState::Pending => {
+                        if *succeeded {
+                            ensure(*amount == topup.amount, || "webhook amount".into())?;
+                            topup.state = TopupState::Completed(psp_payment_id.clone());
+                            topup.completed_by = Some(op.id);
+                            self.balance += amount;
+                            ensure(
+                                body["status"] == "COMPLETED"
+                                    && body["psp_payment_id"] == psp_payment_id.as_str(),
+                                || {
+                                    format!(
+                                        "webhook payment.succeeded: expected the topup COMPLETED with psp_payment_id {psp_payment_id}: {body}"
+                                    )
+                                },
+                            )
+                        } else {
+                            topup.state = TopupState::Failed;
+                            ensure(body["status"] == "FAILED", || {
+                                format!("webhook payment.failed: expected the topup FAILED: {body}")
+                            })
+                        }
+                    }
+                    TopupState::Completed(psp) => ensure(
+                        body["status"] == "COMPLETED" && body["psp_payment_id"] == psp.as_str(),
+                        || {
+                            format!(
+                                "webhook for a completed topup: expected it unchanged (COMPLETED, {psp}): {body}"
+                            )
+                        },
+                    ),
+                    TopupState::Failed => ensure(body["status"] == "FAILED", || {
+                        format!(
+                            "webhook for a failed topup: expected it unchanged (FAILED): {body}"
+                        )
+                    }),
+                }
+            }
+            Spec::Order {
+                lines,
+                complete,
+                expected_total,
+            } => self.apply_order(op, lines, *complete, *expected_total, status, body, t0, t1),
+            Spec::Complete { order_id } => self.apply_complete(order_id, status, body, t0, t1),
+            Spec::Cancel { order_id } => self.apply_cancel(order_id, status, body, t0, t1),
+            Spec::Refund { order_id, lines } => {
+                self.apply_refund(order_id, lines.as_deref(), status, body, t0, t1)
+            }
+            Spec::Consume { item_id, quantity } => {
+                let owned = self.ent.get(item_id).copied().unwrap_or(0);
+                if owned >= i64::from(*quantity) {
+                    ensure(status == 200, || {
+                        format!(
+                            "consume {quantity} {item_id} (owned {owned}): expected 200, got {status} {body}"
+                        )
+                    })?;
+                    let left = owned - i64::from(*quantity);
+                    self.ent.insert(item_id.clone(), left);
+                    ensure(body["quantity"].as_i64() == Some(left), || {
+                        format!("consume: expected {left} left, got {body}")
+                    })
+                } else {
+                    ensure(
+                        err_is(status, body, 409, "insufficient_entitlement"),
+                        || {
+                            format!(
+                                "consume {quantity} {item_id} (owned {owned}): expected 409 insufficient_entitlement, got {status} {body}"
+                            )
+                        },
+                    )
+                }
+            }
+            Spec::KeyReuse { of } => {
+                ensure(err_is(status, body, 422, "idempotency_key_reused"), || {
+                    format!(
+                        "the key of op #{of} with another body: expected 422 idempotency_key_reused, got {status} {body}"
+                    )
+                })
+            }
+            Spec::ReadWallet => {
+                ensure(status == 200, || {
+                    format!("wallet read: expected 200, got {status} {body}")
+                })?;
+                self.check_wallet(body, t0, t1, "wallet read")
+            }
+            Spec::ReadEntitlements => {
+                ensure(status == 200, || {
+                    format!("entitlements read: expected 200, got {status} {body}")
+                })?;
+                self.check_entitlements(body, "entitlements read")
+            }
+            Spec::ReadOrder { order_id } => {
+                ensure(status == 200, || {
+                    format!("order read: expected 200, got {status} {body}")
+                })?;
+                let Some(o) = self.orders.get(order_id) else {
+                    return Err(format!("read of unknown order {order_id}"));
+                };
+                check_order(o, body, t0, t1, "order read")
+            }
+        }
+    }
+
+    pub fn check_entitlements(&self, body: &Value, what: &str) -> Check {
+        let Some(list) = body["entitlements"].as_array() else {
+            return Err(format!("{what}: no entitlements array: {body}"));
+        };
+        let mut got: BTreeMap<String, i64> = BTreeMap::new();
+        for e in list {
+            let (Some(id), Some(q)) = (e["item_id"].as_str(), e["quantity"].as_i64()) else {
+                return Err(format!("{what}: malformed entitlement {e}"));
+            };
+            if got.insert(id.to_string(), q).is_some() {
+                return Err(format!("{what}: item {id} listed twice: {body}"));
+            }
+        }
+        let want: BTreeMap<String, i64> = self
+            .ent
+            .iter()
+            .filter(|(_, q)| **q != 0)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        ensure(got == want, || {
+            format!(
+                "{what}: entitlements {got:?} but the model (grants of completed orders − refunds − consumes) says {want:?}"
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_order(
+        &mut self,
+        op: &Op,
+        lines: &[(String, u32)],
+        complete: bool,
+        expected_total: Option<Cents>,
+        status: u16,
+        body: &Value,
+        t0: i64,
+        t1: i64,
+    ) -> Check {
+        let total: Cents = lines
+            .iter()
+            .map(|(i, q)| item(i).map_or(0, |it| it.price) * i64::from(*q))
+            .sum();
+        // non-consumables: owned, or in an order pending at the server's time
+        let mut surely_owned = false;
+        let mut maybe_owned = false;
+        for (i, _) in lines.iter().filter(|(i, _)| !consumable(i)) {
+            let owned = self.ent.get(i).copied().unwrap_or(0) > 0;
+            let in_order = |t: i64| {
+                self.orders
+                    .values()
+                    .any(|o| o.surely_pending_at(t) && o.lines.iter().any(|l| &l.item_id == i))
+            };
+            surely_owned |= owned || in_order(t1);
+            maybe_owned |= owned || in_order(t0);
+        }
+        if err_is(status, body, 409, "already_owned") {
+            return ensure(maybe_owned, || {
+                format!(
+                    "order: 409 already_owned but no line's item is owned or in a pending order (ent {:?})",
+                    self.ent
+                )
+            });
+        }
+        ensure(!surely_owned, || {
+            format!(
+                "order: {status} but a non-consumable line is owned or pending (expected already_owned): {body}"
+            )
+        })?;
+        if let Some(x) = expected_total {
+            if x != total {
+                return ensure(err_is(status, body, 409, "price_changed"), || {
+                    format!(
+                        "order with expected_total {} (real total {}): expected 409 price_changed, got {status} {body}",
+                        money(x),
+                        money(total)
+                    )
+                });
+            }
+        }
+        let (held_lo, held_hi) = self.held_range(t0, t1);
+        let avail_hi = self.balance - held_lo;
+        let avail_lo = self.balance - held_hi;
+        if err_is(status, body, 409, "insufficient_funds") {
+            return ensure(total > avail_lo, || {
+                format!(
+                    "order of {}: 409 insufficient_funds but the model has at least {} available",
+                    money(total),
+                    money(avail_lo)
+                )
+            });
+        }
+        ensure(status == 201, || {
+            format!("order: expected 201 / already_owned / insufficient_funds, got {status} {body}")
+        })?;
+        let Some(order_id) = body["order_id"].as_str() else {
+            return Err(format!("order: no order_id in {body}"));
+        };
+        let expires_at = body["expires_at"]
+            .as_str()
+            .map(|_| super::history::micros_of(&body["expires_at"]))
+            .unwrap_or(0);
+        let mut o = MOrder {
+            order_id: order_id.to_string(),
+            op: op.id,
+            lines: lines
+                .iter()
+                .map(|(i, q)| Line {
+                    item_id: i.clone(),
+                    quantity: *q,
+                    unit_price: item(i).map_or(0, |it| it.price),
+                    refunded: 0,
+                })
+                .collect(),
+            total,
+            state: OrderState::Pending,
+            expires_at,
+            refunds: 0,
+        };
+        let funded = total <= avail_hi;
+        if complete {
+            o.state = OrderState::Completed;
+            self.balance -= total;
+            for (i, q) in lines {
+                *self.ent.entry(i.clone()).or_insert(0) += i64::from(*q);
+            }
+        }
+        let check = check_order(&o, body, t0, t1, "order answer");
+        if self.orders.insert(order_id.to_string(), o).is_some() {
+            return Err(format!(
+                "order: order id {order_id} returned for two different keys"
+            ));
+        }
+        self.order_seq.push(order_id.to_string());
+        ensure(funded, || {
+            format!(
+                "order of {} accepted but the model has at most {} available (balance {}, held ≥ {})",
+                money(total),
+                money(avail_hi),
+                money(self.balance),
+                money(held_lo)
+            )
+        })?;
+        ensure(
+            body["status"] == if complete { "COMPLETED" } else { "PENDING" },
+            || {
+                format!(
+                    "order (complete: {complete}): status {} in {body}",
+                    body["status"]
+                )
+            },
+        )?;
+        check
+    }
+
+    fn apply_complete(
+        &mut self,
+        order_id: &str,
+        status: u16,
+        body: &Value,
+        t0: i64,
+        t1: i64,
+    ) -> Check {
+        let Some(o) = self.orders.get_mut(order_id) else {
+            return Err(format!(
+                "complete of an order the model does not know: {order_id}"
+            ));
+        };
+        match o.state {
+            OrderState::Pending => {
+                if status == 200 {
+                    ensure(t0 < o.expires_at, || {
+                        format!(
+                            "complete answered 200 but it was sent after the order's deadline: {body}"
+                        )
+                    })?;
+                    o.state = OrderState::Completed;
+                    let (total, lines) = (o.total, o.lines.clone());
+                    self.balance -= total;
+                    for l in &lines {
+                        *self.ent.entry(l.item_id.clone()).or_insert(0) += i64::from(l.quantity);
+                    }
+                    let o = &self.orders[order_id];
+                    check_order(o, body, t0, t1, "complete answer")
+                } else if err_is(status, body, 409, "order_expired") {
+                    ensure(t1 >= o.expires_at, || {
+                        format!(
+                            "complete answered order_expired before the order's deadline ({} µs early)",
+                            o.expires_at - t1
+                        )
+                    })?;
+                    o.state = OrderState::Expired;
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "complete of a PENDING order: expected 200 or order_expired, got {status} {body}"
+                    ))
+                }
+            }
+            OrderState::Expired => ensure(err_is(status, body, 409, "order_expired"), || {
+                format!(
+                    "complete of an expired order: expected 409 order_expired, got {status} {body}"
+                )
+            }),
+            OrderState::CancelledByClient => {
+                ensure(err_is(status, body, 409, "invalid_state"), || {
+                    format!(
+                        "complete of a cancelled order: expected 409 invalid_state, got {status} {body}"
+                    )
+                })
+            }
+            s => {
+                ensure(status == 200 && body["status"] == s.api(), || {
+                    format!(
+                        "complete of a {} order: expected 200 unchanged, got {status} {body}",
+                        s.api()
+                    )
+                })?;
+                check_order(o, body, t0, t1, "complete (again) answer")
+            }
+        }
+    }
+
+    fn apply_cancel(
+        &mut self,
+        order_id: &str,
+        status: u16,
+        body: &Value,
+        t0: i64,
+        t1: i64,
+    ) -> Check {
+        let Some(o) = self.orders.get_mut(order_id) else {
+            return Err(format!(
+                "cancel of an order the model does not know: {order_id}"
+            ));
+        };
+        match o.state {
+            OrderState::Pending => {
+                ensure(status == 200 && body["status"] == "CANCELLED", || {
+                    format!(
+                        "cancel of a PENDING order: expected 200 CANCELLED, got {status} {body}"
+                    )
+                })?;
+                let reason = last_reason(body);
+                match reason.as_deref() {
+                    Some("cancelled_by_client") => {
+                        ensure(t0 < o.expires_at, || {
+                            format!(
+                                "cancel: cancelled_by_client although sent after the deadline: {body}"
+                            )
+                        })?;
+                        o.state = OrderState::CancelledByClient;
+                    }
+                    Some("expired") => {
+                        ensure(t1 >= o.expires_at, || {
+                            format!("cancel: reason expired before the deadline: {body}")
+                        })?;
+                        o.state = OrderState::Expired;
+                    }
+                    _ => return Err(format!("cancel: no cancel reason in {body}")),
+                }
+                check_order(o, body, t0, t1, "cancel answer")
+            }
+            OrderState::Expired | OrderState::CancelledByClient => {
+                ensure(status == 200, || {
+                    format!(
+                        "cancel of a cancelled order: expected 200 unchanged, got {status} {body}"
+                    )
+                })?;
+                check_order(o, body, t0, t1, "cancel (again) answer")
+            }
+            s => ensure(err_is(status, body, 409, "invalid_state"), || {
+                format!(
+                    "cancel of a {} order: expected 409 invalid_state, got {status} {body}",
+                    s.api()
+                )
+            }),
+        }
+    }
+
+    fn apply_refund(
+        &mut self,
+        order_id: &str,
+        lines: Option<&[(String, u32)]>,
+        status: u16,
+        body: &Value,
+        t0: i64,
+        t1: i64,
+    ) -> Check {
+        let Some(o) = self.orders.get(order_id).cloned() else {
+            return Err(format!(
+                "refund of an order the model does not know: {order_id}"
+            ));
+        };
+        let expect = |want_status: u16, code: &str| {
+            ensure(err_is(status, body, want_status, code), || {
+                format!("refund: expected {want_status} {code}, got {status} {body}")
+            })
+        };
+        // only a COMPLETED or PARTIALLY_REFUNDED order can be refunded (a REFUNDED one is invalid_state)
+        if !matches!(
+            o.state,
+            OrderState::Completed | OrderState::PartiallyRefunded
+        ) {
+            return expect(409, "invalid_state");
+        }
+        // (line index, quantity)
+        let wanted: Vec<(usize, u32)> = match lines {
+            None => o
+                .lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.quantity > l.refunded)
+                .map(|(i, l)| (i, l.quantity - l.refunded))
+                .collect(),
+            Some(req) => {
+                let mut w = vec![];
+                for (item_id, q) in req {
+                    match o.lines.iter().position(|l| &l.item_id == item_id) {
+                        Some(i) if *q <= o.lines[i].quantity - o.lines[i].refunded => {
+                            w.push((i, *q))
+                        }
+                        _ => return expect(409, "refund_exceeds_purchase"),
+                    }
+                }
+                w
+            }
+        };
+        if wanted.is_empty() {
+            return expect(409, "invalid_state");
+        }
+        for &(i, q) in &wanted {
+            let owned = self.ent.get(&o.lines[i].item_id).copied().unwrap_or(0);
+            if owned < i64::from(q) {
+                return expect(409, "already_consumed");
+            }
+        }
+        ensure(status == 201, || {
+            format!("refund of {wanted:?} of order {order_id}: expected 201, got {status} {body}")
+        })?;
+        let amount: Cents = wanted
+            .iter()
+            .map(|&(i, q)| o.lines[i].unit_price * i64::from(q))
+            .sum();
+        let Some(refund_id) = body["refund_id"].as_str() else {
+            return Err(format!("refund: no refund_id in {body}"));
+        };
+        if self
+            .refunds
+            .insert(refund_id.to_string(), (order_id.to_string(), amount))
+            .is_some()
+        {
+            return Err(format!("refund id {refund_id} returned for two keys"));
+        }
+        self.balance += amount;
+        let om = self.orders.get_mut(order_id).expect("order");
+        for &(i, q) in &wanted {
+            om.lines[i].refunded += q;
+            *self.ent.entry(om.lines[i].item_id.clone()).or_insert(0) -= i64::from(q);
+        }
+        om.refunds += 1;
+        om.state = if om.lines.iter().all(|l| l.refunded == l.quantity) {
+            OrderState::Refunded
+        } else {
+            OrderState::PartiallyRefunded
+        };
+        ensure(cents_of(&body["amount"]) == Some(amount), || {
+            format!(
+                "refund: amount {} but the order's unit prices give {}",
+                body["amount"],
+                money(amount)
+            )
+        })?;
+        ensure(body["order_id"] == order_id, || {
+            format!("refund: order_id in {body}")
+        })?;
+        self.check_wallet(&body["wallet"], t0, t1, "refund")
+    }
+}
+
+fn last_reason(order: &Value) -> Option<String> {
+    order["history"]
+        .as_array()?
+        .last()?
+        .get("reason")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// An order as the API shows it (at some time in [t0, t1]) against the model's order.
+pub fn check_order(o: &MOrder, v: &Value, t0: i64, t1: i64, what: &str) -> Check {
+    let id = &o.order_id;
+    ensure(v["order_id"] == id.as_str(), || {
+        format!("{what}: order_id {} is not {id}", v["order_id"])
+    })?;
+    let status = v["status"].as_str().unwrap_or("?");
+    let reason = last_reason(v);
+    let ok_status = match o.state {
+        OrderState::Pending => {
+            let pending_ok = t0 < o.expires_at && status == "PENDING";
+            let expired_ok =
+                t1 >= o.expires_at && status == "CANCELLED" && reason.as_deref() == Some("expired");
+            pending_ok || expired_ok
+        }
+        OrderState::Expired => status == "CANCELLED" && reason.as_deref() == Some("expired"),
+        OrderState::CancelledByClient => {
+            status == "CANCELLED" && reason.as_deref() == Some("cancelled_by_client")
+        }
+        s => status == s.api(),
+    };
+    ensure(ok_status, || {
+        format!(
+            "{what}: order {id} is {status} (reason {reason:?}) but the model says {:?} (deadline {} µs after the window's start)",
+            o.state,
+            o.expires_at - t0
+        )
+    })?;
+    ensure(cents_of(&v["total"]) == Some(o.total), || {
+        format!(
+            "{what}: order {id} total {} but the catalog prices give {}",
+            v["total"],
+            money(o.total)
+        )
+    })?;
+    let Some(lines) = v["lines"].as_array() else {
+        return Err(format!("{what}: order {id} without lines: {v}"));
+    };
+    ensure(lines.len() == o.lines.len(), || {
+        format!(
+            "{what}: order {id} has {} lines, the model {}",
+            lines.len(),
+            o.lines.len()
+        )
+    })?;
+    for (l, m) in lines.iter().zip(&o.lines) {
+        let refunded = l["refunded_quantity"].as_u64().unwrap_or(u64::MAX);
+        let quantity = l["quantity"].as_u64().unwrap_or(0);
+        ensure(
+            l["item_id"] == m.item_id.as_str()
+                && quantity == u64::from(m.quantity)
+                && cents_of(&l["unit_price"]) == Some(m.unit_price)
+                && refunded == u64::from(m.refunded)
+                && refunded <= quantity,
+            || {
+                format!(
+                    "{what}: order {id} line {l} but the model has {} × {} at {} with {} refunded",
+                    m.quantity,
+                    m.item_id,
+                    money(m.unit_price),
+                    m.refunded
+                )
+            },
+        )?;
+    }
+    let refunded_total = cents_of(&v["refunded_total"]);
+    ensure(
+        refunded_total == Some(o.refunded_total()) && o.refunded_total() <= o.total,
+        || {
+            format!(
+                "{what}: order {id} refunded_total {} but the model's refunds sum to {} (total {})",
+                v["refunded_total"],
+                money(o.refunded_total()),
+                money(o.total)
+            )
+        },
+    )
+}
