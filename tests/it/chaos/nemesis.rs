@@ -89,6 +89,8 @@ pub struct Nemesis<'a> {
     pub broken: bool,
     /// (fault kind, seconds from the heal until every node was ready and caught up).
     pub recoveries: Vec<(String, f64)>,
+    /// The cluster's `--snapshot-every` (a leader keeps half of it in its log after a snapshot).
+    pub snapshot_every: u64,
 }
 
 fn secs(d: Duration) -> String {
@@ -112,6 +114,7 @@ impl<'a> Nemesis<'a> {
             expect_exit: vec![],
             broken: false,
             recoveries: vec![],
+            snapshot_every: 100,
         }
     }
 
@@ -449,13 +452,20 @@ impl<'a> Nemesis<'a> {
             self.log("crashpoint", "no shard took a snapshot within 30 s");
         }
         let (v, why) = self.pick("follower").await;
+        // Two ways to need a snapshot: lag behind the leaders' compacted logs (the node keeps its data),
+        // or lose the data dir.
+        let lagging = self.rng.random_ratio(1, 2);
+        let applied = applied_indexes(self.c.node(v).try_view().await.as_ref());
         self.c.kill9(v);
-        self.c.wipe_data_dir(v);
+        let how = if lagging && self.wait_compacted_past(v, &applied).await {
+            "left behind until the leaders compacted their logs past it"
+        } else {
+            self.c.wipe_data_dir(v);
+            "wiped"
+        };
         self.log(
             "crashpoint",
-            format!(
-                "kill -9 node {v} ({why}), wipe it, restart it with FAILPOINTS={NAME}=1*return"
-            ),
+            format!("kill -9 node {v} ({why}), {how}; restart it with FAILPOINTS={NAME}=1*return"),
         );
         self.c
             .node_mut(v)
@@ -498,6 +508,33 @@ impl<'a> Nemesis<'a> {
         tokio::time::sleep(Duration::from_millis(self.rng.random_range(200..1000))).await;
         self.start_node(v).await;
         self.recover("crashpoint").await;
+    }
+
+    /// Waits (≤ 30 s) until, on some shard, the leader's snapshot is far enough past what node `v` had
+    /// applied (`applied`) that the log `v` needs is compacted away.
+    async fn wait_compacted_past(&self, v: u64, applied: &BTreeMap<u64, u64>) -> bool {
+        let keep = (self.snapshot_every / 2).max(1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for id in self.c.running_ids().into_iter().filter(|&i| i != v) {
+                let Some(view) = self.c.node(id).try_view().await else {
+                    continue;
+                };
+                let shards = view["shards"].as_array().cloned().unwrap_or_default();
+                let past = shards.iter().any(|s| {
+                    let shard = s["shard"].as_u64().unwrap_or(0);
+                    s["role"] == "leader"
+                        && s["snapshot_index"].as_u64().is_some_and(|i| {
+                            i > applied.get(&shard).copied().unwrap_or(0) + keep + 10
+                        })
+                });
+                if past {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
     }
 
     /// How many times node `v`'s logs (every run) say that crash point `name` fired.
@@ -579,6 +616,22 @@ impl<'a> Nemesis<'a> {
             }
         }
     }
+}
+
+/// Shard → applied index in a cluster view (empty without one).
+fn applied_indexes(view: Option<&Value>) -> BTreeMap<u64, u64> {
+    view.and_then(|v| v["shards"].as_array())
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    (
+                        s["shard"].as_u64().unwrap_or(0),
+                        s["applied_index"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Every node answers `/readyz` 200, and every node has applied, on every shard, at least what the most
