@@ -565,18 +565,23 @@ impl Cluster {
         if !self.is_leader(shard) {
             // One hop only: the sender looks for the leader again; this node does not forward.
             let metrics = replica.raft.metrics().borrow().clone();
-            let leader = metrics
+            let leader_id = metrics
                 .current_leader
-                .filter(|id| *id != self.config.node_id)
-                .map(|id| {
-                    let known = metrics.membership_config.membership().get_node(&id);
-                    let addr = self
-                        .transport
-                        .address_of(id, known.map_or("", |node| node.addr.as_str()));
-                    (id, addr)
-                })
-                .filter(|(_, addr)| !addr.is_empty());
-            return Err(Refusal::NotLeader { leader });
+                .filter(|id| *id != self.config.node_id);
+            let leader_node = leader_id.and_then(|id| {
+                metrics
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .cloned()
+            });
+            return Err(not_leader(
+                &self.transport,
+                ForwardToLeader {
+                    leader_id,
+                    leader_node,
+                },
+            ));
         }
         let commands = batch::decode(&payload.0)
             .map_err(|e| Refusal::Rejected(format!("undecodable forwarded batch: {e}")))?;
