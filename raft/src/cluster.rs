@@ -22,6 +22,9 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::log_store::LogDb;
+use rebuild::Marks;
+
+mod rebuild;
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
 use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
@@ -125,8 +128,8 @@ pub struct Cluster {
     transport: Arc<Transport>,
     /// Serialises membership changes made through this node.
     membership_lock: tokio::sync::Mutex<()>,
-    /// Until when this node, started with empty shards, refuses to vote in them (see `vote_guard`).
-    vote_guard: std::sync::Mutex<Option<Instant>>,
+    /// Per shard, whether this node's replica is a full member or rebuilding lost data (see `rebuild`).
+    marks: Marks,
     /// When this node started; the base of `leader_contact`.
     started: Instant,
     /// Per shard, milliseconds after `started` when a leader last reached this node (an append).
@@ -148,6 +151,9 @@ pub struct ShardStatus {
     pub learners: Vec<NodeId>,
     /// On the leader: how many entries each other replica is behind (`None`: not known yet).
     pub lag: BTreeMap<NodeId, Option<u64>>,
+    /// `none`, or how far this replica is in rebuilding data it lost: `awaiting_leader` (takes part in
+    /// nothing yet), `catching_up` (follows the leader, neither votes nor stands); see `rebuild`.
+    pub recovery: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -218,6 +224,8 @@ impl Cluster {
             .map_err(|e| ClusterError::Open(e.to_string()))?
             .map_err(|e| ClusterError::Open(e.to_string()))?;
         let transport = Arc::new(Transport::new(config.secret.clone(), config.peers.clone()));
+        let marks = Marks::new(log_db.clone(), config.shards);
+        let clustered = config.peers.len() > 1;
         let mut replicas = Vec::with_capacity(states.len());
         let mut queues = Vec::with_capacity(states.len());
         for (shard, state) in (0u32..).zip(states) {
@@ -248,6 +256,15 @@ impl Cluster {
             )
             .await
             .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            let pristine = !raft
+                .is_initialized()
+                .await
+                .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            let mark = marks
+                .open_shard(shard, pristine, clustered)
+                .await
+                .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            raft.runtime_config().elect(mark.takes_part_in_elections());
             let (waiting, queue) = mpsc::channel(config.max_inflight_per_shard);
             queues.push(queue);
             replicas.push(Replica {
@@ -261,21 +278,13 @@ impl Cluster {
             replicas,
             transport,
             membership_lock: tokio::sync::Mutex::new(()),
-            vote_guard: std::sync::Mutex::new(None),
+            marks,
             started: Instant::now(),
             leader_contact: (0..queues.len()).map(|_| AtomicU64::new(0)).collect(),
         });
-        // A member whose data dir was wiped has forgotten whom it voted for: voting again at once could
-        // elect two leaders in one term. Until the formation probe shows the cluster is new, or two
-        // leader leases have passed (every term it may have voted in is over), it votes in no shard it
-        // holds nothing of.
-        if cluster.config.peers.len() > 1 && !cluster.any_initialized().await {
-            let lease = cluster.config.election_timeout * 2;
-            *cluster.vote_guard.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Instant::now() + lease * 2);
-        }
         for (shard, queue) in (0u32..).zip(queues) {
             tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
+            tokio::spawn(rebuild::run_rebuild(Arc::downgrade(&cluster), shard));
         }
         Ok(cluster)
     }
@@ -360,7 +369,7 @@ impl Cluster {
             }
             if reachable.len() >= majority {
                 // A new cluster: its first elections need this node's vote.
-                *self.vote_guard.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.lift_marks_for_new_cluster().await;
             }
             let everyone = reachable.len() == self.config.peers.len();
             if reachable.len() >= majority {
@@ -371,6 +380,18 @@ impl Cluster {
             let waited_enough = everyone || rounds_with_majority > 4;
             if reachable.len() >= majority && waited_enough && reachable.first() == Some(&me) {
                 tracing::info!(members = ?self.config.peers.keys(), "forming the cluster");
+                // Every pristine peer takes part in the first elections (see `rebuild`).
+                for (&id, addr) in self.config.peers.iter() {
+                    if id != me && reachable.contains(&id) {
+                        let answer = self
+                            .transport
+                            .call(addr, &NodeRequest::Forming, Duration::from_secs(2))
+                            .await;
+                        if !matches!(answer, Ok(NodeResponse::Done(Ok(())))) {
+                            tracing::warn!(peer = id, ?answer, "peer did not join the formation");
+                        }
+                    }
+                }
                 for shard in 0..self.shard_count() {
                     let preferred = preferred_node(&self.config.peers, shard);
                     let members = self.config.peers.clone();
@@ -778,6 +799,22 @@ impl Cluster {
     /// Answers a call from another node (the HTTP layer has checked the cluster secret).
     pub async fn serve_call(&self, request: NodeRequest) -> NodeResponse {
         match request {
+            NodeRequest::Append { shard, rpc }
+                if !self
+                    .marks
+                    .get(shard)
+                    .admits_leader(rpc.vote.leader_id().term) =>
+            {
+                NodeResponse::Rebuilding { shard }
+            }
+            NodeRequest::InstallSnapshot { shard, rpc }
+                if !self
+                    .marks
+                    .get(shard)
+                    .admits_leader(rpc.vote.leader_id().term) =>
+            {
+                NodeResponse::Rebuilding { shard }
+            }
             NodeRequest::Append { shard, rpc } => NodeResponse::Append(match self.replica(shard) {
                 Ok(replica) => {
                     let result = replica.raft.append_entries(rpc).await;
@@ -789,8 +826,8 @@ impl Cluster {
                 Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
             NodeRequest::Vote { shard, rpc } => NodeResponse::Vote(match self.replica(shard) {
-                Ok(replica) if self.refuses_votes(replica).await => {
-                    tracing::info!(shard, candidate = %rpc.vote, "not voting yet: this node's data was empty");
+                Ok(_) if !self.marks.get(shard).takes_part_in_elections() => {
+                    tracing::info!(shard, candidate = %rpc.vote, "not voting: rebuilding lost data");
                     Ok(VoteResponse::new(openraft::Vote::default(), None, false))
                 }
                 Ok(replica) => replica.raft.vote(rpc).await,
@@ -813,26 +850,25 @@ impl Cluster {
             }
             NodeRequest::Initialize { shard, members } => {
                 // The cluster is being formed: it is new, and its first elections need this vote.
-                *self.vote_guard.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.lift_marks_for_new_cluster().await;
                 NodeResponse::Done(self.initialize_local(shard, members).await)
             }
+            NodeRequest::Forming => {
+                if self.any_initialized().await {
+                    NodeResponse::Done(Err(Refusal::Rejected(
+                        "this node is part of a cluster already".into(),
+                    )))
+                } else {
+                    self.lift_marks_for_new_cluster().await;
+                    NodeResponse::Done(Ok(()))
+                }
+            }
+            NodeRequest::Floor { shard } => NodeResponse::Floor(self.floor_local(shard).await),
             NodeRequest::Probe => NodeResponse::Probe(Probe {
                 node_id: self.config.node_id,
                 shards: self.shard_count(),
                 initialized: self.any_initialized().await,
             }),
-        }
-    }
-
-    /// Whether the vote guard (see `open`) holds for `replica`: still in force, and the replica still
-    /// holds nothing (once a leader has replicated to it, it knows the term again).
-    async fn refuses_votes(&self, replica: &Replica) -> bool {
-        let until = *self.vote_guard.lock().unwrap_or_else(|p| p.into_inner());
-        match until {
-            Some(until) if Instant::now() < until => {
-                !replica.raft.is_initialized().await.unwrap_or(true)
-            }
-            _ => false,
         }
     }
 
@@ -923,6 +959,7 @@ impl Cluster {
                     voters,
                     learners,
                     lag,
+                    recovery: self.marks.get(shard).label(),
                 }
             })
             .collect();

@@ -11,7 +11,8 @@
 //!   snapshot files.
 //! - [`network`]: node-to-node RPCs over HTTP with postcard bodies, authenticated by the cluster secret.
 //! - [`cluster`]: the shards' Raft instances, cluster formation, forwarding writes to leaders,
-//!   linearizable read barriers, membership changes and status.
+//!   linearizable read barriers, membership changes and status; its `rebuild` part keeps a member that
+//!   lost its data out of every quorum until it has caught up.
 //!
 //! - [`batch`]: many commands in one log entry, so a shard's fsync, replication and apply serve many
 //!   commands at once.

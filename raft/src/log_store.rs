@@ -29,7 +29,7 @@ use crate::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
 
 /// (shard, index) → postcard `Entry`.
 const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
-/// (shard, name) → postcard value: `vote`, `last_purged`, `committed`.
+/// (shard, name) → postcard value: `vote`, `last_purged`, `committed`, and `rebuild` (see `rebuild`).
 const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
 
 /// Most operations one commit takes: bounds a transaction.
@@ -58,6 +58,8 @@ pub enum LogDbError {
     Corrupt(String),
     #[error("cannot start the log writer: {0}")]
     Thread(std::io::Error),
+    #[error("raft log write failed: {0}")]
+    Write(String),
 }
 
 fn redb_error(e: impl Into<redb::Error>) -> LogDbError {
@@ -131,6 +133,42 @@ impl LogDb {
             ops,
             mirror_bytes,
         })
+    }
+
+    /// A value another module keeps beside `shard`'s log (see `RAFT_STATE`), as stored.
+    pub fn read_state(&self, shard: u32, name: &str) -> Result<Option<Vec<u8>>, LogDbError> {
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let state = txn.open_table(RAFT_STATE).map_err(redb_error)?;
+        Ok(state
+            .get((shard, name))
+            .map_err(redb_error)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Stores a value beside `shard`'s log; returns once it is durable. Ordered with the shard's log
+    /// writes queued before it.
+    pub async fn write_state(
+        &self,
+        shard: u32,
+        name: &'static str,
+        value: Vec<u8>,
+    ) -> Result<(), LogDbError> {
+        let (done, wait) = oneshot::channel();
+        let stopped = || LogDbError::Write("the log writer stopped".into());
+        self.ops
+            .send(Op::Put {
+                shard,
+                name,
+                value,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| stopped())?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(LogDbError::Write(error)),
+            Err(_) => Err(stopped()),
+        }
     }
 
     /// The log of `shard`, loaded into memory.

@@ -179,6 +179,14 @@ impl PeerClient {
         &self,
         answer: &NodeResponse,
     ) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
+        if let NodeResponse::Rebuilding { shard } = answer {
+            // It lost its data and takes no part until it has caught up: like a node that is down,
+            // and retried after the back-off.
+            return self.failed(TransportError::Unreachable {
+                addr: self.addr.clone(),
+                reason: format!("rebuilding shard {shard}, takes no part yet"),
+            });
+        }
         let error = TransportError::Decode {
             addr: self.addr.clone(),
             reason: format!("unexpected answer {answer:?}"),

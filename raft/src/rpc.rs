@@ -57,6 +57,13 @@ pub enum NodeRequest {
     },
     /// Who are you, and have you joined a cluster yet?
     Probe,
+    /// From the node forming a new cluster to a pristine peer: its first elections need you.
+    Forming,
+    /// From a node rebuilding `shard` to the shard's leader: your term and last log index, once a
+    /// quorum confirmed you lead (see `cluster::rebuild`).
+    Floor {
+        shard: u32,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +75,13 @@ pub enum NodeResponse {
     ReadIndex(Result<u64, Refusal>),
     Done(Result<(), Refusal>),
     Probe(Probe),
+    /// (term, last log index) of the shard's confirmed leader.
+    Floor(Result<(u64, u64), Refusal>),
+    /// This node lost its data and is rebuilding `shard`: it takes no part yet (see
+    /// `cluster::rebuild`).
+    Rebuilding {
+        shard: u32,
+    },
 }
 
 /// Why a node did not do what was asked.

@@ -375,6 +375,10 @@ pub struct ClusterShard {
     pub lag: BTreeMap<String, Option<u64>>,
     /// Whether the shard has a leader.
     pub healthy: bool,
+    /// `none`, or how far this node is in rebuilding the shard's data after losing it (a wiped data
+    /// dir): `awaiting_leader` (takes part in nothing yet) or `catching_up` (follows the leader, does
+    /// not vote yet).
+    pub recovery: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

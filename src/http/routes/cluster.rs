@@ -50,6 +50,7 @@ fn view(app: &AppState) -> ClusterResponse {
                     .map(|(node, lag)| (node.to_string(), lag))
                     .collect(),
                 healthy: shard.leader.is_some(),
+                recovery: shard.recovery.to_owned(),
             })
             .collect(),
     }

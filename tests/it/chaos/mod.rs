@@ -682,15 +682,14 @@ async fn a_node_that_crashed_mid_snapshot_install_restarts_and_catches_up() {
     );
 }
 
-/// Known bug (found by the chaos run, see the report of issue 4): a member whose data dir was wiped votes
-/// again once its vote guard has passed (or at once, after any restart, as soon as one of its shards holds
-/// anything), although the writes it had acknowledged before the wipe may now be on one other member only.
-/// Here the leader and the member-to-be-wiped commit writes while the third member is cut off; the wiped
-/// member and the lagging one must not elect a leader without those writes.
+/// Regression (found by the chaos run of issue 4): a member whose data dir was wiped had forgotten the
+/// writes it acknowledged, yet voted again, so a member that missed those writes could be elected. Here
+/// the leader and the member-to-be-wiped commit writes while the third member is cut off; the wiped
+/// member and the lagging one must not elect a leader without those writes. Once the leader is back,
+/// the wiped member rebuilds from it and is a full member again (`cluster::rebuild`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "known bug: a wiped member votes before it has the writes it acknowledged (issue 4 report)"]
 async fn a_wiped_member_does_not_help_elect_a_leader_that_lacks_acknowledged_writes() {
-    use crate::cluster_harness::post_until_definite;
+    use crate::cluster_harness::{post_until_definite, shard_view};
     use crate::harness::uniq;
 
     let mut c = TestCluster::start_with(ClusterOpts::new().shards(1)).await;
@@ -748,7 +747,38 @@ async fn a_wiped_member_does_not_help_elect_a_leader_that_lacks_acknowledged_wri
                 );
             }
         }
+        let recovery = c
+            .node(wiped)
+            .try_view()
+            .await
+            .map(|view| shard_view(&view, 0)["recovery"].clone());
+        assert!(
+            matches!(
+                recovery.as_ref().and_then(|r| r.as_str()),
+                None | Some("awaiting_leader")
+            ),
+            "the wiped node must wait for a leader confirmed without it, is {recovery:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     c.heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = c.node(wiped).try_view().await;
+        let recovery = view.as_ref().map(|v| shard_view(v, 0)["recovery"].clone());
+        if recovery == Some(json!("none")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the wiped node never rebuilt: {view:?}\n{}",
+            c.logs(wiped)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let wallet = c.node(wiped).local_wallet(&user).await;
+    assert_eq!(
+        wallet.balance, 20,
+        "the rebuilt node holds every acknowledged credit"
+    );
 }
