@@ -455,9 +455,9 @@ impl<'a> Nemesis<'a> {
         // Two ways to need a snapshot: lag behind the leaders' compacted logs (the node keeps its data),
         // or lose the data dir.
         let lagging = self.rng.random_ratio(1, 2);
-        let applied = applied_indexes(self.c.node(v).try_view().await.as_ref());
+        let log_end = log_ends(self.c.node(v).try_view().await.as_ref());
         self.c.kill9(v);
-        let how = if lagging && self.wait_compacted_past(v, &applied).await {
+        let how = if lagging && self.wait_compacted_past(v, &log_end).await {
             "left behind until the leaders compacted their logs past it"
         } else {
             self.c.wipe_data_dir(v);
@@ -510,9 +510,10 @@ impl<'a> Nemesis<'a> {
         self.recover("crashpoint").await;
     }
 
-    /// Waits (≤ 30 s) until, on some shard, the leader's snapshot is far enough past what node `v` had
-    /// applied (`applied`) that the log `v` needs is compacted away.
-    async fn wait_compacted_past(&self, v: u64, applied: &BTreeMap<u64, u64>) -> bool {
+    /// Waits (≤ 30 s) until, on some shard, the leader's snapshot is far enough past the end of node
+    /// `v`'s log (`log_end`) that the log `v` needs is compacted away. (The margin covers the
+    /// entries `v` received between the view and its kill.)
+    async fn wait_compacted_past(&self, v: u64, log_end: &BTreeMap<u64, u64>) -> bool {
         let keep = (self.snapshot_every / 2).max(1);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -525,7 +526,7 @@ impl<'a> Nemesis<'a> {
                     let shard = s["shard"].as_u64().unwrap_or(0);
                     s["role"] == "leader"
                         && s["snapshot_index"].as_u64().is_some_and(|i| {
-                            i > applied.get(&shard).copied().unwrap_or(0) + keep + 10
+                            i > log_end.get(&shard).copied().unwrap_or(0) + keep + 30
                         })
                 });
                 if past {
@@ -618,15 +619,16 @@ impl<'a> Nemesis<'a> {
     }
 }
 
-/// Shard → applied index in a cluster view (empty without one).
-fn applied_indexes(view: Option<&Value>) -> BTreeMap<u64, u64> {
+/// Shard → the end of a node's log (at least its applied index) in a cluster view (empty without one).
+fn log_ends(view: Option<&Value>) -> BTreeMap<u64, u64> {
     view.and_then(|v| v["shards"].as_array())
         .map(|a| {
             a.iter()
                 .map(|s| {
+                    let index = |name: &str| s[name].as_u64().unwrap_or(0);
                     (
-                        s["shard"].as_u64().unwrap_or(0),
-                        s["applied_index"].as_u64().unwrap_or(0),
+                        index("shard"),
+                        index("applied_index").max(index("last_log_index")),
                     )
                 })
                 .collect()
