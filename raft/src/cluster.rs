@@ -379,19 +379,27 @@ impl Cluster {
             // its preferred node, and leaders start spread.
             let waited_enough = everyone || rounds_with_majority > 4;
             if reachable.len() >= majority && waited_enough && reachable.first() == Some(&me) {
-                tracing::info!(members = ?self.config.peers.keys(), "forming the cluster");
-                // Every pristine peer takes part in the first elections (see `rebuild`).
+                // Every pristine peer takes part in the first elections (see `rebuild`); without a
+                // majority that does, the shards could elect no leader, so nothing is initialised.
+                let mut joined_formation = 1;
                 for (&id, addr) in self.config.peers.iter() {
                     if id != me && reachable.contains(&id) {
                         let answer = self
                             .transport
                             .call(addr, &NodeRequest::Forming, Duration::from_secs(2))
                             .await;
-                        if !matches!(answer, Ok(NodeResponse::Done(Ok(())))) {
+                        if matches!(answer, Ok(NodeResponse::Done(Ok(())))) {
+                            joined_formation += 1;
+                        } else {
                             tracing::warn!(peer = id, ?answer, "peer did not join the formation");
                         }
                     }
                 }
+                if joined_formation < majority {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                tracing::info!(members = ?self.config.peers.keys(), "forming the cluster");
                 for shard in 0..self.shard_count() {
                     let preferred = preferred_node(&self.config.peers, shard);
                     let members = self.config.peers.clone();
@@ -798,23 +806,12 @@ impl Cluster {
 
     /// Answers a call from another node (the HTTP layer has checked the cluster secret).
     pub async fn serve_call(&self, request: NodeRequest) -> NodeResponse {
+        if let Some((shard, term)) = request.from_leader_of_term() {
+            if !self.marks.get(shard).admits_leader(term) {
+                return NodeResponse::Rebuilding { shard };
+            }
+        }
         match request {
-            NodeRequest::Append { shard, rpc }
-                if !self
-                    .marks
-                    .get(shard)
-                    .admits_leader(rpc.vote.leader_id().term) =>
-            {
-                NodeResponse::Rebuilding { shard }
-            }
-            NodeRequest::InstallSnapshot { shard, rpc }
-                if !self
-                    .marks
-                    .get(shard)
-                    .admits_leader(rpc.vote.leader_id().term) =>
-            {
-                NodeResponse::Rebuilding { shard }
-            }
             NodeRequest::Append { shard, rpc } => NodeResponse::Append(match self.replica(shard) {
                 Ok(replica) => {
                     let result = replica.raft.append_entries(rpc).await;

@@ -690,6 +690,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Opens the log file at `path` again once the writer thread of its last `LogDb` let go of it (it does
+/// when it sees every sender gone): a restart, in tests.
+#[cfg(test)]
+pub(crate) async fn reopen_when_released(path: &Path, mirror_bytes: usize) -> LogDb {
+    let mut reopened = LogDb::open_with_mirror(path, mirror_bytes);
+    for _ in 0..100 {
+        if reopened.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        reopened = LogDb::open_with_mirror(path, mirror_bytes);
+    }
+    reopened.expect("reopen the log file")
+}
+
 #[cfg(test)]
 mod tests {
     use openraft::storage::RaftLogStorageExt;
@@ -762,16 +777,7 @@ mod tests {
         // A restart sees the same log.
         drop(store);
         drop(db);
-        // The writer thread lets go of the file once it sees every sender gone.
-        let mut reopened = LogDb::open_with_mirror(&path, 5 * 1100);
-        for _ in 0..100 {
-            if reopened.is_ok() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            reopened = LogDb::open_with_mirror(&path, 5 * 1100);
-        }
-        let db = reopened.unwrap();
+        let db = reopen_when_released(&path, 5 * 1100).await;
         let mut store = db.shard(0).unwrap();
         assert_eq!(indexes(&mut store, 18..25).await, read);
         assert_eq!(

@@ -66,6 +66,19 @@ pub enum NodeRequest {
     },
 }
 
+impl NodeRequest {
+    /// (shard, term) of a message only a leader sends: an append or a snapshot.
+    pub fn from_leader_of_term(&self) -> Option<(u32, u64)> {
+        match self {
+            NodeRequest::Append { shard, rpc } => Some((*shard, rpc.vote.leader_id().term)),
+            NodeRequest::InstallSnapshot { shard, rpc } => {
+                Some((*shard, rpc.vote.leader_id().term))
+            }
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum NodeResponse {
     Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),

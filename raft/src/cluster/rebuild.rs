@@ -310,6 +310,7 @@ pub(super) async fn run_rebuild(cluster: Weak<Cluster>, shard: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_store::reopen_when_released;
 
     fn fresh_log(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("skrebuild-{name}-{}", std::process::id()));
@@ -351,7 +352,7 @@ mod tests {
 
         // The node crashes mid-rebuild; its shard now holds part of the log, so it is not empty: the
         // stored mark, not emptiness, says where it is.
-        let db = LogDb::open(&path).expect("reopen log");
+        let db = reopen_when_released(&path, crate::log_store::MIRROR_BYTES).await;
         let marks = Marks::new(db, 3);
         assert_eq!(marks.open_shard(0, false, true).await.unwrap(), floor);
         assert!(!marks.get(0).takes_part_in_elections());
@@ -360,7 +361,7 @@ mod tests {
         marks.change(0, |_| Some(Mark::Member)).await.unwrap();
         drop(marks);
 
-        let db = LogDb::open(&path).expect("reopen log");
+        let db = reopen_when_released(&path, crate::log_store::MIRROR_BYTES).await;
         let marks = Marks::new(db, 3);
         assert_eq!(
             marks.open_shard(0, false, true).await.unwrap(),
