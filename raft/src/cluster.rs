@@ -1,6 +1,7 @@
 //! A node's replicas of every shard (multi-Raft) and everything a caller does with them: cluster
 //! formation, writes forwarded to the shard's leader, linearizable read barriers, membership changes
-//! and status.
+//! and status. A member that lost its data is kept out of every quorum until it has caught up
+//! (`rebuild`).
 //!
 //! Every node hosts a replica of every shard. Each shard has a *preferred* node (the shard number modulo
 //! the initial members): it initialises the shard at formation and so becomes its first leader, which
@@ -22,13 +23,13 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::log_store::LogDb;
-use rebuild::Marks;
-
-mod rebuild;
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
 use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
 use crate::{Payload, Raft, batch};
+use rebuild::Marks;
+
+mod rebuild;
 
 pub type NodeId = u64;
 

@@ -455,53 +455,91 @@ impl<'a> Nemesis<'a> {
         // Two ways to need a snapshot: lag behind the leaders' compacted logs (the node keeps its data),
         // or lose the data dir.
         let lagging = self.rng.random_ratio(1, 2);
-        let log_end = log_ends(self.c.node(v).try_view().await.as_ref());
+        let mut view = None;
+        for _ in 0..5 {
+            view = self.c.node(v).try_view().await;
+            if view.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // without a view of its log, "left behind" cannot be judged: wipe it instead
+        let log_end = view.map(|view| log_ends(Some(&view)));
         self.c.kill9(v);
-        let how = if lagging && self.wait_compacted_past(v, &log_end).await {
-            "left behind until the leaders compacted their logs past it"
-        } else {
+        let left_behind = match (&log_end, lagging) {
+            (Some(log_end), true) => self.wait_compacted_past(v, log_end).await,
+            _ => false,
+        };
+        let mut wiped = !left_behind;
+        if wiped {
             self.c.wipe_data_dir(v);
-            "wiped"
-        };
-        self.log(
-            "crashpoint",
-            format!("kill -9 node {v} ({why}), {how}; restart it with FAILPOINTS={NAME}=1*return"),
-        );
-        self.c
-            .node_mut(v)
-            .set_run_env(vec![("FAILPOINTS".into(), format!("{NAME}=1*return"))]);
-        self.expect_exit.push(v);
-        let before = self.fired_count(v, NAME);
-        // it may die before it even listens
-        let fired = match self.c.node_mut(v).try_start().await {
-            Ok(()) => self
-                .wait_exit(v, Duration::from_secs(30))
-                .await
-                .map(|st| st.to_string()),
-            Err(e) => Some(e),
-        };
-        self.c.node_mut(v).set_run_env(vec![]);
-        match fired {
-            Some(st) if self.fired_count(v, NAME) > before => {
-                self.log(
-                    "crashpoint",
-                    format!("node {v} aborted installing a snapshot ({st})"),
-                );
-                self.count(format!("crashpoint/{NAME}"));
-            }
-            Some(st) => {
-                let msg = format!("node {v} exited ({st}) while {NAME} was armed, but not at it");
-                self.log("VIOLATION", msg.clone());
-                self.violations.push(msg);
-            }
-            None => {
-                self.log(
-                    "crashpoint",
-                    format!("{NAME} did not fire on node {v} within 30 s"),
-                );
-                self.coverage_gaps
-                    .push(format!("{NAME} on node {v} did not fire within 30 s"));
-                self.c.kill9(v);
+        }
+        loop {
+            let how = if wiped {
+                "wiped".to_string()
+            } else {
+                format!(
+                    "left behind until the leaders compacted their logs past it (its log ended at {:?})",
+                    log_end.as_ref().map(|end| end.values().collect::<Vec<_>>())
+                )
+            };
+            self.log(
+                "crashpoint",
+                format!(
+                    "kill -9 node {v} ({why}), {how}; restart it with FAILPOINTS={NAME}=1*return"
+                ),
+            );
+            self.c
+                .node_mut(v)
+                .set_run_env(vec![("FAILPOINTS".into(), format!("{NAME}=1*return"))]);
+            self.expect_exit.push(v);
+            let before = self.fired_count(v, NAME);
+            // it may die before it even listens
+            let fired = match self.c.node_mut(v).try_start().await {
+                Ok(()) => self
+                    .wait_exit(v, Duration::from_secs(30))
+                    .await
+                    .map(|st| st.to_string()),
+                Err(e) => Some(e),
+            };
+            self.c.node_mut(v).set_run_env(vec![]);
+            match fired {
+                Some(st) if self.fired_count(v, NAME) > before => {
+                    self.log(
+                        "crashpoint",
+                        format!("node {v} aborted installing a snapshot ({st})"),
+                    );
+                    self.count(format!("crashpoint/{NAME}"));
+                    break;
+                }
+                Some(st) => {
+                    let msg =
+                        format!("node {v} exited ({st}) while {NAME} was armed, but not at it");
+                    self.log("VIOLATION", msg.clone());
+                    self.violations.push(msg);
+                    break;
+                }
+                // A leader still had the entries it lacked (compaction is judged from outside):
+                // losing its data dir makes it need a snapshot for sure.
+                None if !wiped => {
+                    self.log(
+                        "crashpoint",
+                        format!("{NAME} did not fire on node {v} within 30 s: it caught up from the log; wiping it"),
+                    );
+                    self.c.kill9(v);
+                    self.c.wipe_data_dir(v);
+                    wiped = true;
+                }
+                None => {
+                    self.log(
+                        "crashpoint",
+                        format!("{NAME} did not fire on node {v} within 30 s"),
+                    );
+                    self.coverage_gaps
+                        .push(format!("{NAME} on node {v} did not fire within 30 s"));
+                    self.c.kill9(v);
+                    break;
+                }
             }
         }
         self.expect_exit.retain(|&n| n != v);
