@@ -62,6 +62,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_RAFT_ELECTION_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub raft_election_timeout: Duration,
 
+    /// Only when restoring the cluster from one member's backup (README, Backups): this node's data dir
+    /// was emptied on purpose, so it takes part in elections at once instead of first rebuilding from a
+    /// leader confirmed without it. Never for a node that lost its disk while the others kept serving.
+    #[arg(long, env = "SHOPKEEP_RESTORING_FROM_BACKUP")]
+    pub restoring_from_backup: bool,
+
     /// Log entries between two snapshots of a shard; the log before a snapshot is then purged.
     #[arg(long, env = "SHOPKEEP_SNAPSHOT_EVERY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(10..=100_000_000))]
     pub snapshot_every: u64,
@@ -185,6 +191,8 @@ pub struct Config {
     pub raft_heartbeat: Duration,
     pub raft_election_timeout: Duration,
     pub snapshot_every: u64,
+    /// See `ServeArgs::restoring_from_backup`.
+    pub restoring_from_backup: bool,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -256,6 +264,7 @@ impl Config {
             raft_heartbeat: args.raft_heartbeat,
             raft_election_timeout: args.raft_election_timeout,
             snapshot_every: args.snapshot_every,
+            restoring_from_backup: args.restoring_from_backup,
         })
     }
 }

@@ -118,6 +118,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         max_inflight_per_shard: config.queue_capacity,
         // The engine gives up a little before the HTTP request does, so the client gets its reason.
         deadline: config.request_timeout.mul_f64(0.8),
+        trust_empty_shards: config.restoring_from_backup,
     };
     let node = Arc::new(Node::open(&config.data_dir, cluster_config).await?);
     if !clustered {

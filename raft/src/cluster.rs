@@ -57,6 +57,10 @@ pub struct ClusterConfig {
     pub max_inflight_per_shard: usize,
     /// How long a write or a read barrier may look for a leader and a quorum before giving up.
     pub deadline: Duration,
+    /// Empty shards take part in elections at once instead of rebuilding first (see `rebuild`): only
+    /// for a cluster being restored from one member's backup, whose other members were emptied on
+    /// purpose.
+    pub trust_empty_shards: bool,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -226,7 +230,7 @@ impl Cluster {
             .map_err(|e| ClusterError::Open(e.to_string()))?;
         let transport = Arc::new(Transport::new(config.secret.clone(), config.peers.clone()));
         let marks = Marks::new(log_db.clone(), config.shards);
-        let clustered = config.peers.len() > 1;
+        let quarantine_if_empty = config.peers.len() > 1 && !config.trust_empty_shards;
         let mut replicas = Vec::with_capacity(states.len());
         let mut queues = Vec::with_capacity(states.len());
         for (shard, state) in (0u32..).zip(states) {
@@ -262,7 +266,7 @@ impl Cluster {
                 .await
                 .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
             let mark = marks
-                .open_shard(shard, pristine, clustered)
+                .open_shard(shard, pristine, quarantine_if_empty)
                 .await
                 .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
             raft.runtime_config().elect(mark.takes_part_in_elections());

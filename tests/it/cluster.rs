@@ -1223,3 +1223,77 @@ async fn a_wiped_node_takes_no_part_until_a_leader_confirmed_without_it_has_caug
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Copies a stopped node's data dir (a backup, as README's Backups describes it).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("create the copy");
+    for entry in std::fs::read_dir(from).expect("read the data dir") {
+        let entry = entry.expect("data dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a file");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cluster_restored_from_one_members_backup_comes_back_with_the_backups_state() {
+    let mut c = TestCluster::start(3).await;
+    let user = uniq("restore");
+    let a1 = c.api(1);
+    a1.create_item("gems", "currency", "1.00").await;
+    a1.funded_user(&user, "10.00").await;
+    c.wait_converged_among(&[1, 2, 3], CONVERGE).await;
+    // The backup: node 1 stopped, its data dir copied, node 1 started again.
+    c.kill9(1);
+    let backup = std::env::temp_dir().join(format!("{}-backup", uniq("shopkeep")));
+    copy_dir(&c.node(1).data_dir(), &backup);
+    c.restart(1).await;
+    c.wait_ready(&[1, 2, 3], READY_TIMEOUT).await;
+    // Written after the backup: the restore gives it up.
+    post_until_definite(
+        &a1,
+        &orders_path(&user),
+        &new_key(),
+        &order_body(&[("gems", 2)], true),
+        Duration::from_secs(20),
+    )
+    .await
+    .expect(201);
+    // The restore: every member stopped; node 1 gets the copy, the others empty data dirs and the flag
+    // that says they were emptied on purpose.
+    for id in [1, 2, 3] {
+        c.kill9(id);
+    }
+    let dir = c.node(1).data_dir();
+    std::fs::remove_dir_all(&dir).expect("remove node 1's data dir");
+    copy_dir(&backup, &dir);
+    for id in [2, 3] {
+        c.wipe_data_dir(id);
+        c.node_mut(id).set_run_env(vec![(
+            "SHOPKEEP_RESTORING_FROM_BACKUP".into(),
+            "true".into(),
+        )]);
+    }
+    for id in [1, 2, 3] {
+        c.restart(id).await;
+    }
+    c.wait_ready(&[1, 2, 3], READY_TIMEOUT).await;
+    for id in [1, 2, 3] {
+        assert_eq!(
+            c.node(id).wallet(&user).await.balance,
+            1000,
+            "node {id} serves the backup's state"
+        );
+    }
+    c.wait_converged_among(&[1, 2, 3], CONVERGE).await;
+    for id in [2, 3] {
+        let view = c.node(id).view().await;
+        for shard in view["shards"].as_array().expect("shards") {
+            assert_eq!(shard["recovery"], "none", "node {id}: {view:#}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&backup);
+}

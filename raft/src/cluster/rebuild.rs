@@ -24,10 +24,12 @@
 //!    its place), it asks for a fresh floor.
 //! 3. [`Mark::Member`]: a full member again.
 //!
-//! The mark survives restarts, so a node that crashes while rebuilding resumes where it was. Cluster
-//! formation is the one exception to "empty means quarantined": every node of a new cluster opens
-//! empty, and lifts its marks when it sees a majority of its peers pristine, or when the node that
-//! forms the cluster tells it so ([`NodeRequest::Forming`]).
+//! The mark survives restarts, so a node that crashes while rebuilding resumes where it was. Two
+//! exceptions to "empty means quarantined": every node of a new cluster opens empty, and lifts its
+//! marks when it sees a majority of its peers pristine, or when the node that forms the cluster tells
+//! it so ([`NodeRequest::Forming`]); and when a cluster is restored from one member's backup, the
+//! members emptied on purpose are told so by the operator (`ClusterConfig::trust_empty_shards`), since
+//! the backup is the only truth left.
 //!
 //! The price: while a member rebuilds, its shard needs a majority of the *other* members, as it must,
 //! since the data it rebuilds from lives only there.
@@ -103,13 +105,14 @@ impl Marks {
         }
     }
 
-    /// Decides `shard`'s mark as it opens: a pristine shard of a cluster is quarantined; any other keeps
-    /// the mark it had (a node that crashed mid-rebuild resumes).
+    /// Decides `shard`'s mark as it opens: a pristine shard is quarantined if `quarantine_if_empty` (a
+    /// cluster, not being restored from a backup); any other keeps the mark it had (a node that crashed
+    /// mid-rebuild resumes).
     pub async fn open_shard(
         &self,
         shard: u32,
         pristine: bool,
-        clustered: bool,
+        quarantine_if_empty: bool,
     ) -> Result<Mark, LogDbError> {
         let stored = match self.db.read_state(shard, MARK_KEY)? {
             Some(bytes) => Some(
@@ -117,10 +120,10 @@ impl Marks {
             ),
             None => None,
         };
-        let mark = match (clustered, pristine) {
-            (false, _) => Mark::Member,
+        let mark = match (pristine, quarantine_if_empty) {
             (true, true) => Mark::Quarantined,
-            (true, false) => stored.unwrap_or(Mark::Member),
+            (true, false) => Mark::Member,
+            (false, _) => stored.unwrap_or(Mark::Member),
         };
         self.change(shard, |_| Some(mark)).await?;
         Ok(mark)
@@ -324,7 +327,8 @@ mod tests {
         let path = fresh_log("restart");
         let db = LogDb::open(&path).expect("open log");
         let marks = Marks::new(db, 3);
-        // shard 0 opens empty in a cluster, shard 1 holds data, shard 2 is empty on a single node
+        // shard 0 opens empty in a cluster, shard 1 holds data, shard 2 is empty on a single node (or in
+        // a cluster restored from a backup)
         assert_eq!(
             marks.open_shard(0, true, true).await.unwrap(),
             Mark::Quarantined
