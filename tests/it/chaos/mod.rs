@@ -609,7 +609,7 @@ async fn chaos_long_run_loses_no_acknowledged_operation_and_charges_once() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_crashed_mid_snapshot_install_restarts_and_catches_up() {
-    use crate::cluster_harness::{READY_TIMEOUT, post_until_definite, shard_view};
+    use crate::cluster_harness::{READY_TIMEOUT, shard_view};
     use crate::harness::uniq;
 
     let mut c = TestCluster::start_with(ClusterOpts::new().shards(1).snapshot_every(20)).await;
@@ -623,18 +623,7 @@ async fn a_node_that_crashed_mid_snapshot_install_restarts_and_catches_up() {
     // enough entries that the shard's log is compacted: the wiped node can only catch up by a snapshot
     const WRITES: i64 = 60;
     for i in 0..WRITES {
-        let api = c.api(live[i as usize % 2]);
-        let body =
-            json!({"amount": "0.01", "external_ref": format!("{user}-{i}"), "source": "card"});
-        post_until_definite(
-            &api,
-            &format!("/v1/users/{user}/credits"),
-            &new_key(),
-            &body,
-            Duration::from_secs(20),
-        )
-        .await
-        .expect(201);
+        credit_one_cent(&c.api(live[i as usize % 2]), &user, i).await;
     }
     let v = c.node(leader).view().await;
     assert!(
@@ -710,17 +699,7 @@ async fn a_wiped_member_does_not_help_elect_a_leader_that_lacks_acknowledged_wri
     .await
     .expect(201);
     for i in 0..20 {
-        let body =
-            json!({"amount": "0.01", "external_ref": format!("{user}-{i}"), "source": "card"});
-        post_until_definite(
-            &api,
-            &format!("/v1/users/{user}/credits"),
-            &new_key(),
-            &body,
-            Duration::from_secs(20),
-        )
-        .await
-        .expect(201);
+        credit_one_cent(&api, &user, i).await;
     }
     // `wiped` loses its disk; the leader is cut off; `wiped` and `lagging` can talk
     c.kill9(wiped);
@@ -781,4 +760,19 @@ async fn a_wiped_member_does_not_help_elect_a_leader_that_lacks_acknowledged_wri
         wallet.balance, 20,
         "the rebuilt node holds every acknowledged credit"
     );
+}
+
+/// Credits `user` 0.01 (external ref `{user}-{i}`) through `api`, retrying with the same key until it
+/// is acknowledged.
+async fn credit_one_cent(api: &Api, user: &str, i: i64) {
+    let body = json!({"amount": "0.01", "external_ref": format!("{user}-{i}"), "source": "card"});
+    crate::cluster_harness::post_until_definite(
+        api,
+        &format!("/v1/users/{user}/credits"),
+        &new_key(),
+        &body,
+        Duration::from_secs(20),
+    )
+    .await
+    .expect(201);
 }
