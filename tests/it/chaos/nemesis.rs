@@ -766,11 +766,7 @@ pub async fn arm(c: &TestCluster, id: u64, name: &str, action: &str) -> Result<(
         .try_send()
         .await
         .map_err(|e| format!("transport error: {e}"))?;
-    if r.status == 200 {
-        Ok(())
-    } else {
-        Err(format!("{} {}", r.status, r.text()))
-    }
+    answered_ok(&r)
 }
 
 pub async fn disarm(c: &TestCluster, id: u64, name: &str) -> Result<(), String> {
@@ -781,6 +777,11 @@ pub async fn disarm(c: &TestCluster, id: u64, name: &str) -> Result<(), String> 
         .try_send()
         .await
         .map_err(|e| format!("transport error: {e}"))?;
+    answered_ok(&r)
+}
+
+/// 200 → Ok; any other status → its status and body.
+fn answered_ok(r: &crate::harness::Resp) -> Result<(), String> {
     if r.status == 200 {
         Ok(())
     } else {
