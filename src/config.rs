@@ -117,6 +117,35 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_MAX_INFLIGHT", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_inflight: u32,
 
+    /// Address for node-to-node traffic only (`/_node/…`), e.g. a private interface. Without it, node
+    /// traffic shares --listen. With it, --peers must name these addresses, and --listen serves no node
+    /// traffic at all.
+    #[arg(long, env = "SHOPKEEP_NODE_LISTEN")]
+    pub node_listen: Option<SocketAddr>,
+
+    /// Most client connections open at once (clamped to what the open-file limit allows); more are
+    /// closed at once.
+    #[arg(long, env = "SHOPKEEP_MAX_CONNECTIONS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Most connections open at once from one IP address; more are closed at once.
+    #[arg(long, env = "SHOPKEEP_MAX_CONNECTIONS_PER_PEER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections_per_peer: u32,
+
+    /// A connection must send a complete request head within this of connecting or of its previous
+    /// response (bounds slow headers and idle keep-alive connections), else it is closed.
+    #[arg(long, env = "SHOPKEEP_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A request body must arrive whole within this of its head (408 request_timeout otherwise).
+    #[arg(long, env = "SHOPKEEP_BODY_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
+    /// Most PSP webhook requests handled at once (they come before any authentication, so they have
+    /// their own limit and never use up --max-inflight); beyond it they get 429 rate_limited.
+    #[arg(long, env = "SHOPKEEP_MAX_WEBHOOK_INFLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_webhook_inflight: u32,
+
     /// Longest the server waits for in-flight requests on SIGTERM.
     #[arg(long, env = "SHOPKEEP_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -156,6 +185,24 @@ impl std::fmt::Debug for Secrets {
 }
 
 impl Secrets {
+    /// Refuses any configured token or secret that is too short or an example's placeholder
+    /// (generated ones are 32 random bytes and always pass).
+    pub fn check_strength(&self) -> Result<(), String> {
+        let configured = [
+            ("SHOPKEEP_ADMIN_TOKEN", &self.admin_token),
+            ("SHOPKEEP_SERVICE_TOKEN", &self.service_token),
+            ("SHOPKEEP_PSP_SECRET", &self.psp_secret),
+            ("SHOPKEEP_TOKEN_SECRET", &self.token_secret),
+            ("SHOPKEEP_CLUSTER_SECRET", &self.cluster_secret),
+        ];
+        for (name, value) in configured {
+            if let Some(value) = value {
+                crate::secrets::check_strength(name, value)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn from_env() -> Secrets {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         Secrets {
@@ -185,6 +232,13 @@ pub struct Config {
     pub request_timeout: Duration,
     pub max_inflight: usize,
     pub shutdown_timeout: Duration,
+    /// See `ServeArgs::node_listen`.
+    pub node_listen: Option<SocketAddr>,
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_webhook_inflight: usize,
     pub node_id: u64,
     /// The initial members (this node included); `None` for a single node.
     pub peers: Option<BTreeMap<u64, String>>,
@@ -259,6 +313,12 @@ impl Config {
             request_timeout: args.request_timeout,
             max_inflight: args.max_inflight as usize,
             shutdown_timeout: args.shutdown_timeout,
+            node_listen: args.node_listen,
+            max_connections: args.max_connections as usize,
+            max_connections_per_peer: args.max_connections_per_peer as usize,
+            header_read_timeout: args.header_read_timeout,
+            body_read_timeout: args.body_read_timeout,
+            max_webhook_inflight: args.max_webhook_inflight as usize,
             node_id: args.node_id,
             peers,
             raft_heartbeat: args.raft_heartbeat,

@@ -7,6 +7,11 @@
 //!   admin-token          generated admin token when SHOPKEEP_ADMIN_TOKEN is not set (mode 0600)
 //!   token-secret         generated key that signs user tokens when SHOPKEEP_TOKEN_SECRET is not set (0600)
 //! ```
+//!
+//! Nobody but the service's user may read it: the directory is 0700 and every file in it 0600, whatever
+//! the umask (`restrict_new_files` sets the process umask to 077 before anything is created, and
+//! `prepare` tightens what an older version left behind). Secret files are created exclusively, never
+//! through a symlink, and made durable with their directory.
 
 use std::fs;
 use std::io::Write;
@@ -42,9 +47,25 @@ pub struct FixedSettings {
     pub currency_decimals: u32,
 }
 
-/// Creates the directory if needed, and records or checks the settings fixed at creation.
+/// Mode of the data directory and every directory in it.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every file in the data directory.
+const FILE_MODE: u32 = 0o600;
+
+/// From now on, files and directories this process creates are readable by its user only (umask 077).
+pub fn restrict_new_files() {
+    #[cfg(unix)]
+    // SAFETY: umask only swaps the process's file-mode creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Creates the directory if needed (0700), tightens the modes of what it holds, and records or checks
+/// the settings fixed at creation.
 pub fn prepare(dir: &Path, wanted: &FixedSettings) -> Result<(), DataDirError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    create_private_dir(dir)?;
+    restrict_tree(dir)?;
     let path = dir.join("shopkeep.json");
     match fs::read(&path) {
         Ok(bytes) => {
@@ -68,7 +89,7 @@ pub fn prepare(dir: &Path, wanted: &FixedSettings) -> Result<(), DataDirError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let bytes = serde_json::to_vec_pretty(wanted)
                 .map_err(|e| DataDirError::Mismatch(e.to_string()))?;
-            write_atomically(&path, &bytes, 0o644)
+            write_atomically(&path, &bytes, FILE_MODE)
         }
         Err(e) => Err(io(&path)(e)),
     }
@@ -84,18 +105,113 @@ impl FixedSettings {
     }
 }
 
-/// Returns the secret stored in `dir/name`, generating (32 random bytes, hex) and storing it with mode
-/// 0600 on first use. The bool is `true` when it was just generated.
+/// Returns the secret stored in `dir/name`, generating it (32 random bytes, hex) with mode 0600 only when
+/// the file is missing. Any other trouble reading it (empty, unreadable, a symlink) is an error: a
+/// silently regenerated secret would invalidate every token signed with the old one.
 pub fn generated_secret(dir: &Path, name: &str) -> Result<(String, bool, PathBuf), DataDirError> {
     let path = dir.join(name);
-    match fs::read_to_string(&path) {
-        Ok(secret) if !secret.trim().is_empty() => Ok((secret.trim().to_owned(), false, path)),
-        Ok(_) | Err(_) => {
+    match read_secret(&path) {
+        Ok(secret) => Ok((secret, false, path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let secret = hex::encode(rand::random::<[u8; 32]>());
-            write_atomically(&path, secret.as_bytes(), 0o600)?;
-            Ok((secret, true, path))
+            match create_secret(&path, &secret) {
+                Ok(()) => Ok((secret, true, path)),
+                // Another process created it in between: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Ok((read_secret(&path).map_err(io(&path))?, false, path))
+                }
+                Err(e) => Err(io(&path)(e)),
+            }
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+fn open_no_follow() -> fs::OpenOptions {
+    let mut options = fs::OpenOptions::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    options
+}
+
+fn read_secret(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    open_no_follow()
+        .read(true)
+        .open(path)?
+        .read_to_string(&mut text)?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file is empty; delete it to have a new secret generated",
+        ));
+    }
+    Ok(secret.to_owned())
+}
+
+fn create_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    let mut options = open_no_follow();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(FILE_MODE);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(secret.as_bytes())?;
+    file.sync_all()?;
+    sync_parent(path)
+}
+
+/// Makes a new or renamed directory entry durable.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => fs::File::open(parent)?.sync_all(),
+        _ => Ok(()),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), DataDirError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(DIR_MODE);
+    }
+    builder.create(dir).map_err(io(dir))
+}
+
+/// Sets 0700 on `dir` and every directory below it, 0600 on every file (symlinks are left alone).
+fn restrict_tree(dir: &Path) -> Result<(), DataDirError> {
+    set_mode(dir, DIR_MODE)?;
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(io(&path))?;
+        if kind.is_dir() {
+            restrict_tree(&path)?;
+        } else if kind.is_file() {
+            set_mode(&path, FILE_MODE)?;
         }
     }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), DataDirError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
 }
 
 /// Writes `bytes` to a temporary file with `mode`, fsyncs it and renames it over `path`.
@@ -114,5 +230,5 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DataDirE
     file.write_all(bytes).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
+    sync_parent(path).map_err(io(path))
 }

@@ -5,5 +5,6 @@ pub mod datadir;
 pub mod domain;
 pub mod engine;
 pub mod http;
+pub mod secrets;
 pub mod server;
 pub mod state;

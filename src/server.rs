@@ -11,6 +11,8 @@ use crate::config::{Config, Secrets};
 use crate::datadir::{self, FixedSettings};
 use crate::engine::{Node, sweeper};
 use crate::http::{self, auth::Authenticator, auth::TokenSigner};
+use crate::secrets::{KeyPurpose, derive_key};
+use shopkeep_raft::auth::NodeAuth;
 
 /// Anything that stops the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Cluster(String),
+    #[error("{0}")]
+    Secret(String),
     #[error("metrics: {0}")]
     Metrics(String),
     #[error("server: {0}")]
@@ -34,6 +38,8 @@ pub enum StartError {
 
 /// Runs the server until SIGTERM or Ctrl-C.
 pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
+    secrets.check_strength().map_err(StartError::Secret)?;
+    datadir::restrict_new_files();
     datadir::prepare(
         &config.data_dir,
         &FixedSettings::new(config.shards, &config.currency),
@@ -70,12 +76,18 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
             token
         }
     };
-    let token_key = match (secrets.token_secret, clustered) {
+    // Every member must verify the tokens any member signs: in a cluster the key comes from the shared
+    // secret, under its own HKDF label (a node call's MAC never reveals it).
+    let token_secret = match (secrets.token_secret, clustered) {
         (Some(secret), _) => secret,
-        // Every member must verify the tokens any member signs: derive the key from the shared secret.
-        (None, true) => derive_key(&cluster_secret, "user-token-key"),
+        (None, true) => cluster_secret.clone(),
         (None, false) => datadir::generated_secret(&config.data_dir, "token-secret")?.0,
     };
+    let token_key = derive_key(&token_secret, KeyPurpose::UserToken);
+    let node_auth = Arc::new(NodeAuth::new(derive_key(
+        &cluster_secret,
+        KeyPurpose::NodeAuth,
+    )));
     if secrets.service_token.is_none() {
         tracing::warn!("SHOPKEEP_SERVICE_TOKEN is not set: the service role is disabled");
     }
@@ -85,7 +97,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let auth = Authenticator::new(
         Some(&admin_token),
         secrets.service_token.as_deref(),
-        TokenSigner::new(token_key.as_bytes()),
+        TokenSigner::new(&token_key),
     );
     let metrics = PrometheusBuilder::new()
         .install_recorder()
@@ -93,13 +105,12 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
 
     // Bind before the replicas start: peers that call while this node opens its shards wait in the
     // listen queue instead of being refused.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = bind(config.listen).await?;
     let address = listener.local_addr().map_err(StartError::Serve)?;
+    let node_listener = match config.node_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let mut config = config;
     config.listen = address;
     let peers = config.peers.clone().unwrap_or_else(|| {
@@ -110,7 +121,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         peers,
         shards: config.shards,
         data_dir: config.data_dir.clone(),
-        secret: cluster_secret.clone(),
+        auth: node_auth.clone(),
         heartbeat: config.raft_heartbeat,
         election_timeout: config.raft_election_timeout,
         snapshot_every: config.snapshot_every,
@@ -133,20 +144,46 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let sweeper = tokio::spawn(sweeper::run(node.clone(), config.sweep_interval, stop_rx));
 
     let drain = config.shutdown_timeout;
+    let limits = http::listener::ConnectionLimits {
+        max_connections: http::listener::connections_that_fit(config.max_connections),
+        max_connections_per_peer: config.max_connections_per_peer,
+        header_read_timeout: config.header_read_timeout,
+    };
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    let node_server = node_listener.map(|listener| {
+        let router = http::node_router(node.clone(), node_auth.clone(), config.body_read_timeout);
+        if let Ok(addr) = listener.local_addr() {
+            println!("shopkeep node traffic on http://{addr}");
+        }
+        tokio::spawn(http::listener::serve(
+            listener,
+            router,
+            limits,
+            stopped(stopping_rx.clone()),
+            drain,
+        ))
+    });
     let router = http::router(
         node.clone(),
         config,
         auth,
-        cluster_secret,
+        node_auth,
         secrets.psp_secret.map(String::into_bytes),
         metrics,
     );
     tracing::info!(%address, shards = node.shard_count(), "serving");
     println!("shopkeep listening on http://{address}");
 
-    http::serve(listener, router, shutdown_signal(), drain)
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stopping_tx.send(true);
+    };
+    http::listener::serve(listener, router, limits, shutdown, drain)
         .await
         .map_err(StartError::Serve)?;
+    if let Some(node_server) = node_server {
+        let _ = node_server.await;
+    }
 
     tracing::info!("stopping: in-flight requests drained");
     let _ = stop_tx.send(true);
@@ -156,15 +193,15 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     Ok(())
 }
 
-/// A key for `purpose` derived from `secret` (SHA-256 of both, domain-separated).
-fn derive_key(secret: &str, purpose: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(b"shopkeep/");
-    hasher.update(purpose.as_bytes());
-    hasher.update(b"/");
-    hasher.update(secret.as_bytes());
-    hex::encode(hasher.finalize())
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
+}
+
+/// Resolves once `stopping` turns true (or its sender is gone).
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stopping| *stopping).await;
 }
 
 async fn shutdown_signal() {

@@ -22,6 +22,7 @@ use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::auth::NodeAuth;
 use crate::log_store::LogDb;
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
@@ -43,8 +44,8 @@ pub struct ClusterConfig {
     pub shards: u32,
     /// Holds `raft-log.redb` and `snapshots/`.
     pub data_dir: PathBuf,
-    /// Authenticates node-to-node calls.
-    pub secret: String,
+    /// Signs this node's calls to the others and checks theirs (a key derived from the cluster secret).
+    pub auth: Arc<NodeAuth>,
     pub heartbeat: Duration,
     /// A follower that hears nothing from its leader for one to two of these stands for election.
     pub election_timeout: Duration,
@@ -228,7 +229,7 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Open(e.to_string()))?
             .map_err(|e| ClusterError::Open(e.to_string()))?;
-        let transport = Arc::new(Transport::new(config.secret.clone(), config.peers.clone()));
+        let transport = Arc::new(Transport::new(config.auth.clone(), config.peers.clone()));
         let marks = Marks::new(log_db.clone(), config.shards);
         let quarantine_if_empty = config.peers.len() > 1 && !config.trust_empty_shards;
         let mut replicas = Vec::with_capacity(states.len());
@@ -809,7 +810,7 @@ impl Cluster {
         }
     }
 
-    /// Answers a call from another node (the HTTP layer has checked the cluster secret).
+    /// Answers a call from another node (the HTTP layer has authenticated it).
     pub async fn serve_call(&self, request: NodeRequest) -> NodeResponse {
         if let Some((shard, term)) = request.from_leader_of_term() {
             if !self.marks.get(shard).admits_leader(term) {

@@ -9,7 +9,7 @@
 //! - [`state_machine`]: the adapter from openraft's `RaftStateMachine` to [`ReplicatedState`], the
 //!   trait the application implements (apply a batch in one transaction, export, import), plus the
 //!   snapshot files.
-//! - [`network`]: node-to-node RPCs over HTTP with postcard bodies, authenticated by the cluster secret.
+//! - [`network`]: node-to-node RPCs over HTTP with postcard bodies, authenticated per request ([`auth`]).
 //! - [`cluster`]: the shards' Raft instances, cluster formation, forwarding writes to leaders,
 //!   linearizable read barriers, membership changes and status; its `rebuild` part keeps a member that
 //!   lost its data out of every quorum until it has caught up.
@@ -24,6 +24,7 @@
 // openraft's `StorageError` is large; it is the trait's error type, so it is returned as it is.
 #![allow(clippy::result_large_err)]
 
+pub mod auth;
 pub mod batch;
 pub mod cluster;
 pub mod failpoints;

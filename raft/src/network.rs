@@ -1,5 +1,6 @@
-//! Node-to-node calls: one keep-alive HTTP client per node, postcard bodies, the cluster secret in a
-//! header, a deadline on every call, and the openraft network of each shard on top of it.
+//! Node-to-node calls: one keep-alive HTTP client per node, postcard bodies, a per-request MAC
+//! (`auth`), a deadline on every call, no redirects, answers read up to a size bound, and the openraft
+//! network of each shard on top of it.
 //!
 //! Addresses come from the node's own `--peers` first and from the membership second, so an operator
 //! (or a test putting a proxy in between) decides how this node reaches the others.
@@ -19,7 +20,8 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 
 use crate::TypeConfig;
-use crate::rpc::{CALL_PATH, MAX_MESSAGE_BYTES, NodeRequest, NodeResponse, SECRET_HEADER};
+use crate::auth::{AUTH_HEADER, NodeAuth};
+use crate::rpc::{CALL_PATH, MAX_MESSAGE_BYTES, NodeRequest, NodeResponse};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -36,13 +38,15 @@ pub enum TransportError {
 /// The node's client for calls to other nodes.
 pub struct Transport {
     client: reqwest::Client,
-    secret: String,
+    auth: Arc<NodeAuth>,
     peers: RwLock<BTreeMap<u64, String>>,
 }
 
 impl Transport {
-    pub fn new(secret: String, peers: BTreeMap<u64, String>) -> Transport {
+    pub fn new(auth: Arc<NodeAuth>, peers: BTreeMap<u64, String>) -> Transport {
         let client = reqwest::Client::builder()
+            // A redirect would send a signed call somewhere the operator did not name.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
@@ -51,7 +55,7 @@ impl Transport {
             .unwrap_or_else(|_| reqwest::Client::new());
         Transport {
             client,
-            secret,
+            auth,
             peers: RwLock::new(peers),
         }
     }
@@ -90,10 +94,11 @@ impl Transport {
             addr: addr.to_owned(),
             reason: e.to_string(),
         };
+        let authorization = self.auth.sign("POST", CALL_PATH, &body);
         let response = self
             .client
             .post(format!("http://{addr}{CALL_PATH}"))
-            .header(SECRET_HEADER, &self.secret)
+            .header(AUTH_HEADER, authorization)
             .header("content-type", "application/octet-stream")
             .timeout(timeout)
             .body(body)
@@ -107,18 +112,35 @@ impl Transport {
                 status: status.as_u16(),
             });
         }
-        let bytes = response.bytes().await.map_err(unreachable)?;
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(TransportError::Decode {
+        let bytes = read_bounded(response, MAX_MESSAGE_BYTES)
+            .await
+            .map_err(|reason| TransportError::Decode {
                 addr: addr.to_owned(),
-                reason: "answer too large".into(),
-            });
-        }
+                reason,
+            })?;
         crate::decode(&bytes).map_err(|e| TransportError::Decode {
             addr: addr.to_owned(),
             reason: e.to_string(),
         })
     }
+}
+
+/// Reads an answer's body, refusing it as soon as it is longer than `limit` (never buffering more).
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err(format!("answer larger than {limit} bytes"));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if bytes.len() + chunk.len() > limit {
+            return Err(format!("answer larger than {limit} bytes"));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
 }
 
 /// The openraft network of one shard.

@@ -1,6 +1,6 @@
 //! The node-to-node wire: every message between nodes is one `POST /_node/v1/call` whose body is a
 //! postcard [`NodeRequest`] and whose answer is a postcard [`NodeResponse`]. The caller proves it is a
-//! member with the cluster secret in [`SECRET_HEADER`]; the HTTP layer checks it before anything here
+//! member with a per-request MAC (see [`crate::auth`]); the HTTP layer checks it before anything here
 //! runs.
 
 use std::collections::BTreeMap;
@@ -16,8 +16,6 @@ use crate::{Payload, TypeConfig};
 
 /// The one path of node traffic.
 pub const CALL_PATH: &str = "/_node/v1/call";
-/// The header that carries the cluster secret.
-pub const SECRET_HEADER: &str = "x-shopkeep-cluster-secret";
 /// The largest node message accepted: an append of `max_payload_entries` full-size commands, or one
 /// snapshot chunk, fits well inside it.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;

@@ -18,6 +18,9 @@ use super::error::ApiError;
 use crate::domain::Timestamp;
 
 const USER_TOKEN_PREFIX: &str = "skt1";
+/// The longest a user token may live (`ttl_seconds` at most this). A token whose expiry lies further
+/// ahead was not minted by this service and is refused, however well signed.
+pub const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 86_400;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -138,6 +141,9 @@ impl TokenSigner {
         if now.unix_seconds() >= expiry {
             return None;
         }
+        if expiry.abs_diff(now.unix_seconds()) > MAX_TOKEN_TTL_SECONDS {
+            return None;
+        }
         String::from_utf8(URL_SAFE_NO_PAD.decode(user).ok()?).ok()
     }
 }
@@ -187,6 +193,17 @@ mod tests {
         );
         assert_eq!(signer.verify(&forged, now), None);
         assert_eq!(signer.verify("garbage", now), None);
+    }
+
+    #[test]
+    fn a_well_signed_token_that_lives_longer_than_the_maximum_ttl_is_refused() {
+        let signer = TokenSigner::new(b"key");
+        let now = Timestamp::from_unix_seconds(1_000);
+        let longest = 1_000 + i64::try_from(MAX_TOKEN_TTL_SECONDS).expect("fits");
+        let at_limit = signer.mint("p", Timestamp::from_unix_seconds(longest));
+        assert_eq!(signer.verify(&at_limit, now), Some("p".to_owned()));
+        let beyond = signer.mint("p", Timestamp::from_unix_seconds(longest + 1));
+        assert_eq!(signer.verify(&beyond, now), None);
     }
 
     #[test]

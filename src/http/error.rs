@@ -106,6 +106,20 @@ impl ApiError {
         error
     }
 
+    /// The request body did not arrive whole in time (`--body-read-timeout`).
+    pub fn request_timeout(timeout: std::time::Duration) -> ApiError {
+        let mut error = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs_f64()
+            ),
+        );
+        error.close_connection = true;
+        error
+    }
+
     pub fn invalid_amount(field: &str, error: &AmountError) -> ApiError {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -2,6 +2,8 @@
 //! amounts, the Idempotency-Key header and the request fingerprint. A request refused here reaches no
 //! state machine and stores nothing.
 
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, header};
@@ -28,19 +30,51 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
-async fn read_body(request: Request) -> Result<Body, ApiError> {
+/// When a request's body must have arrived whole, set for each request as its head is read
+/// (`--body-read-timeout` later). A body that trickles in longer is refused with 408.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyDeadline {
+    pub at: tokio::time::Instant,
+    pub timeout: Duration,
+}
+
+impl BodyDeadline {
+    pub fn starting_now(timeout: Duration) -> BodyDeadline {
+        BodyDeadline {
+            at: tokio::time::Instant::now() + timeout,
+            timeout,
+        }
+    }
+}
+
+/// The deadline used when no middleware set one (requests built in tests).
+const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads a body of at most `limit` bytes before the request's [`BodyDeadline`].
+pub async fn read_limited(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let deadline = request
+        .extensions()
+        .get::<BodyDeadline>()
+        .copied()
+        .unwrap_or_else(|| BodyDeadline::starting_now(DEFAULT_BODY_READ_TIMEOUT));
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
-        return Err(ApiError::payload_too_large(MAX_BODY_BYTES));
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::payload_too_large(limit));
     }
-    let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
-    Ok(Body(bytes))
+    let read = axum::body::to_bytes(request.into_body(), limit);
+    match tokio::time::timeout_at(deadline.at, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::payload_too_large(limit)),
+        Err(_) => Err(ApiError::request_timeout(deadline.timeout)),
+    }
+}
+
+async fn read_body(request: Request) -> Result<Body, ApiError> {
+    Ok(Body(read_limited(request, MAX_BODY_BYTES).await?))
 }
 
 /// A POST as idempotency sees it: its path, its headers (the `Idempotency-Key`) and its body.
@@ -54,6 +88,13 @@ impl<S: Send + Sync> FromRequest<S> for Post {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, _: &S) -> Result<Post, ApiError> {
+        Post::read(request).await
+    }
+}
+
+impl Post {
+    /// Reads the request's body (bounded in size and time).
+    pub async fn read(request: Request) -> Result<Post, ApiError> {
         let path = request.uri().path().to_owned();
         let headers = request.headers().clone();
         Ok(Post {
@@ -62,9 +103,7 @@ impl<S: Send + Sync> FromRequest<S> for Post {
             body: read_body(request).await?,
         })
     }
-}
 
-impl Post {
     /// The `Idempotency-Key` header, required on every POST.
     pub fn idempotency_key(&self) -> Result<String, ApiError> {
         idempotency_key(&self.headers)

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod dto;
 pub mod error;
 pub mod input;
+pub mod listener;
 mod node_traffic;
 pub mod render;
 mod routes;
@@ -31,6 +32,7 @@ use crate::engine::{Consistency, Node};
 use crate::state::Applied;
 use auth::Authenticator;
 use error::ApiError;
+use shopkeep_raft::auth::NodeAuth;
 
 /// Everything a request handler may use.
 pub struct App {
@@ -102,12 +104,13 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     document
 }
 
-/// Builds the complete router (routes, OpenAPI, middleware) around the node.
+/// Builds the client-facing router (routes, OpenAPI, middleware) around the node; it also serves node
+/// traffic unless that has a listener of its own (`--node-listen`).
 pub fn router(
     node: Arc<Node>,
     config: Config,
     auth: Authenticator,
-    cluster_secret: String,
+    node_auth: Arc<NodeAuth>,
     psp_secret: Option<Vec<u8>>,
     metrics: PrometheusHandle,
 ) -> Router {
@@ -117,8 +120,15 @@ pub fn router(
         .to_json()
         .map(String::into_bytes)
         .unwrap_or_default();
-    let inflight = Arc::new(tokio::sync::Semaphore::new(config.max_inflight));
-    let node_traffic = node_traffic::router(node.clone(), cluster_secret);
+    let limits = Arc::new(RequestLimits {
+        general: tokio::sync::Semaphore::new(config.max_inflight),
+        webhook: tokio::sync::Semaphore::new(config.max_webhook_inflight),
+    });
+    let body_read_timeout = config.body_read_timeout;
+    let node_traffic = config
+        .node_listen
+        .is_none()
+        .then(|| node_router(node.clone(), node_auth, body_read_timeout));
     let app = Arc::new(App {
         node,
         config,
@@ -127,7 +137,7 @@ pub fn router(
         metrics,
         openapi,
     });
-    router
+    let router = router
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -137,16 +147,41 @@ pub fn router(
             )
         })
         .with_state(app)
-        .layer(axum::middleware::from_fn_with_state(
-            inflight,
-            limit_inflight,
-        ))
+        .layer(axum::middleware::from_fn_with_state(limits, limit_inflight))
         .layer(axum::middleware::from_fn(read_consistency))
         .layer(axum::middleware::from_fn(record_metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            body_read_timeout,
+            set_body_deadline,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+    match node_traffic {
         // Node traffic has its own authentication and limits, and is never refused for client load.
-        .merge(node_traffic)
+        Some(node_traffic) => router.merge(node_traffic),
+        None => router,
+    }
+}
+
+/// The router of node-to-node traffic alone (`/_node/…`), for `--node-listen` or merged into the
+/// client-facing router.
+pub fn node_router(node: Arc<Node>, auth: Arc<NodeAuth>, body_read_timeout: Duration) -> Router {
+    node_traffic::router(node, auth).layer(axum::middleware::from_fn_with_state(
+        body_read_timeout,
+        set_body_deadline,
+    ))
+}
+
+/// Starts each request's body-read clock as its head arrives.
+async fn set_body_deadline(
+    axum::extract::State(timeout): axum::extract::State<Duration>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    request
+        .extensions_mut()
+        .insert(input::BodyDeadline::starting_now(timeout));
+    next.run(request).await
 }
 
 tokio::task_local! {
@@ -178,21 +213,44 @@ async fn read_consistency(request: Request, next: Next) -> Response {
     READ_CONSISTENCY.scope(consistency, next.run(request)).await
 }
 
-/// Refuses requests beyond `--max-inflight` at once with 429, so a flood cannot grow memory or threads
-/// without bound. Health and metrics endpoints are always answered.
+/// How many requests may be handled at once: the API's, and the PSP webhook's apart (it is answered
+/// before any authentication, so strangers must not be able to use up the API's share).
+struct RequestLimits {
+    general: tokio::sync::Semaphore,
+    webhook: tokio::sync::Semaphore,
+}
+
+/// The path of the PSP webhook, the one API route without a bearer token.
+const WEBHOOK_PATH: &str = "/v1/psp/webhook";
+
+/// Refuses requests beyond `--max-inflight` (the webhook: `--max-webhook-inflight`) at once with 429, so
+/// a flood cannot grow memory or threads without bound. Health and metrics endpoints are always answered.
 async fn limit_inflight(
-    axum::extract::State(limit): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    axum::extract::State(limits): axum::extract::State<Arc<RequestLimits>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
-        return next.run(request).await;
-    }
-    match limit.try_acquire() {
+    let semaphore = match request.uri().path() {
+        "/healthz" | "/readyz" | "/metrics" => return next.run(request).await,
+        WEBHOOK_PATH => &limits.webhook,
+        _ => &limits.general,
+    };
+    match semaphore.try_acquire() {
         Ok(_permit) => next.run(request).await,
         Err(_) => {
             ApiError::rate_limited("too many requests in flight; retry shortly").into_response()
         }
+    }
+}
+
+/// The HTTP method as a metric label: one of a fixed few, whatever a client sends.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    match *method {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        _ => "other",
     }
 }
 
@@ -203,37 +261,14 @@ async fn record_metrics(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("shopkeep_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    metrics::counter!("shopkeep_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("shopkeep_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
-}
-
-/// Serves `router` on `listener` until `shutdown` resolves, then drains in-flight requests for at most
-/// `drain`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    drain: Duration,
-) -> std::io::Result<()> {
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stopping_tx.send(());
-    });
-    let mut server = std::pin::pin!(server.into_future());
-    tokio::select! {
-        result = &mut server => result,
-        _ = async { let _ = stopping_rx.await; tokio::time::sleep(drain).await } => {
-            tracing::warn!("in-flight requests did not finish within {drain:?}; stopping anyway");
-            Ok(())
-        }
-    }
 }
 
 /// A 200 `{"status": "..."}`.

@@ -1,62 +1,111 @@
-//! Node-to-node traffic on the client listener, under its own prefix (`/_node/v1/call`): authenticated
-//! by the cluster secret (compared in constant time) before the body is even decoded, bounded in size,
+//! Node-to-node traffic (`/_node/v1/call`), on the client listener or on its own (`--node-listen`).
+//!
+//! A call is authenticated from its headers alone (`shopkeep_raft::auth`: a per-request MAC with a
+//! timestamp and a nonce) before a byte of its body is read, so a stranger costs one small HMAC and no
+//! memory. Authenticated calls then share a small concurrency limit of their own, and their bodies are
+//! read up to `MAX_MESSAGE_BYTES` before the body deadline, checked against the signed digest, decoded
 //! and handed to the replication layer. Test builds (feature `failpoints`) also arm crash points here
-//! (`/_node/v1/failpoints/{name}`). None of it is part of the public API or its OpenAPI document.
+//! (`/_node/v1/failpoints/{name}`). Every error has the API's JSON shape. None of it is part of the
+//! public API or its OpenAPI document.
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::Path;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
-use sha2::{Digest, Sha256};
-use shopkeep_raft::rpc::{self, CALL_PATH, MAX_MESSAGE_BYTES, SECRET_HEADER};
-use subtle::ConstantTimeEq;
+use shopkeep_raft::auth::{AUTH_HEADER, NodeAuth};
+use shopkeep_raft::rpc::{self, CALL_PATH, MAX_MESSAGE_BYTES};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::error::ApiError;
+use super::input;
 use crate::engine::Node;
+
+/// Most node calls handled at once on this node. Replication sends one append per peer and shard at a
+/// time, forwarding at most two batches per shard: this leaves room for 5 nodes × 32 shards.
+pub const MAX_NODE_CALLS_INFLIGHT: usize = 512;
+/// The largest body of a crash-point request (test builds).
+const MAX_CRASH_POINT_BODY_BYTES: usize = 1024;
+/// The path prefix of crash points (test builds).
+const CRASH_POINT_PATH: &str = "/_node/v1/failpoints/{name}";
 
 struct NodeTraffic {
     node: Arc<Node>,
-    /// SHA-256 of the cluster secret: compared in constant time whatever the length of the offer.
-    secret_digest: [u8; 32],
+    auth: Arc<NodeAuth>,
+    inflight: Semaphore,
 }
 
-pub fn router(node: Arc<Node>, secret: String) -> Router {
+pub fn router(node: Arc<Node>, auth: Arc<NodeAuth>) -> Router {
     let state = Arc::new(NodeTraffic {
         node,
-        secret_digest: Sha256::digest(secret.as_bytes()).into(),
+        auth,
+        inflight: Semaphore::new(MAX_NODE_CALLS_INFLIGHT),
     });
     let router = Router::new().route(CALL_PATH, post(call));
     // Crash points exist only in test builds; elsewhere the path is not routed at all (404).
     let router = if shopkeep_raft::failpoints::ENABLED {
         router.route(
-            "/_node/v1/failpoints/{name}",
+            CRASH_POINT_PATH,
             put(arm_crash_point).delete(disarm_crash_point),
         )
     } else {
         router
     };
     router
-        .layer(DefaultBodyLimit::max(MAX_MESSAGE_BYTES))
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not accept that method",
+            )
+        })
         .with_state(state)
 }
 
 impl NodeTraffic {
-    /// Whether the request carries the cluster secret (compared in constant time).
-    fn authenticated(&self, headers: &HeaderMap) -> bool {
-        let offered = headers
-            .get(SECRET_HEADER)
-            .map(|value| Sha256::digest(value.as_bytes()));
-        let authenticated =
-            offered.is_some_and(|digest| bool::from(digest.as_slice().ct_eq(&self.secret_digest)));
-        if !authenticated {
+    /// Authenticates a call from its headers, takes a place among the calls in flight, then reads and
+    /// checks its body.
+    async fn admit(
+        &self,
+        request: Request,
+        limit: usize,
+    ) -> Result<(SemaphorePermit<'_>, Bytes), ApiError> {
+        let signed = self
+            .auth
+            .verify(
+                request.method().as_str(),
+                request.uri().path(),
+                request
+                    .headers()
+                    .get(AUTH_HEADER)
+                    .map(HeaderValue::as_bytes),
+            )
+            .map_err(|error| {
+                metrics::counter!("shopkeep_node_traffic_refused_total").increment(1);
+                tracing::debug!(%error, "node call refused");
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    error.to_string(),
+                )
+            })?;
+        let permit = self
+            .inflight
+            .try_acquire()
+            .map_err(|_| ApiError::rate_limited("too many node calls in flight; retry shortly"))?;
+        let body = input::read_limited(request, limit).await?;
+        signed.check(&body).map_err(|error| {
             metrics::counter!("shopkeep_node_traffic_refused_total").increment(1);
-        }
-        authenticated
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                error.to_string(),
+            )
+        })?;
+        Ok((permit, body))
     }
 }
 
@@ -64,70 +113,62 @@ impl NodeTraffic {
 /// the body (see `shopkeep_raft::failpoints`).
 async fn arm_crash_point(
     State(traffic): State<Arc<NodeTraffic>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if !traffic.authenticated(&headers) {
-        return ApiError::unauthenticated().into_response();
-    }
+    request: Request,
+) -> Result<Response, ApiError> {
+    let name = crash_point_name(&request)?;
+    let (_permit, body) = traffic.admit(request, MAX_CRASH_POINT_BODY_BYTES).await?;
     if !shopkeep_raft::failpoints::is_known(&name) {
-        return ApiError::not_found("crash_point_not_found", format!("no crash point {name:?}"))
-            .into_response();
+        return Err(ApiError::not_found(
+            "crash_point_not_found",
+            format!("no crash point {name:?}"),
+        ));
     }
     let actions = String::from_utf8_lossy(&body);
-    match shopkeep_raft::failpoints::arm(&name, actions.trim()) {
-        Ok(()) => {
-            tracing::warn!(crash_point = %name, actions = %actions.trim(), "crash point armed");
-            StatusCode::OK.into_response()
-        }
-        Err(message) => ApiError::invalid_request(message).into_response(),
-    }
+    shopkeep_raft::failpoints::arm(&name, actions.trim()).map_err(ApiError::invalid_request)?;
+    tracing::warn!(crash_point = %name, actions = %actions.trim(), "crash point armed");
+    Ok(StatusCode::OK.into_response())
 }
 
 /// `DELETE /_node/v1/failpoints/{name}` (test builds only): disarms a crash point.
 async fn disarm_crash_point(
     State(traffic): State<Arc<NodeTraffic>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !traffic.authenticated(&headers) {
-        return ApiError::unauthenticated().into_response();
-    }
-    match shopkeep_raft::failpoints::disarm(&name) {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(message) => ApiError::not_found("crash_point_not_found", message).into_response(),
-    }
+    request: Request,
+) -> Result<Response, ApiError> {
+    let name = crash_point_name(&request)?;
+    let _admitted = traffic.admit(request, MAX_CRASH_POINT_BODY_BYTES).await?;
+    shopkeep_raft::failpoints::disarm(&name)
+        .map_err(|message| ApiError::not_found("crash_point_not_found", message))?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// The `{name}` of a crash-point path.
+fn crash_point_name(request: &Request) -> Result<String, ApiError> {
+    request
+        .uri()
+        .path()
+        .rsplit_once('/')
+        .map(|(_, name)| name.to_owned())
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| ApiError::invalid_request("no crash point named"))
 }
 
 async fn call(
     State(traffic): State<Arc<NodeTraffic>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if !traffic.authenticated(&headers) {
-        return ApiError::unauthenticated().into_response();
-    }
-    let request = match rpc::decode_request(&body) {
-        Ok(request) => request,
-        Err(error) => {
-            return ApiError::invalid_request(format!("undecodable node message: {error}"))
-                .into_response();
-        }
-    };
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (_permit, body) = traffic.admit(request, MAX_MESSAGE_BYTES).await?;
+    let request = rpc::decode_request(&body)
+        .map_err(|error| ApiError::invalid_request(format!("undecodable node message: {error}")))?;
     let response = traffic.node.cluster().serve_call(request).await;
-    match rpc::encode_response(&response) {
-        Ok(bytes) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            )],
-            bytes,
-        )
-            .into_response(),
-        Err(error) => {
-            ApiError::internal(format!("cannot encode a node message: {error}")).into_response()
-        }
-    }
+    let bytes = rpc::encode_response(&response)
+        .map_err(|error| ApiError::internal(format!("cannot encode a node message: {error}")))?;
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
+        bytes,
+    )
+        .into_response())
 }

@@ -797,41 +797,65 @@ async fn node_traffic_without_the_cluster_secret_is_refused() {
             .node_env(
                 3,
                 "SHOPKEEP_CLUSTER_SECRET",
-                "not-the-cluster-secret-0f1e2d3c",
+                "not-the-cluster-secret-0f1e2d3c4b5a69788",
             )
             .wait_ready(&[1, 2]),
     )
     .await;
-    let node_call = |id: u64, secret: Option<&str>| {
+    let body = vec![0x01, 0x02, 0x03, 0xff, 0x00];
+    let call = |id: u64, header: Option<(&str, String)>| {
         let mut call = c
             .node(id)
             .call(Method::POST, "/_node/v1/call")
             .header("content-type", "application/octet-stream")
-            .body_bytes(vec![0x01, 0x02, 0x03, 0xff, 0x00]);
-        if let Some(s) = secret {
-            call = call.header("x-shopkeep-cluster-secret", s);
+            .body_bytes(body.clone());
+        if let Some((name, value)) = header {
+            call = call.header(name, &value);
         }
         call.send()
     };
-    node_call(1, None)
+    let signed = |secret: &str| {
+        Some((
+            "x-shopkeep-node-auth",
+            node_auth(secret, "POST", "/_node/v1/call", &body),
+        ))
+    };
+    call(1, None).await.expect_error(401, "unauthenticated");
+    call(1, signed("wrong-secret-but-long-enough-0123456789"))
         .await
         .expect_error(401, "unauthenticated");
-    node_call(1, Some("wrong-secret"))
+    call(1, Some(("x-shopkeep-node-auth", String::new())))
         .await
         .expect_error(401, "unauthenticated");
-    node_call(1, Some(""))
+    // The secret itself is no credential on the wire (it never travels any more).
+    call(
+        1,
+        Some(("x-shopkeep-cluster-secret", CLUSTER_SECRET.to_owned())),
+    )
+    .await
+    .expect_error(401, "unauthenticated");
+    // Signed for another path, or for another body: refused.
+    let other_path = node_auth(CLUSTER_SECRET, "POST", "/_node/v1/other", &body);
+    call(1, Some(("x-shopkeep-node-auth", other_path)))
+        .await
+        .expect_error(401, "unauthenticated");
+    let other_body = node_auth(CLUSTER_SECRET, "POST", "/_node/v1/call", b"other");
+    call(1, Some(("x-shopkeep-node-auth", other_body)))
         .await
         .expect_error(401, "unauthenticated");
     // node 3 has another secret: the cluster's is wrong there
-    node_call(3, Some(CLUSTER_SECRET))
+    call(3, signed(CLUSTER_SECRET))
         .await
         .expect_error(401, "unauthenticated");
-    // with the right secret the request gets past authentication (and the garbage body is refused otherwise)
-    let r = node_call(1, Some(CLUSTER_SECRET)).await;
+    // Signed with the right secret, the request gets past authentication (and the garbage body is
+    // refused otherwise); the very same signed request again is a replay.
+    let valid = signed(CLUSTER_SECRET);
+    let r = call(1, valid.clone()).await;
     assert!(
         r.status != 401 && r.status != 404,
         "the right secret with a garbage body must get past authentication: {r:?}"
     );
+    call(1, valid).await.expect_error(401, "unauthenticated");
 
     // Nodes 1 and 2 serve; node 3 never catches up.
     let user = uniq("sec");

@@ -20,15 +20,16 @@ async fn single_node() -> Server {
 }
 
 async fn arm(srv: &Server, name: &str, actions: &str, secret: &str) -> u16 {
-    srv.call(
-        reqwest::Method::PUT,
-        &format!("/_node/v1/failpoints/{name}"),
-    )
-    .header("x-shopkeep-cluster-secret", secret)
-    .raw(actions.as_bytes().to_vec())
-    .send()
-    .await
-    .status
+    let path = format!("/_node/v1/failpoints/{name}");
+    srv.call(reqwest::Method::PUT, &path)
+        .header(
+            "x-shopkeep-node-auth",
+            &node_auth(secret, "PUT", &path, actions.as_bytes()),
+        )
+        .raw(actions.as_bytes().to_vec())
+        .send()
+        .await
+        .status
 }
 
 /// Arms `name`, sends one purchase (which must go unanswered: the process aborts), restarts the node and

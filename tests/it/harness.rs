@@ -24,7 +24,7 @@ use time::format_description::well_known::Rfc3339;
 
 pub const ADMIN_TOKEN: &str = "it-admin-token-5f0c2d9e8b7a41c3a2e1";
 pub const SERVICE_TOKEN: &str = "it-service-token-9a8b7c6d5e4f3a2b1c0d";
-pub const PSP_SECRET: &str = "it-psp-secret-0123456789abcdef";
+pub const PSP_SECRET: &str = "it-psp-secret-0123456789abcdef0123456789";
 
 // ------------------------------------------------------------------------------------------------
 // Server process
@@ -1029,6 +1029,13 @@ pub fn new_key() -> String {
 pub fn uniq(prefix: &str) -> String {
     let s = uuid::Uuid::now_v7().simple().to_string();
     format!("{prefix}-{}", &s[20..])
+}
+
+/// The `x-shopkeep-node-auth` header a member holding `cluster_secret` sends with `method path body`.
+pub fn node_auth(cluster_secret: &str, method: &str, path: &str, body: &[u8]) -> String {
+    use shopkeep::secrets::{KeyPurpose, derive_key};
+    shopkeep_raft::auth::NodeAuth::new(derive_key(cluster_secret, KeyPurpose::NodeAuth))
+        .sign(method, path, body)
 }
 
 /// `Psp-Signature` header value: `t=<t>,v1=<hex hmac-sha256(secret, "<t>.<body>")>`.

@@ -6,6 +6,7 @@ mod concurrency;
 mod crash;
 #[cfg(feature = "failpoints")]
 mod crash_points;
+mod edge;
 mod harness;
 mod http_auth;
 mod http_bad_input;

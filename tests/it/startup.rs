@@ -16,6 +16,9 @@ fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
         .args(args)
         .env_remove("SHOPKEEP_CLUSTER_SECRET")
         .env_remove("SHOPKEEP_ADMIN_TOKEN")
+        .env_remove("SHOPKEEP_SERVICE_TOKEN")
+        .env_remove("SHOPKEEP_PSP_SECRET")
+        .env_remove("SHOPKEEP_TOKEN_SECRET")
         .env_remove("SHOPKEEP_PEERS")
         .env_remove("SHOPKEEP_NODE_ID")
         .stdout(Stdio::piped())
@@ -47,12 +50,14 @@ fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
 }
 
 const PEERS: &str = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";
+const STRONG_SECRET: &str = "startup-test-cluster-secret-0123456789";
+const STRONG_TOKEN: &str = "startup-test-admin-token-0123456789abc";
 
 #[test]
 fn a_cluster_member_without_the_cluster_secret_refuses_to_start() {
     let stderr = refused_start(
         &["--node-id", "1", "--peers", PEERS],
-        &[("SHOPKEEP_ADMIN_TOKEN", "admin")],
+        &[("SHOPKEEP_ADMIN_TOKEN", STRONG_TOKEN)],
     );
     assert!(stderr.contains("SHOPKEEP_CLUSTER_SECRET"), "{stderr}");
 }
@@ -61,7 +66,7 @@ fn a_cluster_member_without_the_cluster_secret_refuses_to_start() {
 fn a_cluster_member_without_an_admin_token_refuses_to_start() {
     let stderr = refused_start(
         &["--node-id", "1", "--peers", PEERS],
-        &[("SHOPKEEP_CLUSTER_SECRET", "secret")],
+        &[("SHOPKEEP_CLUSTER_SECRET", STRONG_SECRET)],
     );
     assert!(stderr.contains("SHOPKEEP_ADMIN_TOKEN"), "{stderr}");
 }
@@ -69,8 +74,8 @@ fn a_cluster_member_without_an_admin_token_refuses_to_start() {
 #[test]
 fn peers_that_leave_out_this_node_or_are_malformed_are_refused() {
     let env = [
-        ("SHOPKEEP_CLUSTER_SECRET", "secret"),
-        ("SHOPKEEP_ADMIN_TOKEN", "admin"),
+        ("SHOPKEEP_CLUSTER_SECRET", STRONG_SECRET),
+        ("SHOPKEEP_ADMIN_TOKEN", STRONG_TOKEN),
     ];
     let stderr = refused_start(&["--node-id", "4", "--peers", PEERS], &env);
     assert!(stderr.contains("must include this node"), "{stderr}");
@@ -100,4 +105,27 @@ fn an_election_timeout_shorter_than_three_heartbeats_is_refused() {
         &[],
     );
     assert!(stderr.contains("--raft-election-timeout"), "{stderr}");
+}
+
+#[test]
+fn a_short_or_placeholder_secret_is_refused_at_startup_whichever_it_is() {
+    for name in [
+        "SHOPKEEP_ADMIN_TOKEN",
+        "SHOPKEEP_SERVICE_TOKEN",
+        "SHOPKEEP_PSP_SECRET",
+        "SHOPKEEP_TOKEN_SECRET",
+        "SHOPKEEP_CLUSTER_SECRET",
+    ] {
+        let stderr = refused_start(&[], &[(name, "weak")]);
+        assert!(
+            stderr.contains(name) && stderr.contains("32 characters"),
+            "{name}: {stderr}"
+        );
+        let placeholder = "change-me-but-this-is-long-enough-0123456789";
+        let stderr = refused_start(&[], &[(name, placeholder)]);
+        assert!(
+            stderr.contains(name) && stderr.contains("change-me"),
+            "{name}: {stderr}"
+        );
+    }
 }

@@ -1,11 +1,12 @@
 //! Adding credit: direct credits reported by the game backend, PSP top-ups and the signed PSP webhook.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::{read_for_user, read_user, user_path};
@@ -23,7 +24,7 @@ use crate::http::{AppState, render};
 use crate::state::query;
 
 /// How far a webhook's signed timestamp may be from now.
-const WEBHOOK_TOLERANCE_SECONDS: i64 = 300;
+const WEBHOOK_TOLERANCE_SECONDS: u64 = 300;
 
 fn external_ref(field: &str, value: &str) -> Result<(), ApiError> {
     if is_valid_external_ref(value) {
@@ -158,48 +159,97 @@ pub async fn get_topup(
     }
 }
 
-/// Checks `Psp-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`.
-fn verify_signature(
-    secret: Option<&[u8]>,
-    headers: &HeaderMap,
-    raw: &Bytes,
-    now: Timestamp,
-) -> Result<(), ApiError> {
-    let secret = secret.ok_or_else(|| {
-        ApiError::invalid_signature("webhooks are disabled: SHOPKEEP_PSP_SECRET is not set")
-    })?;
-    let header = headers
-        .get("psp-signature")
-        .and_then(|h| h.to_str().ok())
-        .ok_or_else(|| ApiError::invalid_signature("missing Psp-Signature header"))?;
-    let mut timestamp = None;
-    let mut signatures = Vec::new();
-    for part in header.split(',') {
-        match part.trim().split_once('=') {
-            Some(("t", value)) => timestamp = value.parse::<i64>().ok(),
-            Some(("v1", value)) => signatures.extend(hex::decode(value).ok()),
-            _ => {}
+/// The longest `Psp-Signature` header accepted.
+const MAX_SIGNATURE_HEADER_BYTES: usize = 1024;
+/// Most `v1=` signatures in one header (a PSP rotating its secret sends two).
+const MAX_SIGNATURES: usize = 4;
+
+/// A `Psp-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>` header whose
+/// shape and time are right; whether it signs the body is checked once the body is read.
+struct PspSignature {
+    timestamp: i64,
+    candidates: Vec<[u8; 32]>,
+}
+
+impl PspSignature {
+    /// Checks the header alone, before a byte of the body is read: at most 1 KiB, one `t=` within 300 s
+    /// of now, 1–4 `v1=` values of 64 hex digits. Other schemes' values are ignored.
+    fn parse(headers: &HeaderMap, now: Timestamp) -> Result<PspSignature, ApiError> {
+        let header = headers
+            .get("psp-signature")
+            .ok_or_else(|| ApiError::invalid_signature("missing Psp-Signature header"))?;
+        if header.len() > MAX_SIGNATURE_HEADER_BYTES {
+            return Err(ApiError::invalid_signature(format!(
+                "Psp-Signature is longer than {MAX_SIGNATURE_HEADER_BYTES} bytes"
+            )));
         }
+        let header = header
+            .to_str()
+            .map_err(|_| ApiError::invalid_signature("Psp-Signature is not ASCII"))?;
+        let mut timestamp = None;
+        let mut candidates = Vec::new();
+        for part in header.split(',') {
+            match part.trim().split_once('=') {
+                Some(("t", value)) if timestamp.is_none() => {
+                    timestamp = Some(value.parse::<i64>().map_err(|_| {
+                        ApiError::invalid_signature("Psp-Signature has no valid t=")
+                    })?);
+                }
+                Some(("t", _)) => {
+                    return Err(ApiError::invalid_signature("Psp-Signature has two t="));
+                }
+                Some(("v1", value)) if candidates.len() < MAX_SIGNATURES => {
+                    let mut signature = [0u8; 32];
+                    hex::decode_to_slice(value, &mut signature).map_err(|_| {
+                        ApiError::invalid_signature("a v1= signature is not 64 hex digits")
+                    })?;
+                    candidates.push(signature);
+                }
+                Some(("v1", _)) => {
+                    return Err(ApiError::invalid_signature(format!(
+                        "Psp-Signature has more than {MAX_SIGNATURES} v1= signatures"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let timestamp = timestamp
+            .ok_or_else(|| ApiError::invalid_signature("Psp-Signature has no valid t="))?;
+        if candidates.is_empty() {
+            return Err(ApiError::invalid_signature(
+                "Psp-Signature has no v1= signature",
+            ));
+        }
+        if now.unix_seconds().abs_diff(timestamp) > WEBHOOK_TOLERANCE_SECONDS {
+            return Err(ApiError::invalid_signature(format!(
+                "Psp-Signature timestamp is more than {WEBHOOK_TOLERANCE_SECONDS} s away from now"
+            )));
+        }
+        Ok(PspSignature {
+            timestamp,
+            candidates,
+        })
     }
-    let timestamp =
-        timestamp.ok_or_else(|| ApiError::invalid_signature("Psp-Signature has no valid t="))?;
-    if (now.unix_seconds() - timestamp).abs() > WEBHOOK_TOLERANCE_SECONDS {
-        return Err(ApiError::invalid_signature(
-            "Psp-Signature timestamp is more than 300 s away from now",
-        ));
-    }
-    let valid = signatures.iter().any(|signature| {
+
+    /// Computes the MAC of the body once and compares it with each candidate in constant time.
+    fn verify(&self, secret: &[u8], raw: &Bytes) -> Result<(), ApiError> {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-            .expect("HMAC takes keys of any length");
-        mac.update(timestamp.to_string().as_bytes());
+            .map_err(|_| ApiError::internal("the PSP secret cannot key an HMAC"))?;
+        mac.update(self.timestamp.to_string().as_bytes());
         mac.update(b".");
         mac.update(raw);
-        mac.verify_slice(signature).is_ok()
-    });
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::invalid_signature("signature does not match"))
+        let expected: [u8; 32] = mac.finalize().into_bytes().into();
+        let matches = self
+            .candidates
+            .iter()
+            .fold(subtle::Choice::from(0), |any, candidate| {
+                any | candidate.ct_eq(&expected)
+            });
+        if bool::from(matches) {
+            Ok(())
+        } else {
+            Err(ApiError::invalid_signature("signature does not match"))
+        }
     }
 }
 
@@ -213,9 +263,18 @@ fn verify_signature(
         (status = 409, description = "`amount_mismatch`, `external_ref_conflict`", body = ErrorBody),
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
     ))]
-pub async fn psp_webhook(State(app): State<AppState>, post: Post) -> Result<Response, ApiError> {
+pub async fn psp_webhook(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let now = Timestamp::now();
-    verify_signature(app.psp_secret.as_deref(), post.headers(), &post.body.0, now)?;
+    let secret = app.psp_secret.as_deref().ok_or_else(|| {
+        ApiError::invalid_signature("webhooks are disabled: SHOPKEEP_PSP_SECRET is not set")
+    })?;
+    // Everything a stranger can be refused for without the body is checked before it is read.
+    let signature = PspSignature::parse(request.headers(), now)?;
+    let post = Post::read(request).await?;
+    signature.verify(secret, &post.body.0)?;
     let request: WebhookRequest = post.json()?;
     let succeeded = match request.event_type.as_str() {
         "payment.succeeded" => true,

@@ -8,7 +8,7 @@ use crate::domain::command::{GLOBAL_INNER_SCOPE, IdempotencyTag};
 use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
 use crate::domain::{Command, Envelope, Timestamp};
 use crate::engine::coordinator::new_seed;
-use crate::http::auth::Caller;
+use crate::http::auth::{Caller, MAX_TOKEN_TTL_SECONDS};
 use crate::http::dto::{
     self, CreateTokenRequest, CreateUserRequest, IdempotencyResponse, TokenResponse, UserResponse,
     WalletResponse,
@@ -19,8 +19,6 @@ use crate::http::{AppState, render};
 use crate::state::IdempotencyState;
 use crate::state::query;
 
-/// Longest lifetime of a user token (30 days).
-const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 86_400;
 const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3_600;
 
 /// Create a user with an empty wallet (admin, service).

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::history::{Timeline, unix_micros};
 use crate::cluster_harness::{CLUSTER_SECRET, TestCluster, shard_view};
+use crate::harness::node_auth;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FaultKind {
@@ -757,10 +758,12 @@ pub async fn wait_whole(c: &TestCluster, timeout: Duration) -> Result<(), String
 
 /// `PUT /_node/v1/failpoints/{name}` on node `id` with the action (e.g. `1*return`).
 pub async fn arm(c: &TestCluster, id: u64, name: &str, action: &str) -> Result<(), String> {
+    let path = format!("/_node/v1/failpoints/{name}");
+    let auth = node_auth(CLUSTER_SECRET, "PUT", &path, action.as_bytes());
     let r = c
         .node(id)
-        .call(Method::PUT, &format!("/_node/v1/failpoints/{name}"))
-        .header("x-shopkeep-cluster-secret", CLUSTER_SECRET)
+        .call(Method::PUT, &path)
+        .header("x-shopkeep-node-auth", &auth)
         .header("content-type", "text/plain")
         .body_bytes(action.as_bytes().to_vec())
         .try_send()
@@ -770,10 +773,14 @@ pub async fn arm(c: &TestCluster, id: u64, name: &str, action: &str) -> Result<(
 }
 
 pub async fn disarm(c: &TestCluster, id: u64, name: &str) -> Result<(), String> {
+    let path = format!("/_node/v1/failpoints/{name}");
     let r = c
         .node(id)
-        .call(Method::DELETE, &format!("/_node/v1/failpoints/{name}"))
-        .header("x-shopkeep-cluster-secret", CLUSTER_SECRET)
+        .call(Method::DELETE, &path)
+        .header(
+            "x-shopkeep-node-auth",
+            &node_auth(CLUSTER_SECRET, "DELETE", &path, b""),
+        )
         .try_send()
         .await
         .map_err(|e| format!("transport error: {e}"))?;
