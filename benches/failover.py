@@ -6,7 +6,7 @@ import json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.request
 BIN = sys.argv[1]; ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 PORTS = {1: 7201, 2: 7202, 3: 7203}
 PEERS = ",".join(f"{i}=127.0.0.1:{p}" for i, p in PORTS.items())
-ENV = dict(os.environ, SHOPKEEP_CLUSTER_SECRET="s", SHOPKEEP_ADMIN_TOKEN="adm", SHOPKEEP_SERVICE_TOKEN="svc", RUST_LOG="warn")
+ENV = dict(os.environ, SHOPKEEP_CLUSTER_SECRET="failover-cluster-secret-0123456789abcdef", SHOPKEEP_ADMIN_TOKEN="failover-admin-token-0123456789abcdef", SHOPKEEP_SERVICE_TOKEN="failover-service-token-0123456789abcdef", RUST_LOG="warn")
 root = tempfile.mkdtemp(prefix="failover-")
 procs = {}
 
@@ -15,7 +15,7 @@ def start(i):
         "--data-dir", f"{root}/d{i}", "--peers", PEERS], env=ENV, stdout=subprocess.DEVNULL,
         stderr=open(f"{root}/n{i}.log", "a"))
 
-def req(i, method, path, body=None, token="svc", key=None, timeout=15):
+def req(i, method, path, body=None, token=ENV["SHOPKEEP_SERVICE_TOKEN"], key=None, timeout=15):
     data = json.dumps(body).encode() if body is not None else None
     r = urllib.request.Request(f"http://127.0.0.1:{PORTS[i]}{path}", data=data, method=method)
     r.add_header("Authorization", f"Bearer {token}")
@@ -37,16 +37,16 @@ def ready(i):
 
 for i in PORTS: start(i)
 while not all(ready(i) for i in PORTS): time.sleep(0.05)
-req(1, "PUT", "/v1/items/gems", {"name": "Gems", "kind": "currency", "price": "0.01"}, token="adm")
+req(1, "PUT", "/v1/items/gems", {"name": "Gems", "kind": "currency", "price": "0.01"}, token=ENV["SHOPKEEP_ADMIN_TOKEN"])
 gaps = []
 for rnd in range(ROUNDS):
     user = f"u{rnd}"
     req(1, "POST", "/v1/users", {"user_id": user}, key=f"user-{user}")
     req(1, "POST", f"/v1/users/{user}/credits", {"amount": "1000.00", "external_ref": f"ref-{user}"}, key=f"c-{user}")
-    _, route = req(1, "GET", f"/v1/cluster/route/{user}", token="adm")
+    _, route = req(1, "GET", f"/v1/cluster/route/{user}", token=ENV["SHOPKEEP_ADMIN_TOKEN"])
     leader = route["leader"]
     # Ask the supposed leader itself: after restarts a follower's view may lag.
-    _, view = req(leader, "GET", "/v1/cluster", token="adm")
+    _, view = req(leader, "GET", "/v1/cluster", token=ENV["SHOPKEEP_ADMIN_TOKEN"])
     assert view["shards"][route["shard"]]["role"] == "leader", view["shards"][route["shard"]]
     via = [i for i in PORTS if i != leader][0]
     stop = False; oks = []
@@ -59,7 +59,7 @@ for rnd in range(ROUNDS):
     kill_at = time.monotonic(); procs[leader].send_signal(signal.SIGKILL); procs[leader].wait()
     elected = None
     while elected is None and time.monotonic() - kill_at < 30:
-        _, v = req(via, "GET", "/v1/cluster", token="adm", timeout=2)
+        _, v = req(via, "GET", "/v1/cluster", token=ENV["SHOPKEEP_ADMIN_TOKEN"], timeout=2)
         l = v["shards"][route["shard"]]["leader"] if isinstance(v, dict) else None
         if l is not None and l != leader: elected = (time.monotonic() - kill_at) * 1000
         else: time.sleep(0.01)

@@ -100,8 +100,8 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use uuid::Uuid;
 
-const ADMIN_TOKEN: &str = "bench-admin";
-const SERVICE_TOKEN: &str = "bench-service";
+const ADMIN_TOKEN: &str = "bench-admin-token-5c1e0a9b8d7f6e5d4c3b";
+const SERVICE_TOKEN: &str = "bench-service-token-9e8d7c6b5a4f3e2d1c0b";
 /// The shared node-to-node secret of the cluster mode.
 const CLUSTER_SECRET: &str = "bench-cluster-secret-3f0c9a71d2b84e65";
 /// Enough users that concurrent workers rarely buy for the same one (and so rarely contend on a wallet).
