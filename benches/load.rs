@@ -1622,6 +1622,8 @@ async fn drive_shopkeep(
         .tcp_nodelay(true)
         .no_proxy()
         .timeout(Duration::from_secs(30))
+        // The nodes close connections idle for their header-read timeout (30 s by default).
+        .pool_idle_timeout(Duration::from_secs(10))
         .build()
         .expect("cannot build the HTTP client");
     let bases: Vec<String> = nodes.nodes.iter().map(|n| n.base_url.clone()).collect();

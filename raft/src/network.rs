@@ -47,7 +47,9 @@ impl Transport {
         let client = reqwest::Client::builder()
             // A redirect would send a signed call somewhere the operator did not name.
             .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Shorter than the servers' header-read timeout (default 30 s), which closes idle
+            // connections: a pooled connection is dropped here before the other side drops it.
+            .pool_idle_timeout(Duration::from_secs(15))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(1))

@@ -107,6 +107,8 @@ fn cluster_http_client() -> reqwest::Client {
         .timeout(Duration::from_secs(30))
         .connect_timeout(Duration::from_secs(2))
         .pool_max_idle_per_host(64)
+        // The nodes close connections idle for their header-read timeout (30 s by default).
+        .pool_idle_timeout(Duration::from_secs(10))
         .build()
         .expect("reqwest client")
 }

@@ -115,6 +115,7 @@ async fn a_webhook_signature_header_stuffed_with_v1_values_costs_no_mac_per_valu
         r.expect_error(401, "invalid_signature");
     }
     let cpu = cpu_seconds(pid) - before;
+    eprintln!("8 stuffed webhook requests: {cpu:.3} s of server CPU");
     // Before: every `v1=` value cost an HMAC over the whole body (~0.6 s of CPU per request here).
     assert!(
         cpu < 0.5,
@@ -214,6 +215,11 @@ async fn stalled_webhook_bodies_do_not_take_the_apis_share_of_requests_in_flight
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let r = srv.get("/v1/items", Auth::Admin).await;
+    eprintln!(
+        "API with 40 stalled webhook bodies: {} in {:?}",
+        r.status,
+        started.elapsed()
+    );
     assert_eq!(
         r.status, 200,
         "the API answered {} while 40 webhook bodies stalled",
@@ -280,6 +286,7 @@ async fn unauthenticated_node_uploads_do_not_grow_the_servers_memory() {
         streams.push(upload.await.expect("upload task"));
     }
     let grown = rss_mib(pid) - before;
+    eprintln!("20 unauthenticated 16 MiB node uploads: RSS {before:.0} MiB -> +{grown:.1} MiB");
     // Before: each upload was buffered whole before the secret was checked (20 × 16 MiB).
     assert!(
         grown < 64.0,

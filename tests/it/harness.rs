@@ -122,6 +122,8 @@ fn http_client() -> reqwest::Client {
         .no_proxy()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(64)
+        // The server closes connections idle for its header-read timeout (30 s by default).
+        .pool_idle_timeout(Duration::from_secs(10))
         .build()
         .expect("reqwest client")
 }
