@@ -271,3 +271,93 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::auth::NodeAuth;
+
+    /// A one-shot HTTP server on loopback that answers its first request with `answer`; reports whether
+    /// anything connected.
+    async fn answer_once(answer: Vec<u8>) -> (String, tokio::task::JoinHandle<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let task = tokio::spawn(async move {
+            let accepted =
+                tokio::time::timeout(Duration::from_millis(800), listener.accept()).await;
+            let Ok(Ok((mut stream, _))) = accepted else {
+                return false;
+            };
+            let mut head = vec![0u8; 64 * 1024];
+            let _ = stream.read(&mut head).await;
+            let _ = stream.write_all(&answer).await;
+            let _ = stream.shutdown().await;
+            true
+        });
+        (addr, task)
+    }
+
+    fn transport() -> Transport {
+        Transport::new(Arc::new(NodeAuth::new([1; 32])), BTreeMap::new())
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed() {
+        let (target, target_hit) = answer_once(b"HTTP/1.1 200 OK\r\n\r\n".to_vec()).await;
+        let redirect = format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{target}{CALL_PATH}\r\nContent-Length: 0\r\n\r\n"
+        );
+        let (addr, _) = answer_once(redirect.into_bytes()).await;
+        let result = transport()
+            .call(&addr, &NodeRequest::Probe, Duration::from_secs(2))
+            .await;
+        assert!(
+            matches!(result, Err(TransportError::Status { status: 307, .. })),
+            "{result:?}"
+        );
+        assert!(
+            !target_hit.await.expect("task"),
+            "the redirect was followed"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_bound_is_refused_whether_declared_or_streamed() {
+        let declared = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\nxx",
+            MAX_MESSAGE_BYTES + 1
+        );
+        let (addr, _) = answer_once(declared.into_bytes()).await;
+        let result = transport()
+            .call(&addr, &NodeRequest::Probe, Duration::from_secs(2))
+            .await;
+        assert!(
+            matches!(&result, Err(TransportError::Decode { reason, .. }) if reason.contains("larger")),
+            "{result:?}"
+        );
+
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..8 {
+            chunked.extend_from_slice(b"200\r\n");
+            chunked.extend_from_slice(&[0u8; 0x200]);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        let (addr, _) = answer_once(chunked).await;
+        let response = reqwest::Client::new()
+            .get(format!("http://{addr}/"))
+            .send()
+            .await
+            .expect("response");
+        let read = read_bounded(response, 1024).await;
+        assert!(
+            read.as_ref().is_err_and(|e| e.contains("larger")),
+            "{read:?}"
+        );
+    }
+}
