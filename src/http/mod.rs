@@ -128,7 +128,7 @@ pub fn router(
     let node_traffic = config
         .node_listen
         .is_none()
-        .then(|| node_router(node.clone(), node_auth, body_read_timeout));
+        .then(|| node_routes(node.clone(), node_auth, body_read_timeout));
     let app = Arc::new(App {
         node,
         config,
@@ -163,9 +163,15 @@ pub fn router(
     }
 }
 
-/// The router of node-to-node traffic alone (`/_node/…`), for `--node-listen` or merged into the
-/// client-facing router.
+/// The router of `--node-listen`: node-to-node traffic alone; any other path is a JSON 404.
 pub fn node_router(node: Arc<Node>, auth: Arc<NodeAuth>, body_read_timeout: Duration) -> Router {
+    node_routes(node, auth, body_read_timeout)
+        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+}
+
+/// The node-to-node routes (`/_node/…`) with their body deadline, without a fallback (so they can be
+/// merged into the client-facing router).
+fn node_routes(node: Arc<Node>, auth: Arc<NodeAuth>, body_read_timeout: Duration) -> Router {
     node_traffic::router(node, auth).layer(axum::middleware::from_fn_with_state(
         body_read_timeout,
         set_body_deadline,

@@ -551,3 +551,93 @@ async fn a_secret_file_that_is_a_symlink_stops_the_start_instead_of_being_read_o
         "public text that must not become the admin token"
     );
 }
+
+// ------------------------------------------------------------------------------------------------
+// A listener of node traffic's own
+
+/// Starts `shopkeep serve` with `--node-listen` and returns (process, client address, node address).
+fn serve_with_node_listener(data: &std::path::Path) -> (std::process::Child, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shopkeep"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data)
+        .env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SHOPKEEP_CLUSTER_SECRET", NODE_LISTEN_SECRET)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let (mut client, mut node) = (None, None);
+    let mut line = String::new();
+    while client.is_none() {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).expect("stdout") == 0 {
+            panic!("the server exited before listening");
+        }
+        let address = line
+            .trim()
+            .rsplit_once("http://")
+            .map(|(_, a)| a.to_owned());
+        if line.contains("node traffic on") {
+            node = address;
+        } else if line.contains("listening on") {
+            client = address;
+        }
+    }
+    (
+        child,
+        client.expect("client address"),
+        node.expect("node address printed before the client one"),
+    )
+}
+
+const NODE_LISTEN_SECRET: &str = "node-listen-test-secret-0123456789abcdef";
+
+#[tokio::test]
+async fn with_node_listen_node_traffic_and_the_api_never_share_a_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, client, node) = serve_with_node_listener(&dir.path().join("data"));
+    let http = reqwest::Client::new();
+    let body = b"\x01\x02".to_vec();
+    let signed_call = |base: &str| {
+        http.post(format!("http://{base}/_node/v1/call"))
+            .header(
+                "x-shopkeep-node-auth",
+                node_auth(NODE_LISTEN_SECRET, "POST", "/_node/v1/call", &body),
+            )
+            .body(body.clone())
+            .send()
+    };
+    // The client port knows no node traffic, whoever signs it.
+    let r = signed_call(&client).await.expect("client port");
+    assert_eq!(r.status().as_u16(), 404);
+    // The node port authenticates it (the garbage body is refused after that) …
+    let r = signed_call(&node).await.expect("node port");
+    assert_eq!(r.status().as_u16(), 400, "{:?}", r.text().await);
+    // … and serves no API (a 404 in the error shape).
+    let r = http
+        .get(format!("http://{node}/v1/items"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("node port");
+    assert_eq!(r.status().as_u16(), 404);
+    let error: serde_json::Value = r.json().await.expect("JSON error");
+    assert_eq!(error["error"]["code"], "not_found");
+    let r = http
+        .get(format!("http://{client}/v1/items"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("client port");
+    assert_eq!(r.status().as_u16(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
