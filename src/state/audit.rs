@@ -32,10 +32,12 @@ pub struct ShardAudit {
     pub violations: Vec<String>,
 }
 
+/// Sums are `i128`: exact for any number of `i64` amounts a shard can hold, so a stored row that is out of
+/// range shows up as a mismatch instead of wrapping (or panicking) in the audit itself.
 #[derive(Default)]
 struct WalletSums {
-    balance: i64,
-    held: i64,
+    balance: i128,
+    held: i128,
     entries: u64,
 }
 
@@ -45,7 +47,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
 
     // Postings: the chain, the accounts, and the sums per wallet and system account.
     let mut wallets: HashMap<String, WalletSums> = HashMap::new();
-    let (mut psp_clearing, mut revenue) = (0i64, 0i64);
+    let (mut psp_clearing, mut revenue) = (0i128, 0i128);
     let mut head = [0u8; 32];
     let mut posting_count = 0u64;
     for entry in txn.open_table(tables::POSTINGS)?.iter()? {
@@ -82,8 +84,8 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         sums.held += held_delta;
         sums.entries += 1;
         if sums.entries != posting.user_seq
-            || sums.balance != posting.balance_after.0
-            || sums.held != posting.held_after.0
+            || sums.balance != i128::from(posting.balance_after.0)
+            || sums.held != i128::from(posting.held_after.0)
         {
             violations.push(format!(
                 "posting {} disagrees with the running wallet of {}",
@@ -97,34 +99,34 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     if head != meta.posting_head || posting_count != meta.posting_seq {
         violations.push("the posting chain's head does not match the recorded head".to_owned());
     }
-    if psp_clearing != meta.psp_clearing || revenue != meta.revenue {
+    if psp_clearing != i128::from(meta.psp_clearing) || revenue != i128::from(meta.revenue) {
         violations
             .push("system account balances differ from the sums of their postings".to_owned());
     }
 
     // Pending holds per user.
-    let mut pending_holds: HashMap<String, i64> = HashMap::new();
+    let mut pending_holds: HashMap<String, i128> = HashMap::new();
     for entry in txn.open_table(tables::USER_PENDING)?.iter()? {
         let (key, value) = entry?;
-        *pending_holds.entry(key.value().0.to_owned()).or_default() += value.value().1;
+        *pending_holds.entry(key.value().0.to_owned()).or_default() += i128::from(value.value().1);
     }
 
     // Wallets.
     let mut user_count = 0u64;
-    let mut wallet_total = 0i64;
+    let mut wallet_total = 0i128;
     for entry in txn.open_table(tables::USERS)?.iter()? {
         let user: User = decode(entry?.1.value())?;
         user_count += 1;
-        wallet_total += user.balance.0;
+        wallet_total += i128::from(user.balance.0);
         let sums = wallets.remove(&user.user_id).unwrap_or_default();
         let id = &user.user_id;
-        if user.balance.0 != sums.balance {
+        if i128::from(user.balance.0) != sums.balance {
             violations.push(format!(
                 "wallet {id}: balance {} != sum of postings {}",
                 user.balance.0, sums.balance
             ));
         }
-        if user.held.0 != sums.held {
+        if i128::from(user.held.0) != sums.held {
             violations.push(format!(
                 "wallet {id}: held {} != sum of postings {}",
                 user.held.0, sums.held
@@ -137,7 +139,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
             ));
         }
         let pending = pending_holds.remove(id).unwrap_or(0);
-        if user.held.0 != pending {
+        if i128::from(user.held.0) != pending {
             violations.push(format!(
                 "wallet {id}: held {} != pending orders {pending}",
                 user.held.0
@@ -164,13 +166,17 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         let order: Order = decode(entry?.1.value())?;
         order_count += 1;
         let id = order.order_id;
-        let total: i64 = order.lines.iter().map(|l| l.line_total().0).sum();
-        let refunded: i64 = order
+        let total: i128 = order
             .lines
             .iter()
-            .map(|l| l.unit_price.0 * i64::from(l.refunded_quantity))
+            .map(|l| i128::from(l.unit_price.0) * i128::from(l.quantity))
             .sum();
-        if total != order.total.0 || refunded != order.refunded_total.0 {
+        let refunded: i128 = order
+            .lines
+            .iter()
+            .map(|l| i128::from(l.unit_price.0) * i128::from(l.refunded_quantity))
+            .sum();
+        if total != i128::from(order.total.0) || refunded != i128::from(order.refunded_total.0) {
             violations.push(format!("order {id}: totals differ from its lines"));
         }
         if order.lines.iter().any(|l| l.refunded_quantity > l.quantity)
@@ -192,8 +198,8 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
                 let e = expected_grants
                     .entry((order.user_id.clone(), line.item_id.clone()))
                     .or_default();
-                e.0 += u64::from(line.quantity);
-                e.1 += u64::from(line.refunded_quantity);
+                e.0 = e.0.saturating_add(u64::from(line.quantity));
+                e.1 = e.1.saturating_add(u64::from(line.refunded_quantity));
             }
         }
     }
@@ -211,7 +217,9 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
                 entitlement.granted, entitlement.revoked
             ));
         }
-        if entitlement.granted < entitlement.revoked + entitlement.consumed {
+        if u128::from(entitlement.granted)
+            < u128::from(entitlement.revoked) + u128::from(entitlement.consumed)
+        {
             violations.push(format!(
                 "entitlement {user_id}/{item_id}: negative quantity"
             ));

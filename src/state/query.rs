@@ -38,17 +38,23 @@ pub fn wallet_at(
     now: Timestamp,
 ) -> Result<WalletView, StoreError> {
     let pending = txn.open_table(tables::USER_PENDING)?;
-    let mut expired_holds = 0i64;
+    let mut expired_holds = Money::ZERO;
     let user_id = user.user_id.as_str();
+    let out_of_range = || StoreError::Corrupt(format!("holds of {user_id} out of range"));
     for entry in pending.range((user_id, 0u128)..=(user_id, u128::MAX))? {
         let (expires_at, total) = entry?.1.value();
         if expires_at <= now.micros() {
-            expired_holds += total;
+            expired_holds = expired_holds
+                .checked_add(Money(total))
+                .ok_or_else(out_of_range)?;
         }
     }
     let wallet = WalletView {
         balance: user.balance,
-        held: Money(user.held.0 - expired_holds),
+        held: user
+            .held
+            .checked_sub(expired_holds)
+            .ok_or_else(out_of_range)?,
     };
     debug_assert!(!wallet.held.is_negative() && wallet.held <= wallet.balance);
     Ok(wallet)
