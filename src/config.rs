@@ -100,6 +100,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_MAX_PENDING_ORDERS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_pending_orders: u32,
 
+    /// Most PENDING, unexpired top-ups one user may have at once; beyond it 409 limit_exceeded.
+    #[arg(long, env = "SHOPKEEP_MAX_PENDING_TOPUPS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_pending_topups: u32,
+
     /// Most commands proposed together in one log entry (one fsync, one replication, one apply).
     #[arg(long, env = "SHOPKEEP_MAX_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
@@ -180,6 +184,7 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     pub sweep_interval: Duration,
     pub max_pending_orders: u32,
+    pub max_pending_topups: u32,
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub request_timeout: Duration,
@@ -254,6 +259,7 @@ impl Config {
             idempotency_ttl: args.idempotency_ttl,
             sweep_interval: args.sweep_interval,
             max_pending_orders: args.max_pending_orders,
+            max_pending_topups: args.max_pending_topups,
             max_batch: args.max_batch as usize,
             queue_capacity: args.queue_capacity as usize,
             request_timeout: args.request_timeout,

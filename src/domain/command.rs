@@ -149,6 +149,16 @@ pub enum Command {
     Sweep {
         limit: u32,
     },
+    // Postcard is positional: new variants go at the end, existing ones never change (entries already in
+    // a log must decode and apply as they did).
+    /// `CreateTopup` under a per-user cap: refused with `limit_exceeded` when the user already has
+    /// `max_pending_topups` PENDING, unexpired top-ups. What the HTTP layer sends (`--max-pending-topups`).
+    CreateTopupCapped {
+        user_id: String,
+        amount: Money,
+        expires_at: Timestamp,
+        max_pending_topups: u32,
+    },
 }
 
 impl Command {
@@ -159,6 +169,7 @@ impl Command {
             | Command::IssueToken { user_id, .. }
             | Command::Credit { user_id, .. }
             | Command::CreateTopup { user_id, .. }
+            | Command::CreateTopupCapped { user_id, .. }
             | Command::PspPayment { user_id, .. }
             | Command::CreateOrder { user_id, .. }
             | Command::CompleteOrder { user_id, .. }
@@ -191,6 +202,7 @@ impl Command {
             Command::Refund { .. } => "refund",
             Command::Consume { .. } => "consume",
             Command::Sweep { .. } => "sweep",
+            Command::CreateTopupCapped { .. } => "create_topup",
         }
     }
 }

@@ -81,6 +81,7 @@ pub(crate) struct Applier<'t> {
     external_refs: Table<'t, &'static str, Bytes>,
     topups: Table<'t, u128, Bytes>,
     pending_topups: Table<'t, (i64, u128), ()>,
+    user_pending_topups: Table<'t, (&'static str, u128), i64>,
     refunds: Table<'t, u128, Bytes>,
     idempotency: Table<'t, (&'static str, &'static str), Bytes>,
     idempotency_expiry: Table<'t, (i64, &'static str, &'static str), ()>,
@@ -106,6 +107,7 @@ impl<'t> Applier<'t> {
             external_refs: txn.open_table(tables::EXTERNAL_REFS)?,
             topups: txn.open_table(tables::TOPUPS)?,
             pending_topups: txn.open_table(tables::PENDING_TOPUPS)?,
+            user_pending_topups: txn.open_table(tables::USER_PENDING_TOPUPS)?,
             refunds: txn.open_table(tables::REFUNDS)?,
             idempotency: txn.open_table(tables::IDEMPOTENCY)?,
             idempotency_expiry: txn.open_table(tables::IDEMPOTENCY_EXPIRY)?,
@@ -228,7 +230,13 @@ impl<'t> Applier<'t> {
                 user_id,
                 amount,
                 expires_at,
-            } => self.create_topup(cx, user_id, *amount, *expires_at),
+            } => self.create_topup(cx, user_id, *amount, *expires_at, None),
+            Command::CreateTopupCapped {
+                user_id,
+                amount,
+                expires_at,
+                max_pending_topups,
+            } => self.create_topup(cx, user_id, *amount, *expires_at, Some(*max_pending_topups)),
             Command::PspPayment {
                 event_id: _,
                 succeeded,
@@ -573,9 +581,13 @@ impl<'t> Applier<'t> {
         user_id: &str,
         amount: Money,
         expires_at: Timestamp,
+        cap: Option<u32>,
     ) -> Step<Reply> {
         check_amount(amount)?;
         self.begin_user(cx, user_id)?;
+        if let Some(max) = cap {
+            self.check_pending_topups(cx, user_id, max)?;
+        }
         let topup = Topup {
             topup_id: cx.ids.primary(),
             user_id: user_id.to_owned(),
@@ -587,9 +599,47 @@ impl<'t> Applier<'t> {
             finished_at: None,
         };
         self.save_topup(&topup)?;
-        self.pending_topups
-            .insert((expires_at.micros(), topup.topup_id.as_u128()), ())?;
+        let id = topup.topup_id.as_u128();
+        self.pending_topups.insert((expires_at.micros(), id), ())?;
+        self.user_pending_topups
+            .insert((user_id, id), expires_at.micros())?;
         Ok(Reply::TopupCreated(topup))
+    }
+
+    /// Refuses a new top-up when the user already has `max` PENDING top-ups that have not expired at
+    /// `cx.now` (one past its deadline counts no more, swept or not). `retry_after` is the earliest expiry
+    /// among them: when one more may be started.
+    fn check_pending_topups(&self, cx: &Cx, user_id: &str, max: u32) -> Step<()> {
+        let mut pending = 0u32;
+        let mut earliest: Option<i64> = None;
+        for entry in self
+            .user_pending_topups
+            .range((user_id, 0u128)..=(user_id, u128::MAX))?
+        {
+            let expires_at = entry?.1.value();
+            if expires_at > cx.now.micros() {
+                pending = pending.saturating_add(1);
+                earliest = Some(earliest.map_or(expires_at, |e| e.min(expires_at)));
+            }
+        }
+        if pending < max {
+            return Ok(());
+        }
+        Err(Rejection::LimitExceeded {
+            limit: "max_pending_topups".to_owned(),
+            max,
+            retry_after: earliest.map(Timestamp),
+        }
+        .into())
+    }
+
+    /// Records that a top-up left PENDING: out of the pending indexes. `was` is the top-up as stored before.
+    fn topup_left_pending(&mut self, was: &Topup) -> Step<()> {
+        let id = was.topup_id.as_u128();
+        self.pending_topups.remove((was.expires_at.micros(), id))?;
+        self.user_pending_topups
+            .remove((was.user_id.as_str(), id))?;
+        Ok(())
     }
 
     fn save_topup(&mut self, topup: &Topup) -> Step<()> {
@@ -626,6 +676,7 @@ impl<'t> Applier<'t> {
             }
             .into());
         }
+        let was = topup.clone();
         if succeeded {
             if !ref_accepted {
                 return Err(Rejection::ExternalRefConflict {
@@ -649,9 +700,8 @@ impl<'t> Applier<'t> {
         } else {
             topup.status = TopupStatus::Failed;
         }
-        self.pending_topups
-            .remove((topup.expires_at.micros(), topup_id.as_u128()))?;
         topup.finished_at = Some(cx.now);
+        self.topup_left_pending(&was)?;
         self.save_topup(&topup)?;
         Ok(Reply::TopupUpdated(topup))
     }
@@ -1221,9 +1271,10 @@ impl<'t> Applier<'t> {
             .collect::<Result<_, _>>()?;
         for (expires_at, topup_id) in &due_topups {
             self.pending_topups.remove((*expires_at, *topup_id))?;
-            if let Some(mut topup) = get::<_, Topup, _>(&self.topups, *topup_id)? {
-                if topup.status == TopupStatus::Pending {
-                    topup = topup.as_of(cx.now);
+            if let Some(was) = get::<_, Topup, _>(&self.topups, *topup_id)? {
+                if was.status == TopupStatus::Pending {
+                    let topup = was.as_of(cx.now);
+                    self.topup_left_pending(&was)?;
                     self.save_topup(&topup)?;
                 }
             }

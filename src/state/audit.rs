@@ -9,7 +9,9 @@
 //! - the system accounts equal the sums of their postings, and all accounts together sum to zero;
 //! - each order's total is the sum of its lines, refunds never exceed what was bought, per line and in all;
 //! - each entitlement's granted and revoked quantities equal what completed orders granted and refunds
-//!   revoked; `granted ≥ revoked + consumed`; at most one game or skin.
+//!   revoked; `granted ≥ revoked + consumed`; at most one game or skin;
+//! - the top-up index points at top-ups in their state: each row of a user's pending top-ups at a
+//!   PENDING top-up of that user with that deadline.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::tables::{self, TableVisitor, decode};
 use super::{StoreError, query};
-use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, User};
+use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, Topup, TopupStatus, User};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ShardAudit {
@@ -238,6 +240,8 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         }
     }
 
+    audit_topup_indexes(txn, &mut violations)?;
+
     Ok(ShardAudit {
         shard,
         last_applied: meta.last_applied,
@@ -247,6 +251,30 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         state_hash: state_hash(txn)?,
         violations,
     })
+}
+
+/// The top-up index agrees with the top-ups it points at.
+fn audit_topup_indexes(
+    txn: &ReadTransaction,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let topups = txn.open_table(tables::TOPUPS)?;
+    let topup = |id: u128| -> Result<Option<Topup>, StoreError> { tables::get(&topups, id) };
+    for entry in txn.open_table(tables::USER_PENDING_TOPUPS)?.iter()? {
+        let (key, value) = entry?;
+        let (user_id, id) = key.value();
+        let indexed = topup(id)?.is_some_and(|t| {
+            t.status == TopupStatus::Pending
+                && t.user_id == user_id
+                && t.expires_at.micros() == value.value()
+        });
+        if !indexed {
+            violations.push(format!(
+                "top-up {id:032x}: in the pending top-ups of {user_id} but not a PENDING top-up of theirs"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// SHA-256 over every row of every table, in key order: equal on replicas that applied the same log.
