@@ -88,6 +88,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_TOPUP_TTL", default_value = "1h", value_parser = parse_duration)]
     pub topup_ttl: Duration,
 
+    /// How long EXPIRED and FAILED top-ups are kept before the sweeper purges them. A late PSP success
+    /// still credits an EXPIRED top-up until then, so keep it well above the PSP's longest delay.
+    #[arg(long, env = "SHOPKEEP_TOPUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub topup_retention: Duration,
+
     /// How long idempotency outcomes are kept (at least 7 days is the contract).
     #[arg(long, env = "SHOPKEEP_IDEMPOTENCY_TTL", default_value = "7d", value_parser = parse_duration)]
     pub idempotency_ttl: Duration,
@@ -181,6 +186,7 @@ pub struct Config {
     pub currency: Currency,
     pub order_ttl: Duration,
     pub topup_ttl: Duration,
+    pub topup_retention: Duration,
     pub idempotency_ttl: Duration,
     pub sweep_interval: Duration,
     pub max_pending_orders: u32,
@@ -256,6 +262,7 @@ impl Config {
             currency,
             order_ttl: args.order_ttl,
             topup_ttl: args.topup_ttl,
+            topup_retention: args.topup_retention,
             idempotency_ttl: args.idempotency_ttl,
             sweep_interval: args.sweep_interval,
             max_pending_orders: args.max_pending_orders,

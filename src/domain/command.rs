@@ -159,6 +159,12 @@ pub enum Command {
         expires_at: Timestamp,
         max_pending_topups: u32,
     },
+    /// `Sweep`, and also purge EXPIRED and FAILED top-ups that became final more than
+    /// `topup_retention_seconds` before `now` (at most `limit` of them). What the sweeper sends.
+    SweepAndPurge {
+        limit: u32,
+        topup_retention_seconds: u64,
+    },
 }
 
 impl Command {
@@ -180,7 +186,8 @@ impl Command {
             | Command::SettleGlobalKey { .. }
             | Command::ClaimExternalRef { .. }
             | Command::PutItem { .. }
-            | Command::Sweep { .. } => None,
+            | Command::Sweep { .. }
+            | Command::SweepAndPurge { .. } => None,
         }
     }
 
@@ -203,6 +210,7 @@ impl Command {
             Command::Consume { .. } => "consume",
             Command::Sweep { .. } => "sweep",
             Command::CreateTopupCapped { .. } => "create_topup",
+            Command::SweepAndPurge { .. } => "sweep",
         }
     }
 }

@@ -46,6 +46,14 @@ pub enum Reply {
         topups: u32,
         idempotency_records: u32,
     },
+    // New variants only at the end (postcard is positional; outcomes are stored).
+    /// What `SweepAndPurge` did: `Swept`'s counts and the final top-ups purged.
+    SweptAndPurged {
+        orders: u32,
+        topups: u32,
+        idempotency_records: u32,
+        purged_topups: u32,
+    },
 }
 
 /// What the home shard of a global idempotency key says about it.

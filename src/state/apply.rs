@@ -82,6 +82,7 @@ pub(crate) struct Applier<'t> {
     topups: Table<'t, u128, Bytes>,
     pending_topups: Table<'t, (i64, u128), ()>,
     user_pending_topups: Table<'t, (&'static str, u128), i64>,
+    final_topups: Table<'t, (i64, u128), ()>,
     refunds: Table<'t, u128, Bytes>,
     idempotency: Table<'t, (&'static str, &'static str), Bytes>,
     idempotency_expiry: Table<'t, (i64, &'static str, &'static str), ()>,
@@ -108,6 +109,7 @@ impl<'t> Applier<'t> {
             topups: txn.open_table(tables::TOPUPS)?,
             pending_topups: txn.open_table(tables::PENDING_TOPUPS)?,
             user_pending_topups: txn.open_table(tables::USER_PENDING_TOPUPS)?,
+            final_topups: txn.open_table(tables::FINAL_TOPUPS)?,
             refunds: txn.open_table(tables::REFUNDS)?,
             idempotency: txn.open_table(tables::IDEMPOTENCY)?,
             idempotency_expiry: txn.open_table(tables::IDEMPOTENCY_EXPIRY)?,
@@ -287,7 +289,27 @@ impl<'t> Applier<'t> {
                 item_id,
                 quantity,
             } => self.consume(cx, user_id, item_id, *quantity),
-            Command::Sweep { limit } => self.sweep(cx, *limit),
+            Command::Sweep { limit } => {
+                let (orders, topups, idempotency_records) = self.sweep(cx, *limit)?;
+                Ok(Reply::Swept {
+                    orders,
+                    topups,
+                    idempotency_records,
+                })
+            }
+            Command::SweepAndPurge {
+                limit,
+                topup_retention_seconds,
+            } => {
+                let (orders, topups, idempotency_records) = self.sweep(cx, *limit)?;
+                let purged_topups = self.purge_topups(cx, *limit, *topup_retention_seconds)?;
+                Ok(Reply::SweptAndPurged {
+                    orders,
+                    topups,
+                    idempotency_records,
+                    purged_topups,
+                })
+            }
         }
     }
 
@@ -633,13 +655,43 @@ impl<'t> Applier<'t> {
         .into())
     }
 
-    /// Records that a top-up left PENDING: out of the pending indexes. `was` is the top-up as stored before.
-    fn topup_left_pending(&mut self, was: &Topup) -> Step<()> {
-        let id = was.topup_id.as_u128();
+    /// Records that `topup` left PENDING: out of the pending indexes, and into the purge queue if it
+    /// ended EXPIRED or FAILED. `was` is the top-up as stored before (an EXPIRED one may still complete).
+    fn topup_left_pending(&mut self, was: &Topup, topup: &Topup) -> Step<()> {
+        let id = topup.topup_id.as_u128();
         self.pending_topups.remove((was.expires_at.micros(), id))?;
         self.user_pending_topups
             .remove((was.user_id.as_str(), id))?;
+        if let Some(at) = final_time(was) {
+            self.final_topups.remove((at, id))?;
+        }
+        if let Some(at) = final_time(topup) {
+            self.final_topups.insert((at, id), ())?;
+        }
         Ok(())
+    }
+
+    /// Purges at most `limit` EXPIRED or FAILED top-ups that became final more than `retention_seconds`
+    /// before `cx.now`, with their index rows. Returns how many.
+    fn purge_topups(&mut self, cx: &Cx, limit: u32, retention_seconds: u64) -> Step<u32> {
+        let bound = crate::domain::topup_purge_bound(cx.now, retention_seconds);
+        let due: Vec<(i64, u128)> = self
+            .final_topups
+            .range(..(bound, 0u128))?
+            .take(limit as usize)
+            .map(|entry| entry.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for &(at, id) in &due {
+            self.final_topups.remove((at, id))?;
+            if let Some(topup) = get::<_, Topup, _>(&self.topups, id)? {
+                self.pending_topups
+                    .remove((topup.expires_at.micros(), id))?;
+                self.user_pending_topups
+                    .remove((topup.user_id.as_str(), id))?;
+                self.topups.remove(id)?;
+            }
+        }
+        Ok(u32::try_from(due.len()).unwrap_or(u32::MAX))
     }
 
     fn save_topup(&mut self, topup: &Topup) -> Step<()> {
@@ -701,7 +753,7 @@ impl<'t> Applier<'t> {
             topup.status = TopupStatus::Failed;
         }
         topup.finished_at = Some(cx.now);
-        self.topup_left_pending(&was)?;
+        self.topup_left_pending(&was, &topup)?;
         self.save_topup(&topup)?;
         Ok(Reply::TopupUpdated(topup))
     }
@@ -1247,7 +1299,9 @@ impl<'t> Applier<'t> {
 
     // ----- background work ---------------------------------------------------------------------------
 
-    fn sweep(&mut self, cx: &mut Cx, limit: u32) -> Step<Reply> {
+    /// Expires due orders and top-ups and purges idempotency outcomes past their retention, at most
+    /// `limit` of each; returns how many of each.
+    fn sweep(&mut self, cx: &mut Cx, limit: u32) -> Step<(u32, u32, u32)> {
         let bound = cx.now.micros().saturating_add(1);
         let limit = limit as usize;
 
@@ -1274,7 +1328,7 @@ impl<'t> Applier<'t> {
             if let Some(was) = get::<_, Topup, _>(&self.topups, *topup_id)? {
                 if was.status == TopupStatus::Pending {
                     let topup = was.as_of(cx.now);
-                    self.topup_left_pending(&was)?;
+                    self.topup_left_pending(&was, &topup)?;
                     self.save_topup(&topup)?;
                 }
             }
@@ -1290,11 +1344,12 @@ impl<'t> Applier<'t> {
             self.remove_idempotency_record(scope, key)?;
         }
 
-        Ok(Reply::Swept {
-            orders: due_orders.len() as u32,
-            topups: due_topups.len() as u32,
-            idempotency_records: due_records.len() as u32,
-        })
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok((
+            count(due_orders.len()),
+            count(due_topups.len()),
+            count(due_records.len()),
+        ))
     }
 
     // ----- the ledger --------------------------------------------------------------------------------
@@ -1364,6 +1419,16 @@ impl<'t> Applier<'t> {
         self.user_postings
             .insert((user.user_id.as_str(), user.ledger_seq), posting.seq)?;
         Ok(())
+    }
+}
+
+/// When a top-up became final, if it is one the purge removes (EXPIRED or FAILED).
+fn final_time(topup: &Topup) -> Option<i64> {
+    match topup.status {
+        TopupStatus::Expired | TopupStatus::Failed => {
+            Some(topup.finished_at.unwrap_or(topup.expires_at).micros())
+        }
+        TopupStatus::Pending | TopupStatus::Completed => None,
     }
 }
 

@@ -10,8 +10,9 @@
 //! - each order's total is the sum of its lines, refunds never exceed what was bought, per line and in all;
 //! - each entitlement's granted and revoked quantities equal what completed orders granted and refunds
 //!   revoked; `granted ≥ revoked + consumed`; at most one game or skin;
-//! - the top-up index points at top-ups in their state: each row of a user's pending top-ups at a
-//!   PENDING top-up of that user with that deadline.
+//! - the top-up indexes point at top-ups in their state: each row of a user's pending top-ups at a
+//!   PENDING top-up of that user with that deadline, each row of the purge queue at an EXPIRED or FAILED
+//!   top-up that became final then.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -253,7 +254,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     })
 }
 
-/// The top-up index agrees with the top-ups it points at.
+/// The top-up indexes agree with the top-ups they point at.
 fn audit_topup_indexes(
     txn: &ReadTransaction,
     violations: &mut Vec<String>,
@@ -271,6 +272,18 @@ fn audit_topup_indexes(
         if !indexed {
             violations.push(format!(
                 "top-up {id:032x}: in the pending top-ups of {user_id} but not a PENDING top-up of theirs"
+            ));
+        }
+    }
+    for entry in txn.open_table(tables::FINAL_TOPUPS)?.iter()? {
+        let (at, id) = entry?.0.value();
+        let indexed = topup(id)?.is_some_and(|t| {
+            matches!(t.status, TopupStatus::Expired | TopupStatus::Failed)
+                && t.finished_at.unwrap_or(t.expires_at).micros() == at
+        });
+        if !indexed {
+            violations.push(format!(
+                "top-up {id:032x}: in the purge queue but not EXPIRED or FAILED since then"
             ));
         }
     }

@@ -180,9 +180,19 @@ pub fn idempotency(
     get(&txn.open_table(tables::IDEMPOTENCY)?, (scope, key))
 }
 
-/// Is there background work due at `now` (an order or top-up to expire, an outcome to purge)?
-pub fn sweep_due(txn: &ReadTransaction, now: Timestamp) -> Result<bool, StoreError> {
+/// Is there background work due at `now` (an order or top-up to expire, an outcome to purge, a final
+/// top-up older than `topup_retention`)?
+pub fn sweep_due(
+    txn: &ReadTransaction,
+    now: Timestamp,
+    topup_retention: std::time::Duration,
+) -> Result<bool, StoreError> {
     let bound = now.micros().saturating_add(1);
+    let final_topups = txn.open_table(tables::FINAL_TOPUPS)?;
+    let purge_bound = crate::domain::topup_purge_bound(now, topup_retention.as_secs());
+    if final_topups.range(..(purge_bound, 0u128))?.next().is_some() {
+        return Ok(true);
+    }
     let orders = txn.open_table(tables::PENDING_ORDERS)?;
     if orders.range(..(bound, 0u128))?.next().is_some() {
         return Ok(true);

@@ -442,3 +442,58 @@ async fn an_expired_topup_no_longer_counts_against_the_cap() {
         .await
         .expect_error(409, "limit_exceeded");
 }
+
+#[tokio::test]
+async fn expired_and_failed_topups_are_purged_after_the_retention() {
+    let srv = Server::start_with(
+        Opts::new()
+            .topup_ttl("1s")
+            .sweep_interval("200ms")
+            .env("SHOPKEEP_TOPUP_RETENTION", "3s"),
+    )
+    .await;
+    srv.create_user("tp").await;
+    let expired = srv.topup("tp", "1.00").await;
+    let failed = srv.topup("tp", "2.00").await;
+    let completed = srv.topup("tp", "3.00").await;
+    srv.webhook(&event("evt_tp_ko", "payment.failed", &failed, "tp", "2.00"))
+        .await
+        .expect(200);
+    srv.webhook(&event(
+        "evt_tp_ok",
+        "payment.succeeded",
+        &completed,
+        "tp",
+        "3.00",
+    ))
+    .await
+    .expect(200);
+    let path = |t: &Value| format!("/v1/users/tp/topups/{}", t["topup_id"].as_str().unwrap());
+    // Final, and kept for the retention.
+    let seen = eventually(Duration::from_secs(5), || async {
+        let v = srv.get(&path(&expired), Auth::Service).await;
+        (v.status == 200 && v.json()["status"] == "EXPIRED").then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "the top-up never read EXPIRED");
+    assert_eq!(get_topup(&srv, "tp", &failed).await["status"], "FAILED");
+    srv.audit_ok().await;
+    // Then purged, both; the completed one stays.
+    let purged = eventually(Duration::from_secs(10), || async {
+        let gone = |r: Resp| r.status == 404 && r.code().as_deref() == Some("topup_not_found");
+        (gone(srv.get(&path(&expired), Auth::Service).await)
+            && gone(srv.get(&path(&failed), Auth::Service).await))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        purged.is_some(),
+        "EXPIRED and FAILED top-ups were never purged"
+    );
+    assert_eq!(
+        get_topup(&srv, "tp", &completed).await["status"],
+        "COMPLETED"
+    );
+    assert_eq!(srv.wallet("tp").await.balance, 300);
+    srv.audit_ok().await;
+}
