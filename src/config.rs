@@ -88,6 +88,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_TOPUP_TTL", default_value = "1h", value_parser = parse_duration)]
     pub topup_ttl: Duration,
 
+    /// How long EXPIRED and FAILED top-ups are kept before the sweeper purges them. A late PSP success
+    /// still credits an EXPIRED top-up until then, so keep it well above the PSP's longest delay.
+    #[arg(long, env = "SHOPKEEP_TOPUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub topup_retention: Duration,
+
     /// How long idempotency outcomes are kept (at least 7 days is the contract).
     #[arg(long, env = "SHOPKEEP_IDEMPOTENCY_TTL", default_value = "7d", value_parser = parse_duration)]
     pub idempotency_ttl: Duration,
@@ -99,6 +104,10 @@ pub struct ServeArgs {
     /// Most PENDING orders one user may have at once.
     #[arg(long, env = "SHOPKEEP_MAX_PENDING_ORDERS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_pending_orders: u32,
+
+    /// Most PENDING, unexpired top-ups one user may have at once; beyond it 409 limit_exceeded.
+    #[arg(long, env = "SHOPKEEP_MAX_PENDING_TOPUPS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_pending_topups: u32,
 
     /// Most commands proposed together in one log entry (one fsync, one replication, one apply).
     #[arg(long, env = "SHOPKEEP_MAX_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -224,9 +233,11 @@ pub struct Config {
     pub currency: Currency,
     pub order_ttl: Duration,
     pub topup_ttl: Duration,
+    pub topup_retention: Duration,
     pub idempotency_ttl: Duration,
     pub sweep_interval: Duration,
     pub max_pending_orders: u32,
+    pub max_pending_topups: u32,
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub request_timeout: Duration,
@@ -305,9 +316,11 @@ impl Config {
             currency,
             order_ttl: args.order_ttl,
             topup_ttl: args.topup_ttl,
+            topup_retention: args.topup_retention,
             idempotency_ttl: args.idempotency_ttl,
             sweep_interval: args.sweep_interval,
             max_pending_orders: args.max_pending_orders,
+            max_pending_topups: args.max_pending_topups,
             max_batch: args.max_batch as usize,
             queue_capacity: args.queue_capacity as usize,
             request_timeout: args.request_timeout,

@@ -141,7 +141,12 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sweeper = tokio::spawn(sweeper::run(node.clone(), config.sweep_interval, stop_rx));
+    let sweeper = tokio::spawn(sweeper::run(
+        node.clone(),
+        config.sweep_interval,
+        config.topup_retention,
+        stop_rx,
+    ));
 
     let drain = config.shutdown_timeout;
     let limits = http::listener::ConnectionLimits {

@@ -149,6 +149,22 @@ pub enum Command {
     Sweep {
         limit: u32,
     },
+    // Postcard is positional: new variants go at the end, existing ones never change (entries already in
+    // a log must decode and apply as they did).
+    /// `CreateTopup` under a per-user cap: refused with `limit_exceeded` when the user already has
+    /// `max_pending_topups` PENDING, unexpired top-ups. What the HTTP layer sends (`--max-pending-topups`).
+    CreateTopupCapped {
+        user_id: String,
+        amount: Money,
+        expires_at: Timestamp,
+        max_pending_topups: u32,
+    },
+    /// `Sweep`, and also purge EXPIRED and FAILED top-ups that became final more than
+    /// `topup_retention_seconds` before `now` (at most `limit` of them). What the sweeper sends.
+    SweepAndPurge {
+        limit: u32,
+        topup_retention_seconds: u64,
+    },
 }
 
 impl Command {
@@ -159,6 +175,7 @@ impl Command {
             | Command::IssueToken { user_id, .. }
             | Command::Credit { user_id, .. }
             | Command::CreateTopup { user_id, .. }
+            | Command::CreateTopupCapped { user_id, .. }
             | Command::PspPayment { user_id, .. }
             | Command::CreateOrder { user_id, .. }
             | Command::CompleteOrder { user_id, .. }
@@ -169,7 +186,8 @@ impl Command {
             | Command::SettleGlobalKey { .. }
             | Command::ClaimExternalRef { .. }
             | Command::PutItem { .. }
-            | Command::Sweep { .. } => None,
+            | Command::Sweep { .. }
+            | Command::SweepAndPurge { .. } => None,
         }
     }
 
@@ -191,6 +209,8 @@ impl Command {
             Command::Refund { .. } => "refund",
             Command::Consume { .. } => "consume",
             Command::Sweep { .. } => "sweep",
+            Command::CreateTopupCapped { .. } => "create_topup",
+            Command::SweepAndPurge { .. } => "sweep",
         }
     }
 }

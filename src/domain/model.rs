@@ -51,8 +51,10 @@ pub struct WalletView {
 }
 
 impl WalletView {
+    /// `balance - held`. Exact for every wallet `apply` writes (`0 ≤ held ≤ balance`); a corrupt row
+    /// saturates instead of wrapping, and the audit reports it.
     pub fn available(&self) -> Money {
-        Money(self.balance.0 - self.held.0)
+        Money(self.balance.0.saturating_sub(self.held.0))
     }
 }
 
@@ -202,12 +204,14 @@ pub struct OrderLine {
 }
 
 impl OrderLine {
+    /// `unit_price × quantity`. `apply` accepts a line only if this fits (checked there); a corrupt row
+    /// saturates instead of wrapping, so the audit's sums show it.
     pub fn line_total(&self) -> Money {
-        Money(self.unit_price.0 * i64::from(self.quantity))
+        Money(self.unit_price.0.saturating_mul(i64::from(self.quantity)))
     }
 
     pub fn refundable_quantity(&self) -> u32 {
-        self.quantity - self.refunded_quantity
+        self.quantity.saturating_sub(self.refunded_quantity)
     }
 }
 
@@ -345,6 +349,15 @@ impl Topup {
     }
 }
 
+/// Top-ups that became final (EXPIRED, FAILED) strictly before this time are purged by a sweep at `now`
+/// with a retention of `retention_seconds`. Saturates: a retention longer than the epoch purges nothing.
+pub fn topup_purge_bound(now: Timestamp, retention_seconds: u64) -> i64 {
+    let retention = i64::try_from(retention_seconds)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000);
+    now.micros().saturating_sub(retention)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundLine {
     pub item_id: String,
@@ -412,9 +425,10 @@ impl PostingKind {
         }
     }
 
-    /// How a posting of this kind changes the system accounts' (psp_clearing, revenue) balances.
-    pub fn system_delta(self, amount: Money) -> (i64, i64) {
-        let a = amount.0;
+    /// How a posting of this kind changes the system accounts' (psp_clearing, revenue) balances. In
+    /// `i128`, where negating and adding any `i64` amount is exact; the caller narrows with a check.
+    pub fn system_delta(self, amount: Money) -> (i128, i128) {
+        let a = i128::from(amount.0);
         match self {
             PostingKind::Credit => (-a, 0),
             PostingKind::Debit => (0, a),
@@ -423,9 +437,9 @@ impl PostingKind {
         }
     }
 
-    /// How a posting of this kind changes the wallet's (balance, held).
-    pub fn wallet_delta(self, amount: Money) -> (i64, i64) {
-        let a = amount.0;
+    /// How a posting of this kind changes the wallet's (balance, held), in `i128` like `system_delta`.
+    pub fn wallet_delta(self, amount: Money) -> (i128, i128) {
+        let a = i128::from(amount.0);
         match self {
             PostingKind::Credit | PostingKind::Refund => (a, 0),
             PostingKind::Hold => (0, a),

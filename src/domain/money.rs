@@ -23,12 +23,20 @@ impl Money {
         self.0.checked_add(other.0).map(Money)
     }
 
+    pub fn checked_sub(self, other: Money) -> Option<Money> {
+        self.0.checked_sub(other.0).map(Money)
+    }
+
     pub fn checked_mul(self, factor: u32) -> Option<Money> {
         self.0.checked_mul(i64::from(factor)).map(Money)
     }
 
     pub fn is_negative(self) -> bool {
         self.0 < 0
+    }
+
+    pub fn is_positive(self) -> bool {
+        self.0 > 0
     }
 }
 

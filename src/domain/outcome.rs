@@ -46,6 +46,14 @@ pub enum Reply {
         topups: u32,
         idempotency_records: u32,
     },
+    // New variants only at the end (postcard is positional; outcomes are stored).
+    /// What `SweepAndPurge` did: `Swept`'s counts and the final top-ups purged.
+    SweptAndPurged {
+        orders: u32,
+        topups: u32,
+        idempotency_records: u32,
+        purged_topups: u32,
+    },
 }
 
 /// What the home shard of a global idempotency key says about it.
@@ -122,6 +130,15 @@ pub enum Rejection {
     InvalidRequest { message: String },
     #[error("this idempotency key was used with a different request")]
     IdempotencyKeyReused,
+    // New variants only at the end (postcard is positional; rejections are stored).
+    /// A per-user limit is reached. `limit` names it (`max_pending_topups`), `max` is its value, and
+    /// `retry_after`, when known, is when the limit frees up (the earliest pending top-up's expiry).
+    #[error("the limit {limit} ({max}) is reached")]
+    LimitExceeded {
+        limit: String,
+        max: u32,
+        retry_after: Option<Timestamp>,
+    },
 }
 
 impl Rejection {
@@ -151,6 +168,7 @@ impl Rejection {
             Rejection::BalanceLimitExceeded { .. } => "balance_limit_exceeded",
             Rejection::InvalidRequest { .. } => "invalid_request",
             Rejection::IdempotencyKeyReused => "idempotency_key_reused",
+            Rejection::LimitExceeded { .. } => "limit_exceeded",
         }
     }
 

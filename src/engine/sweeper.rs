@@ -1,6 +1,7 @@
 //! Background work of a node, always proposed as commands (state never changes outside `apply`): expire
-//! pending orders and top-ups at their deadlines, purge idempotency outcomes past their retention, and
-//! bring the catalog copies up to date after a crash. Each shard's work is done by the node that leads
+//! pending orders and top-ups at their deadlines, purge idempotency outcomes past their retention and
+//! EXPIRED or FAILED top-ups past `--topup-retention`, and bring the catalog copies up to date after a
+//! crash. Each shard's work is done by the node that leads
 //! it, so a cluster sweeps each shard once, not once per node.
 
 use std::sync::Arc;
@@ -16,8 +17,18 @@ use crate::state::query;
 /// Most orders (and top-ups, and idempotency records) one sweep command handles: bounds the transaction.
 pub const SWEEP_LIMIT: u32 = 500;
 
+/// How long an EXPIRED or FAILED top-up is kept after it became final, unless `--topup-retention` says
+/// otherwise (the flag's default is this). Long enough for any late PSP event: a success that arrives
+/// after the expiry still credits the top-up, which it can only while the top-up exists.
+pub const TOPUP_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+
 /// Sweeps every shard this node leads every `interval` until `stop` turns true.
-pub async fn run(node: Arc<Node>, interval: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    node: Arc<Node>,
+    interval: Duration,
+    topup_retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     // The catalog's copies are checked once by whichever node leads the catalog's home shard (again
     // after the leadership moves to this node).
     let mut catalog_checked = false;
@@ -47,7 +58,7 @@ pub async fn run(node: Arc<Node>, interval: Duration, mut stop: watch::Receiver<
             if !node.cluster().is_leader(shard) {
                 continue;
             }
-            if let Err(error) = sweep_shard(&node, shard).await {
+            if let Err(error) = sweep_shard(&node, shard, topup_retention).await {
                 tracing::warn!(shard, %error, "sweep failed; will retry");
             }
         }
@@ -55,37 +66,50 @@ pub async fn run(node: Arc<Node>, interval: Duration, mut stop: watch::Receiver<
 }
 
 /// Proposes sweeps on `shard` while work is due (each sweep handles at most `SWEEP_LIMIT` of each kind).
-pub async fn sweep_shard(node: &Node, shard: u32) -> Result<(), super::EngineError> {
+/// The retention travels in the command, so every replica purges the same top-ups.
+pub async fn sweep_shard(
+    node: &Node,
+    shard: u32,
+    topup_retention: Duration,
+) -> Result<(), super::EngineError> {
+    let command = Command::SweepAndPurge {
+        limit: SWEEP_LIMIT,
+        topup_retention_seconds: topup_retention.as_secs(),
+    };
     loop {
         let now = Timestamp::now();
         if !node
             .read_with(Consistency::Local, shard, move |txn| {
-                query::sweep_due(txn, now)
+                query::sweep_due(txn, now, topup_retention)
             })
             .await?
         {
             return Ok(());
         }
         let applied = node
-            .propose(
-                shard,
-                system_envelope(Command::Sweep { limit: SWEEP_LIMIT }),
-            )
+            .propose(shard, system_envelope(command.clone()))
             .await?;
-        if let Ok(Reply::Swept {
+        if let Ok(Reply::SweptAndPurged {
             orders,
             topups,
             idempotency_records,
+            purged_topups,
         }) = applied.outcome
         {
-            tracing::debug!(shard, orders, topups, idempotency_records, "swept");
+            tracing::debug!(
+                shard,
+                orders,
+                topups,
+                idempotency_records,
+                purged_topups,
+                "swept"
+            );
             metrics::counter!("shopkeep_expired_orders_total").increment(u64::from(orders));
             metrics::counter!("shopkeep_expired_topups_total").increment(u64::from(topups));
             metrics::counter!("shopkeep_purged_idempotency_records_total")
                 .increment(u64::from(idempotency_records));
-            let full = orders == SWEEP_LIMIT
-                || topups == SWEEP_LIMIT
-                || idempotency_records == SWEEP_LIMIT;
+            metrics::counter!("shopkeep_purged_topups_total").increment(u64::from(purged_topups));
+            let full = [orders, topups, idempotency_records, purged_topups].contains(&SWEEP_LIMIT);
             if !full {
                 return Ok(());
             }

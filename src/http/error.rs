@@ -237,6 +237,17 @@ impl ApiError {
             Rejection::BalanceLimitExceeded { max } => {
                 (StatusCode::CONFLICT, json!({ "max_balance": money(*max) }))
             }
+            Rejection::LimitExceeded {
+                limit,
+                max,
+                retry_after,
+            } => {
+                let mut details = json!({ "limit": limit, "max": max });
+                if let Some(at) = retry_after {
+                    details["retry_after"] = json!(at.to_rfc3339());
+                }
+                (StatusCode::CONFLICT, details)
+            }
         };
         ApiError::new(status, rejection.code(), rejection.to_string()).with_details(details)
     }

@@ -69,7 +69,12 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
             json(StatusCode::CREATED, &dto::refund(currency, refund, wallet))
         }
         Ok(Reply::Entitlement(entitlement)) => json(StatusCode::OK, &dto::entitlement(entitlement)),
-        Ok(other @ (Reply::GlobalClaim(_) | Reply::RefClaim { .. } | Reply::Swept { .. })) => {
+        Ok(
+            other @ (Reply::GlobalClaim(_)
+            | Reply::RefClaim { .. }
+            | Reply::Swept { .. }
+            | Reply::SweptAndPurged { .. }),
+        ) => {
             let error = ApiError::internal(format!("internal reply reached the API: {other:?}"));
             Rendered {
                 status: error.status,

@@ -8,6 +8,10 @@
 //!   passed: that is the sweeper's work done early, the same whatever the command then decides.
 //! - **Money moves only through `post`**, which writes the double-entry posting, extends the hash chain and
 //!   updates the wallet cache and the system accounts together.
+//! - **Peers are not trusted.** A command in the log may come from a buggy or hostile node, so every amount
+//!   is checked (positive, in range) and every sum is computed exactly and narrowed with a check
+//!   (`Accounts::after`). A command that would break an invariant is rejected before it writes, the same
+//!   on every replica: never a panic, never wrapped arithmetic.
 
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use sha2::{Digest, Sha256};
@@ -17,6 +21,7 @@ use super::tables::{self, decode, encode, get};
 use super::{IdempotencyRecord, IdempotencyState, MetaState, StoreError};
 use crate::domain::command::{GLOBAL_SCOPE, IdempotencyTag};
 use crate::domain::model::{MAX_CATALOG_ITEMS, MAX_LINES, MAX_REFUNDS_PER_ORDER};
+use crate::domain::money::MAX_WALLET_BALANCE;
 use crate::domain::{
     Command, Credit, Entitlement, Envelope, Fingerprint, GlobalClaim, HistoryEntry, IdSequence,
     Item, ItemSpec, LineRequest, Money, Order, OrderLine, OrderStatus, Outcome, Posting,
@@ -76,6 +81,8 @@ pub(crate) struct Applier<'t> {
     external_refs: Table<'t, &'static str, Bytes>,
     topups: Table<'t, u128, Bytes>,
     pending_topups: Table<'t, (i64, u128), ()>,
+    user_pending_topups: Table<'t, (&'static str, u128), i64>,
+    final_topups: Table<'t, (i64, u128), ()>,
     refunds: Table<'t, u128, Bytes>,
     idempotency: Table<'t, (&'static str, &'static str), Bytes>,
     idempotency_expiry: Table<'t, (i64, &'static str, &'static str), ()>,
@@ -101,6 +108,8 @@ impl<'t> Applier<'t> {
             external_refs: txn.open_table(tables::EXTERNAL_REFS)?,
             topups: txn.open_table(tables::TOPUPS)?,
             pending_topups: txn.open_table(tables::PENDING_TOPUPS)?,
+            user_pending_topups: txn.open_table(tables::USER_PENDING_TOPUPS)?,
+            final_topups: txn.open_table(tables::FINAL_TOPUPS)?,
             refunds: txn.open_table(tables::REFUNDS)?,
             idempotency: txn.open_table(tables::IDEMPOTENCY)?,
             idempotency_expiry: txn.open_table(tables::IDEMPOTENCY_EXPIRY)?,
@@ -223,7 +232,13 @@ impl<'t> Applier<'t> {
                 user_id,
                 amount,
                 expires_at,
-            } => self.create_topup(cx, user_id, *amount, *expires_at),
+            } => self.create_topup(cx, user_id, *amount, *expires_at, None),
+            Command::CreateTopupCapped {
+                user_id,
+                amount,
+                expires_at,
+                max_pending_topups,
+            } => self.create_topup(cx, user_id, *amount, *expires_at, Some(*max_pending_topups)),
             Command::PspPayment {
                 event_id: _,
                 succeeded,
@@ -274,7 +289,27 @@ impl<'t> Applier<'t> {
                 item_id,
                 quantity,
             } => self.consume(cx, user_id, item_id, *quantity),
-            Command::Sweep { limit } => self.sweep(cx, *limit),
+            Command::Sweep { limit } => {
+                let (orders, topups, idempotency_records) = self.sweep(cx, *limit)?;
+                Ok(Reply::Swept {
+                    orders,
+                    topups,
+                    idempotency_records,
+                })
+            }
+            Command::SweepAndPurge {
+                limit,
+                topup_retention_seconds,
+            } => {
+                let (orders, topups, idempotency_records) = self.sweep(cx, *limit)?;
+                let purged_topups = self.purge_topups(cx, *limit, *topup_retention_seconds)?;
+                Ok(Reply::SweptAndPurged {
+                    orders,
+                    topups,
+                    idempotency_records,
+                    purged_topups,
+                })
+            }
         }
     }
 
@@ -309,16 +344,24 @@ impl<'t> Applier<'t> {
     /// passed, so that the wallet the command sees (and answers with) holds exactly what is still pending.
     fn begin_user(&mut self, cx: &mut Cx, user_id: &str) -> Step<User> {
         let mut user = self.existing_user(user_id)?;
-        let due: Vec<u128> = self
+        let due: Vec<(u128, i64)> = self
             .user_pending
             .range((user_id, 0u128)..=(user_id, u128::MAX))?
             .filter_map(|entry| match entry {
-                Ok((key, value)) => (value.value().0 <= cx.now.micros()).then(|| Ok(key.value().1)),
+                Ok((key, value)) => {
+                    let (expires_at, total) = value.value();
+                    (expires_at <= cx.now.micros()).then(|| Ok((key.value().1, total)))
+                }
                 Err(e) => Some(Err(e)),
             })
             .collect::<Result<_, _>>()?;
         if !due.is_empty() {
-            for order_id in due {
+            let releases: Vec<(PostingKind, Money)> = due
+                .iter()
+                .map(|&(_, total)| (PostingKind::Release, Money(total)))
+                .collect();
+            self.check_postings(&user, &releases)?;
+            for (order_id, _) in due {
                 self.expire_order(cx, &mut user, order_id)?;
             }
             self.save_user(&user)?;
@@ -339,15 +382,16 @@ impl<'t> Applier<'t> {
     /// Debug builds: the wallet's `held` equals the sum of its pending orders.
     #[cfg(debug_assertions)]
     fn debug_check_holds(&self, user: &User) -> Step<()> {
-        let mut pending_total = 0i64;
+        let mut pending_total = 0i128;
         for entry in self
             .user_pending
             .range((user.user_id.as_str(), 0u128)..=(user.user_id.as_str(), u128::MAX))?
         {
-            pending_total += entry?.1.value().1;
+            pending_total += i128::from(entry?.1.value().1);
         }
         debug_assert_eq!(
-            pending_total, user.held.0,
+            pending_total,
+            i128::from(user.held.0),
             "held = sum of pending orders for {}",
             user.user_id
         );
@@ -497,6 +541,7 @@ impl<'t> Applier<'t> {
         source: &Option<String>,
         ref_accepted: bool,
     ) -> Step<Reply> {
+        check_amount(amount)?;
         let mut user = self.begin_user(cx, user_id)?;
         if let Some(existing) = get::<_, Credit, _>(&self.credits, external_ref)? {
             if existing.user_id == user_id && existing.amount == amount {
@@ -545,7 +590,7 @@ impl<'t> Applier<'t> {
     }
 
     fn check_balance_room(&self, user: &User, amount: Money) -> Step<()> {
-        let max = crate::domain::money::MAX_WALLET_BALANCE;
+        let max = MAX_WALLET_BALANCE;
         match user.balance.checked_add(amount) {
             Some(after) if after <= max => Ok(()),
             _ => Err(Rejection::BalanceLimitExceeded { max }.into()),
@@ -558,8 +603,13 @@ impl<'t> Applier<'t> {
         user_id: &str,
         amount: Money,
         expires_at: Timestamp,
+        cap: Option<u32>,
     ) -> Step<Reply> {
+        check_amount(amount)?;
         self.begin_user(cx, user_id)?;
+        if let Some(max) = cap {
+            self.check_pending_topups(cx, user_id, max)?;
+        }
         let topup = Topup {
             topup_id: cx.ids.primary(),
             user_id: user_id.to_owned(),
@@ -571,9 +621,77 @@ impl<'t> Applier<'t> {
             finished_at: None,
         };
         self.save_topup(&topup)?;
-        self.pending_topups
-            .insert((expires_at.micros(), topup.topup_id.as_u128()), ())?;
+        let id = topup.topup_id.as_u128();
+        self.pending_topups.insert((expires_at.micros(), id), ())?;
+        self.user_pending_topups
+            .insert((user_id, id), expires_at.micros())?;
         Ok(Reply::TopupCreated(topup))
+    }
+
+    /// Refuses a new top-up when the user already has `max` PENDING top-ups that have not expired at
+    /// `cx.now` (one past its deadline counts no more, swept or not). `retry_after` is the earliest expiry
+    /// among them: when one more may be started.
+    fn check_pending_topups(&self, cx: &Cx, user_id: &str, max: u32) -> Step<()> {
+        let mut pending = 0u32;
+        let mut earliest: Option<i64> = None;
+        for entry in self
+            .user_pending_topups
+            .range((user_id, 0u128)..=(user_id, u128::MAX))?
+        {
+            let expires_at = entry?.1.value();
+            if expires_at > cx.now.micros() {
+                pending = pending.saturating_add(1);
+                earliest = Some(earliest.map_or(expires_at, |e| e.min(expires_at)));
+            }
+        }
+        if pending < max {
+            return Ok(());
+        }
+        Err(Rejection::LimitExceeded {
+            limit: "max_pending_topups".to_owned(),
+            max,
+            retry_after: earliest.map(Timestamp),
+        }
+        .into())
+    }
+
+    /// Records that `topup` left PENDING: out of the pending indexes, and into the purge queue if it
+    /// ended EXPIRED or FAILED. `was` is the top-up as stored before (an EXPIRED one may still complete).
+    fn topup_left_pending(&mut self, was: &Topup, topup: &Topup) -> Step<()> {
+        let id = topup.topup_id.as_u128();
+        self.pending_topups.remove((was.expires_at.micros(), id))?;
+        self.user_pending_topups
+            .remove((was.user_id.as_str(), id))?;
+        if let Some(at) = final_time(was) {
+            self.final_topups.remove((at, id))?;
+        }
+        if let Some(at) = final_time(topup) {
+            self.final_topups.insert((at, id), ())?;
+        }
+        Ok(())
+    }
+
+    /// Purges at most `limit` EXPIRED or FAILED top-ups that became final more than `retention_seconds`
+    /// before `cx.now`, with their index rows. Returns how many.
+    fn purge_topups(&mut self, cx: &Cx, limit: u32, retention_seconds: u64) -> Step<u32> {
+        let bound = crate::domain::topup_purge_bound(cx.now, retention_seconds);
+        let due: Vec<(i64, u128)> = self
+            .final_topups
+            .range(..(bound, 0u128))?
+            .take(limit as usize)
+            .map(|entry| entry.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for &(at, id) in &due {
+            self.final_topups.remove((at, id))?;
+            if let Some(topup) = get::<_, Topup, _>(&self.topups, id)? {
+                self.pending_topups
+                    .remove((topup.expires_at.micros(), id))?;
+                self.user_pending_topups
+                    .remove((topup.user_id.as_str(), id))?;
+                self.topups.remove(id)?;
+            }
+        }
+        Ok(u32::try_from(due.len()).unwrap_or(u32::MAX))
     }
 
     fn save_topup(&mut self, topup: &Topup) -> Step<()> {
@@ -594,6 +712,7 @@ impl<'t> Applier<'t> {
         psp_payment_id: &str,
         ref_accepted: bool,
     ) -> Step<Reply> {
+        check_amount(amount)?;
         let mut user = self.begin_user(cx, user_id)?;
         let mut topup = match get::<_, Topup, _>(&self.topups, topup_id.as_u128())? {
             Some(topup) if topup.user_id == user_id => topup,
@@ -609,6 +728,7 @@ impl<'t> Applier<'t> {
             }
             .into());
         }
+        let was = topup.clone();
         if succeeded {
             if !ref_accepted {
                 return Err(Rejection::ExternalRefConflict {
@@ -632,9 +752,8 @@ impl<'t> Applier<'t> {
         } else {
             topup.status = TopupStatus::Failed;
         }
-        self.pending_topups
-            .remove((topup.expires_at.micros(), topup_id.as_u128()))?;
         topup.finished_at = Some(cx.now);
+        self.topup_left_pending(&was, &topup)?;
         self.save_topup(&topup)?;
         Ok(Reply::TopupUpdated(topup))
     }
@@ -642,6 +761,7 @@ impl<'t> Applier<'t> {
     // ----- catalog -----------------------------------------------------------------------------------
 
     fn put_item(&mut self, cx: &mut Cx, spec: &ItemSpec, version: Option<u64>) -> Step<Reply> {
+        check_price(spec.price)?;
         let existing: Option<Item> = get(&self.items, spec.item_id.as_str())?;
         let new_version = match (version, &existing) {
             // The catalog's home shard decides the version: +1 on a change, unchanged otherwise.
@@ -771,6 +891,11 @@ impl<'t> Applier<'t> {
             }
             .into());
         }
+        let mut postings = vec![(PostingKind::Hold, total)];
+        if complete {
+            postings.push((PostingKind::Debit, total));
+        }
+        self.check_postings(&user, &postings)?;
 
         let mut order = Order {
             order_id: cx.ids.primary(),
@@ -856,6 +981,7 @@ impl<'t> Applier<'t> {
         let mut order = self.user_order(user_id, order_id)?;
         match order.status {
             OrderStatus::Pending => {
+                self.check_postings(&user, &[(PostingKind::Debit, order.total)])?;
                 self.complete_effects(cx, &mut user, &mut order)?;
                 self.save_order(&order)?;
                 self.save_user(&user)?;
@@ -960,8 +1086,12 @@ impl<'t> Applier<'t> {
 
     fn save_order(&mut self, order: &Order) -> Step<()> {
         debug_assert_eq!(
-            order.total.0,
-            order.lines.iter().map(|l| l.line_total().0).sum::<i64>()
+            i128::from(order.total.0),
+            order
+                .lines
+                .iter()
+                .map(|l| i128::from(l.line_total().0))
+                .sum::<i128>()
         );
         let bytes = encode(order)?;
         self.orders
@@ -1073,6 +1203,7 @@ impl<'t> Applier<'t> {
             });
             entitlements.extend(entitlement);
         }
+        self.check_postings(&user, &[(PostingKind::Refund, amount)])?;
 
         for (entitlement, &(index, quantity)) in entitlements.iter_mut().zip(&wanted) {
             entitlement.revoked += u64::from(quantity);
@@ -1168,7 +1299,9 @@ impl<'t> Applier<'t> {
 
     // ----- background work ---------------------------------------------------------------------------
 
-    fn sweep(&mut self, cx: &mut Cx, limit: u32) -> Step<Reply> {
+    /// Expires due orders and top-ups and purges idempotency outcomes past their retention, at most
+    /// `limit` of each; returns how many of each.
+    fn sweep(&mut self, cx: &mut Cx, limit: u32) -> Step<(u32, u32, u32)> {
         let bound = cx.now.micros().saturating_add(1);
         let limit = limit as usize;
 
@@ -1192,9 +1325,10 @@ impl<'t> Applier<'t> {
             .collect::<Result<_, _>>()?;
         for (expires_at, topup_id) in &due_topups {
             self.pending_topups.remove((*expires_at, *topup_id))?;
-            if let Some(mut topup) = get::<_, Topup, _>(&self.topups, *topup_id)? {
-                if topup.status == TopupStatus::Pending {
-                    topup = topup.as_of(cx.now);
+            if let Some(was) = get::<_, Topup, _>(&self.topups, *topup_id)? {
+                if was.status == TopupStatus::Pending {
+                    let topup = was.as_of(cx.now);
+                    self.topup_left_pending(&was, &topup)?;
                     self.save_topup(&topup)?;
                 }
             }
@@ -1210,14 +1344,34 @@ impl<'t> Applier<'t> {
             self.remove_idempotency_record(scope, key)?;
         }
 
-        Ok(Reply::Swept {
-            orders: due_orders.len() as u32,
-            topups: due_topups.len() as u32,
-            idempotency_records: due_records.len() as u32,
-        })
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok((
+            count(due_orders.len()),
+            count(due_topups.len()),
+            count(due_records.len()),
+        ))
     }
 
     // ----- the ledger --------------------------------------------------------------------------------
+
+    fn accounts(&self, user: &User) -> Accounts {
+        Accounts {
+            balance: user.balance,
+            held: user.held,
+            psp_clearing: self.meta.psp_clearing,
+            revenue: self.meta.revenue,
+        }
+    }
+
+    /// Decides, before a command writes anything, that `postings` (in order) can all be made on `user`'s
+    /// wallet: each amount non-negative, every account in range, `0 ≤ held ≤ balance` after each.
+    fn check_postings(&self, user: &User, postings: &[(PostingKind, Money)]) -> Step<()> {
+        let mut accounts = self.accounts(user);
+        for &(kind, amount) in postings {
+            accounts = accounts.after(kind, amount)?;
+        }
+        Ok(())
+    }
 
     /// Moves `amount` between the accounts of `kind` on `user`'s wallet: writes the posting (hash-chained),
     /// the user's ledger entry, and updates the wallet cache and the system accounts. Zero moves nothing.
@@ -1230,22 +1384,19 @@ impl<'t> Applier<'t> {
         reference: PostingRef,
         at: Timestamp,
     ) -> Step<()> {
-        debug_assert!(!amount.is_negative(), "postings move positive amounts");
+        // Checked before anything is written: a refused posting leaves wallet and accounts as they were.
+        let after = self.accounts(user).after(kind, amount)?;
         if amount == Money::ZERO {
             return Ok(());
         }
-        let (balance_delta, held_delta) = kind.wallet_delta(amount);
-        user.balance = Money(user.balance.0 + balance_delta);
-        user.held = Money(user.held.0 + held_delta);
-        debug_assert!(
-            !user.held.is_negative() && user.held <= user.balance,
-            "wallet stays consistent"
-        );
-        let (psp_clearing_delta, revenue_delta) = kind.system_delta(amount);
-        self.meta.psp_clearing += psp_clearing_delta;
-        self.meta.revenue += revenue_delta;
-        user.ledger_seq += 1;
-        self.meta.posting_seq += 1;
+        let ledger_seq = user.ledger_seq.checked_add(1).ok_or_else(overflow)?;
+        let posting_seq = self.meta.posting_seq.checked_add(1).ok_or_else(overflow)?;
+        user.balance = after.balance;
+        user.held = after.held;
+        self.meta.psp_clearing = after.psp_clearing;
+        self.meta.revenue = after.revenue;
+        user.ledger_seq = ledger_seq;
+        self.meta.posting_seq = posting_seq;
         let (debit, credit) = kind.accounts(&user.user_id);
         let posting = Posting {
             seq: self.meta.posting_seq,
@@ -1268,6 +1419,16 @@ impl<'t> Applier<'t> {
         self.user_postings
             .insert((user.user_id.as_str(), user.ledger_seq), posting.seq)?;
         Ok(())
+    }
+}
+
+/// When a top-up became final, if it is one the purge removes (EXPIRED or FAILED).
+fn final_time(topup: &Topup) -> Option<i64> {
+    match topup.status {
+        TopupStatus::Expired | TopupStatus::Failed => {
+            Some(topup.finished_at.unwrap_or(topup.expires_at).micros())
+        }
+        TopupStatus::Pending | TopupStatus::Completed => None,
     }
 }
 
@@ -1295,6 +1456,69 @@ fn check_line_shape(lines: &[LineRequest]) -> Result<(), Rejection> {
 
 fn overflow() -> Rejection {
     Rejection::invalid("amount out of range")
+}
+
+/// An amount a command moves (credit, top-up, payment): positive, and no more than a wallet may hold.
+/// The edge refuses anything else with 422; a command in the log may still come from a faulty peer.
+fn check_amount(amount: Money) -> Result<(), Rejection> {
+    if !amount.is_positive() {
+        return Err(Rejection::invalid("amount must be positive"));
+    }
+    if amount > MAX_WALLET_BALANCE {
+        return Err(overflow());
+    }
+    Ok(())
+}
+
+/// A catalog price: zero (a free item) or positive, and no more than a wallet may hold.
+fn check_price(price: Money) -> Result<(), Rejection> {
+    if price.is_negative() {
+        return Err(Rejection::invalid("price must not be negative"));
+    }
+    if price > MAX_WALLET_BALANCE {
+        return Err(overflow());
+    }
+    Ok(())
+}
+
+/// A wallet and the shard's system accounts, as one posting leaves them.
+#[derive(Clone, Copy, Debug)]
+struct Accounts {
+    balance: Money,
+    held: Money,
+    psp_clearing: i64,
+    revenue: i64,
+}
+
+impl Accounts {
+    /// The accounts after a posting of `amount` of `kind`: computed exactly in `i128`, then narrowed with
+    /// a check. A negative amount, a sum outside `i64`, or a wallet left with `held < 0` or
+    /// `held > balance` is refused (a zero amount moves nothing and is allowed).
+    fn after(self, kind: PostingKind, amount: Money) -> Result<Accounts, Rejection> {
+        if amount.is_negative() {
+            return Err(Rejection::invalid("postings move positive amounts"));
+        }
+        let (balance_delta, held_delta) = kind.wallet_delta(amount);
+        let (psp_clearing_delta, revenue_delta) = kind.system_delta(amount);
+        let moved = |from: i64, delta: i128| {
+            i128::from(from)
+                .checked_add(delta)
+                .and_then(|sum| i64::try_from(sum).ok())
+                .ok_or_else(overflow)
+        };
+        let after = Accounts {
+            balance: Money(moved(self.balance.0, balance_delta)?),
+            held: Money(moved(self.held.0, held_delta)?),
+            psp_clearing: moved(self.psp_clearing, psp_clearing_delta)?,
+            revenue: moved(self.revenue, revenue_delta)?,
+        };
+        if after.held.is_negative() || after.held > after.balance {
+            return Err(Rejection::invalid(
+                "the posting would leave the wallet's held outside 0..=balance",
+            ));
+        }
+        Ok(after)
+    }
 }
 
 /// Decodes a posting row (used by queries and the audit too).

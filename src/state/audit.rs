@@ -9,7 +9,10 @@
 //! - the system accounts equal the sums of their postings, and all accounts together sum to zero;
 //! - each order's total is the sum of its lines, refunds never exceed what was bought, per line and in all;
 //! - each entitlement's granted and revoked quantities equal what completed orders granted and refunds
-//!   revoked; `granted ≥ revoked + consumed`; at most one game or skin.
+//!   revoked; `granted ≥ revoked + consumed`; at most one game or skin;
+//! - the top-up indexes point at top-ups in their state: each row of a user's pending top-ups at a
+//!   PENDING top-up of that user with that deadline, each row of the purge queue at an EXPIRED or FAILED
+//!   top-up that became final then.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -19,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::tables::{self, TableVisitor, decode};
 use super::{StoreError, query};
-use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, User};
+use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, Topup, TopupStatus, User};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ShardAudit {
@@ -32,10 +35,12 @@ pub struct ShardAudit {
     pub violations: Vec<String>,
 }
 
+/// Sums are `i128`: exact for any number of `i64` amounts a shard can hold, so a stored row that is out of
+/// range shows up as a mismatch instead of wrapping (or panicking) in the audit itself.
 #[derive(Default)]
 struct WalletSums {
-    balance: i64,
-    held: i64,
+    balance: i128,
+    held: i128,
     entries: u64,
 }
 
@@ -45,7 +50,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
 
     // Postings: the chain, the accounts, and the sums per wallet and system account.
     let mut wallets: HashMap<String, WalletSums> = HashMap::new();
-    let (mut psp_clearing, mut revenue) = (0i64, 0i64);
+    let (mut psp_clearing, mut revenue) = (0i128, 0i128);
     let mut head = [0u8; 32];
     let mut posting_count = 0u64;
     for entry in txn.open_table(tables::POSTINGS)?.iter()? {
@@ -82,8 +87,8 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         sums.held += held_delta;
         sums.entries += 1;
         if sums.entries != posting.user_seq
-            || sums.balance != posting.balance_after.0
-            || sums.held != posting.held_after.0
+            || sums.balance != i128::from(posting.balance_after.0)
+            || sums.held != i128::from(posting.held_after.0)
         {
             violations.push(format!(
                 "posting {} disagrees with the running wallet of {}",
@@ -97,34 +102,34 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     if head != meta.posting_head || posting_count != meta.posting_seq {
         violations.push("the posting chain's head does not match the recorded head".to_owned());
     }
-    if psp_clearing != meta.psp_clearing || revenue != meta.revenue {
+    if psp_clearing != i128::from(meta.psp_clearing) || revenue != i128::from(meta.revenue) {
         violations
             .push("system account balances differ from the sums of their postings".to_owned());
     }
 
     // Pending holds per user.
-    let mut pending_holds: HashMap<String, i64> = HashMap::new();
+    let mut pending_holds: HashMap<String, i128> = HashMap::new();
     for entry in txn.open_table(tables::USER_PENDING)?.iter()? {
         let (key, value) = entry?;
-        *pending_holds.entry(key.value().0.to_owned()).or_default() += value.value().1;
+        *pending_holds.entry(key.value().0.to_owned()).or_default() += i128::from(value.value().1);
     }
 
     // Wallets.
     let mut user_count = 0u64;
-    let mut wallet_total = 0i64;
+    let mut wallet_total = 0i128;
     for entry in txn.open_table(tables::USERS)?.iter()? {
         let user: User = decode(entry?.1.value())?;
         user_count += 1;
-        wallet_total += user.balance.0;
+        wallet_total += i128::from(user.balance.0);
         let sums = wallets.remove(&user.user_id).unwrap_or_default();
         let id = &user.user_id;
-        if user.balance.0 != sums.balance {
+        if i128::from(user.balance.0) != sums.balance {
             violations.push(format!(
                 "wallet {id}: balance {} != sum of postings {}",
                 user.balance.0, sums.balance
             ));
         }
-        if user.held.0 != sums.held {
+        if i128::from(user.held.0) != sums.held {
             violations.push(format!(
                 "wallet {id}: held {} != sum of postings {}",
                 user.held.0, sums.held
@@ -137,7 +142,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
             ));
         }
         let pending = pending_holds.remove(id).unwrap_or(0);
-        if user.held.0 != pending {
+        if i128::from(user.held.0) != pending {
             violations.push(format!(
                 "wallet {id}: held {} != pending orders {pending}",
                 user.held.0
@@ -164,13 +169,17 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         let order: Order = decode(entry?.1.value())?;
         order_count += 1;
         let id = order.order_id;
-        let total: i64 = order.lines.iter().map(|l| l.line_total().0).sum();
-        let refunded: i64 = order
+        let total: i128 = order
             .lines
             .iter()
-            .map(|l| l.unit_price.0 * i64::from(l.refunded_quantity))
+            .map(|l| i128::from(l.unit_price.0) * i128::from(l.quantity))
             .sum();
-        if total != order.total.0 || refunded != order.refunded_total.0 {
+        let refunded: i128 = order
+            .lines
+            .iter()
+            .map(|l| i128::from(l.unit_price.0) * i128::from(l.refunded_quantity))
+            .sum();
+        if total != i128::from(order.total.0) || refunded != i128::from(order.refunded_total.0) {
             violations.push(format!("order {id}: totals differ from its lines"));
         }
         if order.lines.iter().any(|l| l.refunded_quantity > l.quantity)
@@ -192,8 +201,8 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
                 let e = expected_grants
                     .entry((order.user_id.clone(), line.item_id.clone()))
                     .or_default();
-                e.0 += u64::from(line.quantity);
-                e.1 += u64::from(line.refunded_quantity);
+                e.0 = e.0.saturating_add(u64::from(line.quantity));
+                e.1 = e.1.saturating_add(u64::from(line.refunded_quantity));
             }
         }
     }
@@ -211,7 +220,9 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
                 entitlement.granted, entitlement.revoked
             ));
         }
-        if entitlement.granted < entitlement.revoked + entitlement.consumed {
+        if u128::from(entitlement.granted)
+            < u128::from(entitlement.revoked) + u128::from(entitlement.consumed)
+        {
             violations.push(format!(
                 "entitlement {user_id}/{item_id}: negative quantity"
             ));
@@ -230,6 +241,8 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         }
     }
 
+    audit_topup_indexes(txn, &mut violations)?;
+
     Ok(ShardAudit {
         shard,
         last_applied: meta.last_applied,
@@ -239,6 +252,42 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         state_hash: state_hash(txn)?,
         violations,
     })
+}
+
+/// The top-up indexes agree with the top-ups they point at.
+fn audit_topup_indexes(
+    txn: &ReadTransaction,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let topups = txn.open_table(tables::TOPUPS)?;
+    let topup = |id: u128| -> Result<Option<Topup>, StoreError> { tables::get(&topups, id) };
+    for entry in txn.open_table(tables::USER_PENDING_TOPUPS)?.iter()? {
+        let (key, value) = entry?;
+        let (user_id, id) = key.value();
+        let indexed = topup(id)?.is_some_and(|t| {
+            t.status == TopupStatus::Pending
+                && t.user_id == user_id
+                && t.expires_at.micros() == value.value()
+        });
+        if !indexed {
+            violations.push(format!(
+                "top-up {id:032x}: in the pending top-ups of {user_id} but not a PENDING top-up of theirs"
+            ));
+        }
+    }
+    for entry in txn.open_table(tables::FINAL_TOPUPS)?.iter()? {
+        let (at, id) = entry?.0.value();
+        let indexed = topup(id)?.is_some_and(|t| {
+            matches!(t.status, TopupStatus::Expired | TopupStatus::Failed)
+                && t.finished_at.unwrap_or(t.expires_at).micros() == at
+        });
+        if !indexed {
+            violations.push(format!(
+                "top-up {id:032x}: in the purge queue but not EXPIRED or FAILED since then"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// SHA-256 over every row of every table, in key order: equal on replicas that applied the same log.

@@ -38,17 +38,23 @@ pub fn wallet_at(
     now: Timestamp,
 ) -> Result<WalletView, StoreError> {
     let pending = txn.open_table(tables::USER_PENDING)?;
-    let mut expired_holds = 0i64;
+    let mut expired_holds = Money::ZERO;
     let user_id = user.user_id.as_str();
+    let out_of_range = || StoreError::Corrupt(format!("holds of {user_id} out of range"));
     for entry in pending.range((user_id, 0u128)..=(user_id, u128::MAX))? {
         let (expires_at, total) = entry?.1.value();
         if expires_at <= now.micros() {
-            expired_holds += total;
+            expired_holds = expired_holds
+                .checked_add(Money(total))
+                .ok_or_else(out_of_range)?;
         }
     }
     let wallet = WalletView {
         balance: user.balance,
-        held: Money(user.held.0 - expired_holds),
+        held: user
+            .held
+            .checked_sub(expired_holds)
+            .ok_or_else(out_of_range)?,
     };
     debug_assert!(!wallet.held.is_negative() && wallet.held <= wallet.balance);
     Ok(wallet)
@@ -174,9 +180,19 @@ pub fn idempotency(
     get(&txn.open_table(tables::IDEMPOTENCY)?, (scope, key))
 }
 
-/// Is there background work due at `now` (an order or top-up to expire, an outcome to purge)?
-pub fn sweep_due(txn: &ReadTransaction, now: Timestamp) -> Result<bool, StoreError> {
+/// Is there background work due at `now` (an order or top-up to expire, an outcome to purge, a final
+/// top-up older than `topup_retention`)?
+pub fn sweep_due(
+    txn: &ReadTransaction,
+    now: Timestamp,
+    topup_retention: std::time::Duration,
+) -> Result<bool, StoreError> {
     let bound = now.micros().saturating_add(1);
+    let final_topups = txn.open_table(tables::FINAL_TOPUPS)?;
+    let purge_bound = crate::domain::topup_purge_bound(now, topup_retention.as_secs());
+    if final_topups.range(..(purge_bound, 0u128))?.next().is_some() {
+        return Ok(true);
+    }
     let orders = txn.open_table(tables::PENDING_ORDERS)?;
     if orders.range(..(bound, 0u128))?.next().is_some() {
         return Ok(true);

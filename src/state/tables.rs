@@ -41,6 +41,11 @@ pub const EXTERNAL_REFS: TableDefinition<&str, Bytes> = TableDefinition::new("ex
 pub const TOPUPS: TableDefinition<u128, Bytes> = TableDefinition::new("topups");
 /// (expires_at, topup_id) → (): pending top-ups, for the sweeper.
 pub const PENDING_TOPUPS: TableDefinition<(i64, u128), ()> = TableDefinition::new("pending_topups");
+/// (user_id, topup_id) → expires_at: a user's PENDING top-ups, for the cap on them.
+pub const USER_PENDING_TOPUPS: TableDefinition<(&str, u128), i64> =
+    TableDefinition::new("user_pending_topups");
+/// (finished_at, topup_id) → (): EXPIRED and FAILED top-ups by when they became final, for their purge.
+pub const FINAL_TOPUPS: TableDefinition<(i64, u128), ()> = TableDefinition::new("final_topups");
 /// refund_id → `Refund`
 pub const REFUNDS: TableDefinition<u128, Bytes> = TableDefinition::new("refunds");
 /// (scope, key) → `IdempotencyRecord`
@@ -112,6 +117,8 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(14, REFUNDS)?;
     visitor.visit(15, IDEMPOTENCY)?;
     visitor.visit(16, IDEMPOTENCY_EXPIRY)?;
+    visitor.visit(17, USER_PENDING_TOPUPS)?;
+    visitor.visit(18, FINAL_TOPUPS)?;
     Ok(())
 }
 

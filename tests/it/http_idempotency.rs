@@ -582,3 +582,66 @@ async fn idempotency_lookup_for_an_unknown_user_is_user_not_found() {
     .await
     .expect_error(404, "user_not_found");
 }
+
+#[tokio::test]
+async fn a_user_token_cannot_read_back_a_token_issuance() {
+    let srv = Server::start().await;
+    srv.create_user("tk").await;
+    // The service mints a 30-day token under a key it chose.
+    let key = new_key();
+    let minted = srv
+        .post_key(
+            "/v1/users/tk/tokens",
+            Auth::Service,
+            &key,
+            &json!({"ttl_seconds": 30 * 86_400}),
+        )
+        .await
+        .expect(201);
+    let long_token = minted["token"].as_str().expect("token").to_owned();
+    let short = srv
+        .post(
+            "/v1/users/tk/tokens",
+            Auth::Service,
+            &json!({"ttl_seconds": 60}),
+        )
+        .await
+        .expect(201);
+    let short_token = short["token"].as_str().expect("token");
+    let path = format!("/v1/users/tk/idempotency/{key}");
+    // To the short-lived user token the key looks empty: the same answer as a key never used.
+    let hidden = srv
+        .get(&path, Auth::user(short_token))
+        .await
+        .expect_error(404, "not_found");
+    let unused = srv
+        .get(
+            &format!("/v1/users/tk/idempotency/{}", new_key()),
+            Auth::user(short_token),
+        )
+        .await
+        .expect_error(404, "not_found");
+    assert_eq!(hidden, unused);
+    // The service and the admin still learn the outcome, token included.
+    for auth in [Auth::Service, Auth::Admin] {
+        let seen = srv.get(&path, auth).await.expect(200);
+        assert_eq!(seen["status"], 201);
+        assert_eq!(seen["body"]["token"], json!(long_token));
+    }
+    // The user's other outcomes stay visible to it.
+    let topup_key = new_key();
+    srv.post_key(
+        "/v1/users/tk/topups",
+        Auth::user(short_token),
+        &topup_key,
+        &json!({"amount": "1.00"}),
+    )
+    .await
+    .expect(201);
+    srv.get(
+        &format!("/v1/users/tk/idempotency/{topup_key}"),
+        Auth::user(short_token),
+    )
+    .await
+    .expect(200);
+}

@@ -336,3 +336,164 @@ async fn signed_webhook_with_a_bad_body_is_refused_and_changes_nothing() {
     assert_eq!(get_topup(&srv, "tw", &t).await["status"], "PENDING");
     assert_eq!(srv.wallet("tw").await.balance, 0);
 }
+
+/// Creates a top-up under `key` as `auth`: the raw answer.
+async fn topup_with_key(srv: &Server, user: &str, auth: Auth, key: &str) -> Resp {
+    srv.post_key(
+        &format!("/v1/users/{user}/topups"),
+        auth,
+        key,
+        &json!({"amount": "1.00"}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_eleventh_pending_topup_is_limit_exceeded_and_stores_nothing_but_its_outcome() {
+    let srv = Server::start().await;
+    srv.create_user("cap").await;
+    let tok = srv.user_token("cap").await;
+    let mut pending = Vec::new();
+    for _ in 0..10 {
+        let t = topup_with_key(&srv, "cap", Auth::user(&tok), &new_key())
+            .await
+            .expect(201);
+        pending.push(t);
+    }
+    let key = new_key();
+    let refused = topup_with_key(&srv, "cap", Auth::user(&tok), &key).await;
+    let body = refused.expect_error(409, "limit_exceeded");
+    let details = &body["details"];
+    assert_eq!(details["limit"], "max_pending_topups", "{body}");
+    assert_eq!(details["max"], 10, "{body}");
+    // The earliest of the pending top-ups' deadlines: when one more may be started.
+    assert_eq!(details["retry_after"], pending[0]["expires_at"], "{body}");
+    // Its outcome is stored (a replay answers it byte for byte; the lookup shows it) and nothing else is:
+    // the service is refused too, since the user still has ten pending.
+    let replay = topup_with_key(&srv, "cap", Auth::user(&tok), &key).await;
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(replay.body, refused.body);
+    let stored = srv
+        .get(&format!("/v1/users/cap/idempotency/{key}"), Auth::Service)
+        .await
+        .expect(200);
+    assert_eq!(stored["status"], 409);
+    topup_with_key(&srv, "cap", Auth::Service, &new_key())
+        .await
+        .expect_error(409, "limit_exceeded");
+    assert_eq!(srv.wallet("cap").await.balance, 0);
+
+    // One completed (webhook) and one failed: two more may be started, then the cap holds again.
+    srv.webhook(&event(
+        "evt_cap_ok",
+        "payment.succeeded",
+        &pending[3],
+        "cap",
+        "1.00",
+    ))
+    .await
+    .expect(200);
+    srv.webhook(&event(
+        "evt_cap_ko",
+        "payment.failed",
+        &pending[4],
+        "cap",
+        "1.00",
+    ))
+    .await
+    .expect(200);
+    for _ in 0..2 {
+        topup_with_key(&srv, "cap", Auth::user(&tok), &new_key())
+            .await
+            .expect(201);
+    }
+    topup_with_key(&srv, "cap", Auth::user(&tok), &new_key())
+        .await
+        .expect_error(409, "limit_exceeded");
+    // The refused key keeps its outcome.
+    let replay = topup_with_key(&srv, "cap", Auth::user(&tok), &key).await;
+    assert_eq!(replay.body, refused.body);
+    // The cap is per user.
+    srv.create_user("cap2").await;
+    srv.topup("cap2", "1.00").await;
+    srv.audit_ok().await;
+}
+
+#[tokio::test]
+async fn an_expired_topup_no_longer_counts_against_the_cap() {
+    let srv = Server::start_with(
+        Opts::new()
+            .topup_ttl("2s")
+            .env("SHOPKEEP_MAX_PENDING_TOPUPS", "2"),
+    )
+    .await;
+    srv.create_user("cx").await;
+    let first = srv.topup("cx", "1.00").await;
+    srv.topup("cx", "1.00").await;
+    let refused = topup_with_key(&srv, "cx", Auth::Service, &new_key()).await;
+    let body = refused.expect_error(409, "limit_exceeded");
+    assert_eq!(body["details"]["max"], 2, "{body}");
+    // Once the two have expired (swept or not), new top-ups may be started.
+    sleep_until(ts(&first["expires_at"]), Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        srv.topup("cx", "1.00").await;
+    }
+    topup_with_key(&srv, "cx", Auth::Service, &new_key())
+        .await
+        .expect_error(409, "limit_exceeded");
+}
+
+#[tokio::test]
+async fn expired_and_failed_topups_are_purged_after_the_retention() {
+    let srv = Server::start_with(
+        Opts::new()
+            .topup_ttl("1s")
+            .sweep_interval("200ms")
+            .env("SHOPKEEP_TOPUP_RETENTION", "3s"),
+    )
+    .await;
+    srv.create_user("tp").await;
+    let expired = srv.topup("tp", "1.00").await;
+    let failed = srv.topup("tp", "2.00").await;
+    let completed = srv.topup("tp", "3.00").await;
+    srv.webhook(&event("evt_tp_ko", "payment.failed", &failed, "tp", "2.00"))
+        .await
+        .expect(200);
+    srv.webhook(&event(
+        "evt_tp_ok",
+        "payment.succeeded",
+        &completed,
+        "tp",
+        "3.00",
+    ))
+    .await
+    .expect(200);
+    let path = |t: &Value| format!("/v1/users/tp/topups/{}", t["topup_id"].as_str().unwrap());
+    // Final, and kept for the retention.
+    let seen = eventually(Duration::from_secs(5), || async {
+        let v = srv.get(&path(&expired), Auth::Service).await;
+        (v.status == 200 && v.json()["status"] == "EXPIRED").then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "the top-up never read EXPIRED");
+    assert_eq!(get_topup(&srv, "tp", &failed).await["status"], "FAILED");
+    srv.audit_ok().await;
+    // Then purged, both; the completed one stays.
+    let purged = eventually(Duration::from_secs(10), || async {
+        let gone = |r: Resp| r.status == 404 && r.code().as_deref() == Some("topup_not_found");
+        (gone(srv.get(&path(&expired), Auth::Service).await)
+            && gone(srv.get(&path(&failed), Auth::Service).await))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        purged.is_some(),
+        "EXPIRED and FAILED top-ups were never purged"
+    );
+    assert_eq!(
+        get_topup(&srv, "tp", &completed).await["status"],
+        "COMPLETED"
+    );
+    assert_eq!(srv.wallet("tp").await.balance, 300);
+    srv.audit_ok().await;
+}

@@ -1,3 +1,4 @@
+mod apply_untrusted;
 mod backpressure;
 mod chaos;
 mod cluster;

@@ -937,3 +937,136 @@ fn sweep_purges_idempotency_outcomes_after_their_retention() {
     h.run(&Op::Sweep).expect("sweep");
     assert!(!stored(&h), "purged once its retention ended");
 }
+
+fn topup_count(h: &Harness, user: &str, ids: &[Uuid]) -> usize {
+    let txn = h.store.begin_read().expect("read");
+    ids.iter()
+        .filter(|id| {
+            shopkeep::state::query::topup(&txn, **id)
+                .expect("read")
+                .is_some_and(|t| t.user_id == user)
+        })
+        .count()
+}
+
+fn topup_id(outcome: &Outcome) -> Uuid {
+    match outcome {
+        Ok(Reply::TopupCreated(topup)) => topup.topup_id,
+        other => panic!("expected a top-up, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_capped_topup_refuses_past_the_cap_and_the_old_command_still_does_not() {
+    let mut h = Harness::new();
+    let expires_at = Timestamp(h.now + 3_600_000_000);
+    let capped = |max| Command::CreateTopupCapped {
+        user_id: "u0".to_owned(),
+        amount: Money(100),
+        expires_at,
+        max_pending_topups: max,
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(topup_id(&h.apply(capped(2), Some("u0"))));
+    }
+    let refused = h.apply(capped(2), Some("u0"));
+    assert_eq!(
+        refused,
+        Err(shopkeep::domain::Rejection::LimitExceeded {
+            limit: "max_pending_topups".to_owned(),
+            max: 2,
+            retry_after: Some(expires_at),
+        })
+    );
+    // A `CreateTopup` already in a log applies as it always did: no cap.
+    let old = h.apply(
+        Command::CreateTopup {
+            user_id: "u0".to_owned(),
+            amount: Money(100),
+            expires_at,
+        },
+        Some("u0"),
+    );
+    ids.push(topup_id(&old));
+    assert_eq!(topup_count(&h, "u0", &ids), 3);
+    // Past the deadline none of them counts any more.
+    h.now = expires_at.micros();
+    topup_id(&h.apply(capped(2), Some("u0")));
+    let report = audit::audit(&h.store.begin_read().expect("read"), 0).expect("audit");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}
+
+#[test]
+fn sweep_and_purge_removes_final_topups_after_the_retention_in_the_command() {
+    let mut h = Harness::new();
+    let ttl = 60 * 1_000_000;
+    let create = |h: &mut Harness| {
+        let command = Command::CreateTopupCapped {
+            user_id: "u1".to_owned(),
+            amount: Money(100),
+            expires_at: Timestamp(h.now + ttl),
+            max_pending_topups: 10,
+        };
+        topup_id(&h.apply(command, Some("u1")))
+    };
+    let expiring = create(&mut h);
+    let completed = create(&mut h);
+    let failed = create(&mut h);
+    for (id, succeeded) in [(completed, true), (failed, false)] {
+        let outcome = h.apply(
+            Command::PspPayment {
+                event_id: format!("evt-{id}"),
+                succeeded,
+                topup_id: id,
+                user_id: "u1".to_owned(),
+                amount: Money(100),
+                psp_payment_id: format!("pi-{id}"),
+                ref_accepted: true,
+            },
+            None,
+        );
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    let retention_seconds = 3_600;
+    let sweep = Command::SweepAndPurge {
+        limit: 1000,
+        topup_retention_seconds: retention_seconds,
+    };
+    let all = [expiring, completed, failed];
+    // The failed one became final now, the expiring one at its deadline.
+    let failed_at = h.now;
+    h.now += ttl;
+    h.apply(sweep.clone(), None).expect("sweep");
+    assert_eq!(topup_count(&h, "u1", &all), 3, "kept for the retention");
+    h.now = failed_at + retention_seconds as i64 * 1_000_000;
+    h.apply(sweep.clone(), None).expect("sweep");
+    assert_eq!(
+        topup_count(&h, "u1", &all),
+        3,
+        "purged only once the retention has passed"
+    );
+    h.now += 1;
+    let outcome = h.apply(sweep.clone(), None);
+    assert!(
+        matches!(
+            outcome,
+            Ok(Reply::SweptAndPurged {
+                purged_topups: 1,
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(topup_count(&h, "u1", &all), 2);
+    h.now += ttl;
+    h.apply(sweep.clone(), None).expect("sweep");
+    assert_eq!(
+        topup_count(&h, "u1", &[completed]),
+        1,
+        "a COMPLETED top-up stays"
+    );
+    assert_eq!(topup_count(&h, "u1", &all), 1);
+    let report = audit::audit(&h.store.begin_read().expect("read"), 0).expect("audit");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}

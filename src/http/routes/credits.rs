@@ -94,12 +94,14 @@ pub async fn create_credit(
     Ok(render::applied(&app, &applied))
 }
 
-/// Start a top-up through the PSP (user for itself, service, admin); the webhook completes it.
+/// Start a top-up through the PSP (user for itself, service, admin); the webhook completes it. A user may
+/// have at most `--max-pending-topups` PENDING top-ups at once.
 #[utoipa::path(post, path = "/v1/users/{user_id}/topups", tag = "credit", request_body = TopupRequest,
     params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses(
         (status = 201, body = TopupResponse),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
+        (status = 409, description = "`limit_exceeded` (details: `limit` = `max_pending_topups`, `max`, `retry_after`)", body = ErrorBody),
         (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -120,10 +122,11 @@ pub async fn create_topup(
     )?;
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::CreateTopup {
+    let command = Command::CreateTopupCapped {
         user_id: user_id.clone(),
         amount,
         expires_at: now.plus(app.config.topup_ttl),
+        max_pending_topups: app.config.max_pending_topups,
     };
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)

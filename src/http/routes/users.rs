@@ -6,7 +6,7 @@ use axum::response::Response;
 use super::{read_for_user, read_user, user_path};
 use crate::domain::command::{GLOBAL_INNER_SCOPE, IdempotencyTag};
 use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
-use crate::domain::{Command, Envelope, Timestamp};
+use crate::domain::{Command, Envelope, Outcome, Reply, Timestamp};
 use crate::engine::coordinator::new_seed;
 use crate::http::auth::{Caller, MAX_TOKEN_TTL_SECONDS};
 use crate::http::dto::{
@@ -146,7 +146,7 @@ pub async fn create_token(
     params(("user_id" = String, Path), ("key" = String, Path)),
     responses(
         (status = 200, body = IdempotencyResponse),
-        (status = 404, description = "`user_not_found`, `not_found`", body = ErrorBody),
+        (status = 404, description = "`user_not_found`, `not_found` (also to a user token when the key's outcome is a token issuance)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn get_idempotency(
@@ -165,6 +165,9 @@ pub async fn get_idempotency(
     let IdempotencyState::Done(outcome) = &record.state else {
         return Err(not_found());
     };
+    if hidden_from(&caller, outcome) {
+        return Err(not_found());
+    }
     let rendered = render::outcome(&app, outcome);
     let body =
         serde_json::from_slice(&rendered.body).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -174,4 +177,11 @@ pub async fn get_idempotency(
         body,
         created_at: record.created_at.to_rfc3339(),
     }))
+}
+
+/// Whether `caller` must not see this stored outcome. A token issuance renders the token itself: a user
+/// holding a short-lived token must not read back a longer one the service minted for it, so to a user the
+/// key looks as if nothing were stored under it (admin and service still see it).
+fn hidden_from(caller: &Caller, outcome: &Outcome) -> bool {
+    matches!(caller, Caller::User(_)) && matches!(outcome, Ok(Reply::TokenIssued { .. }))
 }
