@@ -143,6 +143,9 @@ impl MOrder {
     }
 }
 
+/// The server's default `--max-pending-topups`.
+pub const MAX_PENDING_TOPUPS: usize = 10;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TopupState {
     Pending,
@@ -347,8 +350,21 @@ impl UserModel {
                 self.check_wallet(&body["wallet"], t0, t1, "credit")
             }
             Spec::Topup { amount } => {
-                ensure(status == 201, || {
-                    format!("topup: expected 201, got {status} {body}")
+                // At most MAX_PENDING_TOPUPS pending, unexpired top-ups per user (the server's default).
+                let pending_at = |t: i64| {
+                    self.topups
+                        .values()
+                        .filter(|t_| t_.state == TopupState::Pending && t_.expires_at > t)
+                        .count()
+                };
+                let (surely, possibly) = (pending_at(t1), pending_at(t0));
+                if err_is(status, body, 409, "limit_exceeded") {
+                    return ensure(possibly >= MAX_PENDING_TOPUPS, || {
+                        format!("topup: limit_exceeded with {possibly} pending: {body}")
+                    });
+                }
+                ensure(status == 201 && surely < MAX_PENDING_TOPUPS, || {
+                    format!("topup: expected 201 with {surely} pending, got {status} {body}")
                 })?;
                 let Some(id) = body["topup_id"].as_str() else {
                     return Err(format!("topup: no topup_id in {body}"));
