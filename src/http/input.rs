@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use crate::domain::{Currency, Fingerprint, Money, ids};
 
+mod strict_json;
+
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Idempotency keys are 1–255 printable ASCII characters.
@@ -85,13 +87,14 @@ impl Post {
 }
 
 impl Body {
-    /// Parses the body, which must be a JSON object, as `T` (which rejects unknown fields). An empty body
-    /// reads as `{}`. (serde's derive would also take a struct written as a JSON array.)
+    /// Parses the body, which must be a JSON object without repeated keys, as `T` (which rejects unknown
+    /// fields). An empty body reads as `{}`. (serde's derive would also take a struct written as a JSON
+    /// array.)
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let bytes: &[u8] = if self.is_blank() { b"{}" } else { &self.0 };
         let invalid =
             |e: serde_json::Error| ApiError::invalid_request(format!("invalid JSON body: {e}"));
-        let value: Value = serde_json::from_slice(bytes).map_err(invalid)?;
+        let value = strict_json::parse(bytes).map_err(invalid)?;
         if !value.is_object() {
             return Err(ApiError::invalid_request("the body must be a JSON object"));
         }
