@@ -3,6 +3,7 @@
 //! `{"error": {"code": "insufficient_funds", "message": "…", "details": {…}}}`. Business rejections from
 //! the state machine are rendered here too, so a stored rejection replays byte for byte.
 
+use axum::extract::rejection::PathRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -246,6 +247,19 @@ impl From<EngineError> for ApiError {
                     "internal error; retry with the same Idempotency-Key to learn the outcome",
                 )
             }
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    /// A path that does not decode or parse is the client's mistake; a route whose parameters do not
+    /// match its template is ours.
+    fn from(rejection: PathRejection) -> ApiError {
+        if rejection.status().is_client_error() {
+            ApiError::invalid_request(format!("invalid path: {}", rejection.body_text()))
+        } else {
+            tracing::error!(error = %rejection.body_text(), "a route's path parameters do not match it");
+            ApiError::internal("internal error")
         }
     }
 }

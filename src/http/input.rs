@@ -3,7 +3,7 @@
 //! state machine and stores nothing.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -18,6 +18,14 @@ mod strict_json;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Idempotency keys are 1–255 printable ASCII characters.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The path parameters of a route, decoded as `T`. Every route takes its parameters through this one
+/// extractor, never `axum::extract::Path` itself, whose rejections (a segment that is not UTF-8 once
+/// percent-decoded, or does not parse as `T`, such as `-1` for a node id) are plain text: here they are
+/// 400 `invalid_request` in the error shape (see `ApiError`'s `From<PathRejection>`).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct PathParams<T>(pub T);
 
 /// The raw body of a request, at most `MAX_BODY_BYTES`.
 pub struct Body(pub Bytes);
@@ -167,17 +175,20 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let value = headers
         .get("idempotency-key")
         .ok_or_else(ApiError::idempotency_key_required)?;
-    let key = value
-        .to_str()
-        .ok()
-        .filter(|k| {
-            (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&k.len())
-                && k.bytes().all(|b| (0x20..=0x7e).contains(&b))
-        })
-        .ok_or_else(|| {
-            ApiError::invalid_request("Idempotency-Key must be 1-255 printable ASCII characters")
-        })?;
-    Ok(key.to_owned())
+    idempotency_key_text(value.to_str().unwrap_or_default())
+}
+
+/// An idempotency key (from the header, or a path): 1–255 printable ASCII characters.
+pub fn idempotency_key_text(key: &str) -> Result<String, ApiError> {
+    let valid = (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len())
+        && key.bytes().all(|b| (0x20..=0x7e).contains(&b));
+    if valid {
+        Ok(key.to_owned())
+    } else {
+        Err(ApiError::invalid_request(
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+        ))
+    }
 }
 
 /// A client-chosen identifier (`user_id`, `item_id`): 1–64 chars of `[A-Za-z0-9_.-]`.

@@ -1,6 +1,6 @@
 //! The catalog: items for sale, copied into every shard.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 
 use crate::domain::model::{MAX_ITEM_NAME_CHARS, MAX_REFUND_WINDOW_DAYS};
@@ -10,7 +10,7 @@ use crate::http::auth::Caller;
 use crate::http::current_consistency;
 use crate::http::dto::{self, ItemResponse, ItemsResponse, PutItemRequest};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Body};
+use crate::http::input::{self, AmountRule, Body, PathParams};
 use crate::http::{AppState, render};
 use crate::state::{Applied, query};
 
@@ -30,7 +30,7 @@ const DEFAULT_REFUND_WINDOW_DAYS: u32 = 14;
 pub async fn put_item(
     State(app): State<AppState>,
     caller: Caller,
-    Path(item_id): Path<String>,
+    PathParams(item_id): PathParams<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
@@ -83,7 +83,7 @@ pub async fn put_item(
 pub async fn get_item(
     State(app): State<AppState>,
     _caller: Caller,
-    Path(item_id): Path<String>,
+    PathParams(item_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let item_id = input::client_id("item_id", &item_id)?;
     let id = item_id.clone();

@@ -1,7 +1,7 @@
 //! The cluster as an operator sees it: the view of nodes and shards, where a user lives, and membership
 //! changes (add a node as a learner, promote it to voter, remove a node), applied to every shard.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use shopkeep_raft::rpc::MembershipChange;
@@ -9,7 +9,7 @@ use shopkeep_raft::rpc::MembershipChange;
 use crate::http::auth::Caller;
 use crate::http::dto::{AddNodeRequest, ClusterNode, ClusterResponse, ClusterShard, RouteResponse};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Post};
+use crate::http::input::{self, PathParams, Post};
 use crate::http::{AppState, render};
 
 fn view(app: &AppState) -> ClusterResponse {
@@ -73,7 +73,7 @@ pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Resp
 pub async fn route(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let user_id = input::client_id("user_id", &user_id)?;
@@ -90,6 +90,17 @@ pub async fn route(
         shard,
         leader,
     }))
+}
+
+/// Node ids are positive: 0 names no node.
+fn member_id(node_id: u64) -> Result<u64, ApiError> {
+    if node_id == 0 {
+        Err(ApiError::invalid_request(
+            "node_id must be a positive integer",
+        ))
+    } else {
+        Ok(node_id)
+    }
 }
 
 async fn change(app: &AppState, change: MembershipChange) -> Result<Response, ApiError> {
@@ -122,11 +133,7 @@ pub async fn add_node(
     caller.require_admin()?;
     post.idempotency_key()?;
     let request: AddNodeRequest = post.json()?;
-    if request.node_id == 0 {
-        return Err(ApiError::invalid_request(
-            "node_id must be a positive integer",
-        ));
-    }
+    member_id(request.node_id)?;
     if crate::config::parse_peers(&format!("{}={}", request.node_id, request.address)).is_err() {
         return Err(ApiError::invalid_request("address must be host:port"));
     }
@@ -152,12 +159,13 @@ pub async fn add_node(
 pub async fn promote_node(
     State(app): State<AppState>,
     caller: Caller,
-    Path(node_id): Path<u64>,
+    PathParams(node_id): PathParams<u64>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
+    let node = member_id(node_id)?;
     post.idempotency_key()?;
-    change(&app, MembershipChange::Promote { node: node_id }).await
+    change(&app, MembershipChange::Promote { node }).await
 }
 
 /// Remove a node from every shard (admin). Its data is then stale: never restart it with the same id.
@@ -172,8 +180,9 @@ pub async fn promote_node(
 pub async fn remove_node(
     State(app): State<AppState>,
     caller: Caller,
-    Path(node_id): Path<u64>,
+    PathParams(node_id): PathParams<u64>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    change(&app, MembershipChange::Remove { node: node_id }).await
+    let node = member_id(node_id)?;
+    change(&app, MembershipChange::Remove { node }).await
 }

@@ -1,7 +1,7 @@
 //! Adding credit: direct credits reported by the game backend, PSP top-ups and the signed PSP webhook.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use hmac::{Hmac, KeyInit, Mac};
@@ -18,7 +18,7 @@ use crate::http::dto::{
     self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Post};
+use crate::http::input::{self, AmountRule, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -49,7 +49,7 @@ fn external_ref(field: &str, value: &str) -> Result<(), ApiError> {
 pub async fn create_credit(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
@@ -105,7 +105,7 @@ pub async fn create_credit(
 pub async fn create_topup(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
@@ -138,7 +138,7 @@ pub async fn create_topup(
 pub async fn get_topup(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, topup_id)): Path<(String, String)>,
+    PathParams((user_id, topup_id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let now = Timestamp::now();

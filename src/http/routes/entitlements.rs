@@ -1,6 +1,6 @@
 //! What users own (entitlements, consumption of in-game currency) and their wallet's ledger.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::Response;
 
 use super::{read_for_user, user_path};
@@ -10,7 +10,7 @@ use crate::http::dto::{
     self, ConsumeRequest, EntitlementResponse, EntitlementsResponse, LedgerPage,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Post};
+use crate::http::input::{self, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -27,7 +27,7 @@ const MAX_LEDGER_PAGE: usize = 100;
 pub async fn list_entitlements(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let list = read_for_user(&app, &user_id, |txn, user| {
@@ -52,7 +52,7 @@ pub async fn list_entitlements(
 pub async fn consume(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, item_id)): Path<(String, String)>,
+    PathParams((user_id, item_id)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
@@ -90,7 +90,7 @@ pub async fn consume(
 pub async fn ledger(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;

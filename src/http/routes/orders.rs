@@ -1,6 +1,6 @@
 //! Orders (purchases) and their refunds.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use uuid::Uuid;
 
@@ -13,7 +13,7 @@ use crate::http::dto::{
     RefundResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Post};
+use crate::http::input::{self, AmountRule, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -67,7 +67,7 @@ fn order_id(text: &str) -> Result<Uuid, ApiError> {
 pub async fn create_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
@@ -112,7 +112,7 @@ pub async fn create_order(
 pub async fn list_orders(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
@@ -152,7 +152,7 @@ fn parse_order_cursor(cursor: &str) -> Option<query::OrderCursor> {
 pub async fn get_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id_text)): Path<(String, String)>,
+    PathParams((user_id, order_id_text)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let now = Timestamp::now();
@@ -213,7 +213,7 @@ async fn order_transition(
 pub async fn complete_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id)): Path<(String, String)>,
+    PathParams((user_id, order_id)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     order_transition(app, caller, (user_id, order_id), post, true).await
@@ -231,7 +231,7 @@ pub async fn complete_order(
 pub async fn cancel_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id)): Path<(String, String)>,
+    PathParams((user_id, order_id)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     order_transition(app, caller, (user_id, order_id), post, false).await
@@ -249,7 +249,7 @@ pub async fn cancel_order(
 pub async fn create_refund(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id_text)): Path<(String, String)>,
+    PathParams((user_id, order_id_text)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;

@@ -1,6 +1,6 @@
 //! Users, wallets, user tokens and the idempotency lookup.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 
 use super::{read_for_user, read_user, user_path};
@@ -14,7 +14,7 @@ use crate::http::dto::{
     WalletResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Post};
+use crate::http::input::{self, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::IdempotencyState;
 use crate::state::query;
@@ -83,7 +83,7 @@ pub async fn create_user(
 pub async fn get_user(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let (user, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
@@ -98,7 +98,7 @@ pub async fn get_user(
 pub async fn get_wallet(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let (_, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
@@ -113,7 +113,7 @@ pub async fn get_wallet(
 pub async fn create_token(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
@@ -154,9 +154,10 @@ pub async fn create_token(
 pub async fn get_idempotency(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, key)): Path<(String, String)>,
+    PathParams((user_id, key)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
+    let key = input::idempotency_key_text(&key)?;
     let lookup = key.clone();
     let record = read_for_user(&app, &user_id, move |txn, user| {
         query::idempotency(txn, &user.user_id, &lookup)
