@@ -266,12 +266,14 @@ pub fn limit(pairs: &[(String, String)], default: usize, max: usize) -> Result<u
     }
 }
 
+/// The value of query parameter `name`, if given. An empty value (`?status=`) is a value, and the
+/// parameter's own check refuses it: treating it as absent would answer something the client did not
+/// ask for.
 pub fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     pairs
         .iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
-        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The contract's conventions checked route by route: every refusal has the JSON error shape, malformed
-//! paths included.
+//! The contract's conventions checked route by route: every refusal has the JSON error shape (malformed
+//! paths included), and query parameters are strict.
 
 use crate::harness::*;
 use reqwest::Method;
@@ -107,6 +107,28 @@ async fn node_id_zero_is_invalid_request() {
             .await
             .expect_error(400, "invalid_request");
     }
+}
+
+/// An empty query value is a value, refused like any other malformed one, not read as "absent" (which
+/// made `?consistency=` a linearizable read and `?status=` every order).
+#[tokio::test]
+async fn empty_query_values_are_invalid_request() {
+    let srv = Server::start().await;
+    srv.create_user("eq").await;
+    for path in [
+        "/v1/users/eq/wallet?consistency=",
+        "/v1/items?consistency=",
+        "/v1/users/eq/orders?status=",
+        "/v1/users/eq/orders?cursor=",
+        "/v1/users/eq/ledger?cursor=",
+    ] {
+        srv.get(path, Auth::Service)
+            .await
+            .expect_error(400, "invalid_request");
+    }
+    srv.get("/v1/users/eq/wallet?consistency=local", Auth::Service)
+        .await
+        .expect(200);
 }
 
 /// An idempotency key looked up by path has the header's rules.
