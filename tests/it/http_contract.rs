@@ -1,8 +1,11 @@
 //! The contract's conventions checked route by route: every refusal has the JSON error shape (malformed
-//! paths included), and query parameters are strict.
+//! paths included), query parameters are strict, and the served OpenAPI document describes what the
+//! server enforces (patterns, ranges, enums, formats, a description on every response).
+
+use reqwest::Method;
+use serde_json::Value;
 
 use crate::harness::*;
-use reqwest::Method;
 
 /// Every route with a path parameter, as (method, template).
 const PARAMETRISED: [(&str, &str); 21] = [
@@ -145,4 +148,234 @@ async fn idempotency_lookup_checks_the_key() {
     srv.get("/v1/users/ik/idempotency/no-such-key", Auth::Service)
         .await
         .expect_error(404, "not_found");
+}
+
+// ----- the served OpenAPI document ------------------------------------------------------------------
+
+async fn document(srv: &Server) -> Value {
+    srv.get("/v1/openapi.json", Auth::None).await.expect(200)
+}
+
+/// Every operation of the document, as (label, operation).
+fn operations(doc: &Value) -> Vec<(String, &Value)> {
+    let mut out = vec![];
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("path item") {
+            out.push((format!("{method} {path}"), operation));
+        }
+    }
+    out
+}
+
+/// The schema of parameter `name` (in `location`) of an operation.
+fn parameter<'a>(
+    doc: &'a Value,
+    path: &str,
+    method: &str,
+    location: &str,
+    name: &str,
+) -> &'a Value {
+    doc["paths"][path][method]["parameters"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["in"] == location && p["name"] == name))
+        .map(|p| &p["schema"])
+        .unwrap_or_else(|| panic!("{method} {path}: no {location} parameter {name}"))
+}
+
+fn property<'a>(doc: &'a Value, schema: &str, name: &str) -> &'a Value {
+    let p = &doc["components"]["schemas"][schema]["properties"][name];
+    assert!(p.is_object(), "no property {schema}.{name}");
+    p
+}
+
+fn enum_of(v: &Value) -> Vec<String> {
+    v["enum"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no enum: {v}"))
+        .iter()
+        .filter_map(|x| x.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// OpenAPI requires a description on every response (openapi-spec-validator counted 26 without one).
+#[tokio::test]
+async fn every_response_has_a_description() {
+    let srv = Server::start().await;
+    let doc = document(&srv).await;
+    let mut missing = vec![];
+    for (label, operation) in operations(&doc) {
+        for (status, response) in operation["responses"].as_object().expect("responses") {
+            if response["description"].as_str().is_none_or(str::is_empty) {
+                missing.push(format!("{label} {status}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "responses without a description: {missing:?}"
+    );
+}
+
+/// Path and header parameters say what the server accepts.
+#[tokio::test]
+async fn parameters_carry_the_servers_rules() {
+    let srv = Server::start().await;
+    let doc = document(&srv).await;
+    for (label, operation) in operations(&doc) {
+        for p in operation["parameters"].as_array().into_iter().flatten() {
+            let (location, name, schema) =
+                (&p["in"], p["name"].as_str().unwrap_or(""), &p["schema"]);
+            let context = format!("{label}: {location} {name}: {schema}");
+            match (location.as_str().unwrap_or(""), name) {
+                ("path", "user_id" | "item_id") => {
+                    assert_eq!(schema["pattern"], "^[A-Za-z0-9_.-]{1,64}$", "{context}");
+                    assert_eq!(schema["maxLength"], 64, "{context}");
+                }
+                ("path", "order_id" | "topup_id") => {
+                    assert_eq!(schema["format"], "uuid", "{context}")
+                }
+                ("path", "node_id") => {
+                    assert_eq!(schema["type"], "integer", "{context}");
+                    assert_eq!(schema["minimum"], 1, "{context}");
+                }
+                ("header", "Idempotency-Key") | ("path", "key") => {
+                    assert_eq!(schema["minLength"], 1, "{context}");
+                    assert_eq!(schema["maxLength"], 255, "{context}");
+                    assert!(schema["pattern"].is_string(), "{context}");
+                }
+                ("query", "consistency") => {
+                    assert_eq!(enum_of(schema), ["linearizable", "local"], "{context}")
+                }
+                ("query", "limit") => {
+                    assert_eq!(
+                        (&schema["minimum"], &schema["maximum"]),
+                        (&1.into(), &100.into()),
+                        "{context}"
+                    )
+                }
+                ("query", "cursor") => assert!(schema["pattern"].is_string(), "{context}"),
+                _ => {}
+            }
+        }
+    }
+    let status = parameter(&doc, "/v1/users/{user_id}/orders", "get", "query", "status");
+    assert_eq!(
+        enum_of(status),
+        [
+            "PENDING",
+            "COMPLETED",
+            "CANCELLED",
+            "PARTIALLY_REFUNDED",
+            "REFUNDED"
+        ]
+    );
+    let key = parameter(
+        &doc,
+        "/v1/users/{user_id}/orders",
+        "post",
+        "header",
+        "Idempotency-Key",
+    );
+    assert!(key.is_object(), "{key}");
+}
+
+/// Bodies: money patterns, ranges, enums, formats, error codes.
+#[tokio::test]
+async fn schemas_carry_the_servers_rules() {
+    let srv = Server::start().await;
+    let doc = document(&srv).await;
+    let pattern = |schema: &str, name: &str| {
+        property(&doc, schema, name)["pattern"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{schema}.{name} has no pattern"))
+            .to_owned()
+    };
+    // Money: a positive amount refuses zero, a price takes it; responses have the currency's decimals.
+    assert!(pattern("CreditRequest", "amount").starts_with("^([1-9]"));
+    assert!(pattern("PutItemRequest", "price").starts_with("^((0|"));
+    assert_eq!(pattern("WalletResponse", "balance"), "^[0-9]+\\.[0-9]{2}$");
+    assert_eq!(
+        pattern("CreateUserRequest", "user_id"),
+        "^[A-Za-z0-9_.-]{1,64}$"
+    );
+    let ranges = [
+        ("CreateTokenRequest", "ttl_seconds", 1, 2_592_000),
+        ("LineInput", "quantity", 1, 1000),
+        ("ConsumeRequest", "quantity", 1, 1_000_000),
+    ];
+    for (schema, name, min, max) in ranges {
+        let p = property(&doc, schema, name);
+        assert_eq!(
+            (&p["minimum"], &p["maximum"]),
+            (&min.into(), &max.into()),
+            "{schema}.{name}: {p}"
+        );
+    }
+    let lines = property(&doc, "CreateOrderRequest", "lines");
+    assert_eq!(
+        (&lines["minItems"], &lines["maxItems"]),
+        (&1.into(), &50.into()),
+        "{lines}"
+    );
+    assert_eq!(property(&doc, "AddNodeRequest", "node_id")["minimum"], 1);
+    assert_eq!(
+        enum_of(property(&doc, "PutItemRequest", "kind")),
+        ["game", "skin", "currency"]
+    );
+    assert_eq!(
+        enum_of(property(&doc, "ItemResponse", "kind")),
+        ["game", "skin", "currency"]
+    );
+    assert!(
+        enum_of(property(&doc, "OrderResponse", "status")).contains(&"PARTIALLY_REFUNDED".into())
+    );
+    assert!(enum_of(property(&doc, "TopupResponse", "status")).contains(&"EXPIRED".into()));
+    let codes = enum_of(property(&doc, "ErrorDetail", "code"));
+    for code in [
+        "invalid_request",
+        "insufficient_funds",
+        "idempotency_key_reused",
+        "unavailable",
+    ] {
+        assert!(codes.contains(&code.to_owned()), "{code} not in {codes:?}");
+    }
+    for (schema, name) in [
+        ("UserResponse", "created_at"),
+        ("OrderResponse", "expires_at"),
+        ("LedgerEntry", "at"),
+    ] {
+        assert_eq!(
+            property(&doc, schema, name)["format"],
+            "date-time",
+            "{schema}.{name}"
+        );
+    }
+    // Bodies refuse unknown fields (order lines included), and one with no required field may be empty.
+    for schema in [
+        "LineInput",
+        "CreateOrderRequest",
+        "EmptyRequest",
+        "PutItemRequest",
+    ] {
+        let closed = &doc["components"]["schemas"][schema]["additionalProperties"];
+        assert_eq!(closed, &Value::Bool(false), "{schema}");
+    }
+    let body = |path: &str| doc["paths"][path]["post"]["requestBody"]["required"].clone();
+    assert_eq!(body("/v1/users"), Value::Bool(false));
+    assert_eq!(
+        body("/v1/users/{user_id}/orders/{order_id}/cancel"),
+        Value::Bool(false)
+    );
+    assert_eq!(body("/v1/users/{user_id}/credits"), Value::Bool(true));
+    for (schema, name) in [
+        ("OrderResponse", "order_id"),
+        ("RefundResponse", "refund_id"),
+        ("LedgerEntry", "entry_id"),
+    ] {
+        assert_eq!(
+            property(&doc, schema, name)["format"],
+            "uuid",
+            "{schema}.{name}"
+        );
+    }
 }

@@ -21,7 +21,7 @@ const DEFAULT_REFUND_WINDOW_DAYS: u32 = 14;
 #[utoipa::path(put, path = "/v1/items/{item_id}", tag = "catalog", request_body = PutItemRequest,
     params(("item_id" = String, Path)),
     responses(
-        (status = 200, body = ItemResponse),
+        (status = 200, description = "The item as stored, with its version", body = ItemResponse),
         (status = 400, description = "`invalid_request` (also: changing an item's kind)", body = ErrorBody),
         (status = 409, description = "`catalog_full`", body = ErrorBody),
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
@@ -78,7 +78,7 @@ pub async fn put_item(
 /// One item (any role).
 #[utoipa::path(get, path = "/v1/items/{item_id}", tag = "catalog",
     params(("item_id" = String, Path)),
-    responses((status = 200, body = ItemResponse), (status = 404, description = "`item_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The item", body = ItemResponse), (status = 404, description = "`item_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_item(
     State(app): State<AppState>,
@@ -102,7 +102,7 @@ pub async fn get_item(
 
 /// The whole catalog, by item id (any role).
 #[utoipa::path(get, path = "/v1/items", tag = "catalog",
-    responses((status = 200, body = ItemsResponse)),
+    responses((status = 200, description = "Every item, by item id", body = ItemsResponse)),
     security(("bearer" = [])))]
 pub async fn list_items(
     State(app): State<AppState>,

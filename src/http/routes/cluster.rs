@@ -58,7 +58,7 @@ fn view(app: &AppState) -> ClusterResponse {
 
 /// Nodes and shards as this node sees them: role, leader, term, log and applied indexes, lag (admin).
 #[utoipa::path(get, path = "/v1/cluster", tag = "operations",
-    responses((status = 200, body = ClusterResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    responses((status = 200, description = "This node's view of the cluster", body = ClusterResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require_admin()?;
@@ -68,7 +68,7 @@ pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Resp
 /// The shard that holds a user's rows and that shard's leader (admin).
 #[utoipa::path(get, path = "/v1/cluster/route/{user_id}", tag = "operations",
     params(("user_id" = String, Path)),
-    responses((status = 200, body = RouteResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    responses((status = 200, description = "The user's shard and its leader", body = RouteResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn route(
     State(app): State<AppState>,
@@ -120,7 +120,7 @@ async fn change(app: &AppState, change: MembershipChange) -> Result<Response, Ap
 #[utoipa::path(post, path = "/v1/admin/cluster/nodes", tag = "operations", request_body = AddNodeRequest,
     params(("Idempotency-Key" = String, Header)),
     responses(
-        (status = 200, body = ClusterResponse),
+        (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 409, description = "`invalid_state`: the change is not allowed now", body = ErrorBody),
     ),
@@ -151,7 +151,7 @@ pub async fn add_node(
 #[utoipa::path(post, path = "/v1/admin/cluster/nodes/{node_id}/promote", tag = "operations",
     params(("node_id" = u64, Path), ("Idempotency-Key" = String, Header)),
     responses(
-        (status = 200, body = ClusterResponse),
+        (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 409, description = "`invalid_state`: not a learner yet", body = ErrorBody),
     ),
@@ -172,7 +172,7 @@ pub async fn promote_node(
 #[utoipa::path(delete, path = "/v1/admin/cluster/nodes/{node_id}", tag = "operations",
     params(("node_id" = u64, Path)),
     responses(
-        (status = 200, body = ClusterResponse),
+        (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 409, description = "`invalid_state`: e.g. the last voter", body = ErrorBody),
     ),

@@ -97,7 +97,7 @@ pub async fn create_credit(
 #[utoipa::path(post, path = "/v1/users/{user_id}/topups", tag = "credit", request_body = TopupRequest,
     params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses(
-        (status = 201, body = TopupResponse),
+        (status = 201, description = "The top-up, PENDING until the PSP's webhook", body = TopupResponse),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
         (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
     ),
@@ -133,7 +133,7 @@ pub async fn create_topup(
 /// A top-up and its status (`PENDING` past its deadline reads as `EXPIRED`).
 #[utoipa::path(get, path = "/v1/users/{user_id}/topups/{topup_id}", tag = "credit",
     params(("user_id" = String, Path), ("topup_id" = String, Path)),
-    responses((status = 200, body = TopupResponse), (status = 404, description = "`user_not_found`, `topup_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The top-up", body = TopupResponse), (status = 404, description = "`user_not_found`, `topup_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_topup(
     State(app): State<AppState>,

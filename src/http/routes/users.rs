@@ -20,7 +20,7 @@ use crate::state::IdempotencyState;
 use crate::state::query;
 
 /// Longest lifetime of a user token (30 days).
-const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 86_400;
+pub(super) const MAX_TOKEN_TTL_SECONDS: u64 = 30 * 86_400;
 const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3_600;
 
 /// Create a user with an empty wallet (admin, service).
@@ -78,7 +78,7 @@ pub async fn create_user(
 /// A user and its wallet.
 #[utoipa::path(get, path = "/v1/users/{user_id}", tag = "users",
     params(("user_id" = String, Path)),
-    responses((status = 200, body = UserResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The user and its wallet", body = UserResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_user(
     State(app): State<AppState>,
@@ -93,7 +93,7 @@ pub async fn get_user(
 /// The wallet: `available = balance - held`, holds of expired orders left out.
 #[utoipa::path(get, path = "/v1/users/{user_id}/wallet", tag = "users",
     params(("user_id" = String, Path)),
-    responses((status = 200, body = WalletResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The wallet", body = WalletResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_wallet(
     State(app): State<AppState>,
@@ -108,7 +108,7 @@ pub async fn get_wallet(
 /// Mint a token bound to this user (admin, service).
 #[utoipa::path(post, path = "/v1/users/{user_id}/tokens", tag = "users", request_body = CreateTokenRequest,
     params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
-    responses((status = 201, body = TokenResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 201, description = "The token", body = TokenResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn create_token(
     State(app): State<AppState>,
@@ -147,7 +147,7 @@ pub async fn create_token(
 #[utoipa::path(get, path = "/v1/users/{user_id}/idempotency/{key}", tag = "users",
     params(("user_id" = String, Path), ("key" = String, Path)),
     responses(
-        (status = 200, body = IdempotencyResponse),
+        (status = 200, description = "The stored outcome", body = IdempotencyResponse),
         (status = 404, description = "`user_not_found`, `not_found`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
