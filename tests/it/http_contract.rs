@@ -150,6 +150,37 @@ async fn idempotency_lookup_checks_the_key() {
         .expect_error(404, "not_found");
 }
 
+/// A number is read by its value: `60.0` is the integer 60, as JSON Schema (and so the document, which
+/// says `integer`) reads it. It was 400 "invalid type: floating point, expected u64".
+#[tokio::test]
+async fn integral_numbers_spelled_as_floats_are_integers() {
+    let srv = Server::start().await;
+    srv.create_user("fl").await;
+    srv.post(
+        "/v1/users/fl/tokens",
+        Auth::Service,
+        &serde_json::json!({"ttl_seconds": 60.0}),
+    )
+    .await
+    .expect(201);
+    let item = srv
+        .put(
+            "/v1/items/fl-gems",
+            Auth::Admin,
+            &serde_json::json!({"name": "G", "kind": "currency", "price": "0.00", "refund_window_days": 7e0}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(item["refund_window_days"], 7);
+    srv.post(
+        "/v1/users/fl/tokens",
+        Auth::Service,
+        &serde_json::json!({"ttl_seconds": 60.5}),
+    )
+    .await
+    .expect_error(400, "invalid_request");
+}
+
 // ----- the served OpenAPI document ------------------------------------------------------------------
 
 async fn document(srv: &Server) -> Value {

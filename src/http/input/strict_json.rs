@@ -3,6 +3,9 @@
 //! `serde_json::Value` keeps the last of repeated keys, so `{"amount": "1.00", "amount": "900.00"}` would
 //! mean whatever the last parser in a chain decides. The contract refuses such a body (400
 //! `invalid_request`); this visitor builds the same `Value` and fails on the first repeated key.
+//!
+//! A number is read by its value, not its spelling: `3.0` and `3e0` are the integer 3 (as JSON Schema,
+//! and so the OpenAPI document, reads them), so an integer field takes them like `3`.
 
 use std::fmt;
 
@@ -45,6 +48,9 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        if let Some(integer) = exact_integer(v) {
+            return Ok(integer);
+        }
         Number::from_f64(v)
             .map(Value::Number)
             .ok_or_else(|| E::custom("a number that is not finite"))
@@ -91,6 +97,20 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 }
 
+/// The integer a float spells, when it is one and every integer up to it is exact in an `f64`.
+fn exact_integer(v: f64) -> Option<Value> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if v.fract() != 0.0 || v.abs() > EXACT {
+        return None;
+    }
+    // In range and integral: the casts are exact.
+    Some(if v >= 0.0 {
+        Value::from(v as u64)
+    } else {
+        Value::from(v as i64)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse;
@@ -106,12 +126,18 @@ mod tests {
 
     #[test]
     fn builds_the_value_serde_json_builds() {
-        let text = br#"{"s": "x\u00e9", "n": -3, "u": 18446744073709551615, "f": 1.5e3,
+        let text = br#"{"s": "x\u00e9", "n": -3, "u": 18446744073709551615, "f": 1.25,
             "b": [true, false, null], "o": {"k": {}}}"#;
         let strict = parse(text).map_err(|e| e.to_string());
         let plain = serde_json::from_slice::<serde_json::Value>(text).map_err(|e| e.to_string());
         assert_eq!(strict, plain);
         assert!(parse(b"{} x").is_err());
+    }
+
+    #[test]
+    fn integral_numbers_are_integers_however_spelled() {
+        let parsed = parse(br#"[3.0, 3e0, -2.0, 1.5e3, 0.5, 1e300]"#).map_err(|e| e.to_string());
+        assert_eq!(parsed, Ok(serde_json::json!([3, 3, -2, 1500, 0.5, 1e300])));
         assert!(parse(b"").is_err());
     }
 }
