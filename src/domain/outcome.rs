@@ -122,6 +122,9 @@ pub enum Rejection {
     InvalidRequest { message: String },
     #[error("this idempotency key was used with a different request")]
     IdempotencyKeyReused,
+    /// Last, so that the encoding of the stored rejections above is unchanged.
+    #[error("item {item_id} is a {kind}: an item's kind cannot change")]
+    ItemKindFixed { item_id: String, kind: String },
 }
 
 impl Rejection {
@@ -151,6 +154,7 @@ impl Rejection {
             Rejection::BalanceLimitExceeded { .. } => "balance_limit_exceeded",
             Rejection::InvalidRequest { .. } => "invalid_request",
             Rejection::IdempotencyKeyReused => "idempotency_key_reused",
+            Rejection::ItemKindFixed { .. } => "invalid_state",
         }
     }
 

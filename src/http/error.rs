@@ -218,6 +218,10 @@ impl ApiError {
             Rejection::InvalidState { status } => {
                 (StatusCode::CONFLICT, json!({ "status": status }))
             }
+            Rejection::ItemKindFixed { item_id, kind } => (
+                StatusCode::CONFLICT,
+                json!({ "item_id": item_id, "kind": kind }),
+            ),
             Rejection::RefundExceedsPurchase {
                 item_id,
                 requested,
@@ -388,6 +392,10 @@ mod tests {
             Rejection::BalanceLimitExceeded { max: Money::ZERO },
             Rejection::InvalidRequest { message: id() },
             Rejection::IdempotencyKeyReused,
+            Rejection::ItemKindFixed {
+                item_id: id(),
+                kind: id(),
+            },
         ];
         for rejection in &all {
             match rejection {
@@ -413,7 +421,8 @@ mod tests {
                 | Rejection::CatalogFull { .. }
                 | Rejection::BalanceLimitExceeded { .. }
                 | Rejection::InvalidRequest { .. }
-                | Rejection::IdempotencyKeyReused => {}
+                | Rejection::IdempotencyKeyReused
+                | Rejection::ItemKindFixed { .. } => {}
             }
         }
         all

@@ -181,6 +181,27 @@ async fn integral_numbers_spelled_as_floats_are_integers() {
     .expect_error(400, "invalid_request");
 }
 
+/// Changing an item's kind conflicts with the item as it is: 409 `invalid_state`, not 400 (the request
+/// itself is well-formed, and the same body is fine for a new item).
+#[tokio::test]
+async fn changing_an_items_kind_is_a_conflict() {
+    let srv = Server::start().await;
+    srv.create_item("kc", "game", "1.00").await;
+    let r = srv
+        .put(
+            "/v1/items/kc",
+            Auth::Admin,
+            &serde_json::json!({"name": "K", "kind": "skin", "price": "1.00"}),
+        )
+        .await;
+    let error = r.expect_error(409, "invalid_state");
+    assert_eq!(error["details"]["kind"], "game", "{error}");
+    assert_eq!(
+        srv.get("/v1/items/kc", Auth::Admin).await.expect(200)["kind"],
+        "game"
+    );
+}
+
 // ----- the served OpenAPI document ------------------------------------------------------------------
 
 async fn document(srv: &Server) -> Value {

@@ -22,8 +22,8 @@ const DEFAULT_REFUND_WINDOW_DAYS: u32 = 14;
     params(("item_id" = String, Path)),
     responses(
         (status = 200, description = "The item as stored, with its version", body = ItemResponse),
-        (status = 400, description = "`invalid_request` (also: changing an item's kind)", body = ErrorBody),
-        (status = 409, description = "`catalog_full`", body = ErrorBody),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 409, description = "`catalog_full`, `invalid_state` (changing an item's kind)", body = ErrorBody),
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
