@@ -139,6 +139,9 @@ pub enum Rejection {
         max: u32,
         retry_after: Option<Timestamp>,
     },
+    /// Appended after `LimitExceeded`: the encoding of the stored rejections above is unchanged.
+    #[error("item {item_id} is a {kind}: an item's kind cannot change")]
+    ItemKindFixed { item_id: String, kind: String },
 }
 
 impl Rejection {
@@ -169,6 +172,7 @@ impl Rejection {
             Rejection::InvalidRequest { .. } => "invalid_request",
             Rejection::IdempotencyKeyReused => "idempotency_key_reused",
             Rejection::LimitExceeded { .. } => "limit_exceeded",
+            Rejection::ItemKindFixed { .. } => "invalid_state",
         }
     }
 

@@ -3,6 +3,7 @@
 //! `{"error": {"code": "insufficient_funds", "message": "…", "details": {…}}}`. Business rejections from
 //! the state machine are rendered here too, so a stored rejection replays byte for byte.
 
+use axum::extract::rejection::PathRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -11,6 +12,49 @@ use utoipa::ToSchema;
 
 use crate::domain::{AmountError, Currency, Rejection};
 use crate::engine::EngineError;
+
+/// Every `code` the server answers with: those of the helpers below, of the routes, and of the
+/// business rejections (`Rejection::code`). The OpenAPI document lists them as the code's enum; a test
+/// checks that every rejection's code is here.
+pub const ERROR_CODES: [&str; 37] = [
+    "invalid_request",
+    "idempotency_key_required",
+    "unauthenticated",
+    "invalid_signature",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "user_not_found",
+    "item_not_found",
+    "order_not_found",
+    "topup_not_found",
+    "crash_point_not_found",
+    "user_exists",
+    "insufficient_funds",
+    "price_changed",
+    "already_owned",
+    "item_inactive",
+    "invalid_state",
+    "refund_exceeds_purchase",
+    "already_consumed",
+    "insufficient_entitlement",
+    "external_ref_conflict",
+    "amount_mismatch",
+    "order_expired",
+    "refund_window_closed",
+    "too_many_pending_orders",
+    "too_many_refunds",
+    "catalog_full",
+    "balance_limit_exceeded",
+    "limit_exceeded",
+    "request_timeout",
+    "payload_too_large",
+    "invalid_amount",
+    "idempotency_key_reused",
+    "rate_limited",
+    "unavailable",
+    "internal",
+];
 
 /// An error response. Built by the helpers below, rendered by `IntoResponse`.
 #[derive(Debug)]
@@ -190,6 +234,10 @@ impl ApiError {
             Rejection::InvalidState { status } => {
                 (StatusCode::CONFLICT, json!({ "status": status }))
             }
+            Rejection::ItemKindFixed { item_id, kind } => (
+                StatusCode::CONFLICT,
+                json!({ "item_id": item_id, "kind": kind }),
+            ),
             Rejection::RefundExceedsPurchase {
                 item_id,
                 requested,
@@ -275,6 +323,19 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<PathRejection> for ApiError {
+    /// A path that does not decode or parse is the client's mistake; a route whose parameters do not
+    /// match its template is ours.
+    fn from(rejection: PathRejection) -> ApiError {
+        if rejection.status().is_client_error() {
+            ApiError::invalid_request(format!("invalid path: {}", rejection.body_text()))
+        } else {
+            tracing::error!(error = %rejection.body_text(), "a route's path parameters do not match it");
+            ApiError::internal("internal error")
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (
@@ -297,5 +358,118 @@ impl IntoResponse for ApiError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Money, Timestamp};
+
+    /// One rejection of each kind. The match below stops compiling when a kind is added, so this list
+    /// (and `ERROR_CODES`) cannot silently fall behind.
+    fn every_rejection() -> Vec<Rejection> {
+        let id = || "x".to_owned();
+        let at = Timestamp::from_unix_seconds(0);
+        let all = vec![
+            Rejection::UserNotFound,
+            Rejection::UserExists,
+            Rejection::ItemNotFound { item_id: id() },
+            Rejection::OrderNotFound,
+            Rejection::TopupNotFound,
+            Rejection::InsufficientFunds {
+                available: Money::ZERO,
+                required: Money::ZERO,
+            },
+            Rejection::PriceChanged {
+                expected: Money::ZERO,
+                current: Money::ZERO,
+            },
+            Rejection::AlreadyOwned { item_id: id() },
+            Rejection::ItemInactive { item_id: id() },
+            Rejection::InvalidState { status: id() },
+            Rejection::RefundExceedsPurchase {
+                item_id: id(),
+                requested: 1,
+                refundable: 0,
+            },
+            Rejection::AlreadyConsumed {
+                item_id: id(),
+                requested: 1,
+                unspent: 0,
+            },
+            Rejection::InsufficientEntitlement {
+                item_id: id(),
+                requested: 1,
+                owned: 0,
+            },
+            Rejection::ExternalRefConflict { external_ref: id() },
+            Rejection::AmountMismatch {
+                expected: Money::ZERO,
+                received: Money::ZERO,
+            },
+            Rejection::OrderExpired { expires_at: at },
+            Rejection::RefundWindowClosed {
+                item_id: id(),
+                closed_at: at,
+            },
+            Rejection::TooManyPendingOrders { limit: 1 },
+            Rejection::TooManyRefunds { limit: 1 },
+            Rejection::CatalogFull { limit: 1 },
+            Rejection::BalanceLimitExceeded { max: Money::ZERO },
+            Rejection::InvalidRequest { message: id() },
+            Rejection::IdempotencyKeyReused,
+            Rejection::LimitExceeded {
+                limit: id(),
+                max: 1,
+                retry_after: Some(at),
+            },
+            Rejection::ItemKindFixed {
+                item_id: id(),
+                kind: id(),
+            },
+        ];
+        for rejection in &all {
+            match rejection {
+                Rejection::UserNotFound
+                | Rejection::UserExists
+                | Rejection::ItemNotFound { .. }
+                | Rejection::OrderNotFound
+                | Rejection::TopupNotFound
+                | Rejection::InsufficientFunds { .. }
+                | Rejection::PriceChanged { .. }
+                | Rejection::AlreadyOwned { .. }
+                | Rejection::ItemInactive { .. }
+                | Rejection::InvalidState { .. }
+                | Rejection::RefundExceedsPurchase { .. }
+                | Rejection::AlreadyConsumed { .. }
+                | Rejection::InsufficientEntitlement { .. }
+                | Rejection::ExternalRefConflict { .. }
+                | Rejection::AmountMismatch { .. }
+                | Rejection::OrderExpired { .. }
+                | Rejection::RefundWindowClosed { .. }
+                | Rejection::TooManyPendingOrders { .. }
+                | Rejection::TooManyRefunds { .. }
+                | Rejection::CatalogFull { .. }
+                | Rejection::BalanceLimitExceeded { .. }
+                | Rejection::InvalidRequest { .. }
+                | Rejection::IdempotencyKeyReused
+                | Rejection::LimitExceeded { .. }
+                | Rejection::ItemKindFixed { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_rejection_code_is_listed() {
+        for rejection in every_rejection() {
+            let error = ApiError::from_rejection(&rejection, &Currency::eur());
+            assert!(
+                ERROR_CODES.contains(&error.code),
+                "{} is not listed",
+                error.code
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -14,10 +14,20 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use crate::domain::{Currency, Fingerprint, Money, ids};
 
+mod strict_json;
+
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Idempotency keys are 1–255 printable ASCII characters.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The path parameters of a route, decoded as `T`. Every route takes its parameters through this one
+/// extractor, never `axum::extract::Path` itself, whose rejections (a segment that is not UTF-8 once
+/// percent-decoded, or does not parse as `T`, such as `-1` for a node id) are plain text: here they are
+/// 400 `invalid_request` in the error shape (see `ApiError`'s `From<PathRejection>`).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct PathParams<T>(pub T);
 
 /// The raw body of a request, at most `MAX_BODY_BYTES`.
 pub struct Body(pub Bytes);
@@ -124,13 +134,14 @@ impl Post {
 }
 
 impl Body {
-    /// Parses the body, which must be a JSON object, as `T` (which rejects unknown fields). An empty body
-    /// reads as `{}`. (serde's derive would also take a struct written as a JSON array.)
+    /// Parses the body, which must be a JSON object without repeated keys, as `T` (which rejects unknown
+    /// fields). An empty body reads as `{}`. (serde's derive would also take a struct written as a JSON
+    /// array.)
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let bytes: &[u8] = if self.is_blank() { b"{}" } else { &self.0 };
         let invalid =
             |e: serde_json::Error| ApiError::invalid_request(format!("invalid JSON body: {e}"));
-        let value: Value = serde_json::from_slice(bytes).map_err(invalid)?;
+        let value = strict_json::parse(bytes).map_err(invalid)?;
         if !value.is_object() {
             return Err(ApiError::invalid_request("the body must be a JSON object"));
         }
@@ -203,17 +214,20 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let value = headers
         .get("idempotency-key")
         .ok_or_else(ApiError::idempotency_key_required)?;
-    let key = value
-        .to_str()
-        .ok()
-        .filter(|k| {
-            (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&k.len())
-                && k.bytes().all(|b| (0x20..=0x7e).contains(&b))
-        })
-        .ok_or_else(|| {
-            ApiError::invalid_request("Idempotency-Key must be 1-255 printable ASCII characters")
-        })?;
-    Ok(key.to_owned())
+    idempotency_key_text(value.to_str().unwrap_or_default())
+}
+
+/// An idempotency key (from the header, or a path): 1–255 printable ASCII characters.
+pub fn idempotency_key_text(key: &str) -> Result<String, ApiError> {
+    let valid = (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len())
+        && key.bytes().all(|b| (0x20..=0x7e).contains(&b));
+    if valid {
+        Ok(key.to_owned())
+    } else {
+        Err(ApiError::invalid_request(
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+        ))
+    }
 }
 
 /// A client-chosen identifier (`user_id`, `item_id`): 1–64 chars of `[A-Za-z0-9_.-]`.
@@ -291,12 +305,14 @@ pub fn limit(pairs: &[(String, String)], default: usize, max: usize) -> Result<u
     }
 }
 
+/// The value of query parameter `name`, if given. An empty value (`?status=`) is a value, and the
+/// parameter's own check refuses it: treating it as absent would answer something the client did not
+/// ask for.
 pub fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     pairs
         .iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
-        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]

@@ -97,11 +97,9 @@ impl App {
     }
 }
 
-/// The OpenAPI document of the API (also served at `/v1/openapi.json`).
-pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    let mut document = routes::api().into_openapi();
-    routes::document_common_responses(&mut document);
-    document
+/// The OpenAPI document of the API for a deployment in `currency` (also served at `/v1/openapi.json`).
+pub fn openapi_document(currency: &crate::domain::Currency) -> serde_json::Value {
+    routes::finish_document(routes::api().into_openapi(), currency)
 }
 
 /// Builds the client-facing router (routes, OpenAPI, middleware) around the node; it also serves node
@@ -114,11 +112,8 @@ pub fn router(
     psp_secret: Option<Vec<u8>>,
     metrics: PrometheusHandle,
 ) -> Router {
-    let (router, mut document) = routes::api().split_for_parts();
-    routes::document_common_responses(&mut document);
-    let openapi = document
-        .to_json()
-        .map(String::into_bytes)
+    let (router, document) = routes::api().split_for_parts();
+    let openapi = serde_json::to_vec(&routes::finish_document(document, &config.currency))
         .unwrap_or_default();
     let limits = Arc::new(RequestLimits {
         general: tokio::sync::Semaphore::new(config.max_inflight),

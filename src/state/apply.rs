@@ -767,11 +767,10 @@ impl<'t> Applier<'t> {
             // The catalog's home shard decides the version: +1 on a change, unchanged otherwise.
             (None, Some(item)) if item.spec == *spec => return Ok(Reply::Item(item.clone())),
             (None, Some(item)) if item.spec.kind != spec.kind => {
-                return Err(Rejection::invalid(format!(
-                    "the kind of item {} is {} and cannot change",
-                    spec.item_id,
-                    item.spec.kind.as_str()
-                ))
+                return Err(Rejection::ItemKindFixed {
+                    item_id: spec.item_id.clone(),
+                    kind: item.spec.kind.as_str().to_owned(),
+                }
                 .into());
             }
             (None, Some(item)) => item.version + 1,

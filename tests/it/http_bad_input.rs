@@ -453,6 +453,51 @@ async fn unknown_fields_are_invalid_request() {
     .expect_error(400, "invalid_request");
 }
 
+/// A key given twice is refused wherever it is, not read as the last one (which a different parser could
+/// read as the first).
+#[tokio::test]
+async fn duplicate_keys_are_invalid_request() {
+    let srv = Server::start().await;
+    shop(&srv, "bd").await;
+    let bodies: [(&str, &[u8]); 4] = [
+        ("/v1/users/bd/topups", br#"{"amount": "1.00", "amount": "2.00"}"#),
+        (
+            "/v1/users/bd/orders",
+            br#"{"lines": [{"item_id": "gems", "quantity": 1, "quantity": 2}]}"#,
+        ),
+        (
+            "/v1/users/bd/orders",
+            br#"{"lines": [{"item_id": "gems", "quantity": 1}], "complete": false, "complete": true}"#,
+        ),
+        (
+            "/v1/users/bd/credits",
+            br#"{"amount": "1.00", "external_ref": "r-bd", "external_ref": "r-bd2"}"#,
+        ),
+    ];
+    for (path, body) in bodies {
+        refused(&srv, "bd", path, body.to_vec(), 400, "invalid_request").await;
+    }
+    let r = srv
+        .call(Method::PUT, "/v1/items/dup")
+        .auth(Auth::Admin)
+        .raw(br#"{"name": "A", "kind": "game", "price": "1.00", "price": "0.00"}"#.to_vec())
+        .send()
+        .await;
+    r.expect_error(400, "invalid_request");
+    srv.get("/v1/items/dup", Auth::Admin)
+        .await
+        .expect_error(404, "item_not_found");
+    // The same key in two sibling objects is no duplicate.
+    let r = srv
+        .call(Method::POST, "/v1/users/bd/orders")
+        .auth(Auth::Service)
+        .fresh_key()
+        .raw(br#"{"lines": [{"item_id": "gems", "quantity": 1}, {"item_id": "skin", "quantity": 1}]}"#.to_vec())
+        .send()
+        .await;
+    r.expect(201);
+}
+
 #[tokio::test]
 async fn order_lines_are_bounded() {
     let srv = Server::start().await;

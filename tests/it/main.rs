@@ -12,6 +12,7 @@ mod harness;
 mod http_auth;
 mod http_bad_input;
 mod http_catalog;
+mod http_contract;
 mod http_credits;
 mod http_entitlements;
 mod http_idempotency;

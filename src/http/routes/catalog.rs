@@ -1,6 +1,6 @@
 //! The catalog: items for sale, copied into every shard.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 
 use crate::domain::model::{MAX_ITEM_NAME_CHARS, MAX_REFUND_WINDOW_DAYS};
@@ -10,7 +10,7 @@ use crate::http::auth::Caller;
 use crate::http::current_consistency;
 use crate::http::dto::{self, ItemResponse, ItemsResponse, PutItemRequest};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Body};
+use crate::http::input::{self, AmountRule, Body, PathParams};
 use crate::http::{AppState, render};
 use crate::state::{Applied, query};
 
@@ -21,16 +21,16 @@ const DEFAULT_REFUND_WINDOW_DAYS: u32 = 14;
 #[utoipa::path(put, path = "/v1/items/{item_id}", tag = "catalog", request_body = PutItemRequest,
     params(("item_id" = String, Path)),
     responses(
-        (status = 200, body = ItemResponse),
-        (status = 400, description = "`invalid_request` (also: changing an item's kind)", body = ErrorBody),
-        (status = 409, description = "`catalog_full`", body = ErrorBody),
+        (status = 200, description = "The item as stored, with its version", body = ItemResponse),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 409, description = "`catalog_full`, `invalid_state` (changing an item's kind)", body = ErrorBody),
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn put_item(
     State(app): State<AppState>,
     caller: Caller,
-    Path(item_id): Path<String>,
+    PathParams(item_id): PathParams<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
@@ -78,12 +78,12 @@ pub async fn put_item(
 /// One item (any role).
 #[utoipa::path(get, path = "/v1/items/{item_id}", tag = "catalog",
     params(("item_id" = String, Path)),
-    responses((status = 200, body = ItemResponse), (status = 404, description = "`item_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The item", body = ItemResponse), (status = 404, description = "`item_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_item(
     State(app): State<AppState>,
     _caller: Caller,
-    Path(item_id): Path<String>,
+    PathParams(item_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let item_id = input::client_id("item_id", &item_id)?;
     let id = item_id.clone();
@@ -102,7 +102,7 @@ pub async fn get_item(
 
 /// The whole catalog, by item id (any role).
 #[utoipa::path(get, path = "/v1/items", tag = "catalog",
-    responses((status = 200, body = ItemsResponse)),
+    responses((status = 200, description = "Every item, by item id", body = ItemsResponse)),
     security(("bearer" = [])))]
 pub async fn list_items(
     State(app): State<AppState>,

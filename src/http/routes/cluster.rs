@@ -1,7 +1,7 @@
 //! The cluster as an operator sees it: the view of nodes and shards, where a user lives, and membership
 //! changes (add a node as a learner, promote it to voter, remove a node), applied to every shard.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use shopkeep_raft::rpc::MembershipChange;
@@ -9,7 +9,7 @@ use shopkeep_raft::rpc::MembershipChange;
 use crate::http::auth::Caller;
 use crate::http::dto::{AddNodeRequest, ClusterNode, ClusterResponse, ClusterShard, RouteResponse};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Post};
+use crate::http::input::{self, PathParams, Post};
 use crate::http::{AppState, render};
 
 fn view(app: &AppState) -> ClusterResponse {
@@ -58,7 +58,7 @@ fn view(app: &AppState) -> ClusterResponse {
 
 /// Nodes and shards as this node sees them: role, leader, term, log and applied indexes, lag (admin).
 #[utoipa::path(get, path = "/v1/cluster", tag = "operations",
-    responses((status = 200, body = ClusterResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    responses((status = 200, description = "This node's view of the cluster", body = ClusterResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require_admin()?;
@@ -68,12 +68,12 @@ pub async fn cluster(State(app): State<AppState>, caller: Caller) -> Result<Resp
 /// The shard that holds a user's rows and that shard's leader (admin).
 #[utoipa::path(get, path = "/v1/cluster/route/{user_id}", tag = "operations",
     params(("user_id" = String, Path)),
-    responses((status = 200, body = RouteResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    responses((status = 200, description = "The user's shard and its leader", body = RouteResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn route(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let user_id = input::client_id("user_id", &user_id)?;
@@ -90,6 +90,17 @@ pub async fn route(
         shard,
         leader,
     }))
+}
+
+/// Node ids are positive: 0 names no node.
+fn member_id(node_id: u64) -> Result<u64, ApiError> {
+    if node_id == 0 {
+        Err(ApiError::invalid_request(
+            "node_id must be a positive integer",
+        ))
+    } else {
+        Ok(node_id)
+    }
 }
 
 async fn change(app: &AppState, change: MembershipChange) -> Result<Response, ApiError> {
@@ -109,7 +120,7 @@ async fn change(app: &AppState, change: MembershipChange) -> Result<Response, Ap
 #[utoipa::path(post, path = "/v1/admin/cluster/nodes", tag = "operations", request_body = AddNodeRequest,
     params(("Idempotency-Key" = String, Header)),
     responses(
-        (status = 200, body = ClusterResponse),
+        (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 409, description = "`invalid_state`: the change is not allowed now", body = ErrorBody),
     ),
@@ -122,11 +133,7 @@ pub async fn add_node(
     caller.require_admin()?;
     post.idempotency_key()?;
     let request: AddNodeRequest = post.json()?;
-    if request.node_id == 0 {
-        return Err(ApiError::invalid_request(
-            "node_id must be a positive integer",
-        ));
-    }
+    member_id(request.node_id)?;
     if crate::config::parse_peers(&format!("{}={}", request.node_id, request.address)).is_err() {
         return Err(ApiError::invalid_request("address must be host:port"));
     }
@@ -144,7 +151,7 @@ pub async fn add_node(
 #[utoipa::path(post, path = "/v1/admin/cluster/nodes/{node_id}/promote", tag = "operations",
     params(("node_id" = u64, Path), ("Idempotency-Key" = String, Header)),
     responses(
-        (status = 200, body = ClusterResponse),
+        (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 409, description = "`invalid_state`: not a learner yet", body = ErrorBody),
     ),
@@ -152,19 +159,20 @@ pub async fn add_node(
 pub async fn promote_node(
     State(app): State<AppState>,
     caller: Caller,
-    Path(node_id): Path<u64>,
+    PathParams(node_id): PathParams<u64>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
+    let node = member_id(node_id)?;
     post.idempotency_key()?;
-    change(&app, MembershipChange::Promote { node: node_id }).await
+    change(&app, MembershipChange::Promote { node }).await
 }
 
 /// Remove a node from every shard (admin). Its data is then stale: never restart it with the same id.
 #[utoipa::path(delete, path = "/v1/admin/cluster/nodes/{node_id}", tag = "operations",
     params(("node_id" = u64, Path)),
     responses(
-        (status = 200, body = ClusterResponse),
+        (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 409, description = "`invalid_state`: e.g. the last voter", body = ErrorBody),
     ),
@@ -172,8 +180,9 @@ pub async fn promote_node(
 pub async fn remove_node(
     State(app): State<AppState>,
     caller: Caller,
-    Path(node_id): Path<u64>,
+    PathParams(node_id): PathParams<u64>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    change(&app, MembershipChange::Remove { node: node_id }).await
+    let node = member_id(node_id)?;
+    change(&app, MembershipChange::Remove { node }).await
 }

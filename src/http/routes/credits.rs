@@ -1,7 +1,7 @@
 //! Adding credit: direct credits reported by the game backend, PSP top-ups and the signed PSP webhook.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use hmac::{Hmac, KeyInit, Mac};
@@ -19,7 +19,7 @@ use crate::http::dto::{
     self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Post};
+use crate::http::input::{self, AmountRule, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -50,7 +50,7 @@ fn external_ref(field: &str, value: &str) -> Result<(), ApiError> {
 pub async fn create_credit(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
@@ -99,7 +99,7 @@ pub async fn create_credit(
 #[utoipa::path(post, path = "/v1/users/{user_id}/topups", tag = "credit", request_body = TopupRequest,
     params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses(
-        (status = 201, body = TopupResponse),
+        (status = 201, description = "The top-up, PENDING until the PSP's webhook", body = TopupResponse),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
         (status = 409, description = "`limit_exceeded` (details: `limit` = `max_pending_topups`, `max`, `retry_after`)", body = ErrorBody),
         (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
@@ -108,7 +108,7 @@ pub async fn create_credit(
 pub async fn create_topup(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
@@ -137,12 +137,12 @@ pub async fn create_topup(
 /// A top-up and its status (`PENDING` past its deadline reads as `EXPIRED`).
 #[utoipa::path(get, path = "/v1/users/{user_id}/topups/{topup_id}", tag = "credit",
     params(("user_id" = String, Path), ("topup_id" = String, Path)),
-    responses((status = 200, body = TopupResponse), (status = 404, description = "`user_not_found`, `topup_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The top-up", body = TopupResponse), (status = 404, description = "`user_not_found`, `topup_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_topup(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, topup_id)): Path<(String, String)>,
+    PathParams((user_id, topup_id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let now = Timestamp::now();

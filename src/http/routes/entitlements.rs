@@ -1,6 +1,6 @@
 //! What users own (entitlements, consumption of in-game currency) and their wallet's ledger.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::Response;
 
 use super::{read_for_user, user_path};
@@ -10,24 +10,24 @@ use crate::http::dto::{
     self, ConsumeRequest, EntitlementResponse, EntitlementsResponse, LedgerPage,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Post};
+use crate::http::input::{self, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
 /// Most units one consume call may spend.
-const MAX_CONSUME_QUANTITY: u32 = 1_000_000;
+pub(super) const MAX_CONSUME_QUANTITY: u32 = 1_000_000;
 const DEFAULT_LEDGER_PAGE: usize = 50;
 const MAX_LEDGER_PAGE: usize = 100;
 
 /// The user's entitlements (quantity 0 omitted).
 #[utoipa::path(get, path = "/v1/users/{user_id}/entitlements", tag = "entitlements",
     params(("user_id" = String, Path)),
-    responses((status = 200, body = EntitlementsResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The entitlements", body = EntitlementsResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_entitlements(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let list = read_for_user(&app, &user_id, |txn, user| {
@@ -43,7 +43,7 @@ pub async fn list_entitlements(
 #[utoipa::path(post, path = "/v1/users/{user_id}/entitlements/{item_id}/consume", tag = "entitlements", request_body = ConsumeRequest,
     params(("user_id" = String, Path), ("item_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses(
-        (status = 200, body = EntitlementResponse),
+        (status = 200, description = "The entitlement after the consumption", body = EntitlementResponse),
         (status = 400, description = "`invalid_request` (also: the item is not a currency)", body = ErrorBody),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
         (status = 409, description = "`insufficient_entitlement`", body = ErrorBody),
@@ -52,7 +52,7 @@ pub async fn list_entitlements(
 pub async fn consume(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, item_id)): Path<(String, String)>,
+    PathParams((user_id, item_id)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
@@ -82,15 +82,15 @@ pub async fn consume(
 #[utoipa::path(get, path = "/v1/users/{user_id}/ledger", tag = "entitlements",
     params(
         ("user_id" = String, Path),
-        ("limit" = Option<u32>, Query, description = "1-100, default 50"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1-100, default 50"),
+        ("cursor" = Option<String>, Query, pattern = "^[0-9]{1,19}$", description = "next_cursor of the previous page"),
     ),
-    responses((status = 200, body = LedgerPage), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "A page of ledger entries", body = LedgerPage), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn ledger(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;

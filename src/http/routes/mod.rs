@@ -4,6 +4,7 @@
 mod catalog;
 mod cluster;
 mod credits;
+mod doc;
 mod entitlements;
 mod ops;
 mod orders;
@@ -13,6 +14,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+
+pub use doc::finish as finish_document;
 
 use super::auth::Caller;
 use super::error::ApiError;
@@ -54,111 +57,6 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
     }
-}
-
-/// Endpoints that answer whatever the load, without the request plumbing (auth, limits, engine).
-const PLAIN_ENDPOINTS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/v1/openapi.json"];
-
-/// Adds to every operation the error responses that the shared request plumbing can give, so the document
-/// lists what the server really answers: 401/403 where a token is needed, 400/413 where a body is read,
-/// 429/503 wherever the in-flight limit and the engine apply. Responses an operation documents itself are
-/// left as they are.
-pub fn document_common_responses(openapi: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
-    let error = |description: &str| {
-        ResponseBuilder::new()
-            .description(description)
-            .content(
-                "application/json",
-                ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("ErrorBody")))
-                    .build(),
-            )
-            .build()
-    };
-    for (path, item) in openapi.paths.paths.iter_mut() {
-        if PLAIN_ENDPOINTS.contains(&path.as_str()) {
-            continue;
-        }
-        let keyed = path != "/v1/psp/webhook";
-        if let Some(get) = item.get.as_mut() {
-            get.parameters
-                .get_or_insert_with(Vec::new)
-                .push(consistency_parameter().into());
-        }
-        let operations = [
-            (&mut item.post, true),
-            (&mut item.put, false),
-            (&mut item.get, false),
-            (&mut item.delete, false),
-        ];
-        for (operation, is_post) in operations {
-            let Some(operation) = operation.as_mut() else {
-                continue;
-            };
-            let reads_body = operation.request_body.is_some();
-            let bad_request = if is_post && keyed {
-                "`invalid_request` (malformed input), `idempotency_key_required` (no Idempotency-Key)"
-            } else {
-                "`invalid_request` (malformed input)"
-            };
-            let mut common = vec![
-                ("400", bad_request),
-                (
-                    "429",
-                    "`rate_limited`: too many requests in flight or a full shard queue (Retry-After)",
-                ),
-                (
-                    "503",
-                    "`unavailable`: not applied in time; retry with the same Idempotency-Key (Retry-After)",
-                ),
-            ];
-            if is_post && keyed {
-                common.push((
-                    "422",
-                    "`idempotency_key_reused`: this key was used with another request",
-                ));
-            }
-            if operation.security.is_some() {
-                common.push(("401", "`unauthenticated`: no or bad bearer token"));
-                common.push((
-                    "403",
-                    "`forbidden`: the token's role or user may not do this",
-                ));
-            }
-            if reads_body {
-                common.push(("413", "`payload_too_large`: the body is over 64 KiB"));
-            }
-            for (status, description) in common {
-                operation
-                    .responses
-                    .responses
-                    .entry(status.to_owned())
-                    .or_insert_with(|| error(description).into());
-            }
-        }
-    }
-}
-
-/// The `consistency` query parameter every read takes (see `http::read_consistency`).
-fn consistency_parameter() -> utoipa::openapi::path::Parameter {
-    use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
-    use utoipa::openapi::{ObjectBuilder, Type};
-    ParameterBuilder::new()
-        .name("consistency")
-        .parameter_in(ParameterIn::Query)
-        .required(utoipa::openapi::Required::False)
-        .description(Some(
-            "`linearizable` (default): the read reflects every write acknowledged before it \
-             (leader + read index; 503 `unavailable` without a quorum). `local`: this node's \
-             replica as it is, possibly behind.",
-        ))
-        .schema(Some(
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .enum_values(Some(["linearizable", "local"])),
-        ))
-        .build()
 }
 
 pub fn api() -> OpenApiRouter<AppState> {

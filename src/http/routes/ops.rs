@@ -13,7 +13,7 @@ use crate::state::audit as shard_audit;
 
 /// Recompute every invariant on every shard (admin).
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
-    responses((status = 200, body = AuditResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    responses((status = 200, description = "One report per shard; `ok` when no shard has a violation", body = AuditResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require_admin()?;
@@ -44,7 +44,7 @@ pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Respon
 }
 
 /// 200 while the process is up.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = StatusResponse)))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = StatusResponse)))]
 pub async fn healthz() -> Response {
     status("ok")
 }
@@ -53,7 +53,7 @@ pub async fn healthz() -> Response {
 /// acknowledging, or its leader reached this node recently); 503 `unavailable` otherwise (no leader yet,
 /// or this node is cut off from the others).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
+    responses((status = 200, description = "Every shard has a live leader", body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
     if app.node.cluster().is_ready() {
         status("ready")
@@ -64,7 +64,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics (text format).
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let text = app.metrics.render();
     (
@@ -79,7 +79,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations", responses((status = 200, content_type = "application/json", body = Object)))]
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations", responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)))]
 pub async fn openapi(State(app): State<AppState>) -> Response {
     render::body(StatusCode::OK, app.openapi.clone())
 }

@@ -1,6 +1,6 @@
 //! Orders (purchases) and their refunds.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use uuid::Uuid;
 
@@ -13,7 +13,7 @@ use crate::http::dto::{
     RefundResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Post};
+use crate::http::input::{self, AmountRule, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::query;
 
@@ -57,7 +57,7 @@ fn order_id(text: &str) -> Result<Uuid, ApiError> {
 #[utoipa::path(post, path = "/v1/users/{user_id}/orders", tag = "orders", request_body = CreateOrderRequest,
     params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses(
-        (status = 201, body = OrderResponse),
+        (status = 201, description = "The order (PENDING, or COMPLETED with `complete: true`)", body = OrderResponse),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 404, description = "`user_not_found`, `item_not_found`", body = ErrorBody),
         (status = 409, description = "`insufficient_funds`, `price_changed`, `already_owned`, `item_inactive`, `too_many_pending_orders`", body = ErrorBody),
@@ -67,7 +67,7 @@ fn order_id(text: &str) -> Result<Uuid, ApiError> {
 pub async fn create_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
@@ -104,15 +104,16 @@ pub async fn create_order(
     params(
         ("user_id" = String, Path),
         ("status" = Option<String>, Query, description = "PENDING, COMPLETED, CANCELLED, PARTIALLY_REFUNDED or REFUNDED"),
-        ("limit" = Option<u32>, Query, description = "1-100, default 20"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "1-100, default 20"),
+        ("cursor" = Option<String>, Query, pattern = r"^[0-9]{1,18}_[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+            description = "next_cursor of the previous page"),
     ),
-    responses((status = 200, body = OrdersPage), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "A page of orders, newest first", body = OrdersPage), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_orders(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
@@ -147,12 +148,12 @@ fn parse_order_cursor(cursor: &str) -> Option<query::OrderCursor> {
 /// One order, as of now (a pending order past its deadline reads as cancelled, reason `expired`).
 #[utoipa::path(get, path = "/v1/users/{user_id}/orders/{order_id}", tag = "orders",
     params(("user_id" = String, Path), ("order_id" = String, Path)),
-    responses((status = 200, body = OrderResponse), (status = 404, description = "`user_not_found`, `order_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The order", body = OrderResponse), (status = 404, description = "`user_not_found`, `order_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id_text)): Path<(String, String)>,
+    PathParams((user_id, order_id_text)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let now = Timestamp::now();
@@ -213,7 +214,7 @@ async fn order_transition(
 pub async fn complete_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id)): Path<(String, String)>,
+    PathParams((user_id, order_id)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     order_transition(app, caller, (user_id, order_id), post, true).await
@@ -231,7 +232,7 @@ pub async fn complete_order(
 pub async fn cancel_order(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id)): Path<(String, String)>,
+    PathParams((user_id, order_id)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     order_transition(app, caller, (user_id, order_id), post, false).await
@@ -241,7 +242,7 @@ pub async fn cancel_order(
 #[utoipa::path(post, path = "/v1/users/{user_id}/orders/{order_id}/refunds", tag = "orders", request_body = RefundRequest,
     params(("user_id" = String, Path), ("order_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses(
-        (status = 201, body = RefundResponse),
+        (status = 201, description = "The refund", body = RefundResponse),
         (status = 404, description = "`user_not_found`, `order_not_found`", body = ErrorBody),
         (status = 409, description = "`refund_exceeds_purchase`, `already_consumed`, `invalid_state`, `refund_window_closed`, `too_many_refunds`", body = ErrorBody),
     ),
@@ -249,7 +250,7 @@ pub async fn cancel_order(
 pub async fn create_refund(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, order_id_text)): Path<(String, String)>,
+    PathParams((user_id, order_id_text)): PathParams<(String, String)>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;

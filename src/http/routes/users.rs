@@ -1,6 +1,6 @@
 //! Users, wallets, user tokens and the idempotency lookup.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 
 use super::{read_for_user, read_user, user_path};
@@ -14,7 +14,7 @@ use crate::http::dto::{
     WalletResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, Post};
+use crate::http::input::{self, PathParams, Post};
 use crate::http::{AppState, render};
 use crate::state::IdempotencyState;
 use crate::state::query;
@@ -76,12 +76,12 @@ pub async fn create_user(
 /// A user and its wallet.
 #[utoipa::path(get, path = "/v1/users/{user_id}", tag = "users",
     params(("user_id" = String, Path)),
-    responses((status = 200, body = UserResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The user and its wallet", body = UserResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_user(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let (user, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
@@ -91,12 +91,12 @@ pub async fn get_user(
 /// The wallet: `available = balance - held`, holds of expired orders left out.
 #[utoipa::path(get, path = "/v1/users/{user_id}/wallet", tag = "users",
     params(("user_id" = String, Path)),
-    responses((status = 200, body = WalletResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 200, description = "The wallet", body = WalletResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_wallet(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let (_, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
@@ -106,12 +106,12 @@ pub async fn get_wallet(
 /// Mint a token bound to this user (admin, service).
 #[utoipa::path(post, path = "/v1/users/{user_id}/tokens", tag = "users", request_body = CreateTokenRequest,
     params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
-    responses((status = 201, body = TokenResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
+    responses((status = 201, description = "The token", body = TokenResponse), (status = 404, description = "`user_not_found`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn create_token(
     State(app): State<AppState>,
     caller: Caller,
-    Path(user_id): Path<String>,
+    PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
     caller.require_staff()?;
@@ -145,16 +145,17 @@ pub async fn create_token(
 #[utoipa::path(get, path = "/v1/users/{user_id}/idempotency/{key}", tag = "users",
     params(("user_id" = String, Path), ("key" = String, Path)),
     responses(
-        (status = 200, body = IdempotencyResponse),
+        (status = 200, description = "The stored outcome", body = IdempotencyResponse),
         (status = 404, description = "`user_not_found`, `not_found` (also to a user token when the key's outcome is a token issuance)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn get_idempotency(
     State(app): State<AppState>,
     caller: Caller,
-    Path((user_id, key)): Path<(String, String)>,
+    PathParams((user_id, key)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
+    let key = input::idempotency_key_text(&key)?;
     let lookup = key.clone();
     let record = read_for_user(&app, &user_id, move |txn, user| {
         query::idempotency(txn, &user.user_id, &lookup)
