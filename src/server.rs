@@ -84,10 +84,10 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         (None, false) => datadir::generated_secret(&config.data_dir, "token-secret")?.0,
     };
     let token_key = derive_key(&token_secret, KeyPurpose::UserToken);
-    let node_auth = Arc::new(NodeAuth::new(derive_key(
-        &cluster_secret,
-        KeyPurpose::NodeAuth,
-    )));
+    let node_auth = Arc::new(NodeAuth::new(
+        derive_key(&cluster_secret, KeyPurpose::NodeAuth),
+        config.node_id,
+    ));
     if secrets.service_token.is_none() {
         tracing::warn!("SHOPKEEP_SERVICE_TOKEN is not set: the service role is disabled");
     }

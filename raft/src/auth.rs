@@ -3,10 +3,10 @@
 //! The caller sends one header, [`AUTH_HEADER`]:
 //!
 //! ```text
-//! v1,<unix seconds>,<nonce: 32 hex>,<SHA-256 of the body: 64 hex>,<HMAC-SHA256: 64 hex>
+//! v1,<sender node id>,<unix microseconds>,<nonce: 32 hex>,<SHA-256 of the body: 64 hex>,<HMAC-SHA256: 64 hex>
 //! ```
 //!
-//! The MAC covers the method, the path, the timestamp, the nonce and the body's digest, under a key the
+//! The MAC covers the sender, the method, the path, the timestamp, the nonce and the body's digest, under a key the
 //! application derives from the cluster secret for this purpose only. The receiver checks all of it from
 //! the headers alone, *before* it reads a byte of the body, so a stranger costs it one HMAC over ~150
 //! bytes and no memory: the timestamp must be within [`REPLAY_WINDOW`] of the receiver's clock, the MAC
@@ -18,11 +18,13 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::clock::unix_micros;
 
 /// The header that carries a node call's authentication.
 pub const AUTH_HEADER: &str = "x-shopkeep-node-auth";
@@ -31,7 +33,7 @@ pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
 /// Most nonces remembered at once (~40 bytes each): more calls than this inside one window (over 17,000
 /// a second, sustained) are refused until old ones leave it. Only authenticated members can fill it.
 pub const MAX_REMEMBERED_NONCES: usize = 1 << 20;
-/// The longest header accepted; a valid one is 170 bytes.
+/// The longest header accepted; a valid one is under 200 bytes.
 const MAX_HEADER_BYTES: usize = 256;
 const VERSION: &str = "v1";
 
@@ -42,8 +44,8 @@ pub enum NodeAuthError {
     Missing,
     #[error("malformed {AUTH_HEADER} header")]
     Malformed,
-    #[error("timestamp {offset_seconds} s away from this node's clock (allowed: {window} s)", window = REPLAY_WINDOW.as_secs())]
-    Stale { offset_seconds: u64 },
+    #[error("node {sender}'s clock is {offset_seconds} s away from this node's (allowed: {window} s); check NTP", window = REPLAY_WINDOW.as_secs())]
+    Stale { sender: u64, offset_seconds: u64 },
     #[error("signature does not match")]
     BadSignature,
     #[error("replayed call")]
@@ -52,6 +54,16 @@ pub enum NodeAuthError {
     Saturated,
     #[error("the body does not match its signed digest")]
     BodyMismatch,
+}
+
+/// An authenticated call, from its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The member that signed it.
+    pub sender: u64,
+    /// The sender's clock minus this node's when the call arrived, in microseconds (latency included).
+    pub offset_micros: i64,
+    pub body: SignedBody,
 }
 
 /// What the headers of an authenticated call promise about its body.
@@ -75,6 +87,8 @@ impl SignedBody {
 /// Signs and verifies node calls with one 32-byte key.
 pub struct NodeAuth {
     key: [u8; 32],
+    /// This node's id, signed into its calls.
+    node_id: u64,
     seen: Mutex<ReplayGuard>,
 }
 
@@ -85,24 +99,18 @@ impl std::fmt::Debug for NodeAuth {
 }
 
 impl NodeAuth {
-    pub fn new(key: [u8; 32]) -> NodeAuth {
+    pub fn new(key: [u8; 32], node_id: u64) -> NodeAuth {
         NodeAuth {
             key,
+            node_id,
             seen: Mutex::new(ReplayGuard::default()),
         }
     }
 
-    fn mac(
-        &self,
-        method: &str,
-        path: &str,
-        timestamp: u64,
-        nonce: &str,
-        digest: &str,
-    ) -> Hmac<Sha256> {
+    fn mac(&self, signed: &[&str]) -> Hmac<Sha256> {
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
             .expect("HMAC takes any key length");
-        for part in [VERSION, method, path, &timestamp.to_string(), nonce, digest] {
+        for part in signed {
             mac.update(part.as_bytes());
             mac.update(b"\n");
         }
@@ -111,7 +119,13 @@ impl NodeAuth {
 
     /// The header value that authenticates `method path` with `body`, now.
     pub fn sign(&self, method: &str, path: &str, body: &[u8]) -> String {
-        self.sign_at(method, path, body, unix_now(), rand::random::<[u8; 16]>())
+        self.sign_at(
+            method,
+            path,
+            body,
+            unix_micros(),
+            rand::random::<[u8; 16]>(),
+        )
     }
 
     fn sign_at(
@@ -119,27 +133,26 @@ impl NodeAuth {
         method: &str,
         path: &str,
         body: &[u8],
-        timestamp: u64,
+        timestamp: i64,
         nonce: [u8; 16],
     ) -> String {
+        let sender = self.node_id.to_string();
+        let timestamp = timestamp.to_string();
         let nonce = hex::encode(nonce);
         let digest = hex::encode(Sha256::digest(body));
-        let tag = hex::encode(
-            self.mac(method, path, timestamp, &nonce, &digest)
-                .finalize()
-                .into_bytes(),
-        );
-        format!("{VERSION},{timestamp},{nonce},{digest},{tag}")
+        let signed = [VERSION, &sender, method, path, &timestamp, &nonce, &digest];
+        let tag = hex::encode(self.mac(&signed).finalize().into_bytes());
+        format!("{VERSION},{sender},{timestamp},{nonce},{digest},{tag}")
     }
 
-    /// Checks a call from its headers alone; the body is checked later with the returned [`SignedBody`].
+    /// Checks a call from its headers alone; the body is checked later with [`Verified::body`].
     pub fn verify(
         &self,
         method: &str,
         path: &str,
         header: Option<&[u8]>,
-    ) -> Result<SignedBody, NodeAuthError> {
-        self.verify_at(method, path, header, unix_now())
+    ) -> Result<Verified, NodeAuthError> {
+        self.verify_at(method, path, header, unix_micros())
     }
 
     fn verify_at(
@@ -147,39 +160,62 @@ impl NodeAuth {
         method: &str,
         path: &str,
         header: Option<&[u8]>,
-        now: u64,
-    ) -> Result<SignedBody, NodeAuthError> {
+        now: i64,
+    ) -> Result<Verified, NodeAuthError> {
         let header = header.ok_or(NodeAuthError::Missing)?;
         if header.len() > MAX_HEADER_BYTES {
             return Err(NodeAuthError::Malformed);
         }
         let header = std::str::from_utf8(header).map_err(|_| NodeAuthError::Malformed)?;
         let parts: Vec<&str> = header.split(',').collect();
-        let [version, timestamp, nonce, digest, tag] = parts[..] else {
+        let [version, sender_text, timestamp_text, nonce, digest, tag] = parts[..] else {
             return Err(NodeAuthError::Malformed);
         };
-        let timestamp: u64 = timestamp.parse().map_err(|_| NodeAuthError::Malformed)?;
+        let sender: u64 = sender_text.parse().map_err(|_| NodeAuthError::Malformed)?;
+        let timestamp: i64 = timestamp_text
+            .parse()
+            .map_err(|_| NodeAuthError::Malformed)?;
         let nonce_bytes = decode_hex::<16>(nonce)?;
         let digest_bytes = decode_hex::<32>(digest)?;
         let tag = decode_hex::<32>(tag)?;
         if version != VERSION {
             return Err(NodeAuthError::Malformed);
         }
-        let offset_seconds = now.abs_diff(timestamp);
-        if offset_seconds > REPLAY_WINDOW.as_secs() {
-            return Err(NodeAuthError::Stale { offset_seconds });
+        // The MAC first: a stale call's sender and offset are then known to be true (and worth a log).
+        self.mac(&[
+            version,
+            sender_text,
+            method,
+            path,
+            timestamp_text,
+            nonce,
+            digest,
+        ])
+        .verify_slice(&tag)
+        .map_err(|_| NodeAuthError::BadSignature)?;
+        let offset_micros = timestamp.saturating_sub(now);
+        if offset_micros.unsigned_abs() > window_micros() {
+            return Err(NodeAuthError::Stale {
+                sender,
+                offset_seconds: offset_micros.unsigned_abs() / 1_000_000,
+            });
         }
-        self.mac(method, path, timestamp, nonce, digest)
-            .verify_slice(&tag)
-            .map_err(|_| NodeAuthError::BadSignature)?;
         self.seen
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .admit(nonce_bytes, timestamp, now)?;
-        Ok(SignedBody {
-            digest: digest_bytes,
+        Ok(Verified {
+            sender,
+            offset_micros,
+            body: SignedBody {
+                digest: digest_bytes,
+            },
         })
     }
+}
+
+fn window_micros() -> u64 {
+    u64::try_from(REPLAY_WINDOW.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn decode_hex<const N: usize>(text: &str) -> Result<[u8; N], NodeAuthError> {
@@ -188,17 +224,11 @@ fn decode_hex<const N: usize>(text: &str) -> Result<[u8; N], NodeAuthError> {
     Ok(out)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The nonces of the calls accepted within the replay window, oldest first; bounded.
 #[derive(Default)]
 struct ReplayGuard {
-    /// (nonce key, timestamp) in order of arrival.
-    order: VecDeque<(u64, u64)>,
+    /// (nonce key, timestamp in unix microseconds) in order of arrival.
+    order: VecDeque<(u64, i64)>,
     nonces: HashSet<u64>,
 }
 
@@ -212,8 +242,8 @@ fn nonce_key(nonce: [u8; 16]) -> u64 {
 impl ReplayGuard {
     /// Accepts `nonce` (signed at `timestamp`) once. Nonces leave once their timestamp is out of the
     /// window: a replay of them is refused as stale from then on.
-    fn admit(&mut self, nonce: [u8; 16], timestamp: u64, now: u64) -> Result<(), NodeAuthError> {
-        let window = REPLAY_WINDOW.as_secs();
+    fn admit(&mut self, nonce: [u8; 16], timestamp: i64, now: i64) -> Result<(), NodeAuthError> {
+        let window = window_micros();
         // Forget nonces whose timestamp has left the window: a replay of them is refused as stale.
         while let Some(&(old, at)) = self.order.front() {
             if now.abs_diff(at) <= window {
@@ -239,23 +269,38 @@ impl ReplayGuard {
 mod tests {
     use super::*;
 
-    const NOW: u64 = 1_800_000_000;
+    const NOW: i64 = 1_800_000_000_000_000;
+    const SECOND: i64 = 1_000_000;
 
     fn auth() -> NodeAuth {
-        NodeAuth::new([7; 32])
+        NodeAuth::new([7; 32], 4)
     }
 
     #[test]
     fn a_signed_call_verifies_once_and_its_body_is_bound() {
         let auth = auth();
         let header = auth.sign_at("POST", "/_node/v1/call", b"body", NOW, [1; 16]);
-        let signed = auth
-            .verify_at("POST", "/_node/v1/call", Some(header.as_bytes()), NOW)
+        let verified = auth
+            .verify_at(
+                "POST",
+                "/_node/v1/call",
+                Some(header.as_bytes()),
+                NOW + SECOND,
+            )
             .expect("valid");
-        assert_eq!(signed.check(b"body"), Ok(()));
-        assert_eq!(signed.check(b"bodY"), Err(NodeAuthError::BodyMismatch));
+        assert_eq!((verified.sender, verified.offset_micros), (4, -SECOND));
+        assert_eq!(verified.body.check(b"body"), Ok(()));
         assert_eq!(
-            auth.verify_at("POST", "/_node/v1/call", Some(header.as_bytes()), NOW + 1),
+            verified.body.check(b"bodY"),
+            Err(NodeAuthError::BodyMismatch)
+        );
+        assert_eq!(
+            auth.verify_at(
+                "POST",
+                "/_node/v1/call",
+                Some(header.as_bytes()),
+                NOW + SECOND
+            ),
             Err(NodeAuthError::Replayed)
         );
     }
@@ -269,7 +314,7 @@ mod tests {
             Err(NodeAuthError::BadSignature)
         );
         assert_eq!(
-            NodeAuth::new([8; 32]).verify_at(
+            NodeAuth::new([8; 32], 4).verify_at(
                 "POST",
                 "/_node/v1/call",
                 Some(header.as_bytes()),
@@ -278,8 +323,16 @@ mod tests {
             Err(NodeAuthError::BadSignature)
         );
         assert_eq!(
-            auth.verify_at("POST", "/_node/v1/call", Some(header.as_bytes()), NOW + 61),
-            Err(NodeAuthError::Stale { offset_seconds: 61 })
+            auth.verify_at(
+                "POST",
+                "/_node/v1/call",
+                Some(header.as_bytes()),
+                NOW + 61 * SECOND
+            ),
+            Err(NodeAuthError::Stale {
+                sender: 4,
+                offset_seconds: 61
+            })
         );
         assert_eq!(
             auth.verify_at("POST", "/_node/v1/call", None, NOW),
@@ -297,10 +350,13 @@ mod tests {
         let mut guard = ReplayGuard::default();
         assert_eq!(guard.admit([1; 16], NOW, NOW), Ok(()));
         assert_eq!(
-            guard.admit([1; 16], NOW, NOW + 1),
+            guard.admit([1; 16], NOW, NOW + SECOND),
             Err(NodeAuthError::Replayed)
         );
-        assert_eq!(guard.admit([2; 16], NOW + 100, NOW + 100), Ok(()));
+        assert_eq!(
+            guard.admit([2; 16], NOW + 100 * SECOND, NOW + 100 * SECOND),
+            Ok(())
+        );
         assert_eq!(guard.order.len(), 1, "the first nonce left with its window");
     }
 }

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::auth::NodeAuth;
+use crate::clock::{ClockVerdict, ClockWatch};
 use crate::log_store::LogDb;
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
@@ -140,6 +141,8 @@ pub struct Cluster {
     started: Instant,
     /// Per shard, milliseconds after `started` when a leader last reached this node (an append).
     leader_contact: Vec<AtomicU64>,
+    /// The members' clocks against this node's (see `clock`).
+    clock: Arc<ClockWatch>,
 }
 
 /// One shard as this node sees it.
@@ -229,7 +232,12 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::Open(e.to_string()))?
             .map_err(|e| ClusterError::Open(e.to_string()))?;
-        let transport = Arc::new(Transport::new(config.auth.clone(), config.peers.clone()));
+        let clock = Arc::new(ClockWatch::default());
+        let transport = Arc::new(Transport::new(
+            config.auth.clone(),
+            clock.clone(),
+            config.peers.clone(),
+        ));
         let marks = Marks::new(log_db.clone(), config.shards);
         let quarantine_if_empty = config.peers.len() > 1 && !config.trust_empty_shards;
         let mut replicas = Vec::with_capacity(states.len());
@@ -287,6 +295,7 @@ impl Cluster {
             marks,
             started: Instant::now(),
             leader_contact: (0..queues.len()).map(|_| AtomicU64::new(0)).collect(),
+            clock,
         });
         for (shard, queue) in (0u32..).zip(queues) {
             tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
@@ -297,6 +306,18 @@ impl Cluster {
 
     pub fn shard_count(&self) -> u32 {
         self.replicas.len() as u32
+    }
+
+    /// The members' clocks as this node has sampled them (fed by node traffic both ways).
+    pub fn clock(&self) -> &ClockWatch {
+        &self.clock
+    }
+
+    /// Whether this node's clock agrees with a majority of the members' (always, for a single node):
+    /// only then may it stamp the time of a command.
+    pub fn clock_verdict(&self) -> ClockVerdict {
+        let members = self.transport.peers().into_keys();
+        self.clock.verdict(self.config.node_id, members)
     }
 
     fn replica(&self, shard: u32) -> Result<&Replica, Refusal> {

@@ -26,6 +26,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod clock;
 pub mod cluster;
 pub mod failpoints;
 pub mod log_store;

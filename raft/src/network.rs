@@ -21,6 +21,7 @@ use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 
 use crate::TypeConfig;
 use crate::auth::{AUTH_HEADER, NodeAuth};
+use crate::clock::{ClockWatch, TIME_HEADER, unix_micros};
 use crate::rpc::{CALL_PATH, MAX_MESSAGE_BYTES, NodeRequest, NodeResponse};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +40,17 @@ pub enum TransportError {
 pub struct Transport {
     client: reqwest::Client,
     auth: Arc<NodeAuth>,
+    /// Fed with the time each peer stamps on its answers.
+    clock: Arc<ClockWatch>,
     peers: RwLock<BTreeMap<u64, String>>,
 }
 
 impl Transport {
-    pub fn new(auth: Arc<NodeAuth>, peers: BTreeMap<u64, String>) -> Transport {
+    pub fn new(
+        auth: Arc<NodeAuth>,
+        clock: Arc<ClockWatch>,
+        peers: BTreeMap<u64, String>,
+    ) -> Transport {
         let client = reqwest::Client::builder()
             // A redirect would send a signed call somewhere the operator did not name.
             .redirect(reqwest::redirect::Policy::none())
@@ -58,6 +65,7 @@ impl Transport {
         Transport {
             client,
             auth,
+            clock,
             peers: RwLock::new(peers),
         }
     }
@@ -97,6 +105,7 @@ impl Transport {
             reason: e.to_string(),
         };
         let authorization = self.auth.sign("POST", CALL_PATH, &body);
+        let sent = unix_micros();
         let response = self
             .client
             .post(format!("http://{addr}{CALL_PATH}"))
@@ -107,6 +116,7 @@ impl Transport {
             .send()
             .await
             .map_err(unreachable)?;
+        self.observe_clock(addr, sent, &response);
         let status = response.status();
         if !status.is_success() {
             return Err(TransportError::Status {
@@ -124,6 +134,31 @@ impl Transport {
             addr: addr.to_owned(),
             reason: e.to_string(),
         })
+    }
+}
+
+impl Transport {
+    /// Records the peer's clock from the time it stamped on its answer, if it is a known member.
+    fn observe_clock(&self, addr: &str, sent: i64, response: &reqwest::Response) {
+        let Some(peer_time) = response
+            .headers()
+            .get(TIME_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.parse::<i64>().ok())
+        else {
+            return;
+        };
+        let peer = self
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, address)| address.as_str() == addr)
+            .map(|(id, _)| *id);
+        if let Some(peer) = peer {
+            self.clock
+                .observe_answer(peer, sent, unix_micros(), peer_time);
+        }
     }
 }
 
@@ -303,7 +338,11 @@ mod tests {
     }
 
     fn transport() -> Transport {
-        Transport::new(Arc::new(NodeAuth::new([1; 32])), BTreeMap::new())
+        Transport::new(
+            Arc::new(NodeAuth::new([1; 32], 1)),
+            Arc::default(),
+            BTreeMap::new(),
+        )
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! Time as the state machine sees it: a `Timestamp` in microseconds since the Unix epoch, decided by the
 //! proposer and carried in every command (apply never reads a clock). RFC 3339 UTC strings at the edge.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -12,12 +13,25 @@ use time::macros::format_description;
 )]
 pub struct Timestamp(pub i64);
 
+fn wall_micros() -> i64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
+}
+
 impl Timestamp {
+    /// The time this process stamps now: the wall clock, but never behind the wall clock at the
+    /// process's start plus the time it has run since (measured with the monotonic clock, which does not
+    /// step). A wall clock set back — by hand or by a faulty time server — therefore never makes the
+    /// process stamp an earlier time; one set forward is followed (and a member whose clock runs ahead of
+    /// the others' stamps nothing: see `shopkeep_raft::clock`, which stamps node calls the same way).
     pub fn now() -> Timestamp {
-        let since_epoch = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO);
-        Timestamp(i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX))
+        static START: OnceLock<(i64, Instant)> = OnceLock::new();
+        let wall = wall_micros();
+        let (start_wall, start) = *START.get_or_init(|| (wall, Instant::now()));
+        let running = i64::try_from(start.elapsed().as_micros()).unwrap_or(i64::MAX);
+        Timestamp(wall.max(start_wall.saturating_add(running)))
     }
 
     pub fn from_unix_seconds(seconds: i64) -> Timestamp {

@@ -32,6 +32,7 @@ pub async fn run(
     // The catalog's copies are checked once by whichever node leads the catalog's home shard (again
     // after the leadership moves to this node).
     let mut catalog_checked = false;
+    let mut clock_agreed = true;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -39,6 +40,12 @@ pub async fn run(
         }
         if *stop.borrow() {
             return;
+        }
+        // A node whose clock disagrees with the cluster's would expire orders and top-ups by a wrong
+        // time: it sweeps nothing until it agrees again (a correct member leads or forwards meanwhile).
+        let agrees = watch_clock(&node, &mut clock_agreed);
+        if !agrees {
+            continue;
         }
         let leads_catalog = node.cluster().is_leader(CATALOG_HOME_SHARD);
         if !leads_catalog {
@@ -63,6 +70,31 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Publishes the clock verdict (metrics) and logs when it changes; returns whether the clock agrees.
+fn watch_clock(node: &Node, agreed: &mut bool) -> bool {
+    let verdict = node.cluster().clock_verdict();
+    metrics::gauge!("shopkeep_clock_agrees").set(if verdict.agrees { 1.0 } else { 0.0 });
+    for (peer, offset_ms) in &verdict.offsets_ms {
+        metrics::gauge!("shopkeep_peer_clock_offset_seconds", "peer" => peer.to_string())
+            .set(*offset_ms as f64 / 1000.0);
+    }
+    if verdict.agrees != *agreed {
+        *agreed = verdict.agrees;
+        if verdict.agrees {
+            tracing::info!(
+                ?verdict,
+                "this node's clock agrees with the cluster's again: taking writes"
+            );
+        } else {
+            tracing::warn!(
+                ?verdict,
+                "this node's clock disagrees with the cluster's: no writes, no sweeps until it agrees (check NTP)"
+            );
+        }
+    }
+    verdict.agrees
 }
 
 /// Proposes sweeps on `shard` while work is due (each sweep handles at most `SWEEP_LIMIT` of each kind).

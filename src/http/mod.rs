@@ -120,6 +120,7 @@ pub fn router(
         webhook: tokio::sync::Semaphore::new(config.max_webhook_inflight),
     });
     let body_read_timeout = config.body_read_timeout;
+    let clock_node = node.clone();
     let node_traffic = config
         .node_listen
         .is_none()
@@ -143,6 +144,10 @@ pub fn router(
         })
         .with_state(app)
         .layer(axum::middleware::from_fn_with_state(limits, limit_inflight))
+        .layer(axum::middleware::from_fn_with_state(
+            clock_node,
+            refuse_writes_while_the_clock_disagrees,
+        ))
         .layer(axum::middleware::from_fn(read_consistency))
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(axum::middleware::from_fn_with_state(
@@ -242,6 +247,38 @@ async fn limit_inflight(
             ApiError::rate_limited("too many requests in flight; retry shortly").into_response()
         }
     }
+}
+
+/// A node whose clock disagrees with the cluster's (`shopkeep_raft::clock`) stamps no time, so it takes
+/// no write (every write is a command stamped with this node's time): 503 with the reason, until it
+/// agrees again. Reads are served.
+async fn refuse_writes_while_the_clock_disagrees(
+    axum::extract::State(node): axum::extract::State<Arc<Node>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let writes = !matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if writes {
+        let verdict = node.cluster().clock_verdict();
+        if !verdict.agrees {
+            return ApiError::unavailable(clock_disagreement(&verdict)).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Why a node with this verdict takes no writes, for clients and operators.
+pub fn clock_disagreement(verdict: &shopkeep_raft::clock::ClockVerdict) -> String {
+    format!(
+        "this node's clock does not agree with the cluster's (within {} s: {} of {} members; offsets of the others in ms: {:?}); it takes no writes until it does: check NTP",
+        shopkeep_raft::clock::MAX_CLOCK_OFFSET.as_secs(),
+        verdict.agreeing,
+        verdict.members,
+        verdict.offsets_ms
+    )
 }
 
 /// The HTTP method as a metric label: one of a fixed few, whatever a client sends.

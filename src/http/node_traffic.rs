@@ -16,7 +16,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
-use shopkeep_raft::auth::{AUTH_HEADER, NodeAuth};
+use shopkeep_raft::auth::{AUTH_HEADER, NodeAuth, NodeAuthError};
+use shopkeep_raft::clock::{TIME_HEADER, unix_micros};
 use shopkeep_raft::rpc::{self, CALL_PATH, MAX_MESSAGE_BYTES};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -36,6 +37,25 @@ struct NodeTraffic {
     node: Arc<Node>,
     auth: Arc<NodeAuth>,
     inflight: Semaphore,
+    stale_log: RateLimitedLog,
+}
+
+/// A warning at most once a minute.
+#[derive(Default)]
+struct RateLimitedLog {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl RateLimitedLog {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn warn(&self, sender: u64, error: &NodeAuthError) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= Self::EVERY) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(peer = sender, %error, "node call refused: clocks disagree");
+        }
+    }
 }
 
 pub fn router(node: Arc<Node>, auth: Arc<NodeAuth>) -> Router {
@@ -43,6 +63,7 @@ pub fn router(node: Arc<Node>, auth: Arc<NodeAuth>) -> Router {
         node,
         auth,
         inflight: Semaphore::new(MAX_NODE_CALLS_INFLIGHT),
+        stale_log: RateLimitedLog::default(),
     });
     let router = Router::new().route(CALL_PATH, post(call));
     // Crash points exist only in test builds; elsewhere the path is not routed at all (404).
@@ -63,9 +84,33 @@ pub fn router(node: Arc<Node>, auth: Arc<NodeAuth>) -> Router {
             )
         })
         .with_state(state)
+        // Every answer carries this node's time: the caller samples its clock against ours.
+        .layer(axum::middleware::map_response(stamp_time))
+}
+
+async fn stamp_time(mut response: Response) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&unix_micros().to_string()) {
+        response.headers_mut().insert(TIME_HEADER, value);
+    }
+    response
 }
 
 impl NodeTraffic {
+    /// Counts and (for a member's clock too far off, at most once a minute) logs a refused call.
+    fn refused(&self, error: &NodeAuthError) -> ApiError {
+        metrics::counter!("shopkeep_node_traffic_refused_total").increment(1);
+        if let NodeAuthError::Stale { sender, .. } = error {
+            self.stale_log.warn(*sender, error);
+        } else {
+            tracing::debug!(%error, "node call refused");
+        }
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            error.to_string(),
+        )
+    }
+
     /// Authenticates a call from its headers, takes a place among the calls in flight, then reads and
     /// checks its body.
     async fn admit(
@@ -73,7 +118,7 @@ impl NodeTraffic {
         request: Request,
         limit: usize,
     ) -> Result<(SemaphorePermit<'_>, Bytes), ApiError> {
-        let signed = self
+        let verified = self
             .auth
             .verify(
                 request.method().as_str(),
@@ -83,15 +128,12 @@ impl NodeTraffic {
                     .get(AUTH_HEADER)
                     .map(HeaderValue::as_bytes),
             )
-            .map_err(|error| {
-                metrics::counter!("shopkeep_node_traffic_refused_total").increment(1);
-                tracing::debug!(%error, "node call refused");
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthenticated",
-                    error.to_string(),
-                )
-            })?;
+            .map_err(|error| self.refused(&error))?;
+        self.node
+            .cluster()
+            .clock()
+            .observe(verified.sender, verified.offset_micros);
+        let signed = verified.body;
         let permit = self
             .inflight
             .try_acquire()

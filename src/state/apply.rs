@@ -87,12 +87,15 @@ pub(crate) struct Applier<'t> {
     idempotency: Table<'t, (&'static str, &'static str), Bytes>,
     idempotency_expiry: Table<'t, (i64, &'static str, &'static str), ()>,
     meta: MetaState,
+    /// The shard's applied time: the latest time any command ran at (see `applied_time`).
+    clock: Timestamp,
 }
 
 impl<'t> Applier<'t> {
     pub(crate) fn open(txn: &'t WriteTransaction) -> Result<Applier<'t>, StoreError> {
         let meta_table = txn.open_table(tables::META)?;
         let meta = get(&meta_table, tables::META_STATE_KEY)?.unwrap_or_default();
+        let clock = get(&meta_table, tables::CLOCK_KEY)?.unwrap_or(Timestamp(i64::MIN));
         Ok(Applier {
             meta_table,
             users: txn.open_table(tables::USERS)?,
@@ -114,6 +117,7 @@ impl<'t> Applier<'t> {
             idempotency: txn.open_table(tables::IDEMPOTENCY)?,
             idempotency_expiry: txn.open_table(tables::IDEMPOTENCY_EXPIRY)?,
             meta,
+            clock,
         })
     }
 
@@ -141,6 +145,11 @@ impl<'t> Applier<'t> {
         let bytes = encode(&self.meta)?;
         self.meta_table
             .insert(tables::META_STATE_KEY, bytes.as_slice())?;
+        if self.clock != Timestamp(i64::MIN) {
+            let clock = encode(&self.clock)?;
+            self.meta_table
+                .insert(tables::CLOCK_KEY, clock.as_slice())?;
+        }
         Ok(())
     }
 
@@ -167,8 +176,9 @@ impl<'t> Applier<'t> {
                 }
             }
         }
+        let now = self.applied_time(envelope.now);
         let mut cx = Cx {
-            now: envelope.now,
+            now,
             ids: IdSequence::new(envelope.seed),
         };
         let outcome = match self.execute(&mut cx, &envelope.command) {
@@ -182,13 +192,22 @@ impl<'t> Applier<'t> {
                 Err(rejection) => rejection.is_stored(),
             };
             if stored {
-                self.store_idempotency(tag, envelope.now, IdempotencyState::Done(outcome.clone()))?;
+                self.store_idempotency(tag, now, IdempotencyState::Done(outcome.clone()))?;
             }
         }
         Ok(Applied {
             outcome,
             replayed: false,
         })
+    }
+
+    /// The time a command runs at: the time its proposer stamped, but never earlier than a command this
+    /// shard already ran (proposers' clocks differ a little, and one may step back): the shard's time
+    /// never goes backwards, so nothing that has expired can come back, and no deadline is judged by an
+    /// earlier clock than one already used. Deterministic: the previous time is state.
+    fn applied_time(&mut self, proposed: Timestamp) -> Timestamp {
+        self.clock = self.clock.max(proposed);
+        self.clock
     }
 
     fn execute(&mut self, cx: &mut Cx, command: &Command) -> Step<Reply> {

@@ -56,6 +56,9 @@ pub const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
 
 /// The key of the one `MetaState` row in `META`.
 pub const META_STATE_KEY: &str = "state";
+/// The key of the shard's applied time in `META` (a `Timestamp`: the latest time a command ran at;
+/// absent in a shard that never applied a command).
+pub const CLOCK_KEY: &str = "clock";
 /// The key of the replication marker in `META` (opaque bytes of the Raft layer: last applied log id and
 /// membership), written in the same transaction as the state it describes.
 pub const MARKER_KEY: &str = "replication";

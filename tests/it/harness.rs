@@ -1036,7 +1036,8 @@ pub fn uniq(prefix: &str) -> String {
 /// The `x-shopkeep-node-auth` header a member holding `cluster_secret` sends with `method path body`.
 pub fn node_auth(cluster_secret: &str, method: &str, path: &str, body: &[u8]) -> String {
     use shopkeep::secrets::{KeyPurpose, derive_key};
-    shopkeep_raft::auth::NodeAuth::new(derive_key(cluster_secret, KeyPurpose::NodeAuth))
+    // Node id 0 is no member's: the test signs as an outsider that knows the secret.
+    shopkeep_raft::auth::NodeAuth::new(derive_key(cluster_secret, KeyPurpose::NodeAuth), 0)
         .sign(method, path, body)
 }
 

@@ -1,6 +1,7 @@
 mod apply_untrusted;
 mod backpressure;
 mod chaos;
+mod clock;
 mod cluster;
 mod cluster_harness;
 mod concurrency;

@@ -55,12 +55,15 @@ pub async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "Every shard has a live leader", body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    if app.node.cluster().is_ready() {
-        status("ready")
-    } else {
-        ApiError::unavailable("not every shard has a live leader reachable from this node")
-            .into_response()
+    if !app.node.cluster().is_ready() {
+        return ApiError::unavailable("not every shard has a live leader reachable from this node")
+            .into_response();
     }
+    let verdict = app.node.cluster().clock_verdict();
+    if !verdict.agrees {
+        return ApiError::unavailable(crate::http::clock_disagreement(&verdict)).into_response();
+    }
+    status("ready")
 }
 
 /// Prometheus metrics (text format).

@@ -1,0 +1,149 @@
+//! Whether this node's wall clock agrees with the cluster's.
+//!
+//! Commands carry the time of the node that stamped them, so a member whose clock runs ahead would
+//! expire other players' orders early, and one behind would accept completions late. Every node call
+//! already carries the caller's signed timestamp (`auth`), and every answer carries the callee's time
+//! ([`TIME_HEADER`]): each gives a sample of a peer's clock offset from this node's. A node's clock
+//! *agrees* when a majority of the members, itself included, have a recent sample within
+//! [`MAX_CLOCK_OFFSET`]. A node whose clock does not agree stamps no time: the application refuses its
+//! writes and its background sweeps until it does again (see `ClockVerdict`).
+//!
+//! A cluster of one always agrees with itself: a single node cannot tell that its clock is wrong.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::NodeId;
+
+/// The header of a node call's answer that carries the callee's wall-clock time (unix microseconds).
+pub const TIME_HEADER: &str = "x-shopkeep-node-time";
+/// The largest offset between two members' clocks under which they agree.
+pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(2);
+/// How long a sample counts: a peer not heard from for longer is not known to agree.
+pub const SAMPLE_LIFETIME: Duration = Duration::from_secs(5);
+
+/// This node's time now, in unix microseconds: the wall clock, but never behind the wall clock at the
+/// process's start plus the (monotonic) time it has run since, so a wall clock set back does not take
+/// the node's stamps back. The application stamps its commands the same way (`Timestamp::now`).
+pub fn unix_micros() -> i64 {
+    static START: OnceLock<(i64, Instant)> = OnceLock::new();
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let (start_wall, start) = *START.get_or_init(|| (wall, Instant::now()));
+    let running = i64::try_from(start.elapsed().as_micros()).unwrap_or(i64::MAX);
+    wall.max(start_wall.saturating_add(running))
+}
+
+/// The latest clock sample of each peer.
+#[derive(Default)]
+pub struct ClockWatch {
+    samples: Mutex<BTreeMap<NodeId, Sample>>,
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    /// The peer's clock minus this node's, in microseconds.
+    offset_micros: i64,
+    at: Instant,
+}
+
+/// What this node knows of its clock against the members'.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClockVerdict {
+    /// A majority of the members (this node included) agree with this node's clock.
+    pub agrees: bool,
+    /// Members known to agree, this node included.
+    pub agreeing: usize,
+    pub members: usize,
+    /// The latest offset of each peer with a recent sample (peer minus this node), in milliseconds.
+    pub offsets_ms: BTreeMap<NodeId, i64>,
+}
+
+impl ClockWatch {
+    /// Records that `peer`'s clock reads `offset_micros` ahead of this node's (negative: behind).
+    pub fn observe(&self, peer: NodeId, offset_micros: i64) {
+        let sample = Sample {
+            offset_micros,
+            at: Instant::now(),
+        };
+        self.samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(peer, sample);
+    }
+
+    /// Records the answer of a call sent at `sent` and answered at `received` (this node's unix
+    /// microseconds), stamped `peer_time` by the peer: the peer's clock against the call's midpoint.
+    pub fn observe_answer(&self, peer: NodeId, sent: i64, received: i64, peer_time: i64) {
+        let midpoint = sent + (received - sent) / 2;
+        self.observe(peer, peer_time - midpoint);
+    }
+
+    /// The verdict for `me` among `members` (`me` included).
+    pub fn verdict(&self, me: NodeId, members: impl IntoIterator<Item = NodeId>) -> ClockVerdict {
+        let samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let bound = i64::try_from(MAX_CLOCK_OFFSET.as_micros()).unwrap_or(i64::MAX);
+        let (mut agreeing, mut count) = (0, 0);
+        let mut offsets_ms = BTreeMap::new();
+        for member in members {
+            count += 1;
+            if member == me {
+                agreeing += 1;
+                continue;
+            }
+            let Some(sample) = samples.get(&member) else {
+                continue;
+            };
+            if sample.at.elapsed() > SAMPLE_LIFETIME {
+                continue;
+            }
+            offsets_ms.insert(member, sample.offset_micros / 1000);
+            if sample.offset_micros.abs() <= bound {
+                agreeing += 1;
+            }
+        }
+        ClockVerdict {
+            agrees: agreeing * 2 > count,
+            agreeing,
+            members: count,
+            offsets_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_agrees_when_a_majority_is_within_the_bound() {
+        let watch = ClockWatch::default();
+        assert!(watch.verdict(1, [1]).agrees, "a cluster of one agrees");
+        assert!(!watch.verdict(1, [1, 2, 3]).agrees, "nothing known yet");
+        watch.observe(2, 1_500_000);
+        assert!(watch.verdict(1, [1, 2, 3]).agrees, "2 of 3 within 2 s");
+        watch.observe(2, 3_000_000);
+        watch.observe(3, -30_000_000);
+        let verdict = watch.verdict(1, [1, 2, 3]);
+        assert!(!verdict.agrees);
+        assert_eq!(
+            verdict.offsets_ms,
+            BTreeMap::from([(2, 3_000), (3, -30_000)])
+        );
+        watch.observe(3, 0);
+        assert!(watch.verdict(1, [1, 2, 3]).agrees);
+        assert!(!watch.verdict(1, [1, 2, 3, 4, 5]).agrees, "2 of 5");
+    }
+
+    #[test]
+    fn an_answer_is_judged_against_the_calls_midpoint() {
+        let watch = ClockWatch::default();
+        watch.observe_answer(2, 1_000_000, 1_200_000, 1_100_000);
+        assert_eq!(watch.verdict(1, [1, 2]).offsets_ms.get(&2), Some(&0));
+    }
+}
