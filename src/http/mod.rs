@@ -146,7 +146,7 @@ pub fn router(
         .layer(axum::middleware::from_fn_with_state(limits, limit_inflight))
         .layer(axum::middleware::from_fn_with_state(
             clock_node,
-            refuse_writes_while_the_clock_disagrees,
+            refuse_timed_requests_while_the_clock_disagrees,
         ))
         .layer(axum::middleware::from_fn(read_consistency))
         .layer(axum::middleware::from_fn(record_metrics))
@@ -249,10 +249,11 @@ async fn limit_inflight(
     }
 }
 
-/// A node whose clock disagrees with the cluster's (`shopkeep_raft::clock`) stamps no time, so it takes
-/// no write (every write is a command stamped with this node's time): 503 with the reason, until it
-/// agrees again. Reads are served.
-async fn refuse_writes_while_the_clock_disagrees(
+/// A node whose clock disagrees with the cluster's (`shopkeep_raft::clock`) neither stamps time nor reads
+/// by it: it refuses every write (each is a command stamped with this node's time) and every read of a
+/// user's data (a wallet is read as of now: which holds have expired) with 503 and the reason, until it
+/// agrees again. The catalog, health, metrics and the operator's views stay served.
+async fn refuse_timed_requests_while_the_clock_disagrees(
     axum::extract::State(node): axum::extract::State<Arc<Node>>,
     request: Request,
     next: Next,
@@ -261,7 +262,7 @@ async fn refuse_writes_while_the_clock_disagrees(
         *request.method(),
         axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
     );
-    if writes {
+    if writes || request.uri().path().starts_with("/v1/users/") {
         let verdict = node.cluster().clock_verdict();
         if !verdict.agrees {
             return ApiError::unavailable(clock_disagreement(&verdict)).into_response();
@@ -273,7 +274,7 @@ async fn refuse_writes_while_the_clock_disagrees(
 /// Why a node with this verdict takes no writes, for clients and operators.
 pub fn clock_disagreement(verdict: &shopkeep_raft::clock::ClockVerdict) -> String {
     format!(
-        "this node's clock does not agree with the cluster's (within {} s: {} of {} members; offsets of the others in ms: {:?}); it takes no writes until it does: check NTP",
+        "this node's clock does not agree with the cluster's (within {} s: {} of {} members; offsets of the others in ms: {:?}); it serves no writes and no user data until it does: check NTP",
         shopkeep_raft::clock::MAX_CLOCK_OFFSET.as_secs(),
         verdict.agreeing,
         verdict.members,

@@ -681,6 +681,8 @@ pub struct TestCluster {
     pub opts: ClusterOpts,
     nodes: BTreeMap<u64, ClusterNode>,
     proxies: BTreeMap<(u64, u64), Proxy>,
+    /// Where the nodes' clock offset files are, when they run under libfaketime (the chaos suite).
+    pub clock_dir: Option<PathBuf>,
 }
 
 impl TestCluster {
@@ -692,6 +694,7 @@ impl TestCluster {
         let ids: Vec<u64> = (1..=opts.nodes).collect();
         let ports: BTreeMap<u64, u16> = ids.iter().map(|&i| (i, free_port())).collect();
         let mut c = TestCluster {
+            clock_dir: None,
             opts: opts.clone(),
             nodes: BTreeMap::new(),
             proxies: BTreeMap::new(),

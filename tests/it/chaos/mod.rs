@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Knobs (environment): `SHOPKEEP_CHAOS_SEED` (u64; printed at start), `SHOPKEEP_CHAOS_FAULTS`
-//! (`kill,pause,partition,crashpoint,wipe`, in that order by default), `SHOPKEEP_CHAOS_SECONDS_PER_FAULT`,
+//! (`kill,pause,partition,crashpoint,wipe,clock`, in that order by default), `SHOPKEEP_CHAOS_SECONDS_PER_FAULT`,
 //! `SHOPKEEP_CHAOS_WORKERS` (concurrent clients), `SHOPKEEP_CHAOS_USERS_PER_WORKER`.
 
 mod checker;
@@ -80,7 +80,7 @@ impl Config {
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| {
                     FaultKind::parse(s).unwrap_or_else(|| {
-                        panic!("SHOPKEEP_CHAOS_FAULTS: unknown fault kind {s:?} (kill, pause, partition, crashpoint, wipe)")
+                        panic!("SHOPKEEP_CHAOS_FAULTS: unknown fault kind {s:?} (kill, pause, partition, crashpoint, wipe, clock)")
                     })
                 })
                 .collect(),
@@ -264,7 +264,12 @@ pub async fn run(cfg: Config) -> RunResult {
     for id in 1..=3 {
         opts = opts.node_env(id, "SHOPKEEP_ORDER_TTL", ORDER_TTL);
     }
+    let clocks = tempfile::tempdir().expect("clock offsets dir");
+    if cfg.kinds.contains(&FaultKind::Clock) {
+        opts = with_shiftable_clocks(opts, clocks.path());
+    }
     let mut c = TestCluster::start_with(opts).await;
+    c.clock_dir = Some(clocks.path().to_path_buf());
     let t0 = unix_micros();
     for it in CATALOG {
         put_item(&c.api(1), it.id, it.kind, it.price).await;
@@ -591,6 +596,34 @@ async fn chaos_short_run_loses_no_acknowledged_operation_and_charges_once() {
     let crash = cfg.kinds.contains(&FaultKind::Crashpoint);
     let res = run(cfg).await;
     finish(&res, crash);
+}
+
+/// Every node runs under libfaketime with its own offset file (`+0` to start), which the clock nemesis
+/// rewrites.
+fn with_shiftable_clocks(mut opts: ClusterOpts, dir: &std::path::Path) -> ClusterOpts {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    assert!(
+        std::path::Path::new(lib).exists(),
+        "{lib} is missing: install Debian's `faketime` package (.ci/run does)"
+    );
+    for id in 1..=3 {
+        let file = dir.join(format!("clock-{id}"));
+        std::fs::write(&file, "+0").expect("clock offset file");
+        opts = opts
+            .node_env(id, "LD_PRELOAD", lib)
+            .node_env(id, "FAKETIME_TIMESTAMP_FILE", &file.display().to_string())
+            .node_env(id, "FAKETIME_CACHE_DURATION", "1")
+            .node_env(id, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    }
+    opts
+}
+
+/// The offset file of node `id`'s clock (see `with_shiftable_clocks`).
+pub fn clock_offset_file(c: &TestCluster, id: u64) -> std::path::PathBuf {
+    c.clock_dir
+        .as_ref()
+        .expect("the cluster runs with shiftable clocks")
+        .join(format!("clock-{id}"))
 }
 
 /// The long form (documented in the module header and the README): 10 minutes per fault kind by default.

@@ -25,15 +25,18 @@ pub enum FaultKind {
     Partition,
     Crashpoint,
     Wipe,
+    /// One node's wall clock jumps ahead or back (libfaketime), then comes back in step.
+    Clock,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 6] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Partition,
         FaultKind::Crashpoint,
         FaultKind::Wipe,
+        FaultKind::Clock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +46,7 @@ impl FaultKind {
             FaultKind::Partition => "partition",
             FaultKind::Crashpoint => "crashpoint",
             FaultKind::Wipe => "wipe",
+            FaultKind::Clock => "clock",
         }
     }
 
@@ -174,6 +178,7 @@ impl<'a> Nemesis<'a> {
             FaultKind::Partition => self.partition().await,
             FaultKind::Crashpoint => self.crashpoint().await,
             FaultKind::Wipe => self.wipe().await,
+            FaultKind::Clock => self.clock().await,
         }
     }
 
@@ -287,6 +292,34 @@ impl<'a> Nemesis<'a> {
             self.start_node(v).await;
         }
         self.recover("kill").await;
+    }
+
+    /// Shifts one node's wall clock (not its monotonic clock) for a while: 30 s (inside node traffic's
+    /// 60 s window: it keeps talking but must take no timed request and sweep nothing) or an hour (its
+    /// node calls are refused both ways), ahead or back (back must change nothing at all).
+    async fn clock(&mut self) {
+        let (variant, offset) = *[
+            ("ahead-30s", "+30"),
+            ("behind-30s", "-30"),
+            ("ahead-1h", "+1h"),
+            ("behind-1h", "-1h"),
+        ]
+        .choose(&mut self.rng)
+        .unwrap();
+        let who = *["random", "leader"].choose(&mut self.rng).unwrap();
+        let (v, why) = self.pick(who).await;
+        let hold = self.hold() + Duration::from_secs(2);
+        let file = crate::chaos::clock_offset_file(self.c, v);
+        std::fs::write(&file, offset).expect("clock offset file");
+        self.log(
+            "clock",
+            format!("node {v} ({why}): wall clock {offset} for {}", secs(hold)),
+        );
+        self.count(format!("clock/{variant}"));
+        tokio::time::sleep(hold).await;
+        std::fs::write(&file, "+0").expect("clock offset file");
+        self.log("clock", format!("node {v}: wall clock back in step"));
+        self.recover("clock").await;
     }
 
     async fn pause(&mut self) {
