@@ -24,7 +24,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::auth::NodeAuth;
 use crate::clock::{ClockVerdict, ClockWatch};
-use crate::log_store::LogDb;
+use crate::disk::DiskHealth;
+use crate::log_store::{LogDb, MIRROR_BYTES};
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
 use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
@@ -130,6 +131,8 @@ struct Replica {
 
 /// The node's replicas and its client to the other nodes.
 pub struct Cluster {
+    /// Which of the node's files are full (see `disk`): writes are refused meanwhile.
+    health: Arc<DiskHealth>,
     config: ClusterConfig,
     replicas: Vec<Replica>,
     transport: Arc<Transport>,
@@ -228,10 +231,14 @@ impl Cluster {
             "the peers include this node"
         );
         let log_path = config.data_dir.join("raft-log.redb");
-        let log_db = tokio::task::spawn_blocking(move || LogDb::open(&log_path))
-            .await
-            .map_err(|e| ClusterError::Open(e.to_string()))?
-            .map_err(|e| ClusterError::Open(e.to_string()))?;
+        let health = Arc::new(DiskHealth::new());
+        let log_health = health.clone();
+        let log_db = tokio::task::spawn_blocking(move || {
+            LogDb::open_with(&log_path, MIRROR_BYTES, log_health)
+        })
+        .await
+        .map_err(|e| ClusterError::Open(e.to_string()))?
+        .map_err(|e| ClusterError::Open(e.to_string()))?;
         let clock = Arc::new(ClockWatch::default());
         let transport = Arc::new(Transport::new(
             config.auth.clone(),
@@ -255,7 +262,8 @@ impl Cluster {
                 .join(format!("shard-{shard:03}"));
             let machine = StateMachineStore::new(state, snapshot_dir)
                 .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?
-                .with_purge_gate(gate);
+                .with_purge_gate(gate)
+                .with_disk(health.clone(), log.clone());
             let network = ShardNetwork {
                 shard,
                 local: config.node_id,
@@ -288,6 +296,7 @@ impl Cluster {
             });
         }
         let cluster = Arc::new(Cluster {
+            health,
             config,
             replicas,
             transport,
@@ -318,6 +327,12 @@ impl Cluster {
     pub fn clock_verdict(&self) -> ClockVerdict {
         let members = self.transport.peers().into_keys();
         self.clock.verdict(self.config.node_id, members)
+    }
+
+    /// Why this node cannot write now (`disk full at <path>`), if it cannot: it refuses writes, fast,
+    /// rather than make clients wait for a commit it cannot make.
+    pub fn disk_trouble(&self) -> Option<String> {
+        self.health.trouble()
     }
 
     fn replica(&self, shard: u32) -> Result<&Replica, Refusal> {
@@ -563,6 +578,9 @@ impl Cluster {
     /// Replicates `command` through the shard's log and returns the state machine's reply. Commands
     /// waiting for the same shard are proposed together, in one log entry (see `batch`).
     pub async fn write(&self, shard: u32, command: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
+        if let Some(trouble) = self.disk_trouble() {
+            return Err(ClusterError::Unavailable(trouble));
+        }
         let replica = self.replica(shard).map_err(ClusterError::from)?;
         let (reply, answer) = oneshot::channel();
         match replica.waiting.try_send(Waiting { command, reply }) {
@@ -617,6 +635,9 @@ impl Cluster {
     /// 0.9 appends (and waits for the fsync of) each proposal on its own, so the batches of three
     /// nodes proposed one by one cost three appends in a row where one does.
     async fn write_forwarded(&self, shard: u32, payload: Payload) -> Result<Payload, Refusal> {
+        if let Some(trouble) = self.disk_trouble() {
+            return Err(Refusal::Unavailable(trouble));
+        }
         let replica = self.replica(shard)?;
         if !self.is_leader(shard) {
             // One hop only: the sender looks for the leader again; this node does not forward.
@@ -917,6 +938,9 @@ impl Cluster {
     /// and a quorum acknowledged it recently, or its leader reached this node recently ("recently":
     /// within two leader leases). A single voter is always its own live leader.
     pub fn is_ready(&self) -> bool {
+        if self.disk_trouble().is_some() {
+            return false;
+        }
         let limit = (self.config.election_timeout * 4).as_millis() as u64;
         let now = self.started.elapsed().as_millis() as u64;
         (0u32..).zip(&self.replicas).all(|(shard, replica)| {

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod batch;
 pub mod clock;
 pub mod cluster;
+pub mod disk;
 pub mod failpoints;
 pub mod log_store;
 pub mod network;

@@ -11,19 +11,27 @@
 //! mirror is bounded (`MIRROR_BYTES` per shard): older entries, once durable, are dropped from memory and
 //! read from the file. Operations of one shard are queued in the order openraft issues them and the
 //! writer keeps that order, so the file always holds a prefix of that sequence.
+//!
+//! A full disk (see `disk`): a commit refused for want of space leaves redb's `Database` unusable, so
+//! the writer reopens the file (its state is the last durable commit: every commit here is durable)
+//! and retries the same batch, with back-off, until it succeeds. Nothing of the batch is reported
+//! flushed before that, and openraft never sees an error for it (a `StorageError` would stop the
+//! shard's Raft for good); the node's [`DiskHealth`] says the log is full meanwhile. Readers of the
+//! file wait while it is being reopened. Any other I/O error stops the process (`disk`).
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::disk::{self, Backoff, DiskHealth};
 use crate::state_machine::PurgeGate;
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
 
@@ -95,10 +103,55 @@ enum Op {
     },
 }
 
+/// The open log file, reopened after a commit refused for want of space (see the module docs).
+struct LogFile {
+    path: PathBuf,
+    /// `None` while the writer reopens it.
+    db: RwLock<Option<Arc<Database>>>,
+    health: Arc<DiskHealth>,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> Result<Database, LogDbError> {
+        // The log is written far more than it is read (openraft reads the mirror): a small page cache.
+        let mut builder = Database::builder();
+        builder.set_cache_size(LOG_CACHE_BYTES);
+        disk::open_database(&builder, path).map_err(redb_error)
+    }
+
+    /// The database, or `None` while it is being reopened.
+    fn current(&self) -> Option<Arc<Database>> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The database, or an error while it is being reopened.
+    fn open_now(&self) -> Result<Arc<Database>, LogDbError> {
+        self.current()
+            .ok_or_else(|| LogDbError::Write(format!("{} is being reopened", self.path.display())))
+    }
+
+    /// Closes the database (redb refuses everything after a failed write) and opens it again, retrying
+    /// until the open succeeds (readers may still hold the old handle for a moment).
+    fn reopen(&self, backoff: &mut Backoff) -> Arc<Database> {
+        *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+        loop {
+            std::thread::sleep(backoff.pause());
+            match LogFile::open(&self.path) {
+                Ok(db) => {
+                    let db = Arc::new(db);
+                    *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
+                    return db;
+                }
+                Err(error) => tracing::debug!(%error, "reopening the raft log failed; retrying"),
+            }
+        }
+    }
+}
+
 /// The node's log file and its writer thread.
 #[derive(Clone)]
 pub struct LogDb {
-    db: Arc<Database>,
+    file: Arc<LogFile>,
     ops: mpsc::Sender<Op>,
     mirror_bytes: usize,
 }
@@ -111,33 +164,51 @@ impl LogDb {
 
     /// `open`, keeping at most `mirror_bytes` of each shard's entries in memory.
     pub fn open_with_mirror(path: &Path, mirror_bytes: usize) -> Result<LogDb, LogDbError> {
-        // The log is written far more than it is read (openraft reads the mirror): a small page cache.
-        let db = Arc::new(
-            Database::builder()
-                .set_cache_size(LOG_CACHE_BYTES)
-                .create(path)
-                .map_err(redb_error)?,
-        );
+        Self::open_with(path, mirror_bytes, Arc::new(DiskHealth::new()))
+    }
+
+    /// `open_with_mirror`, reporting a full disk to `health`.
+    pub fn open_with(
+        path: &Path,
+        mirror_bytes: usize,
+        health: Arc<DiskHealth>,
+    ) -> Result<LogDb, LogDbError> {
+        let db = Arc::new(LogFile::open(path)?);
         let txn = db.begin_write().map_err(redb_error)?;
         txn.open_table(LOG).map_err(redb_error)?;
         txn.open_table(RAFT_STATE).map_err(redb_error)?;
         txn.commit().map_err(redb_error)?;
         let (ops, queue) = mpsc::channel(QUEUE_CAPACITY);
-        let writer_db = db.clone();
+        let file = Arc::new(LogFile {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(db)),
+            health,
+        });
+        let watched = Arc::downgrade(&file);
+        std::thread::Builder::new()
+            .name("disk-reserve".into())
+            .spawn(move || watch_reserve(&watched))
+            .map_err(LogDbError::Thread)?;
+        let writer_file = file.clone();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || run_writer(&writer_db, queue))
+            .spawn(move || run_writer(&writer_file, queue))
             .map_err(LogDbError::Thread)?;
         Ok(LogDb {
-            db,
+            file,
             ops,
             mirror_bytes,
         })
     }
 
+    /// What the node reports about its disk.
+    pub fn health(&self) -> &Arc<DiskHealth> {
+        &self.file.health
+    }
+
     /// A value another module keeps beside `shard`'s log (see `RAFT_STATE`), as stored.
     pub fn read_state(&self, shard: u32, name: &str) -> Result<Option<Vec<u8>>, LogDbError> {
-        let txn = self.db.begin_read().map_err(redb_error)?;
+        let txn = self.file.open_now()?.begin_read().map_err(redb_error)?;
         let state = txn.open_table(RAFT_STATE).map_err(redb_error)?;
         Ok(state
             .get((shard, name))
@@ -173,7 +244,7 @@ impl LogDb {
 
     /// The log of `shard`, loaded into memory.
     pub fn shard(&self, shard: u32) -> Result<LogStore, LogDbError> {
-        let txn = self.db.begin_read().map_err(redb_error)?;
+        let txn = self.file.open_now()?.begin_read().map_err(redb_error)?;
         let state = txn.open_table(RAFT_STATE).map_err(redb_error)?;
         let read_state = |name: &str| -> Result<Option<Vec<u8>>, LogDbError> {
             Ok(state
@@ -242,8 +313,23 @@ impl LogDb {
     }
 }
 
+/// Every 100 ms, reports the data directory full while its file system has less than `disk::reserve`
+/// free: writes are then refused before they reach the log, and the reserve takes what is in flight
+/// and the applies of what is logged. Stops with the log.
+fn watch_reserve(file: &std::sync::Weak<LogFile>) {
+    while let Some(file) = file.upgrade() {
+        let dir = file.path.parent().unwrap_or(&file.path);
+        match disk::below_reserve(&file.path) {
+            Some(why) => file.health.full(dir, &why),
+            None => file.health.written(dir),
+        }
+        drop(file);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The writer thread: one transaction and one durable commit per batch of waiting operations.
-fn run_writer(db: &Database, mut queue: mpsc::Receiver<Op>) {
+fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_OPS_PER_COMMIT {
@@ -253,7 +339,7 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Op>) {
             }
         }
         let started = std::time::Instant::now();
-        let result = write_batch(db, &batch).map_err(|e| e.to_string());
+        let result = commit_batch(file, &batch).map_err(|e| e.to_string());
         metrics::histogram!("shopkeep_raft_log_ops_per_commit").record(batch.len() as f64);
         metrics::histogram!("shopkeep_raft_log_commit_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -300,6 +386,29 @@ fn run_writer(db: &Database, mut queue: mpsc::Receiver<Op>) {
         }
     }
     tracing::debug!("raft log writer stopped");
+}
+
+/// Commits `batch`, waiting out a full disk: reopens the file and retries the whole batch (every
+/// operation in it is idempotent) until it is durable. Returns any other error.
+fn commit_batch(file: &LogFile, batch: &[Op]) -> Result<(), LogDbError> {
+    let mut backoff = Backoff::new();
+    let mut db = match file.current() {
+        Some(db) => db,
+        None => file.reopen(&mut backoff),
+    };
+    loop {
+        match write_batch(&db, batch) {
+            Ok(()) => {
+                file.health.written(&file.path);
+                return Ok(());
+            }
+            Err(LogDbError::Redb(error)) if disk::is_disk_full(&error) => {
+                file.health.full(&file.path, &error);
+                db = file.reopen(&mut backoff);
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 fn write_batch(db: &Database, batch: &[Op]) -> Result<(), LogDbError> {
@@ -447,7 +556,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             return Ok(from_memory);
         }
         // The older part is durable in the file (entries leave the mirror only once durable).
-        let mut entries = self.read_file(start, end.min(first_in_memory))?;
+        let mut entries = self.read_file(start, end.min(first_in_memory)).await?;
         entries.extend(from_memory);
         Ok(entries)
     }
@@ -457,19 +566,49 @@ fn read_error(e: impl ToString) -> StorageError {
     StorageIOError::read_logs(openraft::AnyError::error(e.to_string())).into()
 }
 
+/// A read of the log file: a storage error (retried while the disk is full) or another one.
+enum ReadFault {
+    Redb(redb::Error),
+    Other(StorageError),
+}
+
+fn redb_fault(e: impl Into<redb::Error>) -> ReadFault {
+    ReadFault::Redb(e.into())
+}
+
+type LogTable = redb::ReadOnlyTable<(u32, u64), &'static [u8]>;
+
 impl LogStore {
-    /// Runs `read` on the log table of the file (a consistent read view).
-    fn with_file<T>(
+    /// Runs `read` on the log table of the file (a consistent read view). While the writer reopens
+    /// the file after a full disk, waits for it: a read error would stop the shard's Raft, and the old
+    /// handle refuses reads until then.
+    async fn with_file<T>(
         &self,
-        read: impl FnOnce(&redb::ReadOnlyTable<(u32, u64), &'static [u8]>) -> Result<T, StorageError>,
+        read: impl Fn(&LogTable) -> Result<T, ReadFault>,
     ) -> Result<T, StorageError> {
-        let txn = self.db.db.begin_read().map_err(read_error)?;
-        let log = txn.open_table(LOG).map_err(read_error)?;
-        read(&log)
+        let mut backoff = Backoff::new();
+        loop {
+            let attempt = match self.db.file.current() {
+                None => Err(redb_fault(redb::StorageError::PreviousIo)),
+                Some(db) => db
+                    .begin_read()
+                    .map_err(redb_fault)
+                    .and_then(|txn| txn.open_table(LOG).map_err(redb_fault))
+                    .and_then(|log| read(&log)),
+            };
+            match attempt {
+                Ok(value) => return Ok(value),
+                Err(ReadFault::Redb(error)) if disk::is_disk_full(&error) => {
+                    tokio::time::sleep(backoff.pause()).await;
+                }
+                Err(ReadFault::Redb(error)) => return Err(read_error(error)),
+                Err(ReadFault::Other(error)) => return Err(error),
+            }
+        }
     }
 
     /// Entries `start..end` of this shard from the file.
-    fn read_file(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+    async fn read_file(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
         if end <= start {
             return Ok(Vec::new());
         }
@@ -477,27 +616,31 @@ impl LogStore {
             let mut entries = Vec::new();
             for row in log
                 .range((self.shard, start)..=(self.shard, end - 1))
-                .map_err(read_error)?
+                .map_err(redb_fault)?
             {
-                let (_, value) = row.map_err(read_error)?;
-                entries.push(decode(value.value()).map_err(read_error)?);
+                let (_, value) = row.map_err(redb_fault)?;
+                entries.push(decode(value.value()).map_err(|e| ReadFault::Other(read_error(e)))?);
             }
             Ok(entries)
         })
+        .await
     }
 
     /// The newest entry in the file, if any (after a truncation emptied the mirror).
-    fn last_in_file(&self) -> Result<Option<Entry>, StorageError> {
+    async fn last_in_file(&self) -> Result<Option<Entry>, StorageError> {
         self.with_file(|log| {
             let last = log
                 .range((self.shard, 0)..=(self.shard, u64::MAX))
-                .map_err(read_error)?
+                .map_err(redb_fault)?
                 .next_back()
                 .transpose()
-                .map_err(read_error)?;
-            last.map(|(_, value)| decode(value.value()).map_err(read_error))
-                .transpose()
+                .map_err(redb_fault)?;
+            last.map(|(_, value)| {
+                decode(value.value()).map_err(|e| ReadFault::Other(read_error(e)))
+            })
+            .transpose()
         })
+        .await
     }
 }
 
@@ -644,7 +787,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The truncation may have removed every entry still in memory: the newest entry is then in
         // the file (it is durable there), and the mirror must hold it for `get_log_state`.
         if self.mirror().entries.is_empty() {
-            if let Some(last) = self.last_in_file()? {
+            if let Some(last) = self.last_in_file().await? {
                 let mut mirror = self.mirror();
                 if mirror.entries.is_empty() {
                     mirror.bytes += entry_bytes(&last);

@@ -16,8 +16,16 @@
 //! SHA-256 of everything before it. A received snapshot is verified whole before the state is touched,
 //! and the application imports it in one transaction: after a crash the shard has the old state or the
 //! new one, never a mix.
+//!
+//! A full disk (see `disk`) is waited out, never reported to openraft (a `StorageError` stops the
+//! shard's Raft for good): a state write refused for want of space is retried with back-off until it
+//! succeeds. The application reopens its file after such a failure, which rolls its state back to its
+//! last durable commit (point 1 above): before retrying, [`Recovery`] re-applies from the log what
+//! openraft believes applied (the log still holds it, point 3). Every state write holds
+//! [`Recovery`]'s lock, so a catch-up never races another write.
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +35,8 @@ use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::disk::{self, Backoff, DiskHealth};
+use crate::log_store::LogStore;
 use crate::{
     Entry, LogId, Payload, SnapshotMeta, StorageError, StoredMembership, TypeConfig, batch, decode,
     encode,
@@ -62,6 +72,10 @@ pub trait ReplicatedState: Send + Sync + 'static {
     fn export(&self) -> Result<Box<dyn Export>, StateError>;
     /// Replaces the whole state by an exported body and its marker, atomically and durably.
     fn import(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StateError>;
+    /// The file the state lives in (named when the disk is full).
+    fn location(&self) -> PathBuf {
+        PathBuf::from("state")
+    }
 }
 
 /// What the state stores as its marker: where it is in the log and the membership it has applied.
@@ -161,12 +175,204 @@ impl Default for PurgeGate {
     }
 }
 
+/// How a state write ended: written, refused for want of space (retried), or failed for good.
+enum Attempt {
+    Full(String),
+    Failed(StorageError),
+}
+
+impl Attempt {
+    fn of(error: StateError, failed: fn(String) -> StorageError) -> Attempt {
+        if disk::is_disk_full(&*error) {
+            Attempt::Full(error.to_string())
+        } else {
+            Attempt::Failed(failed(error.to_string()))
+        }
+    }
+}
+
+fn sm_failed(message: String) -> StorageError {
+    sm_error(message)
+}
+
+fn snapshot_failed(message: String) -> StorageError {
+    snapshot_error(message)
+}
+
+async fn attempt<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Attempt> + Send + 'static,
+) -> Result<T, Attempt> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => Err(Attempt::Failed(sm_error(e))),
+    }
+}
+
+/// Brings the state back to what openraft believes applied after a full disk rolled it back, and
+/// serialises the state's writes (see the module docs).
+struct Recovery {
+    /// The shard's log, to re-apply from (`None`: a state machine used on its own, never caught up).
+    log: Option<LogStore>,
+    health: Arc<DiskHealth>,
+    /// What openraft believes applied; the lock is held by every write of the state.
+    applied: tokio::sync::Mutex<Marker>,
+}
+
+impl Recovery {
+    /// Runs `write` until it succeeds or fails with anything but a full disk. After a full disk, waits
+    /// (back-off), then, when `catch_up`, re-applies what the state lost before trying again.
+    async fn until_written<S, T, F, Fut>(
+        &self,
+        state: &Arc<S>,
+        believed: &Marker,
+        catch_up: bool,
+        mut write: F,
+    ) -> Result<T, StorageError>
+    where
+        S: ReplicatedState,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let file = state.location();
+        let mut backoff = Backoff::new();
+        let mut behind = false;
+        loop {
+            let result = if behind {
+                match self.catch_up(state, believed).await {
+                    Ok(()) => write().await,
+                    Err(error) => Err(error),
+                }
+            } else {
+                write().await
+            };
+            match result {
+                Ok(value) => {
+                    self.health.written(&file);
+                    return Ok(value);
+                }
+                Err(Attempt::Full(error)) => {
+                    self.health.full(&file, &error);
+                    behind = catch_up;
+                    tokio::time::sleep(backoff.pause()).await;
+                }
+                Err(Attempt::Failed(error)) => return Err(error),
+            }
+        }
+    }
+
+    /// Re-applies the entries between the state's own marker and `believed`, from the log.
+    async fn catch_up<S: ReplicatedState>(
+        &self,
+        state: &Arc<S>,
+        believed: &Marker,
+    ) -> Result<(), Attempt> {
+        let Some(target) = believed.last_applied else {
+            return Ok(());
+        };
+        let reader = state.clone();
+        let stored = attempt(move || match reader.marker() {
+            Ok(Some(bytes)) => decode::<Marker>(&bytes).map_err(|e| Attempt::Failed(sm_error(e))),
+            Ok(None) => Ok(Marker::default()),
+            Err(error) => Err(Attempt::of(error, sm_failed)),
+        })
+        .await?;
+        let from = stored.last_applied.map_or(0, |id| id.index + 1);
+        if from > target.index {
+            return Ok(());
+        }
+        let Some(log) = &self.log else {
+            return Err(Attempt::Failed(sm_error(
+                "the state rolled back and there is no log to re-apply from",
+            )));
+        };
+        let entries =
+            openraft::RaftLogReader::try_get_log_entries(&mut log.clone(), from..=target.index)
+                .await
+                .map_err(Attempt::Failed)?;
+        let contiguous = entries
+            .iter()
+            .zip(from..)
+            .all(|(entry, index)| entry.log_id.index == index);
+        if entries.len() as u64 != target.index + 1 - from || !contiguous {
+            return Err(Attempt::Failed(sm_error(format!(
+                "cannot re-apply {from}..={}: the log no longer holds it",
+                target.index
+            ))));
+        }
+        tracing::info!(
+            from,
+            to = target.index,
+            "re-applying what a full disk rolled back"
+        );
+        let marker = encode(believed).map_err(|e| Attempt::Failed(sm_error(e)))?;
+        let state = state.clone();
+        attempt(move || apply_now(&*state, &entries, &marker)).await?;
+        Ok(())
+    }
+}
+
+/// Applies `entries` in one transaction of the state with `marker`; one response per entry.
+fn apply_now<S: ReplicatedState>(
+    state: &S,
+    entries: &[Entry],
+    marker: &[u8],
+) -> Result<Vec<Payload>, Attempt> {
+    let failed = |e: String| Attempt::Failed(sm_error(e));
+    // Flatten the entries into their commands; remember how many each entry has.
+    let mut items = Vec::with_capacity(entries.len());
+    let mut counts = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let index = entry.log_id.index;
+        match &entry.payload {
+            EntryPayload::Normal(payload) => {
+                // Only this crate proposes entries, always as batches.
+                let commands = batch::decode(&payload.0).map_err(|e| failed(e.to_string()))?;
+                counts.push(Some(commands.len()));
+                items.extend(commands.into_iter().map(|command| Applying {
+                    index,
+                    command: Some(command),
+                }));
+            }
+            EntryPayload::Blank | EntryPayload::Membership(_) => {
+                counts.push(None);
+                items.push(Applying {
+                    index,
+                    command: None,
+                });
+            }
+        }
+    }
+    let replies = state
+        .apply(&items, marker)
+        .map_err(|e| Attempt::of(e, sm_failed))?;
+    if replies.len() != items.len() {
+        return Err(failed(format!(
+            "{} replies for {} commands",
+            replies.len(),
+            items.len()
+        )));
+    }
+    // One response per entry: the batch of its commands' replies.
+    let mut replies = replies.into_iter();
+    Ok(counts
+        .into_iter()
+        .map(|count| match count {
+            Some(n) => Payload(batch::encode(&replies.by_ref().take(n).collect::<Vec<_>>())),
+            None => {
+                replies.next();
+                Payload::default()
+            }
+        })
+        .collect())
+}
+
 /// A shard's state machine as openraft drives it.
 pub struct StateMachineStore<S: ReplicatedState> {
     state: Arc<S>,
     snapshots: Arc<SnapshotDir>,
     membership: StoredMembership,
     gate: PurgeGate,
+    recovery: Arc<Recovery>,
 }
 
 impl<S: ReplicatedState> StateMachineStore<S> {
@@ -183,7 +389,22 @@ impl<S: ReplicatedState> StateMachineStore<S> {
             snapshots: Arc::new(snapshots),
             membership: StoredMembership::default(),
             gate: PurgeGate::open(),
+            recovery: Arc::new(Recovery {
+                log: None,
+                health: Arc::new(DiskHealth::new()),
+                applied: tokio::sync::Mutex::new(Marker::default()),
+            }),
         })
+    }
+
+    /// Reports a full disk to `health`, and re-applies from `log` what a full disk rolled back.
+    pub fn with_disk(mut self, health: Arc<DiskHealth>, log: LogStore) -> Self {
+        self.recovery = Arc::new(Recovery {
+            log: Some(log),
+            health,
+            applied: tokio::sync::Mutex::new(Marker::default()),
+        });
+        self
     }
 
     /// Reports to `gate` (shared with the shard's log store) what this state machine holds durably.
@@ -199,6 +420,75 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.map_err(sm_error)?
 }
 
+impl<S: ReplicatedState> StateMachineStore<S> {
+    /// Verifies the received snapshot `file`, imports it (waiting out a full disk) and keeps it as the
+    /// current snapshot.
+    async fn install(&self, meta: &SnapshotMeta, file: File) -> Result<(), StorageError> {
+        let expected = meta.clone();
+        let path = self.snapshots.receiving_path();
+        let (mut file, stored, body_start, body_len) = blocking(move || {
+            let mut file = file;
+            if let Err(error) = file.sync_all() {
+                disk::fail_stop(&path, "fsync", &error);
+            }
+            let (stored, body_len) = verify(&mut file).map_err(snapshot_error)?;
+            if stored.last_log_id != expected.last_log_id
+                || stored.last_membership != expected.last_membership
+            {
+                return Err(snapshot_error(format!(
+                    "snapshot file holds {:?}, the leader announced {:?}",
+                    stored.last_log_id, expected.last_log_id
+                )));
+            }
+            let body_start = file.stream_position().map_err(snapshot_error)?;
+            Ok((file, stored, body_start, body_len))
+        })
+        .await?;
+        let installed = Marker {
+            last_applied: stored.last_log_id,
+            membership: stored.last_membership.clone(),
+        };
+        let marker = encode(&installed).map_err(sm_error)?;
+        let mut believed = self.recovery.applied.lock().await;
+        let before = believed.clone();
+        self.recovery
+            .until_written(&self.state, &before, false, || {
+                let (state, marker) = (self.state.clone(), marker.clone());
+                let body = file.try_clone();
+                attempt(move || {
+                    let mut body = body.map_err(|e| Attempt::Failed(snapshot_error(e)))?;
+                    body.seek(SeekFrom::Start(body_start))
+                        .map_err(|e| Attempt::Failed(snapshot_error(e)))?;
+                    let mut body = BufReader::new(body).take(body_len);
+                    state
+                        .import(&mut body, &marker)
+                        .map_err(|e| Attempt::of(e, sm_failed))
+                })
+            })
+            .await?;
+        *believed = installed;
+        drop(believed);
+        let snapshots = self.snapshots.clone();
+        blocking(move || {
+            // Keep the verified file as the current snapshot: rename it when it is the file this
+            // directory received into, else copy it here first.
+            let received = snapshots.receiving_path();
+            let kept = if same_file(&file, &received) {
+                received
+            } else {
+                let copy = snapshots.installing_path();
+                file.seek(SeekFrom::Start(0)).map_err(snapshot_error)?;
+                let mut out = File::create(&copy).map_err(snapshot_error)?;
+                std::io::copy(&mut file, &mut out).map_err(snapshot_error)?;
+                out.sync_all().map_err(snapshot_error)?;
+                copy
+            };
+            snapshots.keep(&kept, &stored)
+        })
+        .await
+    }
+}
+
 impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
     type SnapshotBuilder = SnapshotBuilder<S>;
 
@@ -210,6 +500,7 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         })
         .await?;
         self.membership = marker.membership.clone();
+        *self.recovery.applied.lock().await = marker.clone();
         // Called when the shard opens: what the state holds now is what survived, durably.
         if let Some(id) = marker.last_applied {
             self.gate.raise(id.index);
@@ -236,56 +527,22 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
             membership: self.membership.clone(),
         })
         .map_err(sm_error)?;
-        let state = self.state.clone();
-        blocking(move || {
-            // Flatten the entries into their commands; remember how many each entry has.
-            let mut items = Vec::with_capacity(entries.len());
-            let mut counts = Vec::with_capacity(entries.len());
-            for entry in &entries {
-                let index = entry.log_id.index;
-                match &entry.payload {
-                    EntryPayload::Normal(payload) => {
-                        // Only this crate proposes entries, always as batches.
-                        let commands = batch::decode(&payload.0).map_err(sm_error)?;
-                        counts.push(Some(commands.len()));
-                        items.extend(commands.into_iter().map(|command| Applying {
-                            index,
-                            command: Some(command),
-                        }));
-                    }
-                    EntryPayload::Blank | EntryPayload::Membership(_) => {
-                        counts.push(None);
-                        items.push(Applying {
-                            index,
-                            command: None,
-                        });
-                    }
-                }
-            }
-            let replies = state.apply(&items, &marker).map_err(sm_error)?;
-            if replies.len() != items.len() {
-                return Err(sm_error(format!(
-                    "{} replies for {} commands",
-                    replies.len(),
-                    items.len()
-                )));
-            }
-            // One response per entry: the batch of its commands' replies.
-            let mut replies = replies.into_iter();
-            Ok(counts
-                .into_iter()
-                .map(|count| match count {
-                    Some(n) => {
-                        Payload(batch::encode(&replies.by_ref().take(n).collect::<Vec<_>>()))
-                    }
-                    None => {
-                        replies.next();
-                        Payload::default()
-                    }
-                })
-                .collect())
-        })
-        .await
+        let entries = Arc::new(entries);
+        let mut believed = self.recovery.applied.lock().await;
+        let before = believed.clone();
+        let replies = self
+            .recovery
+            .until_written(&self.state, &before, true, || {
+                let (state, entries, marker) =
+                    (self.state.clone(), entries.clone(), marker.clone());
+                attempt(move || apply_now(&*state, &entries, &marker))
+            })
+            .await?;
+        *believed = Marker {
+            last_applied: Some(last),
+            membership: self.membership.clone(),
+        };
+        Ok(replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -293,6 +550,7 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
             state: self.state.clone(),
             snapshots: self.snapshots.clone(),
             gate: self.gate.clone(),
+            recovery: self.recovery.clone(),
         }
     }
 
@@ -314,44 +572,8 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         meta: &SnapshotMeta,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let mut file = snapshot.into_std().await;
-        let state = self.state.clone();
-        let snapshots = self.snapshots.clone();
-        let expected = meta.clone();
-        let installed = blocking(move || {
-            file.sync_all().map_err(snapshot_error)?;
-            let (stored, body_len) = verify(&mut file).map_err(snapshot_error)?;
-            if stored.last_log_id != expected.last_log_id
-                || stored.last_membership != expected.last_membership
-            {
-                return Err(snapshot_error(format!(
-                    "snapshot file holds {:?}, the leader announced {:?}",
-                    stored.last_log_id, expected.last_log_id
-                )));
-            }
-            let marker = encode(&Marker {
-                last_applied: stored.last_log_id,
-                membership: stored.last_membership.clone(),
-            })
-            .map_err(sm_error)?;
-            let mut body = BufReader::new(&mut file).take(body_len);
-            state.import(&mut body, &marker).map_err(sm_error)?;
-            // Keep the verified file as the current snapshot: rename it when it is the file this
-            // directory received into, else copy it here first.
-            let received = snapshots.receiving_path();
-            let kept = if same_file(&file, &received) {
-                received
-            } else {
-                let copy = snapshots.installing_path();
-                file.seek(SeekFrom::Start(0)).map_err(snapshot_error)?;
-                let mut out = File::create(&copy).map_err(snapshot_error)?;
-                std::io::copy(&mut file, &mut out).map_err(snapshot_error)?;
-                out.sync_all().map_err(snapshot_error)?;
-                copy
-            };
-            snapshots.keep(&kept, &stored)
-        })
-        .await;
+        let file = snapshot.into_std().await;
+        let installed = self.install(meta, file).await;
         match (&installed, meta.last_log_id) {
             // the import committed durably: the log may now be purged up to the snapshot
             (Ok(()), Some(id)) => self.gate.raise(id.index),
@@ -381,43 +603,83 @@ pub struct SnapshotBuilder<S: ReplicatedState> {
     state: Arc<S>,
     snapshots: Arc<SnapshotDir>,
     gate: PurgeGate,
+    recovery: Arc<Recovery>,
+}
+
+impl<S: ReplicatedState> SnapshotBuilder<S> {
+    /// A durable export of the state (its write waits out a full disk, see `Recovery`).
+    async fn export(&self) -> Result<Box<dyn Export>, StorageError> {
+        let believed = self.recovery.applied.lock().await;
+        self.recovery
+            .until_written(&self.state, &believed, true, || {
+                let state = self.state.clone();
+                attempt(move || state.export().map_err(|e| Attempt::of(e, snapshot_failed)))
+            })
+            .await
+    }
+
+    /// Writes `export` as the current snapshot; `Full` when the disk has no room for it (the partial
+    /// file is removed).
+    fn write(
+        snapshots: &SnapshotDir,
+        mut export: Box<dyn Export>,
+    ) -> Result<(SnapshotMeta, File), Attempt> {
+        let failed = |e: String| Attempt::Failed(snapshot_error(e));
+        let marker = match export.marker() {
+            Some(bytes) => decode::<Marker>(&bytes).map_err(|e| failed(e.to_string()))?,
+            None => Marker::default(),
+        };
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let meta = SnapshotMeta {
+            last_log_id: marker.last_applied,
+            last_membership: marker.membership,
+            snapshot_id: match marker.last_applied {
+                Some(id) => format!(
+                    "{}-{}-{}-{unique}",
+                    id.leader_id.term, id.leader_id.node_id, id.index
+                ),
+                None => format!("empty-{unique}"),
+            },
+        };
+        let path = snapshots.building_path();
+        if let Err(error) = write_snapshot(&path, &meta, export.as_mut()) {
+            let _ = std::fs::remove_file(&path);
+            return Err(if disk::is_full(&error) {
+                Attempt::Full(format!("{}: {error}", path.display()))
+            } else {
+                failed(error.to_string())
+            });
+        }
+        snapshots.keep(&path, &meta).map_err(Attempt::Failed)?;
+        snapshots
+            .current()
+            .map_err(|e| failed(e.to_string()))?
+            .ok_or_else(|| failed("the snapshot just built is gone".into()))
+    }
 }
 
 impl<S: ReplicatedState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let state = self.state.clone();
-        let snapshots = self.snapshots.clone();
-        let (meta, file) = blocking(move || {
-            let mut export = state.export().map_err(snapshot_error)?;
-            let marker = match export.marker() {
-                Some(bytes) => decode::<Marker>(&bytes).map_err(snapshot_error)?,
-                None => Marker::default(),
-            };
-            let unique = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default();
-            let meta = SnapshotMeta {
-                last_log_id: marker.last_applied,
-                last_membership: marker.membership,
-                snapshot_id: match marker.last_applied {
-                    Some(id) => format!(
-                        "{}-{}-{}-{unique}",
-                        id.leader_id.term, id.leader_id.node_id, id.index
-                    ),
-                    None => format!("empty-{unique}"),
-                },
-            };
-            let path = snapshots.building_path();
-            write_snapshot(&path, &meta, export.as_mut()).map_err(snapshot_error)?;
-            snapshots.keep(&path, &meta)?;
-            let (current, file) = snapshots
-                .current()
-                .map_err(snapshot_error)?
-                .ok_or_else(|| snapshot_error("the snapshot just built is gone"))?;
-            Ok((current, file))
-        })
-        .await?;
+        let path = self.snapshots.building_path();
+        let mut backoff = Backoff::new();
+        let (meta, file) = loop {
+            let export = self.export().await?;
+            let snapshots = self.snapshots.clone();
+            match attempt(move || Self::write(&snapshots, export)).await {
+                Ok(built) => {
+                    self.recovery.health.written(&path);
+                    break built;
+                }
+                Err(Attempt::Full(error)) => {
+                    self.recovery.health.full(&path, &error);
+                    tokio::time::sleep(backoff.pause()).await;
+                }
+                Err(Attempt::Failed(error)) => return Err(error),
+            }
+        };
         // The export made the state durable up to the snapshot (`ReplicatedState::export`).
         if let Some(id) = meta.last_log_id {
             self.gate.raise(id.index);
@@ -479,7 +741,11 @@ fn write_snapshot(
     let mut inner = out.inner;
     inner.write_all(&digest)?;
     let file = inner.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()
+    // After a failed fsync nothing the kernel cached can be trusted (see `disk`).
+    if let Err(error) = file.sync_all() {
+        disk::fail_stop(path, "fsync", &error);
+    }
+    Ok(())
 }
 
 /// Reads the header of a snapshot file: its meta and where the body starts.
@@ -583,9 +849,11 @@ impl SnapshotDir {
             }
         }
         std::fs::rename(path, self.current_path()).map_err(snapshot_error)?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(snapshot_error)
+        let dir = File::open(&self.dir).map_err(snapshot_error)?;
+        if let Err(error) = dir.sync_all() {
+            disk::fail_stop(&self.dir, "fsync", &error);
+        }
+        Ok(())
     }
 }
 

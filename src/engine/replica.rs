@@ -102,6 +102,10 @@ impl ReplicatedState for ShardMachine {
     fn import(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StateError> {
         Ok(self.store.import(body, marker)?)
     }
+
+    fn location(&self) -> std::path::PathBuf {
+        self.store.path().to_path_buf()
+    }
 }
 
 struct ShardExport {

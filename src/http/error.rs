@@ -309,6 +309,7 @@ impl From<EngineError> for ApiError {
             )
             .with_details(json!({ "shard": shard })),
             EngineError::Unavailable(reason) => ApiError::unavailable(reason),
+            EngineError::Storage(e) if e.is_disk_full() => ApiError::unavailable(e.to_string()),
             EngineError::Storage(e) => {
                 tracing::error!(error = %e, "storage error");
                 ApiError::unavailable("storage error; retry with the same Idempotency-Key")

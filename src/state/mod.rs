@@ -5,6 +5,13 @@
 //! (`last_applied`) and the replication layer's marker. Either the whole batch is in the file or none
 //! of it, so a crash can never leave "debited but not granted", and on restart the shard resumes
 //! exactly after `last_applied`. Snapshots (`snapshot`) export and import the whole file's tables.
+//!
+//! A full disk: a write refused for want of space leaves redb's `Database` unusable (`PreviousIo`), so
+//! the store closes it and reopens the file at the next use; the file then holds its last durable
+//! commit, which may be older than what was applied. Until a write succeeds again (the replication
+//! layer first re-applies what was lost, `shopkeep_raft::state_machine`), reads of the shard are
+//! refused (`StoreError::is_disk_full`): they would see the past. Every other I/O error stops the
+//! process (`shopkeep_raft::disk`).
 
 pub mod apply;
 pub mod audit;
@@ -14,8 +21,9 @@ pub mod tables;
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase};
@@ -36,6 +44,28 @@ pub enum StoreError {
     Encode(String),
     #[error("{0}")]
     Incompatible(String),
+    /// The file is being reopened after a full disk, or holds less than was applied until a write
+    /// succeeds again (see the module docs).
+    #[error(transparent)]
+    DiskFull(Box<DiskFull>),
+}
+
+/// A shard's file that a full disk made unusable for now.
+#[derive(Debug, thiserror::Error)]
+#[error("disk full at {path}: {why}")]
+pub struct DiskFull {
+    path: String,
+    why: String,
+    /// redb's verdict on the file meanwhile.
+    #[source]
+    source: redb::Error,
+}
+
+impl StoreError {
+    /// Whether this error is a full disk (retried until space is freed), not a fault of the data.
+    pub fn is_disk_full(&self) -> bool {
+        shopkeep_raft::disk::is_disk_full(self)
+    }
 }
 
 macro_rules! redb_error_into_store_error {
@@ -103,23 +133,34 @@ pub enum IdempotencyState {
 /// One shard's redb database.
 pub struct ShardStore {
     shard: u32,
-    db: Database,
+    path: PathBuf,
+    /// `None` once a full disk made redb refuse it, until it is reopened.
+    db: RwLock<Option<Arc<Database>>>,
+    /// The file was reopened after a full disk and may hold less than was applied: reads are refused
+    /// until a write succeeds.
+    behind: AtomicBool,
     /// When the state was last committed durably.
     durable_at: Mutex<Instant>,
+}
+
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(SHARD_CACHE_BYTES);
+    Ok(shopkeep_raft::disk::open_database(&builder, path)?)
 }
 
 impl ShardStore {
     /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`.
     pub fn open(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(SHARD_CACHE_BYTES)
-            .create(path)?;
+        let db = open_database(path)?;
         let store = ShardStore {
             shard,
-            db,
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(db))),
+            behind: AtomicBool::new(false),
             durable_at: Mutex::new(Instant::now()),
         };
-        let mut txn = store.db.begin_write()?;
+        let mut txn = store.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Redb(e.into()))?;
         {
@@ -144,6 +185,53 @@ impl ShardStore {
 
     pub fn shard(&self) -> u32 {
         self.shard
+    }
+
+    /// The shard's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn disk_full(&self, why: impl Into<String>) -> StoreError {
+        StoreError::DiskFull(Box::new(DiskFull {
+            path: self.path.display().to_string(),
+            why: why.into(),
+            source: redb::Error::PreviousIo,
+        }))
+    }
+
+    /// The open database, reopening the file if a full disk closed it.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self.db.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(db.clone());
+        }
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        // Fails while a reader still holds the old handle, or while the disk refuses the repair.
+        let db = Arc::new(
+            open_database(&self.path).map_err(|e| self.disk_full(format!("reopening: {e}")))?,
+        );
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Passes `result` on; a full disk first closes the database (redb refuses it from then on) and
+    /// marks the state as possibly behind.
+    fn checked<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(error) = &result {
+            if error.is_disk_full() {
+                self.behind.store(true, Ordering::Release);
+                *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+        result
+    }
+
+    /// A write succeeded: the state is what was applied.
+    fn caught_up(&self) {
+        self.behind.store(false, Ordering::Release);
     }
 
     /// Applies committed commands in order in ONE write transaction that also stores `marker`. Each
@@ -173,11 +261,23 @@ impl ShardStore {
         skip: &BTreeSet<usize>,
         progress: &Cell<usize>,
     ) -> Result<Vec<Option<Applied>>, StoreError> {
+        let applied = self.checked(self.apply_entries_once(entries, marker, skip, progress))?;
+        self.caught_up();
+        Ok(applied)
+    }
+
+    fn apply_entries_once(
+        &self,
+        entries: &[(u64, Option<&Envelope>)],
+        marker: &[u8],
+        skip: &BTreeSet<usize>,
+        progress: &Cell<usize>,
+    ) -> Result<Vec<Option<Applied>>, StoreError> {
         let durable = {
             let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
             durable_at.elapsed() >= DURABLE_EVERY
         };
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.begin_write()?;
         txn.set_durability(if durable {
             Durability::Immediate
         } else {
@@ -223,14 +323,20 @@ impl ShardStore {
         Ok(applied.into_iter().flatten().collect())
     }
 
-    /// The replication marker stored by the last apply or import.
+    /// The replication marker stored by the last apply or import (read even while the state is
+    /// behind: it says how far behind).
     pub fn marker(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        query::marker(&self.begin_read()?)
+        let txn = self.checked(self.db().and_then(|db| Ok(db.begin_read()?)))?;
+        self.checked(query::marker(&txn))
     }
 
     /// Makes every commit so far durable (one empty durable commit).
     pub fn sync(&self) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write()?;
+        self.checked(self.sync_once())
+    }
+
+    fn sync_once(&self) -> Result<(), StoreError> {
+        let mut txn = self.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Redb(e.into()))?;
         txn.commit()?;
@@ -238,11 +344,15 @@ impl ShardStore {
         Ok(())
     }
 
+    /// A read view of the state; refused while a full disk left the state behind what was applied.
     pub fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
-        Ok(self.db.begin_read()?)
+        if self.behind.load(Ordering::Acquire) {
+            return Err(self.disk_full("the shard is catching up"));
+        }
+        self.checked(self.db().and_then(|db| Ok(db.begin_read()?)))
     }
 
     pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
-        Ok(self.db.begin_write()?)
+        self.checked(self.db().and_then(|db| Ok(db.begin_write()?)))
     }
 }

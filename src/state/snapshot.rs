@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use redb::{Key, ReadTransaction, TableDefinition, Value, WriteTransaction};
 
 use super::tables::{self, TableVisitor};
-use super::{SCHEMA_VERSION, ShardStore, StoreError, query};
+use super::{SCHEMA_VERSION, ShardStore, StoreError};
 
 const END: u8 = 0xFF;
 /// The largest key or value a snapshot may carry (a real row is far smaller).
@@ -131,6 +131,12 @@ impl ShardStore {
 
     /// Replaces the whole state by an exported one and `marker`, in one durable transaction.
     pub fn import(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StoreError> {
+        self.checked(self.import_once(body, marker))?;
+        self.caught_up();
+        Ok(())
+    }
+
+    fn import_once(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StoreError> {
         let mut txn = self.begin_write()?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Redb(e.into()))?;
@@ -164,7 +170,7 @@ impl ShardStore {
         }
         txn.commit()?;
         debug_assert_eq!(
-            query::marker(&self.begin_read()?).ok().flatten().as_deref(),
+            self.marker().ok().flatten().as_deref(),
             Some(marker).filter(|m| !m.is_empty())
         );
         self.sync()

@@ -134,11 +134,17 @@ impl Server {
     }
 
     pub async fn start_with(opts: Opts) -> Server {
+        Self::start_prepared(opts, |_| {}).await
+    }
+
+    /// `start_with`, after `prepare` ran on the (empty) data directory (e.g. to mount a file system there).
+    pub async fn start_prepared(opts: Opts, prepare: impl FnOnce(&Path)) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("shopkeep-it-")
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+        prepare(&dir.path().join("data"));
         let mut srv = Server {
             child: None,
             dir,

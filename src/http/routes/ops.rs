@@ -50,11 +50,15 @@ pub async fn healthz() -> Response {
 }
 
 /// 200 when every shard has a live leader as far as this node can tell (this node leads it with a quorum
-/// acknowledging, or its leader reached this node recently); 503 `unavailable` otherwise (no leader yet,
-/// or this node is cut off from the others).
+/// acknowledging, or its leader reached this node recently) and its disk takes writes; 503 `unavailable`
+/// otherwise (no leader yet, this node is cut off from the others, or its disk is full: the message
+/// says `disk full at <path>`).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "Every shard has a live leader", body = StatusResponse), (status = 503, description = "`unavailable`", body = ErrorBody)))]
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    if let Some(trouble) = app.node.cluster().disk_trouble() {
+        return ApiError::unavailable(trouble).into_response();
+    }
     if !app.node.cluster().is_ready() {
         return ApiError::unavailable("not every shard has a live leader reachable from this node")
             .into_response();
