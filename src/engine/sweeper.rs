@@ -44,7 +44,8 @@ pub async fn run(
         // A node whose clock disagrees with the cluster's would expire orders and top-ups by a wrong
         // time: it sweeps nothing until it agrees again (a correct member leads or forwards meanwhile).
         let agrees = watch_clock(&node, &mut clock_agreed);
-        if !agrees {
+        // A full disk refuses the sweep's commands anyway (and says so once): no retry every interval.
+        if !agrees || node.cluster().disk_trouble().is_some() {
             continue;
         }
         let leads_catalog = node.cluster().is_leader(CATALOG_HOME_SHARD);
