@@ -8,6 +8,10 @@
 //! [`MAX_CLOCK_OFFSET`]. A node whose clock does not agree stamps no time: the application refuses its
 //! writes and its background sweeps until it does again (see `ClockVerdict`).
 //!
+//! A sample counts only while this node's own clock has not stepped since it was taken (its offset from
+//! the monotonic clock is unchanged): the moment this node's clock jumps, what it knew of the others is
+//! void, and it stamps nothing until fresh samples (every heartbeat brings some) say it agrees.
+//!
 //! A cluster of one always agrees with itself: a single node cannot tell that its clock is wrong.
 
 use std::collections::BTreeMap;
@@ -47,6 +51,20 @@ struct Sample {
     /// The peer's clock minus this node's, in microseconds.
     offset_micros: i64,
     at: Instant,
+    /// This node's clock minus its monotonic clock when the sample was taken: if it has moved since,
+    /// this node's own clock stepped, and the sample says nothing about it any more.
+    anchor_micros: i64,
+}
+
+/// How far this node's clock may drift from its monotonic clock during a sample's lifetime without
+/// counting as a step (time servers slew clocks by at most 0.05 %).
+const MAX_DRIFT_MICROS: i64 = 100_000;
+
+/// This node's clock (as `unix_micros` stamps it) minus the monotonic time since the process started.
+fn anchor_micros() -> i64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let running = START.get_or_init(Instant::now).elapsed().as_micros();
+    unix_micros().saturating_sub(i64::try_from(running).unwrap_or(i64::MAX))
 }
 
 /// What this node knows of its clock against the members'.
@@ -61,12 +79,26 @@ pub struct ClockVerdict {
     pub offsets_ms: BTreeMap<NodeId, i64>,
 }
 
+impl ClockVerdict {
+    /// Why a node with this verdict stamps no time, for clients and operators.
+    pub fn reason(&self) -> String {
+        format!(
+            "this node's clock does not agree with the cluster's (within {} s: {} of {} members; offsets of the others in ms: {:?}); it serves no writes and no user data until it does: check NTP",
+            MAX_CLOCK_OFFSET.as_secs(),
+            self.agreeing,
+            self.members,
+            self.offsets_ms
+        )
+    }
+}
+
 impl ClockWatch {
     /// Records that `peer`'s clock reads `offset_micros` ahead of this node's (negative: behind).
     pub fn observe(&self, peer: NodeId, offset_micros: i64) {
         let sample = Sample {
             offset_micros,
             at: Instant::now(),
+            anchor_micros: anchor_micros(),
         };
         self.samples
             .lock()
@@ -88,6 +120,7 @@ impl ClockWatch {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let bound = i64::try_from(MAX_CLOCK_OFFSET.as_micros()).unwrap_or(i64::MAX);
+        let anchor = anchor_micros();
         let (mut agreeing, mut count) = (0, 0);
         let mut offsets_ms = BTreeMap::new();
         for member in members {
@@ -99,7 +132,10 @@ impl ClockWatch {
             let Some(sample) = samples.get(&member) else {
                 continue;
             };
-            if sample.at.elapsed() > SAMPLE_LIFETIME {
+            // Too old, or taken before this node's own clock stepped: it no longer tells.
+            if sample.at.elapsed() > SAMPLE_LIFETIME
+                || sample.anchor_micros.abs_diff(anchor) > MAX_DRIFT_MICROS.unsigned_abs()
+            {
                 continue;
             }
             offsets_ms.insert(member, sample.offset_micros / 1000);
@@ -138,6 +174,18 @@ mod tests {
         watch.observe(3, 0);
         assert!(watch.verdict(1, [1, 2, 3]).agrees);
         assert!(!watch.verdict(1, [1, 2, 3, 4, 5]).agrees, "2 of 5");
+    }
+
+    #[test]
+    fn a_sample_taken_before_this_nodes_clock_stepped_no_longer_counts() {
+        let watch = ClockWatch::default();
+        watch.observe(2, 0);
+        assert!(watch.verdict(1, [1, 2, 3]).agrees);
+        // As if this node's clock had stepped 30 s ahead since the sample was taken.
+        if let Some(sample) = watch.samples.lock().expect("lock").get_mut(&2) {
+            sample.anchor_micros -= 30_000_000;
+        }
+        assert!(!watch.verdict(1, [1, 2, 3]).agrees);
     }
 
     #[test]

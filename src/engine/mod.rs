@@ -124,6 +124,12 @@ impl Node {
     /// Proposes `envelope` to `shard` (through its leader, wherever it is) and waits until it is
     /// committed and applied.
     pub async fn propose(&self, shard: u32, envelope: Envelope) -> Result<Applied, EngineError> {
+        // The envelope's time was stamped before this check. Had this node's clock stepped before the
+        // stamp, the verdict (a step voids every sample taken before it) no longer agrees: refused.
+        let verdict = self.cluster.clock_verdict();
+        if !verdict.agrees {
+            return Err(EngineError::Unavailable(verdict.reason()));
+        }
         let command = envelope.command.name();
         let bytes = postcard::to_stdvec(&envelope)
             .map_err(|e| EngineError::Internal(format!("cannot encode a command: {e}")))?;

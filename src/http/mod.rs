@@ -265,21 +265,10 @@ async fn refuse_timed_requests_while_the_clock_disagrees(
     if writes || request.uri().path().starts_with("/v1/users/") {
         let verdict = node.cluster().clock_verdict();
         if !verdict.agrees {
-            return ApiError::unavailable(clock_disagreement(&verdict)).into_response();
+            return ApiError::unavailable(verdict.reason()).into_response();
         }
     }
     next.run(request).await
-}
-
-/// Why a node with this verdict takes no writes, for clients and operators.
-pub fn clock_disagreement(verdict: &shopkeep_raft::clock::ClockVerdict) -> String {
-    format!(
-        "this node's clock does not agree with the cluster's (within {} s: {} of {} members; offsets of the others in ms: {:?}); it serves no writes and no user data until it does: check NTP",
-        shopkeep_raft::clock::MAX_CLOCK_OFFSET.as_secs(),
-        verdict.agreeing,
-        verdict.members,
-        verdict.offsets_ms
-    )
 }
 
 /// The HTTP method as a metric label: one of a fixed few, whatever a client sends.

@@ -65,7 +65,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     }
     let verdict = app.node.cluster().clock_verdict();
     if !verdict.agrees {
-        return ApiError::unavailable(crate::http::clock_disagreement(&verdict)).into_response();
+        return ApiError::unavailable(verdict.reason()).into_response();
     }
     status("ready")
 }
