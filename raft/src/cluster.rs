@@ -325,8 +325,8 @@ impl Cluster {
     /// Whether this node's clock agrees with a majority of the members' (always, for a single node):
     /// only then may it stamp the time of a command.
     pub fn clock_verdict(&self) -> ClockVerdict {
-        let members = self.transport.peers().into_keys();
-        self.clock.verdict(self.config.node_id, members)
+        self.clock
+            .verdict(self.config.node_id, self.transport.peer_ids())
     }
 
     /// Why this node cannot write now (`disk full at <path>`), if it cannot: it refuses writes, fast,

@@ -92,6 +92,16 @@ impl Transport {
         self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The ids of the nodes this node knows, itself included (no addresses copied: asked per proposal).
+    pub fn peer_ids(&self) -> Vec<u64> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// Sends `request` to the node at `addr` and waits at most `timeout` for its answer.
     pub async fn call(
         &self,

@@ -73,6 +73,15 @@ async fn read_status_line(stream: &mut TcpStream, within: Duration) -> Option<St
         .filter(|l| !l.is_empty())
 }
 
+/// Asserts that an answer's status line (from [`read_status_line`]) carries `status`.
+fn assert_status(line: &Option<String>, status: u16, context: &str) {
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.contains(&format!(" {status} "))),
+        "{context}: {line:?}"
+    );
+}
+
 /// Whether the server closes `stream` (EOF or reset) within `within`.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -149,10 +158,7 @@ async fn a_webhook_signature_header_out_of_shape_is_refused_before_the_body_arri
             Duration::from_secs(3),
         )
         .await;
-        assert!(
-            line.as_deref().is_some_and(|l| l.contains(" 401 ")),
-            "{signature:.80}: {line:?}"
-        );
+        assert_status(&line, 401, &format!("{signature:.80}"));
     }
 }
 
@@ -246,10 +252,7 @@ async fn a_node_call_without_a_valid_signature_is_refused_before_its_body_is_rea
         31 * 1024 * 1024
     );
     let line = status_line_within(addr, &head, Duration::from_secs(3)).await;
-    assert!(
-        line.as_deref().is_some_and(|l| l.contains(" 401 ")),
-        "{line:?}"
-    );
+    assert_status(&line, 401, "an unsigned node call");
 }
 
 #[tokio::test]
@@ -335,10 +338,7 @@ async fn a_body_that_trickles_in_past_the_body_timeout_gets_408() {
     stream.write_all(head.as_bytes()).await.expect("head");
     let started = Instant::now();
     let line = read_status_line(&mut stream, Duration::from_secs(5)).await;
-    assert!(
-        line.as_deref().is_some_and(|l| l.contains(" 408 ")),
-        "{line:?}"
-    );
+    assert_status(&line, 408, "a body past its deadline");
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
@@ -375,10 +375,7 @@ async fn connections_beyond_the_per_peer_limit_are_closed_while_other_peers_are_
         .await
         .expect("request");
     let line = read_status_line(&mut other, Duration::from_secs(2)).await;
-    assert!(
-        line.as_deref().is_some_and(|l| l.contains(" 200 ")),
-        "{line:?}"
-    );
+    assert_status(&line, 200, "another address");
     // Once one closes, the address may connect again.
     drop(held.pop());
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -388,10 +385,7 @@ async fn connections_beyond_the_per_peer_limit_are_closed_while_other_peers_are_
         .await
         .expect("request");
     let line = read_status_line(&mut again, Duration::from_secs(2)).await;
-    assert!(
-        line.as_deref().is_some_and(|l| l.contains(" 200 ")),
-        "{line:?}"
-    );
+    assert_status(&line, 200, "the same address once one closed");
 }
 
 // ------------------------------------------------------------------------------------------------
