@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         CliCommand::Serve(args) => {
-            if let Err(message) = shopkeep_raft::failpoints::arm_from_env() {
+            if let Err(message) = shopkeep_faults::failpoints::arm_from_env() {
                 eprintln!("shopkeep: {message}");
                 return ExitCode::from(2);
             }

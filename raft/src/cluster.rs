@@ -24,13 +24,13 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::auth::NodeAuth;
 use crate::clock::{ClockVerdict, ClockWatch};
-use crate::disk::DiskHealth;
 use crate::log_store::{LogDb, MIRROR_BYTES};
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Probe, Refusal};
 use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
 use crate::{Payload, Raft, batch};
 use rebuild::Marks;
+use shopkeep_faults::disk::DiskHealth;
 
 mod rebuild;
 

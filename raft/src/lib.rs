@@ -17,7 +17,8 @@
 //! - [`batch`]: many commands in one log entry, so a shard's fsync, replication and apply serve many
 //!   commands at once.
 //!
-//! - [`failpoints`]: crash points for the chaos suite (only in builds with the `failpoints` feature).
+//! Its redb files fail as every file of the node does: `shopkeep_faults::disk` (a fail-stop backend, a
+//! full disk waited out), with the crash points of `shopkeep_faults::failpoints`.
 //!
 //! Commands and replies are opaque bytes: the application encodes them.
 
@@ -28,8 +29,6 @@ pub mod auth;
 pub mod batch;
 pub mod clock;
 pub mod cluster;
-pub mod disk;
-pub mod failpoints;
 pub mod log_store;
 pub mod network;
 pub mod rpc;

@@ -31,9 +31,10 @@ use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::disk::{self, Backoff, DiskHealth};
 use crate::state_machine::PurgeGate;
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
+use shopkeep_faults::disk::{self, Backoff, DiskHealth};
+use shopkeep_faults::failpoints;
 
 /// (shard, index) → postcard `Entry`.
 const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
@@ -346,7 +347,7 @@ fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
         if let Err(error) = &result {
             tracing::error!(%error, "raft log commit failed");
         } else if batch.iter().any(|op| matches!(op, Op::Append { .. })) {
-            crate::failpoints::crash_point(crate::failpoints::AFTER_LOG_APPEND);
+            failpoints::crash_point(failpoints::AFTER_LOG_APPEND);
         }
         for op in batch {
             let outcome = result.clone();

@@ -35,12 +35,12 @@ use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::disk::{self, Backoff, DiskHealth};
 use crate::log_store::LogStore;
 use crate::{
     Entry, LogId, Payload, SnapshotMeta, StorageError, StoredMembership, TypeConfig, batch, decode,
     encode,
 };
+use shopkeep_faults::disk::{self, Backoff, DiskHealth};
 
 /// An application error, reported to openraft as a storage error.
 pub type StateError = Box<dyn std::error::Error + Send + Sync>;

@@ -67,7 +67,7 @@ pub fn router(node: Arc<Node>, auth: Arc<NodeAuth>) -> Router {
     });
     let router = Router::new().route(CALL_PATH, post(call));
     // Crash points exist only in test builds; elsewhere the path is not routed at all (404).
-    let router = if shopkeep_raft::failpoints::ENABLED {
+    let router = if shopkeep_faults::failpoints::ENABLED {
         router.route(
             CRASH_POINT_PATH,
             put(arm_crash_point).delete(disarm_crash_point),
@@ -152,21 +152,21 @@ impl NodeTraffic {
 }
 
 /// `PUT /_node/v1/failpoints/{name}` (test builds only): arms a crash point with the action string in
-/// the body (see `shopkeep_raft::failpoints`).
+/// the body (see `shopkeep_faults::failpoints`).
 async fn arm_crash_point(
     State(traffic): State<Arc<NodeTraffic>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let name = crash_point_name(&request)?;
     let (_permit, body) = traffic.admit(request, MAX_CRASH_POINT_BODY_BYTES).await?;
-    if !shopkeep_raft::failpoints::is_known(&name) {
+    if !shopkeep_faults::failpoints::is_known(&name) {
         return Err(ApiError::not_found(
             "crash_point_not_found",
             format!("no crash point {name:?}"),
         ));
     }
     let actions = String::from_utf8_lossy(&body);
-    shopkeep_raft::failpoints::arm(&name, actions.trim()).map_err(ApiError::invalid_request)?;
+    shopkeep_faults::failpoints::arm(&name, actions.trim()).map_err(ApiError::invalid_request)?;
     tracing::warn!(crash_point = %name, actions = %actions.trim(), "crash point armed");
     Ok(StatusCode::OK.into_response())
 }
@@ -178,7 +178,7 @@ async fn disarm_crash_point(
 ) -> Result<Response, ApiError> {
     let name = crash_point_name(&request)?;
     let _admitted = traffic.admit(request, MAX_CRASH_POINT_BODY_BYTES).await?;
-    shopkeep_raft::failpoints::disarm(&name)
+    shopkeep_faults::failpoints::disarm(&name)
         .map_err(|message| ApiError::not_found("crash_point_not_found", message))?;
     Ok(StatusCode::OK.into_response())
 }

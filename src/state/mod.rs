@@ -11,7 +11,7 @@
 //! commit, which may be older than what was applied. Until a write succeeds again (the replication
 //! layer first re-applies what was lost, `shopkeep_raft::state_machine`), reads of the shard are
 //! refused (`StoreError::is_disk_full`): they would see the past. Every other I/O error stops the
-//! process (`shopkeep_raft::disk`).
+//! process (`shopkeep_faults::disk`).
 
 pub mod apply;
 pub mod audit;
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase};
 use serde::{Deserialize, Serialize};
+use shopkeep_faults::{disk, failpoints};
 
 use crate::domain::{Envelope, Fingerprint, Outcome, Timestamp};
 
@@ -64,7 +65,7 @@ pub struct DiskFull {
 impl StoreError {
     /// Whether this error is a full disk (retried until space is freed), not a fault of the data.
     pub fn is_disk_full(&self) -> bool {
-        shopkeep_raft::disk::is_disk_full(self)
+        disk::is_disk_full(self)
     }
 }
 
@@ -146,7 +147,7 @@ pub struct ShardStore {
 fn open_database(path: &Path) -> Result<Database, StoreError> {
     let mut builder = Database::builder();
     builder.set_cache_size(SHARD_CACHE_BYTES);
-    Ok(shopkeep_raft::disk::open_database(&builder, path)?)
+    Ok(disk::open_database(&builder, path)?)
 }
 
 impl ShardStore {
@@ -305,7 +306,7 @@ impl ShardStore {
             results
         };
         txn.commit()?;
-        shopkeep_raft::failpoints::crash_point(shopkeep_raft::failpoints::AFTER_APPLY_COMMIT);
+        failpoints::crash_point(failpoints::AFTER_APPLY_COMMIT);
         if durable {
             *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }

@@ -8,6 +8,7 @@
 use std::io::{Read, Write};
 
 use redb::{Key, ReadTransaction, TableDefinition, Value, WriteTransaction};
+use shopkeep_faults::failpoints;
 
 use super::tables::{self, TableVisitor};
 use super::{SCHEMA_VERSION, ShardStore, StoreError};
@@ -113,7 +114,7 @@ impl TableVisitor for Importer<'_> {
             table.insert(K::from_bytes(&key), V::from_bytes(&value))?;
         }
         if tag == tables::HALFWAY_TAG {
-            shopkeep_raft::failpoints::crash_point(shopkeep_raft::failpoints::MID_SNAPSHOT_INSTALL);
+            failpoints::crash_point(failpoints::MID_SNAPSHOT_INSTALL);
         }
         Ok(())
     }
