@@ -17,21 +17,31 @@ use std::sync::Arc;
 
 use redb::ReadTransaction;
 use shopkeep_raft::{Cluster, ClusterConfig, ClusterError};
+
+pub use shopkeep_raft::rpc::MembershipChange;
 use tokio::sync::Mutex;
 
 use crate::domain::Envelope;
 use crate::state::{Applied, ShardStore, StoreError};
 use replica::{ApplyReply, ShardMachine};
 
-/// Engine failures, as the HTTP layer sees them.
+/// Engine failures, as the HTTP layer sees them. The replication layer's (`ClusterError`) keep their
+/// kind: each has a variant of the same name here.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The shard's leader has too many writes in flight: the caller should back off and retry (429).
+    /// The shard's leader has too many writes in flight: the caller should back off and retry.
     #[error("shard {shard} is overloaded")]
     Overloaded { shard: u32 },
-    /// The shard cannot take writes or serve reads now: no leader, no quorum, stopped (503).
+    /// The shard cannot take writes or serve reads now: no leader, no quorum, stopped, or this node's
+    /// clock disagrees with the cluster's.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The cluster refused the request as not allowed now (e.g. a membership change it cannot make).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The replicas could not be opened.
+    #[error("cannot open the replicas: {0}")]
+    Open(String),
     #[error(transparent)]
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -43,9 +53,8 @@ impl From<ClusterError> for EngineError {
         match error {
             ClusterError::Overloaded { shard } => EngineError::Overloaded { shard },
             ClusterError::Unavailable(message) => EngineError::Unavailable(message),
-            ClusterError::Rejected(message) | ClusterError::Open(message) => {
-                EngineError::Internal(message)
-            }
+            ClusterError::Rejected(message) => EngineError::Rejected(message),
+            ClusterError::Open(message) => EngineError::Open(message),
         }
     }
 }
@@ -183,6 +192,11 @@ impl Node {
         .await
         .map_err(|e| EngineError::Internal(format!("read task failed: {e}")))?
         .map_err(EngineError::from)
+    }
+
+    /// Applies a membership change to every shard (through each shard's leader).
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), EngineError> {
+        Ok(self.cluster.change_membership(change).await?)
     }
 
     /// Stops the node's replicas.

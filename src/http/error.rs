@@ -13,28 +13,50 @@ use utoipa::ToSchema;
 use crate::domain::{AmountError, Currency, Rejection};
 use crate::engine::EngineError;
 
+// The codes the HTTP layer answers with itself, each written once (the business rejections' are
+// `Rejection::code`'s).
+const INVALID_REQUEST: &str = "invalid_request";
+const IDEMPOTENCY_KEY_REQUIRED: &str = "idempotency_key_required";
+const UNAUTHENTICATED: &str = "unauthenticated";
+const INVALID_SIGNATURE: &str = "invalid_signature";
+const FORBIDDEN: &str = "forbidden";
+const NOT_FOUND: &str = "not_found";
+const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+const USER_NOT_FOUND: &str = "user_not_found";
+const ITEM_NOT_FOUND: &str = "item_not_found";
+const ORDER_NOT_FOUND: &str = "order_not_found";
+const TOPUP_NOT_FOUND: &str = "topup_not_found";
+const CRASH_POINT_NOT_FOUND: &str = "crash_point_not_found";
+const INVALID_STATE: &str = "invalid_state";
+const REQUEST_TIMEOUT: &str = "request_timeout";
+const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+const INVALID_AMOUNT: &str = "invalid_amount";
+const RATE_LIMITED: &str = "rate_limited";
+const UNAVAILABLE: &str = "unavailable";
+const INTERNAL: &str = "internal";
+
 /// Every `code` the server answers with: those of the helpers below, of the routes, and of the
 /// business rejections (`Rejection::code`). The OpenAPI document lists them as the code's enum; a test
 /// checks that every rejection's code is here.
 pub const ERROR_CODES: [&str; 37] = [
-    "invalid_request",
-    "idempotency_key_required",
-    "unauthenticated",
-    "invalid_signature",
-    "forbidden",
-    "not_found",
-    "method_not_allowed",
-    "user_not_found",
-    "item_not_found",
-    "order_not_found",
-    "topup_not_found",
-    "crash_point_not_found",
+    INVALID_REQUEST,
+    IDEMPOTENCY_KEY_REQUIRED,
+    UNAUTHENTICATED,
+    INVALID_SIGNATURE,
+    FORBIDDEN,
+    NOT_FOUND,
+    METHOD_NOT_ALLOWED,
+    USER_NOT_FOUND,
+    ITEM_NOT_FOUND,
+    ORDER_NOT_FOUND,
+    TOPUP_NOT_FOUND,
+    CRASH_POINT_NOT_FOUND,
     "user_exists",
     "insufficient_funds",
     "price_changed",
     "already_owned",
     "item_inactive",
-    "invalid_state",
+    INVALID_STATE,
     "refund_exceeds_purchase",
     "already_consumed",
     "insufficient_entitlement",
@@ -47,13 +69,13 @@ pub const ERROR_CODES: [&str; 37] = [
     "catalog_full",
     "balance_limit_exceeded",
     "limit_exceeded",
-    "request_timeout",
-    "payload_too_large",
-    "invalid_amount",
+    REQUEST_TIMEOUT,
+    PAYLOAD_TOO_LARGE,
+    INVALID_AMOUNT,
     "idempotency_key_reused",
-    "rate_limited",
-    "unavailable",
-    "internal",
+    RATE_LIMITED,
+    UNAVAILABLE,
+    INTERNAL,
 ];
 
 /// An error response. Built by the helpers below, rendered by `IntoResponse`.
@@ -87,7 +109,7 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -104,45 +126,90 @@ impl ApiError {
     }
 
     pub fn invalid_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        ApiError::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, message)
     }
 
     pub fn idempotency_key_required() -> ApiError {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "idempotency_key_required",
+            IDEMPOTENCY_KEY_REQUIRED,
             "POST requests need an Idempotency-Key header (1-255 printable ASCII characters)",
         )
     }
 
     pub fn unauthenticated() -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "a valid bearer token is required",
-        )
+        ApiError::unauthenticated_because("a valid bearer token is required")
+    }
+
+    /// Authentication failed, and why (node calls say which check refused them).
+    pub fn unauthenticated_because(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, UNAUTHENTICATED, reason)
     }
 
     pub fn invalid_signature(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message)
+        ApiError::new(StatusCode::UNAUTHORIZED, INVALID_SIGNATURE, message)
     }
 
     pub fn forbidden(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+        ApiError::new(StatusCode::FORBIDDEN, FORBIDDEN, message)
     }
 
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    /// A path no route serves.
+    pub fn no_such_endpoint() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, NOT_FOUND, "no such endpoint")
+    }
+
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            METHOD_NOT_ALLOWED,
+            "this endpoint does not accept that method",
+        )
     }
 
     pub fn user_not_found() -> ApiError {
-        ApiError::not_found("user_not_found", "user not found")
+        ApiError::new(StatusCode::NOT_FOUND, USER_NOT_FOUND, "user not found")
+    }
+
+    pub fn item_not_found(item_id: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ITEM_NOT_FOUND,
+            format!("item {item_id} not found"),
+        )
+        .with_details(json!({ "item_id": item_id }))
+    }
+
+    pub fn order_not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, ORDER_NOT_FOUND, "order not found")
+    }
+
+    pub fn topup_not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, TOPUP_NOT_FOUND, "top-up not found")
+    }
+
+    /// Nothing is stored (or shown to this caller) under an idempotency key.
+    pub fn stored_outcome_not_found() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            NOT_FOUND,
+            "no outcome is stored under this key",
+        )
+    }
+
+    pub fn crash_point_not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, CRASH_POINT_NOT_FOUND, message)
+    }
+
+    /// The request is not allowed in the current state (of the cluster, here).
+    pub fn invalid_state(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, INVALID_STATE, message)
     }
 
     pub fn payload_too_large(limit: usize) -> ApiError {
         let mut error = ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            PAYLOAD_TOO_LARGE,
             format!("request bodies are limited to {limit} bytes"),
         )
         .with_details(json!({ "limit_bytes": limit }));
@@ -154,7 +221,7 @@ impl ApiError {
     pub fn request_timeout(timeout: std::time::Duration) -> ApiError {
         let mut error = ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            REQUEST_TIMEOUT,
             format!(
                 "the request body did not arrive within {} s",
                 timeout.as_secs_f64()
@@ -167,26 +234,26 @@ impl ApiError {
     pub fn invalid_amount(field: &str, error: &AmountError) -> ApiError {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_amount",
+            INVALID_AMOUNT,
             format!("{field}: {error}"),
         )
         .with_details(json!({ "field": field }))
     }
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
-        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+        let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE, message);
         error.retry_after = Some(1);
         error
     }
 
     pub fn rate_limited(message: impl Into<String>) -> ApiError {
-        let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, RATE_LIMITED, message);
         error.retry_after = Some(1);
         error
     }
 
     pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, INTERNAL, message)
     }
 
     /// The JSON body of this error.
@@ -309,12 +376,13 @@ impl From<EngineError> for ApiError {
             )
             .with_details(json!({ "shard": shard })),
             EngineError::Unavailable(reason) => ApiError::unavailable(reason),
+            EngineError::Rejected(reason) => ApiError::invalid_state(reason),
             EngineError::Storage(e) if e.is_disk_full() => ApiError::unavailable(e.to_string()),
             EngineError::Storage(e) => {
                 tracing::error!(error = %e, "storage error");
                 ApiError::unavailable("storage error; retry with the same Idempotency-Key")
             }
-            EngineError::Internal(reason) => {
+            EngineError::Open(reason) | EngineError::Internal(reason) => {
                 tracing::error!(%reason, "internal error");
                 ApiError::internal(
                     "internal error; retry with the same Idempotency-Key to learn the outcome",

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -134,14 +133,8 @@ pub fn router(
         openapi,
     });
     let router = router
-        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not accept that method",
-            )
-        })
+        .fallback(|| async { ApiError::no_such_endpoint() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(app)
         .layer(axum::middleware::from_fn_with_state(limits, limit_inflight))
         .layer(axum::middleware::from_fn_with_state(
@@ -165,8 +158,7 @@ pub fn router(
 
 /// The router of `--node-listen`: node-to-node traffic alone; any other path is a JSON 404.
 pub fn node_router(node: Arc<Node>, auth: Arc<NodeAuth>, body_read_timeout: Duration) -> Router {
-    node_routes(node, auth, body_read_timeout)
-        .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
+    node_routes(node, auth, body_read_timeout).fallback(|| async { ApiError::no_such_endpoint() })
 }
 
 /// The node-to-node routes (`/_node/…`) with their body deadline, without a fallback (so they can be

@@ -76,13 +76,7 @@ pub fn router(node: Arc<Node>, auth: Arc<NodeAuth>) -> Router {
         router
     };
     router
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not accept that method",
-            )
-        })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
         // Every answer carries this node's time: the caller samples its clock against ours.
         .layer(axum::middleware::map_response(stamp_time))
@@ -104,11 +98,7 @@ impl NodeTraffic {
         } else {
             tracing::debug!(%error, "node call refused");
         }
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            error.to_string(),
-        )
+        ApiError::unauthenticated_because(error.to_string())
     }
 
     /// Authenticates a call from its headers, takes a place among the calls in flight, then reads and
@@ -141,11 +131,7 @@ impl NodeTraffic {
         let body = input::read_limited(request, limit).await?;
         signed.check(&body).map_err(|error| {
             metrics::counter!("shopkeep_node_traffic_refused_total").increment(1);
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                error.to_string(),
-            )
+            ApiError::unauthenticated_because(error.to_string())
         })?;
         Ok((permit, body))
     }
@@ -160,10 +146,9 @@ async fn arm_crash_point(
     let name = crash_point_name(&request)?;
     let (_permit, body) = traffic.admit(request, MAX_CRASH_POINT_BODY_BYTES).await?;
     if !shopkeep_faults::failpoints::is_known(&name) {
-        return Err(ApiError::not_found(
-            "crash_point_not_found",
-            format!("no crash point {name:?}"),
-        ));
+        return Err(ApiError::crash_point_not_found(format!(
+            "no crash point {name:?}"
+        )));
     }
     let actions = String::from_utf8_lossy(&body);
     shopkeep_faults::failpoints::arm(&name, actions.trim()).map_err(ApiError::invalid_request)?;
@@ -178,8 +163,7 @@ async fn disarm_crash_point(
 ) -> Result<Response, ApiError> {
     let name = crash_point_name(&request)?;
     let _admitted = traffic.admit(request, MAX_CRASH_POINT_BODY_BYTES).await?;
-    shopkeep_faults::failpoints::disarm(&name)
-        .map_err(|message| ApiError::not_found("crash_point_not_found", message))?;
+    shopkeep_faults::failpoints::disarm(&name).map_err(ApiError::crash_point_not_found)?;
     Ok(StatusCode::OK.into_response())
 }
 

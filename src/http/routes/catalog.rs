@@ -93,10 +93,7 @@ pub async fn get_item(
                 .read(CATALOG_HOME_SHARD, move |txn| query::item(txn, &id)),
         )
         .await?;
-    let item = item.ok_or_else(|| {
-        ApiError::not_found("item_not_found", format!("item {item_id} not found"))
-            .with_details(serde_json::json!({ "item_id": item_id }))
-    })?;
+    let item = item.ok_or_else(|| ApiError::item_not_found(&item_id))?;
     Ok(render::ok(&dto::item(&app.config.currency, &item)))
 }
 

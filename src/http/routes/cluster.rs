@@ -2,10 +2,9 @@
 //! changes (add a node as a learner, promote it to voter, remove a node), applied to every shard.
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
-use shopkeep_raft::rpc::MembershipChange;
 
+use crate::engine::MembershipChange;
 use crate::http::auth::Caller;
 use crate::http::dto::{AddNodeRequest, ClusterNode, ClusterResponse, ClusterShard, RouteResponse};
 use crate::http::error::{ApiError, ErrorBody};
@@ -104,15 +103,8 @@ fn member_id(node_id: u64) -> Result<u64, ApiError> {
 }
 
 async fn change(app: &AppState, change: MembershipChange) -> Result<Response, ApiError> {
-    match app.node.cluster().change_membership(change).await {
-        Ok(()) => Ok(render::ok(&view(app))),
-        Err(shopkeep_raft::ClusterError::Rejected(message)) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_state",
-            message,
-        )),
-        Err(error) => Err(crate::engine::EngineError::from(error).into()),
-    }
+    app.node.change_membership(change).await?;
+    Ok(render::ok(&view(app)))
 }
 
 /// Add a node as a learner of every shard; answers once it has caught up (admin). Start the node first

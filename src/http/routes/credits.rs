@@ -146,7 +146,7 @@ pub async fn get_topup(
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let now = Timestamp::now();
-    let not_found = || ApiError::not_found("topup_not_found", "top-up not found");
+    let not_found = ApiError::topup_not_found;
     let topup_id = Uuid::parse_str(&topup_id).ok();
     let topup = read_for_user(&app, &user_id, move |txn, _| match topup_id {
         Some(id) => query::topup(txn, id),
@@ -308,7 +308,7 @@ pub async fn psp_webhook(
         }
         (None, false) => String::new(),
     };
-    let not_found = || ApiError::not_found("topup_not_found", "top-up not found");
+    let not_found = ApiError::topup_not_found;
     let topup_id = Uuid::parse_str(&request.topup_id).map_err(|_| not_found())?;
     let shard = app.node.shard_of_user(&user_id);
     let topup = app

@@ -49,7 +49,7 @@ fn lines(input: Vec<LineInput>) -> Result<Vec<LineRequest>, ApiError> {
 }
 
 fn order_id(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text).map_err(|_| ApiError::not_found("order_not_found", "order not found"))
+    Uuid::parse_str(text).map_err(|_| ApiError::order_not_found())
 }
 
 /// Buy items: the server prices them and holds the total (or, with `complete: true`, debits and grants at
@@ -168,7 +168,7 @@ pub async fn get_order(
             &app.config.currency,
             &order.as_of(now),
         ))),
-        _ => Err(ApiError::not_found("order_not_found", "order not found")),
+        _ => Err(ApiError::order_not_found()),
     }
 }
 

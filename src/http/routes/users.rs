@@ -161,7 +161,7 @@ pub async fn get_idempotency(
         query::idempotency(txn, &user.user_id, &lookup)
     })
     .await?;
-    let not_found = || ApiError::not_found("not_found", "no outcome is stored under this key");
+    let not_found = ApiError::stored_outcome_not_found;
     let record = record.ok_or_else(not_found)?;
     let IdempotencyState::Done(outcome) = &record.state else {
         return Err(not_found());
