@@ -21,7 +21,7 @@ use shopkeep_raft::{Cluster, ClusterConfig, ClusterError};
 pub use shopkeep_raft::rpc::MembershipChange;
 use tokio::sync::Mutex;
 
-use crate::domain::Envelope;
+use crate::domain::{Command, Envelope, IdempotencyTag, Timestamp};
 use crate::state::{Applied, ShardStore, StoreError};
 use replica::{ApplyReply, ShardMachine};
 
@@ -42,10 +42,20 @@ pub enum EngineError {
     /// The replicas could not be opened.
     #[error("cannot open the replicas: {0}")]
     Open(String),
+    /// What the request is about does not exist.
+    #[error("not found: {0:?}")]
+    NotFound(Missing),
     #[error(transparent)]
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What a request looked for and did not find.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    User,
+    Topup,
 }
 
 impl From<ClusterError> for EngineError {
@@ -155,6 +165,23 @@ impl Node {
         let reply: ApplyReply = postcard::from_bytes(&reply)
             .map_err(|e| EngineError::Internal(format!("undecodable reply: {e}")))?;
         reply.map_err(EngineError::Internal)
+    }
+
+    /// Proposes `command`, stamped `now` and tagged with its idempotency key, to `user_id`'s shard.
+    pub async fn propose_for_user(
+        &self,
+        user_id: &str,
+        now: Timestamp,
+        tag: Option<IdempotencyTag>,
+        command: Command,
+    ) -> Result<Applied, EngineError> {
+        let envelope = Envelope {
+            now,
+            seed: coordinator::new_seed(now),
+            idempotency: tag,
+            command,
+        };
+        self.propose(self.shard_of_user(user_id), envelope).await
     }
 
     /// Runs `read` on a consistent snapshot of `shard` that reflects every write acknowledged before

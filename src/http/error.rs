@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::domain::{AmountError, Currency, Rejection};
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Missing};
 
 // The codes the HTTP layer answers with itself, each written once (the business rejections' are
 // `Rejection::code`'s).
@@ -377,6 +377,8 @@ impl From<EngineError> for ApiError {
             .with_details(json!({ "shard": shard })),
             EngineError::Unavailable(reason) => ApiError::unavailable(reason),
             EngineError::Rejected(reason) => ApiError::invalid_state(reason),
+            EngineError::NotFound(Missing::User) => ApiError::user_not_found(),
+            EngineError::NotFound(Missing::Topup) => ApiError::topup_not_found(),
             EngineError::Storage(e) if e.is_disk_full() => ApiError::unavailable(e.to_string()),
             EngineError::Storage(e) => {
                 tracing::error!(error = %e, "storage error");

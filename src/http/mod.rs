@@ -25,8 +25,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::config::Config;
-use crate::domain::{Command, Envelope, Fingerprint, IdempotencyTag, Timestamp};
-use crate::engine::coordinator::new_seed;
+use crate::domain::{Command, Fingerprint, IdempotencyTag, Timestamp};
 use crate::engine::{Consistency, Node};
 use crate::state::Applied;
 use auth::Authenticator;
@@ -71,14 +70,8 @@ impl App {
         tag: Option<IdempotencyTag>,
         command: Command,
     ) -> Result<Applied, ApiError> {
-        let envelope = Envelope {
-            now,
-            seed: new_seed(now),
-            idempotency: tag,
-            command,
-        };
-        let shard = self.node.shard_of_user(user_id);
-        self.bounded(self.node.propose(shard, envelope)).await
+        self.bounded(self.node.propose_for_user(user_id, now, tag, command))
+            .await
     }
 
     /// Waits for an engine operation at most `request_timeout`. A timed-out command may still be applied;

@@ -9,10 +9,11 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use super::{read_for_user, read_user, user_path};
+use super::{read_for_user, user_path};
 use crate::domain::command::PSP_EVENT_SCOPE;
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
-use crate::domain::{Command, RefClaim, Timestamp, TopupStatus};
+use crate::domain::{Command, Timestamp};
+use crate::engine::coordinator::{DirectCredit, PspEvent};
 use crate::http::auth::Caller;
 use crate::http::current_consistency;
 use crate::http::dto::{
@@ -66,30 +67,15 @@ pub async fn create_credit(
     external_ref("external_ref", &request.external_ref)?;
     let source = input::bounded_text("source", request.source, MAX_SOURCE_CHARS)?;
     let now = Timestamp::now();
-    // Users are never deleted: a user seen here exists when the credit applies. Checking first keeps an
-    // unknown user from reserving the external_ref.
-    read_user(&app, &user_id, now).await?;
-    let claim = RefClaim {
-        user_id: user_id.clone(),
-        amount,
-        topup_id: None,
-    };
-    let ref_accepted = app
-        .bounded(
-            app.node
-                .claim_external_ref(format!("credit:{}", request.external_ref), claim),
-        )
-        .await?;
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::Credit {
-        user_id: user_id.clone(),
+    let credit = DirectCredit {
+        user_id,
         amount,
         external_ref: request.external_ref,
         source,
-        ref_accepted,
     };
     let applied = app
-        .submit_for_user(&user_id, now, Some(tag), command)
+        .bounded(app.node.credit(current_consistency(), now, tag, credit))
         .await?;
     Ok(render::applied(&app, &applied))
 }
@@ -308,57 +294,23 @@ pub async fn psp_webhook(
         }
         (None, false) => String::new(),
     };
-    let not_found = ApiError::topup_not_found;
-    let topup_id = Uuid::parse_str(&request.topup_id).map_err(|_| not_found())?;
-    let shard = app.node.shard_of_user(&user_id);
-    let topup = app
-        .bounded(
-            app.node
-                .read_with(current_consistency(), shard, move |txn| {
-                    query::topup(txn, topup_id)
-                }),
-        )
-        .await?;
-    let topup = topup
-        .filter(|t| t.user_id == user_id)
-        .ok_or_else(not_found)?;
-
-    // Reserve the PSP payment id only for an event that can credit this top-up, so a malformed event can
-    // never lock a payment id away from the real one.
-    let can_credit = succeeded
-        && topup.amount == amount
-        && matches!(topup.status, TopupStatus::Pending | TopupStatus::Expired);
-    let ref_accepted = if can_credit {
-        let claim = RefClaim {
-            user_id: user_id.clone(),
-            amount,
-            topup_id: Some(topup_id),
-        };
-        app.bounded(
-            app.node
-                .claim_external_ref(format!("psp:{psp_payment_id}"), claim),
-        )
-        .await?
-    } else {
-        true
-    };
+    let topup_id = Uuid::parse_str(&request.topup_id).map_err(|_| ApiError::topup_not_found())?;
     let tag = app.tag(
         PSP_EVENT_SCOPE,
         request.event_id.clone(),
         post.fingerprint(),
         now,
     );
-    let command = Command::PspPayment {
+    let event = PspEvent {
         event_id: request.event_id,
         succeeded,
         topup_id,
-        user_id: user_id.clone(),
+        user_id,
         amount,
         psp_payment_id,
-        ref_accepted,
     };
     let applied = app
-        .submit_for_user(&user_id, now, Some(tag), command)
+        .bounded(app.node.psp_payment(current_consistency(), now, tag, event))
         .await?;
     Ok(render::applied(&app, &applied))
 }

@@ -4,10 +4,9 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::{read_for_user, read_user, user_path};
-use crate::domain::command::{GLOBAL_INNER_SCOPE, IdempotencyTag};
 use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
-use crate::domain::{Command, Envelope, Outcome, Reply, Timestamp};
-use crate::engine::coordinator::new_seed;
+use crate::domain::{Command, Outcome, Reply, Timestamp};
+use crate::engine::coordinator::{GlobalKey, NewUser};
 use crate::http::auth::{Caller, MAX_TOKEN_TTL_SECONDS};
 use crate::http::dto::{
     self, CreateTokenRequest, CreateUserRequest, IdempotencyResponse, TokenResponse, UserResponse,
@@ -46,30 +45,16 @@ pub async fn create_user(
     let display_name =
         input::bounded_text("display_name", request.display_name, MAX_DISPLAY_NAME_CHARS)?;
     let now = Timestamp::now();
-    let seed = new_seed(now);
-    let user_id = user_id.unwrap_or_else(|| seed.derive(0).to_string());
-    let fingerprint = post.fingerprint();
-    let expires_at = now.plus(app.config.idempotency_ttl);
-    let inner = Envelope {
-        now,
-        seed,
-        idempotency: Some(IdempotencyTag {
-            scope: GLOBAL_INNER_SCOPE.to_owned(),
-            key: key.clone(),
-            fingerprint,
-            expires_at,
-        }),
-        command: Command::CreateUser {
-            user_id,
-            display_name,
-        },
+    let global = GlobalKey {
+        key,
+        fingerprint: post.fingerprint(),
+        expires_at: now.plus(app.config.idempotency_ttl),
     };
-    let applied = app
-        .bounded(
-            app.node
-                .propose_with_global_key(&key, fingerprint, expires_at, inner),
-        )
-        .await?;
+    let user = NewUser {
+        user_id,
+        display_name,
+    };
+    let applied = app.bounded(app.node.create_user(now, global, user)).await?;
     Ok(render::applied(&app, &applied))
 }
 
