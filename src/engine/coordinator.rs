@@ -14,15 +14,15 @@ use uuid::Uuid;
 
 use crate::domain::command::GLOBAL_INNER_SCOPE;
 use crate::domain::{
-    Command, Envelope, Fingerprint, GlobalClaim, IdSeed, IdempotencyTag, ItemSpec, Money, Outcome,
-    RefClaim, Reply, Timestamp, Topup, TopupStatus,
+    Command, Envelope, Fingerprint, GlobalClaim, IdSeed, IdempotencyTag, ItemSpec, Money, RefClaim,
+    Reply, Timestamp, Topup, TopupStatus,
 };
 use crate::state::{Applied, query};
 
 use super::{Consistency, EngineError, Missing, Node};
 
 /// The shard whose catalog copy is the source of truth for versions.
-pub const CATALOG_HOME_SHARD: u32 = 0;
+pub(super) const CATALOG_HOME_SHARD: u32 = 0;
 
 /// A user to create (`POST /v1/users`), checked.
 pub struct NewUser {
@@ -141,7 +141,7 @@ impl Node {
         } = credit;
         // Users are never deleted: a user seen here exists when the credit applies. Checking first keeps an
         // unknown user from reserving the external_ref.
-        self.require_user(consistency, &user_id, now).await?;
+        self.user(consistency, &user_id, now).await?;
         let claim = RefClaim {
             user_id: user_id.clone(),
             amount,
@@ -171,7 +171,7 @@ impl Node {
     ) -> Result<Applied, EngineError> {
         let topup_id = event.topup_id;
         let topup = self
-            .read_with(
+            .read(
                 consistency,
                 self.shard_of_user(&event.user_id),
                 move |txn| query::topup(txn, topup_id),
@@ -209,28 +209,6 @@ impl Node {
         };
         self.propose_for_user(&user_id, now, Some(tag), command)
             .await
-    }
-
-    /// `Err(NotFound(User))` unless `user_id` exists. Read with its wallet as of `now`, as every read of a
-    /// user is.
-    async fn require_user(
-        &self,
-        consistency: Consistency,
-        user_id: &str,
-        now: Timestamp,
-    ) -> Result<(), EngineError> {
-        let id = user_id.to_owned();
-        let found = self
-            .read_with(
-                consistency,
-                self.shard_of_user(user_id),
-                move |txn| match query::user(txn, &id)? {
-                    Some(user) => query::wallet_at(txn, &user, now).map(Some),
-                    None => Ok(None),
-                },
-            )
-            .await?;
-        found.map(drop).ok_or(EngineError::NotFound(Missing::User))
     }
 
     /// Runs `inner` (a per-user command) under a global idempotency key: claim, run, settle.
@@ -311,7 +289,7 @@ impl Node {
     }
 
     /// Creates or replaces an item on every shard. The outcome is the home shard's.
-    pub async fn put_item(&self, spec: ItemSpec) -> Result<Outcome, EngineError> {
+    pub async fn put_item(&self, spec: ItemSpec) -> Result<Applied, EngineError> {
         let _serialised = self.catalog_lock.lock().await;
         let home = self
             .propose(
@@ -325,7 +303,7 @@ impl Node {
         let item = match &home.outcome {
             Ok(Reply::Item(item)) => item.clone(),
             Ok(other) => return Err(unexpected(other)),
-            Err(_) => return Ok(home.outcome),
+            Err(_) => return Ok(home),
         };
         for shard in (0..self.shard_count()).filter(|&s| s != CATALOG_HOME_SHARD) {
             let copy = Command::PutItem {
@@ -334,17 +312,21 @@ impl Node {
             };
             self.propose(shard, system_envelope(copy)).await?;
         }
-        Ok(home.outcome)
+        Ok(home)
     }
 
     /// Brings every shard's catalog up to the home shard's (after a crash between the home write and the
     /// copies). Returns how many copies it wrote.
     pub async fn repair_catalog(&self) -> Result<usize, EngineError> {
         let _serialised = self.catalog_lock.lock().await;
-        let truth = self.read(CATALOG_HOME_SHARD, query::items).await?;
+        let truth = self
+            .read(Consistency::Linearizable, CATALOG_HOME_SHARD, query::items)
+            .await?;
         let mut repaired = 0;
         for shard in (0..self.shard_count()).filter(|&s| s != CATALOG_HOME_SHARD) {
-            let copy = self.read(shard, query::items).await?;
+            let copy = self
+                .read(Consistency::Linearizable, shard, query::items)
+                .await?;
             for item in &truth {
                 let current = copy.iter().find(|c| c.spec.item_id == item.spec.item_id);
                 if current.is_none_or(|c| c.version < item.version) {

@@ -3,12 +3,17 @@
 //! A user's every row lives on shard `hash(user_id) mod S` (a fixed-key xxh3, stable across builds and
 //! machines), so every per-user command is one local transaction on one shard. Each shard is a Raft
 //! group (`shopkeep_raft`): a command is proposed to the shard's leader (from any node), committed on a
-//! majority and applied by every replica (`replica`). Reads wait for a read barrier (leader + read
-//! index) and then read this node's replica. The few operations that span shards (global idempotency
-//! keys, globally unique external references, the catalog) are sequences of idempotent single-shard
-//! commands, in `coordinator`.
+//! majority and applied by every replica (`replica`). Reads (`reads`) wait for a read barrier (leader +
+//! read index) unless the caller asks for this node's replica as it is (`Consistency::Local`), then read
+//! this node's replica. The few operations that span shards (global idempotency keys, globally unique
+//! external references, the catalog) are sequences of idempotent single-shard commands, in
+//! `coordinator`.
+//!
+//! This is the HTTP layer's only door to the shop: what it needs of `state` comes through here (the
+//! re-exports below are part of the engine's API).
 
 pub mod coordinator;
+pub mod reads;
 pub mod replica;
 pub mod sweeper;
 
@@ -18,11 +23,14 @@ use std::sync::Arc;
 use redb::ReadTransaction;
 use shopkeep_raft::{Cluster, ClusterConfig, ClusterError};
 
+pub use crate::state::Applied;
+pub use crate::state::audit::ShardAudit;
+pub use crate::state::query::OrderCursor;
 pub use shopkeep_raft::rpc::MembershipChange;
 use tokio::sync::Mutex;
 
 use crate::domain::{Command, Envelope, IdempotencyTag, Timestamp};
-use crate::state::{Applied, ShardStore, StoreError};
+use crate::state::{ShardStore, StoreError};
 use replica::{ApplyReply, ShardMachine};
 
 /// Engine failures, as the HTTP layer sees them. The replication layer's (`ClusterError`) keep their
@@ -55,7 +63,13 @@ pub enum EngineError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Missing {
     User,
+    Item {
+        item_id: String,
+    },
+    Order,
     Topup,
+    /// No outcome is stored under an idempotency key.
+    StoredOutcome,
 }
 
 impl From<ClusterError> for EngineError {
@@ -184,17 +198,10 @@ impl Node {
         self.propose(self.shard_of_user(user_id), envelope).await
     }
 
-    /// Runs `read` on a consistent snapshot of `shard` that reflects every write acknowledged before
-    /// the call (linearizable), off the async workers (redb is blocking).
-    pub async fn read<T, F>(&self, shard: u32, read: F) -> Result<T, EngineError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
-    {
-        self.read_with(Consistency::Linearizable, shard, read).await
-    }
-
-    pub async fn read_with<T, F>(
+    /// Runs `read` on a consistent snapshot of `shard`, off the async workers (redb is blocking). A
+    /// `Linearizable` read reflects every write acknowledged before the call; a `Local` one this node's
+    /// replica as it is.
+    pub(in crate::engine) async fn read<T, F>(
         &self,
         consistency: Consistency,
         shard: u32,

@@ -112,7 +112,7 @@ pub async fn sweep_shard(
     loop {
         let now = Timestamp::now();
         if !node
-            .read_with(Consistency::Local, shard, move |txn| {
+            .read(Consistency::Local, shard, move |txn| {
                 query::sweep_due(txn, now, topup_retention)
             })
             .await?

@@ -377,8 +377,7 @@ impl From<EngineError> for ApiError {
             .with_details(json!({ "shard": shard })),
             EngineError::Unavailable(reason) => ApiError::unavailable(reason),
             EngineError::Rejected(reason) => ApiError::invalid_state(reason),
-            EngineError::NotFound(Missing::User) => ApiError::user_not_found(),
-            EngineError::NotFound(Missing::Topup) => ApiError::topup_not_found(),
+            EngineError::NotFound(missing) => ApiError::not_found(missing),
             EngineError::Storage(e) if e.is_disk_full() => ApiError::unavailable(e.to_string()),
             EngineError::Storage(e) => {
                 tracing::error!(error = %e, "storage error");
@@ -390,6 +389,18 @@ impl From<EngineError> for ApiError {
                     "internal error; retry with the same Idempotency-Key to learn the outcome",
                 )
             }
+        }
+    }
+}
+
+impl ApiError {
+    fn not_found(missing: Missing) -> ApiError {
+        match missing {
+            Missing::User => ApiError::user_not_found(),
+            Missing::Item { item_id } => ApiError::item_not_found(&item_id),
+            Missing::Order => ApiError::order_not_found(),
+            Missing::Topup => ApiError::topup_not_found(),
+            Missing::StoredOutcome => ApiError::stored_outcome_not_found(),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use crate::domain::{Currency, Fingerprint, Money, ids};
+use crate::engine::Consistency;
 
 mod strict_json;
 
@@ -28,6 +30,21 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct PathParams<T>(pub T);
+
+/// How fresh the reads of a request must be: `?consistency=linearizable` (the default) or `local`,
+/// checked for every request by the `read_consistency` middleware, which hands it over here.
+pub struct ReadConsistency(pub Consistency);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReadConsistency {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<ReadConsistency, ApiError> {
+        let consistency = parts.extensions.get::<Consistency>().copied();
+        Ok(ReadConsistency(
+            consistency.unwrap_or(Consistency::Linearizable),
+        ))
+    }
+}
 
 /// The raw body of a request, at most `MAX_BODY_BYTES`.
 pub struct Body(pub Bytes);

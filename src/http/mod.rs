@@ -26,8 +26,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use crate::config::Config;
 use crate::domain::{Command, Fingerprint, IdempotencyTag, Timestamp};
-use crate::engine::{Consistency, Node};
-use crate::state::Applied;
+use crate::engine::{Applied, Consistency, Node};
 use auth::Authenticator;
 use error::ApiError;
 use shopkeep_raft::auth::NodeAuth;
@@ -175,20 +174,9 @@ async fn set_body_deadline(
     next.run(request).await
 }
 
-tokio::task_local! {
-    /// The read consistency the current request asked for (`?consistency=`).
-    static READ_CONSISTENCY: Consistency;
-}
-
-/// The consistency reads of the current request use: linearizable unless it said `?consistency=local`.
-pub fn current_consistency() -> Consistency {
-    READ_CONSISTENCY
-        .try_with(|c| *c)
-        .unwrap_or(Consistency::Linearizable)
-}
-
-/// Reads `?consistency=linearizable|local` once for the whole request (400 for anything else).
-async fn read_consistency(request: Request, next: Next) -> Response {
+/// Reads `?consistency=linearizable|local` once for every request (400 for anything else) and hands it
+/// to the handlers that read (`input::ReadConsistency`).
+async fn read_consistency(mut request: Request, next: Next) -> Response {
     let pairs = match input::query_pairs(request.uri().query()) {
         Ok(pairs) => pairs,
         Err(error) => return error.into_response(),
@@ -201,7 +189,8 @@ async fn read_consistency(request: Request, next: Next) -> Response {
                 .into_response();
         }
     };
-    READ_CONSISTENCY.scope(consistency, next.run(request)).await
+    request.extensions_mut().insert(consistency);
+    next.run(request).await
 }
 
 /// How many requests may be handled at once: the API's, and the PSP webhook's apart (it is answered

@@ -11,7 +11,7 @@ use super::App;
 use super::dto;
 use super::error::ApiError;
 use crate::domain::{Outcome, Reply};
-use crate::state::Applied;
+use crate::engine::Applied;
 
 pub struct Rendered {
     pub status: StatusCode,

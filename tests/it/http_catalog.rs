@@ -2,6 +2,7 @@
 
 use serde_json::json;
 
+use crate::cluster_harness::CLUSTER_SECRET;
 use crate::harness::*;
 
 #[tokio::test]
@@ -99,6 +100,37 @@ async fn unknown_item_is_item_not_found() {
     srv.get("/v1/items/nope", Auth::Service)
         .await
         .expect_error(404, "item_not_found");
+}
+
+/// `?consistency=local` reads this node's replica as it is, without a read barrier, on one item as on the
+/// whole catalog. Shown on a member of a cluster that never formed (its peers do not answer, so no shard
+/// has a leader and no barrier can pass): a local read answers from the empty replica, a linearizable
+/// one is 503.
+#[tokio::test]
+async fn one_item_is_read_locally_with_consistency_local() {
+    let srv = Server::start_with(
+        Opts::new()
+            .shards(1)
+            .env("SHOPKEEP_NODE_ID", "1")
+            .env(
+                "SHOPKEEP_PEERS",
+                "1=127.0.0.1:1,2=127.0.0.1:1,3=127.0.0.1:1",
+            )
+            .env("SHOPKEEP_CLUSTER_SECRET", CLUSTER_SECRET)
+            .env("SHOPKEEP_REQUEST_TIMEOUT", "1s"),
+    )
+    .await;
+    let all = srv
+        .get("/v1/items?consistency=local", Auth::Service)
+        .await
+        .expect(200);
+    assert_eq!(all, json!({"items": []}));
+    srv.get("/v1/items/gems?consistency=local", Auth::Service)
+        .await
+        .expect_error(404, "item_not_found");
+    srv.get("/v1/items/gems", Auth::Service)
+        .await
+        .expect_error(503, "unavailable");
 }
 
 #[tokio::test]

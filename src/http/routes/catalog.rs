@@ -5,14 +5,11 @@ use axum::response::Response;
 
 use crate::domain::model::{MAX_ITEM_NAME_CHARS, MAX_REFUND_WINDOW_DAYS};
 use crate::domain::{ItemKind, ItemSpec};
-use crate::engine::coordinator::CATALOG_HOME_SHARD;
 use crate::http::auth::Caller;
-use crate::http::current_consistency;
 use crate::http::dto::{self, ItemResponse, ItemsResponse, PutItemRequest};
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, Body, PathParams};
+use crate::http::input::{self, AmountRule, Body, PathParams, ReadConsistency};
 use crate::http::{AppState, render};
-use crate::state::{Applied, query};
 
 const DEFAULT_REFUND_WINDOW_DAYS: u32 = 14;
 
@@ -65,14 +62,8 @@ pub async fn put_item(
         active: request.active.unwrap_or(true),
         refund_window_days,
     };
-    let outcome = app.bounded(app.node.put_item(spec)).await?;
-    Ok(render::applied(
-        &app,
-        &Applied {
-            outcome,
-            replayed: false,
-        },
-    ))
+    let applied = app.bounded(app.node.put_item(spec)).await?;
+    Ok(render::applied(&app, &applied))
 }
 
 /// One item (any role).
@@ -83,17 +74,11 @@ pub async fn put_item(
 pub async fn get_item(
     State(app): State<AppState>,
     _caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams(item_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let item_id = input::client_id("item_id", &item_id)?;
-    let id = item_id.clone();
-    let item = app
-        .bounded(
-            app.node
-                .read(CATALOG_HOME_SHARD, move |txn| query::item(txn, &id)),
-        )
-        .await?;
-    let item = item.ok_or_else(|| ApiError::item_not_found(&item_id))?;
+    let item = app.bounded(app.node.item(consistency, &item_id)).await?;
     Ok(render::ok(&dto::item(&app.config.currency, &item)))
 }
 
@@ -104,13 +89,9 @@ pub async fn get_item(
 pub async fn list_items(
     State(app): State<AppState>,
     _caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
 ) -> Result<Response, ApiError> {
-    let items = app
-        .bounded(
-            app.node
-                .read_with(current_consistency(), CATALOG_HOME_SHARD, query::items),
-        )
-        .await?;
+    let items = app.bounded(app.node.items(consistency)).await?;
     let currency = &app.config.currency;
     Ok(render::ok(&ItemsResponse {
         items: items.iter().map(|i| dto::item(currency, i)).collect(),

@@ -9,20 +9,18 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use super::{read_for_user, user_path};
+use super::user_path;
 use crate::domain::command::PSP_EVENT_SCOPE;
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
 use crate::domain::{Command, Timestamp};
 use crate::engine::coordinator::{DirectCredit, PspEvent};
 use crate::http::auth::Caller;
-use crate::http::current_consistency;
 use crate::http::dto::{
     self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, PathParams, Post};
+use crate::http::input::{self, AmountRule, PathParams, Post, ReadConsistency};
 use crate::http::{AppState, render};
-use crate::state::query;
 
 /// How far a webhook's signed timestamp may be from now.
 const WEBHOOK_TOLERANCE_SECONDS: u64 = 300;
@@ -51,6 +49,7 @@ fn external_ref(field: &str, value: &str) -> Result<(), ApiError> {
 pub async fn create_credit(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams(user_id): PathParams<String>,
     post: Post,
 ) -> Result<Response, ApiError> {
@@ -75,7 +74,7 @@ pub async fn create_credit(
         source,
     };
     let applied = app
-        .bounded(app.node.credit(current_consistency(), now, tag, credit))
+        .bounded(app.node.credit(consistency, now, tag, credit))
         .await?;
     Ok(render::applied(&app, &applied))
 }
@@ -128,24 +127,16 @@ pub async fn create_topup(
 pub async fn get_topup(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams((user_id, topup_id)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let now = Timestamp::now();
-    let not_found = ApiError::topup_not_found;
     let topup_id = Uuid::parse_str(&topup_id).ok();
-    let topup = read_for_user(&app, &user_id, move |txn, _| match topup_id {
-        Some(id) => query::topup(txn, id),
-        None => Ok(None),
-    })
-    .await?;
-    match topup {
-        Some(topup) if topup.user_id == user_id => Ok(render::ok(&dto::topup(
-            &app.config.currency,
-            &topup.as_of(now),
-        ))),
-        _ => Err(not_found()),
-    }
+    let read = app
+        .node
+        .topup(consistency, &user_id, topup_id, Timestamp::now());
+    let topup = app.bounded(read).await?;
+    Ok(render::ok(&dto::topup(&app.config.currency, &topup)))
 }
 
 /// The longest `Psp-Signature` header accepted.
@@ -254,6 +245,7 @@ impl PspSignature {
     ))]
 pub async fn psp_webhook(
     State(app): State<AppState>,
+    ReadConsistency(consistency): ReadConsistency,
     request: Request,
 ) -> Result<Response, ApiError> {
     let now = Timestamp::now();
@@ -310,7 +302,7 @@ pub async fn psp_webhook(
         psp_payment_id,
     };
     let applied = app
-        .bounded(app.node.psp_payment(current_consistency(), now, tag, event))
+        .bounded(app.node.psp_payment(consistency, now, tag, event))
         .await?;
     Ok(render::applied(&app, &applied))
 }

@@ -3,16 +3,15 @@
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
 
-use super::{read_for_user, user_path};
+use super::user_path;
 use crate::domain::{Command, Timestamp};
 use crate::http::auth::Caller;
 use crate::http::dto::{
     self, ConsumeRequest, EntitlementResponse, EntitlementsResponse, LedgerPage,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, PathParams, Post};
+use crate::http::input::{self, PathParams, Post, ReadConsistency};
 use crate::http::{AppState, render};
-use crate::state::query;
 
 /// Most units one consume call may spend.
 pub(super) const MAX_CONSUME_QUANTITY: u32 = 1_000_000;
@@ -27,13 +26,13 @@ const MAX_LEDGER_PAGE: usize = 100;
 pub async fn list_entitlements(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let list = read_for_user(&app, &user_id, |txn, user| {
-        query::entitlements(txn, &user.user_id)
-    })
-    .await?;
+    let list = app
+        .bounded(app.node.entitlements(consistency, &user_id))
+        .await?;
     Ok(render::ok(&EntitlementsResponse {
         entitlements: list.iter().map(dto::entitlement).collect(),
     }))
@@ -90,6 +89,7 @@ pub async fn consume(
 pub async fn ledger(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams(user_id): PathParams<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -103,10 +103,8 @@ pub async fn ledger(
         })
         .transpose()?
         .unwrap_or(0);
-    let (entries, next) = read_for_user(&app, &user_id, move |txn, user| {
-        query::ledger_page(txn, &user.user_id, after, limit)
-    })
-    .await?;
+    let read = app.node.ledger_page(consistency, &user_id, after, limit);
+    let (entries, next) = app.bounded(read).await?;
     let currency = &app.config.currency;
     Ok(render::ok(&LedgerPage {
         entries: entries

@@ -17,13 +17,10 @@ use utoipa_axum::routes;
 
 pub use doc::finish as finish_document;
 
+use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::input;
-use super::{AppState, current_consistency};
-use crate::domain::{Timestamp, User, WalletView};
-use crate::state::{StoreError, query};
-use redb::ReadTransaction;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -96,38 +93,4 @@ pub fn api() -> OpenApiRouter<AppState> {
 fn user_path(caller: &Caller, user_id: &str) -> Result<String, ApiError> {
     caller.require_user_access(user_id)?;
     input::client_id("user_id", user_id)
-}
-
-/// Runs `read` on `user_id`'s shard in one snapshot, after checking there that the user exists (404
-/// `user_not_found` otherwise): one read per request, and the check and the data agree.
-async fn read_for_user<T, F>(app: &AppState, user_id: &str, read: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: FnOnce(&ReadTransaction, &User) -> Result<T, StoreError> + Send + 'static,
-{
-    let shard = app.node.shard_of_user(user_id);
-    let id = user_id.to_owned();
-    let found =
-        app.bounded(app.node.read_with(
-            current_consistency(),
-            shard,
-            move |txn| match query::user(txn, &id)? {
-                Some(user) => read(txn, &user).map(Some),
-                None => Ok(None),
-            },
-        ))
-        .await?;
-    found.ok_or_else(ApiError::user_not_found)
-}
-
-/// Reads a user and its wallet as of `now`; 404 `user_not_found` if there is no such user.
-async fn read_user(
-    app: &AppState,
-    user_id: &str,
-    now: Timestamp,
-) -> Result<(User, WalletView), ApiError> {
-    read_for_user(app, user_id, move |txn, user| {
-        Ok((user.clone(), query::wallet_at(txn, user, now)?))
-    })
-    .await
 }

@@ -5,28 +5,26 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::http::auth::Caller;
-use crate::http::current_consistency;
 use crate::http::dto::{AuditResponse, ShardAuditResponse, StatusResponse};
 use crate::http::error::{ApiError, ErrorBody};
+use crate::http::input::ReadConsistency;
 use crate::http::{AppState, render, status};
-use crate::state::audit as shard_audit;
 
 /// Recompute every invariant on every shard (admin).
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
     responses((status = 200, description = "One report per shard; `ok` when no shard has a violation", body = AuditResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+pub async fn audit(
+    State(app): State<AppState>,
+    caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
+) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let mut shards = Vec::with_capacity(app.node.shard_count() as usize);
-    for shard in 0..app.node.shard_count() {
-        // The audit reads whole shards: no request timeout applies.
-        let report = app
-            .node
-            .read_with(current_consistency(), shard, move |txn| {
-                shard_audit::audit(txn, shard)
-            })
-            .await?;
-        shards.push(ShardAuditResponse {
+    // The audit reads whole shards: no request timeout applies.
+    let reports = app.node.audit(consistency).await?;
+    let shards: Vec<ShardAuditResponse> = reports
+        .into_iter()
+        .map(|report| ShardAuditResponse {
             shard: report.shard,
             last_applied: report.last_applied,
             users: report.users,
@@ -34,8 +32,8 @@ pub async fn audit(State(app): State<AppState>, caller: Caller) -> Result<Respon
             postings: report.postings,
             state_hash: report.state_hash,
             violations: report.violations,
-        });
-    }
+        })
+        .collect();
     let ok = shards.iter().all(|s| s.violations.is_empty());
     if !ok {
         tracing::error!("audit found violations");

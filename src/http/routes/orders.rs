@@ -4,18 +4,18 @@ use axum::extract::{RawQuery, State};
 use axum::response::Response;
 use uuid::Uuid;
 
-use super::{read_for_user, user_path};
+use super::user_path;
 use crate::domain::model::{MAX_LINES, MAX_QUANTITY, MAX_REASON_CHARS};
 use crate::domain::{Command, LineRequest, OrderStatus, Timestamp};
+use crate::engine::OrderCursor;
 use crate::http::auth::Caller;
 use crate::http::dto::{
     self, CreateOrderRequest, EmptyRequest, LineInput, OrderResponse, OrdersPage, RefundRequest,
     RefundResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, AmountRule, PathParams, Post};
+use crate::http::input::{self, AmountRule, PathParams, Post, ReadConsistency};
 use crate::http::{AppState, render};
-use crate::state::query;
 
 const DEFAULT_PAGE: usize = 20;
 const MAX_PAGE: usize = 100;
@@ -113,6 +113,7 @@ pub async fn create_order(
 pub async fn list_orders(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams(user_id): PathParams<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -128,11 +129,15 @@ pub async fn list_orders(
     let cursor = input::param(&pairs, "cursor")
         .map(|c| parse_order_cursor(c).ok_or_else(|| ApiError::invalid_request("invalid cursor")))
         .transpose()?;
-    let now = Timestamp::now();
-    let (orders, next) = read_for_user(&app, &user_id, move |txn, user| {
-        query::orders_page(txn, &user.user_id, status, limit, cursor, now)
-    })
-    .await?;
+    let read = app.node.orders_page(
+        consistency,
+        &user_id,
+        status,
+        limit,
+        cursor,
+        Timestamp::now(),
+    );
+    let (orders, next) = app.bounded(read).await?;
     let currency = &app.config.currency;
     Ok(render::ok(&OrdersPage {
         orders: orders.iter().map(|o| dto::order(currency, o)).collect(),
@@ -140,7 +145,7 @@ pub async fn list_orders(
     }))
 }
 
-fn parse_order_cursor(cursor: &str) -> Option<query::OrderCursor> {
+fn parse_order_cursor(cursor: &str) -> Option<OrderCursor> {
     let (created, id) = cursor.split_once('_')?;
     Some((created.parse().ok()?, Uuid::parse_str(id).ok()?.as_u128()))
 }
@@ -153,23 +158,16 @@ fn parse_order_cursor(cursor: &str) -> Option<query::OrderCursor> {
 pub async fn get_order(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams((user_id, order_id_text)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let now = Timestamp::now();
-    let id = Uuid::parse_str(&order_id_text).ok();
-    let order = read_for_user(&app, &user_id, move |txn, _| match id {
-        Some(id) => query::order(txn, id),
-        None => Ok(None),
-    })
-    .await?;
-    match order {
-        Some(order) if order.user_id == user_id => Ok(render::ok(&dto::order(
-            &app.config.currency,
-            &order.as_of(now),
-        ))),
-        _ => Err(ApiError::order_not_found()),
-    }
+    let order_id = Uuid::parse_str(&order_id_text).ok();
+    let read = app
+        .node
+        .order(consistency, &user_id, order_id, Timestamp::now());
+    let order = app.bounded(read).await?;
+    Ok(render::ok(&dto::order(&app.config.currency, &order)))
 }
 
 async fn order_transition(

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::response::Response;
 
-use super::{read_for_user, read_user, user_path};
+use super::user_path;
 use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
 use crate::domain::{Command, Outcome, Reply, Timestamp};
 use crate::engine::coordinator::{GlobalKey, NewUser};
@@ -13,10 +13,8 @@ use crate::http::dto::{
     WalletResponse,
 };
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::input::{self, PathParams, Post};
+use crate::http::input::{self, PathParams, Post, ReadConsistency};
 use crate::http::{AppState, render};
-use crate::state::IdempotencyState;
-use crate::state::query;
 
 const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3_600;
 
@@ -66,10 +64,12 @@ pub async fn create_user(
 pub async fn get_user(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let (user, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
+    let read = app.node.user(consistency, &user_id, Timestamp::now());
+    let (user, wallet) = app.bounded(read).await?;
     Ok(render::ok(&dto::user(&app.config.currency, &user, &wallet)))
 }
 
@@ -81,10 +81,12 @@ pub async fn get_user(
 pub async fn get_wallet(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams(user_id): PathParams<String>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
-    let (_, wallet) = read_user(&app, &user_id, Timestamp::now()).await?;
+    let read = app.node.user(consistency, &user_id, Timestamp::now());
+    let (_, wallet) = app.bounded(read).await?;
     Ok(render::ok(&dto::wallet(&app.config.currency, &wallet)))
 }
 
@@ -137,24 +139,18 @@ pub async fn create_token(
 pub async fn get_idempotency(
     State(app): State<AppState>,
     caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
     PathParams((user_id, key)): PathParams<(String, String)>,
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let key = input::idempotency_key_text(&key)?;
-    let lookup = key.clone();
-    let record = read_for_user(&app, &user_id, move |txn, user| {
-        query::idempotency(txn, &user.user_id, &lookup)
-    })
-    .await?;
-    let not_found = ApiError::stored_outcome_not_found;
-    let record = record.ok_or_else(not_found)?;
-    let IdempotencyState::Done(outcome) = &record.state else {
-        return Err(not_found());
-    };
-    if hidden_from(&caller, outcome) {
-        return Err(not_found());
+    let record = app
+        .bounded(app.node.stored_outcome(consistency, &user_id, &key))
+        .await?;
+    if hidden_from(&caller, &record.outcome) {
+        return Err(ApiError::stored_outcome_not_found());
     }
-    let rendered = render::outcome(&app, outcome);
+    let rendered = render::outcome(&app, &record.outcome);
     let body =
         serde_json::from_slice(&rendered.body).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(render::ok(&IdempotencyResponse {
