@@ -1,9 +1,11 @@
 //! The HTTP API: the router, shared request plumbing, and the server's life cycle.
 //!
-//! Requests are checked (`input`, `auth`), turned into commands, proposed to the user's shard through the
-//! engine, and answered by rendering the outcome (`render`). Errors have one shape (`error`). The OpenAPI
-//! document is generated from the same handler annotations that register the routes, so it cannot
-//! describe a route the server does not have.
+//! Requests are checked (`input`, `auth`), handed to the engine (one engine method per request: a command
+//! for the user's shard, a cross-shard sequence, or a read at the consistency the request asked for), and
+//! answered by rendering the outcome (`render`). The engine is the only way to the shop: nothing here
+//! touches `state` or its files. Errors have one shape and get their status in one place (`error`).
+//! The OpenAPI document is generated from the same handler annotations that register the routes, so it
+//! cannot describe a route the server does not have.
 
 pub mod auth;
 pub mod dto;

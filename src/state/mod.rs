@@ -9,7 +9,7 @@
 //! A full disk: a write refused for want of space leaves redb's `Database` unusable (`PreviousIo`), so
 //! the store closes it and reopens the file at the next use; the file then holds its last durable
 //! commit, which may be older than what was applied. Until a write succeeds again (the replication
-//! layer first re-applies what was lost, `shopkeep_raft::state_machine`), reads of the shard are
+//! layer first re-applies what was lost, `raft/src/state_machine.rs`), reads of the shard are
 //! refused (`StoreError::is_disk_full`): they would see the past. Every other I/O error stops the
 //! process (`shopkeep_faults::disk`).
 
@@ -243,7 +243,7 @@ impl ShardStore {
     /// The commit is durable (fsync) only when the last durable one is older than `DURABLE_EVERY`:
     /// every entry is durable in the Raft log before it is applied, and the marker rolls back with the
     /// state, so a crash only makes the shard re-apply entries the log still holds (the argument is in
-    /// `shopkeep_raft::state_machine`). `sync` makes everything durable before a snapshot.
+    /// `raft/src/state_machine.rs`). `sync` makes everything durable before a snapshot.
     pub fn apply_entries(
         &self,
         entries: &[(u64, Option<&Envelope>)],
