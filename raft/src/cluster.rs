@@ -219,6 +219,40 @@ fn fatal<E: std::fmt::Display>(error: E) -> Refusal {
     Refusal::Unavailable(format!("the shard's replica stopped: {error}"))
 }
 
+/// A shard whose state holds less than its log was purged past (its file was set aside as corrupt, or
+/// lost) cannot catch up from its own log. In a cluster its log is forgotten too, so it opens as
+/// pristine and rebuilds from its peers (`rebuild`), its snapshot set aside with it (a snapshot ahead of
+/// an empty log is no state openraft accepts); on a single node the start stops.
+async fn reset_if_behind<S: ReplicatedState>(
+    log_db: &LogDb,
+    shard: u32,
+    state: &S,
+    snapshot_dir: &std::path::Path,
+    clustered: bool,
+) -> Result<(), ClusterError> {
+    let open_error = |e: &dyn std::fmt::Display| ClusterError::Open(format!("shard {shard}: {e}"));
+    let applied = crate::state_machine::applied_index(state).map_err(|e| open_error(&e))?;
+    let purged = log_db.last_purged(shard).map_err(|e| open_error(&e))?;
+    let Some(purged) = purged.filter(|purged| purged.index > applied) else {
+        return Ok(());
+    };
+    let what = format!(
+        "shard {shard}'s state ({}) holds entries up to {applied} but its log starts after {}",
+        state.location().display(),
+        purged.index
+    );
+    if !clustered {
+        return Err(ClusterError::Open(format!(
+            "{what}. {}",
+            crate::integrity::restore_advice(&state.location())
+        )));
+    }
+    tracing::error!("{what}: the shard's log is reset and it rebuilds from its peers");
+    crate::integrity::quarantine(snapshot_dir, &[snapshot_dir.join("current.snap")])
+        .map_err(|e| open_error(&e))?;
+    log_db.reset_shard(shard).await.map_err(|e| open_error(&e))
+}
+
 impl Cluster {
     /// Opens the node's log, one Raft group per shard on `states` (index = shard), and the network.
     pub async fn open<S: ReplicatedState>(
@@ -230,7 +264,7 @@ impl Cluster {
             config.peers.contains_key(&config.node_id),
             "the peers include this node"
         );
-        let log_path = config.data_dir.join("raft-log.redb");
+        let log_path = crate::integrity::log_path(&config.data_dir);
         let health = Arc::new(DiskHealth::new());
         let log_health = health.clone();
         let log_db = tokio::task::spawn_blocking(move || {
@@ -250,20 +284,31 @@ impl Cluster {
         let mut replicas = Vec::with_capacity(states.len());
         let mut queues = Vec::with_capacity(states.len());
         for (shard, state) in (0u32..).zip(states) {
+            let snapshot_dir = config
+                .data_dir
+                .join(crate::integrity::SNAPSHOT_DIR)
+                .join(format!("shard-{shard:03}"));
+            let clustered = config.peers.len() > 1;
+            reset_if_behind(&log_db, shard, &*state, &snapshot_dir, clustered).await?;
             // the log is purged only up to what the state machine holds durably
             let gate = PurgeGate::new();
             let log = log_db
                 .shard(shard)
                 .map_err(|e| ClusterError::Open(e.to_string()))?
                 .with_purge_gate(gate.clone());
-            let snapshot_dir = config
-                .data_dir
-                .join("snapshots")
-                .join(format!("shard-{shard:03}"));
-            let machine = StateMachineStore::new(state, snapshot_dir)
+            let mut machine = StateMachineStore::new(state, snapshot_dir)
                 .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?
                 .with_purge_gate(gate)
                 .with_disk(health.clone(), log.clone());
+            if machine.lost_snapshot() {
+                use openraft::{RaftSnapshotBuilder, storage::RaftStateMachine};
+                machine
+                    .get_snapshot_builder()
+                    .await
+                    .build_snapshot()
+                    .await
+                    .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))?;
+            }
             let network = ShardNetwork {
                 shard,
                 local: config.node_id,

@@ -30,6 +30,7 @@ pub mod clock;
 pub mod cluster;
 pub mod disk;
 pub mod failpoints;
+pub mod integrity;
 pub mod log_store;
 pub mod network;
 pub mod rpc;

@@ -101,6 +101,11 @@ enum Op {
         value: Vec<u8>,
         done: Option<oneshot::Sender<Result<(), String>>>,
     },
+    /// Deletes everything of the shard: its entries, vote, marks (`LogDb::reset_shard`).
+    Reset {
+        shard: u32,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The open log file, reopened after a commit refused for want of space (see the module docs).
@@ -242,6 +247,30 @@ impl LogDb {
         }
     }
 
+    /// Where `shard`'s log was purged up to (`None`: never purged).
+    pub fn last_purged(&self, shard: u32) -> Result<Option<LogId>, LogDbError> {
+        self.read_state(shard, "last_purged")?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+            .map_err(|e| LogDbError::Corrupt(e.to_string()))
+    }
+
+    /// Forgets `shard`'s log entirely (entries, vote, purge and rebuild marks), durably: the shard
+    /// opens as pristine, as on a wiped member. Only before its Raft group is opened.
+    pub async fn reset_shard(&self, shard: u32) -> Result<(), LogDbError> {
+        let (done, wait) = oneshot::channel();
+        let stopped = || LogDbError::Write("the log writer stopped".into());
+        self.ops
+            .send(Op::Reset { shard, done })
+            .await
+            .map_err(|_| stopped())?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(LogDbError::Write(error)),
+            Err(_) => Err(stopped()),
+        }
+    }
+
     /// The log of `shard`, loaded into memory.
     pub fn shard(&self, shard: u32) -> Result<LogStore, LogDbError> {
         let txn = self.file.open_now()?.begin_read().map_err(redb_error)?;
@@ -374,7 +403,7 @@ fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
                     durable.fetch_min(from, Ordering::AcqRel);
                     let _ = done.send(outcome);
                 }
-                Op::Purge { done, .. } => {
+                Op::Purge { done, .. } | Op::Reset { done, .. } => {
                     let _ = done.send(outcome);
                 }
                 Op::Put { done, .. } => {
@@ -444,6 +473,13 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), LogDbError> {
                 } => {
                     state
                         .insert((*shard, *name), value.as_slice())
+                        .map_err(redb_error)?;
+                }
+                Op::Reset { shard, .. } => {
+                    log.retain_in((*shard, 0)..=(*shard, u64::MAX), |_, _| false)
+                        .map_err(redb_error)?;
+                    state
+                        .retain(|(owner, _), _| owner != *shard)
                         .map_err(redb_error)?;
                 }
             }

@@ -314,7 +314,7 @@ impl From<EngineError> for ApiError {
                 tracing::error!(error = %e, "storage error");
                 ApiError::unavailable("storage error; retry with the same Idempotency-Key")
             }
-            EngineError::Internal(reason) => {
+            EngineError::Internal(reason) | EngineError::Corrupt(reason) => {
                 tracing::error!(%reason, "internal error");
                 ApiError::internal(
                     "internal error; retry with the same Idempotency-Key to learn the outcome",

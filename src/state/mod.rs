@@ -30,6 +30,7 @@ use redb::{Database, Durability, ReadTransaction, ReadableDatabase};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Envelope, Fingerprint, Outcome, Timestamp};
+use shopkeep_raft::integrity;
 
 pub use apply::Applied;
 
@@ -44,6 +45,9 @@ pub enum StoreError {
     Encode(String),
     #[error("{0}")]
     Incompatible(String),
+    /// The file failed its integrity check when opened (`ShardStore::open_verified`).
+    #[error("{0}")]
+    CorruptFile(String),
     /// The file is being reopened after a full disk, or holds less than was applied until a write
     /// succeeds again (see the module docs).
     #[error(transparent)]
@@ -152,7 +156,25 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
 impl ShardStore {
     /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`.
     pub fn open(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
-        let db = open_database(path)?;
+        ShardStore::init(path, shard, open_database(path)?)
+    }
+
+    /// [`ShardStore::open`], first verifying every page of the file (`shopkeep_raft::integrity`): a
+    /// corrupt file is [`StoreError::CorruptFile`]. Done once, when the node starts.
+    pub fn open_verified(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
+        let mut builder = Database::builder();
+        builder.set_cache_size(SHARD_CACHE_BYTES);
+        let db = match integrity::open_verified(&mut builder, path, integrity::Fallback::Allow) {
+            Ok(db) => db,
+            Err(corrupt @ integrity::OpenError::Corrupt { .. }) => {
+                return Err(StoreError::CorruptFile(corrupt.to_string()));
+            }
+            Err(integrity::OpenError::Other { source, .. }) => return Err(source.into()),
+        };
+        ShardStore::init(path, shard, db)
+    }
+
+    fn init(path: &Path, shard: u32, db: Database) -> Result<ShardStore, StoreError> {
         let store = ShardStore {
             shard,
             path: path.to_path_buf(),
