@@ -331,6 +331,25 @@ impl ClusterNode {
         self.paused = false;
     }
 
+    /// SIGTERM the process and wait (≤ 20 s) for it to exit cleanly; the data directory stays.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                assert!(status.success(), "node did not stop cleanly: {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "node did not stop within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Extra environment (e.g. `FAILPOINTS`) for the next starts, until set again (empty: none).
     pub fn set_run_env(&mut self, env: Vec<(String, String)>) {
         self.run_env = env;
