@@ -32,6 +32,7 @@ use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
 use crate::{Payload, Raft, batch};
 use rebuild::Marks;
 
+mod handoff;
 mod rebuild;
 
 pub type NodeId = u64;
@@ -354,6 +355,9 @@ impl Cluster {
         for (shard, queue) in (0u32..).zip(queues) {
             tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
             tokio::spawn(rebuild::run_rebuild(Arc::downgrade(&cluster), shard));
+        }
+        if cluster.config.peers.len() > 1 {
+            tokio::spawn(handoff::run_handoff(Arc::downgrade(&cluster)));
         }
         Ok(cluster)
     }
@@ -954,6 +958,9 @@ impl Cluster {
                 }
             }
             NodeRequest::Floor { shard } => NodeResponse::Floor(self.floor_local(shard).await),
+            NodeRequest::TakeLeadership { shard } => {
+                NodeResponse::Done(self.take_leadership(shard).await)
+            }
             NodeRequest::Probe => NodeResponse::Probe(Probe {
                 node_id: self.config.node_id,
                 shards: self.shard_count(),

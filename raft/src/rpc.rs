@@ -62,6 +62,11 @@ pub enum NodeRequest {
     Floor {
         shard: u32,
     },
+    /// From the leader of `shard`, whose disk is full, to a voter: stand for election now (see
+    /// `cluster::handoff`).
+    TakeLeadership {
+        shard: u32,
+    },
 }
 
 impl NodeRequest {

@@ -43,6 +43,8 @@ pub struct ClusterOpts {
     pub node_env: Vec<(u64, String, String)>,
     /// Nodes whose `/readyz` must be 200 before `start_with` returns (None: all of them).
     pub wait_ready: Option<Vec<u64>>,
+    /// Nodes whose data directory is a link to this directory (e.g. a small file system).
+    pub data_dirs: Vec<(u64, PathBuf)>,
 }
 
 impl Default for ClusterOpts {
@@ -56,6 +58,7 @@ impl Default for ClusterOpts {
             snapshot_every: None,
             node_env: vec![],
             wait_ready: None,
+            data_dirs: Vec::new(),
         }
     }
 }
@@ -78,6 +81,10 @@ impl ClusterOpts {
     }
     pub fn node_env(mut self, node: u64, k: &str, v: &str) -> Self {
         self.node_env.push((node, k.to_string(), v.to_string()));
+        self
+    }
+    pub fn data_dir_on(mut self, node: u64, dir: &std::path::Path) -> Self {
+        self.data_dirs.push((node, dir.to_path_buf()));
         self
     }
     pub fn wait_ready(mut self, nodes: &[u64]) -> Self {
@@ -787,7 +794,12 @@ impl TestCluster {
             .filter(|(n, _, _)| *n == id)
             .map(|(_, k, v)| (k.clone(), v.clone()))
             .collect();
-        ClusterNode::new(id, port, args, env)
+        let node = ClusterNode::new(id, port, args, env);
+        if let Some((_, dir)) = o.data_dirs.iter().find(|(n, _)| *n == id) {
+            std::fs::remove_dir(node.data_dir()).expect("empty data dir");
+            std::os::unix::fs::symlink(dir, node.data_dir()).expect("link the data dir");
+        }
+        node
     }
 
     /// Start one more node (id = highest + 1) with `--peers` of every node (itself included, the others through
