@@ -139,7 +139,7 @@ impl LogFile {
     /// until the open succeeds (readers may still hold the old handle for a moment).
     fn reopen(&self, backoff: &mut Backoff) -> Arc<Database> {
         *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
-        loop {
+        for attempt in 1u64.. {
             std::thread::sleep(backoff.pause());
             match LogFile::open(&self.path) {
                 Ok(db) => {
@@ -147,9 +147,14 @@ impl LogFile {
                     *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
                     return db;
                 }
+                // a full disk is expected; anything else, said now and then
+                Err(error) if attempt.is_power_of_two() => {
+                    tracing::warn!(%error, attempt, "reopening the raft log failed; retrying");
+                }
                 Err(error) => tracing::debug!(%error, "reopening the raft log failed; retrying"),
             }
         }
+        unreachable!("the attempts outnumber u64")
     }
 }
 
@@ -433,6 +438,8 @@ fn commit_batch(file: &LogFile, batch: &[Op]) -> Result<(), LogDbError> {
             }
             Err(LogDbError::Redb(error)) if disk::is_disk_full(&error) => {
                 file.health.full(&file.path, &error);
+                // redb opens a file once: the old handle must be gone before it is reopened
+                drop(db);
                 db = file.reopen(&mut backoff);
             }
             Err(error) => return Err(error),

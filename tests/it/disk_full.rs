@@ -14,12 +14,12 @@ use crate::cluster_harness::{ClusterOpts, READY_TIMEOUT, TestCluster, post_until
 use crate::harness::{Auth, Opts, Resp, Server, tail, uniq};
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted (and the directory removed) on drop.
-struct Tmpfs {
-    path: PathBuf,
+pub struct Tmpfs {
+    pub path: PathBuf,
 }
 
 impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
         let path = std::env::temp_dir().join(format!("shopkeep-tmpfs-{}", uniq("m")));
         std::fs::create_dir_all(&path).expect("mount point");
         let status = Command::new("mount")
@@ -44,7 +44,7 @@ impl Drop for Tmpfs {
 }
 
 /// Writes `path` until the file system is full; returns how many bytes it holds.
-fn fill(path: &Path) -> u64 {
+pub fn fill(path: &Path) -> u64 {
     use std::io::Write;
     let mut file = std::fs::File::create(path).expect("filler");
     let chunk = vec![0xA5u8; 64 * 1024];
@@ -283,4 +283,46 @@ async fn a_full_leader_hands_its_shards_to_a_healthy_member_and_writes_go_on() {
     std::fs::remove_file(&filler).expect("free the space");
     c.wait_ready(&[full], READY_TIMEOUT).await;
     c.wait_converged(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_whose_disk_fills_to_the_last_byte_does_not_stop_the_shop_and_catches_up() {
+    let disks: Vec<Tmpfs> = (0..3).map(|_| Tmpfs::mount("64m")).collect();
+    let mut opts = ClusterOpts::new().nodes(3).shards(1);
+    for (id, disk) in (1u64..).zip(&disks) {
+        opts = opts.data_dir_on(id, &disk.path);
+    }
+    let c = TestCluster::start_with(opts).await;
+    let leader = c.leader_of_shard(0).await;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    let api = c.api(leader);
+    let user = uniq("full");
+    api.funded_user(&user, "10.00").await;
+
+    // Not a byte left: the follower's log writer meets ENOSPC on the entries the leader sends.
+    let filler = disks[(follower - 1) as usize].path.join("filler");
+    fill(&filler);
+    let mut credits = 0;
+    while !c.logs(follower).contains("raft-log.redb error=") {
+        assert!(credits < 500, "the follower's log never met a full disk");
+        api.credit(&user, "1.00").await;
+        credits += 1;
+    }
+    c.wait_unready(follower, Duration::from_secs(10), "its disk is full")
+        .await;
+
+    std::fs::remove_file(&filler).expect("free the space");
+    let freed = Instant::now();
+    c.wait_ready(&[follower], READY_TIMEOUT).await;
+    c.wait_converged(Duration::from_secs(30)).await;
+    eprintln!(
+        "a follower's full disk: ready again {:?} after space was freed",
+        freed.elapsed()
+    );
+    let want = 1000 + 100 * credits;
+    assert_eq!(c.node(follower).local_wallet(&user).await.balance, want);
 }
