@@ -756,7 +756,14 @@ fn write_snapshot(
     out.write_all(MAGIC)?;
     out.write_all(&u32::try_from(header.len()).map_err(io_error)?.to_le_bytes())?;
     out.write_all(&header)?;
-    export.write_to(&mut out).map_err(io_error)?;
+    export.write_to(&mut out).map_err(|e| {
+        // keep a full disk recognisable, so that the build is retried (`Attempt::Full`)
+        if disk::is_disk_full(&*e) {
+            std::io::Error::new(std::io::ErrorKind::StorageFull, e.to_string())
+        } else {
+            io_error(e)
+        }
+    })?;
     let digest = out.digest.finalize();
     let mut inner = out.inner;
     inner.write_all(&digest)?;

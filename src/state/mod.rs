@@ -45,6 +45,9 @@ pub enum StoreError {
     Encode(String),
     #[error("{0}")]
     Incompatible(String),
+    /// Reading or writing a snapshot's body failed (a full disk among the sources is retried).
+    #[error("snapshot stream: {0}")]
+    SnapshotStream(#[source] std::io::Error),
     /// The file failed its integrity check when opened (`ShardStore::open_verified`).
     #[error("{0}")]
     CorruptFile(String),
