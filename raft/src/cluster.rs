@@ -927,6 +927,10 @@ impl Cluster {
                 Ok(replica) => replica.raft.vote(rpc).await,
                 Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
+            // openraft stops a shard whose snapshot chunk cannot be written: refuse it while full
+            NodeRequest::InstallSnapshot { shard, .. } if self.disk_trouble().is_some() => {
+                NodeResponse::DiskFull { shard }
+            }
             NodeRequest::InstallSnapshot { shard, rpc } => {
                 NodeResponse::InstallSnapshot(match self.replica(shard) {
                     Ok(replica) => replica.raft.install_snapshot(rpc).await,

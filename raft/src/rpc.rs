@@ -98,6 +98,11 @@ pub enum NodeResponse {
     Rebuilding {
         shard: u32,
     },
+    /// This node's disk is full: it takes no snapshot of `shard` now (retried after a back-off, as
+    /// an unreachable node is).
+    DiskFull {
+        shard: u32,
+    },
 }
 
 /// Why a node did not do what was asked.
