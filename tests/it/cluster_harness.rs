@@ -441,6 +441,18 @@ impl ClusterNode {
             self.id
         );
         let d = self.data_dir();
+        if d.is_symlink() {
+            // a file system of its own (see `ClusterOpts::data_dir_on`): empty it, keep the link
+            for entry in std::fs::read_dir(&d).expect("read data dir").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path).expect("remove from data dir");
+                } else {
+                    std::fs::remove_file(&path).expect("remove from data dir");
+                }
+            }
+            return;
+        }
         std::fs::remove_dir_all(&d).expect("remove data dir");
         std::fs::create_dir_all(&d).expect("recreate data dir");
     }

@@ -13,7 +13,7 @@ const CONVERGE: Duration = Duration::from_secs(45);
 
 /// Flips one bit of every occurrence of `needle` in `path` (the live copy of a row among them, since
 /// the row still exists); returns how many it flipped.
-fn flip_every(path: &Path, needle: &[u8]) -> usize {
+pub fn flip_every(path: &Path, needle: &[u8]) -> usize {
     let mut bytes = std::fs::read(path).expect("read the file to corrupt");
     let at: Vec<usize> = bytes
         .windows(needle.len())
@@ -29,11 +29,28 @@ fn flip_every(path: &Path, needle: &[u8]) -> usize {
 }
 
 /// Flips one bit in the middle of `path`.
-fn flip_middle(path: &Path) {
+pub fn flip_middle(path: &Path) {
     let mut bytes = std::fs::read(path).expect("read the file to corrupt");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(path, &bytes).expect("write the corrupted file");
+}
+
+/// Flips one bit in each of `n` random bytes of `path` past its first page (redb's header); returns
+/// their offsets.
+pub fn flip_random(path: &Path, n: usize, rng: &mut impl rand::Rng) -> Vec<usize> {
+    let mut bytes = std::fs::read(path).expect("read the file to corrupt");
+    if bytes.len() <= 4096 {
+        return vec![];
+    }
+    let at: Vec<usize> = (0..n)
+        .map(|_| rng.random_range(4096..bytes.len()))
+        .collect();
+    for &i in &at {
+        bytes[i] ^= 0x01;
+    }
+    std::fs::write(path, &bytes).expect("write the corrupted file");
+    at
 }
 
 /// Every file set aside under `data_dir/quarantine/*/` (and one level below, for snapshots).
