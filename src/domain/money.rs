@@ -19,6 +19,16 @@ pub struct Money(pub i64);
 impl Money {
     pub const ZERO: Money = Money(0);
 
+    /// `minor` minor units of the currency (cents for EUR).
+    pub const fn from_minor(minor: i64) -> Money {
+        Money(minor)
+    }
+
+    /// The amount in minor units.
+    pub const fn minor(self) -> i64 {
+        self.0
+    }
+
     pub fn checked_add(self, other: Money) -> Option<Money> {
         self.0.checked_add(other.0).map(Money)
     }
