@@ -19,6 +19,9 @@ pub mod query;
 pub mod snapshot;
 pub mod tables;
 
+#[cfg(test)]
+mod golden;
+
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
