@@ -19,14 +19,13 @@ use uuid::Uuid;
 
 use super::tables::{self, decode, encode, get};
 use super::{IdempotencyRecord, IdempotencyState, MetaState, StoreError};
-use crate::domain::command::{GLOBAL_SCOPE, IdempotencyTag};
+use crate::domain::command::{self, GLOBAL_SCOPE, IdempotencyTag};
 use crate::domain::model::{MAX_CATALOG_ITEMS, MAX_LINES, MAX_REFUNDS_PER_ORDER};
 use crate::domain::money::MAX_WALLET_BALANCE;
 use crate::domain::{
-    Command, Credit, Entitlement, Envelope, Fingerprint, GlobalClaim, HistoryEntry, IdSequence,
-    Item, ItemSpec, LineRequest, Money, Order, OrderLine, OrderStatus, Outcome, Posting,
-    PostingKind, PostingRef, RefClaim, Refund, RefundLine, Rejection, Reply, Timestamp, Topup,
-    TopupStatus, User,
+    Command, Credit, Entitlement, Envelope, GlobalClaim, HistoryEntry, IdSequence, Item,
+    LineRequest, Money, Order, OrderLine, OrderStatus, Outcome, Posting, PostingKind, PostingRef,
+    RefClaim, Refund, RefundLine, Rejection, Reply, Timestamp, Topup, TopupStatus, User,
 };
 
 type Bytes = &'static [u8];
@@ -212,140 +211,35 @@ impl<'t> Applier<'t> {
 
     fn execute(&mut self, cx: &mut Cx, command: &Command) -> Step<Reply> {
         match command {
-            Command::CreateUser {
-                user_id,
-                display_name,
-            } => self.create_user(cx, user_id, display_name),
-            Command::IssueToken {
-                user_id,
-                expires_at,
-            } => {
-                self.existing_user(user_id)?;
-                Ok(Reply::TokenIssued {
-                    user_id: user_id.clone(),
-                    expires_at: *expires_at,
-                })
-            }
-            Command::ClaimGlobalKey {
-                key,
-                fingerprint,
-                expires_at,
-                inner,
-            } => self.claim_global_key(cx, key, fingerprint, *expires_at, inner),
-            Command::SettleGlobalKey {
-                key,
-                fingerprint,
-                outcome,
-            } => self.settle_global_key(key, fingerprint, outcome),
-            Command::ClaimExternalRef { reference, claim } => {
-                self.claim_external_ref(reference, claim)
-            }
-            Command::Credit {
-                user_id,
-                amount,
-                external_ref,
-                source,
-                ref_accepted,
-            } => self.credit(cx, user_id, *amount, external_ref, source, *ref_accepted),
-            Command::CreateTopup {
-                user_id,
-                amount,
-                expires_at,
-            } => self.create_topup(cx, user_id, *amount, *expires_at, None),
-            Command::CreateTopupCapped {
-                user_id,
-                amount,
-                expires_at,
-                max_pending_topups,
-            } => self.create_topup(cx, user_id, *amount, *expires_at, Some(*max_pending_topups)),
-            Command::PspPayment {
-                event_id: _,
-                succeeded,
-                topup_id,
-                user_id,
-                amount,
-                psp_payment_id,
-                ref_accepted,
-            } => self.psp_payment(
-                cx,
-                user_id,
-                *topup_id,
-                *succeeded,
-                *amount,
-                psp_payment_id,
-                *ref_accepted,
-            ),
-            Command::PutItem { spec, version } => self.put_item(cx, spec, *version),
-            Command::CreateOrder {
-                user_id,
-                lines,
-                expected_total,
-                complete,
-                expires_at,
-                max_pending_orders,
-            } => self.create_order(
-                cx,
-                user_id,
-                lines,
-                *expected_total,
-                *complete,
-                *expires_at,
-                *max_pending_orders,
-            ),
-            Command::CompleteOrder { user_id, order_id } => {
-                self.complete_order(cx, user_id, *order_id)
-            }
-            Command::CancelOrder { user_id, order_id } => self.cancel_order(cx, user_id, *order_id),
-            Command::Refund {
-                user_id,
-                order_id,
-                lines,
-                reason,
-                force,
-            } => self.refund(cx, user_id, *order_id, lines.as_deref(), reason, *force),
-            Command::Consume {
-                user_id,
-                item_id,
-                quantity,
-            } => self.consume(cx, user_id, item_id, *quantity),
-            Command::Sweep { limit } => {
-                let (orders, topups, idempotency_records) = self.sweep(cx, *limit)?;
-                Ok(Reply::Swept {
-                    orders,
-                    topups,
-                    idempotency_records,
-                })
-            }
-            Command::SweepAndPurge {
-                limit,
-                topup_retention_seconds,
-            } => {
-                let (orders, topups, idempotency_records) = self.sweep(cx, *limit)?;
-                let purged_topups = self.purge_topups(cx, *limit, *topup_retention_seconds)?;
-                Ok(Reply::SweptAndPurged {
-                    orders,
-                    topups,
-                    idempotency_records,
-                    purged_topups,
-                })
-            }
+            Command::CreateUser(c) => self.create_user(cx, c),
+            Command::IssueToken(c) => self.issue_token(c),
+            Command::ClaimGlobalKey(c) => self.claim_global_key(cx, c),
+            Command::SettleGlobalKey(c) => self.settle_global_key(c),
+            Command::ClaimExternalRef(c) => self.claim_external_ref(c),
+            Command::Credit(c) => self.credit(cx, c),
+            Command::CreateTopup(c) => self.create_topup(cx, c),
+            Command::CreateTopupCapped(c) => self.create_topup_capped(cx, c),
+            Command::PspPayment(c) => self.psp_payment(cx, c),
+            Command::PutItem(c) => self.put_item(cx, c),
+            Command::CreateOrder(c) => self.create_order(cx, c),
+            Command::CompleteOrder(c) => self.complete_order(cx, c),
+            Command::CancelOrder(c) => self.cancel_order(cx, c),
+            Command::Refund(c) => self.refund(cx, c),
+            Command::Consume(c) => self.consume(cx, c),
+            Command::Sweep(c) => self.sweep(cx, c),
+            Command::SweepAndPurge(c) => self.sweep_and_purge(cx, c),
         }
     }
 
     // ----- users -------------------------------------------------------------------------------------
 
-    fn create_user(
-        &mut self,
-        cx: &mut Cx,
-        user_id: &str,
-        display_name: &Option<String>,
-    ) -> Step<Reply> {
-        if self.users.get(user_id)?.is_some() {
+    fn create_user(&mut self, cx: &mut Cx, command: &command::CreateUser) -> Step<Reply> {
+        if self.users.get(command.user_id.as_str())?.is_some() {
             return Err(Rejection::UserExists.into());
         }
         let user = User {
-            user_id: user_id.to_owned(),
-            display_name: display_name.clone(),
+            user_id: command.user_id.clone(),
+            display_name: command.display_name.clone(),
             created_at: cx.now,
             balance: Money::ZERO,
             held: Money::ZERO,
@@ -353,6 +247,14 @@ impl<'t> Applier<'t> {
         };
         self.save_user(&user)?;
         Ok(Reply::UserCreated(user))
+    }
+
+    fn issue_token(&self, command: &command::IssueToken) -> Step<Reply> {
+        self.existing_user(&command.user_id)?;
+        Ok(Reply::TokenIssued {
+            user_id: command.user_id.clone(),
+            expires_at: command.expires_at,
+        })
     }
 
     fn existing_user(&self, user_id: &str) -> Step<User> {
@@ -468,28 +370,20 @@ impl<'t> Applier<'t> {
         Ok(())
     }
 
-    fn claim_global_key(
-        &mut self,
-        cx: &mut Cx,
-        key: &str,
-        fingerprint: &Fingerprint,
-        expires_at: Timestamp,
-        inner: &Envelope,
-    ) -> Step<Reply> {
+    fn claim_global_key(&mut self, cx: &mut Cx, command: &command::ClaimGlobalKey) -> Step<Reply> {
+        let key = command.key.as_str();
         match self.idempotency_record(GLOBAL_SCOPE, key)? {
             None => {
                 let record = IdempotencyRecord {
-                    fingerprint: *fingerprint,
+                    fingerprint: command.fingerprint,
                     created_at: cx.now,
-                    expires_at,
-                    state: IdempotencyState::Pending(Box::new(inner.clone())),
+                    expires_at: command.expires_at,
+                    state: IdempotencyState::Pending(command.inner.clone()),
                 };
                 self.put_idempotency_record(GLOBAL_SCOPE, key, &record)?;
-                Ok(Reply::GlobalClaim(GlobalClaim::Run(Box::new(
-                    inner.clone(),
-                ))))
+                Ok(Reply::GlobalClaim(GlobalClaim::Run(command.inner.clone())))
             }
-            Some(record) if record.fingerprint != *fingerprint => {
+            Some(record) if record.fingerprint != command.fingerprint => {
                 Err(Rejection::IdempotencyKeyReused.into())
             }
             Some(record) => Ok(Reply::GlobalClaim(match record.state {
@@ -499,19 +393,16 @@ impl<'t> Applier<'t> {
         }
     }
 
-    fn settle_global_key(
-        &mut self,
-        key: &str,
-        fingerprint: &Fingerprint,
-        outcome: &Outcome,
-    ) -> Step<Reply> {
+    fn settle_global_key(&mut self, command: &command::SettleGlobalKey) -> Step<Reply> {
+        let key = command.key.as_str();
+        let outcome: &Outcome = &command.outcome;
         let Some(mut record) = self.idempotency_record(GLOBAL_SCOPE, key)? else {
             // Purged between the two steps (retention shorter than the request): nothing to settle.
             return Ok(Reply::GlobalClaim(GlobalClaim::Settled(Box::new(
                 outcome.clone(),
             ))));
         };
-        if record.fingerprint != *fingerprint {
+        if record.fingerprint != command.fingerprint {
             return Err(Rejection::IdempotencyKeyReused.into());
         }
         match record.state {
@@ -538,28 +429,24 @@ impl<'t> Applier<'t> {
 
     // ----- credit ------------------------------------------------------------------------------------
 
-    fn claim_external_ref(&mut self, reference: &str, claim: &RefClaim) -> Step<Reply> {
+    fn claim_external_ref(&mut self, command: &command::ClaimExternalRef) -> Step<Reply> {
+        let reference = command.reference.as_str();
         match get::<_, RefClaim, _>(&self.external_refs, reference)? {
             Some(existing) => Ok(Reply::RefClaim {
-                accepted: existing == *claim,
+                accepted: existing == command.claim,
             }),
             None => {
-                let bytes = encode(claim)?;
+                let bytes = encode(&command.claim)?;
                 self.external_refs.insert(reference, bytes.as_slice())?;
                 Ok(Reply::RefClaim { accepted: true })
             }
         }
     }
 
-    fn credit(
-        &mut self,
-        cx: &mut Cx,
-        user_id: &str,
-        amount: Money,
-        external_ref: &str,
-        source: &Option<String>,
-        ref_accepted: bool,
-    ) -> Step<Reply> {
+    fn credit(&mut self, cx: &mut Cx, command: &command::Credit) -> Step<Reply> {
+        let user_id = command.user_id.as_str();
+        let amount = command.amount;
+        let external_ref = command.external_ref.as_str();
         check_amount(amount)?;
         let mut user = self.begin_user(cx, user_id)?;
         if let Some(existing) = get::<_, Credit, _>(&self.credits, external_ref)? {
@@ -575,7 +462,7 @@ impl<'t> Applier<'t> {
             }
             .into());
         }
-        if !ref_accepted {
+        if !command.ref_accepted {
             return Err(Rejection::ExternalRefConflict {
                 external_ref: external_ref.to_owned(),
             }
@@ -587,7 +474,7 @@ impl<'t> Applier<'t> {
             user_id: user_id.to_owned(),
             amount,
             external_ref: external_ref.to_owned(),
-            source: source.clone(),
+            source: command.source.clone(),
             created_at: cx.now,
         };
         self.post(
@@ -616,7 +503,31 @@ impl<'t> Applier<'t> {
         }
     }
 
-    fn create_topup(
+    fn create_topup(&mut self, cx: &mut Cx, command: &command::CreateTopup) -> Step<Reply> {
+        let command::CreateTopup {
+            user_id,
+            amount,
+            expires_at,
+        } = command;
+        self.open_topup(cx, user_id, *amount, *expires_at, None)
+    }
+
+    fn create_topup_capped(
+        &mut self,
+        cx: &mut Cx,
+        command: &command::CreateTopupCapped,
+    ) -> Step<Reply> {
+        let command::CreateTopupCapped {
+            user_id,
+            amount,
+            expires_at,
+            max_pending_topups,
+        } = command;
+        self.open_topup(cx, user_id, *amount, *expires_at, Some(*max_pending_topups))
+    }
+
+    /// Creates a PENDING top-up, refused if `cap` is given and the user already has that many.
+    fn open_topup(
         &mut self,
         cx: &mut Cx,
         user_id: &str,
@@ -720,17 +631,10 @@ impl<'t> Applier<'t> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn psp_payment(
-        &mut self,
-        cx: &mut Cx,
-        user_id: &str,
-        topup_id: Uuid,
-        succeeded: bool,
-        amount: Money,
-        psp_payment_id: &str,
-        ref_accepted: bool,
-    ) -> Step<Reply> {
+    fn psp_payment(&mut self, cx: &mut Cx, command: &command::PspPayment) -> Step<Reply> {
+        let (user_id, topup_id, amount) =
+            (command.user_id.as_str(), command.topup_id, command.amount);
+        let psp_payment_id = command.psp_payment_id.as_str();
         check_amount(amount)?;
         let mut user = self.begin_user(cx, user_id)?;
         let mut topup = match get::<_, Topup, _>(&self.topups, topup_id.as_u128())? {
@@ -748,8 +652,8 @@ impl<'t> Applier<'t> {
             .into());
         }
         let was = topup.clone();
-        if succeeded {
-            if !ref_accepted {
+        if command.succeeded {
+            if !command.ref_accepted {
                 return Err(Rejection::ExternalRefConflict {
                     external_ref: psp_payment_id.to_owned(),
                 }
@@ -779,7 +683,8 @@ impl<'t> Applier<'t> {
 
     // ----- catalog -----------------------------------------------------------------------------------
 
-    fn put_item(&mut self, cx: &mut Cx, spec: &ItemSpec, version: Option<u64>) -> Step<Reply> {
+    fn put_item(&mut self, cx: &mut Cx, command: &command::PutItem) -> Step<Reply> {
+        let (spec, version) = (&command.spec, command.version);
         check_price(spec.price)?;
         let existing: Option<Item> = get(&self.items, spec.item_id.as_str())?;
         let new_version = match (version, &existing) {
@@ -820,17 +725,13 @@ impl<'t> Applier<'t> {
 
     // ----- orders ------------------------------------------------------------------------------------
 
-    #[allow(clippy::too_many_arguments)]
-    fn create_order(
-        &mut self,
-        cx: &mut Cx,
-        user_id: &str,
-        lines: &[LineRequest],
-        expected_total: Option<Money>,
-        complete: bool,
-        expires_at: Timestamp,
-        max_pending_orders: u32,
-    ) -> Step<Reply> {
+    fn create_order(&mut self, cx: &mut Cx, command: &command::CreateOrder) -> Step<Reply> {
+        let (user_id, lines) = (command.user_id.as_str(), command.lines.as_slice());
+        let (complete, expires_at, max_pending_orders) = (
+            command.complete,
+            command.expires_at,
+            command.max_pending_orders,
+        );
         check_line_shape(lines)?;
         let mut user = self.begin_user(cx, user_id)?;
         let pending = self.pending_orders_of(user_id)?;
@@ -893,7 +794,7 @@ impl<'t> Applier<'t> {
                 refund_window_days: item.spec.refund_window_days,
             });
         }
-        if let Some(expected) = expected_total {
+        if let Some(expected) = command.expected_total {
             if expected != total {
                 return Err(Rejection::PriceChanged {
                     expected,
@@ -994,7 +895,8 @@ impl<'t> Applier<'t> {
         Ok(())
     }
 
-    fn complete_order(&mut self, cx: &mut Cx, user_id: &str, order_id: Uuid) -> Step<Reply> {
+    fn complete_order(&mut self, cx: &mut Cx, command: &command::CompleteOrder) -> Step<Reply> {
+        let (user_id, order_id) = (command.user_id.as_str(), command.order_id);
         let mut user = self.begin_user(cx, user_id)?;
         let mut order = self.user_order(user_id, order_id)?;
         match order.status {
@@ -1019,7 +921,8 @@ impl<'t> Applier<'t> {
         }
     }
 
-    fn cancel_order(&mut self, cx: &mut Cx, user_id: &str, order_id: Uuid) -> Step<Reply> {
+    fn cancel_order(&mut self, cx: &mut Cx, command: &command::CancelOrder) -> Step<Reply> {
+        let (user_id, order_id) = (command.user_id.as_str(), command.order_id);
         let mut user = self.begin_user(cx, user_id)?;
         let mut order = self.user_order(user_id, order_id)?;
         match order.status {
@@ -1119,15 +1022,9 @@ impl<'t> Applier<'t> {
 
     // ----- refunds -----------------------------------------------------------------------------------
 
-    fn refund(
-        &mut self,
-        cx: &mut Cx,
-        user_id: &str,
-        order_id: Uuid,
-        lines: Option<&[LineRequest]>,
-        reason: &Option<String>,
-        force: bool,
-    ) -> Step<Reply> {
+    fn refund(&mut self, cx: &mut Cx, command: &command::Refund) -> Step<Reply> {
+        let (user_id, order_id) = (command.user_id.as_str(), command.order_id);
+        let (lines, reason, force) = (command.lines.as_deref(), &command.reason, command.force);
         if let Some(lines) = lines {
             check_line_shape(lines)?;
         }
@@ -1282,7 +1179,9 @@ impl<'t> Applier<'t> {
         Ok(())
     }
 
-    fn consume(&mut self, cx: &mut Cx, user_id: &str, item_id: &str, quantity: u32) -> Step<Reply> {
+    fn consume(&mut self, cx: &mut Cx, command: &command::Consume) -> Step<Reply> {
+        let (user_id, item_id) = (command.user_id.as_str(), command.item_id.as_str());
+        let quantity = command.quantity;
         if quantity == 0 {
             return Err(Rejection::invalid("quantity must be at least 1").into());
         }
@@ -1317,9 +1216,30 @@ impl<'t> Applier<'t> {
 
     // ----- background work ---------------------------------------------------------------------------
 
+    fn sweep(&mut self, cx: &mut Cx, command: &command::Sweep) -> Step<Reply> {
+        let (orders, topups, idempotency_records) = self.expire_and_purge(cx, command.limit)?;
+        Ok(Reply::Swept {
+            orders,
+            topups,
+            idempotency_records,
+        })
+    }
+
+    fn sweep_and_purge(&mut self, cx: &mut Cx, command: &command::SweepAndPurge) -> Step<Reply> {
+        let (orders, topups, idempotency_records) = self.expire_and_purge(cx, command.limit)?;
+        let purged_topups =
+            self.purge_topups(cx, command.limit, command.topup_retention_seconds)?;
+        Ok(Reply::SweptAndPurged {
+            orders,
+            topups,
+            idempotency_records,
+            purged_topups,
+        })
+    }
+
     /// Expires due orders and top-ups and purges idempotency outcomes past their retention, at most
     /// `limit` of each; returns how many of each.
-    fn sweep(&mut self, cx: &mut Cx, limit: u32) -> Step<(u32, u32, u32)> {
+    fn expire_and_purge(&mut self, cx: &mut Cx, limit: u32) -> Step<(u32, u32, u32)> {
         let bound = cx.now.micros().saturating_add(1);
         let limit = limit as usize;
 

@@ -6,6 +6,7 @@
 //! shard that only advanced past the same log position without a command.
 
 use proptest::prelude::*;
+use shopkeep::domain::command;
 use shopkeep::domain::money::MAX_WALLET_BALANCE;
 use shopkeep::domain::{
     Command, Envelope, IdSeed, ItemKind, ItemSpec, LineRequest, Money, Outcome, Rejection,
@@ -85,24 +86,24 @@ impl Shard {
 }
 
 fn create_user(user_id: &str) -> Command {
-    Command::CreateUser {
+    Command::CreateUser(command::CreateUser {
         user_id: user_id.to_owned(),
         display_name: None,
-    }
+    })
 }
 
 fn credit(user_id: &str, amount: Money, external_ref: &str) -> Command {
-    Command::Credit {
+    Command::Credit(command::Credit {
         user_id: user_id.to_owned(),
         amount,
         external_ref: external_ref.to_owned(),
         source: None,
         ref_accepted: true,
-    }
+    })
 }
 
 fn item(item_id: &str, price: Money) -> Command {
-    Command::PutItem {
+    Command::PutItem(command::PutItem {
         spec: ItemSpec {
             item_id: item_id.to_owned(),
             name: item_id.to_owned(),
@@ -112,7 +113,7 @@ fn item(item_id: &str, price: Money) -> Command {
             refund_window_days: 14,
         },
         version: None,
-    }
+    })
 }
 
 /// Two identical shards with one funded user: `setup` runs on both.
@@ -162,16 +163,16 @@ fn negative_and_zero_amounts_are_rejected_without_effect() {
         assert_rejected_without_effect(
             &mut a,
             &mut b,
-            Command::CreateTopup {
+            Command::CreateTopup(command::CreateTopup {
                 user_id: "u".to_owned(),
                 amount,
                 expires_at: Timestamp(T0 + 3_600_000_000),
-            },
+            }),
         );
         assert_rejected_without_effect(
             &mut a,
             &mut b,
-            Command::PspPayment {
+            Command::PspPayment(command::PspPayment {
                 event_id: "evt".to_owned(),
                 succeeded: true,
                 topup_id: uuid::Uuid::nil(),
@@ -179,7 +180,7 @@ fn negative_and_zero_amounts_are_rejected_without_effect() {
                 amount,
                 psp_payment_id: "pi".to_owned(),
                 ref_accepted: true,
-            },
+            }),
         );
     }
 }
@@ -192,7 +193,7 @@ fn a_negative_price_is_rejected_and_cannot_be_bought() {
         assert_rejected_without_effect(&mut a, &mut b, item("gems", price));
     }
     // The old price still stands, and the never-created item cannot be ordered.
-    let order = a.apply(Command::CreateOrder {
+    let order = a.apply(Command::CreateOrder(command::CreateOrder {
         user_id: "u".to_owned(),
         lines: vec![LineRequest {
             item_id: "bad".to_owned(),
@@ -202,7 +203,7 @@ fn a_negative_price_is_rejected_and_cannot_be_bought() {
         complete: true,
         expires_at: Timestamp(T0 + 900_000_000),
         max_pending_orders: 100,
-    });
+    }));
     assert!(
         matches!(order, Err(Rejection::ItemNotFound { .. })),
         "{order:?}"
