@@ -3,6 +3,10 @@
 //! The envelope carries everything non-deterministic — the time, the randomness for new ids, the
 //! idempotency key with its request fingerprint and retention — so that applying it is a pure function
 //! of (state, envelope) and every replica reaches the same state.
+//!
+//! Envelopes are Raft log entries and stored idempotency records, as postcard bytes: the rules of the
+//! persisted format (`crate::domain`) hold for every type here. Each variant holds a struct of its own
+//! name; postcard encodes `V(S { a, b })` exactly as it encoded the struct variant `V { a, b }`.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -74,8 +78,8 @@ pub enum Command {
     Refund(Refund),
     Consume(Consume),
     Sweep(Sweep),
-    // Postcard is positional: new variants go at the end, existing ones never change (entries already in
-    // a log must decode and apply as they did).
+    // Postcard is positional: new variants go at the end, existing ones and their structs never change
+    // (entries already in a log must decode and apply as they did; see `crate::domain`).
     CreateTopupCapped(CreateTopupCapped),
     SweepAndPurge(SweepAndPurge),
 }

@@ -1,6 +1,9 @@
 //! The shop's records — users with their wallets, catalog items, orders, entitlements, credits, top-ups,
 //! refunds and ledger postings — and the pure rules that belong to a single record (status transitions,
 //! quantities, expiry). Storage and transport know these types; these types know neither.
+//!
+//! Records are stored as postcard bytes in redb rows: the rules of the persisted format (`crate::domain`)
+//! hold for every type here.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

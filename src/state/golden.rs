@@ -1,8 +1,8 @@
 //! Golden bytes of the persisted format: one postcard encoding of every command, reply, rejection and
 //! stored record, written down as hex. These bytes are redb rows, stored idempotency outcomes and Raft
-//! log entries already on disk; a change to a type that moves them fails here (see the format contract
-//! in `domain::command`). A test that fails here is not fixed by pasting the new bytes: append the
-//! change at the end of the type instead, or bump `SCHEMA_VERSION`.
+//! log entries already on disk; a change to a type that moves them fails here (the rules of the
+//! persisted format are in `crate::domain`). A test that fails here is not fixed by pasting the new
+//! bytes: make the change a new variant at the end of its enum instead, or bump `SCHEMA_VERSION`.
 //!
 //! Commands are written as JSON so that this file does not depend on their Rust shape (a struct variant
 //! and a newtype variant holding a struct of the same fields are the same JSON and the same postcard):
@@ -712,4 +712,25 @@ fn record_enums_encode_as_pinned() {
         claims,
         "02008080f2818389850680d095ffbc318486880801027531026b31abababababababababababababababababababababababababababababababab80a499dc89898506000275310103416e6e010101",
     )]);
+}
+
+/// Why a field is never added, even at the end: a row written before it existed no longer decodes
+/// (postcard has no field names, so serde's `default` never applies).
+#[test]
+fn an_added_field_does_not_decode_old_bytes() {
+    #[derive(Serialize)]
+    struct Before {
+        a: u32,
+    }
+    #[derive(Serialize, serde::Deserialize)]
+    struct After {
+        a: u32,
+        #[serde(default)]
+        b: u32,
+    }
+    let new = postcard::to_stdvec(&After { a: 7, b: 1 }).expect("encodes");
+    let after: After = postcard::from_bytes(&new).expect("its own bytes decode");
+    assert_eq!((after.a, after.b), (7, 1));
+    let old = postcard::to_stdvec(&Before { a: 7 }).expect("encodes");
+    assert!(postcard::from_bytes::<After>(&old).is_err());
 }
