@@ -15,79 +15,42 @@ use crate::domain::{
 use crate::state::StoreError;
 use crate::state::tables::{encode, get};
 
+/// What a `CreateOrder` writes, decided before anything is written: the lines at the catalog's prices,
+/// and their total (checked to fit, to be available, and to post).
+struct OrderPlan {
+    lines: Vec<OrderLine>,
+    total: Money,
+}
+
 impl Applier<'_> {
     pub(super) fn create_order(
         &mut self,
         cx: &mut Cx,
         command: &command::CreateOrder,
     ) -> Step<Reply> {
-        let (user_id, lines) = (command.user_id.as_str(), command.lines.as_slice());
-        let (complete, expires_at, max_pending_orders) = (
-            command.complete,
-            command.expires_at,
-            command.max_pending_orders,
-        );
-        check_line_shape(lines)?;
-        let mut user = self.begin_user(cx, user_id)?;
-        let pending = self.pending_orders_of(user_id)?;
-        if !complete && pending.len() >= max_pending_orders as usize {
+        check_line_shape(&command.lines)?;
+        let mut user = self.begin_user(cx, &command.user_id)?;
+        let plan = self.decide_order(&user, command)?;
+        self.write_order(cx, &mut user, command, plan)
+    }
+
+    /// Every check of a new order, in order, reading only: the lines at the catalog's prices and their
+    /// total, or why the order is refused.
+    fn decide_order(&self, user: &User, command: &command::CreateOrder) -> Step<OrderPlan> {
+        let pending = self.pending_orders_of(&command.user_id)?;
+        let max_pending_orders = command.max_pending_orders;
+        if !command.complete && pending.len() >= max_pending_orders as usize {
             return Err(Rejection::TooManyPendingOrders {
                 limit: max_pending_orders,
             }
             .into());
         }
-        let mut order_lines = Vec::with_capacity(lines.len());
+        let mut lines = Vec::with_capacity(command.lines.len());
         let mut total = Money::ZERO;
-        for line in lines {
-            let item: Item = get(&self.items, line.item_id.as_str())?.ok_or_else(|| {
-                Rejection::ItemNotFound {
-                    item_id: line.item_id.clone(),
-                }
-            })?;
-            if !item.spec.active {
-                return Err(Rejection::ItemInactive {
-                    item_id: line.item_id.clone(),
-                }
-                .into());
-            }
-            let kind = item.spec.kind;
-            if line.quantity > kind.max_quantity() {
-                return Err(Rejection::invalid(format!(
-                    "quantity of {} ({}) must be at most {}",
-                    line.item_id,
-                    kind.as_str(),
-                    kind.max_quantity()
-                ))
-                .into());
-            }
-            if !kind.is_consumable() {
-                let owned = self
-                    .entitlement(user_id, &line.item_id)?
-                    .is_some_and(|e| e.quantity() > 0);
-                let in_pending = pending
-                    .iter()
-                    .any(|o| o.lines.iter().any(|l| l.item_id == line.item_id));
-                if owned || in_pending {
-                    return Err(Rejection::AlreadyOwned {
-                        item_id: line.item_id.clone(),
-                    }
-                    .into());
-                }
-            }
-            let line_total = item
-                .spec
-                .price
-                .checked_mul(line.quantity)
-                .ok_or_else(overflow)?;
+        for request in &command.lines {
+            let (line, line_total) = self.priced_line(&command.user_id, request, &pending)?;
             total = total.checked_add(line_total).ok_or_else(overflow)?;
-            order_lines.push(OrderLine {
-                item_id: line.item_id.clone(),
-                kind,
-                quantity: line.quantity,
-                unit_price: item.spec.price,
-                refunded_quantity: 0,
-                refund_window_days: item.spec.refund_window_days,
-            });
+            lines.push(line);
         }
         if let Some(expected) = command.expected_total {
             if expected != total {
@@ -106,16 +69,93 @@ impl Applier<'_> {
             .into());
         }
         let mut postings = vec![(PostingKind::Hold, total)];
-        if complete {
+        if command.complete {
             postings.push((PostingKind::Debit, total));
         }
-        self.check_postings(&user, &postings)?;
+        self.check_postings(user, &postings)?;
+        Ok(OrderPlan { lines, total })
+    }
 
+    /// The order line for `request` at the item's current price, with its total, if the item is for
+    /// sale in that quantity to a user who does not already own it (or have it in a pending order).
+    fn priced_line(
+        &self,
+        user_id: &str,
+        request: &LineRequest,
+        pending: &[Order],
+    ) -> Step<(OrderLine, Money)> {
+        let item: Item =
+            get(&self.items, request.item_id.as_str())?.ok_or_else(|| Rejection::ItemNotFound {
+                item_id: request.item_id.clone(),
+            })?;
+        if !item.spec.active {
+            return Err(Rejection::ItemInactive {
+                item_id: request.item_id.clone(),
+            }
+            .into());
+        }
+        let kind = item.spec.kind;
+        if request.quantity > kind.max_quantity() {
+            return Err(Rejection::invalid(format!(
+                "quantity of {} ({}) must be at most {}",
+                request.item_id,
+                kind.as_str(),
+                kind.max_quantity()
+            ))
+            .into());
+        }
+        if !kind.is_consumable() {
+            self.check_not_owned(user_id, &request.item_id, pending)?;
+        }
+        let line_total = item
+            .spec
+            .price
+            .checked_mul(request.quantity)
+            .ok_or_else(overflow)?;
+        let line = OrderLine {
+            item_id: request.item_id.clone(),
+            kind,
+            quantity: request.quantity,
+            unit_price: item.spec.price,
+            refunded_quantity: 0,
+            refund_window_days: item.spec.refund_window_days,
+        };
+        Ok((line, line_total))
+    }
+
+    /// A game or skin is bought once: refused if the user holds it or has it in a pending order.
+    fn check_not_owned(&self, user_id: &str, item_id: &str, pending: &[Order]) -> Step<()> {
+        let owned = self
+            .entitlement(user_id, item_id)?
+            .is_some_and(|e| e.quantity() > 0);
+        let in_pending = pending
+            .iter()
+            .any(|o| o.lines.iter().any(|l| l.item_id == item_id));
+        if owned || in_pending {
+            return Err(Rejection::AlreadyOwned {
+                item_id: item_id.to_owned(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Writes the order `plan` describes: the hold, the indexes, and (for `complete`) the debit and the
+    /// grants. Nothing here is refused that `decide_order` accepted.
+    fn write_order(
+        &mut self,
+        cx: &mut Cx,
+        user: &mut User,
+        command: &command::CreateOrder,
+        plan: OrderPlan,
+    ) -> Step<Reply> {
+        let (user_id, expires_at, total) =
+            (command.user_id.as_str(), command.expires_at, plan.total);
         let mut order = Order {
             order_id: cx.ids.primary(),
             user_id: user_id.to_owned(),
             status: OrderStatus::Pending,
-            lines: order_lines,
+            lines: plan.lines,
             total,
             refunded_total: Money::ZERO,
             created_at: cx.now,
@@ -130,7 +170,7 @@ impl Applier<'_> {
         };
         self.post(
             cx,
-            &mut user,
+            user,
             PostingKind::Hold,
             total,
             PostingRef::Order(order.order_id),
@@ -139,8 +179,8 @@ impl Applier<'_> {
         let id = order.order_id.as_u128();
         self.user_orders
             .insert((user_id, order.created_at.micros(), id), ())?;
-        if complete {
-            self.complete_effects(cx, &mut user, &mut order)?;
+        if command.complete {
+            self.complete_effects(cx, user, &mut order)?;
         } else {
             self.pending_orders
                 .insert((expires_at.micros(), id), user_id)?;
@@ -148,7 +188,7 @@ impl Applier<'_> {
                 .insert((user_id, id), (expires_at.micros(), total.0))?;
         }
         self.save_order(&order)?;
-        self.save_user(&user)?;
+        self.save_user(user)?;
         Ok(Reply::OrderCreated(order))
     }
 
