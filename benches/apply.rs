@@ -235,7 +235,7 @@ fn seed(shard: &mut Shard) {
                 item_id: "gems".into(),
                 name: "Gems".into(),
                 kind: ItemKind::Currency,
-                price: Money(1),
+                price: Money::from_minor(1),
                 active: true,
                 refund_window_days: 14,
             },
@@ -262,7 +262,7 @@ fn seed(shard: &mut Shard) {
                 Some(&user.clone()),
                 Command::Credit(command::Credit {
                     user_id: user,
-                    amount: Money(10_000_000),
+                    amount: Money::from_minor(10_000_000),
                     external_ref: format!("seed-{i}"),
                     source: None,
                     ref_accepted: true,

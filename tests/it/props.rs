@@ -494,7 +494,7 @@ impl Harness {
                 item_id: id.to_owned(),
                 name: id.to_owned(),
                 kind,
-                price: Money(price),
+                price: Money::from_minor(price),
                 active,
                 refund_window_days: window,
             };
@@ -592,7 +592,7 @@ impl Harness {
                 let reference = format!("ref-{external_ref}");
                 let claim = RefClaim {
                     user_id: user.to_owned(),
-                    amount: Money(amount),
+                    amount: Money::from_minor(amount),
                     topup_id: None,
                 };
                 let accepted = match self.apply(
@@ -608,7 +608,7 @@ impl Harness {
                 let expected = self.model.credit(user, amount, &reference, accepted, now);
                 let command = Command::Credit(command::Credit {
                     user_id: user.to_owned(),
-                    amount: Money(amount),
+                    amount: Money::from_minor(amount),
                     external_ref: reference,
                     source: None,
                     ref_accepted: accepted,
@@ -652,7 +652,7 @@ impl Harness {
                     expected_total: if price_delta == 0 {
                         None
                     } else {
-                        expected_total.map(Money)
+                        expected_total.map(Money::from_minor)
                     },
                     complete,
                     expires_at: Timestamp(expires_at),
@@ -792,12 +792,12 @@ impl Harness {
                 .expect("user exists");
             let model = &self.model.wallets[user];
             prop_assert_eq!(
-                (stored.balance.0, stored.held.0),
+                (stored.balance.minor(), stored.held.minor()),
                 (model.balance, model.held),
                 "wallet of {}",
                 user
             );
-            prop_assert!(stored.held.0 >= 0 && stored.held <= stored.balance);
+            prop_assert!(stored.held.minor() >= 0 && stored.held <= stored.balance);
             let entitlements =
                 shopkeep::state::query::entitlements(&txn, user).expect("entitlements");
             for (name, ..) in ITEMS {
@@ -963,7 +963,7 @@ fn the_capped_topup_refuses_past_the_cap_and_the_old_command_still_does_not() {
     let capped = |max| {
         Command::CreateTopupCapped(command::CreateTopupCapped {
             user_id: "u0".to_owned(),
-            amount: Money(100),
+            amount: Money::from_minor(100),
             expires_at,
             max_pending_topups: max,
         })
@@ -985,7 +985,7 @@ fn the_capped_topup_refuses_past_the_cap_and_the_old_command_still_does_not() {
     let old = h.apply(
         Command::CreateTopup(command::CreateTopup {
             user_id: "u0".to_owned(),
-            amount: Money(100),
+            amount: Money::from_minor(100),
             expires_at,
         }),
         Some("u0"),
@@ -1006,7 +1006,7 @@ fn sweep_and_purge_removes_final_topups_after_the_retention_in_the_command() {
     let create = |h: &mut Harness| {
         let command = Command::CreateTopupCapped(command::CreateTopupCapped {
             user_id: "u1".to_owned(),
-            amount: Money(100),
+            amount: Money::from_minor(100),
             expires_at: Timestamp(h.now + ttl),
             max_pending_topups: 10,
         });
@@ -1022,7 +1022,7 @@ fn sweep_and_purge_removes_final_topups_after_the_retention_in_the_command() {
                 succeeded,
                 topup_id: id,
                 user_id: "u1".to_owned(),
-                amount: Money(100),
+                amount: Money::from_minor(100),
                 psp_payment_id: format!("pi-{id}"),
                 ref_accepted: true,
             }),

@@ -113,8 +113,8 @@ impl Accounts {
                 .ok_or_else(overflow)
         };
         let after = Accounts {
-            balance: Money(moved(self.balance.0, balance_delta)?),
-            held: Money(moved(self.held.0, held_delta)?),
+            balance: Money::from_minor(moved(self.balance.minor(), balance_delta)?),
+            held: Money::from_minor(moved(self.held.minor(), held_delta)?),
             psp_clearing: moved(self.psp_clearing, psp_clearing_delta)?,
             revenue: moved(self.revenue, revenue_delta)?,
         };

@@ -185,7 +185,7 @@ impl Applier<'_> {
             self.pending_orders
                 .insert((expires_at.micros(), id), user_id)?;
             self.user_pending
-                .insert((user_id, id), (expires_at.micros(), total.0))?;
+                .insert((user_id, id), (expires_at.micros(), total.minor()))?;
         }
         self.save_order(&order)?;
         self.save_user(user)?;
@@ -355,11 +355,11 @@ impl Applier<'_> {
 
     pub(super) fn save_order(&mut self, order: &Order) -> Step<()> {
         debug_assert_eq!(
-            i128::from(order.total.0),
+            i128::from(order.total.minor()),
             order
                 .lines
                 .iter()
-                .map(|l| i128::from(l.line_total().0))
+                .map(|l| i128::from(l.line_total().minor()))
                 .sum::<i128>()
         );
         let bytes = encode(order)?;

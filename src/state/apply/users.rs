@@ -59,7 +59,7 @@ impl Applier<'_> {
         if !due.is_empty() {
             let releases: Vec<(PostingKind, Money)> = due
                 .iter()
-                .map(|&(_, total)| (PostingKind::Release, Money(total)))
+                .map(|&(_, total)| (PostingKind::Release, Money::from_minor(total)))
                 .collect();
             self.check_postings(&user, &releases)?;
             for (order_id, _) in due {
@@ -92,7 +92,7 @@ impl Applier<'_> {
         }
         debug_assert_eq!(
             pending_total,
-            i128::from(user.held.0),
+            i128::from(user.held.minor()),
             "held = sum of pending orders for {}",
             user.user_id
         );
