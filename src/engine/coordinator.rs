@@ -11,7 +11,7 @@
 
 use crate::domain::{
     Command, Envelope, Fingerprint, GlobalClaim, IdSeed, ItemSpec, Outcome, RefClaim, Reply,
-    Timestamp,
+    Timestamp, command,
 };
 use crate::state::{Applied, query};
 
@@ -53,12 +53,12 @@ impl Node {
         inner: Envelope,
     ) -> Result<Applied, EngineError> {
         let home = self.shard_of_system_key(&format!("global/{key}"));
-        let claim = Command::ClaimGlobalKey {
+        let claim = Command::ClaimGlobalKey(command::ClaimGlobalKey {
             key: key.to_owned(),
             fingerprint,
             expires_at,
             inner: Box::new(inner),
-        };
+        });
         let inner = match self.propose(home, system_envelope(claim)).await?.outcome {
             Ok(Reply::GlobalClaim(GlobalClaim::Run(first))) => *first,
             Ok(Reply::GlobalClaim(GlobalClaim::Settled(outcome))) => {
@@ -79,11 +79,11 @@ impl Node {
             EngineError::Internal("a global-key command must belong to a user".into())
         })?;
         let executed = self.propose(self.shard_of_user(user_id), inner).await?;
-        let settle = Command::SettleGlobalKey {
+        let settle = Command::SettleGlobalKey(command::SettleGlobalKey {
             key: key.to_owned(),
             fingerprint,
             outcome: Box::new(executed.outcome.clone()),
-        };
+        });
         match self.propose(home, system_envelope(settle)).await?.outcome {
             Ok(Reply::GlobalClaim(GlobalClaim::Settled(outcome))) => Ok(Applied {
                 outcome: *outcome,
@@ -108,7 +108,10 @@ impl Node {
         match self
             .propose(
                 home,
-                system_envelope(Command::ClaimExternalRef { reference, claim }),
+                system_envelope(Command::ClaimExternalRef(command::ClaimExternalRef {
+                    reference,
+                    claim,
+                })),
             )
             .await?
             .outcome
@@ -127,10 +130,10 @@ impl Node {
         let home = self
             .propose(
                 CATALOG_HOME_SHARD,
-                system_envelope(Command::PutItem {
+                system_envelope(Command::PutItem(command::PutItem {
                     spec,
                     version: None,
-                }),
+                })),
             )
             .await?;
         let item = match &home.outcome {
@@ -139,10 +142,10 @@ impl Node {
             Err(_) => return Ok(home.outcome),
         };
         for shard in (0..self.shard_count()).filter(|&s| s != CATALOG_HOME_SHARD) {
-            let copy = Command::PutItem {
+            let copy = Command::PutItem(command::PutItem {
                 spec: item.spec.clone(),
                 version: Some(item.version),
-            };
+            });
             self.propose(shard, system_envelope(copy)).await?;
         }
         Ok(home.outcome)
@@ -159,10 +162,10 @@ impl Node {
             for item in &truth {
                 let current = copy.iter().find(|c| c.spec.item_id == item.spec.item_id);
                 if current.is_none_or(|c| c.version < item.version) {
-                    let command = Command::PutItem {
+                    let command = Command::PutItem(command::PutItem {
                         spec: item.spec.clone(),
                         version: Some(item.version),
-                    };
+                    });
                     self.propose(shard, system_envelope(command)).await?;
                     repaired += 1;
                 }

@@ -19,6 +19,9 @@ pub mod query;
 pub mod snapshot;
 pub mod tables;
 
+#[cfg(test)]
+mod golden;
+
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -93,7 +96,9 @@ redb_error_into_store_error!(
 );
 
 /// The version of the on-disk layout; a file written by another layout is refused, not misread.
-/// Version 2: positions are Raft log indexes and `META` holds the replication marker.
+/// Version 2: positions are Raft log indexes and `META` holds the replication marker. Bumped by any
+/// change to the tables or to the postcard bytes of what they hold other than a new enum variant at the
+/// end (the persisted format's rules are in `crate::domain`; `golden` pins the bytes).
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// redb's page cache per shard file (redb's default is 1 GiB per file, which lets a node with 8 shards

@@ -10,7 +10,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::{read_for_user, read_user, user_path};
-use crate::domain::command::PSP_EVENT_SCOPE;
+use crate::domain::command::{self, PSP_EVENT_SCOPE};
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
 use crate::domain::{Command, RefClaim, Timestamp, TopupStatus};
 use crate::http::auth::Caller;
@@ -81,13 +81,13 @@ pub async fn create_credit(
         )
         .await?;
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::Credit {
+    let command = Command::Credit(command::Credit {
         user_id: user_id.clone(),
         amount,
         external_ref: request.external_ref,
         source,
         ref_accepted,
-    };
+    });
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
         .await?;
@@ -122,12 +122,12 @@ pub async fn create_topup(
     )?;
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::CreateTopupCapped {
+    let command = Command::CreateTopupCapped(command::CreateTopupCapped {
         user_id: user_id.clone(),
         amount,
         expires_at: now.plus(app.config.topup_ttl),
         max_pending_topups: app.config.max_pending_topups,
-    };
+    });
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
         .await?;
@@ -348,7 +348,7 @@ pub async fn psp_webhook(
         post.fingerprint(),
         now,
     );
-    let command = Command::PspPayment {
+    let command = Command::PspPayment(command::PspPayment {
         event_id: request.event_id,
         succeeded,
         topup_id,
@@ -356,7 +356,7 @@ pub async fn psp_webhook(
         amount,
         psp_payment_id,
         ref_accepted,
-    };
+    });
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
         .await?;

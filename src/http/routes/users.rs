@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::{read_for_user, read_user, user_path};
-use crate::domain::command::{GLOBAL_INNER_SCOPE, IdempotencyTag};
+use crate::domain::command::{self, GLOBAL_INNER_SCOPE, IdempotencyTag};
 use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
 use crate::domain::{Command, Envelope, Outcome, Reply, Timestamp};
 use crate::engine::coordinator::new_seed;
@@ -59,10 +59,10 @@ pub async fn create_user(
             fingerprint,
             expires_at,
         }),
-        command: Command::CreateUser {
+        command: Command::CreateUser(command::CreateUser {
             user_id,
             display_name,
-        },
+        }),
     };
     let applied = app
         .bounded(
@@ -132,10 +132,10 @@ pub async fn create_token(
             &user_id,
             now,
             Some(tag),
-            Command::IssueToken {
+            Command::IssueToken(command::IssueToken {
                 user_id: user_id.clone(),
                 expires_at,
-            },
+            }),
         )
         .await?;
     Ok(render::applied(&app, &applied))
