@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use shopkeep::domain::{
     Command, Envelope, IdSeed, IdempotencyTag, ItemKind, ItemSpec, LineRequest, Money, Reply,
-    Timestamp,
+    Timestamp, command,
 };
 use shopkeep::state::ShardStore;
 use uuid::Uuid;
@@ -168,7 +168,7 @@ impl Shard {
     fn purchase(&mut self, user: usize) -> Envelope {
         let user_id = user_id(user);
         let now = Timestamp::now();
-        let command = Command::CreateOrder {
+        let command = Command::CreateOrder(command::CreateOrder {
             user_id: user_id.clone(),
             lines: vec![LineRequest {
                 item_id: "gems".into(),
@@ -178,19 +178,19 @@ impl Shard {
             complete: true,
             expires_at: now.plus(Duration::from_secs(15 * 60)),
             max_pending_orders: 100,
-        };
+        });
         self.envelope(Some(&user_id), command)
     }
 
     fn refund(&mut self, user: usize, order_id: Uuid) -> Envelope {
         let user_id = user_id(user);
-        let command = Command::Refund {
+        let command = Command::Refund(command::Refund {
             user_id: user_id.clone(),
             order_id,
             lines: None,
             reason: None,
             force: false,
-        };
+        });
         self.envelope(Some(&user_id), command)
     }
 
@@ -230,27 +230,27 @@ impl Shard {
 fn seed(shard: &mut Shard) {
     let item = shard.envelope(
         None,
-        Command::PutItem {
+        Command::PutItem(command::PutItem {
             spec: ItemSpec {
                 item_id: "gems".into(),
                 name: "Gems".into(),
                 kind: ItemKind::Currency,
-                price: Money(1),
+                price: Money::from_minor(1),
                 active: true,
                 refund_window_days: 14,
             },
             version: None,
-        },
+        }),
     );
     shard.apply([&item].into_iter());
     let users: Vec<Envelope> = (0..USERS)
         .map(|i| {
             shard.envelope(
                 None,
-                Command::CreateUser {
+                Command::CreateUser(command::CreateUser {
                     user_id: user_id(i),
                     display_name: None,
-                },
+                }),
             )
         })
         .collect();
@@ -260,13 +260,13 @@ fn seed(shard: &mut Shard) {
             let user = user_id(i);
             shard.envelope(
                 Some(&user.clone()),
-                Command::Credit {
+                Command::Credit(command::Credit {
                     user_id: user,
-                    amount: Money(10_000_000),
+                    amount: Money::from_minor(10_000_000),
                     external_ref: format!("seed-{i}"),
                     source: None,
                     ref_accepted: true,
-                },
+                }),
             )
         })
         .collect();

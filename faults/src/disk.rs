@@ -9,7 +9,8 @@
 //! - any other I/O error but a full disk (EIO on a read or a write…) aborts the process too;
 //! - a write refused for want of space (`ENOSPC`, `EDQUOT`) is returned to redb. redb then refuses
 //!   every later operation on that `Database` (`PreviousIo`) until it is closed: the owner reopens the
-//!   file and retries, with back-off, until space is freed (`log_store`, `state_machine`).
+//!   file and retries, with back-off, until space is freed (`shopkeep_raft::log_store`,
+//!   `shopkeep_raft::state_machine`, `shopkeep::state`).
 //!
 //! [`DiskHealth`] is what the node reports meanwhile: which files are full (the engine refuses writes
 //! with 503, `/readyz` says why, the gauge `shopkeep_storage_full{file}`), with one log line when a file

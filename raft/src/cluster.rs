@@ -32,6 +32,7 @@ use crate::{Payload, Raft, batch};
 use rebuild::Marks;
 use shopkeep_faults::disk::DiskHealth;
 
+mod handoff;
 mod rebuild;
 
 pub type NodeId = u64;
@@ -219,6 +220,40 @@ fn fatal<E: std::fmt::Display>(error: E) -> Refusal {
     Refusal::Unavailable(format!("the shard's replica stopped: {error}"))
 }
 
+/// A shard whose state holds less than its log was purged past (its file was set aside as corrupt, or
+/// lost) cannot catch up from its own log. In a cluster its log is forgotten too, so it opens as
+/// pristine and rebuilds from its peers (`rebuild`), its snapshot set aside with it (a snapshot ahead of
+/// an empty log is no state openraft accepts); on a single node the start stops.
+async fn reset_if_behind<S: ReplicatedState>(
+    log_db: &LogDb,
+    shard: u32,
+    state: &S,
+    snapshot_dir: &std::path::Path,
+    clustered: bool,
+) -> Result<(), ClusterError> {
+    let open_error = |e: &dyn std::fmt::Display| ClusterError::Open(format!("shard {shard}: {e}"));
+    let applied = crate::state_machine::applied_index(state).map_err(|e| open_error(&e))?;
+    let purged = log_db.last_purged(shard).map_err(|e| open_error(&e))?;
+    let Some(purged) = purged.filter(|purged| purged.index > applied) else {
+        return Ok(());
+    };
+    let what = format!(
+        "shard {shard}'s state ({}) holds entries up to {applied} but its log starts after {}",
+        state.location().display(),
+        purged.index
+    );
+    if !clustered {
+        return Err(ClusterError::Open(format!(
+            "{what}. {}",
+            shopkeep_faults::integrity::restore_advice(&state.location())
+        )));
+    }
+    tracing::error!("{what}: the shard's log is reset and it rebuilds from its peers");
+    shopkeep_faults::integrity::quarantine(snapshot_dir, &[snapshot_dir.join("current.snap")])
+        .map_err(|e| open_error(&e))?;
+    log_db.reset_shard(shard).await.map_err(|e| open_error(&e))
+}
+
 impl Cluster {
     /// Opens the node's log, one Raft group per shard on `states` (index = shard), and the network.
     pub async fn open<S: ReplicatedState>(
@@ -230,7 +265,7 @@ impl Cluster {
             config.peers.contains_key(&config.node_id),
             "the peers include this node"
         );
-        let log_path = config.data_dir.join("raft-log.redb");
+        let log_path = shopkeep_faults::integrity::log_path(&config.data_dir);
         let health = Arc::new(DiskHealth::new());
         let log_health = health.clone();
         let log_db = tokio::task::spawn_blocking(move || {
@@ -250,20 +285,31 @@ impl Cluster {
         let mut replicas = Vec::with_capacity(states.len());
         let mut queues = Vec::with_capacity(states.len());
         for (shard, state) in (0u32..).zip(states) {
+            let snapshot_dir = config
+                .data_dir
+                .join(shopkeep_faults::integrity::SNAPSHOT_DIR)
+                .join(format!("shard-{shard:03}"));
+            let clustered = config.peers.len() > 1;
+            reset_if_behind(&log_db, shard, &*state, &snapshot_dir, clustered).await?;
             // the log is purged only up to what the state machine holds durably
             let gate = PurgeGate::new();
             let log = log_db
                 .shard(shard)
                 .map_err(|e| ClusterError::Open(e.to_string()))?
                 .with_purge_gate(gate.clone());
-            let snapshot_dir = config
-                .data_dir
-                .join("snapshots")
-                .join(format!("shard-{shard:03}"));
-            let machine = StateMachineStore::new(state, snapshot_dir)
+            let mut machine = StateMachineStore::new(state, snapshot_dir)
                 .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?
                 .with_purge_gate(gate)
                 .with_disk(health.clone(), log.clone());
+            if machine.lost_snapshot() {
+                use openraft::{RaftSnapshotBuilder, storage::RaftStateMachine};
+                machine
+                    .get_snapshot_builder()
+                    .await
+                    .build_snapshot()
+                    .await
+                    .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))?;
+            }
             let network = ShardNetwork {
                 shard,
                 local: config.node_id,
@@ -309,6 +355,9 @@ impl Cluster {
         for (shard, queue) in (0u32..).zip(queues) {
             tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
             tokio::spawn(rebuild::run_rebuild(Arc::downgrade(&cluster), shard));
+        }
+        if cluster.config.peers.len() > 1 {
+            tokio::spawn(handoff::run_handoff(Arc::downgrade(&cluster)));
         }
         Ok(cluster)
     }
@@ -878,6 +927,10 @@ impl Cluster {
                 Ok(replica) => replica.raft.vote(rpc).await,
                 Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
             }),
+            // openraft stops a shard whose snapshot chunk cannot be written: refuse it while full
+            NodeRequest::InstallSnapshot { shard, .. } if self.disk_trouble().is_some() => {
+                NodeResponse::DiskFull { shard }
+            }
             NodeRequest::InstallSnapshot { shard, rpc } => {
                 NodeResponse::InstallSnapshot(match self.replica(shard) {
                     Ok(replica) => replica.raft.install_snapshot(rpc).await,
@@ -909,6 +962,9 @@ impl Cluster {
                 }
             }
             NodeRequest::Floor { shard } => NodeResponse::Floor(self.floor_local(shard).await),
+            NodeRequest::TakeLeadership { shard } => {
+                NodeResponse::Done(self.take_leadership(shard).await)
+            }
             NodeRequest::Probe => NodeResponse::Probe(Probe {
                 node_id: self.config.node_id,
                 shards: self.shard_count(),

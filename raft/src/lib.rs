@@ -18,7 +18,8 @@
 //!   commands at once.
 //!
 //! Its redb files fail as every file of the node does: `shopkeep_faults::disk` (a fail-stop backend, a
-//! full disk waited out), with the crash points of `shopkeep_faults::failpoints`.
+//! full disk waited out), `shopkeep_faults::integrity` (verified at start, set aside when corrupt), with
+//! the crash points of `shopkeep_faults::failpoints`.
 //!
 //! Commands and replies are opaque bytes: the application encodes them.
 

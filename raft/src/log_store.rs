@@ -102,6 +102,11 @@ enum Op {
         value: Vec<u8>,
         done: Option<oneshot::Sender<Result<(), String>>>,
     },
+    /// Deletes everything of the shard: its entries, vote, marks (`LogDb::reset_shard`).
+    Reset {
+        shard: u32,
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The open log file, reopened after a commit refused for want of space (see the module docs).
@@ -135,7 +140,7 @@ impl LogFile {
     /// until the open succeeds (readers may still hold the old handle for a moment).
     fn reopen(&self, backoff: &mut Backoff) -> Arc<Database> {
         *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
-        loop {
+        for attempt in 1u64.. {
             std::thread::sleep(backoff.pause());
             match LogFile::open(&self.path) {
                 Ok(db) => {
@@ -143,9 +148,14 @@ impl LogFile {
                     *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
                     return db;
                 }
+                // a full disk is expected; anything else, said now and then
+                Err(error) if attempt.is_power_of_two() => {
+                    tracing::warn!(%error, attempt, "reopening the raft log failed; retrying");
+                }
                 Err(error) => tracing::debug!(%error, "reopening the raft log failed; retrying"),
             }
         }
+        unreachable!("the attempts outnumber u64")
     }
 }
 
@@ -234,6 +244,30 @@ impl LogDb {
                 value,
                 done: Some(done),
             })
+            .await
+            .map_err(|_| stopped())?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(LogDbError::Write(error)),
+            Err(_) => Err(stopped()),
+        }
+    }
+
+    /// Where `shard`'s log was purged up to (`None`: never purged).
+    pub fn last_purged(&self, shard: u32) -> Result<Option<LogId>, LogDbError> {
+        self.read_state(shard, "last_purged")?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+            .map_err(|e| LogDbError::Corrupt(e.to_string()))
+    }
+
+    /// Forgets `shard`'s log entirely (entries, vote, purge and rebuild marks), durably: the shard
+    /// opens as pristine, as on a wiped member. Only before its Raft group is opened.
+    pub async fn reset_shard(&self, shard: u32) -> Result<(), LogDbError> {
+        let (done, wait) = oneshot::channel();
+        let stopped = || LogDbError::Write("the log writer stopped".into());
+        self.ops
+            .send(Op::Reset { shard, done })
             .await
             .map_err(|_| stopped())?;
         match wait.await {
@@ -375,7 +409,7 @@ fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
                     durable.fetch_min(from, Ordering::AcqRel);
                     let _ = done.send(outcome);
                 }
-                Op::Purge { done, .. } => {
+                Op::Purge { done, .. } | Op::Reset { done, .. } => {
                     let _ = done.send(outcome);
                 }
                 Op::Put { done, .. } => {
@@ -405,6 +439,8 @@ fn commit_batch(file: &LogFile, batch: &[Op]) -> Result<(), LogDbError> {
             }
             Err(LogDbError::Redb(error)) if disk::is_disk_full(&error) => {
                 file.health.full(&file.path, &error);
+                // redb opens a file once: the old handle must be gone before it is reopened
+                drop(db);
                 db = file.reopen(&mut backoff);
             }
             Err(error) => return Err(error),
@@ -445,6 +481,13 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), LogDbError> {
                 } => {
                     state
                         .insert((*shard, *name), value.as_slice())
+                        .map_err(redb_error)?;
+                }
+                Op::Reset { shard, .. } => {
+                    log.retain_in((*shard, 0)..=(*shard, u64::MAX), |_, _| false)
+                        .map_err(redb_error)?;
+                    state
+                        .retain(|(owner, _), _| owner != *shard)
                         .map_err(redb_error)?;
                 }
             }

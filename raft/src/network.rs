@@ -256,6 +256,12 @@ impl PeerClient {
                 reason: format!("rebuilding shard {shard}, takes no part yet"),
             });
         }
+        if let NodeResponse::DiskFull { shard } = answer {
+            return self.failed(TransportError::Unreachable {
+                addr: self.addr.clone(),
+                reason: format!("its disk is full: no snapshot of shard {shard} now"),
+            });
+        }
         let error = TransportError::Decode {
             addr: self.addr.clone(),
             reason: format!("unexpected answer {answer:?}"),

@@ -62,6 +62,11 @@ pub enum NodeRequest {
     Floor {
         shard: u32,
     },
+    /// From the leader of `shard`, whose disk is full, to a voter: stand for election now (see
+    /// `cluster::handoff`).
+    TakeLeadership {
+        shard: u32,
+    },
 }
 
 impl NodeRequest {
@@ -91,6 +96,11 @@ pub enum NodeResponse {
     /// This node lost its data and is rebuilding `shard`: it takes no part yet (see
     /// `cluster::rebuild`).
     Rebuilding {
+        shard: u32,
+    },
+    /// This node's disk is full: it takes no snapshot of `shard` now (retried after a back-off, as
+    /// an unreachable node is).
+    DiskFull {
         shard: u32,
     },
 }

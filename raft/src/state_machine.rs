@@ -78,6 +78,16 @@ pub trait ReplicatedState: Send + Sync + 'static {
     }
 }
 
+/// The index of the last entry `state` applied (0: none).
+pub fn applied_index<S: ReplicatedState>(state: &S) -> Result<u64, StateError> {
+    Ok(match state.marker()? {
+        Some(bytes) => decode::<Marker>(&bytes)?
+            .last_applied
+            .map_or(0, |id| id.index),
+        None => 0,
+    })
+}
+
 /// What the state stores as its marker: where it is in the log and the membership it has applied.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Marker {
@@ -369,6 +379,8 @@ fn apply_now<S: ReplicatedState>(
 /// A shard's state machine as openraft drives it.
 pub struct StateMachineStore<S: ReplicatedState> {
     state: Arc<S>,
+    /// The current snapshot failed its digest when the shard opened and was set aside.
+    lost_snapshot: bool,
     snapshots: Arc<SnapshotDir>,
     membership: StoredMembership,
     gate: PurgeGate,
@@ -384,8 +396,10 @@ impl<S: ReplicatedState> StateMachineStore<S> {
             replace: std::sync::Mutex::new(()),
         };
         snapshots.remove_temporaries();
+        let lost_snapshot = snapshots.set_aside_if_corrupt()?;
         Ok(StateMachineStore {
             state,
+            lost_snapshot,
             snapshots: Arc::new(snapshots),
             membership: StoredMembership::default(),
             gate: PurgeGate::open(),
@@ -395,6 +409,12 @@ impl<S: ReplicatedState> StateMachineStore<S> {
                 applied: tokio::sync::Mutex::new(Marker::default()),
             }),
         })
+    }
+
+    /// Whether the current snapshot was corrupt when the shard opened (and was set aside): the owner
+    /// builds a new one before the shard's Raft starts, since a peer may need it.
+    pub fn lost_snapshot(&self) -> bool {
+        self.lost_snapshot
     }
 
     /// Reports a full disk to `health`, and re-applies from `log` what a full disk rolled back.
@@ -736,7 +756,14 @@ fn write_snapshot(
     out.write_all(MAGIC)?;
     out.write_all(&u32::try_from(header.len()).map_err(io_error)?.to_le_bytes())?;
     out.write_all(&header)?;
-    export.write_to(&mut out).map_err(io_error)?;
+    export.write_to(&mut out).map_err(|e| {
+        // keep a full disk recognisable, so that the build is retried (`Attempt::Full`)
+        if disk::is_disk_full(&*e) {
+            std::io::Error::new(std::io::ErrorKind::StorageFull, e.to_string())
+        } else {
+            io_error(e)
+        }
+    })?;
     let digest = out.digest.finalize();
     let mut inner = out.inner;
     inner.write_all(&digest)?;
@@ -825,6 +852,28 @@ impl SnapshotDir {
         let _ = std::fs::remove_file(self.building_path());
         let _ = std::fs::remove_file(self.receiving_path());
         let _ = std::fs::remove_file(self.installing_path());
+    }
+
+    /// Checks the current snapshot against its digest; a corrupt one is moved into `quarantine/` under
+    /// this directory (see `shopkeep_faults::integrity`). Returns whether it was.
+    fn set_aside_if_corrupt(&self) -> std::io::Result<bool> {
+        let path = self.current_path();
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let Err(why) = verify(&mut file) else {
+            return Ok(false);
+        };
+        drop(file);
+        let moved = shopkeep_faults::integrity::quarantine(&self.dir, std::slice::from_ref(&path))?;
+        tracing::error!(
+            file = %path.display(),
+            moved_to = %moved.display(),
+            "the snapshot is corrupt ({why}): it was set aside and is built again from the state"
+        );
+        Ok(true)
     }
 
     /// The current snapshot's meta and an open file positioned at its start.

@@ -3,6 +3,10 @@
 //! The envelope carries everything non-deterministic — the time, the randomness for new ids, the
 //! idempotency key with its request fingerprint and retention — so that applying it is a pure function
 //! of (state, envelope) and every replica reaches the same state.
+//!
+//! Envelopes are Raft log entries and stored idempotency records, as postcard bytes: the rules of the
+//! persisted format (`crate::domain`) hold for every type here. Each variant holds a struct of its own
+//! name; postcard encodes `V(S { a, b })` exactly as it encoded the struct variant `V { a, b }`.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -59,158 +63,211 @@ pub struct RefClaim {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    CreateUser {
-        user_id: String,
-        display_name: Option<String>,
-    },
-    /// Records that a token was minted for the user (tokens themselves are never stored).
-    IssueToken {
-        user_id: String,
-        expires_at: Timestamp,
-    },
-    /// Step 1 of a global-scope request, on the key's home shard: claim the key for `inner`, or learn the
-    /// outcome (or the still pending command) of an earlier request with that key.
-    ClaimGlobalKey {
-        key: String,
-        fingerprint: Fingerprint,
-        expires_at: Timestamp,
-        inner: Box<Envelope>,
-    },
-    /// Step 3 of a global-scope request: record the outcome that step 2 produced on the user's shard.
-    SettleGlobalKey {
-        key: String,
-        fingerprint: Fingerprint,
-        outcome: Box<Outcome>,
-    },
-    /// Reserve an external reference (unique across the whole shop) on its home shard.
-    ClaimExternalRef {
-        reference: String,
-        claim: RefClaim,
-    },
-    Credit {
-        user_id: String,
-        amount: Money,
-        external_ref: String,
-        source: Option<String>,
-        /// Did the reference's home shard accept the claim? If not, the credit is `external_ref_conflict`.
-        ref_accepted: bool,
-    },
-    CreateTopup {
-        user_id: String,
-        amount: Money,
-        expires_at: Timestamp,
-    },
-    PspPayment {
-        event_id: String,
-        succeeded: bool,
-        topup_id: Uuid,
-        user_id: String,
-        amount: Money,
-        psp_payment_id: String,
-        ref_accepted: bool,
-    },
-    /// Create or replace an item. `version: None` on the catalog's home shard (which decides the version);
-    /// `Some(v)` on every other shard (which takes the item if `v` is newer than its copy).
-    PutItem {
-        spec: ItemSpec,
-        version: Option<u64>,
-    },
-    CreateOrder {
-        user_id: String,
-        lines: Vec<LineRequest>,
-        expected_total: Option<Money>,
-        complete: bool,
-        expires_at: Timestamp,
-        max_pending_orders: u32,
-    },
-    CompleteOrder {
-        user_id: String,
-        order_id: Uuid,
-    },
-    CancelOrder {
-        user_id: String,
-        order_id: Uuid,
-    },
-    Refund {
-        user_id: String,
-        order_id: Uuid,
-        /// `None`: everything not yet refunded.
-        lines: Option<Vec<LineRequest>>,
-        reason: Option<String>,
-        force: bool,
-    },
-    Consume {
-        user_id: String,
-        item_id: String,
-        quantity: u32,
-    },
-    /// Background work due at `now`: expire pending orders and top-ups, purge idempotency outcomes past
-    /// their retention. At most `limit` of each per command.
-    Sweep {
-        limit: u32,
-    },
-    // Postcard is positional: new variants go at the end, existing ones never change (entries already in
-    // a log must decode and apply as they did).
-    /// `CreateTopup` under a per-user cap: refused with `limit_exceeded` when the user already has
-    /// `max_pending_topups` PENDING, unexpired top-ups. What the HTTP layer sends (`--max-pending-topups`).
-    CreateTopupCapped {
-        user_id: String,
-        amount: Money,
-        expires_at: Timestamp,
-        max_pending_topups: u32,
-    },
-    /// `Sweep`, and also purge EXPIRED and FAILED top-ups that became final more than
-    /// `topup_retention_seconds` before `now` (at most `limit` of them). What the sweeper sends.
-    SweepAndPurge {
-        limit: u32,
-        topup_retention_seconds: u64,
-    },
+    CreateUser(CreateUser),
+    IssueToken(IssueToken),
+    ClaimGlobalKey(ClaimGlobalKey),
+    SettleGlobalKey(SettleGlobalKey),
+    ClaimExternalRef(ClaimExternalRef),
+    Credit(Credit),
+    CreateTopup(CreateTopup),
+    PspPayment(PspPayment),
+    PutItem(PutItem),
+    CreateOrder(CreateOrder),
+    CompleteOrder(CompleteOrder),
+    CancelOrder(CancelOrder),
+    Refund(Refund),
+    Consume(Consume),
+    Sweep(Sweep),
+    // Postcard is positional: new variants go at the end, existing ones and their structs never change
+    // (entries already in a log must decode and apply as they did; see `crate::domain`).
+    CreateTopupCapped(CreateTopupCapped),
+    SweepAndPurge(SweepAndPurge),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateUser {
+    pub user_id: String,
+    pub display_name: Option<String>,
+}
+
+/// Records that a token was minted for the user (tokens themselves are never stored).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssueToken {
+    pub user_id: String,
+    pub expires_at: Timestamp,
+}
+
+/// Step 1 of a global-scope request, on the key's home shard: claim the key for `inner`, or learn the
+/// outcome (or the still pending command) of an earlier request with that key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimGlobalKey {
+    pub key: String,
+    pub fingerprint: Fingerprint,
+    pub expires_at: Timestamp,
+    pub inner: Box<Envelope>,
+}
+
+/// Step 3 of a global-scope request: record the outcome that step 2 produced on the user's shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleGlobalKey {
+    pub key: String,
+    pub fingerprint: Fingerprint,
+    pub outcome: Box<Outcome>,
+}
+
+/// Reserve an external reference (unique across the whole shop) on its home shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimExternalRef {
+    pub reference: String,
+    pub claim: RefClaim,
+}
+
+/// A direct credit of the user's wallet (not the stored `model::Credit` it creates).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    pub user_id: String,
+    pub amount: Money,
+    pub external_ref: String,
+    pub source: Option<String>,
+    /// Did the reference's home shard accept the claim? If not, the credit is `external_ref_conflict`.
+    pub ref_accepted: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateTopup {
+    pub user_id: String,
+    pub amount: Money,
+    pub expires_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PspPayment {
+    pub event_id: String,
+    pub succeeded: bool,
+    pub topup_id: Uuid,
+    pub user_id: String,
+    pub amount: Money,
+    pub psp_payment_id: String,
+    pub ref_accepted: bool,
+}
+
+/// Create or replace an item. `version: None` on the catalog's home shard (which decides the version);
+/// `Some(v)` on every other shard (which takes the item if `v` is newer than its copy).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutItem {
+    pub spec: ItemSpec,
+    pub version: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateOrder {
+    pub user_id: String,
+    pub lines: Vec<LineRequest>,
+    pub expected_total: Option<Money>,
+    pub complete: bool,
+    pub expires_at: Timestamp,
+    pub max_pending_orders: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteOrder {
+    pub user_id: String,
+    pub order_id: Uuid,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelOrder {
+    pub user_id: String,
+    pub order_id: Uuid,
+}
+
+/// A refund of an order's lines (not the stored `model::Refund` it creates).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    pub user_id: String,
+    pub order_id: Uuid,
+    /// `None`: everything not yet refunded.
+    pub lines: Option<Vec<LineRequest>>,
+    pub reason: Option<String>,
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consume {
+    pub user_id: String,
+    pub item_id: String,
+    pub quantity: u32,
+}
+
+/// Background work due at `now`: expire pending orders and top-ups, purge idempotency outcomes past
+/// their retention. At most `limit` of each per command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sweep {
+    pub limit: u32,
+}
+
+/// `CreateTopup` under a per-user cap: refused with `limit_exceeded` when the user already has
+/// `max_pending_topups` PENDING, unexpired top-ups. What the HTTP layer sends (`--max-pending-topups`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateTopupCapped {
+    pub user_id: String,
+    pub amount: Money,
+    pub expires_at: Timestamp,
+    pub max_pending_topups: u32,
+}
+
+/// `Sweep`, and also purge EXPIRED and FAILED top-ups that became final more than
+/// `topup_retention_seconds` before `now` (at most `limit` of them). What the sweeper sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepAndPurge {
+    pub limit: u32,
+    pub topup_retention_seconds: u64,
 }
 
 impl Command {
     /// The user whose shard this command must run on, if it is a per-user command.
     pub fn user_id(&self) -> Option<&str> {
         match self {
-            Command::CreateUser { user_id, .. }
-            | Command::IssueToken { user_id, .. }
-            | Command::Credit { user_id, .. }
-            | Command::CreateTopup { user_id, .. }
-            | Command::CreateTopupCapped { user_id, .. }
-            | Command::PspPayment { user_id, .. }
-            | Command::CreateOrder { user_id, .. }
-            | Command::CompleteOrder { user_id, .. }
-            | Command::CancelOrder { user_id, .. }
-            | Command::Refund { user_id, .. }
-            | Command::Consume { user_id, .. } => Some(user_id),
-            Command::ClaimGlobalKey { .. }
-            | Command::SettleGlobalKey { .. }
-            | Command::ClaimExternalRef { .. }
-            | Command::PutItem { .. }
-            | Command::Sweep { .. }
-            | Command::SweepAndPurge { .. } => None,
+            Command::CreateUser(CreateUser { user_id, .. })
+            | Command::IssueToken(IssueToken { user_id, .. })
+            | Command::Credit(Credit { user_id, .. })
+            | Command::CreateTopup(CreateTopup { user_id, .. })
+            | Command::CreateTopupCapped(CreateTopupCapped { user_id, .. })
+            | Command::PspPayment(PspPayment { user_id, .. })
+            | Command::CreateOrder(CreateOrder { user_id, .. })
+            | Command::CompleteOrder(CompleteOrder { user_id, .. })
+            | Command::CancelOrder(CancelOrder { user_id, .. })
+            | Command::Refund(Refund { user_id, .. })
+            | Command::Consume(Consume { user_id, .. }) => Some(user_id),
+            Command::ClaimGlobalKey(_)
+            | Command::SettleGlobalKey(_)
+            | Command::ClaimExternalRef(_)
+            | Command::PutItem(_)
+            | Command::Sweep(_)
+            | Command::SweepAndPurge(_) => None,
         }
     }
 
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
-            Command::CreateUser { .. } => "create_user",
-            Command::IssueToken { .. } => "issue_token",
-            Command::ClaimGlobalKey { .. } => "claim_global_key",
-            Command::SettleGlobalKey { .. } => "settle_global_key",
-            Command::ClaimExternalRef { .. } => "claim_external_ref",
-            Command::Credit { .. } => "credit",
-            Command::CreateTopup { .. } => "create_topup",
-            Command::PspPayment { .. } => "psp_payment",
-            Command::PutItem { .. } => "put_item",
-            Command::CreateOrder { .. } => "create_order",
-            Command::CompleteOrder { .. } => "complete_order",
-            Command::CancelOrder { .. } => "cancel_order",
-            Command::Refund { .. } => "refund",
-            Command::Consume { .. } => "consume",
-            Command::Sweep { .. } => "sweep",
-            Command::CreateTopupCapped { .. } => "create_topup",
-            Command::SweepAndPurge { .. } => "sweep",
+            Command::CreateUser(_) => "create_user",
+            Command::IssueToken(_) => "issue_token",
+            Command::ClaimGlobalKey(_) => "claim_global_key",
+            Command::SettleGlobalKey(_) => "settle_global_key",
+            Command::ClaimExternalRef(_) => "claim_external_ref",
+            Command::Credit(_) => "credit",
+            Command::CreateTopup(_) => "create_topup",
+            Command::PspPayment(_) => "psp_payment",
+            Command::PutItem(_) => "put_item",
+            Command::CreateOrder(_) => "create_order",
+            Command::CompleteOrder(_) => "complete_order",
+            Command::CancelOrder(_) => "cancel_order",
+            Command::Refund(_) => "refund",
+            Command::Consume(_) => "consume",
+            Command::Sweep(_) => "sweep",
+            Command::CreateTopupCapped(_) => "create_topup",
+            Command::SweepAndPurge(_) => "sweep",
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The shop's records — users with their wallets, catalog items, orders, entitlements, credits, top-ups,
 //! refunds and ledger postings — and the pure rules that belong to a single record (status transitions,
 //! quantities, expiry). Storage and transport know these types; these types know neither.
+//!
+//! Records are stored as postcard bytes in redb rows: the rules of the persisted format (`crate::domain`)
+//! hold for every type here.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -54,7 +57,7 @@ impl WalletView {
     /// `balance - held`. Exact for every wallet `apply` writes (`0 ≤ held ≤ balance`); a corrupt row
     /// saturates instead of wrapping, and the audit reports it.
     pub fn available(&self) -> Money {
-        Money(self.balance.0.saturating_sub(self.held.0))
+        self.balance.saturating_sub(self.held)
     }
 }
 
@@ -207,7 +210,7 @@ impl OrderLine {
     /// `unit_price × quantity`. `apply` accepts a line only if this fits (checked there); a corrupt row
     /// saturates instead of wrapping, so the audit's sums show it.
     pub fn line_total(&self) -> Money {
-        Money(self.unit_price.0.saturating_mul(i64::from(self.quantity)))
+        self.unit_price.saturating_mul(self.quantity)
     }
 
     pub fn refundable_quantity(&self) -> u32 {
@@ -428,7 +431,7 @@ impl PostingKind {
     /// How a posting of this kind changes the system accounts' (psp_clearing, revenue) balances. In
     /// `i128`, where negating and adding any `i64` amount is exact; the caller narrows with a check.
     pub fn system_delta(self, amount: Money) -> (i128, i128) {
-        let a = i128::from(amount.0);
+        let a = i128::from(amount.minor());
         match self {
             PostingKind::Credit => (-a, 0),
             PostingKind::Debit => (0, a),
@@ -439,7 +442,7 @@ impl PostingKind {
 
     /// How a posting of this kind changes the wallet's (balance, held), in `i128` like `system_delta`.
     pub fn wallet_delta(self, amount: Money) -> (i128, i128) {
-        let a = i128::from(amount.0);
+        let a = i128::from(amount.minor());
         match self {
             PostingKind::Credit | PostingKind::Refund => (a, 0),
             PostingKind::Hold => (0, a),

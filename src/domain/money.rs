@@ -10,14 +10,26 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-/// An amount in minor units. Arithmetic is checked: an overflow is a bug or an attack, never a wrap.
+/// An amount in minor units. Arithmetic is checked: an overflow is a bug or an attack, never a wrap. The
+/// count is private: `from_minor` makes one, `minor` reads it, and the operations below compute with it
+/// (its serde encoding is the bare `i64`, unchanged).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
-pub struct Money(pub i64);
+pub struct Money(i64);
 
 impl Money {
     pub const ZERO: Money = Money(0);
+
+    /// `minor` minor units of the currency (cents for EUR).
+    pub const fn from_minor(minor: i64) -> Money {
+        Money(minor)
+    }
+
+    /// The amount in minor units.
+    pub const fn minor(self) -> i64 {
+        self.0
+    }
 
     pub fn checked_add(self, other: Money) -> Option<Money> {
         self.0.checked_add(other.0).map(Money)
@@ -29,6 +41,18 @@ impl Money {
 
     pub fn checked_mul(self, factor: u32) -> Option<Money> {
         self.0.checked_mul(i64::from(factor)).map(Money)
+    }
+
+    /// `self - other`, at the bound of `i64` instead of wrapping. For views of stored rows only (a corrupt
+    /// row then shows a saturated value, which the audit reports); `apply` uses the checked operations.
+    pub fn saturating_sub(self, other: Money) -> Money {
+        Money(self.0.saturating_sub(other.0))
+    }
+
+    /// `self × factor`, at the bound of `i64` instead of wrapping. For views of stored rows only, like
+    /// `saturating_sub`.
+    pub fn saturating_mul(self, factor: u32) -> Money {
+        Money(self.0.saturating_mul(i64::from(factor)))
     }
 
     pub fn is_negative(self) -> bool {

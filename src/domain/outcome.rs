@@ -3,6 +3,8 @@
 //! Outcomes are stored under the command's idempotency key and replayed to retries, so a `Reply` is a
 //! snapshot of everything the response shows (the wallet as it was right after the command, say), never a
 //! pointer to state that may have moved on.
+//!
+//! Stored outcomes are postcard bytes: the rules of the persisted format (`crate::domain`) hold here.
 
 use serde::{Deserialize, Serialize};
 

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::domain::command::GLOBAL_INNER_SCOPE;
 use crate::domain::{
     Command, Envelope, Fingerprint, GlobalClaim, IdSeed, IdempotencyTag, ItemSpec, Money, RefClaim,
-    Reply, Timestamp, Topup, TopupStatus,
+    Reply, Timestamp, Topup, TopupStatus, command,
 };
 use crate::state::{Applied, query};
 
@@ -115,10 +115,10 @@ impl Node {
                 fingerprint,
                 expires_at,
             }),
-            command: Command::CreateUser {
+            command: Command::CreateUser(command::CreateUser {
                 user_id,
                 display_name,
-            },
+            }),
         };
         self.propose_with_global_key(&key, fingerprint, expires_at, inner)
             .await
@@ -150,13 +150,13 @@ impl Node {
         let ref_accepted = self
             .claim_external_ref(format!("credit:{external_ref}"), claim)
             .await?;
-        let command = Command::Credit {
+        let command = Command::Credit(command::Credit {
             user_id: user_id.clone(),
             amount,
             external_ref,
             source,
             ref_accepted,
-        };
+        });
         self.propose_for_user(&user_id, now, Some(tag), command)
             .await
     }
@@ -198,7 +198,7 @@ impl Node {
             amount,
             psp_payment_id,
         } = event;
-        let command = Command::PspPayment {
+        let command = Command::PspPayment(command::PspPayment {
             event_id,
             succeeded,
             topup_id,
@@ -206,7 +206,7 @@ impl Node {
             amount,
             psp_payment_id,
             ref_accepted,
-        };
+        });
         self.propose_for_user(&user_id, now, Some(tag), command)
             .await
     }
@@ -220,12 +220,12 @@ impl Node {
         inner: Envelope,
     ) -> Result<Applied, EngineError> {
         let home = self.shard_of_system_key(&format!("global/{key}"));
-        let claim = Command::ClaimGlobalKey {
+        let claim = Command::ClaimGlobalKey(command::ClaimGlobalKey {
             key: key.to_owned(),
             fingerprint,
             expires_at,
             inner: Box::new(inner),
-        };
+        });
         let inner = match self.propose(home, system_envelope(claim)).await?.outcome {
             Ok(Reply::GlobalClaim(GlobalClaim::Run(first))) => *first,
             Ok(Reply::GlobalClaim(GlobalClaim::Settled(outcome))) => {
@@ -246,11 +246,11 @@ impl Node {
             EngineError::Internal("a global-key command must belong to a user".into())
         })?;
         let executed = self.propose(self.shard_of_user(user_id), inner).await?;
-        let settle = Command::SettleGlobalKey {
+        let settle = Command::SettleGlobalKey(command::SettleGlobalKey {
             key: key.to_owned(),
             fingerprint,
             outcome: Box::new(executed.outcome.clone()),
-        };
+        });
         match self.propose(home, system_envelope(settle)).await?.outcome {
             Ok(Reply::GlobalClaim(GlobalClaim::Settled(outcome))) => Ok(Applied {
                 outcome: *outcome,
@@ -275,7 +275,10 @@ impl Node {
         match self
             .propose(
                 home,
-                system_envelope(Command::ClaimExternalRef { reference, claim }),
+                system_envelope(Command::ClaimExternalRef(command::ClaimExternalRef {
+                    reference,
+                    claim,
+                })),
             )
             .await?
             .outcome
@@ -294,10 +297,10 @@ impl Node {
         let home = self
             .propose(
                 CATALOG_HOME_SHARD,
-                system_envelope(Command::PutItem {
+                system_envelope(Command::PutItem(command::PutItem {
                     spec,
                     version: None,
-                }),
+                })),
             )
             .await?;
         let item = match &home.outcome {
@@ -306,10 +309,10 @@ impl Node {
             Err(_) => return Ok(home),
         };
         for shard in (0..self.shard_count()).filter(|&s| s != CATALOG_HOME_SHARD) {
-            let copy = Command::PutItem {
+            let copy = Command::PutItem(command::PutItem {
                 spec: item.spec.clone(),
                 version: Some(item.version),
-            };
+            });
             self.propose(shard, system_envelope(copy)).await?;
         }
         Ok(home)
@@ -330,10 +333,10 @@ impl Node {
             for item in &truth {
                 let current = copy.iter().find(|c| c.spec.item_id == item.spec.item_id);
                 if current.is_none_or(|c| c.version < item.version) {
-                    let command = Command::PutItem {
+                    let command = Command::PutItem(command::PutItem {
                         spec: item.spec.clone(),
                         version: Some(item.version),
-                    };
+                    });
                     self.propose(shard, system_envelope(command)).await?;
                     repaired += 1;
                 }

@@ -17,10 +17,11 @@ pub mod reads;
 pub mod replica;
 pub mod sweeper;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::ReadTransaction;
+use shopkeep_faults::integrity;
 use shopkeep_raft::{Cluster, ClusterConfig, ClusterError};
 
 pub use crate::state::Applied;
@@ -57,6 +58,9 @@ pub enum EngineError {
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A file of this node is corrupt and cannot be rebuilt here (a single node): the start stops.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 /// What a request looked for and did not find.
@@ -106,15 +110,51 @@ pub struct Node {
     catalog_lock: Mutex<()>,
 }
 
+/// Opens shard `id`'s file, verifying it (see `shopkeep_faults::integrity`). A corrupt file is set aside
+/// in a cluster (the shard then rebuilds from its peers) and refused on a single node.
+fn open_shard(
+    data_dir: &Path,
+    path: &Path,
+    id: u32,
+    clustered: bool,
+) -> Result<ShardStore, EngineError> {
+    match ShardStore::open_verified(path, id) {
+        Err(StoreError::CorruptFile(why)) if clustered => {
+            let moved = integrity::quarantine(data_dir, &[path.to_path_buf()])
+                .map_err(|e| EngineError::Internal(format!("setting aside {why}: {e}")))?;
+            tracing::error!(
+                shard = id,
+                moved_to = %moved.display(),
+                "{why}; it was set aside and the shard rebuilds from its peers"
+            );
+            Ok(ShardStore::open(path, id)?)
+        }
+        Err(StoreError::CorruptFile(why)) => Err(EngineError::Corrupt(format!(
+            "{why}. {}",
+            integrity::restore_advice(path)
+        ))),
+        other => Ok(other?),
+    }
+}
+
 impl Node {
     /// Opens (or creates) the shard files `shard-NNN.redb` in `data_dir` and their Raft groups, and
     /// starts forming the cluster if it has not been formed.
     pub async fn open(data_dir: &Path, config: ClusterConfig) -> Result<Node, EngineError> {
         assert!(config.shards > 0);
-        let mut stores = Vec::with_capacity(config.shards as usize);
-        for id in 0..config.shards {
-            let path = data_dir.join(format!("shard-{id:03}.redb"));
-            let store = tokio::task::spawn_blocking(move || ShardStore::open(&path, id))
+        let clustered = config.peers.len() > 1;
+        let paths: Vec<PathBuf> = (0..config.shards)
+            .map(|id| data_dir.join(format!("shard-{id:03}.redb")))
+            .collect();
+        let (dir, files) = (data_dir.to_path_buf(), paths.clone());
+        tokio::task::spawn_blocking(move || integrity::verify_log(&dir, clustered, &files))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        let mut stores = Vec::with_capacity(paths.len());
+        for (id, path) in (0u32..).zip(paths) {
+            let dir = data_dir.to_path_buf();
+            let store = tokio::task::spawn_blocking(move || open_shard(&dir, &path, id, clustered))
                 .await
                 .map_err(|e| EngineError::Internal(e.to_string()))??;
             stores.push(Arc::new(store));

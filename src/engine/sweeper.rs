@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::coordinator::{CATALOG_HOME_SHARD, system_envelope};
 use super::{Consistency, Node};
-use crate::domain::{Command, Reply, Timestamp};
+use crate::domain::{Command, Reply, Timestamp, command};
 use crate::state::query;
 
 /// Most orders (and top-ups, and idempotency records) one sweep command handles: bounds the transaction.
@@ -105,10 +105,10 @@ pub async fn sweep_shard(
     shard: u32,
     topup_retention: Duration,
 ) -> Result<(), super::EngineError> {
-    let command = Command::SweepAndPurge {
+    let command = Command::SweepAndPurge(command::SweepAndPurge {
         limit: SWEEP_LIMIT,
         topup_retention_seconds: topup_retention.as_secs(),
-    };
+    });
     loop {
         let now = Timestamp::now();
         if !node

@@ -383,7 +383,9 @@ impl From<EngineError> for ApiError {
                 tracing::error!(error = %e, "storage error");
                 ApiError::unavailable("storage error; retry with the same Idempotency-Key")
             }
-            EngineError::Open(reason) | EngineError::Internal(reason) => {
+            EngineError::Open(reason)
+            | EngineError::Internal(reason)
+            | EngineError::Corrupt(reason) => {
                 tracing::error!(%reason, "internal error");
                 ApiError::internal(
                     "internal error; retry with the same Idempotency-Key to learn the outcome",

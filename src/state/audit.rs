@@ -87,8 +87,8 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         sums.held += held_delta;
         sums.entries += 1;
         if sums.entries != posting.user_seq
-            || sums.balance != i128::from(posting.balance_after.0)
-            || sums.held != i128::from(posting.held_after.0)
+            || sums.balance != i128::from(posting.balance_after.minor())
+            || sums.held != i128::from(posting.held_after.minor())
         {
             violations.push(format!(
                 "posting {} disagrees with the running wallet of {}",
@@ -120,19 +120,21 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     for entry in txn.open_table(tables::USERS)?.iter()? {
         let user: User = decode(entry?.1.value())?;
         user_count += 1;
-        wallet_total += i128::from(user.balance.0);
+        wallet_total += i128::from(user.balance.minor());
         let sums = wallets.remove(&user.user_id).unwrap_or_default();
         let id = &user.user_id;
-        if i128::from(user.balance.0) != sums.balance {
+        if i128::from(user.balance.minor()) != sums.balance {
             violations.push(format!(
                 "wallet {id}: balance {} != sum of postings {}",
-                user.balance.0, sums.balance
+                user.balance.minor(),
+                sums.balance
             ));
         }
-        if i128::from(user.held.0) != sums.held {
+        if i128::from(user.held.minor()) != sums.held {
             violations.push(format!(
                 "wallet {id}: held {} != sum of postings {}",
-                user.held.0, sums.held
+                user.held.minor(),
+                sums.held
             ));
         }
         if user.ledger_seq != sums.entries {
@@ -142,10 +144,10 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
             ));
         }
         let pending = pending_holds.remove(id).unwrap_or(0);
-        if i128::from(user.held.0) != pending {
+        if i128::from(user.held.minor()) != pending {
             violations.push(format!(
                 "wallet {id}: held {} != pending orders {pending}",
-                user.held.0
+                user.held.minor()
             ));
         }
         if user.balance.is_negative() || user.held.is_negative() || user.held > user.balance {
@@ -172,14 +174,16 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         let total: i128 = order
             .lines
             .iter()
-            .map(|l| i128::from(l.unit_price.0) * i128::from(l.quantity))
+            .map(|l| i128::from(l.unit_price.minor()) * i128::from(l.quantity))
             .sum();
         let refunded: i128 = order
             .lines
             .iter()
-            .map(|l| i128::from(l.unit_price.0) * i128::from(l.refunded_quantity))
+            .map(|l| i128::from(l.unit_price.minor()) * i128::from(l.refunded_quantity))
             .sum();
-        if total != i128::from(order.total.0) || refunded != i128::from(order.refunded_total.0) {
+        if total != i128::from(order.total.minor())
+            || refunded != i128::from(order.refunded_total.minor())
+        {
             violations.push(format!("order {id}: totals differ from its lines"));
         }
         if order.lines.iter().any(|l| l.refunded_quantity > l.quantity)

@@ -45,7 +45,7 @@ pub fn wallet_at(
         let (expires_at, total) = entry?.1.value();
         if expires_at <= now.micros() {
             expired_holds = expired_holds
-                .checked_add(Money(total))
+                .checked_add(Money::from_minor(total))
                 .ok_or_else(out_of_range)?;
         }
     }

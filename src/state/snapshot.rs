@@ -18,7 +18,7 @@ const END: u8 = 0xFF;
 const MAX_FIELD: u32 = 16 * 1024 * 1024;
 
 fn io(e: std::io::Error) -> StoreError {
-    StoreError::Corrupt(format!("snapshot stream: {e}"))
+    StoreError::SnapshotStream(e)
 }
 
 /// Writes every row of the state `txn` sees to `out`.

@@ -6,6 +6,7 @@
 //! shard that only advanced past the same log position without a command.
 
 use proptest::prelude::*;
+use shopkeep::domain::command;
 use shopkeep::domain::money::MAX_WALLET_BALANCE;
 use shopkeep::domain::{
     Command, Envelope, IdSeed, ItemKind, ItemSpec, LineRequest, Money, Outcome, Rejection,
@@ -85,24 +86,24 @@ impl Shard {
 }
 
 fn create_user(user_id: &str) -> Command {
-    Command::CreateUser {
+    Command::CreateUser(command::CreateUser {
         user_id: user_id.to_owned(),
         display_name: None,
-    }
+    })
 }
 
 fn credit(user_id: &str, amount: Money, external_ref: &str) -> Command {
-    Command::Credit {
+    Command::Credit(command::Credit {
         user_id: user_id.to_owned(),
         amount,
         external_ref: external_ref.to_owned(),
         source: None,
         ref_accepted: true,
-    }
+    })
 }
 
 fn item(item_id: &str, price: Money) -> Command {
-    Command::PutItem {
+    Command::PutItem(command::PutItem {
         spec: ItemSpec {
             item_id: item_id.to_owned(),
             name: item_id.to_owned(),
@@ -112,7 +113,7 @@ fn item(item_id: &str, price: Money) -> Command {
             refund_window_days: 14,
         },
         version: None,
-    }
+    })
 }
 
 /// Two identical shards with one funded user: `setup` runs on both.
@@ -149,29 +150,33 @@ fn assert_rejected_without_effect(a: &mut Shard, b: &mut Shard, command: Command
 fn funded() -> Vec<Command> {
     vec![
         create_user("u"),
-        credit("u", Money(10_000), "ref-0"),
-        item("gems", Money(100)),
+        credit("u", Money::from_minor(10_000), "ref-0"),
+        item("gems", Money::from_minor(100)),
     ]
 }
 
 #[test]
 fn negative_and_zero_amounts_are_rejected_without_effect() {
     let (mut a, mut b) = twins(&funded());
-    for amount in [Money(-500), Money(0), Money(i64::MIN)] {
+    for amount in [
+        Money::from_minor(-500),
+        Money::from_minor(0),
+        Money::from_minor(i64::MIN),
+    ] {
         assert_rejected_without_effect(&mut a, &mut b, credit("u", amount, "ref-neg"));
         assert_rejected_without_effect(
             &mut a,
             &mut b,
-            Command::CreateTopup {
+            Command::CreateTopup(command::CreateTopup {
                 user_id: "u".to_owned(),
                 amount,
                 expires_at: Timestamp(T0 + 3_600_000_000),
-            },
+            }),
         );
         assert_rejected_without_effect(
             &mut a,
             &mut b,
-            Command::PspPayment {
+            Command::PspPayment(command::PspPayment {
                 event_id: "evt".to_owned(),
                 succeeded: true,
                 topup_id: uuid::Uuid::nil(),
@@ -179,7 +184,7 @@ fn negative_and_zero_amounts_are_rejected_without_effect() {
                 amount,
                 psp_payment_id: "pi".to_owned(),
                 ref_accepted: true,
-            },
+            }),
         );
     }
 }
@@ -187,12 +192,12 @@ fn negative_and_zero_amounts_are_rejected_without_effect() {
 #[test]
 fn a_negative_price_is_rejected_and_cannot_be_bought() {
     let (mut a, mut b) = twins(&funded());
-    for price in [Money(-1), Money(i64::MIN)] {
+    for price in [Money::from_minor(-1), Money::from_minor(i64::MIN)] {
         assert_rejected_without_effect(&mut a, &mut b, item("bad", price));
         assert_rejected_without_effect(&mut a, &mut b, item("gems", price));
     }
     // The old price still stands, and the never-created item cannot be ordered.
-    let order = a.apply(Command::CreateOrder {
+    let order = a.apply(Command::CreateOrder(command::CreateOrder {
         user_id: "u".to_owned(),
         lines: vec![LineRequest {
             item_id: "bad".to_owned(),
@@ -202,7 +207,7 @@ fn a_negative_price_is_rejected_and_cannot_be_bought() {
         complete: true,
         expires_at: Timestamp(T0 + 900_000_000),
         max_pending_orders: 100,
-    });
+    }));
     assert!(
         matches!(order, Err(Rejection::ItemNotFound { .. })),
         "{order:?}"
@@ -214,7 +219,7 @@ fn a_negative_price_is_rejected_and_cannot_be_bought() {
 fn a_credit_that_would_overflow_the_psp_clearing_account_is_rejected_without_effect() {
     // Every credit of MAX_WALLET_BALANCE takes psp_clearing that much further below zero; i64 runs out
     // after i64::MAX / MAX_WALLET_BALANCE of them, one user each (a wallet is capped).
-    let room = i64::MAX / MAX_WALLET_BALANCE.0;
+    let room = i64::MAX / MAX_WALLET_BALANCE.minor();
     let mut setup = Vec::new();
     for i in 0..=room {
         setup.push(create_user(&format!("u{i}")));
@@ -232,9 +237,9 @@ fn a_credit_that_would_overflow_the_psp_clearing_account_is_rejected_without_eff
             .expect("meta")
             .psp_clearing
     };
-    assert_eq!(psp_clearing(&a), -room * MAX_WALLET_BALANCE.0);
+    assert_eq!(psp_clearing(&a), -room * MAX_WALLET_BALANCE.minor());
     assert_rejected_without_effect(&mut a, &mut b, last);
-    assert_eq!(psp_clearing(&a), -room * MAX_WALLET_BALANCE.0);
+    assert_eq!(psp_clearing(&a), -room * MAX_WALLET_BALANCE.minor());
 }
 
 proptest! {
@@ -244,20 +249,20 @@ proptest! {
     #[test]
     fn any_credit_amount_is_credited_exactly_or_rejected_without_effect(amount in any::<i64>()) {
         let (mut a, mut b) = twins(&funded());
-        let outcome = a.apply(credit("u", Money(amount), "ref-any"));
+        let outcome = a.apply(credit("u", Money::from_minor(amount), "ref-any"));
         let balance = query::user(&a.store.begin_read().expect("read"), "u")
             .expect("read")
             .expect("user")
             .balance;
         if outcome.is_ok() {
             prop_assert!(amount > 0);
-            prop_assert_eq!(balance, Money(10_000 + amount));
+            prop_assert_eq!(balance, Money::from_minor(10_000 + amount));
         } else {
             b.skip_one();
             let probe = create_user("probe");
             prop_assert!(a.apply(probe.clone()).is_ok() && b.apply(probe).is_ok());
             prop_assert_eq!(a.hash(), b.hash());
-            prop_assert_eq!(balance, Money(10_000));
+            prop_assert_eq!(balance, Money::from_minor(10_000));
         }
         a.assert_audit_clean();
     }

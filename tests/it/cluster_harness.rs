@@ -43,6 +43,8 @@ pub struct ClusterOpts {
     pub node_env: Vec<(u64, String, String)>,
     /// Nodes whose `/readyz` must be 200 before `start_with` returns (None: all of them).
     pub wait_ready: Option<Vec<u64>>,
+    /// Nodes whose data directory is a link to this directory (e.g. a small file system).
+    pub data_dirs: Vec<(u64, PathBuf)>,
 }
 
 impl Default for ClusterOpts {
@@ -56,6 +58,7 @@ impl Default for ClusterOpts {
             snapshot_every: None,
             node_env: vec![],
             wait_ready: None,
+            data_dirs: Vec::new(),
         }
     }
 }
@@ -78,6 +81,10 @@ impl ClusterOpts {
     }
     pub fn node_env(mut self, node: u64, k: &str, v: &str) -> Self {
         self.node_env.push((node, k.to_string(), v.to_string()));
+        self
+    }
+    pub fn data_dir_on(mut self, node: u64, dir: &std::path::Path) -> Self {
+        self.data_dirs.push((node, dir.to_path_buf()));
         self
     }
     pub fn wait_ready(mut self, nodes: &[u64]) -> Self {
@@ -331,6 +338,25 @@ impl ClusterNode {
         self.paused = false;
     }
 
+    /// SIGTERM the process and wait (≤ 20 s) for it to exit cleanly; the data directory stays.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                assert!(status.success(), "node did not stop cleanly: {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "node did not stop within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Extra environment (e.g. `FAILPOINTS`) for the next starts, until set again (empty: none).
     pub fn set_run_env(&mut self, env: Vec<(String, String)>) {
         self.run_env = env;
@@ -415,6 +441,18 @@ impl ClusterNode {
             self.id
         );
         let d = self.data_dir();
+        if d.is_symlink() {
+            // a file system of its own (see `ClusterOpts::data_dir_on`): empty it, keep the link
+            for entry in std::fs::read_dir(&d).expect("read data dir").flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(&path).expect("remove from data dir");
+                } else {
+                    std::fs::remove_file(&path).expect("remove from data dir");
+                }
+            }
+            return;
+        }
         std::fs::remove_dir_all(&d).expect("remove data dir");
         std::fs::create_dir_all(&d).expect("recreate data dir");
     }
@@ -768,7 +806,12 @@ impl TestCluster {
             .filter(|(n, _, _)| *n == id)
             .map(|(_, k, v)| (k.clone(), v.clone()))
             .collect();
-        ClusterNode::new(id, port, args, env)
+        let node = ClusterNode::new(id, port, args, env);
+        if let Some((_, dir)) = o.data_dirs.iter().find(|(n, _)| *n == id) {
+            std::fs::remove_dir(node.data_dir()).expect("empty data dir");
+            std::os::unix::fs::symlink(dir, node.data_dir()).expect("link the data dir");
+        }
+        node
     }
 
     /// Start one more node (id = highest + 1) with `--peers` of every node (itself included, the others through

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{Auth, Opts, Resp, Server, uniq};
+use crate::cluster_harness::{ClusterOpts, READY_TIMEOUT, TestCluster, post_until_definite};
+use crate::harness::{Auth, Opts, Resp, Server, tail, uniq};
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted (and the directory removed) on drop.
-struct Tmpfs {
-    path: PathBuf,
+pub struct Tmpfs {
+    pub path: PathBuf,
 }
 
 impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
         let path = std::env::temp_dir().join(format!("shopkeep-tmpfs-{}", uniq("m")));
         std::fs::create_dir_all(&path).expect("mount point");
         let status = Command::new("mount")
@@ -43,7 +44,7 @@ impl Drop for Tmpfs {
 }
 
 /// Writes `path` until the file system is full; returns how many bytes it holds.
-fn fill(path: &Path) -> u64 {
+pub fn fill(path: &Path) -> u64 {
     use std::io::Write;
     let mut file = std::fs::File::create(path).expect("filler");
     let chunk = vec![0xA5u8; 64 * 1024];
@@ -219,4 +220,109 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_when_space_is_freed(
     );
     drop(srv);
     drop(tmpfs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_leader_hands_its_shards_to_a_healthy_member_and_writes_go_on() {
+    let disks: Vec<Tmpfs> = (0..3).map(|_| Tmpfs::mount("64m")).collect();
+    let mut opts = ClusterOpts::new().nodes(3).shards(1);
+    for (id, disk) in (1u64..).zip(&disks) {
+        opts = opts.data_dir_on(id, &disk.path);
+    }
+    let c = TestCluster::start_with(opts).await;
+    let full = c.leader_of_shard(0).await;
+    let healthy: Vec<u64> = c.ids().into_iter().filter(|&id| id != full).collect();
+    let api = c.api(healthy[0]);
+    let user = uniq("full");
+    api.funded_user(&user, "10.00").await;
+
+    // The leader's file system drops below the log's reserve (8 MiB of 64): its disk counts as full.
+    let filler = disks[(full - 1) as usize].path.join("filler");
+    let held = fill(&filler);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .expect("filler");
+    file.set_len(held.saturating_sub(2 << 20))
+        .expect("free 2 MiB");
+    drop(file);
+    let filled = Instant::now();
+
+    let deadline = filled + Duration::from_secs(20);
+    let leader = loop {
+        let leader = c.leader_of_shard(0).await;
+        if leader != full {
+            break leader;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {full}, full, still leads the shard after 20 s\n{}",
+            tail(&c.logs(full), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let moved = filled.elapsed();
+    assert!(healthy.contains(&leader));
+    let body = serde_json::json!({"amount": "1.00", "external_ref": uniq("ext"), "source": "card"});
+    let path = format!("/v1/users/{user}/credits");
+    let key = uniq("key");
+    let credited = post_until_definite(&api, &path, &key, &body, Duration::from_secs(10)).await;
+    eprintln!(
+        "a full leader: leadership moved to node {leader} in {moved:?}; a write then: {credited:?}"
+    );
+    credited.expect(201);
+    assert_eq!(api.wallet(&user).await.balance, 1100);
+    let logs = c.logs(full);
+    assert!(
+        logs.contains("handed the shard's leadership over"),
+        "{}",
+        tail(&logs, 40)
+    );
+
+    // Space comes back: the member stands again and holds what the others hold.
+    std::fs::remove_file(&filler).expect("free the space");
+    c.wait_ready(&[full], READY_TIMEOUT).await;
+    c.wait_converged(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_whose_disk_fills_to_the_last_byte_does_not_stop_the_shop_and_catches_up() {
+    let disks: Vec<Tmpfs> = (0..3).map(|_| Tmpfs::mount("64m")).collect();
+    let mut opts = ClusterOpts::new().nodes(3).shards(1);
+    for (id, disk) in (1u64..).zip(&disks) {
+        opts = opts.data_dir_on(id, &disk.path);
+    }
+    let c = TestCluster::start_with(opts).await;
+    let leader = c.leader_of_shard(0).await;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    let api = c.api(leader);
+    let user = uniq("full");
+    api.funded_user(&user, "10.00").await;
+
+    // Not a byte left: the follower's log writer meets ENOSPC on the entries the leader sends.
+    let filler = disks[(follower - 1) as usize].path.join("filler");
+    fill(&filler);
+    let mut credits = 0;
+    while !c.logs(follower).contains("raft-log.redb error=") {
+        assert!(credits < 500, "the follower's log never met a full disk");
+        api.credit(&user, "1.00").await;
+        credits += 1;
+    }
+    c.wait_unready(follower, Duration::from_secs(10), "its disk is full")
+        .await;
+
+    std::fs::remove_file(&filler).expect("free the space");
+    let freed = Instant::now();
+    c.wait_ready(&[follower], READY_TIMEOUT).await;
+    c.wait_converged(Duration::from_secs(30)).await;
+    eprintln!(
+        "a follower's full disk: ready again {:?} after space was freed",
+        freed.elapsed()
+    );
+    let want = 1000 + 100 * credits;
+    assert_eq!(c.node(follower).local_wallet(&user).await.balance, want);
 }

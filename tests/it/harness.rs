@@ -181,21 +181,27 @@ impl Server {
     }
 
     async fn spawn(&mut self) {
+        if let Err(msg) = self.try_spawn().await {
+            panic!("{msg}");
+        }
+    }
+
+    /// Starts the stopped server again; `Err` (with its output) if it exits instead of serving.
+    pub async fn try_start(&mut self) -> Result<(), String> {
+        self.try_spawn().await
+    }
+
+    async fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "server already running");
         self.runs += 1;
         SPAWNED.fetch_add(1, Ordering::Relaxed);
         let (out_log, err_log) = self.log_paths(self.runs);
         let data = self.data_dir();
         let opts = self.opts.clone();
-        let (child, base) = match tokio::task::spawn_blocking(move || {
-            spawn_process(&data, &opts, &out_log, &err_log)
-        })
-        .await
-        .expect("spawn thread")
-        {
-            Ok(v) => v,
-            Err(msg) => panic!("{msg}"),
-        };
+        let (child, base) =
+            tokio::task::spawn_blocking(move || spawn_process(&data, &opts, &out_log, &err_log))
+                .await
+                .expect("spawn thread")?;
         self.child = Some(child);
         self.api.base = base;
         // The server prints the line when it serves; a freshly elected single-node group may still need a moment:
@@ -216,6 +222,7 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        Ok(())
     }
 
     /// SIGKILL the process and reap it. The data directory stays.

@@ -5,8 +5,9 @@ mod clock;
 mod cluster;
 mod cluster_harness;
 mod concurrency;
-mod crash;
 #[cfg(feature = "failpoints")]
+mod corruption;
+mod crash;
 mod crash_points;
 mod disk_full;
 mod edge;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use shopkeep::domain::command::IdempotencyTag;
+use shopkeep::domain::command::{self, IdempotencyTag};
 use shopkeep::domain::{
     Command, Envelope, IdSeed, ItemKind, ItemSpec, LineRequest, Money, OrderStatus, Outcome,
     RefClaim, Reply, Timestamp,
@@ -494,25 +494,25 @@ impl Harness {
                 item_id: id.to_owned(),
                 name: id.to_owned(),
                 kind,
-                price: Money(price),
+                price: Money::from_minor(price),
                 active,
                 refund_window_days: window,
             };
             let outcome = harness.apply(
-                Command::PutItem {
+                Command::PutItem(command::PutItem {
                     spec,
                     version: None,
-                },
+                }),
                 None,
             );
             assert!(outcome.is_ok());
         }
         for user in USERS {
             let outcome = harness.apply(
-                Command::CreateUser {
+                Command::CreateUser(command::CreateUser {
                     user_id: user.to_owned(),
                     display_name: None,
-                },
+                }),
                 None,
             );
             assert!(outcome.is_ok());
@@ -579,7 +579,7 @@ impl Harness {
         match op.clone() {
             Op::Advance(seconds) => self.now += i64::from(seconds) * 1_000_000,
             Op::Sweep => {
-                let outcome = self.apply(Command::Sweep { limit: 1000 }, None);
+                let outcome = self.apply(Command::Sweep(command::Sweep { limit: 1000 }), None);
                 prop_assert!(outcome.is_ok());
                 self.model.sweep(now);
             }
@@ -592,27 +592,27 @@ impl Harness {
                 let reference = format!("ref-{external_ref}");
                 let claim = RefClaim {
                     user_id: user.to_owned(),
-                    amount: Money(amount),
+                    amount: Money::from_minor(amount),
                     topup_id: None,
                 };
                 let accepted = match self.apply(
-                    Command::ClaimExternalRef {
+                    Command::ClaimExternalRef(command::ClaimExternalRef {
                         reference: format!("credit:{reference}"),
                         claim,
-                    },
+                    }),
                     None,
                 ) {
                     Ok(Reply::RefClaim { accepted }) => accepted,
                     other => return Err(TestCaseError::fail(format!("claim: {other:?}"))),
                 };
                 let expected = self.model.credit(user, amount, &reference, accepted, now);
-                let command = Command::Credit {
+                let command = Command::Credit(command::Credit {
                     user_id: user.to_owned(),
-                    amount: Money(amount),
+                    amount: Money::from_minor(amount),
                     external_ref: reference,
                     source: None,
                     ref_accepted: accepted,
-                };
+                });
                 let outcome = self.apply(command, Some(user));
                 prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
             }
@@ -640,7 +640,7 @@ impl Harness {
                     expires_at,
                     now,
                 );
-                let command = Command::CreateOrder {
+                let command = Command::CreateOrder(command::CreateOrder {
                     user_id: user.to_owned(),
                     lines: lines
                         .iter()
@@ -652,12 +652,12 @@ impl Harness {
                     expected_total: if price_delta == 0 {
                         None
                     } else {
-                        expected_total.map(Money)
+                        expected_total.map(Money::from_minor)
                     },
                     complete,
                     expires_at: Timestamp(expires_at),
                     max_pending_orders: MAX_PENDING,
-                };
+                });
                 let outcome = self.apply(command, Some(user));
                 if let Ok(Reply::OrderCreated(order)) = &outcome {
                     prop_assert_eq!(order.order_id, id);
@@ -669,10 +669,10 @@ impl Harness {
                 let (user, id) = (USERS[user], self.order_id(order));
                 let expected = self.model.complete(user, id, now);
                 let outcome = self.apply(
-                    Command::CompleteOrder {
+                    Command::CompleteOrder(command::CompleteOrder {
                         user_id: user.to_owned(),
                         order_id: id,
-                    },
+                    }),
                     Some(user),
                 );
                 prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
@@ -681,10 +681,10 @@ impl Harness {
                 let (user, id) = (USERS[user], self.order_id(order));
                 let expected = self.model.cancel(user, id, now);
                 let outcome = self.apply(
-                    Command::CancelOrder {
+                    Command::CancelOrder(command::CancelOrder {
                         user_id: user.to_owned(),
                         order_id: id,
-                    },
+                    }),
                     Some(user),
                 );
                 prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
@@ -697,7 +697,7 @@ impl Harness {
             } => {
                 let (user, id) = (USERS[user], self.order_id(order));
                 let expected = self.model.refund(user, id, &lines, force, now);
-                let command = Command::Refund {
+                let command = Command::Refund(command::Refund {
                     user_id: user.to_owned(),
                     order_id: id,
                     lines: lines.map(|ls| {
@@ -710,7 +710,7 @@ impl Harness {
                     }),
                     reason: None,
                     force,
-                };
+                });
                 let outcome = self.apply(command, Some(user));
                 prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
                 if let Ok(Reply::Refunded { refund, .. }) = &outcome {
@@ -724,11 +724,11 @@ impl Harness {
             } => {
                 let user = USERS[user];
                 let expected = self.model.consume(user, item, quantity, now);
-                let command = Command::Consume {
+                let command = Command::Consume(command::Consume {
                     user_id: user.to_owned(),
                     item_id: ITEM_NAMES[item].to_owned(),
                     quantity,
-                };
+                });
                 let outcome = self.apply(command, Some(user));
                 prop_assert_eq!(outcome_kind(&outcome), expected, "{:?}", op);
             }
@@ -792,12 +792,12 @@ impl Harness {
                 .expect("user exists");
             let model = &self.model.wallets[user];
             prop_assert_eq!(
-                (stored.balance.0, stored.held.0),
+                (stored.balance.minor(), stored.held.minor()),
                 (model.balance, model.held),
                 "wallet of {}",
                 user
             );
-            prop_assert!(stored.held.0 >= 0 && stored.held <= stored.balance);
+            prop_assert!(stored.held.minor() >= 0 && stored.held <= stored.balance);
             let entitlements =
                 shopkeep::state::query::entitlements(&txn, user).expect("entitlements");
             for (name, ..) in ITEMS {
@@ -960,11 +960,13 @@ fn topup_id(outcome: &Outcome) -> Uuid {
 fn the_capped_topup_refuses_past_the_cap_and_the_old_command_still_does_not() {
     let mut h = Harness::new();
     let expires_at = Timestamp(h.now + 3_600_000_000);
-    let capped = |max| Command::CreateTopupCapped {
-        user_id: "u0".to_owned(),
-        amount: Money(100),
-        expires_at,
-        max_pending_topups: max,
+    let capped = |max| {
+        Command::CreateTopupCapped(command::CreateTopupCapped {
+            user_id: "u0".to_owned(),
+            amount: Money::from_minor(100),
+            expires_at,
+            max_pending_topups: max,
+        })
     };
     let mut ids = Vec::new();
     for _ in 0..2 {
@@ -981,11 +983,11 @@ fn the_capped_topup_refuses_past_the_cap_and_the_old_command_still_does_not() {
     );
     // A `CreateTopup` already in a log applies as it always did: no cap.
     let old = h.apply(
-        Command::CreateTopup {
+        Command::CreateTopup(command::CreateTopup {
             user_id: "u0".to_owned(),
-            amount: Money(100),
+            amount: Money::from_minor(100),
             expires_at,
-        },
+        }),
         Some("u0"),
     );
     ids.push(topup_id(&old));
@@ -1002,12 +1004,12 @@ fn sweep_and_purge_removes_final_topups_after_the_retention_in_the_command() {
     let mut h = Harness::new();
     let ttl = 60 * 1_000_000;
     let create = |h: &mut Harness| {
-        let command = Command::CreateTopupCapped {
+        let command = Command::CreateTopupCapped(command::CreateTopupCapped {
             user_id: "u1".to_owned(),
-            amount: Money(100),
+            amount: Money::from_minor(100),
             expires_at: Timestamp(h.now + ttl),
             max_pending_topups: 10,
-        };
+        });
         topup_id(&h.apply(command, Some("u1")))
     };
     let expiring = create(&mut h);
@@ -1015,24 +1017,24 @@ fn sweep_and_purge_removes_final_topups_after_the_retention_in_the_command() {
     let failed = create(&mut h);
     for (id, succeeded) in [(completed, true), (failed, false)] {
         let outcome = h.apply(
-            Command::PspPayment {
+            Command::PspPayment(command::PspPayment {
                 event_id: format!("evt-{id}"),
                 succeeded,
                 topup_id: id,
                 user_id: "u1".to_owned(),
-                amount: Money(100),
+                amount: Money::from_minor(100),
                 psp_payment_id: format!("pi-{id}"),
                 ref_accepted: true,
-            },
+            }),
             None,
         );
         assert!(outcome.is_ok(), "{outcome:?}");
     }
     let retention_seconds = 3_600;
-    let sweep = Command::SweepAndPurge {
+    let sweep = Command::SweepAndPurge(command::SweepAndPurge {
         limit: 1000,
         topup_retention_seconds: retention_seconds,
-    };
+    });
     let all = [expiring, completed, failed];
     // The failed one became final now, the expiring one at its deadline.
     let failed_at = h.now;

@@ -10,7 +10,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::user_path;
-use crate::domain::command::PSP_EVENT_SCOPE;
+use crate::domain::command::{self, PSP_EVENT_SCOPE};
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
 use crate::domain::{Command, Timestamp};
 use crate::engine::coordinator::{DirectCredit, PspEvent};
@@ -107,12 +107,12 @@ pub async fn create_topup(
     )?;
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::CreateTopupCapped {
+    let command = Command::CreateTopupCapped(command::CreateTopupCapped {
         user_id: user_id.clone(),
         amount,
         expires_at: now.plus(app.config.topup_ttl),
         max_pending_topups: app.config.max_pending_topups,
-    };
+    });
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
         .await?;

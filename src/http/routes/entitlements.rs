@@ -4,7 +4,7 @@ use axum::extract::{RawQuery, State};
 use axum::response::Response;
 
 use super::user_path;
-use crate::domain::{Command, Timestamp};
+use crate::domain::{Command, Timestamp, command};
 use crate::http::auth::Caller;
 use crate::http::dto::{
     self, ConsumeRequest, EntitlementResponse, EntitlementsResponse, LedgerPage,
@@ -66,11 +66,11 @@ pub async fn consume(
     }
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::Consume {
+    let command = Command::Consume(command::Consume {
         user_id: user_id.clone(),
         item_id,
         quantity: request.quantity,
-    };
+    });
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
         .await?;

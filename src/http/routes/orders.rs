@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::user_path;
 use crate::domain::model::{MAX_LINES, MAX_QUANTITY, MAX_REASON_CHARS};
-use crate::domain::{Command, LineRequest, OrderStatus, Timestamp};
+use crate::domain::{Command, LineRequest, OrderStatus, Timestamp, command};
 use crate::engine::OrderCursor;
 use crate::http::auth::Caller;
 use crate::http::dto::{
@@ -85,14 +85,14 @@ pub async fn create_order(
     };
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::CreateOrder {
+    let command = Command::CreateOrder(command::CreateOrder {
         user_id: user_id.clone(),
         lines,
         expected_total,
         complete: request.complete.unwrap_or(false),
         expires_at: now.plus(app.config.order_ttl),
         max_pending_orders: app.config.max_pending_orders,
-    };
+    });
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
         .await?;
@@ -184,15 +184,15 @@ async fn order_transition(
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let command = if complete {
-        Command::CompleteOrder {
+        Command::CompleteOrder(command::CompleteOrder {
             user_id: user_id.clone(),
             order_id,
-        }
+        })
     } else {
-        Command::CancelOrder {
+        Command::CancelOrder(command::CancelOrder {
             user_id: user_id.clone(),
             order_id,
-        }
+        })
     };
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
@@ -264,13 +264,13 @@ pub async fn create_refund(
     let order_id = order_id(&order_id_text)?;
     let now = Timestamp::now();
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
-    let command = Command::Refund {
+    let command = Command::Refund(command::Refund {
         user_id: user_id.clone(),
         order_id,
         lines: refund_lines,
         reason,
         force,
-    };
+    });
     let applied = app
         .submit_for_user(&user_id, now, Some(tag), command)
         .await?;

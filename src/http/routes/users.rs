@@ -5,7 +5,7 @@ use axum::response::Response;
 
 use super::user_path;
 use crate::domain::model::MAX_DISPLAY_NAME_CHARS;
-use crate::domain::{Command, Outcome, Reply, Timestamp};
+use crate::domain::{Command, Outcome, Reply, Timestamp, command};
 use crate::engine::coordinator::{GlobalKey, NewUser};
 use crate::http::auth::{Caller, MAX_TOKEN_TTL_SECONDS};
 use crate::http::dto::{
@@ -119,10 +119,10 @@ pub async fn create_token(
             &user_id,
             now,
             Some(tag),
-            Command::IssueToken {
+            Command::IssueToken(command::IssueToken {
                 user_id: user_id.clone(),
                 expires_at,
-            },
+            }),
         )
         .await?;
     Ok(render::applied(&app, &applied))

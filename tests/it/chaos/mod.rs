@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Knobs (environment): `SHOPKEEP_CHAOS_SEED` (u64; printed at start), `SHOPKEEP_CHAOS_FAULTS`
-//! (`kill,pause,partition,crashpoint,wipe,clock`, in that order by default), `SHOPKEEP_CHAOS_SECONDS_PER_FAULT`,
+//! (`kill,pause,partition,crashpoint,wipe,clock,disk,corrupt`, in that order by default), `SHOPKEEP_CHAOS_SECONDS_PER_FAULT`,
 //! `SHOPKEEP_CHAOS_WORKERS` (concurrent clients), `SHOPKEEP_CHAOS_USERS_PER_WORKER`.
 
 mod checker;
@@ -40,10 +40,13 @@ use self::model::{CATALOG, OrderState, money};
 use self::nemesis::{FaultKind, Nemesis};
 use self::workload::{Ctx, Worker};
 use crate::cluster_harness::{ClusterOpts, TestCluster};
+use crate::disk_full::Tmpfs;
 use crate::harness::{Api, Auth, new_key};
 
 /// How long pending orders hold their funds in the chaos cluster: short, so that some expire during the run.
 const ORDER_TTL: &str = "8s";
+/// Each node's own file system when the disk nemesis runs (the log keeps 64 MiB of it in reserve).
+const CHAOS_DISK_SIZE: &str = "1g";
 /// Bound on the first successful write through each node after the final heal.
 const LIVENESS_BOUND: Duration = Duration::from_secs(30);
 
@@ -80,7 +83,7 @@ impl Config {
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| {
                     FaultKind::parse(s).unwrap_or_else(|| {
-                        panic!("SHOPKEEP_CHAOS_FAULTS: unknown fault kind {s:?} (kill, pause, partition, crashpoint, wipe, clock)")
+                        panic!("SHOPKEEP_CHAOS_FAULTS: unknown fault kind {s:?} (kill, pause, partition, crashpoint, wipe, clock, disk, corrupt)")
                     })
                 })
                 .collect(),
@@ -268,6 +271,14 @@ pub async fn run(cfg: Config) -> RunResult {
     if cfg.kinds.contains(&FaultKind::Clock) {
         opts = with_shiftable_clocks(opts, clocks.path());
     }
+    let disks: Vec<Tmpfs> = if cfg.kinds.contains(&FaultKind::Disk) {
+        (0..3).map(|_| Tmpfs::mount(CHAOS_DISK_SIZE)).collect()
+    } else {
+        Vec::new()
+    };
+    for (id, disk) in (1u64..).zip(&disks) {
+        opts = opts.data_dir_on(id, &disk.path);
+    }
     let mut c = TestCluster::start_with(opts).await;
     c.clock_dir = Some(clocks.path().to_path_buf());
     let t0 = unix_micros();
@@ -300,6 +311,7 @@ pub async fn run(cfg: Config) -> RunResult {
     let timeline = Timeline::default();
     let mut nem = Nemesis::new(&mut c, cfg.seed, timeline.clone(), t0);
     nem.snapshot_every = cfg.snapshot_every;
+    nem.disks = (1u64..).zip(disks.iter().map(|d| d.path.clone())).collect();
     nem.run(&cfg.kinds, cfg.per_kind).await;
     nem.recover("final heal").await;
     let mut violations: Vec<Violation> = nem.violations.iter().map(Violation::new).collect();

@@ -6,6 +6,7 @@
 #![cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -27,16 +28,22 @@ pub enum FaultKind {
     Wipe,
     /// One node's wall clock jumps ahead or back (libfaketime), then comes back in step.
     Clock,
+    /// One node's file system fills up (below the log's reserve, or to the last byte), then is freed.
+    Disk,
+    /// A stopped node's shard file, Raft log or snapshot gets flipped bits; it starts again.
+    Corrupt,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Partition,
         FaultKind::Crashpoint,
         FaultKind::Wipe,
         FaultKind::Clock,
+        FaultKind::Disk,
+        FaultKind::Corrupt,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +54,8 @@ impl FaultKind {
             FaultKind::Crashpoint => "crashpoint",
             FaultKind::Wipe => "wipe",
             FaultKind::Clock => "clock",
+            FaultKind::Disk => "disk",
+            FaultKind::Corrupt => "corrupt",
         }
     }
 
@@ -54,6 +63,9 @@ impl FaultKind {
         FaultKind::ALL.into_iter().find(|k| k.name() == s.trim())
     }
 }
+
+/// What the disk nemesis leaves free when it goes below the log's reserve (64 MiB of a 1 GiB disk).
+const DISK_LEFT_BELOW_RESERVE: u64 = 16 << 20;
 
 /// The crash points the server has with the `failpoints` feature.
 pub const CRASH_POINTS: [&str; 3] = [
@@ -96,6 +108,8 @@ pub struct Nemesis<'a> {
     pub recoveries: Vec<(String, f64)>,
     /// The cluster's `--snapshot-every` (a leader keeps half of it in its log after a snapshot).
     pub snapshot_every: u64,
+    /// The file system of each node's data directory, when each has its own (the disk nemesis).
+    pub disks: BTreeMap<u64, PathBuf>,
 }
 
 fn secs(d: Duration) -> String {
@@ -120,6 +134,7 @@ impl<'a> Nemesis<'a> {
             broken: false,
             recoveries: vec![],
             snapshot_every: 100,
+            disks: BTreeMap::new(),
         }
     }
 
@@ -179,6 +194,8 @@ impl<'a> Nemesis<'a> {
             FaultKind::Crashpoint => self.crashpoint().await,
             FaultKind::Wipe => self.wipe().await,
             FaultKind::Clock => self.clock().await,
+            FaultKind::Disk => self.disk().await,
+            FaultKind::Corrupt => self.corrupt().await,
         }
     }
 
@@ -320,6 +337,92 @@ impl<'a> Nemesis<'a> {
         std::fs::write(&file, "+0").expect("clock offset file");
         self.log("clock", format!("node {v}: wall clock back in step"));
         self.recover("clock").await;
+    }
+
+    /// Fills one node's file system (a tmpfs of its own) from outside: to leave less than the log's
+    /// reserve (writes are refused before they reach the log), or to the last byte (redb meets ENOSPC:
+    /// the log writer and the shards wait it out). Holds it, then frees the space.
+    async fn disk(&mut self) {
+        let variant = *["below-reserve", "enospc"].choose(&mut self.rng).unwrap();
+        let who = *["random", "leader"].choose(&mut self.rng).unwrap();
+        let (v, why) = self.pick(who).await;
+        let Some(mount) = self.disks.get(&v).cloned() else {
+            self.coverage_gaps
+                .push("disk: the nodes' data directories are not file systems of their own".into());
+            return;
+        };
+        let filler = mount.join("filler");
+        let held = crate::disk_full::fill(&filler);
+        if variant == "below-reserve" {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&filler)
+                .expect("filler");
+            file.set_len(held.saturating_sub(DISK_LEFT_BELOW_RESERVE))
+                .expect("leave a little free");
+        }
+        let hold = self.hold() + Duration::from_secs(1);
+        self.log(
+            "disk",
+            format!(
+                "node {v} ({why}): file system filled ({variant}) for {}",
+                secs(hold)
+            ),
+        );
+        self.count(format!("disk/{variant}"));
+        tokio::time::sleep(hold).await;
+        std::fs::remove_file(&filler).expect("free the space");
+        self.log("disk", format!("node {v}: space freed"));
+        self.recover("disk").await;
+    }
+
+    /// Stops one node (kill -9), flips bits in one of its files at rest, and starts it again. It must
+    /// find what matters (a live page, the snapshot) and rebuild it from the others; bits flipped in
+    /// pages no longer in use change nothing.
+    async fn corrupt(&mut self) {
+        let variant = *["shard-table", "shard-random", "log-table", "snapshot"]
+            .choose(&mut self.rng)
+            .unwrap();
+        let who = *["random", "leader"].choose(&mut self.rng).unwrap();
+        let (v, why) = self.pick(who).await;
+        self.c.kill9(v);
+        let dir = self.c.node(v).data_dir();
+        let shard = self.random_shard();
+        let shard_file = dir.join(format!("shard-{shard:03}.redb"));
+        let what = match variant {
+            "shard-table" => {
+                let n = crate::corruption::flip_every(&shard_file, b"user_postings");
+                format!("{n} bits in the table tree of shard {shard}")
+            }
+            "shard-random" => {
+                let at = crate::corruption::flip_random(&shard_file, 16, &mut self.rng);
+                format!("{} random bits of shard {shard}", at.len())
+            }
+            "log-table" => {
+                let n = crate::corruption::flip_every(&dir.join("raft-log.redb"), b"raft_state");
+                format!("{n} bits in the Raft log's table tree")
+            }
+            _ => {
+                let snapshot = dir
+                    .join("snapshots")
+                    .join(format!("shard-{shard:03}"))
+                    .join("current.snap");
+                if snapshot.exists() {
+                    crate::corruption::flip_middle(&snapshot);
+                    format!("a bit in the middle of shard {shard}'s snapshot")
+                } else {
+                    format!("nothing (shard {shard} has no snapshot yet)")
+                }
+            }
+        };
+        self.log(
+            "corrupt",
+            format!("kill -9 node {v} ({why}); flipped {what}; restart"),
+        );
+        self.count(format!("corrupt/{variant}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.start_node(v).await;
+        self.recover("corrupt").await;
     }
 
     async fn pause(&mut self) {

@@ -1,0 +1,59 @@
+//! Entitlements: a user's holding of each item, read, saved and consumed.
+
+use super::{Applier, Cx, Step};
+use crate::domain::command;
+use crate::domain::{Entitlement, Rejection, Reply};
+use crate::state::tables::{encode, get};
+
+impl Applier<'_> {
+    pub(super) fn entitlement(&self, user_id: &str, item_id: &str) -> Step<Option<Entitlement>> {
+        Ok(get(&self.entitlements, (user_id, item_id))?)
+    }
+
+    pub(super) fn save_entitlement(
+        &mut self,
+        user_id: &str,
+        entitlement: &Entitlement,
+    ) -> Step<()> {
+        debug_assert!(entitlement.granted >= entitlement.revoked + entitlement.consumed);
+        let bytes = encode(entitlement)?;
+        self.entitlements
+            .insert((user_id, entitlement.item_id.as_str()), bytes.as_slice())?;
+        Ok(())
+    }
+
+    pub(super) fn consume(&mut self, cx: &mut Cx, command: &command::Consume) -> Step<Reply> {
+        let (user_id, item_id) = (command.user_id.as_str(), command.item_id.as_str());
+        let quantity = command.quantity;
+        if quantity == 0 {
+            return Err(Rejection::invalid("quantity must be at least 1").into());
+        }
+        self.begin_user(cx, user_id)?;
+        let Some(mut entitlement) = self.entitlement(user_id, item_id)? else {
+            return Err(Rejection::InsufficientEntitlement {
+                item_id: item_id.to_owned(),
+                requested: quantity,
+                owned: 0,
+            }
+            .into());
+        };
+        if !entitlement.kind.is_consumable() {
+            return Err(Rejection::invalid(format!(
+                "{item_id} is a {} and cannot be consumed; only currency items can",
+                entitlement.kind.as_str()
+            ))
+            .into());
+        }
+        if entitlement.quantity() < u64::from(quantity) {
+            return Err(Rejection::InsufficientEntitlement {
+                item_id: item_id.to_owned(),
+                requested: quantity,
+                owned: entitlement.quantity(),
+            }
+            .into());
+        }
+        entitlement.consumed += u64::from(quantity);
+        self.save_entitlement(user_id, &entitlement)?;
+        Ok(Reply::Entitlement(entitlement))
+    }
+}

@@ -1,0 +1,242 @@
+//! `apply`: one command, deterministically, inside the batch's redb write transaction.
+//!
+//! Rules every command here follows:
+//! - **No clock, no randomness, no I/O** but the transaction: time and ids come from the envelope.
+//! - **Decide, then write.** A command first reads and validates everything; only when it cannot be
+//!   rejected any more does it write. A rejected command therefore leaves no trace but its stored outcome.
+//!   The one exception is `begin_user`, which first cancels the user's pending orders whose deadline has
+//!   passed: that is the sweeper's work done early, the same whatever the command then decides.
+//! - **Money moves only through `post`**, which writes the double-entry posting, extends the hash chain and
+//!   updates the wallet cache and the system accounts together.
+//! - **Peers are not trusted.** A command in the log may come from a buggy or hostile node, so every amount
+//!   is checked (positive, in range) and every sum is computed exactly and narrowed with a check
+//!   (`Accounts::after`). A command that would break an invariant is rejected before it writes, the same
+//!   on every replica: never a panic, never wrapped arithmetic.
+//!
+//! This file owns the `Applier` (every table of the shard, opened once per batch) and the path of one
+//! envelope: the idempotency check, the shard's applied time, `execute`'s one-line hand-off to the file
+//! of the command, and the stored outcome. The commands live by subject: `users`, `idempotency` (global
+//! keys), `credits` (credits and top-ups), `catalog`, `orders`, `refunds`, `entitlements`, `sweep`, and
+//! `ledger` (`post` and the checks of every posting).
+
+mod catalog;
+mod credits;
+mod entitlements;
+mod idempotency;
+mod ledger;
+mod orders;
+mod refunds;
+mod sweep;
+mod users;
+
+use redb::{Table, WriteTransaction};
+
+use super::tables::{self, encode, get};
+use super::{IdempotencyState, MetaState, StoreError};
+use crate::domain::{Command, Envelope, IdSequence, Outcome, Rejection, Reply, Timestamp};
+
+pub(crate) use ledger::decode_posting;
+
+type Bytes = &'static [u8];
+
+/// What applying one envelope gave: its outcome, and whether that outcome was replayed from an earlier
+/// command with the same idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    pub outcome: Outcome,
+    pub replayed: bool,
+}
+
+/// Why a command stopped early: a business rejection (an outcome) or a storage failure (aborts the batch).
+enum Stop {
+    Reject(Rejection),
+    Store(StoreError),
+}
+
+impl From<Rejection> for Stop {
+    fn from(r: Rejection) -> Self {
+        Stop::Reject(r)
+    }
+}
+
+impl<E: Into<StoreError>> From<E> for Stop {
+    fn from(e: E) -> Self {
+        Stop::Store(e.into())
+    }
+}
+
+type Step<T> = Result<T, Stop>;
+
+/// The per-command context: the command's time and its ids.
+struct Cx {
+    now: Timestamp,
+    ids: IdSequence,
+}
+
+/// Every table of the shard, opened once per batch.
+pub(crate) struct Applier<'t> {
+    meta_table: Table<'t, &'static str, Bytes>,
+    users: Table<'t, &'static str, Bytes>,
+    items: Table<'t, &'static str, Bytes>,
+    orders: Table<'t, u128, Bytes>,
+    user_orders: Table<'t, (&'static str, i64, u128), ()>,
+    pending_orders: Table<'t, (i64, u128), &'static str>,
+    user_pending: Table<'t, (&'static str, u128), (i64, i64)>,
+    postings: Table<'t, u64, Bytes>,
+    user_postings: Table<'t, (&'static str, u64), u64>,
+    entitlements: Table<'t, (&'static str, &'static str), Bytes>,
+    credits: Table<'t, &'static str, Bytes>,
+    external_refs: Table<'t, &'static str, Bytes>,
+    topups: Table<'t, u128, Bytes>,
+    pending_topups: Table<'t, (i64, u128), ()>,
+    user_pending_topups: Table<'t, (&'static str, u128), i64>,
+    final_topups: Table<'t, (i64, u128), ()>,
+    refunds: Table<'t, u128, Bytes>,
+    idempotency: Table<'t, (&'static str, &'static str), Bytes>,
+    idempotency_expiry: Table<'t, (i64, &'static str, &'static str), ()>,
+    meta: MetaState,
+    /// The shard's applied time: the latest time any command ran at (see `applied_time`).
+    clock: Timestamp,
+}
+
+impl<'t> Applier<'t> {
+    pub(crate) fn open(txn: &'t WriteTransaction) -> Result<Applier<'t>, StoreError> {
+        let meta_table = txn.open_table(tables::META)?;
+        let meta = get(&meta_table, tables::META_STATE_KEY)?.unwrap_or_default();
+        let clock = get(&meta_table, tables::CLOCK_KEY)?.unwrap_or(Timestamp(i64::MIN));
+        Ok(Applier {
+            meta_table,
+            users: txn.open_table(tables::USERS)?,
+            items: txn.open_table(tables::ITEMS)?,
+            orders: txn.open_table(tables::ORDERS)?,
+            user_orders: txn.open_table(tables::USER_ORDERS)?,
+            pending_orders: txn.open_table(tables::PENDING_ORDERS)?,
+            user_pending: txn.open_table(tables::USER_PENDING)?,
+            postings: txn.open_table(tables::POSTINGS)?,
+            user_postings: txn.open_table(tables::USER_POSTINGS)?,
+            entitlements: txn.open_table(tables::ENTITLEMENTS)?,
+            credits: txn.open_table(tables::CREDITS)?,
+            external_refs: txn.open_table(tables::EXTERNAL_REFS)?,
+            topups: txn.open_table(tables::TOPUPS)?,
+            pending_topups: txn.open_table(tables::PENDING_TOPUPS)?,
+            user_pending_topups: txn.open_table(tables::USER_PENDING_TOPUPS)?,
+            final_topups: txn.open_table(tables::FINAL_TOPUPS)?,
+            refunds: txn.open_table(tables::REFUNDS)?,
+            idempotency: txn.open_table(tables::IDEMPOTENCY)?,
+            idempotency_expiry: txn.open_table(tables::IDEMPOTENCY_EXPIRY)?,
+            meta,
+            clock,
+        })
+    }
+
+    pub(crate) fn meta_mut(&mut self) -> &mut MetaState {
+        &mut self.meta
+    }
+
+    /// Records that the entry at `index` (which carries no command) is applied.
+    pub(crate) fn advance(&mut self, index: u64) {
+        debug_assert!(
+            index >= self.meta.last_applied,
+            "log positions never go back (the commands of one entry share its index)"
+        );
+        self.meta.last_applied = index;
+    }
+
+    /// Stores the replication layer's marker (where this state is in the log) with the batch.
+    pub(crate) fn set_marker(&mut self, marker: &[u8]) -> Result<(), StoreError> {
+        self.meta_table.insert(tables::MARKER_KEY, marker)?;
+        Ok(())
+    }
+
+    /// Writes the shard's bookkeeping; call once, after the batch's last command.
+    pub(crate) fn finish(mut self) -> Result<(), StoreError> {
+        let bytes = encode(&self.meta)?;
+        self.meta_table
+            .insert(tables::META_STATE_KEY, bytes.as_slice())?;
+        if self.clock != Timestamp(i64::MIN) {
+            let clock = encode(&self.clock)?;
+            self.meta_table
+                .insert(tables::CLOCK_KEY, clock.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Applies one envelope at log position `index`.
+    pub(crate) fn apply(&mut self, index: u64, envelope: &Envelope) -> Result<Applied, StoreError> {
+        debug_assert!(
+            index >= self.meta.last_applied,
+            "log positions never go back (the commands of one entry share its index)"
+        );
+        self.meta.last_applied = index;
+        if let Some(tag) = &envelope.idempotency {
+            if let Some(record) = self.idempotency_record(&tag.scope, &tag.key)? {
+                if record.fingerprint != tag.fingerprint {
+                    return Ok(Applied {
+                        outcome: Err(Rejection::IdempotencyKeyReused),
+                        replayed: false,
+                    });
+                }
+                if let IdempotencyState::Done(outcome) = record.state {
+                    return Ok(Applied {
+                        outcome,
+                        replayed: true,
+                    });
+                }
+            }
+        }
+        let now = self.applied_time(envelope.now);
+        let mut cx = Cx {
+            now,
+            ids: IdSequence::new(envelope.seed),
+        };
+        let outcome = match self.execute(&mut cx, &envelope.command) {
+            Ok(reply) => Ok(reply),
+            Err(Stop::Reject(rejection)) => Err(rejection),
+            Err(Stop::Store(e)) => return Err(e),
+        };
+        if let Some(tag) = &envelope.idempotency {
+            let stored = match &outcome {
+                Ok(_) => true,
+                Err(rejection) => rejection.is_stored(),
+            };
+            if stored {
+                self.store_idempotency(tag, now, IdempotencyState::Done(outcome.clone()))?;
+            }
+        }
+        Ok(Applied {
+            outcome,
+            replayed: false,
+        })
+    }
+
+    /// The time a command runs at: the time its proposer stamped, but never earlier than a command this
+    /// shard already ran (proposers' clocks differ a little, and one may step back): the shard's time
+    /// never goes backwards, so nothing that has expired can come back, and no deadline is judged by an
+    /// earlier clock than one already used. Deterministic: the previous time is state.
+    fn applied_time(&mut self, proposed: Timestamp) -> Timestamp {
+        self.clock = self.clock.max(proposed);
+        self.clock
+    }
+
+    fn execute(&mut self, cx: &mut Cx, command: &Command) -> Step<Reply> {
+        match command {
+            Command::CreateUser(c) => self.create_user(cx, c),
+            Command::IssueToken(c) => self.issue_token(c),
+            Command::ClaimGlobalKey(c) => self.claim_global_key(cx, c),
+            Command::SettleGlobalKey(c) => self.settle_global_key(c),
+            Command::ClaimExternalRef(c) => self.claim_external_ref(c),
+            Command::Credit(c) => self.credit(cx, c),
+            Command::CreateTopup(c) => self.create_topup(cx, c),
+            Command::CreateTopupCapped(c) => self.create_topup_capped(cx, c),
+            Command::PspPayment(c) => self.psp_payment(cx, c),
+            Command::PutItem(c) => self.put_item(cx, c),
+            Command::CreateOrder(c) => self.create_order(cx, c),
+            Command::CompleteOrder(c) => self.complete_order(cx, c),
+            Command::CancelOrder(c) => self.cancel_order(cx, c),
+            Command::Refund(c) => self.refund(cx, c),
+            Command::Consume(c) => self.consume(cx, c),
+            Command::Sweep(c) => self.sweep(cx, c),
+            Command::SweepAndPurge(c) => self.sweep_and_purge(cx, c),
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Users: creating them, answering token issues, and loading a user for a command (`begin_user`, which
+//! first expires the user's orders past their deadline) and saving the wallet cache back.
+
+use redb::ReadableTable;
+
+use super::{Applier, Cx, Step, Stop};
+use crate::domain::command;
+use crate::domain::{Money, PostingKind, Rejection, Reply, User};
+use crate::state::tables::{encode, get};
+
+impl Applier<'_> {
+    pub(super) fn create_user(
+        &mut self,
+        cx: &mut Cx,
+        command: &command::CreateUser,
+    ) -> Step<Reply> {
+        if self.users.get(command.user_id.as_str())?.is_some() {
+            return Err(Rejection::UserExists.into());
+        }
+        let user = User {
+            user_id: command.user_id.clone(),
+            display_name: command.display_name.clone(),
+            created_at: cx.now,
+            balance: Money::ZERO,
+            held: Money::ZERO,
+            ledger_seq: 0,
+        };
+        self.save_user(&user)?;
+        Ok(Reply::UserCreated(user))
+    }
+
+    pub(super) fn issue_token(&self, command: &command::IssueToken) -> Step<Reply> {
+        self.existing_user(&command.user_id)?;
+        Ok(Reply::TokenIssued {
+            user_id: command.user_id.clone(),
+            expires_at: command.expires_at,
+        })
+    }
+
+    pub(super) fn existing_user(&self, user_id: &str) -> Step<User> {
+        get(&self.users, user_id)?.ok_or(Stop::Reject(Rejection::UserNotFound))
+    }
+
+    /// Loads a user for a command at `cx.now`, first cancelling the user's pending orders whose deadline has
+    /// passed, so that the wallet the command sees (and answers with) holds exactly what is still pending.
+    pub(super) fn begin_user(&mut self, cx: &mut Cx, user_id: &str) -> Step<User> {
+        let mut user = self.existing_user(user_id)?;
+        let due: Vec<(u128, i64)> = self
+            .user_pending
+            .range((user_id, 0u128)..=(user_id, u128::MAX))?
+            .filter_map(|entry| match entry {
+                Ok((key, value)) => {
+                    let (expires_at, total) = value.value();
+                    (expires_at <= cx.now.micros()).then(|| Ok((key.value().1, total)))
+                }
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()?;
+        if !due.is_empty() {
+            let releases: Vec<(PostingKind, Money)> = due
+                .iter()
+                .map(|&(_, total)| (PostingKind::Release, Money::from_minor(total)))
+                .collect();
+            self.check_postings(&user, &releases)?;
+            for (order_id, _) in due {
+                self.expire_order(cx, &mut user, order_id)?;
+            }
+            self.save_user(&user)?;
+        }
+        Ok(user)
+    }
+
+    pub(super) fn save_user(&mut self, user: &User) -> Step<()> {
+        debug_assert!(!user.held.is_negative(), "held is never negative");
+        debug_assert!(user.held <= user.balance, "held never exceeds the balance");
+        let bytes = encode(user)?;
+        self.users.insert(user.user_id.as_str(), bytes.as_slice())?;
+        #[cfg(debug_assertions)]
+        self.debug_check_holds(user)?;
+        Ok(())
+    }
+
+    /// Debug builds: the wallet's `held` equals the sum of its pending orders.
+    #[cfg(debug_assertions)]
+    fn debug_check_holds(&self, user: &User) -> Step<()> {
+        let mut pending_total = 0i128;
+        for entry in self
+            .user_pending
+            .range((user.user_id.as_str(), 0u128)..=(user.user_id.as_str(), u128::MAX))?
+        {
+            pending_total += i128::from(entry?.1.value().1);
+        }
+        debug_assert_eq!(
+            pending_total,
+            i128::from(user.held.minor()),
+            "held = sum of pending orders for {}",
+            user.user_id
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,412 @@
+//! Golden bytes of the persisted format: one postcard encoding of every command, reply, rejection and
+//! stored record, written down as hex. These bytes are redb rows, stored idempotency outcomes and Raft
+//! log entries already on disk; a change to a type that moves them fails here (the rules of the
+//! persisted format are in `crate::domain`). A test that fails here is not fixed by pasting the new
+//! bytes: make the change a new variant at the end of its enum instead, or bump `SCHEMA_VERSION`.
+//!
+//! The commands in `samples` are written as JSON, so that these tests do not depend on their Rust shape
+//! (a struct variant and a newtype variant holding a struct of the same fields are the same JSON and the
+//! same postcard): only the bytes are the contract. Each `golden_*` function matches exhaustively, so a
+//! new variant does not compile until its bytes are pinned here.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+mod samples;
+
+use samples::{
+    FINGERPRINT, LATER, NOW, commands, create_user, credit, entitlement, envelope, id, item, money,
+    order, posting, refund, rejections, replies, topup, user,
+};
+
+use super::apply::Applied;
+use super::{IdempotencyRecord, IdempotencyState, MetaState};
+use crate::domain::{
+    Account, CancelReason, Command, GlobalClaim, ItemKind, OrderStatus, Outcome, PostingKind,
+    PostingRef, RefClaim, Rejection, Reply, TopupStatus,
+};
+
+/// The postcard bytes of `value` as hex, after checking that they decode back to `value`.
+fn encoded<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(value: &T) -> String {
+    let bytes = postcard::to_stdvec(value).expect("encodes");
+    let decoded: T = postcard::from_bytes(&bytes).expect("decodes");
+    assert_eq!(&decoded, value, "postcard round trip");
+    hex::encode(bytes)
+}
+
+/// Checks every `(name, value, expected hex)` and reports all differences at once.
+fn assert_golden<N, T>(cases: &[(N, T, &str)])
+where
+    N: std::fmt::Display,
+    T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter_map(|(name, value, expected)| {
+            let actual = encoded(value);
+            (actual != *expected).then(|| format!("{name}: expected {expected}, got {actual}"))
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "the persisted format changed:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// The pinned bytes of each command above. Exhaustive: a new variant needs its bytes here.
+fn golden_command(command: &Command) -> &'static str {
+    match command {
+        Command::CreateUser { .. } => "000275310103416e6e",
+        Command::IssueToken { .. } => "0102753180a499dc89898506",
+        Command::ClaimGlobalKey { .. } => {
+            "02026731abababababababababababababababababababababababababababababababab80a499dc898985068080f2818389850680d095ffbc318486880801027531026b31abababababababababababababababababababababababababababababababab80a499dc89898506000275310103416e6e"
+        }
+        Command::SettleGlobalKey { .. } => {
+            "03026731abababababababababababababababababababababababababababababababab0101"
+        }
+        Command::ClaimExternalRef { .. } => {
+            "04096372656469743a7231027531c413011001900000000070008000000000000007"
+        }
+        Command::Credit { .. } => "05027531c413027231010570726f6d6f01",
+        Command::CreateTopup { .. } => "06027531e80780a499dc89898506",
+        Command::PspPayment { .. } => {
+            "0703657631011001900000000070008000000000000007027531e8070370693101"
+        }
+        Command::PutItem { .. } => "080467656d730447656d7302c801010e0103",
+        Command::CreateOrder { .. } => {
+            "09027531020467656d73030573776f72640101a0060080a499dc8989850664"
+        }
+        Command::CompleteOrder { .. } => "0a0275311001900000000070008000000000000002",
+        Command::CancelOrder { .. } => "0b0275311001900000000070008000000000000002",
+        Command::Refund { .. } => {
+            "0c027531100190000000007000800000000000000201010467656d730201046f6f707300"
+        }
+        Command::Consume { .. } => "0d0275310467656d7302",
+        Command::Sweep { .. } => "0ef403",
+        Command::CreateTopupCapped { .. } => "0f027531e80780a499dc898985060a",
+        Command::SweepAndPurge { .. } => "10f40380f524",
+    }
+}
+
+/// `(name, value, pinned hex)` of every sample, after checking that sample `i` is variant `i`: one
+/// sample per variant, in declaration order (postcard starts an enum with its variant's index).
+fn variant_cases<T: Serialize + std::fmt::Debug>(
+    samples: Vec<T>,
+    golden: fn(&T) -> &'static str,
+) -> Vec<(String, T, &'static str)> {
+    samples
+        .into_iter()
+        .enumerate()
+        .map(|(index, sample)| {
+            let bytes = postcard::to_stdvec(&sample).expect("encodes");
+            assert_eq!(usize::from(bytes[0]), index, "sample {index} is {sample:?}");
+            let debug = format!("{sample:?}");
+            let name = debug
+                .split([' ', '(', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let hex = golden(&sample);
+            (name, sample, hex)
+        })
+        .collect()
+}
+
+#[test]
+fn commands_encode_as_pinned() {
+    assert_golden(&variant_cases(commands(), golden_command));
+}
+
+#[test]
+fn envelopes_encode_as_pinned() {
+    let mut bare = envelope(create_user());
+    bare.idempotency = None;
+    assert_golden(&[
+        (
+            "tagged",
+            envelope(create_user()),
+            "8080f2818389850680d095ffbc318486880801027531026b31abababababababababababababababababababababababababababababababab80a499dc89898506000275310103416e6e",
+        ),
+        (
+            "untagged",
+            bare,
+            "8080f2818389850680d095ffbc318486880800000275310103416e6e",
+        ),
+    ]);
+}
+
+/// The pinned bytes of each reply above. Exhaustive: a new variant needs its bytes here.
+fn golden_reply(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::UserCreated(_) => "000275310103416e6e8080f28183898506a09c01a00603",
+        Reply::TokenIssued { .. } => "0102753180a499dc89898506",
+        Reply::Credited { .. } => {
+            "021001900000000070008000000000000003027531c413027231010570726f6d6f8080f28183898506a09c01a00601"
+        }
+        Reply::TopupCreated(_) => {
+            "031001900000000070008000000000000007027531e8070101037069318080f2818389850680a499dc89898506018080f28183898506"
+        }
+        Reply::TopupUpdated(_) => {
+            "041001900000000070008000000000000007027531e8070101037069318080f2818389850680a499dc89898506018080f28183898506"
+        }
+        Reply::Item(_) => "050573776f72640553776f726400c801010e028080f28183898506",
+        Reply::OrderCreated(_) => {
+            "06100190000000007000800000000000000202753103010467656d730203c801010ed804c8018080f2818389850680a499dc89898506018080f281838985060102008080f28183898506000280a499dc898985060100"
+        }
+        Reply::OrderUpdated(_) => {
+            "07100190000000007000800000000000000202753103010467656d730203c801010ed804c8018080f2818389850680a499dc89898506018080f281838985060102008080f28183898506000280a499dc898985060100"
+        }
+        Reply::Refunded { .. } => {
+            "0810019000000000700080000000000000041001900000000070008000000000000002027531010467656d7301c801c80101046f6f7073018080f28183898506a09c01a006"
+        }
+        Reply::Entitlement(_) => "090467656d73020301018080f28183898506",
+        Reply::GlobalClaim(_) => {
+            "0a008080f2818389850680d095ffbc318486880801027531026b31abababababababababababababababababababababababababababababababab80a499dc89898506000275310103416e6e"
+        }
+        Reply::RefClaim { .. } => "0b01",
+        Reply::Swept { .. } => "0c0102ac02",
+        Reply::SweptAndPurged { .. } => "0d01020304",
+    }
+}
+
+#[test]
+fn replies_encode_as_pinned() {
+    assert_golden(&variant_cases(replies(), golden_reply));
+}
+
+/// The pinned bytes of each rejection above. Exhaustive: a new variant needs its bytes here.
+fn golden_rejection(rejection: &Rejection) -> &'static str {
+    match rejection {
+        Rejection::UserNotFound => "00",
+        Rejection::UserExists => "01",
+        Rejection::ItemNotFound { .. } => "020467656d73",
+        Rejection::OrderNotFound => "03",
+        Rejection::TopupNotFound => "04",
+        Rejection::InsufficientFunds { .. } => "05c801d804",
+        Rejection::PriceChanged { .. } => "06d804a006",
+        Rejection::AlreadyOwned { .. } => "070467656d73",
+        Rejection::ItemInactive { .. } => "080467656d73",
+        Rejection::InvalidState { .. } => "090750454e44494e47",
+        Rejection::RefundExceedsPurchase { .. } => "0a0467656d730502",
+        Rejection::AlreadyConsumed { .. } => "0b0467656d730502",
+        Rejection::InsufficientEntitlement { .. } => "0c0467656d730502",
+        Rejection::ExternalRefConflict { .. } => "0d027231",
+        Rejection::AmountMismatch { .. } => "0ee807ea07",
+        Rejection::OrderExpired { .. } => "0f80a499dc89898506",
+        Rejection::RefundWindowClosed { .. } => "100467656d7380a499dc89898506",
+        Rejection::TooManyPendingOrders { .. } => "1164",
+        Rejection::TooManyRefunds { .. } => "1264",
+        Rejection::CatalogFull { .. } => "13904e",
+        Rejection::BalanceLimitExceeded { .. } => "148080b4ccd4dfc603",
+        Rejection::InvalidRequest { .. } => "1503626164",
+        Rejection::IdempotencyKeyReused => "16",
+        Rejection::LimitExceeded { .. } => {
+            "17126d61785f70656e64696e675f746f707570730a0180a499dc89898506"
+        }
+        Rejection::ItemKindFixed { .. } => "180467656d730863757272656e6379",
+    }
+}
+
+#[test]
+fn rejections_encode_as_pinned() {
+    assert_golden(&variant_cases(rejections(), golden_rejection));
+}
+
+#[test]
+fn outcomes_encode_as_pinned() {
+    let ok: Outcome = Ok(Reply::RefClaim { accepted: false });
+    let err: Outcome = Err(Rejection::OrderNotFound);
+    assert_golden(&[("ok", ok, "000b00"), ("err", err, "0103")]);
+}
+
+/// What a replica answers for a command (`engine::replica::ApplyReply`): an `Applied` or an error text.
+#[test]
+fn apply_replies_encode_as_pinned() {
+    let applied = Applied {
+        outcome: Err(Rejection::UserExists),
+        replayed: true,
+    };
+    let cases: [(&str, Result<Applied, String>, &str); 2] = [
+        ("applied", Ok(applied), "00010101"),
+        (
+            "not applied",
+            Err("cannot decode".to_owned()),
+            "010d63616e6e6f74206465636f6465",
+        ),
+    ];
+    assert_golden(&cases);
+}
+
+#[test]
+fn stored_records_encode_as_pinned() {
+    let meta = MetaState {
+        schema_version: 2,
+        shard: 3,
+        last_applied: 1234,
+        posting_seq: 9,
+        posting_head: [0x22; 32],
+        psp_clearing: -10_000,
+        revenue: 300,
+    };
+    assert_golden(&[(
+        "meta",
+        meta,
+        "0203d2090922222222222222222222222222222222222222222222222222222222222222229f9c01d804",
+    )]);
+    assert_golden(&[("clock", NOW, "8080f28183898506")]);
+    assert_golden(&[(
+        "user",
+        user(),
+        "0275310103416e6e8080f28183898506a09c01a00603",
+    )]);
+    assert_golden(&[(
+        "item",
+        item(),
+        "0573776f72640553776f726400c801010e028080f28183898506",
+    )]);
+    assert_golden(&[(
+        "order",
+        order(),
+        "100190000000007000800000000000000202753103010467656d730203c801010ed804c8018080f2818389850680a499dc89898506018080f281838985060102008080f28183898506000280a499dc898985060100",
+    )]);
+    assert_golden(&[(
+        "posting",
+        posting(),
+        "09100190000000007000800000000000000502753103010002753101027531d8040210019000000000700080000000000000028080f28183898506a09c01a0061111111111111111111111111111111111111111111111111111111111111111",
+    )]);
+    assert_golden(&[(
+        "entitlement",
+        entitlement(),
+        "0467656d73020301018080f28183898506",
+    )]);
+    assert_golden(&[(
+        "credit",
+        credit(),
+        "1001900000000070008000000000000003027531c413027231010570726f6d6f8080f28183898506",
+    )]);
+    let claim = RefClaim {
+        user_id: "u1".to_owned(),
+        amount: money(500),
+        topup_id: Some(id(7)),
+    };
+    assert_golden(&[(
+        "external ref claim",
+        claim,
+        "027531e807011001900000000070008000000000000007",
+    )]);
+    assert_golden(&[(
+        "topup",
+        topup(),
+        "1001900000000070008000000000000007027531e8070101037069318080f2818389850680a499dc89898506018080f28183898506",
+    )]);
+    assert_golden(&[(
+        "refund",
+        refund(),
+        "10019000000000700080000000000000041001900000000070008000000000000002027531010467656d7301c801c80101046f6f7073018080f28183898506",
+    )]);
+}
+
+#[test]
+fn idempotency_records_encode_as_pinned() {
+    let record = |state| IdempotencyRecord {
+        fingerprint: FINGERPRINT,
+        created_at: NOW,
+        expires_at: LATER,
+        state,
+    };
+    assert_golden(&[
+        (
+            "pending",
+            record(IdempotencyState::Pending(Box::new(envelope(create_user())))),
+            "abababababababababababababababababababababababababababababababab8080f2818389850680a499dc89898506008080f2818389850680d095ffbc318486880801027531026b31abababababababababababababababababababababababababababababababab80a499dc89898506000275310103416e6e",
+        ),
+        (
+            "done",
+            record(IdempotencyState::Done(Ok(Reply::RefClaim {
+                accepted: true,
+            }))),
+            "abababababababababababababababababababababababababababababababab8080f2818389850680a499dc8989850601000b01",
+        ),
+    ]);
+}
+
+/// The small enums inside records, every variant: one byte each, in declaration order.
+#[test]
+fn record_enums_encode_as_pinned() {
+    let statuses = [
+        OrderStatus::Pending,
+        OrderStatus::Completed,
+        OrderStatus::Cancelled,
+        OrderStatus::PartiallyRefunded,
+        OrderStatus::Refunded,
+    ];
+    assert_golden(&[("order statuses", statuses.to_vec(), "050001020304")]);
+    let kinds = [ItemKind::Game, ItemKind::Skin, ItemKind::Currency];
+    assert_golden(&[("item kinds", kinds.to_vec(), "03000102")]);
+    let reasons = [CancelReason::Expired, CancelReason::CancelledByClient];
+    assert_golden(&[("cancel reasons", reasons.to_vec(), "020001")]);
+    let topups = [
+        TopupStatus::Pending,
+        TopupStatus::Completed,
+        TopupStatus::Failed,
+        TopupStatus::Expired,
+    ];
+    assert_golden(&[("topup statuses", topups.to_vec(), "0400010203")]);
+    let postings = [
+        PostingKind::Credit,
+        PostingKind::Hold,
+        PostingKind::Release,
+        PostingKind::Debit,
+        PostingKind::Refund,
+    ];
+    assert_golden(&[("posting kinds", postings.to_vec(), "050001020304")]);
+    let accounts = vec![
+        Account::Available("u1".to_owned()),
+        Account::Held("u1".to_owned()),
+        Account::PspClearing,
+        Account::Revenue,
+    ];
+    assert_golden(&[("accounts", accounts, "0400027531010275310203")]);
+    let references = vec![
+        PostingRef::Credit(id(1)),
+        PostingRef::Topup(id(1)),
+        PostingRef::Order(id(1)),
+        PostingRef::Refund(id(1)),
+    ];
+    assert_golden(&[(
+        "posting refs",
+        references,
+        "04001001900000000070008000000000000001011001900000000070008000000000000001021001900000000070008000000000000001031001900000000070008000000000000001",
+    )]);
+    let claims = vec![
+        GlobalClaim::Run(Box::new(envelope(create_user()))),
+        GlobalClaim::Settled(Box::new(Err(Rejection::UserExists))),
+    ];
+    assert_golden(&[(
+        "global claims",
+        claims,
+        "02008080f2818389850680d095ffbc318486880801027531026b31abababababababababababababababababababababababababababababababab80a499dc89898506000275310103416e6e010101",
+    )]);
+}
+
+/// Why a field is never added, even at the end: a row written before it existed no longer decodes
+/// (postcard has no field names, so serde's `default` never applies).
+#[test]
+fn an_added_field_does_not_decode_old_bytes() {
+    #[derive(Serialize)]
+    struct Before {
+        a: u32,
+    }
+    #[derive(Serialize, serde::Deserialize)]
+    struct After {
+        a: u32,
+        #[serde(default)]
+        b: u32,
+    }
+    let new = postcard::to_stdvec(&After { a: 7, b: 1 }).expect("encodes");
+    let after: After = postcard::from_bytes(&new).expect("its own bytes decode");
+    assert_eq!((after.a, after.b), (7, 1));
+    let old = postcard::to_stdvec(&Before { a: 7 }).expect("encodes");
+    assert!(postcard::from_bytes::<After>(&old).is_err());
+}
