@@ -6,7 +6,7 @@
 //! - vote twice in one term;
 //! - accept a deposed leader (it forgot the newer term) and help it commit over committed entries;
 //! - vote for, or stand as, a candidate that lacks entries committed with its own, now lost,
-//!   acknowledgements: a leader without acknowledged writes gets elected. (Issue 4's chaos run did
+//!   acknowledgements: a leader without acknowledged writes gets elected. (An early chaos run did
 //!   exactly this; `chaos::a_wiped_member_does_not_help_elect_a_leader_that_lacks_acknowledged_writes`
 //!   reproduces it.)
 //!

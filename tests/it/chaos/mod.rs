@@ -1,10 +1,11 @@
-//! The Jepsen-style chaos suite (issue 4): a real 3-node cluster (separate `shopkeep serve` processes, peer
+//! The Jepsen-style chaos suite: a real 3-node cluster (separate `shopkeep serve` processes, peer
 //! links through cuttable proxies), concurrent clients recording every request as invoke → ok / fail /
 //! unknown and retrying unknowns with the same idempotency key until definite, a seeded nemesis (kill -9,
-//! SIGSTOP, partitions, crash points inside the server, wiped data dirs), and a checker run on every
-//! node's final state after healing. See `checker.rs` for what is checked.
+//! SIGSTOP, partitions, crash points inside the server, wiped data dirs, a wall clock shifted by
+//! libfaketime, a node's own tmpfs filled and freed, bits flipped in a stopped node's files), and a
+//! checker run on every node's final state after healing. See `checker.rs` for what is checked.
 //!
-//! Short run (part of `cargo test`, ≈2–3 minutes, every fault kind at least once):
+//! Short run (part of `cargo test`, ≈3–4 minutes, every fault kind at least once):
 //!
 //! ```sh
 //! cargo test --workspace --locked --features failpoints --test it chaos_short -- --nocapture
@@ -716,7 +717,7 @@ async fn a_node_that_crashed_mid_snapshot_install_restarts_and_catches_up() {
     );
 }
 
-/// Regression (found by the chaos run of issue 4): a member whose data dir was wiped had forgotten the
+/// Regression (found by an early chaos run): a member whose data dir was wiped had forgotten the
 /// writes it acknowledged, yet voted again, so a member that missed those writes could be elected. Here
 /// the leader and the member-to-be-wiped commit writes while the third member is cut off; the wiped
 /// member and the lagging one must not elect a leader without those writes. Once the leader is back,
