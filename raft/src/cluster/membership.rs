@@ -1,0 +1,103 @@
+//! Membership changes (add a learner, promote it to voter, remove a member), applied to every shard
+//! one at a time on each shard's leader.
+
+use std::collections::BTreeSet;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+
+use super::{Cluster, ClusterError, NodeId, fatal, not_leader};
+use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Refusal};
+
+impl Cluster {
+    /// Applies a membership change to every shard, one shard at a time, on each shard's leader.
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
+        let _serialised = self.membership_lock.lock().await;
+        if let MembershipChange::AddLearner { node, addr } = &change {
+            self.transport.remember(*node, addr);
+        }
+        for shard in 0..self.shard_count() {
+            self.on_leader(
+                shard,
+                || self.change_membership_local(shard, change.clone()),
+                || NodeRequest::ChangeMembership {
+                    shard,
+                    change: change.clone(),
+                },
+                |response| match response {
+                    NodeResponse::Done(result) => Some(result),
+                    _ => None,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn change_membership_local(
+        &self,
+        shard: u32,
+        change: MembershipChange,
+    ) -> Result<(), Refusal> {
+        let replica = self.replica(shard)?;
+        let raft = &replica.raft;
+        let membership = raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let result = match change {
+            MembershipChange::AddLearner { node, addr } => {
+                self.transport.remember(node, &addr);
+                if voters.contains(&node) {
+                    return Ok(());
+                }
+                raft.add_learner(node, BasicNode::new(addr), true)
+                    .await
+                    .map(|_| ())
+            }
+            MembershipChange::Promote { node } => {
+                if voters.contains(&node) {
+                    return Ok(());
+                }
+                if !known.contains(&node) {
+                    return Err(Refusal::Rejected(format!(
+                        "node {node} is not a learner of shard {shard}; add it first"
+                    )));
+                }
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node])), false)
+                    .await
+                    .map(|_| ())
+            }
+            MembershipChange::Remove { node } => {
+                if !known.contains(&node) {
+                    return Ok(());
+                }
+                if voters.contains(&node) {
+                    if voters.len() == 1 {
+                        return Err(Refusal::Rejected("cannot remove the last voter".into()));
+                    }
+                    raft.change_membership(
+                        ChangeMembers::RemoveVoters(BTreeSet::from([node])),
+                        false,
+                    )
+                    .await
+                    .map(|_| ())
+                } else {
+                    raft.change_membership(
+                        ChangeMembers::RemoveNodes(BTreeSet::from([node])),
+                        false,
+                    )
+                    .await
+                    .map(|_| ())
+                }
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(not_leader(&self.transport, forward))
+            }
+            Err(RaftError::APIError(other)) => Err(Refusal::Rejected(other.to_string())),
+            Err(RaftError::Fatal(error)) => Err(fatal(error)),
+        }
+    }
+}

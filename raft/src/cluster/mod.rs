@@ -1,0 +1,410 @@
+//! A node's replicas of every shard (multi-Raft) and everything a caller does with them: cluster
+//! formation, writes forwarded to the shard's leader, linearizable read barriers, membership changes
+//! and status. A member that lost its data is kept out of every quorum until it has caught up
+//! (`rebuild`).
+//!
+//! Every node hosts a replica of every shard. Each shard has a *preferred* node (the shard number modulo
+//! the initial members): it initialises the shard at formation and so becomes its first leader, which
+//! spreads the leaders across nodes.
+//!
+//! This module owns the configuration, the errors, the `Cluster` and its status types, and opening the
+//! replicas (and stopping them). The rest, by concern:
+//! - `formation`: forming the cluster (probing the peers, initialising each shard on its preferred node);
+//! - `write`: batching and proposing writes, forwarding them to the shard's leader, read barriers;
+//! - `membership`: adding learners, promoting and removing members;
+//! - `serve`: answering other nodes' calls, leadership, readiness and status;
+//! - `rebuild`: a member that lost its data; `handoff`: a member whose disk is full.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use openraft::error::ForwardToLeader;
+use openraft::{BasicNode, SnapshotPolicy};
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::Raft;
+use crate::auth::NodeAuth;
+use crate::clock::{ClockVerdict, ClockWatch};
+use crate::log_store::{LogDb, MIRROR_BYTES};
+use crate::network::{ShardNetwork, Transport};
+use crate::rpc::Refusal;
+use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
+use rebuild::Marks;
+use shopkeep_faults::disk::DiskHealth;
+use write::run_batcher;
+
+mod formation;
+mod handoff;
+mod membership;
+mod rebuild;
+mod serve;
+mod write;
+
+pub type NodeId = u64;
+
+/// How a node takes part in the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub node_id: NodeId,
+    /// The initial members and how this node reaches them, this node included. One entry (this node)
+    /// for a single-node shop.
+    pub peers: BTreeMap<NodeId, String>,
+    pub shards: u32,
+    /// Holds `raft-log.redb` and `snapshots/`.
+    pub data_dir: PathBuf,
+    /// Signs this node's calls to the others and checks theirs (a key derived from the cluster secret).
+    pub auth: Arc<NodeAuth>,
+    pub heartbeat: Duration,
+    /// A follower that hears nothing from its leader for one to two of these stands for election.
+    pub election_timeout: Duration,
+    /// A snapshot is built after this many new log entries; the log before it is then purged.
+    pub snapshot_every: u64,
+    /// Most commands in one log entry (see `batch`).
+    pub max_batch_commands: usize,
+    /// Most commands waiting on this node for a shard, and most entries a shard's leader has in flight;
+    /// more are refused (backpressure).
+    pub max_inflight_per_shard: usize,
+    /// How long a write or a read barrier may look for a leader and a quorum before giving up.
+    pub deadline: Duration,
+    /// Empty shards take part in elections at once instead of rebuilding first (see `rebuild`): only
+    /// for a cluster being restored from one member's backup, whose other members were emptied on
+    /// purpose.
+    pub trust_empty_shards: bool,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("shard {shard} is overloaded")]
+    Overloaded { shard: u32 },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("rejected: {0}")]
+    Rejected(String),
+    #[error("cannot open the replicas: {0}")]
+    Open(String),
+}
+
+impl From<Refusal> for ClusterError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::NotLeader { .. } => {
+                ClusterError::Unavailable("no leader for the shard".into())
+            }
+            Refusal::Overloaded => ClusterError::Unavailable("the leader is overloaded".into()),
+            Refusal::Unavailable(message) => ClusterError::Unavailable(message),
+            Refusal::Rejected(message) => ClusterError::Rejected(message),
+        }
+    }
+}
+
+impl From<ClusterError> for Refusal {
+    fn from(error: ClusterError) -> Self {
+        match error {
+            ClusterError::Overloaded { .. } => Refusal::Overloaded,
+            ClusterError::Unavailable(message) | ClusterError::Open(message) => {
+                Refusal::Unavailable(message)
+            }
+            ClusterError::Rejected(message) => Refusal::Rejected(message),
+        }
+    }
+}
+
+/// Most bytes of commands in one log entry. With `MAX_ENTRIES_PER_APPEND` it keeps every append
+/// message well under `rpc::MAX_MESSAGE_BYTES`.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Most entries in one append message to a follower.
+const MAX_ENTRIES_PER_APPEND: u64 = 64;
+/// Batches of one shard a node has in flight at once: while they are being committed, the next
+/// commands gather into the next batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+const _: () = assert!(
+    MAX_BATCH_BYTES * (MAX_ENTRIES_PER_APPEND as usize) * 2 <= crate::rpc::MAX_MESSAGE_BYTES
+);
+
+/// A command waiting to be proposed in the next batch.
+struct Waiting {
+    command: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, ClusterError>>,
+}
+
+struct Replica {
+    raft: Raft,
+    /// Entries this node proposes as the shard's leader (its batches, which take in forwarded ones).
+    inflight: Arc<Semaphore>,
+    /// Commands waiting for this node's next batch for the shard.
+    waiting: mpsc::Sender<Waiting>,
+}
+
+/// The node's replicas and its client to the other nodes.
+pub struct Cluster {
+    /// Which of the node's files are full (see `disk`): writes are refused meanwhile.
+    health: Arc<DiskHealth>,
+    config: ClusterConfig,
+    replicas: Vec<Replica>,
+    transport: Arc<Transport>,
+    /// Serialises membership changes made through this node.
+    membership_lock: tokio::sync::Mutex<()>,
+    /// Per shard, whether this node's replica is a full member or rebuilding lost data (see `rebuild`).
+    marks: Marks,
+    /// When this node started; the base of `leader_contact`.
+    started: Instant,
+    /// Per shard, milliseconds after `started` when a leader last reached this node (an append).
+    leader_contact: Vec<AtomicU64>,
+    /// The members' clocks against this node's (see `clock`).
+    clock: Arc<ClockWatch>,
+}
+
+/// One shard as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardStatus {
+    pub shard: u32,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: &'static str,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// On the leader: how many entries each other replica is behind (`None`: not known yet).
+    pub lag: BTreeMap<NodeId, Option<u64>>,
+    /// `none`, or how far this replica is in rebuilding data it lost: `awaiting_leader` (takes part in
+    /// nothing yet), `catching_up` (follows the leader, neither votes nor stands); see `rebuild`.
+    pub recovery: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    /// Every node this node knows: the initial peers and the members of any shard.
+    pub nodes: BTreeMap<NodeId, String>,
+    pub shards: Vec<ShardStatus>,
+}
+
+/// The Raft configuration of `shard`'s group.
+///
+/// Every node waits between one and two election timeouts before it stands. (openraft 0.9 makes a voter
+/// refuse candidates for `election_timeout_max` after it last heard from a leader — its leader lease — so
+/// the first candidate after a leader dies is usually refused and the second round wins: failover takes
+/// about two to four election timeouts. Giving the shard's preferred node a shorter timeout than the others
+/// would lengthen their leases and slow failover, so leaders are spread at formation instead.)
+fn raft_config(config: &ClusterConfig, shard: u32) -> Result<openraft::Config, ClusterError> {
+    let election = config.election_timeout.as_millis().max(1) as u64;
+    let (min, max) = (election, election * 2);
+    let keep = (config.snapshot_every / 2).clamp(1, 1000);
+    openraft::Config {
+        cluster_name: format!("shopkeep-shard-{shard}"),
+        heartbeat_interval: config.heartbeat.as_millis().max(1) as u64,
+        election_timeout_min: min,
+        election_timeout_max: max,
+        max_payload_entries: MAX_ENTRIES_PER_APPEND,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        max_in_snapshot_log_to_keep: keep,
+        snapshot_max_chunk_size: 1024 * 1024,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ClusterError::Open(format!("raft configuration: {e}")))
+}
+
+fn not_leader(transport: &Transport, forward: ForwardToLeader<NodeId, BasicNode>) -> Refusal {
+    let leader = match (forward.leader_id, forward.leader_node) {
+        (Some(id), Some(node)) => Some((id, transport.address_of(id, &node.addr))),
+        (Some(id), None) => {
+            let addr = transport.address_of(id, "");
+            (!addr.is_empty()).then_some((id, addr))
+        }
+        _ => None,
+    };
+    Refusal::NotLeader { leader }
+}
+
+fn fatal<E: std::fmt::Display>(error: E) -> Refusal {
+    Refusal::Unavailable(format!("the shard's replica stopped: {error}"))
+}
+
+/// A shard whose state holds less than its log was purged past (its file was set aside as corrupt, or
+/// lost) cannot catch up from its own log. In a cluster its log is forgotten too, so it opens as
+/// pristine and rebuilds from its peers (`rebuild`), its snapshot set aside with it (a snapshot ahead of
+/// an empty log is no state openraft accepts); on a single node the start stops.
+async fn reset_if_behind<S: ReplicatedState>(
+    log_db: &LogDb,
+    shard: u32,
+    state: &S,
+    snapshot_dir: &std::path::Path,
+    clustered: bool,
+) -> Result<(), ClusterError> {
+    let open_error = |e: &dyn std::fmt::Display| ClusterError::Open(format!("shard {shard}: {e}"));
+    let applied = crate::state_machine::applied_index(state).map_err(|e| open_error(&e))?;
+    let purged = log_db.last_purged(shard).map_err(|e| open_error(&e))?;
+    let Some(purged) = purged.filter(|purged| purged.index > applied) else {
+        return Ok(());
+    };
+    let what = format!(
+        "shard {shard}'s state ({}) holds entries up to {applied} but its log starts after {}",
+        state.location().display(),
+        purged.index
+    );
+    if !clustered {
+        return Err(ClusterError::Open(format!(
+            "{what}. {}",
+            shopkeep_faults::integrity::restore_advice(&state.location())
+        )));
+    }
+    tracing::error!("{what}: the shard's log is reset and it rebuilds from its peers");
+    shopkeep_faults::integrity::quarantine(snapshot_dir, &[snapshot_dir.join("current.snap")])
+        .map_err(|e| open_error(&e))?;
+    log_db.reset_shard(shard).await.map_err(|e| open_error(&e))
+}
+
+impl Cluster {
+    /// Opens the node's log, one Raft group per shard on `states` (index = shard), and the network.
+    pub async fn open<S: ReplicatedState>(
+        config: ClusterConfig,
+        states: Vec<Arc<S>>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        assert_eq!(states.len(), config.shards as usize, "one state per shard");
+        assert!(
+            config.peers.contains_key(&config.node_id),
+            "the peers include this node"
+        );
+        let log_path = shopkeep_faults::integrity::log_path(&config.data_dir);
+        let health = Arc::new(DiskHealth::new());
+        let log_health = health.clone();
+        let log_db = tokio::task::spawn_blocking(move || {
+            LogDb::open_with(&log_path, MIRROR_BYTES, log_health)
+        })
+        .await
+        .map_err(|e| ClusterError::Open(e.to_string()))?
+        .map_err(|e| ClusterError::Open(e.to_string()))?;
+        let clock = Arc::new(ClockWatch::default());
+        let transport = Arc::new(Transport::new(
+            config.auth.clone(),
+            clock.clone(),
+            config.peers.clone(),
+        ));
+        let marks = Marks::new(log_db.clone(), config.shards);
+        let quarantine_if_empty = config.peers.len() > 1 && !config.trust_empty_shards;
+        let mut replicas = Vec::with_capacity(states.len());
+        let mut queues = Vec::with_capacity(states.len());
+        for (shard, state) in (0u32..).zip(states) {
+            let snapshot_dir = config
+                .data_dir
+                .join(shopkeep_faults::integrity::SNAPSHOT_DIR)
+                .join(format!("shard-{shard:03}"));
+            let clustered = config.peers.len() > 1;
+            reset_if_behind(&log_db, shard, &*state, &snapshot_dir, clustered).await?;
+            // the log is purged only up to what the state machine holds durably
+            let gate = PurgeGate::new();
+            let log = log_db
+                .shard(shard)
+                .map_err(|e| ClusterError::Open(e.to_string()))?
+                .with_purge_gate(gate.clone());
+            let mut machine = StateMachineStore::new(state, snapshot_dir)
+                .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?
+                .with_purge_gate(gate)
+                .with_disk(health.clone(), log.clone());
+            if machine.lost_snapshot() {
+                use openraft::{RaftSnapshotBuilder, storage::RaftStateMachine};
+                machine
+                    .get_snapshot_builder()
+                    .await
+                    .build_snapshot()
+                    .await
+                    .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))?;
+            }
+            let network = ShardNetwork {
+                shard,
+                local: config.node_id,
+                transport: transport.clone(),
+            };
+            let raft = Raft::new(
+                config.node_id,
+                Arc::new(raft_config(&config, shard)?),
+                network,
+                log,
+                machine,
+            )
+            .await
+            .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            let pristine = !raft
+                .is_initialized()
+                .await
+                .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            let mark = marks
+                .open_shard(shard, pristine, quarantine_if_empty)
+                .await
+                .map_err(|e| ClusterError::Open(format!("shard {shard}: {e}")))?;
+            raft.runtime_config().elect(mark.takes_part_in_elections());
+            let (waiting, queue) = mpsc::channel(config.max_inflight_per_shard);
+            queues.push(queue);
+            replicas.push(Replica {
+                raft,
+                inflight: Arc::new(Semaphore::new(config.max_inflight_per_shard)),
+                waiting,
+            });
+        }
+        let cluster = Arc::new(Cluster {
+            health,
+            config,
+            replicas,
+            transport,
+            membership_lock: tokio::sync::Mutex::new(()),
+            marks,
+            started: Instant::now(),
+            leader_contact: (0..queues.len()).map(|_| AtomicU64::new(0)).collect(),
+            clock,
+        });
+        for (shard, queue) in (0u32..).zip(queues) {
+            tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
+            tokio::spawn(rebuild::run_rebuild(Arc::downgrade(&cluster), shard));
+        }
+        if cluster.config.peers.len() > 1 {
+            tokio::spawn(handoff::run_handoff(Arc::downgrade(&cluster)));
+        }
+        Ok(cluster)
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.replicas.len() as u32
+    }
+
+    /// The members' clocks as this node has sampled them (fed by node traffic both ways).
+    pub fn clock(&self) -> &ClockWatch {
+        &self.clock
+    }
+
+    /// Whether this node's clock agrees with a majority of the members' (always, for a single node):
+    /// only then may it stamp the time of a command.
+    pub fn clock_verdict(&self) -> ClockVerdict {
+        self.clock
+            .verdict(self.config.node_id, self.transport.peer_ids())
+    }
+
+    /// Why this node cannot write now (`disk full at <path>`), if it cannot: it refuses writes, fast,
+    /// rather than make clients wait for a commit it cannot make.
+    pub fn disk_trouble(&self) -> Option<String> {
+        self.health.trouble()
+    }
+
+    fn replica(&self, shard: u32) -> Result<&Replica, Refusal> {
+        self.replicas
+            .get(shard as usize)
+            .ok_or_else(|| Refusal::Rejected(format!("no shard {shard}")))
+    }
+
+    /// Stops every replica (their committed data is durable already).
+    pub async fn shutdown(&self) {
+        for replica in &self.replicas {
+            if let Err(error) = replica.raft.shutdown().await {
+                tracing::warn!(%error, "a replica did not stop cleanly");
+            }
+        }
+    }
+}
