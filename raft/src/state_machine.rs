@@ -10,12 +10,13 @@
 //!    openraft re-applies the committed entries after it, exactly once;
 //! 3. the log is only purged up to a snapshot, and [`ReplicatedState::export`] makes the state durable
 //!    before the snapshot is taken, so no purged entry is ever missing from the durable state; for a
-//!    received snapshot, the log store waits at the shard's [`PurgeGate`] until the install committed.
+//!    received snapshot, the log store waits at the shard's [`PurgeGate`] (`purge_gate`) until the
+//!    install committed.
 //!
-//! Snapshot file: `SKSNAP01` | meta length (u32 LE) | postcard `SnapshotMeta` | application body |
-//! SHA-256 of everything before it. A received snapshot is verified whole before the state is touched,
-//! and the application imports it in one transaction: after a crash the shard has the old state or the
-//! new one, never a mix.
+//! Snapshot file (`snapshot_file`): `SKSNAP01` | meta length (u32 LE) | postcard `SnapshotMeta` |
+//! application body | SHA-256 of everything before it. A received snapshot is verified whole before the
+//! state is touched, and the application imports it in one transaction: after a crash the shard has
+//! the old state or the new one, never a mix.
 //!
 //! A full disk (see `disk`) is waited out, never reported to openraft (a `StorageError` stops the
 //! shard's Raft for good): a state write refused for want of space is retried with back-off until it
@@ -26,14 +27,13 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::log_store::LogStore;
 use crate::{
@@ -41,6 +41,12 @@ use crate::{
     encode,
 };
 use shopkeep_faults::disk::{self, Backoff, DiskHealth};
+use snapshot_file::{SnapshotDir, verify, write_snapshot};
+
+mod purge_gate;
+mod snapshot_file;
+
+pub use purge_gate::PurgeGate;
 
 /// An application error, reported to openraft as a storage error.
 pub type StateError = Box<dyn std::error::Error + Send + Sync>;
@@ -95,94 +101,12 @@ struct Marker {
     membership: StoredMembership,
 }
 
-const MAGIC: &[u8; 8] = b"SKSNAP01";
-const DIGEST_LEN: u64 = 32;
-/// The largest snapshot header accepted: a membership of a few nodes is far smaller.
-const MAX_META_LEN: u32 = 1 << 20;
-
 fn sm_error(e: impl ToString) -> StorageError {
     StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
 }
 
 fn snapshot_error(e: impl ToString) -> StorageError {
     StorageIOError::write_snapshot(None, AnyError::error(e.to_string())).into()
-}
-
-/// How far a shard's log may be purged: up to the newest log index the state machine holds durably (the
-/// state it opened with, a snapshot it built, a snapshot it installed).
-///
-/// openraft 0.9 purges a follower's log up to a received snapshot as soon as it hands the snapshot to
-/// the state machine, without waiting for the install (`install_full_snapshot` emits the state-machine
-/// command and `PurgeLog` together). A crash between the durable purge and the install's commit left a
-/// log purged beyond the durable state, which openraft refuses at the next start ("purge_upto <=
-/// committed"): the node could never start again. The log store waits at this gate before it purges, so
-/// a purge is never durable before the state that covers it.
-#[derive(Clone)]
-pub struct PurgeGate {
-    tx: Arc<tokio::sync::watch::Sender<GateState>>,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct GateState {
-    /// Purges up to this index (inclusive) may proceed.
-    upto: Option<u64>,
-    /// A snapshot install failed: purges waiting for it give up.
-    failed: bool,
-}
-
-impl PurgeGate {
-    /// A gate that holds purges back until the state machine reports what it holds durably.
-    pub fn new() -> PurgeGate {
-        PurgeGate {
-            tx: Arc::new(tokio::sync::watch::channel(GateState::default()).0),
-        }
-    }
-
-    /// A gate that never holds a purge back (a log store or state machine used on its own).
-    pub fn open() -> PurgeGate {
-        let gate = PurgeGate::new();
-        gate.raise(u64::MAX);
-        gate
-    }
-
-    /// The state machine holds everything up to `index` durably.
-    fn raise(&self, index: u64) {
-        self.tx.send_if_modified(|s| {
-            let raised = s.upto.is_none_or(|u| u < index);
-            if raised {
-                s.upto = Some(index);
-            }
-            raised
-        });
-    }
-
-    fn fail(&self) {
-        self.tx.send_modify(|s| s.failed = true);
-    }
-
-    /// Waits until a purge up to `index` is covered by the durable state; `Err` if the install that
-    /// would have covered it failed.
-    pub async fn wait(&self, index: u64) -> Result<(), String> {
-        let mut rx = self.tx.subscribe();
-        let covered = |s: &GateState| s.upto.is_some_and(|u| u >= index);
-        let state = *rx
-            .wait_for(|s| covered(s) || s.failed)
-            .await
-            .map_err(|_| "the state machine is gone".to_string())?;
-        if covered(&state) {
-            Ok(())
-        } else {
-            Err(format!(
-                "not purging the log up to {index}: the snapshot install that covers it failed"
-            ))
-        }
-    }
-}
-
-impl Default for PurgeGate {
-    fn default() -> Self {
-        PurgeGate::new()
-    }
 }
 
 /// How a state write ended: written, refused for want of space (retried), or failed for good.
@@ -717,231 +641,5 @@ fn same_file(file: &File, path: &Path) -> bool {
     match (file.metadata(), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
-    }
-}
-
-/// A writer that hashes what it writes.
-struct Hashing<W: Write> {
-    inner: W,
-    digest: Sha256,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let written = self.inner.write(buf)?;
-        self.digest.update(&buf[..written]);
-        Ok(written)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-fn io_error(e: impl ToString) -> std::io::Error {
-    std::io::Error::other(e.to_string())
-}
-
-fn write_snapshot(
-    path: &Path,
-    meta: &SnapshotMeta,
-    export: &mut dyn Export,
-) -> std::io::Result<()> {
-    let file = File::create(path)?;
-    let mut out = Hashing {
-        inner: BufWriter::new(file),
-        digest: Sha256::new(),
-    };
-    let header = encode(meta).map_err(io_error)?;
-    out.write_all(MAGIC)?;
-    out.write_all(&u32::try_from(header.len()).map_err(io_error)?.to_le_bytes())?;
-    out.write_all(&header)?;
-    export.write_to(&mut out).map_err(|e| {
-        // keep a full disk recognisable, so that the build is retried (`Attempt::Full`)
-        if disk::is_disk_full(&*e) {
-            std::io::Error::new(std::io::ErrorKind::StorageFull, e.to_string())
-        } else {
-            io_error(e)
-        }
-    })?;
-    let digest = out.digest.finalize();
-    let mut inner = out.inner;
-    inner.write_all(&digest)?;
-    let file = inner.into_inner().map_err(|e| e.into_error())?;
-    // After a failed fsync nothing the kernel cached can be trusted (see `disk`).
-    if let Err(error) = file.sync_all() {
-        disk::fail_stop(path, "fsync", &error);
-    }
-    Ok(())
-}
-
-/// Reads the header of a snapshot file: its meta and where the body starts.
-fn read_header(file: &mut File) -> std::io::Result<(SnapshotMeta, u64)> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut magic = [0u8; 8];
-    file.read_exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err(io_error("not a shopkeep snapshot"));
-    }
-    let mut len = [0u8; 4];
-    file.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len);
-    if len > MAX_META_LEN {
-        return Err(io_error("snapshot header too large"));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)?;
-    let meta: SnapshotMeta = decode(&header).map_err(io_error)?;
-    Ok((meta, 12 + u64::from(len)))
-}
-
-/// Checks a whole snapshot file against its digest; returns its meta and body length, and leaves the
-/// file positioned at the start of the body.
-fn verify(file: &mut File) -> std::io::Result<(SnapshotMeta, u64)> {
-    let total = file.metadata()?.len();
-    let (meta, body_start) = read_header(file)?;
-    if total < body_start + DIGEST_LEN {
-        return Err(io_error("snapshot file is truncated"));
-    }
-    file.seek(SeekFrom::Start(0))?;
-    let mut digest = Sha256::new();
-    let mut reader = BufReader::new(&mut *file).take(total - DIGEST_LEN);
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = reader.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        digest.update(&buffer[..n]);
-    }
-    let mut stored = [0u8; DIGEST_LEN as usize];
-    file.seek(SeekFrom::Start(total - DIGEST_LEN))?;
-    file.read_exact(&mut stored)?;
-    if digest.finalize().as_slice() != stored {
-        return Err(io_error("snapshot file is corrupt (digest mismatch)"));
-    }
-    file.seek(SeekFrom::Start(body_start))?;
-    Ok((meta, total - DIGEST_LEN - body_start))
-}
-
-/// The directory of one shard's snapshots: `current.snap`, and temporaries while building or receiving.
-struct SnapshotDir {
-    dir: PathBuf,
-    /// Serialises replacing `current.snap`, so a slow build never replaces a newer received snapshot.
-    replace: std::sync::Mutex<()>,
-}
-
-impl SnapshotDir {
-    fn current_path(&self) -> PathBuf {
-        self.dir.join("current.snap")
-    }
-
-    fn building_path(&self) -> PathBuf {
-        self.dir.join("building.tmp")
-    }
-
-    fn receiving_path(&self) -> PathBuf {
-        self.dir.join("receiving.tmp")
-    }
-
-    fn installing_path(&self) -> PathBuf {
-        self.dir.join("installing.tmp")
-    }
-
-    fn remove_temporaries(&self) {
-        let _ = std::fs::remove_file(self.building_path());
-        let _ = std::fs::remove_file(self.receiving_path());
-        let _ = std::fs::remove_file(self.installing_path());
-    }
-
-    /// Checks the current snapshot against its digest; a corrupt one is moved into `quarantine/` under
-    /// this directory (see `shopkeep_faults::integrity`). Returns whether it was.
-    fn set_aside_if_corrupt(&self) -> std::io::Result<bool> {
-        let path = self.current_path();
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        let Err(why) = verify(&mut file) else {
-            return Ok(false);
-        };
-        drop(file);
-        let moved = shopkeep_faults::integrity::quarantine(&self.dir, std::slice::from_ref(&path))?;
-        tracing::error!(
-            file = %path.display(),
-            moved_to = %moved.display(),
-            "the snapshot is corrupt ({why}): it was set aside and is built again from the state"
-        );
-        Ok(true)
-    }
-
-    /// The current snapshot's meta and an open file positioned at its start.
-    fn current(&self) -> std::io::Result<Option<(SnapshotMeta, File)>> {
-        let mut file = match File::open(self.current_path()) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let (meta, _) = read_header(&mut file)?;
-        file.seek(SeekFrom::Start(0))?;
-        Ok(Some((meta, file)))
-    }
-
-    /// Makes the complete, synced file at `path` the current snapshot, unless a newer one is current.
-    fn keep(&self, path: &Path, meta: &SnapshotMeta) -> Result<(), StorageError> {
-        let _serialised = self.replace.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((current, _)) = self.current().map_err(snapshot_error)? {
-            if current.last_log_id > meta.last_log_id {
-                let _ = std::fs::remove_file(path);
-                return Ok(());
-            }
-        }
-        std::fs::rename(path, self.current_path()).map_err(snapshot_error)?;
-        let dir = File::open(&self.dir).map_err(snapshot_error)?;
-        if let Err(error) = dir.sync_all() {
-            disk::fail_stop(&self.dir, "fsync", &error);
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct Fixed(Vec<u8>);
-
-    impl Export for Fixed {
-        fn marker(&self) -> Option<Vec<u8>> {
-            None
-        }
-        fn write_to(&mut self, out: &mut dyn Write) -> Result<(), StateError> {
-            out.write_all(&self.0)?;
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_snapshot_file_round_trips_and_a_flipped_byte_is_refused() {
-        let dir = std::env::temp_dir().join(format!("sksnap-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s.snap");
-        let meta = SnapshotMeta::default();
-        write_snapshot(&path, &meta, &mut Fixed(b"hello body".to_vec())).unwrap();
-        let mut file = File::open(&path).unwrap();
-        let (read, body_len) = verify(&mut file).unwrap();
-        assert_eq!(read, meta);
-        let mut body = String::new();
-        file.take(body_len).read_to_string(&mut body).unwrap();
-        assert_eq!(body, "hello body");
-
-        let mut bytes = std::fs::read(&path).unwrap();
-        let middle = bytes.len() - 36;
-        bytes[middle] ^= 1;
-        std::fs::write(&path, bytes).unwrap();
-        let error = verify(&mut File::open(&path).unwrap()).unwrap_err();
-        assert!(error.to_string().contains("digest"), "{error}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
