@@ -1,54 +1,22 @@
-//! The node's Raft log: one redb file for the logs, votes and purge marks of ALL the node's shards.
-//!
-//! Group commit: every write (appends of any shard, votes, truncations, purges) goes to one writer
-//! thread through a bounded queue. The writer takes everything that is waiting, writes it in ONE redb
-//! transaction and commits it with `Durability::Immediate` (one fsync), and only then reports each
-//! append as flushed (`LogFlushed::log_io_completed`) and answers each vote. Under load, while one commit
-//! is being flushed the next batch queues up, so the cost of an fsync is shared by every shard's entries.
-//!
-//! openraft reads entries from an in-memory mirror of the tail of each shard's log, updated before an
-//! operation is queued, so a read always sees what openraft has written, even before it is durable. The
-//! mirror is bounded (`MIRROR_BYTES` per shard): older entries, once durable, are dropped from memory and
-//! read from the file. Operations of one shard are queued in the order openraft issues them and the
-//! writer keeps that order, so the file always holds a prefix of that sequence.
-//!
-//! A full disk (see `disk`): a commit refused for want of space leaves redb's `Database` unusable, so
-//! the writer reopens the file (its state is the last durable commit: every commit here is durable)
-//! and retries the same batch, with back-off, until it succeeds. Nothing of the batch is reported
-//! flushed before that, and openraft never sees an error for it (a `StorageError` would stop the
-//! shard's Raft for good); the node's [`DiskHealth`] says the log is full meanwhile. Readers of the
-//! file wait while it is being reopened. Any other I/O error stops the process (`disk`).
+//! The log of one shard as openraft sees it ([`LogStore`]): loaded from the file into an in-memory
+//! mirror of its newest entries (`LogDb::shard`), read from the mirror or, for older entries, the file,
+//! and written through the writer's queue (openraft's `RaftLogReader` and `RaftLogStorage`).
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
+use redb::ReadableDatabase;
+use tokio::sync::oneshot;
 
+use super::{LOG, LogDb, LogDbError, Op, RAFT_STATE, redb_error};
 use crate::state_machine::PurgeGate;
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
-use shopkeep_faults::disk::{self, Backoff, DiskHealth};
-use shopkeep_faults::failpoints;
-
-/// (shard, index) → postcard `Entry`.
-const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
-/// (shard, name) → postcard value: `vote`, `last_purged`, `committed`, and `rebuild` (see `rebuild`).
-const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
-
-/// Most operations one commit takes: bounds a transaction.
-const MAX_OPS_PER_COMMIT: usize = 4096;
-/// Most operations waiting for the writer; a full queue makes openraft wait (backpressure).
-const QUEUE_CAPACITY: usize = 8192;
-/// redb's page cache for the log file (its default is 1 GiB).
-const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
-/// Most bytes of entries a shard keeps in memory (beyond the newest entry), by default.
-pub const MIRROR_BYTES: usize = 4 * 1024 * 1024;
+use shopkeep_faults::disk::{self, Backoff};
 
 /// What an entry costs in the mirror.
 fn entry_bytes(entry: &Entry) -> usize {
@@ -59,224 +27,7 @@ fn entry_bytes(entry: &Entry) -> usize {
     payload + 64
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LogDbError {
-    #[error("raft log storage: {0}")]
-    Redb(#[from] redb::Error),
-    #[error("raft log is corrupt: {0}")]
-    Corrupt(String),
-    #[error("cannot start the log writer: {0}")]
-    Thread(std::io::Error),
-    #[error("raft log write failed: {0}")]
-    Write(String),
-}
-
-fn redb_error(e: impl Into<redb::Error>) -> LogDbError {
-    LogDbError::Redb(e.into())
-}
-
-enum Op {
-    Append {
-        shard: u32,
-        entries: Vec<(u64, Vec<u8>)>,
-        flushed: LogFlushed<TypeConfig>,
-        durable: Arc<AtomicU64>,
-    },
-    /// Deletes the entries at and after `from`.
-    Truncate {
-        shard: u32,
-        from: u64,
-        done: oneshot::Sender<Result<(), String>>,
-        durable: Arc<AtomicU64>,
-    },
-    /// Deletes the entries up to and including `upto` and records the purge mark.
-    Purge {
-        shard: u32,
-        upto: u64,
-        mark: Vec<u8>,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    Put {
-        shard: u32,
-        name: &'static str,
-        value: Vec<u8>,
-        done: Option<oneshot::Sender<Result<(), String>>>,
-    },
-    /// Deletes everything of the shard: its entries, vote, marks (`LogDb::reset_shard`).
-    Reset {
-        shard: u32,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-}
-
-/// The open log file, reopened after a commit refused for want of space (see the module docs).
-struct LogFile {
-    path: PathBuf,
-    /// `None` while the writer reopens it.
-    db: RwLock<Option<Arc<Database>>>,
-    health: Arc<DiskHealth>,
-}
-
-impl LogFile {
-    fn open(path: &Path) -> Result<Database, LogDbError> {
-        // The log is written far more than it is read (openraft reads the mirror): a small page cache.
-        let mut builder = Database::builder();
-        builder.set_cache_size(LOG_CACHE_BYTES);
-        disk::open_database(&builder, path).map_err(redb_error)
-    }
-
-    /// The database, or `None` while it is being reopened.
-    fn current(&self) -> Option<Arc<Database>> {
-        self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The database, or an error while it is being reopened.
-    fn open_now(&self) -> Result<Arc<Database>, LogDbError> {
-        self.current()
-            .ok_or_else(|| LogDbError::Write(format!("{} is being reopened", self.path.display())))
-    }
-
-    /// Closes the database (redb refuses everything after a failed write) and opens it again, retrying
-    /// until the open succeeds (readers may still hold the old handle for a moment).
-    fn reopen(&self, backoff: &mut Backoff) -> Arc<Database> {
-        *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
-        for attempt in 1u64.. {
-            std::thread::sleep(backoff.pause());
-            match LogFile::open(&self.path) {
-                Ok(db) => {
-                    let db = Arc::new(db);
-                    *self.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
-                    return db;
-                }
-                // a full disk is expected; anything else, said now and then
-                Err(error) if attempt.is_power_of_two() => {
-                    tracing::warn!(%error, attempt, "reopening the raft log failed; retrying");
-                }
-                Err(error) => tracing::debug!(%error, "reopening the raft log failed; retrying"),
-            }
-        }
-        unreachable!("the attempts outnumber u64")
-    }
-}
-
-/// The node's log file and its writer thread.
-#[derive(Clone)]
-pub struct LogDb {
-    file: Arc<LogFile>,
-    ops: mpsc::Sender<Op>,
-    mirror_bytes: usize,
-}
-
 impl LogDb {
-    /// Opens (or creates) the log file and starts its writer thread.
-    pub fn open(path: &Path) -> Result<LogDb, LogDbError> {
-        Self::open_with_mirror(path, MIRROR_BYTES)
-    }
-
-    /// `open`, keeping at most `mirror_bytes` of each shard's entries in memory.
-    pub fn open_with_mirror(path: &Path, mirror_bytes: usize) -> Result<LogDb, LogDbError> {
-        Self::open_with(path, mirror_bytes, Arc::new(DiskHealth::new()))
-    }
-
-    /// `open_with_mirror`, reporting a full disk to `health`.
-    pub fn open_with(
-        path: &Path,
-        mirror_bytes: usize,
-        health: Arc<DiskHealth>,
-    ) -> Result<LogDb, LogDbError> {
-        let db = Arc::new(LogFile::open(path)?);
-        let txn = db.begin_write().map_err(redb_error)?;
-        txn.open_table(LOG).map_err(redb_error)?;
-        txn.open_table(RAFT_STATE).map_err(redb_error)?;
-        txn.commit().map_err(redb_error)?;
-        let (ops, queue) = mpsc::channel(QUEUE_CAPACITY);
-        let file = Arc::new(LogFile {
-            path: path.to_path_buf(),
-            db: RwLock::new(Some(db)),
-            health,
-        });
-        let watched = Arc::downgrade(&file);
-        std::thread::Builder::new()
-            .name("disk-reserve".into())
-            .spawn(move || watch_reserve(&watched))
-            .map_err(LogDbError::Thread)?;
-        let writer_file = file.clone();
-        std::thread::Builder::new()
-            .name("raft-log-writer".into())
-            .spawn(move || run_writer(&writer_file, queue))
-            .map_err(LogDbError::Thread)?;
-        Ok(LogDb {
-            file,
-            ops,
-            mirror_bytes,
-        })
-    }
-
-    /// What the node reports about its disk.
-    pub fn health(&self) -> &Arc<DiskHealth> {
-        &self.file.health
-    }
-
-    /// A value another module keeps beside `shard`'s log (see `RAFT_STATE`), as stored.
-    pub fn read_state(&self, shard: u32, name: &str) -> Result<Option<Vec<u8>>, LogDbError> {
-        let txn = self.file.open_now()?.begin_read().map_err(redb_error)?;
-        let state = txn.open_table(RAFT_STATE).map_err(redb_error)?;
-        Ok(state
-            .get((shard, name))
-            .map_err(redb_error)?
-            .map(|v| v.value().to_vec()))
-    }
-
-    /// Stores a value beside `shard`'s log; returns once it is durable. Ordered with the shard's log
-    /// writes queued before it.
-    pub async fn write_state(
-        &self,
-        shard: u32,
-        name: &'static str,
-        value: Vec<u8>,
-    ) -> Result<(), LogDbError> {
-        let (done, wait) = oneshot::channel();
-        let stopped = || LogDbError::Write("the log writer stopped".into());
-        self.ops
-            .send(Op::Put {
-                shard,
-                name,
-                value,
-                done: Some(done),
-            })
-            .await
-            .map_err(|_| stopped())?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(LogDbError::Write(error)),
-            Err(_) => Err(stopped()),
-        }
-    }
-
-    /// Where `shard`'s log was purged up to (`None`: never purged).
-    pub fn last_purged(&self, shard: u32) -> Result<Option<LogId>, LogDbError> {
-        self.read_state(shard, "last_purged")?
-            .map(|bytes| decode(&bytes))
-            .transpose()
-            .map_err(|e| LogDbError::Corrupt(e.to_string()))
-    }
-
-    /// Forgets `shard`'s log entirely (entries, vote, purge and rebuild marks), durably: the shard
-    /// opens as pristine, as on a wiped member. Only before its Raft group is opened.
-    pub async fn reset_shard(&self, shard: u32) -> Result<(), LogDbError> {
-        let (done, wait) = oneshot::channel();
-        let stopped = || LogDbError::Write("the log writer stopped".into());
-        self.ops
-            .send(Op::Reset { shard, done })
-            .await
-            .map_err(|_| stopped())?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(LogDbError::Write(error)),
-            Err(_) => Err(stopped()),
-        }
-    }
-
     /// The log of `shard`, loaded into memory.
     pub fn shard(&self, shard: u32) -> Result<LogStore, LogDbError> {
         let txn = self.file.open_now()?.begin_read().map_err(redb_error)?;
@@ -346,155 +97,6 @@ impl LogDb {
             gate: PurgeGate::open(),
         })
     }
-}
-
-/// Every 100 ms, reports the data directory full while its file system has less than `disk::reserve`
-/// free: writes are then refused before they reach the log, and the reserve takes what is in flight
-/// and the applies of what is logged. Stops with the log.
-fn watch_reserve(file: &std::sync::Weak<LogFile>) {
-    while let Some(file) = file.upgrade() {
-        let dir = file.path.parent().unwrap_or(&file.path);
-        match disk::below_reserve(&file.path) {
-            Some(why) => file.health.full(dir, &why),
-            None => file.health.written(dir),
-        }
-        drop(file);
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-/// The writer thread: one transaction and one durable commit per batch of waiting operations.
-fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
-    while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_OPS_PER_COMMIT {
-            match queue.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let result = commit_batch(file, &batch).map_err(|e| e.to_string());
-        metrics::histogram!("shopkeep_raft_log_ops_per_commit").record(batch.len() as f64);
-        metrics::histogram!("shopkeep_raft_log_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
-        if let Err(error) = &result {
-            tracing::error!(%error, "raft log commit failed");
-        } else if batch.iter().any(|op| matches!(op, Op::Append { .. })) {
-            failpoints::crash_point(failpoints::AFTER_LOG_APPEND);
-        }
-        for op in batch {
-            let outcome = result.clone();
-            match op {
-                // In operation order: what is durable of each shard's log (entries below the count).
-                Op::Append {
-                    flushed,
-                    durable,
-                    entries,
-                    ..
-                } => {
-                    if outcome.is_ok() {
-                        if let Some((last, _)) = entries.last() {
-                            durable.fetch_max(last + 1, Ordering::AcqRel);
-                        }
-                    }
-                    flushed.log_io_completed(outcome.map_err(std::io::Error::other));
-                }
-                Op::Truncate {
-                    done,
-                    durable,
-                    from,
-                    ..
-                } => {
-                    durable.fetch_min(from, Ordering::AcqRel);
-                    let _ = done.send(outcome);
-                }
-                Op::Purge { done, .. } | Op::Reset { done, .. } => {
-                    let _ = done.send(outcome);
-                }
-                Op::Put { done, .. } => {
-                    if let Some(done) = done {
-                        let _ = done.send(outcome);
-                    }
-                }
-            }
-        }
-    }
-    tracing::debug!("raft log writer stopped");
-}
-
-/// Commits `batch`, waiting out a full disk: reopens the file and retries the whole batch (every
-/// operation in it is idempotent) until it is durable. Returns any other error.
-fn commit_batch(file: &LogFile, batch: &[Op]) -> Result<(), LogDbError> {
-    let mut backoff = Backoff::new();
-    let mut db = match file.current() {
-        Some(db) => db,
-        None => file.reopen(&mut backoff),
-    };
-    loop {
-        match write_batch(&db, batch) {
-            Ok(()) => {
-                file.health.written(&file.path);
-                return Ok(());
-            }
-            Err(LogDbError::Redb(error)) if disk::is_disk_full(&error) => {
-                file.health.full(&file.path, &error);
-                // redb opens a file once: the old handle must be gone before it is reopened
-                drop(db);
-                db = file.reopen(&mut backoff);
-            }
-            Err(error) => return Err(error),
-        }
-    }
-}
-
-fn write_batch(db: &Database, batch: &[Op]) -> Result<(), LogDbError> {
-    let mut txn = db.begin_write().map_err(redb_error)?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| LogDbError::Redb(e.into()))?;
-    {
-        let mut log = txn.open_table(LOG).map_err(redb_error)?;
-        let mut state = txn.open_table(RAFT_STATE).map_err(redb_error)?;
-        for op in batch {
-            match op {
-                Op::Append { shard, entries, .. } => {
-                    for (index, bytes) in entries {
-                        log.insert((*shard, *index), bytes.as_slice())
-                            .map_err(redb_error)?;
-                    }
-                }
-                Op::Truncate { shard, from, .. } => {
-                    log.retain_in((*shard, *from)..=(*shard, u64::MAX), |_, _| false)
-                        .map_err(redb_error)?;
-                }
-                Op::Purge {
-                    shard, upto, mark, ..
-                } => {
-                    log.retain_in((*shard, 0)..=(*shard, *upto), |_, _| false)
-                        .map_err(redb_error)?;
-                    state
-                        .insert((*shard, "last_purged"), mark.as_slice())
-                        .map_err(redb_error)?;
-                }
-                Op::Put {
-                    shard, name, value, ..
-                } => {
-                    state
-                        .insert((*shard, *name), value.as_slice())
-                        .map_err(redb_error)?;
-                }
-                Op::Reset { shard, .. } => {
-                    log.retain_in((*shard, 0)..=(*shard, u64::MAX), |_, _| false)
-                        .map_err(redb_error)?;
-                    state
-                        .retain(|(owner, _), _| owner != *shard)
-                        .map_err(redb_error)?;
-                }
-            }
-        }
-    }
-    txn.commit().map_err(redb_error)?;
-    Ok(())
 }
 
 /// What openraft reads: a shard's live log, its vote and its marks.
@@ -877,21 +479,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// Opens the log file at `path` again once the writer thread of its last `LogDb` let go of it (it does
-/// when it sees every sender gone): a restart, in tests.
-#[cfg(test)]
-pub(crate) async fn reopen_when_released(path: &Path, mirror_bytes: usize) -> LogDb {
-    let mut reopened = LogDb::open_with_mirror(path, mirror_bytes);
-    for _ in 0..100 {
-        if reopened.is_ok() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        reopened = LogDb::open_with_mirror(path, mirror_bytes);
-    }
-    reopened.expect("reopen the log file")
-}
-
 #[cfg(test)]
 mod tests {
     use openraft::storage::RaftLogStorageExt;
@@ -899,6 +486,7 @@ mod tests {
 
     use super::*;
     use crate::Payload;
+    use crate::log_store::reopen_when_released;
 
     fn entry(term: u64, index: u64) -> Entry {
         Entry {

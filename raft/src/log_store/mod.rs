@@ -1,0 +1,240 @@
+//! The node's Raft log: one redb file for the logs, votes and purge marks of ALL the node's shards.
+//!
+//! Group commit: every write (appends of any shard, votes, truncations, purges) goes to one writer
+//! thread through a bounded queue. The writer takes everything that is waiting, writes it in ONE redb
+//! transaction and commits it with `Durability::Immediate` (one fsync), and only then reports each
+//! append as flushed (`LogFlushed::log_io_completed`) and answers each vote. Under load, while one commit
+//! is being flushed the next batch queues up, so the cost of an fsync is shared by every shard's entries.
+//!
+//! openraft reads entries from an in-memory mirror of the tail of each shard's log, updated before an
+//! operation is queued, so a read always sees what openraft has written, even before it is durable. The
+//! mirror is bounded (`MIRROR_BYTES` per shard): older entries, once durable, are dropped from memory and
+//! read from the file. Operations of one shard are queued in the order openraft issues them and the
+//! writer keeps that order, so the file always holds a prefix of that sequence.
+//!
+//! A full disk (see `disk`): a commit refused for want of space leaves redb's `Database` unusable, so
+//! the writer reopens the file (its state is the last durable commit: every commit here is durable)
+//! and retries the same batch, with back-off, until it succeeds. Nothing of the batch is reported
+//! flushed before that, and openraft never sees an error for it (a `StorageError` would stop the
+//! shard's Raft for good); the node's [`DiskHealth`] says the log is full meanwhile. Readers of the
+//! file wait while it is being reopened. Any other I/O error stops the process (`disk`).
+//!
+//! This module owns the file's tables, the operations queued to the writer and [`LogDb`] (opening the
+//! file, values kept beside a shard's log); `writer`: the open file (reopened after a full disk), the
+//! writer thread and its group commit, the disk-reserve watch; `store`: a shard's log as openraft sees
+//! it ([`LogStore`], its in-memory mirror, reads from the file, openraft's storage traits).
+
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::LogFlushed;
+use redb::{ReadableDatabase, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{LogId, TypeConfig, decode};
+use shopkeep_faults::disk::DiskHealth;
+use writer::{LogFile, run_writer, watch_reserve};
+
+mod store;
+mod writer;
+
+pub use store::LogStore;
+
+/// (shard, index) → postcard `Entry`.
+const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
+/// (shard, name) → postcard value: `vote`, `last_purged`, `committed`, and `rebuild` (see `rebuild`).
+const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
+
+/// Most operations one commit takes: bounds a transaction.
+const MAX_OPS_PER_COMMIT: usize = 4096;
+/// Most operations waiting for the writer; a full queue makes openraft wait (backpressure).
+const QUEUE_CAPACITY: usize = 8192;
+/// redb's page cache for the log file (its default is 1 GiB).
+const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// Most bytes of entries a shard keeps in memory (beyond the newest entry), by default.
+pub const MIRROR_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogDbError {
+    #[error("raft log storage: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("raft log is corrupt: {0}")]
+    Corrupt(String),
+    #[error("cannot start the log writer: {0}")]
+    Thread(std::io::Error),
+    #[error("raft log write failed: {0}")]
+    Write(String),
+}
+
+fn redb_error(e: impl Into<redb::Error>) -> LogDbError {
+    LogDbError::Redb(e.into())
+}
+
+enum Op {
+    Append {
+        shard: u32,
+        entries: Vec<(u64, Vec<u8>)>,
+        flushed: LogFlushed<TypeConfig>,
+        durable: Arc<AtomicU64>,
+    },
+    /// Deletes the entries at and after `from`.
+    Truncate {
+        shard: u32,
+        from: u64,
+        done: oneshot::Sender<Result<(), String>>,
+        durable: Arc<AtomicU64>,
+    },
+    /// Deletes the entries up to and including `upto` and records the purge mark.
+    Purge {
+        shard: u32,
+        upto: u64,
+        mark: Vec<u8>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Put {
+        shard: u32,
+        name: &'static str,
+        value: Vec<u8>,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    },
+    /// Deletes everything of the shard: its entries, vote, marks (`LogDb::reset_shard`).
+    Reset {
+        shard: u32,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The node's log file and its writer thread.
+#[derive(Clone)]
+pub struct LogDb {
+    file: Arc<LogFile>,
+    ops: mpsc::Sender<Op>,
+    mirror_bytes: usize,
+}
+
+impl LogDb {
+    /// Opens (or creates) the log file and starts its writer thread.
+    pub fn open(path: &Path) -> Result<LogDb, LogDbError> {
+        Self::open_with_mirror(path, MIRROR_BYTES)
+    }
+
+    /// `open`, keeping at most `mirror_bytes` of each shard's entries in memory.
+    pub fn open_with_mirror(path: &Path, mirror_bytes: usize) -> Result<LogDb, LogDbError> {
+        Self::open_with(path, mirror_bytes, Arc::new(DiskHealth::new()))
+    }
+
+    /// `open_with_mirror`, reporting a full disk to `health`.
+    pub fn open_with(
+        path: &Path,
+        mirror_bytes: usize,
+        health: Arc<DiskHealth>,
+    ) -> Result<LogDb, LogDbError> {
+        let db = Arc::new(LogFile::open(path)?);
+        let txn = db.begin_write().map_err(redb_error)?;
+        txn.open_table(LOG).map_err(redb_error)?;
+        txn.open_table(RAFT_STATE).map_err(redb_error)?;
+        txn.commit().map_err(redb_error)?;
+        let (ops, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let file = Arc::new(LogFile {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(db)),
+            health,
+        });
+        let watched = Arc::downgrade(&file);
+        std::thread::Builder::new()
+            .name("disk-reserve".into())
+            .spawn(move || watch_reserve(&watched))
+            .map_err(LogDbError::Thread)?;
+        let writer_file = file.clone();
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || run_writer(&writer_file, queue))
+            .map_err(LogDbError::Thread)?;
+        Ok(LogDb {
+            file,
+            ops,
+            mirror_bytes,
+        })
+    }
+
+    /// What the node reports about its disk.
+    pub fn health(&self) -> &Arc<DiskHealth> {
+        &self.file.health
+    }
+
+    /// A value another module keeps beside `shard`'s log (see `RAFT_STATE`), as stored.
+    pub fn read_state(&self, shard: u32, name: &str) -> Result<Option<Vec<u8>>, LogDbError> {
+        let txn = self.file.open_now()?.begin_read().map_err(redb_error)?;
+        let state = txn.open_table(RAFT_STATE).map_err(redb_error)?;
+        Ok(state
+            .get((shard, name))
+            .map_err(redb_error)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Stores a value beside `shard`'s log; returns once it is durable. Ordered with the shard's log
+    /// writes queued before it.
+    pub async fn write_state(
+        &self,
+        shard: u32,
+        name: &'static str,
+        value: Vec<u8>,
+    ) -> Result<(), LogDbError> {
+        let (done, wait) = oneshot::channel();
+        let stopped = || LogDbError::Write("the log writer stopped".into());
+        self.ops
+            .send(Op::Put {
+                shard,
+                name,
+                value,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| stopped())?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(LogDbError::Write(error)),
+            Err(_) => Err(stopped()),
+        }
+    }
+
+    /// Where `shard`'s log was purged up to (`None`: never purged).
+    pub fn last_purged(&self, shard: u32) -> Result<Option<LogId>, LogDbError> {
+        self.read_state(shard, "last_purged")?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+            .map_err(|e| LogDbError::Corrupt(e.to_string()))
+    }
+
+    /// Forgets `shard`'s log entirely (entries, vote, purge and rebuild marks), durably: the shard
+    /// opens as pristine, as on a wiped member. Only before its Raft group is opened.
+    pub async fn reset_shard(&self, shard: u32) -> Result<(), LogDbError> {
+        let (done, wait) = oneshot::channel();
+        let stopped = || LogDbError::Write("the log writer stopped".into());
+        self.ops
+            .send(Op::Reset { shard, done })
+            .await
+            .map_err(|_| stopped())?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(LogDbError::Write(error)),
+            Err(_) => Err(stopped()),
+        }
+    }
+}
+
+/// Opens the log file at `path` again once the writer thread of its last `LogDb` let go of it (it does
+/// when it sees every sender gone): a restart, in tests.
+#[cfg(test)]
+pub(crate) async fn reopen_when_released(path: &Path, mirror_bytes: usize) -> LogDb {
+    let mut reopened = LogDb::open_with_mirror(path, mirror_bytes);
+    for _ in 0..100 {
+        if reopened.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        reopened = LogDb::open_with_mirror(path, mirror_bytes);
+    }
+    reopened.expect("reopen the log file")
+}
