@@ -14,12 +14,18 @@ pub const MAX_ITEMS: usize = 65_536;
 #[error("malformed batch: {0}")]
 pub struct BatchError(&'static str);
 
+/// A count or size as its 4-byte field: every batch is far under 4 GiB (a message is at most
+/// `rpc::MAX_MESSAGE_BYTES`), so a larger one is a bug, not input.
+fn length(n: usize) -> u32 {
+    u32::try_from(n).expect("a batch field under 4 GiB")
+}
+
 pub fn encode<T: AsRef<[u8]>>(items: &[T]) -> Vec<u8> {
     let size = 4 + items.iter().map(|i| 4 + i.as_ref().len()).sum::<usize>();
     let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    out.extend_from_slice(&length(items.len()).to_le_bytes());
     for item in items {
-        out.extend_from_slice(&(item.as_ref().len() as u32).to_le_bytes());
+        out.extend_from_slice(&length(item.as_ref().len()).to_le_bytes());
         out.extend_from_slice(item.as_ref());
     }
     out

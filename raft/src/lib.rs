@@ -26,6 +26,11 @@
 // openraft's `StorageError` is large; it is the trait's error type, so it is returned as it is.
 #![allow(clippy::result_large_err)]
 
+/// `d` in whole milliseconds, saturating (a duration beyond 584 million years is not one we meet).
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 pub mod auth;
 pub mod batch;
 pub mod clock;

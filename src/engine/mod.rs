@@ -99,7 +99,8 @@ pub enum Consistency {
 /// The stable shard of a routing key. Never `std`'s hasher: it is randomised per process.
 pub fn shard_of(routing_key: &str, shards: u32) -> u32 {
     const SEED: u64 = 0x5348_4f50_4b45_4550; // "SHOPKEEP"
-    (xxhash_rust::xxh3::xxh3_64_with_seed(routing_key.as_bytes(), SEED) % u64::from(shards)) as u32
+    let hash = xxhash_rust::xxh3::xxh3_64_with_seed(routing_key.as_bytes(), SEED);
+    u32::try_from(hash % u64::from(shards)).expect("a remainder of a u32 divisor")
 }
 
 pub struct Node {
@@ -177,7 +178,7 @@ impl Node {
     }
 
     pub fn shard_count(&self) -> u32 {
-        self.stores.len() as u32
+        u32::try_from(self.stores.len()).expect("one store per shard, and shards are a u32")
     }
 
     pub fn cluster(&self) -> &Arc<Cluster> {

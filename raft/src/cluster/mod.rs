@@ -118,12 +118,13 @@ impl From<ClusterError> for Refusal {
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// Most entries in one append message to a follower.
 const MAX_ENTRIES_PER_APPEND: u64 = 64;
+#[allow(clippy::cast_possible_truncation)] // 64 fits every usize
+const MAX_ENTRIES_PER_APPEND_USIZE: usize = MAX_ENTRIES_PER_APPEND as usize;
 /// Batches of one shard a node has in flight at once: while they are being committed, the next
 /// commands gather into the next batch.
 const BATCHES_IN_FLIGHT: usize = 2;
-const _: () = assert!(
-    MAX_BATCH_BYTES * (MAX_ENTRIES_PER_APPEND as usize) * 2 <= crate::rpc::MAX_MESSAGE_BYTES
-);
+const _: () =
+    assert!(MAX_BATCH_BYTES * MAX_ENTRIES_PER_APPEND_USIZE * 2 <= crate::rpc::MAX_MESSAGE_BYTES);
 
 /// A command waiting to be proposed in the next batch.
 struct Waiting {
@@ -194,12 +195,12 @@ pub struct ClusterStatus {
 /// about two to four election timeouts. Giving the shard's preferred node a shorter timeout than the others
 /// would lengthen their leases and slow failover, so leaders are spread at formation instead.)
 fn raft_config(config: &ClusterConfig, shard: u32) -> Result<openraft::Config, ClusterError> {
-    let election = config.election_timeout.as_millis().max(1) as u64;
+    let election = crate::millis(config.election_timeout).max(1);
     let (min, max) = (election, election * 2);
     let keep = (config.snapshot_every / 2).clamp(1, 1000);
     openraft::Config {
         cluster_name: format!("shopkeep-shard-{shard}"),
-        heartbeat_interval: config.heartbeat.as_millis().max(1) as u64,
+        heartbeat_interval: crate::millis(config.heartbeat).max(1),
         election_timeout_min: min,
         election_timeout_max: max,
         max_payload_entries: MAX_ENTRIES_PER_APPEND,
@@ -372,7 +373,7 @@ impl Cluster {
     }
 
     pub fn shard_count(&self) -> u32 {
-        self.replicas.len() as u32
+        u32::try_from(self.replicas.len()).expect("one replica per shard, and shards are a u32")
     }
 
     /// The members' clocks as this node has sampled them (fed by node traffic both ways).

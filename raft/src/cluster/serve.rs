@@ -95,7 +95,7 @@ impl Cluster {
 
     fn note_leader_contact(&self, shard: u32) {
         if let Some(contact) = self.leader_contact.get(shard as usize) {
-            let now = self.started.elapsed().as_millis() as u64;
+            let now = crate::millis(self.started.elapsed());
             contact.fetch_max(now.max(1), Ordering::Relaxed);
         }
     }
@@ -107,8 +107,8 @@ impl Cluster {
         if self.disk_trouble().is_some() {
             return false;
         }
-        let limit = (self.config.election_timeout * 4).as_millis() as u64;
-        let now = self.started.elapsed().as_millis() as u64;
+        let limit = crate::millis(self.config.election_timeout * 4);
+        let now = crate::millis(self.started.elapsed());
         (0u32..).zip(&self.replicas).all(|(shard, replica)| {
             let metrics = replica.raft.metrics();
             let metrics = metrics.borrow();

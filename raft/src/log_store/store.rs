@@ -491,7 +491,7 @@ mod tests {
     fn entry(term: u64, index: u64) -> Entry {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
-            payload: EntryPayload::Normal(Payload(vec![index as u8; 1000])),
+            payload: EntryPayload::Normal(Payload(vec![index.to_le_bytes()[0]; 1000])),
         }
     }
 

@@ -14,7 +14,8 @@ use crate::{SnapshotMeta, StorageError, decode, encode};
 use shopkeep_faults::disk;
 
 const MAGIC: &[u8; 8] = b"SKSNAP01";
-const DIGEST_LEN: u64 = 32;
+const DIGEST_LEN: u64 = DIGEST_BYTES as u64;
+const DIGEST_BYTES: usize = 32;
 /// The largest snapshot header accepted: a membership of a few nodes is far smaller.
 const MAX_META_LEN: u32 = 1 << 20;
 
@@ -112,7 +113,7 @@ pub(super) fn verify(file: &mut File) -> std::io::Result<(SnapshotMeta, u64)> {
         }
         digest.update(&buffer[..n]);
     }
-    let mut stored = [0u8; DIGEST_LEN as usize];
+    let mut stored = [0u8; DIGEST_BYTES];
     file.seek(SeekFrom::Start(total - DIGEST_LEN))?;
     file.read_exact(&mut stored)?;
     if digest.finalize().as_slice() != stored {

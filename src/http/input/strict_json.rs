@@ -104,6 +104,7 @@ fn exact_integer(v: f64) -> Option<Value> {
         return None;
     }
     // In range and integral: the casts are exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     Some(if v >= 0.0 {
         Value::from(v as u64)
     } else {

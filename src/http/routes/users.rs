@@ -112,7 +112,7 @@ pub async fn create_token(
         )));
     }
     let now = Timestamp::now();
-    let expires_at = Timestamp::from_unix_seconds(now.unix_seconds() + ttl as i64);
+    let expires_at = Timestamp::from_unix_seconds(now.unix_seconds().saturating_add_unsigned(ttl));
     let tag = app.tag(&user_id, key, post.fingerprint(), now);
     let applied = app
         .submit_for_user(
