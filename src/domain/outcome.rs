@@ -40,7 +40,7 @@ pub enum Reply {
     },
     Entitlement(Entitlement),
     GlobalClaim(GlobalClaim),
-    RefClaim {
+    RefClaimed {
         accepted: bool,
     },
     Swept {

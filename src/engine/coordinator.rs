@@ -283,7 +283,7 @@ impl Node {
             .await?
             .outcome
         {
-            Ok(Reply::RefClaim { accepted }) => Ok(accepted),
+            Ok(Reply::RefClaimed { accepted }) => Ok(accepted),
             Ok(other) => Err(unexpected(&other)),
             Err(rejection) => Err(EngineError::Internal(format!(
                 "claim rejected: {rejection}"

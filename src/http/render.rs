@@ -71,7 +71,7 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
         Ok(Reply::Entitlement(entitlement)) => json(StatusCode::OK, &dto::entitlement(entitlement)),
         Ok(
             other @ (Reply::GlobalClaim(_)
-            | Reply::RefClaim { .. }
+            | Reply::RefClaimed { .. }
             | Reply::Swept { .. }
             | Reply::SweptAndPurged { .. }),
         ) => {

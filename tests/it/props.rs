@@ -602,7 +602,7 @@ impl Harness {
                     }),
                     None,
                 ) {
-                    Ok(Reply::RefClaim { accepted }) => accepted,
+                    Ok(Reply::RefClaimed { accepted }) => accepted,
                     other => return Err(TestCaseError::fail(format!("claim: {other:?}"))),
                 };
                 let expected = self.model.credit(user, amount, &reference, accepted, now);

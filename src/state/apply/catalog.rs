@@ -4,7 +4,7 @@
 use redb::ReadableTableMetadata;
 
 use super::ledger::overflow;
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_CATALOG_ITEMS;
 use crate::domain::money::MAX_WALLET_BALANCE;
@@ -12,7 +12,11 @@ use crate::domain::{Item, Money, Rejection, Reply};
 use crate::state::tables::{encode, get};
 
 impl Applier<'_> {
-    pub(super) fn put_item(&mut self, cx: &mut Cx, command: &command::PutItem) -> Step<Reply> {
+    pub(super) fn put_item(
+        &mut self,
+        context: &mut CommandContext,
+        command: &command::PutItem,
+    ) -> Step<Reply> {
         let (spec, version) = (&command.spec, command.version);
         check_price(spec.price)?;
         let existing: Option<Item> = get(&self.items, spec.item_id.as_str())?;
@@ -45,7 +49,7 @@ impl Applier<'_> {
         let item = Item {
             spec: spec.clone(),
             version: new_version,
-            updated_at: cx.now,
+            updated_at: context.now,
         };
         let bytes = encode(&item)?;
         self.items.insert(spec.item_id.as_str(), bytes.as_slice())?;

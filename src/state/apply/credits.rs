@@ -4,7 +4,7 @@
 use redb::ReadableTable;
 
 use super::ledger::overflow;
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::money::MAX_WALLET_BALANCE;
 use crate::domain::{
@@ -20,23 +20,27 @@ impl Applier<'_> {
     ) -> Step<Reply> {
         let reference = command.reference.as_str();
         match get::<_, RefClaim, _>(&self.external_refs, reference)? {
-            Some(existing) => Ok(Reply::RefClaim {
+            Some(existing) => Ok(Reply::RefClaimed {
                 accepted: existing == command.claim,
             }),
             None => {
                 let bytes = encode(&command.claim)?;
                 self.external_refs.insert(reference, bytes.as_slice())?;
-                Ok(Reply::RefClaim { accepted: true })
+                Ok(Reply::RefClaimed { accepted: true })
             }
         }
     }
 
-    pub(super) fn credit(&mut self, cx: &mut Cx, command: &command::Credit) -> Step<Reply> {
+    pub(super) fn credit(
+        &mut self,
+        context: &mut CommandContext,
+        command: &command::Credit,
+    ) -> Step<Reply> {
         let user_id = command.user_id.as_str();
         let amount = command.amount;
         let external_ref = command.external_ref.as_str();
         check_amount(amount)?;
-        let mut user = self.begin_user(cx, user_id)?;
+        let mut user = self.begin_user(context, user_id)?;
         if let Some(existing) = get::<_, Credit, _>(&self.credits, external_ref)? {
             if existing.user_id == user_id && existing.amount == amount {
                 return Ok(Reply::Credited {
@@ -58,20 +62,20 @@ impl Applier<'_> {
         }
         self.check_balance_room(&user, amount)?;
         let credit = Credit {
-            credit_id: cx.ids.primary(),
+            credit_id: context.ids.primary(),
             user_id: user_id.to_owned(),
             amount,
             external_ref: external_ref.to_owned(),
             source: command.source.clone(),
-            created_at: cx.now,
+            created_at: context.now,
         };
         self.post(
-            cx,
+            context,
             &mut user,
             PostingKind::Credit,
             amount,
             PostingRef::Credit(credit.credit_id),
-            cx.now,
+            context.now,
         )?;
         let bytes = encode(&credit)?;
         self.credits.insert(external_ref, bytes.as_slice())?;
@@ -93,7 +97,7 @@ impl Applier<'_> {
 
     pub(super) fn create_topup(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::CreateTopup,
     ) -> Step<Reply> {
         let command::CreateTopup {
@@ -101,12 +105,12 @@ impl Applier<'_> {
             amount,
             expires_at,
         } = command;
-        self.open_topup(cx, user_id, *amount, *expires_at, None)
+        self.open_topup(context, user_id, *amount, *expires_at, None)
     }
 
     pub(super) fn create_topup_capped(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::CreateTopupCapped,
     ) -> Step<Reply> {
         let command::CreateTopupCapped {
@@ -115,30 +119,36 @@ impl Applier<'_> {
             expires_at,
             max_pending_topups,
         } = command;
-        self.open_topup(cx, user_id, *amount, *expires_at, Some(*max_pending_topups))
+        self.open_topup(
+            context,
+            user_id,
+            *amount,
+            *expires_at,
+            Some(*max_pending_topups),
+        )
     }
 
     /// Creates a PENDING top-up, refused if `cap` is given and the user already has that many.
     fn open_topup(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         user_id: &str,
         amount: Money,
         expires_at: Timestamp,
         cap: Option<u32>,
     ) -> Step<Reply> {
         check_amount(amount)?;
-        self.begin_user(cx, user_id)?;
+        self.begin_user(context, user_id)?;
         if let Some(max) = cap {
-            self.check_pending_topups(cx, user_id, max)?;
+            self.check_pending_topups(context, user_id, max)?;
         }
         let topup = Topup {
-            topup_id: cx.ids.primary(),
+            topup_id: context.ids.primary(),
             user_id: user_id.to_owned(),
             amount,
             status: TopupStatus::Pending,
             psp_payment_id: None,
-            created_at: cx.now,
+            created_at: context.now,
             expires_at,
             finished_at: None,
         };
@@ -151,9 +161,9 @@ impl Applier<'_> {
     }
 
     /// Refuses a new top-up when the user already has `max` PENDING top-ups that have not expired at
-    /// `cx.now` (one past its deadline counts no more, swept or not). `retry_after` is the earliest expiry
+    /// `context.now` (one past its deadline counts no more, swept or not). `retry_after` is the earliest expiry
     /// among them: when one more may be started.
-    fn check_pending_topups(&self, cx: &Cx, user_id: &str, max: u32) -> Step<()> {
+    fn check_pending_topups(&self, context: &CommandContext, user_id: &str, max: u32) -> Step<()> {
         let mut pending = 0u32;
         let mut earliest: Option<i64> = None;
         for entry in self
@@ -161,7 +171,7 @@ impl Applier<'_> {
             .range((user_id, 0u128)..=(user_id, u128::MAX))?
         {
             let expires_at = entry?.1.value();
-            if expires_at > cx.now.micros() {
+            if expires_at > context.now.micros() {
                 pending = pending.saturating_add(1);
                 earliest = Some(earliest.map_or(expires_at, |e| e.min(expires_at)));
             }
@@ -202,14 +212,14 @@ impl Applier<'_> {
 
     pub(super) fn psp_payment(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::PspPayment,
     ) -> Step<Reply> {
         let (user_id, topup_id, amount) =
             (command.user_id.as_str(), command.topup_id, command.amount);
         let psp_payment_id = command.psp_payment_id.as_str();
         check_amount(amount)?;
-        let mut user = self.begin_user(cx, user_id)?;
+        let mut user = self.begin_user(context, user_id)?;
         let mut topup = match get::<_, Topup, _>(&self.topups, topup_id.as_u128())? {
             Some(topup) if topup.user_id == user_id => topup,
             _ => return Err(Rejection::TopupNotFound.into()),
@@ -235,12 +245,12 @@ impl Applier<'_> {
             // A payment that arrives after the top-up expired still credits it: the PSP has the money.
             self.check_balance_room(&user, amount)?;
             self.post(
-                cx,
+                context,
                 &mut user,
                 PostingKind::Credit,
                 amount,
                 PostingRef::Topup(topup_id),
-                cx.now,
+                context.now,
             )?;
             topup.status = TopupStatus::Completed;
             topup.psp_payment_id = Some(psp_payment_id.to_owned());
@@ -248,7 +258,7 @@ impl Applier<'_> {
         } else {
             topup.status = TopupStatus::Failed;
         }
-        topup.finished_at = Some(cx.now);
+        topup.finished_at = Some(context.now);
         self.topup_left_pending(&was, &topup)?;
         self.save_topup(&topup)?;
         Ok(Reply::TopupUpdated(topup))

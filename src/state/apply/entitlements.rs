@@ -1,6 +1,6 @@
 //! Entitlements: a user's holding of each item, read, saved and consumed.
 
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::{Entitlement, Rejection, Reply};
 use crate::state::tables::{encode, get};
@@ -22,13 +22,17 @@ impl Applier<'_> {
         Ok(())
     }
 
-    pub(super) fn consume(&mut self, cx: &mut Cx, command: &command::Consume) -> Step<Reply> {
+    pub(super) fn consume(
+        &mut self,
+        context: &mut CommandContext,
+        command: &command::Consume,
+    ) -> Step<Reply> {
         let (user_id, item_id) = (command.user_id.as_str(), command.item_id.as_str());
         let quantity = command.quantity;
         if quantity == 0 {
             return Err(Rejection::invalid("quantity must be at least 1").into());
         }
-        self.begin_user(cx, user_id)?;
+        self.begin_user(context, user_id)?;
         let Some(mut entitlement) = self.entitlement(user_id, item_id)? else {
             return Err(Rejection::InsufficientEntitlement {
                 item_id: item_id.to_owned(),

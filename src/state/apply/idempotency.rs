@@ -1,7 +1,7 @@
 //! Idempotency records: the stored outcome under each (scope, key), its retention index, and the two
 //! steps of a global-scope key on its home shard (`ClaimGlobalKey`, `SettleGlobalKey`).
 
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::command::{self, GLOBAL_SCOPE, IdempotencyTag};
 use crate::domain::{GlobalClaim, Outcome, Rejection, Reply, Timestamp};
 use crate::state::tables::{encode, get};
@@ -63,7 +63,7 @@ impl Applier<'_> {
 
     pub(super) fn claim_global_key(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::ClaimGlobalKey,
     ) -> Step<Reply> {
         let key = command.key.as_str();
@@ -71,7 +71,7 @@ impl Applier<'_> {
             None => {
                 let record = IdempotencyRecord {
                     fingerprint: command.fingerprint,
-                    created_at: cx.now,
+                    created_at: context.now,
                     expires_at: command.expires_at,
                     state: IdempotencyState::Pending(command.inner.clone()),
                 };

@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::{Money, Posting, PostingKind, PostingRef, Rejection, Timestamp, User};
 use crate::state::StoreError;
 use crate::state::tables::{decode, encode};
@@ -37,7 +37,7 @@ impl Applier<'_> {
     /// the user's ledger entry, and updates the wallet cache and the system accounts. Zero moves nothing.
     pub(super) fn post(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         user: &mut User,
         kind: PostingKind,
         amount: Money,
@@ -60,7 +60,7 @@ impl Applier<'_> {
         let (debit, credit) = kind.accounts(&user.user_id);
         let posting = Posting {
             seq: self.meta.posting_seq,
-            entry_id: cx.ids.next_id(),
+            entry_id: context.ids.next_id(),
             user_id: user.user_id.clone(),
             user_seq: user.ledger_seq,
             kind,

@@ -68,7 +68,7 @@ impl<E: Into<StoreError>> From<E> for Stop {
 type Step<T> = Result<T, Stop>;
 
 /// The per-command context: the command's time and its ids.
-struct Cx {
+struct CommandContext {
     now: Timestamp,
     ids: IdSequence,
 }
@@ -185,11 +185,11 @@ impl<'t> Applier<'t> {
             }
         }
         let now = self.applied_time(envelope.now);
-        let mut cx = Cx {
+        let mut context = CommandContext {
             now,
             ids: IdSequence::new(envelope.seed),
         };
-        let outcome = match self.execute(&mut cx, &envelope.command) {
+        let outcome = match self.execute(&mut context, &envelope.command) {
             Ok(reply) => Ok(reply),
             Err(Stop::Reject(rejection)) => Err(rejection),
             Err(Stop::Store(e)) => return Err(e),
@@ -218,25 +218,25 @@ impl<'t> Applier<'t> {
         self.clock
     }
 
-    fn execute(&mut self, cx: &mut Cx, command: &Command) -> Step<Reply> {
+    fn execute(&mut self, context: &mut CommandContext, command: &Command) -> Step<Reply> {
         match command {
-            Command::CreateUser(c) => self.create_user(cx, c),
+            Command::CreateUser(c) => self.create_user(context, c),
             Command::IssueToken(c) => self.issue_token(c),
-            Command::ClaimGlobalKey(c) => self.claim_global_key(cx, c),
+            Command::ClaimGlobalKey(c) => self.claim_global_key(context, c),
             Command::SettleGlobalKey(c) => self.settle_global_key(c),
             Command::ClaimExternalRef(c) => self.claim_external_ref(c),
-            Command::Credit(c) => self.credit(cx, c),
-            Command::CreateTopup(c) => self.create_topup(cx, c),
-            Command::CreateTopupCapped(c) => self.create_topup_capped(cx, c),
-            Command::PspPayment(c) => self.psp_payment(cx, c),
-            Command::PutItem(c) => self.put_item(cx, c),
-            Command::CreateOrder(c) => self.create_order(cx, c),
-            Command::CompleteOrder(c) => self.complete_order(cx, c),
-            Command::CancelOrder(c) => self.cancel_order(cx, c),
-            Command::Refund(c) => self.refund(cx, c),
-            Command::Consume(c) => self.consume(cx, c),
-            Command::Sweep(c) => self.sweep(cx, c),
-            Command::SweepAndPurge(c) => self.sweep_and_purge(cx, c),
+            Command::Credit(c) => self.credit(context, c),
+            Command::CreateTopup(c) => self.create_topup(context, c),
+            Command::CreateTopupCapped(c) => self.create_topup_capped(context, c),
+            Command::PspPayment(c) => self.psp_payment(context, c),
+            Command::PutItem(c) => self.put_item(context, c),
+            Command::CreateOrder(c) => self.create_order(context, c),
+            Command::CompleteOrder(c) => self.complete_order(context, c),
+            Command::CancelOrder(c) => self.cancel_order(context, c),
+            Command::Refund(c) => self.refund(context, c),
+            Command::Consume(c) => self.consume(context, c),
+            Command::Sweep(c) => self.sweep(context, c),
+            Command::SweepAndPurge(c) => self.sweep_and_purge(context, c),
         }
     }
 }

@@ -5,7 +5,7 @@ use redb::ReadableTable;
 use uuid::Uuid;
 
 use super::ledger::overflow;
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_LINES;
 use crate::domain::{
@@ -25,13 +25,13 @@ struct OrderPlan {
 impl Applier<'_> {
     pub(super) fn create_order(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::CreateOrder,
     ) -> Step<Reply> {
         check_line_shape(&command.lines)?;
-        let mut user = self.begin_user(cx, &command.user_id)?;
+        let mut user = self.begin_user(context, &command.user_id)?;
         let plan = self.decide_order(&user, command)?;
-        self.write_order(cx, &mut user, command, plan)
+        self.write_order(context, &mut user, command, plan)
     }
 
     /// Every check of a new order, in order, reading only: the lines at the catalog's prices and their
@@ -144,7 +144,7 @@ impl Applier<'_> {
     /// grants. Nothing here is refused that `decide_order` accepted.
     fn write_order(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         user: &mut User,
         command: &command::CreateOrder,
         plan: OrderPlan,
@@ -152,35 +152,35 @@ impl Applier<'_> {
         let (user_id, expires_at, total) =
             (command.user_id.as_str(), command.expires_at, plan.total);
         let mut order = Order {
-            order_id: cx.ids.primary(),
+            order_id: context.ids.primary(),
             user_id: user_id.to_owned(),
             status: OrderStatus::Pending,
             lines: plan.lines,
             total,
             refunded_total: Money::ZERO,
-            created_at: cx.now,
+            created_at: context.now,
             expires_at,
             completed_at: None,
             refund_count: 0,
             history: vec![HistoryEntry {
                 status: OrderStatus::Pending,
-                at: cx.now,
+                at: context.now,
                 reason: None,
             }],
         };
         self.post(
-            cx,
+            context,
             user,
             PostingKind::Hold,
             total,
             PostingRef::Order(order.order_id),
-            cx.now,
+            context.now,
         )?;
         let id = order.order_id.as_u128();
         self.user_orders
             .insert((user_id, order.created_at.micros(), id), ())?;
         if command.complete {
-            self.complete_effects(cx, user, &mut order)?;
+            self.complete_effects(context, user, &mut order)?;
         } else {
             self.pending_orders
                 .insert((expires_at.micros(), id), user_id)?;
@@ -193,15 +193,20 @@ impl Applier<'_> {
     }
 
     /// Debit the hold and grant the items: the heart of "never charged without the item".
-    fn complete_effects(&mut self, cx: &mut Cx, user: &mut User, order: &mut Order) -> Step<()> {
+    fn complete_effects(
+        &mut self,
+        context: &mut CommandContext,
+        user: &mut User,
+        order: &mut Order,
+    ) -> Step<()> {
         debug_assert_eq!(order.status, OrderStatus::Pending);
         self.post(
-            cx,
+            context,
             user,
             PostingKind::Debit,
             order.total,
             PostingRef::Order(order.order_id),
-            cx.now,
+            context.now,
         )?;
         for line in &order.lines {
             let mut entitlement = self
@@ -212,10 +217,10 @@ impl Applier<'_> {
                     granted: 0,
                     revoked: 0,
                     consumed: 0,
-                    granted_at: cx.now,
+                    granted_at: context.now,
                 });
             if entitlement.quantity() == 0 {
-                entitlement.granted_at = cx.now;
+                entitlement.granted_at = context.now;
             }
             entitlement.granted += u64::from(line.quantity);
             debug_assert!(
@@ -224,24 +229,24 @@ impl Applier<'_> {
             );
             self.save_entitlement(&user.user_id, &entitlement)?;
         }
-        order.completed_at = Some(cx.now);
-        order.transition(OrderStatus::Completed, cx.now, None);
+        order.completed_at = Some(context.now);
+        order.transition(OrderStatus::Completed, context.now, None);
         self.forget_pending(order)?;
         Ok(())
     }
 
     pub(super) fn complete_order(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::CompleteOrder,
     ) -> Step<Reply> {
         let (user_id, order_id) = (command.user_id.as_str(), command.order_id);
-        let mut user = self.begin_user(cx, user_id)?;
+        let mut user = self.begin_user(context, user_id)?;
         let mut order = self.user_order(user_id, order_id)?;
         match order.status {
             OrderStatus::Pending => {
                 self.check_postings(&user, &[(PostingKind::Debit, order.total)])?;
-                self.complete_effects(cx, &mut user, &mut order)?;
+                self.complete_effects(context, &mut user, &mut order)?;
                 self.save_order(&order)?;
                 self.save_user(&user)?;
                 Ok(Reply::OrderUpdated(order))
@@ -262,25 +267,25 @@ impl Applier<'_> {
 
     pub(super) fn cancel_order(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::CancelOrder,
     ) -> Step<Reply> {
         let (user_id, order_id) = (command.user_id.as_str(), command.order_id);
-        let mut user = self.begin_user(cx, user_id)?;
+        let mut user = self.begin_user(context, user_id)?;
         let mut order = self.user_order(user_id, order_id)?;
         match order.status {
             OrderStatus::Pending => {
                 self.post(
-                    cx,
+                    context,
                     &mut user,
                     PostingKind::Release,
                     order.total,
                     PostingRef::Order(order_id),
-                    cx.now,
+                    context.now,
                 )?;
                 order.transition(
                     OrderStatus::Cancelled,
-                    cx.now,
+                    context.now,
                     Some(crate::domain::CancelReason::CancelledByClient),
                 );
                 self.forget_pending(&order)?;
@@ -299,7 +304,7 @@ impl Applier<'_> {
     /// Cancels a pending order whose deadline passed, releasing its hold, dated at the deadline.
     pub(super) fn expire_order(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         user: &mut User,
         order_id: u128,
     ) -> Step<()> {
@@ -310,7 +315,7 @@ impl Applier<'_> {
         order.cancel_as_expired();
         let at = order.expires_at;
         self.post(
-            cx,
+            context,
             user,
             PostingKind::Release,
             order.total,

@@ -3,7 +3,7 @@
 
 use super::ledger::overflow;
 use super::orders::check_line_shape;
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_REFUNDS_PER_ORDER;
 use crate::domain::{
@@ -26,14 +26,18 @@ struct RefundPlan {
 }
 
 impl Applier<'_> {
-    pub(super) fn refund(&mut self, cx: &mut Cx, command: &command::Refund) -> Step<Reply> {
+    pub(super) fn refund(
+        &mut self,
+        context: &mut CommandContext,
+        command: &command::Refund,
+    ) -> Step<Reply> {
         if let Some(lines) = &command.lines {
             check_line_shape(lines)?;
         }
-        let mut user = self.begin_user(cx, &command.user_id)?;
+        let mut user = self.begin_user(context, &command.user_id)?;
         let order = self.user_order(&command.user_id, command.order_id)?;
-        let plan = self.decide_refund(cx.now, &user, &order, command)?;
-        self.write_refund(cx, &mut user, order, command, plan)
+        let plan = self.decide_refund(context.now, &user, &order, command)?;
+        self.write_refund(context, &mut user, order, command, plan)
     }
 
     /// Every check of a refund at `now`, in order, reading only: what is refunded and for how much, or
@@ -103,7 +107,7 @@ impl Applier<'_> {
     /// refund posting and the refund itself. Nothing here is refused that `decide_refund` accepted.
     fn write_refund(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         user: &mut User,
         mut order: Order,
         command: &command::Refund,
@@ -116,30 +120,30 @@ impl Applier<'_> {
             order.lines[index].refunded_quantity += quantity;
         }
         let refund = Refund {
-            refund_id: cx.ids.primary(),
+            refund_id: context.ids.primary(),
             order_id: command.order_id,
             user_id: command.user_id.clone(),
             lines: plan.lines,
             amount: plan.amount,
             reason: command.reason.clone(),
             forced: command.force,
-            created_at: cx.now,
+            created_at: context.now,
         };
         order.refunded_total = plan.refunded_total;
         order.refund_count += 1;
         let status = order.status_after_refund();
-        order.transition(status, cx.now, None);
+        order.transition(status, context.now, None);
         debug_assert!(
             order.refunded_total <= order.total,
             "refunds never exceed what was paid"
         );
         self.post(
-            cx,
+            context,
             user,
             PostingKind::Refund,
             refund.amount,
             PostingRef::Refund(refund.refund_id),
-            cx.now,
+            context.now,
         )?;
         let bytes = encode(&refund)?;
         self.refunds

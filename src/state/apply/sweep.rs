@@ -3,14 +3,19 @@
 
 use redb::ReadableTable;
 
-use super::{Applier, Cx, Step};
+use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::{Reply, Topup, TopupStatus};
 use crate::state::tables::get;
 
 impl Applier<'_> {
-    pub(super) fn sweep(&mut self, cx: &mut Cx, command: &command::Sweep) -> Step<Reply> {
-        let (orders, topups, idempotency_records) = self.expire_and_purge(cx, command.limit)?;
+    pub(super) fn sweep(
+        &mut self,
+        context: &mut CommandContext,
+        command: &command::Sweep,
+    ) -> Step<Reply> {
+        let (orders, topups, idempotency_records) =
+            self.expire_and_purge(context, command.limit)?;
         Ok(Reply::Swept {
             orders,
             topups,
@@ -20,12 +25,13 @@ impl Applier<'_> {
 
     pub(super) fn sweep_and_purge(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::SweepAndPurge,
     ) -> Step<Reply> {
-        let (orders, topups, idempotency_records) = self.expire_and_purge(cx, command.limit)?;
+        let (orders, topups, idempotency_records) =
+            self.expire_and_purge(context, command.limit)?;
         let purged_topups =
-            self.purge_topups(cx, command.limit, command.topup_retention_seconds)?;
+            self.purge_topups(context, command.limit, command.topup_retention_seconds)?;
         Ok(Reply::SweptAndPurged {
             orders,
             topups,
@@ -36,8 +42,12 @@ impl Applier<'_> {
 
     /// Expires due orders and top-ups and purges idempotency outcomes past their retention, at most
     /// `limit` of each; returns how many of each.
-    fn expire_and_purge(&mut self, cx: &mut Cx, limit: u32) -> Step<(u32, u32, u32)> {
-        let bound = cx.now.micros().saturating_add(1);
+    fn expire_and_purge(
+        &mut self,
+        context: &mut CommandContext,
+        limit: u32,
+    ) -> Step<(u32, u32, u32)> {
+        let bound = context.now.micros().saturating_add(1);
         let limit = limit as usize;
 
         let due_orders: Vec<(u128, String)> = self
@@ -48,7 +58,7 @@ impl Applier<'_> {
             .collect::<Result<_, _>>()?;
         for (order_id, user_id) in &due_orders {
             let mut user = self.existing_user(user_id)?;
-            self.expire_order(cx, &mut user, *order_id)?;
+            self.expire_order(context, &mut user, *order_id)?;
             self.save_user(&user)?;
         }
 
@@ -62,7 +72,7 @@ impl Applier<'_> {
             self.pending_topups.remove((*expires_at, *topup_id))?;
             if let Some(was) = get::<_, Topup, _>(&self.topups, *topup_id)? {
                 if was.status == TopupStatus::Pending {
-                    let topup = was.as_of(cx.now);
+                    let topup = was.as_of(context.now);
                     self.topup_left_pending(&was, &topup)?;
                     self.save_topup(&topup)?;
                 }
@@ -88,9 +98,14 @@ impl Applier<'_> {
     }
 
     /// Purges at most `limit` EXPIRED or FAILED top-ups that became final more than `retention_seconds`
-    /// before `cx.now`, with their index rows. Returns how many.
-    fn purge_topups(&mut self, cx: &Cx, limit: u32, retention_seconds: u64) -> Step<u32> {
-        let bound = crate::domain::topup_purge_bound(cx.now, retention_seconds);
+    /// before `context.now`, with their index rows. Returns how many.
+    fn purge_topups(
+        &mut self,
+        context: &CommandContext,
+        limit: u32,
+        retention_seconds: u64,
+    ) -> Step<u32> {
+        let bound = crate::domain::topup_purge_bound(context.now, retention_seconds);
         let due: Vec<(i64, u128)> = self
             .final_topups
             .range(..(bound, 0u128))?

@@ -3,7 +3,7 @@
 
 use redb::ReadableTable;
 
-use super::{Applier, Cx, Step, Stop};
+use super::{Applier, CommandContext, Step, Stop};
 use crate::domain::command;
 use crate::domain::{Money, PostingKind, Rejection, Reply, User};
 use crate::state::tables::{encode, get};
@@ -11,7 +11,7 @@ use crate::state::tables::{encode, get};
 impl Applier<'_> {
     pub(super) fn create_user(
         &mut self,
-        cx: &mut Cx,
+        context: &mut CommandContext,
         command: &command::CreateUser,
     ) -> Step<Reply> {
         if self.users.get(command.user_id.as_str())?.is_some() {
@@ -20,7 +20,7 @@ impl Applier<'_> {
         let user = User {
             user_id: command.user_id.clone(),
             display_name: command.display_name.clone(),
-            created_at: cx.now,
+            created_at: context.now,
             balance: Money::ZERO,
             held: Money::ZERO,
             ledger_seq: 0,
@@ -41,9 +41,9 @@ impl Applier<'_> {
         get(&self.users, user_id)?.ok_or(Stop::Reject(Rejection::UserNotFound))
     }
 
-    /// Loads a user for a command at `cx.now`, first cancelling the user's pending orders whose deadline has
+    /// Loads a user for a command at `context.now`, first cancelling the user's pending orders whose deadline has
     /// passed, so that the wallet the command sees (and answers with) holds exactly what is still pending.
-    pub(super) fn begin_user(&mut self, cx: &mut Cx, user_id: &str) -> Step<User> {
+    pub(super) fn begin_user(&mut self, context: &mut CommandContext, user_id: &str) -> Step<User> {
         let mut user = self.existing_user(user_id)?;
         let due: Vec<(u128, i64)> = self
             .user_pending
@@ -51,7 +51,7 @@ impl Applier<'_> {
             .filter_map(|entry| match entry {
                 Ok((key, value)) => {
                     let (expires_at, total) = value.value();
-                    (expires_at <= cx.now.micros()).then(|| Ok((key.value().1, total)))
+                    (expires_at <= context.now.micros()).then(|| Ok((key.value().1, total)))
                 }
                 Err(e) => Some(Err(e)),
             })
@@ -63,7 +63,7 @@ impl Applier<'_> {
                 .collect();
             self.check_postings(&user, &releases)?;
             for (order_id, _) in due {
-                self.expire_order(cx, &mut user, order_id)?;
+                self.expire_order(context, &mut user, order_id)?;
             }
             self.save_user(&user)?;
         }

@@ -164,7 +164,7 @@ fn golden_reply(reply: &Reply) -> &'static str {
         Reply::GlobalClaim(_) => {
             "0a008080f2818389850680d095ffbc318486880801027531026b31abababababababababababababababababababababababababababababababab80a499dc89898506000275310103416e6e"
         }
-        Reply::RefClaim { .. } => "0b01",
+        Reply::RefClaimed { .. } => "0b01",
         Reply::Swept { .. } => "0c0102ac02",
         Reply::SweptAndPurged { .. } => "0d01020304",
     }
@@ -215,7 +215,7 @@ fn rejections_encode_as_pinned() {
 
 #[test]
 fn outcomes_encode_as_pinned() {
-    let ok: Outcome = Ok(Reply::RefClaim { accepted: false });
+    let ok: Outcome = Ok(Reply::RefClaimed { accepted: false });
     let err: Outcome = Err(Rejection::OrderNotFound);
     assert_golden(&[("ok", ok, "000b00"), ("err", err, "0103")]);
 }
@@ -323,7 +323,7 @@ fn idempotency_records_encode_as_pinned() {
         ),
         (
             "done",
-            record(IdempotencyState::Done(Ok(Reply::RefClaim {
+            record(IdempotencyState::Done(Ok(Reply::RefClaimed {
                 accepted: true,
             }))),
             "abababababababababababababababababababababababababababababababab8080f2818389850680a499dc8989850601000b01",

@@ -251,7 +251,7 @@ pub(super) fn replies() -> Vec<Reply> {
         },
         Reply::Entitlement(entitlement()),
         Reply::GlobalClaim(GlobalClaim::Run(Box::new(envelope(create_user())))),
-        Reply::RefClaim { accepted: true },
+        Reply::RefClaimed { accepted: true },
         Reply::Swept {
             orders: 1,
             topups: 2,
