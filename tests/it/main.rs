@@ -8,6 +8,7 @@ mod concurrency;
 mod crash;
 #[cfg(feature = "failpoints")]
 mod crash_points;
+mod disk_eio;
 mod disk_full;
 mod edge;
 mod harness;
