@@ -68,13 +68,19 @@ pub fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Logs one line and aborts the process: `op` on `path` failed in a way that leaves nothing cached
 /// trustworthy. A restart recovers from what is durable (the log holds every acknowledged write).
+///
+/// The line goes to the log, or straight to stderr where no subscriber would record an error (no
+/// subscriber set, or `RUST_LOG=off`): once either way.
 pub fn fail_stop(path: &Path, op: &str, error: &std::io::Error) -> ! {
     let message = format!(
         "FATAL: {op} of {} failed: {error}; stopping the node (a restart recovers from the durable log)",
         path.display()
     );
-    tracing::error!("{message}");
-    eprintln!("{message}");
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("{message}");
+    }
     std::process::abort()
 }
 

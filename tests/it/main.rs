@@ -9,6 +9,7 @@ mod concurrency;
 mod corruption;
 mod crash;
 mod crash_points;
+mod disk_eio;
 mod disk_full;
 mod edge;
 mod harness;
