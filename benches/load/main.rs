@@ -56,8 +56,7 @@
 //! Settings (environment):
 //!
 //! - `SHOPKEEP_BENCH_SYSTEMS` — which systems, in order: `pg,1,3` (default); a number is a shopkeep
-//!   cluster of that many nodes (1 = single node). `SHOPKEEP_BENCH_NODES=n` alone (the older setting)
-//!   means `SHOPKEEP_BENCH_SYSTEMS=n`.
+//!   cluster of that many nodes (1 = single node).
 //! - `SHOPKEEP_BENCH_CONCURRENCY` — the closed-loop levels (default `1,16,64,256`).
 //! - `SHOPKEEP_BENCH_SECONDS` — measured seconds per phase (default 5); `SHOPKEEP_BENCH_WARMUP`
 //!   — warm-up seconds before each (default 1). pgbench runs whole seconds.
@@ -70,7 +69,7 @@
 //!
 //! ```text
 //! SHOPKEEP_BENCH_SYSTEMS=1 SHOPKEEP_BENCH_SECONDS=3 cargo bench --bench load
-//! SHOPKEEP_BENCH_NODES=3 SHOPKEEP_BENCH_CONCURRENCY=16,64 cargo bench --bench load
+//! SHOPKEEP_BENCH_SYSTEMS=3 SHOPKEEP_BENCH_CONCURRENCY=16,64 cargo bench --bench load
 //! ```
 //!
 //! Keep in mind that the servers and the load generator share the machine's cores (the HTTP client

@@ -133,16 +133,9 @@ fn env_text(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|t| !t.trim().is_empty())
 }
 
-/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,1,3`), else `SHOPKEEP_BENCH_NODES` (one shopkeep system), else all.
+/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,1,3`), else all.
 fn systems() -> Vec<System> {
-    let text = match (
-        env_text("SHOPKEEP_BENCH_SYSTEMS"),
-        env_text("SHOPKEEP_BENCH_NODES"),
-    ) {
-        (Some(systems), _) => systems,
-        (None, Some(nodes)) => nodes,
-        (None, None) => "pg,1,3".to_string(),
-    };
+    let text = env_text("SHOPKEEP_BENCH_SYSTEMS").unwrap_or_else(|| "pg,1,3".to_string());
     let systems: Vec<System> = text
         .split(',')
         .map(str::trim)
@@ -152,8 +145,8 @@ fn systems() -> Vec<System> {
             n => match n.parse::<u64>() {
                 Ok(n) if (1..=9).contains(&n) => System::Shopkeep(n),
                 _ => panic!(
-                    "SHOPKEEP_BENCH_SYSTEMS / SHOPKEEP_BENCH_NODES: {s:?} is neither `pg` nor a number \
-                     of shopkeep nodes from 1 to 9 (e.g. pg,1,3)"
+                    "SHOPKEEP_BENCH_SYSTEMS: {s:?} is neither `pg` nor a number of shopkeep nodes \
+                     from 1 to 9 (e.g. pg,1,3)"
                 ),
             },
         })
