@@ -32,7 +32,8 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{Phase, Stats, Tally};
+use crate::progress::Phase;
+use crate::stats::{Stats, Tally};
 
 const SCHEMA: &str = include_str!("../pg/schema.sql");
 const PURCHASE: &str = include_str!("../pg/purchase.pgbench");
@@ -164,7 +165,7 @@ impl PgServer {
         server.started = true;
         let mut stop = server.stop_command();
         let dir = server.dir.path().to_path_buf();
-        server.interrupt = crate::on_interrupt(move || {
+        server.interrupt = crate::interrupt::on_interrupt(move || {
             let _ = stop.status();
             let _ = std::fs::remove_dir_all(&dir);
         });
@@ -198,9 +199,9 @@ impl PgServer {
     /// finished pgbench runs), and its live children's (checkpointer, WAL writer, …).
     pub fn cpu_seconds(&self) -> Option<f64> {
         let postmaster = postmaster_pid(&self.data)?;
-        let mut total = crate::process_cpu_seconds(&postmaster.to_string(), true)?;
-        for pid in crate::children_of(postmaster) {
-            total += crate::process_cpu_seconds(&pid.to_string(), false).unwrap_or(0.0);
+        let mut total = crate::cpu::process_cpu_seconds(&postmaster.to_string(), true)?;
+        for pid in crate::cpu::children_of(postmaster) {
+            total += crate::cpu::process_cpu_seconds(&pid.to_string(), false).unwrap_or(0.0);
         }
         Some(total)
     }
@@ -409,7 +410,7 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        crate::forget_interrupt(self.interrupt);
+        crate::interrupt::forget_interrupt(self.interrupt);
         if self.started {
             let _ = self.stop_command().status();
         }
@@ -590,7 +591,7 @@ impl MemorySampler {
 /// Σ Pss (KiB) of `postmaster` and its children (`/proc/<pid>/smaps_rollup`).
 fn total_pss_kib(postmaster: u32) -> Option<u64> {
     let mut total = pss_kib(postmaster)?;
-    for pid in crate::children_of(postmaster) {
+    for pid in crate::cpu::children_of(postmaster) {
         total += pss_kib(pid).unwrap_or(0);
     }
     Some(total)

@@ -4,8 +4,6 @@
 //! Topology: node i's `--peers` gives, for every j != i, the address of proxy(i→j) (which forwards to node j's
 //! real port) and, for itself, its real address. Clients (the tests) always talk to a node's real port.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -899,11 +897,6 @@ impl TestCluster {
 
     // ---- partitions ----------------------------------------------------------------------------
 
-    /// Cut the link from node `from` to node `to` (one direction).
-    pub fn cut(&self, from: u64, to: u64) {
-        self.proxies[&(from, to)].cut();
-    }
-
     /// Cut every link to and from node `n`.
     pub fn isolate(&self, n: u64) {
         for (&(i, j), p) in &self.proxies {
@@ -1031,11 +1024,6 @@ impl TestCluster {
     /// while a node answers 503 e.g. during an election), asserting the audit is ok.
     pub async fn state_hashes(&self) -> BTreeMap<u64, BTreeMap<u64, String>> {
         self.audit_hashes(&self.running_ids(), false).await
-    }
-
-    /// Like [`state_hashes`](Self::state_hashes) with `?consistency=local`.
-    pub async fn local_state_hashes(&self) -> BTreeMap<u64, BTreeMap<u64, String>> {
-        self.audit_hashes(&self.running_ids(), true).await
     }
 
     pub async fn audit_hashes(

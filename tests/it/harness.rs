@@ -2,8 +2,6 @@
 //!
 //! Every test starts its own [`Server`] (own process, own temp dir, own port), so tests run in parallel.
 
-#![allow(dead_code)]
-
 use std::fmt;
 use std::io::{BufRead, BufReader, Write};
 use std::ops::Deref;
@@ -234,6 +232,7 @@ impl Server {
     }
 
     /// Waits (≤ `within`) for the process to exit on its own (a crash point firing), and reaps it.
+    #[cfg(feature = "failpoints")]
     pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {

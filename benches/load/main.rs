@@ -1,0 +1,187 @@
+//! Load benchmark of the purchase path, against a PostgreSQL baseline, in one command:
+//!
+//! ```text
+//! cargo bench --bench load
+//! ```
+//!
+//! One after the other (never at once, on the same machine), with the same users, item and levels:
+//!
+//! 1. **PostgreSQL** (`pg`): a throwaway cluster from the PostgreSQL binaries on the machine (`initdb`,
+//!    `pg_ctl`; `fsync = on`, `synchronous_commit = on`) runs the same purchase as ONE stored-procedure
+//!    transaction (check funds, debit, order + line, posting, entitlement upsert, idempotency row:
+//!    `benches/pg/schema.sql`), driven by `pgbench` (`benches/pg/*.pgbench`). Skipped with a message
+//!    if the binaries are missing. Details in `benches/load/pg.rs`.
+//! 2. **shopkeep, 1 node** (`1`): one `shopkeep serve` process (release build), every shard a
+//!    one-voter Raft group.
+//! 3. **shopkeep, 3 nodes** (`3`): three `shopkeep serve` processes on loopback forming one cluster
+//!    (every shard replicated on all three, default Raft timings); the client connections are spread
+//!    round-robin over the nodes as behind a load balancer, so about 2/3 of the requests reach a node
+//!    that does not lead their shard and are forwarded (one hop).
+//!
+//! For each system, these phases (each a warm-up that is not measured, then the measured window):
+//!
+//! - **purchases, closed loop**, at each concurrency level (default 1, 16, 64, 256): that many
+//!   clients, each with one keep-alive connection, each sending its next one-step purchase
+//!   (`POST /v1/users/{id}/orders` `{"complete": true}`, one gem at 0.01, a fresh `Idempotency-Key`)
+//!   as soon as the previous one is answered. Client `w` buys for users `w`, `w + c`, `w + 2c`, …
+//!   (mod 512), so concurrent clients rarely contend on one wallet (pgbench's clients do the same).
+//!   These levels are what the targets compare.
+//! - **mix**, closed loop at one concurrency (default 64): 60 % one-step purchases, 10 % two-step
+//!   purchases (create pending, then complete: one operation, both requests), 10 % direct credits,
+//!   10 % full refunds of an earlier order of the same client, 10 % wallet reads; per kind of operation.
+//! - **half peak, open loop**: purchases sent at a fixed rate of 50 % of the system's best closed-loop
+//!   throughput, Poisson arrivals, over as many connections as that best level had (the pool size at
+//!   which the system peaked); every latency is measured from the request's *intended* send time, so
+//!   a stall delays (and counts against) every request scheduled behind it (no coordinated omission).
+//!   This is the "p99 at half of the peak" target; closed-loop p99 at high concurrency measures
+//!   queueing instead. PostgreSQL gets the same through `pgbench --rate` (which measures from the
+//!   scheduled start as well, on one schedule per pgbench thread shared by its clients).
+//!
+//! Reported per phase: completed operations per second, p50 / p99 / p99.9 / max latency (over the
+//! successful operations started in the measured window), errors (anything but the expected answer:
+//! the status code, `timeout` or `transport`) with 429/503 — deliberate backpressure — counted
+//! apart, and the peak memory: per shopkeep node its peak RSS (`VmHWM`, reset through
+//! `/proc/<pid>/clear_refs` before each phase, warm-up included); for PostgreSQL the sampled peak of
+//! the summed `Pss` of all its processes. After each shopkeep system, `GET /v1/admin/audit` on every
+//! node: the audit must be ok, every shard's `state_hash` equal on every node, and the orders counted
+//! equal to the orders the clients saw created; PostgreSQL gets a ledger check in SQL.
+//!
+//! Output: progress on stderr (a one-line bar on a terminal); on stdout a table per system, a ratio
+//! table (shopkeep / PostgreSQL, per level and at the best level of each), the targets with PASS /
+//! FAIL, and one JSON document (one line), also written pretty to `target/bench/load.json`; the plot
+//! `target/bench/load.png` (throughput and p99 against concurrency, log scale, all systems). The
+//! default run takes about 2 minutes after the build (18 phases of 6 s, plus starts, seeding and
+//! audits).
+//!
+//! Settings (environment):
+//!
+//! - `SHOPKEEP_BENCH_SYSTEMS` — which systems, in order: `pg,1,3` (default); a number is a shopkeep
+//!   cluster of that many nodes (1 = single node).
+//! - `SHOPKEEP_BENCH_CONCURRENCY` — the closed-loop levels (default `1,16,64,256`).
+//! - `SHOPKEEP_BENCH_SECONDS` — measured seconds per phase (default 5); `SHOPKEEP_BENCH_WARMUP`
+//!   — warm-up seconds before each (default 1). pgbench runs whole seconds.
+//! - `SHOPKEEP_BENCH_MIX` — concurrency of the mix (default 64; 0 skips it).
+//! - `SHOPKEEP_BENCH_OPEN_LOOP` — connections of the half-peak phase: `best` (default: the
+//!   concurrency of the system's best level), a number, or 0 to skip the phase.
+//! - `SHOPKEEP_BENCH_PG_BIN` — the directory of `initdb`, `pg_ctl`, `pgbench`, `psql` (default:
+//!   `/usr/local/bin`, `/usr/lib/postgresql/<newest>/bin`, `PATH`).
+//! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).
+//!
+//! ```text
+//! SHOPKEEP_BENCH_SYSTEMS=1 SHOPKEEP_BENCH_SECONDS=3 cargo bench --bench load
+//! SHOPKEEP_BENCH_SYSTEMS=3 SHOPKEEP_BENCH_CONCURRENCY=16,64 cargo bench --bench load
+//! ```
+//!
+//! Keep in mind that the servers and the load generator share the machine's cores (the HTTP client
+//! here costs more CPU per request than pgbench does per transaction), so absolute numbers depend on
+//! the machine; the ratios are the point. All processes are stopped and their directories removed
+//! when the benchmark ends, panics and Ctrl-C included.
+//!
+//! Where things are: `settings.rs` (the variables above), `nodes.rs` (the shopkeep processes),
+//! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
+//! `postgres.rs` (the baseline's phases) over `pg.rs` (the PostgreSQL server and pgbench);
+//! `stats.rs`, `results.rs`, `cpu.rs`, `report.rs`, `plot.rs` (the output); `progress.rs`,
+//! `interrupt.rs` (Ctrl-C).
+
+mod audit;
+mod cpu;
+mod interrupt;
+mod nodes;
+mod pg;
+mod plot;
+mod postgres;
+mod progress;
+mod report;
+mod requests;
+mod results;
+mod seed;
+mod settings;
+mod shopkeep;
+mod stats;
+
+use std::time::Instant;
+
+use crate::cpu::CpuSample;
+use crate::interrupt::run_interrupt_cleanups;
+use crate::nodes::Nodes;
+use crate::postgres::run_postgres;
+use crate::progress::Progress;
+use crate::report::print_report;
+use crate::settings::{Settings, System};
+use crate::shopkeep::drive_shopkeep;
+
+const ADMIN_TOKEN: &str = "bench-admin-token-5c1e0a9b8d7f6e5d4c3b";
+const SERVICE_TOKEN: &str = "bench-service-token-9e8d7c6b5a4f3e2d1c0b";
+/// Enough users that concurrent workers rarely buy for the same one (and so rarely contend on a wallet).
+const USERS: usize = 512;
+/// Every user's starting credit, in minor units (100,000.00).
+const CREDIT_MINOR: u64 = 10_000_000;
+/// How many seeding requests are in flight at once.
+const SEED_PARALLELISM: usize = 32;
+/// The open-loop phase's rate, as a share of the best closed-loop throughput.
+const HALF_PEAK: f64 = 0.5;
+
+fn main() {
+    let started = Instant::now();
+    let settings = Settings::from_env();
+    let progress = Progress::new(settings.systems.len() * settings.phases_per_system());
+    eprintln!(
+        "load benchmark: systems {}, levels {:?}, {:.1?} measured + {:.1?} warm-up per phase, \
+         mix at c={}, {}",
+        settings
+            .systems
+            .iter()
+            .map(System::label)
+            .collect::<Vec<_>>()
+            .join(" → "),
+        settings.levels,
+        settings.duration,
+        settings.warm_up,
+        settings.mix_concurrency,
+        settings.open_loop.describe()
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build the tokio runtime");
+    runtime.spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: stopping the servers, removing their directories");
+            run_interrupt_cleanups();
+            std::process::exit(130);
+        }
+    });
+    let mut reports = Vec::new();
+    for &system in &settings.systems {
+        let cpu_before = CpuSample::take();
+        let mut report = match system {
+            System::Postgres => run_postgres(&settings, &progress),
+            System::Shopkeep(count) => {
+                let spawned = Instant::now();
+                let nodes = Nodes::start(count);
+                for node in &nodes.nodes {
+                    eprintln!(
+                        "{}: node {} listening on {} (pid {})",
+                        system.label(),
+                        node.id,
+                        node.base_url,
+                        node.child.id()
+                    );
+                }
+                let report = runtime.block_on(drive_shopkeep(
+                    system, &nodes, &settings, &progress, spawned,
+                ));
+                // Stops the nodes (and removes their data) before the next system starts.
+                drop(nodes);
+                report
+            }
+        };
+        report.cpu = cpu_before.and_then(|before| before.share_since(report.server_cpu_seconds));
+        reports.push(report);
+    }
+    drop(runtime);
+
+    let wall = started.elapsed();
+    print_report(&settings, &reports, wall);
+}

@@ -1,0 +1,281 @@
+//! The `shopkeep serve` processes under test: starting one node or a cluster on loopback, waiting for
+//! their listening lines and `/readyz`, their peak memory, and stopping them (drop and Ctrl-C).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, StatusCode};
+use tempfile::TempDir;
+
+use crate::interrupt::{forget_interrupt, on_interrupt};
+use crate::{ADMIN_TOKEN, SERVICE_TOKEN};
+
+/// The shared node-to-node secret of the cluster mode.
+const CLUSTER_SECRET: &str = "bench-cluster-secret-3f0c9a71d2b84e65";
+/// How long to wait for the servers to print their listening lines.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait, after the listening lines, until `/readyz` is 200 on every node of a cluster.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One `shopkeep serve` process under test.
+pub(crate) struct Node {
+    pub(crate) id: u64,
+    pub(crate) child: Child,
+    pub(crate) base_url: String,
+    stderr_path: PathBuf,
+}
+
+/// The `shopkeep serve` processes under test: one (single-node mode, no `--peers`) or the members of one
+/// cluster. All are killed on drop, then their temporary directory (data dirs and logs) is removed.
+pub(crate) struct Nodes {
+    pub(crate) nodes: Vec<Node>,
+    /// The Ctrl-C cleanup of these processes (0: none yet).
+    interrupt: u64,
+    // Dropped after `Drop::drop` has killed the processes, which removes the directory.
+    dir: TempDir,
+}
+
+impl Nodes {
+    pub(crate) fn start(count: u64) -> Nodes {
+        let clustered = count > 1;
+        let dir = tempfile::Builder::new()
+            .prefix(if clustered {
+                "shopkeep-bench-cluster-"
+            } else {
+                "shopkeep-bench-"
+            })
+            .tempdir()
+            .expect("cannot create a temporary data directory");
+        let mut nodes = Nodes {
+            nodes: Vec::new(),
+            interrupt: 0,
+            dir,
+        };
+
+        // Free loopback ports: all bound at once (so they differ), released right before the start.
+        let (listens, peers) = if clustered {
+            let listeners: Vec<TcpListener> = (0..count)
+                .map(|_| TcpListener::bind("127.0.0.1:0").expect("cannot bind a free port"))
+                .collect();
+            let addresses: Vec<String> = listeners
+                .iter()
+                .map(|l| {
+                    let port = l.local_addr().expect("bound listener").port();
+                    format!("127.0.0.1:{port}")
+                })
+                .collect();
+            let peers = (1..)
+                .zip(&addresses)
+                .map(|(id, address)| format!("{id}={address}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            (addresses, Some(peers))
+        } else {
+            (vec!["127.0.0.1:0".to_string()], None)
+        };
+
+        // Start every member before waiting for any: a member may only serve once a majority is up.
+        let mut pending = Vec::new();
+        for (id, listen) in (1u64..).zip(&listens) {
+            let (data_dir, stderr_path) = if clustered {
+                (
+                    nodes.dir.path().join(format!("node-{id}")).join("data"),
+                    nodes.dir.path().join(format!("node-{id}.stderr")),
+                )
+            } else {
+                (
+                    nodes.dir.path().join("data"),
+                    nodes.dir.path().join("server.stderr"),
+                )
+            };
+            let stderr = std::fs::File::create(&stderr_path)
+                .expect("cannot create the server's stderr file");
+            let mut command = Command::new(env!("CARGO_BIN_EXE_shopkeep"));
+            command
+                .arg("serve")
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .args(["--listen", listen]);
+            if let Some(peers) = &peers {
+                command
+                    .args(["--node-id", &id.to_string()])
+                    .args(["--peers", peers])
+                    .env("SHOPKEEP_CLUSTER_SECRET", CLUSTER_SECRET);
+            }
+            let mut child = command
+                .env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("SHOPKEEP_SERVICE_TOKEN", SERVICE_TOKEN)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(stderr)
+                .spawn()
+                .expect("cannot start the shopkeep binary");
+
+            // One thread reads stdout for the whole life of the process (so the pipe never fills up) and
+            // hands the lines over until the listening line has been seen.
+            let stdout = child.stdout.take().expect("stdout was piped");
+            let (lines_tx, lines_rx) = mpsc::channel::<String>();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    // The receiver is gone once the server is up: keep draining regardless.
+                    let _ = lines_tx.send(line);
+                }
+            });
+            nodes.nodes.push(Node {
+                id,
+                child,
+                base_url: String::new(),
+                stderr_path,
+            });
+            pending.push(lines_rx);
+        }
+
+        let pids: Vec<String> = nodes
+            .nodes
+            .iter()
+            .map(|n| n.child.id().to_string())
+            .collect();
+        let dir = nodes.dir.path().to_path_buf();
+        nodes.interrupt = on_interrupt(move || {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(&pids)
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(&dir);
+        });
+
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        for (node, lines_rx) in nodes.nodes.iter_mut().zip(pending) {
+            node.base_url = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match lines_rx.recv_timeout(left) {
+                    Ok(line) => {
+                        if let Some(url) = line.trim().strip_prefix("shopkeep listening on ") {
+                            break url.trim_end_matches('/').to_string();
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                        "node {} printed no listening line within {STARTUP_TIMEOUT:?}; its stderr:\n{}",
+                        node.id,
+                        read_tail(&node.stderr_path)
+                    ),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let status = node
+                            .child
+                            .wait()
+                            .expect("cannot wait for the server process");
+                        panic!(
+                            "node {} exited ({status}) before listening; its stderr:\n{}",
+                            node.id,
+                            read_tail(&node.stderr_path)
+                        );
+                    }
+                }
+            };
+        }
+        nodes
+    }
+
+    pub(crate) fn clustered(&self) -> bool {
+        self.nodes.len() > 1
+    }
+
+    /// Resets the peak RSS (`VmHWM`) of every node to its current RSS; false if any reset was refused.
+    pub(crate) fn reset_peak_rss(&self) -> bool {
+        self.nodes.iter().fold(true, |all, node| {
+            let path = format!("/proc/{}/clear_refs", node.child.id());
+            std::fs::write(path, "5").is_ok() && all
+        })
+    }
+
+    /// The peak RSS (`VmHWM`, KiB) of every node, `None` where it cannot be read.
+    pub(crate) fn peak_rss_kib(&self) -> Vec<Option<u64>> {
+        self.nodes
+            .iter()
+            .map(|node| proc_status_kib(node.child.id(), "VmHWM"))
+            .collect()
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        forget_interrupt(self.interrupt);
+        for node in &mut self.nodes {
+            if let Ok(Some(status)) = node.child.try_wait() {
+                eprintln!(
+                    "node {}: had already exited ({status}); its stderr:\n{}",
+                    node.id,
+                    read_tail(&node.stderr_path)
+                );
+            } else {
+                let _ = node.child.kill();
+            }
+        }
+        for node in &mut self.nodes {
+            let _ = node.child.wait();
+        }
+    }
+}
+
+/// A `kB` field of `/proc/<pid>/status` (Linux only).
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+}
+
+/// The last few KiB of a file, for error messages.
+fn read_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read: {e}>"));
+    let start = text.len().saturating_sub(8 * 1024);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    text[start..].to_string()
+}
+
+/// Waits until `GET /readyz` answers 200 on every node (every shard has a leader it knows); `spawned`:
+/// when the processes were started.
+pub(crate) async fn wait_ready(client: &Client, nodes: &Nodes, spawned: Instant) {
+    eprintln!("cluster: waiting for /readyz on every node…");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for node in &nodes.nodes {
+        let url = format!("{}/readyz", node.base_url);
+        loop {
+            let last = match client
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                Ok(response) if response.status() == StatusCode::OK => break,
+                Ok(response) => {
+                    let status = response.status();
+                    format!("{status}: {}", response.text().await.unwrap_or_default())
+                }
+                Err(e) => format!("request failed: {e}"),
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "node {}: /readyz not 200 within {READY_TIMEOUT:?} (last: {last}); its stderr:\n{}",
+                    node.id,
+                    read_tail(&node.stderr_path)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "cluster: every node ready {:.1?} after the start",
+        spawned.elapsed()
+    );
+}

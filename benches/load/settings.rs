@@ -1,0 +1,212 @@
+//! The run's settings: the `SHOPKEEP_BENCH_*` environment variables (listed in `main.rs`), parsed and
+//! checked, and the systems to measure.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::results::LevelResult;
+
+const DEFAULT_CONCURRENCY: &[usize] = &[1, 16, 64, 256];
+const DEFAULT_SECONDS: f64 = 5.0;
+const DEFAULT_WARM_UP: f64 = 1.0;
+const DEFAULT_MIX_CONCURRENCY: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum System {
+    Postgres,
+    /// A shopkeep deployment of this many nodes (1: single node, no `--peers`).
+    Shopkeep(u64),
+}
+
+impl System {
+    pub(crate) fn key(&self) -> String {
+        match self {
+            System::Postgres => "postgresql".into(),
+            System::Shopkeep(n) => format!("shopkeep-{n}"),
+        }
+    }
+
+    pub(crate) fn label(&self) -> String {
+        match self {
+            System::Postgres => "PostgreSQL".into(),
+            System::Shopkeep(1) => "shopkeep 1 node".into(),
+            System::Shopkeep(n) => format!("shopkeep {n} nodes"),
+        }
+    }
+}
+
+pub(crate) struct Settings {
+    pub(crate) systems: Vec<System>,
+    pub(crate) levels: Vec<usize>,
+    pub(crate) duration: Duration,
+    pub(crate) warm_up: Duration,
+    /// 0: no mix phase.
+    pub(crate) mix_concurrency: usize,
+    /// The connections of the open-loop phase.
+    pub(crate) open_loop: OpenLoop,
+    pub(crate) out_dir: PathBuf,
+}
+
+impl Settings {
+    pub(crate) fn from_env() -> Settings {
+        Settings {
+            systems: systems(),
+            levels: concurrency_levels(),
+            duration: seconds_setting("SHOPKEEP_BENCH_SECONDS", DEFAULT_SECONDS, false),
+            warm_up: seconds_setting("SHOPKEEP_BENCH_WARMUP", DEFAULT_WARM_UP, true),
+            mix_concurrency: count_setting("SHOPKEEP_BENCH_MIX", DEFAULT_MIX_CONCURRENCY),
+            open_loop: open_loop_setting(),
+            out_dir: out_dir(),
+        }
+    }
+
+    pub(crate) fn phases_per_system(&self) -> usize {
+        self.levels.len()
+            + usize::from(self.mix_concurrency > 0)
+            + usize::from(self.open_loop != OpenLoop::Off)
+    }
+
+    pub(crate) fn phase_time(&self) -> Duration {
+        self.warm_up + self.duration
+    }
+
+    pub(crate) fn max_connections(&self) -> usize {
+        self.levels
+            .iter()
+            .copied()
+            .chain([self.mix_concurrency, self.open_loop.fixed().unwrap_or(0)])
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+}
+
+/// How many connections the open-loop phase sends over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpenLoop {
+    Off,
+    /// As many as the concurrency of the system's best closed-loop level: the pool size at which it
+    /// peaked (for PostgreSQL, what a connection pool in front of it would hold).
+    Best,
+    Fixed(usize),
+}
+
+impl OpenLoop {
+    fn fixed(self) -> Option<usize> {
+        match self {
+            OpenLoop::Fixed(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn connections(self, best: &LevelResult) -> usize {
+        self.fixed().unwrap_or(best.concurrency)
+    }
+
+    pub(crate) fn describe(self) -> String {
+        match self {
+            OpenLoop::Off => "no half-peak phase".into(),
+            OpenLoop::Best => "half peak over as many connections as the best level".into(),
+            OpenLoop::Fixed(n) => format!("half peak over {n} connections"),
+        }
+    }
+}
+
+/// `SHOPKEEP_BENCH_OPEN_LOOP`: `best` (default), a number of connections, or 0 (off).
+fn open_loop_setting() -> OpenLoop {
+    match env_text("SHOPKEEP_BENCH_OPEN_LOOP")
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("best") => OpenLoop::Best,
+        Some(text) => match text.parse::<usize>() {
+            Ok(0) => OpenLoop::Off,
+            Ok(n) => OpenLoop::Fixed(n),
+            Err(_) => panic!(
+                "SHOPKEEP_BENCH_OPEN_LOOP: {text:?} is neither `best` nor a number of connections (0 skips the phase)"
+            ),
+        },
+    }
+}
+
+fn env_text(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|t| !t.trim().is_empty())
+}
+
+/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,1,3`), else all.
+fn systems() -> Vec<System> {
+    let text = env_text("SHOPKEEP_BENCH_SYSTEMS").unwrap_or_else(|| "pg,1,3".to_string());
+    let systems: Vec<System> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.to_ascii_lowercase().as_str() {
+            "pg" | "postgres" | "postgresql" => System::Postgres,
+            n => match n.parse::<u64>() {
+                Ok(n) if (1..=9).contains(&n) => System::Shopkeep(n),
+                _ => panic!(
+                    "SHOPKEEP_BENCH_SYSTEMS: {s:?} is neither `pg` nor a number of shopkeep nodes \
+                     from 1 to 9 (e.g. pg,1,3)"
+                ),
+            },
+        })
+        .collect();
+    assert!(
+        !systems.is_empty(),
+        "SHOPKEEP_BENCH_SYSTEMS lists no system (expected e.g. pg,1,3)"
+    );
+    systems
+}
+
+fn concurrency_levels() -> Vec<usize> {
+    let Some(text) = env_text("SHOPKEEP_BENCH_CONCURRENCY") else {
+        return DEFAULT_CONCURRENCY.to_vec();
+    };
+    let levels: Vec<usize> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("SHOPKEEP_BENCH_CONCURRENCY: {s:?} is not a positive integer"),
+        })
+        .collect();
+    assert!(
+        !levels.is_empty(),
+        "SHOPKEEP_BENCH_CONCURRENCY lists no level (expected e.g. 1,16,64)"
+    );
+    levels
+}
+
+fn seconds_setting(name: &str, default: f64, zero_ok: bool) -> Duration {
+    let Some(text) = env_text(name) else {
+        return Duration::from_secs_f64(default);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && (s > 0.0 || (zero_ok && s == 0.0)) => Duration::from_secs_f64(s),
+        _ => panic!("{name}: {text:?} is not a positive number of seconds"),
+    }
+}
+
+fn count_setting(name: &str, default: usize) -> usize {
+    let Some(text) = env_text(name) else {
+        return default;
+    };
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name}: {text:?} is not a number (0 skips the phase)"))
+}
+
+/// `SHOPKEEP_BENCH_OUT`, else `<target dir>/bench` (the bench binary is `<target>/<profile>/deps/…`).
+fn out_dir() -> PathBuf {
+    if let Some(dir) = env_text("SHOPKEEP_BENCH_OUT") {
+        return PathBuf::from(dir);
+    }
+    let target = std::env::current_exe().ok().and_then(|exe| {
+        let deps = exe.parent()?;
+        (deps.file_name()? == "deps").then(|| deps.parent()?.parent().map(Path::to_path_buf))?
+    });
+    target
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench")
+}
