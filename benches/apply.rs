@@ -23,6 +23,16 @@
 //! SHOPKEEP_APPLY_SECONDS=3 SHOPKEEP_APPLY_BATCHES=1,16,128,512 cargo bench --bench apply
 //! ```
 
+// A benchmark converts counts to rates, percentiles and plot coordinates, and a broken setup may panic:
+// the workspace's cast and unwrap lints guard the service, not its measuring tools.
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless
+)]
+
 use std::time::{Duration, Instant};
 
 use shopkeep::domain::{

@@ -90,11 +90,6 @@ impl App {
     }
 }
 
-/// The OpenAPI document of the API for a deployment in `currency` (also served at `/v1/openapi.json`).
-pub fn openapi_document(currency: &crate::domain::Currency) -> serde_json::Value {
-    routes::finish_document(routes::api().into_openapi(), currency)
-}
-
 /// Builds the client-facing router (routes, OpenAPI, middleware) around the node; it also serves node
 /// traffic unless that has a listener of its own (`--node-listen`).
 pub fn router(

@@ -1,3 +1,13 @@
+// Test code may unwrap (a panic is a failed test) and does arithmetic on small counts and timestamps
+// where the workspace's cast lints would only add noise; the service's code keeps them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless
+)]
+
 mod apply_untrusted;
 mod backpressure;
 mod chaos;
