@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::harness::*;
 
 /// The shim, compiled once per test process into Cargo's temporary directory for integration tests.
-fn libeio() -> &'static Path {
+pub fn libeio() -> &'static Path {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/fault_shim/eio.c");

@@ -2,7 +2,8 @@
 //! links through cuttable proxies), concurrent clients recording every request as invoke → ok / fail /
 //! unknown and retrying unknowns with the same idempotency key until definite, a seeded nemesis (kill -9,
 //! SIGSTOP, partitions, crash points inside the server, wiped data dirs, a wall clock shifted by
-//! libfaketime, a node's own tmpfs filled and freed, bits flipped in a stopped node's files), and a
+//! libfaketime, a node's own tmpfs filled and freed, bits flipped in a stopped node's files, EIO on a
+//! node's fsyncs and writes), and a
 //! checker run on every node's final state after healing. See `checker.rs` for what is checked.
 //!
 //! Short run (part of `cargo test`, ≈3–4 minutes, every fault kind at least once):
@@ -18,7 +19,7 @@
 //! ```
 //!
 //! Knobs (environment): `SHOPKEEP_CHAOS_SEED` (u64; printed at start), `SHOPKEEP_CHAOS_FAULTS`
-//! (`kill,pause,partition,crashpoint,wipe,clock,disk,corrupt`, in that order by default), `SHOPKEEP_CHAOS_SECONDS_PER_FAULT`,
+//! (`kill,pause,partition,crashpoint,wipe,clock,disk,corrupt,eio`, in that order by default), `SHOPKEEP_CHAOS_SECONDS_PER_FAULT`,
 //! `SHOPKEEP_CHAOS_WORKERS` (concurrent clients), `SHOPKEEP_CHAOS_USERS_PER_WORKER`.
 
 mod checker;
@@ -84,7 +85,7 @@ impl Config {
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| {
                     FaultKind::parse(s).unwrap_or_else(|| {
-                        panic!("SHOPKEEP_CHAOS_FAULTS: unknown fault kind {s:?} (kill, pause, partition, crashpoint, wipe, clock, disk, corrupt)")
+                        panic!("SHOPKEEP_CHAOS_FAULTS: unknown fault kind {s:?} (kill, pause, partition, crashpoint, wipe, clock, disk, corrupt, eio)")
                     })
                 })
                 .collect(),
@@ -268,10 +269,13 @@ pub async fn run(cfg: Config) -> RunResult {
     for id in 1..=3 {
         opts = opts.node_env(id, "SHOPKEEP_ORDER_TTL", ORDER_TTL);
     }
-    let clocks = tempfile::tempdir().expect("clock offsets dir");
-    if cfg.kinds.contains(&FaultKind::Clock) {
-        opts = with_shiftable_clocks(opts, clocks.path());
-    }
+    let clocks = tempfile::tempdir().expect("clock offsets and EIO triggers dir");
+    opts = with_preloads(
+        opts,
+        clocks.path(),
+        cfg.kinds.contains(&FaultKind::Clock),
+        cfg.kinds.contains(&FaultKind::Eio),
+    );
     let disks: Vec<Tmpfs> = if cfg.kinds.contains(&FaultKind::Disk) {
         (0..3).map(|_| Tmpfs::mount(CHAOS_DISK_SIZE)).collect()
     } else {
@@ -611,24 +615,56 @@ async fn chaos_short_run_loses_no_acknowledged_operation_and_charges_once() {
     finish(&res, crash);
 }
 
-/// Every node runs under libfaketime with its own offset file (`+0` to start), which the clock nemesis
-/// rewrites.
-fn with_shiftable_clocks(mut opts: ClusterOpts, dir: &std::path::Path) -> ClusterOpts {
-    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-    assert!(
-        std::path::Path::new(lib).exists(),
-        "{lib} is missing: install Debian's `faketime` package (.ci/run does)"
-    );
+/// The libraries every node runs under, in `dir`'s files:
+/// - `clocks`: libfaketime with its own offset file (`+0` to start), which the clock nemesis rewrites;
+/// - `eio`: the EIO shim (`disk_eio`), failing fsyncs and writes to the node's redb files while its
+///   trigger file (`eio_trigger_file`) exists.
+fn with_preloads(
+    mut opts: ClusterOpts,
+    dir: &std::path::Path,
+    clocks: bool,
+    eio: bool,
+) -> ClusterOpts {
+    let faketime = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    if clocks {
+        assert!(
+            std::path::Path::new(faketime).exists(),
+            "{faketime} is missing: install Debian's `faketime` package (.ci/run does)"
+        );
+    }
+    let shim = eio.then(|| crate::disk_eio::libeio().display().to_string());
     for id in 1..=3 {
-        let file = dir.join(format!("clock-{id}"));
-        std::fs::write(&file, "+0").expect("clock offset file");
-        opts = opts
-            .node_env(id, "LD_PRELOAD", lib)
-            .node_env(id, "FAKETIME_TIMESTAMP_FILE", &file.display().to_string())
-            .node_env(id, "FAKETIME_CACHE_DURATION", "1")
-            .node_env(id, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        let mut preload = Vec::new();
+        if clocks {
+            let file = dir.join(format!("clock-{id}"));
+            std::fs::write(&file, "+0").expect("clock offset file");
+            preload.push(faketime.to_string());
+            opts = opts
+                .node_env(id, "FAKETIME_TIMESTAMP_FILE", &file.display().to_string())
+                .node_env(id, "FAKETIME_CACHE_DURATION", "1")
+                .node_env(id, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        if let Some(shim) = &shim {
+            preload.push(shim.clone());
+            let trigger = dir.join(format!("eio-{id}"));
+            opts = opts
+                .node_env(id, "SHOPKEEP_EIO_PATH", ".redb")
+                .node_env(id, "SHOPKEEP_EIO_OPS", "fsync,write")
+                .node_env(id, "SHOPKEEP_EIO_TRIGGER", &trigger.display().to_string());
+        }
+        if !preload.is_empty() {
+            opts = opts.node_env(id, "LD_PRELOAD", &preload.join(" "));
+        }
     }
     opts
+}
+
+/// The file whose existence makes node `id`'s redb files fail with EIO (see `with_preloads`).
+pub fn eio_trigger_file(c: &TestCluster, id: u64) -> std::path::PathBuf {
+    c.clock_dir
+        .as_ref()
+        .expect("the cluster runs with its preloads")
+        .join(format!("eio-{id}"))
 }
 
 /// The offset file of node `id`'s clock (see `with_shiftable_clocks`).

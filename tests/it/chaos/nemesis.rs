@@ -6,6 +6,7 @@
 #![cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -32,10 +33,13 @@ pub enum FaultKind {
     Disk,
     /// A stopped node's shard file, Raft log or snapshot gets flipped bits; it starts again.
     Corrupt,
+    /// One node's fsyncs and writes to its redb files fail with EIO (an LD_PRELOAD shim): it must stop
+    /// at once (SIGABRT), and is started again.
+    Eio,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Partition,
@@ -44,6 +48,7 @@ impl FaultKind {
         FaultKind::Clock,
         FaultKind::Disk,
         FaultKind::Corrupt,
+        FaultKind::Eio,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +61,7 @@ impl FaultKind {
             FaultKind::Clock => "clock",
             FaultKind::Disk => "disk",
             FaultKind::Corrupt => "corrupt",
+            FaultKind::Eio => "eio",
         }
     }
 
@@ -196,6 +202,7 @@ impl<'a> Nemesis<'a> {
             FaultKind::Clock => self.clock().await,
             FaultKind::Disk => self.disk().await,
             FaultKind::Corrupt => self.corrupt().await,
+            FaultKind::Eio => self.eio().await,
         }
     }
 
@@ -423,6 +430,51 @@ impl<'a> Nemesis<'a> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         self.start_node(v).await;
         self.recover("corrupt").await;
+    }
+
+    /// Arms node `v`'s EIO trigger (see `chaos::with_preloads`): its next fsync or write to a redb file
+    /// fails, and it must abort at once, acknowledging nothing that may not be durable. Then it is
+    /// disarmed and started again.
+    async fn eio(&mut self) {
+        let who = *["random", "leader", "follower"]
+            .choose(&mut self.rng)
+            .unwrap();
+        let (v, why) = self.pick(who).await;
+        let trigger = crate::chaos::eio_trigger_file(self.c, v);
+        self.expect_exit.push(v);
+        std::fs::write(&trigger, b"").expect("arm the EIO trigger");
+        let armed = Instant::now();
+        self.log(
+            "eio",
+            format!("node {v} ({why}): its redb files fail with EIO"),
+        );
+        self.count(format!("eio/{who}"));
+        let exit = self.wait_exit(v, Duration::from_secs(15)).await;
+        std::fs::remove_file(&trigger).expect("disarm the EIO trigger");
+        self.expect_exit.retain(|&n| n != v);
+        match exit {
+            Some(status) if status.signal() == Some(6) => self.log(
+                "eio",
+                format!(
+                    "node {v} stopped (SIGABRT) {} after the first EIO",
+                    secs(armed.elapsed())
+                ),
+            ),
+            Some(status) => {
+                let msg = format!("node {v} met EIO and exited by {status}, not by abort");
+                self.log("VIOLATION", msg.clone());
+                self.violations.push(msg);
+            }
+            None => {
+                self.c.kill9(v);
+                let msg = format!("node {v} did not stop within 15 s of EIO on its files");
+                self.log("VIOLATION", msg.clone());
+                self.violations.push(msg);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.start_node(v).await;
+        self.recover("eio").await;
     }
 
     async fn pause(&mut self) {
