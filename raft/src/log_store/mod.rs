@@ -181,17 +181,23 @@ impl LogDb {
         name: &'static str,
         value: Vec<u8>,
     ) -> Result<(), LogDbError> {
+        self.queue_and_wait(|done| Op::Put {
+            shard,
+            name,
+            value,
+            done: Some(done),
+        })
+        .await
+    }
+
+    /// Queues the operation `op` makes of a completion sender and waits until the writer made it durable.
+    async fn queue_and_wait(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Op,
+    ) -> Result<(), LogDbError> {
         let (done, wait) = oneshot::channel();
         let stopped = || LogDbError::Write("the log writer stopped".into());
-        self.ops
-            .send(Op::Put {
-                shard,
-                name,
-                value,
-                done: Some(done),
-            })
-            .await
-            .map_err(|_| stopped())?;
+        self.ops.send(op(done)).await.map_err(|_| stopped())?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(LogDbError::Write(error)),
@@ -210,17 +216,7 @@ impl LogDb {
     /// Forgets `shard`'s log entirely (entries, vote, purge and rebuild marks), durably: the shard
     /// opens as pristine, as on a wiped member. Only before its Raft group is opened.
     pub async fn reset_shard(&self, shard: u32) -> Result<(), LogDbError> {
-        let (done, wait) = oneshot::channel();
-        let stopped = || LogDbError::Write("the log writer stopped".into());
-        self.ops
-            .send(Op::Reset { shard, done })
-            .await
-            .map_err(|_| stopped())?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(LogDbError::Write(error)),
-            Err(_) => Err(stopped()),
-        }
+        self.queue_and_wait(|done| Op::Reset { shard, done }).await
     }
 }
 
