@@ -133,7 +133,10 @@ impl ApiError {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             IDEMPOTENCY_KEY_REQUIRED,
-            "POST requests need an Idempotency-Key header (1-255 printable ASCII characters)",
+            format!(
+                "POST requests need an Idempotency-Key header (1-{} printable ASCII characters)",
+                crate::http::input::MAX_IDEMPOTENCY_KEY_LEN
+            ),
         )
     }
 

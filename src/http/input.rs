@@ -241,9 +241,9 @@ pub fn idempotency_key_text(key: &str) -> Result<String, ApiError> {
     if valid {
         Ok(key.to_owned())
     } else {
-        Err(ApiError::invalid_request(
-            "Idempotency-Key must be 1-255 printable ASCII characters",
-        ))
+        Err(ApiError::invalid_request(format!(
+            "Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
+        )))
     }
 }
 

@@ -384,7 +384,10 @@ pub(super) fn check_line_shape(lines: &[LineRequest]) -> Result<(), Rejection> {
     }
     for (i, line) in lines.iter().enumerate() {
         if line.quantity == 0 || line.quantity > crate::domain::model::MAX_QUANTITY {
-            return Err(Rejection::invalid("quantity must be between 1 and 1000"));
+            return Err(Rejection::invalid(format!(
+                "quantity must be between 1 and {}",
+                crate::domain::model::MAX_QUANTITY
+            )));
         }
         if lines[..i].iter().any(|other| other.item_id == line.item_id) {
             return Err(Rejection::invalid(format!(
