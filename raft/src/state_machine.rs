@@ -73,7 +73,11 @@ pub trait ReplicatedState: Send + Sync + 'static {
     fn marker(&self) -> Result<Option<Vec<u8>>, StateError>;
     /// Applies `batch` in order in ONE transaction that also stores `marker`; one reply per item
     /// (ignored for items without a command). May commit non-durably (see the module docs).
-    fn apply(&self, batch: &[Applying<'_>], marker: &[u8]) -> Result<Vec<Vec<u8>>, StateError>;
+    fn apply_batch(
+        &self,
+        batch: &[Applying<'_>],
+        marker: &[u8],
+    ) -> Result<Vec<Vec<u8>>, StateError>;
     /// Makes everything applied so far durable, then starts exporting a consistent view of the state.
     fn export(&self) -> Result<Box<dyn Export>, StateError>;
     /// Replaces the whole state by an exported body and its marker, atomically and durably.
@@ -277,7 +281,7 @@ fn apply_now<S: ReplicatedState>(
         }
     }
     let replies = state
-        .apply(&items, marker)
+        .apply_batch(&items, marker)
         .map_err(|e| Attempt::of(e, sm_failed))?;
     if replies.len() != items.len() {
         return Err(failed(format!(

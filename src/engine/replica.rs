@@ -34,7 +34,11 @@ impl ReplicatedState for ShardMachine {
         Ok(self.store.marker()?)
     }
 
-    fn apply(&self, batch: &[Applying<'_>], marker: &[u8]) -> Result<Vec<Vec<u8>>, StateError> {
+    fn apply_batch(
+        &self,
+        batch: &[Applying<'_>],
+        marker: &[u8],
+    ) -> Result<Vec<Vec<u8>>, StateError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }

@@ -321,7 +321,7 @@ impl ShardStore {
                 progress.set(position);
                 match envelope {
                     Some(envelope) if !skip.contains(&position) => {
-                        results.push(Some(applier.apply(*index, envelope)?));
+                        results.push(Some(applier.apply_envelope(*index, envelope)?));
                     }
                     _ => {
                         applier.advance(*index);

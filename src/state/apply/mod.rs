@@ -162,7 +162,11 @@ impl<'t> Applier<'t> {
     }
 
     /// Applies one envelope at log position `index`.
-    pub(crate) fn apply(&mut self, index: u64, envelope: &Envelope) -> Result<Applied, StoreError> {
+    pub(crate) fn apply_envelope(
+        &mut self,
+        index: u64,
+        envelope: &Envelope,
+    ) -> Result<Applied, StoreError> {
         debug_assert!(
             index >= self.meta.last_applied,
             "log positions never go back (the commands of one entry share its index)"
