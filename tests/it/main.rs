@@ -38,4 +38,5 @@ mod http_topups;
 mod http_users;
 mod props;
 mod raft_conformance;
+mod shop_model;
 mod startup;
