@@ -105,6 +105,17 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
+    /// The status as the API shows it.
+    pub fn api(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Completed => "COMPLETED",
+            OrderStatus::PartiallyRefunded => "PARTIALLY_REFUNDED",
+            OrderStatus::Refunded => "REFUNDED",
+            OrderStatus::CancelledByClient | OrderStatus::Expired => "CANCELLED",
+        }
+    }
+
     pub fn was_completed(self) -> bool {
         matches!(
             self,
@@ -217,6 +228,11 @@ impl Order {
         })
     }
 
+    /// Still pending at time `t` (its deadline is after `t`).
+    pub fn pending_at(&self, t: i64) -> bool {
+        self.status == OrderStatus::Pending && self.expires_at > t
+    }
+
     /// Pending, but its deadline has passed at `now`: the next command of its user expires it.
     pub fn due_at(&self, now: i64) -> bool {
         self.status == OrderStatus::Pending && self.expires_at <= now
@@ -224,6 +240,14 @@ impl Order {
 
     pub fn has_item(&self, item_id: &str) -> bool {
         self.lines.iter().any(|l| l.item_id == item_id)
+    }
+
+    /// What its refunds gave back, at the lines' unit prices.
+    pub fn refunded_total(&self) -> Minor {
+        self.lines
+            .iter()
+            .map(|l| amount_of(l.unit_price, l.refunded).expect("a refunded amount fits"))
+            .fold(0, add)
     }
 
     /// Refunded once every line is refunded in full, partially refunded before.
