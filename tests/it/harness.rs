@@ -231,8 +231,8 @@ impl Server {
         }
     }
 
-    /// Waits (≤ `within`) for the process to exit on its own (a crash point firing), and reaps it.
-    #[cfg(feature = "failpoints")]
+    /// Waits (≤ `within`) for the process to exit on its own (a crash point firing, or an I/O error
+    /// stopping it), and reaps it.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {

@@ -15,9 +15,9 @@ mod clock;
 mod cluster;
 mod cluster_harness;
 mod concurrency;
-#[cfg(feature = "failpoints")]
 mod corruption;
 mod crash;
+#[cfg(feature = "failpoints")]
 mod crash_points;
 mod disk_eio;
 mod disk_full;
@@ -38,4 +38,5 @@ mod http_topups;
 mod http_users;
 mod props;
 mod raft_conformance;
+mod shop_model;
 mod startup;

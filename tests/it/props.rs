@@ -15,10 +15,11 @@ use shopkeep::domain::{
 use shopkeep::state::{ShardStore, audit};
 use uuid::Uuid;
 
+use crate::shop_model::{self, Account, Line, Order, OrderStatus as MStatus, Transition};
+
 const USERS: [&str; 3] = ["u0", "u1", "u2"];
 const MAX_PENDING: u32 = 3;
 const IDEMPOTENCY_TTL_MICROS: i64 = 600 * 1_000_000;
-const DAY_MICROS: i64 = 86_400 * 1_000_000;
 
 /// (id, kind, price in cents, active, refund window days)
 const ITEMS: [(&str, ItemKind, i64, bool, u32); 5] = [
@@ -94,61 +95,21 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 // ----- the model ------------------------------------------------------------------------------------
+// The rules are `shop_model`'s; what is here is the commands' bookkeeping and the order of their checks.
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct MWallet {
-    balance: i64,
-    held: i64,
-}
-
-#[derive(Clone, Debug)]
-struct MLine {
-    item: &'static str,
-    quantity: u32,
-    price: i64,
-    refunded: u32,
-    window_days: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum MStatus {
-    Pending,
-    Completed,
-    PartiallyRefunded,
-    Refunded,
-    CancelledByClient,
-    Expired,
-}
-
+/// An order of the model: the rules' order, whose it is, and when it was completed.
 #[derive(Clone, Debug)]
 struct MOrder {
     id: Uuid,
     user: &'static str,
-    status: MStatus,
-    lines: Vec<MLine>,
-    total: i64,
-    expires_at: i64,
     completed_at: i64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct MEntitlement {
-    granted: u64,
-    revoked: u64,
-    consumed: u64,
-}
-
-impl MEntitlement {
-    fn quantity(&self) -> u64 {
-        self.granted - self.revoked - self.consumed
-    }
+    order: Order,
 }
 
 #[derive(Default)]
 struct Model {
-    wallets: BTreeMap<&'static str, MWallet>,
+    accounts: BTreeMap<&'static str, Account>,
     orders: Vec<MOrder>,
-    entitlements: BTreeMap<(&'static str, &'static str), MEntitlement>,
     /// external_ref → (user, amount)
     credits: BTreeMap<String, (&'static str, i64)>,
     /// (scope, key) → expires_at, for the stored outcomes
@@ -168,21 +129,24 @@ impl Model {
     fn new() -> Model {
         let mut model = Model::default();
         for user in USERS {
-            model.wallets.insert(user, MWallet::default());
+            model.accounts.insert(user, Account::default());
         }
         model
     }
 
+    fn account(&mut self, user: &str) -> &mut Account {
+        self.accounts.get_mut(user).unwrap()
+    }
+
+    /// Every command of a user first expires that user's orders whose deadline has passed.
     fn expire_user(&mut self, user: &str, now: i64) {
+        let account = self.accounts.get_mut(user).unwrap();
         for order in self
             .orders
             .iter_mut()
-            .filter(|o| o.user == user && o.status == MStatus::Pending)
+            .filter(|o| o.user == user && o.order.due_at(now))
         {
-            if order.expires_at <= now {
-                order.status = MStatus::Expired;
-                self.wallets.get_mut(order.user).unwrap().held -= order.total;
-            }
+            account.expire(&mut order.order);
         }
     }
 
@@ -213,7 +177,7 @@ impl Model {
             return Err("external_ref_conflict");
         }
         self.credits.insert(external_ref.to_owned(), (user, amount));
-        self.wallets.get_mut(user).unwrap().balance += amount;
+        self.account(user).credit(amount);
         Ok(())
     }
 
@@ -229,89 +193,61 @@ impl Model {
         now: i64,
     ) -> (Expect, Option<i64>) {
         self.expire_user(user, now);
-        let pending: Vec<&MOrder> = self
+        let pending: Vec<&Order> = self
             .orders
             .iter()
-            .filter(|o| o.user == user && o.status == MStatus::Pending)
+            .filter(|o| o.user == user && o.order.status == MStatus::Pending)
+            .map(|o| &o.order)
             .collect();
         if !complete && pending.len() >= MAX_PENDING as usize {
             return (Err("too_many_pending_orders"), None);
         }
+        let account = &self.accounts[user];
         let mut order_lines = Vec::new();
-        let mut total = 0;
         for &(index, quantity) in lines {
             let name = ITEM_NAMES[index];
-            let Some((kind, price, active, window_days)) = item(name) else {
+            let Some((kind, price, active, _)) = item(name) else {
                 return (Err("item_not_found"), None);
             };
             if !active {
                 return (Err("item_inactive"), None);
             }
-            if !kind.is_consumable() && quantity > 1 {
-                return (Err("invalid_request"), None);
+            if let Err(code) = shop_model::check_quantity(kind.is_consumable(), quantity) {
+                return (Err(code), None);
             }
             if !kind.is_consumable() {
-                let owned = self
-                    .entitlements
-                    .get(&(user, name))
-                    .is_some_and(|e| e.quantity() > 0);
-                let in_pending = pending
-                    .iter()
-                    .any(|o| o.lines.iter().any(|l| l.item == name));
-                if owned || in_pending {
-                    return (Err("already_owned"), None);
+                if let Err(code) = account.check_not_owned(name, pending.iter().copied()) {
+                    return (Err(code), None);
                 }
             }
-            total += price * i64::from(quantity);
-            order_lines.push(MLine {
-                item: name,
-                quantity,
-                price,
-                refunded: 0,
-                window_days,
-            });
+            order_lines.push(Line::new(name, quantity, price));
         }
-        let expected = total + price_delta;
-        if price_delta != 0 && expected >= 0 {
-            return (Err("price_changed"), Some(expected));
+        let mut order = match Order::new(order_lines, expires_at) {
+            Ok(order) => order,
+            Err(code) => return (Err(code), None),
+        };
+        let expected = order.total + price_delta;
+        let sent = (expected >= 0).then_some(expected);
+        if let Err(code) =
+            shop_model::check_expected_total(sent.filter(|_| price_delta != 0), order.total)
+        {
+            return (Err(code), sent);
         }
-        let wallet = self.wallets.get_mut(user).unwrap();
-        if wallet.balance - wallet.held < total {
-            return (
-                Err("insufficient_funds"),
-                (expected >= 0).then_some(expected),
-            );
+        if let Err(code) = account.wallet.check_hold(order.total) {
+            return (Err(code), sent);
         }
-        wallet.held += total;
+        let account = self.account(user);
+        account.place(&order);
+        if complete {
+            account.complete(&mut order);
+        }
         self.orders.push(MOrder {
             id,
             user,
-            status: MStatus::Pending,
-            lines: order_lines,
-            total,
-            expires_at,
-            completed_at: 0,
+            completed_at: if complete { now } else { 0 },
+            order,
         });
-        if complete {
-            let index = self.orders.len() - 1;
-            self.complete_effects(index, now);
-        }
-        (Ok(()), (expected >= 0).then_some(expected))
-    }
-
-    fn complete_effects(&mut self, index: usize, now: i64) {
-        let order = &mut self.orders[index];
-        order.status = MStatus::Completed;
-        order.completed_at = now;
-        let wallet = self.wallets.get_mut(order.user).unwrap();
-        wallet.balance -= order.total;
-        wallet.held -= order.total;
-        for line in &order.lines {
-            self.entitlements
-                .entry((order.user, line.item))
-                .or_default()
-                .granted += u64::from(line.quantity);
-        }
+        (Ok(()), sent)
     }
 
     fn order_of(&self, user: &str, id: Uuid) -> Option<usize> {
@@ -325,15 +261,15 @@ impl Model {
         let Some(index) = self.order_of(user, id) else {
             return Err("order_not_found");
         };
-        match self.orders[index].status {
-            MStatus::Pending => {
-                self.complete_effects(index, now);
-                Ok(())
-            }
-            MStatus::Completed | MStatus::PartiallyRefunded | MStatus::Refunded => Ok(()),
-            MStatus::Expired => Err("order_expired"),
-            MStatus::CancelledByClient => Err("invalid_state"),
+        let order = &mut self.orders[index];
+        if shop_model::complete_rule(order.order.status)? == Transition::Applies {
+            self.accounts
+                .get_mut(user)
+                .unwrap()
+                .complete(&mut order.order);
+            order.completed_at = now;
         }
+        Ok(())
     }
 
     fn cancel(&mut self, user: &'static str, id: Uuid, now: i64) -> Expect {
@@ -342,15 +278,13 @@ impl Model {
             return Err("order_not_found");
         };
         let order = &mut self.orders[index];
-        match order.status {
-            MStatus::Pending => {
-                order.status = MStatus::CancelledByClient;
-                self.wallets.get_mut(user).unwrap().held -= order.total;
-                Ok(())
-            }
-            MStatus::CancelledByClient | MStatus::Expired => Ok(()),
-            _ => Err("invalid_state"),
+        if shop_model::cancel_rule(order.order.status)? == Transition::Applies {
+            self.accounts
+                .get_mut(user)
+                .unwrap()
+                .cancel(&mut order.order);
         }
+        Ok(())
     }
 
     fn refund(
@@ -365,70 +299,23 @@ impl Model {
         let Some(index) = self.order_of(user, id) else {
             return Err("order_not_found");
         };
-        let order = &self.orders[index];
-        if !matches!(
-            order.status,
-            MStatus::Completed | MStatus::PartiallyRefunded
-        ) {
-            return Err("invalid_state");
-        }
-        let wanted: Vec<(usize, u32)> = match lines {
-            None => order
-                .lines
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.quantity > l.refunded)
-                .map(|(i, l)| (i, l.quantity - l.refunded))
-                .collect(),
-            Some(lines) => {
-                let mut wanted = Vec::new();
-                for &(item_index, quantity) in lines {
-                    let name = ITEM_NAMES[item_index];
-                    match order.lines.iter().position(|l| l.item == name) {
-                        Some(i)
-                            if quantity <= order.lines[i].quantity - order.lines[i].refunded =>
-                        {
-                            wanted.push((i, quantity))
-                        }
-                        _ => return Err("refund_exceeds_purchase"),
-                    }
-                }
-                wanted
+        let requested: Option<Vec<(&str, u32)>> = lines
+            .as_ref()
+            .map(|ls| ls.iter().map(|&(i, q)| (ITEM_NAMES[i], q)).collect());
+        let MOrder {
+            completed_at,
+            order,
+            ..
+        } = &mut self.orders[index];
+        let account = self.accounts.get_mut(user).unwrap();
+        let plan = account.decide_refund(order, requested.as_deref(), |line| {
+            if force {
+                return Ok(());
             }
-        };
-        if wanted.is_empty() {
-            return Err("invalid_state");
-        }
-        let mut amount = 0;
-        for &(i, quantity) in &wanted {
-            let line = &order.lines[i];
-            let closes = order.completed_at + i64::from(line.window_days) * DAY_MICROS;
-            if !force && (line.window_days == 0 || now > closes) {
-                return Err("refund_window_closed");
-            }
-            let unspent = self
-                .entitlements
-                .get(&(user, line.item))
-                .map_or(0, MEntitlement::quantity);
-            if unspent < u64::from(quantity) {
-                return Err("already_consumed");
-            }
-            amount += line.price * i64::from(quantity);
-        }
-        let order = &mut self.orders[index];
-        for &(i, quantity) in &wanted {
-            order.lines[i].refunded += quantity;
-            self.entitlements
-                .get_mut(&(user, order.lines[i].item))
-                .unwrap()
-                .revoked += u64::from(quantity);
-        }
-        order.status = if order.lines.iter().all(|l| l.refunded == l.quantity) {
-            MStatus::Refunded
-        } else {
-            MStatus::PartiallyRefunded
-        };
-        self.wallets.get_mut(user).unwrap().balance += amount;
+            let (.., window_days) = item(&line.item_id).expect("a bought item is in the catalog");
+            shop_model::check_refund_window(window_days, *completed_at, now)
+        })?;
+        account.refund(order, &plan);
         Ok(())
     }
 
@@ -441,17 +328,10 @@ impl Model {
     ) -> Expect {
         self.expire_user(user, now);
         let name = ITEM_NAMES[item_index];
-        let Some(entitlement) = self.entitlements.get_mut(&(user, name)) else {
-            return Err("insufficient_entitlement");
-        };
-        if !item(name).is_some_and(|(kind, ..)| kind.is_consumable()) {
-            return Err("invalid_request");
-        }
-        if entitlement.quantity() < u64::from(quantity) {
-            return Err("insufficient_entitlement");
-        }
-        entitlement.consumed += u64::from(quantity);
-        Ok(())
+        let consumable = item(name).is_some_and(|(kind, ..)| kind.is_consumable());
+        self.account(user)
+            .consume(name, quantity, consumable)
+            .map(|_| ())
     }
 }
 
@@ -790,10 +670,10 @@ impl Harness {
             let stored = shopkeep::state::query::user(&txn, user)
                 .expect("read user")
                 .expect("user exists");
-            let model = &self.model.wallets[user];
+            let model = &self.model.accounts[user];
             prop_assert_eq!(
                 (stored.balance.minor(), stored.held.minor()),
-                (model.balance, model.held),
+                (model.wallet.balance, model.wallet.held),
                 "wallet of {}",
                 user
             );
@@ -805,11 +685,7 @@ impl Harness {
                     .iter()
                     .find(|e| e.item_id == name)
                     .map_or(0, |e| e.quantity());
-                let model_quantity = self
-                    .model
-                    .entitlements
-                    .get(&(user, name))
-                    .map_or(0, MEntitlement::quantity);
+                let model_quantity = model.unspent(name);
                 prop_assert_eq!(
                     stored_quantity,
                     model_quantity,
@@ -823,7 +699,7 @@ impl Harness {
             let stored = shopkeep::state::query::order(&txn, order.id)
                 .expect("read order")
                 .expect("order exists");
-            let expected = match order.status {
+            let expected = match order.order.status {
                 MStatus::Pending => OrderStatus::Pending,
                 MStatus::Completed => OrderStatus::Completed,
                 MStatus::PartiallyRefunded => OrderStatus::PartiallyRefunded,
@@ -831,7 +707,7 @@ impl Harness {
                 MStatus::CancelledByClient | MStatus::Expired => OrderStatus::Cancelled,
             };
             prop_assert_eq!(stored.status, expected, "order {}", order.id);
-            for (stored_line, model_line) in stored.lines.iter().zip(&order.lines) {
+            for (stored_line, model_line) in stored.lines.iter().zip(&order.order.lines) {
                 prop_assert!(stored_line.refunded_quantity <= stored_line.quantity);
                 prop_assert_eq!(stored_line.refunded_quantity, model_line.refunded);
             }

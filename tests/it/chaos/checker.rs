@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::history::{Op, unix_micros};
-use super::model::{OrderState, TopupState, UserModel, cents_of, check_order, money};
+use super::model::{OrderStatus, TopupState, UserModel, cents_of, check_order, money};
 use crate::harness::{Api, Auth};
 
 #[derive(Clone, Debug)]
@@ -262,7 +262,7 @@ pub fn check_final(model: &UserModel, st: &NodeUser) -> Vec<Violation> {
                 match seen.get(id) {
                     None => v(
                         Some(m.op),
-                        format!("acknowledged order {id} ({:?}) is missing", m.state),
+                        format!("acknowledged order {id} ({:?}) is missing", m.order.status),
                     ),
                     Some(o) => {
                         if let Err(e) = check_order(m, o, t0, t1, "final order") {
@@ -407,11 +407,11 @@ pub fn check_ledger(model: &UserModel, entries: &[Value], t0: i64, t1: i64) -> V
         );
         by_ref.entry(r).or_default().push((kind, a));
     }
-    if bal != model.balance {
+    if bal != model.balance() {
         out.push(format!(
             "the ledger sums to a balance of {} but the model says {}",
             money(bal),
-            money(model.balance)
+            money(model.balance())
         ));
     }
     let (lo, hi) = model.held_range(t0, t1);
@@ -473,16 +473,16 @@ pub fn check_ledger(model: &UserModel, entries: &[Value], t0: i64, t1: i64) -> V
     for (id, o) in &model.orders {
         let got = take("order", id);
         let count = |k: &str| got.iter().filter(|(kind, _)| kind == k).count();
-        let amounts_ok = got.iter().all(|(_, a)| *a == o.total);
+        let amounts_ok = got.iter().all(|(_, a)| *a == o.order.total);
         let holds = count("hold");
         let debits = count("debit");
         let releases = count("release");
-        let want_debits = usize::from(o.state.was_completed());
-        let ok_release = match o.state {
-            OrderState::CancelledByClient | OrderState::Expired => releases == 1,
-            OrderState::Pending if o.expires_at <= t0 => releases == 1,
-            OrderState::Pending if o.expires_at > t1 => releases == 0,
-            OrderState::Pending => releases <= 1,
+        let want_debits = usize::from(o.order.status.was_completed());
+        let ok_release = match o.order.status {
+            OrderStatus::CancelledByClient | OrderStatus::Expired => releases == 1,
+            OrderStatus::Pending if o.order.expires_at <= t0 => releases == 1,
+            OrderStatus::Pending if o.order.expires_at > t1 => releases == 0,
+            OrderStatus::Pending => releases <= 1,
             _ => releases == 0,
         };
         if holds != 1
@@ -493,8 +493,8 @@ pub fn check_ledger(model: &UserModel, entries: &[Value], t0: i64, t1: i64) -> V
         {
             out.push(format!(
                 "order {id} ({:?}, total {}): ledger has [{}] (want one hold, {want_debits} debit, and a release iff cancelled)",
-                o.state,
-                money(o.total),
+                o.order.status,
+                money(o.order.total),
                 fmt(&got)
             ));
         }

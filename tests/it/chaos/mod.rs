@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 
 use self::checker::{NodeUser, Violation};
 use self::history::{History, Timeline, unix_micros};
-use self::model::{CATALOG, OrderState, money};
+use self::model::{CATALOG, OrderStatus, money};
 use self::nemesis::{FaultKind, Nemesis};
 use self::workload::{Ctx, Worker};
 use crate::cluster_harness::{ClusterOpts, TestCluster};
@@ -421,8 +421,8 @@ pub async fn run(cfg: Config) -> RunResult {
     let last_deadline = models
         .values()
         .flat_map(|m| m.orders.values())
-        .filter(|o| o.state == OrderState::Pending)
-        .map(|o| o.expires_at)
+        .filter(|o| o.order.status == OrderStatus::Pending)
+        .map(|o| o.order.expires_at)
         .max();
     if let Some(d) = last_deadline {
         let wait = d + 1_500_000 - unix_micros();
@@ -537,7 +537,7 @@ async fn settle_expiries(c: &TestCluster, models: &BTreeMap<String, model::UserM
         let pending: Vec<&String> = m
             .orders
             .iter()
-            .filter(|(_, o)| o.state == OrderState::Pending)
+            .filter(|(_, o)| o.order.status == OrderStatus::Pending)
             .map(|(id, _)| id)
             .collect();
         if pending.is_empty() {

@@ -6,12 +6,16 @@
 //!
 //! `apply` checks that the answer is one the API allows in the current state (given the op's time window)
 //! and moves the model on by that answer. Every check here is a property of the contract, not of timing.
+//! The shop's rules (totals, holds, completion, expiry, refunds, entitlements, crediting) are
+//! `shop_model`'s; this file keeps the HTTP answers' checks and the time windows.
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
 use super::history::{Cents, Op, Spec};
+pub use crate::shop_model::OrderStatus;
+use crate::shop_model::{self, Account, Line, Order, Transition, Wallet};
 
 /// One catalog item of the run (created before the faults start and never changed).
 pub struct CatalogItem {
@@ -79,68 +83,15 @@ pub fn money(c: Cents) -> String {
     crate::harness::money(c)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OrderState {
-    Pending,
-    Completed,
-    PartiallyRefunded,
-    Refunded,
-    CancelledByClient,
-    /// Cancelled because its deadline passed (seen so by an answer, or certain by the clock).
-    Expired,
-}
-
-impl OrderState {
-    pub fn api(self) -> &'static str {
-        match self {
-            OrderState::Pending => "PENDING",
-            OrderState::Completed => "COMPLETED",
-            OrderState::PartiallyRefunded => "PARTIALLY_REFUNDED",
-            OrderState::Refunded => "REFUNDED",
-            OrderState::CancelledByClient | OrderState::Expired => "CANCELLED",
-        }
-    }
-
-    pub fn was_completed(self) -> bool {
-        matches!(
-            self,
-            OrderState::Completed | OrderState::PartiallyRefunded | OrderState::Refunded
-        )
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Line {
-    pub item_id: String,
-    pub quantity: u32,
-    pub unit_price: Cents,
-    pub refunded: u32,
-}
-
+/// An order of the model: the rules' order, and the op that created it. Its status is `Pending` until an
+/// answer shows it completed or cancelled; whether a pending one has passed its deadline at some server
+/// time is `Order::pending_at`'s to say.
 #[derive(Clone, Debug)]
 pub struct MOrder {
     pub order_id: String,
     /// The op that created it.
     pub op: usize,
-    pub lines: Vec<Line>,
-    pub total: Cents,
-    pub state: OrderState,
-    /// Unix micros.
-    pub expires_at: i64,
-    pub refunds: u32,
-}
-
-impl MOrder {
-    pub fn refunded_total(&self) -> Cents {
-        self.lines
-            .iter()
-            .map(|l| l.unit_price * i64::from(l.refunded))
-            .sum()
-    }
-    /// Pending at server time `t` for sure / possibly (deadline passed at `expires_at <= t`).
-    pub fn surely_pending_at(&self, t: i64) -> bool {
-        self.state == OrderState::Pending && self.expires_at > t
-    }
+    pub order: Order,
 }
 
 /// The server's default `--max-pending-topups`.
@@ -168,12 +119,12 @@ pub struct MTopup {
 pub struct UserModel {
     pub user: String,
     pub exists: bool,
-    pub balance: Cents,
+    /// The wallet (its `held` is what the orders still `Pending` in the model hold, deadlines aside) and
+    /// the entitlements.
+    pub account: Account,
     /// order_id → order, and the creation order.
     pub orders: BTreeMap<String, MOrder>,
     pub order_seq: Vec<String>,
-    /// item → quantity owned (granted − revoked − consumed).
-    pub ent: BTreeMap<String, i64>,
     /// credit_id → amount.
     pub credits: BTreeMap<String, Cents>,
     /// external_ref → (credit_id, amount).
@@ -223,6 +174,11 @@ fn err_is(status: u16, body: &Value, want_status: u16, code: &str) -> bool {
     status == want_status && code_of(body) == Some(code)
 }
 
+/// The HTTP status of a refusal of the rules: a malformed request is 400, every other refusal a 409.
+fn status_of(code: &str) -> u16 {
+    if code == "invalid_request" { 400 } else { 409 }
+}
+
 impl UserModel {
     pub fn new(user: &str) -> UserModel {
         UserModel {
@@ -231,13 +187,28 @@ impl UserModel {
         }
     }
 
-    /// Held at server time `t`: the totals of orders still pending at `t`.
+    pub fn balance(&self) -> Cents {
+        self.account.wallet.balance
+    }
+
+    /// Held at server time `t`: the model's holds less those of pending orders whose deadline passed by
+    /// `t` (the server releases them at the deadline).
     pub fn held_at(&self, t: i64) -> Cents {
-        self.orders
+        let due: Cents = self
+            .orders
             .values()
-            .filter(|o| o.surely_pending_at(t))
-            .map(|o| o.total)
-            .sum()
+            .filter(|o| o.order.due_at(t))
+            .map(|o| o.order.total)
+            .sum();
+        self.account.wallet.held - due
+    }
+
+    /// The wallet as it is at server time `t`.
+    pub fn wallet_at(&self, t: i64) -> Wallet {
+        Wallet {
+            balance: self.balance(),
+            held: self.held_at(t),
+        }
     }
 
     /// Held somewhere in [t0, t1]: (lowest, highest).
@@ -250,11 +221,11 @@ impl UserModel {
         let balance = cents_of(&w["balance"]);
         let held = cents_of(&w["held"]);
         let available = cents_of(&w["available"]);
-        ensure(balance == Some(self.balance), || {
+        ensure(balance == Some(self.balance()), || {
             format!(
                 "{what}: wallet balance {} but the model says {} (every definite credit, purchase and refund of the user)",
                 w["balance"],
-                money(self.balance)
+                money(self.balance())
             )
         })?;
         ensure(held.is_some_and(|h| lo <= h && h <= hi), || {
@@ -338,7 +309,7 @@ impl UserModel {
                 let Some(credit_id) = body["credit_id"].as_str() else {
                     return Err(format!("credit: no credit_id in {body}"));
                 };
-                self.balance += amount;
+                self.account.credit(*amount);
                 self.credits.insert(credit_id.to_string(), *amount);
                 self.ext_refs
                     .insert(external_ref.clone(), (credit_id.to_string(), *amount));
@@ -419,7 +390,7 @@ impl UserModel {
                             ensure(*amount == topup.amount, || "webhook amount".into())?;
                             topup.state = TopupState::Completed(psp_payment_id.clone());
                             topup.completed_by = Some(op.id);
-                            self.balance += amount;
+                            self.account.credit(*amount);
                             ensure(
                                 body["status"] == "COMPLETED"
                                     && body["psp_payment_id"] == psp_payment_id.as_str(),
@@ -462,27 +433,26 @@ impl UserModel {
                 self.apply_refund(order_id, lines.as_deref(), status, body, t0, t1)
             }
             Spec::Consume { item_id, quantity } => {
-                let owned = self.ent.get(item_id).copied().unwrap_or(0);
-                if owned >= i64::from(*quantity) {
-                    ensure(status == 200, || {
-                        format!(
-                            "consume {quantity} {item_id} (owned {owned}): expected 200, got {status} {body}"
-                        )
-                    })?;
-                    let left = owned - i64::from(*quantity);
-                    self.ent.insert(item_id.clone(), left);
-                    ensure(body["quantity"].as_i64() == Some(left), || {
-                        format!("consume: expected {left} left, got {body}")
-                    })
-                } else {
-                    ensure(
-                        err_is(status, body, 409, "insufficient_entitlement"),
-                        || {
+                let owned = self.account.unspent(item_id);
+                let mut after = self.account.clone();
+                match after.consume(item_id, *quantity, consumable(item_id)) {
+                    Ok(left) => {
+                        ensure(status == 200, || {
                             format!(
-                                "consume {quantity} {item_id} (owned {owned}): expected 409 insufficient_entitlement, got {status} {body}"
+                                "consume {quantity} {item_id} (owned {owned}): expected 200, got {status} {body}"
                             )
-                        },
-                    )
+                        })?;
+                        self.account = after;
+                        ensure(body["quantity"].as_u64() == Some(left), || {
+                            format!("consume: expected {left} left, got {body}")
+                        })
+                    }
+                    Err(code) => ensure(err_is(status, body, status_of(code), code), || {
+                        format!(
+                            "consume {quantity} {item_id} (owned {owned}): expected {} {code}, got {status} {body}",
+                            status_of(code)
+                        )
+                    }),
                 }
             }
             Spec::KeyReuse { of } => {
@@ -530,10 +500,11 @@ impl UserModel {
             }
         }
         let want: BTreeMap<String, i64> = self
-            .ent
+            .account
+            .entitlements
             .iter()
-            .filter(|(_, q)| **q != 0)
-            .map(|(k, v)| (k.clone(), *v))
+            .filter(|(_, e)| e.quantity() != 0)
+            .map(|(k, e)| (k.clone(), e.quantity() as i64))
             .collect();
         ensure(got == want, || {
             format!(
@@ -554,28 +525,36 @@ impl UserModel {
         t0: i64,
         t1: i64,
     ) -> Check {
-        let total: Cents = lines
+        let order_lines: Vec<Line> = lines
             .iter()
-            .map(|(i, q)| item(i).map_or(0, |it| it.price) * i64::from(*q))
-            .sum();
+            .map(|(i, q)| Line::new(i, *q, item(i).map_or(0, |it| it.price)))
+            .collect();
+        let total = match shop_model::order_total(&order_lines) {
+            Ok(total) => total,
+            Err(code) => {
+                return ensure(err_is(status, body, status_of(code), code), || {
+                    format!("order total out of range: expected {code}, got {status} {body}")
+                });
+            }
+        };
         // non-consumables: owned, or in an order pending at the server's time
         let mut surely_owned = false;
         let mut maybe_owned = false;
         for (i, _) in lines.iter().filter(|(i, _)| !consumable(i)) {
-            let owned = self.ent.get(i).copied().unwrap_or(0) > 0;
-            let in_order = |t: i64| {
+            let pending_at = |t: i64| {
                 self.orders
                     .values()
-                    .any(|o| o.surely_pending_at(t) && o.lines.iter().any(|l| &l.item_id == i))
+                    .map(|o| &o.order)
+                    .filter(move |o| o.pending_at(t))
             };
-            surely_owned |= owned || in_order(t1);
-            maybe_owned |= owned || in_order(t0);
+            surely_owned |= self.account.check_not_owned(i, pending_at(t1)).is_err();
+            maybe_owned |= self.account.check_not_owned(i, pending_at(t0)).is_err();
         }
         if err_is(status, body, 409, "already_owned") {
             return ensure(maybe_owned, || {
                 format!(
                     "order: 409 already_owned but no line's item is owned or in a pending order (ent {:?})",
-                    self.ent
+                    self.account.entitlements
                 )
             });
         }
@@ -584,22 +563,23 @@ impl UserModel {
                 "order: {status} but a non-consumable line is owned or pending (expected already_owned): {body}"
             )
         })?;
-        if let Some(x) = expected_total {
-            if x != total {
-                return ensure(err_is(status, body, 409, "price_changed"), || {
-                    format!(
-                        "order with expected_total {} (real total {}): expected 409 price_changed, got {status} {body}",
-                        money(x),
-                        money(total)
-                    )
-                });
-            }
+        if let (Some(x), Err(code)) = (
+            expected_total,
+            shop_model::check_expected_total(expected_total, total),
+        ) {
+            return ensure(err_is(status, body, 409, code), || {
+                format!(
+                    "order with expected_total {} (real total {}): expected 409 {code}, got {status} {body}",
+                    money(x),
+                    money(total)
+                )
+            });
         }
-        let (held_lo, held_hi) = self.held_range(t0, t1);
-        let avail_hi = self.balance - held_lo;
-        let avail_lo = self.balance - held_hi;
+        // the most held (least available) at the window's start, the least at its end
+        let (least, most) = (self.wallet_at(t0), self.wallet_at(t1));
+        let (held_lo, avail_hi, avail_lo) = (most.held, most.available(), least.available());
         if err_is(status, body, 409, "insufficient_funds") {
-            return ensure(total > avail_lo, || {
+            return ensure(least.check_hold(total).is_err(), || {
                 format!(
                     "order of {}: 409 insufficient_funds but the model has at least {} available",
                     money(total),
@@ -620,30 +600,26 @@ impl UserModel {
         let mut o = MOrder {
             order_id: order_id.to_string(),
             op: op.id,
-            lines: lines
-                .iter()
-                .map(|(i, q)| Line {
-                    item_id: i.clone(),
-                    quantity: *q,
-                    unit_price: item(i).map_or(0, |it| it.price),
-                    refunded: 0,
-                })
-                .collect(),
-            total,
-            state: OrderState::Pending,
-            expires_at,
-            refunds: 0,
+            order: Order {
+                lines: order_lines,
+                total,
+                status: OrderStatus::Pending,
+                expires_at,
+                refund_count: 0,
+            },
         };
-        let funded = total <= avail_hi;
+        let funded = most.check_hold(total).is_ok();
+        // the model follows the answer: the order holds its total (and, completed, is debited and granted)
+        self.account.place(&o.order);
         if complete {
-            o.state = OrderState::Completed;
-            self.balance -= total;
-            for (i, q) in lines {
-                *self.ent.entry(i.clone()).or_insert(0) += i64::from(*q);
-            }
+            self.account.complete(&mut o.order);
         }
         let check = check_order(&o, body, t0, t1, "order answer");
-        if self.orders.insert(order_id.to_string(), o).is_some() {
+        if let Some(old) = self.orders.insert(order_id.to_string(), o) {
+            if old.order.status == OrderStatus::Pending {
+                // the replaced order's hold is no longer the model's
+                self.account.wallet.release(old.order.total);
+            }
             return Err(format!(
                 "order: order id {order_id} returned for two different keys"
             ));
@@ -654,7 +630,7 @@ impl UserModel {
                 "order of {} accepted but the model has at most {} available (balance {}, held ≥ {})",
                 money(total),
                 money(avail_hi),
-                money(self.balance),
+                money(self.balance()),
                 money(held_lo)
             )
         })?;
@@ -683,30 +659,27 @@ impl UserModel {
                 "complete of an order the model does not know: {order_id}"
             ));
         };
-        match o.state {
-            OrderState::Pending => {
+        let expires_at = o.order.expires_at;
+        match shop_model::complete_rule(o.order.status) {
+            // pending in the model: completed, or (its deadline passed) expired first
+            Ok(Transition::Applies) => {
+                let expired = shop_model::complete_rule(OrderStatus::Expired).err();
                 if status == 200 {
-                    ensure(t0 < o.expires_at, || {
+                    ensure(t0 < expires_at, || {
                         format!(
                             "complete answered 200 but it was sent after the order's deadline: {body}"
                         )
                     })?;
-                    o.state = OrderState::Completed;
-                    let (total, lines) = (o.total, o.lines.clone());
-                    self.balance -= total;
-                    for l in &lines {
-                        *self.ent.entry(l.item_id.clone()).or_insert(0) += i64::from(l.quantity);
-                    }
-                    let o = &self.orders[order_id];
+                    self.account.complete(&mut o.order);
                     check_order(o, body, t0, t1, "complete answer")
-                } else if err_is(status, body, 409, "order_expired") {
-                    ensure(t1 >= o.expires_at, || {
+                } else if expired.is_some_and(|code| err_is(status, body, 409, code)) {
+                    ensure(t1 >= expires_at, || {
                         format!(
                             "complete answered order_expired before the order's deadline ({} µs early)",
-                            o.expires_at - t1
+                            expires_at - t1
                         )
                     })?;
-                    o.state = OrderState::Expired;
+                    self.account.expire(&mut o.order);
                     Ok(())
                 } else {
                     Err(format!(
@@ -714,19 +687,8 @@ impl UserModel {
                     ))
                 }
             }
-            OrderState::Expired => ensure(err_is(status, body, 409, "order_expired"), || {
-                format!(
-                    "complete of an expired order: expected 409 order_expired, got {status} {body}"
-                )
-            }),
-            OrderState::CancelledByClient => {
-                ensure(err_is(status, body, 409, "invalid_state"), || {
-                    format!(
-                        "complete of a cancelled order: expected 409 invalid_state, got {status} {body}"
-                    )
-                })
-            }
-            s => {
+            Ok(Transition::Unchanged) => {
+                let s = o.order.status;
                 ensure(status == 200 && body["status"] == s.api(), || {
                     format!(
                         "complete of a {} order: expected 200 unchanged, got {status} {body}",
@@ -735,6 +697,12 @@ impl UserModel {
                 })?;
                 check_order(o, body, t0, t1, "complete (again) answer")
             }
+            Err(code) => ensure(err_is(status, body, 409, code), || {
+                format!(
+                    "complete of a {:?} order: expected 409 {code}, got {status} {body}",
+                    o.order.status
+                )
+            }),
         }
     }
 
@@ -751,8 +719,10 @@ impl UserModel {
                 "cancel of an order the model does not know: {order_id}"
             ));
         };
-        match o.state {
-            OrderState::Pending => {
+        let expires_at = o.order.expires_at;
+        match shop_model::cancel_rule(o.order.status) {
+            // pending in the model: cancelled by the client, or (its deadline passed) expired first
+            Ok(Transition::Applies) => {
                 ensure(status == 200 && body["status"] == "CANCELLED", || {
                     format!(
                         "cancel of a PENDING order: expected 200 CANCELLED, got {status} {body}"
@@ -761,24 +731,24 @@ impl UserModel {
                 let reason = last_reason(body);
                 match reason.as_deref() {
                     Some("cancelled_by_client") => {
-                        ensure(t0 < o.expires_at, || {
+                        ensure(t0 < expires_at, || {
                             format!(
                                 "cancel: cancelled_by_client although sent after the deadline: {body}"
                             )
                         })?;
-                        o.state = OrderState::CancelledByClient;
+                        self.account.cancel(&mut o.order);
                     }
                     Some("expired") => {
-                        ensure(t1 >= o.expires_at, || {
+                        ensure(t1 >= expires_at, || {
                             format!("cancel: reason expired before the deadline: {body}")
                         })?;
-                        o.state = OrderState::Expired;
+                        self.account.expire(&mut o.order);
                     }
                     _ => return Err(format!("cancel: no cancel reason in {body}")),
                 }
                 check_order(o, body, t0, t1, "cancel answer")
             }
-            OrderState::Expired | OrderState::CancelledByClient => {
+            Ok(Transition::Unchanged) => {
                 ensure(status == 200, || {
                     format!(
                         "cancel of a cancelled order: expected 200 unchanged, got {status} {body}"
@@ -786,10 +756,10 @@ impl UserModel {
                 })?;
                 check_order(o, body, t0, t1, "cancel (again) answer")
             }
-            s => ensure(err_is(status, body, 409, "invalid_state"), || {
+            Err(code) => ensure(err_is(status, body, 409, code), || {
                 format!(
-                    "cancel of a {} order: expected 409 invalid_state, got {status} {body}",
-                    s.api()
+                    "cancel of a {} order: expected 409 {code}, got {status} {body}",
+                    o.order.status.api()
                 )
             }),
         }
@@ -804,61 +774,35 @@ impl UserModel {
         t0: i64,
         t1: i64,
     ) -> Check {
-        let Some(o) = self.orders.get(order_id).cloned() else {
+        let Some(o) = self.orders.get_mut(order_id) else {
             return Err(format!(
                 "refund of an order the model does not know: {order_id}"
             ));
         };
-        let expect = |want_status: u16, code: &str| {
-            ensure(err_is(status, body, want_status, code), || {
-                format!("refund: expected {want_status} {code}, got {status} {body}")
-            })
-        };
-        // only a COMPLETED or PARTIALLY_REFUNDED order can be refunded (a REFUNDED one is invalid_state)
-        if !matches!(
-            o.state,
-            OrderState::Completed | OrderState::PartiallyRefunded
-        ) {
-            return expect(409, "invalid_state");
-        }
-        // (line index, quantity)
-        let wanted: Vec<(usize, u32)> = match lines {
-            None => o
-                .lines
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.quantity > l.refunded)
-                .map(|(i, l)| (i, l.quantity - l.refunded))
-                .collect(),
-            Some(req) => {
-                let mut w = vec![];
-                for (item_id, q) in req {
-                    match o.lines.iter().position(|l| &l.item_id == item_id) {
-                        Some(i) if *q <= o.lines[i].quantity - o.lines[i].refunded => {
-                            w.push((i, *q))
-                        }
-                        _ => return expect(409, "refund_exceeds_purchase"),
-                    }
-                }
-                w
+        let requested: Option<Vec<(&str, u32)>> =
+            lines.map(|ls| ls.iter().map(|(i, q)| (i.as_str(), *q)).collect());
+        // (the chaos catalog's items have the default 14-day refund window, longer than any run)
+        let plan = match self
+            .account
+            .decide_refund(&o.order, requested.as_deref(), |_| Ok(()))
+        {
+            Ok(plan) => plan,
+            Err(code) => {
+                return ensure(err_is(status, body, status_of(code), code), || {
+                    format!(
+                        "refund: expected {} {code}, got {status} {body}",
+                        status_of(code)
+                    )
+                });
             }
         };
-        if wanted.is_empty() {
-            return expect(409, "invalid_state");
-        }
-        for &(i, q) in &wanted {
-            let owned = self.ent.get(&o.lines[i].item_id).copied().unwrap_or(0);
-            if owned < i64::from(q) {
-                return expect(409, "already_consumed");
-            }
-        }
         ensure(status == 201, || {
-            format!("refund of {wanted:?} of order {order_id}: expected 201, got {status} {body}")
+            format!(
+                "refund of {:?} of order {order_id}: expected 201, got {status} {body}",
+                plan.quantities
+            )
         })?;
-        let amount: Cents = wanted
-            .iter()
-            .map(|&(i, q)| o.lines[i].unit_price * i64::from(q))
-            .sum();
+        let amount = plan.amount;
         let Some(refund_id) = body["refund_id"].as_str() else {
             return Err(format!("refund: no refund_id in {body}"));
         };
@@ -869,18 +813,7 @@ impl UserModel {
         {
             return Err(format!("refund id {refund_id} returned for two keys"));
         }
-        self.balance += amount;
-        let om = self.orders.get_mut(order_id).expect("order");
-        for &(i, q) in &wanted {
-            om.lines[i].refunded += q;
-            *self.ent.entry(om.lines[i].item_id.clone()).or_insert(0) -= i64::from(q);
-        }
-        om.refunds += 1;
-        om.state = if om.lines.iter().all(|l| l.refunded == l.quantity) {
-            OrderState::Refunded
-        } else {
-            OrderState::PartiallyRefunded
-        };
+        self.account.refund(&mut o.order, &plan);
         ensure(cents_of(&body["amount"]) == Some(amount), || {
             format!(
                 "refund: amount {} but the order's unit prices give {}",
@@ -905,22 +838,22 @@ fn last_reason(order: &Value) -> Option<String> {
 }
 
 /// An order as the API shows it (at some time in [t0, t1]) against the model's order.
-pub fn check_order(o: &MOrder, v: &Value, t0: i64, t1: i64, what: &str) -> Check {
-    let id = &o.order_id;
+pub fn check_order(m: &MOrder, v: &Value, t0: i64, t1: i64, what: &str) -> Check {
+    let (id, o) = (&m.order_id, &m.order);
     ensure(v["order_id"] == id.as_str(), || {
         format!("{what}: order_id {} is not {id}", v["order_id"])
     })?;
     let status = v["status"].as_str().unwrap_or("?");
     let reason = last_reason(v);
-    let ok_status = match o.state {
-        OrderState::Pending => {
+    let ok_status = match o.status {
+        OrderStatus::Pending => {
             let pending_ok = t0 < o.expires_at && status == "PENDING";
             let expired_ok =
                 t1 >= o.expires_at && status == "CANCELLED" && reason.as_deref() == Some("expired");
             pending_ok || expired_ok
         }
-        OrderState::Expired => status == "CANCELLED" && reason.as_deref() == Some("expired"),
-        OrderState::CancelledByClient => {
+        OrderStatus::Expired => status == "CANCELLED" && reason.as_deref() == Some("expired"),
+        OrderStatus::CancelledByClient => {
             status == "CANCELLED" && reason.as_deref() == Some("cancelled_by_client")
         }
         s => status == s.api(),
@@ -928,7 +861,7 @@ pub fn check_order(o: &MOrder, v: &Value, t0: i64, t1: i64, what: &str) -> Check
     ensure(ok_status, || {
         format!(
             "{what}: order {id} is {status} (reason {reason:?}) but the model says {:?} (deadline {} µs after the window's start)",
-            o.state,
+            o.status,
             o.expires_at - t0
         )
     })?;

@@ -2,9 +2,6 @@
 //! its time), heals it, and waits until the cluster is whole again (every node ready and caught up) before
 //! the next one, so that faults never pile up beyond what a 3-node cluster promises to survive.
 
-// The crash-point parts exist only with `--features failpoints`.
-#![cfg_attr(not(feature = "failpoints"), allow(dead_code))]
-
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -13,12 +10,14 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
+#[cfg(feature = "failpoints")]
 use reqwest::Method;
 use serde_json::Value;
 
 use super::history::{Timeline, unix_micros};
-use crate::cluster_harness::{CLUSTER_SECRET, TestCluster, shard_view};
-use crate::harness::node_auth;
+use crate::cluster_harness::{TestCluster, shard_view};
+#[cfg(feature = "failpoints")]
+use crate::{cluster_harness::CLUSTER_SECRET, harness::node_auth};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FaultKind {
@@ -740,6 +739,7 @@ impl<'a> Nemesis<'a> {
     /// Waits (≤ 30 s) until, on some shard, the leader's snapshot is far enough past the end of node
     /// `v`'s log (`log_end`) that the log `v` needs is compacted away. (The margin covers the
     /// entries `v` received between the view and its kill.)
+    #[cfg(feature = "failpoints")]
     async fn wait_compacted_past(&self, v: u64, log_end: &BTreeMap<u64, u64>) -> bool {
         let keep = (self.snapshot_every / 2).max(1);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -766,6 +766,7 @@ impl<'a> Nemesis<'a> {
     }
 
     /// How many times node `v`'s logs (every run) say that crash point `name` fired.
+    #[cfg(feature = "failpoints")]
     fn fired_count(&self, v: u64, name: &str) -> usize {
         self.c
             .logs(v)
@@ -847,6 +848,7 @@ impl<'a> Nemesis<'a> {
 }
 
 /// Shard → the end of a node's log (at least its applied index) in a cluster view (empty without one).
+#[cfg(feature = "failpoints")]
 fn log_ends(view: Option<&Value>) -> BTreeMap<u64, u64> {
     view.and_then(|v| v["shards"].as_array())
         .map(|a| {
@@ -945,6 +947,7 @@ pub async fn wait_whole(c: &TestCluster, timeout: Duration) -> Result<(), String
 }
 
 /// `PUT /_node/v1/failpoints/{name}` on node `id` with the action (e.g. `1*return`).
+#[cfg(feature = "failpoints")]
 pub async fn arm(c: &TestCluster, id: u64, name: &str, action: &str) -> Result<(), String> {
     let path = format!("/_node/v1/failpoints/{name}");
     let auth = node_auth(CLUSTER_SECRET, "PUT", &path, action.as_bytes());
@@ -960,6 +963,7 @@ pub async fn arm(c: &TestCluster, id: u64, name: &str, action: &str) -> Result<(
     answered_ok(&r)
 }
 
+#[cfg(feature = "failpoints")]
 pub async fn disarm(c: &TestCluster, id: u64, name: &str) -> Result<(), String> {
     let path = format!("/_node/v1/failpoints/{name}");
     let r = c
@@ -976,6 +980,7 @@ pub async fn disarm(c: &TestCluster, id: u64, name: &str) -> Result<(), String> 
 }
 
 /// 200 → Ok; any other status → its status and body.
+#[cfg(feature = "failpoints")]
 fn answered_ok(r: &crate::harness::Resp) -> Result<(), String> {
     if r.status == 200 {
         Ok(())

@@ -13,7 +13,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::history::{Attempt, Cents, History, Op, Outcome, Spec, unix_micros};
-use super::model::{CATALOG, OrderState, TopupState, UserModel, consumable, money};
+use super::model::{CATALOG, OrderStatus, TopupState, UserModel, consumable, money};
 use crate::harness::{Api, Auth, PSP_SECRET, new_key, now_unix, sign_webhook};
 
 /// What every worker shares.
@@ -406,11 +406,11 @@ impl Worker {
             .iter()
             .filter(|i| i.kind != "currency")
             .filter(|i| {
-                m.ent.get(i.id).copied().unwrap_or(0) == 0
+                !m.account.owns(i.id)
                     && !m.orders.values().any(|o| {
-                        o.state == OrderState::Pending
-                            && o.expires_at > now - 2_000_000
-                            && o.lines.iter().any(|l| l.item_id == i.id)
+                        o.order.status == OrderStatus::Pending
+                            && o.order.expires_at > now - 2_000_000
+                            && o.order.has_item(i.id)
                     })
             })
             .map(|i| i.id)
@@ -448,7 +448,7 @@ impl Worker {
                 .iter()
                 .filter(|id| {
                     let o = &s.model.orders[*id];
-                    o.state == OrderState::Pending && o.expires_at > now && !s.leave.contains(*id)
+                    o.order.pending_at(now) && !s.leave.contains(*id)
                 })
                 .cloned()
                 .collect()
@@ -522,7 +522,7 @@ impl Worker {
                     .model
                     .order_seq
                     .iter()
-                    .filter(|id| s.model.orders[*id].state.was_completed())
+                    .filter(|id| s.model.orders[*id].order.status.was_completed())
                     .cloned()
                     .collect();
                 if done.is_empty() {
@@ -547,13 +547,8 @@ impl Worker {
                 } else {
                     "coins"
                 };
-                let owned = self.slots[slot]
-                    .model
-                    .ent
-                    .get(c)
-                    .copied()
-                    .unwrap_or(0)
-                    .max(0) as u32;
+                let owned =
+                    u32::try_from(self.slots[slot].model.account.unspent(c)).unwrap_or(u32::MAX);
                 let quantity = self.rng.random_range(1..=(owned.min(30) + 2));
                 self.new_op(
                     &user,
@@ -802,7 +797,7 @@ impl Worker {
             .iter()
             .filter(|id| {
                 let o = &s.model.orders[*id];
-                o.state.was_completed() && o.lines.iter().any(|l| l.refunded < l.quantity)
+                o.order.status.was_completed() && o.order.lines.iter().any(|l| l.refundable() > 0)
             })
             .cloned()
             .collect();
@@ -819,8 +814,8 @@ impl Worker {
         let lines = if self.rng.random_ratio(2, 5) {
             None
         } else {
-            let l = &o.lines[self.rng.random_range(0..o.lines.len())];
-            let left = l.quantity - l.refunded;
+            let l = &o.order.lines[self.rng.random_range(0..o.order.lines.len())];
+            let left = l.refundable();
             let q = if left == 0 || self.rng.random_ratio(1, 10) {
                 left + 1
             } else {
