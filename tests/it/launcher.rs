@@ -1,8 +1,9 @@
-//! The one launcher of `shopkeep serve` processes under test, for the integration-test harnesses
-//! (`harness.rs`: one node) and the load bench: one place decides how a node under test starts, what it
-//! inherits, where its output goes and how it stops. Hence std only (no tokio, no test-crate helper), so
-//! that a bench can include this very file; the blocking waits suit a thread (`spawn_blocking` in the
-//! tests).
+//! The one launcher of `shopkeep serve` processes under test, for both integration-test harnesses
+//! (`harness.rs`: one node; `cluster_harness.rs`: a cluster behind proxies) and the load bench: one
+//! place decides how a node under test starts, what it inherits, where its output goes and how it stops.
+//! Hence std only (no tokio, no test-crate helper), so that a bench can include this very file; the
+//! blocking waits suit a thread (`spawn_blocking` in the tests), [`Process::poll_listening`] suits an
+//! async loop.
 //!
 //! A launch is `shopkeep serve --data-dir <dir> --listen <address> <args…>` (the binary Cargo built for
 //! the test or bench target), with
@@ -22,7 +23,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 /// What the server prints on stdout once it serves, followed by its URL (`http://…`).
@@ -61,6 +62,12 @@ impl Launch {
     /// One more flag (or value) after `--listen`.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Launch {
         self.args.push(arg.as_ref().to_os_string());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Launch {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
         self
     }
 
@@ -168,6 +175,13 @@ pub struct LaunchError {
     stderr_tail: String,
 }
 
+impl LaunchError {
+    /// The reason alone (e.g. `exited before it listened (exit status: 1)`), without the logs.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
 impl fmt::Display for LaunchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -209,6 +223,24 @@ impl Process {
         }
     }
 
+    /// The URL if the listening line has been printed by now, `None` if not yet; never blocks. An error
+    /// if the process exited first (it has then been reaped).
+    pub fn poll_listening(&mut self) -> Result<Option<String>, LaunchError> {
+        loop {
+            if let Some(url) = &self.url {
+                return Ok(Some(url.clone()));
+            }
+            let Some(lines) = &self.lines else {
+                return Err(self.fail("is not running".into()));
+            };
+            match lines.try_recv() {
+                Ok(line) => self.see(&line)?,
+                Err(TryRecvError::Empty) => return Ok(None),
+                Err(TryRecvError::Disconnected) => return Err(self.stdout_closed()),
+            }
+        }
+    }
+
     /// One stdout line while waiting: the listening line sets the URL (and closes the channel).
     fn see(&mut self, line: &str) -> Result<(), LaunchError> {
         let Some(at) = line.find(LISTENING) else {
@@ -241,6 +273,15 @@ impl Process {
             stdout_tail: tail_of_file(&self.stdout_log, STDOUT_TAIL_LINES),
             stderr_tail: tail_of_file(&self.stderr_log, STDERR_TAIL_LINES),
         }
+    }
+
+    /// The last lines of both logs, for messages.
+    pub fn log_tails(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            tail_of_file(&self.stdout_log, STDOUT_TAIL_LINES),
+            tail_of_file(&self.stderr_log, STDERR_TAIL_LINES)
+        )
     }
 
     /// Its exit status if it has exited (and is now reaped), without blocking.
