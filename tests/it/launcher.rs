@@ -1,9 +1,10 @@
-//! The one launcher of `shopkeep serve` processes under test, for both integration-test harnesses
-//! (`harness.rs`: one node; `cluster_harness.rs`: a cluster behind proxies) and the load bench: one
-//! place decides how a node under test starts, what it inherits, where its output goes and how it stops.
-//! Hence std only (no tokio, no test-crate helper), so that a bench can include this very file; the
-//! blocking waits suit a thread (`spawn_blocking` in the tests), [`Process::poll_listening`] suits an
-//! async loop.
+//! The one launcher of `shopkeep serve` processes under test, shared by both integration-test harnesses
+//! (`harness.rs`: one node; `cluster_harness.rs`: a cluster behind proxies) and the load bench
+//! (`benches/load/nodes.rs`). The bench includes this very file, with
+//! `#[path = "../../tests/it/launcher.rs"] mod launcher;`, rather than keep a copy: one place decides how
+//! a node under test starts, what it inherits, where its output goes and how it stops. Hence std only
+//! (no tokio, no test-crate helper): the blocking waits suit a thread (`spawn_blocking` in the tests),
+//! [`Process::poll_listening`] suits an async loop.
 //!
 //! A launch is `shopkeep serve --data-dir <dir> --listen <address> <args…>` (the binary Cargo built for
 //! the test or bench target), with
