@@ -77,7 +77,8 @@
 //! the machine; the ratios are the point. All processes are stopped and their directories removed
 //! when the benchmark ends, panics and Ctrl-C included.
 //!
-//! Where things are: `settings.rs` (the variables above), `nodes.rs` (the shopkeep processes),
+//! Where things are: `settings.rs` (the variables above), `nodes.rs` (the shopkeep processes, started
+//! by `tests/it/launcher.rs`, which the integration tests share),
 //! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
 //! `postgres.rs` (the baseline's phases) over `pg.rs` (the PostgreSQL server and pgbench);
 //! `stats.rs`, `results.rs`, `cpu.rs`, `report.rs`, `plot.rs` (the output); `progress.rs`,
@@ -96,6 +97,11 @@
 mod audit;
 mod cpu;
 mod interrupt;
+// The integration tests' launcher of `shopkeep serve` processes, the same file rather than a copy; the
+// tests use parts of it (the non-blocking wait, SIGTERM) that the bench does not.
+#[path = "../../tests/it/launcher.rs"]
+#[expect(dead_code, reason = "shared with tests/it, which use all of it")]
+mod launcher;
 mod nodes;
 mod pg;
 mod plot;
@@ -176,7 +182,7 @@ fn main() {
                         system.label(),
                         node.id,
                         node.base_url,
-                        node.child.id()
+                        node.process.pid()
                     );
                 }
                 let report = runtime.block_on(drive_shopkeep(

@@ -1,17 +1,15 @@
 //! The `shopkeep serve` processes under test: starting one node or a cluster on loopback, waiting for
 //! their listening lines and `/readyz`, their peak memory, and stopping them (drop and Ctrl-C).
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::{Client, StatusCode};
 use tempfile::TempDir;
 
 use crate::interrupt::{forget_interrupt, on_interrupt};
+use crate::launcher::{Launch, Process};
 use crate::{ADMIN_TOKEN, SERVICE_TOKEN};
 
 /// The shared node-to-node secret of the cluster mode.
@@ -24,9 +22,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// One `shopkeep serve` process under test.
 pub(crate) struct Node {
     pub(crate) id: u64,
-    pub(crate) child: Child,
+    pub(crate) process: Process,
     pub(crate) base_url: String,
-    stderr_path: PathBuf,
 }
 
 /// The `shopkeep serve` processes under test: one (single-node mode, no `--peers`) or the members of one
@@ -79,67 +76,43 @@ impl Nodes {
         };
 
         // Start every member before waiting for any: a member may only serve once a majority is up.
-        let mut pending = Vec::new();
         for (id, listen) in (1u64..).zip(&listens) {
-            let (data_dir, stderr_path) = if clustered {
+            let (data_dir, stdout_path, stderr_path) = if clustered {
                 (
                     nodes.dir.path().join(format!("node-{id}")).join("data"),
+                    nodes.dir.path().join(format!("node-{id}.stdout")),
                     nodes.dir.path().join(format!("node-{id}.stderr")),
                 )
             } else {
                 (
                     nodes.dir.path().join("data"),
+                    nodes.dir.path().join("server.stdout"),
                     nodes.dir.path().join("server.stderr"),
                 )
             };
-            let stderr = std::fs::File::create(&stderr_path)
-                .expect("cannot create the server's stderr file");
-            let mut command = Command::new(env!("CARGO_BIN_EXE_shopkeep"));
-            command
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .args(["--listen", listen]);
+            let mut launch = Launch::new(&data_dir, listen, &stdout_path, &stderr_path);
             if let Some(peers) = &peers {
-                command
+                launch = launch
                     .args(["--node-id", &id.to_string()])
                     .args(["--peers", peers])
                     .env("SHOPKEEP_CLUSTER_SECRET", CLUSTER_SECRET);
             }
-            let mut child = command
+            let process = launch
                 .env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
                 .env("SHOPKEEP_SERVICE_TOKEN", SERVICE_TOKEN)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(stderr)
                 .spawn()
                 .expect("cannot start the shopkeep binary");
-
-            // One thread reads stdout for the whole life of the process (so the pipe never fills up) and
-            // hands the lines over until the listening line has been seen.
-            let stdout = child.stdout.take().expect("stdout was piped");
-            let (lines_tx, lines_rx) = mpsc::channel::<String>();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    // The receiver is gone once the server is up: keep draining regardless.
-                    let _ = lines_tx.send(line);
-                }
-            });
             nodes.nodes.push(Node {
                 id,
-                child,
+                process,
                 base_url: String::new(),
-                stderr_path,
             });
-            pending.push(lines_rx);
         }
 
         let pids: Vec<String> = nodes
             .nodes
             .iter()
-            .map(|n| n.child.id().to_string())
+            .map(|n| n.process.pid().to_string())
             .collect();
         let dir = nodes.dir.path().to_path_buf();
         nodes.interrupt = on_interrupt(move || {
@@ -152,33 +125,11 @@ impl Nodes {
         });
 
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        for (node, lines_rx) in nodes.nodes.iter_mut().zip(pending) {
-            node.base_url = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match lines_rx.recv_timeout(left) {
-                    Ok(line) => {
-                        if let Some(url) = line.trim().strip_prefix("shopkeep listening on ") {
-                            break url.trim_end_matches('/').to_string();
-                        }
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                        "node {} printed no listening line within {STARTUP_TIMEOUT:?}; its stderr:\n{}",
-                        node.id,
-                        read_tail(&node.stderr_path)
-                    ),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        let status = node
-                            .child
-                            .wait()
-                            .expect("cannot wait for the server process");
-                        panic!(
-                            "node {} exited ({status}) before listening; its stderr:\n{}",
-                            node.id,
-                            read_tail(&node.stderr_path)
-                        );
-                    }
-                }
-            };
+        for node in &mut nodes.nodes {
+            node.base_url = node
+                .process
+                .wait_listening(deadline)
+                .unwrap_or_else(|e| panic!("node {}: {e}", node.id));
         }
         nodes
     }
@@ -190,7 +141,7 @@ impl Nodes {
     /// Resets the peak RSS (`VmHWM`) of every node to its current RSS; false if any reset was refused.
     pub(crate) fn reset_peak_rss(&self) -> bool {
         self.nodes.iter().fold(true, |all, node| {
-            let path = format!("/proc/{}/clear_refs", node.child.id());
+            let path = format!("/proc/{}/clear_refs", node.process.pid());
             std::fs::write(path, "5").is_ok() && all
         })
     }
@@ -199,7 +150,7 @@ impl Nodes {
     pub(crate) fn peak_rss_kib(&self) -> Vec<Option<u64>> {
         self.nodes
             .iter()
-            .map(|node| proc_status_kib(node.child.id(), "VmHWM"))
+            .map(|node| proc_status_kib(node.process.pid(), "VmHWM"))
             .collect()
     }
 }
@@ -208,19 +159,16 @@ impl Drop for Nodes {
     fn drop(&mut self) {
         forget_interrupt(self.interrupt);
         for node in &mut self.nodes {
-            if let Ok(Some(status)) = node.child.try_wait() {
+            if let Ok(Some(status)) = node.process.try_wait() {
                 eprintln!(
-                    "node {}: had already exited ({status}); its stderr:\n{}",
+                    "node {}: had already exited ({status}); its logs:\n{}",
                     node.id,
-                    read_tail(&node.stderr_path)
+                    node.process.log_tails()
                 );
-            } else {
-                let _ = node.child.kill();
             }
         }
-        for node in &mut self.nodes {
-            let _ = node.child.wait();
-        }
+        // Dropping a process SIGKILLs and reaps it.
+        self.nodes.clear();
     }
 }
 
@@ -231,16 +179,6 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|value| value.trim().strip_suffix("kB"))
         .and_then(|kib| kib.trim().parse().ok())
-}
-
-/// The last few KiB of a file, for error messages.
-fn read_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read: {e}>"));
-    let start = text.len().saturating_sub(8 * 1024);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    text[start..].to_string()
 }
 
 /// Waits until `GET /readyz` answers 200 on every node (every shard has a leader it knows); `spawned`:
@@ -266,9 +204,9 @@ pub(crate) async fn wait_ready(client: &Client, nodes: &Nodes, spawned: Instant)
             };
             if Instant::now() >= deadline {
                 panic!(
-                    "node {}: /readyz not 200 within {READY_TIMEOUT:?} (last: {last}); its stderr:\n{}",
+                    "node {}: /readyz not 200 within {READY_TIMEOUT:?} (last: {last}); its logs:\n{}",
                     node.id,
-                    read_tail(&node.stderr_path)
+                    node.process.log_tails()
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -5,11 +5,10 @@
 //! real port) and, for itself, its real address. Clients (the tests) always talk to a node's real port.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Deref;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,11 +18,14 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::harness::*;
+use crate::launcher::{LISTENING, Launch, Process};
 
 pub const CLUSTER_SECRET: &str = "it-cluster-secret-7e6d5c4b3a291807";
 
 /// Longest the harness waits for a cluster (or a restarted node) to be ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a node has to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ------------------------------------------------------------------------------------------------
 // Options
@@ -177,8 +179,7 @@ pub struct ClusterNode {
     dir: TempDir,
     args: Vec<String>,
     env: Vec<(String, String)>,
-    child: Option<Child>,
-    listening: Arc<AtomicBool>,
+    process: Option<Process>,
     runs: usize,
     api: Api,
     /// Extra environment for the next starts only (see [`ClusterNode::set_run_env`]).
@@ -200,8 +201,7 @@ impl ClusterNode {
             dir,
             args,
             env,
-            child: None,
-            listening: Arc::new(AtomicBool::new(false)),
+            process: None,
             runs: 0,
             api: Api {
                 base: format!("http://127.0.0.1:{port}"),
@@ -226,11 +226,7 @@ impl ClusterNode {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.process.is_some()
     }
 
     fn log_paths(&self, run: usize) -> (PathBuf, PathBuf) {
@@ -244,115 +240,81 @@ impl ClusterNode {
 
     /// Start the process (not waiting for anything).
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "node {} already running", self.id);
+        assert!(self.process.is_none(), "node {} already running", self.id);
         self.runs += 1;
         let (out_log, err_log) = self.log_paths(self.runs);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shopkeep"));
-        cmd.arg("serve").arg("--data-dir").arg(self.data_dir());
-        cmd.args(&self.args);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SHOPKEEP_") {
-                cmd.env_remove(&k);
-            }
-        }
         let log_filter = std::env::var("SHOPKEEP_IT_RUST_LOG")
             .unwrap_or_else(|_| "warn,shopkeep=info,shopkeep_raft=info".to_string());
-        cmd.env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
+        let process = Launch::new(&self.data_dir(), &self.addr(), &out_log, &err_log)
+            .args(&self.args)
+            .env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SHOPKEEP_SERVICE_TOKEN", SERVICE_TOKEN)
             .env("SHOPKEEP_PSP_SECRET", PSP_SECRET)
             .env("SHOPKEEP_CLUSTER_SECRET", CLUSTER_SECRET)
-            .env("RUST_LOG", log_filter);
-        for (k, v) in self.env.iter().chain(&self.run_env) {
-            cmd.env(k, v);
-        }
-        let err_file = std::fs::File::create(&err_log).expect("stderr log");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(err_file));
-        let mut child = cmd.spawn().expect("spawn shopkeep");
-        let stdout = child.stdout.take().expect("stdout");
-        let listening = Arc::new(AtomicBool::new(false));
-        self.listening = listening.clone();
-        std::thread::spawn(move || {
-            let mut log = std::fs::File::create(&out_log).ok();
-            let mut rd = BufReader::new(stdout);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match rd.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if let Some(f) = log.as_mut() {
-                            let _ = f.write_all(line.as_bytes());
-                            let _ = f.flush();
-                        }
-                        if line.contains("shopkeep listening on http://") {
-                            listening.store(true, Ordering::SeqCst);
-                        }
-                    }
-                }
-            }
-        });
-        self.child = Some(child);
+            .env("RUST_LOG", log_filter)
+            .envs(self.env.iter().chain(&self.run_env).map(|(k, v)| (k, v)))
+            .spawn()
+            .expect("spawn shopkeep");
+        self.process = Some(process);
         // A fresh client: no pooled connection to a previous incarnation survives.
         self.api.http = cluster_http_client();
     }
 
-    /// Wait (≤ 30 s) until the process printed `shopkeep listening on http://…`; panics with its logs if it
-    /// exited first or never did.
-    async fn wait_listening(&mut self) {
+    /// Wait (≤ 30 s) until the process printed `shopkeep listening on http://…`; `Err` if it exited first
+    /// (it is then reaped) or never did (it is left running).
+    async fn listened(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if self.listening.load(Ordering::SeqCst) {
-                return;
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .map(|c| c.try_wait().ok().flatten())
-                .unwrap_or(None);
-            if let Some(st) = exited {
-                self.child = None;
-                // let the reader thread flush the last lines
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                panic!("node {} exited before it listened ({st})", self.id);
+            let process = self.process.as_mut().expect("node started");
+            match process.poll_listening() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => {}
+                Err(e) => {
+                    self.process = None;
+                    self.paused = false;
+                    return Err(format!("node {} {}", self.id, e.reason()));
+                }
             }
             if Instant::now() > deadline {
-                panic!(
-                    "node {} did not print `shopkeep listening on http://…` within {READY_TIMEOUT:?}",
+                return Err(format!(
+                    "node {} did not print `{LISTENING}http://…` within {READY_TIMEOUT:?}",
                     self.id
-                );
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    /// [`listened`](Self::listened), panicking on an error (with the logs' tails if it still runs).
+    async fn wait_listening(&mut self) {
+        if let Err(e) = self.listened().await {
+            let tails = self
+                .process
+                .as_ref()
+                .map(Process::log_tails)
+                .unwrap_or_default();
+            panic!("{e}\n{tails}");
+        }
+    }
+
     /// SIGKILL the process and reap it. The data directory stays.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill();
         }
         self.paused = false;
     }
 
     /// SIGTERM the process and wait (≤ 20 s) for it to exit cleanly; the data directory stays.
     pub async fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(mut process) = self.process.take() else {
             return;
         };
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                assert!(status.success(), "node did not stop cleanly: {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "node did not stop within 20 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let status = tokio::task::spawn_blocking(move || process.terminate(STOP_TIMEOUT))
+            .await
+            .expect("SIGTERM thread")
+            .unwrap_or_else(|e| panic!("node did not stop within 20 s: {e}"));
+        assert!(status.success(), "node did not stop cleanly: {status}");
     }
 
     /// Extra environment (e.g. `FAILPOINTS`) for the next starts, until set again (empty: none).
@@ -362,24 +324,16 @@ impl ClusterNode {
 
     /// Freeze the process (SIGSTOP): it holds its sockets but answers nothing until [`resume`](Self::resume).
     pub fn pause(&mut self) {
-        if let Some(pid) = self.pid() {
-            let st = Command::new("kill")
-                .args(["-STOP", &pid.to_string()])
-                .status()
-                .expect("run kill -STOP");
-            assert!(st.success(), "kill -STOP {pid} failed");
+        if let Some(process) = &self.process {
+            process.signal("STOP").expect("kill -STOP");
             self.paused = true;
         }
     }
 
     /// Let a paused process go on (SIGCONT).
     pub fn resume(&mut self) {
-        if let Some(pid) = self.pid() {
-            let st = Command::new("kill")
-                .args(["-CONT", &pid.to_string()])
-                .status()
-                .expect("run kill -CONT");
-            assert!(st.success(), "kill -CONT {pid} failed");
+        if let Some(process) = &self.process {
+            process.signal("CONT").expect("kill -CONT");
         }
         self.paused = false;
     }
@@ -390,8 +344,8 @@ impl ClusterNode {
 
     /// If the process has exited by itself (e.g. a crash point aborted it), reap it and return its status.
     pub fn try_exited(&mut self) -> Option<std::process::ExitStatus> {
-        let st = self.child.as_mut()?.try_wait().ok().flatten()?;
-        self.child = None;
+        let st = self.process.as_mut()?.try_wait().ok().flatten()?;
+        self.process = None;
         self.paused = false;
         Some(st)
     }
@@ -400,27 +354,12 @@ impl ClusterNode {
     /// if it exits first or does not listen within 30 s.
     pub async fn try_start(&mut self) -> Result<(), String> {
         assert!(
-            self.child.is_none(),
+            self.process.is_none(),
             "try_start: node {} is running",
             self.id
         );
         self.spawn();
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if self.listening.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            if let Some(st) = self.try_exited() {
-                return Err(format!("node {} exited before it listened ({st})", self.id));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "node {} did not listen within {READY_TIMEOUT:?}",
-                    self.id
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.listened().await
     }
 
     /// Start again (after [`kill9`](Self::kill9)) with the same id, ports, flags and data dir; waits until it
@@ -434,7 +373,7 @@ impl ClusterNode {
     /// Delete everything in the data directory (the node must be stopped).
     pub fn wipe_data_dir(&mut self) {
         assert!(
-            self.child.is_none(),
+            self.process.is_none(),
             "wipe_data_dir: node {} is running",
             self.id
         );
@@ -779,8 +718,6 @@ impl TestCluster {
     fn make_node(&self, id: u64, port: u16, peers: String) -> ClusterNode {
         let o = &self.opts;
         let mut args: Vec<String> = vec![
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
             "--node-id".into(),
             id.to_string(),
             "--peers".into(),

@@ -3,12 +3,10 @@
 //! Every test starts its own [`Server`] (own process, own temp dir, own port), so tests run in parallel.
 
 use std::fmt;
-use std::io::{BufRead, BufReader, Write};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -19,6 +17,8 @@ use sha2::Sha256;
 use tempfile::TempDir;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+use crate::launcher::{Launch, LaunchError, Process};
 
 pub const ADMIN_TOKEN: &str = "it-admin-token-5f0c2d9e8b7a41c3a2e1";
 pub const SERVICE_TOKEN: &str = "it-service-token-9a8b7c6d5e4f3a2b1c0d";
@@ -82,7 +82,7 @@ impl Opts {
 
 /// A running `shopkeep serve` process. Killed (SIGKILL) on drop. Derefs to its [`Api`] client.
 pub struct Server {
-    child: Option<Child>,
+    process: Option<Process>,
     dir: TempDir,
     opts: Opts,
     api: Api,
@@ -144,7 +144,7 @@ impl Server {
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         prepare(&dir.path().join("data"));
         let mut srv = Server {
-            child: None,
+            process: None,
             dir,
             opts,
             api: Api {
@@ -166,7 +166,7 @@ impl Server {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.process.as_ref().map(Process::pid)
     }
 
     fn log_paths(&self, run: usize) -> (PathBuf, PathBuf) {
@@ -190,17 +190,20 @@ impl Server {
     }
 
     async fn try_spawn(&mut self) -> Result<(), String> {
-        assert!(self.child.is_none(), "server already running");
+        assert!(self.process.is_none(), "server already running");
         self.runs += 1;
         SPAWNED.fetch_add(1, Ordering::Relaxed);
         let (out_log, err_log) = self.log_paths(self.runs);
-        let data = self.data_dir();
-        let opts = self.opts.clone();
-        let (child, base) =
-            tokio::task::spawn_blocking(move || spawn_process(&data, &opts, &out_log, &err_log))
-                .await
-                .expect("spawn thread")?;
-        self.child = Some(child);
+        let launch = launch(&self.data_dir(), &self.opts, &out_log, &err_log);
+        let (process, base) = tokio::task::spawn_blocking(move || {
+            let mut process = launch.spawn().expect("spawn shopkeep");
+            let url = process.wait_listening(Instant::now() + LISTEN_TIMEOUT)?;
+            Ok::<_, LaunchError>((process, url))
+        })
+        .await
+        .expect("spawn thread")
+        .map_err(|e| e.to_string())?;
+        self.process = Some(process);
         self.api.base = base;
         // The server prints the line when it serves; a freshly elected single-node group may still need a moment:
         // wait (bounded) for /readyz like a load balancer would. If it never gets ready, go on: the ops tests say so.
@@ -225,9 +228,8 @@ impl Server {
 
     /// SIGKILL the process and reap it. The data directory stays.
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill();
         }
     }
 
@@ -236,9 +238,9 @@ impl Server {
     pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            let child = self.child.as_mut()?;
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
+            let process = self.process.as_mut()?;
+            if let Some(status) = process.try_wait().expect("try_wait") {
+                self.process = None;
                 return Some(status);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -253,7 +255,7 @@ impl Server {
 
     /// Stop (gracefully if running) and start again on the same data directory; the port may change.
     pub async fn restart(&mut self) {
-        if self.child.is_some() {
+        if self.process.is_some() {
             let st = self.sigterm_and_wait().await;
             assert!(
                 st.success(),
@@ -265,28 +267,11 @@ impl Server {
 
     /// Send SIGTERM and wait (≤ 20 s) for the process to exit.
     pub async fn sigterm_and_wait(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("server not running");
-        let pid = child.id();
-        let st = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "server did not exit within 20 s of SIGTERM\n{}",
-                    tail(&self.logs(), 60)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut process = self.process.take().expect("server not running");
+        tokio::task::spawn_blocking(move || process.terminate(SIGTERM_TIMEOUT))
+            .await
+            .expect("SIGTERM thread")
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -315,124 +300,39 @@ pub fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn spawn_process(
-    data: &Path,
-    opts: &Opts,
-    out_log: &Path,
-    err_log: &Path,
-) -> Result<(Child, String), String> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shopkeep"));
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--listen")
-        .arg("127.0.0.1:0");
+/// How long a (re)started server has to print its listening line.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a server has to exit after SIGTERM.
+const SIGTERM_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `shopkeep serve` launch of one run: a kernel-picked port, `opts`' flags and environment.
+fn launch(data: &Path, opts: &Opts, out_log: &Path, err_log: &Path) -> Launch {
+    let mut launch = Launch::new(data, "127.0.0.1:0", out_log, err_log);
     if let Some(n) = opts.shards {
-        cmd.arg("--shards").arg(n.to_string());
+        launch = launch.arg("--shards").arg(n.to_string());
     }
     if let Some(d) = &opts.order_ttl {
-        cmd.arg("--order-ttl").arg(d);
+        launch = launch.arg("--order-ttl").arg(d);
     }
     if let Some(d) = &opts.topup_ttl {
-        cmd.arg("--topup-ttl").arg(d);
+        launch = launch.arg("--topup-ttl").arg(d);
     }
     if let Some(d) = &opts.idempotency_ttl {
-        cmd.arg("--idempotency-ttl").arg(d);
+        launch = launch.arg("--idempotency-ttl").arg(d);
     }
     if let Some(d) = &opts.sweep_interval {
-        cmd.arg("--sweep-interval").arg(d);
+        launch = launch.arg("--sweep-interval").arg(d);
     }
     if let Some(n) = opts.max_pending_orders {
-        cmd.arg("--max-pending-orders").arg(n.to_string());
+        launch = launch.arg("--max-pending-orders").arg(n.to_string());
     }
-    // Nothing from the test's own environment leaks in (every flag has a SHOPKEEP_* twin).
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("SHOPKEEP_") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.env_remove("SHOPKEEP_ADMIN_TOKEN")
-        .env_remove("SHOPKEEP_SERVICE_TOKEN")
-        .env_remove("SHOPKEEP_PSP_SECRET")
-        .env_remove("SHOPKEEP_CLUSTER_SECRET");
     if !opts.no_admin_token {
-        cmd.env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN);
+        launch = launch.env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN);
     }
-    cmd.env("SHOPKEEP_SERVICE_TOKEN", SERVICE_TOKEN)
+    launch
+        .env("SHOPKEEP_SERVICE_TOKEN", SERVICE_TOKEN)
         .env("SHOPKEEP_PSP_SECRET", PSP_SECRET)
-        .env("RUST_LOG", "warn");
-    for (k, v) in &opts.env {
-        cmd.env(k, v);
-    }
-    let err_file = std::fs::File::create(err_log).expect("stderr log");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(err_file));
-    let mut child = cmd.spawn().expect("spawn shopkeep");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel::<String>();
-    let out_log = out_log.to_path_buf();
-    std::thread::spawn(move || {
-        let mut log = std::fs::File::create(&out_log).ok();
-        let mut rd = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match rd.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if let Some(f) = log.as_mut() {
-                        let _ = f.write_all(line.as_bytes());
-                    }
-                    let _ = tx.send(line.trim_end().to_string());
-                }
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let marker = "shopkeep listening on ";
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(pos) = line.find(marker) {
-                    let url = line[pos + marker.len()..]
-                        .trim()
-                        .trim_end_matches('/')
-                        .to_string();
-                    if !url.starts_with("http://") {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(format!("unexpected listen line: {line}"));
-                    }
-                    return Ok((child, url));
-                }
-            }
-            Err(_) => {
-                let exited = child.try_wait().ok().flatten();
-                let _ = child.kill();
-                let status = child.wait().ok();
-                let why = match exited {
-                    Some(st) => format!("it exited first ({st})"),
-                    None => format!("not within 30 s (killed: {status:?})"),
-                };
-                let out = std::fs::read_to_string(out_log_path_of(err_log)).unwrap_or_default();
-                let err = std::fs::read_to_string(err_log).unwrap_or_default();
-                return Err(format!(
-                    "shopkeep did not print `{marker}http://...`: {why}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    tail(&out, 40),
-                    tail(&err, 60)
-                ));
-            }
-        }
-    }
-}
-
-fn out_log_path_of(err_log: &Path) -> PathBuf {
-    let s = err_log
-        .to_string_lossy()
-        .replace(".stderr.log", ".stdout.log");
-    PathBuf::from(s)
+        .envs(opts.env.iter().map(|(k, v)| (k, v)))
 }
 
 // ------------------------------------------------------------------------------------------------

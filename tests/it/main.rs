@@ -36,6 +36,7 @@ mod http_orders;
 mod http_refunds;
 mod http_topups;
 mod http_users;
+mod launcher;
 mod props;
 mod raft_conformance;
 mod shop_model;
