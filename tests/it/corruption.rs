@@ -130,7 +130,12 @@ async fn cluster_with_node_3_stopped(user: &str) -> TestCluster {
 
 /// Node 3 comes back, rebuilds, and holds what the others hold: `user` with 51.00.
 async fn node_3_rebuilds(c: &mut TestCluster, user: &str) {
-    c.api(1).credit(user, "1.00").await;
+    // node 3 may have led the shard: the write waits out the election among the other two
+    let body = serde_json::json!({"amount": "1.00", "external_ref": uniq("ext"), "source": "card"});
+    let path = format!("/v1/users/{user}/credits");
+    post_until_definite(&c.api(1), &path, &uniq("key"), &body, CONVERGE)
+        .await
+        .expect(201);
     c.restart(3).await;
     c.wait_ready(&[3], READY_TIMEOUT).await;
     c.wait_converged(CONVERGE).await;
