@@ -21,7 +21,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::tables::{self, TableVisitor, decode};
-use super::{StoreError, query};
+use super::{MetaState, StoreError, query};
 use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, Topup, TopupStatus, User};
 
 #[derive(Clone, Debug, Serialize)]
@@ -44,11 +44,45 @@ struct WalletSums {
     entries: u64,
 }
 
+/// Audits the shard as `txn` sees it (module docs): every mismatch is a violation in the answer.
 pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError> {
     let meta = query::meta(txn)?;
     let mut violations = Vec::new();
+    let postings = audit_postings(txn, &meta, &mut violations)?;
+    let posting_count = postings.count;
+    let user_count = audit_wallets(txn, postings, &mut violations)?;
+    let (order_count, expected_grants) = audit_orders(txn, &mut violations)?;
+    audit_entitlements(txn, expected_grants, &mut violations)?;
+    audit_topup_indexes(txn, &mut violations)?;
 
-    // Postings: the chain, the accounts, and the sums per wallet and system account.
+    Ok(ShardAudit {
+        shard,
+        last_applied: meta.last_applied,
+        users: user_count,
+        orders: order_count,
+        postings: posting_count,
+        state_hash: state_hash(txn)?,
+        violations,
+    })
+}
+
+/// What the postings add up to: per wallet, per system account, and how many there are.
+struct PostingSums {
+    wallets: HashMap<String, WalletSums>,
+    psp_clearing: i128,
+    revenue: i128,
+    count: u64,
+}
+
+/// (user, item) → (granted, revoked) as completed orders and their refunds say.
+type ExpectedGrants = BTreeMap<(String, String), (u64, u64)>;
+
+/// The posting chain, each posting's accounts, and the sums per wallet and system account.
+fn audit_postings(
+    txn: &ReadTransaction,
+    meta: &MetaState,
+    violations: &mut Vec<String>,
+) -> Result<PostingSums, StoreError> {
     let mut wallets: HashMap<String, WalletSums> = HashMap::new();
     let (mut psp_clearing, mut revenue) = (0i128, 0i128);
     let mut head = [0u8; 32];
@@ -106,8 +140,27 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         violations
             .push("system account balances differ from the sums of their postings".to_owned());
     }
+    Ok(PostingSums {
+        wallets,
+        psp_clearing,
+        revenue,
+        count: posting_count,
+    })
+}
 
-    // Pending holds per user.
+/// Each wallet against the sums of its postings and its pending orders; the accounts sum to zero.
+/// Returns how many users there are.
+fn audit_wallets(
+    txn: &ReadTransaction,
+    postings: PostingSums,
+    violations: &mut Vec<String>,
+) -> Result<u64, StoreError> {
+    let PostingSums {
+        mut wallets,
+        psp_clearing,
+        revenue,
+        ..
+    } = postings;
     let mut pending_holds: HashMap<String, i128> = HashMap::new();
     for entry in txn.open_table(tables::USER_PENDING)?.iter()? {
         let (key, value) = entry?;
@@ -162,10 +215,17 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     if wallet_total + psp_clearing + revenue != 0 {
         violations.push("accounts do not sum to zero".to_owned());
     }
+    Ok(user_count)
+}
 
-    // Orders, and what they granted and revoked.
+/// Each order's totals, refunds and pending index; returns how many orders there are and what the
+/// completed ones granted.
+fn audit_orders(
+    txn: &ReadTransaction,
+    violations: &mut Vec<String>,
+) -> Result<(u64, ExpectedGrants), StoreError> {
     let pending_index = txn.open_table(tables::USER_PENDING)?;
-    let mut expected_grants: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    let mut expected_grants = ExpectedGrants::new();
     let mut order_count = 0u64;
     for entry in txn.open_table(tables::ORDERS)?.iter()? {
         let order: Order = decode(entry?.1.value())?;
@@ -210,7 +270,15 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
             }
         }
     }
+    Ok((order_count, expected_grants))
+}
 
+/// Each entitlement against what orders granted and revoked; no grant without its row.
+fn audit_entitlements(
+    txn: &ReadTransaction,
+    mut expected_grants: ExpectedGrants,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
     for entry in txn.open_table(tables::ENTITLEMENTS)?.iter()? {
         let (key, value) = entry?;
         let (user_id, item_id) = key.value();
@@ -244,18 +312,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
             ));
         }
     }
-
-    audit_topup_indexes(txn, &mut violations)?;
-
-    Ok(ShardAudit {
-        shard,
-        last_applied: meta.last_applied,
-        users: user_count,
-        orders: order_count,
-        postings: posting_count,
-        state_hash: state_hash(txn)?,
-        violations,
-    })
+    Ok(())
 }
 
 /// The top-up indexes agree with the top-ups they point at.
@@ -327,5 +384,65 @@ impl TableVisitor for Hashing<'_> {
             Ok(())
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::ReadableDatabase;
+
+    use super::*;
+    use crate::domain::Timestamp;
+    use crate::state::ShardStore;
+
+    /// Writes `user` straight into the users table, as a corrupt or tampered file would hold it.
+    fn put_user(store: &ShardStore, user: &User) {
+        let txn = store.begin_write().expect("writes");
+        {
+            let mut users = txn.open_table(tables::USERS).expect("users");
+            let bytes = tables::encode(user).expect("encodes");
+            users
+                .insert(user.user_id.as_str(), bytes.as_slice())
+                .expect("inserts");
+        }
+        txn.commit().expect("commits");
+    }
+
+    #[test]
+    fn a_fresh_shard_has_no_violation_and_a_wallet_without_its_postings_is_one() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        let clean = audit(&store.begin_read().expect("reads"), 0).expect("audits");
+        assert!(clean.violations.is_empty(), "{:?}", clean.violations);
+
+        put_user(
+            &store,
+            &User {
+                user_id: "forged".into(),
+                display_name: None,
+                created_at: Timestamp::from_unix_seconds(1),
+                balance: Money::from_minor(100),
+                held: Money::ZERO,
+                ledger_seq: 0,
+            },
+        );
+        let report = audit(&store.begin_read().expect("reads"), 0).expect("audits");
+        assert_eq!(report.users, 1);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v == "wallet forged: balance 100 != sum of postings 0"),
+            "{:?}",
+            report.violations
+        );
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v == "accounts do not sum to zero"),
+            "{:?}",
+            report.violations
+        );
     }
 }
