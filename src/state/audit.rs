@@ -389,8 +389,6 @@ impl TableVisitor for Hashing<'_> {
 
 #[cfg(test)]
 mod tests {
-    use redb::ReadableDatabase;
-
     use super::*;
     use crate::domain::Timestamp;
     use crate::state::ShardStore;
