@@ -98,6 +98,11 @@ pub fn applied_index<S: ReplicatedState>(state: &S) -> Result<u64, StateError> {
     })
 }
 
+/// The last log id a state's marker says it applied (`None`: nothing applied).
+pub(crate) fn marker_last_applied(marker: &[u8]) -> Result<Option<LogId>, postcard::Error> {
+    Ok(decode::<Marker>(marker)?.last_applied)
+}
+
 /// What the state stores as its marker: where it is in the log and the membership it has applied.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Marker {

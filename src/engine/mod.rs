@@ -12,6 +12,7 @@
 //! This is the HTTP layer's only door to the shop: what it needs of `state` comes through here (the
 //! re-exports below are part of the engine's API).
 
+pub mod backup;
 pub mod coordinator;
 pub mod reads;
 pub mod replica;
@@ -145,7 +146,7 @@ impl Node {
         assert!(config.shards > 0);
         let clustered = config.peers.len() > 1;
         let paths: Vec<PathBuf> = (0..config.shards)
-            .map(|id| data_dir.join(format!("shard-{id:03}.redb")))
+            .map(|id| backup::shard_path(data_dir, id))
             .collect();
         let (dir, files) = (data_dir.to_path_buf(), paths.clone());
         tokio::task::spawn_blocking(move || integrity::verify_log(&dir, clustered, &files))

@@ -390,6 +390,21 @@ pub struct ClusterResponse {
     pub shards: Vec<ClusterShard>,
 }
 
+/// What a backup of this node holds: every shard's export (`GET /v1/admin/backup/shards/{shard}`), and
+/// the settings a data directory restored from them must be created with.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BackupPlan {
+    /// The node the shards are exported from.
+    pub node_id: u64,
+    /// The shards, numbered 0 to `shards - 1`.
+    pub shards: u32,
+    /// ISO code of the deployment's currency.
+    pub currency: String,
+    pub currency_decimals: u32,
+    /// The version of the server (a restore needs the same schema).
+    pub version: String,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RouteResponse {
     pub user_id: String,

@@ -162,6 +162,18 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, NOT_FOUND, "no such endpoint")
     }
 
+    /// A shard number beyond the node's shards.
+    pub fn shard_not_found(shard: u32, shards: u32) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            NOT_FOUND,
+            format!(
+                "no shard {shard}: this node has shards 0 to {}",
+                shards.saturating_sub(1)
+            ),
+        )
+    }
+
     pub fn method_not_allowed() -> ApiError {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -10,6 +10,8 @@ use std::io::{Read, Write};
 use redb::{Key, ReadTransaction, TableDefinition, Value, WriteTransaction};
 use shopkeep_faults::failpoints;
 
+use super::audit::{self, StateHasher};
+use super::query;
 use super::tables::{self, TableVisitor};
 use super::{SCHEMA_VERSION, ShardStore, StoreError};
 
@@ -97,6 +99,85 @@ impl Rows<'_> {
     }
 }
 
+/// What an exported stream holds, recomputed from its bytes alone (no file is written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// The `state_hash` of the state the stream was exported from.
+    pub state_hash: String,
+    pub rows: u64,
+}
+
+/// Reads a whole exported stream and recomputes the `state_hash` of the state it was exported from:
+/// memory stays at one row whatever the size. Fails on a stream that is cut short, has rows of an
+/// unknown or out-of-order table, or trailing bytes.
+pub fn hash_export(input: &mut dyn Read) -> Result<ExportSummary, StoreError> {
+    let mut hashing = StreamHashing {
+        rows: Rows {
+            input,
+            next_tag: None,
+        },
+        hasher: StateHasher::default(),
+        count: 0,
+    };
+    tables::visit_all(&mut hashing)?;
+    let last = hashing.rows.peek()?;
+    if last != END {
+        return Err(StoreError::Corrupt(format!(
+            "exported row of unknown or out-of-order table {last}"
+        )));
+    }
+    let mut trailing = [0u8; 1];
+    if hashing.rows.input.read(&mut trailing).map_err(io)? != 0 {
+        return Err(StoreError::Corrupt(
+            "bytes after the end of the export".into(),
+        ));
+    }
+    Ok(ExportSummary {
+        state_hash: hashing.hasher.finish(),
+        rows: hashing.count,
+    })
+}
+
+struct StreamHashing<'a> {
+    rows: Rows<'a>,
+    hasher: StateHasher,
+    count: u64,
+}
+
+impl TableVisitor for StreamHashing<'_> {
+    fn visit<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        tag: u8,
+        definition: TableDefinition<'static, K, V>,
+    ) -> Result<(), StoreError> {
+        self.hasher.table(&definition.to_string());
+        while let Some((key, value)) = self.rows.next_of(tag)? {
+            self.hasher.row(&key, &value);
+            self.count += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Where an export stands: read in the same snapshot as the rows it describes.
+#[derive(Debug, Clone)]
+pub struct ExportHead {
+    /// The last command applied (the Raft log index).
+    pub last_applied: u64,
+    /// The replication marker stored with the state (empty when nothing was applied).
+    pub marker: Vec<u8>,
+    pub state_hash: String,
+}
+
+/// The head of an export of the state `txn` sees (one full read, for the hash).
+pub fn export_head(txn: &ReadTransaction) -> Result<ExportHead, StoreError> {
+    Ok(ExportHead {
+        last_applied: query::meta(txn)?.last_applied,
+        marker: query::marker(txn)?.unwrap_or_default(),
+        state_hash: audit::state_hash(txn)?,
+    })
+}
+
 struct Importer<'a> {
     txn: &'a WriteTransaction,
     rows: Rows<'a>,
@@ -175,5 +256,81 @@ impl ShardStore {
             Some(marker).filter(|m| !m.is_empty())
         );
         self.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard file with a few raw rows in two tables (the hash does not care what they mean).
+    fn store_with_rows(dir: &std::path::Path) -> ShardStore {
+        let store = ShardStore::open(&dir.join("shard-000.redb"), 0).expect("opens");
+        let txn = store.begin_write().expect("writes");
+        {
+            let mut users = txn.open_table(tables::USERS).expect("users");
+            for id in ["alice", "bob", "carol"] {
+                users
+                    .insert(id, format!("row of {id}").as_bytes())
+                    .expect("inserts");
+            }
+            let mut postings = txn.open_table(tables::POSTINGS).expect("postings");
+            postings
+                .insert(7u64, b"a posting".as_slice())
+                .expect("inserts");
+            let mut meta = txn.open_table(tables::META).expect("meta");
+            meta.insert(tables::MARKER_KEY, MARKER).expect("inserts");
+        }
+        txn.commit().expect("commits");
+        store
+    }
+
+    const MARKER: &[u8] = b"the replication marker";
+
+    fn exported(store: &ShardStore) -> (Vec<u8>, String) {
+        let txn = store.begin_read().expect("reads");
+        let mut bytes = Vec::new();
+        export(&txn, &mut bytes).expect("exports");
+        (bytes, audit::state_hash(&txn).expect("hashes"))
+    }
+
+    #[test]
+    fn an_export_hashes_to_the_state_hash_of_the_file_it_came_from() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (bytes, state_hash) = exported(&store_with_rows(dir.path()));
+        let summary = hash_export(&mut bytes.as_slice()).expect("a whole export");
+        assert_eq!(summary.state_hash, state_hash);
+        // the rows written, the shard's META state and the marker
+        assert_eq!(summary.rows, 6);
+    }
+
+    #[test]
+    fn a_changed_cut_or_extended_export_does_not_pass_for_the_original() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (bytes, state_hash) = exported(&store_with_rows(dir.path()));
+        let row = bytes
+            .windows(b"row of bob".len())
+            .position(|w| w == b"row of bob")
+            .expect("the row is in the export");
+        let mut changed = bytes.clone();
+        changed[row + 7] = b'B';
+        let summary = hash_export(&mut changed.as_slice()).expect("still well-formed");
+        assert_ne!(summary.state_hash, state_hash);
+        let cut = &bytes[..bytes.len() - 3];
+        assert!(hash_export(&mut &cut[..]).is_err());
+        let mut extended = bytes.clone();
+        extended.push(0);
+        assert!(hash_export(&mut extended.as_slice()).is_err());
+    }
+
+    #[test]
+    fn an_imported_export_has_the_state_hash_of_the_original() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (bytes, state_hash) = exported(&store_with_rows(dir.path()));
+        let copy_dir = tempfile::tempdir().expect("a temporary directory");
+        let copy = ShardStore::open(&copy_dir.path().join("shard-000.redb"), 0).expect("opens");
+        copy.import(&mut bytes.as_slice(), MARKER).expect("imports");
+        let txn = copy.begin_read().expect("reads");
+        assert_eq!(audit::state_hash(&txn).expect("hashes"), state_hash);
     }
 }

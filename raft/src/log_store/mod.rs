@@ -32,7 +32,7 @@ use openraft::storage::LogFlushed;
 use redb::{ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{LogId, TypeConfig, decode};
+use crate::{LogId, TypeConfig, Vote, decode, encode};
 use shopkeep_faults::disk::DiskHealth;
 use writer::{LogFile, run_writer, watch_reserve};
 
@@ -211,6 +211,26 @@ impl LogDb {
             .map(|bytes| decode(&bytes))
             .transpose()
             .map_err(|e| LogDbError::Corrupt(e.to_string()))
+    }
+
+    /// Prepares the empty log of `shard` for a state restored from a backup, `marker` being the one
+    /// stored with that state. openraft starts such a shard with its log purged up to the state's last
+    /// entry, but with the vote of an empty log (term 0): standing in term 1, it would append entries
+    /// of an older term after the backup's last one, out of Raft's order. So the vote is set to that
+    /// entry's leader and term, and the first election comes after it. Only on a new log file, before
+    /// its Raft group is opened (`shopkeep restore`).
+    pub async fn seed_restored(&self, shard: u32, marker: &[u8]) -> Result<(), LogDbError> {
+        let last = crate::state_machine::marker_last_applied(marker)
+            .map_err(|e| LogDbError::Corrupt(format!("the restored state's marker: {e}")))?;
+        let Some(last) = last else {
+            return Ok(());
+        };
+        let vote = Vote {
+            leader_id: last.leader_id,
+            committed: false,
+        };
+        let bytes = encode(&vote).map_err(|e| LogDbError::Corrupt(e.to_string()))?;
+        self.write_state(shard, "vote", bytes).await
     }
 
     /// Forgets `shard`'s log entirely (entries, vote, purge and rebuild marks), durably: the shard

@@ -1,6 +1,7 @@
 //! The endpoints, one module per resource. Each handler is annotated for the OpenAPI document and
 //! registered through `utoipa_axum::routes!`, so the document and the router come from the same list.
 
+mod backup;
 mod catalog;
 mod cluster;
 mod credits;
@@ -78,6 +79,8 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(entitlements::consume))
         .routes(routes!(entitlements::ledger))
         .routes(routes!(ops::audit))
+        .routes(routes!(backup::plan))
+        .routes(routes!(backup::shard))
         .routes(routes!(cluster::cluster))
         .routes(routes!(cluster::route))
         .routes(routes!(cluster::add_node))
