@@ -1,4 +1,5 @@
-//! The command line (`shopkeep serve …`) and the configuration it yields.
+//! The command line (`shopkeep serve …`, and the operator's commands of `crate::cli`) and the
+//! configuration `serve` yields.
 //!
 //! Every flag has an environment variable twin (`SHOPKEEP_*`); secrets come only from the environment or
 //! from files in the data directory, never from flags (flags show up in `ps`).
@@ -28,6 +29,9 @@ pub enum CliCommand {
     /// Run the shop's HTTP server (with no flags: one node, ./shopkeep-data on 127.0.0.1:8080; with
     /// --node-id and --peers: one member of a cluster).
     Serve(ServeArgs),
+    /// The operator's commands: clients of a running server's HTTP API (`src/cli/`).
+    #[command(flatten)]
+    Operator(crate::cli::Command),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,5 +1,6 @@
 //! shopkeep: the backend of a digital game shop. See ARCHITECTURE.md for the map.
 
+pub mod cli;
 pub mod config;
 pub mod datadir;
 pub mod domain;

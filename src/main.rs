@@ -52,5 +52,6 @@ fn main() -> ExitCode {
                 }
             }
         }
+        CliCommand::Operator(command) => shopkeep::cli::main(command),
     }
 }

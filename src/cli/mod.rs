@@ -1,0 +1,194 @@
+//! The operator's client: every subcommand but `serve` (`shopkeep status`, `items`, `users`, `credit`,
+//! `orders`, `refund`, `audit`, `nodes`, `leaders`). Each is one file here with its clap arguments and an
+//! async `run`, and one variant of [`Command`]; they reach the server only through its HTTP API
+//! ([`client::Client`]), print through [`output::Output`] and fail with [`error::CliError`], whose kind
+//! decides the exit status. Nothing here uses the server's own modules: this is a client, like any other.
+//!
+//! Tokens come only from the environment (`SHOPKEEP_ADMIN_TOKEN`, `SHOPKEEP_SERVICE_TOKEN`), never from
+//! flags, which `ps` shows.
+
+pub mod client;
+pub mod error;
+pub mod output;
+pub mod progress;
+
+mod audit;
+mod credit;
+mod items;
+mod leaders;
+mod nodes;
+mod orders;
+mod refund;
+mod status;
+mod users;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use reqwest::Url;
+
+use client::Client;
+use error::CliError;
+use output::Output;
+
+pub const ADMIN_TOKEN_VAR: &str = "SHOPKEEP_ADMIN_TOKEN";
+pub const SERVICE_TOKEN_VAR: &str = "SHOPKEEP_SERVICE_TOKEN";
+
+/// The operator's commands (`shopkeep <command> …`); `config::CliCommand` flattens them beside `serve`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Nodes, shards, leaders, lag, readiness and the audit's summary in one view (exit 4 when not
+    /// ready or the audit is not ok).
+    Status(Op<status::Args>),
+    /// The catalog: list, get, put (create or replace) items.
+    Items(Op<items::Args>),
+    /// Create or show a user and its wallet.
+    Users(Op<users::Args>),
+    /// Credit a user's wallet with a payment the PSP already settled (direct credit).
+    Credit(Op<credit::Args>),
+    /// A user's orders.
+    Orders(Op<orders::Args>),
+    /// Refund an order, whole or some lines.
+    Refund(Op<refund::Args>),
+    /// Recompute every invariant on every shard (exit 4 when the audit is not ok).
+    Audit(Op<audit::Args>),
+    /// Cluster membership: add a node as a learner, promote it to voter, remove it.
+    Nodes(Op<nodes::Args>),
+    /// Shard leadership across the nodes.
+    Leaders(Op<leaders::Args>),
+}
+
+impl Command {
+    async fn run(self) -> Result<(), CliError> {
+        match self {
+            Command::Status(op) => status::run(op.args, &op.common.context()?).await,
+            Command::Items(op) => items::run(op.args, &op.common.context()?).await,
+            Command::Users(op) => users::run(op.args, &op.common.context()?).await,
+            Command::Credit(op) => credit::run(op.args, &op.common.context()?).await,
+            Command::Orders(op) => orders::run(op.args, &op.common.context()?).await,
+            Command::Refund(op) => refund::run(op.args, &op.common.context()?).await,
+            Command::Audit(op) => audit::run(op.args, &op.common.context()?).await,
+            Command::Nodes(op) => nodes::run(op.args, &op.common.context()?).await,
+            Command::Leaders(op) => leaders::run(op.args, &op.common.context()?).await,
+        }
+    }
+}
+
+/// One command's own arguments beside the flags every command takes.
+#[derive(Debug, Args)]
+pub struct Op<A: Args> {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub args: A,
+}
+
+/// The flags of every operator command (accepted before or after its subcommand).
+#[derive(Debug, Args)]
+pub struct Common {
+    /// The server (any node of a cluster).
+    #[arg(
+        long,
+        env = "SHOPKEEP_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// Print the server's JSON as it came (one document on stdout) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Longest wait for the server's answer.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub timeout: Duration,
+}
+
+impl Common {
+    fn context(&self) -> Result<Context, CliError> {
+        let bad = |reason: &str| CliError::BadUrl {
+            url: self.url.clone(),
+            reason: reason.to_owned(),
+        };
+        let url = Url::parse(&self.url).map_err(|e| bad(&e.to_string()))?;
+        if url.scheme() != "http" {
+            return Err(bad(
+                "shopkeep speaks plain http:// (put a TLS proxy in front of it)",
+            ));
+        }
+        Ok(Context {
+            url,
+            out: Output { json: self.json },
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// What a command runs with: where the server is, how to print, clients with the right token.
+pub struct Context {
+    url: Url,
+    pub out: Output,
+    timeout: Duration,
+}
+
+impl Context {
+    /// A client with `SHOPKEEP_ADMIN_TOKEN` (catalog writes, cluster, audit, forced refunds).
+    pub fn admin(&self) -> Result<Client, CliError> {
+        let token = token_from_env(ADMIN_TOKEN_VAR).ok_or(CliError::MissingToken {
+            variable: ADMIN_TOKEN_VAR,
+        })?;
+        Client::new(self.url.clone(), token, self.timeout)
+    }
+
+    /// A client for service-level commands: `SHOPKEEP_SERVICE_TOKEN`, else `SHOPKEEP_ADMIN_TOKEN`
+    /// (an admin may do everything a service may).
+    pub fn service(&self) -> Result<Client, CliError> {
+        let token = token_from_env(SERVICE_TOKEN_VAR)
+            .or_else(|| token_from_env(ADMIN_TOKEN_VAR))
+            .ok_or(CliError::MissingToken {
+                variable: SERVICE_TOKEN_VAR,
+            })?;
+        Client::new(self.url.clone(), token, self.timeout)
+    }
+}
+
+fn token_from_env(variable: &str) -> Option<String> {
+    std::env::var(variable).ok().filter(|t| !t.is_empty())
+}
+
+/// The `Idempotency-Key` of a write: `--idempotency-key`, or a new UUIDv7 for this invocation.
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// Reuse the key of an earlier attempt, to retry it without a second effect (default: a new key).
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+}
+
+impl WriteArgs {
+    pub fn key(&self) -> String {
+        self.idempotency_key
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+    }
+}
+
+/// Runs an operator command on a runtime of its own: its exit status (see [`error`]), with
+/// `shopkeep: <code>: <message>` on stderr when it fails.
+pub fn main(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("shopkeep: cannot start the runtime: {e}");
+            return ExitCode::from(error::EXIT_NO_ANSWER);
+        }
+    };
+    match runtime.block_on(command.run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shopkeep: {}: {e}", e.code());
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
