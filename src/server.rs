@@ -116,6 +116,14 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let peers = config.peers.clone().unwrap_or_else(|| {
         std::collections::BTreeMap::from([(config.node_id, config.listen.to_string())])
     });
+    if config.restoring_from_backup {
+        tracing::warn!(
+            "RESTORING FROM BACKUP (--restoring-from-backup): this node's empty shards take part in \
+             elections at once, trusting that the whole cluster is being restored from one backup. Remove \
+             the flag once GET /v1/cluster shows this node following; never use it for a node that lost \
+             its disk while the others kept serving"
+        );
+    }
     let cluster_config = shopkeep_raft::ClusterConfig {
         node_id: config.node_id,
         peers,

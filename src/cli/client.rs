@@ -14,6 +14,8 @@ use crate::cli::error::CliError;
 
 /// How long a connection may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The overall limit of a streamed answer (a day: in effect none; stalls are the caller's to bound).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A bearer token and where to send requests.
 pub struct Client {
@@ -110,6 +112,29 @@ impl Client {
         Ok((status, serde_json::from_slice(&raw).unwrap_or(Value::Null)))
     }
 
+    /// A `GET` whose 2xx body is read by the caller as it streams (a backup's export): no overall
+    /// time limit, since it lasts as long as the data takes (the caller bounds the wait per chunk).
+    pub async fn get_stream(&self, segments: &[&str]) -> Result<reqwest::Response, CliError> {
+        let request = self
+            .request(Method::GET, self.url(segments, &[]))
+            .timeout(STREAM_TIMEOUT);
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(&e, None))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        match read_answer(response, None).await {
+            Err(refused) => Err(refused),
+            Ok(answer) => Err(CliError::NoAnswer {
+                code: "bad_answer".to_owned(),
+                detail: format!("the server answered {} to a stream request", answer.status),
+                key: None,
+            }),
+        }
+    }
+
     fn request(&self, method: Method, url: Url) -> RequestBuilder {
         self.http.request(method, url).bearer_auth(&self.token)
     }
@@ -118,6 +143,11 @@ impl Client {
 /// Sends one request; `key` is the idempotency key of a write.
 async fn send(request: RequestBuilder, key: Option<&str>) -> Result<Answer, CliError> {
     let response = request.send().await.map_err(|e| transport_error(&e, key))?;
+    read_answer(response, key).await
+}
+
+/// Reads a whole answer and sorts it (see the module docs).
+async fn read_answer(response: reqwest::Response, key: Option<&str>) -> Result<Answer, CliError> {
     let status = response.status().as_u16();
     let replayed = response
         .headers()

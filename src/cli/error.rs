@@ -1,7 +1,8 @@
 //! The CLI's one error type and the exit status each kind of failure gives, so that scripts can trust them:
 //! 1 the server refused (4xx), 2 usage (clap's own, and a missing token), 3 no answer to trust (the server
 //! is unreachable, timed out, answered 5xx or something that is not the API's JSON), 4 the cluster or the
-//! audit has a problem (`status`, `audit`).
+//! audit has a problem (`status`, `audit`), or a backup is not what its manifest says (`verify-backup`,
+//! `restore`), 5 a local file could not be read or written.
 
 use thiserror::Error;
 
@@ -11,8 +12,11 @@ pub const EXIT_REFUSED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status: no answer to trust: unreachable, timed out, 5xx, or not the API's JSON.
 pub const EXIT_NO_ANSWER: u8 = 3;
-/// Exit status: `status` or `audit` found a problem (not ready, audit not ok).
+/// Exit status: `status` or `audit` found a problem (not ready, audit not ok), or `verify-backup`
+/// (or `restore`) found a backup that is not what its manifest says.
 pub const EXIT_PROBLEM: u8 = 4;
+/// Exit status: a local file could not be read or written (the backup or the data directory).
+pub const EXIT_LOCAL: u8 = 5;
 
 #[derive(Debug, Error)]
 pub enum CliError {
@@ -43,6 +47,9 @@ pub enum CliError {
     /// `status` or `audit` found the cluster not ready or the audit not ok.
     #[error("{message}")]
     Problem { code: &'static str, message: String },
+    /// A local file or directory could not be read or written, or is not what the command needs.
+    #[error("{message}")]
+    Local { code: &'static str, message: String },
 }
 
 fn retry_hint(key: Option<&str>) -> String {
@@ -62,7 +69,7 @@ impl CliError {
             CliError::MissingToken { .. } => "missing_token",
             CliError::BadUrl { .. } => "invalid_url",
             CliError::Unreachable { .. } => "unreachable",
-            CliError::Problem { code, .. } => code,
+            CliError::Problem { code, .. } | CliError::Local { code, .. } => code,
         }
     }
 
@@ -72,6 +79,7 @@ impl CliError {
             CliError::MissingToken { .. } | CliError::BadUrl { .. } => EXIT_USAGE,
             CliError::Unreachable { .. } | CliError::NoAnswer { .. } => EXIT_NO_ANSWER,
             CliError::Problem { .. } => EXIT_PROBLEM,
+            CliError::Local { .. } => EXIT_LOCAL,
         }
     }
 }

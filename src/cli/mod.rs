@@ -1,26 +1,32 @@
 //! The operator's client: every subcommand but `serve` (`shopkeep status`, `items`, `users`, `credit`,
-//! `orders`, `refund`, `audit`, `nodes`, `leaders`). Each is one file here with its clap arguments and an
+//! `orders`, `refund`, `audit`, `nodes`, `leaders`, `backup`, `verify-backup`, `restore`). Each is one file here with its clap arguments and an
 //! async `run`, and one variant of [`Command`]; they reach the server only through its HTTP API
 //! ([`client::Client`]), print through [`output::Output`] and fail with [`error::CliError`], whose kind
-//! decides the exit status. Nothing here uses the server's own modules: this is a client, like any other.
+//! decides the exit status. Nothing here uses the server's own modules (this is a client, like any
+//! other) except the offline backup commands: `verify-backup` and `restore` work on files without a
+//! server, through `engine::backup` (the export format, and writing a data directory).
 //!
 //! Tokens come only from the environment (`SHOPKEEP_ADMIN_TOKEN`, `SHOPKEEP_SERVICE_TOKEN`), never from
 //! flags, which `ps` shows.
 
 pub mod client;
 pub mod error;
+pub mod manifest;
 pub mod output;
 pub mod progress;
 
 mod audit;
+mod backup;
 mod credit;
 mod items;
 mod leaders;
 mod nodes;
 mod orders;
 mod refund;
+mod restore;
 mod status;
 mod users;
+mod verify_backup;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -57,6 +63,13 @@ pub enum Command {
     Nodes(Op<nodes::Args>),
     /// Shard leadership across the nodes.
     Leaders(Op<leaders::Args>),
+    /// Back up every shard into a new directory while the shop keeps serving (online, consistent).
+    Backup(Op<backup::Args>),
+    /// Check a backup without a server: every file's digest and every shard's state_hash against the
+    /// manifest (exit 4 when anything differs).
+    VerifyBackup(verify_backup::Args),
+    /// Turn a verified backup into a new data directory (no server needed).
+    Restore(restore::Args),
 }
 
 impl Command {
@@ -71,6 +84,9 @@ impl Command {
             Command::Audit(op) => audit::run(op.args, &op.common.context()?).await,
             Command::Nodes(op) => nodes::run(op.args, &op.common.context()?).await,
             Command::Leaders(op) => leaders::run(op.args, &op.common.context()?).await,
+            Command::Backup(op) => backup::run(op.args, &op.common.context()?).await,
+            Command::VerifyBackup(args) => verify_backup::run(&args),
+            Command::Restore(args) => restore::run(args).await,
         }
     }
 }

@@ -10,6 +10,7 @@
 
 mod apply_untrusted;
 mod backpressure;
+mod backup;
 mod chaos;
 mod clock;
 mod cluster;

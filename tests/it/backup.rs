@@ -1,0 +1,386 @@
+//! Online backup, verification and restore, as an operator runs them: a real server under load, the
+//! real binary as the client (`shopkeep backup`, `verify-backup`, `restore`), a real server started on
+//! the restored data directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::cluster_harness::{ClusterOpts, TestCluster};
+use crate::harness::{ADMIN_TOKEN, Api, Auth, Opts, Server};
+
+/// Runs the real binary with the admin token and `SHOPKEEP_URL` in its environment.
+async fn shopkeep(url: &str, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shopkeep"));
+    command
+        .args(args)
+        .env("SHOPKEEP_URL", url)
+        .env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("RUST_LOG");
+    tokio::task::spawn_blocking(move || command.output().expect("runs shopkeep"))
+        .await
+        .expect("the CLI task")
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+/// Total bytes of the files in `dir`.
+fn size_of(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("reads the directory")
+        .map(|e| e.expect("an entry").metadata().expect("metadata").len())
+        .sum()
+}
+
+/// Buys one gem for `user` and completes it in the same request; the order id when acknowledged.
+async fn buy(api: &Api, user: &str) -> Option<String> {
+    let response = api.create_order(user, &[("gem", 1)], true).await;
+    (response.status == 201).then(|| response.json()["order_id"].as_str().map(str::to_owned))?
+}
+
+/// Orders acknowledged by the load, in the order they were acknowledged.
+type Acked = Arc<Mutex<Vec<(String, String)>>>;
+
+/// Purchases in a loop over `users` until `stop`, recording every acknowledged order.
+fn start_load(
+    api: Api,
+    users: Vec<String>,
+    stop: Arc<AtomicBool>,
+    acked: Acked,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut turn = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let user = &users[turn % users.len()];
+            turn += 1;
+            if let Some(order) = buy(&api, user).await {
+                acked.lock().await.push((user.clone(), order));
+            }
+        }
+    })
+}
+
+/// Each shard's Raft term, by shard.
+async fn terms(api: &Api) -> Vec<u64> {
+    let view = api.get("/v1/cluster", Auth::Admin).await.expect(200);
+    view["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["term"].as_u64().expect("a term"))
+        .collect()
+}
+
+async fn seed_shop(api: &Api, users: usize) -> Vec<String> {
+    api.create_item("gem", "currency", "0.10").await;
+    let mut ids = Vec::with_capacity(users);
+    for n in 0..users {
+        let id = format!("player-{n}");
+        api.funded_user(&id, "500.00").await;
+        ids.push(id);
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_acknowledged_before_it()
+{
+    let mut server = Server::start().await;
+    let users = seed_shop(&server.api(), 12).await;
+    // A restart elects every shard's leader again: the backup ends in term 2, and the restored node
+    // must stand in a later term than that.
+    server.restart().await;
+    let api = server.api();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+    let load = start_load(api.clone(), users.clone(), stop.clone(), acked.clone());
+    while acked.lock().await.len() < 50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let before: Vec<(String, String)> = acked.lock().await.clone();
+    let terms_before = terms(&api).await;
+    let scratch = tempfile::tempdir().expect("a temporary directory");
+    let backup_dir = scratch.path().join("backup");
+    let started = Instant::now();
+    let backup = shopkeep(&api.base, &["backup", "--out", path(&backup_dir)]).await;
+    let backup_time = started.elapsed();
+    assert!(backup.status.success(), "{}", describe(&backup));
+    let during = acked.lock().await.len() - before.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("the load");
+    let total = acked.lock().await.len();
+    assert!(
+        during > 0,
+        "the shop kept taking purchases while the backup ran"
+    );
+    let stderr = String::from_utf8_lossy(&backup.stderr);
+    assert!(
+        stderr.contains("shard 8/8:"),
+        "progress per shard: {stderr}"
+    );
+    assert!(!backup_dir.join("manifest.json.partial").exists());
+
+    let verify = shopkeep(&api.base, &["verify-backup", path(&backup_dir), "--json"]).await;
+    assert!(verify.status.success(), "{}", describe(&verify));
+    let report: Value = serde_json::from_slice(&verify.stdout).expect("verify-backup --json");
+    assert_eq!(report["ok"], json!(true), "{report:#}");
+
+    let restored = scratch.path().join("restored");
+    let started = Instant::now();
+    let restore = shopkeep(
+        &api.base,
+        &[
+            "restore",
+            "--from",
+            path(&backup_dir),
+            "--data-dir",
+            path(&restored),
+        ],
+    )
+    .await;
+    let restore_time = started.elapsed();
+    assert!(restore.status.success(), "{}", describe(&restore));
+    eprintln!(
+        "backup of {} acknowledged orders ({during} more during it): {:.2}s, {} bytes; restore {:.2}s; {total} orders in all",
+        before.len(),
+        backup_time.as_secs_f64(),
+        size_of(&backup_dir),
+        restore_time.as_secs_f64()
+    );
+
+    let copy = Server::start_prepared(Opts::default(), |data| {
+        std::fs::remove_dir(data).expect("an empty data dir");
+        std::fs::rename(&restored, data).expect("moves the restored data dir in place");
+    })
+    .await;
+    let copy_api = copy.api();
+    copy_api.audit_ok().await;
+    // Raft's terms never go back: the restored shards stand after the backup's last term.
+    for (shard, (was, now)) in terms_before.iter().zip(terms(&copy_api).await).enumerate() {
+        assert!(
+            now > *was,
+            "shard {shard}: term {now} after the restore, {was} before"
+        );
+    }
+    for (user, order) in &before {
+        let found = copy_api.get_order(user, order).await;
+        assert_eq!(
+            found["status"],
+            json!("COMPLETED"),
+            "{user} {order}: {found:#}"
+        );
+    }
+    let mut restored_orders = 0;
+    for user in &users {
+        let list = copy_api
+            .get(&format!("/v1/users/{user}/orders?limit=100"), Auth::Admin)
+            .await
+            .expect(200);
+        restored_orders += list["orders"].as_array().map_or(0, Vec::len);
+    }
+    assert!(
+        (before.len()..=total).contains(&restored_orders),
+        "{restored_orders} orders restored: at least the {} acknowledged before the backup, at most the {total} acknowledged in all",
+        before.len()
+    );
+    // the restored node takes writes
+    assert!(buy(&copy_api, &users[0]).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_backup_fails_on_any_changed_byte_and_restore_refuses_a_bad_backup_or_a_used_data_dir()
+ {
+    let server = Server::start_with(Opts::default().shards(2)).await;
+    let api = server.api();
+    let users = seed_shop(&api, 3).await;
+    for user in &users {
+        buy(&api, user).await.expect("a purchase");
+    }
+    let scratch = tempfile::tempdir().expect("a temporary directory");
+    let good = scratch.path().join("good");
+    let backup = shopkeep(&api.base, &["backup", "--out", path(&good)]).await;
+    assert!(backup.status.success(), "{}", describe(&backup));
+
+    // The same directory again: refused, nothing overwritten.
+    let again = shopkeep(&api.base, &["backup", "--out", path(&good)]).await;
+    assert_eq!(again.status.code(), Some(5), "{}", describe(&again));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("backup_dir_not_empty"));
+
+    let largest = largest_export(&good);
+    let length = std::fs::metadata(&largest).expect("metadata").len() as usize;
+    for (what, damage) in [
+        ("one flipped byte", Damage::Flip(length / 2)),
+        ("a cut-off tail", Damage::Truncate(length - 1)),
+        ("an appended byte", Damage::Append),
+    ] {
+        let bad = scratch.path().join(what.replace(' ', "-"));
+        copy_dir(&good, &bad);
+        damage.apply(&bad.join(largest.file_name().expect("a file name")));
+        let verify = shopkeep(&api.base, &["verify-backup", path(&bad)]).await;
+        assert_eq!(
+            verify.status.code(),
+            Some(4),
+            "{what}: {}",
+            describe(&verify)
+        );
+        assert!(
+            String::from_utf8_lossy(&verify.stderr).contains("backup_invalid"),
+            "{what}: {}",
+            describe(&verify)
+        );
+        let target = scratch
+            .path()
+            .join(format!("{}-restored", what.replace(' ', "-")));
+        let restore = shopkeep(
+            &api.base,
+            &["restore", "--from", path(&bad), "--data-dir", path(&target)],
+        )
+        .await;
+        assert_eq!(
+            restore.status.code(),
+            Some(4),
+            "{what}: {}",
+            describe(&restore)
+        );
+        assert!(!target.exists(), "{what}: a refused restore writes nothing");
+    }
+
+    let no_manifest = scratch.path().join("unfinished");
+    copy_dir(&good, &no_manifest);
+    std::fs::remove_file(no_manifest.join("manifest.json")).expect("removes the manifest");
+    let verify = shopkeep(&api.base, &["verify-backup", path(&no_manifest)]).await;
+    assert_eq!(verify.status.code(), Some(4), "{}", describe(&verify));
+
+    let used = scratch.path().join("used");
+    std::fs::create_dir_all(&used).expect("a directory");
+    std::fs::write(used.join("shard-000.redb"), b"a node's data").expect("a file");
+    let restore = shopkeep(
+        &api.base,
+        &["restore", "--from", path(&good), "--data-dir", path(&used)],
+    )
+    .await;
+    assert_eq!(restore.status.code(), Some(5), "{}", describe(&restore));
+    assert!(String::from_utf8_lossy(&restore.stderr).contains("data_dir_not_empty"));
+    assert_eq!(
+        std::fs::read(used.join("shard-000.redb")).expect("still there"),
+        b"a node's data"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() {
+    let cluster = TestCluster::start_with(ClusterOpts::new().nodes(3)).await;
+    let api = cluster.node(2).api();
+    let users = seed_shop(&api, 6).await;
+    let mut orders = Vec::new();
+    for user in &users {
+        orders.push((user.clone(), buy(&api, user).await.expect("a purchase")));
+    }
+    let scratch = tempfile::tempdir().expect("a temporary directory");
+    let backup_dir = scratch.path().join("backup");
+    // Taken through a member that leads some shards and follows in others.
+    let backup = shopkeep(&api.base, &["backup", "--out", path(&backup_dir)]).await;
+    assert!(backup.status.success(), "{}", describe(&backup));
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(backup_dir.join("manifest.json")).expect("the manifest"),
+    )
+    .expect("JSON");
+    let seed_id = manifest["node_id"].as_u64().expect("node_id");
+    drop(cluster);
+
+    let seed_dir = scratch.path().join("seed");
+    let restore = shopkeep(
+        &api.base,
+        &[
+            "restore",
+            "--from",
+            path(&backup_dir),
+            "--data-dir",
+            path(&seed_dir),
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "{}", describe(&restore));
+    let mut opts = ClusterOpts::new().nodes(3).data_dir_on(seed_id, &seed_dir);
+    for other in (1..=3).filter(|&id| id != seed_id) {
+        opts = opts.node_env(other, "SHOPKEEP_RESTORING_FROM_BACKUP", "true");
+    }
+    let restored = TestCluster::start_with(opts).await;
+    for id in 1..=3 {
+        let node = restored.node(id);
+        if id != seed_id {
+            assert!(
+                node.logs().contains("RESTORING FROM BACKUP"),
+                "node {id} says loudly that it restores: {}",
+                node.logs()
+            );
+        }
+    }
+    let api = restored.node(1).api();
+    api.audit_ok().await;
+    for (user, order) in &orders {
+        let found = api.get_order(user, order).await;
+        assert_eq!(
+            found["status"],
+            json!("COMPLETED"),
+            "{user} {order}: {found:#}"
+        );
+    }
+    assert!(
+        buy(&api, &users[0]).await.is_some(),
+        "the restored cluster takes writes"
+    );
+}
+
+enum Damage {
+    Flip(usize),
+    Truncate(usize),
+    Append,
+}
+
+impl Damage {
+    fn apply(&self, file: &Path) {
+        let mut bytes = std::fs::read(file).expect("reads the export");
+        match *self {
+            Damage::Flip(at) => bytes[at] ^= 0x01,
+            Damage::Truncate(to) => bytes.truncate(to),
+            Damage::Append => bytes.push(0),
+        }
+        std::fs::write(file, bytes).expect("writes the export");
+    }
+}
+
+fn largest_export(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .expect("reads the backup")
+        .map(|e| e.expect("an entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "export"))
+        .max_by_key(|p| std::fs::metadata(p).expect("metadata").len())
+        .expect("an export file")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("creates the copy");
+    for entry in std::fs::read_dir(from).expect("reads the backup") {
+        let entry = entry.expect("an entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copies a file");
+    }
+}
