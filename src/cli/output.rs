@@ -68,6 +68,12 @@ impl Table {
         }
     }
 
+    /// One more column heading (for columns shown only sometimes).
+    pub fn column(mut self, heading: &str) -> Table {
+        self.rows[0].push(heading.to_owned());
+        self
+    }
+
     pub fn row(&mut self, cells: Vec<String>) -> &mut Table {
         self.rows.push(cells);
         self
