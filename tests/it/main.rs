@@ -11,6 +11,7 @@
 mod apply_untrusted;
 mod backpressure;
 mod chaos;
+mod cli;
 mod clock;
 mod cluster;
 mod cluster_harness;
