@@ -97,6 +97,8 @@ impl Table {
                     out.extend(std::iter::repeat_n(' ', pad));
                 }
             }
+            // An empty last cell leaves the padding of the one before it.
+            out.truncate(out.trim_end_matches(' ').len());
             out.push('\n');
         }
         out
@@ -121,9 +123,10 @@ mod tests {
         let mut table = Table::new(["ID", "NAME"]);
         table.row(vec!["gems-100".into(), "100 Gems".into()]);
         table.row(vec!["x".into(), "Dragon".into()]);
+        table.row(vec!["y".into(), String::new()]);
         assert_eq!(
             table.render(),
-            "ID        NAME\ngems-100  100 Gems\nx         Dragon\n"
+            "ID        NAME\ngems-100  100 Gems\nx         Dragon\ny\n"
         );
     }
 
