@@ -516,3 +516,33 @@ async fn a_write_without_an_answer_exits_3_naming_its_key_and_the_retry_takes_ef
     shopkeep(&srv.base, Tokens::Both, &retry).await.success();
     assert_eq!(srv.wallet("fay").await.balance, 300, "credited once");
 }
+
+/// The ids in a JSON array of node ids.
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_add_and_promote_make_a_started_node_a_voter_of_every_shard_and_remove_takes_it_out()
+{
+    let mut cluster = TestCluster::start(3).await;
+    let n4 = cluster.start_extra_node().await;
+    let (url, addr) = (cluster.api(1).base, cluster.node(n4).addr());
+    let n4 = n4.to_string();
+
+    let added = shopkeep(&url, Tokens::Both, &["nodes", "add", &n4, &addr, "--json"]).await;
+    for shard in added.success().json()["shards"].as_array().unwrap() {
+        assert!(ids(&shard["learners"]).contains(&4), "a learner: {shard}");
+    }
+    let promoted = shopkeep(&url, Tokens::Both, &["nodes", "promote", &n4, "--json"]).await;
+    for shard in promoted.success().json()["shards"].as_array().unwrap() {
+        assert_eq!(ids(&shard["voters"]), [1, 2, 3, 4], "a voter: {shard}");
+    }
+    let removed = shopkeep(&url, Tokens::Both, &["nodes", "remove", &n4, "--json"]).await;
+    for shard in removed.success().json()["shards"].as_array().unwrap() {
+        assert_eq!(ids(&shard["voters"]), [1, 2, 3], "removed: {shard}");
+        assert_eq!(ids(&shard["learners"]), [0u64; 0], "removed: {shard}");
+    }
+}
