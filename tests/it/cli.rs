@@ -381,8 +381,9 @@ async fn status_of_a_three_node_cluster_names_every_node_and_each_shards_leader(
 }
 
 #[tokio::test]
-async fn status_exits_4_not_ready_when_the_node_lost_its_majority() {
+async fn without_its_majority_a_node_makes_status_exit_4_and_a_write_exit_3_with_its_key() {
     let mut cluster = TestCluster::start(3).await;
+    cluster.api(1).create_user("gus").await;
     cluster.kill9(2);
     cluster.kill9(3);
     cluster
@@ -398,6 +399,22 @@ async fn status_exits_4_not_ready_when_the_node_lost_its_majority() {
     assert!(
         status.stdout.contains("NOT READY"),
         "the view is still printed: {status:?}"
+    );
+
+    let args = [
+        "credit",
+        "gus",
+        "1.00",
+        "--ref",
+        "psp-gus",
+        "--idempotency-key",
+        "gus-1",
+    ];
+    let write = shopkeep(&url, Tokens::Both, &args).await;
+    write.failed(3, "unavailable");
+    assert!(
+        write.stderr.contains("--idempotency-key gus-1"),
+        "{write:?}"
     );
 }
 
