@@ -167,20 +167,7 @@ async fn read_answer(response: reqwest::Response, key: Option<&str>) -> Result<A
             replayed,
         }),
         (400..=499, Some(json)) if error_code(&json).is_some() => Err(refusal(status, &json)),
-        (500..=599, json) => Err(CliError::NoAnswer {
-            code: json
-                .as_ref()
-                .and_then(error_code)
-                .unwrap_or("server_error")
-                .to_owned(),
-            detail: format!(
-                "the server answered {status}: {}",
-                json.as_ref()
-                    .and_then(error_message)
-                    .unwrap_or("no error message")
-            ),
-            key: key.map(str::to_owned),
-        }),
+        (500..=599, json) => Err(server_error(status, json.as_ref(), key)),
         (status, _) => Err(CliError::NoAnswer {
             code: "bad_answer".to_owned(),
             detail: format!(
@@ -188,6 +175,21 @@ async fn read_answer(response: reqwest::Response, key: Option<&str>) -> Result<A
             ),
             key: key.map(str::to_owned),
         }),
+    }
+}
+
+/// A 5xx: the server could not do it now, and a write may or may not have taken effect.
+fn server_error(status: u16, json: Option<&Value>, key: Option<&str>) -> CliError {
+    CliError::NoAnswer {
+        code: json
+            .and_then(error_code)
+            .unwrap_or("server_error")
+            .to_owned(),
+        detail: format!(
+            "the server answered {status}: {}",
+            json.and_then(error_message).unwrap_or("no error message")
+        ),
+        key: key.map(str::to_owned),
     }
 }
 

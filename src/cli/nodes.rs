@@ -64,9 +64,5 @@ pub async fn run(args: Args, ctx: &Context) -> Result<(), CliError> {
 }
 
 fn cluster(view: &Value) -> String {
-    format!(
-        "{}\n{}",
-        nodes_table(view),
-        shards_table(view, &Value::Null)
-    )
+    format!("{}\n{}", nodes_table(view), shards_table(view, None))
 }

@@ -68,6 +68,12 @@ impl Table {
         }
     }
 
+    /// One more column heading (for columns shown only sometimes).
+    pub fn column(mut self, heading: &str) -> Table {
+        self.rows[0].push(heading.to_owned());
+        self
+    }
+
     pub fn row(&mut self, cells: Vec<String>) -> &mut Table {
         self.rows.push(cells);
         self
@@ -91,6 +97,8 @@ impl Table {
                     out.extend(std::iter::repeat_n(' ', pad));
                 }
             }
+            // An empty last cell leaves the padding of the one before it.
+            out.truncate(out.trim_end_matches(' ').len());
             out.push('\n');
         }
         out
@@ -115,9 +123,10 @@ mod tests {
         let mut table = Table::new(["ID", "NAME"]);
         table.row(vec!["gems-100".into(), "100 Gems".into()]);
         table.row(vec!["x".into(), "Dragon".into()]);
+        table.row(vec!["y".into(), String::new()]);
         assert_eq!(
             table.render(),
-            "ID        NAME\ngems-100  100 Gems\nx         Dragon\n"
+            "ID        NAME\ngems-100  100 Gems\nx         Dragon\ny\n"
         );
     }
 

@@ -81,7 +81,7 @@ fn human(view: &Value) -> String {
     );
     out.push_str(&nodes_table(cluster));
     out.push('\n');
-    out.push_str(&shards_table(cluster, &view["audit"]));
+    out.push_str(&shards_table(cluster, Some(&view["audit"])));
     out.push('\n');
     out.push_str(&audit_line(view));
     out.push('\n');
@@ -106,25 +106,16 @@ pub fn nodes_table(cluster: &Value) -> String {
 }
 
 /// Per shard: role here, leader, term, indexes, followers' lag (known on the leader), recovery, and the
-/// audit's violations when `audit` has them.
-pub fn shards_table(cluster: &Value, audit: &Value) -> String {
+/// audit's violations per shard when the audit is given.
+pub fn shards_table(cluster: &Value, audit: Option<&Value>) -> String {
     let mut table = Table::new([
-        "SHARD",
-        "ROLE",
-        "LEADER",
-        "TERM",
-        "APPLIED",
-        "LAST_LOG",
-        "LAG",
-        "RECOVERY",
-        "VIOLATIONS",
+        "SHARD", "ROLE", "LEADER", "TERM", "APPLIED", "LAST_LOG", "LAG", "RECOVERY",
     ]);
+    if audit.is_some() {
+        table = table.column("VIOLATIONS");
+    }
     for shard in cluster["shards"].as_array().map_or(&[][..], Vec::as_slice) {
-        let violations = audit["shards"]
-            .as_array()
-            .and_then(|all| all.iter().find(|s| s["shard"] == shard["shard"]))
-            .map_or("-".to_owned(), |s| text(s, "/violations"));
-        table.row(vec![
+        let mut cells = vec![
             text(shard, "/shard"),
             text(shard, "/role"),
             text(shard, "/leader"),
@@ -133,8 +124,14 @@ pub fn shards_table(cluster: &Value, audit: &Value) -> String {
             text(shard, "/last_log_index"),
             lag(&shard["lag"]),
             text(shard, "/recovery"),
-            violations,
-        ]);
+        ];
+        if let Some(audit) = audit {
+            let of_shard = audit["shards"]
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["shard"] == shard["shard"]));
+            cells.push(of_shard.map_or("-".to_owned(), |s| text(s, "/violations")));
+        }
+        table.row(cells);
     }
     table.render()
 }

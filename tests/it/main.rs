@@ -12,6 +12,7 @@ mod apply_untrusted;
 mod backpressure;
 mod backup;
 mod chaos;
+mod cli;
 mod clock;
 mod cluster;
 mod cluster_harness;
