@@ -152,9 +152,9 @@ pub fn quarantine(data_dir: &Path, paths: &[PathBuf]) -> std::io::Result<PathBuf
 /// What an operator of a single node does with a corrupt file.
 pub fn restore_advice(path: &Path) -> String {
     format!(
-        "This node has no peer to rebuild {} from: stop it, replace its data directory with the \
-         latest backup copy (README, \"Backups\"), and start it again; keep the corrupt directory \
-         aside for inspection",
+        "This node has no peer to rebuild {} from: stop it, restore the latest backup into a new \
+         data directory (`shopkeep restore --from BACKUP --data-dir NEW`, README \"Back up and \
+         restore\"), and start it on that; keep the corrupt directory aside for inspection",
         path.display()
     )
 }

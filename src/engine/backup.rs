@@ -149,7 +149,7 @@ pub async fn restore(data_dir: &Path, shards: Vec<RestoreShard>) -> Result<(), E
 
 fn import_shard(data_dir: &Path, shard: &RestoreShard) -> Result<(), EngineError> {
     let path = shard_path(data_dir, shard.shard);
-    let store = ShardStore::open(&path, shard.shard)?;
+    let store = ShardStore::open_for_import(&path, shard.shard)?;
     let file = std::fs::File::open(&shard.body)
         .map_err(|e| EngineError::Internal(format!("{}: {e}", shard.body.display())))?;
     let mut body: Box<dyn Read> = Box::new(io::BufReader::with_capacity(CHUNK_BYTES, file));
