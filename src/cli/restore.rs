@@ -56,9 +56,16 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         shards.len(),
         args.data_dir.display()
     );
-    backup::restore(&args.data_dir, shards)
-        .await
-        .map_err(|e| local(&args.data_dir, e))?;
+    let of = shards.len();
+    backup::restore(&args.data_dir, shards, move |shard, took| {
+        eprintln!(
+            "shard {}/{of}: restored in {:.1}s",
+            shard + 1,
+            took.as_secs_f64()
+        );
+    })
+    .await
+    .map_err(|e| local(&args.data_dir, e))?;
     let seconds = started.elapsed().as_secs_f64();
     let result = json!({
         "data_dir": args.data_dir,

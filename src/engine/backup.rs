@@ -124,12 +124,19 @@ pub struct RestoreShard {
 /// must hold no shard file and no Raft log yet (the caller prepares it). Each shard file is written in
 /// one durable transaction; the log is written last, so a restore cut short leaves no log (and the
 /// node does not start as if restored: run the restore again into an empty directory).
-pub async fn restore(data_dir: &Path, shards: Vec<RestoreShard>) -> Result<(), EngineError> {
+/// `restored` is called after each shard file is written, with the shard and the time it took.
+pub async fn restore(
+    data_dir: &Path,
+    shards: Vec<RestoreShard>,
+    restored: impl Fn(u32, std::time::Duration) + Send + 'static,
+) -> Result<(), EngineError> {
     let dir = data_dir.to_path_buf();
     let markers = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
         let mut markers = Vec::with_capacity(shards.len());
         for shard in shards {
+            let started = std::time::Instant::now();
             import_shard(&dir, &shard)?;
+            restored(shard.shard, started.elapsed());
             markers.push((shard.shard, shard.marker));
         }
         Ok(markers)
