@@ -63,7 +63,7 @@ impl Drop for Admitted {
                 census.per_peer.remove(&self.peer);
             }
         }
-        metrics::gauge!("shopkeep_http_connections").set(census.total as f64);
+        metrics::gauge!(crate::metrics::HTTP_CONNECTIONS).set(census.total as f64);
     }
 }
 
@@ -95,7 +95,7 @@ fn admit(
     }
     *from_peer += 1;
     guard.total += 1;
-    metrics::gauge!("shopkeep_http_connections").set(guard.total as f64);
+    metrics::gauge!(crate::metrics::HTTP_CONNECTIONS).set(guard.total as f64);
     Ok(Admitted {
         census: census.clone(),
         peer,
@@ -170,7 +170,7 @@ fn refuse(stream: TcpStream, peer: SocketAddr, reason: Refused) {
         Refused::Total => "total",
         Refused::PerPeer => "per_peer",
     };
-    metrics::counter!("shopkeep_http_connections_refused_total", "reason" => reason).increment(1);
+    metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REFUSED, "reason" => reason).increment(1);
     tracing::debug!(%peer, reason, "connection refused: over the connection limit");
     drop(stream);
 }
