@@ -191,7 +191,12 @@ impl Metrics {
 
     fn refresh_cluster(&self, cluster: &Cluster) {
         let status = cluster.status();
-        metrics::gauge!(CLOCK_AGREES).set(flag(cluster.clock_verdict().agrees));
+        let verdict = cluster.clock_verdict();
+        metrics::gauge!(CLOCK_AGREES).set(flag(verdict.agrees));
+        for (peer, offset_ms) in &verdict.offsets_ms {
+            metrics::gauge!(PEER_CLOCK_OFFSET, "peer" => peer.to_string())
+                .set(*offset_ms as f64 / 1000.0);
+        }
         let lags = publish_shards(&status);
         let peers = members_but_me(&status);
         for peer in &peers {
