@@ -86,7 +86,10 @@ const COUNTERS: [(&str, &str); 9] = [
 ];
 
 const GAUGES: [(&str, &str); 12] = [
-    (HTTP_CONNECTIONS, "Client connections open now"),
+    (
+        HTTP_CONNECTIONS,
+        "Connections open now, by listener: client (--listen, node traffic too unless --node-listen), node, metrics",
+    ),
     (
         CLOCK_AGREES,
         "1 while this node's clock agrees with a majority of the members' (within 2 s), else 0: it then takes no writes",
@@ -175,7 +178,6 @@ impl Metrics {
             let _registered = metrics::histogram!(APPLY_BATCH_SIZE, "shard" => shard.to_string());
         }
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        metrics::gauge!(HTTP_CONNECTIONS).set(0.0);
         Ok(Metrics {
             handle,
             published: Mutex::new(Published::default()),

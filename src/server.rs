@@ -156,6 +156,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         max_connections: http::listener::connections_that_fit(config.max_connections),
         max_connections_per_peer: config.max_connections_per_peer,
         header_read_timeout: config.header_read_timeout,
+        name: "client",
     };
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let node_server = node_listener.map(|listener| {
@@ -166,7 +167,10 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         tokio::spawn(http::listener::serve(
             listener,
             router,
-            limits,
+            http::listener::ConnectionLimits {
+                name: "node",
+                ..limits
+            },
             stopped(stopping_rx.clone()),
             drain,
         ))
@@ -179,7 +183,10 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         tokio::spawn(http::listener::serve(
             listener,
             router,
-            limits,
+            http::listener::ConnectionLimits {
+                name: "metrics",
+                ..limits
+            },
             stopped(stopping_rx.clone()),
             drain,
         ))

@@ -257,6 +257,12 @@ async fn metrics_describe_every_family_start_counters_at_zero_and_time_with_hist
         elsewhere.types.keys().collect::<Vec<_>>(),
         after.types.keys().collect::<Vec<_>>()
     );
+    // Its scrapes are counted apart from the clients' connections.
+    assert_eq!(
+        elsewhere.value("shopkeep_http_connections", &[("listener", "metrics")]),
+        Some(1.0)
+    );
+    assert!(after.value("shopkeep_http_connections", &[("listener", "client")]) >= Some(1.0));
     let health = reqwest::get(format!("{second}/healthz"))
         .await
         .expect("healthz");
