@@ -191,21 +191,14 @@ impl Metrics {
         self.handle.render()
     }
 
+    /// Publishes the cluster's gauges, and sets to 0 the labelled ones it no longer publishes (one scrape
+    /// at a time, so two never retire what the other just set).
     fn refresh_cluster(&self, cluster: &Cluster) {
-        let status = cluster.status();
-        let verdict = cluster.clock_verdict();
-        metrics::gauge!(CLOCK_AGREES).set(flag(verdict.agrees));
-        for (peer, offset_ms) in &verdict.offsets_ms {
-            metrics::gauge!(PEER_CLOCK_OFFSET, "peer" => peer.to_string())
-                .set(*offset_ms as f64 / 1000.0);
-        }
-        let lags = publish_shards(&status);
-        let peers = members_but_me(&status);
-        for peer in &peers {
-            metrics::gauge!(PEER_UP, "peer" => peer.to_string())
-                .set(flag(cluster.clock().heard_recently(*peer)));
-        }
         let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let status = cluster.status();
+        publish_clock(cluster);
+        let lags = publish_shards(&status);
+        let peers = publish_peers(cluster, &status);
         for (shard, follower) in published.lags.difference(&lags) {
             metrics::gauge!(RAFT_FOLLOWER_LAG, "shard" => shard.to_string(), "follower" => follower.to_string())
                 .set(0.0);
@@ -266,6 +259,32 @@ fn register_counters(shards: u32) {
     }
 }
 
+fn publish_clock(cluster: &Cluster) {
+    let verdict = cluster.clock_verdict();
+    metrics::gauge!(CLOCK_AGREES).set(flag(verdict.agrees));
+    for (peer, offset_ms) in &verdict.offsets_ms {
+        metrics::gauge!(PEER_CLOCK_OFFSET, "peer" => peer.to_string())
+            .set(*offset_ms as f64 / 1000.0);
+    }
+}
+
+/// Publishes whether each member of any shard (voters and learners) other than this node was heard from
+/// recently; returns those members.
+fn publish_peers(cluster: &Cluster, status: &ClusterStatus) -> BTreeSet<NodeId> {
+    let mut members: BTreeSet<NodeId> = status
+        .shards
+        .iter()
+        .flat_map(|shard| shard.voters.iter().chain(&shard.learners))
+        .copied()
+        .collect();
+    members.remove(&status.node_id);
+    for peer in &members {
+        metrics::gauge!(PEER_UP, "peer" => peer.to_string())
+            .set(flag(cluster.clock().heard_recently(*peer)));
+    }
+    members
+}
+
 /// Publishes each shard's leadership, term, applied index and (on its leader) follower lags; returns
 /// the (shard, follower) pairs published.
 fn publish_shards(status: &ClusterStatus) -> BTreeSet<(u32, NodeId)> {
@@ -288,18 +307,6 @@ fn publish_shards(status: &ClusterStatus) -> BTreeSet<(u32, NodeId)> {
         }
     }
     lags
-}
-
-/// The members of any shard (voters and learners) other than this node.
-fn members_but_me(status: &ClusterStatus) -> BTreeSet<NodeId> {
-    let mut members: BTreeSet<NodeId> = status
-        .shards
-        .iter()
-        .flat_map(|shard| shard.voters.iter().chain(&shard.learners))
-        .copied()
-        .collect();
-    members.remove(&status.node_id);
-    members
 }
 
 fn refresh_process() {
