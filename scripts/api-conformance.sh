@@ -3,7 +3,7 @@
 # loopback port), checks that the OpenAPI document it serves validates (openapi-spec-validator) and that
 # the server does what the document says (Schemathesis, every check, a bounded number of examples).
 # Exits non-zero on any failure. Needs python3 (>= 3.9) and, the first time, PyPI: it keeps its tools in
-# a virtualenv (.venv-ci, or $SHOPKEEP_CONFORMANCE_VENV).
+# a virtualenv (.venv-ci, or $SHOPKEEP_CONFORMANCE_VENV; see scripts/python-tools.sh).
 #
 #   scripts/api-conformance.sh               # builds target/debug/shopkeep if it is missing
 #   SHOPKEEP_BIN=path/to/shopkeep MAX_EXAMPLES=50 scripts/api-conformance.sh
@@ -15,10 +15,7 @@ BIN=${SHOPKEEP_BIN:-target/debug/shopkeep}
 MAX_EXAMPLES=${MAX_EXAMPLES:-50}
 SEED=${SEED:-20261201}
 
-if [ ! -x "$VENV/bin/st" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'schemathesis>=4.1,<5' 'openapi-spec-validator>=0.7'
-fi
+scripts/python-tools.sh
 if [ ! -x "$BIN" ]; then
   cargo build --locked --bin shopkeep
 fi

@@ -136,6 +136,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_NODE_LISTEN")]
     pub node_listen: Option<SocketAddr>,
 
+    /// A second address serving only `GET /metrics` (and `/healthz`), e.g. for a scraper on a private
+    /// interface; `/metrics` stays on --listen as well.
+    #[arg(long, env = "SHOPKEEP_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Most client connections open at once (clamped to what the open-file limit allows); more are
     /// closed at once.
     #[arg(long, env = "SHOPKEEP_MAX_CONNECTIONS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -249,6 +254,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// See `ServeArgs::node_listen`.
     pub node_listen: Option<SocketAddr>,
+    /// See `ServeArgs::metrics_listen`.
+    pub metrics_listen: Option<SocketAddr>,
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
     pub header_read_timeout: Duration,
@@ -331,6 +338,7 @@ impl Config {
             max_inflight: args.max_inflight as usize,
             shutdown_timeout: args.shutdown_timeout,
             node_listen: args.node_listen,
+            metrics_listen: args.metrics_listen,
             max_connections: args.max_connections as usize,
             max_connections_per_peer: args.max_connections_per_peer as usize,
             header_read_timeout: args.header_read_timeout,

@@ -6,6 +6,7 @@ pub mod datadir;
 pub mod domain;
 pub mod engine;
 pub mod http;
+pub mod metrics;
 pub mod secrets;
 pub mod server;
 pub mod state;

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::sync::watch;
 
 use crate::config::{Config, Secrets};
 use crate::datadir::{self, FixedSettings};
 use crate::engine::{Node, sweeper};
 use crate::http::{self, auth::Authenticator, auth::TokenSigner};
+use crate::metrics::Metrics;
 use crate::secrets::{KeyPurpose, derive_key};
 use shopkeep_raft::auth::NodeAuth;
 
@@ -99,15 +99,18 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         secrets.service_token.as_deref(),
         TokenSigner::new(&token_key),
     );
-    let metrics = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| StartError::Metrics(e.to_string()))?;
+    let metrics =
+        Arc::new(Metrics::install(config.shards).map_err(|e| StartError::Metrics(e.to_string()))?);
 
     // Bind before the replicas start: peers that call while this node opens its shards wait in the
     // listen queue instead of being refused.
     let listener = bind(config.listen).await?;
     let address = listener.local_addr().map_err(StartError::Serve)?;
     let node_listener = match config.node_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
@@ -161,6 +164,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         max_connections: http::listener::connections_that_fit(config.max_connections),
         max_connections_per_peer: config.max_connections_per_peer,
         header_read_timeout: config.header_read_timeout,
+        name: "client",
     };
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let node_server = node_listener.map(|listener| {
@@ -171,7 +175,26 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         tokio::spawn(http::listener::serve(
             listener,
             router,
-            limits,
+            http::listener::ConnectionLimits {
+                name: "node",
+                ..limits
+            },
+            stopped(stopping_rx.clone()),
+            drain,
+        ))
+    });
+    let metrics_server = metrics_listener.map(|listener| {
+        let router = http::metrics_router(node.clone(), metrics.clone());
+        if let Ok(addr) = listener.local_addr() {
+            println!("shopkeep metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(http::listener::serve(
+            listener,
+            router,
+            http::listener::ConnectionLimits {
+                name: "metrics",
+                ..limits
+            },
             stopped(stopping_rx.clone()),
             drain,
         ))
@@ -194,8 +217,8 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     http::listener::serve(listener, router, limits, shutdown, drain)
         .await
         .map_err(StartError::Serve)?;
-    if let Some(node_server) = node_server {
-        let _ = node_server.await;
+    for server in [node_server, metrics_server].into_iter().flatten() {
+        let _ = server.await;
     }
 
     tracing::info!("stopping: in-flight requests drained");

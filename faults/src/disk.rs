@@ -222,6 +222,14 @@ impl DiskHealth {
         DiskHealth::default()
     }
 
+    /// Serves `shopkeep_storage_full{file}` for `file` from now on: 0 until it is full (so the series
+    /// exists before anything goes wrong).
+    pub fn watch(&self, file: &Path) {
+        let full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+        let value = if full.contains_key(file) { 1.0 } else { 0.0 };
+        metrics::gauge!("shopkeep_storage_full", "file" => file.display().to_string()).set(value);
+    }
+
     /// A write to `file` failed for want of space. Logged once until [`DiskHealth::written`].
     pub fn full(&self, file: &Path, error: &dyn std::fmt::Display) {
         let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());

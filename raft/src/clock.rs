@@ -113,6 +113,16 @@ impl ClockWatch {
         self.observe(peer, peer_time - midpoint);
     }
 
+    /// Whether `peer` was heard from within [`SAMPLE_LIFETIME`]: it answered a call of this node's, or
+    /// one of its calls arrived (the samples of both ways). Whatever its clock says: this is reachability.
+    pub fn heard_recently(&self, peer: NodeId) -> bool {
+        self.samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&peer)
+            .is_some_and(|sample| sample.at.elapsed() <= SAMPLE_LIFETIME)
+    }
+
     /// The verdict for `me` among `members` (`me` included).
     pub fn verdict(&self, me: NodeId, members: impl IntoIterator<Item = NodeId>) -> ClockVerdict {
         let samples = self
@@ -174,6 +184,18 @@ mod tests {
         watch.observe(3, 0);
         assert!(watch.verdict(1, [1, 2, 3]).agrees);
         assert!(!watch.verdict(1, [1, 2, 3, 4, 5]).agrees, "2 of 5");
+    }
+
+    #[test]
+    fn a_peer_is_heard_recently_only_once_sampled_and_whatever_its_offset() {
+        let watch = ClockWatch::default();
+        assert!(!watch.heard_recently(2), "never heard from");
+        watch.observe(2, 3_600_000_000);
+        assert!(watch.heard_recently(2), "an hour off, but it answered");
+        if let Some(sample) = watch.samples.lock().expect("lock").get_mut(&2) {
+            sample.at -= SAMPLE_LIFETIME + Duration::from_millis(1);
+        }
+        assert!(!watch.heard_recently(2), "too long ago");
     }
 
     #[test]

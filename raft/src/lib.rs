@@ -14,6 +14,7 @@
 //!   linearizable read barriers, membership changes and status; its `rebuild` part keeps a member that
 //!   lost its data out of every quorum until it has caught up.
 //!
+//! - [`metrics`]: the names and descriptions of what it records for `/metrics`.
 //! - [`batch`]: many commands in one log entry, so a shard's fsync, replication and apply serve many
 //!   commands at once.
 //!
@@ -36,6 +37,7 @@ pub mod batch;
 pub mod clock;
 pub mod cluster;
 pub mod log_store;
+pub mod metrics;
 pub mod network;
 pub mod rpc;
 pub mod state_machine;

@@ -248,7 +248,26 @@ impl Command {
         }
     }
 
-    /// A short name for logs and metrics.
+    /// Every [`Command::name`] (metrics register each at start).
+    pub const NAMES: [&'static str; 15] = [
+        "create_user",
+        "issue_token",
+        "claim_global_key",
+        "settle_global_key",
+        "claim_external_ref",
+        "credit",
+        "create_topup",
+        "psp_payment",
+        "put_item",
+        "create_order",
+        "complete_order",
+        "cancel_order",
+        "refund",
+        "consume",
+        "sweep",
+    ];
+
+    /// A short name for logs and metrics (one of [`Command::NAMES`]).
     pub fn name(&self) -> &'static str {
         match self {
             Command::CreateUser(_) => "create_user",

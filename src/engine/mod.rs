@@ -211,13 +211,13 @@ impl Node {
         let reply = match self.cluster.write(shard, bytes).await {
             Ok(reply) => reply,
             Err(ClusterError::Overloaded { shard }) => {
-                metrics::counter!("shopkeep_shard_overloaded_total", "shard" => shard.to_string())
+                metrics::counter!(crate::metrics::SHARD_OVERLOADED, "shard" => shard.to_string())
                     .increment(1);
                 return Err(EngineError::Overloaded { shard });
             }
             Err(error) => return Err(error.into()),
         };
-        metrics::counter!("shopkeep_commands_total", "command" => command).increment(1);
+        metrics::counter!(crate::metrics::COMMANDS, "command" => command).increment(1);
         let reply: ApplyReply = postcard::from_bytes(&reply)
             .map_err(|e| EngineError::Internal(format!("undecodable reply: {e}")))?;
         reply.map_err(EngineError::Internal)

@@ -42,7 +42,7 @@ impl ReplicatedState for ShardMachine {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        metrics::histogram!("shopkeep_apply_batch_size", "shard" => self.store.shard().to_string())
+        metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE, "shard" => self.store.shard().to_string())
             .record(batch.len() as f64);
         let decoded: Vec<Option<Result<Envelope, String>>> = batch
             .iter()

@@ -76,9 +76,9 @@ pub async fn run(
 /// Publishes the clock verdict (metrics) and logs when it changes; returns whether the clock agrees.
 fn watch_clock(node: &Node, agreed: &mut bool) -> bool {
     let verdict = node.cluster().clock_verdict();
-    metrics::gauge!("shopkeep_clock_agrees").set(if verdict.agrees { 1.0 } else { 0.0 });
+    metrics::gauge!(crate::metrics::CLOCK_AGREES).set(if verdict.agrees { 1.0 } else { 0.0 });
     for (peer, offset_ms) in &verdict.offsets_ms {
-        metrics::gauge!("shopkeep_peer_clock_offset_seconds", "peer" => peer.to_string())
+        metrics::gauge!(crate::metrics::PEER_CLOCK_OFFSET, "peer" => peer.to_string())
             .set(*offset_ms as f64 / 1000.0);
     }
     if verdict.agrees != *agreed {
@@ -137,11 +137,11 @@ pub async fn sweep_shard(
                 purged_topups,
                 "swept"
             );
-            metrics::counter!("shopkeep_expired_orders_total").increment(u64::from(orders));
-            metrics::counter!("shopkeep_expired_topups_total").increment(u64::from(topups));
-            metrics::counter!("shopkeep_purged_idempotency_records_total")
+            metrics::counter!(crate::metrics::EXPIRED_ORDERS).increment(u64::from(orders));
+            metrics::counter!(crate::metrics::EXPIRED_TOPUPS).increment(u64::from(topups));
+            metrics::counter!(crate::metrics::PURGED_IDEMPOTENCY_RECORDS)
                 .increment(u64::from(idempotency_records));
-            metrics::counter!("shopkeep_purged_topups_total").increment(u64::from(purged_topups));
+            metrics::counter!(crate::metrics::PURGED_TOPUPS).increment(u64::from(purged_topups));
             let full = [orders, topups, idempotency_records, purged_topups].contains(&SWEEP_LIMIT);
             if !full {
                 return Ok(());

@@ -38,13 +38,16 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
     pub header_read_timeout: Duration,
+    /// The `listener` label of its connection gauge: `client` (--listen), `node`, `metrics`.
+    pub name: &'static str,
 }
 
 /// Open connections, in all and per peer address.
-#[derive(Default)]
 struct Census {
     total: usize,
     per_peer: HashMap<IpAddr, usize>,
+    /// `shopkeep_http_connections{listener}`: `total`.
+    gauge: metrics::Gauge,
 }
 
 /// A connection's place in the census, given back when it closes.
@@ -63,7 +66,7 @@ impl Drop for Admitted {
                 census.per_peer.remove(&self.peer);
             }
         }
-        metrics::gauge!("shopkeep_http_connections").set(census.total as f64);
+        census.gauge.set(census.total as f64);
     }
 }
 
@@ -95,7 +98,7 @@ fn admit(
     }
     *from_peer += 1;
     guard.total += 1;
-    metrics::gauge!("shopkeep_http_connections").set(guard.total as f64);
+    guard.gauge.set(guard.total as f64);
     Ok(Admitted {
         census: census.clone(),
         peer,
@@ -111,7 +114,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<()> {
-    let census = Arc::new(Mutex::new(Census::default()));
+    let gauge = metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "listener" => limits.name);
+    gauge.set(0.0);
+    let census = Arc::new(Mutex::new(Census {
+        total: 0,
+        per_peer: HashMap::new(),
+        gauge,
+    }));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder
@@ -170,7 +179,7 @@ fn refuse(stream: TcpStream, peer: SocketAddr, reason: Refused) {
         Refused::Total => "total",
         Refused::PerPeer => "per_peer",
     };
-    metrics::counter!("shopkeep_http_connections_refused_total", "reason" => reason).increment(1);
+    metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REFUSED, "reason" => reason).increment(1);
     tracing::debug!(%peer, reason, "connection refused: over the connection limit");
     drop(stream);
 }

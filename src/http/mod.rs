@@ -23,12 +23,12 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::config::Config;
 use crate::domain::{Command, Fingerprint, IdempotencyTag, Timestamp};
 use crate::engine::{Applied, Consistency, Node};
+use crate::metrics::Metrics;
 use auth::Authenticator;
 use error::ApiError;
 use shopkeep_raft::auth::NodeAuth;
@@ -39,7 +39,7 @@ pub struct App {
     pub config: Config,
     pub auth: Authenticator,
     pub psp_secret: Option<Vec<u8>>,
-    pub metrics: PrometheusHandle,
+    pub metrics: Arc<Metrics>,
     /// The served OpenAPI document, rendered once.
     pub openapi: Vec<u8>,
 }
@@ -98,11 +98,12 @@ pub fn router(
     auth: Authenticator,
     node_auth: Arc<NodeAuth>,
     psp_secret: Option<Vec<u8>>,
-    metrics: PrometheusHandle,
+    metrics: Arc<Metrics>,
 ) -> Router {
     let (router, document) = routes::api().split_for_parts();
-    let openapi = serde_json::to_vec(&routes::finish_document(document, &config.currency))
-        .unwrap_or_default();
+    let document = routes::finish_document(document, &config.currency);
+    register_documented_requests(&document);
+    let openapi = serde_json::to_vec(&document).unwrap_or_default();
     let limits = Arc::new(RequestLimits {
         general: tokio::sync::Semaphore::new(config.max_inflight),
         webhook: tokio::sync::Semaphore::new(config.max_webhook_inflight),
@@ -142,6 +143,41 @@ pub fn router(
         // Node traffic has its own authentication and limits, and is never refused for client load.
         Some(node_traffic) => router.merge(node_traffic),
         None => router,
+    }
+}
+
+/// The router of `--metrics-listen`: `GET /metrics` and `GET /healthz` alone; anything else is a JSON
+/// 404 (or 405).
+pub fn metrics_router(node: Arc<Node>, metrics: Arc<Metrics>) -> Router {
+    let scrape = move || async move { routes::metrics_text(&metrics, node.cluster()) };
+    Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .route("/healthz", axum::routing::get(|| async { status("ok") }))
+        .fallback(|| async { ApiError::no_such_endpoint() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Registers the request counter (at 0) for every status the document says each operation may answer,
+/// and each operation's latency histogram, so both exist from the start.
+fn register_documented_requests(document: &serde_json::Value) {
+    let Some(paths) = document.get("paths").and_then(serde_json::Value::as_object) else {
+        return;
+    };
+    for (route, item) in paths {
+        for (method, operation) in item.as_object().into_iter().flatten() {
+            let responses = operation
+                .get("responses")
+                .and_then(serde_json::Value::as_object);
+            let (Some(responses), Ok(method)) = (
+                responses,
+                axum::http::Method::from_bytes(method.to_uppercase().as_bytes()),
+            ) else {
+                continue;
+            };
+            crate::metrics::register_requests(method_label(&method), route, responses.keys());
+        }
     }
 }
 
@@ -263,9 +299,9 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     let method = method_label(request.method());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("shopkeep_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
-    metrics::histogram!("shopkeep_http_request_duration_seconds", "method" => method, "route" => route)
+    metrics::histogram!(crate::metrics::HTTP_REQUEST_DURATION, "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
 }

@@ -92,7 +92,7 @@ async fn stamp_time(mut response: Response) -> Response {
 impl NodeTraffic {
     /// Counts and (for a member's clock too far off, at most once a minute) logs a refused call.
     fn refused(&self, error: &NodeAuthError) -> ApiError {
-        metrics::counter!("shopkeep_node_traffic_refused_total").increment(1);
+        metrics::counter!(crate::metrics::NODE_TRAFFIC_REFUSED).increment(1);
         if let NodeAuthError::Stale { sender, .. } = error {
             self.stale_log.warn(*sender, error);
         } else {
@@ -130,7 +130,7 @@ impl NodeTraffic {
             .map_err(|_| ApiError::rate_limited("too many node calls in flight; retry shortly"))?;
         let body = input::read_limited(request, limit).await?;
         signed.check(&body).map_err(|error| {
-            metrics::counter!("shopkeep_node_traffic_refused_total").increment(1);
+            metrics::counter!(crate::metrics::NODE_TRAFFIC_REFUSED).increment(1);
             ApiError::unauthenticated_because(error.to_string())
         })?;
         Ok((permit, body))

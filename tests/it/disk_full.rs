@@ -159,6 +159,11 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_when_space_is_freed(
     let ready = srv.get("/readyz", Auth::None).await;
     assert_eq!(ready.status, 503, "{}", ready.text());
     assert!(ready.text().contains("disk full at"), "{}", ready.text());
+    let gauges = storage_full_gauges(&srv).await;
+    assert!(
+        gauges.contains(&1.0),
+        "no shopkeep_storage_full at 1: {gauges:?}"
+    );
     for user in &users {
         let wallet = srv
             .get(&format!("/v1/users/{user}/wallet"), Auth::Service)
@@ -195,6 +200,11 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_when_space_is_freed(
         ready.status
     );
     assert_eq!(ready.status, 200, "{}", ready.text());
+    let gauges = storage_full_gauges(&srv).await;
+    assert!(
+        !gauges.is_empty() && gauges.iter().all(|g| *g == 0.0),
+        "shopkeep_storage_full once writes resumed: {gauges:?}"
+    );
     assert_eq!(srv.pid(), pid, "the process was not restarted");
 
     // Nothing half-applied, nothing acknowledged lost.
@@ -220,6 +230,17 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_when_space_is_freed(
     );
     drop(srv);
     drop(tmpfs);
+}
+
+/// The values of every `shopkeep_storage_full{file}` series in a scrape of `srv`.
+async fn storage_full_gauges(srv: &Server) -> Vec<f64> {
+    srv.get("/metrics", Auth::None)
+        .await
+        .text()
+        .lines()
+        .filter(|line| line.starts_with("shopkeep_storage_full{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse().ok())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,6 +1,7 @@
 //! The contract's conventions checked route by route: every refusal has the JSON error shape (malformed
 //! paths included), query parameters are strict, and the served OpenAPI document describes what the
-//! server enforces (patterns, ranges, enums, formats, a description on every response).
+//! server enforces (patterns, ranges, enums, formats, a description on every response) and passes
+//! openapi-spec-validator.
 
 use reqwest::Method;
 use serde_json::Value;
@@ -265,6 +266,65 @@ async fn every_response_has_a_description() {
     assert!(
         missing.is_empty(),
         "responses without a description: {missing:?}"
+    );
+}
+
+/// The `openapi-spec-validator` of the conformance virtualenv (`scripts/python-tools.sh` makes it, and
+/// `.ci/run` runs that before the tests). Missing, the test fails and says how to get it: a validation that
+/// was never run must not pass.
+fn openapi_validator() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = std::env::var_os("SHOPKEEP_CONFORMANCE_VENV")
+        .map_or_else(|| root.join(".venv-ci"), |venv| root.join(venv));
+    let validator = venv.join("bin").join("openapi-spec-validator");
+    assert!(
+        validator.is_file(),
+        "{} is missing: run scripts/python-tools.sh once (it installs openapi-spec-validator into {})",
+        validator.display(),
+        venv.display()
+    );
+    validator
+}
+
+/// Runs the validator on `document`; its verdict and what it said.
+fn validate(validator: &std::path::Path, document: &[u8]) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("openapi.json");
+    std::fs::write(&path, document).expect("write the document");
+    let output = std::process::Command::new(validator)
+        .arg("--validation-errors")
+        .arg("all")
+        .arg(&path)
+        .output()
+        .expect("run openapi-spec-validator");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), said)
+}
+
+/// The served document, byte for byte, passes openapi-spec-validator (which client generators such as
+/// openapi-python-client rely on); the same document with one response's description removed does not.
+#[tokio::test]
+async fn the_served_document_passes_openapi_spec_validator() {
+    let validator = openapi_validator();
+    let srv = Server::start().await;
+    let served = srv.get("/v1/openapi.json", Auth::None).await;
+    assert_eq!(served.status, 200, "{served:?}");
+    let (valid, said) = validate(&validator, served.text().as_bytes());
+    assert!(valid, "the served document does not validate:\n{said}");
+
+    let mut broken = served.json();
+    let responses = broken["paths"]["/healthz"]["get"]["responses"]["200"]
+        .as_object_mut()
+        .expect("GET /healthz 200");
+    responses.remove("description");
+    let (valid, said) = validate(&validator, &serde_json::to_vec(&broken).unwrap());
+    assert!(
+        !valid,
+        "the validator accepts a response without a description:\n{said}"
     );
 }
 

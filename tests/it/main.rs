@@ -39,6 +39,7 @@ mod http_refunds;
 mod http_topups;
 mod http_users;
 mod launcher;
+mod metrics;
 mod props;
 mod raft_conformance;
 mod shop_model;

@@ -231,7 +231,7 @@ impl Cluster {
         let written = tokio::time::timeout(self.config.deadline, write).await;
         if let Ok(Ok(_)) = &written {
             // From proposal to applied reply, on the leader (refusals are not proposals).
-            metrics::histogram!("shopkeep_raft_proposal_seconds")
+            metrics::histogram!(crate::metrics::PROPOSAL_SECONDS)
                 .record(started.elapsed().as_secs_f64());
         }
         match written {
@@ -325,10 +325,10 @@ pub(super) async fn run_batcher(
         tokio::spawn(async move {
             let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
                 batch.into_iter().map(|w| (w.command, w.reply)).unzip();
-            metrics::histogram!("shopkeep_raft_batch_commands").record(commands.len() as f64);
+            metrics::histogram!(crate::metrics::BATCH_COMMANDS).record(commands.len() as f64);
             let started = Instant::now();
             let written = cluster.write_batch(shard, &commands).await;
-            metrics::histogram!("shopkeep_raft_batch_seconds")
+            metrics::histogram!(crate::metrics::BATCH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
             match written {
                 Ok(answers) => {

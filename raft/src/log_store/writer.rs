@@ -67,6 +67,9 @@ impl LogFile {
 /// free: writes are then refused before they reach the log, and the reserve takes what is in flight
 /// and the applies of what is logged. Stops with the log.
 pub(super) fn watch_reserve(file: &std::sync::Weak<LogFile>) {
+    if let Some(file) = file.upgrade() {
+        file.health.watch(file.path.parent().unwrap_or(&file.path));
+    }
     while let Some(file) = file.upgrade() {
         let dir = file.path.parent().unwrap_or(&file.path);
         match disk::below_reserve(&file.path) {
@@ -90,8 +93,8 @@ pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
         }
         let started = std::time::Instant::now();
         let result = commit_batch(file, &batch).map_err(|e| e.to_string());
-        metrics::histogram!("shopkeep_raft_log_ops_per_commit").record(batch.len() as f64);
-        metrics::histogram!("shopkeep_raft_log_commit_seconds")
+        metrics::histogram!(crate::metrics::LOG_OPS_PER_COMMIT).record(batch.len() as f64);
+        metrics::histogram!(crate::metrics::LOG_COMMIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
             tracing::error!(%error, "raft log commit failed");

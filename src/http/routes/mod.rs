@@ -17,6 +17,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use doc::finish as finish_document;
+pub use ops::metrics_text;
 
 use super::AppState;
 use super::auth::Caller;

@@ -9,6 +9,8 @@ use crate::http::dto::{AuditResponse, ShardAuditResponse, StatusResponse};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::ReadConsistency;
 use crate::http::{AppState, render, status};
+use crate::metrics::Metrics;
+use shopkeep_raft::Cluster;
 
 /// Recompute every invariant on every shard (admin).
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
@@ -71,7 +73,12 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 /// Prometheus metrics (text format).
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
-    let text = app.metrics.render();
+    metrics_text(&app.metrics, app.node.cluster())
+}
+
+/// A scrape: the gauges read from the cluster now, then every family in the text format.
+pub fn metrics_text(metrics: &Metrics, cluster: &Cluster) -> Response {
+    let text = metrics.render(cluster);
     (
         StatusCode::OK,
         [(

@@ -118,6 +118,15 @@ fn commands_encode_as_pinned() {
     assert_golden(&variant_cases(commands(), golden_command));
 }
 
+/// `Command::NAMES` (the `command` label values the metrics register at 0) is exactly the names of the
+/// variants, every one of which has a sample here.
+#[test]
+fn command_names_are_the_names_of_every_variant() {
+    let named: std::collections::BTreeSet<&str> = commands().iter().map(Command::name).collect();
+    let listed: std::collections::BTreeSet<&str> = Command::NAMES.into_iter().collect();
+    assert_eq!(named, listed);
+}
+
 #[test]
 fn envelopes_encode_as_pinned() {
     let mut bare = envelope(create_user());

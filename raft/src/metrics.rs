@@ -1,0 +1,50 @@
+//! The names and descriptions of the metrics this crate records (the application installs the
+//! exporter and serves them; see its `metrics` module). Every name recorded here is listed here.
+
+/// Operations (appends, votes, purges) of all shards written in one commit of the log file.
+pub const LOG_OPS_PER_COMMIT: &str = "shopkeep_raft_log_ops_per_commit";
+/// Time of one commit of the log file (its fsync included).
+pub const LOG_COMMIT_SECONDS: &str = "shopkeep_raft_log_commit_seconds";
+/// On a shard's leader: from proposing an entry to its applied reply.
+pub const PROPOSAL_SECONDS: &str = "shopkeep_raft_proposal_seconds";
+/// Commands proposed together in one log entry.
+pub const BATCH_COMMANDS: &str = "shopkeep_raft_batch_commands";
+/// From proposing a batch (forwarding to the leader included) to its replies.
+pub const BATCH_SECONDS: &str = "shopkeep_raft_batch_seconds";
+
+/// Histograms of durations, in seconds.
+pub const DURATIONS: [&str; 3] = [LOG_COMMIT_SECONDS, PROPOSAL_SECONDS, BATCH_SECONDS];
+/// Histograms of counts (operations, commands).
+pub const SIZES: [&str; 2] = [LOG_OPS_PER_COMMIT, BATCH_COMMANDS];
+
+/// Gives every metric of this crate its `# HELP` line and registers each (so it is served before it
+/// first fires). Call once, after the recorder is installed.
+pub fn describe() {
+    let histograms = [
+        (
+            LOG_OPS_PER_COMMIT,
+            "Operations of all shards (appends, votes, purges) written by one commit of the Raft log file",
+        ),
+        (
+            LOG_COMMIT_SECONDS,
+            "Time of one commit of the Raft log file, its fsync included",
+        ),
+        (
+            PROPOSAL_SECONDS,
+            "On a shard's leader: time from proposing an entry to its applied reply (append, replication, commit, apply)",
+        ),
+        (
+            BATCH_COMMANDS,
+            "Commands proposed together as one log entry",
+        ),
+        (
+            BATCH_SECONDS,
+            "Time from proposing a batch of commands (forwarding to the leader included) to its replies",
+        ),
+    ];
+    for (name, help) in histograms {
+        metrics::describe_histogram!(name, help);
+        // Registered, it is served (empty) from now on.
+        let _registered = metrics::histogram!(name);
+    }
+}

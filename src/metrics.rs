@@ -1,0 +1,364 @@
+//! What `GET /metrics` serves (Prometheus text format): the one list of the application's metric names and
+//! their descriptions (the replication layer names its own in `shopkeep_raft::metrics`, described from
+//! here), the exporter's setup (latencies as histograms with fixed buckets, never summaries), every
+//! counter registered at 0 for its known label sets, and the gauges read from the cluster and from
+//! `/proc/self` just before each scrape.
+//!
+//! Labels take bounded values only: shard numbers, node ids, command names, the HTTP method (one of
+//! GET/POST/PUT/DELETE/other) and the route template.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use shopkeep_raft::{Cluster, ClusterStatus, NodeId};
+
+use crate::domain::Command;
+
+pub const HTTP_REQUESTS: &str = "shopkeep_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "shopkeep_http_request_duration_seconds";
+pub const HTTP_CONNECTIONS: &str = "shopkeep_http_connections";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "shopkeep_http_connections_refused_total";
+/// The `reason` label of [`HTTP_CONNECTIONS_REFUSED`] (`http::listener`).
+pub const CONNECTION_REFUSALS: [&str; 2] = ["total", "per_peer"];
+pub const NODE_TRAFFIC_REFUSED: &str = "shopkeep_node_traffic_refused_total";
+pub const COMMANDS: &str = "shopkeep_commands_total";
+pub const SHARD_OVERLOADED: &str = "shopkeep_shard_overloaded_total";
+pub const APPLY_BATCH_SIZE: &str = "shopkeep_apply_batch_size";
+pub const EXPIRED_ORDERS: &str = "shopkeep_expired_orders_total";
+pub const EXPIRED_TOPUPS: &str = "shopkeep_expired_topups_total";
+pub const PURGED_IDEMPOTENCY_RECORDS: &str = "shopkeep_purged_idempotency_records_total";
+pub const PURGED_TOPUPS: &str = "shopkeep_purged_topups_total";
+pub const CLOCK_AGREES: &str = "shopkeep_clock_agrees";
+pub const PEER_CLOCK_OFFSET: &str = "shopkeep_peer_clock_offset_seconds";
+/// Set by `shopkeep_faults::disk::DiskHealth` (which names it itself).
+pub const STORAGE_FULL: &str = "shopkeep_storage_full";
+pub const BUILD_INFO: &str = "shopkeep_build_info";
+pub const SHARD_IS_LEADER: &str = "shopkeep_shard_is_leader";
+pub const RAFT_TERM: &str = "shopkeep_raft_term";
+pub const RAFT_APPLIED_INDEX: &str = "shopkeep_raft_applied_index";
+pub const RAFT_FOLLOWER_LAG: &str = "shopkeep_raft_follower_lag_entries";
+pub const PEER_UP: &str = "shopkeep_peer_up";
+/// The process's resident memory and open files, under the names Prometheus' client libraries use.
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+
+/// Upper bounds of the latency buckets, in seconds: 0.5 ms to 10 s (the longest a request waits).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Upper bounds of the buckets of counts (commands per batch, operations per commit).
+const SIZE_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+const COUNTERS: [(&str, &str); 9] = [
+    (
+        HTTP_REQUESTS,
+        "HTTP requests answered, by method, route template and status",
+    ),
+    (
+        HTTP_CONNECTIONS_REFUSED,
+        "Client connections closed at once for being over --max-connections (total) or --max-connections-per-peer (per_peer)",
+    ),
+    (
+        NODE_TRAFFIC_REFUSED,
+        "Node-to-node calls refused: bad signature, replayed nonce or a timestamp too far off",
+    ),
+    (COMMANDS, "Commands applied through this node, by command"),
+    (
+        SHARD_OVERLOADED,
+        "Writes refused with 429 because the shard's queue on this node was full (--queue-capacity)",
+    ),
+    (
+        EXPIRED_ORDERS,
+        "PENDING orders cancelled by the sweeper for passing their expires_at",
+    ),
+    (EXPIRED_TOPUPS, "PENDING top-ups expired by the sweeper"),
+    (
+        PURGED_IDEMPOTENCY_RECORDS,
+        "Stored idempotency outcomes purged after --idempotency-ttl",
+    ),
+    (
+        PURGED_TOPUPS,
+        "EXPIRED and FAILED top-ups purged after --topup-retention",
+    ),
+];
+
+const GAUGES: [(&str, &str); 12] = [
+    (
+        HTTP_CONNECTIONS,
+        "Connections open now, by listener: client (--listen, node traffic too unless --node-listen), node, metrics",
+    ),
+    (
+        CLOCK_AGREES,
+        "1 while this node's clock agrees with a majority of the members' (within 2 s), else 0: it then takes no writes",
+    ),
+    (
+        PEER_CLOCK_OFFSET,
+        "The peer's clock minus this node's, from the latest node call either way",
+    ),
+    (
+        STORAGE_FULL,
+        "1 while the file (or the data directory's file system, below its reserve) is full: writes are refused",
+    ),
+    (
+        BUILD_INFO,
+        "Always 1; the version label says which build runs",
+    ),
+    (
+        SHARD_IS_LEADER,
+        "1 while this node leads the shard's Raft group, else 0",
+    ),
+    (
+        RAFT_TERM,
+        "The shard's current Raft term as this node knows it",
+    ),
+    (
+        RAFT_APPLIED_INDEX,
+        "The index of the last log entry this node applied to the shard",
+    ),
+    (
+        RAFT_FOLLOWER_LAG,
+        "On the shard's leader: entries the follower's log is behind the leader's (0 once this node no longer leads)",
+    ),
+    (
+        PEER_UP,
+        "1 when this node heard from the member within 5 s (a call either way), else 0",
+    ),
+    (
+        PROCESS_RSS,
+        "Resident memory of the process in bytes (VmRSS)",
+    ),
+    (PROCESS_OPEN_FDS, "File descriptors the process has open"),
+];
+
+const HISTOGRAMS: [(&str, &str); 2] = [
+    (
+        HTTP_REQUEST_DURATION,
+        "Time from a request's head to its answer, by method and route template",
+    ),
+    (
+        APPLY_BATCH_SIZE,
+        "Commands applied in one transaction of a shard",
+    ),
+];
+
+/// The exporter's handle and what the last refresh published.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    /// Labelled gauges that go stale when the cluster changes: set to 0 once they are no longer true.
+    published: Mutex<Published>,
+}
+
+#[derive(Default)]
+struct Published {
+    /// (shard, follower) pairs whose lag this node published as their leader.
+    lags: BTreeSet<(u32, NodeId)>,
+    peers: BTreeSet<NodeId>,
+}
+
+impl Metrics {
+    /// Installs the process-wide recorder, describes every family and registers what can be known at
+    /// start (counters at 0, histograms empty, the build). Once per process.
+    pub fn install(shards: u32) -> Result<Metrics, BuildError> {
+        let mut builder = PrometheusBuilder::new().set_buckets(&LATENCY_BUCKETS)?;
+        for name in shopkeep_raft::metrics::SIZES
+            .into_iter()
+            .chain([APPLY_BATCH_SIZE])
+        {
+            builder =
+                builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), &SIZE_BUCKETS)?;
+        }
+        let handle = builder.install_recorder()?;
+        describe();
+        shopkeep_raft::metrics::describe();
+        register_counters(shards);
+        for shard in 0..shards {
+            let _registered = metrics::histogram!(APPLY_BATCH_SIZE, "shard" => shard.to_string());
+        }
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        Ok(Metrics {
+            handle,
+            published: Mutex::new(Published::default()),
+        })
+    }
+
+    /// The text of a scrape, its gauges read from `cluster` and the process now.
+    pub fn render(&self, cluster: &Cluster) -> String {
+        self.refresh_cluster(cluster);
+        refresh_process();
+        self.handle.render()
+    }
+
+    /// Publishes the cluster's gauges, and sets to 0 the labelled ones it no longer publishes (one scrape
+    /// at a time, so two never retire what the other just set).
+    fn refresh_cluster(&self, cluster: &Cluster) {
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        let status = cluster.status();
+        publish_clock(cluster);
+        let lags = publish_shards(&status);
+        let peers = publish_peers(cluster, &status);
+        for (shard, follower) in published.lags.difference(&lags) {
+            metrics::gauge!(RAFT_FOLLOWER_LAG, "shard" => shard.to_string(), "follower" => follower.to_string())
+                .set(0.0);
+        }
+        for peer in published.peers.difference(&peers) {
+            metrics::gauge!(PEER_UP, "peer" => peer.to_string()).set(0.0);
+        }
+        *published = Published { lags, peers };
+    }
+}
+
+/// Registers the request counter (at 0) and the latency histogram of one operation, for each status it
+/// may answer (as the OpenAPI document lists them), so both exist before its first request.
+pub fn register_requests<'a>(
+    method: &'static str,
+    route: &str,
+    statuses: impl IntoIterator<Item = &'a String>,
+) {
+    for status in statuses {
+        metrics::counter!(HTTP_REQUESTS, "method" => method, "route" => route.to_owned(), "status" => status.clone())
+            .increment(0);
+    }
+    let _registered =
+        metrics::histogram!(HTTP_REQUEST_DURATION, "method" => method, "route" => route.to_owned());
+}
+
+fn describe() {
+    for (name, help) in COUNTERS {
+        metrics::describe_counter!(name, help);
+    }
+    for (name, help) in GAUGES {
+        metrics::describe_gauge!(name, help);
+    }
+    for (name, help) in HISTOGRAMS {
+        metrics::describe_histogram!(name, help);
+    }
+}
+
+/// Every counter at 0, for each of its label sets known at start (the requests' come from the router).
+fn register_counters(shards: u32) {
+    for name in [
+        NODE_TRAFFIC_REFUSED,
+        EXPIRED_ORDERS,
+        EXPIRED_TOPUPS,
+        PURGED_IDEMPOTENCY_RECORDS,
+        PURGED_TOPUPS,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in CONNECTION_REFUSALS {
+        metrics::counter!(HTTP_CONNECTIONS_REFUSED, "reason" => reason).increment(0);
+    }
+    for command in Command::NAMES {
+        metrics::counter!(COMMANDS, "command" => command).increment(0);
+    }
+    for shard in 0..shards {
+        metrics::counter!(SHARD_OVERLOADED, "shard" => shard.to_string()).increment(0);
+    }
+}
+
+fn publish_clock(cluster: &Cluster) {
+    let verdict = cluster.clock_verdict();
+    metrics::gauge!(CLOCK_AGREES).set(flag(verdict.agrees));
+    for (peer, offset_ms) in &verdict.offsets_ms {
+        metrics::gauge!(PEER_CLOCK_OFFSET, "peer" => peer.to_string())
+            .set(*offset_ms as f64 / 1000.0);
+    }
+}
+
+/// Publishes whether each member of any shard (voters and learners) other than this node was heard from
+/// recently; returns those members.
+fn publish_peers(cluster: &Cluster, status: &ClusterStatus) -> BTreeSet<NodeId> {
+    let mut members: BTreeSet<NodeId> = status
+        .shards
+        .iter()
+        .flat_map(|shard| shard.voters.iter().chain(&shard.learners))
+        .copied()
+        .collect();
+    members.remove(&status.node_id);
+    for peer in &members {
+        metrics::gauge!(PEER_UP, "peer" => peer.to_string())
+            .set(flag(cluster.clock().heard_recently(*peer)));
+    }
+    members
+}
+
+/// Publishes each shard's leadership, term, applied index and (on its leader) follower lags; returns
+/// the (shard, follower) pairs published.
+fn publish_shards(status: &ClusterStatus) -> BTreeSet<(u32, NodeId)> {
+    let mut lags = BTreeSet::new();
+    for shard in &status.shards {
+        let label = shard.shard.to_string();
+        metrics::gauge!(SHARD_IS_LEADER, "shard" => label.clone())
+            .set(flag(shard.role == "leader"));
+        metrics::gauge!(RAFT_TERM, "shard" => label.clone()).set(shard.term as f64);
+        metrics::gauge!(RAFT_APPLIED_INDEX, "shard" => label.clone())
+            .set(shard.applied_index.unwrap_or(0) as f64);
+        if shard.role != "leader" {
+            continue;
+        }
+        for (follower, lag) in &shard.lag {
+            let Some(lag) = lag else { continue };
+            metrics::gauge!(RAFT_FOLLOWER_LAG, "shard" => label.clone(), "follower" => follower.to_string())
+                .set(*lag as f64);
+            lags.insert((shard.shard, *follower));
+        }
+    }
+    lags
+}
+
+fn refresh_process() {
+    if let Some(bytes) = resident_bytes() {
+        metrics::gauge!(PROCESS_RSS).set(bytes as f64);
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        // Less the descriptor that reads the directory.
+        let open = entries.count().saturating_sub(1);
+        metrics::gauge!(PROCESS_OPEN_FDS).set(open as f64);
+    }
+}
+
+/// `VmRSS` of `/proc/self/status`, in bytes (`None` off Linux).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+fn flag(on: bool) -> f64 {
+    if on { 1.0 } else { 0.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_described_once() {
+        let mut names: Vec<&str> = COUNTERS
+            .iter()
+            .chain(&GAUGES)
+            .chain(&HISTOGRAMS)
+            .map(|(name, _)| *name)
+            .collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "a family described twice");
+    }
+
+    #[test]
+    fn the_resident_memory_is_read_from_proc() {
+        let bytes = resident_bytes().expect("VmRSS on Linux");
+        assert!(bytes > 1024 * 1024, "{bytes} bytes resident");
+    }
+}
