@@ -159,7 +159,10 @@ async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_ackn
     let restore_time = started.elapsed();
     assert!(restore.status.success(), "{}", describe(&restore));
     let stderr = String::from_utf8_lossy(&restore.stderr);
-    assert!(stderr.contains("shard 8/8: restored"), "progress per shard: {stderr}");
+    assert!(
+        stderr.contains("shard 8/8: restored"),
+        "progress per shard: {stderr}"
+    );
     eprintln!(
         "backup of {} acknowledged orders ({during} more during it): {:.2}s, {} bytes; restore {:.2}s; {total} orders in all",
         before.len(),
