@@ -5,6 +5,7 @@ pub mod datadir;
 pub mod domain;
 pub mod engine;
 pub mod http;
+pub mod logging;
 pub mod secrets;
 pub mod server;
 pub mod state;

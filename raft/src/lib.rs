@@ -9,7 +9,8 @@
 //! - [`state_machine`]: the adapter from openraft's `RaftStateMachine` to [`ReplicatedState`], the
 //!   trait the application implements (apply a batch in one transaction, export, import), plus the
 //!   snapshot files.
-//! - [`network`]: node-to-node RPCs over HTTP with postcard bodies, authenticated per request ([`auth`]).
+//! - [`network`]: node-to-node RPCs over HTTP with postcard bodies, authenticated per request ([`auth`]);
+//!   [`peer_health`] reports a peer that stops answering once, not per failed call.
 //! - [`cluster`]: the shards' Raft instances, cluster formation, forwarding writes to leaders,
 //!   linearizable read barriers, membership changes and status; its `rebuild` part keeps a member that
 //!   lost its data out of every quorum until it has caught up.
@@ -37,6 +38,7 @@ pub mod clock;
 pub mod cluster;
 pub mod log_store;
 pub mod network;
+pub mod peer_health;
 pub mod rpc;
 pub mod state_machine;
 

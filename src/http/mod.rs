@@ -7,6 +7,7 @@
 //! The OpenAPI document is generated from the same handler annotations that register the routes, so it
 //! cannot describe a route the server does not have.
 
+mod access_log;
 pub mod auth;
 pub mod dto;
 pub mod error;
@@ -136,6 +137,7 @@ pub fn router(
             body_read_timeout,
             set_body_deadline,
         ))
+        .layer(axum::middleware::from_fn(access_log::log_access))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
     match node_traffic {

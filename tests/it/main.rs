@@ -37,6 +37,7 @@ mod http_refunds;
 mod http_topups;
 mod http_users;
 mod launcher;
+mod logs;
 mod props;
 mod raft_conformance;
 mod shop_model;
