@@ -192,6 +192,14 @@ impl ApiError {
     }
 
     /// Nothing is stored (or shown to this caller) under an idempotency key.
+    pub fn node_not_found(node_id: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            NOT_FOUND,
+            format!("node {node_id} is not a member of any shard"),
+        )
+    }
+
     pub fn stored_outcome_not_found() -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,

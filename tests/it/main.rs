@@ -19,6 +19,7 @@ mod corruption;
 mod crash;
 #[cfg(feature = "failpoints")]
 mod crash_points;
+mod deploy_script;
 mod disk_eio;
 mod disk_full;
 mod edge;

@@ -166,6 +166,7 @@ pub async fn promote_node(
     responses(
         (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no shard has the node as a voter or learner", body = ErrorBody),
         (status = 409, description = "`invalid_state`: e.g. the last voter", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -176,5 +177,18 @@ pub async fn remove_node(
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let node = member_id(node_id)?;
+    if !is_member(&app, node) {
+        return Err(ApiError::node_not_found(node));
+    }
     change(&app, MembershipChange::Remove { node }).await
+}
+
+/// Whether `node` is a voter or a learner of any shard, as this node sees the membership.
+fn is_member(app: &AppState, node: u64) -> bool {
+    app.node
+        .cluster()
+        .status()
+        .shards
+        .iter()
+        .any(|shard| shard.voters.contains(&node) || shard.learners.contains(&node))
 }
