@@ -251,6 +251,16 @@ impl ApiError {
         .with_details(json!({ "field": field }))
     }
 
+    /// A write whose outcome is unknown: it was not committed within `--request-timeout` (`timeout`), and
+    /// may still be applied. 503 with `Retry-After`; the retry with the same key tells.
+    pub fn outcome_unknown(timeout: std::time::Duration) -> ApiError {
+        ApiError::unavailable(format!(
+            "the write was not committed within {} (--request-timeout); its outcome is unknown: it may \
+             still be applied. Retry with the same Idempotency-Key to learn the outcome.",
+            humantime::format_duration(timeout)
+        ))
+    }
+
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, UNAVAILABLE, message);
         error.retry_after = Some(1);
@@ -387,6 +397,11 @@ impl From<EngineError> for ApiError {
             )
             .with_details(json!({ "shard": shard })),
             EngineError::Unavailable(reason) => ApiError::unavailable(reason),
+            EngineError::OutcomeUnknown { shard } => ApiError::unavailable(
+                "the write was not committed in time; its outcome is unknown: it may still be \
+                 applied. Retry with the same Idempotency-Key to learn the outcome.",
+            )
+            .with_details(json!({ "shard": shard })),
             EngineError::Rejected(reason) => ApiError::invalid_state(reason),
             EngineError::NotFound(missing) => ApiError::not_found(missing),
             EngineError::Storage(e) if e.is_disk_full() => ApiError::unavailable(e.to_string()),

@@ -39,6 +39,7 @@ mod http_topups;
 mod http_users;
 mod launcher;
 mod logs;
+mod outcome_unknown;
 mod props;
 mod raft_conformance;
 mod shop_model;
