@@ -46,7 +46,10 @@ pub mod state_machine;
 pub use openraft;
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStatus, NodeId, ShardStatus};
+pub use cluster::{
+    Cluster, ClusterConfig, ClusterError, ClusterStatus, LeaderMove, NodeId, Rebalanced,
+    ShardStatus,
+};
 pub use state_machine::{Applying, Export, ReplicatedState, StateError};
 
 /// An application command or reply, encoded by the application.

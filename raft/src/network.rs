@@ -173,6 +173,12 @@ impl Transport {
             .map(|(id, _)| *id)
     }
 
+    /// Whether node `node`'s last call succeeded (or none failed yet).
+    pub fn answers(&self, node: u64) -> bool {
+        let addr = self.address_of(node, "");
+        addr.is_empty() || !self.health.is_failing(&addr)
+    }
+
     /// Records the peer's clock from the time it stamped on its answer, if it is a known member.
     fn observe_clock(&self, addr: &str, sent: i64, response: &reqwest::Response) {
         let Some(peer_time) = response

@@ -56,6 +56,14 @@ impl PeerHealth {
         }
     }
 
+    /// Whether the last call to `addr` failed.
+    pub fn is_failing(&self, addr: &str) -> bool {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(addr)
+    }
+
     /// What a call's outcome at `now` changes (the state machine behind the two above).
     pub fn observe(&self, addr: &str, answered: bool, now: Instant) -> Option<Report> {
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());

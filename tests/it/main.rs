@@ -38,6 +38,7 @@ mod http_refunds;
 mod http_topups;
 mod http_users;
 mod launcher;
+mod leaders;
 mod logs;
 mod outcome_unknown;
 mod props;

@@ -33,6 +33,7 @@ use crate::log_store::{LogDb, MIRROR_BYTES};
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::Refusal;
 use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
+pub use rebalance::{LeaderMove, Rebalanced};
 use rebuild::Marks;
 use shopkeep_faults::disk::DiskHealth;
 use write::run_batcher;
@@ -40,6 +41,7 @@ use write::run_batcher;
 mod formation;
 mod handoff;
 mod membership;
+mod rebalance;
 mod rebuild;
 mod serve;
 mod write;
@@ -384,6 +386,7 @@ impl Cluster {
         }
         if cluster.config.peers.len() > 1 {
             tokio::spawn(handoff::run_handoff(Arc::downgrade(&cluster)));
+            tokio::spawn(rebalance::run_rebalancer(Arc::downgrade(&cluster)));
         }
         Ok(cluster)
     }
