@@ -178,6 +178,9 @@ impl Cli {
     pub fn log_format(&self) -> LogFormat {
         match &self.command {
             CliCommand::Serve(args) => args.log_format,
+            // The operator's commands (added beside `serve`) log little, as text.
+            #[allow(unreachable_patterns)]
+            _ => LogFormat::Text,
         }
     }
 }
