@@ -139,14 +139,18 @@ fn path_user_id(route: &str, path: &str) -> Option<String> {
     valid.then(|| segment.to_owned())
 }
 
-/// A header's value as text (empty if absent or not visible ASCII).
+/// Longest header value the access line copies (a client chooses its `X-Request-Id`).
+const MAX_LOGGED_HEADER: usize = 128;
+
+/// A header's value as text, at most `MAX_LOGGED_HEADER` bytes (empty if absent or not visible ASCII).
 fn header_text(request: &Request, name: &str) -> String {
-    request
+    let text = request
         .headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
+        .unwrap_or_default();
+    // Visible ASCII only (`to_str`), so any byte is a character boundary.
+    text.get(..MAX_LOGGED_HEADER).unwrap_or(text).to_owned()
 }
 
 #[cfg(test)]
@@ -163,5 +167,19 @@ mod tests {
         assert_eq!(path_user_id(route, "/v1/users/bad%20id/orders"), None);
         assert_eq!(path_user_id("/v1/items/{item_id}", "/v1/items/x"), None);
         assert_eq!(path_user_id(UNMATCHED, "/v1/users/x"), None);
+    }
+
+    #[test]
+    fn a_clients_request_id_is_logged_up_to_a_bound() {
+        let long = "r".repeat(1000);
+        let request = Request::builder()
+            .header("x-request-id", long.as_str())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(
+            header_text(&request, "x-request-id").len(),
+            MAX_LOGGED_HEADER
+        );
+        assert_eq!(header_text(&request, "absent"), "");
     }
 }
