@@ -3,7 +3,8 @@
 # 127.0.0.1:7001..7003 (node N listens on 7000+N), each with its own data directory. Not for production:
 # see deploy/shopkeep@.service and deploy/compose.yaml for real machines.
 #
-#   deploy/cluster-local.sh start          build if needed, start the nodes, wait until every one is ready
+#   deploy/cluster-local.sh build          cargo build --release (into $CARGO_TARGET_DIR if set)
+#   deploy/cluster-local.sh start          build if missing, start the nodes, wait until every one is ready
 #   deploy/cluster-local.sh status         each node's view of GET /v1/cluster, one line per node
 #   deploy/cluster-local.sh kill 1         SIGKILL node 1 (the shop goes on with 2 of 3)
 #   deploy/cluster-local.sh restart 1      start it again (after kill) or stop + start it; it rejoins
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 readonly HOST=127.0.0.1
-readonly BASE_PORT=7000
+DEFAULT_BASE_PORT=7000
 readonly DEFAULT_DIR=./shopkeep-cluster
 # SIGTERM drains for at most --shutdown-timeout (30 s by default); give it a margin.
 readonly STOP_SECONDS=45
@@ -30,11 +31,14 @@ usage() {
   cat <<EOF
 Usage: $0 [--dir DIR] [--timeout SECONDS] COMMAND [NODE]
 
-A local shopkeep cluster: node N listens on $HOST:$((BASE_PORT))+N (7001, 7002, 7003), keeps its data in
+A local shopkeep cluster: node N listens on $HOST:BASE+N (7001, 7002, 7003), keeps its data in
 DIR/node-N, logs to DIR/node-N.log and its pid in DIR/node-N.pid. DIR defaults to $DEFAULT_DIR.
 
 Commands:
-  start           Build target/release/shopkeep if missing or older than the sources, create
+  build           cargo build --release (the binary is \$CARGO_TARGET_DIR/release/shopkeep, else
+                  target/release/shopkeep). Nothing else ever rebuilds a binary that exists: start
+                  and restart run it as it is and only say when it is older than the sources.
+  start           Build the binary if it is missing (never when it exists), create
                   DIR/cluster.env (cluster secret and tokens, mode 0600) if absent, start every node
                   that is not running (1, 2, 3 and any added one) and wait until /readyz is 200 on each.
   start N         Start node N only and wait until it is ready.
@@ -52,10 +56,12 @@ Commands:
 Options:
   --dir DIR          Where the cluster lives (default $DEFAULT_DIR).
   --timeout SECONDS  How long start/restart wait for readiness (default 60).
+  --base-port BASE   Node N listens on BASE+N (default $DEFAULT_BASE_PORT); give every command the same one.
   -h, --help         This help.
 
 Environment:
   SHOPKEEP_BIN       The binary to run instead of target/release/shopkeep (then nothing is built).
+  CARGO_TARGET_DIR   Where cargo builds (the binary is its release/shopkeep), as for cargo itself.
   RUST_LOG           Passed to the nodes (default info).
 Nodes see no other SHOPKEEP_* variable of your shell: their settings are the flags this script passes
 and DIR/cluster.env, so every node, and every restart, gets the same ones. Settings all members must share
@@ -78,6 +84,7 @@ say() {
 DIR=$DEFAULT_DIR
 DIR_GIVEN=0
 WAIT_SECONDS=60
+BASE_PORT=$DEFAULT_BASE_PORT
 COMMAND=
 NODE=
 
@@ -101,6 +108,15 @@ while (($# > 0)); do
       ;;
     --timeout=*)
       WAIT_SECONDS=${1#--timeout=}
+      shift
+      ;;
+    --base-port)
+      (($# >= 2)) || die "--base-port needs a port number"
+      BASE_PORT=$2
+      shift 2
+      ;;
+    --base-port=*)
+      BASE_PORT=${1#--base-port=}
       shift
       ;;
     -h | --help | help)
@@ -130,6 +146,9 @@ done
   exit 2
 }
 [[ -n $DIR ]] || die "--dir must not be empty"
+[[ $BASE_PORT =~ ^[1-9][0-9]*$ ]] && ((BASE_PORT + 99 <= 65535)) ||
+  die "--base-port must be a port number below 65437, got '$BASE_PORT'"
+readonly BASE_PORT
 [[ $WAIT_SECONDS =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a whole number of seconds, got '$WAIT_SECONDS'"
 
 # node ids are small positive integers: node N listens on BASE_PORT + N
@@ -145,7 +164,7 @@ case $COMMAND in
     [[ -n $NODE ]] || die "$COMMAND needs a node id, e.g. '$COMMAND 1'"
     valid_node "$NODE" || die "$COMMAND: the node is a number from 1 to 99, got '$NODE'"
     ;;
-  status | wipe)
+  status | wipe | build)
     [[ -z $NODE ]] || die "$COMMAND takes no node id"
     ;;
   *)
@@ -158,7 +177,9 @@ esac
 command -v curl >/dev/null 2>&1 || die "curl is required"
 
 # Absolute paths: the nodes, their pid files and the hints printed below must not depend on the cwd.
-if [[ -d $DIR ]]; then
+if [[ $COMMAND == build ]]; then
+  : # builds the binary only: no cluster directory needed
+elif [[ -d $DIR ]]; then
   DIR=$(cd "$DIR" && pwd)
 elif [[ $COMMAND == start ]]; then
   mkdir -p "$DIR"
@@ -173,7 +194,10 @@ readonly NODES_FILE=$DIR/nodes
 # How to call this script again, for the hints (with --dir when it is not the default).
 SELF=$0
 if ((DIR_GIVEN)); then
-  SELF="$0 --dir $DIR"
+  SELF="$SELF --dir $DIR"
+fi
+if ((BASE_PORT != DEFAULT_BASE_PORT)); then
+  SELF="$SELF --base-port $BASE_PORT"
 fi
 readonly SELF
 
@@ -269,24 +293,34 @@ admin_get() {
 
 BIN=
 
+# Where cargo puts its builds: $CARGO_TARGET_DIR (relative to the repository, where cargo runs) or target/.
+target_dir() {
+  local dir=${CARGO_TARGET_DIR:-target}
+  [[ $dir == /* ]] || dir=$REPO_DIR/$dir
+  printf '%s' "$dir"
+}
+
+# cargo build --release, saying so.
+build_binary() {
+  command -v cargo >/dev/null 2>&1 || die "$1 and cargo is not installed (https://rustup.rs)"
+  say "$1: cargo build --release (into $(target_dir); a first build takes a few minutes)"
+  (cd "$REPO_DIR" && cargo build --release) || die "cargo build --release failed"
+}
+
+# The binary to run. Built only when it is missing; a binary older than the sources is used as it is,
+# with a warning (a restart must not turn into a rebuild): '$0 build' rebuilds it.
 ensure_binary() {
   if [[ -n ${SHOPKEEP_BIN:-} ]]; then
     [[ -x $SHOPKEEP_BIN ]] || die "SHOPKEEP_BIN=$SHOPKEEP_BIN is not an executable"
     BIN=$SHOPKEEP_BIN
     return
   fi
-  BIN=$REPO_DIR/target/release/shopkeep
-  local why=''
+  BIN=$(target_dir)/release/shopkeep
   if [[ ! -x $BIN ]]; then
-    why="target/release/shopkeep is missing"
+    build_binary "$BIN is missing"
   elif [[ -n $(find "$REPO_DIR/Cargo.toml" "$REPO_DIR/Cargo.lock" "$REPO_DIR/src" "$REPO_DIR/raft" \
-    -newer "$BIN" -type f -print -quit 2>/dev/null) ]]; then
-    why="the sources changed since target/release/shopkeep was built"
-  fi
-  if [[ -n $why ]]; then
-    command -v cargo >/dev/null 2>&1 || die "$why and cargo is not installed (https://rustup.rs)"
-    say "$why: cargo build --release (a first build takes a few minutes)"
-    (cd "$REPO_DIR" && cargo build --release) || die "cargo build --release failed"
+    "$REPO_DIR/faults" -newer "$BIN" -type f -print -quit 2>/dev/null) ]]; then
+    say "note: $BIN is older than the sources; running it as it is ($SELF build rebuilds it)"
   fi
 }
 
@@ -630,6 +664,7 @@ cmd_wipe() {
 }
 
 case $COMMAND in
+  build) build_binary "asked to build" ;;
   start) cmd_start ;;
   status) cmd_status ;;
   kill) cmd_kill ;;

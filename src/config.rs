@@ -164,9 +164,34 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_MAX_WEBHOOK_INFLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_webhook_inflight: u32,
 
+    /// How log lines are written on stderr: `text` (for people) or `json` (one object a line, for
+    /// collectors). What is logged: RUST_LOG, else `info` without openraft's chatter (README, Logs).
+    #[arg(long, env = "SHOPKEEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Longest the server waits for in-flight requests on SIGTERM.
     #[arg(long, env = "SHOPKEEP_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// The format of the log lines (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Cli {
+    /// The log format the chosen command asked for (text for commands without the flag).
+    pub fn log_format(&self) -> LogFormat {
+        match &self.command {
+            CliCommand::Serve(args) => args.log_format,
+            // The operator's commands (added beside `serve`) log little, as text.
+            #[allow(unreachable_patterns)]
+            _ => LogFormat::Text,
+        }
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

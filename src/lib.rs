@@ -7,6 +7,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod logging;
 pub mod secrets;
 pub mod server;
 pub mod state;

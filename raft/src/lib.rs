@@ -9,7 +9,8 @@
 //! - [`state_machine`]: the adapter from openraft's `RaftStateMachine` to [`ReplicatedState`], the
 //!   trait the application implements (apply a batch in one transaction, export, import), plus the
 //!   snapshot files.
-//! - [`network`]: node-to-node RPCs over HTTP with postcard bodies, authenticated per request ([`auth`]).
+//! - [`network`]: node-to-node RPCs over HTTP with postcard bodies, authenticated per request ([`auth`]);
+//!   [`peer_health`] reports a peer that stops answering once, not per failed call.
 //! - [`cluster`]: the shards' Raft instances, cluster formation, forwarding writes to leaders,
 //!   linearizable read barriers, membership changes and status; its `rebuild` part keeps a member that
 //!   lost its data out of every quorum until it has caught up.
@@ -39,6 +40,7 @@ pub mod cluster;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
+pub mod peer_health;
 pub mod rpc;
 pub mod state_machine;
 
@@ -46,7 +48,10 @@ pub mod state_machine;
 pub use openraft;
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStatus, NodeId, ShardStatus};
+pub use cluster::{
+    Cluster, ClusterConfig, ClusterError, ClusterStatus, LeaderMove, NodeId, Rebalanced,
+    ShardStatus,
+};
 pub use state_machine::{Applying, Export, ReplicatedState, StateError};
 
 /// An application command or reply, encoded by the application.

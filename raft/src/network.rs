@@ -22,6 +22,7 @@ use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 use crate::TypeConfig;
 use crate::auth::{AUTH_HEADER, NodeAuth};
 use crate::clock::{ClockWatch, TIME_HEADER, unix_micros};
+use crate::peer_health::PeerHealth;
 use crate::rpc::{CALL_PATH, MAX_MESSAGE_BYTES, NodeRequest, NodeResponse};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub struct Transport {
     /// Fed with the time each peer stamps on its answers.
     clock: Arc<ClockWatch>,
     peers: RwLock<BTreeMap<u64, String>>,
+    /// Which peers fail their calls (logged as changes).
+    health: PeerHealth,
 }
 
 impl Transport {
@@ -67,6 +70,7 @@ impl Transport {
             auth,
             clock,
             peers: RwLock::new(peers),
+            health: PeerHealth::default(),
         }
     }
 
@@ -124,8 +128,19 @@ impl Transport {
             .timeout(timeout)
             .body(body)
             .send()
-            .await
-            .map_err(unreachable)?;
+            .await;
+        let response = match response {
+            Ok(response) => {
+                self.health.answered(addr, self.node_at(addr));
+                response
+            }
+            Err(error) => {
+                let error = unreachable(error);
+                self.health
+                    .failed(addr, self.node_at(addr), &error.to_string());
+                return Err(error);
+            }
+        };
         self.observe_clock(addr, sent, &response);
         let status = response.status();
         if !status.is_success() {
@@ -148,6 +163,22 @@ impl Transport {
 }
 
 impl Transport {
+    /// The id of the node this node reaches at `addr`, if it is a known member.
+    fn node_at(&self, addr: &str) -> Option<u64> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, address)| address.as_str() == addr)
+            .map(|(id, _)| *id)
+    }
+
+    /// Whether node `node`'s last call succeeded (or none failed yet).
+    pub fn answers(&self, node: u64) -> bool {
+        let addr = self.address_of(node, "");
+        addr.is_empty() || !self.health.is_failing(&addr)
+    }
+
     /// Records the peer's clock from the time it stamped on its answer, if it is a known member.
     fn observe_clock(&self, addr: &str, sent: i64, response: &reqwest::Response) {
         let Some(peer_time) = response
@@ -158,14 +189,7 @@ impl Transport {
         else {
             return;
         };
-        let peer = self
-            .peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(_, address)| address.as_str() == addr)
-            .map(|(id, _)| *id);
-        if let Some(peer) = peer {
+        if let Some(peer) = self.node_at(addr) {
             self.clock
                 .observe_answer(peer, sent, unix_micros(), peer_time);
         }

@@ -116,6 +116,10 @@ pub enum Refusal {
     Unavailable(String),
     #[error("rejected: {0}")]
     Rejected(String),
+    /// A write was proposed but not committed before the deadline: it may still be (new at the end, so
+    /// the variants before it keep their encoding).
+    #[error("shard {shard}: the write was not committed in time; its outcome is unknown")]
+    OutcomeUnknown { shard: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

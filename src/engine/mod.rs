@@ -52,6 +52,9 @@ pub enum EngineError {
     /// The replicas could not be opened.
     #[error("cannot open the replicas: {0}")]
     Open(String),
+    /// A write was not known to be committed in time: it may still be applied.
+    #[error("shard {shard}: the write's outcome is unknown")]
+    OutcomeUnknown { shard: u32 },
     /// What the request is about does not exist.
     #[error("not found: {0:?}")]
     NotFound(Missing),
@@ -84,6 +87,7 @@ impl From<ClusterError> for EngineError {
             ClusterError::Unavailable(message) => EngineError::Unavailable(message),
             ClusterError::Rejected(message) => EngineError::Rejected(message),
             ClusterError::Open(message) => EngineError::Open(message),
+            ClusterError::OutcomeUnknown { shard } => EngineError::OutcomeUnknown { shard },
         }
     }
 }

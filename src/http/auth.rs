@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
+use super::access_log::CallerSlot;
 use super::error::ApiError;
 use crate::domain::Timestamp;
 
@@ -165,10 +166,14 @@ impl FromRequestParts<AppState> for Caller {
             .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(ApiError::unauthenticated)?;
-        state
+        let caller = state
             .auth
             .identify(token, Timestamp::now())
-            .ok_or_else(ApiError::unauthenticated)
+            .ok_or_else(ApiError::unauthenticated)?;
+        if let Some(slot) = parts.extensions.get::<CallerSlot>() {
+            slot.record(&caller);
+        }
+        Ok(caller)
     }
 }
 

@@ -405,6 +405,24 @@ pub struct BackupPlan {
     pub version: String,
 }
 
+/// One shard's leadership moved by a rebalance.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaderMoveResponse {
+    pub shard: u32,
+    /// The node that led it.
+    pub from: u64,
+    /// The node that leads it now.
+    pub to: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RebalanceResponse {
+    /// The leaderships that moved (empty when the leaders were already spread).
+    pub moved: Vec<LeaderMoveResponse>,
+    /// How many shards each healthy voter (by node id) leads after the moves, as the answering node sees it.
+    pub leaders: std::collections::BTreeMap<String, u32>,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RouteResponse {
     pub user_id: String,

@@ -204,6 +204,14 @@ impl ApiError {
     }
 
     /// Nothing is stored (or shown to this caller) under an idempotency key.
+    pub fn node_not_found(node_id: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            NOT_FOUND,
+            format!("node {node_id} is not a member of any shard"),
+        )
+    }
+
     pub fn stored_outcome_not_found() -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -253,6 +261,16 @@ impl ApiError {
             format!("{field}: {error}"),
         )
         .with_details(json!({ "field": field }))
+    }
+
+    /// A write whose outcome is unknown: it was not committed within `--request-timeout` (`timeout`), and
+    /// may still be applied. 503 with `Retry-After`; the retry with the same key tells.
+    pub fn outcome_unknown(timeout: std::time::Duration) -> ApiError {
+        ApiError::unavailable(format!(
+            "the write was not committed within {} (--request-timeout); its outcome is unknown: it may \
+             still be applied. Retry with the same Idempotency-Key to learn the outcome.",
+            humantime::format_duration(timeout)
+        ))
     }
 
     pub fn unavailable(message: impl Into<String>) -> ApiError {
@@ -391,6 +409,11 @@ impl From<EngineError> for ApiError {
             )
             .with_details(json!({ "shard": shard })),
             EngineError::Unavailable(reason) => ApiError::unavailable(reason),
+            EngineError::OutcomeUnknown { shard } => ApiError::unavailable(
+                "the write was not committed in time; its outcome is unknown: it may still be \
+                 applied. Retry with the same Idempotency-Key to learn the outcome.",
+            )
+            .with_details(json!({ "shard": shard })),
             EngineError::Rejected(reason) => ApiError::invalid_state(reason),
             EngineError::NotFound(missing) => ApiError::not_found(missing),
             EngineError::Storage(e) if e.is_disk_full() => ApiError::unavailable(e.to_string()),

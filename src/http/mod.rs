@@ -7,6 +7,7 @@
 //! The OpenAPI document is generated from the same handler annotations that register the routes, so it
 //! cannot describe a route the server does not have.
 
+mod access_log;
 pub mod auth;
 pub mod dto;
 pub mod error;
@@ -71,21 +72,39 @@ impl App {
         tag: Option<IdempotencyTag>,
         command: Command,
     ) -> Result<Applied, ApiError> {
-        self.bounded(self.node.propose_for_user(user_id, now, tag, command))
+        self.bounded_write(self.node.propose_for_user(user_id, now, tag, command))
             .await
     }
 
-    /// Waits for an engine operation at most `request_timeout`. A timed-out command may still be applied;
-    /// the client learns its outcome by retrying with the same Idempotency-Key.
+    /// Waits for a read at most `--request-timeout`.
     pub async fn bounded<T>(
         &self,
         operation: impl Future<Output = Result<T, crate::engine::EngineError>>,
     ) -> Result<T, ApiError> {
-        match tokio::time::timeout(self.config.request_timeout, operation).await {
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, operation).await {
             Ok(result) => Ok(result?),
-            Err(_) => Err(ApiError::unavailable(
-                "timed out waiting for the command to apply; retry with the same Idempotency-Key",
-            )),
+            Err(_) => Err(ApiError::unavailable(format!(
+                "no answer within {} (--request-timeout); retry shortly",
+                humantime::format_duration(timeout)
+            ))),
+        }
+    }
+
+    /// Waits for a write at most `--request-timeout`. One not known to be committed by then (timed out
+    /// here, or in the replication layer) may still be applied: the answer says its outcome is unknown,
+    /// and a retry with the same Idempotency-Key learns it.
+    pub async fn bounded_write<T>(
+        &self,
+        operation: impl Future<Output = Result<T, crate::engine::EngineError>>,
+    ) -> Result<T, ApiError> {
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, operation).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(crate::engine::EngineError::OutcomeUnknown { .. })) | Err(_) => {
+                Err(ApiError::outcome_unknown(timeout))
+            }
+            Ok(Err(error)) => Err(error.into()),
         }
     }
 }
@@ -137,6 +156,7 @@ pub fn router(
             body_read_timeout,
             set_body_deadline,
         ))
+        .layer(axum::middleware::from_fn(access_log::log_access))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
     match node_traffic {

@@ -113,6 +113,30 @@ async fn node_id_zero_is_invalid_request() {
     }
 }
 
+/// Removing a node that is no member of any shard is 404 `not_found`, not a 200 that changed nothing.
+#[tokio::test]
+async fn removing_an_unknown_node_is_not_found() {
+    let srv = Server::start().await;
+    let r = srv
+        .call(Method::DELETE, "/v1/admin/cluster/nodes/42")
+        .auth(Auth::Admin)
+        .send()
+        .await;
+    let error = r.expect_error(404, "not_found");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("node 42")),
+        "{error}"
+    );
+    // The one member is still there, and still refused as the last voter rather than "not found".
+    srv.call(Method::DELETE, "/v1/admin/cluster/nodes/1")
+        .auth(Auth::Admin)
+        .send()
+        .await
+        .expect_error(409, "invalid_state");
+}
+
 /// An empty query value is a value, refused like any other malformed one, not read as "absent" (which
 /// made `?consistency=` a linearizable read and `?status=` every order).
 #[tokio::test]

@@ -82,6 +82,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("post", "/v1/admin/cluster/nodes"),
     ("post", "/v1/admin/cluster/nodes/{node_id}/promote"),
     ("delete", "/v1/admin/cluster/nodes/{node_id}"),
+    ("post", "/v1/admin/cluster/leaders/rebalance"),
     ("get", "/v1/openapi.json"),
 ];
 

@@ -21,6 +21,7 @@ mod corruption;
 mod crash;
 #[cfg(feature = "failpoints")]
 mod crash_points;
+mod deploy_script;
 mod disk_eio;
 mod disk_full;
 mod edge;
@@ -39,6 +40,9 @@ mod http_refunds;
 mod http_topups;
 mod http_users;
 mod launcher;
+mod leaders;
+mod logs;
+mod outcome_unknown;
 mod metrics;
 mod props;
 mod raft_conformance;

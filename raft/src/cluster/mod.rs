@@ -33,6 +33,7 @@ use crate::log_store::{LogDb, MIRROR_BYTES};
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::Refusal;
 use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
+pub use rebalance::{LeaderMove, Rebalanced};
 use rebuild::Marks;
 use shopkeep_faults::disk::DiskHealth;
 use write::run_batcher;
@@ -40,6 +41,7 @@ use write::run_batcher;
 mod formation;
 mod handoff;
 mod membership;
+mod rebalance;
 mod rebuild;
 mod serve;
 mod write;
@@ -86,6 +88,10 @@ pub enum ClusterError {
     Rejected(String),
     #[error("cannot open the replicas: {0}")]
     Open(String),
+    /// A write was proposed (or handed to a leader) but not known to be committed before the deadline:
+    /// it may still be applied. Only a retry with the same idempotency tag tells.
+    #[error("shard {shard}: the write was not committed in time; its outcome is unknown")]
+    OutcomeUnknown { shard: u32 },
 }
 
 impl From<Refusal> for ClusterError {
@@ -97,6 +103,7 @@ impl From<Refusal> for ClusterError {
             Refusal::Overloaded => ClusterError::Unavailable("the leader is overloaded".into()),
             Refusal::Unavailable(message) => ClusterError::Unavailable(message),
             Refusal::Rejected(message) => ClusterError::Rejected(message),
+            Refusal::OutcomeUnknown { shard } => ClusterError::OutcomeUnknown { shard },
         }
     }
 }
@@ -109,6 +116,7 @@ impl From<ClusterError> for Refusal {
                 Refusal::Unavailable(message)
             }
             ClusterError::Rejected(message) => Refusal::Rejected(message),
+            ClusterError::OutcomeUnknown { shard } => Refusal::OutcomeUnknown { shard },
         }
     }
 }
@@ -226,8 +234,18 @@ fn not_leader(transport: &Transport, forward: ForwardToLeader<NodeId, BasicNode>
     Refusal::NotLeader { leader }
 }
 
+/// openraft stopped the shard's replica: the detail (openraft's, which may name members and their
+/// addresses) goes to the log, the caller gets a plain reason.
 fn fatal<E: std::fmt::Display>(error: E) -> Refusal {
-    Refusal::Unavailable(format!("the shard's replica stopped: {error}"))
+    tracing::error!(%error, "the shard's replica stopped");
+    Refusal::Unavailable("the shard's replica stopped on this node".into())
+}
+
+/// An openraft error a caller should not see verbatim (its Display can carry the membership with the
+/// members' addresses): logged at WARN, and `plain` returned instead.
+fn logged<E: std::fmt::Display>(shard: u32, plain: &str, error: E) -> String {
+    tracing::warn!(shard, %error, "{plain}");
+    format!("shard {shard}: {plain}")
 }
 
 /// A shard whose state holds less than its log was purged past (its file was set aside as corrupt, or
@@ -368,6 +386,7 @@ impl Cluster {
         }
         if cluster.config.peers.len() > 1 {
             tokio::spawn(handoff::run_handoff(Arc::downgrade(&cluster)));
+            tokio::spawn(rebalance::run_rebalancer(Arc::downgrade(&cluster)));
         }
         Ok(cluster)
     }

@@ -10,7 +10,8 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, Raf
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    BATCHES_IN_FLIGHT, Cluster, ClusterError, MAX_BATCH_BYTES, NodeId, Waiting, fatal, not_leader,
+    BATCHES_IN_FLIGHT, Cluster, ClusterError, MAX_BATCH_BYTES, NodeId, Waiting, fatal, logged,
+    not_leader,
 };
 use crate::rpc::{NodeRequest, NodeResponse, Refusal};
 use crate::{Payload, batch};
@@ -32,6 +33,9 @@ impl Cluster {
     {
         let deadline = Instant::now() + self.config.deadline;
         let mut last_error = String::from("no leader for the shard");
+        // A write sent to a leader whose answer never came may have been proposed there.
+        let writes = matches!(remote(), NodeRequest::Write { .. });
+        let mut maybe_proposed = false;
         loop {
             let leader = match local().await {
                 Ok(value) => return Ok(value),
@@ -57,17 +61,27 @@ impl Cluster {
                         }
                         Some(Err(other)) => return Err(other.into()),
                         None => {
+                            tracing::warn!(shard, node = id, "a node answered nonsense");
                             return Err(ClusterError::Unavailable(format!(
-                                "node {id} answered nonsense"
+                                "shard {shard}: the leader answered nonsense"
                             )));
                         }
                     },
-                    Err(error) => last_error = error.to_string(),
+                    Err(error) => {
+                        maybe_proposed |= writes;
+                        last_error = error.to_string();
+                    }
                 }
             }
             if Instant::now() >= deadline {
+                if maybe_proposed {
+                    tracing::warn!(shard, reason = %last_error, "a forwarded write's outcome is unknown");
+                    return Err(ClusterError::OutcomeUnknown { shard });
+                }
+                // The reason may name peers' addresses: for the log, not for the caller.
+                tracing::warn!(shard, reason = %last_error, "no leader took the request in time");
                 return Err(ClusterError::Unavailable(format!(
-                    "shard {shard}: {last_error}"
+                    "shard {shard}: no leader took the request in time"
                 )));
             }
             self.wait_for_other_leader(shard, failed_leader, deadline)
@@ -235,15 +249,19 @@ impl Cluster {
                 .record(started.elapsed().as_secs_f64());
         }
         match written {
-            Err(_) => Err(Refusal::Unavailable(format!(
-                "shard {shard}: not committed within {:?} (no quorum?)",
-                self.config.deadline
-            ))),
+            Err(_) => {
+                tracing::warn!(shard, waited = ?self.config.deadline, "a write was not committed in time (no quorum?); its outcome is unknown");
+                Err(Refusal::OutcomeUnknown { shard })
+            }
             Ok(Ok(response)) => Ok(response.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
                 Err(not_leader(&self.transport, forward))
             }
-            Ok(Err(RaftError::APIError(other))) => Err(Refusal::Rejected(other.to_string())),
+            Ok(Err(RaftError::APIError(other))) => Err(Refusal::Rejected(logged(
+                shard,
+                "the write was refused",
+                other,
+            ))),
             Ok(Err(RaftError::Fatal(error))) => Err(fatal(error)),
         }
     }
@@ -287,7 +305,11 @@ impl Cluster {
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
                 Err(not_leader(&self.transport, forward))
             }
-            Ok(Err(RaftError::APIError(other))) => Err(Refusal::Unavailable(other.to_string())),
+            Ok(Err(RaftError::APIError(other))) => Err(Refusal::Unavailable(logged(
+                shard,
+                "no quorum confirmed the leader",
+                other,
+            ))),
             Ok(Err(RaftError::Fatal(error))) => Err(fatal(error)),
         }
     }

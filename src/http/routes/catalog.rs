@@ -62,7 +62,7 @@ pub async fn put_item(
         active: request.active.unwrap_or(true),
         refund_window_days,
     };
-    let applied = app.bounded(app.node.put_item(spec)).await?;
+    let applied = app.bounded_write(app.node.put_item(spec)).await?;
     Ok(render::applied(&app, &applied))
 }
 

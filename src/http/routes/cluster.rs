@@ -1,12 +1,16 @@
 //! The cluster as an operator sees it: the view of nodes and shards, where a user lives, and membership
-//! changes (add a node as a learner, promote it to voter, remove a node), applied to every shard.
+//! changes (add a node as a learner, promote it to voter, remove a node), applied to every shard, and
+//! spreading the shards' leaders evenly over the healthy voters.
 
 use axum::extract::State;
 use axum::response::Response;
 
 use crate::engine::MembershipChange;
 use crate::http::auth::Caller;
-use crate::http::dto::{AddNodeRequest, ClusterNode, ClusterResponse, ClusterShard, RouteResponse};
+use crate::http::dto::{
+    AddNodeRequest, ClusterNode, ClusterResponse, ClusterShard, LeaderMoveResponse,
+    RebalanceResponse, RouteResponse,
+};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::{self, PathParams, Post};
 use crate::http::{AppState, render};
@@ -166,6 +170,7 @@ pub async fn promote_node(
     responses(
         (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no shard has the node as a voter or learner", body = ErrorBody),
         (status = 409, description = "`invalid_state`: e.g. the last voter", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -176,5 +181,54 @@ pub async fn remove_node(
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let node = member_id(node_id)?;
+    if !is_member(&app, node) {
+        return Err(ApiError::node_not_found(node));
+    }
     change(&app, MembershipChange::Remove { node }).await
+}
+
+/// Whether `node` is a voter or a learner of any shard, as this node sees the membership.
+fn is_member(app: &AppState, node: u64) -> bool {
+    app.node
+        .cluster()
+        .status()
+        .shards
+        .iter()
+        .any(|shard| shard.voters.contains(&node) || shard.learners.contains(&node))
+}
+
+/// Spread the shards' leaders evenly over the healthy voters now (admin): each move asks the new leader
+/// to stand for election (an election: nothing acknowledged can be lost). Leaders also spread back out
+/// by themselves once an imbalance has lasted about 30 s.
+#[utoipa::path(post, path = "/v1/admin/cluster/leaders/rebalance", tag = "operations",
+    params(("Idempotency-Key" = String, Header)),
+    responses(
+        (status = 200, description = "The moves that took effect and the leaders per node after them", body = RebalanceResponse),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn rebalance_leaders(
+    State(app): State<AppState>,
+    caller: Caller,
+    post: Post,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    post.idempotency_key()?;
+    let rebalanced = app.node.cluster().rebalance_leaders().await;
+    Ok(render::ok(&RebalanceResponse {
+        moved: rebalanced
+            .moved
+            .into_iter()
+            .map(|m| LeaderMoveResponse {
+                shard: m.shard,
+                from: m.from,
+                to: m.to,
+            })
+            .collect(),
+        leaders: rebalanced
+            .leaders
+            .into_iter()
+            .map(|(node, count)| (node.to_string(), count))
+            .collect(),
+    }))
 }

@@ -74,7 +74,7 @@ pub async fn create_credit(
         source,
     };
     let applied = app
-        .bounded(app.node.credit(consistency, now, tag, credit))
+        .bounded_write(app.node.credit(consistency, now, tag, credit))
         .await?;
     Ok(render::applied(&app, &applied))
 }
@@ -302,7 +302,7 @@ pub async fn psp_webhook(
         psp_payment_id,
     };
     let applied = app
-        .bounded(app.node.psp_payment(consistency, now, tag, event))
+        .bounded_write(app.node.psp_payment(consistency, now, tag, event))
         .await?;
     Ok(render::applied(&app, &applied))
 }

@@ -87,6 +87,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(cluster::add_node))
         .routes(routes!(cluster::promote_node))
         .routes(routes!(cluster::remove_node))
+        .routes(routes!(cluster::rebalance_leaders))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))

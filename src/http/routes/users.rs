@@ -52,7 +52,9 @@ pub async fn create_user(
         user_id,
         display_name,
     };
-    let applied = app.bounded(app.node.create_user(now, global, user)).await?;
+    let applied = app
+        .bounded_write(app.node.create_user(now, global, user))
+        .await?;
     Ok(render::applied(&app, &applied))
 }
 

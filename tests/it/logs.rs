@@ -1,0 +1,227 @@
+//! The log (API.md, Operations, Logs): one access line per request with its fields and nothing secret,
+//! `--log-format json`, and a member that goes down reported once by each survivor, not per retry.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::cluster_harness::*;
+use crate::harness::*;
+
+/// The JSON access lines (target `access`) in `logs`; panics on any stderr line that is not JSON.
+fn access_lines(logs: &str) -> Vec<Value> {
+    logs.lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .filter(|line| line["target"] == "access")
+        .collect()
+}
+
+/// The access line of the request with this id (waits a little: it is written as the answer leaves).
+async fn line_of(srv: &Server, request_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines = access_lines(&srv.logs());
+        if let Some(line) = lines.iter().find(|l| l["request_id"] == request_id) {
+            return line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line for {request_id}:\n{}",
+            tail(&srv.logs(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_request_has_one_json_access_line_with_its_fields_and_no_token_or_body() {
+    let srv = Server::start_with(
+        Opts::new()
+            .env("SHOPKEEP_LOG_FORMAT", "json")
+            // The default filter (the launcher's RUST_LOG=warn would hide `info`).
+            .env("RUST_LOG", ""),
+    )
+    .await;
+    let secret_name = "Body-Marker-Never-Logged-7f3e";
+    let create = |rid: &'static str| {
+        srv.call(Method::POST, "/v1/users")
+            .auth(Auth::Service)
+            .key("log-user-1")
+            .header("x-request-id", rid)
+            .json(&json!({"user_id": "log-player", "display_name": secret_name}))
+    };
+    create("rid-created").send().await.expect(201);
+    let replay = create("rid-replayed").send().await;
+    assert!(replay.replayed(), "{replay:?}");
+    let bad_token = "wrong-token-0123456789abcdef0123456789";
+    srv.call(Method::GET, "/v1/users/log-player")
+        .auth(Auth::user(bad_token))
+        .header("x-request-id", "rid-401")
+        .send()
+        .await
+        .expect_error(401, "unauthenticated");
+    srv.call(Method::GET, "/v1/no/such/path")
+        .auth(Auth::Service)
+        .header("x-request-id", "rid-404")
+        .send()
+        .await
+        .expect_error(404, "not_found");
+    let token = srv.user_token("log-player").await;
+    srv.call(Method::GET, "/v1/users/log-player/wallet")
+        .auth(Auth::user(&token))
+        .header("x-request-id", "rid-user")
+        .send()
+        .await
+        .expect(200);
+
+    let created = line_of(&srv, "rid-created").await;
+    assert_eq!(created["level"], "INFO", "{created}");
+    assert_eq!(created["method"], "POST", "{created}");
+    assert_eq!(created["route"], "/v1/users", "{created}");
+    assert_eq!(created["status"], 201, "{created}");
+    assert_eq!(created["role"], "service", "{created}");
+    assert_eq!(created["replayed"], false, "{created}");
+    assert!(
+        created["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{created}"
+    );
+    let replayed = line_of(&srv, "rid-replayed").await;
+    assert_eq!(
+        (replayed["status"].clone(), replayed["replayed"].clone()),
+        (json!(201), json!(true)),
+        "{replayed}"
+    );
+    let refused = line_of(&srv, "rid-401").await;
+    assert_eq!(refused["status"], 401, "{refused}");
+    assert_eq!(refused["role"], "none", "{refused}");
+    assert_eq!(refused["route"], "/v1/users/{user_id}", "{refused}");
+    let unknown = line_of(&srv, "rid-404").await;
+    assert_eq!(
+        (unknown["status"].clone(), unknown["route"].clone()),
+        (json!(404), json!("unmatched")),
+        "{unknown}"
+    );
+    let own = line_of(&srv, "rid-user").await;
+    assert_eq!(own["route"], "/v1/users/{user_id}/wallet", "{own}");
+    assert_eq!(
+        (own["role"].clone(), own["user_id"].clone()),
+        (json!("user"), json!("log-player")),
+        "{own}"
+    );
+    assert_eq!(own["status"], 200, "{own}");
+
+    let logs = srv.logs();
+    for (what, text) in [
+        ("the service token", SERVICE_TOKEN),
+        ("the admin token", ADMIN_TOKEN),
+        ("a user token", token.as_str()),
+        ("a refused token", bad_token),
+        ("a request body", secret_name),
+    ] {
+        assert!(!logs.contains(text), "the log holds {what}:\n{logs}");
+    }
+    for rid in [
+        "rid-created",
+        "rid-replayed",
+        "rid-401",
+        "rid-404",
+        "rid-user",
+    ] {
+        let lines = access_lines(&logs);
+        assert_eq!(
+            lines.iter().filter(|l| l["request_id"] == rid).count(),
+            1,
+            "one line per request: {rid}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_text_log_has_the_access_line_too() {
+    let srv = Server::start_with(Opts::new().env("RUST_LOG", "")).await;
+    srv.call(Method::GET, "/v1/items")
+        .auth(Auth::Service)
+        .header("x-request-id", "rid-text-1")
+        .send()
+        .await
+        .expect(200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !srv.logs().contains("rid-text-1") {
+        assert!(Instant::now() < deadline, "no access line:\n{}", srv.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = srv.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("rid-text-1"))
+        .unwrap_or_default();
+    for field in [
+        "INFO access",
+        "method=GET",
+        "route=/v1/items",
+        "status=200",
+        "role=service",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+}
+
+/// Lines of `logs` after the first `skip` that speak of node `peer`: ours (`peer=N`) and openraft's
+/// (`target=N`, in its replication, vote and heartbeat errors).
+fn lines_about_peer(logs: &str, skip: usize, peer: u64) -> Vec<String> {
+    logs.lines()
+        .skip(skip)
+        .filter(|l| l.contains(&format!("peer={peer}")) || l.contains(&format!("target={peer}")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_killed_member_is_reported_once_by_each_survivor_and_again_when_it_returns() {
+    let mut opts = ClusterOpts::new().nodes(3).shards(8);
+    for node in 1..=3 {
+        // The default filter, as an operator runs it.
+        opts = opts.node_env(node, "RUST_LOG", "");
+    }
+    let mut cluster = TestCluster::start_with(opts).await;
+    let survivors = [1u64, 2];
+    let before: Vec<usize> = survivors
+        .iter()
+        .map(|&n| cluster.logs(n).lines().count())
+        .collect();
+    cluster.kill9(3);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for (i, &n) in survivors.iter().enumerate() {
+        let about = lines_about_peer(&cluster.logs(n), before[i], 3);
+        assert!(
+            (1..=2).contains(&about.len()),
+            "node {n} logged {} lines about the dead node 3 in 10 s:\n{}",
+            about.len(),
+            about.join("\n")
+        );
+        assert!(about[0].contains("peer unreachable"), "{}", about[0]);
+    }
+    let during: Vec<usize> = survivors
+        .iter()
+        .map(|&n| cluster.logs(n).lines().count())
+        .collect();
+    cluster.restart(3).await;
+    cluster.wait_ready(&[1, 2, 3], READY_TIMEOUT).await;
+    for (i, &n) in survivors.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let about = lines_about_peer(&cluster.logs(n), during[i], 3);
+            if about.iter().any(|l| l.contains("peer reachable again")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {n} never said node 3 is back:\n{}",
+                about.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
