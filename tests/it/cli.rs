@@ -419,7 +419,6 @@ async fn without_its_majority_a_node_makes_status_exit_4_and_a_write_exit_3_with
 }
 
 #[tokio::test]
-#[ignore = "the server answers DELETE of an unknown node 200 until the fix of another branch (404 not_found) is merged"]
 async fn nodes_remove_of_an_unknown_node_exits_1_with_not_found() {
     let srv = Server::start().await;
     let removed = shopkeep(&srv.base, Tokens::Both, &["nodes", "remove", "99"]).await;
