@@ -28,7 +28,7 @@ pub struct Cli {
 pub enum CliCommand {
     /// Run the shop's HTTP server (with no flags: one node, ./shopkeep-data on 127.0.0.1:8080; with
     /// --node-id and --peers: one member of a cluster).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The operator's commands: clients of a running server's HTTP API (`src/cli/`).
     #[command(flatten)]
     Operator(crate::cli::Command),
