@@ -557,10 +557,22 @@ async fn nodes_add_and_promote_make_a_started_node_a_voter_of_every_shard_and_re
         assert_eq!(ids(&shard["voters"]), [1, 2, 3, 4], "a voter: {shard}");
     }
     let removed = shopkeep(&url, Tokens::Both, &["nodes", "remove", &n4, "--json"]).await;
-    for shard in removed.success().json()["shards"].as_array().unwrap() {
+    let view = removed.success().json();
+    for shard in view["shards"].as_array().unwrap() {
         assert_eq!(ids(&shard["voters"]), [1, 2, 3], "removed: {shard}");
         assert_eq!(ids(&shard["learners"]), [0u64; 0], "removed: {shard}");
     }
+    let nodes: Vec<u64> = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        nodes,
+        [1, 2, 3],
+        "a removed node is no longer listed: {view}"
+    );
 }
 
 /// `nodes promote ID --json`, retried as an operator would (≤ 5 times, 0.5 s apart) while a shard's

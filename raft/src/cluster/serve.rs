@@ -132,12 +132,14 @@ impl Cluster {
 
     pub fn status(&self) -> ClusterStatus {
         let mut nodes = self.transport.peers();
+        let mut members = std::collections::BTreeSet::new();
         let shards = (0u32..)
             .zip(&self.replicas)
             .map(|(shard, replica)| {
                 let metrics = replica.raft.metrics().borrow().clone();
                 let membership = metrics.membership_config.membership();
                 for (id, node) in membership.nodes() {
+                    members.insert(*id);
                     nodes.entry(*id).or_insert_with(|| node.addr.clone());
                 }
                 let voters: Vec<NodeId> = membership.voter_ids().collect();
@@ -177,6 +179,11 @@ impl Cluster {
                 }
             })
             .collect();
+        // Once the shards have members, a node none of them has (removed, or an initial peer never
+        // added) is no longer part of the cluster, whatever the address book remembers.
+        if !members.is_empty() {
+            nodes.retain(|id, _| members.contains(id) || *id == self.config.node_id);
+        }
         ClusterStatus {
             node_id: self.config.node_id,
             nodes,
