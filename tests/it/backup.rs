@@ -3,7 +3,6 @@
 //! the restored data directory.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,29 +10,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+use crate::cli::{self, Run, Tokens};
 use crate::cluster_harness::{ClusterOpts, TestCluster};
-use crate::harness::{ADMIN_TOKEN, Api, Auth, Opts, Server};
+use crate::harness::{Api, Auth, Opts, Server};
 
 /// Runs the real binary with the admin token and `SHOPKEEP_URL` in its environment.
-async fn shopkeep(url: &str, args: &[&str]) -> Output {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shopkeep"));
-    command
-        .args(args)
-        .env("SHOPKEEP_URL", url)
-        .env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env_remove("RUST_LOG");
-    tokio::task::spawn_blocking(move || command.output().expect("runs shopkeep"))
-        .await
-        .expect("the CLI task")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+async fn shopkeep(url: &str, args: &[&str]) -> Run {
+    cli::shopkeep(url, Tokens::AdminOnly, args).await
 }
 
 fn path(p: &Path) -> &str {
@@ -121,7 +104,7 @@ async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_ackn
     let started = Instant::now();
     let backup = shopkeep(&api.base, &["backup", "--out", path(&backup_dir)]).await;
     let backup_time = started.elapsed();
-    assert!(backup.status.success(), "{}", describe(&backup));
+    backup.success();
     let during = acked.lock().await.len() - before.len();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -131,7 +114,7 @@ async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_ackn
         during > 0,
         "the shop kept taking purchases while the backup ran"
     );
-    let stderr = String::from_utf8_lossy(&backup.stderr);
+    let stderr = &backup.stderr;
     assert!(
         stderr.contains("shard 8/8:"),
         "progress per shard: {stderr}"
@@ -139,8 +122,8 @@ async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_ackn
     assert!(!backup_dir.join("manifest.json.partial").exists());
 
     let verify = shopkeep(&api.base, &["verify-backup", path(&backup_dir), "--json"]).await;
-    assert!(verify.status.success(), "{}", describe(&verify));
-    let report: Value = serde_json::from_slice(&verify.stdout).expect("verify-backup --json");
+    verify.success();
+    let report = verify.json();
     assert_eq!(report["ok"], json!(true), "{report:#}");
 
     let restored = scratch.path().join("restored");
@@ -157,8 +140,8 @@ async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_ackn
     )
     .await;
     let restore_time = started.elapsed();
-    assert!(restore.status.success(), "{}", describe(&restore));
-    let stderr = String::from_utf8_lossy(&restore.stderr);
+    restore.success();
+    let stderr = &restore.stderr;
     assert!(
         stderr.contains("shard 8/8: restored"),
         "progress per shard: {stderr}"
@@ -222,12 +205,12 @@ async fn verify_backup_fails_on_any_changed_byte_and_restore_refuses_a_bad_backu
     let scratch = tempfile::tempdir().expect("a temporary directory");
     let good = scratch.path().join("good");
     let backup = shopkeep(&api.base, &["backup", "--out", path(&good)]).await;
-    assert!(backup.status.success(), "{}", describe(&backup));
+    backup.success();
 
     // The same directory again: refused, nothing overwritten.
     let again = shopkeep(&api.base, &["backup", "--out", path(&good)]).await;
-    assert_eq!(again.status.code(), Some(5), "{}", describe(&again));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("backup_dir_not_empty"));
+    assert_eq!(again.code, Some(5), "{again:?}");
+    assert!(again.stderr.contains("backup_dir_not_empty"), "{again:?}");
 
     let largest = largest_export(&good);
     let length = std::fs::metadata(&largest).expect("metadata").len() as usize;
@@ -240,17 +223,7 @@ async fn verify_backup_fails_on_any_changed_byte_and_restore_refuses_a_bad_backu
         copy_dir(&good, &bad);
         damage.apply(&bad.join(largest.file_name().expect("a file name")));
         let verify = shopkeep(&api.base, &["verify-backup", path(&bad)]).await;
-        assert_eq!(
-            verify.status.code(),
-            Some(4),
-            "{what}: {}",
-            describe(&verify)
-        );
-        assert!(
-            String::from_utf8_lossy(&verify.stderr).contains("backup_invalid"),
-            "{what}: {}",
-            describe(&verify)
-        );
+        refused_as_invalid(&verify, what);
         let target = scratch
             .path()
             .join(format!("{}-restored", what.replace(' ', "-")));
@@ -259,12 +232,7 @@ async fn verify_backup_fails_on_any_changed_byte_and_restore_refuses_a_bad_backu
             &["restore", "--from", path(&bad), "--data-dir", path(&target)],
         )
         .await;
-        assert_eq!(
-            restore.status.code(),
-            Some(4),
-            "{what}: {}",
-            describe(&restore)
-        );
+        refused_as_invalid(&restore, what);
         assert!(!target.exists(), "{what}: a refused restore writes nothing");
     }
 
@@ -272,7 +240,7 @@ async fn verify_backup_fails_on_any_changed_byte_and_restore_refuses_a_bad_backu
     copy_dir(&good, &no_manifest);
     std::fs::remove_file(no_manifest.join("manifest.json")).expect("removes the manifest");
     let verify = shopkeep(&api.base, &["verify-backup", path(&no_manifest)]).await;
-    assert_eq!(verify.status.code(), Some(4), "{}", describe(&verify));
+    assert_eq!(verify.code, Some(4), "{verify:?}");
 
     let used = scratch.path().join("used");
     std::fs::create_dir_all(&used).expect("a directory");
@@ -282,8 +250,8 @@ async fn verify_backup_fails_on_any_changed_byte_and_restore_refuses_a_bad_backu
         &["restore", "--from", path(&good), "--data-dir", path(&used)],
     )
     .await;
-    assert_eq!(restore.status.code(), Some(5), "{}", describe(&restore));
-    assert!(String::from_utf8_lossy(&restore.stderr).contains("data_dir_not_empty"));
+    assert_eq!(restore.code, Some(5), "{restore:?}");
+    assert!(restore.stderr.contains("data_dir_not_empty"), "{restore:?}");
     assert_eq!(
         std::fs::read(used.join("shard-000.redb")).expect("still there"),
         b"a node's data"
@@ -303,7 +271,7 @@ async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() 
     let backup_dir = scratch.path().join("backup");
     // Taken through a member that leads some shards and follows in others.
     let backup = shopkeep(&api.base, &["backup", "--out", path(&backup_dir)]).await;
-    assert!(backup.status.success(), "{}", describe(&backup));
+    backup.success();
     let manifest: Value = serde_json::from_slice(
         &std::fs::read(backup_dir.join("manifest.json")).expect("the manifest"),
     )
@@ -323,7 +291,7 @@ async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() 
         ],
     )
     .await;
-    assert!(restore.status.success(), "{}", describe(&restore));
+    restore.success();
     let mut opts = ClusterOpts::new().nodes(3).data_dir_on(seed_id, &seed_dir);
     for other in (1..=3).filter(|&id| id != seed_id) {
         opts = opts.node_env(other, "SHOPKEEP_RESTORING_FROM_BACKUP", "true");
@@ -352,6 +320,16 @@ async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() 
     assert!(
         buy(&api, &users[0]).await.is_some(),
         "the restored cluster takes writes"
+    );
+}
+
+/// Exit 4 with `shopkeep: backup_invalid: …` last on stderr (after the per-shard progress lines).
+#[track_caller]
+fn refused_as_invalid(run: &Run, what: &str) {
+    assert_eq!(run.code, Some(4), "{what}: {run:?}");
+    assert!(
+        run.stderr.contains("\nshopkeep: backup_invalid: "),
+        "{what}: {run:?}"
     );
 }
 

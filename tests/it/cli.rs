@@ -11,27 +11,27 @@ use crate::harness::*;
 
 /// What one run of the CLI gave.
 #[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Run {
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {self:?}"))
     }
 
     #[track_caller]
-    fn success(&self) -> &Run {
+    pub fn success(&self) -> &Run {
         assert_eq!(self.code, Some(0), "{self:?}");
         self
     }
 
     /// Exited `code` with `shopkeep: <error_code>: …` on stderr and nothing on stdout.
     #[track_caller]
-    fn failed(&self, code: i32, error_code: &str) -> &Run {
+    pub fn failed(&self, code: i32, error_code: &str) -> &Run {
         assert_eq!(self.code, Some(code), "{self:?}");
         assert!(
             self.stderr
@@ -44,7 +44,7 @@ impl Run {
 
 /// The tokens a CLI run gets.
 #[derive(Clone, Copy)]
-enum Tokens {
+pub enum Tokens {
     Both,
     AdminOnly,
     None,
@@ -53,7 +53,7 @@ enum Tokens {
 
 /// Runs `shopkeep <args>` against `url`: nothing inherited from the test's own `SHOPKEEP_*` or
 /// `RUST_LOG`, the tokens as asked.
-async fn shopkeep(url: &str, tokens: Tokens, args: &[&str]) -> Run {
+pub async fn shopkeep(url: &str, tokens: Tokens, args: &[&str]) -> Run {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shopkeep"));
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("SHOPKEEP_") || key == "RUST_LOG" {

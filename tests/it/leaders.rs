@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::cli::{Tokens, shopkeep};
 use crate::cluster_harness::*;
 use crate::harness::*;
 
@@ -129,32 +130,14 @@ async fn the_endpoint_spreads_leaders_at_once_and_a_returning_node_gets_its_shar
     }
 }
 
-/// `shopkeep leaders rebalance`, the real binary against node 1, with the admin token.
-async fn rebalance_cli(c: &TestCluster, extra: &[&str]) -> std::process::Output {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shopkeep"));
-    command
-        .args(["leaders", "rebalance"])
-        .args(extra)
-        .env("SHOPKEEP_URL", c.api(1).base)
-        .env("SHOPKEEP_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env_remove("RUST_LOG");
-    tokio::task::spawn_blocking(move || command.output().expect("runs shopkeep"))
-        .await
-        .expect("the CLI task")
-}
-
 #[tokio::test]
 async fn shopkeep_leaders_rebalance_moves_leaders_to_a_returned_node_and_then_has_nothing_to_move()
 {
     let mut c = TestCluster::start_with(ClusterOpts::new().nodes(3).shards(SHARDS)).await;
     fail_over_and_return(&mut c).await;
-    let run = rebalance_cli(&c, &[]).await;
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{run:?}\n{stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let url = c.api(1).base;
+    let run = shopkeep(&url, Tokens::AdminOnly, &["leaders", "rebalance"]).await;
+    let stdout = &run.success().stdout;
     let moves: Vec<&str> = stdout
         .lines()
         .skip_while(|l| !l.starts_with("SHARD"))
@@ -170,9 +153,6 @@ async fn shopkeep_leaders_rebalance_moves_leaders_to_a_returned_node_and_then_ha
     );
     assert!(stdout.contains("NODE  LEADS"), "{stdout}");
 
-    let again = rebalance_cli(&c, &["--json"]).await;
-    assert!(again.status.success(), "{again:?}");
-    let body: Value =
-        serde_json::from_slice(&again.stdout).expect("--json prints the server's JSON");
-    assert_eq!(body["moved"], json!([]), "{body}");
+    let again = shopkeep(&url, Tokens::AdminOnly, &["leaders", "rebalance", "--json"]).await;
+    assert_eq!(again.success().json()["moved"], json!([]), "{again:?}");
 }
