@@ -169,35 +169,27 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let node_server = node_listener.map(|listener| {
         let router = http::node_router(node.clone(), node_auth.clone(), config.body_read_timeout);
-        if let Ok(addr) = listener.local_addr() {
-            println!("shopkeep node traffic on http://{addr}");
-        }
-        tokio::spawn(http::listener::serve(
+        let announce = |addr| format!("shopkeep node traffic on http://{addr}");
+        serve_beside(
             listener,
             router,
-            http::listener::ConnectionLimits {
-                name: "node",
-                ..limits
-            },
-            stopped(stopping_rx.clone()),
+            ("node", announce),
+            limits,
+            &stopping_rx,
             drain,
-        ))
+        )
     });
     let metrics_server = metrics_listener.map(|listener| {
         let router = http::metrics_router(node.clone(), metrics.clone());
-        if let Ok(addr) = listener.local_addr() {
-            println!("shopkeep metrics on http://{addr}/metrics");
-        }
-        tokio::spawn(http::listener::serve(
+        let announce = |addr| format!("shopkeep metrics on http://{addr}/metrics");
+        serve_beside(
             listener,
             router,
-            http::listener::ConnectionLimits {
-                name: "metrics",
-                ..limits
-            },
-            stopped(stopping_rx.clone()),
+            ("metrics", announce),
+            limits,
+            &stopping_rx,
             drain,
-        ))
+        )
     });
     let router = http::router(
         node.clone(),
@@ -227,6 +219,28 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `router` on a listener beside the client one (node traffic, metrics), under the same limits
+/// and shutdown, its connections counted under `name`; prints what `announce` says of its address.
+fn serve_beside(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    (name, announce): (&'static str, fn(std::net::SocketAddr) -> String),
+    limits: http::listener::ConnectionLimits,
+    stopping: &watch::Receiver<bool>,
+    drain: std::time::Duration,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    if let Ok(addr) = listener.local_addr() {
+        println!("{}", announce(addr));
+    }
+    tokio::spawn(http::listener::serve(
+        listener,
+        router,
+        http::listener::ConnectionLimits { name, ..limits },
+        stopped(stopping.clone()),
+        drain,
+    ))
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, StartError> {

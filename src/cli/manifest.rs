@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::error::CliError;
 use crate::datadir::FixedSettings;
-use crate::engine::backup::hash_export;
+use crate::engine::backup::{ExportSummary, hash_export};
 
 /// The name of the manifest in a backup directory.
 pub const MANIFEST: &str = "manifest.json";
@@ -174,9 +174,7 @@ pub fn check_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardCheck, CliErro
             entry.sha256
         ));
     }
-    let file = File::open(&path).map_err(|e| local(&path, e))?;
-    let mut reader: Box<dyn Read> = Box::new(BufReader::with_capacity(256 * 1024, file));
-    match hash_export(&mut reader) {
+    match hash_of(&path)? {
         Ok(summary) => {
             check.rows = summary.rows;
             if summary.state_hash != entry.state_hash {
@@ -190,6 +188,13 @@ pub fn check_shard(dir: &Path, entry: &ShardEntry) -> Result<ShardCheck, CliErro
         Err(e) => check.problems.push(format!("not a whole export: {e}")),
     }
     Ok(check)
+}
+
+/// The `state_hash` an export file's rows recompute (the inner `Err`: not a whole export).
+pub fn hash_of(path: &Path) -> Result<Result<ExportSummary, String>, CliError> {
+    let file = File::open(path).map_err(|e| local(path, e))?;
+    let mut reader: Box<dyn Read> = Box::new(BufReader::with_capacity(256 * 1024, file));
+    Ok(hash_export(&mut reader).map_err(|e| e.to_string()))
 }
 
 /// The size and SHA-256 (hex) of a file.

@@ -80,31 +80,19 @@ struct AccessLine<'a> {
 impl AccessLine<'_> {
     fn write(&self) {
         let latency_ms = (self.latency_ms * 1000.0).round() / 1000.0;
-        match self.user_id {
-            Some(user_id) => tracing::info!(
-                target: "access",
-                request_id = %self.request_id,
-                method = %self.method,
-                route = %self.route,
-                status = self.status,
-                latency_ms,
-                role = %self.role,
-                user_id = %user_id,
-                replayed = self.replayed,
-                "request"
-            ),
-            None => tracing::info!(
-                target: "access",
-                request_id = %self.request_id,
-                method = %self.method,
-                route = %self.route,
-                status = self.status,
-                latency_ms,
-                role = %self.role,
-                replayed = self.replayed,
-                "request"
-            ),
-        }
+        // An absent `user_id` is left out of the line (tracing records an `Option` only when `Some`).
+        tracing::info!(
+            target: "access",
+            request_id = %self.request_id,
+            method = %self.method,
+            route = %self.route,
+            status = self.status,
+            latency_ms,
+            role = %self.role,
+            user_id = self.user_id,
+            replayed = self.replayed,
+            "request"
+        );
     }
 }
 

@@ -6,7 +6,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use tokio::sync::Semaphore;
 
@@ -94,7 +94,6 @@ pub async fn shard(
             ))
         });
     let mut response = Response::new(Body::from_stream(body));
-    *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
