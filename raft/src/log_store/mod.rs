@@ -3,7 +3,9 @@
 //! Group commit: every write (appends of any shard, votes, truncations, purges) goes to one writer
 //! thread through a bounded queue. The writer takes everything that is waiting, writes it in ONE redb
 //! transaction and commits it with `Durability::Immediate` (one fsync), and only then reports each
-//! append as flushed (`LogFlushed::log_io_completed`) and answers each vote. Under load, while one commit
+//! append as flushed (`LogFlushed::log_io_completed`) and answers each vote. The committed mark, which
+//! a crash may lose, rides along with the next such commit instead of costing an fsync of its own
+//! (`Op::Note`). Under load, while one commit
 //! is being flushed the next batch queues up, so the cost of an fsync is shared by every shard's entries.
 //!
 //! openraft reads entries from an in-memory mirror of the tail of each shard's log, updated before an
@@ -92,11 +94,20 @@ enum Op {
         mark: Vec<u8>,
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// Sets a value kept beside the shard's log, durably before `done` is answered.
     Put {
         shard: u32,
         name: &'static str,
         value: Vec<u8>,
-        done: Option<oneshot::Sender<Result<(), String>>>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Sets a value whose newest version may be lost in a crash (the committed mark): the writer holds
+    /// it and writes it in the next commit that something else needs, never in a commit (an fsync) of
+    /// its own. A later `Note` of the same shard and name replaces a held one.
+    Note {
+        shard: u32,
+        name: &'static str,
+        value: Vec<u8>,
     },
     /// Deletes everything of the shard: its entries, vote, marks (`LogDb::reset_shard`).
     Reset {
@@ -185,7 +196,7 @@ impl LogDb {
             shard,
             name,
             value,
-            done: Some(done),
+            done,
         })
         .await
     }

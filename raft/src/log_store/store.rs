@@ -320,7 +320,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 shard,
                 name: "vote",
                 value,
-                done: Some(done),
+                done,
             },
             StorageIOError::write_vote,
         )
@@ -337,13 +337,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         self.mirror().committed = Some(committed);
         let value = encode(&committed).map_err(encode_error)?;
-        // Not waited for: the committed mark only lets a restarted node apply sooner; losing the newest
-        // one costs nothing but that.
-        self.queue(Op::Put {
+        // Not waited for, and written with the next append rather than in an fsync of its own: the
+        // committed mark only lets a restarted node apply sooner; losing the newest one costs nothing
+        // but that (and it never runs ahead of the durable log: it rides in a later commit than the
+        // entries it names).
+        self.queue(Op::Note {
             shard: self.shard,
             name: "committed",
             value,
-            done: None,
         })
         .await
     }
@@ -486,7 +487,7 @@ mod tests {
 
     use super::*;
     use crate::Payload;
-    use crate::log_store::reopen_when_released;
+    use crate::log_store::{MIRROR_BYTES, reopen_when_released};
 
     fn entry(term: u64, index: u64) -> Entry {
         Entry {
@@ -564,6 +565,43 @@ mod tests {
                 .map(|id| id.index),
             Some(24)
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_committed_mark_waits_for_the_next_append_instead_of_an_fsync_of_its_own() {
+        let dir = std::env::temp_dir().join(format!("sklog-mark-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.redb");
+        let db = LogDb::open(&path).unwrap();
+        let mut store = db.shard(0).unwrap();
+        store.blocking_append([entry(1, 1)]).await.unwrap();
+        let committed = LogId::new(CommittedLeaderId::new(1, 1), 1);
+        store.save_committed(Some(committed)).await.unwrap();
+        // Time enough for the writer to have committed it, had it committed notes on their own.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(
+            db.read_state(0, "committed").unwrap(),
+            None,
+            "held, not committed"
+        );
+        assert_eq!(store.read_committed().await.unwrap(), Some(committed));
+
+        store.blocking_append([entry(1, 2)]).await.unwrap();
+        let written = db
+            .read_state(0, "committed")
+            .unwrap()
+            .expect("written with the append");
+        assert_eq!(decode::<LogId>(&written).unwrap(), committed);
+
+        // A mark held when the log closes is written as the writer stops.
+        let later = LogId::new(CommittedLeaderId::new(1, 1), 2);
+        store.save_committed(Some(later)).await.unwrap();
+        drop(store);
+        drop(db);
+        let db = reopen_when_released(&path, MIRROR_BYTES).await;
+        let written = db.read_state(0, "committed").unwrap().unwrap();
+        assert_eq!(decode::<LogId>(&written).unwrap(), later);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

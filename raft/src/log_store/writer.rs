@@ -2,6 +2,7 @@
 //! batch of waiting operations of all shards; a commit refused for want of space reopens the file and
 //! retries the batch. Also the watch that reports the disk full below its reserve.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -81,8 +82,13 @@ pub(super) fn watch_reserve(file: &std::sync::Weak<LogFile>) {
     }
 }
 
-/// The writer thread: one transaction and one durable commit per batch of waiting operations.
+/// Values of `Op::Note`s not yet written, by shard and name: the newest of each.
+type HeldNotes = BTreeMap<(u32, &'static str), Vec<u8>>;
+
+/// The writer thread: one transaction and one durable commit per batch of waiting operations. A batch of
+/// notes alone is held, not committed: the notes go into the next commit (see `Op::Note`).
 pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
+    let mut held = HeldNotes::new();
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_OPS_PER_COMMIT {
@@ -91,8 +97,15 @@ pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        if batch.iter().all(|op| matches!(op, Op::Note { .. })) {
+            hold(&mut held, batch);
+            continue;
+        }
         let started = std::time::Instant::now();
-        let result = commit_batch(file, &batch).map_err(|e| e.to_string());
+        let result = commit_batch(file, &held, &batch).map_err(|e| e.to_string());
+        if result.is_ok() {
+            held.clear();
+        }
         metrics::histogram!(crate::metrics::LOG_OPS_PER_COMMIT).record(batch.len() as f64);
         metrics::histogram!(crate::metrics::LOG_COMMIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
@@ -131,26 +144,39 @@ pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>) {
                     let _ = done.send(outcome);
                 }
                 Op::Put { done, .. } => {
-                    if let Some(done) = done {
-                        let _ = done.send(outcome);
-                    }
+                    let _ = done.send(outcome);
                 }
+                Op::Note { .. } => {}
             }
+        }
+    }
+    if !held.is_empty() {
+        if let Err(error) = commit_batch(file, &held, &[]) {
+            tracing::debug!(%error, "the held committed marks were not written at shutdown");
         }
     }
     tracing::debug!("raft log writer stopped");
 }
 
+/// Keeps the newest value of each note in `batch` (a batch of notes alone).
+fn hold(held: &mut HeldNotes, batch: Vec<Op>) {
+    for op in batch {
+        if let Op::Note { shard, name, value } = op {
+            held.insert((shard, name), value);
+        }
+    }
+}
+
 /// Commits `batch`, waiting out a full disk: reopens the file and retries the whole batch (every
 /// operation in it is idempotent) until it is durable. Returns any other error.
-fn commit_batch(file: &LogFile, batch: &[Op]) -> Result<(), LogDbError> {
+fn commit_batch(file: &LogFile, held: &HeldNotes, batch: &[Op]) -> Result<(), LogDbError> {
     let mut backoff = Backoff::new();
     let mut db = match file.current() {
         Some(db) => db,
         None => file.reopen(&mut backoff),
     };
     loop {
-        match write_batch(&db, batch) {
+        match write_batch(&db, held, batch) {
             Ok(()) => {
                 file.health.written(&file.path);
                 return Ok(());
@@ -166,13 +192,20 @@ fn commit_batch(file: &LogFile, batch: &[Op]) -> Result<(), LogDbError> {
     }
 }
 
-fn write_batch(db: &Database, batch: &[Op]) -> Result<(), LogDbError> {
+/// Writes the held notes (queued before anything in `batch`), then `batch` in order, in one durable
+/// transaction.
+fn write_batch(db: &Database, held: &HeldNotes, batch: &[Op]) -> Result<(), LogDbError> {
     let mut txn = db.begin_write().map_err(redb_error)?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| LogDbError::Redb(e.into()))?;
     {
         let mut log = txn.open_table(LOG).map_err(redb_error)?;
         let mut state = txn.open_table(RAFT_STATE).map_err(redb_error)?;
+        for ((shard, name), value) in held {
+            state
+                .insert((*shard, *name), value.as_slice())
+                .map_err(redb_error)?;
+        }
         for op in batch {
             match op {
                 Op::Append { shard, entries, .. } => {
@@ -196,7 +229,8 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), LogDbError> {
                 }
                 Op::Put {
                     shard, name, value, ..
-                } => {
+                }
+                | Op::Note { shard, name, value } => {
                     state
                         .insert((*shard, *name), value.as_slice())
                         .map_err(redb_error)?;
