@@ -25,6 +25,7 @@ pub const NODE_TRAFFIC_REFUSED: &str = "shopkeep_node_traffic_refused_total";
 pub const COMMANDS: &str = "shopkeep_commands_total";
 pub const SHARD_OVERLOADED: &str = "shopkeep_shard_overloaded_total";
 pub const APPLY_BATCH_SIZE: &str = "shopkeep_apply_batch_size";
+pub const APPLY_SECONDS: &str = "shopkeep_apply_seconds";
 pub const EXPIRED_ORDERS: &str = "shopkeep_expired_orders_total";
 pub const EXPIRED_TOPUPS: &str = "shopkeep_expired_topups_total";
 pub const PURGED_IDEMPOTENCY_RECORDS: &str = "shopkeep_purged_idempotency_records_total";
@@ -133,7 +134,7 @@ const GAUGES: [(&str, &str); 12] = [
     (PROCESS_OPEN_FDS, "File descriptors the process has open"),
 ];
 
-const HISTOGRAMS: [(&str, &str); 2] = [
+const HISTOGRAMS: [(&str, &str); 3] = [
     (
         HTTP_REQUEST_DURATION,
         "Time from a request's head to its answer, by method and route template",
@@ -141,6 +142,10 @@ const HISTOGRAMS: [(&str, &str); 2] = [
     (
         APPLY_BATCH_SIZE,
         "Commands applied in one transaction of a shard",
+    ),
+    (
+        APPLY_SECONDS,
+        "Time of one apply transaction of a shard: its commands, the marker and the commit",
     ),
 ];
 
@@ -176,6 +181,7 @@ impl Metrics {
         register_counters(shards);
         for shard in 0..shards {
             let _registered = metrics::histogram!(APPLY_BATCH_SIZE, "shard" => shard.to_string());
+            let _registered = metrics::histogram!(APPLY_SECONDS, "shard" => shard.to_string());
         }
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Ok(Metrics {

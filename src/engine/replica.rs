@@ -42,8 +42,10 @@ impl ReplicatedState for ShardMachine {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE, "shard" => self.store.shard().to_string())
+        let shard = self.store.shard().to_string();
+        metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE, "shard" => shard.clone())
             .record(batch.len() as f64);
+        let started = std::time::Instant::now();
         let decoded: Vec<Option<Result<Envelope, String>>> = batch
             .iter()
             .map(|item| {
@@ -82,6 +84,8 @@ impl ReplicatedState for ShardMachine {
                 }
             }
         };
+        metrics::histogram!(crate::metrics::APPLY_SECONDS, "shard" => shard)
+            .record(started.elapsed().as_secs_f64());
         debug_assert_eq!(applied.len(), batch.len());
         Ok(decoded
             .iter()
