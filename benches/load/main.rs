@@ -172,7 +172,7 @@ fn main() {
     for &system in &settings.systems {
         let cpu_before = CpuSample::take();
         let mut report = match system {
-            System::Postgres => run_postgres(&settings, &progress),
+            System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
             System::Shopkeep(count) => {
                 let spawned = Instant::now();
                 let nodes = Nodes::start(count);

@@ -23,7 +23,7 @@ pub(crate) fn print_report(settings: &Settings, reports: &[SystemReport], wall: 
     for report in reports {
         print_system(settings, report);
     }
-    let postgres = reports.iter().find(|r| r.system == System::Postgres);
+    let postgres = reports.iter().find(|r| r.system == System::Postgres(1));
     let ratios = print_ratios(settings, reports, postgres);
     let targets = print_targets(reports, postgres);
     println!(
@@ -81,7 +81,7 @@ fn print_system(settings: &Settings, report: &SystemReport) {
         return;
     }
     match report.system {
-        System::Postgres => println!(
+        System::Postgres(_) => println!(
             "== {label}: pgbench, SELECT purchase(...) = one plpgsql transaction (fsync, synchronous_commit on)"
         ),
         System::Shopkeep(1) => {
