@@ -77,12 +77,13 @@ const REPLICATION_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct PgBins {
     initdb: PathBuf,
     pg_ctl: PathBuf,
-    pg_basebackup: PathBuf,
+    /// Only the standbys need it: without it, `pg` still runs and `pg3` is skipped.
+    pg_basebackup: Result<PathBuf, String>,
     pgbench: PathBuf,
     psql: PathBuf,
 }
 
-/// Finds `initdb`, `pg_ctl`, `pg_basebackup`, `pgbench` and `psql`: in `SHOPKEEP_BENCH_PG_BIN` if set,
+/// Finds `initdb`, `pg_ctl`, `pgbench`, `psql` and (for the standbys) `pg_basebackup`: in `SHOPKEEP_BENCH_PG_BIN` if set,
 /// else in `/usr/local/bin`, the newest `/usr/lib/postgresql/<version>/bin`, then `PATH`.
 pub fn find_bins() -> Result<PgBins, String> {
     let mut dirs: Vec<PathBuf> = Vec::new();
@@ -114,7 +115,7 @@ pub fn find_bins() -> Result<PgBins, String> {
     Ok(PgBins {
         initdb: find("initdb")?,
         pg_ctl: find("pg_ctl")?,
-        pg_basebackup: find("pg_basebackup")?,
+        pg_basebackup: find("pg_basebackup"),
         pgbench: find("pgbench")?,
         psql: find("psql")?,
     })
@@ -158,6 +159,9 @@ impl PgServer {
             "at most {} standbys",
             STANDBY_NAMES.len()
         );
+        if let (true, Err(e)) = (standbys > 0, &bins.pg_basebackup) {
+            return Err(format!("the standbys need pg_basebackup: {e}"));
+        }
         let dir = tempfile::Builder::new()
             .prefix("shopkeep-bench-pg-")
             .tempdir()
@@ -281,7 +285,7 @@ impl PgServer {
             let s = &self.instances[i];
             (s.name, s.data.clone(), s.port)
         };
-        let mut basebackup = self.server_command(&self.bins.pg_basebackup);
+        let mut basebackup = self.server_command(self.bins.pg_basebackup.as_ref()?);
         basebackup
             .arg("-D")
             .arg(&data)
