@@ -25,7 +25,7 @@ pub(crate) fn print_report(settings: &Settings, reports: &[SystemReport], wall: 
         print_system(settings, report);
     }
     let summary = print_summary(settings, reports);
-    let targets = print_targets(reports);
+    let targets = print_targets(&settings.levels, reports);
     let checks_ok = print_checks(reports);
     println!(
         "wall time: {:.0} s (servers and load generator on {} cores)",
@@ -418,7 +418,7 @@ fn print_summary(settings: &Settings, reports: &[SystemReport]) -> Value {
 
 /// The targets, PASS / FAIL, or SKIPPED when a system they need did not run (or a phase they
 /// need was off); their JSON.
-fn print_targets(reports: &[SystemReport]) -> Value {
+fn print_targets(levels: &[usize], reports: &[SystemReport]) -> Value {
     struct Target {
         name: String,
         value: Option<f64>,
@@ -439,19 +439,22 @@ fn print_targets(reports: &[SystemReport]) -> Value {
             (_, None) => Err(not_run(pg_system)),
         };
 
-        // Every level: the lowest ratio over the levels both ran.
+        // Every level of the run: the lowest ratio; a level either system lacks (a failed phase)
+        // leaves the target unproven.
         let worst = both.clone().and_then(|(s, p)| {
-            s.levels
-                .iter()
-                .filter_map(|l| {
-                    let r = ratio(
-                        Some(l.stats.throughput),
-                        throughput_at(Some(p), l.concurrency),
-                    )?;
-                    Some((r, l.concurrency))
-                })
-                .min_by(|a, b| a.0.total_cmp(&b.0))
-                .ok_or_else(|| "no level in common".to_string())
+            let mut worst: Option<(f64, usize)> = None;
+            for &c in levels {
+                let missing =
+                    |r: &SystemReport| format!("c={c} not measured for {}", r.system.label());
+                let value = throughput_at(Some(s), c).ok_or_else(|| missing(s))?;
+                let base = throughput_at(Some(p), c).ok_or_else(|| missing(p))?;
+                let r =
+                    ratio(Some(value), Some(base)).ok_or_else(|| format!("no ratio at c={c}"))?;
+                if worst.is_none_or(|(w, _)| r < w) {
+                    worst = Some((r, c));
+                }
+            }
+            worst.ok_or_else(|| "no level".to_string())
         });
         targets.push(Target {
             name: format!("{label} / {pg_label}, every level"),
