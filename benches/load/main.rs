@@ -6,17 +6,28 @@
 //!
 //! One after the other (never at once, on the same machine), with the same users, item and levels:
 //!
-//! 1. **PostgreSQL** (`pg`): a throwaway cluster from the PostgreSQL binaries on the machine (`initdb`,
+//! 1. **PostgreSQL** (`pg`): a throwaway server from the PostgreSQL binaries on the machine (`initdb`,
 //!    `pg_ctl`; `fsync = on`, `synchronous_commit = on`) runs the same purchase as ONE stored-procedure
 //!    transaction (check funds, debit, order + line, posting, entitlement upsert, idempotency row:
 //!    `benches/pg/schema.sql`), driven by `pgbench` (`benches/pg/*.pgbench`). Skipped with a message
 //!    if the binaries are missing. Details in `benches/load/pg.rs`.
-//! 2. **shopkeep, 1 node** (`1`): one `shopkeep serve` process (release build), every shard a
+//! 2. **PostgreSQL 3** (`pg3`): the same server as a primary with two streaming standbys on loopback,
+//!    each its own data directory and port (`pg_basebackup -R`, `application_name` `s1` and `s2`, a
+//!    replication slot each); the primary has `synchronous_standby_names = 'ANY 1 (s1, s2)'`,
+//!    `synchronous_commit = on`, fsync on everywhere: a commit is acknowledged once it is flushed on the
+//!    primary and on one standby, the durability a 3-member Raft majority gives. The run starts only
+//!    when `pg_stat_replication` shows both standbys `streaming` with `sync_state` `quorum`. Same
+//!    schema, seed, scripts and phases as `pg` (pgbench talks to the primary); after the phases, each
+//!    standby must have replayed the primary's WAL and hold the same orders, postings and balances.
+//! 3. **shopkeep, 1 node** (`1`): one `shopkeep serve` process (release build), every shard a
 //!    one-voter Raft group.
-//! 3. **shopkeep, 3 nodes** (`3`): three `shopkeep serve` processes on loopback forming one cluster
+//! 4. **shopkeep, 3 nodes** (`3`): three `shopkeep serve` processes on loopback forming one cluster
 //!    (every shard replicated on all three, default Raft timings); the client connections are spread
 //!    round-robin over the nodes as behind a load balancer, so about 2/3 of the requests reach a node
 //!    that does not lead their shard and are forwarded (one hop).
+//!
+//! shopkeep 1 node is compared with PostgreSQL, shopkeep 3 nodes with PostgreSQL 3 (the same
+//! durability: a write survives the loss of any one machine of three).
 //!
 //! For each system, these phases (each a warm-up that is not measured, then the measured window):
 //!
@@ -41,46 +52,69 @@
 //! successful operations started in the measured window), errors (anything but the expected answer:
 //! the status code, `timeout` or `transport`) with 429/503 — deliberate backpressure — counted
 //! apart, and the peak memory: per shopkeep node its peak RSS (`VmHWM`, reset through
-//! `/proc/<pid>/clear_refs` before each phase, warm-up included); for PostgreSQL the sampled peak of
-//! the summed `Pss` of all its processes. After each shopkeep system, `GET /v1/admin/audit` on every
-//! node: the audit must be ok, every shard's `state_hash` equal on every node, and the orders counted
-//! equal to the orders the clients saw created; PostgreSQL gets a ledger check in SQL.
+//! `/proc/<pid>/clear_refs` before each phase, warm-up included); per PostgreSQL server (`pg`: the
+//! one; `pg3`: primary / s1 / s2, like shopkeep's per node) the sampled peak of the summed `Pss` of its
+//! postmaster and all its children. After each shopkeep system, `GET /v1/admin/audit` on every node:
+//! the audit must be ok, every shard's `state_hash` equal on every node, and the orders counted equal
+//! to the orders the clients saw created; PostgreSQL gets a ledger check in SQL (and `pg3` the
+//! standbys' comparison above).
 //!
-//! Output: progress on stderr (a one-line bar on a terminal); on stdout a table per system, a ratio
-//! table (shopkeep / PostgreSQL, per level and at the best level of each), the targets with PASS /
-//! FAIL, and one JSON document (one line), also written pretty to `target/bench/load.json`; the plot
-//! `target/bench/load.png` (throughput and p99 against concurrency, log scale, all systems). The
-//! default run takes about 2 minutes after the build (18 phases of 6 s, plus starts, seeding and
-//! audits).
+//! Output: progress on stderr (a one-line bar on a terminal); on stdout a table per system, then the
+//! summary table, completed purchases per second of the closed-loop levels:
+//!
+//! ```text
+//! | clients | PostgreSQL | shopkeep 1 node | ratio | PostgreSQL 3 | shopkeep 3 nodes | ratio |
+//! ```
+//!
+//! a row per level and a `best` row (each system at its own best level, the ratio of those); then a
+//! small table of each system's half-peak rate and p99 (system | best level | half-peak rate | p99); the
+//! targets of issue 14 with PASS / FAIL, or SKIPPED when a system they need did not run (or its
+//! half-peak phase was off):
+//!
+//! - shopkeep 1 node ≥ PostgreSQL at every level (1, 16, 64, 256), and ≥ 3× at the best level of
+//!   each (best shopkeep throughput / best PostgreSQL throughput);
+//! - shopkeep 3 nodes ≥ PostgreSQL 3 at every level, and ≥ 1.5× at the best level of each;
+//! - p99 at half of the peak (open loop) ≤ the comparable PostgreSQL's p99 at its half peak, and
+//!   ≤ 20 ms, for 1 node (against `pg`) and 3 nodes (against `pg3`);
+//! - peak RSS ≤ 256 MiB per shopkeep node; no errors but deliberate 429/503;
+//!
+//! one line for the correctness checks (audits, replicas, ledgers: not targets, but a failed one makes
+//! every figure suspect); and one JSON document (one line, with the same summary under `summary`),
+//! also written pretty to `target/bench/load.json`; the plot `target/bench/load.png` (throughput and
+//! p99 against concurrency, log scale, every system in a colour of its own). The default run takes
+//! about 3 minutes after the build (24 phases of 6 s, plus starts, seeding, base backups and audits).
 //!
 //! Settings (environment):
 //!
-//! - `SHOPKEEP_BENCH_SYSTEMS` — which systems, in order: `pg,1,3` (default); a number is a shopkeep
-//!   cluster of that many nodes (1 = single node).
+//! - `SHOPKEEP_BENCH_SYSTEMS` — which systems, in order: `pg,pg3,1,3` (default); `pg` is PostgreSQL,
+//!   `pg3` PostgreSQL with two synchronous standbys, a number a shopkeep cluster of that many nodes
+//!   (1 = single node).
 //! - `SHOPKEEP_BENCH_CONCURRENCY` — the closed-loop levels (default `1,16,64,256`).
 //! - `SHOPKEEP_BENCH_SECONDS` — measured seconds per phase (default 5); `SHOPKEEP_BENCH_WARMUP`
 //!   — warm-up seconds before each (default 1). pgbench runs whole seconds.
 //! - `SHOPKEEP_BENCH_MIX` — concurrency of the mix (default 64; 0 skips it).
 //! - `SHOPKEEP_BENCH_OPEN_LOOP` — connections of the half-peak phase: `best` (default: the
 //!   concurrency of the system's best level), a number, or 0 to skip the phase.
-//! - `SHOPKEEP_BENCH_PG_BIN` — the directory of `initdb`, `pg_ctl`, `pgbench`, `psql` (default:
-//!   `/usr/local/bin`, `/usr/lib/postgresql/<newest>/bin`, `PATH`).
+//! - `SHOPKEEP_BENCH_PG_BIN` — the directory of `initdb`, `pg_ctl`, `pg_basebackup`, `pgbench`,
+//!   `psql` (default: `/usr/local/bin`, `/usr/lib/postgresql/<newest>/bin`, `PATH`).
 //! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).
 //!
 //! ```text
 //! SHOPKEEP_BENCH_SYSTEMS=1 SHOPKEEP_BENCH_SECONDS=3 cargo bench --bench load
 //! SHOPKEEP_BENCH_SYSTEMS=3 SHOPKEEP_BENCH_CONCURRENCY=16,64 cargo bench --bench load
+//! SHOPKEEP_BENCH_SYSTEMS=pg3,3 cargo bench --bench load     # the replicated pair only
 //! ```
 //!
 //! Keep in mind that the servers and the load generator share the machine's cores (the HTTP client
 //! here costs more CPU per request than pgbench does per transaction), so absolute numbers depend on
-//! the machine; the ratios are the point. All processes are stopped and their directories removed
-//! when the benchmark ends, panics and Ctrl-C included.
+//! the machine; the ratios are the point. Like shopkeep's 3 nodes, PostgreSQL 3's three servers share
+//! the machine's cores and disk. All processes are stopped and their directories removed when the
+//! benchmark ends, panics and Ctrl-C included.
 //!
 //! Where things are: `settings.rs` (the variables above), `nodes.rs` (the shopkeep processes, started
 //! by `tests/it/launcher.rs`, which the integration tests share),
 //! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
-//! `postgres.rs` (the baseline's phases) over `pg.rs` (the PostgreSQL server and pgbench);
+//! `postgres.rs` (the baselines' phases) over `pg.rs` (the PostgreSQL servers, standbys and pgbench);
 //! `stats.rs`, `results.rs`, `cpu.rs`, `report.rs`, `plot.rs` (the output); `progress.rs`,
 //! `interrupt.rs` (Ctrl-C).
 
@@ -172,7 +206,7 @@ fn main() {
     for &system in &settings.systems {
         let cpu_before = CpuSample::take();
         let mut report = match system {
-            System::Postgres => run_postgres(&settings, &progress),
+            System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
             System::Shopkeep(count) => {
                 let spawned = Instant::now();
                 let nodes = Nodes::start(count);

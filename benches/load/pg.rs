@@ -1,13 +1,23 @@
-//! The PostgreSQL baseline: a throwaway PostgreSQL cluster running the same purchase as one stored
-//! procedure transaction, driven by `pgbench` at the same concurrency levels as shopkeep.
+//! The PostgreSQL baselines: a throwaway PostgreSQL server (`pg`), or a primary with two synchronous
+//! streaming standbys (`pg3`), running the same purchase as one stored-procedure transaction, driven by
+//! `pgbench` at the same concurrency levels as shopkeep.
 //!
 //! - `initdb` into a temporary directory (as the `postgres` user, or `nobody`, when the benchmark runs as
 //!   root: PostgreSQL refuses to run as root), then `pg_ctl start` with `fsync = on`,
-//!   `synchronous_commit = on`, `shared_buffers = 128MB`, enough `max_connections`, listening on a Unix
-//!   socket in that directory only (no TCP port, so nothing can clash; the socket is also the fastest
-//!   way in, which errs in PostgreSQL's favour);
+//!   `synchronous_commit = on`, `shared_buffers = 128MB`, enough `max_connections`; pgbench and psql
+//!   reach the primary over a Unix socket in that directory (the fastest way in, which errs in
+//!   PostgreSQL's favour). The single server listens on that socket only (no TCP port, so nothing can
+//!   clash);
 //! - `benches/pg/schema.sql` (tables, the plpgsql functions, `seed`), then `SELECT seed(users, credit)`,
 //!   `VACUUM ANALYZE`, `CHECKPOINT`;
+//! - with standbys (`pg3`): every server also listens on its own loopback port (free ports the kernel
+//!   picked); after the seed, each standby is `pg_basebackup -R -X stream -C -S <name>` of the primary
+//!   (a physical replication slot each, so a lagging standby cannot lose WAL) into its own data
+//!   directory, started with `primary_conninfo` carrying `application_name` `s1` / `s2`; then the
+//!   primary gets `synchronous_standby_names = 'ANY 1 (s1, s2)'` (with `synchronous_commit = on`: a
+//!   commit returns once its WAL is flushed on the primary and on one standby, the durability of a
+//!   3-member Raft majority), and the run starts only when `pg_stat_replication` shows both standbys
+//!   `streaming` with `sync_state` `quorum`;
 //! - per level, `pgbench -n -M prepared -c C -j min(C, cores) -T warm-up+seconds` with
 //!   `benches/pg/purchase.pgbench`, per-transaction logs (`-l`): the percentiles are computed from the
 //!   logs over the transactions started after the warm-up, as for shopkeep; `--rate` for the open-loop
@@ -15,20 +25,24 @@
 //!   coordinated omission); the five scripts with weights for the mix;
 //! - errors: transactions pgbench reports failed, clients it aborted, and business rejections the
 //!   functions stored under their idempotency keys (counted by SQL before and after each run);
-//! - memory: the peak, sampled every 0.5 s, of the sum of the proportional set size (`Pss`) of the
-//!   postmaster and all its children: PostgreSQL is one process per connection sharing its buffers,
-//!   so a per-process RSS would count the shared buffers once per backend;
-//! - the cluster is stopped (`pg_ctl stop -m immediate`) and its directory removed on drop, panics
-//!   included.
+//! - memory, per server (primary, then each standby): the peak, sampled every 0.5 s, of the sum of the
+//!   proportional set size (`Pss`) of its postmaster and all its children: PostgreSQL is one process
+//!   per connection sharing its buffers, so a per-process RSS would count the shared buffers once per
+//!   backend;
+//! - checks: the ledger on the primary; with standbys, each one (once it has replayed the primary's
+//!   last WAL) must hold the same orders, postings and balances;
+//! - every server is stopped (`pg_ctl stop -m immediate`) and the directory removed on drop, panics
+//!   included, and on Ctrl-C.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -52,18 +66,25 @@ pub const MIX: [(&str, &str, &str, u32); 5] = [
 ];
 
 const DB_USER: &str = "bench";
-const PORT: &str = "5432";
+/// The single server's port: only the name of its socket (it listens on no TCP port).
+const SOCKET_PORT: u16 = 5432;
+/// The standbys' names (their `application_name`, and their replication slots').
+const STANDBY_NAMES: [&str; 2] = ["s1", "s2"];
+/// How long the standbys get to stream in quorum, and to replay the primary's WAL before the check.
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where the PostgreSQL programs are.
 pub struct PgBins {
     initdb: PathBuf,
     pg_ctl: PathBuf,
+    /// Only the standbys need it: without it, `pg` still runs and `pg3` is skipped.
+    pg_basebackup: Result<PathBuf, String>,
     pgbench: PathBuf,
     psql: PathBuf,
 }
 
-/// Finds `initdb`, `pg_ctl`, `pgbench` and `psql`: in `SHOPKEEP_BENCH_PG_BIN` if set, else in
-/// `/usr/local/bin`, the newest `/usr/lib/postgresql/<version>/bin`, then `PATH`.
+/// Finds `initdb`, `pg_ctl`, `pgbench`, `psql` and (for the standbys) `pg_basebackup`: in `SHOPKEEP_BENCH_PG_BIN` if set,
+/// else in `/usr/local/bin`, the newest `/usr/lib/postgresql/<version>/bin`, then `PATH`.
 pub fn find_bins() -> Result<PgBins, String> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(dir) = std::env::var_os("SHOPKEEP_BENCH_PG_BIN").filter(|d| !d.is_empty()) {
@@ -94,32 +115,53 @@ pub fn find_bins() -> Result<PgBins, String> {
     Ok(PgBins {
         initdb: find("initdb")?,
         pg_ctl: find("pg_ctl")?,
+        pg_basebackup: find("pg_basebackup"),
         pgbench: find("pgbench")?,
         psql: find("psql")?,
     })
 }
 
-/// A running throwaway PostgreSQL cluster; stopped and removed on drop.
+/// One server of the deployment: the primary or a standby.
+struct Instance {
+    /// `primary`, `s1`, `s2`.
+    name: &'static str,
+    data: PathBuf,
+    port: u16,
+    started: bool,
+}
+
+/// A running throwaway PostgreSQL deployment, a primary and its standbys (none for `pg`); stopped and
+/// removed on drop.
 pub struct PgServer {
     bins: PgBins,
-    /// (uid, gid) the server runs as when the benchmark runs as root.
+    /// (uid, gid) the servers run as when the benchmark runs as root.
     run_as: Option<(u32, u32)>,
-    data: PathBuf,
-    started: bool,
-    /// The Ctrl-C cleanup (stop, remove the directory); 0: none.
+    /// The primary first, then the standbys.
+    instances: Vec<Instance>,
+    /// The Ctrl-C cleanup (stop every server, remove the directory); 0: none.
     interrupt: u64,
-    // Dropped after `Drop::drop` has stopped the server, which removes the directory.
+    // Dropped after `Drop::drop` has stopped the servers, which removes the directory.
     dir: TempDir,
 }
 
 impl PgServer {
-    /// initdb + start + schema + seed of `users` users with `credit` minor units each.
+    /// initdb + start + schema + seed of `users` users with `credit` minor units each; then, with
+    /// `standbys` (0 or up to 2), the standbys, streaming in a synchronous quorum of one.
     pub fn start(
         bins: PgBins,
+        standbys: usize,
         max_connections: usize,
         users: usize,
         credit: u64,
     ) -> Result<PgServer, String> {
+        assert!(
+            standbys <= STANDBY_NAMES.len(),
+            "at most {} standbys",
+            STANDBY_NAMES.len()
+        );
+        if let (true, Err(e)) = (standbys > 0, &bins.pg_basebackup) {
+            return Err(format!("the standbys need pg_basebackup: {e}"));
+        }
         let dir = tempfile::Builder::new()
             .prefix("shopkeep-bench-pg-")
             .tempdir()
@@ -129,50 +171,71 @@ impl PgServer {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
                 .map_err(|e| format!("cannot chown {}: {e}", dir.path().display()))?;
         }
-        let data = dir.path().join("data");
+        let ports = if standbys == 0 {
+            vec![SOCKET_PORT]
+        } else {
+            free_ports(1 + standbys)?
+        };
+        let names = std::iter::once("primary").chain(STANDBY_NAMES.iter().copied().take(standbys));
+        let instances = names
+            .zip(ports)
+            .map(|(name, port)| Instance {
+                name,
+                data: dir
+                    .path()
+                    .join(if name == "primary" { "data" } else { name }),
+                port,
+                started: false,
+            })
+            .collect();
         let mut server = PgServer {
             bins,
             run_as,
-            data,
-            started: false,
+            instances,
             interrupt: 0,
             dir,
         };
-        let mut initdb = server.server_command(&server.bins.initdb);
-        initdb
-            .arg("-D")
-            .arg(&server.data)
-            .args(["-U", DB_USER, "--auth=trust", "-E", "UTF8", "--locale=C"])
-            // Only initdb's own files skip the fsync; the server below runs with fsync on.
-            .arg("--no-sync");
-        run(initdb, "initdb")?;
-        let conf = format!(
-            "\n# shopkeep load benchmark\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
-             port = {PORT}\nfsync = on\nsynchronous_commit = on\nfull_page_writes = on\n\
-             shared_buffers = 128MB\nmax_connections = {max_connections}\n",
-            server.dir.path().display()
-        );
-        append(&server.data.join("postgresql.conf"), &conf)?;
-        let log = server.dir.path().join("postgres.log");
-        let mut pg_ctl = server.server_command(&server.bins.pg_ctl);
-        pg_ctl
-            .arg("-D")
-            .arg(&server.data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "60", "start"]);
-        run(pg_ctl, "pg_ctl start")?;
-        server.started = true;
-        let mut stop = server.stop_command();
+        // Registered before anything starts: stopping a server that is not running fails harmlessly.
+        let mut stops: Vec<Command> = (0..server.instances.len())
+            .map(|i| server.stop_command(i))
+            .collect();
         let dir = server.dir.path().to_path_buf();
         server.interrupt = crate::interrupt::on_interrupt(move || {
-            let _ = stop.status();
+            for stop in stops.iter_mut().rev() {
+                let _ = stop.status();
+            }
             let _ = std::fs::remove_dir_all(&dir);
         });
 
+        let mut initdb = server.server_command(&server.bins.initdb);
+        initdb
+            .arg("-D")
+            .arg(&server.instances[0].data)
+            .args(["-U", DB_USER, "--auth=trust", "-E", "UTF8", "--locale=C"])
+            // Only initdb's own files skip the fsync; the servers below run with fsync on.
+            .arg("--no-sync");
+        run(initdb, "initdb")?;
+        let replication = if standbys == 0 {
+            String::new()
+        } else {
+            // The defaults of PostgreSQL 15, spelled out: what streaming replication needs.
+            "wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\nhot_standby = on\n"
+                .to_string()
+        };
+        let conf = format!(
+            "\n# shopkeep load benchmark\nlisten_addresses = '{}'\nunix_socket_directories = '{}'\n\
+             port = {}\nfsync = on\nsynchronous_commit = on\nfull_page_writes = on\n\
+             shared_buffers = 128MB\nmax_connections = {max_connections}\n{replication}",
+            if standbys == 0 { "" } else { "127.0.0.1" },
+            server.dir.path().display(),
+            server.instances[0].port,
+        );
+        append(&server.instances[0].data.join("postgresql.conf"), &conf)?;
+        server.start_instance(0)?;
+
         let schema = server.dir.path().join("schema.sql");
         std::fs::write(&schema, SCHEMA).map_err(|e| format!("cannot write the schema: {e}"))?;
-        let mut psql = server.psql_command();
+        let mut psql = server.psql_command(0);
         psql.arg("-f").arg(&schema);
         run(psql, "psql -f schema.sql")?;
         server.sql(&format!("SELECT seed({users}, {credit})"))?;
@@ -182,10 +245,121 @@ impl PgServer {
             std::fs::write(server.dir.path().join(name), script)
                 .map_err(|e| format!("cannot write {name}: {e}"))?;
         }
+
+        for i in 1..server.instances.len() {
+            server.add_standby(i)?;
+        }
+        if standbys > 0 {
+            let names = STANDBY_NAMES[..standbys].join(", ");
+            server.sql(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 ({names})'"
+            ))?;
+            server.sql("SELECT pg_reload_conf()")?;
+            server.wait_for_quorum()?;
+        }
         Ok(server)
     }
 
-    /// `program` as the server's user (a no-op when not root), in the cluster's directory.
+    /// `pg_ctl start` of instance `i`, waiting until it accepts connections.
+    fn start_instance(&mut self, i: usize) -> Result<(), String> {
+        let instance = &self.instances[i];
+        let log = self.dir.path().join(format!("{}.log", instance.name));
+        let mut pg_ctl = self.server_command(&self.bins.pg_ctl);
+        pg_ctl
+            .arg("-D")
+            .arg(&instance.data)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "60", "start"]);
+        run(pg_ctl, &format!("pg_ctl start ({})", instance.name))?;
+        self.instances[i].started = true;
+        Ok(())
+    }
+
+    /// Instance `i` as a standby of the primary: a base backup over the replication protocol on
+    /// loopback (`-R`: `standby.signal` and the connection settings; `-C -S`: its replication slot),
+    /// its own port, its `application_name`, started.
+    fn add_standby(&mut self, i: usize) -> Result<(), String> {
+        let primary_port = self.instances[0].port;
+        let (name, data, port) = {
+            let s = &self.instances[i];
+            (s.name, s.data.clone(), s.port)
+        };
+        let mut basebackup = self.server_command(self.bins.pg_basebackup.as_ref()?);
+        basebackup
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary_port.to_string(),
+                "-U",
+                DB_USER,
+            ])
+            .args(["-R", "-X", "stream", "-C", "-S", name, "--checkpoint=fast"])
+            // Like initdb's --no-sync: only the copy skips the fsync, the standby runs with fsync on.
+            .arg("--no-sync");
+        run(basebackup, &format!("pg_basebackup ({name})"))?;
+        // The copied postgresql.conf is the primary's; the later lines win.
+        append(
+            &data.join("postgresql.conf"),
+            &format!("\n# standby {name}\nport = {port}\n"),
+        )?;
+        // -R wrote primary_conninfo to postgresql.auto.conf (read after postgresql.conf); this later
+        // line adds the application_name the primary's synchronous_standby_names refers to.
+        append(
+            &data.join("postgresql.auto.conf"),
+            &format!(
+                "primary_conninfo = 'host=127.0.0.1 port={primary_port} user={DB_USER} application_name={name}'\n"
+            ),
+        )?;
+        self.start_instance(i)
+    }
+
+    /// Waits until `pg_stat_replication` on the primary shows every standby streaming, in the quorum.
+    fn wait_for_quorum(&self) -> Result<(), String> {
+        let wanted: Vec<String> = self.instances[1..]
+            .iter()
+            .map(|s| format!("{}|streaming|quorum", s.name))
+            .collect();
+        let deadline = Instant::now() + REPLICATION_TIMEOUT;
+        loop {
+            let seen = self.sql(
+                "SELECT application_name, state, sync_state FROM pg_stat_replication ORDER BY 1",
+            )?;
+            let rows: Vec<String> = seen
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if rows == wanted {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the standbys are not streaming in quorum after {REPLICATION_TIMEOUT:?}: \
+                     pg_stat_replication shows {rows:?}, expected {wanted:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// One line on where the servers listen, for the log.
+    pub fn describe(&self) -> String {
+        if self.instances.len() == 1 {
+            return format!("socket {}", self.dir.path().display());
+        }
+        self.instances
+            .iter()
+            .map(|s| format!("{} on 127.0.0.1:{}", s.name, s.port))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `program` as the server's user (a no-op when not root), in the deployment's directory.
     fn server_command(&self, program: &Path) -> Command {
         let mut command = Command::new(program);
         command.current_dir(self.dir.path()).stdin(Stdio::null());
@@ -195,43 +369,53 @@ impl PgServer {
         command
     }
 
-    /// CPU seconds the server used so far: the postmaster's, its exited children's (the backends of
-    /// finished pgbench runs), and its live children's (checkpointer, WAL writer, …).
+    /// CPU seconds the servers used so far: each postmaster's, its exited children's (the backends of
+    /// finished pgbench runs, the WAL senders), and its live children's (checkpointer, WAL writer, …).
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let postmaster = postmaster_pid(&self.data)?;
-        let mut total = crate::cpu::process_cpu_seconds(&postmaster.to_string(), true)?;
-        for pid in crate::cpu::children_of(postmaster) {
-            total += crate::cpu::process_cpu_seconds(&pid.to_string(), false).unwrap_or(0.0);
+        let mut total = 0.0;
+        for instance in &self.instances {
+            let postmaster = postmaster_pid(&instance.data)?;
+            total += crate::cpu::process_cpu_seconds(&postmaster.to_string(), true)?;
+            for pid in crate::cpu::children_of(postmaster) {
+                total += crate::cpu::process_cpu_seconds(&pid.to_string(), false).unwrap_or(0.0);
+            }
         }
         Some(total)
     }
 
-    /// `pg_ctl stop -m immediate`: the cluster is thrown away, nothing to flush.
-    fn stop_command(&self) -> Command {
+    /// `pg_ctl stop -m immediate` of instance `i`: the deployment is thrown away, nothing to flush.
+    fn stop_command(&self, i: usize) -> Command {
         let mut command = self.server_command(&self.bins.pg_ctl);
         command
             .arg("-D")
-            .arg(&self.data)
+            .arg(&self.instances[i].data)
             .args(["-m", "immediate", "-w", "-t", "30", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         command
     }
 
-    fn psql_command(&self) -> Command {
+    /// psql on instance `i`'s socket.
+    fn psql_command(&self, i: usize) -> Command {
         let mut command = Command::new(&self.bins.psql);
         command
             .arg("-X")
             .args(["-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.dir.path())
-            .args(["-p", PORT, "-U", DB_USER, "-d", "postgres"])
+            .args(["-p", &self.instances[i].port.to_string()])
+            .args(["-U", DB_USER, "-d", "postgres"])
             .stdin(Stdio::null());
         command
     }
 
-    /// Runs `sql` with psql; its unaligned output.
+    /// Runs `sql` with psql on the primary; its unaligned output.
     pub fn sql(&self, sql: &str) -> Result<String, String> {
-        let mut psql = self.psql_command();
+        self.sql_on(0, sql)
+    }
+
+    /// Runs `sql` with psql on instance `i`; its unaligned output.
+    fn sql_on(&self, i: usize, sql: &str) -> Result<String, String> {
+        let mut psql = self.psql_command(i);
         psql.args(["-c", sql]);
         run(psql, "psql")
     }
@@ -260,9 +444,10 @@ impl PgServer {
         Ok(counts)
     }
 
-    /// Checks the ledger: every wallet's balance and held equal its newest posting's, and no balance
-    /// is negative or below what is held. One line saying what was found.
-    pub fn check(&self) -> (String, bool) {
+    /// Checks the ledger on the primary: every wallet's balance and held equal its newest posting's,
+    /// and no balance is negative or below what is held; then each standby, once it has replayed the
+    /// primary's WAL so far, must hold the same orders, postings and balances. One (line, ok) each.
+    pub fn check(&self, label: &str) -> Vec<(String, bool)> {
         let query = "SELECT \
               (SELECT count(*) FROM users u WHERE ROW(u.balance, u.held) IS DISTINCT FROM \
                  (SELECT ROW(p.balance_after, p.held_after) FROM postings p \
@@ -270,7 +455,7 @@ impl PgServer {
               (SELECT count(*) FROM users WHERE balance < 0 OR held > balance), \
               (SELECT count(*) FROM orders), \
               (SELECT count(*) FROM postings)";
-        match self.sql(query) {
+        let ledger = match self.sql(query) {
             Ok(text) => {
                 let parts: Vec<u64> = text
                     .trim()
@@ -280,17 +465,83 @@ impl PgServer {
                 match parts[..] {
                     [0, 0, orders, postings] => (
                         format!(
-                            "postgresql: ledger ok ({orders} orders, {postings} postings; balances equal their last posting)"
+                            "{label}: ledger ok ({orders} orders, {postings} postings; balances equal their last posting)"
                         ),
                         true,
                     ),
-                    _ => (
-                        format!("postgresql: ledger MISMATCH: {}", text.trim()),
-                        false,
-                    ),
+                    _ => (format!("{label}: ledger MISMATCH: {}", text.trim()), false),
                 }
             }
-            Err(e) => (format!("postgresql: ledger check failed: {e}"), false),
+            Err(e) => (format!("{label}: ledger check failed: {e}"), false),
+        };
+        let mut checks = vec![ledger];
+        if self.instances.len() > 1 {
+            checks.push(self.check_standbys(label));
+        }
+        checks
+    }
+
+    /// Every standby, once it has replayed the primary's current WAL position, against the primary:
+    /// the same count of orders and postings, the same sum of balances and of held amounts.
+    fn check_standbys(&self, label: &str) -> (String, bool) {
+        const DIGEST: &str = "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM postings), \
+                              (SELECT sum(balance) FROM users), (SELECT sum(held) FROM users)";
+        let primary = match self
+            .sql("SELECT pg_current_wal_lsn()")
+            .and_then(|lsn| Ok((lsn.trim().to_string(), self.sql(DIGEST)?)))
+        {
+            Ok(found) => found,
+            Err(e) => return (format!("{label}: standby check failed: {e}"), false),
+        };
+        let (lsn, digest) = primary;
+        let mut problems = Vec::new();
+        for (i, standby) in self.instances.iter().enumerate().skip(1) {
+            let deadline = Instant::now() + REPLICATION_TIMEOUT;
+            let caught_up = loop {
+                let replayed = self.sql_on(
+                    i,
+                    &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
+                );
+                match replayed.as_deref().map(str::trim) {
+                    Ok("t") => break Ok(()),
+                    Ok(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Ok(other) => {
+                        break Err(format!(
+                            "not at {lsn} after {REPLICATION_TIMEOUT:?} ({other})"
+                        ));
+                    }
+                    Err(e) => break Err(e.clone()),
+                }
+            };
+            let outcome = caught_up.and_then(|()| self.sql_on(i, DIGEST));
+            match outcome {
+                Ok(theirs) if theirs.trim() == digest.trim() => {}
+                Ok(theirs) => problems.push(format!(
+                    "{} has {} where the primary has {}",
+                    standby.name,
+                    theirs.trim(),
+                    digest.trim()
+                )),
+                Err(e) => problems.push(format!("{}: {e}", standby.name)),
+            }
+        }
+        let names: Vec<&str> = self.instances[1..].iter().map(|s| s.name).collect();
+        if problems.is_empty() {
+            (
+                format!(
+                    "{label}: standbys {} replayed up to {lsn}: same orders, postings and balance sums as the primary ({})",
+                    names.join(", "),
+                    digest.trim()
+                ),
+                true,
+            )
+        } else {
+            (
+                format!("{label}: standbys MISMATCH: {}", problems.join("; ")),
+                false,
+            )
         }
     }
 
@@ -315,7 +566,7 @@ impl PgServer {
             .current_dir(&log_dir)
             .args(["-n", "-M", "prepared", "-h"])
             .arg(self.dir.path())
-            .args(["-p", PORT, "-U", DB_USER])
+            .args(["-p", &self.instances[0].port.to_string(), "-U", DB_USER])
             .args(["-c", &clients.to_string(), "-j", &threads.to_string()])
             .args(["-T", &(seconds.ceil() as u64).max(1).to_string()])
             .args(["-D", &format!("users={}", crate::USERS)])
@@ -361,7 +612,13 @@ impl PgServer {
             let _ = stdout.read_to_string(&mut text);
             text
         });
-        let sampler = MemorySampler::start(&self.data);
+        let sampler = MemorySampler::start(
+            &self
+                .instances
+                .iter()
+                .map(|s| s.data.as_path())
+                .collect::<Vec<_>>(),
+        );
         let status = child
             .wait()
             .map_err(|e| format!("cannot wait for pgbench: {e}"))?;
@@ -411,8 +668,11 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         crate::interrupt::forget_interrupt(self.interrupt);
-        if self.started {
-            let _ = self.stop_command().status();
+        // The standbys first: a primary stopped before them would only make them log reconnects.
+        for i in (0..self.instances.len()).rev() {
+            if self.instances[i].started {
+                let _ = self.stop_command(i).status();
+            }
         }
     }
 }
@@ -432,7 +692,8 @@ pub struct PgbenchRun {
     pub aborted_clients: u64,
     /// pgbench's complaints, for the report.
     pub problems: Vec<String>,
-    pub peak_pss_kib: Option<u64>,
+    /// Per server (the primary, then each standby): the peak Σ Pss over the run, KiB.
+    pub peak_pss_kib: Vec<Option<u64>>,
 }
 
 impl PgbenchRun {
@@ -546,6 +807,20 @@ fn run(mut command: Command, what: &str) -> Result<String, String> {
     Ok(stdout)
 }
 
+/// `count` distinct free loopback ports: all bound at once (so they differ), released on return, right
+/// before the servers take them.
+fn free_ports(count: usize) -> Result<Vec<u16>, String> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("cannot find a free loopback port: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot read a bound port: {e}"))
+}
+
 fn append(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
     std::fs::OpenOptions::new()
@@ -555,36 +830,49 @@ fn append(path: &Path, text: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot append to {}: {e}", path.display()))
 }
 
-/// Samples Σ Pss of the postmaster and its children every 0.5 s; `stop` returns the peak (KiB).
+/// Samples Σ Pss of each server (its postmaster and its children) every 0.5 s; `stop` returns each
+/// server's peak (KiB), in the order given.
 struct MemorySampler {
     stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
+    peaks: Arc<Vec<AtomicU64>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl MemorySampler {
-    fn start(data: &Path) -> MemorySampler {
+    fn start(data_dirs: &[&Path]) -> MemorySampler {
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let thread = postmaster_pid(data).map(|pid| {
-            let (stop, peak) = (stop.clone(), peak.clone());
+        let peaks: Arc<Vec<AtomicU64>> =
+            Arc::new(data_dirs.iter().map(|_| AtomicU64::new(0)).collect());
+        let pids: Vec<Option<u32>> = data_dirs.iter().map(|d| postmaster_pid(d)).collect();
+        let thread = {
+            let (stop, peaks) = (stop.clone(), peaks.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(total) = total_pss_kib(pid) {
-                        peak.fetch_max(total, Ordering::Relaxed);
+                    for (pid, peak) in pids.iter().zip(peaks.iter()) {
+                        if let Some(total) = pid.and_then(total_pss_kib) {
+                            peak.fetch_max(total, Ordering::Relaxed);
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }
             })
-        });
-        MemorySampler { stop, peak, thread }
+        };
+        MemorySampler {
+            stop,
+            peaks,
+            thread: Some(thread),
+        }
     }
 
-    fn stop(mut self) -> Option<u64> {
+    fn stop(mut self) -> Vec<Option<u64>> {
         self.stop.store(true, Ordering::Relaxed);
-        let thread = self.thread.take()?;
-        let _ = thread.join();
-        Some(self.peak.load(Ordering::Relaxed)).filter(|&kib| kib > 0)
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.peaks
+            .iter()
+            .map(|p| Some(p.load(Ordering::Relaxed)).filter(|&kib| kib > 0))
+            .collect()
     }
 }
 

@@ -18,11 +18,12 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-pub const COLORS: [[u8; 3]; 4] = [
+pub const COLORS: [[u8; 3]; 5] = [
     [0x33, 0x66, 0xcc], // blue
     [0xdc, 0x39, 0x12], // red
     [0x10, 0x96, 0x18], // green
     [0x99, 0x00, 0x99], // purple
+    [0xff, 0x99, 0x00], // orange
 ];
 
 const WIDTH: usize = 1000;

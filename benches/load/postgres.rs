@@ -1,5 +1,6 @@
-//! The PostgreSQL baseline's phases: the same levels, mix and half-peak phase as shopkeep's, run through
-//! pgbench and turned into the same results. The server and pgbench themselves are in `pg.rs`.
+//! The PostgreSQL baselines' phases (`pg`: one server; `pg3`: a primary and two synchronous standbys):
+//! the same levels, mix and half-peak phase as shopkeep's, run through pgbench and turned into the same
+//! results. The servers and pgbench themselves are in `pg.rs`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,12 +12,18 @@ use crate::settings::{OpenLoop, Settings, System};
 use crate::stats::{Stats, Tally, ms};
 use crate::{CREDIT_MINOR, HALF_PEAK, USERS};
 
-/// The PostgreSQL baseline: every phase through pgbench (see `load/pg.rs`).
-pub(crate) fn run_postgres(settings: &Settings, progress: &Progress) -> SystemReport {
-    let mut report = SystemReport::new(System::Postgres);
-    let label = System::Postgres.label();
+/// A PostgreSQL baseline of `servers` servers (1, or 3: a primary and two standbys): every phase
+/// through pgbench (see `load/pg.rs`).
+pub(crate) fn run_postgres(
+    system: System,
+    servers: u64,
+    settings: &Settings,
+    progress: &Progress,
+) -> SystemReport {
+    let mut report = SystemReport::new(system);
+    let label = system.label();
     let skip = |report: &mut SystemReport, why: String| {
-        eprintln!("PostgreSQL baseline SKIPPED: {why}");
+        eprintln!("{label} baseline SKIPPED: {why}");
         progress.skip(settings.phases_per_system());
         report.skipped = Some(why);
     };
@@ -27,15 +34,36 @@ pub(crate) fn run_postgres(settings: &Settings, progress: &Progress) -> SystemRe
             return report;
         }
     };
-    eprintln!("{label}: initdb, start (fsync on, synchronous_commit on), schema, seed…");
-    let server =
-        match pg::PgServer::start(bins, settings.max_connections() + 10, USERS, CREDIT_MINOR) {
-            Ok(server) => server,
-            Err(e) => {
-                skip(&mut report, e);
-                return report;
-            }
-        };
+    let standbys = servers.saturating_sub(1) as usize;
+    if standbys == 0 {
+        eprintln!("{label}: initdb, start (fsync on, synchronous_commit on), schema, seed…");
+    } else {
+        eprintln!(
+            "{label}: initdb, start (fsync on, synchronous_commit on), schema, seed, \
+             {standbys} standbys (pg_basebackup), synchronous_standby_names 'ANY 1 (…)'…"
+        );
+    }
+    let server = match pg::PgServer::start(
+        bins,
+        standbys,
+        settings.max_connections() + 10,
+        USERS,
+        CREDIT_MINOR,
+    ) {
+        Ok(server) => server,
+        Err(e) => {
+            skip(&mut report, e);
+            return report;
+        }
+    };
+    if standbys == 0 {
+        eprintln!("{label}: listening on {}", server.describe());
+    } else {
+        eprintln!(
+            "{label}: {}; both standbys streaming, sync_state quorum",
+            server.describe()
+        );
+    }
     let seconds = settings.phase_time().as_secs_f64();
     // pgbench's -T is whole seconds: the warm-up absorbs the rounding.
     let warm_up = Duration::from_secs_f64(seconds.ceil() - settings.duration.as_secs_f64());
@@ -101,7 +129,7 @@ pub(crate) fn run_postgres(settings: &Settings, progress: &Progress) -> SystemRe
             stats,
             forwarded_share: None,
             leaders_changed: false,
-            peak_rss_kib: vec![run.peak_pss_kib],
+            peak_rss_kib: run.peak_pss_kib.clone(),
             peak_since_start: false,
         });
     }
@@ -151,7 +179,7 @@ pub(crate) fn run_postgres(settings: &Settings, progress: &Progress) -> SystemRe
                     concurrency,
                     total,
                     kinds,
-                    peak_rss_kib: vec![run.peak_pss_kib],
+                    peak_rss_kib: run.peak_pss_kib.clone(),
                 });
             }
             Err(e) => failed(&mut report, "mix", e),
@@ -196,7 +224,7 @@ pub(crate) fn run_postgres(settings: &Settings, progress: &Progress) -> SystemRe
                             connections,
                             target_rate: rate,
                             stats,
-                            peak_rss_kib: vec![run.peak_pss_kib],
+                            peak_rss_kib: run.peak_pss_kib.clone(),
                         });
                     }
                     Err(e) => failed(&mut report, "half peak", e),
@@ -206,9 +234,9 @@ pub(crate) fn run_postgres(settings: &Settings, progress: &Progress) -> SystemRe
         }
     }
 
-    report.checks.push(server.check());
+    report.checks.extend(server.check(&system.key()));
     report.server_cpu_seconds = server.cpu_seconds().unwrap_or(0.0);
-    eprintln!("{label}: stopping the server, removing its directory");
+    eprintln!("{label}: stopping the servers, removing their directory");
     drop(server);
     report
 }

@@ -31,7 +31,10 @@ impl SystemReport {
         SystemReport {
             system,
             memory_label: match system {
-                System::Postgres => "peak Σ PSS of all postgres processes, MiB",
+                System::Postgres(1) => "peak Σ PSS of all postgres processes, MiB",
+                System::Postgres(_) => {
+                    "peak Σ PSS of each server's postgres processes, MiB (primary/s1/s2)"
+                }
                 System::Shopkeep(1) => "peak RSS (VmHWM), MiB",
                 System::Shopkeep(_) => "peak RSS (VmHWM) per node, MiB (node 1/2/3)",
             },

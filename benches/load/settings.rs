@@ -13,7 +13,9 @@ const DEFAULT_MIX_CONCURRENCY: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum System {
-    Postgres,
+    /// A PostgreSQL deployment of this many servers: 1 (`pg`, a single server) or 3 (`pg3`, a primary
+    /// and two synchronous streaming standbys).
+    Postgres(u64),
     /// A shopkeep deployment of this many nodes (1: single node, no `--peers`).
     Shopkeep(u64),
 }
@@ -21,14 +23,16 @@ pub(crate) enum System {
 impl System {
     pub(crate) fn key(&self) -> String {
         match self {
-            System::Postgres => "postgresql".into(),
+            System::Postgres(1) => "postgresql".into(),
+            System::Postgres(n) => format!("postgresql-{n}"),
             System::Shopkeep(n) => format!("shopkeep-{n}"),
         }
     }
 
     pub(crate) fn label(&self) -> String {
         match self {
-            System::Postgres => "PostgreSQL".into(),
+            System::Postgres(1) => "PostgreSQL".into(),
+            System::Postgres(n) => format!("PostgreSQL {n}"),
             System::Shopkeep(1) => "shopkeep 1 node".into(),
             System::Shopkeep(n) => format!("shopkeep {n} nodes"),
         }
@@ -133,27 +137,28 @@ fn env_text(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|t| !t.trim().is_empty())
 }
 
-/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,1,3`), else all.
+/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,pg3,1,3`), else all.
 fn systems() -> Vec<System> {
-    let text = env_text("SHOPKEEP_BENCH_SYSTEMS").unwrap_or_else(|| "pg,1,3".to_string());
+    let text = env_text("SHOPKEEP_BENCH_SYSTEMS").unwrap_or_else(|| "pg,pg3,1,3".to_string());
     let systems: Vec<System> = text
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| match s.to_ascii_lowercase().as_str() {
-            "pg" | "postgres" | "postgresql" => System::Postgres,
+            "pg" | "postgres" | "postgresql" => System::Postgres(1),
+            "pg3" | "postgres3" | "postgresql3" => System::Postgres(3),
             n => match n.parse::<u64>() {
                 Ok(n) if (1..=9).contains(&n) => System::Shopkeep(n),
                 _ => panic!(
-                    "SHOPKEEP_BENCH_SYSTEMS: {s:?} is neither `pg` nor a number of shopkeep nodes \
-                     from 1 to 9 (e.g. pg,1,3)"
+                    "SHOPKEEP_BENCH_SYSTEMS: {s:?} is neither `pg`, `pg3` nor a number of shopkeep \
+                     nodes from 1 to 9 (e.g. pg,pg3,1,3)"
                 ),
             },
         })
         .collect();
     assert!(
         !systems.is_empty(),
-        "SHOPKEEP_BENCH_SYSTEMS lists no system (expected e.g. pg,1,3)"
+        "SHOPKEEP_BENCH_SYSTEMS lists no system (expected e.g. pg,pg3,1,3)"
     );
     systems
 }
