@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Where one purchase's time goes, on one node, at one client.
 
-    scripts/stage-breakdown.py [--bin target/release/shopkeep] [--seconds 10]
+    scripts/stage-breakdown.py [--bin target/release/shopkeep] [--seconds 10] [--nodes 1|3]
 
-Starts a throwaway `shopkeep serve` (its own data dir and ports), buys one item in a loop over one
-keep-alive connection (POST /v1/users/{id}/orders {"complete": true}, a fresh Idempotency-Key each),
+Starts a throwaway `shopkeep serve` (its own data dir and ports), or with --nodes 3 a 3-node cluster on
+loopback, and buys one item in a loop over one keep-alive connection to node 1 (POST /v1/users/{id}/orders {"complete": true}, a fresh Idempotency-Key each),
 then reads the server's own histograms from --metrics-listen and prints the mean of each stage:
 
     http_request_duration  the request as the server saw it (head to answer)
@@ -13,7 +13,9 @@ then reads the server's own histograms from --metrics-listen and prints the mean
           log_commit       one commit of the Raft log file (its fsync included)
           apply            one apply transaction of the shard (its commands, the marker, the commit)
 
-and the server's CPU time per purchase. The stages nest: what a stage does not explain of its parent is
+and the server's CPU time per purchase. With --nodes 3 it does so twice: for a player whose shard node 1
+leads, then for one whose shard another node leads (node 1 forwards the batch to that leader, whose
+histograms hold the proposal); the histograms are summed over the three nodes. The stages nest: what a stage does not explain of its parent is
 hops between threads and tasks. Python's client adds its own time to the client-side figures only.
 Run it on a quiet machine; `perf record -g -p <pid>` on the server meanwhile gives the CPU profile.
 """
@@ -26,7 +28,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def histogram_means(text):
+def histogram_sums(text):
+    """(sum, count) of each histogram family (the POST orders route alone of the HTTP durations)."""
     sums, counts = {}, {}
     for line in text.splitlines():
         m = re.match(r'^(\w+)_(sum|count)(\{.*\})? ([0-9.e+-]+)$', line)
@@ -38,36 +41,56 @@ def histogram_means(text):
             continue
         table = sums if kind == 'sum' else counts
         table[name] = table.get(name, 0) + value
-    return {name: (sums[name] / counts[name], counts[name]) for name in sums if counts.get(name)}
+    return {name: (sums[name], counts.get(name, 0.0)) for name in sums}
+
+
+def start_nodes(args, data, env):
+    """The servers, their client and metrics ports."""
+    ids = list(range(1, args.nodes + 1))
+    ports = {i: (free_port(), free_port(), free_port()) for i in ids}
+    peers = ','.join(f'{i}=127.0.0.1:{ports[i][0]}' for i in ids)
+    servers = []
+    for i in ids:
+        command = [args.bin, 'serve', '--data-dir', f'{data}/node-{i}', '--listen', f'127.0.0.1:{ports[i][0]}',
+                   '--metrics-listen', f'127.0.0.1:{ports[i][1]}']
+        if args.nodes > 1:
+            command += ['--node-id', str(i), '--peers', peers]
+        servers.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+    return servers, [ports[i][0] for i in ids], [ports[i][1] for i in ids]
+
+
+def wait_ready(port):
+    for _ in range(600):
+        try:
+            conn = http.client.HTTPConnection('127.0.0.1', port, timeout=2)
+            conn.request('GET', '/readyz')
+            response = conn.getresponse()
+            response.read()
+            if response.status == 200:
+                return conn
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f'node on port {port} never became ready')
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--bin', default='target/release/shopkeep')
     parser.add_argument('--seconds', type=float, default=10)
+    parser.add_argument('--nodes', type=int, default=1, choices=[1, 3])
     args = parser.parse_args()
-    port, metrics_port = free_port(), free_port()
     data = tempfile.mkdtemp(prefix='stage-breakdown-')
     admin, service = 'a' * 40, 's' * 40
     env = dict(os.environ, SHOPKEEP_ADMIN_TOKEN=admin, SHOPKEEP_SERVICE_TOKEN=service,
-               SHOPKEEP_PSP_SECRET='p' * 40)
-    server = subprocess.Popen(
-        [args.bin, 'serve', '--data-dir', data + '/data', '--listen', f'127.0.0.1:{port}',
-         '--metrics-listen', f'127.0.0.1:{metrics_port}'],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               SHOPKEEP_PSP_SECRET='p' * 40, SHOPKEEP_CLUSTER_SECRET='c' * 40)
+    servers, ports, metrics_ports = start_nodes(args, data, env)
     try:
-        conn = None
-        for _ in range(400):
-            try:
-                conn = http.client.HTTPConnection('127.0.0.1', port)
-                conn.request('GET', '/readyz')
-                response = conn.getresponse()
-                response.read()
-                if response.status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
+        for port in ports:
+            conn = wait_ready(port)
+
+        conn = wait_ready(ports[0])
 
         def call(method, path, token, body=None, key=None):
             headers = {'Authorization': 'Bearer ' + token, 'Content-Type': 'application/json'}
@@ -78,49 +101,94 @@ def main():
             response = conn.getresponse()
             return response.status, response.read()
 
-        for status, what in [
-            (call('PUT', '/v1/items/gems', admin, {'name': 'Gems', 'kind': 'currency', 'price': '0.01'}), 'item'),
-            (call('POST', '/v1/users', service, {'user_id': 'u1'}, 'user-u1'), 'user'),
-            (call('POST', '/v1/users/u1/credits', service,
-                  {'amount': '100000.00', 'external_ref': 'r1', 'source': 'card'}, 'credit-u1'), 'credit'),
-        ]:
-            assert status[0] in (200, 201), (what, status)
-        cpu_before = cpu_seconds(server.pid)
-        latencies = []
-        end = time.time() + args.seconds
-        while time.time() < end:
-            started = time.perf_counter()
-            status, body = call('POST', '/v1/users/u1/orders', service,
-                                {'lines': [{'item_id': 'gems', 'quantity': 1}], 'complete': True},
-                                str(uuid.uuid4()))
-            latencies.append(time.perf_counter() - started)
-            assert status == 201, (status, body)
-        cpu = cpu_seconds(server.pid) - cpu_before
-        latencies.sort()
-        n = len(latencies)
-        print(f'{n / args.seconds:.0f} purchases/s at 1 client; client-side p50 '
-              f'{latencies[n // 2] * 1e3:.3f} ms, p99 {latencies[int(n * 0.99)] * 1e3:.3f} ms')
-        print(f'server CPU {cpu / n * 1e3:.3f} ms per purchase')
-        scrape = http.client.HTTPConnection('127.0.0.1', metrics_port)
-        scrape.request('GET', '/metrics')
-        means = histogram_means(scrape.getresponse().read().decode())
-        for label, name in [
-            ('http_request_duration', 'shopkeep_http_request_duration_seconds'),
-            ('  raft_batch', 'shopkeep_raft_batch_seconds'),
-            ('    raft_proposal', 'shopkeep_raft_proposal_seconds'),
-            ('      log_commit', 'shopkeep_raft_log_commit_seconds'),
-            ('      apply', 'shopkeep_apply_seconds'),
-        ]:
-            mean, count = means.get(name, (0.0, 0))
-            print(f'{label:24s} mean {mean * 1e3:7.3f} ms  (n={count:.0f})')
-        for label, name in [('log ops per commit', 'shopkeep_raft_log_ops_per_commit'),
-                            ('commands per apply', 'shopkeep_apply_batch_size')]:
-            mean, count = means.get(name, (0.0, 0))
-            print(f'{label:24s} mean {mean:7.3f}     (n={count:.0f})')
+        status = call('PUT', '/v1/items/gems', admin, {'name': 'Gems', 'kind': 'currency', 'price': '0.01'})
+        assert status[0] in (200, 201), status
+        players = pick_players(args.nodes, call, admin)
+        for case, user in players:
+            for status in [call('POST', '/v1/users', service, {'user_id': user}, f'user-{user}'),
+                           call('POST', f'/v1/users/{user}/credits', service,
+                                {'amount': '100000.00', 'external_ref': f'r-{user}', 'source': 'card'},
+                                f'credit-{user}')]:
+                assert status[0] in (200, 201), status
+            before = scrape_all(metrics_ports)
+            cpu_before = sum(cpu_seconds(s.pid) for s in servers)
+            latencies = buy(call, service, user, args.seconds)
+            cpu = sum(cpu_seconds(s.pid) for s in servers) - cpu_before
+            report(case, latencies, args.seconds, cpu, before, scrape_all(metrics_ports))
     finally:
-        server.kill()
-        server.wait()
+        for server in servers:
+            server.kill()
+            server.wait()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def pick_players(nodes, call, admin):
+    """One player per case: on one node just one; on three, one led by node 1 and one led elsewhere."""
+    if nodes == 1:
+        return [('one node', 'u1')]
+    wanted = {'shard led by node 1 (local)': lambda leader: leader == 1,
+              'shard led by another node (forwarded)': lambda leader: leader not in (None, 1)}
+    found = {}
+    deadline = time.time() + 30
+    while len(found) < len(wanted) and time.time() < deadline:
+        for n in range(1, 200):
+            status, body = call('GET', f'/v1/cluster/route/p{n}', admin)
+            leader = json.loads(body).get('leader') if status == 200 else None
+            for case, test in wanted.items():
+                if case not in found and test(leader):
+                    found[case] = f'p{n}'
+        time.sleep(0.2)
+    return [(case, found[case]) for case in wanted if case in found]
+
+
+def buy(call, service, user, seconds):
+    latencies = []
+    end = time.time() + seconds
+    while time.time() < end:
+        started = time.perf_counter()
+        status, body = call('POST', f'/v1/users/{user}/orders', service,
+                            {'lines': [{'item_id': 'gems', 'quantity': 1}], 'complete': True},
+                            str(uuid.uuid4()))
+        latencies.append(time.perf_counter() - started)
+        assert status == 201, (status, body)
+    latencies.sort()
+    return latencies
+
+
+def scrape_all(metrics_ports):
+    """Sum and count of each histogram, summed over the nodes."""
+    totals = {}
+    for port in metrics_ports:
+        scrape = http.client.HTTPConnection('127.0.0.1', port)
+        scrape.request('GET', '/metrics')
+        for name, (total, count) in histogram_sums(scrape.getresponse().read().decode()).items():
+            old = totals.get(name, (0.0, 0.0))
+            totals[name] = (old[0] + total, old[1] + count)
+    return totals
+
+
+def report(case, latencies, seconds, cpu, before, after):
+    n = len(latencies)
+    print(f'== {case}: {n / seconds:.0f} purchases/s at 1 client; client-side p50 '
+          f'{latencies[n // 2] * 1e3:.3f} ms, p99 {latencies[int(n * 0.99)] * 1e3:.3f} ms')
+    print(f'server CPU (all nodes) {cpu / n * 1e3:.3f} ms per purchase')
+
+    def mean(name):
+        total, count = after.get(name, (0.0, 0.0))
+        total0, count0 = before.get(name, (0.0, 0.0))
+        return ((total - total0) / (count - count0), count - count0) if count > count0 else (0.0, 0)
+
+    for label, name, unit in [
+        ('http_request_duration', 'shopkeep_http_request_duration_seconds', 1e3),
+        ('  raft_batch', 'shopkeep_raft_batch_seconds', 1e3),
+        ('    raft_proposal', 'shopkeep_raft_proposal_seconds', 1e3),
+        ('      log_commit', 'shopkeep_raft_log_commit_seconds', 1e3),
+        ('      apply', 'shopkeep_apply_seconds', 1e3),
+        ('log ops per commit', 'shopkeep_raft_log_ops_per_commit', 1),
+        ('commands per apply', 'shopkeep_apply_batch_size', 1),
+    ]:
+        value, count = mean(name)
+        print(f'{label:24s} mean {value * unit:7.3f}{" ms" if unit > 1 else "   "}  (n={count:.0f})')
 
 
 def cpu_seconds(pid):
