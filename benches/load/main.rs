@@ -110,6 +110,8 @@ mod progress;
 mod report;
 mod requests;
 mod results;
+mod scale;
+mod scale_load;
 mod seed;
 mod settings;
 mod shopkeep;
@@ -123,6 +125,7 @@ use crate::nodes::Nodes;
 use crate::postgres::run_postgres;
 use crate::progress::Progress;
 use crate::report::print_report;
+use crate::scale::run_scale;
 use crate::settings::{Settings, System};
 use crate::shopkeep::drive_shopkeep;
 
@@ -196,8 +199,11 @@ fn main() {
         report.cpu = cpu_before.and_then(|before| before.share_since(report.server_cpu_seconds));
         reports.push(report);
     }
+    let scale = settings
+        .scale
+        .map(|(users, orders)| runtime.block_on(run_scale(&settings, users, orders)));
     drop(runtime);
 
     let wall = started.elapsed();
-    print_report(&settings, &reports, wall);
+    print_report(&settings, &reports, scale.as_ref(), wall);
 }

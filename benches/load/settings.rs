@@ -45,6 +45,10 @@ pub(crate) struct Settings {
     /// The connections of the open-loop phase.
     pub(crate) open_loop: OpenLoop,
     pub(crate) out_dir: PathBuf,
+    /// The scale run's users and orders (`None`: skipped).
+    pub(crate) scale: Option<(u32, u64)>,
+    /// Whether the scale run ends with its 3-node part (snapshots to new members).
+    pub(crate) scale_cluster: bool,
 }
 
 impl Settings {
@@ -57,6 +61,8 @@ impl Settings {
             mix_concurrency: count_setting("SHOPKEEP_BENCH_MIX", DEFAULT_MIX_CONCURRENCY),
             open_loop: open_loop_setting(),
             out_dir: out_dir(),
+            scale: scale_setting(),
+            scale_cluster: count_setting("SHOPKEEP_BENCH_SCALE_CLUSTER", 1) > 0,
         }
     }
 
@@ -133,9 +139,30 @@ fn env_text(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|t| !t.trim().is_empty())
 }
 
-/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,1,3`), else all.
+/// `SHOPKEEP_BENCH_SCALE`: `users,orders` (default 1,000,000 and 10,000,000), or 0 to skip.
+fn scale_setting() -> Option<(u32, u64)> {
+    let text = env_text("SHOPKEEP_BENCH_SCALE").unwrap_or_else(|| "1000000,10000000".into());
+    if text.trim() == "0" {
+        return None;
+    }
+    let parsed = text
+        .split_once(',')
+        .and_then(|(u, o)| Some((u.trim().parse().ok()?, o.trim().parse().ok()?)));
+    match parsed {
+        Some((users, orders)) if users >= crate::USERS as u32 => Some((users, orders)),
+        _ => panic!(
+            "SHOPKEEP_BENCH_SCALE: {text:?} is not `users,orders` with at least {} users (0 skips the run)",
+            crate::USERS
+        ),
+    }
+}
+
+/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,1,3`), else all; `none` runs none (only the scale run).
 fn systems() -> Vec<System> {
     let text = env_text("SHOPKEEP_BENCH_SYSTEMS").unwrap_or_else(|| "pg,1,3".to_string());
+    if text.trim() == "none" {
+        return Vec::new();
+    }
     let systems: Vec<System> = text
         .split(',')
         .map(str::trim)
