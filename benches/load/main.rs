@@ -18,7 +18,17 @@
 //!    round-robin over the nodes as behind a load balancer, so about 2/3 of the requests reach a node
 //!    that does not lead their shard and are forwarded (one hop).
 //!
-//! For each system, these phases (each a warm-up that is not measured, then the measured window):
+//! 4. **scale** (`scale`, last): the purchase path on a shop of millions of rows, against an empty shop
+//!    (`scale.rs`). A loader (`scale_load.rs`) builds a single node's data directory directly through
+//!    the state machine — every row written by `apply`, in batches of 2,000 envelopes per redb
+//!    transaction, no HTTP — with `users` users (credited) and `orders` completed one-step purchases
+//!    spread over the past 30 days, then seeds the Raft log as `shopkeep restore` does. Reported: load
+//!    time, disk bytes per user and per order (marginal), purchases/s and p99 at 64 clients and the
+//!    p99 of the open loop at half the empty shop's rate, both against the empty shop (goal: within
+//!    20 %), peak RSS under load (goal: ≤ 256 MiB), first start and SIGKILL-restart to ready, the audit's
+//!    time, and the snapshot sent to each of two new members (time, peak RSS of sender and receiver).
+//!
+//! For systems 1–3, these phases (each a warm-up that is not measured, then the measured window):
 //!
 //! - **purchases, closed loop**, at each concurrency level (default 1, 16, 64, 256): that many
 //!   clients, each with one keep-alive connection, each sending its next one-step purchase
@@ -65,11 +75,16 @@
 //!   concurrency of the system's best level), a number, or 0 to skip the phase.
 //! - `SHOPKEEP_BENCH_PG_BIN` — the directory of `initdb`, `pg_ctl`, `pgbench`, `psql` (default:
 //!   `/usr/local/bin`, `/usr/lib/postgresql/<newest>/bin`, `PATH`).
+//! - `SHOPKEEP_BENCH_SCALE` — the scale run's `users,orders` (default `1000000,10000000`; `0` skips
+//!   it). Its disk: about 1.4 KB per order for the loaded node, 3 copies and node 1's snapshot files
+//!   for the 3-node part (`SHOPKEEP_BENCH_SCALE_CLUSTER=0` skips that part). `SHOPKEEP_BENCH_SYSTEMS=none`
+//!   runs the scale run alone.
 //! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).
 //!
 //! ```text
 //! SHOPKEEP_BENCH_SYSTEMS=1 SHOPKEEP_BENCH_SECONDS=3 cargo bench --bench load
 //! SHOPKEEP_BENCH_SYSTEMS=3 SHOPKEEP_BENCH_CONCURRENCY=16,64 cargo bench --bench load
+//! SHOPKEEP_BENCH_SYSTEMS=none SHOPKEEP_BENCH_SCALE=100000,1000000 cargo bench --bench load
 //! ```
 //!
 //! Keep in mind that the servers and the load generator share the machine's cores (the HTTP client
@@ -81,6 +96,7 @@
 //! by `tests/it/launcher.rs`, which the integration tests share),
 //! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
 //! `postgres.rs` (the baseline's phases) over `pg.rs` (the PostgreSQL server and pgbench);
+//! `scale.rs` (the scale run) over `scale_load.rs` (its loader);
 //! `stats.rs`, `results.rs`, `cpu.rs`, `report.rs`, `plot.rs` (the output); `progress.rs`,
 //! `interrupt.rs` (Ctrl-C).
 

@@ -10,20 +10,28 @@
 //! - **load time** and **disk bytes**: the data directory's size with the catalog only, after the users,
 //!   after the orders: bytes per user and per order are the *marginal* costs (the differences divided
 //!   by the counts), so the empty directory's fixed size is left out;
-//! - **first start to ready** (`/readyz` 200; the node verifies every page of every file at start);
+//! - **first start to ready** (`/readyz` 200; the node verifies every page of every file at start),
+//!   then until every shard has built its first snapshot: a directory written offline has none, so
+//!   each shard exports its whole state right after the start; the load phases wait for that (they
+//!   measure the steady state) and the time and the snapshot files' size are reported;
 //! - **purchases**, closed loop at `SCALE_CONCURRENCY` clients, then the open loop at half of the
 //!   *empty* shop's closed-loop throughput (the same rate on both shops): throughput and p99, with the
-//!   peak RSS (`VmHWM`) over both phases. Goal: throughput and p99 within 20 % of the empty shop's,
-//!   peak RSS ≤ 256 MiB;
+//!   peak RSS (`VmHWM`) over both phases. The empty shop is measured before the loaded one and again
+//!   right after it (the machine's load drifts over minutes); the reference is the mean of the two.
+//!   Goal: throughput and p99 within 20 % of the empty shop's, peak RSS ≤ 256 MiB;
 //! - **audit**: `GET /v1/admin/audit` (every row of every shard), its time, its verdict, and its order
 //!   count equal to the loaded orders plus those the clients saw created;
 //! - **restart to ready**: SIGKILL, start again, time until `/readyz` answers 200;
-//! - **snapshots** (unless `SHOPKEEP_BENCH_SCALE_CLUSTER=0`): nodes 2 and then 3 start on empty data
+//! - **snapshots** (`SHOPKEEP_BENCH_SCALE_CLUSTER=users,orders`, by default the run's size; `0` skips
+//!   them): on the loaded shop, or on a smaller one loaded for this part alone (the loaded shop's
+//!   directory removed first): nodes 2 and then 3 start on empty data
 //!   directories and are added as learners (`POST /v1/admin/cluster/nodes`, which answers once the new
 //!   member has caught up): node 1's log starts after the loaded state, so each new member receives a
 //!   snapshot of every shard. Per member: the time of the call (build + transfer + install), the peak
 //!   RSS of the sender (node 1) and of the receiver over it, and the data directories' sizes; then the
-//!   audit of every node must agree (`state_hash` per shard).
+//!   audit of every node must agree (`state_hash` per shard). The nodes of this part run without a
+//!   sweeper (`--sweep-interval 1d`): the loaded outcomes expire all along, and each sweep would move
+//!   the applied index between the audits of the replicas.
 //!
 //! The directories live in a temporary directory (the system's, never the worktree) removed at the end,
 //! Ctrl-C included: budget about 3 copies of the loaded directory, plus node 1's snapshot files.
@@ -41,7 +49,7 @@ use crate::interrupt::{forget_interrupt, on_interrupt};
 use crate::launcher::{Launch, Process};
 use crate::nodes::{CLUSTER_SECRET, proc_status_kib};
 use crate::results::{LevelResult, OpenLoopResult};
-use crate::scale_load::{Loaded, dir_bytes, load};
+use crate::scale_load::{Loaded, SHARDS, dir_bytes, load};
 use crate::settings::Settings;
 use crate::shopkeep::Load;
 use crate::stats::{ms, round2};
@@ -53,6 +61,9 @@ const SCALE_CONCURRENCY: usize = 64;
 const WITHIN: f64 = 0.20;
 const RSS_GOAL_KIB: u64 = 256 * 1024;
 const READY_TIMEOUT: Duration = Duration::from_secs(1800);
+/// The server's default `--snapshot-every`: a shard whose state is this many entries past its last
+/// snapshot builds one.
+const SNAPSHOT_EVERY: u64 = 10_000;
 
 /// One shop's measurements.
 pub(crate) struct ShopRun {
@@ -60,6 +71,11 @@ pub(crate) struct ShopRun {
     pub(crate) orders: u64,
     pub(crate) loaded: Loaded,
     pub(crate) first_ready_s: f64,
+    /// After the first start, until every shard had built its first snapshot (the loaded state is
+    /// more than `SNAPSHOT_EVERY` entries past none): `None` when no shard had to.
+    pub(crate) first_snapshots_s: Option<f64>,
+    /// The bytes of node 1's snapshot files then.
+    pub(crate) snapshot_bytes: u64,
     pub(crate) closed: LevelResult,
     pub(crate) half_peak: Option<OpenLoopResult>,
     /// The peak RSS of the node over both load phases, KiB.
@@ -84,10 +100,16 @@ pub(crate) struct Join {
 
 pub(crate) struct ScaleReport {
     pub(crate) empty: ShopRun,
+    /// The empty shop measured again after the loaded one: closed loop, open loop, peak RSS.
+    pub(crate) empty_after: (LevelResult, Option<OpenLoopResult>, Option<u64>),
     pub(crate) big: ShopRun,
     pub(crate) joins: Vec<Join>,
     pub(crate) cluster_checks: Vec<(String, bool)>,
     pub(crate) cluster_audit_s: Option<f64>,
+    /// The users and orders of the 3-node part's shop (`None`: no 3-node part).
+    pub(crate) cluster_size: Option<(u32, u64)>,
+    /// Its load time when it is a shop of its own.
+    pub(crate) cluster_load_s: Option<f64>,
 }
 
 /// A node of the scale run.
@@ -99,11 +121,20 @@ struct ScaleNode {
     data: PathBuf,
     logs: PathBuf,
     peers: Option<String>,
+    /// Started without a sweeper (the 3-node part).
+    quiet: bool,
 }
 
 impl ScaleNode {
-    fn start(id: u64, data: &Path, logs: &Path, listen: &str, peers: Option<String>) -> ScaleNode {
-        let (process, base) = spawn(id, data, logs, listen, peers.as_deref());
+    fn start(
+        id: u64,
+        data: &Path,
+        logs: &Path,
+        listen: &str,
+        peers: Option<String>,
+        quiet: bool,
+    ) -> ScaleNode {
+        let (process, base) = spawn(id, data, logs, listen, peers.as_deref(), quiet);
         ScaleNode {
             id,
             process,
@@ -112,6 +143,7 @@ impl ScaleNode {
             data: data.to_path_buf(),
             logs: logs.to_path_buf(),
             peers,
+            quiet,
         }
     }
 
@@ -133,6 +165,7 @@ impl ScaleNode {
             &self.logs,
             &self.listen,
             self.peers.as_deref(),
+            self.quiet,
         );
         self.process = process;
         self.base = base;
@@ -140,7 +173,14 @@ impl ScaleNode {
     }
 }
 
-fn spawn(id: u64, data: &Path, logs: &Path, listen: &str, peers: Option<&str>) -> (Process, String) {
+fn spawn(
+    id: u64,
+    data: &Path,
+    logs: &Path,
+    listen: &str,
+    peers: Option<&str>,
+    quiet: bool,
+) -> (Process, String) {
     let mut launch = Launch::new(
         data,
         listen,
@@ -150,6 +190,11 @@ fn spawn(id: u64, data: &Path, logs: &Path, listen: &str, peers: Option<&str>) -
     .args(["--node-id", &id.to_string()]);
     if let Some(peers) = peers {
         launch = launch.args(["--peers", peers]);
+    }
+    if quiet {
+        // No sweeps: the loaded idempotency outcomes expire all along (a sweep a second or so), and the
+        // replicas' audits, seconds apart, would each see another applied index.
+        launch = launch.args(["--sweep-interval", "1d"]);
     }
     let mut process = launch
         .env("SHOPKEEP_CLUSTER_SECRET", CLUSTER_SECRET)
@@ -187,6 +232,28 @@ async fn wait_ready(client: &Client, node: &ScaleNode, started: Instant) -> f64 
     }
 }
 
+/// Waits until every shard of `node` has a snapshot: the seconds since `started`.
+async fn wait_snapshots(node: &ScaleNode, started: Instant) -> f64 {
+    let built = |shard: u32| {
+        node.data
+            .join("snapshots")
+            .join(format!("shard-{shard:03}"))
+            .join("current.snap")
+            .exists()
+    };
+    loop {
+        if (0..SHARDS).all(built) {
+            return started.elapsed().as_secs_f64();
+        }
+        assert!(
+            started.elapsed() < READY_TIMEOUT,
+            "scale: node {}: no snapshot of every shard within {READY_TIMEOUT:?}",
+            node.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn free_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     format!("127.0.0.1:{}", listener.local_addr().expect("bound").port())
@@ -216,22 +283,79 @@ pub(crate) async fn run_scale(settings: &Settings, users: u32, orders: u64) -> S
     let client = client();
 
     eprintln!("scale: the empty shop ({USERS} users, 0 orders)");
-    let (empty, node) = run_shop(settings, &client, root.path(), "empty", USERS as u32, 0, None).await;
-    drop(node);
-    let _ = std::fs::remove_dir_all(root.path().join("empty"));
+    let (empty, mut empty_node) = run_shop(
+        settings,
+        &client,
+        root.path(),
+        "empty",
+        USERS as u32,
+        0,
+        None,
+    )
+    .await;
+    // Stopped while the loaded shop is measured; its directory (a few MiB) is kept for the rerun.
+    empty_node.process.kill();
     let rate = empty.closed.stats.throughput * HALF_PEAK;
 
     eprintln!("scale: the loaded shop ({users} users, {orders} orders)");
-    let (big, node) = run_shop(settings, &client, root.path(), "big", users, orders, Some(rate)).await;
+    let (big, node) = run_shop(
+        settings,
+        &client,
+        root.path(),
+        "big",
+        users,
+        orders,
+        Some(rate),
+    )
+    .await;
+    // The empty shop again, right after: the machine's load drifts over minutes, so the loaded shop
+    // is compared with the mean of the empty shop's runs before and after it.
+    let node = {
+        let mut node = node;
+        node.process.kill();
+        eprintln!("scale: the empty shop again");
+        empty_node.kill_and_restart(&client).await;
+        let (closed, half_peak, peak, _) =
+            measure(settings, &client, &empty_node, "empty (after)", rate).await;
+        drop(empty_node);
+        node.kill_and_restart(&client).await;
+        (node, (closed, half_peak, peak))
+    };
+    let (node, empty_after) = node;
     let mut report = ScaleReport {
         empty,
+        empty_after,
         big,
         joins: Vec::new(),
         cluster_checks: Vec::new(),
         cluster_audit_s: None,
+        cluster_size: None,
+        cluster_load_s: None,
     };
-    if settings.scale_cluster {
-        join_members(&client, root.path(), node, &mut report).await;
+    match settings.scale_cluster {
+        Some(size) if size == (users, orders) => {
+            report.cluster_size = Some(size);
+            let mut node = node;
+            node.quiet = true;
+            node.kill_and_restart(&client).await;
+            join_members(&client, root.path(), "big", node, &mut report).await;
+        }
+        Some((users, orders)) => {
+            // A smaller shop for the 3-node part (its 3 copies would not fit the disk at full size).
+            drop(node);
+            let _ = std::fs::remove_dir_all(root.path().join("big"));
+            eprintln!("scale: the 3-node part's shop ({users} users, {orders} orders)");
+            let data = root.path().join("cluster").join("node-1");
+            let listen = free_address();
+            let loaded = load_apart(&data, &listen, users, orders);
+            report.cluster_size = Some((users, orders));
+            report.cluster_load_s = Some(loaded.seconds);
+            let node =
+                ScaleNode::start(1, &data, &root.path().join("cluster"), &listen, None, true);
+            wait_ready(&client, &node, Instant::now()).await;
+            join_members(&client, root.path(), "cluster", node, &mut report).await;
+        }
+        None => drop(node),
     }
     forget_interrupt(interrupt);
     report
@@ -251,53 +375,27 @@ async fn run_shop(
     let logs = root.join(name);
     std::fs::create_dir_all(&logs).expect("a directory");
     let listen = free_address();
-    // On a thread of its own: the loader blocks, and runs a runtime of its own to seed the log.
-    let loaded = tokio::task::block_in_place(|| {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| load(&data, &listen, users, orders))
-                .join()
-                .expect("the loader panicked")
-        })
-    });
+    let loaded = load_apart(&data, &listen, users, orders);
 
     let started = Instant::now();
-    let mut node = ScaleNode::start(1, &data, &logs, &listen, None);
+    let mut node = ScaleNode::start(1, &data, &logs, &listen, None, false);
     let first_ready_s = wait_ready(client, &node, started).await;
     eprintln!("scale {name}: ready {first_ready_s:.1} s after the start");
-
-    let phases = Load {
-        client: client.clone(),
-        bases: vec![node.base.clone()],
-        warm_up: settings.warm_up,
-        duration: settings.duration,
-    };
-    node.reset_peak();
-    let (closed, mut created) = phases
-        .closed_loop(None, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
-        .await;
-    eprintln!(
-        "scale {name}: c={SCALE_CONCURRENCY}: {:.0} purchases/s, p99 {} ms, {} errors",
-        closed.stats.throughput,
-        ms(closed.stats.p99_ms),
-        closed.stats.errors
-    );
-    let rate = rate.unwrap_or(closed.stats.throughput * HALF_PEAK);
-    let half_peak = if rate > 0.0 {
-        let (result, more) = phases
-            .open_loop(rate, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
-            .await;
-        created += more;
-        eprintln!(
-            "scale {name}: open loop at {rate:.0}/s: {:.0}/s achieved, p99 {} ms",
-            result.stats.throughput,
-            ms(result.stats.p99_ms)
-        );
-        Some(result)
+    // A directory written offline has no snapshot: each shard builds one (an export of its whole state)
+    // right after the start. The load waits for them, so it measures the steady state; their time is
+    // reported.
+    let first_snapshots_s = if loaded.min_shard_entries >= SNAPSHOT_EVERY {
+        let seconds = wait_snapshots(&node, started).await;
+        eprintln!("scale {name}: every shard's first snapshot {seconds:.1} s after the start");
+        Some(seconds)
     } else {
         None
     };
-    let peak_rss_kib = node.peak_kib();
+    let snapshot_bytes = dir_bytes(&data.join("snapshots"));
+
+    let rate = rate.unwrap_or(0.0);
+    let (closed, half_peak, peak_rss_kib, created) =
+        measure(settings, client, &node, name, rate).await;
 
     let audit_started = Instant::now();
     let checks = check_audit(client, &node.base, orders + created).await;
@@ -316,6 +414,8 @@ async fn run_shop(
         orders,
         loaded,
         first_ready_s,
+        first_snapshots_s,
+        snapshot_bytes,
         closed,
         half_peak,
         peak_rss_kib,
@@ -327,10 +427,75 @@ async fn run_shop(
     (run, node)
 }
 
+/// The load phases on `node`: the closed loop, then the open loop at `rate` (0: at half of the closed
+/// loop's throughput). The peak RSS over both, and the orders the clients saw created.
+async fn measure(
+    settings: &Settings,
+    client: &Client,
+    node: &ScaleNode,
+    name: &str,
+    rate: f64,
+) -> (LevelResult, Option<OpenLoopResult>, Option<u64>, u64) {
+    let phases = Load {
+        client: client.clone(),
+        bases: vec![node.base.clone()],
+        warm_up: settings.warm_up,
+        duration: settings.duration,
+    };
+    node.reset_peak();
+    let (closed, mut created) = phases
+        .closed_loop(None, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
+        .await;
+    eprintln!(
+        "scale {name}: c={SCALE_CONCURRENCY}: {:.0} purchases/s, p99 {} ms, {} errors",
+        closed.stats.throughput,
+        ms(closed.stats.p99_ms),
+        closed.stats.errors
+    );
+    let rate = if rate > 0.0 {
+        rate
+    } else {
+        closed.stats.throughput * HALF_PEAK
+    };
+    let half_peak = if rate > 0.0 {
+        let (result, more) = phases
+            .open_loop(rate, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
+            .await;
+        created += more;
+        eprintln!(
+            "scale {name}: open loop at {rate:.0}/s: {:.0}/s achieved, p99 {} ms",
+            result.stats.throughput,
+            ms(result.stats.p99_ms)
+        );
+        Some(result)
+    } else {
+        None
+    };
+    (closed, half_peak, node.peak_kib(), created)
+}
+
+/// The loader on a thread of its own: it blocks, and runs a runtime of its own to seed the log.
+fn load_apart(data: &Path, listen: &str, users: u32, orders: u64) -> Loaded {
+    tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| load(data, listen, users, orders))
+                .join()
+                .expect("the loader panicked")
+        })
+    })
+}
+
 /// Adds nodes 2 and 3 (empty data directories) to the loaded node: each receives a snapshot of every
 /// shard. Then the audit of every node.
-async fn join_members(client: &Client, root: &Path, first: ScaleNode, report: &mut ScaleReport) {
-    let logs = root.join("big");
+async fn join_members(
+    client: &Client,
+    root: &Path,
+    name: &str,
+    first: ScaleNode,
+    report: &mut ScaleReport,
+) {
+    let logs = root.join(name);
     let mut members = vec![(1u64, first.listen.clone())];
     let mut nodes = vec![first];
     for id in [2u64, 3] {
@@ -342,7 +507,7 @@ async fn join_members(client: &Client, root: &Path, first: ScaleNode, report: &m
             .collect::<Vec<_>>()
             .join(",");
         let data = logs.join(format!("node-{id}"));
-        let node = ScaleNode::start(id, &data, &logs, &listen, Some(peers));
+        let node = ScaleNode::start(id, &data, &logs, &listen, Some(peers), true);
         nodes[0].reset_peak();
         node.reset_peak();
         eprintln!("scale: adding node {id} (snapshots of every shard)…");
@@ -391,7 +556,12 @@ async fn join_members(client: &Client, root: &Path, first: ScaleNode, report: &m
     }
     let bases: Vec<String> = nodes.iter().map(|n| n.base.clone()).collect();
     let started = Instant::now();
-    let orders = report.big.orders + report.big.created;
+    // The big shop's clients' orders are in it only when the 3-node part runs on it.
+    let orders = match report.cluster_size {
+        Some((_, orders)) if orders == report.big.orders => orders + report.big.created,
+        Some((_, orders)) => orders,
+        None => 0,
+    };
     report.cluster_checks = check_cluster_audit(client, &bases, orders).await;
     report.cluster_audit_s = Some(started.elapsed().as_secs_f64());
 }
@@ -419,10 +589,19 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
     let order_bytes = b.loaded.bytes_total.saturating_sub(b.loaded.bytes_users);
     let per_user = users_bytes as f64 / f64::from(b.users.max(1));
     let per_order = order_bytes as f64 / b.orders.max(1) as f64;
-    let throughput_ok = within(b.closed.stats.throughput, e.closed.stats.throughput, true);
-    let p99_ok = within(b.closed.stats.p99_ms, e.closed.stats.p99_ms, false);
-    let half_ok = match (&e.half_peak, &b.half_peak) {
-        (Some(eh), Some(bh)) => Some(within(bh.stats.p99_ms, eh.stats.p99_ms, false)),
+    // The empty shop's reference: the mean of its runs before and after the loaded shop.
+    let (after_closed, after_half, after_peak) = &report.empty_after;
+    let mean = |a: f64, b: f64| (a + b) / 2.0;
+    let ref_throughput = mean(e.closed.stats.throughput, after_closed.stats.throughput);
+    let ref_p99 = mean(e.closed.stats.p99_ms, after_closed.stats.p99_ms);
+    let ref_half_p99 = match (&e.half_peak, after_half) {
+        (Some(before), Some(after)) => Some(mean(before.stats.p99_ms, after.stats.p99_ms)),
+        _ => None,
+    };
+    let throughput_ok = within(b.closed.stats.throughput, ref_throughput, true);
+    let p99_ok = within(b.closed.stats.p99_ms, ref_p99, false);
+    let half_ok = match (ref_half_p99, &b.half_peak) {
+        (Some(reference), Some(bh)) => Some(within(bh.stats.p99_ms, reference, false)),
         _ => None,
     };
     let rss_ok = b.peak_rss_kib.is_some_and(|k| k <= RSS_GOAL_KIB);
@@ -443,28 +622,43 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         b.loaded.bytes_empty as f64 / 1048576.0
     );
     println!(
+        "empty shop before / after the loaded one: {:.0} / {:.0} purchases/s, p99 {} / {} ms; open loop p99 {} / {} ms; peak RSS {} / {} MiB",
+        e.closed.stats.throughput,
+        after_closed.stats.throughput,
+        ms(e.closed.stats.p99_ms),
+        ms(after_closed.stats.p99_ms),
+        e.half_peak
+            .as_ref()
+            .map_or("-".into(), |h| ms(h.stats.p99_ms)),
+        after_half
+            .as_ref()
+            .map_or("-".into(), |h| ms(h.stats.p99_ms)),
+        mib(e.peak_rss_kib),
+        mib(*after_peak)
+    );
+    println!(
         "{:<34} {:>14} {:>14} {:>8}",
-        "", "empty shop", "loaded shop", "goal"
+        "", "empty (mean)", "loaded shop", "goal"
     );
     let row = |label: &str, empty: String, loaded: String, goal: &str| {
         println!("{label:<34} {empty:>14} {loaded:>14} {goal:>8}");
     };
     row(
         &format!("purchases/s, c={SCALE_CONCURRENCY}"),
-        format!("{:.0}", e.closed.stats.throughput),
+        format!("{ref_throughput:.0}"),
         format!("{:.0}", b.closed.stats.throughput),
         verdict(throughput_ok),
     );
     row(
         &format!("p99 ms, c={SCALE_CONCURRENCY}"),
-        ms(e.closed.stats.p99_ms),
+        ms(ref_p99),
         ms(b.closed.stats.p99_ms),
         verdict(p99_ok),
     );
     if let (Some(eh), Some(bh)) = (&e.half_peak, &b.half_peak) {
         row(
             &format!("p99 ms, open loop {:.0}/s", bh.target_rate),
-            ms(eh.stats.p99_ms),
+            ref_half_p99.map_or("-".into(), ms),
             ms(bh.stats.p99_ms),
             half_ok.map_or("", verdict),
         );
@@ -494,6 +688,20 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         "",
     );
     row(
+        "first snapshot of every shard, s",
+        e.first_snapshots_s
+            .map_or("-".into(), |s| format!("{s:.2}")),
+        b.first_snapshots_s
+            .map_or("-".into(), |s| format!("{s:.2}")),
+        "",
+    );
+    row(
+        "  snapshot files, MiB",
+        format!("{:.1}", e.snapshot_bytes as f64 / 1048576.0),
+        format!("{:.1}", b.snapshot_bytes as f64 / 1048576.0),
+        "",
+    );
+    row(
         "SIGKILL + restart to ready, s",
         e.restart_ready_s.map_or("-".into(), |s| format!("{s:.2}")),
         b.restart_ready_s.map_or("-".into(), |s| format!("{s:.2}")),
@@ -505,6 +713,14 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         format!("{:.2}", b.audit_s),
         "",
     );
+    if let Some((users, orders)) = report.cluster_size {
+        println!(
+            "3-node part on a shop of {users} users and {orders} orders{}:",
+            report
+                .cluster_load_s
+                .map_or(String::new(), |s| format!(" (its own, loaded in {s:.0} s)"))
+        );
+    }
     for join in &report.joins {
         println!(
             "snapshot to new node {}: {:.1} s (status {}), peak RSS sender {} MiB, receiver {} MiB; data dirs: sender {:.0} MiB, receiver {:.0} MiB",
@@ -535,6 +751,8 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             "bytes_after_users": run.loaded.bytes_users,
             "bytes_total": run.loaded.bytes_total,
             "first_ready_seconds": round2(run.first_ready_s),
+            "first_snapshots_seconds": run.first_snapshots_s.map(round2),
+            "snapshot_bytes": run.snapshot_bytes,
             "closed_loop": run.closed.stats.to_json(),
             "half_peak": run.half_peak.as_ref().map(OpenLoopResult::to_json),
             "peak_rss_kib": run.peak_rss_kib,
@@ -546,9 +764,17 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
     json!({
         "concurrency": SCALE_CONCURRENCY,
         "empty": shop(e),
+        "empty_after": {
+            "closed_loop": after_closed.stats.to_json(),
+            "half_peak": after_half.as_ref().map(OpenLoopResult::to_json),
+            "peak_rss_kib": after_peak,
+        },
         "loaded": shop(b),
         "bytes_per_user": round2(per_user),
         "bytes_per_order": round2(per_order),
+        "cluster_users": report.cluster_size.map(|(users, _)| users),
+        "cluster_orders": report.cluster_size.map(|(_, orders)| orders),
+        "cluster_load_seconds": report.cluster_load_s.map(round2),
         "snapshots": report.joins.iter().map(|j| json!({
             "node": j.node,
             "seconds": round2(j.seconds),

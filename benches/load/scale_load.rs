@@ -72,6 +72,8 @@ pub(crate) struct Loaded {
     pub(crate) bytes_empty: u64,
     pub(crate) bytes_users: u64,
     pub(crate) bytes_total: u64,
+    /// The fewest log entries any shard's state says it applied.
+    pub(crate) min_shard_entries: u64,
 }
 
 /// One shard being loaded: its store, the next log index, the users routed to it, its clock.
@@ -126,7 +128,12 @@ impl ShardLoad {
         self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn envelope(&mut self, now: Timestamp, tag: Option<IdempotencyTag>, command: Command) -> Envelope {
+    fn envelope(
+        &mut self,
+        now: Timestamp,
+        tag: Option<IdempotencyTag>,
+        command: Command,
+    ) -> Envelope {
         let entropy = (u128::from(self.random()) << 64) | u128::from(self.random());
         Envelope {
             now,
@@ -151,8 +158,10 @@ impl ShardLoad {
         }
         Some(IdempotencyTag {
             scope: user.to_owned(),
-            key: uuid::Uuid::from_u128((u128::from(self.random()) << 64) | u128::from(self.random()))
-                .to_string(),
+            key: uuid::Uuid::from_u128(
+                (u128::from(self.random()) << 64) | u128::from(self.random()),
+            )
+            .to_string(),
             fingerprint,
             expires_at,
         })
@@ -221,10 +230,12 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
 
     // 1. The catalog: the home shard decides the version, the others copy it.
     let spec = gems();
-    let put = |version| Command::PutItem(PutItem {
-        spec: spec.clone(),
-        version,
-    });
+    let put = |version| {
+        Command::PutItem(PutItem {
+            spec: spec.clone(),
+            version,
+        })
+    };
     let home = shards[0].envelope(begin, None, put(None));
     let version = match shards[0].apply(&[home]).pop() {
         Some(Reply::Item(item)) => item.version,
@@ -344,6 +355,11 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
         load.store.sync().expect("sync");
     });
     let orders_seconds = orders_started.elapsed().as_secs_f64();
+    let min_shard_entries = shards
+        .iter()
+        .map(|load| load.next_index - 1)
+        .min()
+        .unwrap_or(0);
     let markers: Vec<(u32, Vec<u8>)> = shards
         .iter()
         .map(|load| (load.shard, load.marker(load.next_index - 1)))
@@ -367,6 +383,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
         bytes_empty,
         bytes_users,
         bytes_total,
+        min_shard_entries,
     };
     eprintln!(
         "scale: loaded {orders} orders in {orders_seconds:.1} s ({:.0}/s); {} MiB in all",
