@@ -61,7 +61,8 @@
 //! FAIL, and one JSON document (one line), also written pretty to `target/bench/load.json`; the plot
 //! `target/bench/load.png` (throughput and p99 against concurrency, log scale, all systems). The
 //! default run takes about 2 minutes after the build (18 phases of 6 s, plus starts, seeding and
-//! audits).
+//! audits), then the scale run (tens of minutes at its default size, see below; `SHOPKEEP_BENCH_SCALE=0`
+//! skips it).
 //!
 //! Settings (environment):
 //!
@@ -76,9 +77,12 @@
 //! - `SHOPKEEP_BENCH_PG_BIN` — the directory of `initdb`, `pg_ctl`, `pgbench`, `psql` (default:
 //!   `/usr/local/bin`, `/usr/lib/postgresql/<newest>/bin`, `PATH`).
 //! - `SHOPKEEP_BENCH_SCALE` — the scale run's `users,orders` (default `1000000,10000000`; `0` skips
-//!   it). Its disk: about 1.4 KB per order for the loaded node, 3 copies and node 1's snapshot files
-//!   for the 3-node part (`SHOPKEEP_BENCH_SCALE_CLUSTER=0` skips that part). `SHOPKEEP_BENCH_SYSTEMS=none`
-//!   runs the scale run alone.
+//!   it); `SHOPKEEP_BENCH_SCALE_CLUSTER` — the size of its 3-node part (default: the same; a smaller
+//!   `users,orders` loads a shop of its own for it; `0` skips it). `SHOPKEEP_BENCH_SYSTEMS=none` runs
+//!   the scale run alone. Its disk: 0.9–1.3 KB per order for the loaded node (856 B at 10M orders:
+//!   8.5 GiB), half as much again for its snapshot files (13.7 GB in all at 10M), and for the 3-node
+//!   part three copies and the snapshots: at 10M orders that is beyond 25 GB, so give the 3-node part a
+//!   smaller size there. Its time: the loader wrote 10M orders in 21 minutes on the 2-core VM.
 //! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).
 //!
 //! ```text

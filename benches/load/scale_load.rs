@@ -196,7 +196,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
     datadir::restrict_new_files();
     datadir::prepare(dir, &FixedSettings::new(SHARDS, &Currency::eur()))
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let end = Timestamp::now().plus(Duration::ZERO);
+    let end = Timestamp::now();
     let begin = Timestamp(end.micros() - i64::try_from(HISTORY.as_micros()).unwrap());
     let users_end = Timestamp(begin.micros() + (end.micros() - begin.micros()) / 10);
     let membership = StoredMembership::new(
