@@ -25,11 +25,20 @@
 //!    (every shard replicated on all three, default Raft timings); the client connections are spread
 //!    round-robin over the nodes as behind a load balancer, so about 2/3 of the requests reach a node
 //!    that does not lead their shard and are forwarded (one hop).
+//! 5. **scale** (`scale`, last): the purchase path on a shop of millions of rows, against an empty shop
+//!    (`scale.rs`). A loader (`scale_load.rs`) builds a single node's data directory directly through
+//!    the state machine — every row written by `apply`, in batches of 2,000 envelopes per redb
+//!    transaction, no HTTP — with `users` users (credited) and `orders` completed one-step purchases
+//!    spread over the past 30 days, then seeds the Raft log as `shopkeep restore` does. Reported: load
+//!    time, disk bytes per user and per order (marginal), purchases/s and p99 at 64 clients and the
+//!    p99 of the open loop at half the empty shop's rate, both against the empty shop (goal: within
+//!    20 %), peak RSS under load (goal: ≤ 256 MiB), first start and SIGKILL-restart to ready, the audit's
+//!    time, and the snapshot sent to each of two new members (time, peak RSS of sender and receiver).
 //!
 //! shopkeep 1 node is compared with PostgreSQL, shopkeep 3 nodes with PostgreSQL 3 (the same
 //! durability: a write survives the loss of any one machine of three).
 //!
-//! For each system, these phases (each a warm-up that is not measured, then the measured window):
+//! For systems 1–4, these phases (each a warm-up that is not measured, then the measured window):
 //!
 //! - **purchases, closed loop**, at each concurrency level (default 1, 16, 64, 256): that many
 //!   clients, each with one keep-alive connection, each sending its next one-step purchase
@@ -82,7 +91,9 @@
 //! every figure suspect); and one JSON document (one line, with the same summary under `summary`),
 //! also written pretty to `target/bench/load.json`; the plot `target/bench/load.png` (throughput and
 //! p99 against concurrency, log scale, every system in a colour of its own). The default run takes
-//! about 3 minutes after the build (24 phases of 6 s, plus starts, seeding, base backups and audits).
+//! about 3 minutes after the build (24 phases of 6 s, plus starts, seeding, base backups and audits),
+//! then the scale run (tens of minutes at its default size, see below; `SHOPKEEP_BENCH_SCALE=0` skips
+//! it), whose table (with its PASS / FAIL) comes last and goes under `scale` in the JSON.
 //!
 //! Settings (environment):
 //!
@@ -97,12 +108,20 @@
 //!   concurrency of the system's best level), a number, or 0 to skip the phase.
 //! - `SHOPKEEP_BENCH_PG_BIN` — the directory of `initdb`, `pg_ctl`, `pg_basebackup`, `pgbench`,
 //!   `psql` (default: `/usr/local/bin`, `/usr/lib/postgresql/<newest>/bin`, `PATH`).
+//! - `SHOPKEEP_BENCH_SCALE` — the scale run's `users,orders` (default `1000000,10000000`; `0` skips
+//!   it); `SHOPKEEP_BENCH_SCALE_CLUSTER` — the size of its 3-node part (default: the same; a smaller
+//!   `users,orders` loads a shop of its own for it; `0` skips it). `SHOPKEEP_BENCH_SYSTEMS=none` runs
+//!   the scale run alone. Its disk: 0.9–1.3 KB per order for the loaded node (856 B at 10M orders:
+//!   8.5 GiB), half as much again for its snapshot files (13.7 GB in all at 10M), and for the 3-node
+//!   part three copies and the snapshots: at 10M orders that is beyond 25 GB, so give the 3-node part a
+//!   smaller size there. Its time: the loader wrote 10M orders in 21 minutes on the busy 2-core VM.
 //! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).
 //!
 //! ```text
 //! SHOPKEEP_BENCH_SYSTEMS=1 SHOPKEEP_BENCH_SECONDS=3 cargo bench --bench load
 //! SHOPKEEP_BENCH_SYSTEMS=3 SHOPKEEP_BENCH_CONCURRENCY=16,64 cargo bench --bench load
 //! SHOPKEEP_BENCH_SYSTEMS=pg3,3 cargo bench --bench load     # the replicated pair only
+//! SHOPKEEP_BENCH_SYSTEMS=none SHOPKEEP_BENCH_SCALE=100000,1000000 cargo bench --bench load
 //! ```
 //!
 //! Keep in mind that the servers and the load generator share the machine's cores (the HTTP client
@@ -115,6 +134,7 @@
 //! by `tests/it/launcher.rs`, which the integration tests share),
 //! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
 //! `postgres.rs` (the baselines' phases) over `pg.rs` (the PostgreSQL servers, standbys and pgbench);
+//! `scale.rs` (the scale run) over `scale_load.rs` (its loader);
 //! `stats.rs`, `results.rs`, `cpu.rs`, `report.rs`, `plot.rs` (the output); `progress.rs`,
 //! `interrupt.rs` (Ctrl-C).
 
@@ -144,6 +164,8 @@ mod progress;
 mod report;
 mod requests;
 mod results;
+mod scale;
+mod scale_load;
 mod seed;
 mod settings;
 mod shopkeep;
@@ -157,6 +179,7 @@ use crate::nodes::Nodes;
 use crate::postgres::run_postgres;
 use crate::progress::Progress;
 use crate::report::print_report;
+use crate::scale::run_scale;
 use crate::settings::{Settings, System};
 use crate::shopkeep::drive_shopkeep;
 
@@ -230,8 +253,11 @@ fn main() {
         report.cpu = cpu_before.and_then(|before| before.share_since(report.server_cpu_seconds));
         reports.push(report);
     }
+    let scale = settings
+        .scale
+        .map(|(users, orders)| runtime.block_on(run_scale(&settings, users, orders)));
     drop(runtime);
 
     let wall = started.elapsed();
-    print_report(&settings, &reports, wall);
+    print_report(&settings, &reports, scale.as_ref(), wall);
 }

@@ -13,7 +13,7 @@ use crate::launcher::{Launch, Process};
 use crate::{ADMIN_TOKEN, SERVICE_TOKEN};
 
 /// The shared node-to-node secret of the cluster mode.
-const CLUSTER_SECRET: &str = "bench-cluster-secret-3f0c9a71d2b84e65";
+pub(crate) const CLUSTER_SECRET: &str = "bench-cluster-secret-3f0c9a71d2b84e65";
 /// How long to wait for the servers to print their listening lines.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait, after the listening lines, until `/readyz` is 200 on every node of a cluster.
@@ -173,7 +173,7 @@ impl Drop for Nodes {
 }
 
 /// A `kB` field of `/proc/<pid>/status` (Linux only).
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::cpu::OTHER_CPU_WARNING;
 use crate::plot;
 use crate::results::{LevelResult, MixResult, OpenLoopResult, SystemReport};
+use crate::scale::{ScaleReport, print_scale};
 use crate::settings::{OpenLoop, Settings, System};
 use crate::stats::{memory_text, ms, round2};
 use crate::{HALF_PEAK, USERS};
@@ -20,13 +21,19 @@ const TARGET_BEST_RATIO_3: f64 = 1.5;
 const TARGET_HALF_PEAK_P99_MS: f64 = 20.0;
 const TARGET_RSS_MIB: f64 = 256.0;
 
-pub(crate) fn print_report(settings: &Settings, reports: &[SystemReport], wall: Duration) {
+pub(crate) fn print_report(
+    settings: &Settings,
+    reports: &[SystemReport],
+    scale: Option<&ScaleReport>,
+    wall: Duration,
+) {
     for report in reports {
         print_system(settings, report);
     }
     let summary = print_summary(settings, reports);
     let targets = print_targets(&settings.levels, reports);
     let checks_ok = print_checks(reports);
+    let scale = scale.map(print_scale);
     println!(
         "wall time: {:.0} s (servers and load generator on {} cores)",
         wall.as_secs_f64(),
@@ -54,6 +61,7 @@ pub(crate) fn print_report(settings: &Settings, reports: &[SystemReport], wall: 
         "summary": summary,
         "targets": targets,
         "checks_ok": checks_ok,
+        "scale": scale,
         "wall_seconds": round2(wall.as_secs_f64()),
     });
     println!("{document}");

@@ -10,6 +10,8 @@ const DEFAULT_CONCURRENCY: &[usize] = &[1, 16, 64, 256];
 const DEFAULT_SECONDS: f64 = 5.0;
 const DEFAULT_WARM_UP: f64 = 1.0;
 const DEFAULT_MIX_CONCURRENCY: usize = 64;
+/// The scale run's users and orders.
+const DEFAULT_SCALE: (u32, u64) = (1_000_000, 10_000_000);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum System {
@@ -49,10 +51,15 @@ pub(crate) struct Settings {
     /// The connections of the open-loop phase.
     pub(crate) open_loop: OpenLoop,
     pub(crate) out_dir: PathBuf,
+    /// The scale run's users and orders (`None`: skipped).
+    pub(crate) scale: Option<(u32, u64)>,
+    /// The size of the scale run's 3-node part (snapshots to new members): `None` skips it.
+    pub(crate) scale_cluster: Option<(u32, u64)>,
 }
 
 impl Settings {
     pub(crate) fn from_env() -> Settings {
+        let scale = scale_setting("SHOPKEEP_BENCH_SCALE", Some(DEFAULT_SCALE));
         Settings {
             systems: systems(),
             levels: concurrency_levels(),
@@ -61,6 +68,8 @@ impl Settings {
             mix_concurrency: count_setting("SHOPKEEP_BENCH_MIX", DEFAULT_MIX_CONCURRENCY),
             open_loop: open_loop_setting(),
             out_dir: out_dir(),
+            scale,
+            scale_cluster: scale_setting("SHOPKEEP_BENCH_SCALE_CLUSTER", scale),
         }
     }
 
@@ -137,9 +146,33 @@ fn env_text(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|t| !t.trim().is_empty())
 }
 
-/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,pg3,1,3`), else all.
+/// `SHOPKEEP_BENCH_SCALE`: `users,orders` (default 1,000,000 and 10,000,000), or 0 to skip;
+/// `SHOPKEEP_BENCH_SCALE_CLUSTER` likewise (the size of its 3-node part), by default the scale run's.
+fn scale_setting(name: &str, otherwise: Option<(u32, u64)>) -> Option<(u32, u64)> {
+    let Some(text) = env_text(name) else {
+        return otherwise;
+    };
+    if text.trim() == "0" {
+        return None;
+    }
+    let parsed = text
+        .split_once(',')
+        .and_then(|(u, o)| Some((u.trim().parse().ok()?, o.trim().parse().ok()?)));
+    match parsed {
+        Some((users, orders)) if users >= crate::USERS as u32 => Some((users, orders)),
+        _ => panic!(
+            "{name}: {text:?} is not `users,orders` with at least {} users (0 skips the run)",
+            crate::USERS
+        ),
+    }
+}
+
+/// `SHOPKEEP_BENCH_SYSTEMS` (`pg,pg3,1,3`), else all; `none` runs none (only the scale run).
 fn systems() -> Vec<System> {
     let text = env_text("SHOPKEEP_BENCH_SYSTEMS").unwrap_or_else(|| "pg,pg3,1,3".to_string());
+    if text.trim() == "none" {
+        return Vec::new();
+    }
     let systems: Vec<System> = text
         .split(',')
         .map(str::trim)

@@ -169,12 +169,12 @@ pub(crate) async fn drive_shopkeep(
     report
 }
 
-/// What every phase against one shopkeep deployment shares.
-struct Load {
-    client: Client,
-    bases: Vec<String>,
-    warm_up: Duration,
-    duration: Duration,
+/// What every phase against one shopkeep deployment shares (the scale run's phases too).
+pub(crate) struct Load {
+    pub(crate) client: Client,
+    pub(crate) bases: Vec<String>,
+    pub(crate) warm_up: Duration,
+    pub(crate) duration: Duration,
 }
 
 /// What one worker of a closed-loop level saw.
@@ -192,7 +192,7 @@ impl Load {
     /// to node `w mod nodes`; returns the measured result and the number of orders created over the
     /// whole level (warm-up included). `leader_of_user` (cluster mode): the node leading each user's
     /// shard.
-    async fn closed_loop(
+    pub(crate) async fn closed_loop(
         &self,
         leader_of_user: Option<Arc<Vec<Option<u64>>>>,
         concurrency: usize,
@@ -367,7 +367,7 @@ impl Load {
     /// Purchases at `rate` per second (Poisson arrivals) over `connections` workers, each latency
     /// measured from the request's intended send time; returns the result (its throughput is the
     /// achieved rate) and the orders created (warm-up included).
-    async fn open_loop(
+    pub(crate) async fn open_loop(
         &self,
         rate: f64,
         connections: usize,

@@ -103,6 +103,20 @@ pub(crate) fn marker_last_applied(marker: &[u8]) -> Result<Option<LogId>, postca
     Ok(decode::<Marker>(marker)?.last_applied)
 }
 
+/// The marker of a state written offline (not through a Raft group) as if it had applied the log up to
+/// `last_applied` with `membership`: what a tool that builds a data directory stores with the state
+/// before it seeds the log with [`crate::log_store::LogDb::seed_restored`] (the scale benchmark's
+/// loader). The bytes are those `apply` stores.
+pub fn offline_marker(
+    last_applied: LogId,
+    membership: StoredMembership,
+) -> Result<Vec<u8>, postcard::Error> {
+    encode(&Marker {
+        last_applied: Some(last_applied),
+        membership,
+    })
+}
+
 /// What the state stores as its marker: where it is in the log and the membership it has applied.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Marker {

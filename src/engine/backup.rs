@@ -143,6 +143,14 @@ pub async fn restore(
     })
     .await
     .map_err(|e| EngineError::Internal(e.to_string()))??;
+    seed_log(data_dir, markers).await
+}
+
+/// Writes the Raft log of a data directory whose shard files were written offline (a restore, or the
+/// scale benchmark's loader): each shard's vote is seeded after the last entry its `marker` says the
+/// state applied, so the node starts where the state ends (`LogDb::seed_restored`). The log file must
+/// not exist yet.
+pub async fn seed_log(data_dir: &Path, markers: Vec<(u32, Vec<u8>)>) -> Result<(), EngineError> {
     let log_path = integrity::log_path(data_dir);
     let log = LogDb::open(&log_path)
         .map_err(|e| EngineError::Internal(format!("{}: {e}", log_path.display())))?;
