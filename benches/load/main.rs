@@ -109,7 +109,8 @@
 //! - `SHOPKEEP_BENCH_PG_BIN` — the directory of `initdb`, `pg_ctl`, `pg_basebackup`, `pgbench`,
 //!   `psql` (default: `/usr/local/bin`, `/usr/lib/postgresql/<newest>/bin`, `PATH`).
 //! - `SHOPKEEP_BENCH_SCALE` — the scale run's `users,orders` (default `1000000,10000000`; `0` skips
-//!   it); `SHOPKEEP_BENCH_SCALE_CLUSTER` — the size of its 3-node part (default: the same; a smaller
+//!   it); `SHOPKEEP_BENCH_SCALE_CLUSTER` — the size of its 3-node part (default: the same, at most
+//!   300,000 users and 3,000,000 orders; a smaller
 //!   `users,orders` loads a shop of its own for it; `0` skips it). `SHOPKEEP_BENCH_SYSTEMS=none` runs
 //!   the scale run alone. Its disk: 0.9–1.3 KB per order for the loaded node (856 B at 10M orders:
 //!   8.5 GiB), half as much again for its snapshot files (13.7 GB in all at 10M), and for the 3-node

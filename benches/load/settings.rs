@@ -69,7 +69,11 @@ impl Settings {
             open_loop: open_loop_setting(),
             out_dir: out_dir(),
             scale,
-            scale_cluster: scale_setting("SHOPKEEP_BENCH_SCALE_CLUSTER", scale),
+            // Three copies and their snapshots: at 10M orders beyond a small disk, so at most 3M.
+            scale_cluster: scale_setting(
+                "SHOPKEEP_BENCH_SCALE_CLUSTER",
+                scale.map(|(users, orders)| (users.min(300_000), orders.min(3_000_000))),
+            ),
         }
     }
 
@@ -147,7 +151,8 @@ fn env_text(name: &str) -> Option<String> {
 }
 
 /// `SHOPKEEP_BENCH_SCALE`: `users,orders` (default 1,000,000 and 10,000,000), or 0 to skip;
-/// `SHOPKEEP_BENCH_SCALE_CLUSTER` likewise (the size of its 3-node part), by default the scale run's.
+/// `SHOPKEEP_BENCH_SCALE_CLUSTER` likewise (the size of its 3-node part), by default the scale run's up to
+/// 300,000 users and 3,000,000 orders.
 fn scale_setting(name: &str, otherwise: Option<(u32, u64)>) -> Option<(u32, u64)> {
     let Some(text) = env_text(name) else {
         return otherwise;
