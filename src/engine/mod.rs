@@ -167,11 +167,7 @@ impl Node {
         }
         let machines = stores
             .iter()
-            .map(|store| {
-                Arc::new(ShardMachine {
-                    store: store.clone(),
-                })
-            })
+            .map(|store| Arc::new(ShardMachine::new(store.clone())))
             .collect();
         let cluster = Cluster::open(config, machines).await?;
         cluster.form().await;

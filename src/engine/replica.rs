@@ -22,6 +22,21 @@ pub type ApplyReply = Result<Applied, String>;
 
 pub struct ShardMachine {
     pub store: Arc<ShardStore>,
+    /// The shard's apply histograms, labelled once rather than at every batch.
+    batch_size: metrics::Histogram,
+    apply_time: metrics::Histogram,
+}
+
+impl ShardMachine {
+    /// The state machine of `store`'s shard (its metrics are those of the recorder installed now).
+    pub fn new(store: Arc<ShardStore>) -> ShardMachine {
+        let shard = store.shard().to_string();
+        ShardMachine {
+            batch_size: metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE, "shard" => shard.clone()),
+            apply_time: metrics::histogram!(crate::metrics::APPLY_SECONDS, "shard" => shard),
+            store,
+        }
+    }
 }
 
 fn encode_reply(reply: &ApplyReply) -> Vec<u8> {
@@ -42,9 +57,7 @@ impl ReplicatedState for ShardMachine {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let shard = self.store.shard().to_string();
-        metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE, "shard" => shard.clone())
-            .record(batch.len() as f64);
+        self.batch_size.record(batch.len() as f64);
         let started = std::time::Instant::now();
         let decoded: Vec<Option<Result<Envelope, String>>> = batch
             .iter()
@@ -84,8 +97,7 @@ impl ReplicatedState for ShardMachine {
                 }
             }
         };
-        metrics::histogram!(crate::metrics::APPLY_SECONDS, "shard" => shard)
-            .record(started.elapsed().as_secs_f64());
+        self.apply_time.record(started.elapsed().as_secs_f64());
         debug_assert_eq!(applied.len(), batch.len());
         Ok(decoded
             .iter()

@@ -27,9 +27,7 @@ impl StoreBuilder<TypeConfig, LogStore, Machine, TempDir> for RedbStores {
         let store =
             ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("open the shard");
         let machine = StateMachineStore::new(
-            Arc::new(ShardMachine {
-                store: Arc::new(store),
-            }),
+            Arc::new(ShardMachine::new(Arc::new(store))),
             dir.path().join("snapshots"),
         )
         .expect("snapshot dir");
