@@ -41,7 +41,7 @@ use shopkeep::domain::{
     Reply, Timestamp,
 };
 use shopkeep::engine::backup::{seed_log, shard_path};
-use shopkeep::engine::shard_of;
+use shopkeep::engine::{shard_of, shard_of_system_key};
 use shopkeep::state::ShardStore;
 use shopkeep_raft::StoredMembership;
 use shopkeep_raft::openraft::{BasicNode, CommittedLeaderId, LogId, Membership};
@@ -184,11 +184,6 @@ fn credit_ref(i: u32) -> String {
     format!("credit:scale-{i}")
 }
 
-/// The home shard of a system key, as `Node::shard_of_system_key` computes it.
-fn system_key_shard(key: &str) -> u32 {
-    shard_of(&format!("@{key}"), SHARDS)
-}
-
 /// Builds `dir` (created; must not hold a node yet) with `users` users and `orders` orders; `address`
 /// is the node's `--listen` address recorded in the membership. Prints progress on stderr.
 pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded {
@@ -223,7 +218,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
         shards[shard_of(&user_id(i as usize), SHARDS) as usize]
             .users
             .push(i);
-        shards[system_key_shard(&format!("ref/{}", credit_ref(i))) as usize]
+        shards[shard_of_system_key(&format!("ref/{}", credit_ref(i)), SHARDS) as usize]
             .refs
             .push(i);
     }

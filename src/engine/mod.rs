@@ -108,6 +108,12 @@ pub fn shard_of(routing_key: &str, shards: u32) -> u32 {
     u32::try_from(hash % u64::from(shards)).expect("a remainder of a u32 divisor")
 }
 
+/// The home shard of a system key (a global idempotency key, an external reference): its own routing
+/// namespace, apart from user ids.
+pub fn shard_of_system_key(key: &str, shards: u32) -> u32 {
+    shard_of(&format!("@{key}"), shards)
+}
+
 pub struct Node {
     cluster: Arc<Cluster>,
     stores: Vec<Arc<ShardStore>>,
@@ -193,7 +199,7 @@ impl Node {
 
     /// The home shard of a system key (a global idempotency key, an external reference).
     pub fn shard_of_system_key(&self, key: &str) -> u32 {
-        shard_of(&format!("@{key}"), self.shard_count())
+        shard_of_system_key(key, self.shard_count())
     }
 
     /// Proposes `envelope` to `shard` (through its leader, wherever it is) and waits until it is
