@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::event::EventType;
 use super::ids::IdSeed;
 use super::model::ItemSpec;
 use super::money::Money;
@@ -82,6 +83,12 @@ pub enum Command {
     // (entries already in a log must decode and apply as they did; see `crate::domain`).
     CreateTopupCapped(CreateTopupCapped),
     SweepAndPurge(SweepAndPurge),
+    PutWebhook(PutWebhook),
+    DeleteWebhook(DeleteWebhook),
+    AckWebhook(AckWebhook),
+    WebhookFailed(WebhookFailed),
+    ReplayWebhook(ReplayWebhook),
+    PurgeEvents(PurgeEvents),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +231,61 @@ pub struct SweepAndPurge {
     pub topup_retention_seconds: u64,
 }
 
+/// Create or change a webhook on one shard. `generation: None` on the webhook's home shard (which decides
+/// the generation: one more than its copy's); `Some(g)` on every other shard (which takes the change if
+/// `g` is newer than its copy). A new webhook (or one re-created after a delete) starts after the shard's
+/// newest event; a changed one keeps its position.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutWebhook {
+    pub name: String,
+    pub url: String,
+    pub types: Vec<EventType>,
+    pub generation: Option<u64>,
+}
+
+/// Delete a webhook on one shard (`generation` as in [`PutWebhook`]). The row stays, marked deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteWebhook {
+    pub name: String,
+    pub generation: Option<u64>,
+}
+
+/// The shard's leader delivered every event up to `position` to the webhook (at `generation`; an ack
+/// for another generation, or behind the webhook's position, changes nothing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckWebhook {
+    pub name: String,
+    pub generation: u64,
+    pub position: u64,
+}
+
+/// The shard's leader failed to deliver the event after `position`; it tries again at `next_attempt_at`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookFailed {
+    pub name: String,
+    pub generation: u64,
+    pub position: u64,
+    pub error: String,
+    pub next_attempt_at: Timestamp,
+}
+
+/// Move a webhook's position on one shard back (or forward) to `position`, at most the newest event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayWebhook {
+    pub name: String,
+    pub position: u64,
+}
+
+/// Purge the shard's oldest events: those older than `retention_seconds` that every webhook has
+/// acknowledged, and those older than `max_retention_seconds` whatever the webhooks (counted as dropped
+/// for each webhook that had not acknowledged them). At most `limit` events per command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeEvents {
+    pub retention_seconds: u64,
+    pub max_retention_seconds: u64,
+    pub limit: u32,
+}
+
 impl Command {
     /// The user whose shard this command must run on, if it is a per-user command.
     pub fn user_id(&self) -> Option<&str> {
@@ -244,12 +306,18 @@ impl Command {
             | Command::ClaimExternalRef(_)
             | Command::PutItem(_)
             | Command::Sweep(_)
-            | Command::SweepAndPurge(_) => None,
+            | Command::SweepAndPurge(_)
+            | Command::PutWebhook(_)
+            | Command::DeleteWebhook(_)
+            | Command::AckWebhook(_)
+            | Command::WebhookFailed(_)
+            | Command::ReplayWebhook(_)
+            | Command::PurgeEvents(_) => None,
         }
     }
 
     /// Every [`Command::name`] (metrics register each at start).
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 21] = [
         "create_user",
         "issue_token",
         "claim_global_key",
@@ -265,6 +333,12 @@ impl Command {
         "refund",
         "consume",
         "sweep",
+        "put_webhook",
+        "delete_webhook",
+        "ack_webhook",
+        "webhook_failed",
+        "replay_webhook",
+        "purge_events",
     ];
 
     /// A short name for logs and metrics (one of [`Command::NAMES`]).
@@ -287,6 +361,12 @@ impl Command {
             Command::Sweep(_) => "sweep",
             Command::CreateTopupCapped(_) => "create_topup",
             Command::SweepAndPurge(_) => "sweep",
+            Command::PutWebhook(_) => "put_webhook",
+            Command::DeleteWebhook(_) => "delete_webhook",
+            Command::AckWebhook(_) => "ack_webhook",
+            Command::WebhookFailed(_) => "webhook_failed",
+            Command::ReplayWebhook(_) => "replay_webhook",
+            Command::PurgeEvents(_) => "purge_events",
         }
     }
 }

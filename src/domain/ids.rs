@@ -41,6 +41,9 @@ impl IdSeed {
     }
 }
 
+/// Where the seed's event ids start (a command draws a handful of secondary ids, never 2³¹).
+const EVENT_IDS: u32 = 1 << 31;
+
 /// Hands out the secondary ids of one command (ledger entries) in order. Id 0 of a seed is reserved for
 /// the command's main id (the order, credit, top-up, refund or generated user id), so that main id never
 /// depends on how many secondary ids were drawn before it.
@@ -57,6 +60,12 @@ impl IdSequence {
 
     pub fn primary(&self) -> Uuid {
         self.seed.derive(0)
+    }
+
+    /// The id of the command's `n`th event: from a range of the seed apart from the main and secondary
+    /// ids, so that emitting events changes no other id a command derives.
+    pub fn event_id(&self, n: u32) -> Uuid {
+        self.seed.derive(EVENT_IDS.saturating_add(n))
     }
 
     pub fn next_id(&mut self) -> Uuid {

@@ -22,6 +22,7 @@
 //! moves them fails there.
 
 pub mod command;
+pub mod event;
 pub mod ids;
 pub mod model;
 pub mod money;
@@ -29,6 +30,7 @@ pub mod outcome;
 pub mod time;
 
 pub use command::{Command, Envelope, Fingerprint, IdempotencyTag, LineRequest, RefClaim};
+pub use event::{Event, EventData, EventLog, EventType, Webhook};
 pub use ids::{IdSeed, IdSequence};
 pub use model::*;
 pub use money::{AmountError, Currency, Money};

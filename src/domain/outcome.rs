@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::command::Envelope;
+use super::event::Webhook;
 use super::model::{Credit, Entitlement, Item, Order, Refund, Topup, User, WalletView};
 use super::money::Money;
 use super::time::Timestamp;
@@ -56,6 +57,10 @@ pub enum Reply {
         idempotency_records: u32,
         purged_topups: u32,
     },
+    /// A webhook as the shard that changed it knows it.
+    Webhook(Webhook),
+    /// What `PurgeEvents` did: the events purged, and how many of them a webhook had not acknowledged.
+    EventsPurged { purged: u32, dropped: u32 },
 }
 
 /// What the home shard of a global idempotency key says about it.
@@ -144,6 +149,8 @@ pub enum Rejection {
     /// Appended after `LimitExceeded`: the encoding of the stored rejections above is unchanged.
     #[error("item {item_id} is a {kind}: an item's kind cannot change")]
     ItemKindFixed { item_id: String, kind: String },
+    #[error("webhook {name} not found")]
+    WebhookNotFound { name: String },
 }
 
 impl Rejection {
@@ -175,6 +182,7 @@ impl Rejection {
             Rejection::IdempotencyKeyReused => "idempotency_key_reused",
             Rejection::LimitExceeded { .. } => "limit_exceeded",
             Rejection::ItemKindFixed { .. } => "invalid_state",
+            Rejection::WebhookNotFound { .. } => "not_found",
         }
     }
 

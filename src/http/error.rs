@@ -314,6 +314,9 @@ impl ApiError {
             Rejection::ItemNotFound { item_id } => {
                 (StatusCode::NOT_FOUND, json!({ "item_id": item_id }))
             }
+            Rejection::WebhookNotFound { name } => {
+                (StatusCode::NOT_FOUND, json!({ "webhook": name }))
+            }
             Rejection::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, json!({})),
             Rejection::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, json!({})),
             Rejection::UserExists => (StatusCode::CONFLICT, json!({})),
@@ -550,6 +553,7 @@ mod tests {
                 item_id: id(),
                 kind: id(),
             },
+            Rejection::WebhookNotFound { name: id() },
         ];
         for rejection in &all {
             match rejection {
@@ -577,7 +581,8 @@ mod tests {
                 | Rejection::InvalidRequest { .. }
                 | Rejection::IdempotencyKeyReused
                 | Rejection::LimitExceeded { .. }
-                | Rejection::ItemKindFixed { .. } => {}
+                | Rejection::ItemKindFixed { .. }
+                | Rejection::WebhookNotFound { .. } => {}
             }
         }
         all

@@ -73,7 +73,9 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
             other @ (Reply::GlobalClaim(_)
             | Reply::RefClaimed { .. }
             | Reply::Swept { .. }
-            | Reply::SweptAndPurged { .. }),
+            | Reply::SweptAndPurged { .. }
+            | Reply::Webhook(_)
+            | Reply::EventsPurged { .. }),
         ) => {
             let error = ApiError::internal(format!("internal reply reached the API: {other:?}"));
             Rendered {

@@ -54,6 +54,11 @@ pub const IDEMPOTENCY: TableDefinition<(&str, &str), Bytes> = TableDefinition::n
 pub const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
+/// seq → `Event`: the shard's outbox, oldest first (the transactional outbox of the event feed).
+pub const EVENTS: TableDefinition<u64, Bytes> = TableDefinition::new("events");
+/// name → `Webhook`: every webhook, with how far this shard's events were delivered to it.
+pub const WEBHOOKS: TableDefinition<&str, Bytes> = TableDefinition::new("webhooks");
+
 /// The key of the one `MetaState` row in `META`.
 pub const META_STATE_KEY: &str = "state";
 /// The key of the shard's applied time in `META` (a `Timestamp`: the latest time a command ran at;
@@ -62,6 +67,8 @@ pub const CLOCK_KEY: &str = "clock";
 /// The key of the replication marker in `META` (opaque bytes of the Raft layer: last applied log id and
 /// membership), written in the same transaction as the state it describes.
 pub const MARKER_KEY: &str = "replication";
+/// The key of the outbox's bookkeeping in `META` (an `EventLog`; absent before the shard's first event).
+pub const EVENT_LOG_KEY: &str = "event_log";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(|e| StoreError::Encode(e.to_string()))
@@ -122,6 +129,8 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(16, IDEMPOTENCY_EXPIRY)?;
     visitor.visit(17, USER_PENDING_TOPUPS)?;
     visitor.visit(18, FINAL_TOPUPS)?;
+    visitor.visit(19, EVENTS)?;
+    visitor.visit(20, WEBHOOKS)?;
     Ok(())
 }
 

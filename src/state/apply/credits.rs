@@ -7,7 +7,7 @@ use super::ledger::overflow;
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::money::MAX_WALLET_BALANCE;
-use crate::domain::{
+use crate::domain::{EventData, EventType, 
     Credit, Money, PostingKind, PostingRef, RefClaim, Rejection, Reply, Timestamp, Topup,
     TopupStatus, User,
 };
@@ -80,6 +80,11 @@ impl Applier<'_> {
         let bytes = encode(&credit)?;
         self.credits.insert(external_ref, bytes.as_slice())?;
         self.save_user(&user)?;
+        let data = EventData::Credit {
+            credit: credit.clone(),
+            wallet: user.wallet(),
+        };
+        self.emit(context, EventType::WalletCredited, user_id, data)?;
         Ok(Reply::Credited {
             credit,
             wallet: user.wallet(),
@@ -261,6 +266,18 @@ impl Applier<'_> {
         topup.finished_at = Some(context.now);
         self.topup_left_pending(&was, &topup)?;
         self.save_topup(&topup)?;
+        if command.succeeded {
+            let completed = EventData::Topup(topup.clone());
+            self.emit(context, EventType::TopupCompleted, user_id, completed)?;
+            let credited = EventData::TopupCredit {
+                topup: topup.clone(),
+                wallet: user.wallet(),
+            };
+            self.emit(context, EventType::WalletCredited, user_id, credited)?;
+        } else {
+            let failed = EventData::Topup(topup.clone());
+            self.emit(context, EventType::TopupFailed, user_id, failed)?;
+        }
         Ok(Reply::TopupUpdated(topup))
     }
 }

@@ -2,7 +2,7 @@
 
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
-use crate::domain::{Entitlement, Rejection, Reply};
+use crate::domain::{EventData, EventType, Entitlement, Rejection, Reply};
 use crate::state::tables::{encode, get};
 
 impl Applier<'_> {
@@ -58,6 +58,8 @@ impl Applier<'_> {
         }
         entitlement.consumed += u64::from(quantity);
         self.save_entitlement(user_id, &entitlement)?;
+        let consumed = EventData::Entitlement(entitlement.clone());
+        self.emit(context, EventType::EntitlementConsumed, user_id, consumed)?;
         Ok(Reply::Entitlement(entitlement))
     }
 }

@@ -16,24 +16,29 @@
 //! This file owns the `Applier` (every table of the shard, opened once per batch) and the path of one
 //! envelope: the idempotency check, the shard's applied time, `execute`'s one-line hand-off to the file
 //! of the command, and the stored outcome. The commands live by subject: `users`, `idempotency` (global
-//! keys), `credits` (credits and top-ups), `catalog`, `orders`, `refunds`, `entitlements`, `sweep`, and
-//! `ledger` (`post` and the checks of every posting).
+//! keys), `credits` (credits and top-ups), `catalog`, `orders`, `refunds`, `entitlements`, `sweep`,
+//! `ledger` (`post` and the checks of every posting), `events` (the outbox every change writes to, and its
+//! purge) and `webhooks` (their rows and delivery positions).
 
 mod catalog;
 mod credits;
 mod entitlements;
+mod events;
 mod idempotency;
 mod ledger;
 mod orders;
 mod refunds;
 mod sweep;
 mod users;
+mod webhooks;
 
 use redb::{Table, WriteTransaction};
 
 use super::tables::{self, encode, get};
 use super::{IdempotencyState, MetaState, StoreError};
-use crate::domain::{Command, Envelope, IdSequence, Outcome, Rejection, Reply, Timestamp};
+use crate::domain::{
+    Command, Envelope, EventLog, IdSequence, Outcome, Rejection, Reply, Timestamp,
+};
 
 pub(crate) use ledger::decode_posting;
 
@@ -67,10 +72,11 @@ impl<E: Into<StoreError>> From<E> for Stop {
 
 type Step<T> = Result<T, Stop>;
 
-/// The per-command context: the command's time and its ids.
+/// The per-command context: the command's time, its ids, and how many events it emitted.
 struct CommandContext {
     now: Timestamp,
     ids: IdSequence,
+    events: u32,
 }
 
 /// Every table of the shard, opened once per batch.
@@ -94,7 +100,12 @@ pub(crate) struct Applier<'t> {
     refunds: Table<'t, u128, Bytes>,
     idempotency: Table<'t, (&'static str, &'static str), Bytes>,
     idempotency_expiry: Table<'t, (i64, &'static str, &'static str), ()>,
+    events: Table<'t, u64, Bytes>,
+    webhooks: Table<'t, &'static str, Bytes>,
     meta: MetaState,
+    /// The outbox's bookkeeping, written back by `finish` when a command changed it.
+    event_log: EventLog,
+    event_log_changed: bool,
     /// The shard's applied time: the latest time any command ran at (see `applied_time`).
     clock: Timestamp,
 }
@@ -104,6 +115,7 @@ impl<'t> Applier<'t> {
         let meta_table = txn.open_table(tables::META)?;
         let meta = get(&meta_table, tables::META_STATE_KEY)?.unwrap_or_default();
         let clock = get(&meta_table, tables::CLOCK_KEY)?.unwrap_or(Timestamp(i64::MIN));
+        let event_log = get(&meta_table, tables::EVENT_LOG_KEY)?.unwrap_or_default();
         Ok(Applier {
             meta_table,
             users: txn.open_table(tables::USERS)?,
@@ -124,7 +136,11 @@ impl<'t> Applier<'t> {
             refunds: txn.open_table(tables::REFUNDS)?,
             idempotency: txn.open_table(tables::IDEMPOTENCY)?,
             idempotency_expiry: txn.open_table(tables::IDEMPOTENCY_EXPIRY)?,
+            events: txn.open_table(tables::EVENTS)?,
+            webhooks: txn.open_table(tables::WEBHOOKS)?,
             meta,
+            event_log,
+            event_log_changed: false,
             clock,
         })
     }
@@ -157,6 +173,11 @@ impl<'t> Applier<'t> {
             let clock = encode(&self.clock)?;
             self.meta_table
                 .insert(tables::CLOCK_KEY, clock.as_slice())?;
+        }
+        if self.event_log_changed {
+            let log = encode(&self.event_log)?;
+            self.meta_table
+                .insert(tables::EVENT_LOG_KEY, log.as_slice())?;
         }
         Ok(())
     }
@@ -192,6 +213,7 @@ impl<'t> Applier<'t> {
         let mut context = CommandContext {
             now,
             ids: IdSequence::new(envelope.seed),
+            events: 0,
         };
         let outcome = match self.execute(&mut context, &envelope.command) {
             Ok(reply) => Ok(reply),
@@ -241,6 +263,12 @@ impl<'t> Applier<'t> {
             Command::Consume(c) => self.consume(context, c),
             Command::Sweep(c) => self.sweep(context, c),
             Command::SweepAndPurge(c) => self.sweep_and_purge(context, c),
+            Command::PutWebhook(c) => self.put_webhook(context, c),
+            Command::DeleteWebhook(c) => self.delete_webhook(context, c),
+            Command::AckWebhook(c) => self.ack_webhook(c),
+            Command::WebhookFailed(c) => self.webhook_failed(context, c),
+            Command::ReplayWebhook(c) => self.replay_webhook(c),
+            Command::PurgeEvents(c) => self.purge_events(context, c),
         }
     }
 }

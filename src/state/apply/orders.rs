@@ -9,7 +9,7 @@ use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_LINES;
 use crate::domain::{
-    Entitlement, HistoryEntry, Item, LineRequest, Money, Order, OrderLine, OrderStatus,
+    Entitlement, EventData, EventType, HistoryEntry, Item, LineRequest, Money, Order, OrderLine, OrderStatus,
     PostingKind, PostingRef, Rejection, Reply, User,
 };
 use crate::state::StoreError;
@@ -179,6 +179,8 @@ impl Applier<'_> {
         let id = order.order_id.as_u128();
         self.user_orders
             .insert((user_id, order.created_at.micros(), id), ())?;
+        let created = EventData::Order(order.clone());
+        self.emit(context, EventType::OrderCreated, user_id, created)?;
         if command.complete {
             self.complete_effects(context, user, &mut order)?;
         } else {
@@ -228,10 +230,14 @@ impl Applier<'_> {
                 "one non-consumable at most"
             );
             self.save_entitlement(&user.user_id, &entitlement)?;
+            let granted = EventData::Entitlement(entitlement);
+            self.emit(context, EventType::EntitlementGranted, &user.user_id, granted)?;
         }
         order.completed_at = Some(context.now);
         order.transition(OrderStatus::Completed, context.now, None);
         self.forget_pending(order)?;
+        let completed = EventData::Order(order.clone());
+        self.emit(context, EventType::OrderCompleted, &user.user_id, completed)?;
         Ok(())
     }
 
@@ -291,6 +297,8 @@ impl Applier<'_> {
                 self.forget_pending(&order)?;
                 self.save_order(&order)?;
                 self.save_user(&user)?;
+                let cancelled = EventData::Order(order.clone());
+                self.emit(context, EventType::OrderCancelled, user_id, cancelled)?;
                 Ok(Reply::OrderUpdated(order))
             }
             OrderStatus::Cancelled => Ok(Reply::OrderUpdated(order)),
@@ -324,6 +332,13 @@ impl Applier<'_> {
         )?;
         self.forget_pending(&order)?;
         self.save_order(&order)?;
+        let user_id = order.user_id.clone();
+        self.emit(
+            context,
+            EventType::OrderCancelled,
+            &user_id,
+            EventData::Order(order),
+        )?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use super::orders::check_line_shape;
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_REFUNDS_PER_ORDER;
-use crate::domain::{
+use crate::domain::{EventData, EventType, 
     Entitlement, LineRequest, Money, Order, OrderLine, OrderStatus, PostingKind, PostingRef,
     Refund, RefundLine, Rejection, Reply, Timestamp, User,
 };
@@ -150,6 +150,15 @@ impl Applier<'_> {
             .insert(refund.refund_id.as_u128(), bytes.as_slice())?;
         self.save_order(&order)?;
         self.save_user(user)?;
+        let created = EventData::Refund {
+            refund: refund.clone(),
+            wallet: user.wallet(),
+        };
+        self.emit(context, EventType::RefundCreated, &command.user_id, created)?;
+        for entitlement in plan.entitlements {
+            let revoked = EventData::Entitlement(entitlement);
+            self.emit(context, EventType::EntitlementRevoked, &command.user_id, revoked)?;
+        }
         Ok(Reply::Refunded {
             refund,
             wallet: user.wallet(),

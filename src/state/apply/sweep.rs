@@ -5,7 +5,7 @@ use redb::ReadableTable;
 
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
-use crate::domain::{Reply, Topup, TopupStatus};
+use crate::domain::{EventData, EventType, Reply, Topup, TopupStatus};
 use crate::state::tables::get;
 
 impl Applier<'_> {
@@ -75,6 +75,9 @@ impl Applier<'_> {
                     let topup = was.as_of(context.now);
                     self.topup_left_pending(&was, &topup)?;
                     self.save_topup(&topup)?;
+                    let user_id = topup.user_id.clone();
+                    let data = EventData::Topup(topup);
+                    self.emit(context, EventType::TopupExpired, &user_id, data)?;
                 }
             }
         }

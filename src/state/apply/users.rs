@@ -5,7 +5,7 @@ use redb::ReadableTable;
 
 use super::{Applier, CommandContext, Step, Stop};
 use crate::domain::command;
-use crate::domain::{Money, PostingKind, Rejection, Reply, User};
+use crate::domain::{EventData, EventType, Money, PostingKind, Rejection, Reply, User};
 use crate::state::tables::{encode, get};
 
 impl Applier<'_> {
@@ -26,6 +26,12 @@ impl Applier<'_> {
             ledger_seq: 0,
         };
         self.save_user(&user)?;
+        self.emit(
+            context,
+            EventType::UserCreated,
+            &user.user_id,
+            EventData::User(user.clone()),
+        )?;
         Ok(Reply::UserCreated(user))
     }
 

@@ -5,10 +5,11 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::{
-    Account, CancelReason, Command, Credit, Entitlement, Envelope, GlobalClaim, HistoryEntry,
+    Account, CancelReason, Command, Credit, Entitlement, Envelope, Event, EventData, EventType,
+    GlobalClaim, HistoryEntry,
     IdSeed, IdempotencyTag, Item, ItemKind, ItemSpec, Money, Order, OrderLine, OrderStatus,
     Outcome, Posting, PostingKind, PostingRef, Refund, RefundLine, Rejection, Reply, Timestamp,
-    Topup, TopupStatus, User, WalletView,
+    Topup, TopupStatus, User, WalletView, Webhook,
 };
 
 pub(super) const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
@@ -91,9 +92,84 @@ pub(super) fn commands() -> Vec<Command> {
             "max_pending_topups": 10}}),
         ),
         command(json!({"SweepAndPurge": {"limit": 500, "topup_retention_seconds": 604_800}})),
+        command(
+            json!({"PutWebhook": {"name": "gs", "url": "http://10.0.0.5/e",
+            "types": ["OrderCompleted", "RefundCreated"], "generation": 2}}),
+        ),
+        command(json!({"DeleteWebhook": {"name": "gs", "generation": null}})),
+        command(json!({"AckWebhook": {"name": "gs", "generation": 2, "position": 300}})),
+        command(
+            json!({"WebhookFailed": {"name": "gs", "generation": 2, "position": 300,
+            "error": "HTTP 500", "next_attempt_at": LATER}}),
+        ),
+        command(json!({"ReplayWebhook": {"name": "gs", "position": 7}})),
+        command(
+            json!({"PurgeEvents": {"retention_seconds": 604_800,
+            "max_retention_seconds": 2_592_000, "limit": 500}}),
+        ),
     ]
     .into()
 }
+pub(super) fn webhook() -> Webhook {
+    Webhook {
+        name: "gs".to_owned(),
+        url: "http://10.0.0.5/e".to_owned(),
+        types: vec![EventType::OrderCompleted],
+        generation: 2,
+        created_at: NOW,
+        updated_at: LATER,
+        deleted: false,
+        position: 300,
+        attempts: 1,
+        last_error: Some("HTTP 500".to_owned()),
+        last_attempt_at: Some(NOW),
+        next_attempt_at: Some(LATER),
+        failing_since: Some(NOW),
+        dropped: 0,
+    }
+}
+
+/// One event of every kind of data.
+pub(super) fn events() -> Vec<Event> {
+    let event = |event_type, data| Event {
+        event_id: id(9),
+        event_type,
+        occurred_at: NOW,
+        user_id: "u1".to_owned(),
+        data,
+    };
+    vec![
+        event(EventType::UserCreated, EventData::User(user())),
+        event(
+            EventType::WalletCredited,
+            EventData::Credit {
+                credit: credit(),
+                wallet: wallet(),
+            },
+        ),
+        event(EventType::TopupFailed, EventData::Topup(topup())),
+        event(
+            EventType::WalletCredited,
+            EventData::TopupCredit {
+                topup: topup(),
+                wallet: wallet(),
+            },
+        ),
+        event(EventType::OrderCompleted, EventData::Order(order())),
+        event(
+            EventType::RefundCreated,
+            EventData::Refund {
+                refund: refund(),
+                wallet: wallet(),
+            },
+        ),
+        event(
+            EventType::EntitlementGranted,
+            EventData::Entitlement(entitlement()),
+        ),
+    ]
+}
+
 pub(super) fn user() -> User {
     User {
         user_id: "u1".to_owned(),
@@ -263,6 +339,11 @@ pub(super) fn replies() -> Vec<Reply> {
             idempotency_records: 3,
             purged_topups: 4,
         },
+        Reply::Webhook(webhook()),
+        Reply::EventsPurged {
+            purged: 5,
+            dropped: 1,
+        },
     ]
     .into()
 }
@@ -330,6 +411,9 @@ pub(super) fn rejections() -> Vec<Rejection> {
         Rejection::ItemKindFixed {
             item_id: item_id(),
             kind: "currency".to_owned(),
+        },
+        Rejection::WebhookNotFound {
+            name: "gs".to_owned(),
         },
     ]
     .into()
