@@ -91,12 +91,21 @@ impl EventType {
 pub enum EventData {
     User(User),
     /// A direct credit and the wallet right after it.
-    Credit { credit: Credit, wallet: WalletView },
+    Credit {
+        credit: Credit,
+        wallet: WalletView,
+    },
     Topup(Topup),
     /// A completed top-up and the wallet right after it credited.
-    TopupCredit { topup: Topup, wallet: WalletView },
+    TopupCredit {
+        topup: Topup,
+        wallet: WalletView,
+    },
     Order(Order),
-    Refund { refund: Refund, wallet: WalletView },
+    Refund {
+        refund: Refund,
+        wallet: WalletView,
+    },
     Entitlement(Entitlement),
     // New variants only at the end.
 }
@@ -123,7 +132,7 @@ pub struct EventLog {
 }
 
 /// Most webhooks a shop may have (deleted ones that were not re-created count until purged).
-pub const MAX_WEBHOOKS: usize = 32;
+pub const MAX_WEBHOOKS: u32 = 32;
 
 /// A webhook as one shard knows it: the endpoint, and the delivery of this shard's events to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

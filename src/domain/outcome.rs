@@ -60,7 +60,10 @@ pub enum Reply {
     /// A webhook as the shard that changed it knows it.
     Webhook(Webhook),
     /// What `PurgeEvents` did: the events purged, and how many of them a webhook had not acknowledged.
-    EventsPurged { purged: u32, dropped: u32 },
+    EventsPurged {
+        purged: u32,
+        dropped: u32,
+    },
 }
 
 /// What the home shard of a global idempotency key says about it.

@@ -14,6 +14,7 @@
 
 pub mod backup;
 pub mod coordinator;
+pub mod events;
 pub mod reads;
 pub mod replica;
 pub mod sweeper;
@@ -120,6 +121,10 @@ pub struct Node {
     /// Serialises catalog writes made through this node, so every shard sees the same sequence of item
     /// versions.
     catalog_lock: Mutex<()>,
+    /// Bumped after every batch any shard applies (see `events`: what wakes a long poll).
+    applied: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Long polls of the feed waiting now, at most `events::MAX_LONG_POLLS` (more answer at once).
+    long_polls: tokio::sync::Semaphore,
 }
 
 /// Opens shard `id`'s file, verifying it (see `shopkeep_faults::integrity`). A corrupt file is set aside
@@ -171,9 +176,10 @@ impl Node {
                 .map_err(|e| EngineError::Internal(e.to_string()))??;
             stores.push(Arc::new(store));
         }
+        let applied = Arc::new(tokio::sync::watch::Sender::new(0));
         let machines = stores
             .iter()
-            .map(|store| Arc::new(ShardMachine::new(store.clone())))
+            .map(|store| Arc::new(ShardMachine::new(store.clone()).notifying(applied.clone())))
             .collect();
         let cluster = Cluster::open(config, machines).await?;
         cluster.form().await;
@@ -181,6 +187,8 @@ impl Node {
             cluster,
             stores,
             catalog_lock: Mutex::new(()),
+            applied,
+            long_polls: tokio::sync::Semaphore::new(events::MAX_LONG_POLLS),
         })
     }
 

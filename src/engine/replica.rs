@@ -25,6 +25,8 @@ pub struct ShardMachine {
     /// The shard's apply histograms, labelled once rather than at every batch.
     batch_size: metrics::Histogram,
     apply_time: metrics::Histogram,
+    /// Told after every applied batch and installed snapshot (wakes the event feed's long polls).
+    applied: Option<Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 impl ShardMachine {
@@ -35,6 +37,19 @@ impl ShardMachine {
             batch_size: metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE, "shard" => shard.clone()),
             apply_time: metrics::histogram!(crate::metrics::APPLY_SECONDS, "shard" => shard),
             store,
+            applied: None,
+        }
+    }
+
+    /// The same machine, bumping `applied` after every batch it applies and every snapshot it installs.
+    pub fn notifying(mut self, applied: Arc<tokio::sync::watch::Sender<u64>>) -> ShardMachine {
+        self.applied = Some(applied);
+        self
+    }
+
+    fn tell_applied(&self) {
+        if let Some(applied) = &self.applied {
+            applied.send_modify(|count| *count = count.wrapping_add(1));
         }
     }
 }
@@ -98,6 +113,7 @@ impl ReplicatedState for ShardMachine {
             }
         };
         self.apply_time.record(started.elapsed().as_secs_f64());
+        self.tell_applied();
         debug_assert_eq!(applied.len(), batch.len());
         Ok(decoded
             .iter()
@@ -120,7 +136,9 @@ impl ReplicatedState for ShardMachine {
     }
 
     fn import(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StateError> {
-        Ok(self.store.import(body, marker)?)
+        self.store.import(body, marker)?;
+        self.tell_applied();
+        Ok(())
     }
 
     fn location(&self) -> std::path::PathBuf {

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 use crate::domain::{
-    Credit, Currency, Entitlement, Item, Order, Posting, Refund, Timestamp, Topup, User, WalletView,
+    Credit, Currency, Entitlement, Event, EventData, Item, Order, Posting, Refund, Timestamp,
+    Topup, User, WalletView,
 };
 
 // ----- requests ---------------------------------------------------------------------------------------
@@ -317,6 +318,33 @@ pub struct LedgerEntry {
     pub at: String,
 }
 
+/// One event of the feed (and the body of a webhook delivery).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventResponse {
+    /// `evt_` and 32 hex digits; the same on every replica and at every delivery (`webhook-id`).
+    pub event_id: String,
+    /// `user.created`, `wallet.credited`, `topup.completed`, `topup.failed`, `topup.expired`,
+    /// `order.created`, `order.completed`, `order.cancelled`, `refund.created`, `entitlement.granted`,
+    /// `entitlement.revoked`, `entitlement.consumed` (and, once built, the reversal and freeze types).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub occurred_at: String,
+    pub user_id: String,
+    pub shard: u32,
+    /// Increases strictly per shard.
+    pub seq: u64,
+    /// The resource as the API returns it, as it stood right after the change.
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<EventResponse>,
+    /// Pass as `after` for the next page (also when `events` is empty).
+    pub next_cursor: String,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LedgerPage {
     pub entries: Vec<LedgerEntry>,
@@ -562,6 +590,50 @@ pub fn refund(currency: &Currency, refund: &Refund, view: &WalletView) -> Refund
         wallet: wallet(currency, view),
         created_at: time(refund.created_at),
     }
+}
+
+/// An event as the feed and webhooks show it: its `data` rendered as the API renders that resource.
+pub fn event(currency: &Currency, shard: u32, seq: u64, event: &Event) -> EventResponse {
+    let data = match &event.data {
+        EventData::User(user) => to_value(user_response(currency, user)),
+        EventData::Credit { credit: c, wallet } => to_value(credit(currency, c, wallet)),
+        EventData::Topup(t) => to_value(topup(currency, t)),
+        EventData::TopupCredit {
+            topup: t,
+            wallet: w,
+        } => to_value(TopupCreditResponse {
+            topup: topup(currency, t),
+            wallet: wallet(currency, w),
+        }),
+        EventData::Order(o) => to_value(order(currency, o)),
+        EventData::Refund { refund: r, wallet } => to_value(refund(currency, r, wallet)),
+        EventData::Entitlement(e) => to_value(entitlement(e)),
+    };
+    EventResponse {
+        event_id: format!("evt_{}", event.event_id.simple()),
+        event_type: event.event_type.as_str().to_owned(),
+        occurred_at: time(event.occurred_at),
+        user_id: event.user_id.clone(),
+        shard,
+        seq,
+        data,
+    }
+}
+
+/// `wallet.credited` by a top-up: the top-up and the wallet right after it.
+#[derive(Debug, Serialize)]
+struct TopupCreditResponse {
+    #[serde(flatten)]
+    topup: TopupResponse,
+    wallet: WalletResponse,
+}
+
+fn user_response(currency: &Currency, u: &User) -> UserResponse {
+    user(currency, u, &u.wallet())
+}
+
+fn to_value(response: impl Serialize) -> Value {
+    serde_json::to_value(response).unwrap_or(Value::Null)
 }
 
 pub fn entitlement(entitlement: &Entitlement) -> EntitlementResponse {

@@ -10,7 +10,8 @@ use uuid::Uuid;
 use super::tables::{self, get};
 use super::{IdempotencyRecord, MetaState, StoreError};
 use crate::domain::{
-    Entitlement, Item, Money, Order, OrderStatus, Posting, Timestamp, Topup, User, WalletView,
+    Entitlement, Event, EventLog, EventType, Item, Money, Order, OrderStatus, Posting, Timestamp,
+    Topup, User, WalletView, Webhook,
 };
 
 pub fn meta(txn: &ReadTransaction) -> Result<MetaState, StoreError> {
@@ -203,4 +204,54 @@ pub fn sweep_due(
     }
     let records = txn.open_table(tables::IDEMPOTENCY_EXPIRY)?;
     Ok(records.range(..(bound, "", ""))?.next().is_some())
+}
+
+/// The outbox's bookkeeping (all zero before the shard's first event).
+pub fn event_log(txn: &ReadTransaction) -> Result<EventLog, StoreError> {
+    let table = txn.open_table(tables::META)?;
+    Ok(get(&table, tables::EVENT_LOG_KEY)?.unwrap_or_default())
+}
+
+/// What a scan of the outbox found: the events of the wanted types, oldest first, and the seq the scan
+/// covered (every event up to it was looked at, taken or not).
+pub struct EventScan {
+    pub events: Vec<(u64, Event)>,
+    pub scanned_through: u64,
+}
+
+/// The shard's events after seq `after`, oldest first: at most `limit` of the wanted types (`None`: every
+/// type), looking at no more than `max_scanned` events in all.
+pub fn events_after(
+    txn: &ReadTransaction,
+    after: u64,
+    limit: usize,
+    types: Option<&[EventType]>,
+    max_scanned: usize,
+) -> Result<EventScan, StoreError> {
+    let table = txn.open_table(tables::EVENTS)?;
+    let mut scan = EventScan {
+        events: Vec::new(),
+        scanned_through: after,
+    };
+    for entry in table.range(after.saturating_add(1)..)?.take(max_scanned) {
+        if scan.events.len() >= limit {
+            break;
+        }
+        let (seq, bytes) = entry?;
+        let event: Event = tables::decode(bytes.value())?;
+        scan.scanned_through = seq.value();
+        if types.is_none_or(|wanted| wanted.contains(&event.event_type)) {
+            scan.events.push((seq.value(), event));
+        }
+    }
+    Ok(scan)
+}
+
+/// Every webhook row of the shard (deleted ones included), by name.
+pub fn webhooks(txn: &ReadTransaction) -> Result<Vec<Webhook>, StoreError> {
+    let mut all = Vec::new();
+    for entry in txn.open_table(tables::WEBHOOKS)?.iter()? {
+        all.push(tables::decode(entry?.1.value())?);
+    }
+    Ok(all)
 }

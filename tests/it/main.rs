@@ -25,6 +25,7 @@ mod deploy_script;
 mod disk_eio;
 mod disk_full;
 mod edge;
+mod events;
 mod harness;
 mod http_auth;
 mod http_bad_input;

@@ -7,6 +7,7 @@ mod cluster;
 mod credits;
 mod doc;
 mod entitlements;
+mod events;
 mod ops;
 mod orders;
 mod users;
@@ -41,6 +42,7 @@ use super::input;
         (name = "catalog", description = "Items for sale"),
         (name = "orders", description = "Purchases and refunds"),
         (name = "entitlements", description = "What users own, and their ledger"),
+        (name = "events", description = "The event feed and webhooks to game servers"),
         (name = "operations", description = "Health, metrics, audit, cluster")
     )
 )]
@@ -79,6 +81,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(entitlements::list_entitlements))
         .routes(routes!(entitlements::consume))
         .routes(routes!(entitlements::ledger))
+        .routes(routes!(events::list_events))
         .routes(routes!(ops::audit))
         .routes(routes!(backup::plan))
         .routes(routes!(backup::shard))

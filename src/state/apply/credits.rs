@@ -7,9 +7,9 @@ use super::ledger::overflow;
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::money::MAX_WALLET_BALANCE;
-use crate::domain::{EventData, EventType, 
-    Credit, Money, PostingKind, PostingRef, RefClaim, Rejection, Reply, Timestamp, Topup,
-    TopupStatus, User,
+use crate::domain::{
+    Credit, EventData, EventType, Money, PostingKind, PostingRef, RefClaim, Rejection, Reply,
+    Timestamp, Topup, TopupStatus, User,
 };
 use crate::state::tables::{encode, get};
 

@@ -2,7 +2,7 @@
 
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
-use crate::domain::{EventData, EventType, Entitlement, Rejection, Reply};
+use crate::domain::{Entitlement, EventData, EventType, Rejection, Reply};
 use crate::state::tables::{encode, get};
 
 impl Applier<'_> {

@@ -50,7 +50,11 @@ impl Applier<'_> {
         let keep_after = bound(context.now, command.retention_seconds);
         let drop_before = bound(context.now, command.max_retention_seconds);
         let mut webhooks = self.live_webhooks()?;
-        let acknowledged = webhooks.iter().map(|w| w.position).min().unwrap_or(u64::MAX);
+        let acknowledged = webhooks
+            .iter()
+            .map(|w| w.position)
+            .min()
+            .unwrap_or(u64::MAX);
         let oldest: Vec<(u64, Timestamp)> = self
             .events
             .iter()?

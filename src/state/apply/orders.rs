@@ -9,8 +9,8 @@ use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_LINES;
 use crate::domain::{
-    Entitlement, EventData, EventType, HistoryEntry, Item, LineRequest, Money, Order, OrderLine, OrderStatus,
-    PostingKind, PostingRef, Rejection, Reply, User,
+    Entitlement, EventData, EventType, HistoryEntry, Item, LineRequest, Money, Order, OrderLine,
+    OrderStatus, PostingKind, PostingRef, Rejection, Reply, User,
 };
 use crate::state::StoreError;
 use crate::state::tables::{encode, get};
@@ -231,7 +231,12 @@ impl Applier<'_> {
             );
             self.save_entitlement(&user.user_id, &entitlement)?;
             let granted = EventData::Entitlement(entitlement);
-            self.emit(context, EventType::EntitlementGranted, &user.user_id, granted)?;
+            self.emit(
+                context,
+                EventType::EntitlementGranted,
+                &user.user_id,
+                granted,
+            )?;
         }
         order.completed_at = Some(context.now);
         order.transition(OrderStatus::Completed, context.now, None);

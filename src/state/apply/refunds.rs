@@ -6,9 +6,9 @@ use super::orders::check_line_shape;
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_REFUNDS_PER_ORDER;
-use crate::domain::{EventData, EventType, 
-    Entitlement, LineRequest, Money, Order, OrderLine, OrderStatus, PostingKind, PostingRef,
-    Refund, RefundLine, Rejection, Reply, Timestamp, User,
+use crate::domain::{
+    Entitlement, EventData, EventType, LineRequest, Money, Order, OrderLine, OrderStatus,
+    PostingKind, PostingRef, Refund, RefundLine, Rejection, Reply, Timestamp, User,
 };
 use crate::state::tables::encode;
 
@@ -157,7 +157,12 @@ impl Applier<'_> {
         self.emit(context, EventType::RefundCreated, &command.user_id, created)?;
         for entitlement in plan.entitlements {
             let revoked = EventData::Entitlement(entitlement);
-            self.emit(context, EventType::EntitlementRevoked, &command.user_id, revoked)?;
+            self.emit(
+                context,
+                EventType::EntitlementRevoked,
+                &command.user_id,
+                revoked,
+            )?;
         }
         Ok(Reply::Refunded {
             refund,

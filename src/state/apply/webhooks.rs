@@ -159,17 +159,18 @@ impl Applier<'_> {
 
     pub(super) fn save_webhook(&mut self, webhook: &Webhook) -> Step<()> {
         let bytes = encode(webhook)?;
-        self.webhooks.insert(webhook.name.as_str(), bytes.as_slice())?;
+        self.webhooks
+            .insert(webhook.name.as_str(), bytes.as_slice())?;
         Ok(())
     }
 
     /// Before a new row: on the home shard, refuses a webhook beyond `MAX_WEBHOOKS` live ones; on every
     /// shard, forgets the oldest deleted webhook when the table holds `MAX_ROWS`.
     fn make_room_for_webhook(&mut self, home: bool) -> Step<()> {
-        if home && self.live_webhooks()?.len() >= MAX_WEBHOOKS {
+        if home && self.live_webhooks()?.len() >= MAX_WEBHOOKS as usize {
             return Err(Rejection::LimitExceeded {
                 limit: "max_webhooks".to_owned(),
-                max: MAX_WEBHOOKS as u32,
+                max: MAX_WEBHOOKS,
                 retry_after: None,
             }
             .into());
@@ -200,7 +201,9 @@ impl Applier<'_> {
 /// A webhook's shape, checked again here: the state machine does not trust its callers.
 fn check_webhook(name: &str, url: &str, types: &[EventType]) -> Result<(), Rejection> {
     if !is_valid_id(name) {
-        return Err(Rejection::invalid("a webhook name is 1-64 of [A-Za-z0-9_.-]"));
+        return Err(Rejection::invalid(
+            "a webhook name is 1-64 of [A-Za-z0-9_.-]",
+        ));
     }
     if url.len() > MAX_URL_LEN {
         return Err(Rejection::invalid(format!(

@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 mod samples;
 
 use samples::{
-    FINGERPRINT, LATER, NOW, commands, create_user, credit, entitlement, envelope, id, item, money,
-    order, posting, refund, rejections, replies, topup, user, webhook, events,
+    FINGERPRINT, LATER, NOW, commands, create_user, credit, entitlement, envelope, events, id,
+    item, money, order, posting, refund, rejections, replies, topup, user, webhook,
 };
 
 use super::apply::Applied;
@@ -182,7 +182,9 @@ fn golden_reply(reply: &Reply) -> &'static str {
         Reply::RefClaimed { .. } => "0b01",
         Reply::Swept { .. } => "0c0102ac02",
         Reply::SweptAndPurged { .. } => "0d01020304",
-        Reply::Webhook(_) => "0e02677311687474703a2f2f31302e302e302e352f650106028080f2818389850680a499dc8989850600ac020101084854545020353030018080f281838985060180a499dc89898506018080f2818389850600",
+        Reply::Webhook(_) => {
+            "0e02677311687474703a2f2f31302e302e302e352f650106028080f2818389850680a499dc8989850600ac020101084854545020353030018080f281838985060180a499dc89898506018080f2818389850600"
+        }
         Reply::EventsPurged { .. } => "0f0501",
     }
 }
@@ -318,7 +320,11 @@ fn stored_records_encode_as_pinned() {
         topup(),
         "1001900000000070008000000000000007027531e8070101037069318080f2818389850680a499dc89898506018080f28183898506",
     )]);
-    assert_golden(&[("webhook", webhook(), "02677311687474703a2f2f31302e302e302e352f650106028080f2818389850680a499dc8989850600ac020101084854545020353030018080f281838985060180a499dc89898506018080f2818389850600")]);
+    assert_golden(&[(
+        "webhook",
+        webhook(),
+        "02677311687474703a2f2f31302e302e302e352f650106028080f2818389850680a499dc8989850600ac020101084854545020353030018080f281838985060180a499dc89898506018080f2818389850600",
+    )]);
     let log = crate::domain::EventLog {
         last_seq: 1234,
         purged_through: 1000,

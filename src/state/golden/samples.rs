@@ -6,10 +6,9 @@ use uuid::Uuid;
 
 use crate::domain::{
     Account, CancelReason, Command, Credit, Entitlement, Envelope, Event, EventData, EventType,
-    GlobalClaim, HistoryEntry,
-    IdSeed, IdempotencyTag, Item, ItemKind, ItemSpec, Money, Order, OrderLine, OrderStatus,
-    Outcome, Posting, PostingKind, PostingRef, Refund, RefundLine, Rejection, Reply, Timestamp,
-    Topup, TopupStatus, User, WalletView, Webhook,
+    GlobalClaim, HistoryEntry, IdSeed, IdempotencyTag, Item, ItemKind, ItemSpec, Money, Order,
+    OrderLine, OrderStatus, Outcome, Posting, PostingKind, PostingRef, Refund, RefundLine,
+    Rejection, Reply, Timestamp, Topup, TopupStatus, User, WalletView, Webhook,
 };
 
 pub(super) const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
@@ -103,10 +102,8 @@ pub(super) fn commands() -> Vec<Command> {
             "error": "HTTP 500", "next_attempt_at": LATER}}),
         ),
         command(json!({"ReplayWebhook": {"name": "gs", "position": 7}})),
-        command(
-            json!({"PurgeEvents": {"retention_seconds": 604_800,
-            "max_retention_seconds": 2_592_000, "limit": 500}}),
-        ),
+        command(json!({"PurgeEvents": {"retention_seconds": 604_800,
+            "max_retention_seconds": 2_592_000, "limit": 500}})),
     ]
     .into()
 }
