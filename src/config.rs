@@ -97,6 +97,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_TOPUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub topup_retention: Duration,
 
+    /// How long events are kept for the feed and webhooks. A webhook that has not acknowledged an event
+    /// keeps it longer, at most 30 days (then it is dropped, counted in /metrics, and the webhook is
+    /// marked failing). At least 1 hour, at most 30 days.
+    #[arg(long, env = "SHOPKEEP_EVENT_RETENTION", default_value = "7d", value_parser = parse_event_retention)]
+    pub event_retention: Duration,
+
     /// How long idempotency outcomes are kept (at least 7 days is the contract).
     #[arg(long, env = "SHOPKEEP_IDEMPOTENCY_TTL", default_value = "7d", value_parser = parse_duration)]
     pub idempotency_ttl: Duration,
@@ -194,6 +200,19 @@ impl Cli {
     }
 }
 
+/// `--event-retention`: a duration from 1 hour to the longest retention (30 days).
+fn parse_event_retention(text: &str) -> Result<Duration, String> {
+    let retention = parse_duration(text)?;
+    let (least, most) = (
+        Duration::from_secs(3600),
+        crate::engine::sweeper::MAX_EVENT_RETENTION,
+    );
+    if retention < least || retention > most {
+        return Err("the event retention must be from 1h to 30d".to_owned());
+    }
+    Ok(retention)
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 30s, 15m, 1h, 7d)"))?;
@@ -268,6 +287,7 @@ pub struct Config {
     pub order_ttl: Duration,
     pub topup_ttl: Duration,
     pub topup_retention: Duration,
+    pub event_retention: Duration,
     pub idempotency_ttl: Duration,
     pub sweep_interval: Duration,
     pub max_pending_orders: u32,
@@ -353,6 +373,7 @@ impl Config {
             order_ttl: args.order_ttl,
             topup_ttl: args.topup_ttl,
             topup_retention: args.topup_retention,
+            event_retention: args.event_retention,
             idempotency_ttl: args.idempotency_ttl,
             sweep_interval: args.sweep_interval,
             max_pending_orders: args.max_pending_orders,

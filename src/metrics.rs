@@ -30,6 +30,8 @@ pub const EXPIRED_ORDERS: &str = "shopkeep_expired_orders_total";
 pub const EXPIRED_TOPUPS: &str = "shopkeep_expired_topups_total";
 pub const PURGED_IDEMPOTENCY_RECORDS: &str = "shopkeep_purged_idempotency_records_total";
 pub const PURGED_TOPUPS: &str = "shopkeep_purged_topups_total";
+pub const PURGED_EVENTS: &str = "shopkeep_purged_events_total";
+pub const DROPPED_EVENTS: &str = "shopkeep_dropped_events_total";
 pub const CLOCK_AGREES: &str = "shopkeep_clock_agrees";
 pub const PEER_CLOCK_OFFSET: &str = "shopkeep_peer_clock_offset_seconds";
 /// Set by `shopkeep_faults::disk::DiskHealth` (which names it itself).
@@ -53,7 +55,7 @@ const SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-const COUNTERS: [(&str, &str); 9] = [
+const COUNTERS: [(&str, &str); 11] = [
     (
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route template and status",
@@ -83,6 +85,14 @@ const COUNTERS: [(&str, &str); 9] = [
     (
         PURGED_TOPUPS,
         "EXPIRED and FAILED top-ups purged after --topup-retention",
+    ),
+    (
+        PURGED_EVENTS,
+        "Events purged after --event-retention (or the 30-day longest retention)",
+    ),
+    (
+        DROPPED_EVENTS,
+        "Events purged at the 30-day longest retention before a webhook acknowledged them",
     ),
 ];
 
@@ -251,6 +261,8 @@ fn register_counters(shards: u32) {
         EXPIRED_TOPUPS,
         PURGED_IDEMPOTENCY_RECORDS,
         PURGED_TOPUPS,
+        PURGED_EVENTS,
+        DROPPED_EVENTS,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -155,7 +155,10 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let sweeper = tokio::spawn(sweeper::run(
         node.clone(),
         config.sweep_interval,
-        config.topup_retention,
+        sweeper::Retention {
+            topups: config.topup_retention,
+            events: config.event_retention,
+        },
         stop_rx,
     ));
 

@@ -1,6 +1,6 @@
 //! Background work of a node, always proposed as commands (state never changes outside `apply`): expire
 //! pending orders and top-ups at their deadlines, purge idempotency outcomes past their retention and
-//! EXPIRED or FAILED top-ups past `--topup-retention`, and bring the catalog copies up to date after a
+//! EXPIRED or FAILED top-ups past `--topup-retention` and events past `--event-retention`, and bring the catalog copies up to date after a
 //! crash. Each shard's work is done by the node that leads
 //! it, so a cluster sweeps each shard once, not once per node.
 
@@ -22,11 +22,23 @@ pub const SWEEP_LIMIT: u32 = 500;
 /// after the expiry still credits the top-up, which it can only while the top-up exists.
 pub const TOPUP_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 
+/// The longest an event is kept, even for a webhook that has not acknowledged it.
+pub const MAX_EVENT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+
+/// How long what the sweeper purges is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// EXPIRED and FAILED top-ups, after they became final (`--topup-retention`).
+    pub topups: Duration,
+    /// Events every webhook acknowledged (`--event-retention`; at most `MAX_EVENT_RETENTION` for the rest).
+    pub events: Duration,
+}
+
 /// Sweeps every shard this node leads every `interval` until `stop` turns true.
 pub async fn run(
     node: Arc<Node>,
     interval: Duration,
-    topup_retention: Duration,
+    retention: Retention,
     mut stop: watch::Receiver<bool>,
 ) {
     // The catalog's copies are checked once by whichever node leads the catalog's home shard (again
@@ -66,8 +78,11 @@ pub async fn run(
             if !node.cluster().is_leader(shard) {
                 continue;
             }
-            if let Err(error) = sweep_shard(&node, shard, topup_retention).await {
+            if let Err(error) = sweep_shard(&node, shard, retention.topups).await {
                 tracing::warn!(shard, %error, "sweep failed; will retry");
+            }
+            if let Err(error) = purge_events(&node, shard, retention.events).await {
+                tracing::warn!(shard, %error, "event purge failed; will retry");
             }
         }
     }
@@ -147,6 +162,49 @@ pub async fn sweep_shard(
                 return Ok(());
             }
         } else {
+            return Ok(());
+        }
+    }
+}
+
+/// Proposes event purges on `shard` while its oldest event is due (each purges at most `SWEEP_LIMIT`).
+/// Both retentions travel in the command, so every replica purges the same events.
+pub async fn purge_events(
+    node: &Node,
+    shard: u32,
+    retention: Duration,
+) -> Result<(), super::EngineError> {
+    let command = Command::PurgeEvents(command::PurgeEvents {
+        retention_seconds: retention.as_secs(),
+        max_retention_seconds: MAX_EVENT_RETENTION.as_secs(),
+        limit: SWEEP_LIMIT,
+    });
+    loop {
+        let now = Timestamp::now();
+        if !node
+            .read(Consistency::Local, shard, move |txn| {
+                query::events_purge_due(txn, now, retention, MAX_EVENT_RETENTION)
+            })
+            .await?
+        {
+            return Ok(());
+        }
+        let applied = node
+            .propose(shard, system_envelope(command.clone()))
+            .await?;
+        let Ok(Reply::EventsPurged { purged, dropped }) = applied.outcome else {
+            return Ok(());
+        };
+        metrics::counter!(crate::metrics::PURGED_EVENTS).increment(u64::from(purged));
+        metrics::counter!(crate::metrics::DROPPED_EVENTS).increment(u64::from(dropped));
+        if dropped > 0 {
+            tracing::warn!(
+                shard,
+                dropped,
+                "events older than the longest retention were dropped before a webhook acknowledged them"
+            );
+        }
+        if purged < SWEEP_LIMIT {
             return Ok(());
         }
     }

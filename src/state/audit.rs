@@ -12,7 +12,9 @@
 //!   revoked; `granted ≥ revoked + consumed`; at most one game or skin;
 //! - the top-up indexes point at top-ups in their state: each row of a user's pending top-ups at a
 //!   PENDING top-up of that user with that deadline, each row of the purge queue at an EXPIRED or FAILED
-//!   top-up that became final then.
+//!   top-up that became final then;
+//! - the outbox has no gap: its events are exactly the seqs after the purged ones up to the newest, in
+//!   time order, and no webhook's position is beyond the newest.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -54,6 +56,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     let (order_count, expected_grants) = audit_orders(txn, &mut violations)?;
     audit_entitlements(txn, expected_grants, &mut violations)?;
     audit_topup_indexes(txn, &mut violations)?;
+    audit_events(txn, &mut violations)?;
 
     Ok(ShardAudit {
         shard,
@@ -351,6 +354,41 @@ fn audit_topup_indexes(
     Ok(())
 }
 
+/// The outbox is gap-free and in time order, and the webhooks' positions are within it.
+fn audit_events(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(), StoreError> {
+    let log = query::event_log(txn)?;
+    let mut expected = log.purged_through;
+    let mut last_time = i64::MIN;
+    for entry in txn.open_table(tables::EVENTS)?.iter()? {
+        let (seq, bytes) = entry?;
+        let (seq, event): (u64, crate::domain::Event) = (seq.value(), decode(bytes.value())?);
+        expected = expected.saturating_add(1);
+        if seq != expected {
+            violations.push(format!("event seq {seq} follows {}: a gap", expected - 1));
+            expected = seq;
+        }
+        if event.occurred_at.micros() < last_time {
+            violations.push(format!("event {seq} is older than the event before it"));
+        }
+        last_time = event.occurred_at.micros();
+    }
+    if expected != log.last_seq {
+        violations.push(format!(
+            "the outbox ends at seq {expected}, its bookkeeping at {}",
+            log.last_seq
+        ));
+    }
+    for webhook in query::webhooks(txn)? {
+        if webhook.position > log.last_seq {
+            violations.push(format!(
+                "webhook {} is at seq {}, beyond the newest event",
+                webhook.name, webhook.position
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// SHA-256 over every row of every table, in key order: equal on replicas that applied the same log.
 pub fn state_hash(txn: &ReadTransaction) -> Result<String, StoreError> {
     let mut hashing = Hashing {
@@ -465,5 +503,39 @@ mod tests {
             "{:?}",
             report.violations
         );
+    }
+
+    /// An event removed from the middle of the outbox (a change without its event) is a violation.
+    #[test]
+    fn a_gap_in_the_outbox_is_a_violation() {
+        use crate::domain::command::CreateUser;
+        use crate::domain::{Command, Envelope, IdSeed};
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        for (n, user) in (1u128..).zip(["a", "b", "c"]) {
+            let envelope = Envelope {
+                now: Timestamp::from_unix_seconds(1_800_000_000),
+                seed: IdSeed {
+                    unix_millis: 1,
+                    entropy: n,
+                },
+                idempotency: None,
+                command: Command::CreateUser(CreateUser {
+                    user_id: user.to_owned(),
+                    display_name: None,
+                }),
+            };
+            store.apply_batch(&[&envelope]).expect("applies");
+        }
+        let clean = audit(&store.begin_read().expect("reads"), 0).expect("audits");
+        assert!(clean.violations.is_empty(), "{:?}", clean.violations);
+        let txn = store.begin_write().expect("writes");
+        txn.open_table(tables::EVENTS)
+            .expect("events")
+            .remove(2)
+            .expect("removes");
+        txn.commit().expect("commits");
+        let report = audit(&store.begin_read().expect("reads"), 0).expect("audits");
+        assert_eq!(report.violations, ["event seq 3 follows 1: a gap"]);
     }
 }

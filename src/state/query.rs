@@ -255,3 +255,30 @@ pub fn webhooks(txn: &ReadTransaction) -> Result<Vec<Webhook>, StoreError> {
     }
     Ok(all)
 }
+
+/// Whether `PurgeEvents` at `now` has work: the shard's oldest event is past `retention` and either every
+/// live webhook acknowledged it or it is past `max_retention`.
+pub fn events_purge_due(
+    txn: &ReadTransaction,
+    now: Timestamp,
+    retention: std::time::Duration,
+    max_retention: std::time::Duration,
+) -> Result<bool, StoreError> {
+    let table = txn.open_table(tables::EVENTS)?;
+    let Some(first) = table.first()? else {
+        return Ok(false);
+    };
+    let (seq, event): (u64, Event) = (first.0.value(), tables::decode(first.1.value())?);
+    let before = |span: std::time::Duration| {
+        let micros = i64::try_from(span.as_micros()).unwrap_or(i64::MAX);
+        now.micros().saturating_sub(micros)
+    };
+    if event.occurred_at.micros() >= before(retention) {
+        return Ok(false);
+    }
+    let acknowledged = webhooks(txn)?
+        .iter()
+        .filter(|w| !w.deleted)
+        .all(|w| w.position >= seq);
+    Ok(acknowledged || event.occurred_at.micros() < before(max_retention))
+}

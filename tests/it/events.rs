@@ -384,3 +384,94 @@ async fn bad_feed_requests_are_refused_with_the_error_shape() {
         .expect_error(403, "forbidden");
     srv.get("/v1/events", Auth::Admin).await.expect(200);
 }
+
+/// The purge, applied to a real shard file at chosen times (an hour's retention cannot be waited out
+/// in a test): events past the retention go once every webhook acknowledged them; a webhook that did
+/// not holds them until the longest retention, then they are dropped and counted, and it moves past.
+#[test]
+fn the_purge_keeps_events_a_webhook_still_needs_until_the_longest_retention() {
+    use shopkeep::domain::command::{self as cmd};
+    use shopkeep::domain::{Command, Envelope, IdSeed, Reply, Timestamp};
+    use shopkeep::state::{ShardStore, query};
+
+    const DAY: i64 = 86_400_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ShardStore::open(&dir.path().join("shard.redb"), 0).unwrap();
+    let mut counter = 0u128;
+    let mut apply = |at: i64, command: Command| {
+        counter += 1;
+        let envelope = Envelope {
+            now: Timestamp(at),
+            seed: IdSeed {
+                unix_millis: (at / 1000) as u64,
+                entropy: counter,
+            },
+            idempotency: None,
+            command,
+        };
+        store.apply_batch(&[&envelope]).unwrap().remove(0).outcome
+    };
+    let t0 = 1_800_000_000_000_000i64;
+    let create = |user: &str| {
+        Command::CreateUser(cmd::CreateUser {
+            user_id: user.to_owned(),
+            display_name: None,
+        })
+    };
+    let purge = || {
+        Command::PurgeEvents(cmd::PurgeEvents {
+            retention_seconds: 7 * 86_400,
+            max_retention_seconds: 30 * 86_400,
+            limit: 500,
+        })
+    };
+    apply(t0, create("a")).unwrap();
+    // A webhook made after the first event starts after it; then two more events.
+    apply(
+        t0 + 1,
+        Command::PutWebhook(cmd::PutWebhook {
+            name: "gs".to_owned(),
+            url: "http://127.0.0.1:9/e".to_owned(),
+            types: vec![],
+            generation: None,
+        }),
+    )
+    .unwrap();
+    apply(t0 + 2, create("b")).unwrap();
+    apply(t0 + DAY, create("c")).unwrap();
+
+    let purged = |outcome| match outcome {
+        Ok(Reply::EventsPurged { purged, dropped }) => (purged, dropped),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        purged(apply(t0 + 6 * DAY, purge())),
+        (0, 0),
+        "not yet 7 days old"
+    );
+    assert_eq!(
+        purged(apply(t0 + 8 * DAY, purge())),
+        (1, 0),
+        "the event before the webhook goes; the webhook holds the rest"
+    );
+    assert_eq!(purged(apply(t0 + 29 * DAY, purge())), (0, 0));
+    assert_eq!(
+        purged(apply(t0 + 30 * DAY + 3, purge())),
+        (1, 1),
+        "past 30 days: dropped, though unacknowledged"
+    );
+    let txn = store.begin_read().unwrap();
+    let log = query::event_log(&txn).unwrap();
+    assert_eq!((log.last_seq, log.purged_through, log.dropped), (3, 2, 1));
+    let webhook = query::webhooks(&txn).unwrap().remove(0);
+    assert_eq!((webhook.position, webhook.dropped), (2, 1));
+    let left = query::events_after(&txn, 0, 10, None, 10).unwrap();
+    assert_eq!(left.events.len(), 1);
+    assert_eq!(left.events[0].0, 3, "seq is never reused");
+    assert!(
+        shopkeep::state::audit::audit(&txn, 0)
+            .unwrap()
+            .violations
+            .is_empty()
+    );
+}
