@@ -32,6 +32,10 @@ pub const PURGED_IDEMPOTENCY_RECORDS: &str = "shopkeep_purged_idempotency_record
 pub const PURGED_TOPUPS: &str = "shopkeep_purged_topups_total";
 pub const PURGED_EVENTS: &str = "shopkeep_purged_events_total";
 pub const DROPPED_EVENTS: &str = "shopkeep_dropped_events_total";
+pub const WEBHOOK_DELIVERIES: &str = "shopkeep_webhook_deliveries_total";
+pub const WEBHOOK_FAILURES: &str = "shopkeep_webhook_failures_total";
+pub const WEBHOOK_DELIVERY_SECONDS: &str = "shopkeep_webhook_delivery_seconds";
+pub const WEBHOOK_LAG: &str = "shopkeep_webhook_lag_events";
 pub const CLOCK_AGREES: &str = "shopkeep_clock_agrees";
 pub const PEER_CLOCK_OFFSET: &str = "shopkeep_peer_clock_offset_seconds";
 /// Set by `shopkeep_faults::disk::DiskHealth` (which names it itself).
@@ -55,7 +59,7 @@ const SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-const COUNTERS: [(&str, &str); 11] = [
+const COUNTERS: [(&str, &str); 13] = [
     (
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route template and status",
@@ -94,9 +98,21 @@ const COUNTERS: [(&str, &str); 11] = [
         DROPPED_EVENTS,
         "Events purged at the 30-day longest retention before a webhook acknowledged them",
     ),
+    (
+        WEBHOOK_DELIVERIES,
+        "Events delivered (answered 2xx) by webhook, by the shards this node leads",
+    ),
+    (
+        WEBHOOK_FAILURES,
+        "Failed delivery attempts by webhook (each is retried after a back-off)",
+    ),
 ];
 
-const GAUGES: [(&str, &str); 12] = [
+const GAUGES: [(&str, &str); 13] = [
+    (
+        WEBHOOK_LAG,
+        "Events of a shard this node leads not yet acknowledged by a webhook, by webhook and shard",
+    ),
     (
         HTTP_CONNECTIONS,
         "Connections open now, by listener: client (--listen, node traffic too unless --node-listen), node, metrics",
@@ -144,7 +160,7 @@ const GAUGES: [(&str, &str); 12] = [
     (PROCESS_OPEN_FDS, "File descriptors the process has open"),
 ];
 
-const HISTOGRAMS: [(&str, &str); 3] = [
+const HISTOGRAMS: [(&str, &str); 4] = [
     (
         HTTP_REQUEST_DURATION,
         "Time from a request's head to its answer, by method and route template",
@@ -156,6 +172,10 @@ const HISTOGRAMS: [(&str, &str); 3] = [
     (
         APPLY_SECONDS,
         "Time of one apply transaction of a shard: its commands, the marker and the commit",
+    ),
+    (
+        WEBHOOK_DELIVERY_SECONDS,
+        "Time from an event's change to its webhook's 2xx (first delivery; a retry counts from the change)",
     ),
 ];
 

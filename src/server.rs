@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, Secrets};
 use crate::datadir::{self, FixedSettings};
+use crate::engine::webhooks::{self, worker::DeliveryConfig};
 use crate::engine::{Node, sweeper};
 use crate::http::{self, auth::Authenticator, auth::TokenSigner};
 use crate::metrics::Metrics;
@@ -151,7 +152,17 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         }
     }
 
+    let webhooks = Arc::new(DeliveryConfig {
+        allow: config.webhook_allow_hosts.clone(),
+        secret_root: token_secret.clone(),
+        render: http::event_renderer(config.currency.clone()),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let delivery = tokio::spawn(webhooks::worker::run(
+        node.clone(),
+        webhooks.clone(),
+        stop_rx.clone(),
+    ));
     let sweeper = tokio::spawn(sweeper::run(
         node.clone(),
         config.sweep_interval,
@@ -201,6 +212,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         node_auth,
         secrets.psp_secret.map(String::into_bytes),
         metrics,
+        webhooks,
     );
     tracing::info!(%address, shards = node.shard_count(), "serving");
     println!("shopkeep listening on http://{address}");
@@ -219,6 +231,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     tracing::info!("stopping: in-flight requests drained");
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
+    let _ = delivery.await;
     node.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -66,6 +66,11 @@ impl EventCursor {
         format!("{CURSOR_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
     }
 
+    /// A cursor at these positions (one per shard).
+    pub fn from_positions(positions: Vec<u64>) -> EventCursor {
+        EventCursor { positions }
+    }
+
     /// The seq of the last event read from `shard`.
     pub fn position(&self, shard: u32) -> u64 {
         self.positions.get(shard as usize).copied().unwrap_or(0)
@@ -96,6 +101,11 @@ pub struct FeedQuery {
 }
 
 impl Node {
+    /// Changes whenever any shard of this node applied something (or installed a snapshot).
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
     /// A page of the feed after `query.after`; when there is none yet, waits up to `query.wait` for one.
     /// The first read is as fresh as `consistency` asks; later ones (after new applies) are this node's
     /// replica, which is then at least as fresh.

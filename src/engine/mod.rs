@@ -18,6 +18,7 @@ pub mod events;
 pub mod reads;
 pub mod replica;
 pub mod sweeper;
+pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub enum Missing {
     Topup,
     /// No outcome is stored under an idempotency key.
     StoredOutcome,
+    /// No live webhook of that name.
+    Webhook,
 }
 
 impl From<ClusterError> for EngineError {

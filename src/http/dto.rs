@@ -318,6 +318,62 @@ pub struct LedgerEntry {
     pub at: String,
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutWebhookRequest {
+    /// `http://` only; its host must be allowed by `--webhook-allow-hosts`. At most 2048 bytes.
+    pub url: String,
+    /// Event types to deliver; absent or empty: every type.
+    pub types: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayWebhookRequest {
+    /// A feed cursor (`next_cursor` of `GET /v1/events`): events after it are delivered again.
+    pub after: String,
+}
+
+/// A webhook and how its delivery stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookResponse {
+    pub name: String,
+    pub url: String,
+    /// Empty: every type.
+    pub types: Vec<String>,
+    /// `whsec_…`: only in the answer to a PUT (a PUT makes a new one; the old one stops working).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// `active` (delivering, or nothing to deliver), `retrying` (a delivery failed; it is retried with
+    /// back-off), `failing` (a delivery has failed for 3 days or more; still retried hourly).
+    pub status: String,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Events not yet acknowledged, over every shard.
+    pub lag: u64,
+    /// The feed cursor up to which every shard's events were delivered (for `replay`).
+    pub position: String,
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    /// Events purged (past 30 days) before this webhook acknowledged them.
+    pub dropped: u64,
+    pub shards: Vec<WebhookShardResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookShardResponse {
+    pub shard: u32,
+    /// The seq up to which this shard's events were delivered.
+    pub position: u64,
+    /// The shard's newest event.
+    pub last_seq: u64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub failing_since: Option<String>,
+}
+
 /// One event of the feed (and the body of a webhook delivery).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventResponse {

@@ -444,6 +444,7 @@ impl ApiError {
             Missing::Order => ApiError::order_not_found(),
             Missing::Topup => ApiError::topup_not_found(),
             Missing::StoredOutcome => ApiError::stored_outcome_not_found(),
+            Missing::Webhook => ApiError::new(StatusCode::NOT_FOUND, NOT_FOUND, "no such webhook"),
         }
     }
 }

@@ -28,6 +28,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use crate::config::Config;
 use crate::domain::{Command, Fingerprint, IdempotencyTag, Timestamp};
+use crate::engine::webhooks::worker::{DeliveryConfig, RenderEvent};
 use crate::engine::{Applied, Consistency, Node};
 use crate::metrics::Metrics;
 use auth::Authenticator;
@@ -41,6 +42,8 @@ pub struct App {
     pub auth: Authenticator,
     pub psp_secret: Option<Vec<u8>>,
     pub metrics: Arc<Metrics>,
+    /// Where webhooks may point, and their secrets.
+    pub webhooks: Arc<DeliveryConfig>,
     /// The served OpenAPI document, rendered once.
     pub openapi: Vec<u8>,
 }
@@ -109,6 +112,13 @@ impl App {
     }
 }
 
+/// How webhooks render an event: as the feed shows it (`GET /v1/events`).
+pub fn event_renderer(currency: crate::domain::Currency) -> RenderEvent {
+    Arc::new(move |shard, seq, event| {
+        serde_json::to_vec(&dto::event(&currency, shard, seq, event)).unwrap_or_default()
+    })
+}
+
 /// Builds the client-facing router (routes, OpenAPI, middleware) around the node; it also serves node
 /// traffic unless that has a listener of its own (`--node-listen`).
 pub fn router(
@@ -118,6 +128,7 @@ pub fn router(
     node_auth: Arc<NodeAuth>,
     psp_secret: Option<Vec<u8>>,
     metrics: Arc<Metrics>,
+    webhooks: Arc<DeliveryConfig>,
 ) -> Router {
     let (router, document) = routes::api().split_for_parts();
     let document = routes::finish_document(document, &config.currency);
@@ -139,6 +150,7 @@ pub fn router(
         auth,
         psp_secret,
         metrics,
+        webhooks,
         openapi,
     });
     let router = router

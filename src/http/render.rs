@@ -124,3 +124,8 @@ pub fn ok<T: Serialize>(value: &T) -> Response {
     let rendered = json(StatusCode::OK, value);
     body(rendered.status, rendered.body)
 }
+
+/// 204 without a body (a DELETE).
+pub fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -49,3 +49,5 @@ mod props;
 mod raft_conformance;
 mod shop_model;
 mod startup;
+mod webhook_receiver;
+mod webhooks;

@@ -11,6 +11,7 @@ mod events;
 mod ops;
 mod orders;
 mod users;
+mod webhooks;
 
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -82,6 +83,12 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(entitlements::consume))
         .routes(routes!(entitlements::ledger))
         .routes(routes!(events::list_events))
+        .routes(routes!(
+            webhooks::put_webhook,
+            webhooks::get_webhook,
+            webhooks::delete_webhook
+        ))
+        .routes(routes!(webhooks::replay_webhook))
         .routes(routes!(ops::audit))
         .routes(routes!(backup::plan))
         .routes(routes!(backup::shard))
