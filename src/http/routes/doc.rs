@@ -20,7 +20,7 @@ use crate::domain::model::{
 use crate::http::error::ERROR_CODES;
 use crate::http::input::MAX_IDEMPOTENCY_KEY_LEN;
 
-/// Client-chosen identifiers (`user_id`, `item_id`).
+/// Client-chosen identifiers (`user_id`, `item_id`, a webhook's `name`).
 const ID_PATTERN: &str = "^[A-Za-z0-9_.-]{1,64}$";
 /// External references: printable ASCII without spaces.
 const EXTERNAL_REF_PATTERN: &str = "^[!-~]{1,255}$";
@@ -205,7 +205,7 @@ fn uuid_schema() -> Value {
 /// The schema of path and header parameters, by (location, name).
 fn parameter_schema(location: &str, name: &str) -> Option<Value> {
     Some(match (location, name) {
-        ("path", "user_id" | "item_id") => id_schema(),
+        ("path", "user_id" | "item_id" | "name") => id_schema(),
         ("path", "order_id" | "topup_id") => uuid_schema(),
         ("path", "node_id") => {
             json!({"type": "integer", "format": "uint64", "minimum": 1, "maximum": u64::MAX})
