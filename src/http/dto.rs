@@ -322,6 +322,7 @@ pub struct LedgerEntry {
 #[serde(deny_unknown_fields)]
 pub struct PutWebhookRequest {
     /// `http://` only; its host must be allowed by `--webhook-allow-hosts`. At most 2048 bytes.
+    #[schema(pattern = "^http://[^/?#@]+", max_length = 2048)]
     pub url: String,
     /// Event types to deliver; absent or empty: every type.
     pub types: Option<Vec<String>>,
@@ -331,6 +332,7 @@ pub struct PutWebhookRequest {
 #[serde(deny_unknown_fields)]
 pub struct ReplayWebhookRequest {
     /// A feed cursor (`next_cursor` of `GET /v1/events`): events after it are delivered again.
+    #[schema(pattern = "^e1\\.[A-Za-z0-9_-]{1,8192}$")]
     pub after: String,
 }
 

@@ -18,10 +18,10 @@ const DEFAULT_PAGE: usize = 100;
 /// The events of every shard after a cursor, oldest first per shard (admin, service).
 #[utoipa::path(get, path = "/v1/events", tag = "events",
     params(
-        ("after" = Option<String>, Query, description = "next_cursor of the previous page; absent: from the oldest retained event"),
+        ("after" = Option<String>, Query, pattern = "^e1\\.[A-Za-z0-9_-]{1,8192}$", description = "next_cursor of the previous page; absent: from the oldest retained event"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1-1000, default 100"),
         ("wait" = Option<String>, Query, pattern = "^([0-9]|[12][0-9]|30)s?$", description = "0-30 seconds to wait for an event when there is none yet (long poll); default 0"),
-        ("types" = Option<String>, Query, description = "comma-separated event types; absent: every type"),
+        ("types" = Option<String>, Query, pattern = "^[a-z]+\\.[a-z]+(,[a-z]+\\.[a-z]+)*$", description = "comma-separated event types (user.created, order.completed, ...); absent: every type"),
     ),
     responses((status = 200, description = "A page of events", body = EventPage), (status = 400, description = "`invalid_request`", body = ErrorBody), (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
