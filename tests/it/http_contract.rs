@@ -395,7 +395,11 @@ async fn parameters_carry_the_servers_rules() {
                 }
                 ("query", "limit") => {
                     // The event feed's pages are larger than the other lists'.
-                    let most = if label.contains("/v1/events") { 1000 } else { 100 };
+                    let most = if label.contains("/v1/events") {
+                        1000
+                    } else {
+                        100
+                    };
                     assert_eq!(
                         (&schema["minimum"], &schema["maximum"]),
                         (&1.into(), &most.into()),

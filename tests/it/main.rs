@@ -26,6 +26,7 @@ mod disk_eio;
 mod disk_full;
 mod edge;
 mod events;
+mod examples;
 mod harness;
 mod http_auth;
 mod http_bad_input;
