@@ -106,6 +106,7 @@ impl Deliverer {
 
     /// One attempt: POSTs `body` (JSON) with `headers` (`sign::sign_headers`) to `url`, connecting only
     /// to `addrs` (what `AllowHosts::resolve_checked` returned for `url`). `Ok` means a 2xx status.
+    /// Only the addresses' IPs are used: the port is always the URL's (as `resolve_checked` gives).
     pub async fn post(
         &self,
         url: &str,
@@ -371,12 +372,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(deliverer.clients.lock().unwrap().len(), 1);
-        // New checked addresses re-pin the host's client: the old address is no longer used.
-        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let closed_addr = closed.local_addr().unwrap();
-        drop(closed);
+        // New checked addresses re-pin the host's client: the old address is no longer used. (The
+        // port is the URL's; the server listens on 127.0.0.1 only, so 127.0.0.2 refuses.)
+        let elsewhere = SocketAddr::new([127, 0, 0, 2].into(), addr.port());
         let err = deliverer
-            .post(&url, &[closed_addr], &signed(), b"{}".to_vec())
+            .post(&url, &[elsewhere], &signed(), b"{}".to_vec())
             .await
             .unwrap_err();
         assert_eq!(
