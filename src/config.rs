@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::domain::Currency;
+use crate::engine::webhooks::allow::AllowHosts;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -164,6 +165,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_MAX_WEBHOOK_INFLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_webhook_inflight: u32,
 
+    /// Where event webhooks (`PUT /v1/webhooks/…`) may POST to, comma-separated: CIDRs (10.0.0.0/8, fd00::/8), IP addresses, exact
+    /// host names (game-server.internal), `loopback`, `private` (10/8, 172.16/12, 192.168/16, 100.64/10,
+    /// fc00::/7; not link-local) or `*` (anywhere). A host name not listed is allowed only if every
+    /// address it resolves to is.
+    #[arg(long, env = "SHOPKEEP_WEBHOOK_ALLOW_HOSTS", default_value = "loopback,private", value_parser = AllowHosts::parse)]
+    pub webhook_allow_hosts: AllowHosts,
+
     /// How log lines are written on stderr: `text` (for people) or `json` (one object a line, for
     /// collectors). What is logged: RUST_LOG, else `info` without openraft's chatter (README, Logs).
     #[arg(long, env = "SHOPKEEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -286,6 +294,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_webhook_inflight: usize,
+    /// See `ServeArgs::webhook_allow_hosts`.
+    pub webhook_allow_hosts: AllowHosts,
     pub node_id: u64,
     /// The initial members (this node included); `None` for a single node.
     pub peers: Option<BTreeMap<u64, String>>,
@@ -369,6 +379,7 @@ impl Config {
             header_read_timeout: args.header_read_timeout,
             body_read_timeout: args.body_read_timeout,
             max_webhook_inflight: args.max_webhook_inflight as usize,
+            webhook_allow_hosts: args.webhook_allow_hosts.clone(),
             node_id: args.node_id,
             peers,
             raft_heartbeat: args.raft_heartbeat,
@@ -376,5 +387,33 @@ impl Config {
             snapshot_every: args.snapshot_every,
             restoring_from_backup: args.restoring_from_backup,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["shopkeep", "serve"].iter().chain(args))?;
+        match cli.command {
+            CliCommand::Serve(args) => Ok(*args),
+            CliCommand::Operator(_) => unreachable!("serve was asked for"),
+        }
+    }
+
+    #[test]
+    fn webhook_allow_hosts_defaults_to_loopback_and_private() {
+        let args = serve(&[]).unwrap();
+        assert_eq!(args.webhook_allow_hosts, AllowHosts::default());
+        let args = serve(&["--webhook-allow-hosts", "10.0.0.0/8,hooks.internal"]).unwrap();
+        assert_eq!(
+            args.webhook_allow_hosts.to_string(),
+            "10.0.0.0/8,hooks.internal"
+        );
+        let config = Config::from_args(&args).unwrap();
+        assert_eq!(config.webhook_allow_hosts, args.webhook_allow_hosts);
+        assert!(serve(&["--webhook-allow-hosts", "10.0.0.1/8"]).is_err());
+        assert!(serve(&["--webhook-allow-hosts", ""]).is_err());
     }
 }

@@ -17,6 +17,7 @@ pub mod coordinator;
 pub mod reads;
 pub mod replica;
 pub mod sweeper;
+pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
