@@ -7,3 +7,4 @@
 //! post, and on failure wait `backoff::next_delay` before trying the same event again.
 
 pub mod allow;
+pub mod backoff;
