@@ -8,3 +8,4 @@
 
 pub mod allow;
 pub mod backoff;
+pub mod sign;
