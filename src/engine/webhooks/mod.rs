@@ -8,4 +8,5 @@
 
 pub mod allow;
 pub mod backoff;
+pub mod deliver;
 pub mod sign;
