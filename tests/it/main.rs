@@ -48,3 +48,4 @@ mod props;
 mod raft_conformance;
 mod shop_model;
 mod startup;
+mod webhook_receiver;
