@@ -101,9 +101,12 @@ pub struct FeedQuery {
 }
 
 impl Node {
-    /// Changes whenever any shard of this node applied something (or installed a snapshot).
-    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.applied.subscribe()
+    /// Changes whenever `shard` applied something here (or installed a snapshot).
+    pub fn shard_applied_changes(&self, shard: u32) -> tokio::sync::watch::Receiver<u64> {
+        match self.shard_applied.get(shard as usize) {
+            Some(applied) => applied.subscribe(),
+            None => self.applied.subscribe(),
+        }
     }
 
     /// A page of the feed after `query.after`; when there is none yet, waits up to `query.wait` for one.

@@ -126,6 +126,8 @@ pub struct Node {
     catalog_lock: Mutex<()>,
     /// Bumped after every batch any shard applies (see `events`: what wakes a long poll).
     applied: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Bumped after every batch the shard applies (what wakes the shard's webhook deliveries).
+    shard_applied: Vec<Arc<tokio::sync::watch::Sender<u64>>>,
     /// Long polls of the feed waiting now, at most `events::MAX_LONG_POLLS` (more answer at once).
     long_polls: tokio::sync::Semaphore,
 }
@@ -180,9 +182,17 @@ impl Node {
             stores.push(Arc::new(store));
         }
         let applied = Arc::new(tokio::sync::watch::Sender::new(0));
+        let shard_applied: Vec<_> = stores
+            .iter()
+            .map(|_| Arc::new(tokio::sync::watch::Sender::new(0)))
+            .collect();
         let machines = stores
             .iter()
-            .map(|store| Arc::new(ShardMachine::new(store.clone()).notifying(applied.clone())))
+            .zip(&shard_applied)
+            .map(|(store, own)| {
+                let told = vec![applied.clone(), own.clone()];
+                Arc::new(ShardMachine::new(store.clone()).notifying(told))
+            })
             .collect();
         let cluster = Cluster::open(config, machines).await?;
         cluster.form().await;
@@ -191,6 +201,7 @@ impl Node {
             stores,
             catalog_lock: Mutex::new(()),
             applied,
+            shard_applied,
             long_polls: tokio::sync::Semaphore::new(events::MAX_LONG_POLLS),
         })
     }

@@ -25,8 +25,9 @@ pub struct ShardMachine {
     /// The shard's apply histograms, labelled once rather than at every batch.
     batch_size: metrics::Histogram,
     apply_time: metrics::Histogram,
-    /// Told after every applied batch and installed snapshot (wakes the event feed's long polls).
-    applied: Option<Arc<tokio::sync::watch::Sender<u64>>>,
+    /// Told after every applied batch and installed snapshot: the node's (wakes the event feed's long
+    /// polls) and this shard's own (wakes the shard's webhook deliveries).
+    applied: Vec<Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 impl ShardMachine {
@@ -37,18 +38,19 @@ impl ShardMachine {
             batch_size: metrics::histogram!(crate::metrics::APPLY_BATCH_SIZE, "shard" => shard.clone()),
             apply_time: metrics::histogram!(crate::metrics::APPLY_SECONDS, "shard" => shard),
             store,
-            applied: None,
+            applied: Vec::new(),
         }
     }
 
-    /// The same machine, bumping `applied` after every batch it applies and every snapshot it installs.
-    pub fn notifying(mut self, applied: Arc<tokio::sync::watch::Sender<u64>>) -> ShardMachine {
-        self.applied = Some(applied);
+    /// The same machine, bumping each of `applied` after every batch it applies and every snapshot it
+    /// installs.
+    pub fn notifying(mut self, applied: Vec<Arc<tokio::sync::watch::Sender<u64>>>) -> ShardMachine {
+        self.applied = applied;
         self
     }
 
     fn tell_applied(&self) {
-        if let Some(applied) = &self.applied {
+        for applied in &self.applied {
             applied.send_modify(|count| *count = count.wrapping_add(1));
         }
     }

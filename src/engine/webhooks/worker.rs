@@ -131,7 +131,7 @@ struct Stopped;
 impl ShardDelivery {
     async fn run(self) {
         let secret = self.config.secret(&self.name, self.generation);
-        let mut applied = self.node.applied_changes();
+        let mut applied = self.node.shard_applied_changes(self.shard);
         loop {
             applied.borrow_and_update();
             match self.round(&secret).await {
