@@ -318,7 +318,19 @@ async fn a_cluster_serves_leadership_lag_and_peer_gauges_and_every_series_of_the
  {
     let cluster = TestCluster::start_with(ClusterOpts::new().shards(2)).await;
     let ids = cluster.ids();
+    // A webhook, so that its delivery series exist (on the nodes leading a shard).
+    let receiver = crate::webhook_receiver::WebhookReceiver::start(None).await;
+    cluster
+        .api(1)
+        .put(
+            "/v1/webhooks/m1",
+            Auth::Admin,
+            &serde_json::json!({"url": receiver.url("/e")}),
+        )
+        .await
+        .expect(200);
     cluster.api(1).create_user("g1").await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
     let mut families = BTreeMap::new();
     let mut leaders: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for &id in &ids {
@@ -480,6 +492,7 @@ fn alert_expressions() -> Vec<String> {
         "ShopkeepClockDisagrees",
         "ShopkeepHigh5xxRatio",
         "ShopkeepHighP99Latency",
+        "ShopkeepWebhookFailing",
     ]);
     assert_eq!(names, wanted);
     for rule in &rules {

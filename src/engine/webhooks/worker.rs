@@ -131,6 +131,12 @@ struct Stopped;
 impl ShardDelivery {
     async fn run(self) {
         let secret = self.config.secret(&self.name, self.generation);
+        for family in [
+            crate::metrics::WEBHOOK_DELIVERIES,
+            crate::metrics::WEBHOOK_FAILURES,
+        ] {
+            metrics::counter!(family, "webhook" => self.name.clone()).increment(0);
+        }
         let mut applied = self.node.shard_applied_changes(self.shard);
         loop {
             applied.borrow_and_update();
