@@ -162,6 +162,41 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// A new webhook that starts delivering after seq `position`, with nothing tried yet.
+    pub fn new(
+        name: &str,
+        url: &str,
+        types: &[EventType],
+        generation: u64,
+        now: Timestamp,
+        position: u64,
+    ) -> Webhook {
+        Webhook {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            types: types.to_vec(),
+            generation,
+            created_at: now,
+            updated_at: now,
+            deleted: false,
+            position,
+            attempts: 0,
+            last_error: None,
+            last_attempt_at: None,
+            next_attempt_at: None,
+            failing_since: None,
+            dropped: 0,
+        }
+    }
+
+    /// Delivery goes on after seq `position`, from a clean slate: no attempt of the next event failed yet.
+    pub fn move_to(&mut self, position: u64) {
+        self.position = position;
+        self.attempts = 0;
+        self.next_attempt_at = None;
+        self.failing_since = None;
+    }
+
     /// Does the webhook want events of this type?
     pub fn wants(&self, event_type: EventType) -> bool {
         self.types.is_empty() || self.types.contains(&event_type)

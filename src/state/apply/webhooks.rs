@@ -44,22 +44,14 @@ impl Applier<'_> {
                 updated_at: context.now,
                 ..w
             },
-            None => Webhook {
-                name: command.name.clone(),
-                url: command.url.clone(),
-                types: command.types.clone(),
+            None => Webhook::new(
+                &command.name,
+                &command.url,
+                &command.types,
                 generation,
-                created_at: context.now,
-                updated_at: context.now,
-                deleted: false,
-                position: self.event_log.last_seq,
-                attempts: 0,
-                last_error: None,
-                last_attempt_at: None,
-                next_attempt_at: None,
-                failing_since: None,
-                dropped: 0,
-            },
+                context.now,
+                self.event_log.last_seq,
+            ),
         };
         self.save_webhook(&webhook)?;
         Ok(Reply::Webhook(webhook))
@@ -82,7 +74,7 @@ impl Applier<'_> {
             (Some(g), None) => {
                 check_webhook(&command.name, "", &[])?;
                 self.make_room_for_webhook(false)?;
-                (g, tombstone(&command.name, context))
+                (g, Webhook::new(&command.name, "", &[], 0, context.now, 0))
             }
         };
         let webhook = Webhook {
@@ -98,10 +90,7 @@ impl Applier<'_> {
     pub(super) fn ack_webhook(&mut self, command: &command::AckWebhook) -> Step<Reply> {
         let mut webhook = self.current_webhook(&command.name, command.generation)?;
         if command.position > webhook.position && command.position <= self.event_log.last_seq {
-            webhook.position = command.position;
-            webhook.attempts = 0;
-            webhook.next_attempt_at = None;
-            webhook.failing_since = None;
+            webhook.move_to(command.position);
             self.save_webhook(&webhook)?;
         }
         Ok(Reply::Webhook(webhook))
@@ -126,10 +115,7 @@ impl Applier<'_> {
 
     pub(super) fn replay_webhook(&mut self, command: &command::ReplayWebhook) -> Step<Reply> {
         let mut webhook = self.live_webhook(&command.name)?;
-        webhook.position = command.position.min(self.event_log.last_seq);
-        webhook.attempts = 0;
-        webhook.next_attempt_at = None;
-        webhook.failing_since = None;
+        webhook.move_to(command.position.min(self.event_log.last_seq));
         self.save_webhook(&webhook)?;
         Ok(Reply::Webhook(webhook))
     }
@@ -214,25 +200,6 @@ fn check_webhook(name: &str, url: &str, types: &[EventType]) -> Result<(), Rejec
         return Err(Rejection::invalid("too many event types"));
     }
     Ok(())
-}
-
-fn tombstone(name: &str, context: &CommandContext) -> Webhook {
-    Webhook {
-        name: name.to_owned(),
-        url: String::new(),
-        types: Vec::new(),
-        generation: 0,
-        created_at: context.now,
-        updated_at: context.now,
-        deleted: true,
-        position: 0,
-        attempts: 0,
-        last_error: None,
-        last_attempt_at: None,
-        next_attempt_at: None,
-        failing_since: None,
-        dropped: 0,
-    }
 }
 
 /// At most `max` bytes of `text`, cut at a character boundary.
