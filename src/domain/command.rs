@@ -89,6 +89,8 @@ pub enum Command {
     WebhookFailed(WebhookFailed),
     ReplayWebhook(ReplayWebhook),
     PurgeEvents(PurgeEvents),
+    FreezeUser(FreezeUser),
+    UnfreezeUser(UnfreezeUser),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +288,21 @@ pub struct PurgeEvents {
     pub limit: u32,
 }
 
+/// Freeze an account (nothing changes if it is frozen already).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeUser {
+    pub user_id: String,
+    pub reason: String,
+}
+
+/// Unfreeze an account (nothing changes if it is not frozen). `force`: even with debt outstanding (an
+/// admin's decision; debt arrives with payment reversals).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnfreezeUser {
+    pub user_id: String,
+    pub force: bool,
+}
+
 impl Command {
     /// The user whose shard this command must run on, if it is a per-user command.
     pub fn user_id(&self) -> Option<&str> {
@@ -300,7 +317,9 @@ impl Command {
             | Command::CompleteOrder(CompleteOrder { user_id, .. })
             | Command::CancelOrder(CancelOrder { user_id, .. })
             | Command::Refund(Refund { user_id, .. })
-            | Command::Consume(Consume { user_id, .. }) => Some(user_id),
+            | Command::Consume(Consume { user_id, .. })
+            | Command::FreezeUser(FreezeUser { user_id, .. })
+            | Command::UnfreezeUser(UnfreezeUser { user_id, .. }) => Some(user_id),
             Command::ClaimGlobalKey(_)
             | Command::SettleGlobalKey(_)
             | Command::ClaimExternalRef(_)
@@ -317,7 +336,7 @@ impl Command {
     }
 
     /// Every [`Command::name`] (metrics register each at start).
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 23] = [
         "create_user",
         "issue_token",
         "claim_global_key",
@@ -339,6 +358,8 @@ impl Command {
         "webhook_failed",
         "replay_webhook",
         "purge_events",
+        "freeze_user",
+        "unfreeze_user",
     ];
 
     /// A short name for logs and metrics (one of [`Command::NAMES`]).
@@ -367,6 +388,8 @@ impl Command {
             Command::WebhookFailed(_) => "webhook_failed",
             Command::ReplayWebhook(_) => "replay_webhook",
             Command::PurgeEvents(_) => "purge_events",
+            Command::FreezeUser(_) => "freeze_user",
+            Command::UnfreezeUser(_) => "unfreeze_user",
         }
     }
 }

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::model::{Credit, Entitlement, Order, Refund, Topup, User, WalletView};
+use super::model::{Credit, Entitlement, Freeze, Order, Refund, Topup, User, WalletView};
 use super::time::Timestamp;
 
 /// The types of events, named in the API as [`EventType::as_str`] says.
@@ -107,6 +107,11 @@ pub enum EventData {
         wallet: WalletView,
     },
     Entitlement(Entitlement),
+    /// A user and its freeze (`account.frozen`, `account.unfrozen`).
+    Account {
+        user: User,
+        frozen: Option<Freeze>,
+    },
     // New variants only at the end.
 }
 

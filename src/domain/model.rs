@@ -46,6 +46,17 @@ pub struct User {
     pub ledger_seq: u64,
 }
 
+/// Why and since when an account is frozen (a row of its own: `User` never changes shape). A frozen
+/// account cannot spend, top up, consume or get tokens; it can still be read, refunded and credited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freeze {
+    pub reason: String,
+    pub at: Timestamp,
+}
+
+/// Longest freeze reason.
+pub const MAX_FREEZE_REASON_CHARS: usize = 500;
+
 /// What a wallet shows at one moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WalletView {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::Envelope;
 use super::event::Webhook;
-use super::model::{Credit, Entitlement, Item, Order, Refund, Topup, User, WalletView};
+use super::model::{Credit, Entitlement, Freeze, Item, Order, Refund, Topup, User, WalletView};
 use super::money::Money;
 use super::time::Timestamp;
 
@@ -63,6 +63,11 @@ pub enum Reply {
     EventsPurged {
         purged: u32,
         dropped: u32,
+    },
+    /// A user with its freeze (after `FreezeUser` or `UnfreezeUser`).
+    Account {
+        user: User,
+        frozen: Option<Freeze>,
     },
 }
 
@@ -154,6 +159,8 @@ pub enum Rejection {
     ItemKindFixed { item_id: String, kind: String },
     #[error("webhook {name} not found")]
     WebhookNotFound { name: String },
+    #[error("the account is frozen: {reason}")]
+    AccountFrozen { reason: String },
 }
 
 impl Rejection {
@@ -186,6 +193,7 @@ impl Rejection {
             Rejection::LimitExceeded { .. } => "limit_exceeded",
             Rejection::ItemKindFixed { .. } => "invalid_state",
             Rejection::WebhookNotFound { .. } => "not_found",
+            Rejection::AccountFrozen { .. } => "account_frozen",
         }
     }
 

@@ -7,7 +7,8 @@
 use uuid::Uuid;
 
 use crate::domain::{
-    Entitlement, Item, Order, OrderStatus, Outcome, Posting, Timestamp, Topup, User, WalletView,
+    Entitlement, Freeze, Item, Order, OrderStatus, Outcome, Posting, Timestamp, Topup, User,
+    WalletView,
 };
 use crate::state::audit::{self, ShardAudit};
 use crate::state::query::{self, OrderCursor};
@@ -47,15 +48,16 @@ impl Node {
             .await
     }
 
-    /// A user and its wallet as of `now`.
+    /// A user, its wallet as of `now`, and its freeze (if it is frozen).
     pub async fn user(
         &self,
         consistency: Consistency,
         user_id: &str,
         now: Timestamp,
-    ) -> Result<(User, WalletView), EngineError> {
+    ) -> Result<(User, WalletView, Option<Freeze>), EngineError> {
         self.read_user_rows(consistency, user_id, move |txn, user| {
-            Ok((user.clone(), query::wallet_at(txn, user, now)?))
+            let wallet = query::wallet_at(txn, user, now)?;
+            Ok((user.clone(), wallet, query::frozen(txn, &user.user_id)?))
         })
         .await
     }

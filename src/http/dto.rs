@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 use crate::domain::{
-    Credit, Currency, Entitlement, Event, EventData, Item, Order, Posting, Refund, Timestamp,
-    Topup, User, WalletView,
+    Credit, Currency, Entitlement, Event, EventData, Freeze, Item, Order, Posting, Refund,
+    Timestamp, Topup, User, WalletView,
 };
 
 // ----- requests ---------------------------------------------------------------------------------------
@@ -166,6 +166,28 @@ pub struct UserResponse {
     pub display_name: Option<String>,
     pub created_at: String,
     pub wallet: WalletResponse,
+    /// Why and since when the account is frozen; `null` when it is not.
+    pub frozen: Option<FrozenResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FrozenResponse {
+    pub reason: String,
+    pub at: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeRequest {
+    /// 1–500 characters, shown in the user and in refusals.
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnfreezeRequest {
+    /// Admin only: unfreeze even with debt outstanding.
+    pub force: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -383,7 +405,8 @@ pub struct EventResponse {
     pub event_id: String,
     /// `user.created`, `wallet.credited`, `topup.completed`, `topup.failed`, `topup.expired`,
     /// `order.created`, `order.completed`, `order.cancelled`, `refund.created`, `entitlement.granted`,
-    /// `entitlement.revoked`, `entitlement.consumed` (and, once built, the reversal and freeze types).
+    /// `entitlement.revoked`, `entitlement.consumed`, `account.frozen`, `account.unfrozen` (and, once built,
+    /// `payment.reversed`, `dispute.opened`, `dispute.closed`).
     #[serde(rename = "type")]
     pub event_type: String,
     pub occurred_at: String,
@@ -544,12 +567,21 @@ pub fn wallet(currency: &Currency, wallet: &WalletView) -> WalletResponse {
     }
 }
 
-pub fn user(currency: &Currency, user: &User, view: &WalletView) -> UserResponse {
+pub fn user(
+    currency: &Currency,
+    user: &User,
+    view: &WalletView,
+    frozen: Option<&Freeze>,
+) -> UserResponse {
     UserResponse {
         user_id: user.user_id.clone(),
         display_name: user.display_name.clone(),
         created_at: time(user.created_at),
         wallet: wallet(currency, view),
+        frozen: frozen.map(|f| FrozenResponse {
+            reason: f.reason.clone(),
+            at: time(f.at),
+        }),
     }
 }
 
@@ -666,6 +698,9 @@ pub fn event(currency: &Currency, shard: u32, seq: u64, event: &Event) -> EventR
         EventData::Order(o) => to_value(order(currency, o)),
         EventData::Refund { refund: r, wallet } => to_value(refund(currency, r, wallet)),
         EventData::Entitlement(e) => to_value(entitlement(e)),
+        EventData::Account { user: u, frozen } => {
+            to_value(user(currency, u, &u.wallet(), frozen.as_ref()))
+        }
     };
     EventResponse {
         event_id: format!("evt_{}", event.event_id.simple()),
@@ -687,7 +722,7 @@ struct TopupCreditResponse {
 }
 
 fn user_response(currency: &Currency, u: &User) -> UserResponse {
-    user(currency, u, &u.wallet())
+    user(currency, u, &u.wallet(), None)
 }
 
 fn to_value(response: impl Serialize) -> Value {

@@ -38,7 +38,7 @@ const INTERNAL: &str = "internal";
 /// Every `code` the server answers with: those of the helpers below, of the routes, and of the
 /// business rejections (`Rejection::code`). The OpenAPI document lists them as the code's enum; a test
 /// checks that every rejection's code is here.
-pub const ERROR_CODES: [&str; 37] = [
+pub const ERROR_CODES: [&str; 38] = [
     INVALID_REQUEST,
     IDEMPOTENCY_KEY_REQUIRED,
     UNAUTHENTICATED,
@@ -69,6 +69,7 @@ pub const ERROR_CODES: [&str; 37] = [
     "catalog_full",
     "balance_limit_exceeded",
     "limit_exceeded",
+    "account_frozen",
     REQUEST_TIMEOUT,
     PAYLOAD_TOO_LARGE,
     INVALID_AMOUNT,
@@ -317,6 +318,9 @@ impl ApiError {
             Rejection::WebhookNotFound { name } => {
                 (StatusCode::NOT_FOUND, json!({ "webhook": name }))
             }
+            Rejection::AccountFrozen { reason } => {
+                (StatusCode::FORBIDDEN, json!({ "reason": reason }))
+            }
             Rejection::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, json!({})),
             Rejection::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, json!({})),
             Rejection::UserExists => (StatusCode::CONFLICT, json!({})),
@@ -555,6 +559,7 @@ mod tests {
                 kind: id(),
             },
             Rejection::WebhookNotFound { name: id() },
+            Rejection::AccountFrozen { reason: id() },
         ];
         for rejection in &all {
             match rejection {
@@ -583,7 +588,8 @@ mod tests {
                 | Rejection::IdempotencyKeyReused
                 | Rejection::LimitExceeded { .. }
                 | Rejection::ItemKindFixed { .. }
-                | Rejection::WebhookNotFound { .. } => {}
+                | Rejection::WebhookNotFound { .. }
+                | Rejection::AccountFrozen { .. } => {}
             }
         }
         all

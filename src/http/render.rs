@@ -36,7 +36,11 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
     match outcome {
         Ok(Reply::UserCreated(user)) => json(
             StatusCode::CREATED,
-            &dto::user(currency, user, &user.wallet()),
+            &dto::user(currency, user, &user.wallet(), None),
+        ),
+        Ok(Reply::Account { user, frozen }) => json(
+            StatusCode::OK,
+            &dto::user(currency, user, &user.wallet(), frozen.as_ref()),
         ),
         Ok(Reply::TokenIssued {
             user_id,

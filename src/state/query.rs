@@ -10,8 +10,8 @@ use uuid::Uuid;
 use super::tables::{self, get};
 use super::{IdempotencyRecord, MetaState, StoreError};
 use crate::domain::{
-    Entitlement, Event, EventLog, EventType, Item, Money, Order, OrderStatus, Posting, Timestamp,
-    Topup, User, WalletView, Webhook,
+    Entitlement, Event, EventLog, EventType, Freeze, Item, Money, Order, OrderStatus, Posting,
+    Timestamp, Topup, User, WalletView, Webhook,
 };
 
 pub fn meta(txn: &ReadTransaction) -> Result<MetaState, StoreError> {
@@ -281,4 +281,9 @@ pub fn events_purge_due(
         .filter(|w| !w.deleted)
         .all(|w| w.position >= seq);
     Ok(acknowledged || event.occurred_at.micros() < before(max_retention))
+}
+
+/// The user's freeze, if the account is frozen.
+pub fn frozen(txn: &ReadTransaction, user_id: &str) -> Result<Option<Freeze>, StoreError> {
+    get(&txn.open_table(tables::FROZEN)?, user_id)
 }

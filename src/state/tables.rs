@@ -59,6 +59,9 @@ pub const EVENTS: TableDefinition<u64, Bytes> = TableDefinition::new("events");
 /// name → `Webhook`: every webhook, with how far this shard's events were delivered to it.
 pub const WEBHOOKS: TableDefinition<&str, Bytes> = TableDefinition::new("webhooks");
 
+/// user_id → `Freeze`: the frozen accounts.
+pub const FROZEN: TableDefinition<&str, Bytes> = TableDefinition::new("frozen");
+
 /// The key of the one `MetaState` row in `META`.
 pub const META_STATE_KEY: &str = "state";
 /// The key of the shard's applied time in `META` (a `Timestamp`: the latest time a command ran at;
@@ -131,6 +134,7 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(18, FINAL_TOPUPS)?;
     visitor.visit(19, EVENTS)?;
     visitor.visit(20, WEBHOOKS)?;
+    visitor.visit(21, FROZEN)?;
     Ok(())
 }
 

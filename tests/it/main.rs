@@ -34,6 +34,7 @@ mod http_catalog;
 mod http_contract;
 mod http_credits;
 mod http_entitlements;
+mod http_freeze;
 mod http_idempotency;
 mod http_ledger;
 mod http_ops;

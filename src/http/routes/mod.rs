@@ -8,6 +8,7 @@ mod credits;
 mod doc;
 mod entitlements;
 mod events;
+mod freeze;
 mod ops;
 mod orders;
 mod users;
@@ -68,6 +69,8 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(users::get_wallet))
         .routes(routes!(users::create_token))
         .routes(routes!(users::get_idempotency))
+        .routes(routes!(freeze::freeze))
+        .routes(routes!(freeze::unfreeze))
         .routes(routes!(credits::create_credit))
         .routes(routes!(credits::create_topup))
         .routes(routes!(credits::get_topup))

@@ -71,8 +71,13 @@ pub async fn get_user(
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let read = app.node.user(consistency, &user_id, Timestamp::now());
-    let (user, wallet) = app.bounded(read).await?;
-    Ok(render::ok(&dto::user(&app.config.currency, &user, &wallet)))
+    let (user, wallet, frozen) = app.bounded(read).await?;
+    Ok(render::ok(&dto::user(
+        &app.config.currency,
+        &user,
+        &wallet,
+        frozen.as_ref(),
+    )))
 }
 
 /// The wallet: `available = balance - held`, holds of expired orders left out.
@@ -88,7 +93,7 @@ pub async fn get_wallet(
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let read = app.node.user(consistency, &user_id, Timestamp::now());
-    let (_, wallet) = app.bounded(read).await?;
+    let (_, wallet, _) = app.bounded(read).await?;
     Ok(render::ok(&dto::wallet(&app.config.currency, &wallet)))
 }
 

@@ -144,6 +144,7 @@ impl Applier<'_> {
     ) -> Step<Reply> {
         check_amount(amount)?;
         self.begin_user(context, user_id)?;
+        self.check_not_frozen(user_id)?;
         if let Some(max) = cap {
             self.check_pending_topups(context, user_id, max)?;
         }

@@ -33,6 +33,7 @@ impl Applier<'_> {
             return Err(Rejection::invalid("quantity must be at least 1").into());
         }
         self.begin_user(context, user_id)?;
+        self.check_not_frozen(user_id)?;
         let Some(mut entitlement) = self.entitlement(user_id, item_id)? else {
             return Err(Rejection::InsufficientEntitlement {
                 item_id: item_id.to_owned(),

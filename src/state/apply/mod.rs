@@ -24,6 +24,7 @@ mod catalog;
 mod credits;
 mod entitlements;
 mod events;
+mod freeze;
 mod idempotency;
 mod ledger;
 mod orders;
@@ -102,6 +103,7 @@ pub(crate) struct Applier<'t> {
     idempotency_expiry: Table<'t, (i64, &'static str, &'static str), ()>,
     events: Table<'t, u64, Bytes>,
     webhooks: Table<'t, &'static str, Bytes>,
+    frozen: Table<'t, &'static str, Bytes>,
     meta: MetaState,
     /// The outbox's bookkeeping, written back by `finish` when a command changed it.
     event_log: EventLog,
@@ -138,6 +140,7 @@ impl<'t> Applier<'t> {
             idempotency_expiry: txn.open_table(tables::IDEMPOTENCY_EXPIRY)?,
             events: txn.open_table(tables::EVENTS)?,
             webhooks: txn.open_table(tables::WEBHOOKS)?,
+            frozen: txn.open_table(tables::FROZEN)?,
             meta,
             event_log,
             event_log_changed: false,
@@ -269,6 +272,8 @@ impl<'t> Applier<'t> {
             Command::WebhookFailed(c) => self.webhook_failed(context, c),
             Command::ReplayWebhook(c) => self.replay_webhook(c),
             Command::PurgeEvents(c) => self.purge_events(context, c),
+            Command::FreezeUser(c) => self.freeze_user(context, c),
+            Command::UnfreezeUser(c) => self.unfreeze_user(context, c),
         }
     }
 }

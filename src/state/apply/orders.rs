@@ -30,6 +30,7 @@ impl Applier<'_> {
     ) -> Step<Reply> {
         check_line_shape(&command.lines)?;
         let mut user = self.begin_user(context, &command.user_id)?;
+        self.check_not_frozen(&command.user_id)?;
         let plan = self.decide_order(&user, command)?;
         self.write_order(context, &mut user, command, plan)
     }
@@ -256,6 +257,7 @@ impl Applier<'_> {
         let mut order = self.user_order(user_id, order_id)?;
         match order.status {
             OrderStatus::Pending => {
+                self.check_not_frozen(user_id)?;
                 self.check_postings(&user, &[(PostingKind::Debit, order.total)])?;
                 self.complete_effects(context, &mut user, &mut order)?;
                 self.save_order(&order)?;

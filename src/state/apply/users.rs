@@ -37,6 +37,7 @@ impl Applier<'_> {
 
     pub(super) fn issue_token(&self, command: &command::IssueToken) -> Step<Reply> {
         self.existing_user(&command.user_id)?;
+        self.check_not_frozen(&command.user_id)?;
         Ok(Reply::TokenIssued {
             user_id: command.user_id.clone(),
             expires_at: command.expires_at,

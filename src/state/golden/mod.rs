@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 mod samples;
 
 use samples::{
-    FINGERPRINT, LATER, NOW, commands, create_user, credit, entitlement, envelope, events, id,
-    item, money, order, posting, refund, rejections, replies, topup, user, webhook,
+    FINGERPRINT, LATER, NOW, commands, create_user, credit, entitlement, envelope, events, freeze,
+    id, item, money, order, posting, refund, rejections, replies, topup, user, webhook,
 };
 
 use super::apply::Applied;
@@ -92,6 +92,8 @@ fn golden_command(command: &Command) -> &'static str {
         Command::WebhookFailed { .. } => "1402677302ac0208485454502035303080a499dc89898506",
         Command::ReplayWebhook { .. } => "1502677307",
         Command::PurgeEvents { .. } => "1680f524809a9e01f403",
+        Command::FreezeUser { .. } => "170275310a6368617267656261636b",
+        Command::UnfreezeUser { .. } => "1802753101",
     }
 }
 
@@ -186,6 +188,9 @@ fn golden_reply(reply: &Reply) -> &'static str {
             "0e02677311687474703a2f2f31302e302e302e352f650106028080f2818389850680a499dc8989850600ac020101084854545020353030018080f281838985060180a499dc89898506018080f2818389850600"
         }
         Reply::EventsPurged { .. } => "0f0501",
+        Reply::Account { .. } => {
+            "100275310103416e6e8080f28183898506a09c01a00603010a6368617267656261636b8080f28183898506"
+        }
     }
 }
 
@@ -225,6 +230,7 @@ fn golden_rejection(rejection: &Rejection) -> &'static str {
         }
         Rejection::ItemKindFixed { .. } => "180467656d730863757272656e6379",
         Rejection::WebhookNotFound { .. } => "19026773",
+        Rejection::AccountFrozen { .. } => "1a0a6368617267656261636b",
     }
 }
 
@@ -331,6 +337,7 @@ fn stored_records_encode_as_pinned() {
         dropped: 2,
     };
     assert_golden(&[("event log", log, "d209e80702")]);
+    assert_golden(&[("freeze", freeze(), "0a6368617267656261636b8080f28183898506")]);
     let pinned = [
         "1001900000000070008000000000000009008080f28183898506027531000275310103416e6e8080f28183898506a09c01a00603",
         "1001900000000070008000000000000009018080f28183898506027531011001900000000070008000000000000003027531c413027231010570726f6d6f8080f28183898506a09c01a006",
@@ -339,6 +346,7 @@ fn stored_records_encode_as_pinned() {
         "1001900000000070008000000000000009068080f2818389850602753104100190000000007000800000000000000202753103010467656d730203c801010ed804c8018080f2818389850680a499dc89898506018080f281838985060102008080f28183898506000280a499dc898985060100",
         "1001900000000070008000000000000009088080f281838985060275310510019000000000700080000000000000041001900000000070008000000000000002027531010467656d7301c801c80101046f6f7073018080f28183898506a09c01a006",
         "1001900000000070008000000000000009098080f28183898506027531060467656d73020301018080f28183898506",
+        "10019000000000700080000000000000090f8080f28183898506027531070275310103416e6e8080f28183898506a09c01a00603010a6368617267656261636b8080f28183898506",
     ];
     let cases: Vec<(String, crate::domain::Event, &str)> = events()
         .into_iter()

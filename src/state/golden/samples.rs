@@ -6,8 +6,8 @@ use uuid::Uuid;
 
 use crate::domain::{
     Account, CancelReason, Command, Credit, Entitlement, Envelope, Event, EventData, EventType,
-    GlobalClaim, HistoryEntry, IdSeed, IdempotencyTag, Item, ItemKind, ItemSpec, Money, Order,
-    OrderLine, OrderStatus, Outcome, Posting, PostingKind, PostingRef, Refund, RefundLine,
+    Freeze, GlobalClaim, HistoryEntry, IdSeed, IdempotencyTag, Item, ItemKind, ItemSpec, Money,
+    Order, OrderLine, OrderStatus, Outcome, Posting, PostingKind, PostingRef, Refund, RefundLine,
     Rejection, Reply, Timestamp, Topup, TopupStatus, User, WalletView, Webhook,
 };
 
@@ -104,9 +104,18 @@ pub(super) fn commands() -> Vec<Command> {
         command(json!({"ReplayWebhook": {"name": "gs", "position": 7}})),
         command(json!({"PurgeEvents": {"retention_seconds": 604_800,
             "max_retention_seconds": 2_592_000, "limit": 500}})),
+        command(json!({"FreezeUser": {"user_id": "u1", "reason": "chargeback"}})),
+        command(json!({"UnfreezeUser": {"user_id": "u1", "force": true}})),
     ]
     .into()
 }
+pub(super) fn freeze() -> Freeze {
+    Freeze {
+        reason: "chargeback".to_owned(),
+        at: NOW,
+    }
+}
+
 pub(super) fn webhook() -> Webhook {
     Webhook {
         name: "gs".to_owned(),
@@ -163,6 +172,13 @@ pub(super) fn events() -> Vec<Event> {
         event(
             EventType::EntitlementGranted,
             EventData::Entitlement(entitlement()),
+        ),
+        event(
+            EventType::AccountFrozen,
+            EventData::Account {
+                user: user(),
+                frozen: Some(freeze()),
+            },
         ),
     ]
 }
@@ -341,6 +357,10 @@ pub(super) fn replies() -> Vec<Reply> {
             purged: 5,
             dropped: 1,
         },
+        Reply::Account {
+            user: user(),
+            frozen: Some(freeze()),
+        },
     ]
     .into()
 }
@@ -411,6 +431,9 @@ pub(super) fn rejections() -> Vec<Rejection> {
         },
         Rejection::WebhookNotFound {
             name: "gs".to_owned(),
+        },
+        Rejection::AccountFrozen {
+            reason: "chargeback".to_owned(),
         },
     ]
     .into()
