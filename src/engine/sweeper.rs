@@ -25,6 +25,9 @@ pub const TOPUP_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 /// The longest an event is kept, even for a webhook that has not acknowledged it.
 pub const MAX_EVENT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
+/// How often the webhooks' copies on every shard are compared with their home shard's.
+const WEBHOOK_REPAIR_EVERY: Duration = Duration::from_secs(10);
+
 /// How long what the sweeper purges is kept.
 #[derive(Clone, Copy, Debug)]
 pub struct Retention {
@@ -45,6 +48,7 @@ pub async fn run(
     // after the leadership moves to this node).
     let mut catalog_checked = false;
     let mut clock_agreed = true;
+    let mut webhooks_checked = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -72,6 +76,14 @@ pub async fn run(
                     }
                 }
                 Err(error) => tracing::warn!(%error, "catalog check failed; will retry"),
+            }
+        }
+        if webhooks_checked.elapsed() >= WEBHOOK_REPAIR_EVERY {
+            webhooks_checked = std::time::Instant::now();
+            match node.repair_webhooks().await {
+                Ok(0) => {}
+                Ok(repaired) => tracing::info!(repaired, "webhook copies brought up to date"),
+                Err(error) => tracing::warn!(%error, "webhook check failed; will retry"),
             }
         }
         for shard in 0..node.shard_count() {

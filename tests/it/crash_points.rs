@@ -129,3 +129,53 @@ async fn crash_points_refuse_unknown_names_and_a_wrong_secret() {
         .await
         .expect(201);
 }
+
+/// A webhook PUT that stops after its home shard took it (the process aborts there) is completed by the
+/// node itself: the sweeper copies the home shard's webhook to every other shard, and events of users on
+/// every shard reach the receiver.
+#[tokio::test]
+async fn a_webhook_put_cut_off_after_its_home_shard_is_completed_after_the_restart() {
+    let mut srv = Server::start_with(
+        Opts::new()
+            .sweep_interval("200ms")
+            .env("SHOPKEEP_CLUSTER_SECRET", SECRET),
+    )
+    .await;
+    let receiver = crate::webhook_receiver::WebhookReceiver::start(None).await;
+    assert_eq!(
+        arm(&srv, "crash-after-apply-commit", "1*return", SECRET).await,
+        200
+    );
+    let cut = srv
+        .call(reqwest::Method::PUT, "/v1/webhooks/half")
+        .auth(Auth::Admin)
+        .json(&serde_json::json!({"url": receiver.url("/e")}))
+        .try_send()
+        .await;
+    assert!(cut.as_ref().map_or(true, |r| r.status >= 500), "{cut:?}");
+    let status = srv.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.is_some_and(|s| !s.success()), "no abort: {status:?}");
+    srv.restart().await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = srv.get("/v1/webhooks/half", Auth::Admin).await;
+        if status.status == 200 && status.json()["shards"].as_array().map(Vec::len) == Some(8) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never repaired: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 0..16 {
+        srv.create_user(&format!("half{i}")).await;
+    }
+    let received = receiver.wait_for(16, Duration::from_secs(20)).await;
+    let shards: std::collections::BTreeSet<u64> = received
+        .iter()
+        .map(|r| r.body["shard"].as_u64().unwrap())
+        .collect();
+    assert!(shards.len() > 1, "events of several shards: {shards:?}");
+}

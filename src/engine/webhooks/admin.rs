@@ -105,6 +105,42 @@ impl Node {
         Ok(())
     }
 
+    /// Brings every shard's copy of the webhooks whose home shard this node leads up to the home's
+    /// generation (after a PUT or DELETE that stopped midway: a crash, a timeout). Returns how many copies
+    /// it wrote. Reads this node's replicas: a stale read only costs a copy that changes nothing.
+    pub async fn repair_webhooks(&self) -> Result<usize, EngineError> {
+        let mut repaired = 0;
+        for home in 0..self.shard_count() {
+            if !self.cluster().is_leader(home) {
+                continue;
+            }
+            let homed: Vec<Webhook> = self
+                .read(Consistency::Local, home, query::webhooks)
+                .await?
+                .into_iter()
+                .filter(|w| self.webhook_home(&w.name) == home)
+                .collect();
+            if homed.is_empty() {
+                continue;
+            }
+            for shard in (0..self.shard_count()).filter(|&s| s != home) {
+                let copies = self
+                    .read(Consistency::Local, shard, query::webhooks)
+                    .await?;
+                for webhook in &homed {
+                    let copy = copies.iter().find(|c| c.name == webhook.name);
+                    if copy.is_some_and(|c| c.generation >= webhook.generation) {
+                        continue;
+                    }
+                    self.propose(shard, system_envelope(copy_of(webhook)))
+                        .await?;
+                    repaired += 1;
+                }
+            }
+        }
+        Ok(repaired)
+    }
+
     /// The webhook as every shard has it; `NotFound` unless the home shard has a live one.
     pub async fn webhook_status(
         &self,
@@ -132,5 +168,22 @@ impl Node {
             .and_then(|d| d.row.clone())
             .ok_or(EngineError::NotFound(Missing::Webhook))?;
         Ok(WebhookStatus { webhook, shards })
+    }
+}
+
+/// The command that makes another shard's copy of `webhook` what the home shard has.
+fn copy_of(webhook: &Webhook) -> Command {
+    if webhook.deleted {
+        Command::DeleteWebhook(command::DeleteWebhook {
+            name: webhook.name.clone(),
+            generation: Some(webhook.generation),
+        })
+    } else {
+        Command::PutWebhook(command::PutWebhook {
+            name: webhook.name.clone(),
+            url: webhook.url.clone(),
+            types: webhook.types.clone(),
+            generation: Some(webhook.generation),
+        })
     }
 }
