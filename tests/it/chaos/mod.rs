@@ -4,7 +4,8 @@
 //! SIGSTOP, partitions, crash points inside the server, wiped data dirs, a wall clock shifted by
 //! libfaketime, a node's own tmpfs filled and freed, bits flipped in a stopped node's files, EIO on a
 //! node's fsyncs and writes), and a
-//! checker run on every node's final state after healing. See `checker.rs` for what is checked.
+//! checker run on every node's final state after healing. See `checker.rs` for what is checked, and
+//! `events.rs` for the events (every replica's outbox, one event per change) and a webhook's deliveries.
 //!
 //! Short run (part of `cargo test`, ≈3–4 minutes, every fault kind at least once):
 //!
