@@ -389,9 +389,43 @@ async fn webhook_delivery_continues_after_a_member_is_wiped_and_rebuilt() {
     writers
         .wait_done(at_restart + 30, Duration::from_secs(30))
         .await;
+    // Once it is a full member again, node 1 dies: the rebuilt member now leads shards and delivers from
+    // the positions it was rebuilt with.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = c.node(victim).try_view().await;
+        let rebuilt = view.as_ref().is_some_and(|v| {
+            (0..c.opts.shards as u64).all(|s| shard_view(v, s)["recovery"] == "none")
+        });
+        if rebuilt {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {victim} never finished rebuilding: {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.kill9(1);
+    let mut leads_after = vec![];
+    for shard in 0..c.opts.shards as u64 {
+        if c.leader_of_shard_among(shard, &[2, victim]).await == victim {
+            leads_after.push(shard);
+        }
+    }
+    let at_kill = writers.done();
+    writers
+        .wait_done(at_kill + 30, Duration::from_secs(30))
+        .await;
+    c.restart(1).await;
+    c.wait_ready(&[1], READY_TIMEOUT).await;
     let writes = writers.finish().await;
+    assert!(
+        !leads_after.is_empty(),
+        "the rebuilt node leads no shard with node 1 down: the test proves less than it says"
+    );
 
-    let (events, _) = drain_feed(&apis[..2], Some(start), false, Duration::from_secs(20))
+    let (events, _) = drain_feed(&apis, Some(start), false, Duration::from_secs(20))
         .await
         .unwrap();
     assert_feed_has_no_gap(&events);
@@ -434,7 +468,7 @@ async fn webhook_delivery_continues_after_a_member_is_wiped_and_rebuilt() {
         );
     }
     eprintln!(
-        "node {victim} (leading shards {led:?}) wiped and rebuilt: {writes} writes, {} events since the webhook, \
+        "node {victim} (leading shards {led:?}) wiped and rebuilt, then leading shards {leads_after:?} with node 1 down: {writes} writes, {} events since the webhook, \
          {requests} requests ({duplicates} repeated); every member's own feed: {} events",
         events.len(),
         reference.values().map(Vec::len).sum::<usize>()
