@@ -713,7 +713,16 @@ async fn measure(apis: Vec<Api>, receiver: &WebhookReceiver, tag: &str) -> (usiz
         })
         .collect();
     ms.sort_by(f64::total_cmp);
-    eprintln!("{tag}: {orders} orders in 10 s by 8 writers");
+    let arrivals: Vec<SystemTime> = first.values().copied().collect();
+    let (Some(from), Some(to)) = (arrivals.iter().min(), arrivals.iter().max()) else {
+        panic!("nothing arrived");
+    };
+    let span = to.duration_since(*from).unwrap_or_default().as_secs_f64();
+    eprintln!(
+        "{tag}: {orders} orders in 10 s by 8 writers; {} events delivered over {span:.1} s ({:.0}/s)",
+        first.len(),
+        first.len() as f64 / span.max(0.001)
+    );
     (
         ms.len(),
         percentile(&ms, 0.5),
