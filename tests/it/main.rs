@@ -53,3 +53,4 @@ mod shop_model;
 mod startup;
 mod webhook_receiver;
 mod webhooks;
+mod webhooks_cluster;

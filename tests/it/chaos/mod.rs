@@ -4,7 +4,8 @@
 //! SIGSTOP, partitions, crash points inside the server, wiped data dirs, a wall clock shifted by
 //! libfaketime, a node's own tmpfs filled and freed, bits flipped in a stopped node's files, EIO on a
 //! node's fsyncs and writes), and a
-//! checker run on every node's final state after healing. See `checker.rs` for what is checked.
+//! checker run on every node's final state after healing. See `checker.rs` for what is checked, and
+//! `events.rs` for the events (every replica's outbox, one event per change) and a webhook's deliveries.
 //!
 //! Short run (part of `cargo test`, ≈3–4 minutes, every fault kind at least once):
 //!
@@ -23,6 +24,7 @@
 //! `SHOPKEEP_CHAOS_WORKERS` (concurrent clients), `SHOPKEEP_CHAOS_USERS_PER_WORKER`.
 
 mod checker;
+mod events;
 mod history;
 mod model;
 mod nemesis;
@@ -290,6 +292,8 @@ pub async fn run(cfg: Config) -> RunResult {
     for it in CATALOG {
         put_item(&c.api(1), it.id, it.kind, it.price).await;
     }
+    // a webhook to a real receiver, before any change: every event of the run must reach it
+    let watch = events::watch(&c).await;
 
     // the clients
     let history = History::default();
@@ -452,17 +456,27 @@ pub async fn run(cfg: Config) -> RunResult {
                 states.push(st);
             }
             found.extend(checker::check_replicas_agree(&user, &states));
-            found
+            let orders = states.first().and_then(|s| s.orders.clone().ok());
+            (found, user, orders)
         }));
     }
     let final_checked = tasks.len();
+    let mut final_orders: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for t in tasks {
-        violations.extend(t.await.expect("final check task"));
+        let (found, user, orders) = t.await.expect("final check task");
+        violations.extend(found);
+        if let Some(orders) = orders {
+            final_orders.insert(user, orders);
+        }
     }
     eprintln!(
         "[chaos] final state of {final_checked} users checked on {} nodes",
         c.ids().len()
     );
+
+    // the events: in every replica's outbox alike, one per change, and delivered to the webhook
+    violations.extend(events::check(&c, &watch, &models, &final_orders).await);
+    drop(watch);
 
     // no node may have panicked (a panicking Raft core leaves a live process with a dead shard)
     for id in c.ids() {
