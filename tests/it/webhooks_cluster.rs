@@ -642,6 +642,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// from each event's `occurred_at` to its first arrival: (events, p50 ms, p99 ms, max ms).
 async fn measure(apis: Vec<Api>, receiver: &WebhookReceiver, tag: &str) -> (usize, f64, f64, f64) {
     let api = apis[0].clone();
+    // A new webhook's delivery tasks start within 500 ms (the worker's rescan): measure from then on.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     api.create_item("gems", "currency", "0.01").await;
     let mut users = vec![];
     for w in 0..8 {
@@ -650,6 +652,14 @@ async fn measure(apis: Vec<Api>, receiver: &WebhookReceiver, tag: &str) -> (usiz
         users.push(user);
     }
     let stop = Arc::new(AtomicBool::new(false));
+    // SHOPKEEP_LATENCY_PAUSE_MS: each writer rests this long after each order (0: as fast as it can,
+    // which measures the backlog of a saturated delivery rather than its latency).
+    let pause = Duration::from_millis(
+        std::env::var("SHOPKEEP_LATENCY_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    );
     let tasks: Vec<_> = users
         .into_iter()
         .enumerate()
@@ -667,6 +677,9 @@ async fn measure(apis: Vec<Api>, receiver: &WebhookReceiver, tag: &str) -> (usiz
                     )
                     .await;
                     n += 1;
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
                 n
             })
