@@ -179,7 +179,7 @@ pub struct FrozenResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FreezeRequest {
-    /// 1–500 characters, shown in the user and in refusals.
+    /// 1–500 characters (not only blanks, no control characters), shown in the user and in refusals.
     pub reason: String,
 }
 

@@ -306,6 +306,11 @@ fn property_facts(schema: &str, property: &str) -> Option<Value> {
             "minLength": 1, "maxLength": MAX_ITEM_NAME_CHARS, "pattern": NON_BLANK_TEXT_PATTERN,
         }),
         ("CreateUserRequest", "display_name") => text(MAX_DISPLAY_NAME_CHARS),
+        ("FreezeRequest", "reason") => json!({
+            "minLength": 1,
+            "maxLength": crate::domain::model::MAX_FREEZE_REASON_CHARS,
+            "pattern": NON_BLANK_TEXT_PATTERN,
+        }),
         ("RefundRequest", "reason") => text(MAX_REASON_CHARS),
         ("CreditRequest", "source") => text(MAX_SOURCE_CHARS),
         ("CreateOrderRequest" | "RefundRequest", "lines") => lines,
