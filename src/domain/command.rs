@@ -91,6 +91,7 @@ pub enum Command {
     PurgeEvents(PurgeEvents),
     FreezeUser(FreezeUser),
     UnfreezeUser(UnfreezeUser),
+    AckWebhookFrom(AckWebhookFrom),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,6 +289,17 @@ pub struct PurgeEvents {
     pub limit: u32,
 }
 
+/// `AckWebhook` that takes effect only if the webhook is still at `from`, where the delivered batch
+/// started: a replay that moved the position meanwhile wins, and the leader resumes from it. What the
+/// delivery worker sends (`AckWebhook` stays for entries already in logs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckWebhookFrom {
+    pub name: String,
+    pub generation: u64,
+    pub from: u64,
+    pub position: u64,
+}
+
 /// Freeze an account (nothing changes if it is frozen already).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreezeUser {
@@ -331,7 +343,8 @@ impl Command {
             | Command::AckWebhook(_)
             | Command::WebhookFailed(_)
             | Command::ReplayWebhook(_)
-            | Command::PurgeEvents(_) => None,
+            | Command::PurgeEvents(_)
+            | Command::AckWebhookFrom(_) => None,
         }
     }
 
@@ -390,6 +403,7 @@ impl Command {
             Command::PurgeEvents(_) => "purge_events",
             Command::FreezeUser(_) => "freeze_user",
             Command::UnfreezeUser(_) => "unfreeze_user",
+            Command::AckWebhookFrom(_) => "ack_webhook",
         }
     }
 }

@@ -475,3 +475,78 @@ fn the_purge_keeps_events_a_webhook_still_needs_until_the_longest_retention() {
             .is_empty()
     );
 }
+
+/// A replay that lands while the leader delivers a batch wins over that batch's acknowledgement: the
+/// acknowledgement names where its batch started, and the shard takes it only if the webhook is still
+/// there (the older acknowledgement without it would have moved the position past the replay point).
+#[test]
+fn a_replay_wins_over_the_acknowledgement_of_a_batch_delivered_before_it() {
+    use shopkeep::domain::command::{self as cmd};
+    use shopkeep::domain::{Command, Envelope, IdSeed, Timestamp};
+    use shopkeep::state::{ShardStore, query};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = ShardStore::open(&dir.path().join("shard.redb"), 0).unwrap();
+    let mut counter = 0u128;
+    let mut apply = |command: Command| {
+        counter += 1;
+        let envelope = Envelope {
+            now: Timestamp(1_800_000_000_000_000 + counter as i64),
+            seed: IdSeed {
+                unix_millis: 1_800_000_000_000,
+                entropy: counter,
+            },
+            idempotency: None,
+            command,
+        };
+        store
+            .apply_batch(&[&envelope])
+            .unwrap()
+            .remove(0)
+            .outcome
+            .unwrap();
+    };
+    let user = |id: &str| {
+        Command::CreateUser(cmd::CreateUser {
+            user_id: id.to_owned(),
+            display_name: None,
+        })
+    };
+    let position = |store: &ShardStore| {
+        let txn = store.begin_read().unwrap();
+        query::webhooks(&txn).unwrap().remove(0).position
+    };
+    apply(Command::PutWebhook(cmd::PutWebhook {
+        name: "gs".to_owned(),
+        url: "http://127.0.0.1:9/e".to_owned(),
+        types: vec![],
+        generation: None,
+    }));
+    for id in ["a", "b", "c", "d", "e"] {
+        apply(user(id));
+    }
+    let ack_from = |from, position| {
+        Command::AckWebhookFrom(cmd::AckWebhookFrom {
+            name: "gs".to_owned(),
+            generation: 1,
+            from,
+            position,
+        })
+    };
+    apply(ack_from(0, 3));
+    assert_eq!(position(&store), 3);
+    // The leader is delivering 4..=5 (a batch from 3) when the admin replays from 1.
+    apply(Command::ReplayWebhook(cmd::ReplayWebhook {
+        name: "gs".to_owned(),
+        position: 1,
+    }));
+    apply(ack_from(3, 5));
+    assert_eq!(position(&store), 1, "the replay stands");
+    // The acknowledgement without `from` (what entries in older logs hold) would have lost it.
+    apply(Command::AckWebhook(cmd::AckWebhook {
+        name: "gs".to_owned(),
+        generation: 1,
+        position: 5,
+    }));
+    assert_eq!(position(&store), 5);
+}

@@ -188,6 +188,8 @@ impl ShardDelivery {
     }
 
     /// Delivers `events` in order, acknowledging as it goes; at the first failure records it and stops.
+    /// An acknowledgement the shard refuses (a replay moved the position meanwhile) ends the batch: the
+    /// next round starts from the replayed position.
     async fn deliver_batch(
         &self,
         webhook: &Webhook,
@@ -199,8 +201,8 @@ impl ShardDelivery {
         for (seq, event) in events {
             if webhook.wants(event.event_type) {
                 if let Err(error) = self.deliver(webhook, secret, seq, &event).await {
-                    if delivered > acked {
-                        self.ack(delivered).await?;
+                    if delivered > acked && !self.ack(acked, delivered).await? {
+                        return Ok(());
                     }
                     return self.failed(webhook, delivered, &error).await;
                 }
@@ -208,12 +210,14 @@ impl ShardDelivery {
             }
             delivered = seq;
             if delivered - acked >= ACK_EVERY_EVENTS || last_ack.elapsed() >= ACK_EVERY {
-                self.ack(delivered).await?;
+                if !self.ack(acked, delivered).await? {
+                    return Ok(());
+                }
                 (acked, last_ack) = (delivered, Instant::now());
             }
         }
         if delivered > acked {
-            self.ack(delivered).await?;
+            self.ack(acked, delivered).await?;
         }
         Ok(())
     }
@@ -266,13 +270,15 @@ impl ShardDelivery {
         }
     }
 
-    async fn ack(&self, position: u64) -> Result<(), Stopped> {
-        let ack = Command::AckWebhook(command::AckWebhook {
+    /// Records delivery up to `position` if the webhook is still at `from`; whether it was taken.
+    async fn ack(&self, from: u64, position: u64) -> Result<bool, Stopped> {
+        let ack = Command::AckWebhookFrom(command::AckWebhookFrom {
             name: self.name.clone(),
             generation: self.generation,
+            from,
             position,
         });
-        self.propose(ack).await
+        Ok(self.propose(ack).await?.position == position)
     }
 
     async fn failed(&self, webhook: &Webhook, position: u64, error: &str) -> Result<(), Stopped> {
@@ -288,18 +294,19 @@ impl ShardDelivery {
             error: error.to_owned(),
             next_attempt_at: Timestamp(Timestamp::now().micros().saturating_add(delay)),
         });
-        self.propose(failed).await
+        self.propose(failed).await.map(|_| ())
     }
 
-    /// Proposes a delivery record on the shard; a refusal (the webhook changed) or an error stops the task.
-    async fn propose(&self, command: Command) -> Result<(), Stopped> {
+    /// Proposes a delivery record on the shard and answers the row after it; a refusal (the webhook
+    /// changed) or an error stops the task.
+    async fn propose(&self, command: Command) -> Result<Webhook, Stopped> {
         match self
             .node
             .propose(self.shard, system_envelope(command))
             .await
         {
             Ok(applied) => match applied.outcome {
-                Ok(Reply::Webhook(_)) => Ok(()),
+                Ok(Reply::Webhook(webhook)) => Ok(webhook),
                 _ => Err(Stopped),
             },
             Err(error) => {

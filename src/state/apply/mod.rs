@@ -274,6 +274,7 @@ impl<'t> Applier<'t> {
             Command::PurgeEvents(c) => self.purge_events(context, c),
             Command::FreezeUser(c) => self.freeze_user(context, c),
             Command::UnfreezeUser(c) => self.unfreeze_user(context, c),
+            Command::AckWebhookFrom(c) => self.ack_webhook_from(c),
         }
     }
 }

@@ -96,6 +96,18 @@ impl Applier<'_> {
         Ok(Reply::Webhook(webhook))
     }
 
+    pub(super) fn ack_webhook_from(&mut self, command: &command::AckWebhookFrom) -> Step<Reply> {
+        let webhook = self.current_webhook(&command.name, command.generation)?;
+        if webhook.position != command.from {
+            return Ok(Reply::Webhook(webhook));
+        }
+        self.ack_webhook(&command::AckWebhook {
+            name: command.name.clone(),
+            generation: command.generation,
+            position: command.position,
+        })
+    }
+
     pub(super) fn webhook_failed(
         &mut self,
         context: &mut CommandContext,

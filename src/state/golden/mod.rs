@@ -94,6 +94,7 @@ fn golden_command(command: &Command) -> &'static str {
         Command::PurgeEvents { .. } => "1680f524809a9e01f403",
         Command::FreezeUser { .. } => "170275310a6368617267656261636b",
         Command::UnfreezeUser { .. } => "1802753101",
+        Command::AckWebhookFrom { .. } => "1902677302c801ac02",
     }
 }
 

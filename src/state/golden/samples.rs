@@ -106,6 +106,9 @@ pub(super) fn commands() -> Vec<Command> {
             "max_retention_seconds": 2_592_000, "limit": 500}})),
         command(json!({"FreezeUser": {"user_id": "u1", "reason": "chargeback"}})),
         command(json!({"UnfreezeUser": {"user_id": "u1", "force": true}})),
+        command(
+            json!({"AckWebhookFrom": {"name": "gs", "generation": 2, "from": 200, "position": 300}}),
+        ),
     ]
     .into()
 }
