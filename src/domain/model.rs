@@ -366,10 +366,8 @@ impl Topup {
 /// Top-ups that became final (EXPIRED, FAILED) strictly before this time are purged by a sweep at `now`
 /// with a retention of `retention_seconds`. Saturates: a retention longer than the epoch purges nothing.
 pub fn topup_purge_bound(now: Timestamp, retention_seconds: u64) -> i64 {
-    let retention = i64::try_from(retention_seconds)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1_000_000);
-    now.micros().saturating_sub(retention)
+    now.minus(std::time::Duration::from_secs(retention_seconds))
+        .micros()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

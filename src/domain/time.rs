@@ -55,6 +55,12 @@ impl Timestamp {
         Timestamp(self.0.saturating_add(micros))
     }
 
+    /// `duration` earlier, saturating (a span longer than the epoch gives the earliest time).
+    pub fn minus(self, duration: Duration) -> Timestamp {
+        let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
+        Timestamp(self.0.saturating_sub(micros))
+    }
+
     pub fn plus_days(self, days: u32) -> Timestamp {
         self.plus(Duration::from_secs(u64::from(days) * 86_400))
     }

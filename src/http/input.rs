@@ -308,6 +308,21 @@ pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError>
         .map_err(|e| ApiError::invalid_request(format!("invalid query: {e}")))
 }
 
+/// Event type names (the feed's `types`, a webhook's `types`): each known, each kept once, in order.
+pub fn event_types<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<crate::domain::EventType>, ApiError> {
+    let mut types = Vec::new();
+    for name in names {
+        let event_type = crate::domain::EventType::parse(name)
+            .ok_or_else(|| ApiError::invalid_request(format!("unknown event type {name:?}")))?;
+        if !types.contains(&event_type) {
+            types.push(event_type);
+        }
+    }
+    Ok(types)
+}
+
 /// The `limit` query parameter: `default` when absent, else 1..=`max`.
 pub fn limit(pairs: &[(String, String)], default: usize, max: usize) -> Result<usize, ApiError> {
     match pairs.iter().find(|(k, _)| k == "limit") {

@@ -269,10 +269,7 @@ pub fn events_purge_due(
         return Ok(false);
     };
     let (seq, event): (u64, Event) = (first.0.value(), tables::decode(first.1.value())?);
-    let before = |span: std::time::Duration| {
-        let micros = i64::try_from(span.as_micros()).unwrap_or(i64::MAX);
-        now.micros().saturating_sub(micros)
-    };
+    let before = |span: std::time::Duration| now.minus(span).micros();
     if event.occurred_at.micros() >= before(retention) {
         return Ok(false);
     }

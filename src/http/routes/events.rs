@@ -5,7 +5,6 @@ use std::time::Duration;
 use axum::extract::{RawQuery, State};
 use axum::response::Response;
 
-use crate::domain::EventType;
 use crate::engine::events::{EventCursor, FeedQuery, MAX_PAGE, MAX_WAIT};
 use crate::http::auth::Caller;
 use crate::http::dto::{self, EventPage};
@@ -42,7 +41,9 @@ pub async fn list_events(
     let query = FeedQuery {
         after,
         limit: input::limit(&pairs, DEFAULT_PAGE, MAX_PAGE)?,
-        types: input::param(&pairs, "types").map(parse_types).transpose()?,
+        types: input::param(&pairs, "types")
+            .map(|text| input::event_types(text.split(',').map(str::trim)))
+            .transpose()?,
         wait: input::param(&pairs, "wait")
             .map(parse_wait)
             .transpose()?
@@ -61,19 +62,6 @@ pub async fn list_events(
             .collect(),
         next_cursor: page.next.encode(),
     }))
-}
-
-/// `types=a,b`: known event types, at least one.
-fn parse_types(text: &str) -> Result<Vec<EventType>, ApiError> {
-    let mut types = Vec::new();
-    for name in text.split(',') {
-        let event_type = EventType::parse(name.trim())
-            .ok_or_else(|| ApiError::invalid_request(format!("unknown event type {name:?}")))?;
-        if !types.contains(&event_type) {
-            types.push(event_type);
-        }
-    }
-    Ok(types)
 }
 
 /// `wait=N` or `wait=Ns`: whole seconds from 0 to 30.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::response::Response;
 
-use crate::domain::{EventType, Reply, Timestamp, Webhook};
+use crate::domain::{Reply, Timestamp, Webhook};
 use crate::engine::events::EventCursor;
 use crate::engine::webhooks::admin::WebhookStatus;
 use crate::engine::webhooks::backoff::FAILING_AFTER;
@@ -37,7 +37,8 @@ pub async fn put_webhook(
     caller.require_admin()?;
     let name = input::client_id("name", &name)?;
     let request: PutWebhookRequest = body.json()?;
-    let types = parse_types(request.types.unwrap_or_default())?;
+    let names = request.types.unwrap_or_default();
+    let types = input::event_types(names.iter().map(String::as_str))?;
     app.webhooks
         .allow
         .resolve_checked(&request.url)
@@ -123,19 +124,6 @@ fn into_webhook(app: &AppState, applied: Applied) -> Result<Webhook, ApiError> {
         Ok(other) => Err(ApiError::internal(format!("unexpected reply {other:?}"))),
         Err(rejection) => Err(ApiError::from_rejection(&rejection, &app.config.currency)),
     }
-}
-
-/// Known event types, each once.
-fn parse_types(names: Vec<String>) -> Result<Vec<EventType>, ApiError> {
-    let mut types = Vec::new();
-    for name in names {
-        let event_type = EventType::parse(&name)
-            .ok_or_else(|| ApiError::invalid_request(format!("unknown event type {name:?}")))?;
-        if !types.contains(&event_type) {
-            types.push(event_type);
-        }
-    }
-    Ok(types)
 }
 
 /// The webhook as the home shard has it, with the delivery of every shard summed up.

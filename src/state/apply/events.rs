@@ -1,6 +1,8 @@
 //! The outbox: every change writes its events here, in the same transaction, numbered by the shard's
 //! `seq`; and their purge once they are past retention (`PurgeEvents`, sent by the sweeper).
 
+use std::time::Duration;
+
 use redb::ReadableTable;
 
 use super::{Applier, CommandContext, Step};
@@ -47,8 +49,11 @@ impl Applier<'_> {
         context: &mut CommandContext,
         command: &command::PurgeEvents,
     ) -> Step<Reply> {
-        let keep_after = bound(context.now, command.retention_seconds);
-        let drop_before = bound(context.now, command.max_retention_seconds);
+        let before = |seconds| context.now.minus(Duration::from_secs(seconds)).micros();
+        let (keep_after, drop_before) = (
+            before(command.retention_seconds),
+            before(command.max_retention_seconds),
+        );
         let mut webhooks = self.live_webhooks()?;
         let acknowledged = webhooks
             .iter()
@@ -107,12 +112,4 @@ impl Applier<'_> {
         }
         Ok(live)
     }
-}
-
-/// `now` minus `seconds`, in microseconds, saturating.
-fn bound(now: Timestamp, seconds: u64) -> i64 {
-    let span = i64::try_from(seconds)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1_000_000);
-    now.micros().saturating_sub(span)
 }
