@@ -120,6 +120,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_MAX_PENDING_TOPUPS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_pending_topups: u32,
 
+    /// What a reversal (PSP refund, lost chargeback) does when the wallet no longer has the money:
+    /// `debt` records what is missing as debt; `revoke` first refunds the player's newest unconsumed
+    /// purchases made since that credit (past refund windows), and records debt only for the rest.
+    #[arg(long, env = "SHOPKEEP_ON_REVERSAL", value_enum, default_value_t = OnReversal::Debt)]
+    pub on_reversal: OnReversal,
+
     /// Most commands proposed together in one log entry (one fsync, one replication, one apply).
     #[arg(long, env = "SHOPKEEP_MAX_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
@@ -186,6 +192,14 @@ pub struct ServeArgs {
     /// Longest the server waits for in-flight requests on SIGTERM.
     #[arg(long, env = "SHOPKEEP_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// What a reversal does about money already spent (`--on-reversal`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReversal {
+    #[default]
+    Debt,
+    Revoke,
 }
 
 /// The format of the log lines (`--log-format`).
@@ -300,6 +314,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     pub max_pending_orders: u32,
     pub max_pending_topups: u32,
+    /// `--on-reversal revoke`.
+    pub revoke_on_reversal: bool,
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub request_timeout: Duration,
@@ -388,6 +404,7 @@ impl Config {
             sweep_interval: args.sweep_interval,
             max_pending_orders: args.max_pending_orders,
             max_pending_topups: args.max_pending_topups,
+            revoke_on_reversal: args.on_reversal == OnReversal::Revoke,
             max_batch: args.max_batch as usize,
             queue_capacity: args.queue_capacity as usize,
             request_timeout: args.request_timeout,

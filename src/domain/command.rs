@@ -16,6 +16,7 @@ use super::ids::IdSeed;
 use super::model::ItemSpec;
 use super::money::Money;
 use super::outcome::Outcome;
+use super::reversal::{ReversalReason, ReversalSource};
 use super::time::Timestamp;
 
 /// Scope of the idempotency keys of requests without a user in their path (`POST /v1/users`). The `@`
@@ -92,6 +93,9 @@ pub enum Command {
     FreezeUser(FreezeUser),
     UnfreezeUser(UnfreezeUser),
     AckWebhookFrom(AckWebhookFrom),
+    Reverse(Reverse),
+    OpenDispute(OpenDispute),
+    CloseDispute(CloseDispute),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +319,44 @@ pub struct UnfreezeUser {
     pub force: bool,
 }
 
+/// Take back (part of) a credit or top-up: a PSP refund or a chargeback. From the wallet's available
+/// credit first; with `revoke`, then by refunding the newest unconsumed purchases made since; the rest
+/// becomes debt, and the account is frozen. A second reversal with the same `external_ref` on the same
+/// source is the first one (a different amount: `external_ref_conflict`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reverse {
+    pub user_id: String,
+    pub source: ReversalSource,
+    pub amount: Money,
+    pub reason: ReversalReason,
+    pub external_ref: String,
+    /// `--on-reversal revoke`.
+    pub revoke: bool,
+}
+
+/// The PSP reports a dispute of a completed top-up: hold `min(amount, available)`. A dispute already
+/// known (open or closed) changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenDispute {
+    pub user_id: String,
+    pub topup_id: Uuid,
+    pub dispute_id: String,
+    pub amount: Money,
+}
+
+/// The PSP reports a dispute's end: `won` releases its hold; lost reverses its amount (or `amount`, if
+/// the dispute was never opened here), taking the hold first. A closed dispute changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseDispute {
+    pub user_id: String,
+    pub topup_id: Uuid,
+    pub dispute_id: String,
+    pub won: bool,
+    pub amount: Option<Money>,
+    /// `--on-reversal revoke`, for a lost dispute.
+    pub revoke: bool,
+}
+
 impl Command {
     /// The user whose shard this command must run on, if it is a per-user command.
     pub fn user_id(&self) -> Option<&str> {
@@ -331,7 +373,10 @@ impl Command {
             | Command::Refund(Refund { user_id, .. })
             | Command::Consume(Consume { user_id, .. })
             | Command::FreezeUser(FreezeUser { user_id, .. })
-            | Command::UnfreezeUser(UnfreezeUser { user_id, .. }) => Some(user_id),
+            | Command::UnfreezeUser(UnfreezeUser { user_id, .. })
+            | Command::Reverse(Reverse { user_id, .. })
+            | Command::OpenDispute(OpenDispute { user_id, .. })
+            | Command::CloseDispute(CloseDispute { user_id, .. }) => Some(user_id),
             Command::ClaimGlobalKey(_)
             | Command::SettleGlobalKey(_)
             | Command::ClaimExternalRef(_)
@@ -349,7 +394,7 @@ impl Command {
     }
 
     /// Every [`Command::name`] (metrics register each at start).
-    pub const NAMES: [&'static str; 23] = [
+    pub const NAMES: [&'static str; 26] = [
         "create_user",
         "issue_token",
         "claim_global_key",
@@ -373,6 +418,9 @@ impl Command {
         "purge_events",
         "freeze_user",
         "unfreeze_user",
+        "reverse",
+        "open_dispute",
+        "close_dispute",
     ];
 
     /// A short name for logs and metrics (one of [`Command::NAMES`]).
@@ -404,6 +452,9 @@ impl Command {
             Command::FreezeUser(_) => "freeze_user",
             Command::UnfreezeUser(_) => "unfreeze_user",
             Command::AckWebhookFrom(_) => "ack_webhook",
+            Command::Reverse(_) => "reverse",
+            Command::OpenDispute(_) => "open_dispute",
+            Command::CloseDispute(_) => "close_dispute",
         }
     }
 }

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::model::{Credit, Entitlement, Freeze, Order, Refund, Topup, User, WalletView};
+use super::money::Money;
+use super::reversal::{Dispute, Reversal};
 use super::time::Timestamp;
 
 /// The types of events, named in the API as [`EventType::as_str`] says.
@@ -111,6 +113,18 @@ pub enum EventData {
     Account {
         user: User,
         frozen: Option<Freeze>,
+    },
+    /// A reversal (`payment.reversed`) and the wallet and debt right after it.
+    Reversal {
+        reversal: Reversal,
+        wallet: WalletView,
+        debt: Money,
+    },
+    /// A dispute (`dispute.opened`, `dispute.closed`) and the wallet and debt right after it.
+    Dispute {
+        dispute: Dispute,
+        wallet: WalletView,
+        debt: Money,
     },
     // New variants only at the end.
 }

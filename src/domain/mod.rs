@@ -27,6 +27,7 @@ pub mod ids;
 pub mod model;
 pub mod money;
 pub mod outcome;
+pub mod reversal;
 pub mod time;
 
 pub use command::{Command, Envelope, Fingerprint, IdempotencyTag, LineRequest, RefClaim};
@@ -35,4 +36,5 @@ pub use ids::{IdSeed, IdSequence};
 pub use model::*;
 pub use money::{AmountError, Currency, Money};
 pub use outcome::{GlobalClaim, Outcome, Rejection, Reply};
+pub use reversal::{Dispute, DisputeStatus, Reversal, ReversalReason, ReversalSource};
 pub use time::Timestamp;

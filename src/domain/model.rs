@@ -397,6 +397,9 @@ pub enum Account {
     Held(String),
     PspClearing,
     Revenue,
+    /// What players owe the shop (their debt, summed): money a reversal took back that their wallets no
+    /// longer had.
+    Receivable,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,6 +414,12 @@ pub enum PostingKind {
     Debit,
     /// revenue → available (refund)
     Refund,
+    /// available → psp_clearing (the money of a credit or top-up goes back: PSP refund, chargeback)
+    Reversal,
+    /// receivable → available (the part of a reversal the wallet did not have: now owed)
+    Debt,
+    /// available → receivable (a later credit pays the debt back)
+    DebtRepaid,
 }
 
 impl PostingKind {
@@ -421,6 +430,9 @@ impl PostingKind {
             PostingKind::Release => "release",
             PostingKind::Debit => "debit",
             PostingKind::Refund => "refund",
+            PostingKind::Reversal => "reversal",
+            PostingKind::Debt => "debt",
+            PostingKind::DebtRepaid => "debt_repaid",
         }
     }
 
@@ -434,18 +446,29 @@ impl PostingKind {
             PostingKind::Release => (held, available),
             PostingKind::Debit => (held, Account::Revenue),
             PostingKind::Refund => (Account::Revenue, available),
+            PostingKind::Reversal => (available, Account::PspClearing),
+            PostingKind::Debt => (Account::Receivable, available),
+            PostingKind::DebtRepaid => (available, Account::Receivable),
         }
     }
 
-    /// How a posting of this kind changes the system accounts' (psp_clearing, revenue) balances. In
-    /// `i128`, where negating and adding any `i64` amount is exact; the caller narrows with a check.
-    pub fn system_delta(self, amount: Money) -> (i128, i128) {
+    /// How a posting of this kind changes the system accounts' balances. In `i128`, where negating and
+    /// adding any `i64` amount is exact; the caller narrows with a check.
+    pub fn system_delta(self, amount: Money) -> SystemDelta {
         let a = i128::from(amount.minor());
-        match self {
-            PostingKind::Credit => (-a, 0),
-            PostingKind::Debit => (0, a),
-            PostingKind::Refund => (0, -a),
-            PostingKind::Hold | PostingKind::Release => (0, 0),
+        let (psp_clearing, revenue, receivable) = match self {
+            PostingKind::Credit => (-a, 0, 0),
+            PostingKind::Debit => (0, a, 0),
+            PostingKind::Refund => (0, -a, 0),
+            PostingKind::Hold | PostingKind::Release => (0, 0, 0),
+            PostingKind::Reversal => (a, 0, 0),
+            PostingKind::Debt => (0, 0, -a),
+            PostingKind::DebtRepaid => (0, 0, a),
+        };
+        SystemDelta {
+            psp_clearing,
+            revenue,
+            receivable,
         }
     }
 
@@ -453,12 +476,31 @@ impl PostingKind {
     pub fn wallet_delta(self, amount: Money) -> (i128, i128) {
         let a = i128::from(amount.minor());
         match self {
-            PostingKind::Credit | PostingKind::Refund => (a, 0),
+            PostingKind::Credit | PostingKind::Refund | PostingKind::Debt => (a, 0),
             PostingKind::Hold => (0, a),
             PostingKind::Release => (0, -a),
             PostingKind::Debit => (-a, -a),
+            PostingKind::Reversal | PostingKind::DebtRepaid => (-a, 0),
         }
     }
+
+    /// How a posting of this kind changes the wallet's debt (what the player owes the shop).
+    pub fn debt_delta(self, amount: Money) -> i128 {
+        let a = i128::from(amount.minor());
+        match self {
+            PostingKind::Debt => a,
+            PostingKind::DebtRepaid => -a,
+            _ => 0,
+        }
+    }
+}
+
+/// How one posting changes the shard's system accounts (see [`PostingKind::system_delta`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SystemDelta {
+    pub psp_clearing: i128,
+    pub revenue: i128,
+    pub receivable: i128,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,6 +509,9 @@ pub enum PostingRef {
     Topup(Uuid),
     Order(Uuid),
     Refund(Uuid),
+    Reversal(Uuid),
+    /// A dispute's hold and its release (the dispute's `record_id`).
+    Dispute(Uuid),
 }
 
 impl PostingRef {
@@ -476,6 +521,8 @@ impl PostingRef {
             PostingRef::Topup(_) => "topup",
             PostingRef::Order(_) => "order",
             PostingRef::Refund(_) => "refund",
+            PostingRef::Reversal(_) => "reversal",
+            PostingRef::Dispute(_) => "dispute",
         }
     }
 
@@ -484,7 +531,9 @@ impl PostingRef {
             PostingRef::Credit(id)
             | PostingRef::Topup(id)
             | PostingRef::Order(id)
-            | PostingRef::Refund(id) => id,
+            | PostingRef::Refund(id)
+            | PostingRef::Reversal(id)
+            | PostingRef::Dispute(id) => id,
         }
     }
 }

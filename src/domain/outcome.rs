@@ -12,6 +12,7 @@ use super::command::Envelope;
 use super::event::Webhook;
 use super::model::{Credit, Entitlement, Freeze, Item, Order, Refund, Topup, User, WalletView};
 use super::money::Money;
+use super::reversal::{Dispute, Reversal};
 use super::time::Timestamp;
 
 pub type Outcome = Result<Reply, Rejection>;
@@ -68,6 +69,22 @@ pub enum Reply {
     Account {
         user: User,
         frozen: Option<Freeze>,
+    },
+    /// A reversal, and the wallet and debt right after it. `fresh: false` when its `external_ref` was
+    /// already reversed (nothing taken now).
+    Reversed {
+        reversal: Reversal,
+        wallet: WalletView,
+        debt: Money,
+        fresh: bool,
+    },
+    /// A dispute after a PSP event (or unchanged, for one already known), the wallet and debt right
+    /// after, and the reversal a lost dispute became.
+    Disputed {
+        dispute: Dispute,
+        wallet: WalletView,
+        debt: Money,
+        reversal: Option<Reversal>,
     },
 }
 
@@ -161,6 +178,15 @@ pub enum Rejection {
     WebhookNotFound { name: String },
     #[error("the account is frozen: {reason}")]
     AccountFrozen { reason: String },
+    /// Something other than the records above is missing: `what` names it (`credit`, `dispute`).
+    #[error("{what} {id} not found")]
+    NotFound { what: String, id: String },
+    /// The reversals of a credit or top-up would sum to more than it brought in.
+    #[error("the reversal exceeds what the credit brought in and was not yet reversed")]
+    ReversalExceedsCredit { requested: Money, reversible: Money },
+    /// The account owes the shop `debt`.
+    #[error("the account has debt outstanding")]
+    DebtOutstanding { debt: Money },
 }
 
 impl Rejection {
@@ -194,6 +220,9 @@ impl Rejection {
             Rejection::ItemKindFixed { .. } => "invalid_state",
             Rejection::WebhookNotFound { .. } => "not_found",
             Rejection::AccountFrozen { .. } => "account_frozen",
+            Rejection::NotFound { .. } => "not_found",
+            Rejection::ReversalExceedsCredit { .. } => "reversal_exceeds_credit",
+            Rejection::DebtOutstanding { .. } => "debt_outstanding",
         }
     }
 

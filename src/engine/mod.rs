@@ -17,6 +17,7 @@ pub mod coordinator;
 pub mod events;
 pub mod reads;
 pub mod replica;
+pub mod reversals;
 pub mod sweeper;
 pub mod webhooks;
 
@@ -82,6 +83,8 @@ pub enum Missing {
     StoredOutcome,
     /// No live webhook of that name.
     Webhook,
+    /// The user has no credit with that id.
+    Credit,
 }
 
 impl From<ClusterError> for EngineError {

@@ -7,8 +7,8 @@
 use uuid::Uuid;
 
 use crate::domain::{
-    Entitlement, Freeze, Item, Order, OrderStatus, Outcome, Posting, Timestamp, Topup, User,
-    WalletView,
+    Entitlement, Freeze, Item, Money, Order, OrderStatus, Outcome, Posting, Timestamp, Topup,
+    User, WalletView,
 };
 use crate::state::audit::{self, ShardAudit};
 use crate::state::query::{self, OrderCursor};
@@ -26,6 +26,15 @@ pub struct StoredOutcome {
 
 /// A page of rows and where the next one starts (`None`: this is the last).
 pub type Page<T, Cursor> = (Vec<T>, Option<Cursor>);
+
+/// A user as reads show it.
+pub struct UserView {
+    pub user: User,
+    /// As of the read's `now`.
+    pub wallet: WalletView,
+    pub frozen: Option<Freeze>,
+    pub debt: Money,
+}
 
 impl Node {
     /// One catalog item.
@@ -48,16 +57,20 @@ impl Node {
             .await
     }
 
-    /// A user, its wallet as of `now`, and its freeze (if it is frozen).
+    /// A user, its wallet as of `now`, its freeze and its debt.
     pub async fn user(
         &self,
         consistency: Consistency,
         user_id: &str,
         now: Timestamp,
-    ) -> Result<(User, WalletView, Option<Freeze>), EngineError> {
+    ) -> Result<UserView, EngineError> {
         self.read_user_rows(consistency, user_id, move |txn, user| {
-            let wallet = query::wallet_at(txn, user, now)?;
-            Ok((user.clone(), wallet, query::frozen(txn, &user.user_id)?))
+            Ok(UserView {
+                user: user.clone(),
+                wallet: query::wallet_at(txn, user, now)?,
+                frozen: query::frozen(txn, &user.user_id)?,
+                debt: query::debt(txn, &user.user_id)?,
+            })
         })
         .await
     }

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 use crate::domain::{
-    Credit, Currency, Entitlement, Event, EventData, Freeze, Item, Order, Posting, Refund,
-    Timestamp, Topup, User, WalletView,
+    Credit, Currency, Dispute, Entitlement, Event, EventData, Freeze, Item, Money, Order, Posting,
+    Refund, Reversal, Timestamp, Topup, User, WalletView,
 };
 
 // ----- requests ---------------------------------------------------------------------------------------
@@ -46,6 +46,18 @@ pub struct CreditRequest {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+pub struct ReversalRequest {
+    /// At most what the credit brought in and was not reversed yet.
+    #[schema(value_type = String, example = "20.00")]
+    pub amount: Value,
+    /// `psp_refund` or `chargeback`.
+    pub reason: String,
+    /// Unique per credit: the same reference again is the same reversal. 1–255 printable ASCII characters.
+    pub external_ref: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TopupRequest {
     #[schema(value_type = String, example = "20.00")]
     pub amount: Value,
@@ -56,15 +68,22 @@ pub struct TopupRequest {
 pub struct WebhookRequest {
     /// Unique per event: replays of an event are answered from its stored outcome.
     pub event_id: String,
-    /// `payment.succeeded` or `payment.failed`.
+    /// `payment.succeeded`, `payment.failed`, `payment.refunded`, `dispute.opened` or `dispute.closed`.
     #[serde(rename = "type")]
     pub event_type: String,
-    pub topup_id: String,
+    /// The top-up; `payment.refunded` and `dispute.*` may name the `psp_payment_id` instead.
+    pub topup_id: Option<String>,
     pub user_id: String,
-    #[schema(value_type = String, example = "20.00")]
-    pub amount: Value,
+    /// Required, except in `dispute.closed` (where it names the amount lost if the dispute was never
+    /// opened here).
+    #[schema(value_type = Option<String>, example = "20.00")]
+    pub amount: Option<Value>,
     /// Required for `payment.succeeded`; unique across the shop.
     pub psp_payment_id: Option<String>,
+    /// `dispute.opened` and `dispute.closed`: the PSP's dispute id.
+    pub dispute_id: Option<String>,
+    /// `dispute.closed`: `won` or `lost`.
+    pub outcome: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -158,6 +177,12 @@ pub struct WalletResponse {
     /// `balance - held`
     #[schema(example = "15.01")]
     pub available: String,
+    /// What the player owes the shop (a reversal took back money already spent); later credits repay it
+    /// first. Shown by wallet and user reads and by reversals and disputes; absent from the wallet a
+    /// credit, top-up or refund answers with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "0.00")]
+    pub debt: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -207,6 +232,65 @@ pub struct CreditResponse {
     pub status: String,
     pub wallet: WalletResponse,
     pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReversalSourceResponse {
+    /// `credit` or `topup`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReversalResponse {
+    pub reversal_id: String,
+    pub user_id: String,
+    pub source: ReversalSourceResponse,
+    pub amount: String,
+    /// `psp_refund` or `chargeback`.
+    pub reason: String,
+    pub external_ref: String,
+    /// Taken from the lost dispute's hold.
+    pub from_hold: String,
+    /// Taken from the wallet's available credit (including what `revoked_refunds` brought back).
+    pub from_wallet: String,
+    /// What the wallet could not give: added to the wallet's debt.
+    pub debt: String,
+    /// Refunds made first by `--on-reversal revoke`, newest purchase first.
+    pub revoked_refunds: Vec<String>,
+    pub revoked_amount: String,
+    /// Always `COMPLETED`.
+    pub status: String,
+    pub wallet: WalletResponse,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DisputeResponse {
+    pub dispute_id: String,
+    pub user_id: String,
+    pub topup_id: String,
+    pub amount: String,
+    /// Held while the dispute is open: `min(amount, available)` when it opened.
+    pub held: String,
+    /// `OPEN`, `WON` or `LOST`.
+    pub status: String,
+    pub opened_at: String,
+    pub closed_at: Option<String>,
+    /// The reversal a lost dispute became.
+    pub reversal: Option<ReversalResponse>,
+    pub wallet: WalletResponse,
+}
+
+/// What the PSP webhook answers: the top-up (`payment.succeeded`, `payment.failed`), the reversal
+/// (`payment.refunded`) or the dispute (`dispute.*`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PspWebhookResponse {
+    Topup(TopupResponse),
+    Reversal(ReversalResponse),
+    Dispute(DisputeResponse),
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -564,6 +648,15 @@ pub fn wallet(currency: &Currency, wallet: &WalletView) -> WalletResponse {
         balance: currency.format(wallet.balance),
         held: currency.format(wallet.held),
         available: currency.format(wallet.available()),
+        debt: None,
+    }
+}
+
+/// A wallet with its debt shown.
+pub fn wallet_owing(currency: &Currency, view: &WalletView, debt: Money) -> WalletResponse {
+    WalletResponse {
+        debt: Some(currency.format(debt)),
+        ..wallet(currency, view)
     }
 }
 
@@ -572,12 +665,16 @@ pub fn user(
     user: &User,
     view: &WalletView,
     frozen: Option<&Freeze>,
+    debt: Option<Money>,
 ) -> UserResponse {
     UserResponse {
         user_id: user.user_id.clone(),
         display_name: user.display_name.clone(),
         created_at: time(user.created_at),
-        wallet: wallet(currency, view),
+        wallet: match debt {
+            Some(debt) => wallet_owing(currency, view, debt),
+            None => wallet(currency, view),
+        },
         frozen: frozen.map(|f| FrozenResponse {
             reason: f.reason.clone(),
             at: time(f.at),
@@ -682,6 +779,58 @@ pub fn refund(currency: &Currency, refund: &Refund, view: &WalletView) -> Refund
     }
 }
 
+pub fn reversal(
+    currency: &Currency,
+    reversal: &Reversal,
+    view: &WalletView,
+    debt: Money,
+) -> ReversalResponse {
+    ReversalResponse {
+        reversal_id: reversal.reversal_id.to_string(),
+        user_id: reversal.user_id.clone(),
+        source: ReversalSourceResponse {
+            kind: reversal.source.kind_str().to_owned(),
+            id: reversal.source.id().to_string(),
+        },
+        amount: currency.format(reversal.amount),
+        reason: reversal.reason.as_str().to_owned(),
+        external_ref: reversal.external_ref.clone(),
+        from_hold: currency.format(reversal.from_hold),
+        from_wallet: currency.format(reversal.from_wallet),
+        debt: currency.format(reversal.debt),
+        revoked_refunds: reversal
+            .revoked_refunds
+            .iter()
+            .map(|id| id.to_string())
+            .collect(),
+        revoked_amount: currency.format(reversal.revoked_amount),
+        status: "COMPLETED".to_owned(),
+        wallet: wallet_owing(currency, view, debt),
+        created_at: time(reversal.created_at),
+    }
+}
+
+pub fn dispute(
+    currency: &Currency,
+    dispute: &Dispute,
+    reversal_of: Option<&Reversal>,
+    view: &WalletView,
+    debt: Money,
+) -> DisputeResponse {
+    DisputeResponse {
+        dispute_id: dispute.dispute_id.clone(),
+        user_id: dispute.user_id.clone(),
+        topup_id: dispute.topup_id.to_string(),
+        amount: currency.format(dispute.amount),
+        held: currency.format(dispute.held),
+        status: dispute.status.as_str().to_owned(),
+        opened_at: time(dispute.opened_at),
+        closed_at: dispute.closed_at.map(time),
+        reversal: reversal_of.map(|r| reversal(currency, r, view, debt)),
+        wallet: wallet_owing(currency, view, debt),
+    }
+}
+
 /// An event as the feed and webhooks show it: its `data` rendered as the API renders that resource.
 pub fn event(currency: &Currency, shard: u32, seq: u64, event: &Event) -> EventResponse {
     let data = match &event.data {
@@ -699,8 +848,18 @@ pub fn event(currency: &Currency, shard: u32, seq: u64, event: &Event) -> EventR
         EventData::Refund { refund: r, wallet } => to_value(refund(currency, r, wallet)),
         EventData::Entitlement(e) => to_value(entitlement(e)),
         EventData::Account { user: u, frozen } => {
-            to_value(user(currency, u, &u.wallet(), frozen.as_ref()))
+            to_value(user(currency, u, &u.wallet(), frozen.as_ref(), None))
         }
+        EventData::Reversal {
+            reversal: r,
+            wallet,
+            debt,
+        } => to_value(reversal(currency, r, wallet, *debt)),
+        EventData::Dispute {
+            dispute: d,
+            wallet,
+            debt,
+        } => to_value(dispute(currency, d, None, wallet, *debt)),
     };
     EventResponse {
         event_id: format!("evt_{}", event.event_id.simple()),
@@ -722,7 +881,7 @@ struct TopupCreditResponse {
 }
 
 fn user_response(currency: &Currency, u: &User) -> UserResponse {
-    user(currency, u, &u.wallet(), None)
+    user(currency, u, &u.wallet(), None, None)
 }
 
 fn to_value(response: impl Serialize) -> Value {
@@ -745,6 +904,7 @@ fn account_name(account: &crate::domain::Account) -> String {
         Account::Held(user) => format!("wallet:{user}:held"),
         Account::PspClearing => "psp_clearing".to_owned(),
         Account::Revenue => "revenue".to_owned(),
+        Account::Receivable => "receivable".to_owned(),
     }
 }
 

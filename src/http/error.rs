@@ -38,7 +38,7 @@ const INTERNAL: &str = "internal";
 /// Every `code` the server answers with: those of the helpers below, of the routes, and of the
 /// business rejections (`Rejection::code`). The OpenAPI document lists them as the code's enum; a test
 /// checks that every rejection's code is here.
-pub const ERROR_CODES: [&str; 38] = [
+pub const ERROR_CODES: [&str; 40] = [
     INVALID_REQUEST,
     IDEMPOTENCY_KEY_REQUIRED,
     UNAUTHENTICATED,
@@ -70,6 +70,8 @@ pub const ERROR_CODES: [&str; 38] = [
     "balance_limit_exceeded",
     "limit_exceeded",
     "account_frozen",
+    "reversal_exceeds_credit",
+    "debt_outstanding",
     REQUEST_TIMEOUT,
     PAYLOAD_TOO_LARGE,
     INVALID_AMOUNT,
@@ -321,6 +323,17 @@ impl ApiError {
             Rejection::AccountFrozen { reason } => {
                 (StatusCode::FORBIDDEN, json!({ "reason": reason }))
             }
+            Rejection::NotFound { what, id } => (StatusCode::NOT_FOUND, json!({ what: id })),
+            Rejection::ReversalExceedsCredit {
+                requested,
+                reversible,
+            } => (
+                StatusCode::CONFLICT,
+                json!({ "requested": money(*requested), "reversible": money(*reversible) }),
+            ),
+            Rejection::DebtOutstanding { debt } => {
+                (StatusCode::CONFLICT, json!({ "debt": money(*debt) }))
+            }
             Rejection::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, json!({})),
             Rejection::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, json!({})),
             Rejection::UserExists => (StatusCode::CONFLICT, json!({})),
@@ -449,6 +462,7 @@ impl ApiError {
             Missing::Topup => ApiError::topup_not_found(),
             Missing::StoredOutcome => ApiError::stored_outcome_not_found(),
             Missing::Webhook => ApiError::new(StatusCode::NOT_FOUND, NOT_FOUND, "no such webhook"),
+            Missing::Credit => ApiError::new(StatusCode::NOT_FOUND, NOT_FOUND, "credit not found"),
         }
     }
 }
@@ -560,6 +574,15 @@ mod tests {
             },
             Rejection::WebhookNotFound { name: id() },
             Rejection::AccountFrozen { reason: id() },
+            Rejection::NotFound {
+                what: id(),
+                id: id(),
+            },
+            Rejection::ReversalExceedsCredit {
+                requested: Money::ZERO,
+                reversible: Money::ZERO,
+            },
+            Rejection::DebtOutstanding { debt: Money::ZERO },
         ];
         for rejection in &all {
             match rejection {
@@ -589,7 +612,10 @@ mod tests {
                 | Rejection::LimitExceeded { .. }
                 | Rejection::ItemKindFixed { .. }
                 | Rejection::WebhookNotFound { .. }
-                | Rejection::AccountFrozen { .. } => {}
+                | Rejection::AccountFrozen { .. }
+                | Rejection::NotFound { .. }
+                | Rejection::ReversalExceedsCredit { .. }
+                | Rejection::DebtOutstanding { .. } => {}
             }
         }
         all

@@ -36,11 +36,33 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
     match outcome {
         Ok(Reply::UserCreated(user)) => json(
             StatusCode::CREATED,
-            &dto::user(currency, user, &user.wallet(), None),
+            &dto::user(currency, user, &user.wallet(), None, None),
         ),
         Ok(Reply::Account { user, frozen }) => json(
             StatusCode::OK,
-            &dto::user(currency, user, &user.wallet(), frozen.as_ref()),
+            &dto::user(currency, user, &user.wallet(), frozen.as_ref(), None),
+        ),
+        Ok(Reply::Reversed {
+            reversal,
+            wallet,
+            debt,
+            fresh,
+        }) => {
+            let status = if *fresh {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json(status, &dto::reversal(currency, reversal, wallet, *debt))
+        }
+        Ok(Reply::Disputed {
+            dispute,
+            wallet,
+            debt,
+            reversal,
+        }) => json(
+            StatusCode::OK,
+            &dto::dispute(currency, dispute, reversal.as_ref(), wallet, *debt),
         ),
         Ok(Reply::TokenIssued {
             user_id,

@@ -13,6 +13,11 @@
 //! - the top-up indexes point at top-ups in their state: each row of a user's pending top-ups at a
 //!   PENDING top-up of that user with that deadline, each row of the purge queue at an EXPIRED or FAILED
 //!   top-up that became final then;
+//! - each wallet's debt equals its `debt` postings minus its `debt_repaid` ones and is never negative;
+//!   the `receivable` account is minus the debts, summed; wallets + psp_clearing + revenue + receivable
+//!   sum to zero;
+//! - each reversal is covered exactly (hold + wallet + debt = amount), and the reversals of a credit or
+//!   top-up never sum to more than it brought in;
 //! - the outbox has no gap: its events are exactly the seqs after the purged ones up to the newest, in
 //!   time order, and no webhook's position is beyond the newest.
 
@@ -24,7 +29,10 @@ use sha2::{Digest, Sha256};
 
 use super::tables::{self, TableVisitor, decode};
 use super::{MetaState, StoreError, query};
-use crate::domain::{Entitlement, Money, Order, OrderStatus, Posting, Topup, TopupStatus, User};
+use crate::domain::{
+    Credit, Dispute, Entitlement, Money, Order, OrderStatus, Posting, Reversal, ReversalSource, Topup,
+    TopupStatus, User,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ShardAudit {
@@ -43,6 +51,7 @@ pub struct ShardAudit {
 struct WalletSums {
     balance: i128,
     held: i128,
+    debt: i128,
     entries: u64,
 }
 
@@ -56,6 +65,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     let (order_count, expected_grants) = audit_orders(txn, &mut violations)?;
     audit_entitlements(txn, expected_grants, &mut violations)?;
     audit_topup_indexes(txn, &mut violations)?;
+    audit_reversals(txn, &mut violations)?;
     audit_events(txn, &mut violations)?;
 
     Ok(ShardAudit {
@@ -74,6 +84,7 @@ struct PostingSums {
     wallets: HashMap<String, WalletSums>,
     psp_clearing: i128,
     revenue: i128,
+    receivable: i128,
     count: u64,
 }
 
@@ -87,7 +98,7 @@ fn audit_postings(
     violations: &mut Vec<String>,
 ) -> Result<PostingSums, StoreError> {
     let mut wallets: HashMap<String, WalletSums> = HashMap::new();
-    let (mut psp_clearing, mut revenue) = (0i128, 0i128);
+    let (mut psp_clearing, mut revenue, mut receivable) = (0i128, 0i128, 0i128);
     let mut head = [0u8; 32];
     let mut posting_count = 0u64;
     for entry in txn.open_table(tables::POSTINGS)?.iter()? {
@@ -122,6 +133,7 @@ fn audit_postings(
         let sums = wallets.entry(posting.user_id.clone()).or_default();
         sums.balance += balance_delta;
         sums.held += held_delta;
+        sums.debt += posting.kind.debt_delta(posting.amount);
         sums.entries += 1;
         if sums.entries != posting.user_seq
             || sums.balance != i128::from(posting.balance_after.minor())
@@ -132,14 +144,19 @@ fn audit_postings(
                 posting.seq, posting.user_id
             ));
         }
-        let (psp_clearing_delta, revenue_delta) = posting.kind.system_delta(posting.amount);
-        psp_clearing += psp_clearing_delta;
-        revenue += revenue_delta;
+        let system = posting.kind.system_delta(posting.amount);
+        psp_clearing += system.psp_clearing;
+        revenue += system.revenue;
+        receivable += system.receivable;
     }
     if head != meta.posting_head || posting_count != meta.posting_seq {
         violations.push("the posting chain's head does not match the recorded head".to_owned());
     }
-    if psp_clearing != i128::from(meta.psp_clearing) || revenue != i128::from(meta.revenue) {
+    let recorded_receivable: i64 = query::receivable(txn)?;
+    if psp_clearing != i128::from(meta.psp_clearing)
+        || revenue != i128::from(meta.revenue)
+        || receivable != i128::from(recorded_receivable)
+    {
         violations
             .push("system account balances differ from the sums of their postings".to_owned());
     }
@@ -147,6 +164,7 @@ fn audit_postings(
         wallets,
         psp_clearing,
         revenue,
+        receivable,
         count: posting_count,
     })
 }
@@ -162,6 +180,7 @@ fn audit_wallets(
         mut wallets,
         psp_clearing,
         revenue,
+        receivable,
         ..
     } = postings;
     let mut pending_holds: HashMap<String, i128> = HashMap::new();
@@ -169,6 +188,13 @@ fn audit_wallets(
         let (key, value) = entry?;
         *pending_holds.entry(key.value().0.to_owned()).or_default() += i128::from(value.value().1);
     }
+    for entry in txn.open_table(tables::DISPUTES)?.iter()? {
+        let dispute: Dispute = decode(entry?.1.value())?;
+        *pending_holds.entry(dispute.user_id.clone()).or_default() +=
+            i128::from(dispute.held.minor());
+    }
+    let debts = txn.open_table(tables::DEBTS)?;
+    let mut debt_total = 0i128;
 
     // Wallets.
     let mut user_count = 0u64;
@@ -202,8 +228,16 @@ fn audit_wallets(
         let pending = pending_holds.remove(id).unwrap_or(0);
         if i128::from(user.held.minor()) != pending {
             violations.push(format!(
-                "wallet {id}: held {} != pending orders {pending}",
+                "wallet {id}: held {} != pending orders and dispute holds {pending}",
                 user.held.minor()
+            ));
+        }
+        let debt = i128::from(debts.get(id.as_str())?.map_or(0, |d| d.value()));
+        debt_total += debt;
+        if debt != sums.debt || debt < 0 {
+            violations.push(format!(
+                "wallet {id}: debt {debt} != sum of debt postings {} (or negative)",
+                sums.debt
             ));
         }
         if user.balance.is_negative() || user.held.is_negative() || user.held > user.balance {
@@ -215,8 +249,13 @@ fn audit_wallets(
             "postings or pending orders reference unknown user {user_id}"
         ));
     }
-    if wallet_total + psp_clearing + revenue != 0 {
+    if wallet_total + psp_clearing + revenue + receivable != 0 {
         violations.push("accounts do not sum to zero".to_owned());
+    }
+    if receivable != -debt_total {
+        violations.push(format!(
+            "receivable {receivable} is not minus the debts summed ({debt_total})"
+        ));
     }
     Ok(user_count)
 }
@@ -312,6 +351,44 @@ fn audit_entitlements(
         if granted > 0 {
             violations.push(format!(
                 "entitlement {user_id}/{item_id}: completed orders granted it but no row exists"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Each reversal is covered exactly, and no credit or top-up gives back more than it brought in.
+fn audit_reversals(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(), StoreError> {
+    let mut brought_in: HashMap<u128, i128> = HashMap::new();
+    for entry in txn.open_table(tables::CREDITS)?.iter()? {
+        let credit: Credit = decode(entry?.1.value())?;
+        brought_in.insert(credit.credit_id.as_u128(), i128::from(credit.amount.minor()));
+    }
+    let topups = txn.open_table(tables::TOPUPS)?;
+    let mut reversed: HashMap<u128, i128> = HashMap::new();
+    for entry in txn.open_table(tables::REVERSALS)?.iter()? {
+        let reversal: Reversal = decode(entry?.1.value())?;
+        let id = reversal.reversal_id;
+        let covered = i128::from(reversal.from_hold.minor())
+            + i128::from(reversal.from_wallet.minor())
+            + i128::from(reversal.debt.minor());
+        if covered != i128::from(reversal.amount.minor()) || !reversal.amount.is_positive() {
+            violations.push(format!("reversal {id}: hold + wallet + debt != amount"));
+        }
+        let source = reversal.source.id().as_u128();
+        if let ReversalSource::Topup { topup_id } = reversal.source {
+            if let Some(topup) = tables::get::<_, Topup, _>(&topups, topup_id.as_u128())? {
+                brought_in.insert(source, i128::from(topup.amount.minor()));
+            }
+        }
+        *reversed.entry(source).or_default() += i128::from(reversal.amount.minor());
+    }
+    for (source, total) in reversed {
+        let limit = brought_in.get(&source).copied().unwrap_or(0);
+        if total > limit {
+            violations.push(format!(
+                "the reversals of {} sum to {total}, more than the {limit} it brought in",
+                uuid::Uuid::from_u128(source)
             ));
         }
     }

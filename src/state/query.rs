@@ -7,11 +7,11 @@
 use redb::{ReadTransaction, ReadableTable};
 use uuid::Uuid;
 
-use super::tables::{self, get};
+use super::tables::{self, decode, get};
 use super::{IdempotencyRecord, MetaState, StoreError};
 use crate::domain::{
-    Entitlement, Event, EventLog, EventType, Freeze, Item, Money, Order, OrderStatus, Posting,
-    Timestamp, Topup, User, WalletView, Webhook,
+    Credit, Dispute, Entitlement, Event, EventLog, EventType, Freeze, Item, Money, Order,
+    OrderStatus, Posting, RefClaim, Timestamp, Topup, User, WalletView, Webhook,
 };
 
 pub fn meta(txn: &ReadTransaction) -> Result<MetaState, StoreError> {
@@ -283,4 +283,63 @@ pub fn events_purge_due(
 /// The user's freeze, if the account is frozen.
 pub fn frozen(txn: &ReadTransaction, user_id: &str) -> Result<Option<Freeze>, StoreError> {
     get(&txn.open_table(tables::FROZEN)?, user_id)
+}
+
+/// The `receivable` system account's balance (0 before the shard's first debt).
+pub fn receivable(txn: &ReadTransaction) -> Result<i64, StoreError> {
+    Ok(get(&txn.open_table(tables::META)?, tables::RECEIVABLE_KEY)?.unwrap_or(0))
+}
+
+/// What the user owes the shop.
+pub fn debt(txn: &ReadTransaction, user_id: &str) -> Result<Money, StoreError> {
+    let debts = txn.open_table(tables::DEBTS)?;
+    let minor = debts.get(user_id)?.map_or(0, |d| d.value());
+    Ok(Money::from_minor(minor))
+}
+
+/// The `external_ref` of the user's credit `credit_id` (its key in `CREDITS`), if there is one: from the
+/// index of credits made since reversals exist, else by a scan of the shard's credits.
+pub fn credit_ref(
+    txn: &ReadTransaction,
+    user_id: &str,
+    credit_id: Uuid,
+) -> Result<Option<String>, StoreError> {
+    let credits = txn.open_table(tables::CREDITS)?;
+    let indexed = txn
+        .open_table(tables::CREDIT_IDS)?
+        .get(credit_id.as_u128())?
+        .map(|r| r.value().to_owned());
+    let owned = |credit: &Credit| credit.user_id == user_id && credit.credit_id == credit_id;
+    if let Some(reference) = indexed {
+        let credit: Option<Credit> = get(&credits, reference.as_str())?;
+        return Ok(credit.filter(owned).map(|_| reference));
+    }
+    for entry in credits.iter()? {
+        let (key, value) = entry?;
+        let credit: Credit = decode(value.value())?;
+        if owned(&credit) {
+            return Ok(Some(key.value().to_owned()));
+        }
+    }
+    Ok(None)
+}
+
+/// The user's dispute `dispute_id`, if the PSP opened or closed it here.
+pub fn dispute(
+    txn: &ReadTransaction,
+    user_id: &str,
+    dispute_id: &str,
+) -> Result<Option<Dispute>, StoreError> {
+    get(&txn.open_table(tables::DISPUTES)?, (user_id, dispute_id))
+}
+
+/// The PSP payment `psp_payment_id`'s claim (which user and top-up it completed), on its home shard.
+pub fn psp_payment_claim(
+    txn: &ReadTransaction,
+    psp_payment_id: &str,
+) -> Result<Option<RefClaim>, StoreError> {
+    get(
+        &txn.open_table(tables::EXTERNAL_REFS)?,
+        format!("psp:{psp_payment_id}").as_str(),
+    )
 }

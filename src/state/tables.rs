@@ -62,6 +62,19 @@ pub const WEBHOOKS: TableDefinition<&str, Bytes> = TableDefinition::new("webhook
 /// user_id → `Freeze`: the frozen accounts.
 pub const FROZEN: TableDefinition<&str, Bytes> = TableDefinition::new("frozen");
 
+/// user_id → what the user owes the shop, in minor units (above zero; no row: no debt).
+pub const DEBTS: TableDefinition<&str, i64> = TableDefinition::new("debts");
+/// reversal_id → `Reversal`.
+pub const REVERSALS: TableDefinition<u128, Bytes> = TableDefinition::new("reversals");
+/// (credit_id or topup_id, reversal_id): the reversals of each credit and top-up.
+pub const SOURCE_REVERSALS: TableDefinition<(u128, u128), ()> =
+    TableDefinition::new("source_reversals");
+/// (user_id, PSP dispute_id) → `Dispute`.
+pub const DISPUTES: TableDefinition<(&str, &str), Bytes> = TableDefinition::new("disputes");
+/// credit_id → the credit's `external_ref` (its key in `CREDITS`), for credits made since reversals
+/// exist; an older credit is found by a scan of `CREDITS`.
+pub const CREDIT_IDS: TableDefinition<u128, &str> = TableDefinition::new("credit_ids");
+
 /// The key of the one `MetaState` row in `META`.
 pub const META_STATE_KEY: &str = "state";
 /// The key of the shard's applied time in `META` (a `Timestamp`: the latest time a command ran at;
@@ -72,6 +85,9 @@ pub const CLOCK_KEY: &str = "clock";
 pub const MARKER_KEY: &str = "replication";
 /// The key of the outbox's bookkeeping in `META` (an `EventLog`; absent before the shard's first event).
 pub const EVENT_LOG_KEY: &str = "event_log";
+/// The key of the `receivable` system account's balance in `META` (an `i64`: minus the debts, summed;
+/// absent before the shard's first debt).
+pub const RECEIVABLE_KEY: &str = "receivable";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(|e| StoreError::Encode(e.to_string()))
@@ -135,6 +151,11 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(19, EVENTS)?;
     visitor.visit(20, WEBHOOKS)?;
     visitor.visit(21, FROZEN)?;
+    visitor.visit(22, DEBTS)?;
+    visitor.visit(23, REVERSALS)?;
+    visitor.visit(24, SOURCE_REVERSALS)?;
+    visitor.visit(25, DISPUTES)?;
+    visitor.visit(26, CREDIT_IDS)?;
     Ok(())
 }
 

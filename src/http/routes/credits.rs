@@ -1,4 +1,5 @@
-//! Adding credit: direct credits reported by the game backend, PSP top-ups and the signed PSP webhook.
+//! Adding credit, and taking it back: direct credits reported by the game backend and their reversals,
+//! PSP top-ups, and the signed PSP webhook (payments, refunds and disputes).
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -12,11 +13,13 @@ use uuid::Uuid;
 use super::user_path;
 use crate::domain::command::{self, PSP_EVENT_SCOPE};
 use crate::domain::model::{MAX_SOURCE_CHARS, is_valid_external_ref};
-use crate::domain::{Command, Timestamp};
+use crate::domain::{Command, Money, ReversalReason, ReversalSource, Timestamp};
 use crate::engine::coordinator::{DirectCredit, PspEvent};
+use crate::engine::reversals::{PspReversal, PspReversalKind, PspTopupRef};
 use crate::http::auth::Caller;
 use crate::http::dto::{
-    self, CreditRequest, CreditResponse, TopupRequest, TopupResponse, WebhookRequest,
+    self, CreditRequest, CreditResponse, PspWebhookResponse, ReversalRequest, ReversalResponse,
+    TopupRequest, TopupResponse, WebhookRequest,
 };
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::{self, AmountRule, PathParams, Post, ReadConsistency};
@@ -233,14 +236,17 @@ impl PspSignature {
     }
 }
 
-/// The PSP's payment notification. Authenticated by its HMAC signature; `event_id` is its idempotency key.
+/// The PSP's notifications: payments, refunds and disputes of top-ups. Authenticated by its HMAC
+/// signature; `event_id` is its idempotency key.
 #[utoipa::path(post, path = "/v1/psp/webhook", tag = "credit", request_body = WebhookRequest,
     params(("Psp-Signature" = String, Header, description = "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<raw body>\")>")),
     responses(
-        (status = 200, description = "The top-up after the event (unchanged for a replay or a final top-up)", body = TopupResponse),
+        (status = 200, description = "The top-up after a payment event (unchanged for a replay or a final top-up), or the dispute after a dispute event", body = PspWebhookResponse),
+        (status = 201, description = "`payment.refunded`: the reversal", body = ReversalResponse),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 401, description = "`invalid_signature`", body = ErrorBody),
-        (status = 404, description = "`topup_not_found`", body = ErrorBody),
-        (status = 409, description = "`amount_mismatch`, `external_ref_conflict`", body = ErrorBody),
+        (status = 404, description = "`topup_not_found`; `not_found` (`dispute.closed` lost, of a dispute not opened here, without `amount`: not stored, send it again)", body = ErrorBody),
+        (status = 409, description = "`amount_mismatch`, `external_ref_conflict`, `reversal_exceeds_credit`, `invalid_state` (a refund or dispute of a top-up not completed: not stored, send it again), `limit_exceeded`", body = ErrorBody),
         (status = 422, description = "`invalid_amount`", body = ErrorBody),
     ))]
 pub async fn psp_webhook(
@@ -257,23 +263,30 @@ pub async fn psp_webhook(
     let post = Post::read(request).await?;
     signature.verify(secret, &post.body.0)?;
     let request: WebhookRequest = post.json()?;
+    external_ref("event_id", &request.event_id)?;
+    let user_id = input::client_id("user_id", &request.user_id)?;
+    let tag = app.tag(
+        PSP_EVENT_SCOPE,
+        request.event_id.clone(),
+        post.fingerprint(),
+        now,
+    );
     let succeeded = match request.event_type.as_str() {
         "payment.succeeded" => true,
         "payment.failed" => false,
+        "payment.refunded" | "dispute.opened" | "dispute.closed" => {
+            let event = psp_reversal(&app, request, user_id)?;
+            let write = app.node.psp_reversal(consistency, now, tag, event);
+            let applied = app.bounded_write(write).await?;
+            return Ok(render::applied(&app, &applied));
+        }
         other => {
             return Err(ApiError::invalid_request(format!(
                 "unknown event type {other:?}"
             )));
         }
     };
-    external_ref("event_id", &request.event_id)?;
-    let user_id = input::client_id("user_id", &request.user_id)?;
-    let amount = input::amount(
-        &app.config.currency,
-        "amount",
-        &request.amount,
-        AmountRule::Positive,
-    )?;
+    let amount = required_amount(&app, request.amount.as_ref())?;
     let psp_payment_id = match (&request.psp_payment_id, succeeded) {
         (Some(id), _) => {
             external_ref("psp_payment_id", id)?;
@@ -286,13 +299,11 @@ pub async fn psp_webhook(
         }
         (None, false) => String::new(),
     };
-    let topup_id = Uuid::parse_str(&request.topup_id).map_err(|_| ApiError::topup_not_found())?;
-    let tag = app.tag(
-        PSP_EVENT_SCOPE,
-        request.event_id.clone(),
-        post.fingerprint(),
-        now,
-    );
+    let topup_id = request
+        .topup_id
+        .as_deref()
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .ok_or_else(ApiError::topup_not_found)?;
     let event = PspEvent {
         event_id: request.event_id,
         succeeded,
@@ -303,6 +314,131 @@ pub async fn psp_webhook(
     };
     let applied = app
         .bounded_write(app.node.psp_payment(consistency, now, tag, event))
+        .await?;
+    Ok(render::applied(&app, &applied))
+}
+
+/// A webhook's `amount`, which its type requires.
+fn required_amount(app: &AppState, amount: Option<&serde_json::Value>) -> Result<Money, ApiError> {
+    let amount = amount.ok_or_else(|| ApiError::invalid_request("amount is required"))?;
+    input::amount(&app.config.currency, "amount", amount, AmountRule::Positive)
+}
+
+/// A `payment.refunded`, `dispute.opened` or `dispute.closed` event, checked: it names its top-up by
+/// `topup_id` or `psp_payment_id`; a dispute event names its `dispute_id`.
+fn psp_reversal(
+    app: &AppState,
+    request: WebhookRequest,
+    user_id: String,
+) -> Result<PspReversal, ApiError> {
+    let topup = match (&request.topup_id, &request.psp_payment_id) {
+        (Some(id), _) => {
+            PspTopupRef::Topup(Uuid::parse_str(id).map_err(|_| ApiError::topup_not_found())?)
+        }
+        (None, Some(payment)) => {
+            external_ref("psp_payment_id", payment)?;
+            PspTopupRef::Payment(payment.clone())
+        }
+        (None, None) => {
+            return Err(ApiError::invalid_request(
+                "the event needs topup_id or psp_payment_id",
+            ));
+        }
+    };
+    let dispute_id = || match &request.dispute_id {
+        Some(id) => external_ref("dispute_id", id).map(|()| id.clone()),
+        None => Err(ApiError::invalid_request("a dispute event needs dispute_id")),
+    };
+    let kind = match request.event_type.as_str() {
+        "payment.refunded" => PspReversalKind::Refunded {
+            amount: required_amount(app, request.amount.as_ref())?,
+        },
+        "dispute.opened" => PspReversalKind::DisputeOpened {
+            dispute_id: dispute_id()?,
+            amount: required_amount(app, request.amount.as_ref())?,
+        },
+        _ => PspReversalKind::DisputeClosed {
+            dispute_id: dispute_id()?,
+            won: match request.outcome.as_deref() {
+                Some("won") => true,
+                Some("lost") => false,
+                _ => {
+                    return Err(ApiError::invalid_request(
+                        "dispute.closed needs outcome won or lost",
+                    ));
+                }
+            },
+            amount: match &request.amount {
+                Some(_) => Some(required_amount(app, request.amount.as_ref())?),
+                None => None,
+            },
+        },
+    };
+    Ok(PspReversal {
+        event_id: request.event_id,
+        user_id,
+        topup,
+        kind,
+        revoke: app.config.revoke_on_reversal,
+    })
+}
+
+/// Reverse (part of) a direct credit the payment provider took back (service, admin): a PSP refund or a
+/// chargeback the game backend learned of. Taken from the wallet; what it no longer has becomes debt and
+/// freezes the account (see `--on-reversal`).
+#[utoipa::path(post, path = "/v1/users/{user_id}/credits/{credit_id}/reversals", tag = "credit",
+    request_body = ReversalRequest,
+    params(("user_id" = String, Path), ("credit_id" = String, Path), ("Idempotency-Key" = String, Header)),
+    responses(
+        (status = 201, description = "Reversed", body = ReversalResponse),
+        (status = 200, description = "This external_ref was already reversed on this credit: the original reversal, nothing taken now", body = ReversalResponse),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 404, description = "`user_not_found`, `not_found` (no such credit of this user)", body = ErrorBody),
+        (status = 409, description = "`reversal_exceeds_credit`, `external_ref_conflict`, `limit_exceeded` (100 reversals per credit)", body = ErrorBody),
+        (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_reversal(
+    State(app): State<AppState>,
+    caller: Caller,
+    ReadConsistency(consistency): ReadConsistency,
+    PathParams((user_id, credit_id)): PathParams<(String, String)>,
+    post: Post,
+) -> Result<Response, ApiError> {
+    caller.require_staff()?;
+    let user_id = input::client_id("user_id", &user_id)?;
+    let credit_id = Uuid::parse_str(&credit_id)
+        .map_err(|_| ApiError::invalid_request("credit_id must be a UUID"))?;
+    let key = post.idempotency_key()?;
+    let request: ReversalRequest = post.json()?;
+    let amount = input::amount(
+        &app.config.currency,
+        "amount",
+        &request.amount,
+        AmountRule::Positive,
+    )?;
+    let reason = ReversalReason::parse(&request.reason).ok_or_else(|| {
+        ApiError::invalid_request("reason must be psp_refund or chargeback")
+    })?;
+    external_ref("external_ref", &request.external_ref)?;
+    let credit_ref = app
+        .bounded(app.node.credit_ref(consistency, &user_id, credit_id))
+        .await?;
+    let now = Timestamp::now();
+    let tag = app.tag(&user_id, key, post.fingerprint(), now);
+    let command = Command::Reverse(command::Reverse {
+        user_id: user_id.clone(),
+        source: ReversalSource::Credit {
+            credit_id,
+            external_ref: credit_ref,
+        },
+        amount,
+        reason,
+        external_ref: request.external_ref,
+        revoke: app.config.revoke_on_reversal,
+    });
+    let applied = app
+        .submit_for_user(&user_id, now, Some(tag), command)
         .await?;
     Ok(render::applied(&app, &applied))
 }

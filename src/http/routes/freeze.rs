@@ -49,13 +49,15 @@ pub async fn freeze(
     Ok(render::applied(&app, &applied))
 }
 
-/// Unfreeze an account. Unfreezing one that is not frozen changes nothing.
+/// Unfreeze an account. Unfreezing one that is not frozen changes nothing; one with debt needs an admin's
+/// `force` (the debt stays).
 #[utoipa::path(post, path = "/v1/users/{user_id}/unfreeze", tag = "users", request_body = UnfreezeRequest,
     params(("user_id" = String, Path), ("Idempotency-Key" = String, Header)),
     responses(
         (status = 200, description = "The user, not frozen", body = UserResponse),
         (status = 403, description = "`forbidden` (`force` is the admin's)", body = ErrorBody),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
+        (status = 409, description = "`debt_outstanding` (details: `debt`): the account owes the shop; an admin may pass `force`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn unfreeze(

@@ -72,6 +72,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(freeze::freeze))
         .routes(routes!(freeze::unfreeze))
         .routes(routes!(credits::create_credit))
+        .routes(routes!(credits::create_reversal))
         .routes(routes!(credits::create_topup))
         .routes(routes!(credits::get_topup))
         .routes(routes!(credits::psp_webhook))

@@ -71,12 +71,13 @@ pub async fn get_user(
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let read = app.node.user(consistency, &user_id, Timestamp::now());
-    let (user, wallet, frozen) = app.bounded(read).await?;
+    let view = app.bounded(read).await?;
     Ok(render::ok(&dto::user(
         &app.config.currency,
-        &user,
-        &wallet,
-        frozen.as_ref(),
+        &view.user,
+        &view.wallet,
+        view.frozen.as_ref(),
+        Some(view.debt),
     )))
 }
 
@@ -93,8 +94,9 @@ pub async fn get_wallet(
 ) -> Result<Response, ApiError> {
     let user_id = user_path(&caller, &user_id)?;
     let read = app.node.user(consistency, &user_id, Timestamp::now());
-    let (_, wallet, _) = app.bounded(read).await?;
-    Ok(render::ok(&dto::wallet(&app.config.currency, &wallet)))
+    let view = app.bounded(read).await?;
+    let wallet = dto::wallet_owing(&app.config.currency, &view.wallet, view.debt);
+    Ok(render::ok(&wallet))
 }
 
 /// Mint a token bound to this user (admin, service).

@@ -77,8 +77,12 @@ impl Applier<'_> {
             PostingRef::Credit(credit.credit_id),
             context.now,
         )?;
+        let reference = PostingRef::Credit(credit.credit_id);
+        self.repay_debt(context, &mut user, amount, reference)?;
         let bytes = encode(&credit)?;
         self.credits.insert(external_ref, bytes.as_slice())?;
+        self.credit_ids
+            .insert(credit.credit_id.as_u128(), external_ref)?;
         self.save_user(&user)?;
         let data = EventData::Credit {
             credit: credit.clone(),
@@ -258,6 +262,7 @@ impl Applier<'_> {
                 PostingRef::Topup(topup_id),
                 context.now,
             )?;
+            self.repay_debt(context, &mut user, amount, PostingRef::Topup(topup_id))?;
             topup.status = TopupStatus::Completed;
             topup.psp_payment_id = Some(psp_payment_id.to_owned());
             self.save_user(&user)?;
@@ -295,7 +300,7 @@ fn final_time(topup: &Topup) -> Option<i64> {
 
 /// An amount a command moves (credit, top-up, payment): positive, and no more than a wallet may hold.
 /// The edge refuses anything else with 422; a command in the log may still come from a faulty peer.
-fn check_amount(amount: Money) -> Result<(), Rejection> {
+pub(super) fn check_amount(amount: Money) -> Result<(), Rejection> {
     if !amount.is_positive() {
         return Err(Rejection::invalid("amount must be positive"));
     }

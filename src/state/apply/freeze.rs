@@ -1,10 +1,11 @@
 //! Frozen accounts: `FreezeUser`, `UnfreezeUser`, and the check every spending command makes first
-//! (orders, completions, top-ups, consumes, tokens). Reads, refunds and credits ignore a freeze.
+//! (orders, completions, top-ups, consumes, tokens). Reads, refunds, credits and reversals ignore a
+//! freeze. An account with debt unfreezes only by force (an admin's decision) or by repaying it.
 
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::model::MAX_FREEZE_REASON_CHARS;
-use crate::domain::{EventData, EventType, Freeze, Rejection, Reply};
+use crate::domain::{EventData, EventType, Freeze, Rejection, Reply, User};
 use crate::state::tables::{encode, get};
 
 impl Applier<'_> {
@@ -32,14 +33,7 @@ impl Applier<'_> {
             reason: command.reason.clone(),
             at: context.now,
         };
-        let bytes = encode(&freeze)?;
-        self.frozen
-            .insert(command.user_id.as_str(), bytes.as_slice())?;
-        let data = EventData::Account {
-            user: user.clone(),
-            frozen: Some(freeze.clone()),
-        };
-        self.emit(context, EventType::AccountFrozen, &command.user_id, data)?;
+        self.put_freeze(context, &user, freeze.clone())?;
         Ok(Reply::Account {
             user,
             frozen: Some(freeze),
@@ -52,14 +46,40 @@ impl Applier<'_> {
         command: &command::UnfreezeUser,
     ) -> Step<Reply> {
         let user = self.existing_user(&command.user_id)?;
-        if self.frozen.remove(command.user_id.as_str())?.is_some() {
+        let debt = self.debt_of(&command.user_id)?;
+        if debt.is_positive() && !command.force {
+            return Err(Rejection::DebtOutstanding { debt }.into());
+        }
+        self.lift_freeze(context, &user)?;
+        Ok(Reply::Account { user, frozen: None })
+    }
+
+    /// Freezes `user`'s account (which is not frozen) and emits `account.frozen`.
+    pub(super) fn put_freeze(
+        &mut self,
+        context: &mut CommandContext,
+        user: &User,
+        freeze: Freeze,
+    ) -> Step<()> {
+        let bytes = encode(&freeze)?;
+        self.frozen.insert(user.user_id.as_str(), bytes.as_slice())?;
+        let data = EventData::Account {
+            user: user.clone(),
+            frozen: Some(freeze),
+        };
+        self.emit(context, EventType::AccountFrozen, &user.user_id, data)
+    }
+
+    /// Unfreezes `user`'s account and emits `account.unfrozen`; nothing if it is not frozen.
+    pub(super) fn lift_freeze(&mut self, context: &mut CommandContext, user: &User) -> Step<()> {
+        if self.frozen.remove(user.user_id.as_str())?.is_some() {
             let data = EventData::Account {
                 user: user.clone(),
                 frozen: None,
             };
-            self.emit(context, EventType::AccountUnfrozen, &command.user_id, data)?;
+            self.emit(context, EventType::AccountUnfrozen, &user.user_id, data)?;
         }
-        Ok(Reply::Account { user, frozen: None })
+        Ok(())
     }
 
     /// Refuses a spending command of a frozen account.
@@ -73,7 +93,7 @@ impl Applier<'_> {
         }
     }
 
-    fn freeze_of(&self, user_id: &str) -> Step<Option<Freeze>> {
+    pub(super) fn freeze_of(&self, user_id: &str) -> Step<Option<Freeze>> {
         Ok(get(&self.frozen, user_id)?)
     }
 }

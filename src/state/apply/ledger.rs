@@ -16,6 +16,7 @@ impl Applier<'_> {
             held: user.held,
             psp_clearing: self.meta.psp_clearing,
             revenue: self.meta.revenue,
+            receivable: self.receivable,
         }
     }
 
@@ -55,6 +56,10 @@ impl Applier<'_> {
         user.held = after.held;
         self.meta.psp_clearing = after.psp_clearing;
         self.meta.revenue = after.revenue;
+        if self.receivable != after.receivable {
+            self.receivable = after.receivable;
+            self.receivable_changed = true;
+        }
         user.ledger_seq = ledger_seq;
         self.meta.posting_seq = posting_seq;
         let (debit, credit) = kind.accounts(&user.user_id);
@@ -94,6 +99,7 @@ struct Accounts {
     held: Money,
     psp_clearing: i64,
     revenue: i64,
+    receivable: i64,
 }
 
 impl Accounts {
@@ -105,7 +111,7 @@ impl Accounts {
             return Err(Rejection::invalid("postings move positive amounts"));
         }
         let (balance_delta, held_delta) = kind.wallet_delta(amount);
-        let (psp_clearing_delta, revenue_delta) = kind.system_delta(amount);
+        let system = kind.system_delta(amount);
         let moved = |from: i64, delta: i128| {
             i128::from(from)
                 .checked_add(delta)
@@ -115,8 +121,9 @@ impl Accounts {
         let after = Accounts {
             balance: Money::from_minor(moved(self.balance.minor(), balance_delta)?),
             held: Money::from_minor(moved(self.held.minor(), held_delta)?),
-            psp_clearing: moved(self.psp_clearing, psp_clearing_delta)?,
-            revenue: moved(self.revenue, revenue_delta)?,
+            psp_clearing: moved(self.psp_clearing, system.psp_clearing)?,
+            revenue: moved(self.revenue, system.revenue)?,
+            receivable: moved(self.receivable, system.receivable)?,
         };
         if after.held.is_negative() || after.held > after.balance {
             return Err(Rejection::invalid(

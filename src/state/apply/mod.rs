@@ -18,10 +18,13 @@
 //! of the command, and the stored outcome. The commands live by subject: `users`, `idempotency` (global
 //! keys), `credits` (credits and top-ups), `catalog`, `orders`, `refunds`, `entitlements`, `sweep`,
 //! `ledger` (`post` and the checks of every posting), `events` (the outbox every change writes to, and its
-//! purge) and `webhooks` (their rows and delivery positions).
+//! purge), `webhooks` (their rows and delivery positions), `freeze`, `reversals` (money going back out,
+//! and `--on-reversal revoke`), `disputes` and `debt` (what a reversal could not take, and its repayment).
 
 mod catalog;
 mod credits;
+mod debt;
+mod disputes;
 mod entitlements;
 mod events;
 mod freeze;
@@ -29,6 +32,7 @@ mod idempotency;
 mod ledger;
 mod orders;
 mod refunds;
+mod reversals;
 mod sweep;
 mod users;
 mod webhooks;
@@ -104,7 +108,16 @@ pub(crate) struct Applier<'t> {
     events: Table<'t, u64, Bytes>,
     webhooks: Table<'t, &'static str, Bytes>,
     frozen: Table<'t, &'static str, Bytes>,
+    debts: Table<'t, &'static str, i64>,
+    reversals: Table<'t, u128, Bytes>,
+    source_reversals: Table<'t, (u128, u128), ()>,
+    disputes: Table<'t, (&'static str, &'static str), Bytes>,
+    credit_ids: Table<'t, u128, &'static str>,
     meta: MetaState,
+    /// The `receivable` account's balance (a `META` row of its own: `MetaState` never changes shape),
+    /// written back by `finish` when a command changed it.
+    receivable: i64,
+    receivable_changed: bool,
     /// The outbox's bookkeeping, written back by `finish` when a command changed it.
     event_log: EventLog,
     event_log_changed: bool,
@@ -118,6 +131,7 @@ impl<'t> Applier<'t> {
         let meta = get(&meta_table, tables::META_STATE_KEY)?.unwrap_or_default();
         let clock = get(&meta_table, tables::CLOCK_KEY)?.unwrap_or(Timestamp(i64::MIN));
         let event_log = get(&meta_table, tables::EVENT_LOG_KEY)?.unwrap_or_default();
+        let receivable = get(&meta_table, tables::RECEIVABLE_KEY)?.unwrap_or(0i64);
         Ok(Applier {
             meta_table,
             users: txn.open_table(tables::USERS)?,
@@ -141,7 +155,14 @@ impl<'t> Applier<'t> {
             events: txn.open_table(tables::EVENTS)?,
             webhooks: txn.open_table(tables::WEBHOOKS)?,
             frozen: txn.open_table(tables::FROZEN)?,
+            debts: txn.open_table(tables::DEBTS)?,
+            reversals: txn.open_table(tables::REVERSALS)?,
+            source_reversals: txn.open_table(tables::SOURCE_REVERSALS)?,
+            disputes: txn.open_table(tables::DISPUTES)?,
+            credit_ids: txn.open_table(tables::CREDIT_IDS)?,
             meta,
+            receivable,
+            receivable_changed: false,
             event_log,
             event_log_changed: false,
             clock,
@@ -176,6 +197,11 @@ impl<'t> Applier<'t> {
             let clock = encode(&self.clock)?;
             self.meta_table
                 .insert(tables::CLOCK_KEY, clock.as_slice())?;
+        }
+        if self.receivable_changed {
+            let receivable = encode(&self.receivable)?;
+            self.meta_table
+                .insert(tables::RECEIVABLE_KEY, receivable.as_slice())?;
         }
         if self.event_log_changed {
             let log = encode(&self.event_log)?;
@@ -275,6 +301,9 @@ impl<'t> Applier<'t> {
             Command::FreezeUser(c) => self.freeze_user(context, c),
             Command::UnfreezeUser(c) => self.unfreeze_user(context, c),
             Command::AckWebhookFrom(c) => self.ack_webhook_from(c),
+            Command::Reverse(c) => self.reverse(context, c),
+            Command::OpenDispute(c) => self.open_dispute(context, c),
+            Command::CloseDispute(c) => self.close_dispute(context, c),
         }
     }
 }

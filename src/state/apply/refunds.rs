@@ -11,9 +11,10 @@ use crate::domain::{
     PostingKind, PostingRef, Refund, RefundLine, Rejection, Reply, Timestamp, User,
 };
 use crate::state::tables::encode;
+use uuid::Uuid;
 
 /// What a `Refund` writes, decided before anything is written.
-struct RefundPlan {
+pub(super) struct RefundPlan {
     /// (index of the order's line, quantity refunded) of every refunded line.
     quantities: Vec<(usize, u32)>,
     /// The refund's lines, one per entry of `quantities`, and the sum of their amounts.
@@ -23,6 +24,8 @@ struct RefundPlan {
     entitlements: Vec<Entitlement>,
     /// The order's `refunded_total` once this refund is in it.
     refunded_total: Money,
+    /// Made by a reversal (`--on-reversal revoke`): its money is the reversal's, not the debt's.
+    pub(super) for_reversal: bool,
 }
 
 impl Applier<'_> {
@@ -37,12 +40,17 @@ impl Applier<'_> {
         let mut user = self.begin_user(context, &command.user_id)?;
         let order = self.user_order(&command.user_id, command.order_id)?;
         let plan = self.decide_refund(context.now, &user, &order, command)?;
-        self.write_refund(context, &mut user, order, command, plan)
+        let refund_id = context.ids.primary();
+        let refund = self.write_refund(context, &mut user, order, command, plan, refund_id)?;
+        Ok(Reply::Refunded {
+            refund,
+            wallet: user.wallet(),
+        })
     }
 
     /// Every check of a refund at `now`, in order, reading only: what is refunded and for how much, or
     /// why the refund is refused.
-    fn decide_refund(
+    pub(super) fn decide_refund(
         &self,
         now: Timestamp,
         user: &User,
@@ -80,6 +88,7 @@ impl Applier<'_> {
             amount,
             entitlements,
             refunded_total,
+            for_reversal: false,
         })
     }
 
@@ -104,15 +113,18 @@ impl Applier<'_> {
     }
 
     /// Writes the refund `plan` describes: the revocations, the order's refunded lines and state, the
-    /// refund posting and the refund itself. Nothing here is refused that `decide_refund` accepted.
-    fn write_refund(
+    /// refund posting and the refund itself. Nothing here is refused that `decide_refund` accepted. A
+    /// refund the player asked for pays their debt first; one a reversal makes (`force` with a reversal
+    /// `reason`) does not: the reversal takes that money itself.
+    pub(super) fn write_refund(
         &mut self,
         context: &mut CommandContext,
         user: &mut User,
         mut order: Order,
         command: &command::Refund,
         mut plan: RefundPlan,
-    ) -> Step<Reply> {
+        refund_id: Uuid,
+    ) -> Step<Refund> {
         for (entitlement, &(index, quantity)) in plan.entitlements.iter_mut().zip(&plan.quantities)
         {
             entitlement.revoked += u64::from(quantity);
@@ -120,7 +132,7 @@ impl Applier<'_> {
             order.lines[index].refunded_quantity += quantity;
         }
         let refund = Refund {
-            refund_id: context.ids.primary(),
+            refund_id,
             order_id: command.order_id,
             user_id: command.user_id.clone(),
             lines: plan.lines,
@@ -145,6 +157,10 @@ impl Applier<'_> {
             PostingRef::Refund(refund.refund_id),
             context.now,
         )?;
+        if !plan.for_reversal {
+            let reference = PostingRef::Refund(refund.refund_id);
+            self.repay_debt(context, user, refund.amount, reference)?;
+        }
         let bytes = encode(&refund)?;
         self.refunds
             .insert(refund.refund_id.as_u128(), bytes.as_slice())?;
@@ -164,10 +180,7 @@ impl Applier<'_> {
                 revoked,
             )?;
         }
-        Ok(Reply::Refunded {
-            refund,
-            wallet: user.wallet(),
-        })
+        Ok(refund)
     }
 }
 

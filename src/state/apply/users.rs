@@ -87,7 +87,7 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// Debug builds: the wallet's `held` equals the sum of its pending orders.
+    /// Debug builds: the wallet's `held` equals the sum of its pending orders and open disputes' holds.
     #[cfg(debug_assertions)]
     fn debug_check_holds(&self, user: &User) -> Step<()> {
         let mut pending_total = 0i128;
@@ -97,10 +97,13 @@ impl Applier<'_> {
         {
             pending_total += i128::from(entry?.1.value().1);
         }
+        for dispute in self.user_disputes(&user.user_id)? {
+            pending_total += i128::from(dispute.held.minor());
+        }
         debug_assert_eq!(
             pending_total,
             i128::from(user.held.minor()),
-            "held = sum of pending orders for {}",
+            "held = sum of pending orders and dispute holds for {}",
             user.user_id
         );
         Ok(())

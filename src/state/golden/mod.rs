@@ -15,15 +15,17 @@ use serde::de::DeserializeOwned;
 mod samples;
 
 use samples::{
-    FINGERPRINT, LATER, NOW, commands, create_user, credit, entitlement, envelope, events, freeze,
-    id, item, money, order, posting, refund, rejections, replies, topup, user, webhook,
+    FINGERPRINT, LATER, NOW, commands, create_user, credit, dispute, entitlement, envelope, events,
+    freeze, id, item, money, order, posting, refund, rejections, replies, reversal, topup, user,
+    webhook,
 };
 
 use super::apply::Applied;
 use super::{IdempotencyRecord, IdempotencyState, MetaState};
 use crate::domain::{
-    Account, CancelReason, Command, GlobalClaim, ItemKind, OrderStatus, Outcome, PostingKind,
-    PostingRef, RefClaim, Rejection, Reply, TopupStatus,
+    Account, CancelReason, Command, DisputeStatus, GlobalClaim, ItemKind, OrderStatus, Outcome,
+    PostingKind, PostingRef, RefClaim, Rejection, Reply, ReversalReason, ReversalSource,
+    TopupStatus,
 };
 
 /// The postcard bytes of `value` as hex, after checking that they decode back to `value`.
@@ -95,6 +97,9 @@ fn golden_command(command: &Command) -> &'static str {
         Command::FreezeUser { .. } => "170275310a6368617267656261636b",
         Command::UnfreezeUser { .. } => "1802753101",
         Command::AckWebhookFrom { .. } => "1902677302c801ac02",
+        Command::Reverse { .. } => "1a027531001001900000000070008000000000000003027231e807010363623101",
+        Command::OpenDispute { .. } => "1b027531100190000000007000800000000000000703647031e807",
+        Command::CloseDispute { .. } => "1c0275311001900000000070008000000000000007036470310001e80700",
     }
 }
 
@@ -192,6 +197,12 @@ fn golden_reply(reply: &Reply) -> &'static str {
         Reply::Account { .. } => {
             "100275310103416e6e8080f28183898506a09c01a00603010a6368617267656261636b8080f28183898506"
         }
+        Reply::Reversed { .. } => {
+            "11100190000000007000800000000000000b027531011001900000000070008000000000000007e807010b646973707574653a647031c801c801d804011001900000000070008000000000000004648080f28183898506a09c01a006d80401"
+        },
+        Reply::Disputed { .. } => {
+            "12100190000000007000800000000000000c036470310275311001900000000070008000000000000007e80700028080f281838985060180a499dc8989850601100190000000007000800000000000000ba09c01a006d80401100190000000007000800000000000000b027531011001900000000070008000000000000007e807010b646973707574653a647031c801c801d804011001900000000070008000000000000004648080f28183898506"
+        },
     }
 }
 
@@ -232,6 +243,9 @@ fn golden_rejection(rejection: &Rejection) -> &'static str {
         Rejection::ItemKindFixed { .. } => "180467656d730863757272656e6379",
         Rejection::WebhookNotFound { .. } => "19026773",
         Rejection::AccountFrozen { .. } => "1a0a6368617267656261636b",
+        Rejection::NotFound { .. } => "1b076469737075746503647031",
+        Rejection::ReversalExceedsCredit { .. } => "1cb009e807",
+        Rejection::DebtOutstanding { .. } => "1dd804",
     }
 }
 
@@ -339,6 +353,16 @@ fn stored_records_encode_as_pinned() {
     };
     assert_golden(&[("event log", log, "d209e80702")]);
     assert_golden(&[("freeze", freeze(), "0a6368617267656261636b8080f28183898506")]);
+    assert_golden(&[(
+        "reversal",
+        reversal(),
+        "100190000000007000800000000000000b027531011001900000000070008000000000000007e807010b646973707574653a647031c801c801d804011001900000000070008000000000000004648080f28183898506",
+    )]);
+    assert_golden(&[(
+        "dispute",
+        dispute(),
+        "100190000000007000800000000000000c036470310275311001900000000070008000000000000007e80700028080f281838985060180a499dc8989850601100190000000007000800000000000000b",
+    )]);
     let pinned = [
         "1001900000000070008000000000000009008080f28183898506027531000275310103416e6e8080f28183898506a09c01a00603",
         "1001900000000070008000000000000009018080f28183898506027531011001900000000070008000000000000003027531c413027231010570726f6d6f8080f28183898506a09c01a006",
@@ -348,6 +372,8 @@ fn stored_records_encode_as_pinned() {
         "1001900000000070008000000000000009088080f281838985060275310510019000000000700080000000000000041001900000000070008000000000000002027531010467656d7301c801c80101046f6f7073018080f28183898506a09c01a006",
         "1001900000000070008000000000000009098080f28183898506027531060467656d73020301018080f28183898506",
         "10019000000000700080000000000000090f8080f28183898506027531070275310103416e6e8080f28183898506a09c01a00603010a6368617267656261636b8080f28183898506",
+        "10019000000000700080000000000000090c8080f2818389850602753108100190000000007000800000000000000b027531011001900000000070008000000000000007e807010b646973707574653a647031c801c801d804011001900000000070008000000000000004648080f28183898506a09c01a006d804",
+        "10019000000000700080000000000000090e8080f2818389850602753109100190000000007000800000000000000c036470310275311001900000000070008000000000000007e80700028080f281838985060180a499dc8989850601100190000000007000800000000000000ba09c01a006d804",
     ];
     let cases: Vec<(String, crate::domain::Event, &str)> = events()
         .into_iter()
@@ -415,26 +441,48 @@ fn record_enums_encode_as_pinned() {
         PostingKind::Release,
         PostingKind::Debit,
         PostingKind::Refund,
+        PostingKind::Reversal,
+        PostingKind::Debt,
+        PostingKind::DebtRepaid,
     ];
-    assert_golden(&[("posting kinds", postings.to_vec(), "050001020304")]);
+    assert_golden(&[("posting kinds", postings.to_vec(), "080001020304050607")]);
     let accounts = vec![
         Account::Available("u1".to_owned()),
         Account::Held("u1".to_owned()),
         Account::PspClearing,
         Account::Revenue,
+        Account::Receivable,
     ];
-    assert_golden(&[("accounts", accounts, "0400027531010275310203")]);
+    assert_golden(&[("accounts", accounts, "050002753101027531020304")]);
     let references = vec![
         PostingRef::Credit(id(1)),
         PostingRef::Topup(id(1)),
         PostingRef::Order(id(1)),
         PostingRef::Refund(id(1)),
+        PostingRef::Reversal(id(1)),
+        PostingRef::Dispute(id(1)),
     ];
     assert_golden(&[(
         "posting refs",
         references,
-        "04001001900000000070008000000000000001011001900000000070008000000000000001021001900000000070008000000000000001031001900000000070008000000000000001",
+        "06001001900000000070008000000000000001011001900000000070008000000000000001021001900000000070008000000000000001031001900000000070008000000000000001041001900000000070008000000000000001051001900000000070008000000000000001",
     )]);
+    let sources = vec![
+        ReversalSource::Credit {
+            credit_id: id(1),
+            external_ref: "r1".to_owned(),
+        },
+        ReversalSource::Topup { topup_id: id(1) },
+    ];
+    assert_golden(&[(
+        "reversal sources",
+        sources,
+        "02001001900000000070008000000000000001027231011001900000000070008000000000000001",
+    )]);
+    let reasons = [ReversalReason::PspRefund, ReversalReason::Chargeback];
+    assert_golden(&[("reversal reasons", reasons.to_vec(), "020001")]);
+    let statuses = [DisputeStatus::Open, DisputeStatus::Won, DisputeStatus::Lost];
+    assert_golden(&[("dispute statuses", statuses.to_vec(), "03000102")]);
     let claims = vec![
         GlobalClaim::Run(Box::new(envelope(create_user()))),
         GlobalClaim::Settled(Box::new(Err(Rejection::UserExists))),

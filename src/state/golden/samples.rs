@@ -9,6 +9,7 @@ use crate::domain::{
     Freeze, GlobalClaim, HistoryEntry, IdSeed, IdempotencyTag, Item, ItemKind, ItemSpec, Money,
     Order, OrderLine, OrderStatus, Outcome, Posting, PostingKind, PostingRef, Refund, RefundLine,
     Rejection, Reply, Timestamp, Topup, TopupStatus, User, WalletView, Webhook,
+    Dispute, DisputeStatus, Reversal, ReversalReason, ReversalSource,
 };
 
 pub(super) const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
@@ -109,6 +110,19 @@ pub(super) fn commands() -> Vec<Command> {
         command(
             json!({"AckWebhookFrom": {"name": "gs", "generation": 2, "from": 200, "position": 300}}),
         ),
+        command(
+            json!({"Reverse": {"user_id": "u1", "source": {"Credit": {"credit_id": id(3),
+            "external_ref": "r1"}}, "amount": 500, "reason": "Chargeback",
+            "external_ref": "cb1", "revoke": true}}),
+        ),
+        command(
+            json!({"OpenDispute": {"user_id": "u1", "topup_id": id(7), "dispute_id": "dp1",
+            "amount": 500}}),
+        ),
+        command(
+            json!({"CloseDispute": {"user_id": "u1", "topup_id": id(7), "dispute_id": "dp1",
+            "won": false, "amount": 500, "revoke": false}}),
+        ),
     ]
     .into()
 }
@@ -183,7 +197,55 @@ pub(super) fn events() -> Vec<Event> {
                 frozen: Some(freeze()),
             },
         ),
+        event(
+            EventType::PaymentReversed,
+            EventData::Reversal {
+                reversal: reversal(),
+                wallet: wallet(),
+                debt: money(300),
+            },
+        ),
+        event(
+            EventType::DisputeClosed,
+            EventData::Dispute {
+                dispute: dispute(),
+                wallet: wallet(),
+                debt: money(300),
+            },
+        ),
     ]
+}
+
+pub(super) fn reversal() -> Reversal {
+    Reversal {
+        reversal_id: id(11),
+        user_id: "u1".to_owned(),
+        source: ReversalSource::Topup { topup_id: id(7) },
+        amount: money(500),
+        reason: ReversalReason::Chargeback,
+        external_ref: "dispute:dp1".to_owned(),
+        from_hold: money(100),
+        from_wallet: money(100),
+        debt: money(300),
+        revoked_refunds: vec![id(4)],
+        revoked_amount: money(50),
+        created_at: NOW,
+    }
+}
+
+pub(super) fn dispute() -> Dispute {
+    Dispute {
+        record_id: id(12),
+        dispute_id: "dp1".to_owned(),
+        user_id: "u1".to_owned(),
+        topup_id: id(7),
+        amount: money(500),
+        held: money(0),
+        status: DisputeStatus::Lost,
+        opened_at: NOW,
+        closed_at: Some(LATER),
+        reversal_id: Some(id(11)),
+    }
 }
 
 pub(super) fn user() -> User {
@@ -364,6 +426,18 @@ pub(super) fn replies() -> Vec<Reply> {
             user: user(),
             frozen: Some(freeze()),
         },
+        Reply::Reversed {
+            reversal: reversal(),
+            wallet: wallet(),
+            debt: money(300),
+            fresh: true,
+        },
+        Reply::Disputed {
+            dispute: dispute(),
+            wallet: wallet(),
+            debt: money(300),
+            reversal: Some(reversal()),
+        },
     ]
     .into()
 }
@@ -438,6 +512,15 @@ pub(super) fn rejections() -> Vec<Rejection> {
         Rejection::AccountFrozen {
             reason: "chargeback".to_owned(),
         },
+        Rejection::NotFound {
+            what: "dispute".to_owned(),
+            id: "dp1".to_owned(),
+        },
+        Rejection::ReversalExceedsCredit {
+            requested: money(600),
+            reversible: money(500),
+        },
+        Rejection::DebtOutstanding { debt: money(300) },
     ]
     .into()
 }
