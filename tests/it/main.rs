@@ -40,6 +40,7 @@ mod http_ledger;
 mod http_ops;
 mod http_orders;
 mod http_refunds;
+mod http_reversals;
 mod http_topups;
 mod http_users;
 mod launcher;

@@ -49,6 +49,7 @@ impl Applier<'_> {
         };
         self.check_postings(&user, &[(PostingKind::Hold, held)])?;
         let reference = PostingRef::Dispute(dispute.record_id);
+        self.save_dispute(&dispute)?;
         self.post(
             context,
             &mut user,
@@ -57,7 +58,6 @@ impl Applier<'_> {
             reference,
             context.now,
         )?;
-        self.save_dispute(&dispute)?;
         self.save_user(&user)?;
         self.emit_dispute(context, EventType::DisputeOpened, &user, &dispute)?;
         self.disputed(&user, dispute)
@@ -131,19 +131,19 @@ impl Applier<'_> {
         mut dispute: Dispute,
     ) -> Step<Dispute> {
         self.check_postings(user, &[(PostingKind::Release, dispute.held)])?;
-        let reference = PostingRef::Dispute(dispute.record_id);
-        self.post(
-            context,
-            user,
-            PostingKind::Release,
-            dispute.held,
-            reference,
-            context.now,
-        )?;
+        let (reference, held) = (PostingRef::Dispute(dispute.record_id), dispute.held);
         dispute.held = Money::ZERO;
         dispute.status = DisputeStatus::Won;
         dispute.closed_at = Some(context.now);
         self.save_dispute(&dispute)?;
+        self.post(
+            context,
+            user,
+            PostingKind::Release,
+            held,
+            reference,
+            context.now,
+        )?;
         self.save_user(user)?;
         Ok(dispute)
     }
@@ -160,31 +160,34 @@ impl Applier<'_> {
         let tally = self.tally(dispute.topup_id, "")?;
         let reversible = topup.amount.saturating_sub(tally.total).max(Money::ZERO);
         let amount = dispute.amount.min(reversible);
-        let hold = Some((dispute.record_id, dispute.held));
-        if amount.is_positive() {
-            check_reversible(&tally, topup.amount, amount)?;
-            let request = TakeBack {
-                source: ReversalSource::Topup {
-                    topup_id: dispute.topup_id,
-                },
-                amount,
-                reason: ReversalReason::Chargeback,
-                external_ref: format!("dispute:{}", dispute.dispute_id),
-                revoke,
-                since: topup.finished_at.unwrap_or(topup.created_at),
-                hold,
-            };
-            let reversal_id = context.ids.primary();
-            self.take_back(context, user, request, reversal_id)?;
-            dispute.reversal_id = Some(reversal_id);
-        } else {
+        if !amount.is_positive() {
             // Nothing left to take back (refunded meanwhile): only the hold goes.
-            self.win_dispute(context, user, dispute.clone())?;
+            let mut closed = self.win_dispute(context, user, dispute)?;
+            closed.status = DisputeStatus::Lost;
+            self.save_dispute(&closed)?;
+            return Ok(closed);
         }
+        check_reversible(&tally, topup.amount, amount)?;
+        let request = TakeBack {
+            source: ReversalSource::Topup {
+                topup_id: dispute.topup_id,
+            },
+            amount,
+            reason: ReversalReason::Chargeback,
+            external_ref: format!("dispute:{}", dispute.dispute_id),
+            revoke,
+            since: topup.finished_at.unwrap_or(topup.created_at),
+            hold: Some((dispute.record_id, dispute.held)),
+        };
+        let plan = self.plan_reversal(user, &request)?;
+        let reversal_id = context.ids.primary();
         dispute.held = Money::ZERO;
         dispute.status = DisputeStatus::Lost;
         dispute.closed_at = Some(context.now);
+        dispute.reversal_id = Some(reversal_id);
+        // Written first: the wallet's held, checked at every save of the user, no longer counts it.
         self.save_dispute(&dispute)?;
+        self.take_back(context, user, request, plan, reversal_id)?;
         Ok(dispute)
     }
 

@@ -47,7 +47,7 @@ struct Revoke {
 }
 
 /// How a reversal is covered (see `Reversal`).
-struct ReversalPlan {
+pub(super) struct ReversalPlan {
     from_hold: Money,
     debt: Money,
     revokes: Vec<Revoke>,
@@ -99,8 +99,9 @@ impl Applier<'_> {
             since,
             hold: None,
         };
+        let plan = self.plan_reversal(&user, &request)?;
         let reversal_id = context.ids.primary();
-        let reversal = self.take_back(context, &mut user, request, reversal_id)?;
+        let reversal = self.take_back(context, &mut user, request, plan, reversal_id)?;
         let debt = self.debt_of(&user.user_id)?;
         Ok(Reply::Reversed {
             reversal,
@@ -175,16 +176,17 @@ impl Applier<'_> {
         Ok(tally)
     }
 
-    /// Takes `request.amount` back from `user` (see the module's doc), as reversal `reversal_id`, and
-    /// emits `payment.reversed`. The caller checked that the source can give that much.
+    /// Takes `request.amount` back from `user` as `plan` (from `plan_reversal`) says, as reversal
+    /// `reversal_id`, and emits `payment.reversed`. The caller checked that the source can give that much,
+    /// and wrote a lost dispute as closed (its hold is released here).
     pub(super) fn take_back(
         &mut self,
         context: &mut CommandContext,
         user: &mut User,
         request: TakeBack,
+        plan: ReversalPlan,
         reversal_id: Uuid,
     ) -> Step<Reversal> {
-        let plan = self.plan_reversal(user, &request)?;
         if let Some((record_id, held)) = request.hold {
             let reference = PostingRef::Dispute(record_id);
             self.post(
@@ -250,7 +252,7 @@ impl Applier<'_> {
     }
 
     /// Decides how `request` is covered, reading only, and checks every posting it will make.
-    fn plan_reversal(&self, user: &User, request: &TakeBack) -> Step<ReversalPlan> {
+    pub(super) fn plan_reversal(&self, user: &User, request: &TakeBack) -> Step<ReversalPlan> {
         let held = request.hold.map_or(Money::ZERO, |(_, held)| held);
         let available = user
             .wallet()
@@ -371,7 +373,8 @@ impl Applier<'_> {
             let mut plan = self.decide_refund(context.now, user, &revoke.order, &command)?;
             plan.for_reversal = true;
             let refund_id = context.ids.next_id();
-            let refund = self.write_refund(context, user, revoke.order, &command, plan, refund_id)?;
+            let refund =
+                self.write_refund(context, user, revoke.order, &command, plan, refund_id)?;
             total = total.checked_add(refund.amount).ok_or_else(overflow)?;
             ids.push(refund.refund_id);
         }
