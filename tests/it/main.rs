@@ -50,6 +50,7 @@ mod metrics;
 mod outcome_unknown;
 mod props;
 mod raft_conformance;
+mod reversals_cluster;
 mod shop_model;
 mod startup;
 mod webhook_receiver;
