@@ -119,7 +119,7 @@ pub enum Rejection {
     AlreadyOwned { item_id: String },
     #[error("item {item_id} is not for sale")]
     ItemInactive { item_id: String },
-    #[error("not allowed while the order is {status}")]
+    #[error("not allowed while it is {status}")]
     InvalidState { status: String },
     #[error("refund of {item_id} exceeds what was purchased and not yet refunded")]
     RefundExceedsPurchase {

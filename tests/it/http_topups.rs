@@ -312,7 +312,7 @@ async fn signed_webhook_with_a_bad_body_is_refused_and_changes_nothing() {
     let signed = |body: &[u8]| sign_webhook(PSP_SECRET, now_unix(), body);
     for body in [
         b"{".to_vec(),
-        serde_json::to_vec(&json!({"event_id": "e1", "type": "payment.refunded", "topup_id": t["topup_id"],
+        serde_json::to_vec(&json!({"event_id": "e1", "type": "payment.reversed", "topup_id": t["topup_id"],
                                     "user_id": "tw", "amount": "3.00", "psp_payment_id": "pi"})).unwrap(),
         serde_json::to_vec(&json!({"event_id": "e2", "type": "payment.succeeded", "topup_id": t["topup_id"],
                                     "user_id": "tw", "amount": "3.00", "psp_payment_id": "pi", "extra": 1})).unwrap(),
