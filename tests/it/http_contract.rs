@@ -9,12 +9,13 @@ use serde_json::Value;
 use crate::harness::*;
 
 /// Every route with a path parameter, as (method, template).
-const PARAMETRISED: [(&str, &str); 21] = [
+const PARAMETRISED: [(&str, &str); 22] = [
     ("GET", "/v1/users/{user_id}"),
     ("GET", "/v1/users/{user_id}/wallet"),
     ("POST", "/v1/users/{user_id}/tokens"),
     ("GET", "/v1/users/{user_id}/idempotency/{key}"),
     ("POST", "/v1/users/{user_id}/credits"),
+    ("POST", "/v1/users/{user_id}/credits/{credit_id}/reversals"),
     ("POST", "/v1/users/{user_id}/topups"),
     ("GET", "/v1/users/{user_id}/topups/{topup_id}"),
     ("PUT", "/v1/items/{item_id}"),
@@ -37,7 +38,7 @@ const PARAMETRISED: [(&str, &str); 21] = [
 fn good(name: &str) -> &'static str {
     match name {
         "node_id" => "7",
-        "order_id" | "topup_id" => "0192e4a1-7c3b-7def-8abc-0123456789ab",
+        "order_id" | "topup_id" | "credit_id" => "0192e4a1-7c3b-7def-8abc-0123456789ab",
         _ => "pc",
     }
 }

@@ -42,17 +42,44 @@ pub const ORDER_STATUSES: [&str; 5] = [
 ];
 const TOPUP_STATUSES: [&str; 4] = ["PENDING", "COMPLETED", "FAILED", "EXPIRED"];
 pub const ITEM_KINDS: [&str; 3] = ["game", "skin", "currency"];
-const POSTING_KINDS: [&str; 5] = ["credit", "hold", "release", "debit", "refund"];
-const REFERENCE_KINDS: [&str; 4] = ["credit", "topup", "order", "refund"];
+const POSTING_KINDS: [&str; 8] = [
+    "credit",
+    "hold",
+    "release",
+    "debit",
+    "refund",
+    "reversal",
+    "debt",
+    "debt_repaid",
+];
+const REFERENCE_KINDS: [&str; 6] = ["credit", "topup", "order", "refund", "reversal", "dispute"];
 const CANCEL_REASONS: [&str; 2] = ["expired", "cancelled_by_client"];
-const WEBHOOK_TYPES: [&str; 2] = ["payment.succeeded", "payment.failed"];
+const WEBHOOK_TYPES: [&str; 5] = [
+    "payment.succeeded",
+    "payment.failed",
+    "payment.refunded",
+    "dispute.opened",
+    "dispute.closed",
+];
+const REVERSAL_REASONS: [&str; 2] = ["psp_refund", "chargeback"];
 const SHARD_ROLES: [&str; 5] = ["leader", "follower", "candidate", "learner", "shutdown"];
 const RECOVERY_STATES: [&str; 3] = ["none", "awaiting_leader", "catching_up"];
 
 /// Ids the server makes (UUIDv7).
-const SERVER_IDS: [&str; 5] = ["order_id", "refund_id", "credit_id", "topup_id", "entry_id"];
+const SERVER_IDS: [&str; 6] = [
+    "order_id",
+    "refund_id",
+    "credit_id",
+    "topup_id",
+    "entry_id",
+    "reversal_id",
+];
 /// Money fields, all decimal strings.
-const MONEY: [&str; 12] = [
+const MONEY: [&str; 16] = [
+    "debt",
+    "from_hold",
+    "from_wallet",
+    "revoked_amount",
     "amount",
     "price",
     "expected_total",
@@ -206,7 +233,7 @@ fn uuid_schema() -> Value {
 fn parameter_schema(location: &str, name: &str) -> Option<Value> {
     Some(match (location, name) {
         ("path", "user_id" | "item_id" | "name") => id_schema(),
-        ("path", "order_id" | "topup_id") => uuid_schema(),
+        ("path", "order_id" | "topup_id" | "credit_id") => uuid_schema(),
         ("path", "node_id") => {
             json!({"type": "integer", "format": "uint64", "minimum": 1, "maximum": u64::MAX})
         }
@@ -314,7 +341,8 @@ fn property_facts(schema: &str, property: &str) -> Option<Value> {
         ("RefundRequest", "reason") => text(MAX_REASON_CHARS),
         ("CreditRequest", "source") => text(MAX_SOURCE_CHARS),
         ("CreateOrderRequest" | "RefundRequest", "lines") => lines,
-        ("CreditRequest", "external_ref") | ("WebhookRequest", "event_id" | "psp_payment_id") => {
+        ("CreditRequest" | "ReversalRequest", "external_ref")
+        | ("WebhookRequest", "event_id" | "psp_payment_id" | "dispute_id") => {
             json!({"minLength": 1, "maxLength": MAX_EXTERNAL_REF_LEN, "pattern": EXTERNAL_REF_PATTERN})
         }
         ("AddNodeRequest", "node_id") => json!({"minimum": 1}),
@@ -331,6 +359,11 @@ fn property_facts(schema: &str, property: &str) -> Option<Value> {
         ("EntryRef", "type") => json!({"enum": REFERENCE_KINDS}),
         ("HistoryResponse", "reason") => json!({"enum": CANCEL_REASONS}),
         ("WebhookRequest", "type") => json!({"enum": WEBHOOK_TYPES}),
+        ("WebhookRequest", "outcome") => json!({"enum": ["won", "lost"]}),
+        ("ReversalRequest" | "ReversalResponse", "reason") => json!({"enum": REVERSAL_REASONS}),
+        ("ReversalResponse", "status") => json!({"enum": ["COMPLETED"]}),
+        ("ReversalSourceResponse", "type") => json!({"enum": ["credit", "topup"]}),
+        ("DisputeResponse", "status") => json!({"enum": ["OPEN", "WON", "LOST"]}),
         ("ClusterResponse", "mode") => json!({"enum": ["single", "cluster"]}),
         ("ClusterShard", "role") => json!({"enum": SHARD_ROLES}),
         ("ClusterShard", "recovery") => json!({"enum": RECOVERY_STATES}),
