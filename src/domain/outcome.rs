@@ -50,7 +50,8 @@ pub enum Reply {
         topups: u32,
         idempotency_records: u32,
     },
-    // New variants only at the end (postcard is positional; outcomes are stored).
+    // New variants only at the end (postcard is positional; outcomes are stored). A `Box` is encoded as
+    // what it holds: records are boxed only to keep `Outcome` small.
     /// What `SweepAndPurge` did: `Swept`'s counts and the final top-ups purged.
     SweptAndPurged {
         orders: u32,
@@ -73,7 +74,7 @@ pub enum Reply {
     /// A reversal, and the wallet and debt right after it. `fresh: false` when its `external_ref` was
     /// already reversed (nothing taken now).
     Reversed {
-        reversal: Reversal,
+        reversal: Box<Reversal>,
         wallet: WalletView,
         debt: Money,
         fresh: bool,
@@ -81,10 +82,10 @@ pub enum Reply {
     /// A dispute after a PSP event (or unchanged, for one already known), the wallet and debt right
     /// after, and the reversal a lost dispute became.
     Disputed {
-        dispute: Dispute,
+        dispute: Box<Dispute>,
         wallet: WalletView,
         debt: Money,
-        reversal: Option<Reversal>,
+        reversal: Option<Box<Reversal>>,
     },
 }
 

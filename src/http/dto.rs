@@ -289,8 +289,8 @@ pub struct DisputeResponse {
 #[serde(untagged)]
 pub enum PspWebhookResponse {
     Topup(TopupResponse),
-    Reversal(ReversalResponse),
-    Dispute(DisputeResponse),
+    Reversal(Box<ReversalResponse>),
+    Dispute(Box<DisputeResponse>),
 }
 
 #[derive(Debug, Serialize, ToSchema)]

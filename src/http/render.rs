@@ -62,7 +62,7 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
             reversal,
         }) => json(
             StatusCode::OK,
-            &dto::dispute(currency, dispute, reversal.as_ref(), wallet, *debt),
+            &dto::dispute(currency, dispute, reversal.as_deref(), wallet, *debt),
         ),
         Ok(Reply::TokenIssued {
             user_id,

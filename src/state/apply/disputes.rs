@@ -252,8 +252,8 @@ impl Applier<'_> {
         Ok(Reply::Disputed {
             debt: self.debt_of(&user.user_id)?,
             wallet: user.wallet(),
-            dispute,
-            reversal,
+            dispute: Box::new(dispute),
+            reversal: reversal.map(Box::new),
         })
     }
 

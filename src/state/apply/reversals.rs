@@ -83,7 +83,7 @@ impl Applier<'_> {
             }
             let debt = self.debt_of(&user.user_id)?;
             return Ok(Reply::Reversed {
-                reversal: existing,
+                reversal: Box::new(existing),
                 wallet: user.wallet(),
                 debt,
                 fresh: false,
@@ -104,7 +104,7 @@ impl Applier<'_> {
         let reversal = self.take_back(context, &mut user, request, plan, reversal_id)?;
         let debt = self.debt_of(&user.user_id)?;
         Ok(Reply::Reversed {
-            reversal,
+            reversal: Box::new(reversal),
             wallet: user.wallet(),
             debt,
             fresh: true,

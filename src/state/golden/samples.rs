@@ -427,16 +427,16 @@ pub(super) fn replies() -> Vec<Reply> {
             frozen: Some(freeze()),
         },
         Reply::Reversed {
-            reversal: reversal(),
+            reversal: Box::new(reversal()),
             wallet: wallet(),
             debt: money(300),
             fresh: true,
         },
         Reply::Disputed {
-            dispute: dispute(),
+            dispute: Box::new(dispute()),
             wallet: wallet(),
             debt: money(300),
-            reversal: Some(reversal()),
+            reversal: Some(Box::new(reversal())),
         },
     ]
     .into()
