@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::event::EventType;
 use super::ids::IdSeed;
+use super::limits::LimitChanges;
 use super::model::ItemSpec;
 use super::money::Money;
 use super::outcome::Outcome;
@@ -92,6 +93,8 @@ pub enum Command {
     FreezeUser(FreezeUser),
     UnfreezeUser(UnfreezeUser),
     AckWebhookFrom(AckWebhookFrom),
+    PutShopLimits(PutShopLimits),
+    PutUserLimits(PutUserLimits),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +318,22 @@ pub struct UnfreezeUser {
     pub force: bool,
 }
 
+/// Change the shop-wide limits on one shard. `generation: None` on the limits' home shard (which makes
+/// the changes to its copy and decides the generation: one more than its copy's); `Some(g)` on every
+/// other shard, with every limit in `changes` (the home's whole set), taken if `g` is newer than its copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutShopLimits {
+    pub changes: LimitChanges,
+    pub generation: Option<u64>,
+}
+
+/// Change a user's overrides of the shop-wide limits (on the user's shard).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutUserLimits {
+    pub user_id: String,
+    pub changes: LimitChanges,
+}
+
 impl Command {
     /// The user whose shard this command must run on, if it is a per-user command.
     pub fn user_id(&self) -> Option<&str> {
@@ -331,7 +350,8 @@ impl Command {
             | Command::Refund(Refund { user_id, .. })
             | Command::Consume(Consume { user_id, .. })
             | Command::FreezeUser(FreezeUser { user_id, .. })
-            | Command::UnfreezeUser(UnfreezeUser { user_id, .. }) => Some(user_id),
+            | Command::UnfreezeUser(UnfreezeUser { user_id, .. })
+            | Command::PutUserLimits(PutUserLimits { user_id, .. }) => Some(user_id),
             Command::ClaimGlobalKey(_)
             | Command::SettleGlobalKey(_)
             | Command::ClaimExternalRef(_)
@@ -344,12 +364,13 @@ impl Command {
             | Command::WebhookFailed(_)
             | Command::ReplayWebhook(_)
             | Command::PurgeEvents(_)
-            | Command::AckWebhookFrom(_) => None,
+            | Command::AckWebhookFrom(_)
+            | Command::PutShopLimits(_) => None,
         }
     }
 
     /// Every [`Command::name`] (metrics register each at start).
-    pub const NAMES: [&'static str; 23] = [
+    pub const NAMES: [&'static str; 25] = [
         "create_user",
         "issue_token",
         "claim_global_key",
@@ -373,6 +394,8 @@ impl Command {
         "purge_events",
         "freeze_user",
         "unfreeze_user",
+        "put_shop_limits",
+        "put_user_limits",
     ];
 
     /// A short name for logs and metrics (one of [`Command::NAMES`]).
@@ -404,6 +427,8 @@ impl Command {
             Command::FreezeUser(_) => "freeze_user",
             Command::UnfreezeUser(_) => "unfreeze_user",
             Command::AckWebhookFrom(_) => "ack_webhook",
+            Command::PutShopLimits(_) => "put_shop_limits",
+            Command::PutUserLimits(_) => "put_user_limits",
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::Envelope;
 use super::event::Webhook;
+use super::limits::{LimitSet, ShopLimits};
 use super::model::{Credit, Entitlement, Freeze, Item, Order, Refund, Topup, User, WalletView};
 use super::money::Money;
 use super::time::Timestamp;
@@ -68,6 +69,13 @@ pub enum Reply {
     Account {
         user: User,
         frozen: Option<Freeze>,
+    },
+    /// The shop-wide limits as the shard that changed them holds them (after `PutShopLimits`).
+    ShopLimits(ShopLimits),
+    /// A user's overrides of the shop-wide limits (after `PutUserLimits`).
+    UserLimits {
+        user_id: String,
+        overrides: LimitSet,
     },
 }
 
@@ -161,6 +169,13 @@ pub enum Rejection {
     WebhookNotFound { name: String },
     #[error("the account is frozen: {reason}")]
     AccountFrozen { reason: String },
+    /// `LimitExceeded` of a limit on money (`max_spend_per_day`): `max` is an amount.
+    #[error("the limit {limit} is reached")]
+    MoneyLimitExceeded {
+        limit: String,
+        max: Money,
+        retry_after: Option<Timestamp>,
+    },
 }
 
 impl Rejection {
@@ -194,6 +209,7 @@ impl Rejection {
             Rejection::ItemKindFixed { .. } => "invalid_state",
             Rejection::WebhookNotFound { .. } => "not_found",
             Rejection::AccountFrozen { .. } => "account_frozen",
+            Rejection::MoneyLimitExceeded { .. } => "limit_exceeded",
         }
     }
 

@@ -403,6 +403,17 @@ impl ApiError {
                 }
                 (StatusCode::CONFLICT, details)
             }
+            Rejection::MoneyLimitExceeded {
+                limit,
+                max,
+                retry_after,
+            } => {
+                let mut details = json!({ "limit": limit, "max": money(*max) });
+                if let Some(at) = retry_after {
+                    details["retry_after"] = json!(at.to_rfc3339());
+                }
+                (StatusCode::CONFLICT, details)
+            }
         };
         ApiError::new(status, rejection.code(), rejection.to_string()).with_details(details)
     }
@@ -560,6 +571,11 @@ mod tests {
             },
             Rejection::WebhookNotFound { name: id() },
             Rejection::AccountFrozen { reason: id() },
+            Rejection::MoneyLimitExceeded {
+                limit: id(),
+                max: Money::ZERO,
+                retry_after: Some(at),
+            },
         ];
         for rejection in &all {
             match rejection {
@@ -589,7 +605,8 @@ mod tests {
                 | Rejection::LimitExceeded { .. }
                 | Rejection::ItemKindFixed { .. }
                 | Rejection::WebhookNotFound { .. }
-                | Rejection::AccountFrozen { .. } => {}
+                | Rejection::AccountFrozen { .. }
+                | Rejection::MoneyLimitExceeded { .. } => {}
             }
         }
         all

@@ -62,6 +62,16 @@ pub const WEBHOOKS: TableDefinition<&str, Bytes> = TableDefinition::new("webhook
 /// user_id → `Freeze`: the frozen accounts.
 pub const FROZEN: TableDefinition<&str, Bytes> = TableDefinition::new("frozen");
 
+/// `SHOP_LIMITS_KEY` → `ShopLimits`: this shard's copy of the shop-wide limits (absent: never set).
+pub const SHOP_LIMITS: TableDefinition<&str, Bytes> = TableDefinition::new("shop_limits");
+/// The key of the one row of `SHOP_LIMITS`.
+pub const SHOP_LIMITS_KEY: &str = "shop";
+/// user_id → `LimitSet`: a user's overrides of the shop-wide limits (absent: none).
+pub const USER_LIMITS: TableDefinition<&str, Bytes> = TableDefinition::new("user_limits");
+/// (user_id, `limits::Window` tag, window start) → count (minor units for spending): what a user's
+/// limits count. Pruned when written: at most 1 + 1 + 30 rows per user.
+pub const USAGE: TableDefinition<(&str, u8, i64), i64> = TableDefinition::new("usage");
+
 /// The key of the one `MetaState` row in `META`.
 pub const META_STATE_KEY: &str = "state";
 /// The key of the shard's applied time in `META` (a `Timestamp`: the latest time a command ran at;
@@ -135,6 +145,9 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(19, EVENTS)?;
     visitor.visit(20, WEBHOOKS)?;
     visitor.visit(21, FROZEN)?;
+    visitor.visit(22, SHOP_LIMITS)?;
+    visitor.visit(23, USER_LIMITS)?;
+    visitor.visit(24, USAGE)?;
     Ok(())
 }
 

@@ -18,7 +18,8 @@
 //! of the command, and the stored outcome. The commands live by subject: `users`, `idempotency` (global
 //! keys), `credits` (credits and top-ups), `catalog`, `orders`, `refunds`, `entitlements`, `sweep`,
 //! `ledger` (`post` and the checks of every posting), `events` (the outbox every change writes to, and its
-//! purge) and `webhooks` (their rows and delivery positions).
+//! purge), `webhooks` (their rows and delivery positions) and `limits` (shop-wide and per-user limits,
+//! the usage they count, and the checks of orders, completions, refunds and top-ups).
 
 mod catalog;
 mod credits;
@@ -27,6 +28,7 @@ mod events;
 mod freeze;
 mod idempotency;
 mod ledger;
+mod limits;
 mod orders;
 mod refunds;
 mod sweep;
@@ -54,6 +56,7 @@ pub struct Applied {
 }
 
 /// Why a command stopped early: a business rejection (an outcome) or a storage failure (aborts the batch).
+#[derive(Debug)]
 enum Stop {
     Reject(Rejection),
     Store(StoreError),
@@ -104,6 +107,9 @@ pub(crate) struct Applier<'t> {
     events: Table<'t, u64, Bytes>,
     webhooks: Table<'t, &'static str, Bytes>,
     frozen: Table<'t, &'static str, Bytes>,
+    shop_limits: Table<'t, &'static str, Bytes>,
+    user_limits: Table<'t, &'static str, Bytes>,
+    usage: Table<'t, (&'static str, u8, i64), i64>,
     meta: MetaState,
     /// The outbox's bookkeeping, written back by `finish` when a command changed it.
     event_log: EventLog,
@@ -141,6 +147,9 @@ impl<'t> Applier<'t> {
             events: txn.open_table(tables::EVENTS)?,
             webhooks: txn.open_table(tables::WEBHOOKS)?,
             frozen: txn.open_table(tables::FROZEN)?,
+            shop_limits: txn.open_table(tables::SHOP_LIMITS)?,
+            user_limits: txn.open_table(tables::USER_LIMITS)?,
+            usage: txn.open_table(tables::USAGE)?,
             meta,
             event_log,
             event_log_changed: false,
@@ -275,6 +284,8 @@ impl<'t> Applier<'t> {
             Command::FreezeUser(c) => self.freeze_user(context, c),
             Command::UnfreezeUser(c) => self.unfreeze_user(context, c),
             Command::AckWebhookFrom(c) => self.ack_webhook_from(c),
+            Command::PutShopLimits(c) => self.put_shop_limits(context, c),
+            Command::PutUserLimits(c) => self.put_user_limits(c),
         }
     }
 }

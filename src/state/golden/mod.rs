@@ -16,14 +16,15 @@ mod samples;
 
 use samples::{
     FINGERPRINT, LATER, NOW, commands, create_user, credit, entitlement, envelope, events, freeze,
-    id, item, money, order, posting, refund, rejections, replies, topup, user, webhook,
+    id, item, limit_set, money, order, posting, refund, rejections, replies, shop_limits, topup,
+    user, webhook,
 };
 
 use super::apply::Applied;
 use super::{IdempotencyRecord, IdempotencyState, MetaState};
 use crate::domain::{
     Account, CancelReason, Command, GlobalClaim, ItemKind, OrderStatus, Outcome, PostingKind,
-    PostingRef, RefClaim, Rejection, Reply, TopupStatus,
+    PostingRef, RefClaim, Rejection, Reply, Setting, TopupStatus,
 };
 
 /// The postcard bytes of `value` as hex, after checking that they decode back to `value`.
@@ -95,6 +96,8 @@ fn golden_command(command: &Command) -> &'static str {
         Command::FreezeUser { .. } => "170275310a6368617267656261636b",
         Command::UnfreezeUser { .. } => "1802753101",
         Command::AckWebhookFrom { .. } => "1902677302c801ac02",
+        Command::PutShopLimits { .. } => "1a0102c0b80201010001000103",
+        Command::PutUserLimits { .. } => "1b0275310001023c0100010205",
     }
 }
 
@@ -192,6 +195,8 @@ fn golden_reply(reply: &Reply) -> &'static str {
         Reply::Account { .. } => {
             "100275310103416e6e8080f28183898506a09c01a00603010a6368617267656261636b8080f28183898506"
         }
+        Reply::ShopLimits(_) => "1102c0b80201000205038080f28183898506",
+        Reply::UserLimits { .. } => "1202753102c0b80201000205",
     }
 }
 
@@ -232,6 +237,9 @@ fn golden_rejection(rejection: &Rejection) -> &'static str {
         Rejection::ItemKindFixed { .. } => "180467656d730863757272656e6379",
         Rejection::WebhookNotFound { .. } => "19026773",
         Rejection::AccountFrozen { .. } => "1a0a6368617267656261636b",
+        Rejection::MoneyLimitExceeded { .. } => {
+            "1b116d61785f7370656e645f7065725f646179c0b8020180a499dc89898506"
+        }
     }
 }
 
@@ -339,6 +347,12 @@ fn stored_records_encode_as_pinned() {
     };
     assert_golden(&[("event log", log, "d209e80702")]);
     assert_golden(&[("freeze", freeze(), "0a6368617267656261636b8080f28183898506")]);
+    assert_golden(&[(
+        "shop limits",
+        shop_limits(),
+        "02c0b80201000205038080f28183898506",
+    )]);
+    assert_golden(&[("user limits", limit_set(), "02c0b80201000205")]);
     let pinned = [
         "1001900000000070008000000000000009008080f28183898506027531000275310103416e6e8080f28183898506a09c01a00603",
         "1001900000000070008000000000000009018080f28183898506027531011001900000000070008000000000000003027531c413027231010570726f6d6f8080f28183898506a09c01a006",
@@ -435,6 +449,8 @@ fn record_enums_encode_as_pinned() {
         references,
         "04001001900000000070008000000000000001011001900000000070008000000000000001021001900000000070008000000000000001031001900000000070008000000000000001",
     )]);
+    let settings = vec![Setting::Default, Setting::Unlimited, Setting::Max(7u32)];
+    assert_golden(&[("limit settings", settings, "0300010207")]);
     let claims = vec![
         GlobalClaim::Run(Box::new(envelope(create_user()))),
         GlobalClaim::Settled(Box::new(Err(Rejection::UserExists))),
