@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+use crate::cluster_harness::TestCluster;
 use crate::harness::*;
 
 async fn put_shop(srv: &Server, body: &Value) -> Resp {
@@ -420,10 +421,7 @@ async fn limits_and_usage_are_still_there_after_a_restart() {
 #[tokio::test]
 async fn the_document_describes_each_limit_as_a_value_null_or_default() {
     let srv = Server::start().await;
-    let doc = srv
-        .get("/v1/openapi.json", Auth::None)
-        .await
-        .expect(200);
+    let doc = srv.get("/v1/openapi.json", Auth::None).await.expect(200);
     let schemas = &doc["components"]["schemas"];
     let count = &schemas["LimitsRequest"]["properties"]["max_orders_per_hour"];
     assert_eq!(
@@ -440,9 +438,75 @@ async fn the_document_describes_each_limit_as_a_value_null_or_default() {
     assert!(money[0]["pattern"].is_string(), "{money}");
     assert_eq!(schemas["LimitsRequest"]["additionalProperties"], false);
     let in_force = &schemas["LimitsResponse"]["properties"]["max_pending_topups"]["oneOf"];
-    assert_eq!(in_force.as_array().unwrap().len(), 2, "a value or null: {in_force}");
+    assert_eq!(
+        in_force.as_array().unwrap().len(),
+        2,
+        "a value or null: {in_force}"
+    );
     for path in ["/v1/admin/limits", "/v1/users/{user_id}/limits"] {
         assert!(doc["paths"][path]["put"].is_object(), "PUT {path}");
         assert!(doc["paths"][path]["get"].is_object(), "GET {path}");
     }
+}
+
+/// Limits set through one node hold for a user whose shard another node leads (each shard has its copy
+/// of the shop-wide limits), and every replica ends in the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_set_on_one_node_hold_for_a_user_whose_shard_another_node_leads() {
+    let c = TestCluster::start(3).await;
+    let user = uniq("lc");
+    c.api(1).create_item("gems", "currency", "1.00").await;
+    let (shard, _) = c.route(&user).await;
+    let leader = c.leader_of_shard(shard).await;
+    let via = c.ids().into_iter().find(|&id| id != leader).unwrap();
+    let api = c.api(via);
+    api.funded_user(&user, "20.00").await;
+    away_from_boundary(next_hour).await;
+
+    c.api(via)
+        .put(
+            "/v1/admin/limits",
+            Auth::Admin,
+            &json!({"max_orders_per_hour": 1}),
+        )
+        .await
+        .expect(200);
+    c.api(leader).order(&user, &[("gems", 1)], true).await;
+    let refused = c
+        .api(leader)
+        .create_order(&user, &[("gems", 1)], true)
+        .await
+        .expect_error(409, "limit_exceeded");
+    assert_eq!(refused["details"]["limit"], "max_orders_per_hour");
+
+    // The user's override, set through a follower, lifts it; every node reads the same limits.
+    api.put(
+        &format!("/v1/users/{user}/limits"),
+        Auth::Admin,
+        &json!({"max_orders_per_hour": 2}),
+    )
+    .await
+    .expect(200);
+    c.api(leader).order(&user, &[("gems", 1)], false).await;
+    for id in c.ids() {
+        let limits = c
+            .api(id)
+            .get(&format!("/v1/users/{user}/limits"), Auth::Service)
+            .await
+            .expect(200);
+        assert_eq!(limits["limits"]["max_orders_per_hour"], 2, "node {id}");
+        assert_eq!(limits["usage"]["orders_this_hour"], 2, "node {id}");
+        let shop = c
+            .api(id)
+            .get("/v1/admin/limits", Auth::Admin)
+            .await
+            .expect(200);
+        assert_eq!(shop["limits"]["max_orders_per_hour"], 1, "node {id}");
+    }
+    let hashes = c.state_hashes().await;
+    let first = hashes.values().next().unwrap();
+    assert!(
+        hashes.values().all(|h| h == first),
+        "replicas differ: {hashes:#?}"
+    );
 }
