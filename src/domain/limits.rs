@@ -195,8 +195,26 @@ pub enum Window {
 }
 
 impl Window {
+    pub const ALL: [Window; 3] = [
+        Window::SpendPerDay,
+        Window::OrdersPerHour,
+        Window::RefundsPerDay,
+    ];
+
     pub fn tag(self) -> u8 {
         self as u8
+    }
+
+    pub fn from_tag(tag: u8) -> Option<Window> {
+        Window::ALL.into_iter().find(|w| w.tag() == tag)
+    }
+
+    /// The most rows of this window a user may have (`state/apply/limits.rs` prunes when it writes).
+    pub fn max_rows(self) -> usize {
+        match self {
+            Window::SpendPerDay | Window::OrdersPerHour => 1,
+            Window::RefundsPerDay => REFUND_WINDOW_DAYS as usize,
+        }
     }
 
     /// The start of the row `now` counts in.
