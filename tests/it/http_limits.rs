@@ -100,6 +100,15 @@ async fn orders_per_hour_allows_exactly_the_limit_and_refuses_the_next_with_retr
     assert_eq!(refused["details"]["max"], 3);
     assert_retry_after(&refused["details"], before, after, next_hour);
 
+    let metrics = srv.get("/metrics", Auth::None).await.text();
+    for (limit, refusals) in [("max_orders_per_hour", 1), ("max_spend_per_day", 0)] {
+        let line = format!("shopkeep_limit_exceeded_total{{limit=\"{limit}\"}} {refusals}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
+    }
+
     let limits = get_user(&srv, "lo1").await;
     assert_eq!(limits["usage"]["orders_this_hour"], 3);
     assert_eq!(limits["limits"]["max_orders_per_hour"], 3);
