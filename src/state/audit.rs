@@ -413,9 +413,6 @@ fn audit_limits(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(
         if users.get(user_id)?.is_none() {
             violations.push(format!("limits of {user_id}, who is not a user"));
         }
-        if overrides == LimitSet::default() {
-            violations.push(format!("limits of {user_id}: a row that overrides nothing"));
-        }
         if let Err(why) = overrides.as_changes().check() {
             violations.push(format!("limits of {user_id}: {why}"));
         }
@@ -603,7 +600,7 @@ mod tests {
     }
 
     /// A usage row that counts what did not happen, of no user, or beyond what the pruning keeps is a
-    /// violation; so is an override row of no user.
+    /// violation; so is an overrides row of no user.
     #[test]
     fn usage_rows_that_count_more_than_happened_or_are_not_pruned_are_violations() {
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -640,7 +637,11 @@ mod tests {
         );
         assert!(found("starts no window"), "{:?}", report.violations);
         assert!(found("2 SpendPerDay rows"), "{:?}", report.violations);
-        assert!(found("overrides nothing"), "{:?}", report.violations);
+        assert!(
+            found("limits of ghost, who is not a user"),
+            "{:?}",
+            report.violations
+        );
     }
 
     /// An event removed from the middle of the outbox (a change without its event) is a violation.

@@ -66,10 +66,12 @@ pub const FROZEN: TableDefinition<&str, Bytes> = TableDefinition::new("frozen");
 pub const SHOP_LIMITS: TableDefinition<&str, Bytes> = TableDefinition::new("shop_limits");
 /// The key of the one row of `SHOP_LIMITS`.
 pub const SHOP_LIMITS_KEY: &str = "shop";
-/// user_id → `LimitSet`: a user's overrides of the shop-wide limits (absent: none).
+/// user_id → `LimitSet`: a user's overrides of the shop-wide limits (absent: none; kept once written, even
+/// overriding nothing: its presence keeps the user's usage counted).
 pub const USER_LIMITS: TableDefinition<&str, Bytes> = TableDefinition::new("user_limits");
 /// (user_id, `limits::Window` tag, window start) → count (minor units for spending): what a user's
-/// limits count. Pruned when written: at most 1 + 1 + 30 rows per user.
+/// limits count, written once limits are in use (the shard has `SHOP_LIMITS`, or the user a row of
+/// `USER_LIMITS`). Pruned when written: at most 1 + 1 + 30 rows per user.
 pub const USAGE: TableDefinition<(&str, u8, i64), i64> = TableDefinition::new("usage");
 
 /// The key of the one `MetaState` row in `META`.

@@ -47,12 +47,9 @@ impl Applier<'_> {
         self.existing_user(&command.user_id)?;
         let user_id = command.user_id.as_str();
         let overrides = self.overrides_of(user_id)?.changed(&command.changes);
-        if overrides == LimitSet::default() {
-            self.user_limits.remove(user_id)?;
-        } else {
-            let bytes = encode(&overrides)?;
-            self.user_limits.insert(user_id, bytes.as_slice())?;
-        }
+        // The row stays when it overrides nothing any more: it keeps the user's usage counted.
+        let bytes = encode(&overrides)?;
+        self.user_limits.insert(user_id, bytes.as_slice())?;
         Ok(Reply::UserLimits {
             user_id: command.user_id.clone(),
             overrides,
@@ -173,9 +170,29 @@ impl Applier<'_> {
         Ok(())
     }
 
+    /// Counts `amount` in the user's usage of `window` at `now`, once limits are in use for the user:
+    /// its shard has the shop-wide limits or the user has an overrides row (even one overriding nothing
+    /// now). Before either was ever set, nothing is written: an order or refund applies exactly as it did
+    /// before limits existed, so replicas still running a build without limits (a rolling upgrade) agree
+    /// with the others until a limits command, which needs every node upgraded, is applied.
+    pub(super) fn count_usage(
+        &mut self,
+        user_id: &str,
+        window: Window,
+        now: Timestamp,
+        amount: i64,
+    ) -> Step<()> {
+        let in_use = self.shop_limits.get(SHOP_LIMITS_KEY)?.is_some()
+            || self.user_limits.get(user_id)?.is_some();
+        if in_use {
+            self.record_usage(user_id, window, now, amount)?;
+        }
+        Ok(())
+    }
+
     /// Adds `amount` to the user's row of `window` at `now`, and removes the user's rows of `window`
     /// that are no longer counted (so a user has at most one row per day or hour counted).
-    pub(super) fn record_usage(
+    fn record_usage(
         &mut self,
         user_id: &str,
         window: Window,
@@ -282,6 +299,47 @@ mod tests {
                 300
             );
             assert_eq!(a.usage.len().expect("counts"), 2);
+        });
+    }
+
+    #[test]
+    fn usage_is_counted_only_once_limits_are_in_use_on_the_shard_or_for_the_user() {
+        with_applier(|a| {
+            let now = Timestamp(MIDNIGHT);
+            a.count_usage("u1", Window::OrdersPerHour, now, 1)
+                .expect("counts");
+            assert_eq!(a.usage.len().expect("counts"), 0, "no limits ever set");
+            a.user_limits
+                .insert(
+                    "u1",
+                    encode(&LimitSet::default()).expect("encodes").as_slice(),
+                )
+                .expect("inserts");
+            a.count_usage("u1", Window::OrdersPerHour, now, 1)
+                .expect("counts");
+            a.count_usage("u2", Window::OrdersPerHour, now, 1)
+                .expect("counts");
+            assert_eq!(a.usage.len().expect("counts"), 1, "u1's row only");
+            let mut context = CommandContext {
+                now,
+                ids: crate::domain::IdSequence::new(crate::domain::IdSeed {
+                    unix_millis: 1,
+                    entropy: 1,
+                }),
+                events: 0,
+            };
+            let shop = command::PutShopLimits {
+                changes: LimitChanges::default(),
+                generation: None,
+            };
+            a.put_shop_limits(&mut context, &shop).expect("puts");
+            a.count_usage("u2", Window::OrdersPerHour, now, 1)
+                .expect("counts");
+            assert_eq!(
+                a.usage.len().expect("counts"),
+                2,
+                "everyone's, once the shop's are set"
+            );
         });
     }
 

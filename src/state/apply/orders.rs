@@ -183,7 +183,7 @@ impl Applier<'_> {
         let id = order.order_id.as_u128();
         self.user_orders
             .insert((user_id, order.created_at.micros(), id), ())?;
-        self.record_usage(user_id, Window::OrdersPerHour, context.now, 1)?;
+        self.count_usage(user_id, Window::OrdersPerHour, context.now, 1)?;
         let created = EventData::Order(order.clone());
         self.emit(context, EventType::OrderCreated, user_id, created)?;
         if command.complete {
@@ -243,7 +243,7 @@ impl Applier<'_> {
                 granted,
             )?;
         }
-        self.record_usage(
+        self.count_usage(
             &user.user_id,
             Window::SpendPerDay,
             context.now,

@@ -147,7 +147,7 @@ impl Applier<'_> {
             PostingRef::Refund(refund.refund_id),
             context.now,
         )?;
-        self.record_usage(&command.user_id, Window::RefundsPerDay, context.now, 1)?;
+        self.count_usage(&command.user_id, Window::RefundsPerDay, context.now, 1)?;
         let bytes = encode(&refund)?;
         self.refunds
             .insert(refund.refund_id.as_u128(), bytes.as_slice())?;
