@@ -233,6 +233,7 @@ mod tests {
 
     use super::*;
     use crate::domain::limits::Setting;
+    use crate::domain::{Command, Envelope, IdSeed, ItemKind, ItemSpec, LineRequest};
     use crate::state::ShardStore;
 
     const DAY: i64 = 86_400_000_000;
@@ -341,6 +342,133 @@ mod tests {
                 "everyone's, once the shop's are set"
             );
         });
+    }
+
+    /// A day of orders and refunds under limits, as envelopes at their times.
+    fn scenario() -> Vec<Envelope> {
+        let hour = 3_600_000_000;
+        let at = |micros: i64, n: u128, command: Command| Envelope {
+            now: Timestamp(MIDNIGHT + micros),
+            seed: IdSeed {
+                unix_millis: 1,
+                entropy: n,
+            },
+            idempotency: None,
+            command,
+        };
+        let order = |complete| {
+            Command::CreateOrder(command::CreateOrder {
+                user_id: "u1".to_owned(),
+                lines: vec![LineRequest {
+                    item_id: "gems".to_owned(),
+                    quantity: 3,
+                }],
+                expected_total: None,
+                complete,
+                expires_at: Timestamp(MIDNIGHT + 30 * DAY),
+                max_pending_orders: 100,
+            })
+        };
+        let limits = LimitChanges {
+            max_orders_per_hour: Some(Setting::Max(2)),
+            max_spend_per_day: Some(Setting::Max(Money::from_minor(800))),
+            max_refunds_per_30_days: Some(Setting::Max(1)),
+            ..LimitChanges::default()
+        };
+        vec![
+            at(
+                0,
+                1,
+                Command::CreateUser(command::CreateUser {
+                    user_id: "u1".to_owned(),
+                    display_name: None,
+                }),
+            ),
+            at(
+                1,
+                2,
+                Command::Credit(command::Credit {
+                    user_id: "u1".to_owned(),
+                    amount: Money::from_minor(10_000),
+                    external_ref: "r1".to_owned(),
+                    source: None,
+                    ref_accepted: true,
+                }),
+            ),
+            at(
+                2,
+                3,
+                Command::PutItem(command::PutItem {
+                    spec: ItemSpec {
+                        item_id: "gems".to_owned(),
+                        name: "Gems".to_owned(),
+                        kind: ItemKind::Currency,
+                        price: Money::from_minor(100),
+                        active: true,
+                        refund_window_days: 14,
+                    },
+                    version: None,
+                }),
+            ),
+            at(
+                3,
+                4,
+                Command::PutShopLimits(command::PutShopLimits {
+                    changes: limits,
+                    generation: None,
+                }),
+            ),
+            at(10, 5, order(true)),
+            at(11, 6, order(false)),
+            // The hour's third order.
+            at(12, 7, order(true)),
+            // The next hour: 6.00 spent (the pending order is not), within the day's 8.00.
+            at(hour, 8, order(true)),
+            // 9.00 would be over.
+            at(hour + 1, 9, order(true)),
+        ]
+    }
+
+    /// The same envelopes give the same outcomes and `state_hash` however they are batched, and the
+    /// limits refuse what they should, each with its `retry_after`.
+    #[test]
+    fn limits_decide_the_same_whatever_the_batches() {
+        let envelopes = scenario();
+        let mut runs = Vec::new();
+        for batch in [1, 3, envelopes.len()] {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+            let mut outcomes = Vec::new();
+            for chunk in envelopes.chunks(batch) {
+                let refs: Vec<&Envelope> = chunk.iter().collect();
+                outcomes.extend(store.apply_batch(&refs).expect("applies"));
+            }
+            let txn = store.begin_read().expect("reads");
+            let report = crate::state::audit::audit(&txn, 0).expect("audits");
+            assert!(report.violations.is_empty(), "{:?}", report.violations);
+            runs.push((outcomes, report.state_hash));
+        }
+        assert!(runs.windows(2).all(|w| w[0] == w[1]), "batches differ");
+        let outcomes = &runs[0].0;
+        let hour = 3_600_000_000;
+        match &outcomes[6].outcome {
+            Err(Rejection::LimitExceeded {
+                limit,
+                max: 2,
+                retry_after,
+            }) => {
+                assert_eq!(limit, MAX_ORDERS_PER_HOUR);
+                assert_eq!(*retry_after, Some(Timestamp(MIDNIGHT + hour)));
+            }
+            other => panic!("the hour's third order: {other:?}"),
+        }
+        assert!(outcomes[7].outcome.is_ok(), "{:?}", outcomes[7]);
+        match &outcomes[8].outcome {
+            Err(Rejection::MoneyLimitExceeded { retry_after, .. }) => {
+                assert_eq!(*retry_after, Some(Timestamp(MIDNIGHT + DAY)));
+            }
+            other => panic!("over the day's spending: {other:?}"),
+        }
     }
 
     #[test]
