@@ -32,6 +32,7 @@ pub const PURGED_IDEMPOTENCY_RECORDS: &str = "shopkeep_purged_idempotency_record
 pub const PURGED_TOPUPS: &str = "shopkeep_purged_topups_total";
 pub const PURGED_EVENTS: &str = "shopkeep_purged_events_total";
 pub const DROPPED_EVENTS: &str = "shopkeep_dropped_events_total";
+pub const LIMIT_EXCEEDED: &str = "shopkeep_limit_exceeded_total";
 pub const WEBHOOK_DELIVERIES: &str = "shopkeep_webhook_deliveries_total";
 pub const WEBHOOK_FAILURES: &str = "shopkeep_webhook_failures_total";
 pub const WEBHOOK_DELIVERY_SECONDS: &str = "shopkeep_webhook_delivery_seconds";
@@ -59,7 +60,7 @@ const SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-const COUNTERS: [(&str, &str); 13] = [
+const COUNTERS: [(&str, &str); 14] = [
     (
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route template and status",
@@ -97,6 +98,10 @@ const COUNTERS: [(&str, &str); 13] = [
     (
         DROPPED_EVENTS,
         "Events purged at the 30-day longest retention before a webhook acknowledged them",
+    ),
+    (
+        LIMIT_EXCEEDED,
+        "Commands refused with 409 limit_exceeded through this node, by limit (max_spend_per_day, max_orders_per_hour, max_pending_topups, max_refunds_per_30_days)",
     ),
     (
         WEBHOOK_DELIVERIES,
@@ -291,6 +296,9 @@ fn register_counters(shards: u32) {
     }
     for command in Command::NAMES {
         metrics::counter!(COMMANDS, "command" => command).increment(0);
+    }
+    for limit in crate::domain::limits::LIMIT_NAMES {
+        metrics::counter!(LIMIT_EXCEEDED, "limit" => limit).increment(0);
     }
     for shard in 0..shards {
         metrics::counter!(SHARD_OVERLOADED, "shard" => shard.to_string()).increment(0);

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::event::EventType;
 use super::ids::IdSeed;
+use super::limits::LimitChanges;
 use super::model::ItemSpec;
 use super::money::Money;
 use super::outcome::Outcome;
@@ -96,6 +97,8 @@ pub enum Command {
     Reverse(Reverse),
     OpenDispute(OpenDispute),
     CloseDispute(CloseDispute),
+    PutShopLimits(PutShopLimits),
+    PutUserLimits(PutUserLimits),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,6 +360,22 @@ pub struct CloseDispute {
     pub revoke: bool,
 }
 
+/// Change the shop-wide limits on one shard. `generation: None` on the limits' home shard (which makes
+/// the changes to its copy and decides the generation: one more than its copy's); `Some(g)` on every
+/// other shard, with every limit in `changes` (the home's whole set), taken if `g` is newer than its copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutShopLimits {
+    pub changes: LimitChanges,
+    pub generation: Option<u64>,
+}
+
+/// Change a user's overrides of the shop-wide limits (on the user's shard).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutUserLimits {
+    pub user_id: String,
+    pub changes: LimitChanges,
+}
+
 impl Command {
     /// The user whose shard this command must run on, if it is a per-user command.
     pub fn user_id(&self) -> Option<&str> {
@@ -376,7 +395,8 @@ impl Command {
             | Command::UnfreezeUser(UnfreezeUser { user_id, .. })
             | Command::Reverse(Reverse { user_id, .. })
             | Command::OpenDispute(OpenDispute { user_id, .. })
-            | Command::CloseDispute(CloseDispute { user_id, .. }) => Some(user_id),
+            | Command::CloseDispute(CloseDispute { user_id, .. })
+            | Command::PutUserLimits(PutUserLimits { user_id, .. }) => Some(user_id),
             Command::ClaimGlobalKey(_)
             | Command::SettleGlobalKey(_)
             | Command::ClaimExternalRef(_)
@@ -389,12 +409,13 @@ impl Command {
             | Command::WebhookFailed(_)
             | Command::ReplayWebhook(_)
             | Command::PurgeEvents(_)
-            | Command::AckWebhookFrom(_) => None,
+            | Command::AckWebhookFrom(_)
+            | Command::PutShopLimits(_) => None,
         }
     }
 
     /// Every [`Command::name`] (metrics register each at start).
-    pub const NAMES: [&'static str; 26] = [
+    pub const NAMES: [&'static str; 28] = [
         "create_user",
         "issue_token",
         "claim_global_key",
@@ -421,6 +442,8 @@ impl Command {
         "reverse",
         "open_dispute",
         "close_dispute",
+        "put_shop_limits",
+        "put_user_limits",
     ];
 
     /// A short name for logs and metrics (one of [`Command::NAMES`]).
@@ -455,6 +478,8 @@ impl Command {
             Command::Reverse(_) => "reverse",
             Command::OpenDispute(_) => "open_dispute",
             Command::CloseDispute(_) => "close_dispute",
+            Command::PutShopLimits(_) => "put_shop_limits",
+            Command::PutUserLimits(_) => "put_user_limits",
         }
     }
 }

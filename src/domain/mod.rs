@@ -24,6 +24,7 @@
 pub mod command;
 pub mod event;
 pub mod ids;
+pub mod limits;
 pub mod model;
 pub mod money;
 pub mod outcome;
@@ -33,6 +34,7 @@ pub mod time;
 pub use command::{Command, Envelope, Fingerprint, IdempotencyTag, LineRequest, RefClaim};
 pub use event::{Event, EventData, EventLog, EventType, Webhook};
 pub use ids::{IdSeed, IdSequence};
+pub use limits::{LimitChanges, LimitSet, LimitsInForce, Setting, ShopLimits};
 pub use model::*;
 pub use money::{AmountError, Currency, Money};
 pub use outcome::{GlobalClaim, Outcome, Rejection, Reply};

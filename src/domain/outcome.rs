@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::command::Envelope;
 use super::event::Webhook;
+use super::limits::{LimitSet, ShopLimits};
 use super::model::{Credit, Entitlement, Freeze, Item, Order, Refund, Topup, User, WalletView};
 use super::money::Money;
 use super::reversal::{Dispute, Reversal};
@@ -86,6 +87,13 @@ pub enum Reply {
         wallet: WalletView,
         debt: Money,
         reversal: Option<Box<Reversal>>,
+    },
+    /// The shop-wide limits as the shard that changed them holds them (after `PutShopLimits`).
+    ShopLimits(ShopLimits),
+    /// A user's overrides of the shop-wide limits (after `PutUserLimits`).
+    UserLimits {
+        user_id: String,
+        overrides: LimitSet,
     },
 }
 
@@ -188,6 +196,13 @@ pub enum Rejection {
     /// The account owes the shop `debt`.
     #[error("the account has debt outstanding")]
     DebtOutstanding { debt: Money },
+    /// `LimitExceeded` of a limit on money (`max_spend_per_day`): `max` is an amount.
+    #[error("the limit {limit} is reached")]
+    MoneyLimitExceeded {
+        limit: String,
+        max: Money,
+        retry_after: Option<Timestamp>,
+    },
 }
 
 impl Rejection {
@@ -224,6 +239,7 @@ impl Rejection {
             Rejection::NotFound { .. } => "not_found",
             Rejection::ReversalExceedsCredit { .. } => "reversal_exceeds_credit",
             Rejection::DebtOutstanding { .. } => "debt_outstanding",
+            Rejection::MoneyLimitExceeded { .. } => "limit_exceeded",
         }
     }
 

@@ -15,6 +15,7 @@
 pub mod backup;
 pub mod coordinator;
 pub mod events;
+pub mod limits;
 pub mod reads;
 pub mod replica;
 pub mod reversals;
@@ -34,7 +35,7 @@ pub use crate::state::query::OrderCursor;
 pub use shopkeep_raft::rpc::MembershipChange;
 use tokio::sync::Mutex;
 
-use crate::domain::{Command, Envelope, IdempotencyTag, Timestamp};
+use crate::domain::{Command, Envelope, IdempotencyTag, Rejection, Timestamp};
 use crate::state::{ShardStore, StoreError};
 use replica::{ApplyReply, ShardMachine};
 
@@ -251,6 +252,20 @@ impl Node {
         metrics::counter!(crate::metrics::COMMANDS, "command" => command).increment(1);
         let reply: ApplyReply = postcard::from_bytes(&reply)
             .map_err(|e| EngineError::Internal(format!("undecodable reply: {e}")))?;
+        if let Ok(Applied {
+            outcome:
+                Err(
+                    Rejection::LimitExceeded { limit, .. }
+                    | Rejection::MoneyLimitExceeded { limit, .. },
+                ),
+            replayed: false,
+        }) = &reply
+        {
+            if crate::domain::limits::LIMIT_NAMES.contains(&limit.as_str()) {
+                metrics::counter!(crate::metrics::LIMIT_EXCEEDED, "limit" => limit.clone())
+                    .increment(1);
+            }
+        }
         reply.map_err(EngineError::Internal)
     }
 

@@ -85,6 +85,11 @@ pub async fn run(
                 Ok(repaired) => tracing::info!(repaired, "webhook copies brought up to date"),
                 Err(error) => tracing::warn!(%error, "webhook check failed; will retry"),
             }
+            match node.repair_shop_limits().await {
+                Ok(0) => {}
+                Ok(repaired) => tracing::info!(repaired, "shop-wide limits brought up to date"),
+                Err(error) => tracing::warn!(%error, "shop-wide limits check failed; will retry"),
+            }
         }
         for shard in 0..node.shard_count() {
             if !node.cluster().is_leader(shard) {

@@ -10,9 +10,10 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
+use crate::domain::limits::Usage;
 use crate::domain::{
-    Credit, Currency, Dispute, Entitlement, Event, EventData, Freeze, Item, Money, Order, Posting,
-    Refund, Reversal, Timestamp, Topup, User, WalletView,
+    Credit, Currency, Dispute, Entitlement, Event, EventData, Freeze, Item, LimitSet, LimitsInForce,
+    Money, Order, Posting, Refund, Reversal, Setting, Timestamp, Topup, User, WalletView,
 };
 
 // ----- requests ---------------------------------------------------------------------------------------
@@ -923,5 +924,128 @@ pub fn ledger_entry(currency: &Currency, posting: &Posting) -> LedgerEntry {
             id: posting.reference.id().to_string(),
         },
         at: time(posting.at),
+    }
+}
+
+// ----- limits -----------------------------------------------------------------------------------------
+
+/// A field that may be present with the value `null`: `Some(Value::Null)`, while an absent field is
+/// `None` (with `#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+/// `PUT /v1/admin/limits` and `PUT /v1/users/{user_id}/limits`: the limits to change. An absent field
+/// is left as it is; `null` is no limit; `"default"` is the level below (for a user: the shop-wide
+/// value; for the shop: the built-in default, `--max-pending-topups` for `max_pending_topups`, none for
+/// the rest).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// Most money debited by completed orders per UTC day: a decimal string (`"200.00"`), `null` or
+    /// `"default"`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Value)]
+    pub max_spend_per_day: Option<Value>,
+    /// Most orders created per UTC clock hour: 0–1000000, `null` or `"default"`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Value)]
+    pub max_orders_per_hour: Option<Value>,
+    /// Most PENDING, unexpired top-ups at once: 0–1000000, `null` or `"default"`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Value)]
+    pub max_pending_topups: Option<Value>,
+    /// Most refunds created in the last 30 UTC days (today and the 29 before): 0–1000000, `null` or
+    /// `"default"`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Value)]
+    pub max_refunds_per_30_days: Option<Value>,
+}
+
+/// Limits in force: `null` is no limit.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LimitsResponse {
+    #[schema(example = "200.00")]
+    pub max_spend_per_day: Option<String>,
+    pub max_orders_per_hour: Option<u32>,
+    pub max_pending_topups: Option<u32>,
+    pub max_refunds_per_30_days: Option<u32>,
+}
+
+/// Limits as one level sets them, in the request's terms: a value, `null` (no limit) or `"default"`
+/// (the level below decides).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LimitSettingsResponse {
+    #[schema(value_type = Value)]
+    pub max_spend_per_day: Value,
+    #[schema(value_type = Value)]
+    pub max_orders_per_hour: Value,
+    #[schema(value_type = Value)]
+    pub max_pending_topups: Value,
+    #[schema(value_type = Value)]
+    pub max_refunds_per_30_days: Value,
+}
+
+/// The shop-wide limits: in force (after the built-in defaults), and as set.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ShopLimitsResponse {
+    pub limits: LimitsResponse,
+    pub settings: LimitSettingsResponse,
+}
+
+/// What a user's limits count now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageResponse {
+    /// Debited today (UTC) by completed orders.
+    #[schema(example = "42.50")]
+    pub spent_today: String,
+    /// Orders created in this UTC clock hour.
+    pub orders_this_hour: u64,
+    /// Refunds created today and in the 29 UTC days before.
+    pub refunds_last_30_days: u64,
+    /// PENDING top-ups that have not expired.
+    pub pending_topups: u64,
+}
+
+/// A user's limits: in force (its overrides, else the shop's), its overrides, and what they count.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserLimitsResponse {
+    pub user_id: String,
+    pub limits: LimitsResponse,
+    pub overrides: LimitSettingsResponse,
+    pub usage: UsageResponse,
+}
+
+pub fn limits_in_force(currency: &Currency, limits: &LimitsInForce) -> LimitsResponse {
+    LimitsResponse {
+        max_spend_per_day: limits.max_spend_per_day.map(|m| currency.format(m)),
+        max_orders_per_hour: limits.max_orders_per_hour,
+        max_pending_topups: limits.max_pending_topups,
+        max_refunds_per_30_days: limits.max_refunds_per_30_days,
+    }
+}
+
+pub fn limit_settings(currency: &Currency, set: &LimitSet) -> LimitSettingsResponse {
+    fn setting<T>(setting: Setting<T>, value: impl FnOnce(T) -> Value) -> Value {
+        match setting {
+            Setting::Default => Value::String("default".to_owned()),
+            Setting::Unlimited => Value::Null,
+            Setting::Max(max) => value(max),
+        }
+    }
+    LimitSettingsResponse {
+        max_spend_per_day: setting(set.max_spend_per_day, |m| Value::String(currency.format(m))),
+        max_orders_per_hour: setting(set.max_orders_per_hour, Value::from),
+        max_pending_topups: setting(set.max_pending_topups, Value::from),
+        max_refunds_per_30_days: setting(set.max_refunds_per_30_days, Value::from),
+    }
+}
+
+pub fn usage(currency: &Currency, usage: &Usage) -> UsageResponse {
+    UsageResponse {
+        spent_today: currency.format(usage.spent_today),
+        orders_this_hour: usage.orders_this_hour,
+        refunds_last_30_days: usage.refunds_in_window,
+        pending_topups: usage.pending_topups,
     }
 }

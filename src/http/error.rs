@@ -416,6 +416,17 @@ impl ApiError {
                 }
                 (StatusCode::CONFLICT, details)
             }
+            Rejection::MoneyLimitExceeded {
+                limit,
+                max,
+                retry_after,
+            } => {
+                let mut details = json!({ "limit": limit, "max": money(*max) });
+                if let Some(at) = retry_after {
+                    details["retry_after"] = json!(at.to_rfc3339());
+                }
+                (StatusCode::CONFLICT, details)
+            }
         };
         ApiError::new(status, rejection.code(), rejection.to_string()).with_details(details)
     }
@@ -583,6 +594,11 @@ mod tests {
                 reversible: Money::ZERO,
             },
             Rejection::DebtOutstanding { debt: Money::ZERO },
+            Rejection::MoneyLimitExceeded {
+                limit: id(),
+                max: Money::ZERO,
+                retry_after: Some(at),
+            },
         ];
         for rejection in &all {
             match rejection {
@@ -615,7 +631,8 @@ mod tests {
                 | Rejection::AccountFrozen { .. }
                 | Rejection::NotFound { .. }
                 | Rejection::ReversalExceedsCredit { .. }
-                | Rejection::DebtOutstanding { .. } => {}
+                | Rejection::DebtOutstanding { .. }
+                | Rejection::MoneyLimitExceeded { .. } => {}
             }
         }
         all

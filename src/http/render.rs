@@ -101,7 +101,9 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
             | Reply::Swept { .. }
             | Reply::SweptAndPurged { .. }
             | Reply::Webhook(_)
-            | Reply::EventsPurged { .. }),
+            | Reply::EventsPurged { .. }
+            | Reply::ShopLimits(_)
+            | Reply::UserLimits { .. }),
         ) => {
             let error = ApiError::internal(format!("internal reply reached the API: {other:?}"));
             Rendered {

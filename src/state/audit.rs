@@ -19,7 +19,11 @@
 //! - each reversal is covered exactly (hold + wallet + debt = amount), and the reversals of a credit or
 //!   top-up never sum to more than it brought in;
 //! - the outbox has no gap: its events are exactly the seqs after the purged ones up to the newest, in
-//!   time order, and no webhook's position is beyond the newest.
+//!   time order, and no webhook's position is beyond the newest;
+//! - limits are in range, overrides belong to users; each usage row is of a user, starts its window, counts
+//!   no more than the orders, debits or refunds of its window, and a user has at most one row of today's
+//!   spending, one of this hour's orders and 30 days of refunds (rows written before an upgrade that added
+//!   them are missing, so a row may count less, never more).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -29,9 +33,10 @@ use sha2::{Digest, Sha256};
 
 use super::tables::{self, TableVisitor, decode};
 use super::{MetaState, StoreError, query};
+use crate::domain::limits::Window;
 use crate::domain::{
-    Credit, Dispute, Entitlement, Money, Order, OrderStatus, Posting, Reversal, ReversalSource,
-    Topup, TopupStatus, User,
+    Credit, Dispute, Entitlement, LimitSet, Money, Order, OrderStatus, Posting, Refund, Reversal,
+    ReversalSource, Timestamp, Topup, TopupStatus, User,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -67,6 +72,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
     audit_topup_indexes(txn, &mut violations)?;
     audit_reversals(txn, &mut violations)?;
     audit_events(txn, &mut violations)?;
+    audit_limits(txn, &mut violations)?;
 
     Ok(ShardAudit {
         shard,
@@ -469,6 +475,91 @@ fn audit_events(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(
     Ok(())
 }
 
+/// The limits' rows (module docs).
+fn audit_limits(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(), StoreError> {
+    if let Some(shop) = query::shop_limits(txn)? {
+        if let Err(why) = shop.limits.as_changes().check() {
+            violations.push(format!("shop-wide limits: {why}"));
+        }
+    }
+    let users = txn.open_table(tables::USERS)?;
+    for entry in txn.open_table(tables::USER_LIMITS)?.iter()? {
+        let (key, value) = entry?;
+        let user_id = key.value();
+        let overrides: LimitSet = decode(value.value())?;
+        if users.get(user_id)?.is_none() {
+            violations.push(format!("limits of {user_id}, who is not a user"));
+        }
+        if let Err(why) = overrides.as_changes().check() {
+            violations.push(format!("limits of {user_id}: {why}"));
+        }
+    }
+    // What happened, per (user, window tag, window start).
+    let mut happened: HashMap<(String, u8, i64), i128> = HashMap::new();
+    let mut add = |user: &str, window: Window, at: Timestamp, amount: i64| {
+        *happened
+            .entry((user.to_owned(), window.tag(), window.start(at).micros()))
+            .or_default() += i128::from(amount);
+    };
+    for entry in txn.open_table(tables::ORDERS)?.iter()? {
+        let order: Order = decode(entry?.1.value())?;
+        add(&order.user_id, Window::OrdersPerHour, order.created_at, 1);
+        if let Some(at) = order.completed_at {
+            add(&order.user_id, Window::SpendPerDay, at, order.total.minor());
+        }
+    }
+    for entry in txn.open_table(tables::REFUNDS)?.iter()? {
+        let refund: Refund = decode(entry?.1.value())?;
+        add(&refund.user_id, Window::RefundsPerDay, refund.created_at, 1);
+    }
+    let mut rows: BTreeMap<(String, u8), Vec<i64>> = BTreeMap::new();
+    for entry in txn.open_table(tables::USAGE)?.iter()? {
+        let (key, value) = entry?;
+        let (user_id, tag, start) = key.value();
+        let count = value.value();
+        let Some(window) = Window::from_tag(tag) else {
+            violations.push(format!("usage of {user_id}: unknown window {tag}"));
+            continue;
+        };
+        if users.get(user_id)?.is_none() {
+            violations.push(format!("usage of {user_id}, who is not a user"));
+        }
+        if window.start(Timestamp(start)).micros() != start {
+            violations.push(format!(
+                "usage of {user_id}: {window:?} row at {start} starts no window"
+            ));
+        }
+        let done = happened
+            .get(&(user_id.to_owned(), tag, start))
+            .copied()
+            .unwrap_or(0);
+        if count < 0 || i128::from(count) > done {
+            violations.push(format!(
+                "usage of {user_id}: {window:?} at {start} counts {count}, more than the {done} that happened"
+            ));
+        }
+        rows.entry((user_id.to_owned(), tag))
+            .or_default()
+            .push(start);
+    }
+    for ((user_id, tag), starts) in rows {
+        let Some(window) = Window::from_tag(tag) else {
+            continue;
+        };
+        let span = starts.last().copied().unwrap_or(0) - starts.first().copied().unwrap_or(0);
+        let oldest_kept = window
+            .oldest_counted(Timestamp(starts.last().copied().unwrap_or(0)))
+            .micros();
+        if starts.len() > window.max_rows() || starts.first().is_some_and(|&s| s < oldest_kept) {
+            violations.push(format!(
+                "usage of {user_id}: {} {window:?} rows over {span} µs, more than are counted",
+                starts.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// SHA-256 over every row of every table, in key order: equal on replicas that applied the same log.
 pub fn state_hash(txn: &ReadTransaction) -> Result<String, StoreError> {
     let mut hashing = Hashing {
@@ -580,6 +671,51 @@ mod tests {
                 .violations
                 .iter()
                 .any(|v| v == "accounts do not sum to zero"),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    /// A usage row that counts what did not happen, of no user, or beyond what the pruning keeps is a
+    /// violation; so is an overrides row of no user.
+    #[test]
+    fn usage_rows_that_count_more_than_happened_or_are_not_pruned_are_violations() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        let day = 86_400_000_000i64;
+        let txn = store.begin_write().expect("writes");
+        {
+            let mut usage = txn.open_table(tables::USAGE).expect("usage");
+            usage
+                .insert(("ghost", Window::SpendPerDay.tag(), day), 500)
+                .expect("inserts");
+            usage
+                .insert(("ghost", Window::SpendPerDay.tag(), 2 * day), 0)
+                .expect("inserts");
+            usage
+                .insert(("ghost", Window::OrdersPerHour.tag(), 17), 0)
+                .expect("inserts");
+            let mut limits = txn.open_table(tables::USER_LIMITS).expect("limits");
+            let bytes = tables::encode(&LimitSet::default()).expect("encodes");
+            limits.insert("ghost", bytes.as_slice()).expect("inserts");
+        }
+        txn.commit().expect("commits");
+        let report = audit(&store.begin_read().expect("reads"), 0).expect("audits");
+        let found = |text: &str| report.violations.iter().any(|v| v.contains(text));
+        assert!(
+            found("more than the 0 that happened"),
+            "{:?}",
+            report.violations
+        );
+        assert!(
+            found("usage of ghost, who is not a user"),
+            "{:?}",
+            report.violations
+        );
+        assert!(found("starts no window"), "{:?}", report.violations);
+        assert!(found("2 SpendPerDay rows"), "{:?}", report.violations);
+        assert!(
+            found("limits of ghost, who is not a user"),
             "{:?}",
             report.violations
         );

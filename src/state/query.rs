@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::tables::{self, decode, get};
 use super::{IdempotencyRecord, MetaState, StoreError};
+use crate::domain::limits::{LimitSet, ShopLimits, Usage, Window};
 use crate::domain::{
     Credit, Dispute, Entitlement, Event, EventLog, EventType, Freeze, Item, Money, Order,
     OrderStatus, Posting, RefClaim, Timestamp, Topup, User, WalletView, Webhook,
@@ -342,4 +343,79 @@ pub fn psp_payment_claim(
         &txn.open_table(tables::EXTERNAL_REFS)?,
         format!("psp:{psp_payment_id}").as_str(),
     )
+}
+
+/// This shard's copy of the shop-wide limits (`None`: never set).
+pub fn shop_limits(txn: &ReadTransaction) -> Result<Option<ShopLimits>, StoreError> {
+    get(
+        &txn.open_table(tables::SHOP_LIMITS)?,
+        tables::SHOP_LIMITS_KEY,
+    )
+}
+
+/// A user's overrides of the shop-wide limits (all `Default` when it has none), the shop-wide limits
+/// as the user's shard has them, and what the limits count as of `now`.
+pub fn user_limits(
+    txn: &ReadTransaction,
+    user_id: &str,
+    now: Timestamp,
+) -> Result<(LimitSet, LimitSet, Usage), StoreError> {
+    let overrides = get(&txn.open_table(tables::USER_LIMITS)?, user_id)?.unwrap_or_default();
+    let shop = shop_limits(txn)?.map(|s| s.limits).unwrap_or_default();
+    let usage_rows = txn.open_table(tables::USAGE)?;
+    let mut pending_topups = 0u64;
+    for entry in txn
+        .open_table(tables::USER_PENDING_TOPUPS)?
+        .range((user_id, 0u128)..=(user_id, u128::MAX))?
+    {
+        if entry?.1.value() > now.micros() {
+            pending_topups += 1;
+        }
+    }
+    let usage = Usage {
+        spent_today: Money::from_minor(usage_in(&usage_rows, user_id, Window::SpendPerDay, now)?),
+        orders_this_hour: u64::try_from(usage_in(
+            &usage_rows,
+            user_id,
+            Window::OrdersPerHour,
+            now,
+        )?)
+        .unwrap_or(0),
+        refunds_in_window: u64::try_from(usage_in(
+            &usage_rows,
+            user_id,
+            Window::RefundsPerDay,
+            now,
+        )?)
+        .unwrap_or(0),
+        pending_topups,
+    };
+    Ok((overrides, shop, usage))
+}
+
+/// The rows of `window` a user's limits count at `now` (oldest first): (row start, count).
+pub fn usage_rows(
+    table: &impl ReadableTable<(&'static str, u8, i64), i64>,
+    user_id: &str,
+    window: Window,
+    now: Timestamp,
+) -> Result<Vec<(Timestamp, i64)>, StoreError> {
+    let from = window.oldest_counted(now).micros();
+    let mut rows = Vec::new();
+    for entry in table.range((user_id, window.tag(), from)..=(user_id, window.tag(), i64::MAX))? {
+        let (key, value) = entry?;
+        rows.push((Timestamp(key.value().2), value.value()));
+    }
+    Ok(rows)
+}
+
+/// What `window` counts for a user at `now` (the sum of its counted rows).
+pub fn usage_in(
+    table: &impl ReadableTable<(&'static str, u8, i64), i64>,
+    user_id: &str,
+    window: Window,
+    now: Timestamp,
+) -> Result<i64, StoreError> {
+    let rows = usage_rows(table, user_id, window, now)?;
+    Ok(rows.iter().fold(0i64, |sum, (_, n)| sum.saturating_add(*n)))
 }

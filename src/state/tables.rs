@@ -74,6 +74,17 @@ pub const DISPUTES: TableDefinition<(&str, &str), Bytes> = TableDefinition::new(
 /// credit_id → the credit's `external_ref` (its key in `CREDITS`), for credits made since reversals
 /// exist; an older credit is found by a scan of `CREDITS`.
 pub const CREDIT_IDS: TableDefinition<u128, &str> = TableDefinition::new("credit_ids");
+/// `SHOP_LIMITS_KEY` → `ShopLimits`: this shard's copy of the shop-wide limits (absent: never set).
+pub const SHOP_LIMITS: TableDefinition<&str, Bytes> = TableDefinition::new("shop_limits");
+/// The key of the one row of `SHOP_LIMITS`.
+pub const SHOP_LIMITS_KEY: &str = "shop";
+/// user_id → `LimitSet`: a user's overrides of the shop-wide limits (absent: none; kept once written, even
+/// overriding nothing: its presence keeps the user's usage counted).
+pub const USER_LIMITS: TableDefinition<&str, Bytes> = TableDefinition::new("user_limits");
+/// (user_id, `limits::Window` tag, window start) → count (minor units for spending): what a user's
+/// limits count, written once limits are in use (the shard has `SHOP_LIMITS`, or the user a row of
+/// `USER_LIMITS`). Pruned when written: at most 1 + 1 + 30 rows per user.
+pub const USAGE: TableDefinition<(&str, u8, i64), i64> = TableDefinition::new("usage");
 
 /// The key of the one `MetaState` row in `META`.
 pub const META_STATE_KEY: &str = "state";
@@ -156,6 +167,9 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(24, SOURCE_REVERSALS)?;
     visitor.visit(25, DISPUTES)?;
     visitor.visit(26, CREDIT_IDS)?;
+    visitor.visit(27, SHOP_LIMITS)?;
+    visitor.visit(28, USER_LIMITS)?;
+    visitor.visit(29, USAGE)?;
     Ok(())
 }
 

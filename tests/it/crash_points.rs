@@ -179,3 +179,73 @@ async fn a_webhook_put_cut_off_after_its_home_shard_is_completed_after_the_resta
         .collect();
     assert!(shards.len() > 1, "events of several shards: {shards:?}");
 }
+
+/// A shop-wide limits PUT that stops after its home shard took it is completed by the node itself: the
+/// sweeper copies the home shard's limits to every other shard, so users on every shard are held to them.
+#[tokio::test]
+async fn a_shop_limits_put_cut_off_after_its_home_shard_is_completed_after_the_restart() {
+    let mut srv = Server::start_with(
+        Opts::new()
+            .sweep_interval("200ms")
+            .env("SHOPKEEP_CLUSTER_SECRET", SECRET),
+    )
+    .await;
+    srv.create_item("free", "currency", "0.00").await;
+    let users: Vec<String> = (0..16).map(|i| format!("cut{i}")).collect();
+    for user in &users {
+        srv.create_user(user).await;
+    }
+    assert_eq!(
+        arm(&srv, "crash-after-apply-commit", "1*return", SECRET).await,
+        200
+    );
+    let cut = srv
+        .call(reqwest::Method::PUT, "/v1/admin/limits")
+        .auth(Auth::Admin)
+        .json(&serde_json::json!({"max_orders_per_hour": 0}))
+        .try_send()
+        .await;
+    assert!(cut.as_ref().map_or(true, |r| r.status >= 500), "{cut:?}");
+    let status = srv.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.is_some_and(|s| !s.success()), "no abort: {status:?}");
+    srv.restart().await;
+
+    let limits = srv.get("/v1/admin/limits", Auth::Admin).await.expect(200);
+    assert_eq!(
+        limits["limits"]["max_orders_per_hour"], 0,
+        "the home took it"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut behind: Vec<&String> = users.iter().collect();
+    let mut first_round = true;
+    while !behind.is_empty() {
+        let mut still = vec![];
+        for user in behind {
+            let limits = srv
+                .get(&format!("/v1/users/{user}/limits"), Auth::Service)
+                .await
+                .expect(200);
+            if limits["limits"]["max_orders_per_hour"] != 0 {
+                still.push(user);
+            }
+        }
+        behind = still;
+        if first_round {
+            assert!(
+                !behind.is_empty(),
+                "no shard was left behind: nothing tested"
+            );
+            first_round = false;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never repaired for {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for user in &users {
+        srv.create_order(user, &[("free", 1)], true)
+            .await
+            .expect_error(409, "limit_exceeded");
+    }
+}

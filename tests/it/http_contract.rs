@@ -9,8 +9,10 @@ use serde_json::Value;
 use crate::harness::*;
 
 /// Every route with a path parameter, as (method, template).
-const PARAMETRISED: [(&str, &str); 22] = [
+const PARAMETRISED: [(&str, &str); 24] = [
     ("GET", "/v1/users/{user_id}"),
+    ("PUT", "/v1/users/{user_id}/limits"),
+    ("GET", "/v1/users/{user_id}/limits"),
     ("GET", "/v1/users/{user_id}/wallet"),
     ("POST", "/v1/users/{user_id}/tokens"),
     ("GET", "/v1/users/{user_id}/idempotency/{key}"),

@@ -37,6 +37,7 @@ mod http_entitlements;
 mod http_freeze;
 mod http_idempotency;
 mod http_ledger;
+mod http_limits;
 mod http_ops;
 mod http_orders;
 mod http_refunds;

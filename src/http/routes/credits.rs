@@ -89,7 +89,7 @@ pub async fn create_credit(
     responses(
         (status = 201, description = "The top-up, PENDING until the PSP's webhook", body = TopupResponse),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
-        (status = 409, description = "`limit_exceeded` (details: `limit` = `max_pending_topups`, `max`, `retry_after`)", body = ErrorBody),
+        (status = 409, description = "`limit_exceeded` (details: `limit` = `max_pending_topups`, `max`, `retry_after`): the user's override, else the shop's, else --max-pending-topups", body = ErrorBody),
         (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
     ),
     security(("bearer" = [])))]

@@ -405,6 +405,10 @@ fn describe_schemas(doc: &mut Value, currency: &Currency) {
             continue;
         };
         for (property, definition) in properties.iter_mut() {
+            if let Some(whole) = limit_schema(name, property, currency) {
+                *definition = whole;
+                continue;
+            }
             let facts = [
                 convention_facts(name, property, currency),
                 property_facts(name, property),
@@ -414,6 +418,35 @@ fn describe_schemas(doc: &mut Value, currency: &Currency) {
             }
         }
     }
+}
+
+/// The whole schema of a limit's property (`routes::limits`): a value, `null` (no limit) or, where a
+/// level is set, `"default"`.
+fn limit_schema(schema: &str, property: &str, currency: &Currency) -> Option<Value> {
+    let setting = matches!(schema, "LimitsRequest" | "LimitSettingsResponse");
+    let value = match (schema, property) {
+        ("LimitsRequest", "max_spend_per_day") => {
+            json!({"type": "string", "pattern": money_pattern(currency, Money::NonNegative)})
+        }
+        (_, "max_spend_per_day" | "spent_today") if schema.ends_with("Response") => {
+            json!({"type": "string", "pattern": money_pattern(currency, Money::Response)})
+        }
+        (
+            "LimitsRequest" | "LimitSettingsResponse" | "LimitsResponse",
+            "max_orders_per_hour" | "max_pending_topups" | "max_refunds_per_30_days",
+        ) => json!({
+            "type": "integer", "minimum": 0, "maximum": crate::domain::limits::MAX_LIMIT_COUNT,
+        }),
+        _ => return None,
+    };
+    if property == "spent_today" {
+        return Some(value);
+    }
+    let mut choices = vec![value, json!({"type": "null"})];
+    if setting {
+        choices.push(json!({"type": "string", "enum": ["default"]}));
+    }
+    Some(json!({"oneOf": choices}))
 }
 
 /// Request bodies as `input::Body::json` reads them: an object that refuses unknown fields, and an empty

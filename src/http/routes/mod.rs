@@ -9,6 +9,7 @@ mod doc;
 mod entitlements;
 mod events;
 mod freeze;
+mod limits;
 mod ops;
 mod orders;
 mod users;
@@ -71,6 +72,8 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(users::get_idempotency))
         .routes(routes!(freeze::freeze))
         .routes(routes!(freeze::unfreeze))
+        .routes(routes!(limits::put_user_limits, limits::get_user_limits))
+        .routes(routes!(limits::put_shop_limits, limits::get_shop_limits))
         .routes(routes!(credits::create_credit))
         .routes(routes!(credits::create_reversal))
         .routes(routes!(credits::create_topup))

@@ -60,7 +60,7 @@ fn order_id(text: &str) -> Result<Uuid, ApiError> {
         (status = 201, description = "The order (PENDING, or COMPLETED with `complete: true`)", body = OrderResponse),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 404, description = "`user_not_found`, `item_not_found`", body = ErrorBody),
-        (status = 409, description = "`insufficient_funds`, `price_changed`, `already_owned`, `item_inactive`, `too_many_pending_orders`", body = ErrorBody),
+        (status = 409, description = "`insufficient_funds`, `price_changed`, `already_owned`, `item_inactive`, `too_many_pending_orders`, `limit_exceeded` (`max_orders_per_hour`, `max_spend_per_day`; details: `limit`, `max`, `retry_after`)", body = ErrorBody),
         (status = 422, description = "`invalid_amount`, `idempotency_key_reused`", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -206,7 +206,7 @@ async fn order_transition(
     responses(
         (status = 200, description = "COMPLETED (also when it already was)", body = OrderResponse),
         (status = 404, description = "`user_not_found`, `order_not_found`", body = ErrorBody),
-        (status = 409, description = "`invalid_state` (cancelled), `order_expired`", body = ErrorBody),
+        (status = 409, description = "`invalid_state` (cancelled), `order_expired`, `limit_exceeded` (`max_spend_per_day`; details: `limit`, `max`, `retry_after`)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn complete_order(
@@ -242,7 +242,7 @@ pub async fn cancel_order(
     responses(
         (status = 201, description = "The refund", body = RefundResponse),
         (status = 404, description = "`user_not_found`, `order_not_found`", body = ErrorBody),
-        (status = 409, description = "`refund_exceeds_purchase`, `already_consumed`, `invalid_state`, `refund_window_closed`, `too_many_refunds`", body = ErrorBody),
+        (status = 409, description = "`refund_exceeds_purchase`, `already_consumed`, `invalid_state`, `refund_window_closed`, `too_many_refunds`, `limit_exceeded` (`max_refunds_per_30_days`, not for a forced refund; details: `limit`, `max`, `retry_after`)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn create_refund(

@@ -137,7 +137,8 @@ impl Applier<'_> {
         )
     }
 
-    /// Creates a PENDING top-up, refused if `cap` is given and the user already has that many.
+    /// Creates a PENDING top-up. With a `cap` (`--max-pending-topups`), refused when the user already
+    /// has `max_pending_topups` of them: its override, else the shop's, else `cap`.
     fn open_topup(
         &mut self,
         context: &mut CommandContext,
@@ -149,8 +150,11 @@ impl Applier<'_> {
         check_amount(amount)?;
         self.begin_user(context, user_id)?;
         self.check_not_frozen(user_id)?;
-        if let Some(max) = cap {
-            self.check_pending_topups(context, user_id, max)?;
+        if let Some(default) = cap {
+            let limits = self.limits_in_force(user_id, Some(default))?;
+            if let Some(max) = limits.max_pending_topups {
+                self.check_pending_topups(context, user_id, max)?;
+            }
         }
         let topup = Topup {
             topup_id: context.ids.primary(),

@@ -19,7 +19,9 @@
 //! keys), `credits` (credits and top-ups), `catalog`, `orders`, `refunds`, `entitlements`, `sweep`,
 //! `ledger` (`post` and the checks of every posting), `events` (the outbox every change writes to, and its
 //! purge), `webhooks` (their rows and delivery positions), `freeze`, `reversals` (money going back out,
-//! and `--on-reversal revoke`), `disputes` and `debt` (what a reversal could not take, and its repayment).
+//! and `--on-reversal revoke`), `disputes`, `debt` (what a reversal could not take, and its repayment)
+//! and `limits` (shop-wide and per-user limits, the usage they count, and the checks of orders,
+//! completions, refunds and top-ups).
 
 mod catalog;
 mod credits;
@@ -30,6 +32,7 @@ mod events;
 mod freeze;
 mod idempotency;
 mod ledger;
+mod limits;
 mod orders;
 mod refunds;
 mod reversals;
@@ -58,6 +61,7 @@ pub struct Applied {
 }
 
 /// Why a command stopped early: a business rejection (an outcome) or a storage failure (aborts the batch).
+#[derive(Debug)]
 enum Stop {
     Reject(Rejection),
     Store(StoreError),
@@ -113,6 +117,9 @@ pub(crate) struct Applier<'t> {
     source_reversals: Table<'t, (u128, u128), ()>,
     disputes: Table<'t, (&'static str, &'static str), Bytes>,
     credit_ids: Table<'t, u128, &'static str>,
+    shop_limits: Table<'t, &'static str, Bytes>,
+    user_limits: Table<'t, &'static str, Bytes>,
+    usage: Table<'t, (&'static str, u8, i64), i64>,
     meta: MetaState,
     /// The `receivable` account's balance (a `META` row of its own: `MetaState` never changes shape),
     /// written back by `finish` when a command changed it.
@@ -160,6 +167,9 @@ impl<'t> Applier<'t> {
             source_reversals: txn.open_table(tables::SOURCE_REVERSALS)?,
             disputes: txn.open_table(tables::DISPUTES)?,
             credit_ids: txn.open_table(tables::CREDIT_IDS)?,
+            shop_limits: txn.open_table(tables::SHOP_LIMITS)?,
+            user_limits: txn.open_table(tables::USER_LIMITS)?,
+            usage: txn.open_table(tables::USAGE)?,
             meta,
             receivable,
             receivable_changed: false,
@@ -304,6 +314,8 @@ impl<'t> Applier<'t> {
             Command::Reverse(c) => self.reverse(context, c),
             Command::OpenDispute(c) => self.open_dispute(context, c),
             Command::CloseDispute(c) => self.close_dispute(context, c),
+            Command::PutShopLimits(c) => self.put_shop_limits(context, c),
+            Command::PutUserLimits(c) => self.put_user_limits(c),
         }
     }
 }

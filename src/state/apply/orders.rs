@@ -1,5 +1,6 @@
 //! Orders: creation (decide a plan, then write it), completion (debit and grant), cancellation, expiry,
-//! and the pending-order indexes that back the wallet's `held`.
+//! and the pending-order indexes that back the wallet's `held`. Creation counts against
+//! `max_orders_per_hour`, completion against `max_spend_per_day` (`limits`).
 
 use redb::ReadableTable;
 use uuid::Uuid;
@@ -7,6 +8,7 @@ use uuid::Uuid;
 use super::ledger::overflow;
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
+use crate::domain::limits::Window;
 use crate::domain::model::MAX_LINES;
 use crate::domain::{
     Entitlement, EventData, EventType, HistoryEntry, Item, LineRequest, Money, Order, OrderLine,
@@ -32,6 +34,7 @@ impl Applier<'_> {
         let mut user = self.begin_user(context, &command.user_id)?;
         self.check_not_frozen(&command.user_id)?;
         let plan = self.decide_order(&user, command)?;
+        self.check_order_limits(context.now, &command.user_id, plan.total)?;
         self.write_order(context, &mut user, command, plan)
     }
 
@@ -180,6 +183,7 @@ impl Applier<'_> {
         let id = order.order_id.as_u128();
         self.user_orders
             .insert((user_id, order.created_at.micros(), id), ())?;
+        self.count_usage(user_id, Window::OrdersPerHour, context.now, 1)?;
         let created = EventData::Order(order.clone());
         self.emit(context, EventType::OrderCreated, user_id, created)?;
         if command.complete {
@@ -239,6 +243,12 @@ impl Applier<'_> {
                 granted,
             )?;
         }
+        self.count_usage(
+            &user.user_id,
+            Window::SpendPerDay,
+            context.now,
+            order.total.minor(),
+        )?;
         order.completed_at = Some(context.now);
         order.transition(OrderStatus::Completed, context.now, None);
         self.forget_pending(order)?;
@@ -259,6 +269,7 @@ impl Applier<'_> {
             OrderStatus::Pending => {
                 self.check_not_frozen(user_id)?;
                 self.check_postings(&user, &[(PostingKind::Debit, order.total)])?;
+                self.check_spend_limit(context.now, user_id, order.total)?;
                 self.complete_effects(context, &mut user, &mut order)?;
                 self.save_order(&order)?;
                 self.save_user(&user)?;

@@ -5,6 +5,7 @@ use super::ledger::overflow;
 use super::orders::check_line_shape;
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
+use crate::domain::limits::Window;
 use crate::domain::model::MAX_REFUNDS_PER_ORDER;
 use crate::domain::{
     Entitlement, EventData, EventType, LineRequest, Money, Order, OrderLine, OrderStatus,
@@ -40,6 +41,7 @@ impl Applier<'_> {
         let mut user = self.begin_user(context, &command.user_id)?;
         let order = self.user_order(&command.user_id, command.order_id)?;
         let plan = self.decide_refund(context.now, &user, &order, command)?;
+        self.check_refund_limit(context.now, &command.user_id, !command.force)?;
         let refund_id = context.ids.primary();
         let refund = self.write_refund(context, &mut user, order, command, plan, refund_id)?;
         Ok(Reply::Refunded {
@@ -160,6 +162,7 @@ impl Applier<'_> {
         if !plan.for_reversal {
             let reference = PostingRef::Refund(refund.refund_id);
             self.repay_debt(context, user, refund.amount, reference)?;
+            self.count_usage(&command.user_id, Window::RefundsPerDay, context.now, 1)?;
         }
         let bytes = encode(&refund)?;
         self.refunds

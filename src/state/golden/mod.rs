@@ -16,15 +16,15 @@ mod samples;
 
 use samples::{
     FINGERPRINT, LATER, NOW, commands, create_user, credit, dispute, entitlement, envelope, events,
-    freeze, id, item, money, order, posting, refund, rejections, replies, reversal, topup, user,
-    webhook,
+    freeze, id, item, limit_set, money, order, posting, refund, rejections, replies, reversal,
+    shop_limits, topup, user, webhook,
 };
 
 use super::apply::Applied;
 use super::{IdempotencyRecord, IdempotencyState, MetaState};
 use crate::domain::{
     Account, CancelReason, Command, DisputeStatus, GlobalClaim, ItemKind, OrderStatus, Outcome,
-    PostingKind, PostingRef, RefClaim, Rejection, Reply, ReversalReason, ReversalSource,
+    PostingKind, PostingRef, RefClaim, Rejection, Reply, ReversalReason, ReversalSource, Setting,
     TopupStatus,
 };
 
@@ -104,6 +104,8 @@ fn golden_command(command: &Command) -> &'static str {
         Command::CloseDispute { .. } => {
             "1c0275311001900000000070008000000000000007036470310001e80700"
         }
+        Command::PutShopLimits { .. } => "1d0102c0b80201010001000103",
+        Command::PutUserLimits { .. } => "1e0275310001023c0100010205",
     }
 }
 
@@ -207,6 +209,8 @@ fn golden_reply(reply: &Reply) -> &'static str {
         Reply::Disputed { .. } => {
             "12100190000000007000800000000000000c036470310275311001900000000070008000000000000007e80700028080f281838985060180a499dc8989850601100190000000007000800000000000000ba09c01a006d80401100190000000007000800000000000000b027531011001900000000070008000000000000007e807010b646973707574653a647031c801c801d804011001900000000070008000000000000004648080f28183898506"
         }
+        Reply::ShopLimits(_) => "1302c0b80201000205038080f28183898506",
+        Reply::UserLimits { .. } => "1402753102c0b80201000205",
     }
 }
 
@@ -250,6 +254,9 @@ fn golden_rejection(rejection: &Rejection) -> &'static str {
         Rejection::NotFound { .. } => "1b076469737075746503647031",
         Rejection::ReversalExceedsCredit { .. } => "1cb009e807",
         Rejection::DebtOutstanding { .. } => "1dd804",
+        Rejection::MoneyLimitExceeded { .. } => {
+            "1e116d61785f7370656e645f7065725f646179c0b8020180a499dc89898506"
+        }
     }
 }
 
@@ -367,6 +374,12 @@ fn stored_records_encode_as_pinned() {
         dispute(),
         "100190000000007000800000000000000c036470310275311001900000000070008000000000000007e80700028080f281838985060180a499dc8989850601100190000000007000800000000000000b",
     )]);
+    assert_golden(&[(
+        "shop limits",
+        shop_limits(),
+        "02c0b80201000205038080f28183898506",
+    )]);
+    assert_golden(&[("user limits", limit_set(), "02c0b80201000205")]);
     let pinned = [
         "1001900000000070008000000000000009008080f28183898506027531000275310103416e6e8080f28183898506a09c01a00603",
         "1001900000000070008000000000000009018080f28183898506027531011001900000000070008000000000000003027531c413027231010570726f6d6f8080f28183898506a09c01a006",
@@ -487,6 +500,8 @@ fn record_enums_encode_as_pinned() {
     assert_golden(&[("reversal reasons", reasons.to_vec(), "020001")]);
     let statuses = [DisputeStatus::Open, DisputeStatus::Won, DisputeStatus::Lost];
     assert_golden(&[("dispute statuses", statuses.to_vec(), "03000102")]);
+    let settings = vec![Setting::Default, Setting::Unlimited, Setting::Max(7u32)];
+    assert_golden(&[("limit settings", settings, "0300010207")]);
     let claims = vec![
         GlobalClaim::Run(Box::new(envelope(create_user()))),
         GlobalClaim::Settled(Box::new(Err(Rejection::UserExists))),

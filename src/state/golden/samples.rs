@@ -7,9 +7,9 @@ use uuid::Uuid;
 use crate::domain::{
     Account, CancelReason, Command, Credit, Dispute, DisputeStatus, Entitlement, Envelope, Event,
     EventData, EventType, Freeze, GlobalClaim, HistoryEntry, IdSeed, IdempotencyTag, Item,
-    ItemKind, ItemSpec, Money, Order, OrderLine, OrderStatus, Outcome, Posting, PostingKind,
-    PostingRef, Refund, RefundLine, Rejection, Reply, Reversal, ReversalReason, ReversalSource,
-    Timestamp, Topup, TopupStatus, User, WalletView, Webhook,
+    ItemKind, ItemSpec, LimitSet, Money, Order, OrderLine, OrderStatus, Outcome, Posting,
+    PostingKind, PostingRef, Refund, RefundLine, Rejection, Reply, Reversal, ReversalReason,
+    ReversalSource, Setting, ShopLimits, Timestamp, Topup, TopupStatus, User, WalletView, Webhook,
 };
 
 pub(super) const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
@@ -123,9 +123,32 @@ pub(super) fn commands() -> Vec<Command> {
             json!({"CloseDispute": {"user_id": "u1", "topup_id": id(7), "dispute_id": "dp1",
             "won": false, "amount": 500, "revoke": false}}),
         ),
+        command(json!({"PutShopLimits": {"changes": {"max_spend_per_day": {"Max": 20000},
+            "max_orders_per_hour": "Unlimited", "max_pending_topups": null,
+            "max_refunds_per_30_days": "Default"}, "generation": 3}})),
+        command(json!({"PutUserLimits": {"user_id": "u1", "changes": {"max_spend_per_day": null,
+            "max_orders_per_hour": {"Max": 60}, "max_pending_topups": "Default",
+            "max_refunds_per_30_days": {"Max": 5}}}})),
     ]
     .into()
 }
+pub(super) fn limit_set() -> LimitSet {
+    LimitSet {
+        max_spend_per_day: Setting::Max(money(20_000)),
+        max_orders_per_hour: Setting::Unlimited,
+        max_pending_topups: Setting::Default,
+        max_refunds_per_30_days: Setting::Max(5),
+    }
+}
+
+pub(super) fn shop_limits() -> ShopLimits {
+    ShopLimits {
+        limits: limit_set(),
+        generation: 3,
+        updated_at: NOW,
+    }
+}
+
 pub(super) fn freeze() -> Freeze {
     Freeze {
         reason: "chargeback".to_owned(),
@@ -438,6 +461,11 @@ pub(super) fn replies() -> Vec<Reply> {
             debt: money(300),
             reversal: Some(Box::new(reversal())),
         },
+        Reply::ShopLimits(shop_limits()),
+        Reply::UserLimits {
+            user_id: "u1".to_owned(),
+            overrides: limit_set(),
+        },
     ]
     .into()
 }
@@ -521,6 +549,11 @@ pub(super) fn rejections() -> Vec<Rejection> {
             reversible: money(500),
         },
         Rejection::DebtOutstanding { debt: money(300) },
+        Rejection::MoneyLimitExceeded {
+            limit: "max_spend_per_day".to_owned(),
+            max: money(20_000),
+            retry_after: Some(LATER),
+        },
     ]
     .into()
 }
