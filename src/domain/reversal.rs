@@ -21,6 +21,15 @@ pub const MAX_REVOKED_ORDERS: usize = 50;
 /// reason is lifted when the debt is repaid; a freeze an operator made stays.
 pub const DEBT_FREEZE_REASON: &str = "debt_outstanding";
 
+/// The longest reversal `external_ref`: a client's is at most 255 characters like every external reference,
+/// the shop's own add a prefix to a PSP's (`psp:<event_id>`, `dispute:<dispute_id>`).
+pub const MAX_REVERSAL_REF_LEN: usize = 300;
+
+/// `true` for 1–300 printable ASCII characters without spaces.
+pub fn is_valid_reversal_ref(text: &str) -> bool {
+    (1..=MAX_REVERSAL_REF_LEN).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// What money a reversal takes back.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReversalSource {

@@ -12,8 +12,9 @@ use utoipa::ToSchema;
 
 use crate::domain::limits::Usage;
 use crate::domain::{
-    Credit, Currency, Dispute, Entitlement, Event, EventData, Freeze, Item, LimitSet, LimitsInForce,
-    Money, Order, Posting, Refund, Reversal, Setting, Timestamp, Topup, User, WalletView,
+    Credit, Currency, Dispute, Entitlement, Event, EventData, Freeze, Item, LimitSet,
+    LimitsInForce, Money, Order, Posting, Refund, Reversal, Setting, Timestamp, Topup, User,
+    WalletView,
 };
 
 // ----- requests ---------------------------------------------------------------------------------------
@@ -179,8 +180,8 @@ pub struct WalletResponse {
     #[schema(example = "15.01")]
     pub available: String,
     /// What the player owes the shop (a reversal took back money already spent); later credits repay it
-    /// first. Shown by wallet and user reads and by reversals and disputes; absent from the wallet a
-    /// credit, top-up or refund answers with.
+    /// first. Shown by wallet and user reads, a new user, reversals and disputes; absent from the wallet a
+    /// credit, top-up, refund, freeze or unfreeze answers with.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "0.00")]
     pub debt: Option<String>,
@@ -881,8 +882,9 @@ struct TopupCreditResponse {
     wallet: WalletResponse,
 }
 
+/// A new user (`user.created`): it owes nothing, as `POST /v1/users` answers.
 fn user_response(currency: &Currency, u: &User) -> UserResponse {
-    user(currency, u, &u.wallet(), None, None)
+    user(currency, u, &u.wallet(), None, Some(Money::ZERO))
 }
 
 fn to_value(response: impl Serialize) -> Value {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::App;
 use super::dto;
 use super::error::ApiError;
-use crate::domain::{Outcome, Reply};
+use crate::domain::{Money, Outcome, Reply};
 use crate::engine::Applied;
 
 pub struct Rendered {
@@ -36,7 +36,8 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
     match outcome {
         Ok(Reply::UserCreated(user)) => json(
             StatusCode::CREATED,
-            &dto::user(currency, user, &user.wallet(), None, None),
+            // A new user owes nothing: shown, so that the answer has the shape of `GET /v1/users/{id}`.
+            &dto::user(currency, user, &user.wallet(), None, Some(Money::ZERO)),
         ),
         Ok(Reply::Account { user, frozen }) => json(
             StatusCode::OK,

@@ -603,3 +603,29 @@ async fn on_reversal_revoke_records_no_debt_when_the_purchases_cover_it() {
     assert_eq!(user["frozen"], Value::Null);
     srv.audit_ok().await;
 }
+
+#[tokio::test]
+async fn psp_event_and_dispute_ids_of_the_longest_allowed_length_are_reversed() {
+    let srv = Server::start().await;
+    srv.create_user("rv14").await;
+    let topup = paid_topup(&srv, "rv14", "10.00").await;
+    let long = "e".repeat(255);
+    let refund = with(
+        psp(&long, "payment.refunded", &topup, "rv14"),
+        json!({"amount": "1.00"}),
+    );
+    let reversal = srv.webhook(&refund).await.expect(201);
+    assert_eq!(reversal["external_ref"], format!("psp:{long}"));
+    let dispute = "d".repeat(255);
+    let lost = with(
+        psp("lost-long", "dispute.closed", &topup, "rv14"),
+        json!({"dispute_id": dispute, "outcome": "lost", "amount": "2.00"}),
+    );
+    let closed = srv.webhook(&lost).await.expect(200);
+    assert_eq!(
+        closed["reversal"]["external_ref"],
+        format!("dispute:{dispute}")
+    );
+    assert_eq!(srv.wallet("rv14").await.balance, 700);
+    srv.audit_ok().await;
+}

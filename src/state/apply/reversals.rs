@@ -15,8 +15,10 @@ use super::credits::check_amount;
 use super::ledger::overflow;
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
-use crate::domain::model::{MAX_REFUNDS_PER_ORDER, is_valid_external_ref};
-use crate::domain::reversal::{MAX_REVERSALS_PER_SOURCE, MAX_REVOKED_ORDERS};
+use crate::domain::model::MAX_REFUNDS_PER_ORDER;
+use crate::domain::reversal::{
+    MAX_REVERSALS_PER_SOURCE, MAX_REVOKED_ORDERS, is_valid_reversal_ref,
+};
 use crate::domain::{
     Credit, Entitlement, EventData, EventType, LineRequest, Money, Order, OrderStatus, PostingKind,
     PostingRef, Rejection, Reply, Reversal, ReversalReason, ReversalSource, Timestamp, Topup,
@@ -68,8 +70,8 @@ impl Applier<'_> {
         command: &command::Reverse,
     ) -> Step<Reply> {
         check_amount(command.amount)?;
-        if !is_valid_external_ref(&command.external_ref) {
-            return Err(Rejection::invalid("external_ref must be 1-255 printable ASCII").into());
+        if !is_valid_reversal_ref(&command.external_ref) {
+            return Err(Rejection::invalid("external_ref must be 1-300 printable ASCII").into());
         }
         let mut user = self.begin_user(context, &command.user_id)?;
         let (brought_in, since) = self.reversal_source(&command.user_id, &command.source)?;
