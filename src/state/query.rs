@@ -12,7 +12,7 @@ use super::{IdempotencyRecord, MetaState, StoreError};
 use crate::domain::limits::{LimitSet, ShopLimits, Usage, Window};
 use crate::domain::{
     Credit, Dispute, Entitlement, Event, EventLog, EventType, Freeze, Item, Money, Order,
-    OrderStatus, Posting, RefClaim, Timestamp, Topup, User, WalletView, Webhook,
+    OrderStatus, Posting, PostingRef, RefClaim, Timestamp, Topup, User, WalletView, Webhook,
 };
 
 pub fn meta(txn: &ReadTransaction) -> Result<MetaState, StoreError> {
@@ -299,7 +299,9 @@ pub fn debt(txn: &ReadTransaction, user_id: &str) -> Result<Money, StoreError> {
 }
 
 /// The `external_ref` of the user's credit `credit_id` (its key in `CREDITS`), if there is one: from the
-/// index of credits made since reversals exist, else by a scan of the shard's credits.
+/// index of credits made since reversals exist. A credit older than that index is looked for only if the
+/// user's own ledger has it (a scan of the user's entries, not of the shard), then by a scan of the shard's
+/// credits: an unknown id costs one user's ledger, never the shard's credits.
 pub fn credit_ref(
     txn: &ReadTransaction,
     user_id: &str,
@@ -315,6 +317,9 @@ pub fn credit_ref(
         let credit: Option<Credit> = get(&credits, reference.as_str())?;
         return Ok(credit.filter(owned).map(|_| reference));
     }
+    if !ledger_has_credit(txn, user_id, credit_id)? {
+        return Ok(None);
+    }
     for entry in credits.iter()? {
         let (key, value) = entry?;
         let credit: Credit = decode(value.value())?;
@@ -323,6 +328,24 @@ pub fn credit_ref(
         }
     }
     Ok(None)
+}
+
+/// Whether one of the user's ledger entries is the credit `credit_id`.
+fn ledger_has_credit(
+    txn: &ReadTransaction,
+    user_id: &str,
+    credit_id: Uuid,
+) -> Result<bool, StoreError> {
+    let postings = txn.open_table(tables::POSTINGS)?;
+    let index = txn.open_table(tables::USER_POSTINGS)?;
+    for entry in index.range((user_id, 0u64)..=(user_id, u64::MAX))? {
+        let seq = entry?.1.value();
+        let posting: Option<Posting> = get(&postings, seq)?;
+        if posting.is_some_and(|p| p.reference == PostingRef::Credit(credit_id)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The user's dispute `dispute_id`, if the PSP opened or closed it here.
@@ -418,4 +441,67 @@ pub fn usage_in(
 ) -> Result<i64, StoreError> {
     let rows = usage_rows(table, user_id, window, now)?;
     Ok(rows.iter().fold(0i64, |sum, (_, n)| sum.saturating_add(*n)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::command::{self, Command};
+    use crate::domain::{Envelope, IdSeed, Reply};
+    use crate::state::ShardStore;
+
+    fn envelope(n: i64, command: Command) -> Envelope {
+        Envelope {
+            now: Timestamp(1_700_000_000_000_000 + n),
+            seed: IdSeed {
+                unix_millis: 1_700_000_000_000,
+                entropy: 1000 + n as u128,
+            },
+            idempotency: None,
+            command,
+        }
+    }
+
+    /// A credit made before `CREDIT_IDS` existed has no index row: it is found through its user's ledger
+    /// and the shard's credits; an id the user's ledger does not have is not looked for any further.
+    #[test]
+    fn a_credit_without_its_index_row_is_found_through_its_users_ledger() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        let create = Command::CreateUser(command::CreateUser {
+            user_id: "u1".into(),
+            display_name: None,
+        });
+        let credit = Command::Credit(command::Credit {
+            user_id: "u1".into(),
+            amount: Money::from_minor(500),
+            external_ref: "old-ref".into(),
+            source: None,
+            ref_accepted: true,
+        });
+        let applied = store
+            .apply_batch(&[&envelope(1, create), &envelope(2, credit)])
+            .expect("applies");
+        let Ok(Reply::Credited { credit, .. }) = &applied[1].outcome else {
+            panic!("not credited: {:?}", applied[1]);
+        };
+        let credit_id = credit.credit_id;
+        let txn = store.begin_write().expect("writes");
+        txn.open_table(tables::CREDIT_IDS)
+            .expect("index")
+            .remove(credit_id.as_u128())
+            .expect("removes");
+        txn.commit().expect("commits");
+
+        let read = store.begin_read().expect("reads");
+        assert_eq!(
+            credit_ref(&read, "u1", credit_id).expect("reads"),
+            Some("old-ref".to_owned())
+        );
+        assert_eq!(credit_ref(&read, "u2", credit_id).expect("reads"), None);
+        assert_eq!(
+            credit_ref(&read, "u1", Uuid::from_u128(7)).expect("reads"),
+            None
+        );
+    }
 }
