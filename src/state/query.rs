@@ -450,12 +450,12 @@ mod tests {
     use crate::domain::{Envelope, IdSeed, Reply};
     use crate::state::ShardStore;
 
-    fn envelope(n: i64, command: Command) -> Envelope {
+    fn envelope(n: u8, command: Command) -> Envelope {
         Envelope {
-            now: Timestamp(1_700_000_000_000_000 + n),
+            now: Timestamp(1_700_000_000_000_000 + i64::from(n)),
             seed: IdSeed {
                 unix_millis: 1_700_000_000_000,
-                entropy: 1000 + n as u128,
+                entropy: 1000 + u128::from(n),
             },
             idempotency: None,
             command,
