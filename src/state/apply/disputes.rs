@@ -163,6 +163,14 @@ impl Applier<'_> {
         let hold = Some((dispute.record_id, dispute.held));
         if amount.is_positive() {
             check_reversible(&tally, topup.amount, amount)?;
+            let reversal_id = context.ids.primary();
+            let closed = Dispute {
+                held: Money::ZERO,
+                status: DisputeStatus::Lost,
+                closed_at: Some(context.now),
+                reversal_id: Some(reversal_id),
+                ..dispute.clone()
+            };
             let request = TakeBack {
                 source: ReversalSource::Topup {
                     topup_id: dispute.topup_id,
@@ -173,8 +181,8 @@ impl Applier<'_> {
                 revoke,
                 since: topup.finished_at.unwrap_or(topup.created_at),
                 hold,
+                closed_dispute: Some(closed),
             };
-            let reversal_id = context.ids.primary();
             self.take_back(context, user, request, reversal_id)?;
             dispute.reversal_id = Some(reversal_id);
         } else {
@@ -192,7 +200,7 @@ impl Applier<'_> {
         Ok(get(&self.disputes, (user_id, dispute_id))?)
     }
 
-    fn save_dispute(&mut self, dispute: &Dispute) -> Step<()> {
+    pub(super) fn save_dispute(&mut self, dispute: &Dispute) -> Step<()> {
         let bytes = encode(dispute)?;
         let key = (dispute.user_id.as_str(), dispute.dispute_id.as_str());
         self.disputes.insert(key, bytes.as_slice())?;

@@ -18,7 +18,7 @@ use crate::domain::command;
 use crate::domain::model::{MAX_REFUNDS_PER_ORDER, is_valid_external_ref};
 use crate::domain::reversal::{MAX_REVERSALS_PER_SOURCE, MAX_REVOKED_ORDERS};
 use crate::domain::{
-    Credit, Entitlement, EventData, EventType, LineRequest, Money, Order, OrderStatus, PostingKind,
+    Credit, Dispute, Entitlement, EventData, EventType, LineRequest, Money, Order, OrderStatus, PostingKind,
     PostingRef, Rejection, Reply, Reversal, ReversalReason, ReversalSource, Timestamp, Topup,
     TopupStatus, User,
 };
@@ -38,6 +38,9 @@ pub(super) struct TakeBack {
     pub since: Timestamp,
     /// A lost dispute's (record id, hold): released first, and taken first.
     pub hold: Option<(Uuid, Money)>,
+    /// That dispute as closed (holding nothing), saved as soon as its hold is released: every save of
+    /// the user after that must find held = pending orders + the holds of open disputes.
+    pub closed_dispute: Option<Dispute>,
 }
 
 /// A refund `--on-reversal revoke` makes: these lines of this order, for `amount`.
@@ -98,6 +101,7 @@ impl Applier<'_> {
             revoke: command.revoke,
             since,
             hold: None,
+            closed_dispute: None,
         };
         let reversal_id = context.ids.primary();
         let reversal = self.take_back(context, &mut user, request, reversal_id)?;
@@ -195,6 +199,9 @@ impl Applier<'_> {
                 reference,
                 context.now,
             )?;
+        }
+        if let Some(dispute) = &request.closed_dispute {
+            self.save_dispute(dispute)?;
         }
         let (revoked_refunds, revoked_amount) =
             self.write_revokes(context, user, plan.revokes, reversal_id)?;
