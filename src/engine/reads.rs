@@ -7,8 +7,8 @@
 use uuid::Uuid;
 
 use crate::domain::{
-    Entitlement, Freeze, Item, Money, Order, OrderStatus, Outcome, Posting, Timestamp, Topup,
-    User, WalletView,
+    Entitlement, Freeze, Item, Money, Order, OrderStatus, Outcome, Posting, Timestamp, Topup, User,
+    WalletView,
 };
 use crate::state::audit::{self, ShardAudit};
 use crate::state::query::{self, OrderCursor};

@@ -23,8 +23,13 @@ pub enum PspTopupRef {
 
 /// What the PSP reports about a completed top-up.
 pub enum PspReversalKind {
-    Refunded { amount: Money },
-    DisputeOpened { dispute_id: String, amount: Money },
+    Refunded {
+        amount: Money,
+    },
+    DisputeOpened {
+        dispute_id: String,
+        amount: Money,
+    },
     DisputeClosed {
         dispute_id: String,
         won: bool,

@@ -30,8 +30,8 @@ use sha2::{Digest, Sha256};
 use super::tables::{self, TableVisitor, decode};
 use super::{MetaState, StoreError, query};
 use crate::domain::{
-    Credit, Dispute, Entitlement, Money, Order, OrderStatus, Posting, Reversal, ReversalSource, Topup,
-    TopupStatus, User,
+    Credit, Dispute, Entitlement, Money, Order, OrderStatus, Posting, Reversal, ReversalSource,
+    Topup, TopupStatus, User,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -362,7 +362,10 @@ fn audit_reversals(txn: &ReadTransaction, violations: &mut Vec<String>) -> Resul
     let mut brought_in: HashMap<u128, i128> = HashMap::new();
     for entry in txn.open_table(tables::CREDITS)?.iter()? {
         let credit: Credit = decode(entry?.1.value())?;
-        brought_in.insert(credit.credit_id.as_u128(), i128::from(credit.amount.minor()));
+        brought_in.insert(
+            credit.credit_id.as_u128(),
+            i128::from(credit.amount.minor()),
+        );
     }
     let topups = txn.open_table(tables::TOPUPS)?;
     let mut reversed: HashMap<u128, i128> = HashMap::new();

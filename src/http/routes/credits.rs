@@ -347,7 +347,9 @@ fn psp_reversal(
     };
     let dispute_id = || match &request.dispute_id {
         Some(id) => external_ref("dispute_id", id).map(|()| id.clone()),
-        None => Err(ApiError::invalid_request("a dispute event needs dispute_id")),
+        None => Err(ApiError::invalid_request(
+            "a dispute event needs dispute_id",
+        )),
     };
     let kind = match request.event_type.as_str() {
         "payment.refunded" => PspReversalKind::Refunded {
@@ -417,9 +419,8 @@ pub async fn create_reversal(
         &request.amount,
         AmountRule::Positive,
     )?;
-    let reason = ReversalReason::parse(&request.reason).ok_or_else(|| {
-        ApiError::invalid_request("reason must be psp_refund or chargeback")
-    })?;
+    let reason = ReversalReason::parse(&request.reason)
+        .ok_or_else(|| ApiError::invalid_request("reason must be psp_refund or chargeback"))?;
     external_ref("external_ref", &request.external_ref)?;
     let credit_ref = app
         .bounded(app.node.credit_ref(consistency, &user_id, credit_id))

@@ -62,7 +62,8 @@ impl Applier<'_> {
         freeze: Freeze,
     ) -> Step<()> {
         let bytes = encode(&freeze)?;
-        self.frozen.insert(user.user_id.as_str(), bytes.as_slice())?;
+        self.frozen
+            .insert(user.user_id.as_str(), bytes.as_slice())?;
         let data = EventData::Account {
             user: user.clone(),
             frozen: Some(freeze),

@@ -18,9 +18,9 @@ use crate::domain::command;
 use crate::domain::model::{MAX_REFUNDS_PER_ORDER, is_valid_external_ref};
 use crate::domain::reversal::{MAX_REVERSALS_PER_SOURCE, MAX_REVOKED_ORDERS};
 use crate::domain::{
-    Credit, Dispute, Entitlement, EventData, EventType, LineRequest, Money, Order, OrderStatus, PostingKind,
-    PostingRef, Rejection, Reply, Reversal, ReversalReason, ReversalSource, Timestamp, Topup,
-    TopupStatus, User,
+    Credit, Dispute, Entitlement, EventData, EventType, LineRequest, Money, Order, OrderStatus,
+    PostingKind, PostingRef, Rejection, Reply, Reversal, ReversalReason, ReversalSource, Timestamp,
+    Topup, TopupStatus, User,
 };
 use crate::state::tables::{decode, encode, get};
 
@@ -378,7 +378,8 @@ impl Applier<'_> {
             let mut plan = self.decide_refund(context.now, user, &revoke.order, &command)?;
             plan.for_reversal = true;
             let refund_id = context.ids.next_id();
-            let refund = self.write_refund(context, user, revoke.order, &command, plan, refund_id)?;
+            let refund =
+                self.write_refund(context, user, revoke.order, &command, plan, refund_id)?;
             total = total.checked_add(refund.amount).ok_or_else(overflow)?;
             ids.push(refund.refund_id);
         }

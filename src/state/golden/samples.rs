@@ -5,11 +5,11 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::{
-    Account, CancelReason, Command, Credit, Entitlement, Envelope, Event, EventData, EventType,
-    Freeze, GlobalClaim, HistoryEntry, IdSeed, IdempotencyTag, Item, ItemKind, ItemSpec, Money,
-    Order, OrderLine, OrderStatus, Outcome, Posting, PostingKind, PostingRef, Refund, RefundLine,
-    Rejection, Reply, Timestamp, Topup, TopupStatus, User, WalletView, Webhook,
-    Dispute, DisputeStatus, Reversal, ReversalReason, ReversalSource,
+    Account, CancelReason, Command, Credit, Dispute, DisputeStatus, Entitlement, Envelope, Event,
+    EventData, EventType, Freeze, GlobalClaim, HistoryEntry, IdSeed, IdempotencyTag, Item,
+    ItemKind, ItemSpec, Money, Order, OrderLine, OrderStatus, Outcome, Posting, PostingKind,
+    PostingRef, Refund, RefundLine, Rejection, Reply, Reversal, ReversalReason, ReversalSource,
+    Timestamp, Topup, TopupStatus, User, WalletView, Webhook,
 };
 
 pub(super) const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
