@@ -375,7 +375,8 @@ impl Account {
     /// After `amount` came in: `min(debt, amount)` of it pays the debt back, and once the debt is paid a
     /// freeze the debt made is lifted. What was repaid.
     pub fn repay_debt(&mut self, amount: Minor) -> Minor {
-        let repaid = self.debt.min(amount).min(self.wallet.available());
+        // (apply also bounds it by the available money, which the money just come in always covers)
+        let repaid = self.debt.min(amount);
         if repaid <= 0 {
             return 0;
         }
@@ -430,7 +431,6 @@ impl Account {
         self.wallet.release(hold);
         self.wallet.balance = add(self.wallet.balance, plan.debt);
         self.wallet.balance = sub(self.wallet.balance, amount);
-        debug_assert!(self.wallet.balance >= self.wallet.held);
         if plan.debt > 0 {
             self.debt = add(self.debt, plan.debt);
             if self.frozen.is_none() {
