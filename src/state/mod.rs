@@ -142,6 +142,9 @@ pub struct IdempotencyRecord {
     pub state: IdempotencyState,
 }
 
+// A stored outcome is read once per retried request: its size does not matter (and boxing it would
+// change nothing of the persisted format but every match on it).
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IdempotencyState {
     Pending(Box<Envelope>),

@@ -1359,11 +1359,11 @@ impl Harness {
                     "{:?}",
                     op
                 );
-                if let (Ok(Reply::Disputed { reversal, .. }), Ok(plan)) = (&outcome, &expected) {
-                    if let Some(plan) = plan {
-                        let reversal = reversal.as_ref().expect("a lost dispute's reversal");
-                        check_reversal(reversal, plan)?;
-                    }
+                if let (Ok(Reply::Disputed { reversal, .. }), Ok(Some(plan))) =
+                    (&outcome, &expected)
+                {
+                    let reversal = reversal.as_ref().expect("a lost dispute's reversal");
+                    check_reversal(reversal, plan)?;
                 }
             }
             Op::Freeze { user } => {
