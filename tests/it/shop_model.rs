@@ -8,6 +8,12 @@
 //! `props.rs` (commands against a redb file) and `chaos/model.rs` (HTTP answers, with time windows) both
 //! call this and keep only what is their own; a change to a rule is made here and in apply, nowhere
 //! else. A refusal is the API's error code (`Rejection::code`).
+//!
+//! Money going back out (`src/state/apply/reversals.rs`, `disputes.rs`, `debt.rs`): a [`Source`] (a
+//! credit or completed top-up) gives back at most what it brought in, one reversal per `external_ref`;
+//! [`plan_reversal`] decides how a reversal is covered (a lost dispute's hold, the available money, the
+//! refunds `--on-reversal revoke` makes of the newest purchases, and debt), [`Account::take_back`] writes
+//! it. Debt freezes the account and is repaid first by credits, completed top-ups and player refunds.
 
 use std::collections::BTreeMap;
 
@@ -322,12 +328,20 @@ pub fn check_refund_window(
     Ok(())
 }
 
+/// The reason of the freeze a reversal puts on an account it leaves in debt; only that freeze is lifted
+/// when the debt is repaid.
+pub const DEBT_FREEZE_REASON: &str = shopkeep::domain::reversal::DEBT_FREEZE_REASON;
+
 /// One user's money and holdings.
 #[derive(Clone, Debug, Default)]
 pub struct Account {
     pub wallet: Wallet,
     /// item → entitlement.
     pub entitlements: BTreeMap<String, Entitlement>,
+    /// What the user owes the shop (a reversal the wallet could not cover). Never negative.
+    pub debt: Minor,
+    /// The freeze's reason, if the account is frozen.
+    pub frozen: Option<String>,
 }
 
 impl Account {
@@ -352,9 +366,77 @@ impl Account {
         Ok(())
     }
 
-    /// A credit, or a top-up whose payment succeeded.
-    pub fn credit(&mut self, amount: Minor) {
+    /// A credit, or a top-up whose payment succeeded: repays the debt first. What it repaid.
+    pub fn credit(&mut self, amount: Minor) -> Minor {
         self.wallet.credit(amount);
+        self.repay_debt(amount)
+    }
+
+    /// After `amount` came in: `min(debt, amount)` of it pays the debt back, and once the debt is paid a
+    /// freeze the debt made is lifted. What was repaid.
+    pub fn repay_debt(&mut self, amount: Minor) -> Minor {
+        // (apply also bounds it by the available money, which the money just come in always covers)
+        let repaid = self.debt.min(amount);
+        if repaid <= 0 {
+            return 0;
+        }
+        self.wallet.balance = sub(self.wallet.balance, repaid);
+        self.debt = sub(self.debt, repaid);
+        if self.debt == 0 && self.frozen.as_deref() == Some(DEBT_FREEZE_REASON) {
+            self.frozen = None;
+        }
+        repaid
+    }
+
+    /// Spending (orders, completions, top-ups, consumption, tokens) is refused on a frozen account.
+    pub fn check_not_frozen(&self) -> Result<(), &'static str> {
+        if self.frozen.is_some() {
+            return Err("account_frozen");
+        }
+        Ok(())
+    }
+
+    /// `FreezeUser`: a frozen account stays frozen for its first reason.
+    pub fn freeze(&mut self, reason: &str) {
+        if self.frozen.is_none() {
+            self.frozen = Some(reason.to_owned());
+        }
+    }
+
+    /// `UnfreezeUser`: refused while debt is outstanding, unless forced (the debt stays).
+    pub fn unfreeze(&mut self, force: bool) -> Result<(), &'static str> {
+        if self.debt > 0 && !force {
+            return Err("debt_outstanding");
+        }
+        self.frozen = None;
+        Ok(())
+    }
+
+    /// `OpenDispute` holds what is available of the disputed amount. What it holds.
+    pub fn hold_dispute(&mut self, amount: Minor) -> Minor {
+        let held = amount.min(self.wallet.available()).max(0);
+        self.wallet.hold(held);
+        held
+    }
+
+    /// A won dispute (or a lost one with nothing left to take back) releases its hold.
+    pub fn release_dispute(&mut self, held: Minor) {
+        self.wallet.release(held);
+    }
+
+    /// Writes a reversal `plan_reversal` planned, after the caller made its `revokes` (with
+    /// [`Account::revoke`]): the dispute's hold released, the wallet charged `amount`, what it lacked lent
+    /// as debt (which freezes the account if it is not frozen).
+    pub fn take_back(&mut self, amount: Minor, hold: Minor, plan: &ReversalPlan) {
+        self.wallet.release(hold);
+        self.wallet.balance = add(self.wallet.balance, plan.debt);
+        self.wallet.balance = sub(self.wallet.balance, amount);
+        if plan.debt > 0 {
+            self.debt = add(self.debt, plan.debt);
+            if self.frozen.is_none() {
+                self.frozen = Some(DEBT_FREEZE_REASON.to_owned());
+            }
+        }
     }
 
     /// A new order holds its total (its checks passed).
@@ -414,9 +496,16 @@ impl Account {
         Ok(RefundPlan { quantities, amount })
     }
 
-    /// Writes a refund `decide_refund` planned: the lines' refunded quantities, the revocations, the
-    /// money back and the order's new status.
+    /// Writes a refund the player asked for (`decide_refund` planned it): see [`Account::revoke`]; the
+    /// money back repays the debt first.
     pub fn refund(&mut self, order: &mut Order, plan: &RefundPlan) {
+        self.revoke(order, plan);
+        self.repay_debt(plan.amount);
+    }
+
+    /// Writes a refund: the lines' refunded quantities, the revocations, the money back and the order's
+    /// new status. A reversal's refund (`--on-reversal revoke`) is only this: its money is the reversal's.
+    pub fn revoke(&mut self, order: &mut Order, plan: &RefundPlan) {
         for &(index, quantity) in &plan.quantities {
             let line = &mut order.lines[index];
             line.refunded += quantity;
@@ -448,5 +537,172 @@ impl Account {
         }
         entitlement.consumed += u64::from(quantity);
         Ok(entitlement.quantity())
+    }
+}
+
+/// The most refunds one reversal makes with `--on-reversal revoke`.
+const MAX_REVOKED_ORDERS: usize = shopkeep::domain::reversal::MAX_REVOKED_ORDERS;
+
+/// A credit or a completed top-up, as reversals see it: what it brought in, and its reversals so far by
+/// `external_ref`.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    pub brought_in: Minor,
+    /// external_ref → amount.
+    pub reversals: BTreeMap<String, Minor>,
+}
+
+/// What a reversal request comes to, before anything is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReversalDecision {
+    /// The reversal with this `external_ref` exists with this amount: answered unchanged.
+    Existing,
+    /// A new reversal.
+    New,
+}
+
+impl Source {
+    pub fn new(brought_in: Minor) -> Source {
+        Source {
+            brought_in,
+            reversals: BTreeMap::new(),
+        }
+    }
+
+    /// What its reversals took back so far.
+    pub fn reversed(&self) -> Minor {
+        self.reversals.values().copied().fold(0, add)
+    }
+
+    /// What it can still give back.
+    pub fn reversible(&self) -> Minor {
+        sub(self.brought_in, self.reversed()).max(0)
+    }
+
+    /// An amount may be reversed (or disputed) if the source can still give it back.
+    pub fn check_reversible(&self, amount: Minor) -> Result<(), &'static str> {
+        let max = shopkeep::domain::reversal::MAX_REVERSALS_PER_SOURCE as usize;
+        if self.reversals.len() >= max {
+            return Err("limit_exceeded");
+        }
+        if amount > self.reversible() {
+            return Err("reversal_exceeds_credit");
+        }
+        Ok(())
+    }
+
+    /// `Reverse`: the same `external_ref` is the same reversal (another amount: a conflict); a new one
+    /// must fit in what is left.
+    pub fn decide_reversal(
+        &self,
+        external_ref: &str,
+        amount: Minor,
+    ) -> Result<ReversalDecision, &'static str> {
+        if let Some(&existing) = self.reversals.get(external_ref) {
+            return if existing == amount {
+                Ok(ReversalDecision::Existing)
+            } else {
+                Err("external_ref_conflict")
+            };
+        }
+        self.check_reversible(amount)?;
+        Ok(ReversalDecision::New)
+    }
+
+    /// Records a reversal written.
+    pub fn record(&mut self, external_ref: &str, amount: Minor) {
+        self.reversals.insert(external_ref.to_owned(), amount);
+    }
+}
+
+/// How a reversal of `amount` is covered: `from_hold + from_wallet + debt = amount`, `from_wallet`
+/// including what the `revokes` brought back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReversalPlan {
+    pub from_hold: Minor,
+    pub from_wallet: Minor,
+    pub debt: Minor,
+    /// (the caller's key of the order, the refund of it) of every refund `--on-reversal revoke` makes,
+    /// newest purchase first.
+    pub revokes: Vec<(usize, RefundPlan)>,
+    pub revoked_amount: Minor,
+}
+
+/// Decides how a reversal of `amount` is covered: first `hold` (a lost dispute's), then the available
+/// money; with `revoke`, then refunds of `purchases` (the user's orders made since the money came in,
+/// newest first, keyed by the caller; `consumable` tells currency items): each completed or partly refunded order with refunds left, each
+/// line's unconsumed units (nothing of a free line, a currency line only as many units as still
+/// needed), until the shortfall is covered or `MAX_REVOKED_ORDERS` orders are refunded. The rest is debt.
+pub fn plan_reversal(
+    account: &Account,
+    amount: Minor,
+    hold: Minor,
+    revoke: bool,
+    purchases: &[(usize, &Order)],
+    consumable: impl Fn(&str) -> bool,
+) -> ReversalPlan {
+    let available = add(account.wallet.available(), hold);
+    let shortfall = sub(amount, available).max(0);
+    let mut revokes = Vec::new();
+    let mut covered: Minor = 0;
+    if revoke && shortfall > 0 {
+        let mut unspent: BTreeMap<&str, u64> = BTreeMap::new();
+        for &(key, order) in purchases {
+            if covered >= shortfall || revokes.len() >= MAX_REVOKED_ORDERS {
+                break;
+            }
+            if !matches!(
+                order.status,
+                OrderStatus::Completed | OrderStatus::PartiallyRefunded
+            ) || order.refund_count >= MAX_REFUNDS_PER_ORDER
+            {
+                continue;
+            }
+            let mut quantities = Vec::new();
+            let mut order_amount: Minor = 0;
+            for (index, line) in order.lines.iter().enumerate() {
+                let still_needed = sub(shortfall, covered);
+                if still_needed <= 0 || line.unit_price <= 0 {
+                    continue;
+                }
+                let left = *unspent
+                    .get(line.item_id.as_str())
+                    .unwrap_or(&account.unspent(&line.item_id));
+                let price = line.unit_price;
+                let needed_units =
+                    (still_needed / price + i64::from(still_needed % price != 0)).max(1);
+                let mut quantity = u64::from(line.refundable()).min(left);
+                if consumable(&line.item_id) {
+                    quantity = quantity.min(needed_units as u64);
+                }
+                if quantity == 0 {
+                    continue;
+                }
+                let quantity = u32::try_from(quantity).expect("a line's quantity fits");
+                unspent.insert(&line.item_id, left - u64::from(quantity));
+                let line_amount = amount_of(price, quantity).expect("a line's amount fits");
+                covered = add(covered, line_amount);
+                order_amount = add(order_amount, line_amount);
+                quantities.push((index, quantity));
+            }
+            if !quantities.is_empty() {
+                revokes.push((
+                    key,
+                    RefundPlan {
+                        quantities,
+                        amount: order_amount,
+                    },
+                ));
+            }
+        }
+    }
+    let debt = sub(shortfall, covered).max(0);
+    let from_hold = hold.min(amount);
+    ReversalPlan {
+        from_hold,
+        from_wallet: sub(sub(amount, from_hold), debt),
+        debt,
+        revokes,
+        revoked_amount: covered,
     }
 }

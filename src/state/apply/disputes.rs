@@ -157,13 +157,17 @@ impl Applier<'_> {
         revoke: bool,
     ) -> Step<Dispute> {
         let topup = self.completed_topup(&dispute.user_id, dispute.topup_id)?;
-        let tally = self.tally(dispute.topup_id, "")?;
+        let external_ref = format!("dispute:{}", dispute.dispute_id);
+        let tally = self.tally(dispute.topup_id, &external_ref)?;
         let reversible = topup.amount.saturating_sub(tally.total).max(Money::ZERO);
         let amount = dispute.amount.min(reversible);
-        if !amount.is_positive() {
-            // Nothing left to take back (refunded meanwhile): only the hold goes.
+        let already = tally.same_ref.as_ref().map(|r| r.reversal_id);
+        if !amount.is_positive() || already.is_some() {
+            // Nothing left to take back (refunded meanwhile), or this dispute's reversal exists already (a
+            // log entry no edge of ours sends): only the hold goes.
             let mut closed = self.win_dispute(context, user, dispute)?;
             closed.status = DisputeStatus::Lost;
+            closed.reversal_id = already;
             self.save_dispute(&closed)?;
             return Ok(closed);
         }
@@ -174,7 +178,7 @@ impl Applier<'_> {
             },
             amount,
             reason: ReversalReason::Chargeback,
-            external_ref: format!("dispute:{}", dispute.dispute_id),
+            external_ref,
             revoke,
             since: topup.finished_at.unwrap_or(topup.created_at),
             hold: Some((dispute.record_id, dispute.held)),

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::history::{Op, unix_micros};
+use super::history::{Cents, Op, unix_micros};
 use super::model::{OrderStatus, TopupState, UserModel, cents_of, check_order, money};
 use crate::harness::{Api, Auth};
 
@@ -357,8 +357,10 @@ pub fn check_final(model: &UserModel, st: &NodeUser) -> Vec<Violation> {
 }
 
 /// The ledger: a running balance that is never negative and ends at the wallet; every credit, top-up and
-/// refund posted exactly once with its amount; every order held once, debited once if it was completed
-/// (never otherwise), released once if it was cancelled or expired.
+/// refund posted exactly once with its amount, followed by what it repaid of the debt; every order held
+/// once, debited once if it was completed (never otherwise), released once if it was cancelled or
+/// expired; every reversal posted once (after the debt it lent); every dispute held once and released at
+/// most once.
 pub fn check_ledger(model: &UserModel, entries: &[Value], t0: i64, t1: i64) -> Vec<String> {
     let mut out = vec![];
     let (mut bal, mut held) = (0i64, 0i64);
@@ -375,7 +377,8 @@ pub fn check_ledger(model: &UserModel, entries: &[Value], t0: i64, t1: i64) -> V
             continue;
         };
         match kind.as_str() {
-            "credit" | "refund" => bal += a,
+            "credit" | "refund" | "debt" => bal += a,
+            "reversal" | "debt_repaid" => bal -= a,
             "hold" => held += a,
             "release" => held -= a,
             "debit" => {
@@ -423,31 +426,86 @@ pub fn check_ledger(model: &UserModel, entries: &[Value], t0: i64, t1: i64) -> V
             money(hi)
         ));
     }
-    let mut take = |t: &str, id: &str| {
-        by_ref
-            .remove(&(t.to_string(), id.to_string()))
-            .unwrap_or_default()
-    };
     let fmt = |v: &[(String, i64)]| -> String {
         v.iter()
             .map(|(k, a)| format!("{k} {}", money(*a)))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // disputes' holds (their ref is an internal record id): each held once, released at most once,
+    // and what they still hold is what the open disputes hold in the model
+    let dispute_refs: Vec<(String, String)> = by_ref
+        .keys()
+        .filter(|(t, _)| t == "dispute")
+        .cloned()
+        .collect();
+    let mut still_held: Cents = 0;
+    for r in dispute_refs {
+        let got = by_ref.remove(&r).unwrap_or_default();
+        match got.as_slice() {
+            [(h, a)] if h == "hold" => still_held += a,
+            [(h, a), (rel, b)] if h == "hold" && rel == "release" && a == b => {}
+            _ => out.push(format!(
+                "dispute {}: ledger has [{}] (want one hold, then at most one release of it)",
+                r.1,
+                fmt(&got)
+            )),
+        }
+    }
+    let model_held: Cents = model.disputes.values().map(|d| d.held).sum();
+    if still_held != model_held {
+        out.push(format!(
+            "the disputes' holds in the ledger sum to {} but the open disputes hold {}",
+            money(still_held),
+            money(model_held)
+        ));
+    }
+    let mut take = |t: &str, id: &str| {
+        by_ref
+            .remove(&(t.to_string(), id.to_string()))
+            .unwrap_or_default()
+    };
+    // money coming in repays the debt first: a `debt_repaid` entry right after it
+    let came_in = |kind: &str, t: &str, id: &str, amount: Cents| {
+        let mut want = vec![(kind.to_string(), amount)];
+        if let Some(&repaid) = model.repaid.get(&(t.to_string(), id.to_string())) {
+            want.push(("debt_repaid".to_string(), repaid));
+        }
+        want
+    };
     for (id, amount) in &model.credits {
         let got = take("credit", id);
-        if got != vec![("credit".to_string(), *amount)] {
+        let want = came_in("credit", "credit", id, *amount);
+        if got != want {
             out.push(format!(
-                "credit {id} of {}: ledger has [{}] (want exactly one credit)",
+                "credit {id} of {}: ledger has [{}] (want exactly [{}])",
                 money(*amount),
-                fmt(&got)
+                fmt(&got),
+                fmt(&want)
+            ));
+        }
+    }
+    // a reversal: the debt it lent (if any), then the reversal itself, exactly once
+    for (id, (amount, debt)) in &model.reversal_postings {
+        let got = take("reversal", id);
+        let mut want = vec![];
+        if *debt > 0 {
+            want.push(("debt".to_string(), *debt));
+        }
+        want.push(("reversal".to_string(), *amount));
+        if got != want {
+            out.push(format!(
+                "reversal {id} of {}: ledger has [{}] (want exactly [{}])",
+                money(*amount),
+                fmt(&got),
+                fmt(&want)
             ));
         }
     }
     for (id, t) in &model.topups {
         let got = take("topup", id);
         let want = match t.state {
-            TopupState::Completed(_) => vec![("credit".to_string(), t.amount)],
+            TopupState::Completed(_) => came_in("credit", "topup", id, t.amount),
             _ => vec![],
         };
         if got != want {
@@ -462,11 +520,13 @@ pub fn check_ledger(model: &UserModel, entries: &[Value], t0: i64, t1: i64) -> V
     }
     for (id, (_, amount)) in &model.refunds {
         let got = take("refund", id);
-        if got != vec![("refund".to_string(), *amount)] {
+        let want = came_in("refund", "refund", id, *amount);
+        if got != want {
             out.push(format!(
-                "refund {id} of {}: ledger has [{}] (want exactly one refund)",
+                "refund {id} of {}: ledger has [{}] (want exactly [{}])",
                 money(*amount),
-                fmt(&got)
+                fmt(&got),
+                fmt(&want)
             ));
         }
     }

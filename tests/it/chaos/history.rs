@@ -87,6 +87,20 @@ pub enum Spec {
         item_id: String,
         quantity: u32,
     },
+    /// `POST …/credits/{credit_id}/reversals`: a reversal of a direct credit.
+    Reversal {
+        credit_id: String,
+        amount: Cents,
+        external_ref: String,
+    },
+    /// A PSP `payment.refunded`, `dispute.opened` or `dispute.closed` webhook of a completed top-up.
+    PspReversal {
+        event_id: String,
+        event: PspEvent,
+        topup_id: String,
+        /// A replay of an earlier event (same event id, same body): op id of the first delivery.
+        replay_of: Option<usize>,
+    },
     /// The key of op `of` with another body: must be `422 idempotency_key_reused` and change nothing.
     KeyReuse {
         of: usize,
@@ -95,6 +109,23 @@ pub enum Spec {
     ReadEntitlements,
     ReadOrder {
         order_id: String,
+    },
+}
+
+/// What a PSP reversal webhook reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PspEvent {
+    Refunded {
+        amount: Cents,
+    },
+    DisputeOpened {
+        dispute_id: String,
+        amount: Cents,
+    },
+    DisputeClosed {
+        dispute_id: String,
+        won: bool,
+        amount: Option<Cents>,
     },
 }
 
@@ -116,6 +147,22 @@ impl Spec {
             Spec::Refund { lines: None, .. } => "refund_full",
             Spec::Refund { .. } => "refund_partial",
             Spec::Consume { .. } => "consume",
+            Spec::Reversal { .. } => "credit_reversal",
+            Spec::PspReversal {
+                replay_of: Some(_), ..
+            } => "psp_reversal_replay",
+            Spec::PspReversal {
+                event: PspEvent::Refunded { .. },
+                ..
+            } => "psp_refunded",
+            Spec::PspReversal {
+                event: PspEvent::DisputeOpened { .. },
+                ..
+            } => "dispute_opened",
+            Spec::PspReversal {
+                event: PspEvent::DisputeClosed { .. },
+                ..
+            } => "dispute_closed",
             Spec::KeyReuse { .. } => "key_reuse",
             Spec::ReadWallet => "read_wallet",
             Spec::ReadEntitlements => "read_entitlements",

@@ -420,6 +420,24 @@ pub async fn run(cfg: Config) -> RunResult {
     // replay the history through the model
     let (models, replay_violations) = checker::replay(&ops);
     violations.extend(replay_violations);
+    let frozen_refusals = ops
+        .iter()
+        .filter(|o| {
+            o.answer()
+                .is_some_and(|(s, b)| s == 403 && b["error"]["code"] == "account_frozen")
+        })
+        .count();
+    let reversals = models.values().flat_map(|m| m.reversal_postings.values());
+    let (taken, with_debt) = reversals.fold((0, 0), |(n, d), (_, debt)| {
+        (n + 1, d + usize::from(*debt > 0))
+    });
+    let disputes = models.values().flat_map(|m| m.disputes.values());
+    let lost = disputes.filter(|d| d.status == "LOST").count();
+    let repaid = models.values().map(|m| m.repaid.len()).sum::<usize>();
+    eprintln!(
+        "[chaos] reversals: {taken} taken ({with_debt} left debt, {lost} disputes lost), {repaid} credits, top-ups or refunds repaid debt, {frozen_refusals} refusals account_frozen; users in debt at the end: {}",
+        models.values().filter(|m| m.account.debt > 0).count()
+    );
 
     // let every pending order pass its deadline and the sweeper write its expiry down
     let last_deadline = models

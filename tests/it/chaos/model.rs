@@ -6,16 +6,24 @@
 //!
 //! `apply` checks that the answer is one the API allows in the current state (given the op's time window)
 //! and moves the model on by that answer. Every check here is a property of the contract, not of timing.
-//! The shop's rules (totals, holds, completion, expiry, refunds, entitlements, crediting) are
-//! `shop_model`'s; this file keeps the HTTP answers' checks and the time windows.
+//! The shop's rules (totals, holds, completion, expiry, refunds, entitlements, crediting, debt and its
+//! repayment, freezes) are `shop_model`'s; this file keeps the HTTP answers' checks and the time windows.
+//!
+//! Reversals (of direct credits, and the PSP's `payment.refunded`) and disputes: the same
+//! `external_ref` is the same reversal (200, the original, taken once), another amount a conflict; a
+//! source never gives back more than it brought in, summed over its reversals. How a new reversal is
+//! covered depends on the available money at the server's time, which the model knows to within the
+//! deadlines in the op's window: it checks the answer's split (hold first, then the wallet, the rest
+//! debt) against that range and follows it. Debt freezes the account (403 `account_frozen` for
+//! orders, completions, top-ups, consumption) until money coming in has repaid it.
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::history::{Cents, Op, Spec};
+use super::history::{Cents, Op, PspEvent, Spec};
 pub use crate::shop_model::OrderStatus;
-use crate::shop_model::{self, Account, Line, Order, Transition, Wallet};
+use crate::shop_model::{self, Account, Line, Order, ReversalPlan, Transition, Wallet};
 
 /// One catalog item of the run (created before the faults start and never changed).
 pub struct CatalogItem {
@@ -114,6 +122,17 @@ pub struct MTopup {
     pub completed_by: Option<usize>,
 }
 
+/// A PSP dispute of one of the user's top-ups.
+#[derive(Clone, Debug)]
+pub struct MDispute {
+    pub topup_id: String,
+    pub amount: Cents,
+    /// What it holds while open.
+    pub held: Cents,
+    /// `OPEN`, `WON` or `LOST`.
+    pub status: &'static str,
+}
+
 /// The model of one user.
 #[derive(Clone, Debug, Default)]
 pub struct UserModel {
@@ -136,6 +155,14 @@ pub struct UserModel {
     pub keys: BTreeMap<String, (u16, Value)>,
     /// PSP event id → its answer.
     pub events: BTreeMap<String, (u16, Value)>,
+    /// Credit or top-up id → external_ref → (reversal_id, amount): its reversals.
+    pub reversals: BTreeMap<String, BTreeMap<String, (String, Cents)>>,
+    /// reversal_id → (amount, debt): what its postings move.
+    pub reversal_postings: BTreeMap<String, (Cents, Cents)>,
+    /// dispute_id → dispute.
+    pub disputes: BTreeMap<String, MDispute>,
+    /// (ref type, id) of money that came in (credit, top-up, refund) → what it repaid of the debt.
+    pub repaid: BTreeMap<(String, String), Cents>,
 }
 
 /// The server-time window of an op: [first attempt's start, end of the first definite attempt].
@@ -236,6 +263,14 @@ impl UserModel {
                 money(hi)
             )
         })?;
+        if let Some(debt) = w.get("debt").filter(|d| !d.is_null()) {
+            ensure(cents_of(debt) == Some(self.account.debt), || {
+                format!(
+                    "{what}: wallet debt {debt} but the model says {} (reversals the wallet could not cover, less what came in since)",
+                    money(self.account.debt)
+                )
+            })?;
+        }
         ensure(
             matches!((balance, held, available), (Some(b), Some(h), Some(a)) if a == b - h && h <= b && h >= 0),
             || {
@@ -309,7 +344,8 @@ impl UserModel {
                 let Some(credit_id) = body["credit_id"].as_str() else {
                     return Err(format!("credit: no credit_id in {body}"));
                 };
-                self.account.credit(*amount);
+                let repaid = self.account.credit(*amount);
+                self.note_repaid("credit", credit_id, repaid);
                 self.credits.insert(credit_id.to_string(), *amount);
                 self.ext_refs
                     .insert(external_ref.clone(), (credit_id.to_string(), *amount));
@@ -321,6 +357,9 @@ impl UserModel {
                 self.check_wallet(&body["wallet"], t0, t1, "credit")
             }
             Spec::Topup { amount } => {
+                if self.account.frozen.is_some() {
+                    return self.frozen_refusal(status, body, "topup");
+                }
                 // At most MAX_PENDING_TOPUPS pending, unexpired top-ups per user (the server's default).
                 let pending_at = |t: i64| {
                     self.topups
@@ -390,7 +429,11 @@ impl UserModel {
                             ensure(*amount == topup.amount, || "webhook amount".into())?;
                             topup.state = TopupState::Completed(psp_payment_id.clone());
                             topup.completed_by = Some(op.id);
-                            self.account.credit(*amount);
+                            let repaid = self.account.credit(*amount);
+                            if repaid > 0 {
+                                self.repaid
+                                    .insert(("topup".to_string(), topup_id.clone()), repaid);
+                            }
                             ensure(
                                 body["status"] == "COMPLETED"
                                     && body["psp_payment_id"] == psp_payment_id.as_str(),
@@ -433,6 +476,9 @@ impl UserModel {
                 self.apply_refund(order_id, lines.as_deref(), status, body, t0, t1)
             }
             Spec::Consume { item_id, quantity } => {
+                if self.account.frozen.is_some() {
+                    return self.frozen_refusal(status, body, "consume");
+                }
                 let owned = self.account.unspent(item_id);
                 let mut after = self.account.clone();
                 match after.consume(item_id, *quantity, consumable(item_id)) {
@@ -454,6 +500,48 @@ impl UserModel {
                         )
                     }),
                 }
+            }
+            Spec::Reversal {
+                credit_id,
+                amount,
+                external_ref,
+            } => {
+                let Some(&brought_in) = self.credits.get(credit_id) else {
+                    return ensure(err_is(status, body, 404, "not_found"), || {
+                        format!("reversal of an unknown credit: expected 404, got {status} {body}")
+                    });
+                };
+                self.apply_reversal(
+                    credit_id,
+                    brought_in,
+                    *amount,
+                    external_ref,
+                    status,
+                    body,
+                    t0,
+                    t1,
+                )
+            }
+            Spec::PspReversal {
+                event_id,
+                event,
+                topup_id,
+                replay_of,
+            } => {
+                if replay_of.is_some() {
+                    let Some((s, b)) = self.events.get(event_id) else {
+                        return Err(format!(
+                            "PSP event {event_id} replayed, whose first delivery has no answer"
+                        ));
+                    };
+                    return ensure(*s == status && b == body, || {
+                        format!(
+                            "PSP event {event_id} replayed: answer {status} {body} differs from the first delivery's {s} {b}"
+                        )
+                    });
+                }
+                self.events.insert(event_id.clone(), (status, body.clone()));
+                self.apply_psp_reversal(event_id, event, topup_id, status, body, t0, t1)
             }
             Spec::KeyReuse { of } => {
                 ensure(err_is(status, body, 422, "idempotency_key_reused"), || {
@@ -525,6 +613,9 @@ impl UserModel {
         t0: i64,
         t1: i64,
     ) -> Check {
+        if self.account.frozen.is_some() {
+            return self.frozen_refusal(status, body, "order");
+        }
         let order_lines: Vec<Line> = lines
             .iter()
             .map(|(i, q)| Line::new(i, *q, item(i).map_or(0, |it| it.price)))
@@ -664,6 +755,19 @@ impl UserModel {
             // pending in the model: completed, or (its deadline passed) expired first
             Ok(Transition::Applies) => {
                 let expired = shop_model::complete_rule(OrderStatus::Expired).err();
+                if self.account.frozen.is_some() {
+                    // a pending order of a frozen account is not completed (expired first, if it was due)
+                    if err_is(status, body, 403, "account_frozen") {
+                        return ensure(t0 < expires_at, || {
+                            format!(
+                                "complete: 403 account_frozen for an order whose deadline had passed: {body}"
+                            )
+                        });
+                    }
+                    ensure(status != 200, || {
+                        format!("complete answered 200 on a frozen account: {body}")
+                    })?;
+                }
                 if status == 200 {
                     ensure(t0 < expires_at, || {
                         format!(
@@ -813,7 +917,10 @@ impl UserModel {
         {
             return Err(format!("refund id {refund_id} returned for two keys"));
         }
+        let debt_before = self.account.debt;
         self.account.refund(&mut o.order, &plan);
+        let repaid = debt_before - self.account.debt;
+        self.note_repaid("refund", refund_id, repaid);
         ensure(cents_of(&body["amount"]) == Some(amount), || {
             format!(
                 "refund: amount {} but the order's unit prices give {}",
@@ -825,6 +932,346 @@ impl UserModel {
             format!("refund: order_id in {body}")
         })?;
         self.check_wallet(&body["wallet"], t0, t1, "refund")
+    }
+}
+
+impl UserModel {
+    fn note_repaid(&mut self, kind: &str, id: &str, repaid: Cents) {
+        if repaid > 0 {
+            self.repaid
+                .insert((kind.to_string(), id.to_string()), repaid);
+        }
+    }
+
+    /// A spending request of a frozen account: `403 account_frozen`, nothing changes.
+    fn frozen_refusal(&self, status: u16, body: &Value, what: &str) -> Check {
+        ensure(err_is(status, body, 403, "account_frozen"), || {
+            format!(
+                "{what} on an account frozen ({:?}, debt {}): expected 403 account_frozen, got {status} {body}",
+                self.account.frozen,
+                money(self.account.debt)
+            )
+        })
+    }
+
+    /// What a completed top-up brought in (`None`: not a completed top-up of the model).
+    fn topup_brought_in(&self, topup_id: &str) -> Option<Cents> {
+        self.topups
+            .get(topup_id)
+            .filter(|t| matches!(t.state, TopupState::Completed(_)))
+            .map(|t| t.amount)
+    }
+
+    /// What `source_id` can still give back.
+    fn reversible(&self, source_id: &str, brought_in: Cents) -> Cents {
+        let reversed: Cents = self
+            .reversals
+            .get(source_id)
+            .map_or(0, |r| r.values().map(|(_, a)| a).sum());
+        (brought_in - reversed).max(0)
+    }
+
+    /// A reversal of `amount` of a source that brought in `brought_in`, under `external_ref`: the same
+    /// external_ref is the same reversal (another amount: a conflict), never more than what is left.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_reversal(
+        &mut self,
+        source_id: &str,
+        brought_in: Cents,
+        amount: Cents,
+        external_ref: &str,
+        status: u16,
+        body: &Value,
+        t0: i64,
+        t1: i64,
+    ) -> Check {
+        let known = self
+            .reversals
+            .get(source_id)
+            .and_then(|r| r.get(external_ref))
+            .cloned();
+        if let Some((reversal_id, first)) = known {
+            if first != amount {
+                return ensure(err_is(status, body, 409, "external_ref_conflict"), || {
+                    format!(
+                        "reversal {external_ref} again with another amount ({} then {}): expected 409 external_ref_conflict, got {status} {body}",
+                        money(first),
+                        money(amount)
+                    )
+                });
+            }
+            ensure(
+                status == 200 && body["reversal_id"] == reversal_id.as_str(),
+                || {
+                    format!(
+                        "reversal {external_ref} again: expected 200 with the original reversal {reversal_id} (not taken twice), got {status} {body}"
+                    )
+                },
+            )?;
+            return self.check_wallet(&body["wallet"], t0, t1, "reversal (same external_ref)");
+        }
+        let reversible = self.reversible(source_id, brought_in);
+        if amount > reversible {
+            return ensure(err_is(status, body, 409, "reversal_exceeds_credit"), || {
+                format!(
+                    "reversal of {} with {} left to reverse: expected 409 reversal_exceeds_credit, got {status} {body}",
+                    money(amount),
+                    money(reversible)
+                )
+            });
+        }
+        ensure(status == 201, || {
+            format!(
+                "reversal of {} ({} left): expected 201, got {status} {body}",
+                money(amount),
+                money(reversible)
+            )
+        })?;
+        self.take_back(source_id, external_ref, amount, 0, body, t0, t1)?;
+        self.check_wallet(&body["wallet"], t0, t1, "reversal")
+    }
+
+    /// A new reversal the server made (`reversal` is its JSON): covered by `hold` (a lost dispute's),
+    /// then the available money (known to within the pending orders whose deadline fell in [t0, t1]),
+    /// the rest debt. Checks the split, follows it, and records the reversal on its source.
+    #[allow(clippy::too_many_arguments)]
+    fn take_back(
+        &mut self,
+        source_id: &str,
+        external_ref: &str,
+        amount: Cents,
+        hold: Cents,
+        reversal: &Value,
+        t0: i64,
+        t1: i64,
+    ) -> Check {
+        let Some(reversal_id) = reversal["reversal_id"].as_str() else {
+            return Err(format!("reversal: no reversal_id in {reversal}"));
+        };
+        let field = |name: &str| cents_of(&reversal[name]);
+        let (Some(from_hold), Some(from_wallet), Some(debt)) =
+            (field("from_hold"), field("from_wallet"), field("debt"))
+        else {
+            return Err(format!("reversal: malformed split in {reversal}"));
+        };
+        let (lo, hi) = self.held_range(t0, t1);
+        let balance = self.balance();
+        let least_debt = (amount - (balance - lo + hold)).max(0);
+        let most_debt = (amount - (balance - hi + hold)).max(0);
+        ensure(
+            field("amount") == Some(amount)
+                && reversal["external_ref"] == external_ref
+                && from_hold == hold.min(amount)
+                && from_hold + from_wallet + debt == amount
+                && (least_debt..=most_debt).contains(&debt)
+                && field("revoked_amount") == Some(0),
+            || {
+                format!(
+                    "reversal of {} (hold {}, balance {}, held {}..{}): expected from_hold {}, debt {}..{}, the parts summing to the amount: {reversal}",
+                    money(amount),
+                    money(hold),
+                    money(balance),
+                    money(lo),
+                    money(hi),
+                    money(hold.min(amount)),
+                    money(least_debt),
+                    money(most_debt)
+                )
+            },
+        )?;
+        let plan = ReversalPlan {
+            from_hold,
+            from_wallet,
+            debt,
+            revokes: vec![],
+            revoked_amount: 0,
+        };
+        self.account.take_back(amount, hold, &plan);
+        let taken = self.reversals.entry(source_id.to_string()).or_default();
+        if taken
+            .insert(external_ref.to_string(), (reversal_id.to_string(), amount))
+            .is_some()
+        {
+            return Err(format!(
+                "a second reversal {external_ref} of {source_id}: taken twice"
+            ));
+        }
+        if self
+            .reversal_postings
+            .insert(reversal_id.to_string(), (amount, debt))
+            .is_some()
+        {
+            return Err(format!(
+                "reversal id {reversal_id} answered for two reversals"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A PSP `payment.refunded`, `dispute.opened` or `dispute.closed` of a completed top-up.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_psp_reversal(
+        &mut self,
+        event_id: &str,
+        event: &PspEvent,
+        topup_id: &str,
+        status: u16,
+        body: &Value,
+        t0: i64,
+        t1: i64,
+    ) -> Check {
+        let Some(brought_in) = self.topup_brought_in(topup_id) else {
+            return ensure(err_is(status, body, 409, "invalid_state"), || {
+                format!(
+                    "PSP reversal of a top-up not completed: expected 409 invalid_state, got {status} {body}"
+                )
+            });
+        };
+        match event {
+            PspEvent::Refunded { amount } => {
+                let external_ref = format!("psp:{event_id}");
+                self.apply_reversal(
+                    topup_id,
+                    brought_in,
+                    *amount,
+                    &external_ref,
+                    status,
+                    body,
+                    t0,
+                    t1,
+                )
+            }
+            PspEvent::DisputeOpened { dispute_id, amount } => {
+                if let Some(known) = self.disputes.get(dispute_id) {
+                    ensure(status == 200 && body["status"] == known.status, || {
+                        format!(
+                            "dispute {dispute_id} opened again: expected 200 {} unchanged, got {status} {body}",
+                            known.status
+                        )
+                    })?;
+                    return self.check_wallet(&body["wallet"], t0, t1, "dispute opened again");
+                }
+                let reversible = self.reversible(topup_id, brought_in);
+                if *amount > reversible {
+                    return ensure(err_is(status, body, 409, "reversal_exceeds_credit"), || {
+                        format!(
+                            "dispute of {} with {} left to reverse: expected 409 reversal_exceeds_credit, got {status} {body}",
+                            money(*amount),
+                            money(reversible)
+                        )
+                    });
+                }
+                let (lo, hi) = self.held_range(t0, t1);
+                let balance = self.balance();
+                let least = (*amount).min(balance - hi).max(0);
+                let most = (*amount).min(balance - lo).max(0);
+                let held = cents_of(&body["held"]);
+                ensure(
+                    status == 200
+                        && body["status"] == "OPEN"
+                        && held.is_some_and(|h| (least..=most).contains(&h)),
+                    || {
+                        format!(
+                            "dispute of {} opened: expected 200 OPEN holding {}..{} (what is available of it), got {status} {body}",
+                            money(*amount),
+                            money(least),
+                            money(most)
+                        )
+                    },
+                )?;
+                // (the server's: the model knows the available money only to within the deadlines)
+                let held = held.unwrap_or(0);
+                self.account.wallet.hold(held);
+                self.disputes.insert(
+                    dispute_id.clone(),
+                    MDispute {
+                        topup_id: topup_id.to_string(),
+                        amount: *amount,
+                        held,
+                        status: "OPEN",
+                    },
+                );
+                self.check_wallet(&body["wallet"], t0, t1, "dispute opened")
+            }
+            PspEvent::DisputeClosed {
+                dispute_id,
+                won,
+                amount,
+            } => {
+                let mut dispute = match self.disputes.get(dispute_id) {
+                    Some(known) if known.status != "OPEN" => {
+                        ensure(status == 200 && body["status"] == known.status, || {
+                            format!(
+                                "dispute {dispute_id} closed again: expected 200 {} unchanged, got {status} {body}",
+                                known.status
+                            )
+                        })?;
+                        return self.check_wallet(&body["wallet"], t0, t1, "dispute closed again");
+                    }
+                    Some(open) => open.clone(),
+                    None => match (amount, won) {
+                        (None, false) => {
+                            return ensure(err_is(status, body, 404, "not_found"), || {
+                                format!(
+                                    "lost dispute {dispute_id} never opened, without an amount: expected 404 not_found, got {status} {body}"
+                                )
+                            });
+                        }
+                        (amount, _) => MDispute {
+                            topup_id: topup_id.to_string(),
+                            amount: amount.unwrap_or(0),
+                            held: 0,
+                            status: "OPEN",
+                        },
+                    },
+                };
+                ensure(status == 200, || {
+                    format!("dispute {dispute_id} closed: expected 200, got {status} {body}")
+                })?;
+                if *won {
+                    self.account.release_dispute(dispute.held);
+                    dispute.status = "WON";
+                } else {
+                    let brought_in = self.topup_brought_in(&dispute.topup_id).unwrap_or(0);
+                    let take = dispute
+                        .amount
+                        .min(self.reversible(&dispute.topup_id, brought_in));
+                    if take > 0 {
+                        let external_ref = format!("dispute:{dispute_id}");
+                        let topup = dispute.topup_id.clone();
+                        self.take_back(
+                            &topup,
+                            &external_ref,
+                            take,
+                            dispute.held,
+                            &body["reversal"],
+                            t0,
+                            t1,
+                        )?;
+                    } else {
+                        ensure(body["reversal"].is_null(), || {
+                            format!(
+                                "dispute {dispute_id} lost with nothing left to take back, yet a reversal: {body}"
+                            )
+                        })?;
+                        self.account.release_dispute(dispute.held);
+                    }
+                    dispute.status = "LOST";
+                }
+                dispute.held = 0;
+                let expected_status = dispute.status;
+                self.disputes.insert(dispute_id.clone(), dispute);
+                ensure(
+                    body["status"] == expected_status && cents_of(&body["held"]) == Some(0),
+                    || {
+                        format!(
+                            "dispute {dispute_id} closed: expected {expected_status} holding nothing, got {body}"
+                        )
+                    },
+                )?;
+                self.check_wallet(&body["wallet"], t0, t1, "dispute closed")
+            }
+        }
     }
 }
 

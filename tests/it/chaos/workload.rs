@@ -1,6 +1,11 @@
 //! The clients: each worker drives a few users of its own, one operation at a time per worker, and retries
 //! every operation whose outcome is unknown (timeout, connection error, 5xx, 429) with the same idempotency
 //! key, against any node, until it gets a definite answer.
+//!
+//! Money also goes back out: reversals of direct credits (a few `external_ref`s per credit, amounts past
+//! what is left), and the PSP's `payment.refunded`, `dispute.opened` and `dispute.closed` events of
+//! completed top-ups, which the PSP replays (same event, same body) and reorders (a dispute closed before
+//! it is opened).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::history::{Attempt, Cents, History, Op, Outcome, Spec, unix_micros};
+use super::history::{Attempt, Cents, History, Op, Outcome, PspEvent, Spec, unix_micros};
 use super::model::{CATALOG, OrderStatus, TopupState, UserModel, consumable, money};
 use crate::harness::{Api, Auth, PSP_SECRET, new_key, now_unix, sign_webhook};
 
@@ -140,7 +145,7 @@ pub async fn execute(
         path: op.path.clone(),
         key: op.key.clone(),
         body: op.body.clone(),
-        webhook: matches!(op.spec, Spec::Webhook { .. }),
+        webhook: matches!(op.spec, Spec::Webhook { .. } | Spec::PspReversal { .. }),
     };
     if op.invoked == 0 {
         op.invoked = unix_micros();
@@ -205,6 +210,8 @@ struct Slot {
     keyed: Vec<(usize, String)>,
     /// PSP events sent: event id → (op id, body bytes).
     events: BTreeMap<String, (usize, Vec<u8>)>,
+    /// PSP reversal and dispute events sent: event id → (op id, body bytes, event, top-up id).
+    psp_events: BTreeMap<String, (usize, Vec<u8>, PspEvent, String)>,
     counter: u64,
 }
 
@@ -319,6 +326,23 @@ impl Worker {
                         s.leave.insert(id.to_string());
                     }
                 }
+                if let Spec::PspReversal {
+                    event_id,
+                    event,
+                    topup_id,
+                    replay_of: None,
+                } = &op.spec
+                {
+                    s.psp_events.insert(
+                        event_id.clone(),
+                        (
+                            op.id,
+                            op.body.clone().unwrap_or_default(),
+                            event.clone(),
+                            topup_id.clone(),
+                        ),
+                    );
+                }
                 if let Spec::Webhook {
                     event_id,
                     replay_of: None,
@@ -379,6 +403,7 @@ impl Worker {
             refs: vec![],
             keyed: vec![],
             events: BTreeMap::new(),
+            psp_events: BTreeMap::new(),
             counter: 0,
         });
         let slot = self.slots.len() - 1;
@@ -480,8 +505,10 @@ impl Worker {
                 )
             };
         }
-        let r = self.rng.random_range(0..100);
+        let r = self.rng.random_range(0..112);
         match r {
+            100..105 => self.reversal_op(slot),
+            105..112 => self.psp_reversal_op(slot),
             0..14 => self.credit_op(slot),
             14..16 => {
                 let refs = &self.slots[slot].refs;
@@ -779,6 +806,182 @@ impl Worker {
                 succeeded,
                 amount,
                 psp_payment_id,
+                replay_of: None,
+            },
+            "POST",
+            "/v1/psp/webhook".into(),
+            false,
+            Some(body),
+        )
+    }
+
+    /// An amount to take back of a source that brought in `brought_in` and can still give `left`: often
+    /// all that is left, sometimes more (refused), sometimes a part.
+    fn reversal_amount(&mut self, brought_in: Cents, left: Cents) -> Cents {
+        match self.rng.random_range(0..6) {
+            0 => left + 1,
+            1 => brought_in,
+            2 | 3 if left > 0 => left,
+            _ => self.rng.random_range(1..=brought_in.max(2) / 2),
+        }
+    }
+
+    /// A reversal of one of the user's credits: a few `external_ref`s per credit, so that the same one
+    /// comes again (the same reversal: 200, taken once) or with another amount (a conflict).
+    fn reversal_op(&mut self, slot: usize) -> Op {
+        let s = &self.slots[slot];
+        let credits: Vec<(String, Cents)> = s
+            .model
+            .credits
+            .iter()
+            .map(|(id, a)| (id.clone(), *a))
+            .collect();
+        if credits.is_empty() {
+            return self.credit_op(slot);
+        }
+        let user = s.user.clone();
+        let left = |id: &str, brought_in: Cents| {
+            let reversed: Cents = s
+                .model
+                .reversals
+                .get(id)
+                .map_or(0, |r| r.values().map(|(_, a)| a).sum());
+            (brought_in - reversed).max(0)
+        };
+        // often one the wallet can no longer cover: what leaves debt
+        let available = s.model.account.wallet.available();
+        let spent: Vec<&(String, Cents)> = credits
+            .iter()
+            .filter(|(id, a)| left(id, *a) > available)
+            .collect();
+        let (credit_id, brought_in) = if !spent.is_empty() && self.rng.random_ratio(1, 2) {
+            spent[self.rng.random_range(0..spent.len())].clone()
+        } else {
+            credits[self.rng.random_range(0..credits.len())].clone()
+        };
+        let left = left(&credit_id, brought_in);
+        let amount = self.reversal_amount(brought_in, left);
+        let external_ref = format!("{credit_id}-rev{}", self.rng.random_range(0..3));
+        let reason = if self.rng.random_ratio(1, 2) {
+            "chargeback"
+        } else {
+            "psp_refund"
+        };
+        self.new_op(
+            &user,
+            Spec::Reversal {
+                credit_id: credit_id.clone(),
+                amount,
+                external_ref: external_ref.clone(),
+            },
+            "POST",
+            format!("/v1/users/{user}/credits/{credit_id}/reversals"),
+            true,
+            Some(json!({"amount": money(amount), "reason": reason, "external_ref": external_ref})),
+        )
+    }
+
+    /// A PSP `payment.refunded`, `dispute.opened` or `dispute.closed` of a completed top-up, or one sent
+    /// before again (the PSP replays). Disputes come from a small pool per user, so that one is closed
+    /// before it is opened (the PSP reorders), opened twice, or closed twice.
+    fn psp_reversal_op(&mut self, slot: usize) -> Op {
+        let s = &self.slots[slot];
+        let user = s.user.clone();
+        let completed: Vec<(String, Cents)> = s
+            .model
+            .topups
+            .iter()
+            .filter(|(_, t)| matches!(t.state, TopupState::Completed(_)))
+            .map(|(id, t)| (id.clone(), t.amount))
+            .collect();
+        if completed.is_empty() {
+            return self.webhook_op(slot);
+        }
+        if !s.psp_events.is_empty() && self.rng.random_ratio(1, 4) {
+            let sent: Vec<_> = s.psp_events.iter().collect();
+            let (event_id, (first, bytes, event, topup_id)) =
+                sent[self.rng.random_range(0..sent.len())];
+            let (event_id, first, bytes, event, topup_id) = (
+                event_id.clone(),
+                *first,
+                bytes.clone(),
+                event.clone(),
+                topup_id.clone(),
+            );
+            let mut op = self.new_op(
+                &user,
+                Spec::PspReversal {
+                    event_id,
+                    event,
+                    topup_id,
+                    replay_of: Some(first),
+                },
+                "POST",
+                "/v1/psp/webhook".into(),
+                false,
+                None,
+            );
+            op.body = Some(bytes);
+            return op;
+        }
+        let dispute_id = format!("dp-{user}-{}", self.rng.random_range(0..4));
+        // a dispute's events name the top-up it was opened on
+        let (topup_id, brought_in) = match s.model.disputes.get(&dispute_id) {
+            Some(d) => completed
+                .iter()
+                .find(|(id, _)| *id == d.topup_id)
+                .cloned()
+                .unwrap_or_else(|| completed[0].clone()),
+            None => completed[self.rng.random_range(0..completed.len())].clone(),
+        };
+        let reversed: Cents = s
+            .model
+            .reversals
+            .get(&topup_id)
+            .map_or(0, |r| r.values().map(|(_, a)| a).sum());
+        let left = (brought_in - reversed).max(0);
+        let n = self.bump(slot);
+        let event_id = format!("evt-{user}-r{n}");
+        let mut body = json!({
+            "event_id": event_id,
+            "topup_id": topup_id,
+            "user_id": user,
+        });
+        let event = match self.rng.random_range(0..3) {
+            0 => {
+                let amount = self.reversal_amount(brought_in, left);
+                body["type"] = json!("payment.refunded");
+                body["amount"] = json!(money(amount));
+                PspEvent::Refunded { amount }
+            }
+            1 => {
+                let amount = self.reversal_amount(brought_in, left).max(1);
+                body["type"] = json!("dispute.opened");
+                body["amount"] = json!(money(amount));
+                body["dispute_id"] = json!(dispute_id);
+                PspEvent::DisputeOpened { dispute_id, amount }
+            }
+            _ => {
+                let won = self.rng.random_ratio(1, 2);
+                // the closing event carries the amount (a close before its open needs it when lost)
+                let amount = self.reversal_amount(brought_in, left).max(1);
+                body["type"] = json!("dispute.closed");
+                body["outcome"] = json!(if won { "won" } else { "lost" });
+                body["amount"] = json!(money(amount));
+                body["dispute_id"] = json!(dispute_id);
+                PspEvent::DisputeClosed {
+                    dispute_id,
+                    won,
+                    amount: Some(amount),
+                }
+            }
+        };
+        self.new_op(
+            &user,
+            Spec::PspReversal {
+                event_id,
+                event,
+                topup_id,
                 replay_of: None,
             },
             "POST",
