@@ -31,6 +31,15 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Rendered {
     }
 }
 
+/// 201 for what a command made now, 200 for what an earlier one made (the same external reference).
+fn created_if(fresh: bool) -> StatusCode {
+    if fresh {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
+
 pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
     let currency = &app.config.currency;
     match outcome {
@@ -48,14 +57,10 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
             wallet,
             debt,
             fresh,
-        }) => {
-            let status = if *fresh {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            json(status, &dto::reversal(currency, reversal, wallet, *debt))
-        }
+        }) => json(
+            created_if(*fresh),
+            &dto::reversal(currency, reversal, wallet, *debt),
+        ),
         Ok(Reply::Disputed {
             dispute,
             wallet,
@@ -79,14 +84,7 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
             credit,
             wallet,
             fresh,
-        }) => {
-            let status = if *fresh {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            json(status, &dto::credit(currency, credit, wallet))
-        }
+        }) => json(created_if(*fresh), &dto::credit(currency, credit, wallet)),
         Ok(Reply::TopupCreated(topup)) => json(StatusCode::CREATED, &dto::topup(currency, topup)),
         Ok(Reply::TopupUpdated(topup)) => json(StatusCode::OK, &dto::topup(currency, topup)),
         Ok(Reply::Item(item)) => json(StatusCode::OK, &dto::item(currency, item)),
