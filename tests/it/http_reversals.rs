@@ -87,6 +87,9 @@ async fn a_chargeback_after_the_player_spent_everything_leaves_balance_zero_debt
     let (events, _) = drain_events(&srv, Some(cursor), 1000).await;
     let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(types, ["account.frozen", "payment.reversed"]);
+    // The frozen account as the reversal left it (not with the debt lent to it mid-command).
+    assert_eq!(events[0]["data"]["wallet"]["balance"], "0.00");
+    assert_eq!(events[0]["data"]["frozen"]["reason"], "debt_outstanding");
     assert_eq!(events[1]["data"]["reversal_id"], reversal["reversal_id"]);
     srv.audit_ok().await;
 

@@ -28,8 +28,8 @@ impl Applier<'_> {
     }
 
     /// Records `amount` owed by `user` for reversal `reversal_id`: a `debt` posting (receivable →
-    /// available, which the reversal posting then takes), and a freeze if the account is not frozen.
-    /// The caller checked the postings (`check_postings`) first.
+    /// available, which the reversal posting then takes). The caller checked the postings
+    /// (`check_postings`) first, and freezes the account once the reversal is posted (`freeze_for_debt`).
     pub(super) fn owe(
         &mut self,
         context: &mut CommandContext,
@@ -49,7 +49,15 @@ impl Applier<'_> {
             PostingRef::Reversal(reversal_id),
             context.now,
         )?;
-        self.set_debt(&user.user_id, after)?;
+        self.set_debt(&user.user_id, after)
+    }
+
+    /// Freezes an account left in debt, unless it is frozen already (its own reason stays).
+    pub(super) fn freeze_for_debt(
+        &mut self,
+        context: &mut CommandContext,
+        user: &User,
+    ) -> Step<()> {
         if self.freeze_of(&user.user_id)?.is_none() {
             let freeze = Freeze {
                 reason: DEBT_FREEZE_REASON.to_owned(),

@@ -235,6 +235,10 @@ impl Applier<'_> {
         };
         self.save_reversal(&reversal)?;
         self.save_user(user)?;
+        if plan.debt.is_positive() {
+            // After the reversal is posted: `account.frozen` shows the wallet as the command leaves it.
+            self.freeze_for_debt(context, user)?;
+        }
         let data = EventData::Reversal {
             reversal: reversal.clone(),
             wallet: user.wallet(),
