@@ -1,6 +1,7 @@
 //! Debt: what a reversal could not take from the wallet. `owe` records it (a `debt` posting from the
-//! `receivable` account, the user's row in `DEBTS`, and a freeze); `repay_debt` pays it back first from
-//! money coming in (credits, completed top-ups, refunds) and lifts the freeze it made once it is paid.
+//! `receivable` account and the user's row in `DEBTS`), `freeze_for_debt` freezes the account;
+//! `repay_debt` pays it back first from money coming in (credits, completed top-ups, refunds) and lifts
+//! the freeze the debt made once it is paid.
 
 use redb::ReadableTable;
 use uuid::Uuid;
