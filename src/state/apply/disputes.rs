@@ -32,7 +32,7 @@ impl Applier<'_> {
         }
         let topup = self.completed_topup(&command.user_id, command.topup_id)?;
         self.check_dispute_room(&command.user_id)?;
-        let tally = self.tally(command.topup_id, "")?;
+        let tally = self.tally(command.topup_id, None)?;
         check_reversible(&tally, topup.amount, command.amount)?;
         let held = command.amount.min(user.wallet().available());
         let dispute = Dispute {
@@ -81,7 +81,7 @@ impl Applier<'_> {
             None => self.unopened_dispute(context, command)?,
         };
         let closed = if command.won {
-            self.win_dispute(context, &mut user, dispute)?
+            self.release_dispute(context, &mut user, dispute, DisputeStatus::Won, None)?
         } else {
             self.lose_dispute(context, &mut user, dispute, command.revoke)?
         };
@@ -123,18 +123,22 @@ impl Applier<'_> {
         })
     }
 
-    /// Releases the hold of a won dispute.
-    fn win_dispute(
+    /// Closes `dispute` as `status` with nothing taken: its hold goes back to the wallet (a won dispute,
+    /// or a lost one with nothing left to reverse, or whose reversal exists already: `reversal_id`).
+    fn release_dispute(
         &mut self,
         context: &mut CommandContext,
         user: &mut User,
         mut dispute: Dispute,
+        status: DisputeStatus,
+        reversal_id: Option<Uuid>,
     ) -> Step<Dispute> {
         self.check_postings(user, &[(PostingKind::Release, dispute.held)])?;
         let (reference, held) = (PostingRef::Dispute(dispute.record_id), dispute.held);
         dispute.held = Money::ZERO;
-        dispute.status = DisputeStatus::Won;
+        dispute.status = status;
         dispute.closed_at = Some(context.now);
+        dispute.reversal_id = reversal_id;
         self.save_dispute(&dispute)?;
         self.post(
             context,
@@ -158,18 +162,14 @@ impl Applier<'_> {
     ) -> Step<Dispute> {
         let topup = self.completed_topup(&dispute.user_id, dispute.topup_id)?;
         let external_ref = format!("dispute:{}", dispute.dispute_id);
-        let tally = self.tally(dispute.topup_id, &external_ref)?;
+        let tally = self.tally(dispute.topup_id, Some(&external_ref))?;
         let reversible = topup.amount.saturating_sub(tally.total).max(Money::ZERO);
         let amount = dispute.amount.min(reversible);
         let already = tally.same_ref.as_ref().map(|r| r.reversal_id);
         if !amount.is_positive() || already.is_some() {
             // Nothing left to take back (refunded meanwhile), or this dispute's reversal exists already (a
             // log entry no edge of ours sends): only the hold goes.
-            let mut closed = self.win_dispute(context, user, dispute)?;
-            closed.status = DisputeStatus::Lost;
-            closed.reversal_id = already;
-            self.save_dispute(&closed)?;
-            return Ok(closed);
+            return self.release_dispute(context, user, dispute, DisputeStatus::Lost, already);
         }
         check_reversible(&tally, topup.amount, amount)?;
         let request = TakeBack {

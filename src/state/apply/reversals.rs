@@ -59,7 +59,7 @@ pub(super) struct ReversalPlan {
 pub(super) struct Tally {
     pub count: u32,
     pub total: Money,
-    /// The one with the `external_ref` asked about, if any.
+    /// The one with the `external_ref` asked about, if one was asked about and exists.
     pub same_ref: Option<Reversal>,
 }
 
@@ -75,7 +75,7 @@ impl Applier<'_> {
         }
         let mut user = self.begin_user(context, &command.user_id)?;
         let (brought_in, since) = self.reversal_source(&command.user_id, &command.source)?;
-        let tally = self.tally(command.source.id(), &command.external_ref)?;
+        let tally = self.tally(command.source.id(), Some(&command.external_ref))?;
         if let Some(existing) = tally.same_ref {
             if existing.amount != command.amount {
                 return Err(Rejection::ExternalRefConflict {
@@ -153,7 +153,7 @@ impl Applier<'_> {
     }
 
     /// The reversals of `source_id` so far (at most `MAX_REVERSALS_PER_SOURCE` rows).
-    pub(super) fn tally(&self, source_id: Uuid, external_ref: &str) -> Step<Tally> {
+    pub(super) fn tally(&self, source_id: Uuid, external_ref: Option<&str>) -> Step<Tally> {
         let id = source_id.as_u128();
         let mut tally = Tally {
             count: 0,
@@ -171,7 +171,7 @@ impl Applier<'_> {
                 .total
                 .checked_add(reversal.amount)
                 .ok_or_else(overflow)?;
-            if reversal.external_ref == external_ref {
+            if Some(reversal.external_ref.as_str()) == external_ref {
                 tally.same_ref = Some(reversal);
             }
         }
