@@ -215,6 +215,7 @@ impl ShardStore {
             .map_err(|e| StoreError::Redb(e.into()))?;
         {
             let mut applier = apply::Applier::open(&txn)?;
+            applier.create_every_table()?;
             let meta = applier.meta_mut();
             if meta.schema_version == 0 {
                 meta.schema_version = SCHEMA_VERSION;

@@ -19,7 +19,7 @@ impl Applier<'_> {
     ) -> Step<Reply> {
         let (spec, version) = (&command.spec, command.version);
         check_price(spec.price)?;
-        let existing: Option<Item> = get(&self.items, spec.item_id.as_str())?;
+        let existing: Option<Item> = get(self.items.read()?, spec.item_id.as_str())?;
         let new_version = match (version, &existing) {
             // The catalog's home shard decides the version: +1 on a change, unchanged otherwise.
             (None, Some(item)) if item.spec == *spec => return Ok(Reply::Item(item.clone())),
@@ -32,7 +32,7 @@ impl Applier<'_> {
             }
             (None, Some(item)) => item.version + 1,
             (None, None) => {
-                if self.items.len()? >= MAX_CATALOG_ITEMS {
+                if self.items.read()?.len()? >= MAX_CATALOG_ITEMS {
                     return Err(Rejection::CatalogFull {
                         limit: MAX_CATALOG_ITEMS,
                     }
@@ -52,7 +52,9 @@ impl Applier<'_> {
             updated_at: context.now,
         };
         let bytes = encode(&item)?;
-        self.items.insert(spec.item_id.as_str(), bytes.as_slice())?;
+        self.items
+            .write()?
+            .insert(spec.item_id.as_str(), bytes.as_slice())?;
         Ok(Reply::Item(item))
     }
 }

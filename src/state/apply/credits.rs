@@ -19,13 +19,15 @@ impl Applier<'_> {
         command: &command::ClaimExternalRef,
     ) -> Step<Reply> {
         let reference = command.reference.as_str();
-        match get::<_, RefClaim, _>(&self.external_refs, reference)? {
+        match get::<_, RefClaim, _>(self.external_refs.read()?, reference)? {
             Some(existing) => Ok(Reply::RefClaimed {
                 accepted: existing == command.claim,
             }),
             None => {
                 let bytes = encode(&command.claim)?;
-                self.external_refs.insert(reference, bytes.as_slice())?;
+                self.external_refs
+                    .write()?
+                    .insert(reference, bytes.as_slice())?;
                 Ok(Reply::RefClaimed { accepted: true })
             }
         }
@@ -41,7 +43,7 @@ impl Applier<'_> {
         let external_ref = command.external_ref.as_str();
         check_amount(amount)?;
         let mut user = self.begin_user(context, user_id)?;
-        if let Some(existing) = get::<_, Credit, _>(&self.credits, external_ref)? {
+        if let Some(existing) = get::<_, Credit, _>(self.credits.read()?, external_ref)? {
             if existing.user_id == user_id && existing.amount == amount {
                 return Ok(Reply::Credited {
                     credit: existing,
@@ -80,8 +82,11 @@ impl Applier<'_> {
         let reference = PostingRef::Credit(credit.credit_id);
         self.repay_debt(context, &mut user, amount, reference)?;
         let bytes = encode(&credit)?;
-        self.credits.insert(external_ref, bytes.as_slice())?;
+        self.credits
+            .write()?
+            .insert(external_ref, bytes.as_slice())?;
         self.credit_ids
+            .write()?
             .insert(credit.credit_id.as_u128(), external_ref)?;
         self.save_user(&user)?;
         let data = EventData::Credit {
@@ -168,8 +173,11 @@ impl Applier<'_> {
         };
         self.save_topup(&topup)?;
         let id = topup.topup_id.as_u128();
-        self.pending_topups.insert((expires_at.micros(), id), ())?;
+        self.pending_topups
+            .write()?
+            .insert((expires_at.micros(), id), ())?;
         self.user_pending_topups
+            .write()?
             .insert((user_id, id), expires_at.micros())?;
         Ok(Reply::TopupCreated(topup))
     }
@@ -182,6 +190,7 @@ impl Applier<'_> {
         let mut earliest: Option<i64> = None;
         for entry in self
             .user_pending_topups
+            .read()?
             .range((user_id, 0u128)..=(user_id, u128::MAX))?
         {
             let expires_at = entry?.1.value();
@@ -205,14 +214,17 @@ impl Applier<'_> {
     /// ended EXPIRED or FAILED. `was` is the top-up as stored before (an EXPIRED one may still complete).
     pub(super) fn topup_left_pending(&mut self, was: &Topup, topup: &Topup) -> Step<()> {
         let id = topup.topup_id.as_u128();
-        self.pending_topups.remove((was.expires_at.micros(), id))?;
+        self.pending_topups
+            .write()?
+            .remove((was.expires_at.micros(), id))?;
         self.user_pending_topups
+            .write()?
             .remove((was.user_id.as_str(), id))?;
         if let Some(at) = final_time(was) {
-            self.final_topups.remove((at, id))?;
+            self.final_topups.write()?.remove((at, id))?;
         }
         if let Some(at) = final_time(topup) {
-            self.final_topups.insert((at, id), ())?;
+            self.final_topups.write()?.insert((at, id), ())?;
         }
         Ok(())
     }
@@ -220,6 +232,7 @@ impl Applier<'_> {
     pub(super) fn save_topup(&mut self, topup: &Topup) -> Step<()> {
         let bytes = encode(topup)?;
         self.topups
+            .write()?
             .insert(topup.topup_id.as_u128(), bytes.as_slice())?;
         Ok(())
     }
@@ -234,7 +247,7 @@ impl Applier<'_> {
         let psp_payment_id = command.psp_payment_id.as_str();
         check_amount(amount)?;
         let mut user = self.begin_user(context, user_id)?;
-        let mut topup = match get::<_, Topup, _>(&self.topups, topup_id.as_u128())? {
+        let mut topup = match get::<_, Topup, _>(self.topups.read()?, topup_id.as_u128())? {
             Some(topup) if topup.user_id == user_id => topup,
             _ => return Err(Rejection::TopupNotFound.into()),
         };

@@ -14,16 +14,20 @@ use crate::state::StoreError;
 impl Applier<'_> {
     /// What `user_id` owes the shop (zero without a row).
     pub(super) fn debt_of(&self, user_id: &str) -> Step<Money> {
-        let minor = self.debts.get(user_id)?.map_or(0, |guard| guard.value());
+        let minor = self
+            .debts
+            .read()?
+            .get(user_id)?
+            .map_or(0, |guard| guard.value());
         Ok(Money::from_minor(minor))
     }
 
     fn set_debt(&mut self, user_id: &str, debt: Money) -> Step<()> {
         debug_assert!(!debt.is_negative(), "debt is never negative");
         if debt.is_positive() {
-            self.debts.insert(user_id, debt.minor())?;
+            self.debts.write()?.insert(user_id, debt.minor())?;
         } else {
-            self.debts.remove(user_id)?;
+            self.debts.write()?.remove(user_id)?;
         }
         Ok(())
     }

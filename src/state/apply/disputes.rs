@@ -196,20 +196,20 @@ impl Applier<'_> {
     }
 
     fn dispute(&self, user_id: &str, dispute_id: &str) -> Step<Option<Dispute>> {
-        Ok(get(&self.disputes, (user_id, dispute_id))?)
+        Ok(get(self.disputes.read()?, (user_id, dispute_id))?)
     }
 
     fn save_dispute(&mut self, dispute: &Dispute) -> Step<()> {
         let bytes = encode(dispute)?;
         let key = (dispute.user_id.as_str(), dispute.dispute_id.as_str());
-        self.disputes.insert(key, bytes.as_slice())?;
+        self.disputes.write()?.insert(key, bytes.as_slice())?;
         Ok(())
     }
 
     /// The user's disputes, open or closed (at most `MAX_DISPUTES_PER_USER`).
     pub(super) fn user_disputes(&self, user_id: &str) -> Step<Vec<Dispute>> {
         let mut disputes = Vec::new();
-        for entry in self.disputes.range((user_id, "")..)? {
+        for entry in self.disputes.read()?.range((user_id, "")..)? {
             let (key, value) = entry?;
             if key.value().0 != user_id {
                 break;
@@ -262,7 +262,7 @@ impl Applier<'_> {
     }
 
     fn reversal(&self, reversal_id: Uuid) -> Step<Option<Reversal>> {
-        Ok(get(&self.reversals, reversal_id.as_u128())?)
+        Ok(get(self.reversals.read()?, reversal_id.as_u128())?)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::state::tables::{encode, get};
 
 impl Applier<'_> {
     pub(super) fn entitlement(&self, user_id: &str, item_id: &str) -> Step<Option<Entitlement>> {
-        Ok(get(&self.entitlements, (user_id, item_id))?)
+        Ok(get(self.entitlements.read()?, (user_id, item_id))?)
     }
 
     pub(super) fn save_entitlement(
@@ -18,6 +18,7 @@ impl Applier<'_> {
         debug_assert!(entitlement.granted >= entitlement.revoked + entitlement.consumed);
         let bytes = encode(entitlement)?;
         self.entitlements
+            .write()?
             .insert((user_id, entitlement.item_id.as_str()), bytes.as_slice())?;
         Ok(())
     }

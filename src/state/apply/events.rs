@@ -34,7 +34,7 @@ impl Applier<'_> {
         };
         context.events = context.events.saturating_add(1);
         let bytes = encode(&event)?;
-        self.events.insert(seq, bytes.as_slice())?;
+        self.events.write()?.insert(seq, bytes.as_slice())?;
         self.event_log.last_seq = seq;
         self.event_log_changed = true;
         Ok(())
@@ -62,6 +62,7 @@ impl Applier<'_> {
             .unwrap_or(u64::MAX);
         let oldest: Vec<(u64, Timestamp)> = self
             .events
+            .read()?
             .iter()?
             .take(command.limit as usize)
             .map(|entry| {
@@ -85,7 +86,7 @@ impl Applier<'_> {
                     webhook.dropped = webhook.dropped.saturating_add(1);
                 }
             }
-            self.events.remove(seq)?;
+            self.events.write()?.remove(seq)?;
             self.event_log.purged_through = seq;
             purged = purged.saturating_add(1);
         }
@@ -104,7 +105,7 @@ impl Applier<'_> {
     /// The webhooks that are not deleted.
     pub(super) fn live_webhooks(&self) -> Step<Vec<Webhook>> {
         let mut live = Vec::new();
-        for entry in self.webhooks.iter()? {
+        for entry in self.webhooks.read()?.iter()? {
             let webhook: Webhook = decode(entry?.1.value())?;
             if !webhook.deleted {
                 live.push(webhook);

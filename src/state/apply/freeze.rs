@@ -63,6 +63,7 @@ impl Applier<'_> {
     ) -> Step<()> {
         let bytes = encode(&freeze)?;
         self.frozen
+            .write()?
             .insert(user.user_id.as_str(), bytes.as_slice())?;
         let data = EventData::Account {
             user: user.clone(),
@@ -73,7 +74,12 @@ impl Applier<'_> {
 
     /// Unfreezes `user`'s account and emits `account.unfrozen`; nothing if it is not frozen.
     pub(super) fn lift_freeze(&mut self, context: &mut CommandContext, user: &User) -> Step<()> {
-        if self.frozen.remove(user.user_id.as_str())?.is_some() {
+        if self
+            .frozen
+            .write()?
+            .remove(user.user_id.as_str())?
+            .is_some()
+        {
             let data = EventData::Account {
                 user: user.clone(),
                 frozen: None,
@@ -95,6 +101,6 @@ impl Applier<'_> {
     }
 
     pub(super) fn freeze_of(&self, user_id: &str) -> Step<Option<Freeze>> {
-        Ok(get(&self.frozen, user_id)?)
+        Ok(get(self.frozen.read()?, user_id)?)
     }
 }

@@ -13,7 +13,7 @@ impl Applier<'_> {
         scope: &str,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        get(&self.idempotency, (scope, key))
+        get(self.idempotency.read()?, (scope, key))
     }
 
     pub(super) fn store_idempotency(
@@ -39,11 +39,15 @@ impl Applier<'_> {
     ) -> Result<(), StoreError> {
         if let Some(old) = self.idempotency_record(scope, key)? {
             self.idempotency_expiry
+                .write()?
                 .remove((old.expires_at.micros(), scope, key))?;
         }
         let bytes = encode(record)?;
-        self.idempotency.insert((scope, key), bytes.as_slice())?;
+        self.idempotency
+            .write()?
+            .insert((scope, key), bytes.as_slice())?;
         self.idempotency_expiry
+            .write()?
             .insert((record.expires_at.micros(), scope, key), ())?;
         Ok(())
     }
@@ -55,8 +59,9 @@ impl Applier<'_> {
     ) -> Result<(), StoreError> {
         if let Some(old) = self.idempotency_record(scope, key)? {
             self.idempotency_expiry
+                .write()?
                 .remove((old.expires_at.micros(), scope, key))?;
-            self.idempotency.remove((scope, key))?;
+            self.idempotency.write()?.remove((scope, key))?;
         }
         Ok(())
     }

@@ -80,8 +80,11 @@ impl Applier<'_> {
         };
         let bytes = encode(&posting)?;
         self.meta.posting_head = Sha256::digest(&bytes).into();
-        self.postings.insert(posting.seq, bytes.as_slice())?;
+        self.postings
+            .write()?
+            .insert(posting.seq, bytes.as_slice())?;
         self.user_postings
+            .write()?
             .insert((user.user_id.as_str(), user.ledger_seq), posting.seq)?;
         Ok(())
     }

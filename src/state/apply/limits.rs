@@ -38,7 +38,9 @@ impl Applier<'_> {
             updated_at: context.now,
         };
         let bytes = encode(&shop)?;
-        self.shop_limits.insert(SHOP_LIMITS_KEY, bytes.as_slice())?;
+        self.shop_limits
+            .write()?
+            .insert(SHOP_LIMITS_KEY, bytes.as_slice())?;
         Ok(Reply::ShopLimits(shop))
     }
 
@@ -49,7 +51,9 @@ impl Applier<'_> {
         let overrides = self.overrides_of(user_id)?.changed(&command.changes);
         // The row stays when it overrides nothing any more: it keeps the user's usage counted.
         let bytes = encode(&overrides)?;
-        self.user_limits.insert(user_id, bytes.as_slice())?;
+        self.user_limits
+            .write()?
+            .insert(user_id, bytes.as_slice())?;
         Ok(Reply::UserLimits {
             user_id: command.user_id.clone(),
             overrides,
@@ -57,11 +61,11 @@ impl Applier<'_> {
     }
 
     fn shop_limits(&self) -> Step<Option<ShopLimits>> {
-        Ok(get(&self.shop_limits, SHOP_LIMITS_KEY)?)
+        Ok(get(self.shop_limits.read()?, SHOP_LIMITS_KEY)?)
     }
 
     fn overrides_of(&self, user_id: &str) -> Step<LimitSet> {
-        Ok(get(&self.user_limits, user_id)?.unwrap_or_default())
+        Ok(get(self.user_limits.read()?, user_id)?.unwrap_or_default())
     }
 
     /// The limits in force for `user_id`: its overrides, else the shop's, else the built-in defaults
@@ -90,7 +94,7 @@ impl Applier<'_> {
     ) -> Step<()> {
         let limits = self.limits_in_force(user_id, None)?;
         if let Some(max) = limits.max_orders_per_hour {
-            let created = usage_in(&self.usage, user_id, Window::OrdersPerHour, now)?;
+            let created = usage_in(self.usage.read()?, user_id, Window::OrdersPerHour, now)?;
             if created >= i64::from(max) {
                 return Err(Rejection::LimitExceeded {
                     limit: MAX_ORDERS_PER_HOUR.to_owned(),
@@ -125,7 +129,7 @@ impl Applier<'_> {
         let Some(max) = limits.max_spend_per_day else {
             return Ok(());
         };
-        let spent = usage_in(&self.usage, user_id, Window::SpendPerDay, now)?;
+        let spent = usage_in(self.usage.read()?, user_id, Window::SpendPerDay, now)?;
         let after = i128::from(spent) + i128::from(amount.minor());
         if after > i128::from(max.minor()) {
             return Err(Rejection::MoneyLimitExceeded {
@@ -153,7 +157,7 @@ impl Applier<'_> {
         let Some(max) = self.limits_in_force(user_id, None)?.max_refunds_per_30_days else {
             return Ok(());
         };
-        let rows = usage_rows(&self.usage, user_id, Window::RefundsPerDay, now)?;
+        let rows = usage_rows(self.usage.read()?, user_id, Window::RefundsPerDay, now)?;
         let days: Vec<(Timestamp, u64)> = rows
             .into_iter()
             .map(|(day, n)| (day, u64::try_from(n).unwrap_or(0)))
@@ -182,8 +186,8 @@ impl Applier<'_> {
         now: Timestamp,
         amount: i64,
     ) -> Step<()> {
-        let in_use = self.shop_limits.get(SHOP_LIMITS_KEY)?.is_some()
-            || self.user_limits.get(user_id)?.is_some();
+        let in_use = self.shop_limits.read()?.get(SHOP_LIMITS_KEY)?.is_some()
+            || self.user_limits.read()?.get(user_id)?.is_some();
         if in_use {
             self.record_usage(user_id, window, now, amount)?;
         }
@@ -204,19 +208,22 @@ impl Applier<'_> {
         let mut stale = Vec::new();
         for entry in self
             .usage
+            .read()?
             .range((user_id, tag, i64::MIN)..(user_id, tag, oldest))?
         {
             stale.push(entry?.0.value().2);
         }
         for start in stale {
-            self.usage.remove((user_id, tag, start))?;
+            self.usage.write()?.remove((user_id, tag, start))?;
         }
         let start = window.start(now).micros();
         let before = self
             .usage
+            .read()?
             .get((user_id, tag, start))?
             .map_or(0, |v| v.value());
         self.usage
+            .write()?
             .insert((user_id, tag, start), before.saturating_add(amount))?;
         Ok(())
     }
@@ -263,11 +270,17 @@ mod tests {
             a.record_usage("u2", Window::RefundsPerDay, Timestamp(MIDNIGHT), 1)
                 .expect("records");
             let now = Timestamp(MIDNIGHT + 39 * DAY + 5);
-            let rows = usage_rows(&a.usage, "u1", Window::RefundsPerDay, now).expect("reads");
+            let rows = usage_rows(
+                a.usage.read().expect("opens"),
+                "u1",
+                Window::RefundsPerDay,
+                now,
+            )
+            .expect("reads");
             assert_eq!(rows.len(), 30, "today and the 29 days before");
             assert_eq!(rows[0].0, Timestamp(MIDNIGHT + 10 * DAY));
             // u1's 30 rows and u2's one: nothing older is left.
-            assert_eq!(a.usage.len().expect("counts"), 31);
+            assert_eq!(a.usage.read().expect("opens").len().expect("counts"), 31);
         });
     }
 
@@ -292,14 +305,26 @@ mod tests {
                 .expect("records");
             let now = Timestamp(MIDNIGHT + hour + 1);
             assert_eq!(
-                usage_in(&a.usage, "u1", Window::OrdersPerHour, now).unwrap(),
+                usage_in(
+                    a.usage.read().expect("opens"),
+                    "u1",
+                    Window::OrdersPerHour,
+                    now
+                )
+                .unwrap(),
                 1
             );
             assert_eq!(
-                usage_in(&a.usage, "u1", Window::SpendPerDay, now).unwrap(),
+                usage_in(
+                    a.usage.read().expect("opens"),
+                    "u1",
+                    Window::SpendPerDay,
+                    now
+                )
+                .unwrap(),
                 300
             );
-            assert_eq!(a.usage.len().expect("counts"), 2);
+            assert_eq!(a.usage.read().expect("opens").len().expect("counts"), 2);
         });
     }
 
@@ -309,8 +334,14 @@ mod tests {
             let now = Timestamp(MIDNIGHT);
             a.count_usage("u1", Window::OrdersPerHour, now, 1)
                 .expect("counts");
-            assert_eq!(a.usage.len().expect("counts"), 0, "no limits ever set");
+            assert_eq!(
+                a.usage.read().expect("opens").len().expect("counts"),
+                0,
+                "no limits ever set"
+            );
             a.user_limits
+                .write()
+                .expect("opens")
                 .insert(
                     "u1",
                     encode(&LimitSet::default()).expect("encodes").as_slice(),
@@ -320,7 +351,11 @@ mod tests {
                 .expect("counts");
             a.count_usage("u2", Window::OrdersPerHour, now, 1)
                 .expect("counts");
-            assert_eq!(a.usage.len().expect("counts"), 1, "u1's row only");
+            assert_eq!(
+                a.usage.read().expect("opens").len().expect("counts"),
+                1,
+                "u1's row only"
+            );
             let mut context = CommandContext {
                 now,
                 ids: crate::domain::IdSequence::new(crate::domain::IdSeed {
@@ -337,7 +372,7 @@ mod tests {
             a.count_usage("u2", Window::OrdersPerHour, now, 1)
                 .expect("counts");
             assert_eq!(
-                a.usage.len().expect("counts"),
+                a.usage.read().expect("opens").len().expect("counts"),
                 2,
                 "everyone's, once the shop's are set"
             );

@@ -88,10 +88,11 @@ impl Applier<'_> {
         request: &LineRequest,
         pending: &[Order],
     ) -> Step<(OrderLine, Money)> {
-        let item: Item =
-            get(&self.items, request.item_id.as_str())?.ok_or_else(|| Rejection::ItemNotFound {
+        let item: Item = get(self.items.read()?, request.item_id.as_str())?.ok_or_else(|| {
+            Rejection::ItemNotFound {
                 item_id: request.item_id.clone(),
-            })?;
+            }
+        })?;
         if !item.spec.active {
             return Err(Rejection::ItemInactive {
                 item_id: request.item_id.clone(),
@@ -182,6 +183,7 @@ impl Applier<'_> {
         )?;
         let id = order.order_id.as_u128();
         self.user_orders
+            .write()?
             .insert((user_id, order.created_at.micros(), id), ())?;
         self.count_usage(user_id, Window::OrdersPerHour, context.now, 1)?;
         let created = EventData::Order(order.clone());
@@ -190,8 +192,10 @@ impl Applier<'_> {
             self.complete_effects(context, user, &mut order)?;
         } else {
             self.pending_orders
+                .write()?
                 .insert((expires_at.micros(), id), user_id)?;
             self.user_pending
+                .write()?
                 .insert((user_id, id), (expires_at.micros(), total.minor()))?;
         }
         self.save_order(&order)?;
@@ -334,7 +338,7 @@ impl Applier<'_> {
         user: &mut User,
         order_id: u128,
     ) -> Step<()> {
-        let mut order: Order = get(&self.orders, order_id)?
+        let mut order: Order = get(self.orders.read()?, order_id)?
             .ok_or_else(|| StoreError::Corrupt(format!("pending order {order_id} has no row")))?;
         debug_assert_eq!(order.status, OrderStatus::Pending);
         debug_assert_eq!(order.user_id, user.user_id);
@@ -363,8 +367,11 @@ impl Applier<'_> {
     fn forget_pending(&mut self, order: &Order) -> Step<()> {
         let id = order.order_id.as_u128();
         self.pending_orders
+            .write()?
             .remove((order.expires_at.micros(), id))?;
-        self.user_pending.remove((order.user_id.as_str(), id))?;
+        self.user_pending
+            .write()?
+            .remove((order.user_id.as_str(), id))?;
         Ok(())
     }
 
@@ -372,11 +379,12 @@ impl Applier<'_> {
         let mut orders = Vec::new();
         for entry in self
             .user_pending
+            .read()?
             .range((user_id, 0u128)..=(user_id, u128::MAX))?
         {
             let (key, _) = entry?;
             let order_id = key.value().1;
-            let order: Order = get(&self.orders, order_id)?.ok_or_else(|| {
+            let order: Order = get(self.orders.read()?, order_id)?.ok_or_else(|| {
                 StoreError::Corrupt(format!("pending order {order_id} has no row"))
             })?;
             orders.push(order);
@@ -385,7 +393,7 @@ impl Applier<'_> {
     }
 
     pub(super) fn user_order(&self, user_id: &str, order_id: Uuid) -> Step<Order> {
-        match get::<_, Order, _>(&self.orders, order_id.as_u128())? {
+        match get::<_, Order, _>(self.orders.read()?, order_id.as_u128())? {
             Some(order) if order.user_id == user_id => Ok(order),
             _ => Err(Rejection::OrderNotFound.into()),
         }
@@ -402,6 +410,7 @@ impl Applier<'_> {
         );
         let bytes = encode(order)?;
         self.orders
+            .write()?
             .insert(order.order_id.as_u128(), bytes.as_slice())?;
         Ok(())
     }

@@ -166,6 +166,7 @@ impl Applier<'_> {
         }
         let bytes = encode(&refund)?;
         self.refunds
+            .write()?
             .insert(refund.refund_id.as_u128(), bytes.as_slice())?;
         self.save_order(&order)?;
         self.save_user(user)?;

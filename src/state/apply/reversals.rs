@@ -123,7 +123,7 @@ impl Applier<'_> {
             ReversalSource::Credit {
                 credit_id,
                 external_ref,
-            } => match get::<_, Credit, _>(&self.credits, external_ref.as_str())? {
+            } => match get::<_, Credit, _>(self.credits.read()?, external_ref.as_str())? {
                 Some(c) if c.user_id == user_id && c.credit_id == *credit_id => {
                     Ok((c.amount, c.created_at))
                 }
@@ -142,7 +142,7 @@ impl Applier<'_> {
 
     /// The user's top-up, if it is COMPLETED (only then did money come in).
     pub(super) fn completed_topup(&self, user_id: &str, topup_id: Uuid) -> Step<Topup> {
-        match get::<_, Topup, _>(&self.topups, topup_id.as_u128())? {
+        match get::<_, Topup, _>(self.topups.read()?, topup_id.as_u128())? {
             Some(t) if t.user_id == user_id && t.status == TopupStatus::Completed => Ok(t),
             Some(t) if t.user_id == user_id => Err(Rejection::InvalidState {
                 status: t.status.as_str().to_owned(),
@@ -160,9 +160,13 @@ impl Applier<'_> {
             total: Money::ZERO,
             same_ref: None,
         };
-        for entry in self.source_reversals.range((id, 0u128)..=(id, u128::MAX))? {
+        for entry in self
+            .source_reversals
+            .read()?
+            .range((id, 0u128)..=(id, u128::MAX))?
+        {
             let reversal_id = entry?.0.value().1;
-            let reversal: Reversal = match self.reversals.get(reversal_id)? {
+            let reversal: Reversal = match self.reversals.read()?.get(reversal_id)? {
                 Some(bytes) => decode(bytes.value())?,
                 None => continue,
             };
@@ -251,8 +255,9 @@ impl Applier<'_> {
     fn save_reversal(&mut self, reversal: &Reversal) -> Step<()> {
         let bytes = encode(reversal)?;
         let id = reversal.reversal_id.as_u128();
-        self.reversals.insert(id, bytes.as_slice())?;
+        self.reversals.write()?.insert(id, bytes.as_slice())?;
         self.source_reversals
+            .write()?
             .insert((reversal.source.id().as_u128(), id), ())?;
         Ok(())
     }
@@ -299,6 +304,7 @@ impl Applier<'_> {
         let range = (user_id, since.micros(), 0u128)..=(user_id, i64::MAX, u128::MAX);
         for entry in self
             .user_orders
+            .read()?
             .range(range)?
             .rev()
             .take(MAX_REVOKE_SCANNED_ORDERS)

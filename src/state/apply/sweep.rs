@@ -52,6 +52,7 @@ impl Applier<'_> {
 
         let due_orders: Vec<(u128, String)> = self
             .pending_orders
+            .read()?
             .range(..(bound, 0u128))?
             .take(limit)
             .map(|entry| entry.map(|(k, v)| (k.value().1, v.value().to_owned())))
@@ -64,13 +65,16 @@ impl Applier<'_> {
 
         let due_topups: Vec<(i64, u128)> = self
             .pending_topups
+            .read()?
             .range(..(bound, 0u128))?
             .take(limit)
             .map(|entry| entry.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()?;
         for (expires_at, topup_id) in &due_topups {
-            self.pending_topups.remove((*expires_at, *topup_id))?;
-            if let Some(was) = get::<_, Topup, _>(&self.topups, *topup_id)? {
+            self.pending_topups
+                .write()?
+                .remove((*expires_at, *topup_id))?;
+            if let Some(was) = get::<_, Topup, _>(self.topups.read()?, *topup_id)? {
                 if was.status == TopupStatus::Pending {
                     let topup = was.as_of(context.now);
                     self.topup_left_pending(&was, &topup)?;
@@ -84,6 +88,7 @@ impl Applier<'_> {
 
         let due_records: Vec<(String, String)> = self
             .idempotency_expiry
+            .read()?
             .range(..(bound, "", ""))?
             .take(limit)
             .map(|entry| entry.map(|(k, _)| (k.value().1.to_owned(), k.value().2.to_owned())))
@@ -111,18 +116,21 @@ impl Applier<'_> {
         let bound = crate::domain::topup_purge_bound(context.now, retention_seconds);
         let due: Vec<(i64, u128)> = self
             .final_topups
+            .read()?
             .range(..(bound, 0u128))?
             .take(limit as usize)
             .map(|entry| entry.map(|(k, _)| k.value()))
             .collect::<Result<_, _>>()?;
         for &(at, id) in &due {
-            self.final_topups.remove((at, id))?;
-            if let Some(topup) = get::<_, Topup, _>(&self.topups, id)? {
+            self.final_topups.write()?.remove((at, id))?;
+            if let Some(topup) = get::<_, Topup, _>(self.topups.read()?, id)? {
                 self.pending_topups
+                    .write()?
                     .remove((topup.expires_at.micros(), id))?;
                 self.user_pending_topups
+                    .write()?
                     .remove((topup.user_id.as_str(), id))?;
-                self.topups.remove(id)?;
+                self.topups.write()?.remove(id)?;
             }
         }
         Ok(u32::try_from(due.len()).unwrap_or(u32::MAX))

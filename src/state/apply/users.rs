@@ -14,7 +14,7 @@ impl Applier<'_> {
         context: &mut CommandContext,
         command: &command::CreateUser,
     ) -> Step<Reply> {
-        if self.users.get(command.user_id.as_str())?.is_some() {
+        if self.users.read()?.get(command.user_id.as_str())?.is_some() {
             return Err(Rejection::UserExists.into());
         }
         let user = User {
@@ -45,7 +45,7 @@ impl Applier<'_> {
     }
 
     pub(super) fn existing_user(&self, user_id: &str) -> Step<User> {
-        get(&self.users, user_id)?.ok_or(Stop::Reject(Rejection::UserNotFound))
+        get(self.users.read()?, user_id)?.ok_or(Stop::Reject(Rejection::UserNotFound))
     }
 
     /// Loads a user for a command at `context.now`, first cancelling the user's pending orders whose deadline has
@@ -54,6 +54,7 @@ impl Applier<'_> {
         let mut user = self.existing_user(user_id)?;
         let due: Vec<(u128, i64)> = self
             .user_pending
+            .read()?
             .range((user_id, 0u128)..=(user_id, u128::MAX))?
             .filter_map(|entry| match entry {
                 Ok((key, value)) => {
@@ -81,7 +82,9 @@ impl Applier<'_> {
         debug_assert!(!user.held.is_negative(), "held is never negative");
         debug_assert!(user.held <= user.balance, "held never exceeds the balance");
         let bytes = encode(user)?;
-        self.users.insert(user.user_id.as_str(), bytes.as_slice())?;
+        self.users
+            .write()?
+            .insert(user.user_id.as_str(), bytes.as_slice())?;
         #[cfg(debug_assertions)]
         self.debug_check_holds(user)?;
         Ok(())
@@ -93,6 +96,7 @@ impl Applier<'_> {
         let mut pending_total = 0i128;
         for entry in self
             .user_pending
+            .read()?
             .range((user.user_id.as_str(), 0u128)..=(user.user_id.as_str(), u128::MAX))?
         {
             pending_total += i128::from(entry?.1.value().1);

@@ -25,7 +25,7 @@ impl Applier<'_> {
         command: &command::PutWebhook,
     ) -> Step<Reply> {
         check_webhook(&command.name, &command.url, &command.types)?;
-        let existing: Option<Webhook> = get(&self.webhooks, command.name.as_str())?;
+        let existing: Option<Webhook> = get(self.webhooks.read()?, command.name.as_str())?;
         let generation = match (command.generation, &existing) {
             (None, Some(w)) => w.generation.saturating_add(1),
             (None, None) => 1,
@@ -62,7 +62,7 @@ impl Applier<'_> {
         context: &mut CommandContext,
         command: &command::DeleteWebhook,
     ) -> Step<Reply> {
-        let existing: Option<Webhook> = get(&self.webhooks, command.name.as_str())?;
+        let existing: Option<Webhook> = get(self.webhooks.read()?, command.name.as_str())?;
         let not_found = || Rejection::WebhookNotFound {
             name: command.name.clone(),
         };
@@ -146,7 +146,7 @@ impl Applier<'_> {
     }
 
     fn live_webhook(&self, name: &str) -> Step<Webhook> {
-        match get::<_, Webhook, _>(&self.webhooks, name)? {
+        match get::<_, Webhook, _>(self.webhooks.read()?, name)? {
             Some(w) if !w.deleted => Ok(w),
             _ => Err(Rejection::WebhookNotFound {
                 name: name.to_owned(),
@@ -158,6 +158,7 @@ impl Applier<'_> {
     pub(super) fn save_webhook(&mut self, webhook: &Webhook) -> Step<()> {
         let bytes = encode(webhook)?;
         self.webhooks
+            .write()?
             .insert(webhook.name.as_str(), bytes.as_slice())?;
         Ok(())
     }
@@ -173,14 +174,14 @@ impl Applier<'_> {
             }
             .into());
         }
-        if self.webhooks.len()? >= MAX_ROWS {
+        if self.webhooks.read()?.len()? >= MAX_ROWS {
             let oldest_deleted = self
                 .all_webhooks()?
                 .into_iter()
                 .filter(|w| w.deleted)
                 .min_by_key(|w| (w.updated_at, w.name.clone()));
             if let Some(w) = oldest_deleted {
-                self.webhooks.remove(w.name.as_str())?;
+                self.webhooks.write()?.remove(w.name.as_str())?;
             }
         }
         Ok(())
@@ -189,7 +190,7 @@ impl Applier<'_> {
     fn all_webhooks(&self) -> Step<Vec<Webhook>> {
         use redb::ReadableTable;
         let mut all = Vec::new();
-        for entry in self.webhooks.iter()? {
+        for entry in self.webhooks.read()?.iter()? {
             all.push(crate::state::tables::decode(entry?.1.value())?);
         }
         Ok(all)
