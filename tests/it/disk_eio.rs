@@ -55,7 +55,14 @@ struct Fault {
     logged_as: &'static str,
 }
 
+/// Every append is synced in the log's write-ahead file before it is acknowledged.
 const LOG_FSYNC: Fault = Fault {
+    file: "raft-log.wal",
+    ops: "fsync",
+    logged_as: "fsync",
+};
+/// The log's redb file is synced at its checkpoints (at most a second apart while the log is written).
+const LOG_CHECKPOINT_FSYNC: Fault = Fault {
     file: "raft-log.redb",
     ops: "fsync",
     logged_as: "fsync",
@@ -66,7 +73,7 @@ const SHARD_FSYNC: Fault = Fault {
     logged_as: "fsync",
 };
 const LOG_WRITE: Fault = Fault {
-    file: "raft-log.redb",
+    file: "raft-log.wal",
     ops: "write",
     logged_as: "a write",
 };
@@ -266,6 +273,14 @@ async fn a_failed_fsync_of_the_raft_log_stops_the_node_and_a_restart_loses_nothi
     let outcome = fail_and_recover(LOG_FSYNC).await;
     // Every append is fsynced before its answer: the first write after the failure is not acknowledged.
     assert_eq!(outcome.acknowledged_after_arming, 0);
+}
+
+#[tokio::test]
+async fn a_failed_fsync_of_a_raft_log_checkpoint_stops_the_node_and_a_restart_loses_nothing_acknowledged()
+ {
+    // The writes answered before the checkpoint's failed fsync are durable in the write-ahead file only,
+    // and are found after the restart.
+    fail_and_recover(LOG_CHECKPOINT_FSYNC).await;
 }
 
 #[tokio::test]

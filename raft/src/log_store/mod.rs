@@ -2,8 +2,8 @@
 //!
 //! Group commit: every write (appends of any shard, votes, truncations, purges) goes to one writer
 //! thread through a bounded queue. The writer takes everything that is waiting, writes it in ONE redb
-//! transaction and commits it with `Durability::Immediate` (one fsync), and only then reports each
-//! append as flushed (`LogFlushed::log_io_completed`) and answers each vote. The committed mark, which
+//! transaction (unsynced) and as ONE record of the write-ahead file (one write, one `fdatasync`: `wal`,
+//! which also says when the redb file itself is synced), and only then reports each append as flushed (`LogFlushed::log_io_completed`) and answers each vote. The committed mark, which
 //! a crash may lose, rides along with the next such commit instead of costing an fsync of its own
 //! (`Op::Note`). Under load, while one commit
 //! is being flushed the next batch queues up, so the cost of an fsync is shared by every shard's entries.
@@ -15,20 +15,21 @@
 //! writer keeps that order, so the file always holds a prefix of that sequence.
 //!
 //! A full disk (see `disk`): a commit refused for want of space leaves redb's `Database` unusable, so
-//! the writer reopens the file (its state is the last durable commit: every commit here is durable)
-//! and retries the same batch, with back-off, until it succeeds. Nothing of the batch is reported
+//! the writer reopens the file (its state is the last checkpoint, and the write-ahead file's records are
+//! written to it again) and retries the same batch, with back-off, until it succeeds. Nothing of the batch is reported
 //! flushed before that, and openraft never sees an error for it (a `StorageError` would stop the
 //! shard's Raft for good); the node's [`DiskHealth`] says the log is full meanwhile. Readers of the
 //! file wait while it is being reopened. Any other I/O error stops the process (`disk`).
 //!
 //! This module owns the file's tables, the operations queued to the writer and [`LogDb`] (opening the
-//! file, values kept beside a shard's log); `writer`: the open file (reopened after a full disk), the
+//! file, values kept beside a shard's log); `wal`: the write-ahead file, its records and checkpoints;
+//! `writer`: the open file (reopened after a full disk), the
 //! writer thread and its group commit, the disk-reserve watch; `store`: a shard's log as openraft sees
 //! it ([`LogStore`], its in-memory mirror, reads from the file, openraft's storage traits).
 
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::LogFlushed;
 use redb::{ReadableDatabase, TableDefinition};
@@ -39,6 +40,7 @@ use shopkeep_faults::disk::DiskHealth;
 use writer::{LogFile, run_writer, watch_reserve};
 
 mod store;
+mod wal;
 mod writer;
 
 pub use store::LogStore;
@@ -47,6 +49,10 @@ pub use store::LogStore;
 const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
 /// (shard, name) → postcard value: `vote`, `last_purged`, `committed`, and `rebuild` (see `rebuild`).
 const RAFT_STATE: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("raft_state");
+
+/// name → value: `epoch`, the write-ahead file's current epoch (see `wal`).
+const WAL_STATE: TableDefinition<&str, u64> = TableDefinition::new("wal");
+const EPOCH_KEY: &str = "epoch";
 
 /// Most operations one commit takes: bounds a transaction.
 const MAX_OPS_PER_COMMIT: usize = 4096;
@@ -67,6 +73,8 @@ pub enum LogDbError {
     Thread(std::io::Error),
     #[error("raft log write failed: {0}")]
     Write(String),
+    #[error("raft log's write-ahead file: {0}")]
+    Wal(String),
 }
 
 fn redb_error(e: impl Into<redb::Error>) -> LogDbError {
@@ -141,15 +149,12 @@ impl LogDb {
         mirror_bytes: usize,
         health: Arc<DiskHealth>,
     ) -> Result<LogDb, LogDbError> {
-        let db = Arc::new(LogFile::open(path)?);
-        let txn = db.begin_write().map_err(redb_error)?;
-        txn.open_table(LOG).map_err(redb_error)?;
-        txn.open_table(RAFT_STATE).map_err(redb_error)?;
-        txn.commit().map_err(redb_error)?;
+        let (db, wal) = LogFile::open(path)?;
         let (ops, queue) = mpsc::channel(QUEUE_CAPACITY);
         let file = Arc::new(LogFile {
             path: path.to_path_buf(),
-            db: RwLock::new(Some(db)),
+            db: RwLock::new(Some(Arc::new(db))),
+            wal: Mutex::new(wal),
             health,
         });
         let watched = Arc::downgrade(&file);
