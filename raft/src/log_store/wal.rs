@@ -153,6 +153,24 @@ impl Wal {
             || (self.offset > 0 && self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY)
     }
 
+    /// Whether a record of `payload_len` bytes fits in the file, growing it if need be. `false` when
+    /// the disk has no room for the growth: that batch is then a checkpoint, and the redb file's commit
+    /// waits out the full disk as it always did. Any other failure stops the process.
+    pub(super) fn make_room(&mut self, payload_len: usize) -> bool {
+        let end = self.offset + (HEADER + payload_len) as u64;
+        if end <= self.allocated {
+            return true;
+        }
+        match self.grow(end) {
+            Ok(()) => true,
+            Err(e) if disk::is_full(&e) => {
+                tracing::warn!(path = %self.path.display(), "no room to grow the raft log's write-ahead file; checkpointing instead");
+                false
+            }
+            Err(e) => disk::fail_stop(&self.path, "growing", &e),
+        }
+    }
+
     /// After a checkpoint that stored `epoch` in the redb file: the records start over under it.
     pub(super) fn restart(&mut self, epoch: u64) {
         self.epoch = epoch;
@@ -363,6 +381,39 @@ mod tests {
             reopened.records(9).expect("read"),
             vec![vec![put(1, 1)], big]
         );
+    }
+
+    /// A full disk never stops the node over the write-ahead file: the batch that cannot grow it is
+    /// told to checkpoint instead (the redb file's commit then waits the disk out). On a small tmpfs,
+    /// which needs root (as CI runs); unmounted at the end.
+    #[test]
+    fn no_room_to_grow_asks_for_a_checkpoint_instead_of_stopping() {
+        let dir = std::env::temp_dir().join(format!("skwal-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(mounted.success(), "mounting a tmpfs needs root");
+        let result = std::panic::catch_unwind(|| {
+            let mut wal = Wal::open(&dir.join("raft-log.wal")).expect("open");
+            wal.restart(1);
+            // what is left of the 3 MiB after the file's first MiB, filled
+            let filler = dir.join("filler");
+            let mut file = File::create(&filler).expect("filler");
+            let chunk = vec![1u8; 64 * 1024];
+            while file.write_all(&chunk).is_ok() {}
+            assert!(wal.make_room(100), "fits in the first MiB");
+            assert!(!wal.make_room(1_500_000), "no room to double");
+            wal.append(&postcard::to_allocvec(&vec![put(1, 1)]).expect("encode"));
+            assert_eq!(wal.records(1).expect("read"), vec![vec![put(1, 1)]]);
+        });
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+        let _ = std::fs::remove_dir(&dir);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
     }
 
     /// The record's bytes are a format: pinned.

@@ -343,7 +343,8 @@ fn write_batch(
     checkpoint: bool,
 ) -> Result<(), LogDbError> {
     let payload = postcard::to_allocvec(ops).map_err(|e| LogDbError::Write(e.to_string()))?;
-    let checkpoint = checkpoint || wal.checkpoint_due(payload.len());
+    let checkpoint =
+        checkpoint || wal.checkpoint_due(payload.len()) || !wal.make_room(payload.len());
     let mut txn = db.begin_write().map_err(redb_error)?;
     let durability = if checkpoint {
         Durability::Immediate
