@@ -166,6 +166,8 @@ pub fn log_path(data_dir: &Path) -> PathBuf {
 
 /// The name of the node's Raft log file.
 pub const LOG_FILE: &str = "raft-log.redb";
+/// The name of its write-ahead file, set aside with it (its records belong to that file alone).
+pub const LOG_WAL_FILE: &str = "raft-log.wal";
 /// The directory of the shards' snapshots.
 pub const SNAPSHOT_DIR: &str = "snapshots";
 
@@ -200,7 +202,11 @@ pub fn verify_log(
             path,
         });
     }
-    let mut files = vec![path.clone(), data_dir.join(SNAPSHOT_DIR)];
+    let mut files = vec![
+        path.clone(),
+        data_dir.join(LOG_WAL_FILE),
+        data_dir.join(SNAPSHOT_DIR),
+    ];
     files.extend_from_slice(state_files);
     let moved = quarantine(data_dir, &files).map_err(|e| OpenError::Other {
         path: path.clone(),

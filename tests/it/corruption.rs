@@ -176,6 +176,7 @@ async fn a_member_sets_a_corrupt_raft_log_aside_with_its_shards_and_rebuilds_eve
     let aside = quarantined(&dir);
     assert!(
         aside.contains(&"raft-log.redb".to_string())
+            && aside.contains(&"raft-log.wal".to_string())
             && aside.contains(&"shard-000.redb".to_string()),
         "{aside:?}"
     );
