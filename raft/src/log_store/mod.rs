@@ -10,8 +10,9 @@
 //!
 //! openraft reads entries from an in-memory mirror of the tail of each shard's log, updated before an
 //! operation is queued, so a read always sees what openraft has written, even before it is durable. The
-//! mirror is bounded (`MIRROR_BYTES` per shard): older entries, once durable, are dropped from memory and
-//! read from the file. Operations of one shard are queued in the order openraft issues them and the
+//! mirror is bounded (`MIRROR_BYTES` per shard): older entries, once in the redb file, are dropped from
+//! memory and read from it (a batch of appends alone reaches the redb file only with a later batch, see
+//! `writer::Deferred`, so the mirror may hold up to twice its bound meanwhile). Operations of one shard are queued in the order openraft issues them and the
 //! writer keeps that order, so the file always holds a prefix of that sequence.
 //!
 //! A full disk (see `disk`): a commit refused for want of space leaves redb's `Database` unusable, so
@@ -60,6 +61,9 @@ const MAX_OPS_PER_COMMIT: usize = 4096;
 const QUEUE_CAPACITY: usize = 8192;
 /// redb's page cache for the log file (its default is 1 GiB).
 const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// Most bytes of batches the redb file may lag the write-ahead file by (see `writer::Deferred`); also
+/// never more than the mirror's bound, so a shard's mirror holds at most twice its bound.
+const MAX_DEFERRED_BYTES: usize = 1024 * 1024;
 /// Most bytes of entries a shard keeps in memory (beyond the newest entry), by default.
 pub const MIRROR_BYTES: usize = 4 * 1024 * 1024;
 
@@ -165,7 +169,7 @@ impl LogDb {
         let writer_file = file.clone();
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || run_writer(&writer_file, queue))
+            .spawn(move || run_writer(&writer_file, queue, mirror_bytes.min(MAX_DEFERRED_BYTES)))
             .map_err(LogDbError::Thread)?;
         Ok(LogDb {
             file,

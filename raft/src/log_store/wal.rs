@@ -4,8 +4,10 @@
 //! VM: 220–250 µs against 157 µs for one entry).
 //!
 //! How the two files work together (the writer, `writer.rs`):
-//! - each batch is written to the redb file in a commit that is not flushed (`Durability::None`: readers
-//!   see it at once), then appended here as one record and synced; only then is it acknowledged;
+//! - each batch is appended here as one record and synced; only then is it acknowledged. A batch of
+//!   appends and committed marks alone goes no further for now (openraft reads those entries from the
+//!   mirror); any other batch is written, after those, to the redb file in a commit that is not flushed
+//!   (`Durability::None`: readers see it at once) before its record is appended (`writer::Deferred`);
 //! - every `CHECKPOINT_EVERY`, or when the next record would pass `CHECKPOINT_BYTES`, a batch is
 //!   committed to the redb file durably instead (a checkpoint: everything before it is in the redb file
 //!   for good) together with a new epoch, and this file starts over from offset 0 under that epoch;
