@@ -570,22 +570,4 @@ mod tests {
             assert_eq!(vote, Some(vec![7]), "{open}");
         }
     }
-
-    /// Without the write-ahead file's records the same copy holds only what the checkpoint had: the
-    /// test above proves the recovery, not a redb file that kept the unsynced commits anyway.
-    #[test]
-    fn a_checkpoint_copy_alone_lacks_the_later_batches() {
-        let path = fresh("lacks");
-        let at_checkpoint = path.with_extension("at-checkpoint");
-        {
-            let (db, mut wal) = LogFile::open(&path).expect("open");
-            write(&db, &mut wal, &[append(1, 1..=5)], true);
-            std::fs::copy(&path, &at_checkpoint).expect("copy");
-            write(&db, &mut wal, &[append(1, 6..=9)], false);
-        }
-        std::fs::copy(&at_checkpoint, &path).expect("put back");
-        std::fs::remove_file(wal_path(&path)).expect("no write-ahead file");
-        let (db, _wal) = LogFile::open(&path).expect("open");
-        assert_eq!(indexes(&db, 1), (1..=5).collect::<Vec<_>>());
-    }
 }
