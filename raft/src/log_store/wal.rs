@@ -149,16 +149,22 @@ impl Wal {
 
     /// Whether the next batch should be a checkpoint: the file is half full, or the last checkpoint
     /// is older than `CHECKPOINT_EVERY` and records were written since.
-    pub(super) fn checkpoint_due(&self, payload_len: usize) -> bool {
+    fn checkpoint_due(&self, payload_len: usize) -> bool {
         let end = self.offset + (HEADER + payload_len) as u64;
         end > CHECKPOINT_BYTES
             || (self.offset > 0 && self.checkpointed_at.elapsed() >= CHECKPOINT_EVERY)
     }
 
+    /// Whether a record of `payload_len` bytes can be appended now: no checkpoint is due and the file
+    /// has (or was grown to) room for it.
+    pub(super) fn takes_without_checkpoint(&mut self, payload_len: usize) -> bool {
+        !self.checkpoint_due(payload_len) && self.make_room(payload_len)
+    }
+
     /// Whether a record of `payload_len` bytes fits in the file, growing it if need be. `false` when
     /// the disk has no room for the growth: that batch is then a checkpoint, and the redb file's commit
     /// waits out the full disk as it always did. Any other failure stops the process.
-    pub(super) fn make_room(&mut self, payload_len: usize) -> bool {
+    fn make_room(&mut self, payload_len: usize) -> bool {
         let end = self.offset + (HEADER + payload_len) as u64;
         if end <= self.allocated {
             return true;
@@ -284,11 +290,11 @@ fn create(path: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    fn fresh(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("skwal-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir.join("raft-log.wal")
+    /// A write-ahead file's path in a directory removed when the first value is dropped.
+    fn fresh() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("raft-log.wal");
+        (dir, path)
     }
 
     fn put(shard: u32, value: u8) -> WalOp {
@@ -301,7 +307,7 @@ mod tests {
 
     #[test]
     fn records_of_the_current_epoch_are_read_back_in_order_and_older_epochs_are_not() {
-        let path = fresh("epochs");
+        let (_dir, path) = fresh();
         let mut wal = Wal::open(&path).expect("open");
         assert_eq!(
             std::fs::metadata(&path).expect("meta").len(),
@@ -326,7 +332,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_record_ends_the_records_before_it() {
-        let path = fresh("torn");
+        let (_dir, path) = fresh();
         let mut wal = Wal::open(&path).expect("open");
         wal.restart(5);
         wal.append(&postcard::to_allocvec(&vec![put(1, 1)]).expect("encode"));
@@ -345,7 +351,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_is_due_when_half_full_or_after_its_interval_with_records_written() {
-        let path = fresh("due");
+        let (_dir, path) = fresh();
         let mut wal = Wal::open(&path).expect("open");
         wal.restart(3);
         assert!(!wal.checkpoint_due(100), "empty and young");
@@ -363,7 +369,7 @@ mod tests {
 
     #[test]
     fn the_file_doubles_before_a_record_would_pass_its_end_and_keeps_the_records_before() {
-        let path = fresh("grow");
+        let (_dir, path) = fresh();
         let mut wal = Wal::open(&path).expect("open");
         wal.restart(9);
         let small = postcard::to_allocvec(&vec![put(1, 1)]).expect("encode");
@@ -440,7 +446,7 @@ mod tests {
             hex::encode(&payload),
             "05000101020203040105060207080109030a04766f7465010b040c"
         );
-        let path = fresh("golden");
+        let (_dir, path) = fresh();
         let mut wal = Wal::open(&path).expect("open");
         wal.restart(0x0102_0304_0506_0708);
         wal.append(&payload);

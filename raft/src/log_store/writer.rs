@@ -360,7 +360,7 @@ fn commit_batch(
     let payload = postcard::to_allocvec(&ops).map_err(|e| LogDbError::Write(e.to_string()))?;
     {
         let mut wal = file.wal.lock().unwrap_or_else(|p| p.into_inner());
-        if deferrable && !wal.checkpoint_due(payload.len()) && wal.make_room(payload.len()) {
+        if deferrable && wal.takes_without_checkpoint(payload.len()) {
             wal.append(&payload);
             deferred.ops.extend(ops);
             deferred.bytes += payload.len();
@@ -376,8 +376,8 @@ fn checkpoint_now(
     deferred: &mut Deferred,
     notes: Vec<WalOp>,
 ) -> Result<(), LogDbError> {
-    let payload = postcard::to_allocvec(&notes).map_err(|e| LogDbError::Write(e.to_string()))?;
-    write_through(file, deferred, &notes, &payload, true)
+    // a checkpoint appends no record: no payload
+    write_through(file, deferred, &notes, &[], true)
 }
 
 /// `commit_batch`'s write to the redb file, retried over a full disk.
@@ -426,8 +426,7 @@ fn write_batch(
     payload: &[u8],
     checkpoint: bool,
 ) -> Result<(), LogDbError> {
-    let checkpoint =
-        checkpoint || wal.checkpoint_due(payload.len()) || !wal.make_room(payload.len());
+    let checkpoint = checkpoint || !wal.takes_without_checkpoint(payload.len());
     let mut txn = db.begin_write().map_err(redb_error)?;
     let durability = if checkpoint {
         Durability::Immediate
@@ -503,11 +502,11 @@ mod tests {
     use super::*;
     use redb::ReadableDatabase;
 
-    fn fresh(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("skwriter-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir.join("raft-log.redb")
+    /// A log file's path in a directory removed when the first value is dropped.
+    fn fresh() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("raft-log.redb");
+        (dir, path)
     }
 
     fn append(shard: u32, indexes: std::ops::RangeInclusive<u64>) -> WalOp {
@@ -538,7 +537,7 @@ mod tests {
     /// back from the write-ahead file, truncation and all, and stay after the next open.
     #[test]
     fn batches_acknowledged_after_the_last_checkpoint_are_recovered_from_the_write_ahead_file() {
-        let path = fresh("recover");
+        let (_dir, path) = fresh();
         let at_checkpoint = path.with_extension("at-checkpoint");
         {
             let (db, mut wal) = LogFile::open(&path).expect("open");
