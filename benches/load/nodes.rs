@@ -91,6 +91,10 @@ impl Nodes {
                 )
             };
             let mut launch = Launch::new(&data_dir, listen, &stdout_path, &stderr_path);
+            // `SHOPKEEP_BENCH_SHARDS` (see the settings in `main.rs`); the server's default without it.
+            if let Ok(shards) = std::env::var("SHOPKEEP_BENCH_SHARDS") {
+                launch = launch.args(["--shards", shards.as_str()]);
+            }
             if let Some(peers) = &peers {
                 launch = launch
                     .args(["--node-id", &id.to_string()])

@@ -12,8 +12,21 @@ pub const BATCH_COMMANDS: &str = "shopkeep_raft_batch_commands";
 /// From proposing a batch (forwarding to the leader included) to its replies.
 pub const BATCH_SECONDS: &str = "shopkeep_raft_batch_seconds";
 
+/// On the caller: one call to another node, from sending it to its decoded answer (labels `call`, the
+/// [`crate::rpc::NodeRequest::kind`], and `peer`, the node's id).
+pub const NODE_CALL_SECONDS: &str = "shopkeep_node_call_seconds";
+/// On the callee: answering one call from another node, after its authentication (label `call`).
+/// What a call takes beyond this is the transport: both HTTP stacks, the network, the task hops.
+pub const NODE_SERVE_SECONDS: &str = "shopkeep_node_serve_seconds";
+
 /// Histograms of durations, in seconds.
-pub const DURATIONS: [&str; 3] = [LOG_COMMIT_SECONDS, PROPOSAL_SECONDS, BATCH_SECONDS];
+pub const DURATIONS: [&str; 5] = [
+    LOG_COMMIT_SECONDS,
+    PROPOSAL_SECONDS,
+    BATCH_SECONDS,
+    NODE_CALL_SECONDS,
+    NODE_SERVE_SECONDS,
+];
 /// Histograms of counts (operations, commands).
 pub const SIZES: [&str; 2] = [LOG_OPS_PER_COMMIT, BATCH_COMMANDS];
 
@@ -47,4 +60,13 @@ pub fn describe() {
         // Registered, it is served (empty) from now on.
         let _registered = metrics::histogram!(name);
     }
+    // Labelled: served once a call was made.
+    metrics::describe_histogram!(
+        NODE_CALL_SECONDS,
+        "On the caller: time of one call to another node, from sending it to its decoded answer, by kind of call and peer"
+    );
+    metrics::describe_histogram!(
+        NODE_SERVE_SECONDS,
+        "On the callee: time answering one call from another node, by kind of call (the rest of the call's time is transport)"
+    );
 }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -119,6 +119,7 @@ impl Transport {
             reason: e.to_string(),
         };
         let authorization = self.auth.sign("POST", CALL_PATH, &body);
+        let started = Instant::now();
         let sent = unix_micros();
         let response = self
             .client
@@ -155,10 +156,12 @@ impl Transport {
                 addr: addr.to_owned(),
                 reason,
             })?;
-        crate::decode(&bytes).map_err(|e| TransportError::Decode {
+        let answer = crate::decode(&bytes).map_err(|e| TransportError::Decode {
             addr: addr.to_owned(),
             reason: e.to_string(),
-        })
+        })?;
+        self.record_call(addr, request.kind(), started);
+        Ok(answer)
     }
 }
 
@@ -171,6 +174,15 @@ impl Transport {
             .iter()
             .find(|(_, address)| address.as_str() == addr)
             .map(|(id, _)| *id)
+    }
+
+    /// Records an answered call's time under its kind and the callee's id.
+    fn record_call(&self, addr: &str, kind: &'static str, started: Instant) {
+        let peer = self
+            .node_at(addr)
+            .map_or_else(|| "unknown".to_owned(), |id| id.to_string());
+        metrics::histogram!(crate::metrics::NODE_CALL_SECONDS, "call" => kind, "peer" => peer)
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Whether node `node`'s last call succeeded (or none failed yet).

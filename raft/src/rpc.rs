@@ -70,6 +70,25 @@ pub enum NodeRequest {
 }
 
 impl NodeRequest {
+    /// The kind of call, as the node-call metrics label it. An append without entries (a heartbeat,
+    /// or a leader telling a follower how far the log is committed) is a `heartbeat`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeRequest::Append { rpc, .. } if rpc.entries.is_empty() => "heartbeat",
+            NodeRequest::Append { .. } => "append",
+            NodeRequest::Vote { .. } => "vote",
+            NodeRequest::InstallSnapshot { .. } => "snapshot",
+            NodeRequest::Write { .. } => "write",
+            NodeRequest::ReadIndex { .. } => "read_index",
+            NodeRequest::ChangeMembership { .. } => "membership",
+            NodeRequest::Initialize { .. } => "initialize",
+            NodeRequest::Probe => "probe",
+            NodeRequest::Forming => "forming",
+            NodeRequest::Floor { .. } => "floor",
+            NodeRequest::TakeLeadership { .. } => "take_leadership",
+        }
+    }
+
     /// (shard, term) of a message only a leader sends: an append or a snapshot.
     pub fn from_leader_of_term(&self) -> Option<(u32, u64)> {
         match self {

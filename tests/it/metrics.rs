@@ -354,7 +354,22 @@ async fn a_cluster_serves_leadership_lag_and_peer_gauges_and_every_series_of_the
                             .is_some(),
                         "node {id} leads shard {shard}: no lag of node {follower}"
                     );
+                    // A leader's heartbeats are node calls, timed per peer.
+                    let heartbeats = [("call", "heartbeat"), ("peer", follower_label.as_str())];
+                    assert!(
+                        scrape.value("shopkeep_node_call_seconds_count", &heartbeats) >= Some(1.0),
+                        "node {id} leads shard {shard}: no timed heartbeat to node {follower}"
+                    );
                 }
+            } else {
+                // ... and answering them is timed on the follower.
+                assert!(
+                    scrape.value(
+                        "shopkeep_node_serve_seconds_count",
+                        &[("call", "heartbeat")]
+                    ) >= Some(1.0),
+                    "node {id} follows shard {shard}: no timed heartbeat answered"
+                );
             }
         }
         for (family, kind) in scrape.types {

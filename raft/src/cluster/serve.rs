@@ -2,6 +2,7 @@
 //! leadership, readiness (live leaders) and status.
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use openraft::ServerState;
 use openraft::error::RaftError;
@@ -11,8 +12,17 @@ use super::{Cluster, ClusterStatus, NodeId, ShardStatus};
 use crate::rpc::{NodeRequest, NodeResponse, Probe, Refusal};
 
 impl Cluster {
-    /// Answers a call from another node (the HTTP layer has authenticated it).
+    /// Answers a call from another node (the HTTP layer has authenticated it), timed by its kind.
     pub async fn serve_call(&self, request: NodeRequest) -> NodeResponse {
+        let kind = request.kind();
+        let started = Instant::now();
+        let response = self.answer_call(request).await;
+        metrics::histogram!(crate::metrics::NODE_SERVE_SECONDS, "call" => kind)
+            .record(started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn answer_call(&self, request: NodeRequest) -> NodeResponse {
         if let Some((shard, term)) = request.from_leader_of_term() {
             if !self.marks.get(shard).admits_leader(term) {
                 return NodeResponse::Rebuilding { shard };
