@@ -201,6 +201,22 @@ async fn user_token_cannot_do_service_or_admin_things() {
 }
 
 #[tokio::test]
+async fn the_service_may_ask_which_shard_and_leader_serve_a_player_and_a_player_may_not() {
+    let srv = Server::start().await;
+    let (alice, _) = setup(&srv).await;
+    let route = srv
+        .get("/v1/cluster/route/alice", Auth::Service)
+        .await
+        .expect(200);
+    assert_eq!(route["user_id"], "alice");
+    assert!(route["shard"].is_u64(), "{route}");
+    assert_eq!(route["leader"], 1, "{route}");
+    srv.get("/v1/cluster/route/alice", Auth::user(&alice))
+        .await
+        .expect_error(403, "forbidden");
+}
+
+#[tokio::test]
 async fn service_token_is_not_admin() {
     let srv = Server::start().await;
     setup(&srv).await;
