@@ -116,6 +116,9 @@
 //!   8.5 GiB), half as much again for its snapshot files (13.7 GB in all at 10M), and for the 3-node
 //!   part three copies and the snapshots: at 10M orders that is beyond 25 GB, so give the 3-node part a
 //!   smaller size there. Its time: the loader wrote 10M orders in 21 minutes on the busy 2-core VM.
+//! - `SHOPKEEP_BENCH_ROUTE` — where a cluster's closed-loop purchases go: `spread` (default, round-robin
+//!   over the nodes as behind a load balancer) or `leader` (to the node leading the user's shard at the
+//!   level's start, as a client that asks `GET /v1/cluster/route/{user_id}` would; a note says so).
 //! - `SHOPKEEP_BENCH_SHARDS` — `--shards` of every node of the shopkeep systems (`1`, `3`…) (default: the server's
 //!   own default, 8).
 //! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).

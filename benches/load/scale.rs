@@ -453,6 +453,7 @@ async fn measure(
         bases: vec![node.base.clone()],
         warm_up: settings.warm_up,
         duration: settings.duration,
+        route_to_leader: false,
     };
     node.reset_peak();
     let (closed, mut created) = phases

@@ -55,6 +55,8 @@ pub(crate) struct Settings {
     pub(crate) scale: Option<(u32, u64)>,
     /// The size of the scale run's 3-node part (snapshots to new members): `None` skips it.
     pub(crate) scale_cluster: Option<(u32, u64)>,
+    /// Closed-loop purchases go to the node leading each user's shard instead of round-robin.
+    pub(crate) route_to_leader: bool,
 }
 
 impl Settings {
@@ -74,6 +76,7 @@ impl Settings {
                 "SHOPKEEP_BENCH_SCALE_CLUSTER",
                 scale.map(|(users, orders)| (users.min(300_000), orders.min(3_000_000))),
             ),
+            route_to_leader: route_setting(),
         }
     }
 
@@ -126,6 +129,17 @@ impl OpenLoop {
             OpenLoop::Best => "half peak over as many connections as the best level".into(),
             OpenLoop::Fixed(n) => format!("half peak over {n} connections"),
         }
+    }
+}
+
+/// `SHOPKEEP_BENCH_ROUTE`: `spread` (default: connections round-robin over the nodes, as behind a load
+/// balancer) or `leader` (each purchase sent to the node leading its user's shard, as a client that asks
+/// `GET /v1/cluster/route/{user_id}` would).
+fn route_setting() -> bool {
+    match env_text("SHOPKEEP_BENCH_ROUTE").as_deref().map(str::trim) {
+        None | Some("spread") => false,
+        Some("leader") => true,
+        Some(other) => panic!("SHOPKEEP_BENCH_ROUTE: {other:?} is neither `spread` nor `leader`"),
     }
 }
 

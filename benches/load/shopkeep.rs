@@ -58,7 +58,15 @@ pub(crate) async fn drive_shopkeep(
         bases: bases.clone(),
         warm_up: settings.warm_up,
         duration: settings.duration,
+        route_to_leader: settings.route_to_leader && clustered,
     };
+    if load.route_to_leader {
+        report.notes.push(
+            "closed-loop purchases routed to each user's shard leader (SHOPKEEP_BENCH_ROUTE=leader), \
+             not spread over the nodes"
+                .to_string(),
+        );
+    }
 
     for &concurrency in &settings.levels {
         let peak_since_start = !nodes.reset_peak_rss();
@@ -175,6 +183,8 @@ pub(crate) struct Load {
     pub(crate) bases: Vec<String>,
     pub(crate) warm_up: Duration,
     pub(crate) duration: Duration,
+    /// Closed-loop purchases go to the node leading the user's shard (as it led at the level's start).
+    pub(crate) route_to_leader: bool,
 }
 
 /// What one worker of a closed-loop level saw.
@@ -207,13 +217,13 @@ impl Load {
             let client = self.client.clone();
             let urls = urls.clone();
             let leader_of_user = leader_of_user.clone();
+            let route_to_leader = self.route_to_leader;
             let ops = ops.clone();
             tasks.push(tokio::spawn(async move {
                 let mut stats = WorkerStats::default();
-                // Round-robin over the nodes, as a load balancer would spread the connections.
+                // Round-robin over the nodes, as a load balancer would spread the connections (or,
+                // routed, the node leading the user's shard at the level's start).
                 let node = worker % urls.len();
-                let node_id = node as u64 + 1;
-                let urls = &urls[node];
                 // Worker-affine users: worker w buys for w, w + c, w + 2c, … (mod USERS).
                 let mut user = worker % USERS;
                 loop {
@@ -221,7 +231,14 @@ impl Load {
                     if started >= stop_at {
                         break;
                     }
-                    let outcome = purchase(&client, &urls[user]).await.map(|_| ());
+                    let target = match (&leader_of_user, route_to_leader) {
+                        (Some(leaders), true) => leaders[user]
+                            .and_then(|id| usize::try_from(id.checked_sub(1)?).ok())
+                            .filter(|&i| i < urls.len())
+                            .unwrap_or(node),
+                        _ => node,
+                    };
+                    let outcome = purchase(&client, &urls[target][user]).await.map(|_| ());
                     let latency = started.elapsed();
                     ops.fetch_add(1, Ordering::Relaxed);
                     if outcome.is_ok() {
@@ -229,7 +246,7 @@ impl Load {
                     }
                     if started >= measure_from {
                         if let Some(leaders) = &leader_of_user {
-                            if leaders[user] != Some(node_id) {
+                            if leaders[user] != Some(target as u64 + 1) {
                                 stats.forwarded += 1;
                             }
                         }
