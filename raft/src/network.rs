@@ -130,19 +130,20 @@ impl Transport {
             .body(body)
             .send()
             .await;
+        // Looked up once: the health, the clock and the call's metric are all the callee's.
+        let node = self.node_at(addr);
         let response = match response {
             Ok(response) => {
-                self.health.answered(addr, self.node_at(addr));
+                self.health.answered(addr, node);
                 response
             }
             Err(error) => {
                 let error = unreachable(error);
-                self.health
-                    .failed(addr, self.node_at(addr), &error.to_string());
+                self.health.failed(addr, node, &error.to_string());
                 return Err(error);
             }
         };
-        self.observe_clock(addr, sent, &response);
+        self.observe_clock(node, sent, &response);
         let status = response.status();
         if !status.is_success() {
             return Err(TransportError::Status {
@@ -160,7 +161,7 @@ impl Transport {
             addr: addr.to_owned(),
             reason: e.to_string(),
         })?;
-        self.record_call(addr, request.kind(), started);
+        record_call(node, request.kind(), started);
         Ok(answer)
     }
 }
@@ -176,23 +177,17 @@ impl Transport {
             .map(|(id, _)| *id)
     }
 
-    /// Records an answered call's time under its kind and the callee's id.
-    fn record_call(&self, addr: &str, kind: &'static str, started: Instant) {
-        let peer = self
-            .node_at(addr)
-            .map_or_else(|| "unknown".to_owned(), |id| id.to_string());
-        metrics::histogram!(crate::metrics::NODE_CALL_SECONDS, "call" => kind, "peer" => peer)
-            .record(started.elapsed().as_secs_f64());
-    }
-
     /// Whether node `node`'s last call succeeded (or none failed yet).
     pub fn answers(&self, node: u64) -> bool {
         let addr = self.address_of(node, "");
         addr.is_empty() || !self.health.is_failing(&addr)
     }
 
-    /// Records the peer's clock from the time it stamped on its answer, if it is a known member.
-    fn observe_clock(&self, addr: &str, sent: i64, response: &reqwest::Response) {
+    /// Records the peer's clock from the time it stamped on its answer, if it is a known member (`node`).
+    fn observe_clock(&self, node: Option<u64>, sent: i64, response: &reqwest::Response) {
+        let Some(peer) = node else {
+            return;
+        };
         let Some(peer_time) = response
             .headers()
             .get(TIME_HEADER)
@@ -201,11 +196,16 @@ impl Transport {
         else {
             return;
         };
-        if let Some(peer) = self.node_at(addr) {
-            self.clock
-                .observe_answer(peer, sent, unix_micros(), peer_time);
-        }
+        self.clock
+            .observe_answer(peer, sent, unix_micros(), peer_time);
     }
+}
+
+/// Records an answered call's time under its kind and the callee's id.
+fn record_call(node: Option<u64>, kind: &'static str, started: Instant) {
+    let peer = node.map_or_else(|| "unknown".to_owned(), |id| id.to_string());
+    metrics::histogram!(crate::metrics::NODE_CALL_SECONDS, "call" => kind, "peer" => peer)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Reads an answer's body, refusing it as soon as it is longer than `limit` (never buffering more).
