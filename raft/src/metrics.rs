@@ -19,14 +19,6 @@ pub const NODE_CALL_SECONDS: &str = "shopkeep_node_call_seconds";
 /// What a call takes beyond this is the transport: both HTTP stacks, the network, the task hops.
 pub const NODE_SERVE_SECONDS: &str = "shopkeep_node_serve_seconds";
 
-/// Histograms of durations, in seconds.
-pub const DURATIONS: [&str; 5] = [
-    LOG_COMMIT_SECONDS,
-    PROPOSAL_SECONDS,
-    BATCH_SECONDS,
-    NODE_CALL_SECONDS,
-    NODE_SERVE_SECONDS,
-];
 /// Histograms of counts (operations, commands).
 pub const SIZES: [&str; 2] = [LOG_OPS_PER_COMMIT, BATCH_COMMANDS];
 
