@@ -238,7 +238,7 @@ fn main() {
             System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
             System::Shopkeep(count) => {
                 let spawned = Instant::now();
-                let nodes = Nodes::start(count);
+                let nodes = Nodes::start(count, settings.shards);
                 for node in &nodes.nodes {
                     eprintln!(
                         "{}: node {} listening on {} (pid {})",

@@ -37,7 +37,8 @@ pub(crate) struct Nodes {
 }
 
 impl Nodes {
-    pub(crate) fn start(count: u64) -> Nodes {
+    /// `count` nodes, each with `--shards shards` when given (else the server's default).
+    pub(crate) fn start(count: u64, shards: Option<u32>) -> Nodes {
         let clustered = count > 1;
         let dir = tempfile::Builder::new()
             .prefix(if clustered {
@@ -91,9 +92,8 @@ impl Nodes {
                 )
             };
             let mut launch = Launch::new(&data_dir, listen, &stdout_path, &stderr_path);
-            // `SHOPKEEP_BENCH_SHARDS` (see the settings in `main.rs`); the server's default without it.
-            if let Ok(shards) = std::env::var("SHOPKEEP_BENCH_SHARDS") {
-                launch = launch.args(["--shards", shards.as_str()]);
+            if let Some(shards) = shards {
+                launch = launch.args(["--shards", &shards.to_string()]);
             }
             if let Some(peers) = &peers {
                 launch = launch

@@ -57,6 +57,8 @@ pub(crate) struct Settings {
     pub(crate) scale_cluster: Option<(u32, u64)>,
     /// Closed-loop purchases go to the node leading each user's shard instead of round-robin.
     pub(crate) route_to_leader: bool,
+    /// `--shards` of every shopkeep node (`None`: the server's default).
+    pub(crate) shards: Option<u32>,
 }
 
 impl Settings {
@@ -77,6 +79,7 @@ impl Settings {
                 scale.map(|(users, orders)| (users.min(300_000), orders.min(3_000_000))),
             ),
             route_to_leader: route_setting(),
+            shards: shards_setting(),
         }
     }
 
@@ -140,6 +143,15 @@ fn route_setting() -> bool {
         None | Some("spread") => false,
         Some("leader") => true,
         Some(other) => panic!("SHOPKEEP_BENCH_ROUTE: {other:?} is neither `spread` nor `leader`"),
+    }
+}
+
+/// `SHOPKEEP_BENCH_SHARDS`: the shopkeep nodes' `--shards` (1–256); unset, the server's default.
+fn shards_setting() -> Option<u32> {
+    let text = env_text("SHOPKEEP_BENCH_SHARDS")?;
+    match text.trim().parse() {
+        Ok(shards) if (1..=256).contains(&shards) => Some(shards),
+        _ => panic!("SHOPKEEP_BENCH_SHARDS: {text:?} is not a number of shards from 1 to 256"),
     }
 }
 
