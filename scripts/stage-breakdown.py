@@ -100,16 +100,7 @@ def main():
         for port in ports:
             conn = wait_ready(port)
 
-        conn = wait_ready(ports[0])
-
-        def call(method, path, token, body=None, key=None):
-            headers = {'Authorization': 'Bearer ' + token, 'Content-Type': 'application/json'}
-            if key:
-                headers['Idempotency-Key'] = key
-            conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                         headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
+        call = connect_caller(ports[0])
 
         status = call('PUT', '/v1/items/gems', admin, {'name': 'Gems', 'kind': 'currency', 'price': '0.01'})
         assert status[0] in (200, 201), status
@@ -135,6 +126,7 @@ def main():
 
 
 def connect_caller(port):
+    """call(method, path, token, body=None, key=None) -> (status, body), over one keep-alive connection."""
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
 
     def call(method, path, token, body=None, key=None):
