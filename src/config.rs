@@ -45,9 +45,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Number of shards users are spread over. Fixed when the data directory is created.
-    #[arg(long, env = "SHOPKEEP_SHARDS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub shards: u32,
+    /// Number of shards users are spread over, fixed when the data directory is created [default: 8 for a
+    /// new directory; an existing one keeps its own, and naming another number is refused].
+    #[arg(long, env = "SHOPKEEP_SHARDS", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub shards: Option<u32>,
 
     /// This node's id in a cluster. Never reuse the id of a node that was removed.
     #[arg(long, env = "SHOPKEEP_NODE_ID", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -304,7 +305,9 @@ impl Secrets {
 pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
-    pub shards: u32,
+    /// As named (`--shards`); `None`: the data directory's own, or `datadir::DEFAULT_SHARDS` for a new one
+    /// (`datadir::settings_for`).
+    pub shards: Option<u32>,
     pub currency: Currency,
     pub order_ttl: Duration,
     pub topup_ttl: Duration,

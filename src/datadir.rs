@@ -61,17 +61,44 @@ pub fn restrict_new_files() {
     }
 }
 
+/// Shards of a new data directory when `--shards` is not given.
+pub const DEFAULT_SHARDS: u32 = 8;
+
+/// The settings `dir` is to be opened with: the shards named (`--shards`), else those the directory was
+/// created with, else `DEFAULT_SHARDS` for a new one; and `currency`. [`prepare`] then checks them against
+/// the directory (a named number of shards other than its own is refused there).
+pub fn settings_for(
+    dir: &Path,
+    shards: Option<u32>,
+    currency: &Currency,
+) -> Result<FixedSettings, DataDirError> {
+    let shards = match shards {
+        Some(named) => named,
+        None => stored_settings(dir)?.map_or(DEFAULT_SHARDS, |found| found.shards),
+    };
+    Ok(FixedSettings::new(shards, currency))
+}
+
+/// The settings `dir` was created with, if it was.
+fn stored_settings(dir: &Path) -> Result<Option<FixedSettings>, DataDirError> {
+    let path = dir.join("shopkeep.json");
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| DataDirError::Mismatch(format!("{} is unreadable: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
 /// Creates the directory if needed (0700), tightens the modes of what it holds, and records or checks
 /// the settings fixed at creation.
 pub fn prepare(dir: &Path, wanted: &FixedSettings) -> Result<(), DataDirError> {
     create_private_dir(dir)?;
     restrict_tree(dir)?;
     let path = dir.join("shopkeep.json");
-    match fs::read(&path) {
-        Ok(bytes) => {
-            let found: FixedSettings = serde_json::from_slice(&bytes).map_err(|e| {
-                DataDirError::Mismatch(format!("{} is unreadable: {e}", path.display()))
-            })?;
+    match stored_settings(dir)? {
+        Some(found) => {
             if found != *wanted {
                 return Err(DataDirError::Mismatch(format!(
                     "{} was created with {} shards in {} ({} decimals); it cannot be opened with {} shards in {} ({} decimals)",
@@ -86,12 +113,11 @@ pub fn prepare(dir: &Path, wanted: &FixedSettings) -> Result<(), DataDirError> {
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        None => {
             let bytes = serde_json::to_vec_pretty(wanted)
                 .map_err(|e| DataDirError::Mismatch(e.to_string()))?;
             write_atomically(&path, &bytes, FILE_MODE)
         }
-        Err(e) => Err(io(&path)(e)),
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::config::{Config, Secrets};
-use crate::datadir::{self, FixedSettings};
+use crate::datadir;
 use crate::engine::webhooks::{self, worker::DeliveryConfig};
 use crate::engine::{Node, sweeper};
 use crate::http::{self, auth::Authenticator, auth::TokenSigner};
@@ -41,10 +41,8 @@ pub enum StartError {
 pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     secrets.check_strength().map_err(StartError::Secret)?;
     datadir::restrict_new_files();
-    datadir::prepare(
-        &config.data_dir,
-        &FixedSettings::new(config.shards, &config.currency),
-    )?;
+    let settings = datadir::settings_for(&config.data_dir, config.shards, &config.currency)?;
+    datadir::prepare(&config.data_dir, &settings)?;
 
     let clustered = config.peers.is_some();
     let cluster_secret = match (&secrets.cluster_secret, clustered) {
@@ -100,8 +98,9 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         secrets.service_token.as_deref(),
         TokenSigner::new(&token_key),
     );
-    let metrics =
-        Arc::new(Metrics::install(config.shards).map_err(|e| StartError::Metrics(e.to_string()))?);
+    let metrics = Arc::new(
+        Metrics::install(settings.shards).map_err(|e| StartError::Metrics(e.to_string()))?,
+    );
 
     // Bind before the replicas start: peers that call while this node opens its shards wait in the
     // listen queue instead of being refused.
@@ -131,7 +130,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let cluster_config = shopkeep_raft::ClusterConfig {
         node_id: config.node_id,
         peers,
-        shards: config.shards,
+        shards: settings.shards,
         data_dir: config.data_dir.clone(),
         auth: node_auth.clone(),
         heartbeat: config.raft_heartbeat,

@@ -1,7 +1,10 @@
-//! A node started with an unusable cluster configuration refuses to start, says why, and serves nothing.
+//! Starting a node: an unusable cluster configuration is refused, said why, and nothing is served; the
+//! settings fixed in a data directory (its shards) are kept across restarts.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::harness::{Auth, Opts, Server};
 
 /// Runs `shopkeep serve` with `args` and `env`; expects it to exit non-zero within 10 s. Returns stderr.
 fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
@@ -128,4 +131,45 @@ fn a_short_or_placeholder_secret_is_refused_at_startup_whichever_it_is() {
             "{name}: {stderr}"
         );
     }
+}
+
+/// The shards a node serves, as its backup plan states them.
+async fn served_shards(srv: &Server) -> u64 {
+    let plan = srv.get("/v1/admin/backup", Auth::Admin).await.expect(200);
+    plan["shards"].as_u64().expect("the plan's shards")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_keeps_its_shards_when_restarted_without_naming_them() {
+    let mut srv = Server::start_with(Opts::new().shards(3)).await;
+    let users: Vec<String> = (0..12).map(|i| format!("kept-{i}")).collect();
+    for user in &users {
+        srv.create_user(user).await;
+    }
+    srv.opts_mut().shards = None;
+    srv.restart().await;
+    assert_eq!(served_shards(&srv).await, 3);
+    // Every user is found on the shard it was created on: the hash still spreads over three.
+    for user in &users {
+        srv.get(&format!("/v1/users/{user}"), Auth::Service)
+            .await
+            .expect(200);
+    }
+    srv.audit_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_refuses_another_number_of_shards_and_says_which_it_has() {
+    let mut srv = Server::start_with(Opts::new().shards(3)).await;
+    srv.sigterm_and_wait().await;
+    srv.opts_mut().shards = Some(4);
+    let refused = srv
+        .try_start()
+        .await
+        .expect_err("started with 4 shards on a 3-shard directory");
+    assert!(
+        refused.contains("created with 3 shards")
+            && refused.contains("cannot be opened with 4 shards"),
+        "the refusal does not say why: {refused}"
+    );
 }

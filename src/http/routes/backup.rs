@@ -36,7 +36,7 @@ pub const MARKER: &str = "shopkeep-marker";
     security(("bearer" = [])))]
 pub async fn plan(State(app): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let settings = FixedSettings::new(app.config.shards, &app.config.currency);
+    let settings = FixedSettings::new(app.node.shard_count(), &app.config.currency);
     Ok(render::ok(&BackupPlan {
         node_id: app.config.node_id,
         shards: settings.shards,
