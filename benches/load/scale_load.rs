@@ -51,7 +51,7 @@ use crate::CREDIT_MINOR;
 use crate::seed::user_id;
 
 /// Shards of the loaded node (the server's default `--shards`).
-pub(crate) const SHARDS: u32 = 8;
+pub(crate) const SHARDS: u32 = shopkeep::datadir::DEFAULT_SHARDS;
 /// Envelopes per redb transaction.
 const BATCH: usize = 2_000;
 /// How far back the loaded history goes.

@@ -84,7 +84,8 @@ async fn seed_shop(api: &Api, users: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_acknowledged_before_it()
 {
-    let mut server = Server::start().await;
+    // Eight shards: the progress and the restore are checked over many.
+    let mut server = Server::start_with(Opts::new().shards(8)).await;
     let users = seed_shop(&server.api(), 12).await;
     // A restart elects every shard's leader again: the backup ends in term 2, and the restored node
     // must stand in a later term than that.

@@ -137,6 +137,7 @@ async fn crash_points_refuse_unknown_names_and_a_wrong_secret() {
 async fn a_webhook_put_cut_off_after_its_home_shard_is_completed_after_the_restart() {
     let mut srv = Server::start_with(
         Opts::new()
+            .shards(8)
             .sweep_interval("200ms")
             .env("SHOPKEEP_CLUSTER_SECRET", SECRET),
     )

@@ -140,6 +140,14 @@ async fn served_shards(srv: &Server) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_data_directory_gets_two_shards_unless_told_otherwise() {
+    let srv = Server::start_with(Opts::new()).await;
+    assert_eq!(served_shards(&srv).await, 2);
+    let named = Server::start_with(Opts::new().shards(5)).await;
+    assert_eq!(served_shards(&named).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_keeps_its_shards_when_restarted_without_naming_them() {
     let mut srv = Server::start_with(Opts::new().shards(3)).await;
     let users: Vec<String> = (0..12).map(|i| format!("kept-{i}")).collect();
