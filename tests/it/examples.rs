@@ -1,6 +1,6 @@
 //! The README's example consumers (`examples/*.py`) run as they are against a real server: the feed
-//! consumer keeps its cursor across a restart of itself, and the webhook receiver accepts what the shop
-//! signs.
+//! consumer keeps its cursor across a restart of itself, the webhook receiver accepts what the shop
+//! signs, and the routed buyer sends each purchase to its shard's leader on a 3-node cluster.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::cluster_harness::free_port;
+use crate::cluster_harness::{ClusterOpts, TestCluster, free_port};
 use crate::harness::*;
 use crate::webhooks::put_webhook;
 
@@ -142,4 +142,73 @@ async fn the_webhook_receiver_example_accepts_what_the_shop_signs() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(wrong.lines.try_recv().is_err(), "nothing accepted");
+}
+
+/// Writes a node answered for another node (forwarded to it as their shard's leader), per its metrics.
+async fn forwarded_writes_answered(api: &Api) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", api.base))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix("shopkeep_node_serve_seconds_count{call=\"write\"} "))
+        .map_or(0.0, |value| value.parse().expect("a count"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routed_buyer_example_sends_each_purchase_to_its_shards_leader_and_none_is_forwarded() {
+    let cluster = TestCluster::start_with(ClusterOpts::new().nodes(3)).await;
+    let ids = cluster.ids();
+    let api = cluster.api(1);
+    api.create_item("gems", "currency", "0.10").await;
+    let players: Vec<String> = (0..12).map(|i| format!("routed-{i}")).collect();
+    for player in &players {
+        api.funded_user(player, "10.00").await;
+    }
+    let mut before = 0.0;
+    for &id in &ids {
+        before += forwarded_writes_answered(&cluster.api(id)).await;
+    }
+    let nodes = ids
+        .iter()
+        .map(|&id| format!("{id}={}", cluster.api(id).base))
+        .collect::<Vec<_>>()
+        .join(",");
+    let env = [
+        ("SHOPKEEP_NODES", nodes),
+        ("SHOPKEEP_SERVICE_TOKEN", SERVICE_TOKEN.to_owned()),
+    ];
+    let mut args = vec!["gems"];
+    args.extend(players.iter().map(String::as_str));
+    let buyer = Example::start("routed_buyer.py", &args, &env);
+    let mut leaders_used = std::collections::BTreeSet::new();
+    for line in buyer.next_lines(players.len()) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [player, node, status] = fields[..] else {
+            panic!("unexpected line {line:?}");
+        };
+        assert_eq!(status, "201", "{line}");
+        let route = api
+            .get(&format!("/v1/cluster/route/{player}"), Auth::Service)
+            .await
+            .expect(200);
+        assert_eq!(
+            route["leader"].as_u64().map(|id| id.to_string()).as_deref(),
+            Some(node),
+            "{player} was not sent to its shard's leader: {route}"
+        );
+        leaders_used.insert(node.to_owned());
+        assert_eq!(api.entitlement_qty(player, "gems").await, 1);
+    }
+    assert!(
+        leaders_used.len() > 1,
+        "every player on one leader: {leaders_used:?}"
+    );
+    let mut after = 0.0;
+    for &id in &ids {
+        after += forwarded_writes_answered(&cluster.api(id)).await;
+    }
+    assert_eq!(after, before, "purchases were forwarded to a leader");
 }
