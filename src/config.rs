@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Number of shards users are spread over, fixed when the data directory is created [default: 2 for a
+    /// Number of shards users are spread over, fixed when the data directory is created [default: 8 for a
     /// new directory; an existing one keeps its own, and naming another number is refused].
     #[arg(long, env = "SHOPKEEP_SHARDS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub shards: Option<u32>,

@@ -140,9 +140,9 @@ async fn served_shards(srv: &Server) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_data_directory_gets_two_shards_unless_told_otherwise() {
+async fn a_new_data_directory_gets_eight_shards_unless_told_otherwise() {
     let srv = Server::start_with(Opts::new()).await;
-    assert_eq!(served_shards(&srv).await, 2);
+    assert_eq!(served_shards(&srv).await, 8);
     let named = Server::start_with(Opts::new().shards(5)).await;
     assert_eq!(served_shards(&named).await, 5);
 }
