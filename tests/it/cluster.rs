@@ -1321,3 +1321,36 @@ async fn a_cluster_restored_from_one_members_backup_comes_back_with_the_backups_
     }
     let _ = std::fs::remove_dir_all(&backup);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_created_with_another_number_of_shards_is_refused_as_a_member_and_added_to_no_shard()
+{
+    let mut c = TestCluster::start(3).await;
+    let cluster_shards = c.opts.shards;
+    c.opts.shards = 2;
+    let n4 = c.start_extra_node().await;
+    c.opts.shards = cluster_shards;
+    let refused = c
+        .api(1)
+        .call(Method::POST, "/v1/admin/cluster/nodes")
+        .auth(Auth::Admin)
+        .fresh_key()
+        .json(&json!({"node_id": n4, "address": c.node(n4).addr()}))
+        .send()
+        .await;
+    let body = refused.expect_error(409, "invalid_state");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("created with 2 shards")
+            && message.contains(&format!("--shards {cluster_shards}")),
+        "the refusal does not say why: {body}"
+    );
+    let view = c.api(1).get("/v1/cluster", Auth::Admin).await.expect(200);
+    for shard in 0..u64::from(cluster_shards) {
+        let s = shard_view(&view, shard);
+        assert!(
+            !ids_of(&s["learners"]).contains(&n4) && !ids_of(&s["voters"]).contains(&n4),
+            "node {n4} joined shard {shard}: {s}"
+        );
+    }
+}

@@ -2,11 +2,15 @@
 //! one at a time on each shard's leader.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 
 use super::{Cluster, ClusterError, NodeId, fatal, not_leader};
+
+/// How long a node being added has to answer the check of who it is.
+const NEWCOMER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Refusal};
 
 impl Cluster {
@@ -14,6 +18,7 @@ impl Cluster {
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
         let _serialised = self.membership_lock.lock().await;
         if let MembershipChange::AddLearner { node, addr } = &change {
+            self.check_newcomer(*node, addr).await?;
             self.transport.remember(*node, addr);
         }
         for shard in 0..self.shard_count() {
@@ -30,6 +35,35 @@ impl Cluster {
                 },
             )
             .await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses to add `node` when the node answering at `addr` is another one, or splits users over another
+    /// number of shards (its shard N would hold other users than the cluster's shard N). A node that does
+    /// not answer is not refused here: adding it waits for it as before.
+    async fn check_newcomer(&self, node: NodeId, addr: &str) -> Result<(), ClusterError> {
+        let answer = self
+            .transport
+            .call(addr, &NodeRequest::Probe, NEWCOMER_PROBE_TIMEOUT)
+            .await;
+        let Ok(NodeResponse::Probe(probe)) = answer else {
+            return Ok(());
+        };
+        if probe.node_id != node {
+            return Err(ClusterError::Rejected(format!(
+                "the node at {addr} is node {}, not node {node}",
+                probe.node_id
+            )));
+        }
+        if probe.shards != self.shard_count() {
+            return Err(ClusterError::Rejected(format!(
+                "node {node} was created with {} shards and this cluster has {}: start it on an empty data \
+                 directory with --shards {}",
+                probe.shards,
+                self.shard_count(),
+                self.shard_count()
+            )));
         }
         Ok(())
     }

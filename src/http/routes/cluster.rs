@@ -120,7 +120,7 @@ async fn change(app: &AppState, change: MembershipChange) -> Result<Response, Ap
     responses(
         (status = 200, description = "The cluster after the change", body = ClusterResponse),
         (status = 403, description = "`forbidden`", body = ErrorBody),
-        (status = 409, description = "`invalid_state`: the change is not allowed now", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the change is not allowed now, or the node at the address is another node or splits users over another number of shards", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn add_node(
