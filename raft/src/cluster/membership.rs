@@ -8,10 +8,10 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 
 use super::{Cluster, ClusterError, NodeId, fatal, not_leader};
+use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Refusal};
 
 /// How long a node being added has to answer the check of who it is.
 const NEWCOMER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Refusal};
 
 impl Cluster {
     /// Applies a membership change to every shard, one shard at a time, on each shard's leader.
