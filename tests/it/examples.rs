@@ -146,15 +146,10 @@ async fn the_webhook_receiver_example_accepts_what_the_shop_signs() {
 
 /// Writes a node answered for another node (forwarded to it as their shard's leader), per its metrics.
 async fn forwarded_writes_answered(api: &Api) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", api.base))
+    crate::metrics::scrape(&api.base)
         .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix("shopkeep_node_serve_seconds_count{call=\"write\"} "))
-        .map_or(0.0, |value| value.parse().expect("a count"))
+        .value("shopkeep_node_serve_seconds_count", &[("call", "write")])
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

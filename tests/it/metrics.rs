@@ -16,7 +16,7 @@ use crate::harness::*;
 
 /// One scrape: `# HELP` and `# TYPE` lines by family, and the samples.
 #[derive(Debug, Default)]
-struct Scrape {
+pub(crate) struct Scrape {
     help: BTreeSet<String>,
     types: BTreeMap<String, String>,
     samples: Vec<Sample>,
@@ -60,7 +60,7 @@ impl Scrape {
     }
 
     /// The value of the one sample of `name` with exactly these labels.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub(crate) fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let wanted: BTreeMap<String, String> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -118,7 +118,8 @@ fn parse_sample(line: &str) -> Sample {
     }
 }
 
-async fn scrape(base: &str) -> Scrape {
+/// `GET {base}/metrics`, checked to be Prometheus text, parsed.
+pub(crate) async fn scrape(base: &str) -> Scrape {
     let response = reqwest::get(format!("{base}/metrics"))
         .await
         .expect("scrape");
