@@ -19,8 +19,12 @@ pub const NODE_CALL_SECONDS: &str = "shopkeep_node_call_seconds";
 /// What a call takes beyond this is the transport: both HTTP stacks, the network, the task hops.
 pub const NODE_SERVE_SECONDS: &str = "shopkeep_node_serve_seconds";
 
-/// Histograms of counts (operations, commands).
-pub const SIZES: [&str; 2] = [LOG_OPS_PER_COMMIT, BATCH_COMMANDS];
+/// Log entries applied to a shard's state in one transaction (a follower holds other leaders' entries
+/// back and applies them together, see `state_machine::coalesce`).
+pub const APPLY_ENTRIES: &str = "shopkeep_raft_apply_entries";
+
+/// Histograms of counts (operations, commands, entries).
+pub const SIZES: [&str; 3] = [LOG_OPS_PER_COMMIT, BATCH_COMMANDS, APPLY_ENTRIES];
 
 /// Gives every metric of this crate its `# HELP` line and registers each (so it is served before it
 /// first fires). Call once, after the recorder is installed.
@@ -41,6 +45,10 @@ pub fn describe() {
         (
             BATCH_COMMANDS,
             "Commands proposed together as one log entry",
+        ),
+        (
+            APPLY_ENTRIES,
+            "Log entries applied to a shard's state in one transaction (a follower applies other leaders' entries together)",
         ),
         (
             BATCH_SECONDS,

@@ -37,15 +37,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::log_store::LogStore;
 use crate::{
-    Entry, LogId, Payload, SnapshotMeta, StorageError, StoredMembership, TypeConfig, batch, decode,
-    encode,
+    Entry, LogId, NodeId, Payload, SnapshotMeta, StorageError, StoredMembership, TypeConfig, batch,
+    decode, encode,
 };
+use coalesce::Deferred;
 use shopkeep_faults::disk::{self, Backoff, DiskHealth};
 use snapshot_file::{SnapshotDir, verify, write_snapshot};
 
+mod coalesce;
 mod purge_gate;
 mod snapshot_file;
 
+pub use coalesce::AppliedIndex;
 pub use purge_gate::PurgeGate;
 
 /// An application error, reported to openraft as a storage error.
@@ -165,14 +168,25 @@ async fn attempt<T: Send + 'static>(
     }
 }
 
-/// Brings the state back to what openraft believes applied after a full disk rolled it back, and
-/// serialises the state's writes (see the module docs).
+/// Brings the state back to what it held after a full disk rolled it back, and serialises the state's
+/// writes (see the module docs).
 struct Recovery {
     /// The shard's log, to re-apply from (`None`: a state machine used on its own, never caught up).
     log: Option<LogStore>,
     health: Arc<DiskHealth>,
-    /// What openraft believes applied; the lock is held by every write of the state.
-    applied: tokio::sync::Mutex<Marker>,
+    /// What the state holds and what is held back; the lock is held by every write of the state.
+    applied: tokio::sync::Mutex<Applied>,
+    /// What the state holds, for readers.
+    index: AppliedIndex,
+}
+
+/// What a replica's state holds (`held` is what a full disk may roll back), and the entries it holds
+/// back (see `coalesce`) with the marker their apply stores.
+#[derive(Default)]
+struct Applied {
+    held: Marker,
+    deferred: Deferred,
+    deferred_marker: Marker,
 }
 
 impl Recovery {
@@ -266,6 +280,42 @@ impl Recovery {
         attempt(move || apply_now(&*state, &entries, &marker)).await?;
         Ok(())
     }
+
+    /// Applies the held-back entries in one transaction (waiting out a full disk); one response per
+    /// entry. `applied` is this recovery's lock, held.
+    async fn flush<S: ReplicatedState>(
+        &self,
+        state: &Arc<S>,
+        applied: &mut Applied,
+    ) -> Result<Vec<Payload>, StorageError> {
+        if applied.deferred.entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let target = applied.deferred_marker.clone();
+        let marker = encode(&target).map_err(sm_error)?;
+        let entries = Arc::new(applied.deferred.take());
+        let written = self
+            .until_written(state, &applied.held, true, || {
+                let (state, entries, marker) = (state.clone(), entries.clone(), marker.clone());
+                attempt(move || apply_now(&*state, &entries, &marker))
+            })
+            .await;
+        let replies = match written {
+            Ok(replies) => replies,
+            Err(error) => {
+                // Kept for the next attempt (the state rolled back to `held`).
+                let entries = Arc::try_unwrap(entries).unwrap_or_else(|shared| (*shared).clone());
+                applied.deferred.append(entries);
+                return Err(error);
+            }
+        };
+        metrics::histogram!(crate::metrics::APPLY_ENTRIES).record(entries.len() as f64);
+        if let Some(last) = target.last_applied {
+            self.index.reached(last.index);
+        }
+        applied.held = target;
+        Ok(replies)
+    }
 }
 
 /// Applies `entries` in one transaction of the state with `marker`; one response per entry.
@@ -332,6 +382,8 @@ pub struct StateMachineStore<S: ReplicatedState> {
     membership: StoredMembership,
     gate: PurgeGate,
     recovery: Arc<Recovery>,
+    /// This node, when the replica holds back the entries of other leaders (see `coalesce`).
+    coalescing: Option<NodeId>,
 }
 
 impl<S: ReplicatedState> StateMachineStore<S> {
@@ -353,8 +405,10 @@ impl<S: ReplicatedState> StateMachineStore<S> {
             recovery: Arc::new(Recovery {
                 log: None,
                 health: Arc::new(DiskHealth::new()),
-                applied: tokio::sync::Mutex::new(Marker::default()),
+                applied: tokio::sync::Mutex::new(Applied::default()),
+                index: AppliedIndex::new(),
             }),
+            coalescing: None,
         })
     }
 
@@ -369,9 +423,40 @@ impl<S: ReplicatedState> StateMachineStore<S> {
         self.recovery = Arc::new(Recovery {
             log: Some(log),
             health,
-            applied: tokio::sync::Mutex::new(Marker::default()),
+            applied: tokio::sync::Mutex::new(Applied::default()),
+            index: self.recovery.index.clone(),
         });
         self
+    }
+
+    /// Holds back the entries other leaders than node `me` proposed and applies them together (see
+    /// `coalesce`); starts the task that applies them once they have waited. Call in a runtime, last.
+    pub fn coalescing(mut self, me: NodeId) -> Self {
+        self.coalescing = Some(me);
+        let (state, recovery) = (Arc::downgrade(&self.state), Arc::downgrade(&self.recovery));
+        tokio::spawn(coalesce::run_flusher(
+            self.recovery.index.clone(),
+            move || {
+                let (state, recovery) = (state.upgrade(), recovery.upgrade());
+                async move {
+                    let (Some(state), Some(recovery)) = (state, recovery) else {
+                        return false;
+                    };
+                    let mut applied = recovery.applied.lock().await;
+                    if let Err(error) = recovery.flush(&state, &mut applied).await {
+                        // The next apply meets it again and reports it to openraft.
+                        tracing::error!(%error, "applying held-back entries failed");
+                    }
+                    true
+                }
+            },
+        ));
+        self
+    }
+
+    /// What the state holds (not what openraft believes applied): what a read waits on.
+    pub fn applied_index(&self) -> AppliedIndex {
+        self.recovery.index.clone()
     }
 
     /// Reports to `gate` (shared with the shard's log store) what this state machine holds durably.
@@ -416,8 +501,8 @@ impl<S: ReplicatedState> StateMachineStore<S> {
             membership: stored.last_membership.clone(),
         };
         let marker = encode(&installed).map_err(sm_error)?;
-        let mut believed = self.recovery.applied.lock().await;
-        let before = believed.clone();
+        let mut applied = self.recovery.applied.lock().await;
+        let before = applied.held.clone();
         self.recovery
             .until_written(&self.state, &before, false, || {
                 let (state, marker) = (self.state.clone(), marker.clone());
@@ -433,8 +518,13 @@ impl<S: ReplicatedState> StateMachineStore<S> {
                 })
             })
             .await?;
-        *believed = installed;
-        drop(believed);
+        // The snapshot holds what it covers of the held-back entries (openraft installs only a
+        // snapshot ahead of what it believes applied, so all of them).
+        let covered = installed.last_applied.map_or(0, |id| id.index);
+        applied.deferred.forget_upto(covered);
+        applied.held = installed;
+        self.recovery.index.reached(covered);
+        drop(applied);
         let snapshots = self.snapshots.clone();
         blocking(move || {
             // Keep the verified file as the current snapshot: rename it when it is the file this
@@ -460,6 +550,10 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
     type SnapshotBuilder = SnapshotBuilder<S>;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        // Called when the shard opens (nothing is held back then): held-back entries are applied first,
+        // so that the answer is what openraft believes applied.
+        let mut applied = self.recovery.applied.lock().await;
+        self.recovery.flush(&self.state, &mut applied).await?;
         let state = self.state.clone();
         let marker = blocking(move || match state.marker().map_err(sm_error)? {
             Some(bytes) => decode::<Marker>(&bytes).map_err(sm_error),
@@ -467,7 +561,11 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         })
         .await?;
         self.membership = marker.membership.clone();
-        *self.recovery.applied.lock().await = marker.clone();
+        applied.held = marker.clone();
+        drop(applied);
+        self.recovery
+            .index
+            .reset(marker.last_applied.map_or(0, |id| id.index));
         // Called when the shard opens: what the state holds now is what survived, durably.
         if let Some(id) = marker.last_applied {
             self.gate.raise(id.index);
@@ -489,27 +587,24 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
                 self.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
             }
         }
-        let marker = encode(&Marker {
-            last_applied: Some(last),
-            membership: self.membership.clone(),
-        })
-        .map_err(sm_error)?;
-        let entries = Arc::new(entries);
-        let mut believed = self.recovery.applied.lock().await;
-        let before = believed.clone();
-        let replies = self
-            .recovery
-            .until_written(&self.state, &before, true, || {
-                let (state, entries, marker) =
-                    (self.state.clone(), entries.clone(), marker.clone());
-                attempt(move || apply_now(&*state, &entries, &marker))
-            })
-            .await?;
-        *believed = Marker {
+        let target = Marker {
             last_applied: Some(last),
             membership: self.membership.clone(),
         };
-        Ok(replies)
+        let count = entries.len();
+        let mut applied = self.recovery.applied.lock().await;
+        let hold = applied
+            .deferred
+            .may_hold(&entries, self.coalescing, &self.recovery.index);
+        applied.deferred_marker = target;
+        if hold {
+            applied.deferred.hold(entries, &self.recovery.index);
+            // Nobody reads the replies to other leaders' entries.
+            return Ok(vec![Payload::default(); count]);
+        }
+        applied.deferred.append(entries);
+        let mut replies = self.recovery.flush(&self.state, &mut applied).await?;
+        Ok(replies.split_off(replies.len() - count))
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -576,9 +671,10 @@ pub struct SnapshotBuilder<S: ReplicatedState> {
 impl<S: ReplicatedState> SnapshotBuilder<S> {
     /// A durable export of the state (its write waits out a full disk, see `Recovery`).
     async fn export(&self) -> Result<Box<dyn Export>, StorageError> {
-        let believed = self.recovery.applied.lock().await;
+        let mut applied = self.recovery.applied.lock().await;
+        self.recovery.flush(&self.state, &mut applied).await?;
         self.recovery
-            .until_written(&self.state, &believed, true, || {
+            .until_written(&self.state, &applied.held, true, || {
                 let state = self.state.clone();
                 attempt(move || state.export().map_err(|e| Attempt::of(e, snapshot_failed)))
             })

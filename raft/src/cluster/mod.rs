@@ -32,7 +32,7 @@ use crate::clock::{ClockVerdict, ClockWatch};
 use crate::log_store::{LogDb, MIRROR_BYTES};
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::Refusal;
-use crate::state_machine::{PurgeGate, ReplicatedState, StateMachineStore};
+use crate::state_machine::{AppliedIndex, PurgeGate, ReplicatedState, StateMachineStore};
 pub use rebalance::{LeaderMove, Rebalanced};
 use rebuild::Marks;
 use shopkeep_faults::disk::DiskHealth;
@@ -142,6 +142,9 @@ struct Waiting {
 
 struct Replica {
     raft: Raft,
+    /// What this node's state of the shard holds (it may hold other leaders' entries back, see
+    /// `state_machine::coalesce`): what reads wait on, rather than openraft's `last_applied`.
+    applied: AppliedIndex,
     /// Entries this node proposes as the shard's leader (its batches, which take in forwarded ones).
     inflight: Arc<Semaphore>,
     /// Commands waiting for this node's next batch for the shard.
@@ -328,7 +331,9 @@ impl Cluster {
             let mut machine = StateMachineStore::new(state, snapshot_dir)
                 .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?
                 .with_purge_gate(gate)
-                .with_disk(health.clone(), log.clone());
+                .with_disk(health.clone(), log.clone())
+                .coalescing(config.node_id);
+            let applied = machine.applied_index();
             if machine.lost_snapshot() {
                 use openraft::{RaftSnapshotBuilder, storage::RaftStateMachine};
                 machine
@@ -365,6 +370,7 @@ impl Cluster {
             queues.push(queue);
             replicas.push(Replica {
                 raft,
+                applied,
                 inflight: Arc::new(Semaphore::new(config.max_inflight_per_shard)),
                 waiting,
             });

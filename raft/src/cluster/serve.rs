@@ -180,7 +180,7 @@ impl Cluster {
                     leader: metrics.current_leader,
                     term: metrics.current_term,
                     last_log_index: metrics.last_log_index,
-                    applied_index: metrics.last_applied.map(|id| id.index),
+                    applied_index: metrics.last_applied.map(|_| replica.applied.get()),
                     snapshot_index: metrics.snapshot.map(|id| id.index),
                     voters,
                     learners,

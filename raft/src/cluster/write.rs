@@ -285,14 +285,14 @@ impl Cluster {
         let replica = self.replica(shard).map_err(ClusterError::from)?;
         let remaining = self.config.deadline.saturating_sub(started.elapsed());
         replica
-            .raft
-            .wait(Some(remaining.max(Duration::from_millis(10))))
-            .applied_index_at_least(Some(index), "read barrier")
+            .applied
+            .wait_for(index, remaining.max(Duration::from_millis(10)))
             .await
-            .map_err(|e| {
-                ClusterError::Unavailable(format!("shard {shard}: replica is behind: {e}"))
-            })?;
-        Ok(())
+            .map_err(|reached| {
+                ClusterError::Unavailable(format!(
+                    "shard {shard}: replica is behind: it holds entries up to {reached}, the read needs {index}"
+                ))
+            })
     }
 
     pub(super) async fn read_index_local(&self, shard: u32) -> Result<u64, Refusal> {
