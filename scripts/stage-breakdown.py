@@ -243,6 +243,7 @@ def report(case, latencies, seconds, cpu, before, after):
         ('      apply', 'shopkeep_apply_seconds', 1e3),
         ('log ops per commit', 'shopkeep_raft_log_ops_per_commit', 1),
         ('commands per apply', 'shopkeep_apply_batch_size', 1),
+        ('entries per apply', 'shopkeep_raft_apply_entries', 1),
     ] + [row for kind in ('write', 'append', 'heartbeat') for row in [
         (f'node call: {kind}', f'shopkeep_node_call_seconds:{kind}', 1e3),
         ('  answering it', f'shopkeep_node_serve_seconds:{kind}', 1e3)]]:

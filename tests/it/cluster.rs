@@ -1354,3 +1354,64 @@ async fn a_node_created_with_another_number_of_shards_is_refused_as_a_member_and
         );
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+
+/// The mean of histogram `name` since `before` (`None`: no new sample).
+fn histogram_mean_since(
+    before: &crate::metrics::Scrape,
+    after: &crate::metrics::Scrape,
+    name: &str,
+) -> Option<f64> {
+    let delta = |suffix: &str| {
+        let name = format!("{name}_{suffix}");
+        after.value(&name, &[]).unwrap_or(0.0) - before.value(&name, &[]).unwrap_or(0.0)
+    };
+    let count = delta("count");
+    (count > 0.0).then(|| delta("sum") / count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_applies_the_leaders_entries_in_groups_and_a_read_on_it_still_sees_every_write()
+{
+    let c = TestCluster::start(3).await;
+    let user = uniq("grp");
+    c.api(1).create_item("gems", "currency", "1.00").await;
+    let (shard, _) = c.route(&user).await;
+    let leader = c.leader_of_shard(shard).await;
+    let follower = others(&c, leader)[0];
+    let api = c.api(leader);
+    api.create_user(&user).await;
+    api.credit(&user, "100.00").await;
+    let base = c.api(follower).base.clone();
+    let before = crate::metrics::scrape(&base).await;
+    let purchases = 40u32;
+    for _ in 0..purchases {
+        api.order(&user, &[("gems", 1)], true).await;
+    }
+    // Right after the last write: the read barrier asks for what the follower holds back.
+    let want = Wallet {
+        balance: 6000,
+        held: 0,
+        available: 6000,
+    };
+    assert_eq!(c.node(follower).wallet(&user).await, want);
+    let after = crate::metrics::scrape(&base).await;
+    let mean = histogram_mean_since(&before, &after, "shopkeep_raft_apply_entries")
+        .expect("the follower applied entries");
+    assert!(
+        mean > 1.5,
+        "node {follower} applied {mean:.2} entries per transaction on average: not in groups"
+    );
+    // What it holds back is applied on its own too, without a read: the local copies converge.
+    api.order(&user, &[("gems", 1)], true).await;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let hashes = c.audit_hashes(&c.ids(), true).await;
+        if hashes.values().all(|h| h == &hashes[&leader]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas differ: {hashes:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
