@@ -177,7 +177,7 @@ mod settings;
 mod shopkeep;
 mod stats;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cpu::CpuSample;
 use crate::interrupt::run_interrupt_cleanups;
@@ -233,6 +233,7 @@ fn main() {
     });
     let mut reports = Vec::new();
     for &system in &settings.systems {
+        settle(system);
         let cpu_before = CpuSample::take();
         let mut report = match system {
             System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
@@ -266,4 +267,22 @@ fn main() {
 
     let wall = started.elapsed();
     print_report(&settings, &reports, scale.as_ref(), wall);
+}
+
+/// Lets the disk settle before `system` starts: writes back what the previous system left in the
+/// page cache (`sync`) and waits a moment, so that no system's fsyncs queue behind another's leftovers
+/// (the removal of PostgreSQL's data directories, the files of the system before).
+fn settle(system: System) {
+    let started = Instant::now();
+    let synced = std::process::Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!(
+        "{}: disk settled before the start ({}, {:.1}s)",
+        system.label(),
+        match synced {
+            Ok(status) if status.success() => "sync ok",
+            _ => "no sync",
+        },
+        started.elapsed().as_secs_f64()
+    );
 }

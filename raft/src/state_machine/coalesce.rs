@@ -207,15 +207,22 @@ mod tests {
     /// A state that keeps its commands in memory and counts its transactions.
     #[derive(Default)]
     struct Recorded {
-        inner: Mutex<(Vec<Vec<u8>>, Option<Vec<u8>>, usize)>,
+        inner: Mutex<Written>,
+    }
+
+    #[derive(Default)]
+    struct Written {
+        commands: Vec<Vec<u8>>,
+        marker: Option<Vec<u8>>,
+        transactions: usize,
     }
 
     impl Recorded {
         fn commands(&self) -> Vec<Vec<u8>> {
-            self.inner.lock().unwrap().0.clone()
+            self.inner.lock().unwrap().commands.clone()
         }
         fn transactions(&self) -> usize {
-            self.inner.lock().unwrap().2
+            self.inner.lock().unwrap().transactions
         }
     }
 
@@ -232,19 +239,19 @@ mod tests {
 
     impl ReplicatedState for Recorded {
         fn marker(&self) -> Result<Option<Vec<u8>>, StateError> {
-            Ok(self.inner.lock().unwrap().1.clone())
+            Ok(self.inner.lock().unwrap().marker.clone())
         }
         fn apply_batch(
             &self,
             items: &[Applying<'_>],
             marker: &[u8],
         ) -> Result<Vec<Vec<u8>>, StateError> {
-            let mut inner = self.inner.lock().unwrap();
+            let mut written = self.inner.lock().unwrap();
             for item in items {
-                inner.0.extend(item.command.map(<[u8]>::to_vec));
+                written.commands.extend(item.command.map(<[u8]>::to_vec));
             }
-            inner.1 = Some(marker.to_vec());
-            inner.2 += 1;
+            written.marker = Some(marker.to_vec());
+            written.transactions += 1;
             Ok(items
                 .iter()
                 .map(|item| item.command.unwrap_or_default().to_vec())
