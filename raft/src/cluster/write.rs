@@ -322,9 +322,14 @@ pub(super) async fn run_batcher(
     shard: u32,
     mut queue: mpsc::Receiver<Waiting>,
 ) {
-    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT as usize));
     loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let slots = match cluster.upgrade() {
+            Some(cluster) if cluster.has_other_members(shard) => BATCHES_IN_FLIGHT,
+            Some(_) => 1,
+            None => return,
+        };
+        let Ok(permit) = in_flight.clone().acquire_many_owned(slots).await else {
             return;
         };
         let Some(first) = queue.recv().await else {
@@ -352,6 +357,9 @@ pub(super) async fn run_batcher(
             let written = cluster.write_batch(shard, &commands).await;
             metrics::histogram!(crate::metrics::BATCH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
+            // Free the slot before answering: the batcher's wake-up then does not displace the
+            // answered request's task from this worker's next-to-run slot.
+            drop(permit);
             match written {
                 Ok(answers) => {
                     for (reply, answer) in replies.into_iter().zip(answers) {
@@ -364,7 +372,6 @@ pub(super) async fn run_batcher(
                     }
                 }
             }
-            drop(permit);
         });
     }
 }
