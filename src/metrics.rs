@@ -9,13 +9,12 @@
 //! GET/POST/PUT/DELETE/other) and the route template.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use shopkeep_raft::{Cluster, ClusterStatus, NodeId};
-use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 
 use crate::domain::Command;
 
@@ -188,23 +187,26 @@ const HISTOGRAMS: [(&str, &str); 4] = [
     ),
 ];
 
-/// How often the exporter's histograms are drained (the exporter's own default). The exporter holds every
-/// sample recorded since the last drain (8 bytes each, ~15 per purchase), so this bounds that memory by
-/// the samples of 5 s.
-pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often the exporter's histograms are drained. The exporter holds every sample recorded since the
+/// last drain (8 bytes each, ~15 per purchase), so this bounds that memory by the samples of a second,
+/// and each drain's work by a second's samples.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Why the exporter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{0}")]
+    Exporter(#[from] BuildError),
+    #[error("cannot start the metrics upkeep thread: {0}")]
+    Upkeep(std::io::Error),
+}
 
 /// The exporter's handle, its upkeep and what the last refresh published.
 pub struct Metrics {
     handle: PrometheusHandle,
     /// Labelled gauges that go stale when the cluster changes: set to 0 once they are no longer true.
     published: Mutex<Published>,
-    upkeep: JoinHandle<()>,
-}
-
-impl Drop for Metrics {
-    fn drop(&mut self) {
-        self.upkeep.abort();
-    }
+    _upkeep: Upkeep,
 }
 
 #[derive(Default)]
@@ -215,12 +217,11 @@ struct Published {
 }
 
 impl Metrics {
-    /// Installs the process-wide recorder, starts its upkeep (on the current Tokio runtime), describes
-    /// every family and registers what can be known at start (counters at 0, histograms empty, the
-    /// build). Once per process.
-    pub fn install(shards: u32) -> Result<Metrics, BuildError> {
+    /// Installs the process-wide recorder, starts its upkeep, describes every family and registers what
+    /// can be known at start (counters at 0, histograms empty, the build). Once per process.
+    pub fn install(shards: u32) -> Result<Metrics, InstallError> {
         let handle = exporter()?.install_recorder()?;
-        let upkeep = keep_up(handle.clone(), UPKEEP_EVERY);
+        let upkeep = keep_up(handle.clone(), UPKEEP_EVERY).map_err(InstallError::Upkeep)?;
         describe();
         shopkeep_raft::metrics::describe();
         register_counters(shards);
@@ -232,7 +233,7 @@ impl Metrics {
         Ok(Metrics {
             handle,
             published: Mutex::new(Published::default()),
-            upkeep,
+            _upkeep: upkeep,
         })
     }
 
@@ -274,21 +275,40 @@ fn exporter() -> Result<PrometheusBuilder, BuildError> {
     Ok(builder)
 }
 
-/// Drains the exporter's histograms into their buckets every `every`. The exporter does so only at a
-/// scrape or an upkeep (`install_recorder` leaves the upkeep to its caller): without this, a node nobody
-/// scrapes keeps every sample it ever recorded, ~100 bytes per purchase, until it runs out of memory.
-/// The drained samples are freed through crossbeam's epoch collector, which keeps up to 64 deferred
-/// frees per thread before it looks at them; flushing this thread's hands them over at once.
-fn keep_up(handle: PrometheusHandle, every: Duration) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(every);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            handle.run_upkeep();
-            crossbeam_epoch::pin().flush();
-        }
-    })
+/// Drains the exporter's histograms into their buckets every `every`, on a thread of its own, until
+/// the returned [`Upkeep`] is dropped. The exporter does so only at a scrape or an upkeep
+/// (`install_recorder` leaves the upkeep to its caller): without this, a node nobody scrapes keeps every
+/// sample it ever recorded, ~100 bytes per purchase, until it runs out of memory. A drain folds every
+/// sample since the last one into the buckets (a few ms for 5 s of a busy node's): on a runtime worker
+/// it would hold up the requests queued behind it, so it has its own thread. The drained samples are
+/// freed through crossbeam's epoch collector, which keeps up to 64 deferred frees per thread before it
+/// looks at them; flushing this thread's hands them over at once.
+fn keep_up(handle: PrometheusHandle, every: Duration) -> std::io::Result<Upkeep> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::park_timeout(every);
+                handle.run_upkeep();
+                crossbeam_epoch::pin().flush();
+            }
+        })
+        .map(|thread| Upkeep { stop, thread })
+}
+
+/// The upkeep thread; dropping this stops it.
+struct Upkeep {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drop for Upkeep {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.thread().unpark();
+    }
 }
 
 /// Registers the request counter (at 0) and the latency histogram of one operation, for each status it
@@ -427,7 +447,7 @@ fn flag(on: bool) -> f64 {
 #[cfg(test)]
 mod tests {
     use std::alloc::{GlobalAlloc, Layout, System};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use super::*;
 
@@ -475,8 +495,8 @@ mod tests {
         allocated - freed
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn samples_nobody_scraped_are_released_by_the_upkeep() {
+    #[test]
+    fn samples_nobody_scraped_are_released_by_the_upkeep() {
         const SAMPLES: usize = 4_000_000;
         /// What the samples take as `f64`s.
         const SAMPLE_BYTES: i128 = 4_000_000 * 8;
@@ -495,15 +515,15 @@ mod tests {
             "the exporter holds unscraped samples ({recorded} bytes held after {SAMPLES} samples)"
         );
 
-        let upkeep = keep_up(handle, Duration::from_millis(10));
+        let upkeep = keep_up(handle, Duration::from_millis(10)).expect("the upkeep thread");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut held = recorded;
         // Other tests allocate meanwhile: the margin is wide (a quarter of what the samples took).
         while held > recorded / 4 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            std::thread::sleep(Duration::from_millis(20));
             held = heap_bytes() - before;
         }
-        upkeep.abort();
+        drop(upkeep);
         assert!(
             held <= recorded / 4,
             "{held} bytes still held 5 s into the upkeep ({recorded} after recording)"
