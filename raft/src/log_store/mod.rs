@@ -65,7 +65,7 @@ const LOG_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// never more than the mirror's bound, so a shard's mirror holds at most twice its bound.
 const MAX_DEFERRED_BYTES: usize = 1024 * 1024;
 /// Most bytes of entries a shard keeps in memory (beyond the newest entry), by default.
-pub const MIRROR_BYTES: usize = 4 * 1024 * 1024;
+pub const MIRROR_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogDbError {
