@@ -279,8 +279,8 @@ fn exporter() -> Result<PrometheusBuilder, BuildError> {
 /// the returned [`Upkeep`] is dropped. The exporter does so only at a scrape or an upkeep
 /// (`install_recorder` leaves the upkeep to its caller): without this, a node nobody scrapes keeps every
 /// sample it ever recorded, ~100 bytes per purchase, until it runs out of memory. A drain folds every
-/// sample since the last one into the buckets (a few ms for 5 s of a busy node's): on a runtime worker
-/// it would hold up the requests queued behind it, so it has its own thread. The drained samples are
+/// sample since the last one into the buckets: on a runtime worker it would hold up the requests queued
+/// behind it, so it has its own thread. The drained samples are
 /// freed through crossbeam's epoch collector, which keeps up to 64 deferred frees per thread before it
 /// looks at them; flushing this thread's hands them over at once.
 fn keep_up(handle: PrometheusHandle, every: Duration) -> std::io::Result<Upkeep> {
@@ -289,8 +289,11 @@ fn keep_up(handle: PrometheusHandle, every: Duration) -> std::io::Result<Upkeep>
     std::thread::Builder::new()
         .name("metrics-upkeep".into())
         .spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
+            loop {
                 std::thread::park_timeout(every);
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
                 handle.run_upkeep();
                 crossbeam_epoch::pin().flush();
             }
@@ -499,7 +502,7 @@ mod tests {
     fn samples_nobody_scraped_are_released_by_the_upkeep() {
         const SAMPLES: usize = 4_000_000;
         /// What the samples take as `f64`s.
-        const SAMPLE_BYTES: i128 = 4_000_000 * 8;
+        const SAMPLE_BYTES: i128 = SAMPLES as i128 * 8;
         let recorder = exporter().expect("the exporter's setup").build_recorder();
         let handle = recorder.handle();
         let before = heap_bytes();
