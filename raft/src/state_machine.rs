@@ -45,6 +45,7 @@ use shopkeep_faults::disk::{self, Backoff, DiskHealth};
 use snapshot_file::{SnapshotDir, verify, write_snapshot};
 
 mod coalesce;
+mod paced;
 mod purge_gate;
 mod snapshot_file;
 

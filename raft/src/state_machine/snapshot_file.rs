@@ -1,5 +1,5 @@
 //! The snapshot file format: `SKSNAP01` | meta length (u32 LE) | postcard `SnapshotMeta` | application
-//! body | SHA-256 of everything before it; writing one (`write_snapshot`), checking one whole against
+//! body | SHA-256 of everything before it; writing one (`write_snapshot`, paced: see `paced`), checking one whole against
 //! its digest (`verify`), and a shard's snapshot directory (`SnapshotDir`: `current.snap`, its
 //! temporaries, setting a corrupt one aside, replacing it atomically).
 
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::paced::{DiskFile, Paced};
 use super::{Export, snapshot_error};
 use crate::{SnapshotMeta, StorageError, decode, encode};
 use shopkeep_faults::disk;
@@ -48,7 +49,7 @@ pub(super) fn write_snapshot(
 ) -> std::io::Result<()> {
     let file = File::create(path)?;
     let mut out = Hashing {
-        inner: BufWriter::new(file),
+        inner: BufWriter::new(Paced::new(DiskFile { file, path })),
         digest: Sha256::new(),
     };
     let header = encode(meta).map_err(io_error)?;
@@ -66,7 +67,11 @@ pub(super) fn write_snapshot(
     let digest = out.digest.finalize();
     let mut inner = out.inner;
     inner.write_all(&digest)?;
-    let file = inner.into_inner().map_err(|e| e.into_error())?;
+    let file = inner
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .into_inner()
+        .file;
     // After a failed fsync nothing the kernel cached can be trusted (see `disk`).
     if let Err(error) = file.sync_all() {
         disk::fail_stop(path, "fsync", &error);
