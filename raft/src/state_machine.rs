@@ -40,10 +40,12 @@ use crate::{
     Entry, LogId, NodeId, Payload, SnapshotMeta, StorageError, StoredMembership, TypeConfig, batch,
     decode, encode,
 };
+use background::{in_background, take_turn};
 use coalesce::Deferred;
 use shopkeep_faults::disk::{self, Backoff, DiskHealth};
 use snapshot_file::{SnapshotDir, verify, write_snapshot};
 
+mod background;
 mod coalesce;
 mod paced;
 mod purge_gate;
@@ -727,12 +729,22 @@ impl<S: ReplicatedState> SnapshotBuilder<S> {
 
 impl<S: ReplicatedState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // One build at a time in this process (see `background`): the shards reach their snapshot
+        // points together, and each build is the whole shard.
+        let _turn = take_turn().await.map_err(snapshot_error)?;
         let path = self.snapshots.building_path();
         let mut backoff = Backoff::new();
         let (meta, file) = loop {
             let export = self.export().await?;
             let snapshots = self.snapshots.clone();
-            match attempt(move || Self::write(&snapshots, export)).await {
+            let written = in_background("snapshot-build", move || Self::write(&snapshots, export))
+                .await
+                .unwrap_or_else(|| {
+                    Err(Attempt::Failed(snapshot_error(
+                        "the snapshot's thread stopped before it was written",
+                    )))
+                });
+            match written {
                 Ok(built) => {
                     self.recovery.health.written(&path);
                     break built;

@@ -175,7 +175,9 @@ mod tests {
 
     #[test]
     fn every_pace_is_started_and_at_most_two_are_in_flight() {
-        let body: Vec<u8> = (0..5 * PACE_BYTES + 12_345).map(|i| (i % 251) as u8).collect();
+        let body: Vec<u8> = (0..5 * PACE_BYTES + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut paced = Paced::new(Recording::default());
         for chunk in body.chunks(64 * 1024 + 7) {
             paced.write_all(chunk).unwrap();
