@@ -97,31 +97,31 @@ impl Write for DiskFile<'_> {
 
 impl WriteOut for DiskFile<'_> {
     fn start(&mut self, from: u64, len: u64) -> std::io::Result<()> {
-        self.sync_range(from, len, SYNC_START)
+        self.sync_range(from, len, false);
+        Ok(())
     }
 
     fn wait(&mut self, from: u64, len: u64) -> std::io::Result<()> {
-        self.sync_range(from, len, SYNC_WAIT)
+        self.sync_range(from, len, true);
+        Ok(())
     }
 }
 
-#[cfg(target_os = "linux")]
-const SYNC_START: u32 = libc::SYNC_FILE_RANGE_WRITE;
-#[cfg(target_os = "linux")]
-const SYNC_WAIT: u32 = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-    | libc::SYNC_FILE_RANGE_WRITE
-    | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-#[cfg(not(target_os = "linux"))]
-const SYNC_START: u32 = 0;
-#[cfg(not(target_os = "linux"))]
-const SYNC_WAIT: u32 = 0;
-
 impl DiskFile<'_> {
+    /// Starts the write-out of the range, and with `wait` waits until it is on the disk; a failure
+    /// stops the node.
     #[cfg(target_os = "linux")]
-    fn sync_range(&mut self, from: u64, len: u64, flags: u32) -> std::io::Result<()> {
+    fn sync_range(&mut self, from: u64, len: u64, wait: bool) {
         use std::os::fd::AsRawFd;
         let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(len)) else {
-            return Ok(()); // past what the call takes: left to the fsync
+            return; // past what the call takes: left to the fsync
+        };
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
         };
         // SAFETY: a plain system call on a file descriptor this struct owns; no memory is passed.
         let done = unsafe { libc::sync_file_range(self.file.as_raw_fd(), from, len, flags) };
@@ -129,14 +129,11 @@ impl DiskFile<'_> {
             let error = std::io::Error::last_os_error();
             disk::fail_stop(self.path, "sync_file_range", &error);
         }
-        Ok(())
     }
 
     /// Elsewhere the final `fsync` writes everything, as before pacing.
     #[cfg(not(target_os = "linux"))]
-    fn sync_range(&mut self, _from: u64, _len: u64, _flags: u32) -> std::io::Result<()> {
-        Ok(())
-    }
+    fn sync_range(&mut self, _from: u64, _len: u64, _wait: bool) {}
 }
 
 #[cfg(test)]

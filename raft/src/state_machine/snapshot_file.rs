@@ -1,7 +1,7 @@
 //! The snapshot file format: `SKSNAP01` | meta length (u32 LE) | postcard `SnapshotMeta` | application
-//! body | SHA-256 of everything before it; writing one (`write_snapshot`, paced: see `paced`), checking one whole against
-//! its digest (`verify`), and a shard's snapshot directory (`SnapshotDir`: `current.snap`, its
-//! temporaries, setting a corrupt one aside, replacing it atomically).
+//! body | SHA-256 of everything before it; writing one (`write_snapshot`, paced: see `paced`),
+//! checking one whole against its digest (`verify`), and a shard's snapshot directory (`SnapshotDir`:
+//! `current.snap`, its temporaries, setting a corrupt one aside, replacing it atomically).
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
