@@ -78,6 +78,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_SNAPSHOT_EVERY", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(10..=100_000_000))]
     pub snapshot_every: u64,
 
+    /// A shard's next snapshot also waits until the log since its last one holds this share (in
+    /// percent) of that snapshot's bytes, so that a large shop does not rewrite its whole state every
+    /// `--snapshot-every` entries. 0: by entries alone.
+    #[arg(long, env = "SHOPKEEP_SNAPSHOT_LOG_PERCENT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub snapshot_log_percent: u32,
+
     /// ISO code of the deployment's one currency. Fixed when the data directory is created.
     #[arg(long, env = "SHOPKEEP_CURRENCY", default_value = "EUR")]
     pub currency: String,
@@ -341,6 +347,7 @@ pub struct Config {
     pub raft_heartbeat: Duration,
     pub raft_election_timeout: Duration,
     pub snapshot_every: u64,
+    pub snapshot_log_percent: u32,
     /// See `ServeArgs::restoring_from_backup`.
     pub restoring_from_backup: bool,
 }
@@ -426,6 +433,7 @@ impl Config {
             raft_heartbeat: args.raft_heartbeat,
             raft_election_timeout: args.raft_election_timeout,
             snapshot_every: args.snapshot_every,
+            snapshot_log_percent: args.snapshot_log_percent,
             restoring_from_backup: args.restoring_from_backup,
         })
     }

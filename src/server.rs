@@ -136,6 +136,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         heartbeat: config.raft_heartbeat,
         election_timeout: config.raft_election_timeout,
         snapshot_every: config.snapshot_every,
+        snapshot_log_percent: config.snapshot_log_percent,
         max_batch_commands: config.max_batch,
         max_inflight_per_shard: config.queue_capacity,
         // The engine gives up a little before the HTTP request does, so the client gets its reason.

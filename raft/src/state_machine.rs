@@ -46,11 +46,13 @@ use shopkeep_faults::disk::{self, Backoff, DiskHealth};
 use snapshot_file::{SnapshotDir, verify, write_snapshot};
 
 mod background;
+mod cadence;
 mod coalesce;
 mod paced;
 mod purge_gate;
 mod snapshot_file;
 
+pub use cadence::SnapshotCadence;
 pub use coalesce::AppliedIndex;
 pub use purge_gate::PurgeGate;
 
@@ -387,6 +389,8 @@ pub struct StateMachineStore<S: ReplicatedState> {
     recovery: Arc<Recovery>,
     /// This node, when the replica holds back the entries of other leaders (see `coalesce`).
     coalescing: Option<NodeId>,
+    /// What the log since the last snapshot holds, when the owner asks for snapshots by it.
+    cadence: Option<Arc<SnapshotCadence>>,
 }
 
 impl<S: ReplicatedState> StateMachineStore<S> {
@@ -412,7 +416,33 @@ impl<S: ReplicatedState> StateMachineStore<S> {
                 index: AppliedIndex::new(),
             }),
             coalescing: None,
+            cadence: None,
         })
+    }
+
+    /// Counts the log since the shard's last snapshot against that snapshot's size (see `cadence`);
+    /// the owner asks openraft for a snapshot when the returned cadence is due.
+    pub fn snapshot_cadence(
+        &mut self,
+        min_entries: u64,
+        log_percent: u32,
+    ) -> std::io::Result<Arc<SnapshotCadence>> {
+        let (bytes, covered) = match self.snapshots.current()? {
+            Some((meta, file)) => (
+                file.metadata()?.len(),
+                meta.last_log_id.map_or(0, |id| id.index),
+            ),
+            None => (0, 0),
+        };
+        let applied = applied_index(&*self.state).map_err(std::io::Error::other)?;
+        let cadence = Arc::new(SnapshotCadence::new(
+            min_entries,
+            log_percent,
+            bytes,
+            applied.saturating_sub(covered),
+        ));
+        self.cadence = Some(cadence.clone());
+        Ok(cadence)
     }
 
     /// Whether the current snapshot was corrupt when the shard opened (and was set aside): the owner
@@ -527,6 +557,10 @@ impl<S: ReplicatedState> StateMachineStore<S> {
         applied.deferred.forget_upto(covered);
         applied.held = installed;
         self.recovery.index.reached(covered);
+        if let Some(cadence) = &self.cadence {
+            cadence.exported();
+            cadence.written(body_len);
+        }
         drop(applied);
         let snapshots = self.snapshots.clone();
         blocking(move || {
@@ -596,6 +630,9 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         };
         let count = entries.len();
         let mut applied = self.recovery.applied.lock().await;
+        if let Some(cadence) = &self.cadence {
+            cadence.logged(count as u64, entries.iter().map(payload_bytes).sum());
+        }
         let hold = applied
             .deferred
             .may_hold(&entries, self.coalescing, &self.recovery.index);
@@ -616,6 +653,7 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
             snapshots: self.snapshots.clone(),
             gate: self.gate.clone(),
             recovery: self.recovery.clone(),
+            cadence: self.cadence.clone(),
         }
     }
 
@@ -669,6 +707,7 @@ pub struct SnapshotBuilder<S: ReplicatedState> {
     snapshots: Arc<SnapshotDir>,
     gate: PurgeGate,
     recovery: Arc<Recovery>,
+    cadence: Option<Arc<SnapshotCadence>>,
 }
 
 impl<S: ReplicatedState> SnapshotBuilder<S> {
@@ -676,12 +715,18 @@ impl<S: ReplicatedState> SnapshotBuilder<S> {
     async fn export(&self) -> Result<Box<dyn Export>, StorageError> {
         let mut applied = self.recovery.applied.lock().await;
         self.recovery.flush(&self.state, &mut applied).await?;
-        self.recovery
+        let export = self
+            .recovery
             .until_written(&self.state, &applied.held, true, || {
                 let state = self.state.clone();
                 attempt(move || state.export().map_err(|e| Attempt::of(e, snapshot_failed)))
             })
-            .await
+            .await?;
+        // Still under the lock every apply takes: the log after this point counts towards the next.
+        if let Some(cadence) = &self.cadence {
+            cadence.exported();
+        }
+        Ok(export)
     }
 
     /// Writes `export` as the current snapshot; `Full` when the disk has no room for it (the partial
@@ -760,10 +805,21 @@ impl<S: ReplicatedState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> 
         if let Some(id) = meta.last_log_id {
             self.gate.raise(id.index);
         }
+        if let Some(cadence) = &self.cadence {
+            cadence.written(file.metadata().map_err(snapshot_error)?.len());
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
+    }
+}
+
+/// The bytes an entry adds to the log, as the snapshot cadence counts them: its commands.
+fn payload_bytes(entry: &Entry) -> u64 {
+    match &entry.payload {
+        EntryPayload::Normal(payload) => payload.0.len() as u64,
+        EntryPayload::Blank | EntryPayload::Membership(_) => 0,
     }
 }
 

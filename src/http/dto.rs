@@ -565,6 +565,12 @@ pub struct ClusterShard {
     pub applied_index: Option<u64>,
     /// The last log index covered by this node's newest snapshot.
     pub snapshot_index: Option<u64>,
+    /// Bytes of commands logged since this node's newest snapshot (a restart starts the count at
+    /// `snapshot_at_log_bytes`: the log it did not count may hold that much).
+    pub snapshot_log_bytes: u64,
+    /// The bytes the next snapshot waits for (`--snapshot-log-percent` of the newest snapshot's size),
+    /// besides `--snapshot-every` entries.
+    pub snapshot_at_log_bytes: u64,
     /// On the shard's leader: entries each other replica is behind (null: not known yet).
     #[schema(value_type = Object)]
     pub lag: BTreeMap<String, Option<u64>>,

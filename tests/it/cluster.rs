@@ -549,6 +549,93 @@ async fn a_restarted_node_catches_up_from_log_and_snapshot() {
 
 // ------------------------------------------------------------------------------------------------
 
+/// The snapshot after a large one waits until the log since it holds `--snapshot-log-percent` of its
+/// bytes: a shop with a large state does not rewrite it every `--snapshot-every` entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_snapshots_again_only_once_its_log_holds_its_share_of_the_last_snapshot() {
+    const EVERY: u64 = 10;
+    let c = TestCluster::start_with(
+        ClusterOpts::new()
+            .shards(1)
+            .snapshot_every(EVERY)
+            .snapshot_log_percent(20),
+    )
+    .await;
+    let leader = c.leader_of_shard(0).await;
+    let api = c.api(leader);
+    let user = uniq("cadence");
+    api.funded_user(&user, "1.00").await;
+    // A state much larger than the entries that follow: concurrent credits share entries.
+    for _wave in 0..4 {
+        let mut credits = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (api, user) = (c.api(leader), user.clone());
+            credits.spawn(async move { api.credit(&user, "0.01").await });
+        }
+        while let Some(credit) = credits.join_next().await {
+            credit.expect("a concurrent credit");
+        }
+    }
+    let view = || async { shard_view(&c.node(leader).view().await, 0) };
+    // The waves passed --snapshot-every entries: once the builds they asked for are done, credit one
+    // at a time until the next snapshot, which holds the waves' state; the log counts from it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settled = view().await["snapshot_index"].as_u64();
+    assert!(
+        settled.is_some(),
+        "no snapshot after the concurrent credits"
+    );
+    let mut fresh = None;
+    for _ in 0..1000 {
+        api.credit(&user, "0.01").await;
+        let s = view().await;
+        if s["snapshot_index"].as_u64() > settled {
+            fresh = Some(s);
+            break;
+        }
+    }
+    let fresh = fresh.expect("no snapshot after 1,000 more entries");
+    let first = fresh["snapshot_index"].as_u64();
+    let needed = fresh["snapshot_at_log_bytes"].as_u64().unwrap_or(0);
+    assert!(needed > 0, "the snapshot's share: {fresh}");
+
+    // Three times --snapshot-every entries, one credit each: by entries alone that is three snapshots.
+    for _ in 0..(3 * EVERY) {
+        api.credit(&user, "0.01").await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = view().await;
+    let logged = after["snapshot_log_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        logged < needed,
+        "the test wants entries smaller than the snapshot's share: {after}"
+    );
+    assert_eq!(
+        after["snapshot_index"].as_u64(),
+        first,
+        "a snapshot came before the log held {needed} bytes: {after}"
+    );
+
+    // Once the log holds the bytes, the next one comes.
+    let per_entry = logged / (3 * EVERY);
+    let more = (needed - logged) / per_entry.max(1) + 2 * EVERY;
+    for _ in 0..more {
+        api.credit(&user, "0.01").await;
+    }
+    let next = eventually(Duration::from_secs(10), || async {
+        let s = view().await;
+        (s["snapshot_index"].as_u64() > first).then_some(s)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no snapshot after the log passed {needed} bytes"));
+    assert!(
+        next["snapshot_log_bytes"].as_u64().unwrap_or(u64::MAX) < needed,
+        "the log counts again from the new snapshot: {next}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_node_is_rebuilt_from_the_others() {
     let mut c = TestCluster::start(3).await;

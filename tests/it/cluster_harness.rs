@@ -39,6 +39,7 @@ pub struct ClusterOpts {
     pub election_timeout: String,
     pub request_timeout: String,
     pub snapshot_every: Option<u64>,
+    pub snapshot_log_percent: Option<u32>,
     /// Per-node environment overrides (node id, name, value), applied after the common secrets.
     pub node_env: Vec<(u64, String, String)>,
     /// Nodes whose `/readyz` must be 200 before `start_with` returns (None: all of them).
@@ -56,6 +57,7 @@ impl Default for ClusterOpts {
             election_timeout: "400ms".into(),
             request_timeout: "5s".into(),
             snapshot_every: None,
+            snapshot_log_percent: None,
             node_env: vec![],
             wait_ready: None,
             data_dirs: Vec::new(),
@@ -75,8 +77,15 @@ impl ClusterOpts {
         self.shards = n;
         self
     }
+    /// Snapshots every `n` entries, by entries alone (`--snapshot-log-percent 0`) unless
+    /// `snapshot_log_percent` says otherwise: what a test that counts on snapshots wants.
     pub fn snapshot_every(mut self, n: u64) -> Self {
         self.snapshot_every = Some(n);
+        self.snapshot_log_percent.get_or_insert(0);
+        self
+    }
+    pub fn snapshot_log_percent(mut self, percent: u32) -> Self {
+        self.snapshot_log_percent = Some(percent);
         self
     }
     pub fn node_env(mut self, node: u64, k: &str, v: &str) -> Self {
@@ -734,6 +743,10 @@ impl TestCluster {
         if let Some(n) = o.snapshot_every {
             args.push("--snapshot-every".into());
             args.push(n.to_string());
+        }
+        if let Some(percent) = o.snapshot_log_percent {
+            args.push("--snapshot-log-percent".into());
+            args.push(percent.to_string());
         }
         let env = o
             .node_env

@@ -13,7 +13,8 @@
 //! - `write`: batching and proposing writes, forwarding them to the shard's leader, read barriers;
 //! - `membership`: adding learners, promoting and removing members;
 //! - `serve`: answering other nodes' calls, leadership, readiness and status;
-//! - `rebuild`: a member that lost its data; `handoff`: a member whose disk is full.
+//! - `rebuild`: a member that lost its data; `handoff`: a member whose disk is full;
+//! - `snapshots`: asking each shard for a snapshot when its log has grown enough.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,7 +33,9 @@ use crate::clock::{ClockVerdict, ClockWatch};
 use crate::log_store::{LogDb, MIRROR_BYTES};
 use crate::network::{ShardNetwork, Transport};
 use crate::rpc::Refusal;
-use crate::state_machine::{AppliedIndex, PurgeGate, ReplicatedState, StateMachineStore};
+use crate::state_machine::{
+    AppliedIndex, PurgeGate, ReplicatedState, SnapshotCadence, StateMachineStore,
+};
 pub use rebalance::{LeaderMove, Rebalanced};
 use rebuild::Marks;
 use shopkeep_faults::disk::DiskHealth;
@@ -44,6 +47,7 @@ mod membership;
 mod rebalance;
 mod rebuild;
 mod serve;
+mod snapshots;
 mod write;
 
 pub type NodeId = u64;
@@ -63,8 +67,12 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     /// A follower that hears nothing from its leader for one to two of these stands for election.
     pub election_timeout: Duration,
-    /// A snapshot is built after this many new log entries; the log before it is then purged.
+    /// A snapshot is built after this many new log entries (and `snapshot_log_percent`); the log
+    /// before it is then purged.
     pub snapshot_every: u64,
+    /// ... and once the log since the last snapshot holds this share (in percent) of that snapshot's
+    /// bytes; 0: by entries alone (see `state_machine::SnapshotCadence`).
+    pub snapshot_log_percent: u32,
     /// Most commands in one log entry (see `batch`).
     pub max_batch_commands: usize,
     /// Most commands waiting on this node for a shard, and most entries a shard's leader has in flight;
@@ -153,6 +161,8 @@ struct Replica {
     inflight: Arc<Semaphore>,
     /// Commands waiting for this node's next batch for the shard.
     waiting: mpsc::Sender<Waiting>,
+    /// When the shard's next snapshot is due (see `snapshots`).
+    cadence: Arc<SnapshotCadence>,
 }
 
 /// The node's replicas and its client to the other nodes.
@@ -185,6 +195,10 @@ pub struct ShardStatus {
     pub last_log_index: Option<u64>,
     pub applied_index: Option<u64>,
     pub snapshot_index: Option<u64>,
+    /// Bytes of commands logged since the newest snapshot (a restart starts at the share), and the
+    /// bytes the next snapshot waits for (see `state_machine::SnapshotCadence`).
+    pub snapshot_log_bytes: u64,
+    pub snapshot_at_log_bytes: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     /// On the leader: how many entries each other replica is behind (`None`: not known yet).
@@ -219,7 +233,8 @@ fn raft_config(config: &ClusterConfig, shard: u32) -> Result<openraft::Config, C
         election_timeout_min: min,
         election_timeout_max: max,
         max_payload_entries: MAX_ENTRIES_PER_APPEND,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+        // `snapshots` asks for them, by entries and bytes (openraft 0.9 counts entries only).
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: keep,
         snapshot_max_chunk_size: 1024 * 1024,
         install_snapshot_timeout: 10_000,
@@ -337,6 +352,9 @@ impl Cluster {
                 .with_purge_gate(gate)
                 .with_disk(health.clone(), log.clone())
                 .coalescing(config.node_id);
+            let cadence = machine
+                .snapshot_cadence(config.snapshot_every, config.snapshot_log_percent)
+                .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))?;
             let applied = machine.applied_index();
             if machine.lost_snapshot() {
                 use openraft::{RaftSnapshotBuilder, storage::RaftStateMachine};
@@ -377,6 +395,7 @@ impl Cluster {
                 applied,
                 inflight: Arc::new(Semaphore::new(config.max_inflight_per_shard)),
                 waiting,
+                cadence,
             });
         }
         let cluster = Arc::new(Cluster {
@@ -392,6 +411,10 @@ impl Cluster {
         });
         for (shard, queue) in (0u32..).zip(queues) {
             tokio::spawn(run_batcher(Arc::downgrade(&cluster), shard, queue));
+            tokio::spawn(snapshots::run_snapshot_cadence(
+                Arc::downgrade(&cluster),
+                shard,
+            ));
             tokio::spawn(rebuild::run_rebuild(Arc::downgrade(&cluster), shard));
         }
         if cluster.config.peers.len() > 1 {

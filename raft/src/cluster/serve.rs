@@ -195,6 +195,8 @@ impl Cluster {
                     last_log_index: metrics.last_log_index,
                     applied_index: metrics.last_applied.map(|_| replica.applied.get()),
                     snapshot_index: metrics.snapshot.map(|id| id.index),
+                    snapshot_log_bytes: replica.cadence.log_bytes().0,
+                    snapshot_at_log_bytes: replica.cadence.log_bytes().1,
                     voters,
                     learners,
                     lag,

@@ -47,6 +47,8 @@ fn view(app: &AppState) -> ClusterResponse {
                 last_log_index: shard.last_log_index,
                 applied_index: shard.applied_index,
                 snapshot_index: shard.snapshot_index,
+                snapshot_log_bytes: shard.snapshot_log_bytes,
+                snapshot_at_log_bytes: shard.snapshot_at_log_bytes,
                 lag: shard
                     .lag
                     .into_iter()
