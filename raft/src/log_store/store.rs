@@ -14,6 +14,11 @@ use redb::ReadableDatabase;
 use tokio::sync::oneshot;
 
 use super::{LOG, LogDb, LogDbError, Op, RAFT_STATE, redb_error};
+
+/// Most entries one purge removes in one commit of the log's writer. The writer serves every shard,
+/// and a shard snapshots by log bytes (`--snapshot-log-percent`), so a purge can cover hundreds of
+/// thousands of entries: removed in one commit, they would hold every shard's appends for as long.
+const PURGE_CHUNK: u64 = 2048;
 use crate::state_machine::PurgeGate;
 use crate::{Entry, LogId, StorageError, TypeConfig, Vote, decode, encode};
 use shopkeep_faults::disk::{self, Backoff};
@@ -61,8 +66,12 @@ impl LogDb {
             .rev()
         {
             let (key, value) = row.map_err(redb_error)?;
-            let entry: Entry = decode(value.value()).map_err(corrupt)?;
             let (_, index) = key.value();
+            if last_purged.is_some_and(|purged| index <= purged.index) {
+                // left by a purge a crash interrupted between two chunks (see `PURGE_CHUNK`)
+                break;
+            }
+            let entry: Entry = decode(value.value()).map_err(corrupt)?;
             if entry.log_id.index != index {
                 return Err(LogDbError::Corrupt(format!(
                     "shard {shard}: entry {} stored at {index}",
@@ -272,11 +281,13 @@ impl LogStore {
         .await
     }
 
-    /// The newest entry in the file, if any (after a truncation emptied the mirror).
+    /// The newest entry in the file past the purged ones, if any (after a truncation emptied the
+    /// mirror).
     async fn last_in_file(&self) -> Result<Option<Entry>, StorageError> {
+        let after_purged = self.mirror().last_purged.map_or(0, |id| id.index + 1);
         self.with_file(|log| {
             let last = log
-                .range((self.shard, 0)..=(self.shard, u64::MAX))
+                .range((self.shard, after_purged)..=(self.shard, u64::MAX))
                 .map_err(redb_fault)?
                 .next_back()
                 .transpose()
@@ -453,8 +464,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
             .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e)))?;
         let mark = encode(&log_id).map_err(encode_error)?;
-        {
+        let from = {
             let mut mirror = self.mirror();
+            let from = mirror.last_purged.map_or(0, |id| id.index + 1);
             while mirror
                 .entries
                 .front()
@@ -465,18 +477,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
             }
             mirror.last_purged = Some(log_id);
-        }
+            from
+        };
+        // In chunks, each its own commit of the writer, which other shards' batches pass between.
+        // Each stores the final mark: a crash between two leaves entries at or below it, which every
+        // reader ignores and the next purge (from index 0) removes.
         let shard = self.shard;
-        self.queue_and_wait(
-            |done| Op::Purge {
-                shard,
-                upto: log_id.index,
-                mark,
-                done,
-            },
-            StorageIOError::write_logs,
-        )
-        .await
+        let mut upto = from.saturating_add(PURGE_CHUNK - 1).min(log_id.index);
+        loop {
+            self.queue_and_wait(
+                |done| Op::Purge {
+                    shard,
+                    upto,
+                    mark: mark.clone(),
+                    done,
+                },
+                StorageIOError::write_logs,
+            )
+            .await?;
+            if upto >= log_id.index {
+                return Ok(());
+            }
+            upto = upto.saturating_add(PURGE_CHUNK).min(log_id.index);
+        }
     }
 }
 
@@ -568,6 +591,81 @@ mod tests {
                 .last_log_id
                 .map(|id| id.index),
             Some(24)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A purge a crash interrupted after its first chunk leaves entries at or below its mark: a
+    /// reopened log ignores them, and the next purge removes them with the rest.
+    #[tokio::test]
+    async fn entries_an_interrupted_chunked_purge_left_below_its_mark_are_ignored_and_removed_later()
+     {
+        let dir = std::env::temp_dir().join(format!("sklog-purge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.redb");
+        let db = LogDb::open_with_mirror(&path, 50 * 1100).unwrap();
+        let mut store = db.shard(0).unwrap();
+        const END: u64 = 3 * PURGE_CHUNK;
+        for start in (0..END).step_by(500) {
+            store
+                .blocking_append((start..(start + 500).min(END)).map(|i| entry(1, i)))
+                .await
+                .unwrap();
+        }
+        // The first chunk of a purge up to END - 10 (the mirror holds more than the 9 entries past it),
+        // as `purge` queues it; then the crash.
+        let mark = LogId::new(CommittedLeaderId::new(1, 1), END - 10);
+        let encoded = encode(&mark).unwrap();
+        store
+            .queue_and_wait(
+                |done| Op::Purge {
+                    shard: 0,
+                    upto: PURGE_CHUNK - 1,
+                    mark: encoded,
+                    done,
+                },
+                StorageIOError::write_logs,
+            )
+            .await
+            .unwrap();
+        assert_eq!(entries_in_redb(&db), (END - PURGE_CHUNK) as usize);
+        drop(store);
+        drop(db);
+
+        let db = reopen_when_released(&path, 50 * 1100).await;
+        let mut store = db.shard(0).unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(mark));
+        assert_eq!(state.last_log_id.map(|id| id.index), Some(END - 1));
+        assert!(
+            store
+                .mirror()
+                .entries
+                .iter()
+                .all(|e| e.log_id.index > mark.index),
+            "the mirror holds nothing at or below the mark"
+        );
+        store
+            .truncate(LogId::new(CommittedLeaderId::new(1, 1), END - 9))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .get_log_state()
+                .await
+                .unwrap()
+                .last_log_id
+                .map(|id| id.index),
+            Some(END - 10),
+            "a truncation down to the mark finds no entry past it: the last is the mark"
+        );
+
+        store.purge(mark).await.unwrap();
+        assert_eq!(
+            entries_in_redb(&db),
+            0,
+            "the next purge removes what was left"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
