@@ -805,8 +805,8 @@ impl<S: ReplicatedState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> 
         if let Some(id) = meta.last_log_id {
             self.gate.raise(id.index);
         }
-        if let Some(cadence) = &self.cadence {
-            cadence.written(file.metadata().map_err(snapshot_error)?.len());
+        if let (Some(cadence), Ok(written)) = (&self.cadence, file.metadata()) {
+            cadence.written(written.len());
         }
         Ok(Snapshot {
             meta,

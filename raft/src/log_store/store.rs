@@ -629,7 +629,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(entries_in_redb(&db), (END - PURGE_CHUNK) as usize);
+        assert_eq!(entries_in_redb(&db) as u64, END - PURGE_CHUNK);
         drop(store);
         drop(db);
 
