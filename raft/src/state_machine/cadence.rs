@@ -72,7 +72,7 @@ impl SnapshotCadence {
             && self.bytes.load(Ordering::Relaxed) >= self.bytes_needed()
     }
 
-    /// Log bytes since the last snapshot, and the bytes the next one waits for (for the metrics).
+    /// Log bytes since the last snapshot, and the bytes the next one waits for (for the status).
     pub fn log_bytes(&self) -> (u64, u64) {
         (self.bytes.load(Ordering::Relaxed), self.bytes_needed())
     }
