@@ -2,13 +2,18 @@
 //! one at a time on each shard's leader.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 
 use super::{Cluster, ClusterError, NodeId, fatal, not_leader};
 use crate::rpc::{MembershipChange, NodeRequest, NodeResponse, Refusal};
+
+/// How long a change waits before it tries again while the shard's previous change is not committed yet
+/// (openraft refuses a change then, e.g. a promotion right after the add, which answers once the learner
+/// caught up, not once its entry is committed).
+const IN_PROGRESS_RETRY: Duration = Duration::from_millis(20);
 
 /// How long a node being added has to answer the check of who it is.
 const NEWCOMER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,21 +73,49 @@ impl Cluster {
         Ok(())
     }
 
+    /// Applies `change` to `shard` here, on its leader, waiting out (until the deadline) a previous change
+    /// of the shard that is not committed yet.
     pub(super) async fn change_membership_local(
         &self,
         shard: u32,
         change: MembershipChange,
     ) -> Result<(), Refusal> {
+        let deadline = Instant::now() + self.config.deadline;
+        loop {
+            match self.change_membership_once(shard, change.clone()).await? {
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() < deadline => tokio::time::sleep(IN_PROGRESS_RETRY).await,
+                Ok(()) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    return Err(not_leader(&self.transport, forward));
+                }
+                Err(RaftError::APIError(other)) => {
+                    return Err(Refusal::Rejected(other.to_string()));
+                }
+                Err(RaftError::Fatal(error)) => return Err(fatal(error)),
+            }
+        }
+    }
+
+    /// One attempt of `change_membership_local`: a refusal decided here, or what openraft answered.
+    async fn change_membership_once(
+        &self,
+        shard: u32,
+        change: MembershipChange,
+    ) -> Result<Result<(), RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>, Refusal> {
         let replica = self.replica(shard)?;
         let raft = &replica.raft;
         let membership = raft.metrics().borrow().membership_config.clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-        let result = match change {
+        let members =
+            |change| async move { raft.change_membership(change, false).await.map(|_| ()) };
+        Ok(match change {
             MembershipChange::AddLearner { node, addr } => {
                 self.transport.remember(node, &addr);
                 if voters.contains(&node) {
-                    return Ok(());
+                    return Ok(Ok(()));
                 }
                 raft.add_learner(node, BasicNode::new(addr), true)
                     .await
@@ -90,48 +123,28 @@ impl Cluster {
             }
             MembershipChange::Promote { node } => {
                 if voters.contains(&node) {
-                    return Ok(());
+                    return Ok(Ok(()));
                 }
                 if !known.contains(&node) {
                     return Err(Refusal::Rejected(format!(
                         "node {node} is not a learner of shard {shard}; add it first"
                     )));
                 }
-                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node])), false)
-                    .await
-                    .map(|_| ())
+                members(ChangeMembers::AddVoterIds(BTreeSet::from([node]))).await
             }
             MembershipChange::Remove { node } => {
                 if !known.contains(&node) {
-                    return Ok(());
+                    return Ok(Ok(()));
                 }
                 if voters.contains(&node) {
                     if voters.len() == 1 {
                         return Err(Refusal::Rejected("cannot remove the last voter".into()));
                     }
-                    raft.change_membership(
-                        ChangeMembers::RemoveVoters(BTreeSet::from([node])),
-                        false,
-                    )
-                    .await
-                    .map(|_| ())
+                    members(ChangeMembers::RemoveVoters(BTreeSet::from([node]))).await
                 } else {
-                    raft.change_membership(
-                        ChangeMembers::RemoveNodes(BTreeSet::from([node])),
-                        false,
-                    )
-                    .await
-                    .map(|_| ())
+                    members(ChangeMembers::RemoveNodes(BTreeSet::from([node]))).await
                 }
             }
-        };
-        match result {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(not_leader(&self.transport, forward))
-            }
-            Err(RaftError::APIError(other)) => Err(Refusal::Rejected(other.to_string())),
-            Err(RaftError::Fatal(error)) => Err(fatal(error)),
-        }
+        })
     }
 }
