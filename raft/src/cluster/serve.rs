@@ -181,6 +181,7 @@ impl Cluster {
                             .collect()
                     })
                     .unwrap_or_default();
+                let (snapshot_log_bytes, snapshot_at_log_bytes) = replica.cadence.log_bytes();
                 ShardStatus {
                     shard,
                     role: match metrics.state {
@@ -195,8 +196,8 @@ impl Cluster {
                     last_log_index: metrics.last_log_index,
                     applied_index: metrics.last_applied.map(|_| replica.applied.get()),
                     snapshot_index: metrics.snapshot.map(|id| id.index),
-                    snapshot_log_bytes: replica.cadence.log_bytes().0,
-                    snapshot_at_log_bytes: replica.cadence.log_bytes().1,
+                    snapshot_log_bytes,
+                    snapshot_at_log_bytes,
                     voters,
                     learners,
                     lag,

@@ -600,10 +600,8 @@ mod tests {
     #[tokio::test]
     async fn entries_an_interrupted_chunked_purge_left_below_its_mark_are_ignored_and_removed_later()
      {
-        let dir = std::env::temp_dir().join(format!("sklog-purge-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("log.redb");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
         let db = LogDb::open_with_mirror(&path, 50 * 1100).unwrap();
         let mut store = db.shard(0).unwrap();
         const END: u64 = 3 * PURGE_CHUNK;
@@ -667,7 +665,6 @@ mod tests {
             0,
             "the next purge removes what was left"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The live redb file's entries of shard 0, as any reader of it sees them (unsynced commits too).
