@@ -74,8 +74,9 @@ pub trait Export: Send {
     fn write_to(&mut self, out: &mut dyn Write) -> Result<(), StateError>;
 }
 
-/// The application's state machine of one shard. Every method is blocking (called off the async
-/// workers) and deterministic in what it stores.
+/// The application's state machine of one shard. Every method is blocking and deterministic in what it
+/// stores. They are called off the async workers, except `apply_batch` of a small batch whose commit will
+/// not wait on the disk (`next_apply_waits_on_disk`): that one runs on the worker, as a short poll would.
 pub trait ReplicatedState: Send + Sync + 'static {
     /// The marker stored by the last `apply` or `import`, `None` for a new state.
     fn marker(&self) -> Result<Option<Vec<u8>>, StateError>;
@@ -90,6 +91,12 @@ pub trait ReplicatedState: Send + Sync + 'static {
     fn export(&self) -> Result<Box<dyn Export>, StateError>;
     /// Replaces the whole state by an exported body and its marker, atomically and durably.
     fn import(&self, body: &mut dyn Read, marker: &[u8]) -> Result<(), StateError>;
+    /// Whether the next `apply_batch` may wait on the disk (a durable commit). The adapter runs a small
+    /// batch that will not on the async worker itself, sparing it two thread hand-offs (to a blocking
+    /// thread and back); any other on a blocking thread.
+    fn next_apply_waits_on_disk(&self) -> bool {
+        true
+    }
     /// The file the state lives in (named when the disk is full).
     fn location(&self) -> PathBuf {
         PathBuf::from("state")
@@ -299,10 +306,18 @@ impl Recovery {
         let target = applied.deferred_marker.clone();
         let marker = encode(&target).map_err(sm_error)?;
         let entries = Arc::new(applied.deferred.take());
+        let inline = entries.iter().map(payload_bytes).sum::<u64>() <= INLINE_APPLY_BYTES
+            && !state.next_apply_waits_on_disk();
         let written = self
             .until_written(state, &applied.held, true, || {
                 let (state, entries, marker) = (state.clone(), entries.clone(), marker.clone());
-                attempt(move || apply_now(&*state, &entries, &marker))
+                async move {
+                    if inline {
+                        apply_now(&*state, &entries, &marker)
+                    } else {
+                        attempt(move || apply_now(&*state, &entries, &marker)).await
+                    }
+                }
             })
             .await;
         let replies = match written {
@@ -322,6 +337,10 @@ impl Recovery {
         Ok(replies)
     }
 }
+
+/// The most payload bytes a batch applied on the async worker itself may hold (a few commands: their
+/// apply takes ~0.1 ms, no longer than a worker may be held).
+const INLINE_APPLY_BYTES: u64 = 1024;
 
 /// Applies `entries` in one transaction of the state with `marker`; one response per entry.
 fn apply_now<S: ReplicatedState>(
@@ -829,5 +848,96 @@ fn same_file(file: &File, path: &Path) -> bool {
     match (file.metadata(), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread::ThreadId;
+
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::{
+        Applying, Export, INLINE_APPLY_BYTES, ReplicatedState, StateError, StateMachineStore,
+    };
+    use crate::{Entry, LogId, Payload, batch};
+
+    /// A state that notes the thread each batch was applied on, and says its next commit waits on the
+    /// disk when told to.
+    #[derive(Default)]
+    struct ThreadNoted {
+        waits: AtomicBool,
+        threads: Mutex<Vec<ThreadId>>,
+    }
+
+    struct Nothing;
+
+    impl Export for Nothing {
+        fn marker(&self) -> Option<Vec<u8>> {
+            None
+        }
+        fn write_to(&mut self, _out: &mut dyn Write) -> Result<(), StateError> {
+            Ok(())
+        }
+    }
+
+    impl ReplicatedState for ThreadNoted {
+        fn marker(&self) -> Result<Option<Vec<u8>>, StateError> {
+            Ok(None)
+        }
+        fn apply_batch(
+            &self,
+            items: &[Applying<'_>],
+            _marker: &[u8],
+        ) -> Result<Vec<Vec<u8>>, StateError> {
+            self.threads
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+            Ok(vec![Vec::new(); items.len()])
+        }
+        fn next_apply_waits_on_disk(&self) -> bool {
+            self.waits.load(Ordering::Relaxed)
+        }
+        fn export(&self) -> Result<Box<dyn Export>, StateError> {
+            Ok(Box::new(Nothing))
+        }
+        fn import(&self, _body: &mut dyn Read, _marker: &[u8]) -> Result<(), StateError> {
+            Ok(())
+        }
+    }
+
+    fn entry(index: u64, command_bytes: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Payload(batch::encode(&[vec![7u8; command_bytes]]))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_small_batch_whose_commit_does_not_wait_on_the_disk_is_applied_on_the_worker_any_other_on_a_blocking_thread()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let state = std::sync::Arc::new(ThreadNoted::default());
+        let mut store =
+            StateMachineStore::new(state.clone(), dir.path().join("snapshots")).unwrap();
+        let worker = std::thread::current().id();
+        store.apply([entry(1, 100)]).await.unwrap();
+        state.waits.store(true, Ordering::Relaxed);
+        store.apply([entry(2, 100)]).await.unwrap();
+        state.waits.store(false, Ordering::Relaxed);
+        store
+            .apply([entry(3, INLINE_APPLY_BYTES as usize)])
+            .await
+            .unwrap();
+        let threads = state.threads.lock().unwrap().clone();
+        assert_eq!(threads.len(), 3);
+        assert_eq!(threads[0], worker, "small, no fsync due: on the worker");
+        assert_ne!(threads[1], worker, "an fsync due: on a blocking thread");
+        assert_ne!(threads[2], worker, "too large: on a blocking thread");
     }
 }

@@ -143,6 +143,12 @@ impl ReplicatedState for ShardMachine {
         Ok(())
     }
 
+    fn next_apply_waits_on_disk(&self) -> bool {
+        // The margin covers the time between this answer and the apply's own decision.
+        self.store
+            .durable_commit_due(std::time::Duration::from_millis(20))
+    }
+
     fn location(&self) -> std::path::PathBuf {
         self.store.path().to_path_buf()
     }

@@ -317,6 +317,12 @@ impl ShardStore {
         Ok(applied)
     }
 
+    /// Whether the next apply's commit is due to be durable (an fsync) now or within `margin`.
+    pub fn durable_commit_due(&self, margin: Duration) -> bool {
+        let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
+        durable_at.elapsed() + margin >= DURABLE_EVERY
+    }
+
     fn apply_entries_once(
         &self,
         entries: &[(u64, Option<&Envelope>)],
