@@ -20,7 +20,8 @@
 //!   right after it (the machine's load drifts over minutes); the reference is the better of the two.
 //!   Goal: throughput and p99 within 20 % of the empty shop's, peak RSS ≤ 256 MiB;
 //! - **audit**: `GET /v1/admin/audit` (every row of every shard), its time, its verdict, and its order
-//!   count equal to the loaded orders plus those the clients saw created;
+//!   count equal to the loaded orders plus those the clients saw created, and the node's peak RSS
+//!   through it (`VmHWM` read after it: the audit holds per-user sums in memory);
 //! - **restart to ready**: SIGKILL, start again, time until `/readyz` answers 200;
 //! - **snapshots** (`SHOPKEEP_BENCH_SCALE_CLUSTER=users,orders`, by default the run's size; `0` skips
 //!   them): on the loaded shop, or on a smaller one loaded for this part alone (the loaded shop's
@@ -85,6 +86,8 @@ pub(crate) struct ShopRun {
     /// The peak RSS of the node over both load phases, KiB.
     pub(crate) peak_rss_kib: Option<u64>,
     pub(crate) audit_s: f64,
+    /// The node's peak RSS from its start through the audit (the audit's own memory included), KiB.
+    pub(crate) audit_rss_kib: Option<u64>,
     pub(crate) checks: Vec<(String, bool)>,
     pub(crate) restart_ready_s: Option<f64>,
     /// Orders the clients saw created (both phases, warm-ups included).
@@ -412,7 +415,11 @@ async fn run_shop(
     let audit_started = Instant::now();
     let checks = check_audit(client, &node.base, orders + created).await;
     let audit_s = audit_started.elapsed().as_secs_f64();
-    eprintln!("scale {name}: audit in {audit_s:.1} s");
+    let audit_rss_kib = node.peak_kib();
+    eprintln!(
+        "scale {name}: audit in {audit_s:.1} s, peak RSS through it {} MiB",
+        mib(audit_rss_kib)
+    );
 
     let restart_ready_s = if orders > 0 {
         let seconds = node.kill_and_restart(client).await;
@@ -432,6 +439,7 @@ async fn run_shop(
         half_peak,
         peak_rss_kib,
         audit_s,
+        audit_rss_kib,
         checks,
         restart_ready_s,
         created,
@@ -726,6 +734,12 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         format!("{:.2}", b.audit_s),
         "",
     );
+    row(
+        "  peak RSS MiB through the audit",
+        mib(e.audit_rss_kib),
+        mib(b.audit_rss_kib),
+        "",
+    );
     if let Some((users, orders)) = report.cluster_size {
         println!(
             "3-node part on a shop of {users} users and {orders} orders{}:",
@@ -770,6 +784,7 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             "half_peak": run.half_peak.as_ref().map(OpenLoopResult::to_json),
             "peak_rss_kib": run.peak_rss_kib,
             "audit_seconds": round2(run.audit_s),
+            "audit_peak_rss_kib": run.audit_rss_kib,
             "restart_ready_seconds": run.restart_ready_s.map(round2),
             "checks": run.checks.iter().map(|(t, ok)| json!({"check": t, "ok": ok})).collect::<Vec<_>>(),
         })
