@@ -931,7 +931,7 @@ mod tests {
         store.apply([entry(2, 100)]).await.unwrap();
         state.waits.store(false, Ordering::Relaxed);
         store
-            .apply([entry(3, INLINE_APPLY_BYTES as usize)])
+            .apply([entry(3, usize::try_from(INLINE_APPLY_BYTES).unwrap())])
             .await
             .unwrap();
         let threads = state.threads.lock().unwrap().clone();

@@ -26,8 +26,12 @@
 //!   them are missing, so a row may count less, never more).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 
-use redb::{Key, ReadTransaction, ReadableTable, TableDefinition, Value};
+use redb::{
+    Key, ReadOnlyTable, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+    Value,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -35,8 +39,8 @@ use super::tables::{self, TableVisitor, decode};
 use super::{MetaState, StoreError, query};
 use crate::domain::limits::Window;
 use crate::domain::{
-    Credit, Dispute, Entitlement, LimitSet, Money, Order, OrderStatus, Posting, Refund, Reversal,
-    ReversalSource, Timestamp, Topup, TopupStatus, User,
+    Credit, Dispute, Entitlement, LimitSet, Money, Order, OrderStatus, Posting, PostingKind,
+    PostingRef, Refund, Reversal, ReversalSource, Timestamp, Topup, TopupStatus, User,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -61,49 +65,50 @@ struct WalletSums {
 }
 
 /// Audits the shard as `txn` sees it (module docs): every mismatch is a violation in the answer.
+///
+/// Its memory does not grow with the shard: the tables are walked in key order, what is summed per user is
+/// summed one user at a time through the user-keyed indexes (`audit_users`), and what no
+/// user reached is found by counting rows (`check_reached`).
 pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError> {
     let meta = query::meta(txn)?;
     let mut violations = Vec::new();
     let postings = audit_postings(txn, &meta, &mut violations)?;
-    let posting_count = postings.count;
-    let user_count = audit_wallets(txn, postings, &mut violations)?;
-    let (order_count, expected_grants) = audit_orders(txn, &mut violations)?;
-    audit_entitlements(txn, expected_grants, &mut violations)?;
+    let order_count = audit_orders(txn, &mut violations)?;
+    let users = audit_users(txn, &mut violations)?;
+    check_accounts(&postings, &users, &mut violations);
+    check_reached(txn, &postings, order_count, &users, &mut violations)?;
     audit_topup_indexes(txn, &mut violations)?;
     audit_reversals(txn, &mut violations)?;
     audit_events(txn, &mut violations)?;
     audit_limits(txn, &mut violations)?;
+    audit_orphan_usage(txn, &mut violations)?;
 
     Ok(ShardAudit {
         shard,
         last_applied: meta.last_applied,
-        users: user_count,
+        users: users.users,
         orders: order_count,
-        postings: posting_count,
+        postings: postings.count,
         state_hash: state_hash(txn)?,
         violations,
     })
 }
 
-/// What the postings add up to: per wallet, per system account, and how many there are.
+/// What the postings add up to for the system accounts, and how many there are.
 struct PostingSums {
-    wallets: HashMap<String, WalletSums>,
     psp_clearing: i128,
     revenue: i128,
     receivable: i128,
     count: u64,
 }
 
-/// (user, item) → (granted, revoked) as completed orders and their refunds say.
-type ExpectedGrants = BTreeMap<(String, String), (u64, u64)>;
-
-/// The posting chain, each posting's accounts, and the sums per wallet and system account.
+/// The posting chain, each posting's accounts, and the sums of the system accounts (the wallets are summed
+/// per user, `audit_users`).
 fn audit_postings(
     txn: &ReadTransaction,
     meta: &MetaState,
     violations: &mut Vec<String>,
 ) -> Result<PostingSums, StoreError> {
-    let mut wallets: HashMap<String, WalletSums> = HashMap::new();
     let (mut psp_clearing, mut revenue, mut receivable) = (0i128, 0i128, 0i128);
     let mut head = [0u8; 32];
     let mut posting_count = 0u64;
@@ -135,21 +140,6 @@ fn audit_postings(
                 posting.seq
             ));
         }
-        let (balance_delta, held_delta) = posting.kind.wallet_delta(posting.amount);
-        let sums = wallets.entry(posting.user_id.clone()).or_default();
-        sums.balance += balance_delta;
-        sums.held += held_delta;
-        sums.debt += posting.kind.debt_delta(posting.amount);
-        sums.entries += 1;
-        if sums.entries != posting.user_seq
-            || sums.balance != i128::from(posting.balance_after.minor())
-            || sums.held != i128::from(posting.held_after.minor())
-        {
-            violations.push(format!(
-                "posting {} disagrees with the running wallet of {}",
-                posting.seq, posting.user_id
-            ));
-        }
         let system = posting.kind.system_delta(posting.amount);
         psp_clearing += system.psp_clearing;
         revenue += system.revenue;
@@ -167,7 +157,6 @@ fn audit_postings(
             .push("system account balances differ from the sums of their postings".to_owned());
     }
     Ok(PostingSums {
-        wallets,
         psp_clearing,
         revenue,
         receivable,
@@ -175,105 +164,294 @@ fn audit_postings(
     })
 }
 
-/// Each wallet against the sums of its postings and its pending orders; the accounts sum to zero.
-/// Returns how many users there are.
-fn audit_wallets(
-    txn: &ReadTransaction,
-    postings: PostingSums,
-    violations: &mut Vec<String>,
-) -> Result<u64, StoreError> {
-    let PostingSums {
-        mut wallets,
-        psp_clearing,
-        revenue,
-        receivable,
-        ..
-    } = postings;
-    let mut pending_holds: HashMap<String, i128> = HashMap::new();
-    for entry in txn.open_table(tables::USER_PENDING)?.iter()? {
-        let (key, value) = entry?;
-        *pending_holds.entry(key.value().0.to_owned()).or_default() += i128::from(value.value().1);
-    }
-    for entry in txn.open_table(tables::DISPUTES)?.iter()? {
-        let dispute: Dispute = decode(entry?.1.value())?;
-        *pending_holds.entry(dispute.user_id.clone()).or_default() +=
-            i128::from(dispute.held.minor());
-    }
-    let debts = txn.open_table(tables::DEBTS)?;
-    let mut debt_total = 0i128;
-
-    // Wallets.
-    let mut user_count = 0u64;
-    let mut wallet_total = 0i128;
-    for entry in txn.open_table(tables::USERS)?.iter()? {
-        let user: User = decode(entry?.1.value())?;
-        user_count += 1;
-        wallet_total += i128::from(user.balance.minor());
-        let sums = wallets.remove(&user.user_id).unwrap_or_default();
-        let id = &user.user_id;
-        if i128::from(user.balance.minor()) != sums.balance {
-            violations.push(format!(
-                "wallet {id}: balance {} != sum of postings {}",
-                user.balance.minor(),
-                sums.balance
-            ));
-        }
-        if i128::from(user.held.minor()) != sums.held {
-            violations.push(format!(
-                "wallet {id}: held {} != sum of postings {}",
-                user.held.minor(),
-                sums.held
-            ));
-        }
-        if user.ledger_seq != sums.entries {
-            violations.push(format!(
-                "wallet {id}: ledger_seq {} != {} entries",
-                user.ledger_seq, sums.entries
-            ));
-        }
-        let pending = pending_holds.remove(id).unwrap_or(0);
-        if i128::from(user.held.minor()) != pending {
-            violations.push(format!(
-                "wallet {id}: held {} != pending orders and dispute holds {pending}",
-                user.held.minor()
-            ));
-        }
-        let debt = i128::from(debts.get(id.as_str())?.map_or(0, |d| d.value()));
-        debt_total += debt;
-        if debt != sums.debt || debt < 0 {
-            violations.push(format!(
-                "wallet {id}: debt {debt} != sum of debt postings {} (or negative)",
-                sums.debt
-            ));
-        }
-        if user.balance.is_negative() || user.held.is_negative() || user.held > user.balance {
-            violations.push(format!("wallet {id}: negative balance or available"));
-        }
-    }
-    for user_id in wallets.keys().chain(pending_holds.keys()) {
-        violations.push(format!(
-            "postings or pending orders reference unknown user {user_id}"
-        ));
-    }
-    if wallet_total + psp_clearing + revenue + receivable != 0 {
-        violations.push("accounts do not sum to zero".to_owned());
-    }
-    if receivable != -debt_total {
-        violations.push(format!(
-            "receivable {receivable} is not minus the debts summed ({debt_total})"
-        ));
-    }
-    Ok(user_count)
+/// What the walk of every user found: the sums over all wallets, and how many rows of each user-keyed
+/// table it reached (a row no user reaches belongs to no user, or is missing from its user's index).
+#[derive(Default)]
+struct UserTotals {
+    users: u64,
+    wallet_total: i128,
+    debt_total: i128,
+    postings: u64,
+    orders: u64,
+    pending: u64,
+    disputes: u64,
+    entitlements: u64,
 }
 
-/// Each order's totals, refunds and pending index; returns how many orders there are and what the
-/// completed ones granted.
-fn audit_orders(
+type Bytes = &'static [u8];
+
+/// The user-keyed tables one user's checks read.
+struct UserTables {
+    postings: ReadOnlyTable<u64, Bytes>,
+    user_postings: ReadOnlyTable<(&'static str, u64), u64>,
+    orders: ReadOnlyTable<u128, Bytes>,
+    user_orders: ReadOnlyTable<(&'static str, i64, u128), ()>,
+    user_pending: ReadOnlyTable<(&'static str, u128), (i64, i64)>,
+    disputes: ReadOnlyTable<(&'static str, &'static str), Bytes>,
+    entitlements: ReadOnlyTable<(&'static str, &'static str), Bytes>,
+    debts: ReadOnlyTable<&'static str, i64>,
+    refunds: ReadOnlyTable<u128, Bytes>,
+    usage: ReadOnlyTable<(&'static str, u8, i64), i64>,
+}
+
+impl UserTables {
+    fn open(txn: &ReadTransaction) -> Result<UserTables, StoreError> {
+        Ok(UserTables {
+            postings: txn.open_table(tables::POSTINGS)?,
+            user_postings: txn.open_table(tables::USER_POSTINGS)?,
+            orders: txn.open_table(tables::ORDERS)?,
+            user_orders: txn.open_table(tables::USER_ORDERS)?,
+            user_pending: txn.open_table(tables::USER_PENDING)?,
+            disputes: txn.open_table(tables::DISPUTES)?,
+            entitlements: txn.open_table(tables::ENTITLEMENTS)?,
+            debts: txn.open_table(tables::DEBTS)?,
+            refunds: txn.open_table(tables::REFUNDS)?,
+            usage: txn.open_table(tables::USAGE)?,
+        })
+    }
+
+    /// The postings of `user_id`'s ledger in its order, each checked to be the user's and in place.
+    fn ledger_of(
+        &self,
+        user_id: &str,
+        violations: &mut Vec<String>,
+        mut each: impl FnMut(Posting),
+    ) -> Result<u64, StoreError> {
+        let mut count = 0u64;
+        for entry in self
+            .user_postings
+            .range((user_id, 0)..=(user_id, u64::MAX))?
+        {
+            let (key, seq) = entry?;
+            let (user_seq, seq) = (key.value().1, seq.value());
+            count += 1;
+            let Some(posting) = tables::get::<_, Posting, _>(&self.postings, seq)? else {
+                violations.push(format!(
+                    "the ledger of {user_id} names posting {seq}, which does not exist"
+                ));
+                continue;
+            };
+            if posting.user_id != user_id || posting.user_seq != user_seq {
+                violations.push(format!(
+                    "the ledger of {user_id} names posting {seq} as its entry {user_seq}, which it is not"
+                ));
+                continue;
+            }
+            each(posting);
+        }
+        Ok(count)
+    }
+
+    /// Counts the refunds `ids` (of one user, each once) into the windows of `happened`.
+    fn count_refunds(
+        &self,
+        ids: Vec<uuid::Uuid>,
+        happened: &mut Happened,
+    ) -> Result<(), StoreError> {
+        for id in ids {
+            if let Some(refund) = tables::get::<_, Refund, _>(&self.refunds, id.as_u128())? {
+                count_in(happened, Window::RefundsPerDay, refund.created_at, 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// The orders of `user_id`, each checked to be the user's and at its indexed time.
+    fn orders_of(
+        &self,
+        user_id: &str,
+        violations: &mut Vec<String>,
+        mut each: impl FnMut(Order),
+    ) -> Result<u64, StoreError> {
+        let mut count = 0u64;
+        let bounds = (user_id, i64::MIN, 0u128)..=(user_id, i64::MAX, u128::MAX);
+        for entry in self.user_orders.range(bounds)? {
+            let (_, created, id) = entry?.0.value();
+            count += 1;
+            let order = tables::get::<_, Order, _>(&self.orders, id)?;
+            match order {
+                Some(order) if order.user_id == user_id && order.created_at.micros() == created => {
+                    each(order);
+                }
+                _ => violations.push(format!(
+                    "the orders of {user_id} name order {}, which is not theirs at that time",
+                    uuid::Uuid::from_u128(id)
+                )),
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// Every user, one at a time: the wallet against its ledger, pending orders, disputes and debt; the
+/// entitlements against what the user's orders granted; the usage rows against what happened.
+fn audit_users(
     txn: &ReadTransaction,
     violations: &mut Vec<String>,
-) -> Result<(u64, ExpectedGrants), StoreError> {
+) -> Result<UserTotals, StoreError> {
+    let tables = UserTables::open(txn)?;
+    let mut totals = UserTotals::default();
+    for entry in txn.open_table(tables::USERS)?.iter()? {
+        let user: User = decode(entry?.1.value())?;
+        totals.users += 1;
+        totals.wallet_total += i128::from(user.balance.minor());
+        let mut happened = Happened::new();
+        audit_wallet(&tables, &user, &mut happened, &mut totals, violations)?;
+        audit_entitlements(
+            &tables,
+            &user.user_id,
+            &mut happened,
+            &mut totals,
+            violations,
+        )?;
+        audit_usage_of(&tables, &user.user_id, &happened, violations)?;
+    }
+    Ok(totals)
+}
+
+/// One wallet against the running sums of its ledger, its pending orders and dispute holds, and its debt.
+fn audit_wallet(
+    tables: &UserTables,
+    user: &User,
+    happened: &mut Happened,
+    totals: &mut UserTotals,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let id = user.user_id.as_str();
+    let mut sums = WalletSums::default();
+    let mut running = Vec::new();
+    let mut refunds = Vec::new();
+    totals.postings += tables.ledger_of(id, violations, |posting| {
+        if let (PostingKind::Refund, PostingRef::Refund(refund)) = (posting.kind, posting.reference)
+        {
+            refunds.push(refund);
+        }
+        let (balance_delta, held_delta) = posting.kind.wallet_delta(posting.amount);
+        sums.balance += balance_delta;
+        sums.held += held_delta;
+        sums.debt += posting.kind.debt_delta(posting.amount);
+        sums.entries += 1;
+        if sums.entries != posting.user_seq
+            || sums.balance != i128::from(posting.balance_after.minor())
+            || sums.held != i128::from(posting.held_after.minor())
+        {
+            running.push(format!(
+                "posting {} disagrees with the running wallet of {id}",
+                posting.seq
+            ));
+        }
+    })?;
+    violations.append(&mut running);
+    tables.count_refunds(refunds, happened)?;
+    if i128::from(user.balance.minor()) != sums.balance {
+        violations.push(format!(
+            "wallet {id}: balance {} != sum of postings {}",
+            user.balance.minor(),
+            sums.balance
+        ));
+    }
+    if i128::from(user.held.minor()) != sums.held {
+        violations.push(format!(
+            "wallet {id}: held {} != sum of postings {}",
+            user.held.minor(),
+            sums.held
+        ));
+    }
+    if user.ledger_seq != sums.entries {
+        violations.push(format!(
+            "wallet {id}: ledger_seq {} != {} entries",
+            user.ledger_seq, sums.entries
+        ));
+    }
+    let mut pending = 0i128;
+    for entry in tables.user_pending.range((id, 0)..=(id, u128::MAX))? {
+        pending += i128::from(entry?.1.value().1);
+        totals.pending += 1;
+    }
+    for entry in tables.disputes.range((id, "")..)? {
+        let (key, value) = entry?;
+        if key.value().0 != id {
+            break;
+        }
+        let dispute: Dispute = decode(value.value())?;
+        pending += i128::from(dispute.held.minor());
+        totals.disputes += 1;
+    }
+    if i128::from(user.held.minor()) != pending {
+        violations.push(format!(
+            "wallet {id}: held {} != pending orders and dispute holds {pending}",
+            user.held.minor()
+        ));
+    }
+    let debt = i128::from(tables.debts.get(id)?.map_or(0, |d| d.value()));
+    totals.debt_total += debt;
+    if debt != sums.debt || debt < 0 {
+        violations.push(format!(
+            "wallet {id}: debt {debt} != sum of debt postings {} (or negative)",
+            sums.debt
+        ));
+    }
+    if user.balance.is_negative() || user.held.is_negative() || user.held > user.balance {
+        violations.push(format!("wallet {id}: negative balance or available"));
+    }
+    Ok(())
+}
+
+/// The accounts sum to zero, and the receivable is minus the debts.
+fn check_accounts(postings: &PostingSums, users: &UserTotals, violations: &mut Vec<String>) {
+    let system = postings.psp_clearing + postings.revenue + postings.receivable;
+    if users.wallet_total + system != 0 {
+        violations.push("accounts do not sum to zero".to_owned());
+    }
+    if postings.receivable != -users.debt_total {
+        violations.push(format!(
+            "receivable {} is not minus the debts summed ({})",
+            postings.receivable, users.debt_total
+        ));
+    }
+}
+
+/// Rows of the user-keyed tables that the walk of every user did not reach: of no user, or missing from
+/// their user's index.
+fn check_reached(
+    txn: &ReadTransaction,
+    postings: &PostingSums,
+    order_count: u64,
+    users: &UserTotals,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let counts = [
+        ("postings", postings.count, users.postings),
+        ("orders", order_count, users.orders),
+        (
+            "pending orders",
+            txn.open_table(tables::USER_PENDING)?.len()?,
+            users.pending,
+        ),
+        (
+            "disputes",
+            txn.open_table(tables::DISPUTES)?.len()?,
+            users.disputes,
+        ),
+        (
+            "entitlements",
+            txn.open_table(tables::ENTITLEMENTS)?.len()?,
+            users.entitlements,
+        ),
+    ];
+    for (what, rows, reached) in counts {
+        if rows != reached {
+            violations.push(format!(
+                "{what}: {rows} rows, but the users' own indexes reach {reached}: rows of unknown users, or missing from their user's index"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Each order's totals, refunds and pending index; returns how many orders there are.
+fn audit_orders(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<u64, StoreError> {
     let pending_index = txn.open_table(tables::USER_PENDING)?;
-    let mut expected_grants = ExpectedGrants::new();
     let mut order_count = 0u64;
     for entry in txn.open_table(tables::ORDERS)?.iter()? {
         let order: Order = decode(entry?.1.value())?;
@@ -308,32 +486,40 @@ fn audit_orders(
                 order.status.as_str()
             ));
         }
+    }
+    Ok(order_count)
+}
+
+/// One user's entitlements against what the user's completed orders granted and their refunds revoked;
+/// no grant without its row. Counts the orders' windows into `happened`.
+fn audit_entitlements(
+    tables: &UserTables,
+    user_id: &str,
+    happened: &mut Happened,
+    totals: &mut UserTotals,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    // item → (granted, revoked): one user's items.
+    let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    totals.orders += tables.orders_of(user_id, violations, |order| {
+        count_order(&order, happened);
         if order.status.was_completed() {
             for line in &order.lines {
-                let e = expected_grants
-                    .entry((order.user_id.clone(), line.item_id.clone()))
-                    .or_default();
+                let e = expected.entry(line.item_id.clone()).or_default();
                 e.0 = e.0.saturating_add(u64::from(line.quantity));
                 e.1 = e.1.saturating_add(u64::from(line.refunded_quantity));
             }
         }
-    }
-    Ok((order_count, expected_grants))
-}
-
-/// Each entitlement against what orders granted and revoked; no grant without its row.
-fn audit_entitlements(
-    txn: &ReadTransaction,
-    mut expected_grants: ExpectedGrants,
-    violations: &mut Vec<String>,
-) -> Result<(), StoreError> {
-    for entry in txn.open_table(tables::ENTITLEMENTS)?.iter()? {
+    })?;
+    for entry in tables.entitlements.range((user_id, "")..)? {
         let (key, value) = entry?;
-        let (user_id, item_id) = key.value();
+        let (owner, item_id) = key.value();
+        if owner != user_id {
+            break;
+        }
+        totals.entitlements += 1;
         let entitlement: Entitlement = decode(value.value())?;
-        let (granted, revoked) = expected_grants
-            .remove(&(user_id.to_owned(), item_id.to_owned()))
-            .unwrap_or_default();
+        let (granted, revoked) = expected.remove(item_id).unwrap_or_default();
         if entitlement.granted != granted || entitlement.revoked != revoked {
             violations.push(format!(
                 "entitlement {user_id}/{item_id}: granted {} revoked {} but orders say {granted} and {revoked}",
@@ -353,7 +539,7 @@ fn audit_entitlements(
             ));
         }
     }
-    for ((user_id, item_id), (granted, _)) in expected_grants {
+    for (item_id, (granted, _)) in expected {
         if granted > 0 {
             violations.push(format!(
                 "entitlement {user_id}/{item_id}: completed orders granted it but no row exists"
@@ -494,55 +680,127 @@ fn audit_limits(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(
             violations.push(format!("limits of {user_id}: {why}"));
         }
     }
-    // What happened, per (user, window tag, window start).
-    let mut happened: HashMap<(String, u8, i64), i128> = HashMap::new();
-    let mut add = |user: &str, window: Window, at: Timestamp, amount: i64| {
-        *happened
-            .entry((user.to_owned(), window.tag(), window.start(at).micros()))
-            .or_default() += i128::from(amount);
-    };
-    for entry in txn.open_table(tables::ORDERS)?.iter()? {
-        let order: Order = decode(entry?.1.value())?;
-        add(&order.user_id, Window::OrdersPerHour, order.created_at, 1);
-        if let Some(at) = order.completed_at {
-            add(&order.user_id, Window::SpendPerDay, at, order.total.minor());
-        }
-    }
-    for entry in txn.open_table(tables::REFUNDS)?.iter()? {
-        let refund: Refund = decode(entry?.1.value())?;
-        add(&refund.user_id, Window::RefundsPerDay, refund.created_at, 1);
-    }
-    let mut rows: BTreeMap<(String, u8), Vec<i64>> = BTreeMap::new();
-    for entry in txn.open_table(tables::USAGE)?.iter()? {
-        let (key, value) = entry?;
-        let (user_id, tag, start) = key.value();
-        let count = value.value();
-        let Some(window) = Window::from_tag(tag) else {
-            violations.push(format!("usage of {user_id}: unknown window {tag}"));
-            continue;
-        };
-        if users.get(user_id)?.is_none() {
+    Ok(())
+}
+
+/// What happened to one user, per (window tag, window start): orders created, money debited, refunds.
+type Happened = HashMap<(u8, i64), i128>;
+
+/// The usage rows of users who do not exist (those of users are checked with them, `audit_users`):
+/// each is a violation, and is checked against what the indexes say happened to that user.
+fn audit_orphan_usage(
+    txn: &ReadTransaction,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let tables = UserTables::open(txn)?;
+    let users = txn.open_table(tables::USERS)?;
+    let mut next = tables
+        .usage
+        .first()?
+        .map(|(key, _)| key.value().0.to_owned());
+    while let Some(user_id) = next.take() {
+        if users.get(user_id.as_str())?.is_none() {
             violations.push(format!("usage of {user_id}, who is not a user"));
+            let happened = happened_to(&tables, &user_id)?;
+            audit_usage_of(&tables, &user_id, &happened, violations)?;
         }
-        if window.start(Timestamp(start)).micros() != start {
-            violations.push(format!(
-                "usage of {user_id}: {window:?} row at {start} starts no window"
-            ));
+        let past = (
+            Bound::Excluded((user_id.as_str(), u8::MAX, i64::MAX)),
+            Bound::Unbounded,
+        );
+        if let Some(entry) = tables.usage.range::<(&str, u8, i64)>(past)?.next() {
+            next = Some(entry?.0.value().0.to_owned());
         }
-        let done = happened
-            .get(&(user_id.to_owned(), tag, start))
-            .copied()
-            .unwrap_or(0);
-        if count < 0 || i128::from(count) > done {
-            violations.push(format!(
-                "usage of {user_id}: {window:?} at {start} counts {count}, more than the {done} that happened"
-            ));
-        }
-        rows.entry((user_id.to_owned(), tag))
-            .or_default()
-            .push(start);
     }
-    for ((user_id, tag), starts) in rows {
+    Ok(())
+}
+
+/// One user's usage rows: each counts no more than happened, no more rows than the pruning keeps.
+fn audit_usage_of(
+    tables: &UserTables,
+    user_id: &str,
+    happened: &Happened,
+    violations: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    // (window tag) → the starts of the user's rows of that window, in order.
+    let mut rows: BTreeMap<u8, Vec<i64>> = BTreeMap::new();
+    let bounds = (user_id, 0u8, i64::MIN)..=(user_id, u8::MAX, i64::MAX);
+    for entry in tables.usage.range(bounds)? {
+        let (key, value) = entry?;
+        let (_, tag, start) = key.value();
+        check_usage_row(user_id, tag, start, value.value(), happened, violations);
+        rows.entry(tag).or_default().push(start);
+    }
+    check_usage_rows_kept(user_id, rows, violations);
+    Ok(())
+}
+
+/// Adds `amount` to the window of `window` that `at` falls in.
+fn count_in(happened: &mut Happened, window: Window, at: Timestamp, amount: i64) {
+    *happened
+        .entry((window.tag(), window.start(at).micros()))
+        .or_default() += i128::from(amount);
+}
+
+/// An order's windows: its creation, and what its completion debited.
+fn count_order(order: &Order, happened: &mut Happened) {
+    count_in(happened, Window::OrdersPerHour, order.created_at, 1);
+    if let Some(at) = order.completed_at {
+        count_in(happened, Window::SpendPerDay, at, order.total.minor());
+    }
+}
+
+/// Everything that happened to `user_id` that a limit counts, from the user's own indexes.
+fn happened_to(tables: &UserTables, user_id: &str) -> Result<Happened, StoreError> {
+    let mut happened = Happened::new();
+    // The indexes' own checks are `audit_users`'s; what they find is reported there.
+    let mut ignored = Vec::new();
+    tables.orders_of(user_id, &mut ignored, |order| {
+        count_order(&order, &mut happened)
+    })?;
+    let mut refunds = Vec::new();
+    tables.ledger_of(user_id, &mut ignored, |posting| {
+        if let (PostingKind::Refund, PostingRef::Refund(id)) = (posting.kind, posting.reference) {
+            refunds.push(id);
+        }
+    })?;
+    tables.count_refunds(refunds, &mut happened)?;
+    Ok(happened)
+}
+
+/// One usage row: a known window, at a window's start, counting no more than happened.
+fn check_usage_row(
+    user_id: &str,
+    tag: u8,
+    start: i64,
+    count: i64,
+    happened: &Happened,
+    violations: &mut Vec<String>,
+) {
+    let Some(window) = Window::from_tag(tag) else {
+        violations.push(format!("usage of {user_id}: unknown window {tag}"));
+        return;
+    };
+    if window.start(Timestamp(start)).micros() != start {
+        violations.push(format!(
+            "usage of {user_id}: {window:?} row at {start} starts no window"
+        ));
+    }
+    let done = happened.get(&(tag, start)).copied().unwrap_or(0);
+    if count < 0 || i128::from(count) > done {
+        violations.push(format!(
+            "usage of {user_id}: {window:?} at {start} counts {count}, more than the {done} that happened"
+        ));
+    }
+}
+
+/// A user's rows of each window: no more than the pruning keeps, none older than it counts.
+fn check_usage_rows_kept(
+    user_id: &str,
+    rows: BTreeMap<u8, Vec<i64>>,
+    violations: &mut Vec<String>,
+) {
+    for (tag, starts) in rows {
         let Some(window) = Window::from_tag(tag) else {
             continue;
         };
@@ -557,7 +815,6 @@ fn audit_limits(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(
             ));
         }
     }
-    Ok(())
 }
 
 /// SHA-256 over every row of every table, in key order: equal on replicas that applied the same log.
@@ -716,6 +973,47 @@ mod tests {
         assert!(found("2 SpendPerDay rows"), "{:?}", report.violations);
         assert!(
             found("limits of ghost, who is not a user"),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    /// Rows of the user-keyed tables that no user's walk reaches (of a user who does not exist) are
+    /// violations, found by counting, not by holding every user's rows in memory.
+    #[test]
+    fn rows_of_a_user_who_does_not_exist_are_violations() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        let txn = store.begin_write().expect("writes");
+        {
+            let entitlement = Entitlement {
+                item_id: "sword".into(),
+                kind: crate::domain::ItemKind::Skin,
+                granted: 1,
+                revoked: 0,
+                consumed: 0,
+                granted_at: Timestamp::from_unix_seconds(1),
+            };
+            let bytes = tables::encode(&entitlement).expect("encodes");
+            txn.open_table(tables::ENTITLEMENTS)
+                .expect("entitlements")
+                .insert(("ghost", "sword"), bytes.as_slice())
+                .expect("inserts");
+            txn.open_table(tables::USER_PENDING)
+                .expect("pending")
+                .insert(("ghost", 7u128), (1i64, 100i64))
+                .expect("inserts");
+        }
+        txn.commit().expect("commits");
+        let report = audit(&store.begin_read().expect("reads"), 0).expect("audits");
+        let found = |text: &str| report.violations.iter().any(|v| v.contains(text));
+        assert!(
+            found("entitlements: 1 rows, but the users' own indexes reach 0"),
+            "{:?}",
+            report.violations
+        );
+        assert!(
+            found("pending orders: 1 rows, but the users' own indexes reach 0"),
             "{:?}",
             report.violations
         );
