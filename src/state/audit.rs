@@ -54,6 +54,39 @@ pub struct ShardAudit {
     pub violations: Vec<String>,
 }
 
+/// The most violations one shard's audit lists; the rest are counted in a last line.
+pub const MAX_LISTED_VIOLATIONS: usize = 1000;
+
+/// The violations found so far: the first `MAX_LISTED_VIOLATIONS` in full, the rest only counted, so that
+/// the audit of a badly damaged shard cannot take memory in proportion to its damage.
+#[derive(Default)]
+pub struct Violations {
+    listed: Vec<String>,
+    unlisted: u64,
+}
+
+impl Violations {
+    pub fn push(&mut self, violation: String) {
+        if self.listed.len() < MAX_LISTED_VIOLATIONS {
+            self.listed.push(violation);
+        } else {
+            self.unlisted += 1;
+        }
+    }
+
+    /// The listed violations, and a last line counting those left out.
+    pub fn into_list(self) -> Vec<String> {
+        let mut list = self.listed;
+        if self.unlisted > 0 {
+            list.push(format!(
+                "{} more violations not listed (the first {MAX_LISTED_VIOLATIONS} are)",
+                self.unlisted
+            ));
+        }
+        list
+    }
+}
+
 /// Sums are `i128`: exact for any number of `i64` amounts a shard can hold, so a stored row that is out of
 /// range shows up as a mismatch instead of wrapping (or panicking) in the audit itself.
 #[derive(Default)]
@@ -71,7 +104,7 @@ struct WalletSums {
 /// user reached is found by counting rows (`check_reached`).
 pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError> {
     let meta = query::meta(txn)?;
-    let mut violations = Vec::new();
+    let mut violations = Violations::default();
     let postings = audit_postings(txn, &meta, &mut violations)?;
     let order_count = audit_orders(txn, &mut violations)?;
     let users = audit_users(txn, &mut violations)?;
@@ -90,7 +123,7 @@ pub fn audit(txn: &ReadTransaction, shard: u32) -> Result<ShardAudit, StoreError
         orders: order_count,
         postings: postings.count,
         state_hash: state_hash(txn)?,
-        violations,
+        violations: violations.into_list(),
     })
 }
 
@@ -107,7 +140,7 @@ struct PostingSums {
 fn audit_postings(
     txn: &ReadTransaction,
     meta: &MetaState,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<PostingSums, StoreError> {
     let (mut psp_clearing, mut revenue, mut receivable) = (0i128, 0i128, 0i128);
     let mut head = [0u8; 32];
@@ -214,7 +247,7 @@ impl UserTables {
     fn ledger_of(
         &self,
         user_id: &str,
-        violations: &mut Vec<String>,
+        violations: &mut Violations,
         mut each: impl FnMut(Posting),
     ) -> Result<u64, StoreError> {
         let mut count = 0u64;
@@ -260,7 +293,7 @@ impl UserTables {
     fn orders_of(
         &self,
         user_id: &str,
-        violations: &mut Vec<String>,
+        violations: &mut Violations,
         mut each: impl FnMut(Order),
     ) -> Result<u64, StoreError> {
         let mut count = 0u64;
@@ -287,7 +320,7 @@ impl UserTables {
 /// entitlements against what the user's orders granted; the usage rows against what happened.
 fn audit_users(
     txn: &ReadTransaction,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<UserTotals, StoreError> {
     let tables = UserTables::open(txn)?;
     let mut totals = UserTotals::default();
@@ -315,7 +348,7 @@ fn audit_wallet(
     user: &User,
     happened: &mut Happened,
     totals: &mut UserTotals,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<(), StoreError> {
     let id = user.user_id.as_str();
     let mut sums = WalletSums::default();
@@ -341,7 +374,9 @@ fn audit_wallet(
             ));
         }
     })?;
-    violations.append(&mut running);
+    for violation in running {
+        violations.push(violation);
+    }
     tables.count_refunds(refunds, happened)?;
     if i128::from(user.balance.minor()) != sums.balance {
         violations.push(format!(
@@ -398,7 +433,7 @@ fn audit_wallet(
 }
 
 /// The accounts sum to zero, and the receivable is minus the debts.
-fn check_accounts(postings: &PostingSums, users: &UserTotals, violations: &mut Vec<String>) {
+fn check_accounts(postings: &PostingSums, users: &UserTotals, violations: &mut Violations) {
     let system = postings.psp_clearing + postings.revenue + postings.receivable;
     if users.wallet_total + system != 0 {
         violations.push("accounts do not sum to zero".to_owned());
@@ -418,7 +453,7 @@ fn check_reached(
     postings: &PostingSums,
     order_count: u64,
     users: &UserTotals,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<(), StoreError> {
     let counts = [
         ("postings", postings.count, users.postings),
@@ -450,7 +485,7 @@ fn check_reached(
 }
 
 /// Each order's totals, refunds and pending index; returns how many orders there are.
-fn audit_orders(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<u64, StoreError> {
+fn audit_orders(txn: &ReadTransaction, violations: &mut Violations) -> Result<u64, StoreError> {
     let pending_index = txn.open_table(tables::USER_PENDING)?;
     let mut order_count = 0u64;
     for entry in txn.open_table(tables::ORDERS)?.iter()? {
@@ -497,7 +532,7 @@ fn audit_entitlements(
     user_id: &str,
     happened: &mut Happened,
     totals: &mut UserTotals,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<(), StoreError> {
     // item → (granted, revoked): one user's items.
     let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
@@ -550,7 +585,7 @@ fn audit_entitlements(
 }
 
 /// Each reversal is covered exactly, and no credit or top-up gives back more than it brought in.
-fn audit_reversals(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(), StoreError> {
+fn audit_reversals(txn: &ReadTransaction, violations: &mut Violations) -> Result<(), StoreError> {
     let mut brought_in: HashMap<u128, i128> = HashMap::new();
     for entry in txn.open_table(tables::CREDITS)?.iter()? {
         let credit: Credit = decode(entry?.1.value())?;
@@ -593,7 +628,7 @@ fn audit_reversals(txn: &ReadTransaction, violations: &mut Vec<String>) -> Resul
 /// The top-up indexes agree with the top-ups they point at.
 fn audit_topup_indexes(
     txn: &ReadTransaction,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<(), StoreError> {
     let topups = txn.open_table(tables::TOPUPS)?;
     let topup = |id: u128| -> Result<Option<Topup>, StoreError> { tables::get(&topups, id) };
@@ -627,7 +662,7 @@ fn audit_topup_indexes(
 }
 
 /// The outbox is gap-free and in time order, and the webhooks' positions are within it.
-fn audit_events(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(), StoreError> {
+fn audit_events(txn: &ReadTransaction, violations: &mut Violations) -> Result<(), StoreError> {
     let log = query::event_log(txn)?;
     let mut expected = log.purged_through;
     let mut last_time = i64::MIN;
@@ -662,7 +697,7 @@ fn audit_events(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(
 }
 
 /// The limits' rows (module docs).
-fn audit_limits(txn: &ReadTransaction, violations: &mut Vec<String>) -> Result<(), StoreError> {
+fn audit_limits(txn: &ReadTransaction, violations: &mut Violations) -> Result<(), StoreError> {
     if let Some(shop) = query::shop_limits(txn)? {
         if let Err(why) = shop.limits.as_changes().check() {
             violations.push(format!("shop-wide limits: {why}"));
@@ -690,7 +725,7 @@ type Happened = HashMap<(u8, i64), i128>;
 /// each is a violation, and is checked against what the indexes say happened to that user.
 fn audit_orphan_usage(
     txn: &ReadTransaction,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<(), StoreError> {
     let tables = UserTables::open(txn)?;
     let users = txn.open_table(tables::USERS)?;
@@ -720,7 +755,7 @@ fn audit_usage_of(
     tables: &UserTables,
     user_id: &str,
     happened: &Happened,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) -> Result<(), StoreError> {
     // (window tag) → the starts of the user's rows of that window, in order.
     let mut rows: BTreeMap<u8, Vec<i64>> = BTreeMap::new();
@@ -754,7 +789,7 @@ fn count_order(order: &Order, happened: &mut Happened) {
 fn happened_to(tables: &UserTables, user_id: &str) -> Result<Happened, StoreError> {
     let mut happened = Happened::new();
     // The indexes' own checks are `audit_users`'s; what they find is reported there.
-    let mut ignored = Vec::new();
+    let mut ignored = Violations::default();
     tables.orders_of(user_id, &mut ignored, |order| {
         count_order(&order, &mut happened)
     })?;
@@ -775,7 +810,7 @@ fn check_usage_row(
     start: i64,
     count: i64,
     happened: &Happened,
-    violations: &mut Vec<String>,
+    violations: &mut Violations,
 ) {
     let Some(window) = Window::from_tag(tag) else {
         violations.push(format!("usage of {user_id}: unknown window {tag}"));
@@ -795,11 +830,7 @@ fn check_usage_row(
 }
 
 /// A user's rows of each window: no more than the pruning keeps, none older than it counts.
-fn check_usage_rows_kept(
-    user_id: &str,
-    rows: BTreeMap<u8, Vec<i64>>,
-    violations: &mut Vec<String>,
-) {
+fn check_usage_rows_kept(user_id: &str, rows: BTreeMap<u8, Vec<i64>>, violations: &mut Violations) {
     for (tag, starts) in rows {
         let Some(window) = Window::from_tag(tag) else {
             continue;
@@ -1016,6 +1047,24 @@ mod tests {
             found("pending orders: 1 rows, but the users' own indexes reach 0"),
             "{:?}",
             report.violations
+        );
+    }
+
+    #[test]
+    fn violations_past_the_listed_ones_are_counted_in_a_last_line() {
+        let mut violations = Violations::default();
+        for n in 0..MAX_LISTED_VIOLATIONS + 5 {
+            violations.push(format!("violation {n}"));
+        }
+        let list = violations.into_list();
+        assert_eq!(list.len(), MAX_LISTED_VIOLATIONS + 1);
+        assert_eq!(
+            list[MAX_LISTED_VIOLATIONS - 1],
+            format!("violation {}", MAX_LISTED_VIOLATIONS - 1)
+        );
+        assert_eq!(
+            list[MAX_LISTED_VIOLATIONS],
+            format!("5 more violations not listed (the first {MAX_LISTED_VIOLATIONS} are)")
         );
     }
 
