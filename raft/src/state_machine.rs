@@ -306,11 +306,12 @@ impl Recovery {
         let target = applied.deferred_marker.clone();
         let marker = encode(&target).map_err(sm_error)?;
         let entries = Arc::new(applied.deferred.take());
-        let inline = entries.iter().map(payload_bytes).sum::<u64>() <= INLINE_APPLY_BYTES
-            && !state.next_apply_waits_on_disk();
+        let small = entries.iter().map(payload_bytes).sum::<u64>() <= INLINE_APPLY_BYTES;
         let written = self
             .until_written(state, &applied.held, true, || {
                 let (state, entries, marker) = (state.clone(), entries.clone(), marker.clone());
+                // Asked at each attempt: a retry after a full disk's back-off may be due to fsync.
+                let inline = small && !state.next_apply_waits_on_disk();
                 async move {
                     if inline {
                         apply_now(&*state, &entries, &marker)

@@ -35,7 +35,7 @@ use redb::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::tables::{self, TableVisitor, decode};
+use super::tables::{self, Bytes, TableVisitor, decode};
 use super::{MetaState, StoreError, query};
 use crate::domain::limits::Window;
 use crate::domain::{
@@ -211,8 +211,6 @@ struct UserTotals {
     entitlements: u64,
 }
 
-type Bytes = &'static [u8];
-
 /// The user-keyed tables one user's checks read.
 struct UserTables {
     postings: ReadOnlyTable<u64, Bytes>,
@@ -355,10 +353,7 @@ fn audit_wallet(
     let mut running = Vec::new();
     let mut refunds = Vec::new();
     totals.postings += tables.ledger_of(id, violations, |posting| {
-        if let (PostingKind::Refund, PostingRef::Refund(refund)) = (posting.kind, posting.reference)
-        {
-            refunds.push(refund);
-        }
+        refunds.extend(refund_of(&posting));
         let (balance_delta, held_delta) = posting.kind.wallet_delta(posting.amount);
         sums.balance += balance_delta;
         sums.held += held_delta;
@@ -777,6 +772,14 @@ fn count_in(happened: &mut Happened, window: Window, at: Timestamp, amount: i64)
         .or_default() += i128::from(amount);
 }
 
+/// The refund a posting paid out, if it is one (each refund has exactly one `refund` posting).
+fn refund_of(posting: &Posting) -> Option<uuid::Uuid> {
+    match (posting.kind, posting.reference) {
+        (PostingKind::Refund, PostingRef::Refund(id)) => Some(id),
+        _ => None,
+    }
+}
+
 /// An order's windows: its creation, and what its completion debited.
 fn count_order(order: &Order, happened: &mut Happened) {
     count_in(happened, Window::OrdersPerHour, order.created_at, 1);
@@ -795,9 +798,7 @@ fn happened_to(tables: &UserTables, user_id: &str) -> Result<Happened, StoreErro
     })?;
     let mut refunds = Vec::new();
     tables.ledger_of(user_id, &mut ignored, |posting| {
-        if let (PostingKind::Refund, PostingRef::Refund(id)) = (posting.kind, posting.reference) {
-            refunds.push(id);
-        }
+        refunds.extend(refund_of(&posting));
     })?;
     tables.count_refunds(refunds, &mut happened)?;
     Ok(happened)

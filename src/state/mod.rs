@@ -330,10 +330,7 @@ impl ShardStore {
         skip: &BTreeSet<usize>,
         progress: &Cell<usize>,
     ) -> Result<Vec<Option<Applied>>, StoreError> {
-        let durable = {
-            let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
-            durable_at.elapsed() >= DURABLE_EVERY
-        };
+        let durable = self.durable_commit_due(Duration::ZERO);
         let mut txn = self.begin_write()?;
         txn.set_durability(if durable {
             Durability::Immediate

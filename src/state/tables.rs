@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::StoreError;
 
-type Bytes = &'static [u8];
+pub(crate) type Bytes = &'static [u8];
 
 /// name → postcard value (`MetaState`).
 pub const META: TableDefinition<&str, Bytes> = TableDefinition::new("meta");
