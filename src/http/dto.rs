@@ -535,6 +535,8 @@ pub struct ShardAuditResponse {
     pub orders: u64,
     pub postings: u64,
     pub state_hash: String,
+    /// At most 1,000 violations of the shard, then (when there are more) a last line counting the rest.
+    #[schema(max_items = 1001)]
     pub violations: Vec<String>,
 }
 
