@@ -189,6 +189,36 @@ async fn cluster_lists_nodes_and_shards_with_leaders() {
 }
 
 #[tokio::test]
+async fn audit_of_one_shard_reports_that_shard_as_the_whole_audit_does_and_refuses_a_shard_not_in_the_cluster()
+ {
+    let srv = Server::start_with(Opts::new().shards(3)).await;
+    for i in 0..6 {
+        srv.funded_user(&format!("as{i}"), "10.00").await;
+    }
+    let whole = srv.audit_ok().await;
+    for shard in 0..3 {
+        let one = srv
+            .get(&format!("/v1/admin/audit?shard={shard}"), Auth::Admin)
+            .await
+            .expect(200);
+        assert_eq!(one["ok"], true, "{one}");
+        assert_eq!(
+            one["shards"],
+            json!([whole["shards"][shard].clone()]),
+            "shard {shard}"
+        );
+    }
+    for bad in ["3", "-1", "one", "", "4294967296"] {
+        srv.get(&format!("/v1/admin/audit?shard={bad}"), Auth::Admin)
+            .await
+            .expect_error(400, "invalid_request");
+    }
+    srv.get("/v1/admin/audit?shard=0", Auth::Service)
+        .await
+        .expect_error(403, "forbidden");
+}
+
+#[tokio::test]
 async fn audit_reports_every_shard_and_counts() {
     let srv = Server::start_with(Opts::new().shards(4)).await;
     srv.create_item("gems", "currency", "1.00").await;

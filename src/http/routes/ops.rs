@@ -1,6 +1,8 @@
 //! Operations: health, readiness, metrics, the audit and the OpenAPI document.
 
-use axum::extract::State;
+use std::ops::Range;
+
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -8,22 +10,27 @@ use crate::http::auth::Caller;
 use crate::http::dto::{AuditResponse, ShardAuditResponse, StatusResponse};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::ReadConsistency;
-use crate::http::{AppState, render, status};
+use crate::http::{AppState, input, render, status};
 use crate::metrics::Metrics;
 use shopkeep_raft::Cluster;
 
-/// Recompute every invariant on every shard (admin).
+/// Recompute every invariant on every shard, or on the one `shard` names (admin).
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
-    responses((status = 200, description = "One report per shard; `ok` when no shard has a violation", body = AuditResponse), (status = 403, description = "`forbidden`", body = ErrorBody)),
+    params(("shard" = Option<u32>, Query, minimum = 0, maximum = 255, description = "audit this shard only (0 to the number of shards - 1); absent: every shard, one after the other")),
+    responses((status = 200, description = "One report per shard audited; `ok` when none has a violation", body = AuditResponse),
+        (status = 400, description = "`invalid_request`: `shard` is not a shard of this cluster", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn audit(
     State(app): State<AppState>,
     caller: Caller,
     ReadConsistency(consistency): ReadConsistency,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
+    let shards = audited_shards(raw.as_deref(), app.node.shard_count())?;
     // The audit reads whole shards: no request timeout applies.
-    let reports = app.node.audit(consistency).await?;
+    let reports = app.node.audit(consistency, shards).await?;
     let shards: Vec<ShardAuditResponse> = reports
         .into_iter()
         .map(|report| ShardAuditResponse {
@@ -41,6 +48,21 @@ pub async fn audit(
         tracing::error!("audit found violations");
     }
     Ok(render::ok(&AuditResponse { ok, shards }))
+}
+
+/// The shards `?shard=` asks to audit: that one, or all `count` when absent.
+fn audited_shards(raw: Option<&str>, count: u32) -> Result<Range<u32>, ApiError> {
+    let pairs = input::query_pairs(raw)?;
+    let Some(value) = input::param(&pairs, "shard") else {
+        return Ok(0..count);
+    };
+    match value.parse::<u32>() {
+        Ok(shard) if shard < count => Ok(shard..shard + 1),
+        _ => Err(ApiError::invalid_request(format!(
+            "shard must be an integer from 0 to {}",
+            count - 1
+        ))),
+    }
 }
 
 /// 200 while the process is up.
