@@ -1,7 +1,7 @@
 //! The checks after a shopkeep system: `GET /v1/admin/audit` on every node must be ok, every shard's
 //! `state_hash` equal on every node, and the orders counted equal to the orders the clients saw created.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::{Client, StatusCode};
 use serde::Deserialize;
@@ -28,8 +28,64 @@ struct AuditShard {
 
 /// `GET /v1/admin/audit` on `base`: the audit, or why there is none.
 async fn fetch_audit(client: &Client, base: &str) -> Result<Audit, String> {
+    fetch_audit_of(client, base, "").await
+}
+
+/// `GET /v1/admin/audit?shard=N` for each shard of `base` in turn (its `GET /v1/cluster` lists them):
+/// the audits as one, and each shard's seconds.
+async fn fetch_audit_by_shard(client: &Client, base: &str) -> Result<(Audit, Vec<f64>), String> {
+    let mut audit = Audit {
+        ok: true,
+        shards: Vec::new(),
+    };
+    let mut seconds = Vec::new();
+    for shard in 0..shard_count(client, base).await? {
+        let started = Instant::now();
+        let one = fetch_audit_of(client, base, &format!("?shard={shard}")).await?;
+        seconds.push(started.elapsed().as_secs_f64());
+        audit.ok &= one.ok;
+        audit.shards.extend(one.shards);
+    }
+    Ok((audit, seconds))
+}
+
+/// The number of shards `base` lists in `GET /v1/cluster`.
+pub(crate) async fn shard_count(client: &Client, base: &str) -> Result<u32, String> {
+    let cluster: Value = client
+        .get(format!("{base}/v1/cluster"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .map_err(|e| format!("GET /v1/cluster failed: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("GET /v1/cluster: unexpected body: {e}"))?;
+    let shards = cluster["shards"]
+        .as_array()
+        .ok_or("GET /v1/cluster lists no shards")?;
+    u32::try_from(shards.len()).map_err(|e| e.to_string())
+}
+
+/// Audits the shards of `base` one after the other, round and round, until `stop` is set (it finishes
+/// the shard it is on): the shard audits that finished.
+pub(crate) async fn audit_until(
+    client: &Client,
+    base: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<u64, String> {
+    let shards = shard_count(client, base).await?;
+    let mut done = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let shard = done % u64::from(shards);
+        fetch_audit_of(client, base, &format!("?shard={shard}")).await?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+async fn fetch_audit_of(client: &Client, base: &str, query: &str) -> Result<Audit, String> {
     let response = client
-        .get(format!("{base}/v1/admin/audit"))
+        .get(format!("{base}/v1/admin/audit{query}"))
         .bearer_auth(ADMIN_TOKEN)
         .timeout(Duration::from_secs(300))
         .send()
@@ -45,10 +101,25 @@ async fn fetch_audit(client: &Client, base: &str) -> Result<Audit, String> {
 
 /// Runs the server's audit and compares its order count with the orders the clients saw created.
 pub(crate) async fn check_audit(client: &Client, base: &str, created: u64) -> Vec<(String, bool)> {
-    let audit = match fetch_audit(client, base).await {
-        Ok(audit) => audit,
-        Err(e) => return vec![(format!("audit: {e}"), false)],
-    };
+    match fetch_audit(client, base).await {
+        Ok(audit) => checks_of(&audit, created),
+        Err(e) => vec![(format!("audit: {e}"), false)],
+    }
+}
+
+/// As `check_audit`, one shard per request (`?shard=N`): the checks, and each shard's seconds.
+pub(crate) async fn check_audit_by_shard(
+    client: &Client,
+    base: &str,
+    created: u64,
+) -> (Vec<(String, bool)>, Vec<f64>) {
+    match fetch_audit_by_shard(client, base).await {
+        Ok((audit, seconds)) => (checks_of(&audit, created), seconds),
+        Err(e) => (vec![(format!("audit: {e}"), false)], Vec::new()),
+    }
+}
+
+fn checks_of(audit: &Audit, created: u64) -> Vec<(String, bool)> {
     let mut checks = vec![(format!("audit: ok = {}", audit.ok), audit.ok)];
     for (i, shard) in audit.shards.iter().enumerate() {
         if !shard.violations.is_empty() {

@@ -39,13 +39,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
-use crate::audit::{check_audit, check_cluster_audit};
+use crate::audit::{audit_until, check_audit_by_shard, check_cluster_audit};
 use crate::interrupt::{forget_interrupt, on_interrupt};
 use crate::launcher::{Launch, Process};
 use crate::nodes::{CLUSTER_SECRET, proc_status_kib};
@@ -85,7 +85,13 @@ pub(crate) struct ShopRun {
     pub(crate) half_peak: Option<OpenLoopResult>,
     /// The peak RSS of the node over both load phases, KiB.
     pub(crate) peak_rss_kib: Option<u64>,
+    /// The audit of every shard, one request each (`?shard=N`), one after the other.
     pub(crate) audit_s: f64,
+    /// The longest of those requests.
+    pub(crate) slowest_shard_audit_s: f64,
+    /// The closed loop again while the node audits its shards back to back, and the shard audits that
+    /// finished meanwhile (`None`: the audits failed).
+    pub(crate) during_audit: Option<(LevelResult, u64)>,
     /// The node's peak RSS from its start through the audit (the audit's own memory included), KiB.
     pub(crate) audit_rss_kib: Option<u64>,
     pub(crate) checks: Vec<(String, bool)>,
@@ -413,13 +419,15 @@ async fn run_shop(
         measure(settings, client, &node, name, rate).await;
 
     let audit_started = Instant::now();
-    let checks = check_audit(client, &node.base, orders + created).await;
+    let (checks, shard_seconds) = check_audit_by_shard(client, &node.base, orders + created).await;
     let audit_s = audit_started.elapsed().as_secs_f64();
+    let slowest_shard_audit_s = shard_seconds.iter().copied().fold(0.0, f64::max);
     let audit_rss_kib = node.peak_kib();
     eprintln!(
-        "scale {name}: audit in {audit_s:.1} s, peak RSS through it {} MiB",
+        "scale {name}: audit in {audit_s:.1} s (slowest shard {slowest_shard_audit_s:.1} s), peak RSS through it {} MiB",
         mib(audit_rss_kib)
     );
+    let during_audit = load_while_auditing(settings, client, &node, name).await;
 
     let restart_ready_s = if orders > 0 {
         let seconds = node.kill_and_restart(client).await;
@@ -439,6 +447,8 @@ async fn run_shop(
         half_peak,
         peak_rss_kib,
         audit_s,
+        slowest_shard_audit_s,
+        during_audit,
         audit_rss_kib,
         checks,
         restart_ready_s,
@@ -456,13 +466,7 @@ async fn measure(
     name: &str,
     rate: f64,
 ) -> (LevelResult, Option<OpenLoopResult>, Option<u64>, u64) {
-    let phases = Load {
-        client: client.clone(),
-        bases: vec![node.base.clone()],
-        warm_up: settings.warm_up,
-        duration: settings.duration,
-        route_to_leader: false,
-    };
+    let phases = load_on(settings, client, node);
     node.reset_peak();
     let (closed, mut created) = phases
         .closed_loop(None, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
@@ -493,6 +497,51 @@ async fn measure(
         None
     };
     (closed, half_peak, node.peak_kib(), created)
+}
+
+/// The closed loop again while the node audits its shards back to back: an audit reads one snapshot of
+/// a shard, so purchases go on meanwhile; this measures how fast. The shard audits that finished in
+/// that time come with it.
+async fn load_while_auditing(
+    settings: &Settings,
+    client: &Client,
+    node: &ScaleNode,
+    name: &str,
+) -> Option<(LevelResult, u64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let auditor = {
+        let (client, base, stop) = (client.clone(), node.base.clone(), stop.clone());
+        tokio::spawn(async move { audit_until(&client, &base, &stop).await })
+    };
+    let (closed, _) = load_on(settings, client, node)
+        .closed_loop(None, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    match auditor.await.expect("the auditor panicked") {
+        Ok(audits) => {
+            eprintln!(
+                "scale {name}: c={SCALE_CONCURRENCY} while auditing: {:.0} purchases/s, p99 {} ms ({audits} shard audits)",
+                closed.stats.throughput,
+                ms(closed.stats.p99_ms)
+            );
+            Some((closed, audits))
+        }
+        Err(e) => {
+            eprintln!("scale {name}: the audits during the load failed: {e}");
+            None
+        }
+    }
+}
+
+/// The closed and open loops of the scale run on `node`.
+fn load_on(settings: &Settings, client: &Client, node: &ScaleNode) -> Load {
+    Load {
+        client: client.clone(),
+        bases: vec![node.base.clone()],
+        warm_up: settings.warm_up,
+        duration: settings.duration,
+        route_to_leader: false,
+    }
 }
 
 /// The loader on a thread of its own: it blocks, and runs a runtime of its own to seed the log.
@@ -735,9 +784,32 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         "",
     );
     row(
+        "  slowest shard (one request), s",
+        format!("{:.2}", e.slowest_shard_audit_s),
+        format!("{:.2}", b.slowest_shard_audit_s),
+        "",
+    );
+    row(
         "  peak RSS MiB through the audit",
         mib(e.audit_rss_kib),
         mib(b.audit_rss_kib),
+        "",
+    );
+    let during = |run: &ShopRun, what: fn(&LevelResult) -> String| {
+        run.during_audit
+            .as_ref()
+            .map_or("-".into(), |(l, _)| what(l))
+    };
+    row(
+        &format!("purchases/s, c={SCALE_CONCURRENCY}, while auditing"),
+        during(e, |l| format!("{:.0}", l.stats.throughput)),
+        during(b, |l| format!("{:.0}", l.stats.throughput)),
+        "",
+    );
+    row(
+        &format!("p99 ms, c={SCALE_CONCURRENCY}, while auditing"),
+        during(e, |l| ms(l.stats.p99_ms)),
+        during(b, |l| ms(l.stats.p99_ms)),
         "",
     );
     if let Some((users, orders)) = report.cluster_size {
@@ -785,6 +857,12 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             "peak_rss_kib": run.peak_rss_kib,
             "audit_seconds": round2(run.audit_s),
             "audit_peak_rss_kib": run.audit_rss_kib,
+            "audit_slowest_shard_seconds": round2(run.slowest_shard_audit_s),
+            "during_audit": run.during_audit.as_ref().map(|(l, audits)| json!({
+                "throughput": round2(l.stats.throughput),
+                "p99_ms": round2(l.stats.p99_ms),
+                "shard_audits": audits,
+            })),
             "restart_ready_seconds": run.restart_ready_s.map(round2),
             "checks": run.checks.iter().map(|(t, ok)| json!({"check": t, "ok": ok})).collect::<Vec<_>>(),
         })
