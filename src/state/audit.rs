@@ -579,43 +579,89 @@ fn audit_entitlements(
     Ok(())
 }
 
-/// Each reversal is covered exactly, and no credit or top-up gives back more than it brought in.
+/// Each reversal is covered exactly, and no credit or top-up gives back more than it brought in. The
+/// reversals are summed walking their sources' index (`SOURCE_REVERSALS`, in source order), so one
+/// source's sum is held at a time; a reversal the index does not reach is found by count.
 fn audit_reversals(txn: &ReadTransaction, violations: &mut Violations) -> Result<(), StoreError> {
-    let mut brought_in: HashMap<u128, i128> = HashMap::new();
-    for entry in txn.open_table(tables::CREDITS)?.iter()? {
-        let credit: Credit = decode(entry?.1.value())?;
-        brought_in.insert(
-            credit.credit_id.as_u128(),
-            i128::from(credit.amount.minor()),
-        );
-    }
-    let topups = txn.open_table(tables::TOPUPS)?;
-    let mut reversed: HashMap<u128, i128> = HashMap::new();
-    for entry in txn.open_table(tables::REVERSALS)?.iter()? {
+    let reversals = txn.open_table(tables::REVERSALS)?;
+    for entry in reversals.iter()? {
         let reversal: Reversal = decode(entry?.1.value())?;
-        let id = reversal.reversal_id;
         let covered = i128::from(reversal.from_hold.minor())
             + i128::from(reversal.from_wallet.minor())
             + i128::from(reversal.debt.minor());
         if covered != i128::from(reversal.amount.minor()) || !reversal.amount.is_positive() {
+            let id = reversal.reversal_id;
             violations.push(format!("reversal {id}: hold + wallet + debt != amount"));
         }
-        let source = reversal.source.id().as_u128();
-        if let ReversalSource::Topup { topup_id } = reversal.source {
-            if let Some(topup) = tables::get::<_, Topup, _>(&topups, topup_id.as_u128())? {
-                brought_in.insert(source, i128::from(topup.amount.minor()));
-            }
-        }
-        *reversed.entry(source).or_default() += i128::from(reversal.amount.minor());
     }
-    for (source, total) in reversed {
-        let limit = brought_in.get(&source).copied().unwrap_or(0);
-        if total > limit {
+    let mut reached = 0u64;
+    let mut group: Option<(ReversalSource, i128)> = None;
+    for entry in txn.open_table(tables::SOURCE_REVERSALS)?.iter()? {
+        let (source, reversal_id) = entry?.0.value();
+        let Some(reversal) = tables::get::<_, Reversal, _>(&reversals, reversal_id)? else {
             violations.push(format!(
-                "the reversals of {} sum to {total}, more than the {limit} it brought in",
-                uuid::Uuid::from_u128(source)
+                "the reversals of {}: no reversal {}",
+                uuid::Uuid::from_u128(source),
+                uuid::Uuid::from_u128(reversal_id)
             ));
+            continue;
+        };
+        if reversal.source.id().as_u128() != source {
+            violations.push(format!(
+                "reversal {}: indexed under {} but reverses {}",
+                reversal.reversal_id,
+                uuid::Uuid::from_u128(source),
+                reversal.source.id()
+            ));
+            continue;
         }
+        reached += 1;
+        if group
+            .as_ref()
+            .is_some_and(|(s, _)| s.id() != reversal.source.id())
+        {
+            check_reversed_source(txn, group.take(), violations)?;
+        }
+        let (_, total) = group.get_or_insert((reversal.source, 0));
+        *total += i128::from(reversal.amount.minor());
+    }
+    check_reversed_source(txn, group, violations)?;
+    let rows = reversals.len()?;
+    if rows != reached {
+        violations.push(format!(
+            "reversals: {rows} rows, but the index of their sources reaches {reached}"
+        ));
+    }
+    Ok(())
+}
+
+/// The reversals of one credit or top-up sum to no more than it brought in.
+fn check_reversed_source(
+    txn: &ReadTransaction,
+    group: Option<(ReversalSource, i128)>,
+    violations: &mut Violations,
+) -> Result<(), StoreError> {
+    let Some((source, total)) = group else {
+        return Ok(());
+    };
+    let brought_in = match &source {
+        ReversalSource::Topup { topup_id } => {
+            tables::get::<_, Topup, _>(&txn.open_table(tables::TOPUPS)?, topup_id.as_u128())?
+                .map(|topup| topup.amount)
+        }
+        ReversalSource::Credit {
+            credit_id,
+            external_ref,
+        } => tables::get::<_, Credit, _>(&txn.open_table(tables::CREDITS)?, external_ref.as_str())?
+            .filter(|credit| credit.credit_id == *credit_id)
+            .map(|credit| credit.amount),
+    };
+    let limit = brought_in.map_or(0, |amount| i128::from(amount.minor()));
+    if total > limit {
+        violations.push(format!(
+            "the reversals of {} sum to {total}, more than the {limit} it brought in",
+            source.id()
+        ));
     }
     Ok(())
 }
@@ -1046,6 +1092,72 @@ mod tests {
         );
         assert!(
             found("pending orders: 1 rows, but the users' own indexes reach 0"),
+            "{:?}",
+            report.violations
+        );
+    }
+
+    /// The reversals of a credit that sum to more than it brought in, and a reversal missing from the
+    /// index of its source, are violations: found walking the index, one source at a time.
+    #[test]
+    fn reversals_beyond_what_their_credit_brought_in_or_missing_from_its_index_are_violations() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        let credit = Credit {
+            credit_id: uuid::Uuid::from_u128(1),
+            user_id: "u1".into(),
+            amount: Money::from_minor(500),
+            external_ref: "ref-1".into(),
+            source: None,
+            created_at: Timestamp::from_unix_seconds(1),
+        };
+        let reversal = |id: u128, amount: i64| Reversal {
+            reversal_id: uuid::Uuid::from_u128(id),
+            user_id: "u1".into(),
+            source: ReversalSource::Credit {
+                credit_id: credit.credit_id,
+                external_ref: credit.external_ref.clone(),
+            },
+            amount: Money::from_minor(amount),
+            reason: crate::domain::ReversalReason::Chargeback,
+            external_ref: format!("psp:{id}"),
+            from_hold: Money::ZERO,
+            from_wallet: Money::from_minor(amount),
+            debt: Money::ZERO,
+            revoked_refunds: Vec::new(),
+            revoked_amount: Money::ZERO,
+            created_at: Timestamp::from_unix_seconds(2),
+        };
+        let txn = store.begin_write().expect("writes");
+        {
+            let bytes = tables::encode(&credit).expect("encodes");
+            txn.open_table(tables::CREDITS)
+                .expect("credits")
+                .insert("ref-1", bytes.as_slice())
+                .expect("inserts");
+            let mut reversals = txn.open_table(tables::REVERSALS).expect("reversals");
+            let mut index = txn.open_table(tables::SOURCE_REVERSALS).expect("index");
+            for (id, amount, indexed) in [(10, 300, true), (11, 300, true), (12, 100, false)] {
+                let bytes = tables::encode(&reversal(id, amount)).expect("encodes");
+                reversals.insert(id, bytes.as_slice()).expect("inserts");
+                if indexed {
+                    index.insert((1u128, id), ()).expect("inserts");
+                }
+            }
+        }
+        txn.commit().expect("commits");
+        let report = audit(&store.begin_read().expect("reads"), 0).expect("audits");
+        let found = |text: &str| report.violations.iter().any(|v| v.contains(text));
+        assert!(
+            found(&format!(
+                "the reversals of {} sum to 600, more than the 500 it brought in",
+                credit.credit_id
+            )),
+            "{:?}",
+            report.violations
+        );
+        assert!(
+            found("reversals: 3 rows, but the index of their sources reaches 2"),
             "{:?}",
             report.violations
         );
