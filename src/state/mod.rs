@@ -103,8 +103,10 @@ pub const SCHEMA_VERSION: u32 = 2;
 
 /// redb's page cache per shard file (redb's default is 1 GiB per file, which lets a node with 8 shards
 /// grow far beyond what it needs: reads are of recent rows, and the OS caches the file anyway). 4 MiB
-/// holds the hot pages of the purchase path: 16 MiB was no faster and cost 100 MiB of peak RSS at 256
-/// clients (`cargo bench --bench load`).
+/// holds the hot pages of the purchase path on a small shop: 16 MiB was no faster there and cost 100 MiB
+/// of peak RSS at 256 clients (`cargo bench --bench load`). On a shop of 3,000,000 orders 16 MiB made 19 %
+/// more purchases/s (3,828 against 3,223 at 64 clients), but the node peaked at 283 MiB, over the
+/// 256 MiB budget (README, Benchmarks, 2026-12-03 fifth session).
 pub const SHARD_CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// redb's page cache for a file being filled in one big transaction by `shopkeep restore`: with
