@@ -570,7 +570,7 @@ async fn a_shard_snapshots_again_only_once_its_log_holds_its_share_of_the_last_s
         let mut credits = tokio::task::JoinSet::new();
         for _ in 0..50 {
             let (api, user) = (c.api(leader), user.clone());
-            credits.spawn(async move { api.credit(&user, "0.01").await });
+            credits.spawn(async move { api.credit_retrying_unavailable(&user, "0.01").await });
         }
         while let Some(credit) = credits.join_next().await {
             credit.expect("a concurrent credit");
@@ -587,7 +587,7 @@ async fn a_shard_snapshots_again_only_once_its_log_holds_its_share_of_the_last_s
     );
     let mut fresh = None;
     for _ in 0..1000 {
-        api.credit(&user, "0.01").await;
+        api.credit_retrying_unavailable(&user, "0.01").await;
         let s = view().await;
         if s["snapshot_index"].as_u64() > settled {
             fresh = Some(s);
@@ -601,7 +601,7 @@ async fn a_shard_snapshots_again_only_once_its_log_holds_its_share_of_the_last_s
 
     // Three times --snapshot-every entries, one credit each: by entries alone that is three snapshots.
     for _ in 0..(3 * EVERY) {
-        api.credit(&user, "0.01").await;
+        api.credit_retrying_unavailable(&user, "0.01").await;
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
     let after = view().await;
@@ -620,7 +620,7 @@ async fn a_shard_snapshots_again_only_once_its_log_holds_its_share_of_the_last_s
     let per_entry = logged / (3 * EVERY);
     let more = (needed - logged) / per_entry.max(1) + 2 * EVERY;
     for _ in 0..more {
-        api.credit(&user, "0.01").await;
+        api.credit_retrying_unavailable(&user, "0.01").await;
     }
     let next = eventually(Duration::from_secs(10), || async {
         let s = view().await;

@@ -663,6 +663,23 @@ impl Api {
         .expect(201)
     }
 
+    /// [`Api::credit`] that retries a 503 (`unavailable`: a leader that could not confirm its quorum in
+    /// time, as a loaded machine can make it) with the same key and body, up to 20 times; asserts 201.
+    pub async fn credit_retrying_unavailable(&self, user_id: &str, amount: &str) -> Value {
+        let key = new_key();
+        let body =
+            json!({"amount": amount, "external_ref": format!("ext-{key}"), "source": "card"});
+        let path = format!("/v1/users/{user_id}/credits");
+        for _ in 0..20 {
+            let response = self.post_key(&path, Auth::Service, &key, &body).await;
+            if response.status != 503 {
+                return response.expect(201);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("POST {path}: still 503 after 20 attempts");
+    }
+
     pub async fn create_order_as(
         &self,
         user_id: &str,
