@@ -208,7 +208,12 @@ async fn audit_of_one_shard_reports_that_shard_as_the_whole_audit_does_and_refus
             "shard {shard}"
         );
     }
-    for bad in ["3", "-1", "one", "", "4294967296"] {
+    for absent in ["3", "255"] {
+        srv.get(&format!("/v1/admin/audit?shard={absent}"), Auth::Admin)
+            .await
+            .expect_error(404, "not_found");
+    }
+    for bad in ["-1", "one", "", "4294967296"] {
         srv.get(&format!("/v1/admin/audit?shard={bad}"), Auth::Admin)
             .await
             .expect_error(400, "invalid_request");

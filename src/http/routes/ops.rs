@@ -18,8 +18,9 @@ use shopkeep_raft::Cluster;
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
     params(("shard" = Option<u32>, Query, minimum = 0, maximum = 255, description = "audit this shard only (0 to the number of shards - 1); absent: every shard, one after the other")),
     responses((status = 200, description = "One report per shard audited; `ok` when none has a violation", body = AuditResponse),
-        (status = 400, description = "`invalid_request`: `shard` is not a shard of this cluster", body = ErrorBody),
-        (status = 403, description = "`forbidden`", body = ErrorBody)),
+        (status = 400, description = "`invalid_request`: `shard` is not a number", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such shard", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn audit(
     State(app): State<AppState>,
@@ -50,7 +51,8 @@ pub async fn audit(
     Ok(render::ok(&AuditResponse { ok, shards }))
 }
 
-/// The shards `?shard=` asks to audit: that one, or all `count` when absent.
+/// The shards `?shard=` asks to audit: that one, or all `count` when absent. A number past the shards is
+/// 404, as for a shard's backup.
 fn audited_shards(raw: Option<&str>, count: u32) -> Result<Range<u32>, ApiError> {
     let pairs = input::query_pairs(raw)?;
     let Some(value) = input::param(&pairs, "shard") else {
@@ -58,10 +60,10 @@ fn audited_shards(raw: Option<&str>, count: u32) -> Result<Range<u32>, ApiError>
     };
     match value.parse::<u32>() {
         Ok(shard) if shard < count => Ok(shard..shard + 1),
-        _ => Err(ApiError::invalid_request(format!(
-            "shard must be an integer from 0 to {}",
-            count - 1
-        ))),
+        Ok(shard) => Err(ApiError::shard_not_found(shard, count)),
+        Err(_) => Err(ApiError::invalid_request(
+            "shard must be a shard number (an integer from 0)",
+        )),
     }
 }
 
