@@ -594,6 +594,10 @@ fn audit_reversals(txn: &ReadTransaction, violations: &mut Violations) -> Result
             violations.push(format!("reversal {id}: hold + wallet + debt != amount"));
         }
     }
+    let sources = ReversedSources {
+        topups: txn.open_table(tables::TOPUPS)?,
+        credits: txn.open_table(tables::CREDITS)?,
+    };
     let mut reached = 0u64;
     let mut group: Option<(ReversalSource, i128)> = None;
     for entry in txn.open_table(tables::SOURCE_REVERSALS)?.iter()? {
@@ -620,12 +624,12 @@ fn audit_reversals(txn: &ReadTransaction, violations: &mut Violations) -> Result
             .as_ref()
             .is_some_and(|(s, _)| s.id() != reversal.source.id())
         {
-            check_reversed_source(txn, group.take(), violations)?;
+            sources.check(group.take(), violations)?;
         }
         let (_, total) = group.get_or_insert((reversal.source, 0));
         *total += i128::from(reversal.amount.minor());
     }
-    check_reversed_source(txn, group, violations)?;
+    sources.check(group, violations)?;
     let rows = reversals.len()?;
     if rows != reached {
         violations.push(format!(
@@ -635,35 +639,44 @@ fn audit_reversals(txn: &ReadTransaction, violations: &mut Violations) -> Result
     Ok(())
 }
 
-/// The reversals of one credit or top-up sum to no more than it brought in.
-fn check_reversed_source(
-    txn: &ReadTransaction,
-    group: Option<(ReversalSource, i128)>,
-    violations: &mut Violations,
-) -> Result<(), StoreError> {
-    let Some((source, total)) = group else {
-        return Ok(());
-    };
-    let brought_in = match &source {
-        ReversalSource::Topup { topup_id } => {
-            tables::get::<_, Topup, _>(&txn.open_table(tables::TOPUPS)?, topup_id.as_u128())?
-                .map(|topup| topup.amount)
+/// The tables that say what a reversed credit or top-up brought in, opened once per audit.
+struct ReversedSources {
+    topups: ReadOnlyTable<u128, Bytes>,
+    credits: ReadOnlyTable<&'static str, Bytes>,
+}
+
+impl ReversedSources {
+    /// The reversals of one credit or top-up (`group`: the source and their sum) sum to no more than
+    /// it brought in.
+    fn check(
+        &self,
+        group: Option<(ReversalSource, i128)>,
+        violations: &mut Violations,
+    ) -> Result<(), StoreError> {
+        let Some((source, total)) = group else {
+            return Ok(());
+        };
+        let brought_in = match &source {
+            ReversalSource::Topup { topup_id } => {
+                tables::get::<_, Topup, _>(&self.topups, topup_id.as_u128())?
+                    .map(|topup| topup.amount)
+            }
+            ReversalSource::Credit {
+                credit_id,
+                external_ref,
+            } => tables::get::<_, Credit, _>(&self.credits, external_ref.as_str())?
+                .filter(|credit| credit.credit_id == *credit_id)
+                .map(|credit| credit.amount),
+        };
+        let limit = brought_in.map_or(0, |amount| i128::from(amount.minor()));
+        if total > limit {
+            violations.push(format!(
+                "the reversals of {} sum to {total}, more than the {limit} it brought in",
+                source.id()
+            ));
         }
-        ReversalSource::Credit {
-            credit_id,
-            external_ref,
-        } => tables::get::<_, Credit, _>(&txn.open_table(tables::CREDITS)?, external_ref.as_str())?
-            .filter(|credit| credit.credit_id == *credit_id)
-            .map(|credit| credit.amount),
-    };
-    let limit = brought_in.map_or(0, |amount| i128::from(amount.minor()));
-    if total > limit {
-        violations.push(format!(
-            "the reversals of {} sum to {total}, more than the {limit} it brought in",
-            source.id()
-        ));
+        Ok(())
     }
-    Ok(())
 }
 
 /// The top-up indexes agree with the top-ups they point at.
