@@ -30,29 +30,46 @@ pub async fn run(_args: Args, ctx: &Context) -> Result<(), CliError> {
 /// The audit of every shard `cluster` (the node's `GET /v1/cluster`) lists, one request each, as
 /// `GET /v1/admin/audit` answers for all of them: `{"ok", "shards": [...]}`.
 pub async fn every_shard(client: &Client, cluster: &Value) -> Result<Value, CliError> {
-    let numbers: Vec<String> = shards(cluster).iter().map(|s| text(s, "/shard")).collect();
-    if numbers.is_empty() {
-        // No shard listed (not a view this server gives): the whole audit in one request.
-        let answer = progress::shown(
-            "auditing every shard",
-            client.get(&["v1", "admin", "audit"], &[]),
-        )
-        .await?;
-        return Ok(answer.json);
-    }
+    let numbers = shard_numbers(cluster)?;
     let mut reports = Vec::with_capacity(numbers.len());
     let mut ok = true;
     for (i, shard) in numbers.iter().enumerate() {
         let what = format!("auditing shard {shard} ({} of {})", i + 1, numbers.len());
         let answer = progress::shown(
             &what,
-            client.get(&["v1", "admin", "audit"], &[("shard", shard)]),
+            client.get(&["v1", "admin", "audit"], &[("shard", &shard.to_string())]),
         )
         .await?;
         ok &= answer.json["ok"].as_bool() == Some(true);
         reports.extend(shards(&answer.json).iter().cloned());
     }
     Ok(json!({ "ok": ok, "shards": reports }))
+}
+
+/// The shard numbers `GET /v1/cluster` lists. None, or one that is not a number, is not an answer a
+/// shopkeep server gives: auditing nothing (or the wrong shards) and calling it ok would be a lie.
+fn shard_numbers(cluster: &Value) -> Result<Vec<u64>, CliError> {
+    let bad = |detail: String| CliError::NoAnswer {
+        code: "bad_answer".to_owned(),
+        detail,
+        key: None,
+    };
+    let numbers = shards(cluster)
+        .iter()
+        .map(|s| {
+            s["shard"].as_u64().ok_or_else(|| {
+                bad(format!(
+                    "GET /v1/cluster listed a shard without its number: {s}"
+                ))
+            })
+        })
+        .collect::<Result<Vec<u64>, CliError>>()?;
+    if numbers.is_empty() {
+        return Err(bad(
+            "GET /v1/cluster listed no shards (is --url a shopkeep server?)".to_owned(),
+        ));
+    }
+    Ok(numbers)
 }
 
 /// What is wrong when the audit is not ok: the violations, counted per shard.
@@ -122,4 +139,25 @@ fn report(audit: &Value) -> String {
     };
     out.push_str(&format!("audit: {verdict}\n"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_numbers_are_read_from_the_cluster_view_and_an_empty_or_unnumbered_list_is_refused() {
+        let cluster = json!({"shards": [{"shard": 0, "leader": 1}, {"shard": 2}]});
+        assert_eq!(shard_numbers(&cluster).unwrap(), vec![0, 2]);
+        for view in [
+            json!({"shards": []}),
+            json!({}),
+            json!({"shards": [{"shard": 0}, {"shard": "1"}]}),
+            json!({"shards": [{"leader": 1}]}),
+        ] {
+            let refused = shard_numbers(&view).unwrap_err();
+            assert_eq!(refused.code(), "bad_answer", "{view}");
+            assert_eq!(refused.exit_status(), crate::cli::error::EXIT_NO_ANSWER);
+        }
+    }
 }
