@@ -17,6 +17,7 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 use shopkeep_raft::{Cluster, ClusterStatus, NodeId};
 
 use crate::domain::Command;
+use crate::state::CacheUse;
 
 pub const HTTP_REQUESTS: &str = "shopkeep_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "shopkeep_http_request_duration_seconds";
@@ -51,6 +52,10 @@ pub const RAFT_APPLIED_INDEX: &str = "shopkeep_raft_applied_index";
 pub const RAFT_FOLLOWER_LAG: &str = "shopkeep_raft_follower_lag_entries";
 pub const PEER_UP: &str = "shopkeep_peer_up";
 /// The process's resident memory and open files, under the names Prometheus' client libraries use.
+pub const SHARD_CACHE_CAPACITY: &str = "shopkeep_shard_cache_capacity_bytes";
+pub const SHARD_CACHE_USED: &str = "shopkeep_shard_cache_used_bytes";
+pub const SHARD_CACHE_READS: &str = "shopkeep_shard_cache_reads_total";
+pub const SHARD_CACHE_EVICTIONS: &str = "shopkeep_shard_cache_evictions_total";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 
@@ -63,7 +68,7 @@ const SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-const COUNTERS: [(&str, &str); 14] = [
+const COUNTERS: [(&str, &str); 16] = [
     (
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route template and status",
@@ -114,9 +119,17 @@ const COUNTERS: [(&str, &str); 14] = [
         WEBHOOK_FAILURES,
         "Failed delivery attempts by webhook (each is retried after a back-off)",
     ),
+    (
+        SHARD_CACHE_READS,
+        "Page reads of the shard file by where they were found: result=hit in its page cache, miss read from the file (since the file was opened)",
+    ),
+    (
+        SHARD_CACHE_EVICTIONS,
+        "Pages evicted from the shard file's full page cache (since the file was opened)",
+    ),
 ];
 
-const GAUGES: [(&str, &str); 13] = [
+const GAUGES: [(&str, &str); 15] = [
     (
         WEBHOOK_LAG,
         "Events of a shard this node leads not yet acknowledged by a webhook, by webhook and shard",
@@ -160,6 +173,14 @@ const GAUGES: [(&str, &str); 13] = [
     (
         PEER_UP,
         "1 when this node heard from the member within 5 s (a call either way), else 0",
+    ),
+    (
+        SHARD_CACHE_CAPACITY,
+        "The shard file's page cache: its size in bytes (--cache-mib split among the node's shards)",
+    ),
+    (
+        SHARD_CACHE_USED,
+        "Bytes the shard file's page cache holds now (pages read, and pages written since the last durable commit)",
     ),
     (
         PROCESS_RSS,
@@ -237,9 +258,11 @@ impl Metrics {
         })
     }
 
-    /// The text of a scrape, its gauges read from `cluster` and the process now.
-    pub fn render(&self, cluster: &Cluster) -> String {
+    /// The text of a scrape, its gauges read from `cluster`, the shards' page `caches` (in shard order)
+    /// and the process now.
+    pub fn render(&self, cluster: &Cluster, caches: &[CacheUse]) -> String {
         self.refresh_cluster(cluster);
+        publish_caches(caches);
         refresh_process();
         self.handle.render()
     }
@@ -416,6 +439,22 @@ fn publish_shards(status: &ClusterStatus) -> BTreeSet<(u32, NodeId)> {
         }
     }
     lags
+}
+
+/// Publishes each shard's page cache: size and use (gauges), reads that hit or missed and evictions
+/// since the file was opened (counters).
+fn publish_caches(caches: &[CacheUse]) {
+    for (shard, cache) in (0u32..).zip(caches) {
+        let label = shard.to_string();
+        metrics::gauge!(SHARD_CACHE_CAPACITY, "shard" => label.clone())
+            .set(cache.capacity_bytes as f64);
+        metrics::gauge!(SHARD_CACHE_USED, "shard" => label.clone()).set(cache.used_bytes as f64);
+        metrics::counter!(SHARD_CACHE_READS, "shard" => label.clone(), "result" => "hit")
+            .absolute(cache.read_hits);
+        metrics::counter!(SHARD_CACHE_READS, "shard" => label.clone(), "result" => "miss")
+            .absolute(cache.read_misses);
+        metrics::counter!(SHARD_CACHE_EVICTIONS, "shard" => label).absolute(cache.evictions);
+    }
 }
 
 fn refresh_process() {

@@ -31,6 +31,8 @@ pub enum StartError {
     Cluster(String),
     #[error("{0}")]
     Secret(String),
+    #[error("{0}")]
+    Config(String),
     #[error("metrics: {0}")]
     Metrics(String),
     #[error("server: {0}")]
@@ -42,6 +44,9 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     secrets.check_strength().map_err(StartError::Secret)?;
     datadir::restrict_new_files();
     let settings = datadir::settings_for(&config.data_dir, config.shards, &config.currency)?;
+    let cache_bytes_per_shard =
+        crate::config::cache_bytes_per_shard(config.cache_mib, settings.shards)
+            .map_err(StartError::Config)?;
     datadir::prepare(&config.data_dir, &settings)?;
 
     let clustered = config.peers.is_some();
@@ -143,7 +148,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         deadline: config.request_timeout.mul_f64(0.8),
         trust_empty_shards: config.restoring_from_backup,
     };
-    let node = Arc::new(Node::open(&config.data_dir, cluster_config).await?);
+    let node = Arc::new(Node::open(&config.data_dir, cluster_config, cache_bytes_per_shard).await?);
     if !clustered {
         // A single node leads every shard at once; check the catalog before serving.
         let repaired = node.repair_catalog().await?;

@@ -36,7 +36,7 @@ pub use shopkeep_raft::rpc::MembershipChange;
 use tokio::sync::Mutex;
 
 use crate::domain::{Command, Envelope, IdempotencyTag, Rejection, Timestamp};
-use crate::state::{ShardStore, StoreError};
+use crate::state::{CacheUse, ShardStore, StoreError};
 use replica::{ApplyReply, ShardMachine};
 
 /// Engine failures, as the HTTP layer sees them. The replication layer's (`ClusterError`) keep their
@@ -143,8 +143,9 @@ fn open_shard(
     path: &Path,
     id: u32,
     clustered: bool,
+    cache_bytes: usize,
 ) -> Result<ShardStore, EngineError> {
-    match ShardStore::open_verified(path, id) {
+    match ShardStore::open_verified(path, id, cache_bytes) {
         Err(StoreError::CorruptFile(why)) if clustered => {
             let moved = integrity::quarantine(data_dir, &[path.to_path_buf()])
                 .map_err(|e| EngineError::Internal(format!("setting aside {why}: {e}")))?;
@@ -153,7 +154,7 @@ fn open_shard(
                 moved_to = %moved.display(),
                 "{why}; it was set aside and the shard rebuilds from its peers"
             );
-            Ok(ShardStore::open(path, id)?)
+            Ok(ShardStore::open_with_cache(path, id, cache_bytes)?)
         }
         Err(StoreError::CorruptFile(why)) => Err(EngineError::Corrupt(format!(
             "{why}. {}",
@@ -164,9 +165,14 @@ fn open_shard(
 }
 
 impl Node {
-    /// Opens (or creates) the shard files `shard-NNN.redb` in `data_dir` and their Raft groups, and
-    /// starts forming the cluster if it has not been formed.
-    pub async fn open(data_dir: &Path, config: ClusterConfig) -> Result<Node, EngineError> {
+    /// Opens (or creates) the shard files `shard-NNN.redb` in `data_dir`, each with a page cache of
+    /// `cache_bytes_per_shard`, and their Raft groups, and starts forming the cluster if it has not
+    /// been formed.
+    pub async fn open(
+        data_dir: &Path,
+        config: ClusterConfig,
+        cache_bytes_per_shard: usize,
+    ) -> Result<Node, EngineError> {
         assert!(config.shards > 0);
         let clustered = config.peers.len() > 1;
         let paths: Vec<PathBuf> = (0..config.shards)
@@ -180,9 +186,11 @@ impl Node {
         let mut stores = Vec::with_capacity(paths.len());
         for (id, path) in (0u32..).zip(paths) {
             let dir = data_dir.to_path_buf();
-            let store = tokio::task::spawn_blocking(move || open_shard(&dir, &path, id, clustered))
-                .await
-                .map_err(|e| EngineError::Internal(e.to_string()))??;
+            let store = tokio::task::spawn_blocking(move || {
+                open_shard(&dir, &path, id, clustered, cache_bytes_per_shard)
+            })
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))??;
             stores.push(Arc::new(store));
         }
         let applied = Arc::new(tokio::sync::watch::Sender::new(0));
@@ -212,6 +220,11 @@ impl Node {
 
     pub fn shard_count(&self) -> u32 {
         u32::try_from(self.stores.len()).expect("one store per shard, and shards are a u32")
+    }
+
+    /// Each shard's page cache (size, use, hits), in shard order.
+    pub fn shard_caches(&self) -> Vec<CacheUse> {
+        self.stores.iter().map(|store| store.cache()).collect()
     }
 
     pub fn cluster(&self) -> &Arc<Cluster> {

@@ -181,7 +181,7 @@ pub fn router(
 /// The router of `--metrics-listen`: `GET /metrics` and `GET /healthz` alone; anything else is a JSON
 /// 404 (or 405).
 pub fn metrics_router(node: Arc<Node>, metrics: Arc<Metrics>) -> Router {
-    let scrape = move || async move { routes::metrics_text(&metrics, node.cluster()) };
+    let scrape = move || async move { routes::metrics_text(&metrics, &node) };
     Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .route("/healthz", axum::routing::get(|| async { status("ok") }))

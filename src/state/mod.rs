@@ -101,13 +101,26 @@ redb_error_into_store_error!(
 /// end (the persisted format's rules are in `crate::domain`; `golden` pins the bytes).
 pub const SCHEMA_VERSION: u32 = 2;
 
-/// redb's page cache per shard file (redb's default is 1 GiB per file, which lets a node with 8 shards
-/// grow far beyond what it needs: reads are of recent rows, and the OS caches the file anyway). 4 MiB
-/// holds the hot pages of the purchase path on a small shop: 16 MiB was no faster there and cost 100 MiB
-/// of peak RSS at 256 clients (`cargo bench --bench load`). On a shop of 3,000,000 orders 16 MiB made 19 %
-/// more purchases/s (3,828 against 3,223 at 64 clients), but the node peaked at 283 MiB, over the
-/// 256 MiB budget (README, Benchmarks, 2026-12-03 fifth session).
+/// redb's page cache per shard file when the node's `--cache-mib` (32) is split among its default 8
+/// shards, and for tools that open one shard. (redb's own default is 1 GiB per file, which lets a node
+/// with 8 shards grow far beyond what it needs: reads are of recent rows, and the OS caches the file
+/// anyway.) 4 MiB holds the hot pages of the purchase path on a small shop: 16 MiB was no faster there
+/// and cost 100 MiB of peak RSS at 256 clients (`cargo bench --bench load`). On a shop of 3,000,000
+/// orders 16 MiB made 19 % more purchases/s (3,828 against 3,223 at 64 clients), but the node peaked at
+/// 283 MiB, over the 256 MiB budget (README, Benchmarks, 2026-12-03 fifth session): an operator with
+/// the memory gives `--cache-mib` more.
 pub const SHARD_CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The page cache of one shard file, as [`ShardStore::cache`] reads it (counts since the file was
+/// opened; a reopen after a full disk starts them again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheUse {
+    pub capacity_bytes: usize,
+    pub used_bytes: usize,
+    pub read_hits: u64,
+    pub read_misses: u64,
+    pub evictions: u64,
+}
 
 /// redb's page cache for a file being filled in one big transaction by `shopkeep restore`: with
 /// `SHARD_CACHE_BYTES` the import evicts and rereads its own pages (15.5 s for a 37 MiB backup of
@@ -161,10 +174,8 @@ pub struct ShardStore {
     behind: AtomicBool,
     /// When the state was last committed durably.
     durable_at: Mutex<Instant>,
-}
-
-fn open_database(path: &Path) -> Result<Database, StoreError> {
-    open_database_with_cache(path, SHARD_CACHE_BYTES)
+    /// redb's page cache of this file, in bytes (kept for a reopen after a full disk).
+    cache_bytes: usize,
 }
 
 fn open_database_with_cache(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
@@ -174,26 +185,38 @@ fn open_database_with_cache(path: &Path, cache_bytes: usize) -> Result<Database,
 }
 
 impl ShardStore {
-    /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`.
+    /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`,
+    /// with a cache of `SHARD_CACHE_BYTES`.
     pub fn open(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
-        ShardStore::init(path, shard, open_database(path)?)
+        ShardStore::open_with_cache(path, shard, SHARD_CACHE_BYTES)
+    }
+
+    /// [`ShardStore::open`] with a page cache of `cache_bytes`.
+    pub fn open_with_cache(
+        path: &Path,
+        shard: u32,
+        cache_bytes: usize,
+    ) -> Result<ShardStore, StoreError> {
+        let db = open_database_with_cache(path, cache_bytes)?;
+        ShardStore::init(path, shard, db, cache_bytes)
     }
 
     /// [`ShardStore::open`] with the larger cache of a file about to be filled by one import
     /// (`IMPORT_CACHE_BYTES`): for `shopkeep restore`, never for a serving node.
     pub fn open_for_import(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
-        ShardStore::init(
-            path,
-            shard,
-            open_database_with_cache(path, IMPORT_CACHE_BYTES)?,
-        )
+        ShardStore::open_with_cache(path, shard, IMPORT_CACHE_BYTES)
     }
 
-    /// [`ShardStore::open`], first verifying every page of the file (`shopkeep_faults::integrity`): a
-    /// corrupt file is [`StoreError::CorruptFile`]. Done once, when the node starts.
-    pub fn open_verified(path: &Path, shard: u32) -> Result<ShardStore, StoreError> {
+    /// [`ShardStore::open_with_cache`], first verifying every page of the file
+    /// (`shopkeep_faults::integrity`): a corrupt file is [`StoreError::CorruptFile`]. Done once, when
+    /// the node starts.
+    pub fn open_verified(
+        path: &Path,
+        shard: u32,
+        cache_bytes: usize,
+    ) -> Result<ShardStore, StoreError> {
         let mut builder = Database::builder();
-        builder.set_cache_size(SHARD_CACHE_BYTES);
+        builder.set_cache_size(cache_bytes);
         let db = match integrity::open_verified(&mut builder, path, integrity::Fallback::Allow) {
             Ok(db) => db,
             Err(corrupt @ integrity::OpenError::Corrupt { .. }) => {
@@ -201,16 +224,22 @@ impl ShardStore {
             }
             Err(integrity::OpenError::Other { source, .. }) => return Err(source.into()),
         };
-        ShardStore::init(path, shard, db)
+        ShardStore::init(path, shard, db, cache_bytes)
     }
 
-    fn init(path: &Path, shard: u32, db: Database) -> Result<ShardStore, StoreError> {
+    fn init(
+        path: &Path,
+        shard: u32,
+        db: Database,
+        cache_bytes: usize,
+    ) -> Result<ShardStore, StoreError> {
         let store = ShardStore {
             shard,
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
             behind: AtomicBool::new(false),
             durable_at: Mutex::new(Instant::now()),
+            cache_bytes,
         };
         let mut txn = store.begin_write()?;
         txn.set_durability(Durability::Immediate)
@@ -245,6 +274,23 @@ impl ShardStore {
         &self.path
     }
 
+    /// redb's page cache of the file: its size, and how full it is with how many hits.
+    pub fn cache(&self) -> CacheUse {
+        let stats = self
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|db| db.cache_stats());
+        CacheUse {
+            capacity_bytes: self.cache_bytes,
+            used_bytes: stats.as_ref().map_or(0, redb::CacheStats::used_bytes),
+            read_hits: stats.as_ref().map_or(0, redb::CacheStats::read_hits),
+            read_misses: stats.as_ref().map_or(0, redb::CacheStats::read_misses),
+            evictions: stats.as_ref().map_or(0, redb::CacheStats::evictions),
+        }
+    }
+
     fn disk_full(&self, why: impl Into<String>) -> StoreError {
         StoreError::DiskFull(Box::new(DiskFull {
             path: self.path.display().to_string(),
@@ -264,7 +310,8 @@ impl ShardStore {
         }
         // Fails while a reader still holds the old handle, or while the disk refuses the repair.
         let db = Arc::new(
-            open_database(&self.path).map_err(|e| self.disk_full(format!("reopening: {e}")))?,
+            open_database_with_cache(&self.path, self.cache_bytes)
+                .map_err(|e| self.disk_full(format!("reopening: {e}")))?,
         );
         *slot = Some(db.clone());
         Ok(db)

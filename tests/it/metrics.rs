@@ -276,6 +276,46 @@ async fn metrics_describe_every_family_start_counters_at_zero_and_time_with_hist
     assert_eq!(body["error"]["code"], "not_found", "{body}");
 }
 
+/// `--cache-mib` is split among the node's shards and reaches each shard file's page cache: the size
+/// is served, and once the shop holds more than that the cache is full, holds no more, and evicts.
+#[tokio::test]
+async fn cache_mib_is_split_among_the_shards_and_bounds_what_each_shard_caches() {
+    let srv = Server::start_with(Opts::new().shards(2).env("SHOPKEEP_CACHE_MIB", "2")).await;
+    // 1,600 funded users: several MiB of rows (and their pages) in each shard file.
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..16 {
+        let api = srv.api();
+        writers.spawn(async move {
+            for i in 0..100 {
+                api.funded_user(&format!("cache-{writer}-{i}"), "5.00")
+                    .await;
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer");
+    }
+    let scrape = scrape(&srv.api().base).await;
+    assert_well_formed(&scrape);
+    let per_shard = 1024.0 * 1024.0;
+    for shard in ["0", "1"] {
+        let at = [("shard", shard)];
+        let capacity = scrape.value("shopkeep_shard_cache_capacity_bytes", &at);
+        assert_eq!(capacity, Some(per_shard), "shard {shard}");
+        let used = scrape
+            .value("shopkeep_shard_cache_used_bytes", &at)
+            .expect("used bytes");
+        assert!(
+            used > per_shard / 2.0 && used <= per_shard,
+            "shard {shard}: {used} bytes cached of {per_shard}"
+        );
+        let hits = [("shard", shard), ("result", "hit")];
+        assert!(scrape.value("shopkeep_shard_cache_reads_total", &hits) > Some(0.0));
+        let evictions = scrape.value("shopkeep_shard_cache_evictions_total", &at);
+        assert!(evictions > Some(0.0), "shard {shard}: {evictions:?}");
+    }
+}
+
 /// Scrapes node `id` until `done` holds for its scrape (≤ `within`); the last scrape either way.
 async fn scrape_until(
     cluster: &TestCluster,

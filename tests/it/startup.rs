@@ -9,12 +9,16 @@ use crate::harness::{Auth, Opts, Server};
 /// Runs `shopkeep serve` with `args` and `env`; expects it to exit non-zero within 10 s. Returns stderr.
 fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("data");
+    refused_start_at(&dir.path().join("data"), args, env)
+}
+
+/// [`refused_start`] with the data directory `data`.
+fn refused_start_at(data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let mut command = Command::new(env!("CARGO_BIN_EXE_shopkeep"));
     command
         .arg("serve")
         .arg("--data-dir")
-        .arg(&data)
+        .arg(data)
         .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .env_remove("SHOPKEEP_CLUSTER_SECRET")
@@ -50,6 +54,20 @@ fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
         "{args:?} served before refusing: {stdout}"
     );
     stderr
+}
+
+#[test]
+fn a_cache_of_less_than_one_mib_per_shard_is_refused_before_the_data_directory_is_made() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let stderr = refused_start_at(&data, &["--shards", "8", "--cache-mib", "7"], &[]);
+    assert!(
+        stderr.contains("--cache-mib 7") && stderr.contains("at least 8"),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "the refused start made {}", data.display());
+    let stderr = refused_start(&["--cache-mib", "0"], &[]);
+    assert!(stderr.contains("--cache-mib"), "{stderr}");
 }
 
 const PEERS: &str = "1=127.0.0.1:1,2=127.0.0.1:2,3=127.0.0.1:3";

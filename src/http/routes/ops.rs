@@ -6,13 +6,13 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::engine::Node;
 use crate::http::auth::Caller;
 use crate::http::dto::{AuditResponse, ShardAuditResponse, StatusResponse};
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::input::ReadConsistency;
 use crate::http::{AppState, input, render, status};
 use crate::metrics::Metrics;
-use shopkeep_raft::Cluster;
 
 /// Recompute every invariant on every shard, or on the one `shard` names (admin).
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "operations",
@@ -97,12 +97,12 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 /// Prometheus metrics (text format).
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
-    metrics_text(&app.metrics, app.node.cluster())
+    metrics_text(&app.metrics, &app.node)
 }
 
-/// A scrape: the gauges read from the cluster now, then every family in the text format.
-pub fn metrics_text(metrics: &Metrics, cluster: &Cluster) -> Response {
-    let text = metrics.render(cluster);
+/// A scrape: the gauges read from the node now, then every family in the text format.
+pub fn metrics_text(metrics: &Metrics, node: &Node) -> Response {
+    let text = metrics.render(node.cluster(), &node.shard_caches());
     (
         StatusCode::OK,
         [(
