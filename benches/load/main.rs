@@ -121,6 +121,8 @@
 //!   level's start, as a client that asks `GET /v1/cluster/route/{user_id}` would; a note says so).
 //! - `SHOPKEEP_BENCH_SHARDS` — `--shards` of every node of the shopkeep systems (`1`, `3`…) (default: the server's
 //!   own default, 8).
+//! - `SHOPKEEP_BENCH_SERVER_ARGS` — more flags for every `shopkeep serve` it starts, split at whitespace
+//!   (e.g. `--cache-mib 64`; the servers never inherit the caller's `SHOPKEEP_*` variables).
 //! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).
 //!
 //! ```text

@@ -91,7 +91,8 @@ impl Nodes {
                     nodes.dir.path().join("server.stderr"),
                 )
             };
-            let mut launch = Launch::new(&data_dir, listen, &stdout_path, &stderr_path);
+            let mut launch = Launch::new(&data_dir, listen, &stdout_path, &stderr_path)
+                .args(crate::settings::server_args());
             if let Some(shards) = shards {
                 launch = launch.args(["--shards", &shards.to_string()]);
             }

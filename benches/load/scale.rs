@@ -200,7 +200,8 @@ fn spawn(
         &logs.join(format!("node-{id}.stdout")),
         &logs.join(format!("node-{id}.stderr")),
     )
-    .args(["--node-id", &id.to_string()]);
+    .args(["--node-id", &id.to_string()])
+    .args(crate::settings::server_args());
     if let Some(peers) = peers {
         launch = launch.args(["--peers", peers]);
     }

@@ -172,6 +172,14 @@ fn open_loop_setting() -> OpenLoop {
     }
 }
 
+/// `SHOPKEEP_BENCH_SERVER_ARGS`: more flags for every `shopkeep serve` the benchmark starts, split at
+/// whitespace (e.g. `--cache-mib 64`); the servers never inherit the caller's `SHOPKEEP_*` variables.
+pub(crate) fn server_args() -> Vec<String> {
+    env_text("SHOPKEEP_BENCH_SERVER_ARGS")
+        .map(|text| text.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
 fn env_text(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|t| !t.trim().is_empty())
 }
