@@ -51,11 +51,11 @@ pub const RAFT_TERM: &str = "shopkeep_raft_term";
 pub const RAFT_APPLIED_INDEX: &str = "shopkeep_raft_applied_index";
 pub const RAFT_FOLLOWER_LAG: &str = "shopkeep_raft_follower_lag_entries";
 pub const PEER_UP: &str = "shopkeep_peer_up";
-/// The process's resident memory and open files, under the names Prometheus' client libraries use.
 pub const SHARD_CACHE_CAPACITY: &str = "shopkeep_shard_cache_capacity_bytes";
 pub const SHARD_CACHE_USED: &str = "shopkeep_shard_cache_used_bytes";
 pub const SHARD_CACHE_READS: &str = "shopkeep_shard_cache_reads_total";
 pub const SHARD_CACHE_EVICTIONS: &str = "shopkeep_shard_cache_evictions_total";
+/// The process's resident memory and open files, under the names Prometheus' client libraries use.
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
 
