@@ -24,7 +24,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::clock::unix_micros;
+use crate::clock::{Reading, unix_micros};
 
 /// The header that carries a node call's authentication.
 pub const AUTH_HEADER: &str = "x-shopkeep-node-auth";
@@ -63,6 +63,8 @@ pub struct Verified {
     pub sender: u64,
     /// The sender's clock minus this node's when the call arrived, in microseconds (latency included).
     pub offset_micros: i64,
+    /// This node's clock reading `offset_micros` was measured against.
+    pub at: Reading,
     pub body: SignedBody,
 }
 
@@ -152,7 +154,7 @@ impl NodeAuth {
         path: &str,
         header: Option<&[u8]>,
     ) -> Result<Verified, NodeAuthError> {
-        self.verify_at(method, path, header, unix_micros())
+        self.verify_at(method, path, header, Reading::now())
     }
 
     fn verify_at(
@@ -160,8 +162,9 @@ impl NodeAuth {
         method: &str,
         path: &str,
         header: Option<&[u8]>,
-        now: i64,
+        at: Reading,
     ) -> Result<Verified, NodeAuthError> {
+        let now = at.unix_micros;
         let header = header.ok_or(NodeAuthError::Missing)?;
         if header.len() > MAX_HEADER_BYTES {
             return Err(NodeAuthError::Malformed);
@@ -207,6 +210,7 @@ impl NodeAuth {
         Ok(Verified {
             sender,
             offset_micros,
+            at,
             body: SignedBody {
                 digest: digest_bytes,
             },
@@ -285,7 +289,7 @@ mod tests {
                 "POST",
                 "/_node/v1/call",
                 Some(header.as_bytes()),
-                NOW + SECOND,
+                Reading::at(NOW + SECOND),
             )
             .expect("valid");
         assert_eq!((verified.sender, verified.offset_micros), (4, -SECOND));
@@ -299,7 +303,7 @@ mod tests {
                 "POST",
                 "/_node/v1/call",
                 Some(header.as_bytes()),
-                NOW + SECOND
+                Reading::at(NOW + SECOND)
             ),
             Err(NodeAuthError::Replayed)
         );
@@ -310,7 +314,12 @@ mod tests {
         let auth = auth();
         let header = auth.sign_at("POST", "/_node/v1/call", b"", NOW, [2; 16]);
         assert_eq!(
-            auth.verify_at("POST", "/_node/v1/other", Some(header.as_bytes()), NOW),
+            auth.verify_at(
+                "POST",
+                "/_node/v1/other",
+                Some(header.as_bytes()),
+                Reading::at(NOW)
+            ),
             Err(NodeAuthError::BadSignature)
         );
         assert_eq!(
@@ -318,7 +327,7 @@ mod tests {
                 "POST",
                 "/_node/v1/call",
                 Some(header.as_bytes()),
-                NOW
+                Reading::at(NOW)
             ),
             Err(NodeAuthError::BadSignature)
         );
@@ -327,7 +336,7 @@ mod tests {
                 "POST",
                 "/_node/v1/call",
                 Some(header.as_bytes()),
-                NOW + 61 * SECOND
+                Reading::at(NOW + 61 * SECOND)
             ),
             Err(NodeAuthError::Stale {
                 sender: 4,
@@ -335,12 +344,17 @@ mod tests {
             })
         );
         assert_eq!(
-            auth.verify_at("POST", "/_node/v1/call", None, NOW),
+            auth.verify_at("POST", "/_node/v1/call", None, Reading::at(NOW)),
             Err(NodeAuthError::Missing)
         );
         let long = "v1,".repeat(100);
         assert_eq!(
-            auth.verify_at("POST", "/_node/v1/call", Some(long.as_bytes()), NOW),
+            auth.verify_at(
+                "POST",
+                "/_node/v1/call",
+                Some(long.as_bytes()),
+                Reading::at(NOW)
+            ),
             Err(NodeAuthError::Malformed)
         );
     }

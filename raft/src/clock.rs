@@ -60,11 +60,42 @@ struct Sample {
 /// counting as a step (time servers slew clocks by at most 0.05 %).
 const MAX_DRIFT_MICROS: i64 = 100_000;
 
-/// This node's clock (as `unix_micros` stamps it) minus the monotonic time since the process started.
-fn anchor_micros() -> i64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let running = START.get_or_init(Instant::now).elapsed().as_micros();
-    unix_micros().saturating_sub(i64::try_from(running).unwrap_or(i64::MAX))
+/// One reading of this node's clock: the time `unix_micros` gives, and its anchor (that time minus the
+/// monotonic time since the process started), from ONE read of the wall clock. A sample must carry the
+/// anchor of the reading its offset was measured with: an anchor read later could come after a step of
+/// this node's clock, and an offset measured before the step would then count as measured after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reading {
+    pub unix_micros: i64,
+    anchor_micros: i64,
+}
+
+impl Reading {
+    /// The clock now.
+    pub fn now() -> Reading {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let start = *START.get_or_init(Instant::now);
+        let unix_micros = unix_micros();
+        let running = i64::try_from(start.elapsed().as_micros()).unwrap_or(i64::MAX);
+        Reading {
+            unix_micros,
+            anchor_micros: unix_micros.saturating_sub(running),
+        }
+    }
+
+    /// A reading at `unix_micros` with anchor 0 (tests).
+    #[cfg(test)]
+    pub(crate) fn at(unix_micros: i64) -> Reading {
+        Reading {
+            unix_micros,
+            anchor_micros: 0,
+        }
+    }
+
+    /// Whether this node's clock stepped between `self` and `later`.
+    fn stepped_before(&self, later: &Reading) -> bool {
+        self.anchor_micros.abs_diff(later.anchor_micros) > MAX_DRIFT_MICROS.unsigned_abs()
+    }
 }
 
 /// What this node knows of its clock against the members'.
@@ -93,12 +124,13 @@ impl ClockVerdict {
 }
 
 impl ClockWatch {
-    /// Records that `peer`'s clock reads `offset_micros` ahead of this node's (negative: behind).
-    pub fn observe(&self, peer: NodeId, offset_micros: i64) {
+    /// Records that `peer`'s clock reads `offset_micros` ahead of this node's (negative: behind), as
+    /// measured against this node's clock reading `at`.
+    pub fn observe(&self, peer: NodeId, offset_micros: i64, at: Reading) {
         let sample = Sample {
             offset_micros,
             at: Instant::now(),
-            anchor_micros: anchor_micros(),
+            anchor_micros: at.anchor_micros,
         };
         self.samples
             .lock()
@@ -106,11 +138,15 @@ impl ClockWatch {
             .insert(peer, sample);
     }
 
-    /// Records the answer of a call sent at `sent` and answered at `received` (this node's unix
-    /// microseconds), stamped `peer_time` by the peer: the peer's clock against the call's midpoint.
-    pub fn observe_answer(&self, peer: NodeId, sent: i64, received: i64, peer_time: i64) {
-        let midpoint = sent + (received - sent) / 2;
-        self.observe(peer, peer_time - midpoint);
+    /// Records the answer of a call sent at `sent` and answered at `received` (this node's clock
+    /// readings), stamped `peer_time` by the peer: the peer's clock against the call's midpoint. A call
+    /// across a step of this node's clock tells nothing and is not recorded.
+    pub fn observe_answer(&self, peer: NodeId, sent: Reading, received: Reading, peer_time: i64) {
+        if sent.stepped_before(&received) {
+            return;
+        }
+        let midpoint = sent.unix_micros + (received.unix_micros - sent.unix_micros) / 2;
+        self.observe(peer, peer_time - midpoint, received);
     }
 
     /// Whether `peer` was heard from within [`SAMPLE_LIFETIME`]: it answered a call of this node's, or
@@ -130,7 +166,7 @@ impl ClockWatch {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let bound = i64::try_from(MAX_CLOCK_OFFSET.as_micros()).unwrap_or(i64::MAX);
-        let anchor = anchor_micros();
+        let anchor = Reading::now().anchor_micros;
         let (mut agreeing, mut count) = (0, 0);
         let mut offsets_ms = BTreeMap::new();
         for member in members {
@@ -166,22 +202,39 @@ impl ClockWatch {
 mod tests {
     use super::*;
 
+    /// A reading of the clock now, at `unix_micros`.
+    fn now_at(unix_micros: i64) -> Reading {
+        Reading {
+            unix_micros,
+            ..Reading::now()
+        }
+    }
+
+    /// A reading taken before this node's clock stepped `step_micros` (so its anchor is that much off).
+    fn before_a_step_of(step_micros: i64) -> Reading {
+        let now = Reading::now();
+        Reading {
+            unix_micros: now.unix_micros - step_micros,
+            anchor_micros: now.anchor_micros - step_micros,
+        }
+    }
+
     #[test]
     fn a_node_agrees_when_a_majority_is_within_the_bound() {
         let watch = ClockWatch::default();
         assert!(watch.verdict(1, [1]).agrees, "a cluster of one agrees");
         assert!(!watch.verdict(1, [1, 2, 3]).agrees, "nothing known yet");
-        watch.observe(2, 1_500_000);
+        watch.observe(2, 1_500_000, Reading::now());
         assert!(watch.verdict(1, [1, 2, 3]).agrees, "2 of 3 within 2 s");
-        watch.observe(2, 3_000_000);
-        watch.observe(3, -30_000_000);
+        watch.observe(2, 3_000_000, Reading::now());
+        watch.observe(3, -30_000_000, Reading::now());
         let verdict = watch.verdict(1, [1, 2, 3]);
         assert!(!verdict.agrees);
         assert_eq!(
             verdict.offsets_ms,
             BTreeMap::from([(2, 3_000), (3, -30_000)])
         );
-        watch.observe(3, 0);
+        watch.observe(3, 0, Reading::now());
         assert!(watch.verdict(1, [1, 2, 3]).agrees);
         assert!(!watch.verdict(1, [1, 2, 3, 4, 5]).agrees, "2 of 5");
     }
@@ -190,7 +243,7 @@ mod tests {
     fn a_peer_is_heard_recently_only_once_sampled_and_whatever_its_offset() {
         let watch = ClockWatch::default();
         assert!(!watch.heard_recently(2), "never heard from");
-        watch.observe(2, 3_600_000_000);
+        watch.observe(2, 3_600_000_000, Reading::now());
         assert!(watch.heard_recently(2), "an hour off, but it answered");
         if let Some(sample) = watch.samples.lock().expect("lock").get_mut(&2) {
             sample.at -= SAMPLE_LIFETIME + Duration::from_millis(1);
@@ -201,7 +254,7 @@ mod tests {
     #[test]
     fn a_sample_taken_before_this_nodes_clock_stepped_no_longer_counts() {
         let watch = ClockWatch::default();
-        watch.observe(2, 0);
+        watch.observe(2, 0, Reading::now());
         assert!(watch.verdict(1, [1, 2, 3]).agrees);
         // As if this node's clock had stepped 30 s ahead since the sample was taken.
         if let Some(sample) = watch.samples.lock().expect("lock").get_mut(&2) {
@@ -213,7 +266,38 @@ mod tests {
     #[test]
     fn an_answer_is_judged_against_the_calls_midpoint() {
         let watch = ClockWatch::default();
-        watch.observe_answer(2, 1_000_000, 1_200_000, 1_100_000);
+        watch.observe_answer(2, now_at(1_000_000), now_at(1_200_000), 1_100_000);
         assert_eq!(watch.verdict(1, [1, 2]).offsets_ms.get(&2), Some(&0));
+    }
+
+    #[test]
+    fn an_offset_read_before_this_nodes_clock_stepped_does_not_count_once_recorded_after_it() {
+        // The offset was measured with the clock before a 30 s step, and recorded after it: the
+        // sample must carry the anchor of that measurement, or the stepped clock would agree with it.
+        let watch = ClockWatch::default();
+        watch.observe(2, 0, before_a_step_of(30_000_000));
+        assert!(!watch.verdict(1, [1, 2, 3]).agrees);
+    }
+
+    #[test]
+    fn a_call_across_a_step_of_this_nodes_clock_is_not_recorded() {
+        let watch = ClockWatch::default();
+        let sent = before_a_step_of(30_000_000);
+        let received = Reading::now();
+        watch.observe_answer(2, sent, received, received.unix_micros);
+        assert!(
+            !watch.heard_recently(2),
+            "no sample from a call across a step"
+        );
+        watch.observe_answer(
+            2,
+            now_at(received.unix_micros),
+            Reading::now(),
+            received.unix_micros,
+        );
+        assert!(
+            watch.heard_recently(2),
+            "a call within one clock is recorded"
+        );
     }
 }

@@ -21,7 +21,7 @@ use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 
 use crate::TypeConfig;
 use crate::auth::{AUTH_HEADER, NodeAuth};
-use crate::clock::{ClockWatch, TIME_HEADER, unix_micros};
+use crate::clock::{ClockWatch, Reading, TIME_HEADER};
 use crate::peer_health::PeerHealth;
 use crate::rpc::{CALL_PATH, MAX_MESSAGE_BYTES, NodeRequest, NodeResponse};
 
@@ -120,7 +120,7 @@ impl Transport {
         };
         let authorization = self.auth.sign("POST", CALL_PATH, &body);
         let started = Instant::now();
-        let sent = unix_micros();
+        let sent = Reading::now();
         let response = self
             .client
             .post(format!("http://{addr}{CALL_PATH}"))
@@ -184,7 +184,7 @@ impl Transport {
     }
 
     /// Records the peer's clock from the time it stamped on its answer, if it is a known member (`node`).
-    fn observe_clock(&self, node: Option<u64>, sent: i64, response: &reqwest::Response) {
+    fn observe_clock(&self, node: Option<u64>, sent: Reading, response: &reqwest::Response) {
         let Some(peer) = node else {
             return;
         };
@@ -197,7 +197,7 @@ impl Transport {
             return;
         };
         self.clock
-            .observe_answer(peer, sent, unix_micros(), peer_time);
+            .observe_answer(peer, sent, Reading::now(), peer_time);
     }
 }
 

@@ -122,7 +122,7 @@ impl NodeTraffic {
         self.node
             .cluster()
             .clock()
-            .observe(verified.sender, verified.offset_micros);
+            .observe(verified.sender, verified.offset_micros, verified.at);
         let signed = verified.body;
         let permit = self
             .inflight
