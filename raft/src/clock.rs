@@ -31,13 +31,7 @@ pub const SAMPLE_LIFETIME: Duration = Duration::from_secs(5);
 /// process's start plus the (monotonic) time it has run since, so a wall clock set back does not take
 /// the node's stamps back. The application stamps its commands the same way (`Timestamp::now`).
 pub fn unix_micros() -> i64 {
-    static START: OnceLock<(i64, Instant)> = OnceLock::new();
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-    let (start_wall, start) = *START.get_or_init(|| (wall, Instant::now()));
-    let running = i64::try_from(start.elapsed().as_micros()).unwrap_or(i64::MAX);
-    wall.max(start_wall.saturating_add(running))
+    Reading::now().unix_micros
 }
 
 /// The latest clock sample of each peer.
@@ -51,9 +45,9 @@ struct Sample {
     /// The peer's clock minus this node's, in microseconds.
     offset_micros: i64,
     at: Instant,
-    /// This node's clock minus its monotonic clock when the sample was taken: if it has moved since,
-    /// this node's own clock stepped, and the sample says nothing about it any more.
-    anchor_micros: i64,
+    /// The reading of this node's clock the offset was measured against: if this node's clock stepped
+    /// since, the sample says nothing about it any more.
+    measured: Reading,
 }
 
 /// How far this node's clock may drift from its monotonic clock during a sample's lifetime without
@@ -71,12 +65,15 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// The clock now.
+    /// The clock now: the time [`unix_micros`] gives and its anchor, from one read of each clock.
     pub fn now() -> Reading {
-        static START: OnceLock<Instant> = OnceLock::new();
-        let start = *START.get_or_init(Instant::now);
-        let unix_micros = unix_micros();
+        static START: OnceLock<(i64, Instant)> = OnceLock::new();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let (start_wall, start) = *START.get_or_init(|| (wall, Instant::now()));
         let running = i64::try_from(start.elapsed().as_micros()).unwrap_or(i64::MAX);
+        let unix_micros = wall.max(start_wall.saturating_add(running));
         Reading {
             unix_micros,
             anchor_micros: unix_micros.saturating_sub(running),
@@ -130,7 +127,7 @@ impl ClockWatch {
         let sample = Sample {
             offset_micros,
             at: Instant::now(),
-            anchor_micros: at.anchor_micros,
+            measured: at,
         };
         self.samples
             .lock()
@@ -166,7 +163,7 @@ impl ClockWatch {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let bound = i64::try_from(MAX_CLOCK_OFFSET.as_micros()).unwrap_or(i64::MAX);
-        let anchor = Reading::now().anchor_micros;
+        let now = Reading::now();
         let (mut agreeing, mut count) = (0, 0);
         let mut offsets_ms = BTreeMap::new();
         for member in members {
@@ -179,9 +176,7 @@ impl ClockWatch {
                 continue;
             };
             // Too old, or taken before this node's own clock stepped: it no longer tells.
-            if sample.at.elapsed() > SAMPLE_LIFETIME
-                || sample.anchor_micros.abs_diff(anchor) > MAX_DRIFT_MICROS.unsigned_abs()
-            {
+            if sample.at.elapsed() > SAMPLE_LIFETIME || sample.measured.stepped_before(&now) {
                 continue;
             }
             offsets_ms.insert(member, sample.offset_micros / 1000);
@@ -258,7 +253,7 @@ mod tests {
         assert!(watch.verdict(1, [1, 2, 3]).agrees);
         // As if this node's clock had stepped 30 s ahead since the sample was taken.
         if let Some(sample) = watch.samples.lock().expect("lock").get_mut(&2) {
-            sample.anchor_micros -= 30_000_000;
+            sample.measured.anchor_micros -= 30_000_000;
         }
         assert!(!watch.verdict(1, [1, 2, 3]).agrees);
     }
