@@ -6,7 +6,7 @@
 //! HTTP layer builds them (time, id seed, an idempotency tag scoped to the user, so every command also
 //! looks up and stores its idempotency outcome). No HTTP, no Raft log, no network. The transaction's
 //! durability is the product's: `apply_entries` commits without fsync except once per
-//! `DURABLE_EVERY` (2 s), and each batch size runs longer than that by default, so the
+//! `DEFAULT_DURABLE_EVERY` (2 s), and each batch size runs longer than that by default, so the
 //! occasional fsync is in the figures, as it is in production.
 //!
 //! How: for each batch size (1, 64, 512), on a fresh shard file (so that the sizes compare): seeds

@@ -92,6 +92,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_CACHE_MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub cache_mib: u64,
 
+    /// Longest time between two durable commits (fsyncs) of a shard file, 100ms to 60s. Every write is
+    /// durable in the Raft log before it is applied, so this bounds what a restart re-applies and how
+    /// long a failing disk under a shard file goes unnoticed (the node stops within it). Longer makes a
+    /// shop of millions of orders faster, at the price of a longer pause at each durable commit: at
+    /// 3,000,000 orders 5s made purchases 34 % faster than 2s, and doubled one node's p99.9 at half its
+    /// peak on an empty shop (README, Benchmarks).
+    #[arg(long, env = "SHOPKEEP_DURABLE_EVERY", default_value = "2s", value_parser = parse_durable_every)]
+    pub durable_every: Duration,
+
     /// ISO code of the deployment's one currency. Fixed when the data directory is created.
     #[arg(long, env = "SHOPKEEP_CURRENCY", default_value = "EUR")]
     pub currency: String,
@@ -250,6 +259,22 @@ fn parse_event_retention(text: &str) -> Result<Duration, String> {
     Ok(retention)
 }
 
+fn parse_durable_every(text: &str) -> Result<Duration, String> {
+    let every = parse_duration(text)?;
+    let (least, most) = (
+        crate::state::MIN_DURABLE_EVERY,
+        crate::state::MAX_DURABLE_EVERY,
+    );
+    if every < least || every > most {
+        return Err(format!(
+            "a shard's durable commits must be from {} to {} apart",
+            humantime::format_duration(least),
+            humantime::format_duration(most)
+        ));
+    }
+    Ok(every)
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 30s, 15m, 1h, 7d)"))?;
@@ -358,6 +383,8 @@ pub struct Config {
     pub snapshot_log_percent: u32,
     /// See `ServeArgs::cache_mib` (split among the shards by [`cache_bytes_per_shard`]).
     pub cache_mib: u64,
+    /// See `ServeArgs::durable_every`.
+    pub durable_every: Duration,
     /// See `ServeArgs::restoring_from_backup`.
     pub restoring_from_backup: bool,
 }
@@ -459,6 +486,7 @@ impl Config {
             snapshot_every: args.snapshot_every,
             snapshot_log_percent: args.snapshot_log_percent,
             cache_mib: args.cache_mib,
+            durable_every: args.durable_every,
             restoring_from_backup: args.restoring_from_backup,
         })
     }
@@ -474,6 +502,21 @@ mod tests {
             CliCommand::Serve(args) => Ok(*args),
             CliCommand::Operator(_) => unreachable!("serve was asked for"),
         }
+    }
+
+    #[test]
+    fn durable_every_is_two_seconds_unless_set_and_refused_outside_100ms_to_60s() {
+        assert_eq!(serve(&[]).unwrap().durable_every, Duration::from_secs(2));
+        let set = serve(&["--durable-every", "5s"]).unwrap();
+        assert_eq!(set.durable_every, Duration::from_secs(5));
+        for refused in ["50ms", "61s", "0s", "soon"] {
+            let error = serve(&["--durable-every", refused])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("durable-every"), "{refused}: {error}");
+        }
+        let error = serve(&["--durable-every", "61s"]).unwrap_err().to_string();
+        assert!(error.contains("from 100ms to 1m apart"), "{error}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub const SHARD_CACHE_CAPACITY: &str = "shopkeep_shard_cache_capacity_bytes";
 pub const SHARD_CACHE_USED: &str = "shopkeep_shard_cache_used_bytes";
 pub const SHARD_CACHE_READS: &str = "shopkeep_shard_cache_reads_total";
 pub const SHARD_CACHE_EVICTIONS: &str = "shopkeep_shard_cache_evictions_total";
+pub const SHARD_DURABLE_COMMITS: &str = "shopkeep_shard_durable_commits_total";
 /// The process's resident memory and open files, under the names Prometheus' client libraries use.
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -68,7 +69,7 @@ const SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-const COUNTERS: [(&str, &str); 16] = [
+const COUNTERS: [(&str, &str); 17] = [
     (
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route template and status",
@@ -126,6 +127,10 @@ const COUNTERS: [(&str, &str); 16] = [
     (
         SHARD_CACHE_EVICTIONS,
         "Pages evicted from the shard file's full page cache (since the file was opened)",
+    ),
+    (
+        SHARD_DURABLE_COMMITS,
+        "Applies of a shard committed durably (with an fsync of its file; the others wait for the next, at most --durable-every later) since the file was opened",
     ),
 ];
 
@@ -258,11 +263,20 @@ impl Metrics {
         })
     }
 
-    /// The text of a scrape, its gauges read from `cluster`, the shards' page `caches` (in shard order)
-    /// and the process now.
-    pub fn render(&self, cluster: &Cluster, caches: &[CacheUse]) -> String {
+    /// The text of a scrape, its gauges read from `cluster`, the shards' page `caches` and
+    /// `durable_commits` (in shard order) and the process now.
+    pub fn render(
+        &self,
+        cluster: &Cluster,
+        caches: &[CacheUse],
+        durable_commits: &[u64],
+    ) -> String {
         self.refresh_cluster(cluster);
         publish_caches(caches);
+        for (shard, commits) in (0u32..).zip(durable_commits) {
+            metrics::counter!(SHARD_DURABLE_COMMITS, "shard" => shard.to_string())
+                .absolute(*commits);
+        }
         refresh_process();
         self.handle.render()
     }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use crate::config::{Config, Secrets};
 use crate::datadir;
 use crate::engine::webhooks::{self, worker::DeliveryConfig};
-use crate::engine::{Node, sweeper};
+use crate::engine::{Node, ShardFiles, sweeper};
 use crate::http::{self, auth::Authenticator, auth::TokenSigner};
 use crate::metrics::Metrics;
 use crate::secrets::{KeyPurpose, derive_key};
@@ -148,7 +148,11 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         deadline: config.request_timeout.mul_f64(0.8),
         trust_empty_shards: config.restoring_from_backup,
     };
-    let node = Arc::new(Node::open(&config.data_dir, cluster_config, cache_bytes_per_shard).await?);
+    let files = ShardFiles {
+        cache_bytes: cache_bytes_per_shard,
+        durable_every: config.durable_every,
+    };
+    let node = Arc::new(Node::open(&config.data_dir, cluster_config, files).await?);
     if !clustered {
         // A single node leads every shard at once; check the catalog before serving.
         let repaired = node.repair_catalog().await?;

@@ -24,6 +24,7 @@ pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use redb::ReadTransaction;
 use shopkeep_faults::integrity;
@@ -143,9 +144,10 @@ fn open_shard(
     path: &Path,
     id: u32,
     clustered: bool,
-    cache_bytes: usize,
+    files: ShardFiles,
 ) -> Result<ShardStore, EngineError> {
-    match ShardStore::open_verified(path, id, cache_bytes) {
+    let cache_bytes = files.cache_bytes;
+    let store = match ShardStore::open_verified(path, id, cache_bytes) {
         Err(StoreError::CorruptFile(why)) if clustered => {
             let moved = integrity::quarantine(data_dir, &[path.to_path_buf()])
                 .map_err(|e| EngineError::Internal(format!("setting aside {why}: {e}")))?;
@@ -154,24 +156,35 @@ fn open_shard(
                 moved_to = %moved.display(),
                 "{why}; it was set aside and the shard rebuilds from its peers"
             );
-            Ok(ShardStore::open_with_cache(path, id, cache_bytes)?)
+            ShardStore::open_with_cache(path, id, cache_bytes)?
         }
-        Err(StoreError::CorruptFile(why)) => Err(EngineError::Corrupt(format!(
-            "{why}. {}",
-            integrity::restore_advice(path)
-        ))),
-        other => Ok(other?),
-    }
+        Err(StoreError::CorruptFile(why)) => {
+            return Err(EngineError::Corrupt(format!(
+                "{why}. {}",
+                integrity::restore_advice(path)
+            )));
+        }
+        other => other?,
+    };
+    Ok(store.durable_every(files.durable_every))
+}
+
+/// How a node keeps its shard files: the operator's `--cache-mib` and `--durable-every`.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardFiles {
+    /// redb's page cache of each shard file.
+    pub cache_bytes: usize,
+    /// Longest time between two durable commits of a shard's state.
+    pub durable_every: Duration,
 }
 
 impl Node {
-    /// Opens (or creates) the shard files `shard-NNN.redb` in `data_dir`, each with a page cache of
-    /// `cache_bytes_per_shard`, and their Raft groups, and starts forming the cluster if it has not
-    /// been formed.
+    /// Opens (or creates) the shard files `shard-NNN.redb` in `data_dir`, kept as `shard_files` says,
+    /// and their Raft groups, and starts forming the cluster if it has not been formed.
     pub async fn open(
         data_dir: &Path,
         config: ClusterConfig,
-        cache_bytes_per_shard: usize,
+        shard_files: ShardFiles,
     ) -> Result<Node, EngineError> {
         assert!(config.shards > 0);
         let clustered = config.peers.len() > 1;
@@ -187,7 +200,7 @@ impl Node {
         for (id, path) in (0u32..).zip(paths) {
             let dir = data_dir.to_path_buf();
             let store = tokio::task::spawn_blocking(move || {
-                open_shard(&dir, &path, id, clustered, cache_bytes_per_shard)
+                open_shard(&dir, &path, id, clustered, shard_files)
             })
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))??;
@@ -225,6 +238,14 @@ impl Node {
     /// Each shard's page cache (size, use, hits), in shard order.
     pub fn shard_caches(&self) -> Vec<CacheUse> {
         self.stores.iter().map(|store| store.cache()).collect()
+    }
+
+    /// Each shard's durable commits since its file was opened, in shard order.
+    pub fn shard_durable_commits(&self) -> Vec<u64> {
+        self.stores
+            .iter()
+            .map(|store| store.durable_commits())
+            .collect()
     }
 
     pub fn cluster(&self) -> &Arc<Cluster> {

@@ -25,7 +25,7 @@ mod golden;
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -128,9 +128,9 @@ pub struct CacheUse {
 /// allocation: the restore of that backup peaked at 40 MiB of RSS.
 pub const IMPORT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
-/// Longest time between two durable commits of the state (the others skip the fsync; see
-/// `apply_entries`). Bounds how much of the log a restart re-applies, and how long a failing disk
-/// under a shard file goes unnoticed.
+/// Longest time between two durable commits of a shard's state, unless `--durable-every` says otherwise
+/// (the others skip the fsync; see `apply_entries`). Bounds how much of the log a restart re-applies,
+/// and how long a failing disk under a shard file goes unnoticed.
 ///
 /// A durable commit costs more than its fsync: redb copies a page on its first write after a durable
 /// commit and updates it in place until the next one, so each durable commit makes the purchases after
@@ -139,7 +139,12 @@ pub const IMPORT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// 3,000,000 orders one node made 2,564–2,755 purchases/s at 64 clients with 500 ms, 3,381 with 2 s
 /// and 4,536 with 5 s; but with 5 s the commit's own pause doubled one node's p99.9 at half its peak
 /// on an empty shop, where 2 s left it as it was (README, Benchmarks, seventh session).
-pub const DURABLE_EVERY: Duration = Duration::from_secs(2);
+pub const DEFAULT_DURABLE_EVERY: Duration = Duration::from_secs(2);
+/// The shortest `--durable-every`: below it the durable commits' fsyncs and page copies dominate.
+pub const MIN_DURABLE_EVERY: Duration = Duration::from_millis(100);
+/// The longest `--durable-every`: a restart re-applies at most this much of the log, and a failing disk
+/// under a shard file stops the node within it.
+pub const MAX_DURABLE_EVERY: Duration = Duration::from_secs(60);
 
 /// Shard-wide bookkeeping, one row in `META`, rewritten once per batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +188,10 @@ pub struct ShardStore {
     behind: AtomicBool,
     /// When the state was last committed durably.
     durable_at: Mutex<Instant>,
+    /// Longest time between two durable commits (`DEFAULT_DURABLE_EVERY` unless set).
+    durable_every: Duration,
+    /// Durable commits of applied batches since the file was opened (the metric's counter).
+    durable_commits: AtomicU64,
     /// redb's page cache of this file, in bytes (kept for a reopen after a full disk).
     cache_bytes: usize,
 }
@@ -248,6 +257,8 @@ impl ShardStore {
             db: RwLock::new(Some(Arc::new(db))),
             behind: AtomicBool::new(false),
             durable_at: Mutex::new(Instant::now()),
+            durable_every: DEFAULT_DURABLE_EVERY,
+            durable_commits: AtomicU64::new(0),
             cache_bytes,
         };
         let mut txn = store.begin_write()?;
@@ -348,7 +359,7 @@ impl ShardStore {
     /// envelope (a new leader's blank entry, a membership change) only advances `last_applied`; its
     /// result is `None`.
     ///
-    /// The commit is durable (fsync) only when the last durable one is older than `DURABLE_EVERY`:
+    /// The commit is durable (fsync) only when the last durable one is older than `durable_every`:
     /// every entry is durable in the Raft log before it is applied, and the marker rolls back with the
     /// state, so a crash only makes the shard re-apply entries the log still holds (the argument is in
     /// `raft/src/state_machine.rs`). `sync` makes everything durable before a snapshot.
@@ -378,7 +389,19 @@ impl ShardStore {
     /// Whether the next apply's commit is due to be durable (an fsync) now or within `margin`.
     pub fn durable_commit_due(&self, margin: Duration) -> bool {
         let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
-        durable_at.elapsed() + margin >= DURABLE_EVERY
+        durable_at.elapsed() + margin >= self.durable_every
+    }
+
+    /// The same store, its state committed durably at least every `every` (clamped to
+    /// `MIN_DURABLE_EVERY`..=`MAX_DURABLE_EVERY`) instead of `DEFAULT_DURABLE_EVERY`.
+    pub fn durable_every(mut self, every: Duration) -> ShardStore {
+        self.durable_every = every.clamp(MIN_DURABLE_EVERY, MAX_DURABLE_EVERY);
+        self
+    }
+
+    /// Durable commits of applied batches since the file was opened.
+    pub fn durable_commits(&self) -> u64 {
+        self.durable_commits.load(Ordering::Relaxed)
     }
 
     fn apply_entries_once(
@@ -420,6 +443,7 @@ impl ShardStore {
         failpoints::crash_point(failpoints::AFTER_APPLY_COMMIT);
         if durable {
             *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            self.durable_commits.fetch_add(1, Ordering::Relaxed);
         }
         Ok(applied)
     }

@@ -56,9 +56,9 @@ struct Fault {
 }
 
 /// How long after arming a fault the node must have stopped: a shard file is fsynced only once per
-/// `DURABLE_EVERY`, then the write loop's own pace under a loaded CI.
+/// `DEFAULT_DURABLE_EVERY`, then the write loop's own pace under a loaded CI.
 const DETECTED_WITHIN: Duration =
-    Duration::from_secs(shopkeep::state::DURABLE_EVERY.as_secs() + 10);
+    Duration::from_secs(shopkeep::state::DEFAULT_DURABLE_EVERY.as_secs() + 10);
 
 /// Every append is synced in the log's write-ahead file before it is acknowledged.
 const LOG_FSYNC: Fault = Fault {
@@ -291,8 +291,8 @@ async fn a_failed_fsync_of_a_raft_log_checkpoint_stops_the_node_and_a_restart_lo
 #[tokio::test]
 async fn a_failed_fsync_of_a_shard_commit_stops_the_node_and_a_restart_loses_nothing_acknowledged()
 {
-    // A shard commit is fsynced only once `DURABLE_EVERY` has passed since the last such commit (the log holds
-    // the rest): the writes answered before the failed fsync are durable in the log only, and are found
+    // A shard commit is fsynced only once `DEFAULT_DURABLE_EVERY` has passed since the last such commit
+    // (the log holds the rest): the writes answered before the failed fsync are durable in the log only, and are found
     // after the restart. The failed commit may be the unanswered write's, or another entry's applied
     // before that write was logged (its retry then applies it anew).
     fail_and_recover(SHARD_FSYNC).await;

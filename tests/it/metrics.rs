@@ -316,6 +316,36 @@ async fn cache_mib_is_split_among_the_shards_and_bounds_what_each_shard_caches()
     }
 }
 
+/// `--durable-every` sets how often a shard's applies are committed with an fsync of the file, and the
+/// counter shows it: every 100 ms, 1.5 s of writes make several durable commits; every 60 s, none (the
+/// interval starts when the file is opened).
+#[tokio::test]
+async fn durable_every_sets_how_often_a_shards_applies_are_committed_durably() {
+    for (every, durable) in [("100ms", true), ("60s", false)] {
+        let srv =
+            Server::start_with(Opts::new().shards(1).env("SHOPKEEP_DURABLE_EVERY", every)).await;
+        let api = srv.api();
+        let writing = Instant::now();
+        let mut users = 0;
+        while writing.elapsed() < Duration::from_millis(1500) {
+            api.funded_user(&format!("durable-{users}"), "5.00").await;
+            users += 1;
+        }
+        let scrape = scrape(&api.base).await;
+        let commits = scrape
+            .value("shopkeep_shard_durable_commits_total", &[("shard", "0")])
+            .expect("the shard's durable commits");
+        if durable {
+            assert!(
+                commits >= 5.0,
+                "every {every}: {commits} durable commits in 1.5 s of writes ({users} users)"
+            );
+        } else {
+            assert_eq!(commits, 0.0, "every {every}, {users} users");
+        }
+    }
+}
+
 /// Scrapes node `id` until `done` holds for its scrape (≤ `within`); the last scrape either way.
 async fn scrape_until(
     cluster: &TestCluster,

@@ -102,7 +102,11 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 
 /// A scrape: the gauges read from the node now, then every family in the text format.
 pub fn metrics_text(metrics: &Metrics, node: &Node) -> Response {
-    let text = metrics.render(node.cluster(), &node.shard_caches());
+    let text = metrics.render(
+        node.cluster(),
+        &node.shard_caches(),
+        &node.shard_durable_commits(),
+    );
     (
         StatusCode::OK,
         [(
