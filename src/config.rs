@@ -94,10 +94,10 @@ pub struct ServeArgs {
 
     /// Longest time between two durable commits (fsyncs) of a shard file, 100ms to 60s. Every write is
     /// durable in the Raft log before it is applied, so this bounds what a restart re-applies and how
-    /// long a failing disk under a shard file goes unnoticed (the node stops within it). Longer makes a
-    /// shop of millions of orders faster, at the price of a longer pause at each durable commit: at
-    /// 3,000,000 orders 5s made purchases 34 % faster than 2s, and doubled one node's p99.9 at half its
-    /// peak on an empty shop (README, Benchmarks).
+    /// long a failing disk under a shard file goes unnoticed (the node stops within it). Shorter costs
+    /// throughput on a big shop (at 3,000,000 orders 100ms made 30 % fewer purchases/s than 500ms);
+    /// longer lengthens each durable commit's pause (5s doubled one node's p99.9 at half its peak) and
+    /// was not reliably faster (README, Benchmarks).
     #[arg(long, env = "SHOPKEEP_DURABLE_EVERY", default_value = "2s", value_parser = parse_durable_every)]
     pub durable_every: Duration,
 

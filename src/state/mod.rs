@@ -137,8 +137,10 @@ pub const IMPORT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// it copy again the branch pages of every tree they touch (on a big shop, the leaves too), and the
 /// commit itself records every page the commits since the last one replaced. At 300,000 users and
 /// 3,000,000 orders one node made 2,564–2,755 purchases/s at 64 clients with 500 ms, 3,381 with 2 s
-/// and 4,536 with 5 s; but with 5 s the commit's own pause doubled one node's p99.9 at half its peak
-/// on an empty shop, where 2 s left it as it was (README, Benchmarks, seventh session).
+/// and 4,536 with 5 s (two more pairs a session later: 2 s 3,178 and 2,454, 5 s 2,625 and 2,648, so
+/// 5 s is not reliably faster); and with 5 s the commit's own pause doubled one node's p99.9 at half
+/// its peak on an empty shop, where 2 s left it as it was (README, Benchmarks, seventh and eighth
+/// sessions).
 pub const DEFAULT_DURABLE_EVERY: Duration = Duration::from_secs(2);
 /// The shortest `--durable-every`: below it the durable commits' fsyncs and page copies dominate.
 pub const MIN_DURABLE_EVERY: Duration = Duration::from_millis(100);
