@@ -6,8 +6,18 @@
 //! read-index heartbeat: one line per retry, many a second while a member is down). Whether a peer
 //! answers is reported by the replication layer instead, once when it goes and once when it returns
 //! (`shopkeep_raft::peer_health`).
+//!
+//! Where lines go: through a bounded queue to one writer thread, so no thread that logs (a request's
+//! worker above all) ever waits on stderr. When the queue is full (stderr stalled: a full pipe, a slow
+//! journald) a line is dropped and counted ([`dropped_lines`], `shopkeep_log_lines_dropped_total`)
+//! rather than stall the node. What is queued is written out when the guard of [`init_logging`] is
+//! dropped (the process's normal end) and before a fail-stop abort
+//! (`shopkeep_faults::disk::before_fail_stop`), each waiting about a second at most.
+
+use std::sync::{Mutex, OnceLock};
 
 use tracing::Metadata;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Layer, SubscriberExt};
@@ -18,8 +28,41 @@ use crate::config::LogFormat;
 /// What is logged when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,openraft=error";
 
-/// Starts the log in `format` on stderr. Call once, before anything logs.
-pub fn init_logging(format: LogFormat) {
+/// Lines waiting for the writer thread, at most: a burst of about a second of access lines at full
+/// load, in a few MiB (a line is a few hundred bytes).
+pub const QUEUED_LINES: usize = 8_192;
+
+/// The queue's count of dropped lines, once the log has started.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The writer thread's guard, until [`flush`] takes it.
+static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+/// Lines dropped because the queue to stderr was full, since the log started (0 before).
+pub fn dropped_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |counter| counter.dropped_lines() as u64)
+}
+
+/// Writes out what is queued and stops the writer thread (about a second at most, however stalled
+/// stderr is); lines logged afterwards are lost. For the end of the process.
+pub fn flush() {
+    let guard = WRITER.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(guard);
+}
+
+/// Dropping it [`flush`]es the log.
+#[must_use = "dropping the guard stops the log's writer thread"]
+pub struct LogGuard(());
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        flush();
+    }
+}
+
+/// Starts the log in `format` on stderr. Call once, before anything logs; keep the guard until exit.
+pub fn init_logging(format: LogFormat) -> LogGuard {
     let rust_log = std::env::var("RUST_LOG")
         .ok()
         .filter(|value| !value.trim().is_empty());
@@ -27,7 +70,15 @@ pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_new(rust_log.as_deref().unwrap_or(DEFAULT_FILTER))
         .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let peer_noise = filter_fn(move |metadata| !(quiet_peers && is_peer_noise(metadata)));
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let (writer, worker) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("shopkeep-log")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
+    *WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
+    shopkeep_faults::disk::before_fail_stop(flush);
+    let lines = tracing_subscriber::fmt::layer().with_writer(writer);
     let lines = match format {
         LogFormat::Text => lines
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -45,6 +96,7 @@ pub fn init_logging(format: LogFormat) {
         .with(filter)
         .with(lines)
         .init();
+    LogGuard(())
 }
 
 /// An openraft event about one peer's RPC failing: its replication stream's errors, its snapshot

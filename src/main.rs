@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    shopkeep::logging::init_logging(cli.log_format());
+    let _log = shopkeep::logging::init_logging(cli.log_format());
     match cli.command {
         CliCommand::Serve(args) => {
             if let Err(message) = shopkeep_faults::failpoints::arm_from_env() {

@@ -56,6 +56,7 @@ pub const SHARD_CACHE_USED: &str = "shopkeep_shard_cache_used_bytes";
 pub const SHARD_CACHE_READS: &str = "shopkeep_shard_cache_reads_total";
 pub const SHARD_CACHE_EVICTIONS: &str = "shopkeep_shard_cache_evictions_total";
 pub const SHARD_DURABLE_COMMITS: &str = "shopkeep_shard_durable_commits_total";
+pub const LOG_LINES_DROPPED: &str = "shopkeep_log_lines_dropped_total";
 /// The process's resident memory and open files, under the names Prometheus' client libraries use.
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
@@ -69,7 +70,7 @@ const SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-const COUNTERS: [(&str, &str); 17] = [
+const COUNTERS: [(&str, &str); 18] = [
     (
         HTTP_REQUESTS,
         "HTTP requests answered, by method, route template and status",
@@ -131,6 +132,10 @@ const COUNTERS: [(&str, &str); 17] = [
     (
         SHARD_DURABLE_COMMITS,
         "Applies of a shard committed durably (with an fsync of its file; the others wait for the next, at most --durable-every later) since the file was opened",
+    ),
+    (
+        LOG_LINES_DROPPED,
+        "Log lines (info and below: the access log) dropped because stderr did not keep up and the queue to it was full",
     ),
 ];
 
@@ -277,6 +282,7 @@ impl Metrics {
             metrics::counter!(SHARD_DURABLE_COMMITS, "shard" => shard.to_string())
                 .absolute(*commits);
         }
+        metrics::counter!(LOG_LINES_DROPPED).absolute(crate::logging::dropped_lines());
         refresh_process();
         self.handle.render()
     }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use redb::backends::FileBackend;
@@ -66,11 +66,21 @@ pub fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// What [`fail_stop`] runs between its line and the abort (set once, by the binary).
+static BEFORE_ABORT: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what [`fail_stop`] runs after logging and before aborting: the binary writes out its log's
+/// queue there, so the line reaches stderr. Bounded by the hook: it must not wait long on a stalled
+/// stderr. Only the first call counts.
+pub fn before_fail_stop(hook: fn()) {
+    let _ = BEFORE_ABORT.set(hook);
+}
+
 /// Logs one line and aborts the process: `op` on `path` failed in a way that leaves nothing cached
 /// trustworthy. A restart recovers from what is durable (the log holds every acknowledged write).
 ///
 /// The line goes to the log, or straight to stderr where no subscriber would record an error (no
-/// subscriber set, or `RUST_LOG=off`): once either way.
+/// subscriber set, or `RUST_LOG=off`): once either way. Then the [`before_fail_stop`] hook runs.
 pub fn fail_stop(path: &Path, op: &str, error: &std::io::Error) -> ! {
     let message = format!(
         "FATAL: {op} of {} failed: {error}; stopping the node (a restart recovers from the durable log)",
@@ -80,6 +90,9 @@ pub fn fail_stop(path: &Path, op: &str, error: &std::io::Error) -> ! {
         tracing::error!("{message}");
     } else {
         eprintln!("{message}");
+    }
+    if let Some(hook) = BEFORE_ABORT.get() {
+        hook();
     }
     std::process::abort()
 }

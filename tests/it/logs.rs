@@ -1,6 +1,12 @@
 //! The log (API.md, Operations, Logs): one access line per request with its fields and nothing secret,
-//! `--log-format json`, and a member that goes down reported once by each survivor, not per retry.
+//! `--log-format json`, a member that goes down reported once by each survivor, not per retry, and a
+//! stderr nobody reads costing dropped lines, not stalled requests.
 
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -135,6 +141,121 @@ async fn every_request_has_one_json_access_line_with_its_fields_and_no_token_or_
             1,
             "one line per request: {rid}"
         );
+    }
+}
+
+/// Makes `path` a named pipe and opens its reading end without waiting for a writer. Nothing reads it
+/// until the caller does: once the kernel's buffer (64 KiB) is full, a writer's next write blocks, as
+/// it does behind a stalled journald or a stopped `| less`.
+fn unread_pipe(path: &Path) -> File {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success(), "mkfifo {}", path.display());
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .expect("the pipe's reading end")
+}
+
+/// Reads what `pipe` holds now, without waiting.
+fn drain(pipe: &mut File) -> String {
+    let mut text = Vec::new();
+    let mut chunk = [0u8; 65_536];
+    loop {
+        match pipe.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("reading the pipe: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[tokio::test]
+async fn a_stderr_nobody_reads_drops_and_counts_access_lines_and_never_stalls_requests() {
+    let reader: Arc<Mutex<Option<File>>> = Arc::default();
+    let opened = reader.clone();
+    // The default filter: every request writes an access line.
+    let stderr: Arc<Mutex<PathBuf>> = Arc::default();
+    let named = stderr.clone();
+    let srv = Server::start_prepared(Opts::new().shards(1).env("RUST_LOG", ""), move |data| {
+        let (_, path) = run_log_paths(data.parent().expect("the run's directory"), 1);
+        *opened.lock().expect("pipe") = Some(unread_pipe(&path));
+        *named.lock().expect("path") = path;
+    })
+    .await;
+    let mut pipe = reader
+        .lock()
+        .expect("pipe")
+        .take()
+        .expect("the pipe was made");
+    // The server holds the pipe open; a plain file under its name lets the harness read "the logs" of a
+    // failed test without waiting for a writer that is gone.
+    let path = stderr.lock().expect("path").clone();
+    std::fs::remove_file(&path).expect("unlink the pipe");
+    std::fs::write(&path, "").expect("a plain file in its place");
+    let base = srv.api().base;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    // Far more lines than the pipe (~250 of these) and the writer's queue (8,192) hold together.
+    const REQUESTS: usize = 12_000;
+    const CALLERS: usize = 32;
+    let started = Instant::now();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..CALLERS {
+        let (client, base) = (client.clone(), base.clone());
+        callers.spawn(async move {
+            for i in (caller..REQUESTS).step_by(CALLERS) {
+                let answer = client
+                    .get(format!("{base}/v1/users/nobody-{i}"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("request {i} got no answer: {e}"));
+                assert_eq!(answer.status().as_u16(), 404, "request {i}");
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done.expect("a caller");
+    }
+    let took = started.elapsed();
+    let scrape = crate::metrics::scrape(&base).await;
+    let dropped = scrape
+        .value("shopkeep_log_lines_dropped_total", &[])
+        .expect("the dropped lines' counter");
+    assert!(
+        dropped > 0.0,
+        "{REQUESTS} requests in {took:?} against a full pipe dropped no line"
+    );
+
+    // Read the pipe: the log goes on, and the lines it kept are whole access lines.
+    let kept = drain(&mut pipe);
+    assert!(kept.contains("nobody-"), "{}", tail(&kept, 5));
+    let marker = "rid-after-the-pipe-drained";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = String::new();
+    while !seen.contains(marker) {
+        assert!(
+            Instant::now() < deadline,
+            "no line for {marker}: {}",
+            tail(&seen, 5)
+        );
+        client
+            .get(format!("{base}/v1/users/nobody-after"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("x-request-id", marker)
+            .send()
+            .await
+            .expect("an answer after the drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen.push_str(&drain(&mut pipe));
     }
 }
 

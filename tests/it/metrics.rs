@@ -180,6 +180,7 @@ async fn metrics_describe_every_family_start_counters_at_zero_and_time_with_hist
         ("shopkeep_expired_orders_total", vec![]),
         ("shopkeep_purged_idempotency_records_total", vec![]),
         ("shopkeep_node_traffic_refused_total", vec![]),
+        ("shopkeep_log_lines_dropped_total", vec![]),
         (
             "shopkeep_http_connections_refused_total",
             vec![("reason", "per_peer")],
@@ -563,7 +564,7 @@ struct Rule {
     annotations: BTreeMap<String, String>,
 }
 
-/// Every expression of `deploy/prometheus-alerts.yml`, whose rules are the eight the operators need.
+/// Every expression of `deploy/prometheus-alerts.yml`, whose rules are the ten the operators need.
 fn alert_expressions() -> Vec<String> {
     let rules: RuleFile =
         serde_norway::from_str(&deploy_file("prometheus-alerts.yml")).expect("alert rules YAML");
@@ -579,6 +580,7 @@ fn alert_expressions() -> Vec<String> {
         "ShopkeepHigh5xxRatio",
         "ShopkeepHighP99Latency",
         "ShopkeepWebhookFailing",
+        "ShopkeepLogLinesDropped",
     ]);
     assert_eq!(names, wanted);
     for rule in &rules {
