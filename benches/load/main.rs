@@ -123,6 +123,9 @@
 //!   own default, 8).
 //! - `SHOPKEEP_BENCH_SERVER_ARGS` — more flags for every `shopkeep serve` it starts, split at whitespace
 //!   (e.g. `--cache-mib 64`; the servers never inherit the caller's `SHOPKEEP_*` variables).
+//! - `SHOPKEEP_BENCH_SERVER_LOG` — the servers' `RUST_LOG` (default `warn`, without the access log;
+//!   `info`, an operator's default, writes a line per request to the node's stderr file in its
+//!   temporary directory).
 //! - `SHOPKEEP_BENCH_OUT` — where `load.json` and `load.png` go (default `target/bench`).
 //!
 //! ```text

@@ -96,6 +96,9 @@ impl Nodes {
             if let Some(shards) = shards {
                 launch = launch.args(["--shards", &shards.to_string()]);
             }
+            if let Some(filter) = crate::settings::server_log() {
+                launch = launch.env("RUST_LOG", filter);
+            }
             if let Some(peers) = &peers {
                 launch = launch
                     .args(["--node-id", &id.to_string()])

@@ -202,6 +202,9 @@ fn spawn(
     )
     .args(["--node-id", &id.to_string()])
     .args(crate::settings::server_args());
+    if let Some(filter) = crate::settings::server_log() {
+        launch = launch.env("RUST_LOG", filter);
+    }
     if let Some(peers) = peers {
         launch = launch.args(["--peers", peers]);
     }

@@ -180,6 +180,12 @@ pub(crate) fn server_args() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `SHOPKEEP_BENCH_SERVER_LOG`: the `RUST_LOG` of every `shopkeep serve` the benchmark starts (unset:
+/// the launcher's `warn`, which leaves out the access log; `info` is an operator's default).
+pub(crate) fn server_log() -> Option<String> {
+    env_text("SHOPKEEP_BENCH_SERVER_LOG")
+}
+
 fn env_text(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|t| !t.trim().is_empty())
 }
