@@ -135,7 +135,7 @@ const COUNTERS: [(&str, &str); 18] = [
     ),
     (
         LOG_LINES_DROPPED,
-        "Log lines (info and below: the access log) dropped because stderr did not keep up and the queue to it was full",
+        "Log lines dropped because stderr did not keep up and the queue to it (8,192 lines) was full",
     ),
 ];
 
