@@ -91,13 +91,14 @@ impl Nodes {
                     nodes.dir.path().join("server.stderr"),
                 )
             };
-            let mut launch = Launch::new(&data_dir, listen, &stdout_path, &stderr_path)
-                .args(crate::settings::server_args());
+            let mut launch = crate::settings::for_every_server(Launch::new(
+                &data_dir,
+                listen,
+                &stdout_path,
+                &stderr_path,
+            ));
             if let Some(shards) = shards {
                 launch = launch.args(["--shards", &shards.to_string()]);
-            }
-            if let Some(filter) = crate::settings::server_log() {
-                launch = launch.env("RUST_LOG", filter);
             }
             if let Some(peers) = &peers {
                 launch = launch

@@ -194,17 +194,15 @@ fn spawn(
     peers: Option<&str>,
     quiet: bool,
 ) -> (Process, String) {
-    let mut launch = Launch::new(
-        data,
-        listen,
-        &logs.join(format!("node-{id}.stdout")),
-        &logs.join(format!("node-{id}.stderr")),
-    )
-    .args(["--node-id", &id.to_string()])
-    .args(crate::settings::server_args());
-    if let Some(filter) = crate::settings::server_log() {
-        launch = launch.env("RUST_LOG", filter);
-    }
+    let mut launch = crate::settings::for_every_server(
+        Launch::new(
+            data,
+            listen,
+            &logs.join(format!("node-{id}.stdout")),
+            &logs.join(format!("node-{id}.stderr")),
+        )
+        .args(["--node-id", &id.to_string()]),
+    );
     if let Some(peers) = peers {
         launch = launch.args(["--peers", peers]);
     }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::launcher::Launch;
 use crate::results::LevelResult;
 
 const DEFAULT_CONCURRENCY: &[usize] = &[1, 16, 64, 256];
@@ -172,18 +173,19 @@ fn open_loop_setting() -> OpenLoop {
     }
 }
 
-/// `SHOPKEEP_BENCH_SERVER_ARGS`: more flags for every `shopkeep serve` the benchmark starts, split at
-/// whitespace (e.g. `--cache-mib 64`); the servers never inherit the caller's `SHOPKEEP_*` variables.
-pub(crate) fn server_args() -> Vec<String> {
-    env_text("SHOPKEEP_BENCH_SERVER_ARGS")
-        .map(|text| text.split_whitespace().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
-/// `SHOPKEEP_BENCH_SERVER_LOG`: the `RUST_LOG` of every `shopkeep serve` the benchmark starts (unset:
+/// `launch` with what the caller asked for every `shopkeep serve` the benchmark starts:
+/// `SHOPKEEP_BENCH_SERVER_ARGS`, more flags split at whitespace (e.g. `--cache-mib 64`; the servers never
+/// inherit the caller's `SHOPKEEP_*` variables), and `SHOPKEEP_BENCH_SERVER_LOG`, their `RUST_LOG` (unset:
 /// the launcher's `warn`, which leaves out the access log; `info` is an operator's default).
-pub(crate) fn server_log() -> Option<String> {
-    env_text("SHOPKEEP_BENCH_SERVER_LOG")
+pub(crate) fn for_every_server(launch: Launch) -> Launch {
+    let flags: Vec<String> = env_text("SHOPKEEP_BENCH_SERVER_ARGS")
+        .map(|text| text.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let launch = launch.args(flags);
+    match env_text("SHOPKEEP_BENCH_SERVER_LOG") {
+        Some(filter) => launch.env("RUST_LOG", filter),
+        None => launch,
+    }
 }
 
 fn env_text(name: &str) -> Option<String> {
