@@ -196,7 +196,19 @@ pub struct ShardStore {
     durable_commits: AtomicU64,
     /// redb's page cache of this file, in bytes (kept for a reopen after a full disk).
     cache_bytes: usize,
+    /// When the file system's free space was last looked at, and whether it was near full then.
+    space_seen: Mutex<(Option<Instant>, bool)>,
 }
+
+/// Below this many times the log's reserve (`shopkeep_faults::disk::reserve`) of free space, every
+/// apply commits durably. A commit that is not durable leaves its pages in redb's write buffer (up to
+/// the file's cache), and the next durable one writes them all at once: near a full disk that burst
+/// could take the space the log keeps for applying what it holds, and the log itself then cannot
+/// write. Committing each batch durably keeps the free space what it seems, so the log stops first.
+pub const NEAR_FULL_RESERVES: u64 = 4;
+
+/// How often an apply looks at the file system's free space (one `statvfs`).
+const SPACE_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 fn open_database_with_cache(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     let mut builder = Database::builder();
@@ -262,6 +274,7 @@ impl ShardStore {
             durable_every: DEFAULT_DURABLE_EVERY,
             durable_commits: AtomicU64::new(0),
             cache_bytes,
+            space_seen: Mutex::new((None, false)),
         };
         let mut txn = store.begin_write()?;
         txn.set_durability(Durability::Immediate)
@@ -388,10 +401,27 @@ impl ShardStore {
         Ok(applied)
     }
 
-    /// Whether the next apply's commit is due to be durable (an fsync) now or within `margin`.
+    /// Whether the next apply's commit is due to be durable (an fsync) now or within `margin`: its
+    /// interval is over, or the disk is near full (`NEAR_FULL_RESERVES`).
     pub fn durable_commit_due(&self, margin: Duration) -> bool {
-        let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
-        durable_at.elapsed() + margin >= self.durable_every
+        let due = {
+            let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
+            durable_at.elapsed() + margin >= self.durable_every
+        };
+        due || self.near_full()
+    }
+
+    /// Whether the file system holding the file has less than `NEAR_FULL_RESERVES` log reserves free
+    /// (looked at once per `SPACE_CHECK_EVERY`; `false` if it cannot be told).
+    fn near_full(&self) -> bool {
+        let mut seen = self.space_seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.0.is_none_or(|at| at.elapsed() >= SPACE_CHECK_EVERY) {
+            let near = disk::space(&self.path).is_some_and(|(free, total)| {
+                free < disk::reserve(total).saturating_mul(NEAR_FULL_RESERVES)
+            });
+            *seen = (Some(Instant::now()), near);
+        }
+        seen.1
     }
 
     /// The same store, its state committed durably at least every `every` (clamped to
