@@ -40,7 +40,8 @@ use shopkeep::domain::{
     Command, Envelope, IdSeed, IdempotencyTag, ItemKind, ItemSpec, LineRequest, Money, Reply,
     Timestamp, command,
 };
-use shopkeep::state::ShardStore;
+use shopkeep::engine::sweeper::WALK_WINDOW;
+use shopkeep::state::{ShardStore, query};
 use uuid::Uuid;
 
 const USERS: usize = 512;
@@ -79,6 +80,7 @@ fn main() {
     );
     let mut rows = Vec::new();
     let mut files = Vec::new();
+    let mut walks = Vec::new();
     for &batch in &batches {
         // A fresh file per batch size, so that the sizes are compared on files of the same history.
         let dir = tempfile::Builder::new()
@@ -132,6 +134,7 @@ fn main() {
             }
         }
         rows.push(row("refund", batch, orders.len(), &times));
+        walks.push(walk_look(&shard));
         let size = std::fs::metadata(&path).map_or(0, |m| m.len());
         files.push(format!(
             "batch {batch}: {:.1} MiB after {} commands",
@@ -141,6 +144,10 @@ fn main() {
     }
     println!();
     println!("redb files: {}", files.join("; "));
+    println!(
+        "the sweeper's look at {WALK_WINDOW} idempotency records: {}",
+        walks.join("; ")
+    );
     let json: Vec<serde_json::Value> = rows.into_iter().collect();
     println!("{}", serde_json::json!({"bench": "apply", "results": json}));
 }
@@ -237,8 +244,19 @@ impl Shard {
     }
 }
 
-/// One currency item and `USERS` users with 100,000.00 each, in batches of 512.
+/// One currency item and `USERS` users with 100,000.00 each, in batches of 512; the shard purges its
+/// idempotency outcomes by walking them, as every shard of a running node does after its first sweep.
 fn seed(shard: &mut Shard) {
+    let walk = shard.envelope(
+        None,
+        Command::PurgeIdempotency(command::PurgeIdempotency {
+            from_scope: String::new(),
+            from_key: String::new(),
+            scan: 1,
+            limit: 1,
+        }),
+    );
+    shard.apply([&walk].into_iter());
     let item = shard.envelope(
         None,
         Command::PutItem(command::PutItem {
@@ -282,6 +300,24 @@ fn seed(shard: &mut Shard) {
         })
         .collect();
     shard.apply(credits.iter());
+}
+
+/// The time of the sweeper's read-only look at a window of the shard's idempotency records (none due
+/// yet), as each shard's leader makes one per `--sweep-interval` (the median of 21).
+fn walk_look(shard: &Shard) -> String {
+    let mut times: Vec<Duration> = (0..21)
+        .map(|_| {
+            let txn = shard.store.begin_read().expect("read");
+            let started = Instant::now();
+            let look = query::idempotency_walk(&txn, ("", ""), Timestamp(0), WALK_WINDOW as usize)
+                .expect("look");
+            let elapsed = started.elapsed();
+            assert!(look.walking && look.first_due.is_none());
+            elapsed
+        })
+        .collect();
+    times.sort();
+    format!("{:.2} ms", times[times.len() / 2].as_secs_f64() * 1e3)
 }
 
 fn user_id(i: usize) -> String {

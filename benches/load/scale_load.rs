@@ -5,7 +5,9 @@
 //! layer and the engine would make and applies them with `ShardStore::apply_entries`, `BATCH` per
 //! redb transaction, each with the replication marker of its last entry. Per shard, in this order:
 //!
-//! 1. the catalog item `gems` (0.01, a currency), as `Node::put_item` writes it: `PutItem` without a
+//! 1. a `PurgeIdempotency` (nothing to purge yet), as a serving node's sweeper proposes one on every shard
+//!    it leads: the shard then purges its idempotency outcomes by walking them and indexes none; then the
+//!    catalog item `gems` (0.01, a currency), as `Node::put_item` writes it: `PutItem` without a
 //!    version on the catalog's home shard (shard 0), with the version it chose on every other shard;
 //! 2. the users of the shard (`bench-0`, `bench-1`, … routed by `engine::shard_of`, as the load's users
 //!    are named), each followed by a direct credit of 100,000.00 (`Credit` with `ref_accepted`), and
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use shopkeep::datadir::{self, FixedSettings};
 use shopkeep::domain::command::{
-    ClaimExternalRef, CreateOrder, CreateUser, Credit, LineRequest, PutItem,
+    ClaimExternalRef, CreateOrder, CreateUser, Credit, LineRequest, PurgeIdempotency, PutItem,
 };
 use shopkeep::domain::{
     Command, Currency, Envelope, IdSeed, IdempotencyTag, ItemKind, ItemSpec, Money, RefClaim,
@@ -223,7 +225,20 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
             .push(i);
     }
 
-    // 1. The catalog: the home shard decides the version, the others copy it.
+    // 1. The walk, then the catalog: the home shard decides the version, the others copy it.
+    for shard in shards.iter_mut() {
+        let walk = shard.envelope(
+            begin,
+            None,
+            Command::PurgeIdempotency(PurgeIdempotency {
+                from_scope: String::new(),
+                from_key: String::new(),
+                scan: 1,
+                limit: 1,
+            }),
+        );
+        shard.apply(&[walk]);
+    }
     let spec = gems();
     let put = |version| {
         Command::PutItem(PutItem {

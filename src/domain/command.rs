@@ -99,6 +99,7 @@ pub enum Command {
     CloseDispute(CloseDispute),
     PutShopLimits(PutShopLimits),
     PutUserLimits(PutUserLimits),
+    PurgeIdempotency(PurgeIdempotency),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,6 +297,19 @@ pub struct PurgeEvents {
     pub limit: u32,
 }
 
+/// Purge idempotency outcomes past their retention by walking the shard's records in key order from
+/// (`from_scope`, `from_key`) on: at most `scan` records looked at, at most `limit` removed. The first one
+/// applied on a shard also turns its retention index off for the records stored after it (the walk finds
+/// them instead: one table fewer in every keyed command's transaction); the records already indexed are
+/// still purged through the index by `SweepAndPurge`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeIdempotency {
+    pub from_scope: String,
+    pub from_key: String,
+    pub scan: u32,
+    pub limit: u32,
+}
+
 /// `AckWebhook` that takes effect only if the webhook is still at `from`, where the delivered batch
 /// started: a replay that moved the position meanwhile wins, and the leader resumes from it. What the
 /// delivery worker sends (`AckWebhook` stays for entries already in logs).
@@ -410,12 +424,13 @@ impl Command {
             | Command::ReplayWebhook(_)
             | Command::PurgeEvents(_)
             | Command::AckWebhookFrom(_)
-            | Command::PutShopLimits(_) => None,
+            | Command::PutShopLimits(_)
+            | Command::PurgeIdempotency(_) => None,
         }
     }
 
     /// Every [`Command::name`] (metrics register each at start).
-    pub const NAMES: [&'static str; 28] = [
+    pub const NAMES: [&'static str; 29] = [
         "create_user",
         "issue_token",
         "claim_global_key",
@@ -444,6 +459,7 @@ impl Command {
         "close_dispute",
         "put_shop_limits",
         "put_user_limits",
+        "purge_idempotency",
     ];
 
     /// A short name for logs and metrics (one of [`Command::NAMES`]).
@@ -480,6 +496,7 @@ impl Command {
             Command::CloseDispute(_) => "close_dispute",
             Command::PutShopLimits(_) => "put_shop_limits",
             Command::PutUserLimits(_) => "put_user_limits",
+            Command::PurgeIdempotency(_) => "purge_idempotency",
         }
     }
 }

@@ -95,6 +95,12 @@ pub enum Reply {
         user_id: String,
         overrides: LimitSet,
     },
+    /// What `PurgeIdempotency` did: the records purged, and where the walk goes on (`None`: it reached
+    /// the shard's last record).
+    IdempotencyPurged {
+        purged: u32,
+        next: Option<(String, String)>,
+    },
 }
 
 /// What the home shard of a global idempotency key says about it.

@@ -1,5 +1,6 @@
 //! Background work of a node, always proposed as commands (state never changes outside `apply`): expire
-//! pending orders and top-ups at their deadlines, purge idempotency outcomes past their retention and
+//! pending orders and top-ups at their deadlines, purge idempotency outcomes past their retention (a walk
+//! over each shard's records, a window per interval, proposing a purge where one is due) and
 //! EXPIRED or FAILED top-ups past `--topup-retention` and events past `--event-retention`, and bring the catalog copies up to date after a
 //! crash. Each shard's work is done by the node that leads
 //! it, so a cluster sweeps each shard once, not once per node.
@@ -16,6 +17,11 @@ use crate::state::query;
 
 /// Most orders (and top-ups, and idempotency records) one sweep command handles: bounds the transaction.
 pub const SWEEP_LIMIT: u32 = 500;
+
+/// Most idempotency records the walk looks at per shard and interval, and one `PurgeIdempotency` walks
+/// over: a million records a shard are walked in about four minutes at the default interval, reading
+/// only each record's retention.
+pub const WALK_WINDOW: u32 = 4_000;
 
 /// How long an EXPIRED or FAILED top-up is kept after it became final, unless `--topup-retention` says
 /// otherwise (the flag's default is this). Long enough for any late PSP event: a success that arrives
@@ -49,6 +55,9 @@ pub async fn run(
     let mut catalog_checked = false;
     let mut clock_agreed = true;
     let mut webhooks_checked = std::time::Instant::now();
+    // Where each shard's walk over its idempotency records goes on (kept by whichever node walks it:
+    // another leader starts over, which only costs reading).
+    let mut walks: Vec<(String, String)> = vec![Default::default(); node.shard_count() as usize];
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -100,6 +109,11 @@ pub async fn run(
             }
             if let Err(error) = purge_events(&node, shard, retention.events).await {
                 tracing::warn!(shard, %error, "event purge failed; will retry");
+            }
+            if let Some(walk) = walks.get_mut(shard as usize) {
+                if let Err(error) = walk_idempotency(&node, shard, walk).await {
+                    tracing::warn!(shard, %error, "idempotency purge failed; will retry");
+                }
             }
         }
     }
@@ -221,6 +235,49 @@ pub async fn purge_events(
                 "events older than the longest retention were dropped before a webhook acknowledged them"
             );
         }
+        if purged < SWEEP_LIMIT {
+            return Ok(());
+        }
+    }
+}
+
+/// Looks at the next `WALK_WINDOW` idempotency records of `shard` from `from` on, and proposes a
+/// `PurgeIdempotency` from the first one past its retention (and once on a shard that does not walk yet,
+/// which turns its retention index off); goes on while a purge removes a full `SWEEP_LIMIT`. Leaves
+/// `from` where the next look starts (the first record again after the last).
+pub async fn walk_idempotency(
+    node: &Node,
+    shard: u32,
+    from: &mut (String, String),
+) -> Result<(), super::EngineError> {
+    loop {
+        let now = Timestamp::now();
+        let start = from.clone();
+        let look = node
+            .read(Consistency::Local, shard, move |txn| {
+                query::idempotency_walk(txn, (&start.0, &start.1), now, WALK_WINDOW as usize)
+            })
+            .await?;
+        let purge_from = match look.first_due {
+            Some(due) => due,
+            None if !look.walking => from.clone(),
+            None => {
+                *from = look.after_window.unwrap_or_default();
+                return Ok(());
+            }
+        };
+        let command = Command::PurgeIdempotency(command::PurgeIdempotency {
+            from_scope: purge_from.0,
+            from_key: purge_from.1,
+            scan: WALK_WINDOW,
+            limit: SWEEP_LIMIT,
+        });
+        let applied = node.propose(shard, system_envelope(command)).await?;
+        let Ok(Reply::IdempotencyPurged { purged, next }) = applied.outcome else {
+            return Ok(());
+        };
+        metrics::counter!(crate::metrics::PURGED_IDEMPOTENCY_RECORDS).increment(u64::from(purged));
+        *from = next.unwrap_or_default();
         if purged < SWEEP_LIMIT {
             return Ok(());
         }

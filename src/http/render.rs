@@ -102,7 +102,8 @@ pub fn outcome(app: &App, outcome: &Outcome) -> Rendered {
             | Reply::Webhook(_)
             | Reply::EventsPurged { .. }
             | Reply::ShopLimits(_)
-            | Reply::UserLimits { .. }),
+            | Reply::UserLimits { .. }
+            | Reply::IdempotencyPurged { .. }),
         ) => {
             let error = ApiError::internal(format!("internal reply reached the API: {other:?}"));
             Rendered {

@@ -173,6 +173,21 @@ pub struct IdempotencyRecord {
     pub state: IdempotencyState,
 }
 
+/// The leading fields of an encoded `IdempotencyRecord`: postcard is positional and ignores what follows,
+/// so a walk reads a record's retention without decoding its outcome.
+#[derive(Deserialize)]
+struct IdempotencyRecordHead {
+    _fingerprint: Fingerprint,
+    _created_at: Timestamp,
+    expires_at: Timestamp,
+}
+
+/// When the stored outcome encoded in `bytes` (an `IdempotencyRecord`) may be purged.
+pub fn idempotency_expiry(bytes: &[u8]) -> Result<Timestamp, StoreError> {
+    let head: IdempotencyRecordHead = tables::decode(bytes)?;
+    Ok(head.expires_at)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IdempotencyState {
     Pending(Box<Envelope>),

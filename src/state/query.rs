@@ -207,6 +207,47 @@ pub fn sweep_due(
     Ok(records.range(..(bound, "", ""))?.next().is_some())
 }
 
+/// What a read-only look at the shard's idempotency records found (see `idempotency_walk`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WalkLook {
+    /// Whether the shard purges by walking yet (`PurgeIdempotency` ran once on it).
+    pub walking: bool,
+    /// The first record of the window whose retention ended by `now`.
+    pub first_due: Option<(String, String)>,
+    /// Where the window ended: the first record after it (`None`: the window reached the last record).
+    pub after_window: Option<(String, String)>,
+}
+
+/// Looks at no more than `window` idempotency records from (`scope`, `key`) on, for the sweeper to
+/// propose a `PurgeIdempotency` only where one is due (and its first one on a shard that is not walking
+/// yet). Reads each record's retention only, not its outcome.
+pub fn idempotency_walk(
+    txn: &ReadTransaction,
+    from: (&str, &str),
+    now: Timestamp,
+    window: usize,
+) -> Result<WalkLook, StoreError> {
+    let meta = txn.open_table(tables::META)?;
+    let mut look = WalkLook {
+        walking: get(&meta, tables::IDEMPOTENCY_WALK_KEY)?.unwrap_or(false),
+        ..WalkLook::default()
+    };
+    let table = txn.open_table(tables::IDEMPOTENCY)?;
+    for (seen, entry) in table.range(from..)?.enumerate() {
+        let (k, v) = entry?;
+        let (scope, key) = k.value();
+        if seen == window {
+            look.after_window = Some((scope.to_owned(), key.to_owned()));
+            break;
+        }
+        if crate::state::idempotency_expiry(v.value())? <= now {
+            look.first_due = Some((scope.to_owned(), key.to_owned()));
+            break;
+        }
+    }
+    Ok(look)
+}
+
 /// The outbox's bookkeeping (all zero before the shard's first event).
 pub fn event_log(txn: &ReadTransaction) -> Result<EventLog, StoreError> {
     let table = txn.open_table(tables::META)?;

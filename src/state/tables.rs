@@ -50,7 +50,9 @@ pub const FINAL_TOPUPS: TableDefinition<(i64, u128), ()> = TableDefinition::new(
 pub const REFUNDS: TableDefinition<u128, Bytes> = TableDefinition::new("refunds");
 /// (scope, key) → `IdempotencyRecord`
 pub const IDEMPOTENCY: TableDefinition<(&str, &str), Bytes> = TableDefinition::new("idempotency");
-/// (expires_at, scope, key) → (): idempotency records by retention deadline, for the purge.
+/// (expires_at, scope, key) → (): idempotency records by retention deadline, for the purge — only those
+/// stored before the shard's first `PurgeIdempotency` (`IDEMPOTENCY_WALK_KEY`); the later ones are found
+/// by walking `IDEMPOTENCY`, so a keyed command writes one table fewer. It drains as they expire.
 pub const IDEMPOTENCY_EXPIRY: TableDefinition<(i64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
@@ -99,6 +101,9 @@ pub const EVENT_LOG_KEY: &str = "event_log";
 /// The key of the `receivable` system account's balance in `META` (an `i64`: minus the debts, summed;
 /// absent before the shard's first debt).
 pub const RECEIVABLE_KEY: &str = "receivable";
+/// The key in `META` present (a `bool`, `true`) once the shard purges idempotency outcomes by walking
+/// `IDEMPOTENCY` (`PurgeIdempotency`): records stored after it get no `IDEMPOTENCY_EXPIRY` row.
+pub const IDEMPOTENCY_WALK_KEY: &str = "idempotency_walk";
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(value).map_err(|e| StoreError::Encode(e.to_string()))

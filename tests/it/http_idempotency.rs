@@ -1,5 +1,7 @@
 //! Idempotency keys: replays, reuse, scoping, refused requests, lookup, restarts.
 
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -644,4 +646,57 @@ async fn a_user_token_cannot_read_back_a_token_issuance() {
     )
     .await
     .expect(200);
+}
+
+/// Past `--idempotency-ttl` the sweeper's walk purges an outcome (through a `PurgeIdempotency` of the
+/// shard), the lookup stops finding it, the key runs a new request, and the purge survives a restart.
+#[tokio::test]
+async fn outcomes_past_their_retention_are_purged_and_the_key_runs_anew() {
+    let mut srv =
+        Server::start_with(Opts::new().idempotency_ttl("2s").sweep_interval("200ms")).await;
+    shop(&srv, "ip", "10.00").await;
+    let key = new_key();
+    let lookup = format!("/v1/users/ip/idempotency/{key}");
+    let first = srv
+        .post_key(
+            "/v1/users/ip/orders",
+            Auth::Service,
+            &key,
+            &order_body(&[("gems", 2)], true),
+        )
+        .await
+        .expect(201);
+    srv.get(&lookup, Auth::Service).await.expect(200);
+    let purged = eventually(Duration::from_secs(15), || {
+        let srv = srv.api();
+        let lookup = lookup.clone();
+        async move { (srv.get(&lookup, Auth::Service).await.status == 404).then_some(()) }
+    })
+    .await;
+    assert!(
+        purged.is_some(),
+        "the outcome outlived its retention by 13 s"
+    );
+    let counted = crate::metrics::scrape(&srv.api().base)
+        .await
+        .value("shopkeep_purged_idempotency_records_total", &[])
+        .unwrap_or_default();
+    assert!(counted >= 1.0, "purges counted: {counted}");
+    srv.kill9();
+    srv.restart().await;
+    srv.get(&lookup, Auth::Service)
+        .await
+        .expect_error(404, "not_found");
+    // The key is free again: another body under it is a new order, not `idempotency_key_reused`.
+    let second = srv
+        .post_key(
+            "/v1/users/ip/orders",
+            Auth::Service,
+            &key,
+            &order_body(&[("gems", 3)], true),
+        )
+        .await;
+    let second = second.expect(201);
+    assert_ne!(second["order_id"], first["order_id"]);
+    assert_eq!(srv.all_orders("ip", "").await.len(), 2);
 }

@@ -117,6 +117,8 @@ enum Op {
         quantity: u32,
     },
     Sweep,
+    /// A `PurgeIdempotency` over every record: the walk, which stops the retention index.
+    Walk,
     Replay(usize),
     Reuse(usize),
     /// A (capped) top-up, `paid` at once by the PSP or later by `PayTopup`.
@@ -188,6 +190,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(user, order, lines, force)| Op::Refund { user, order, lines, force }),
         2 => (0usize..3, 0usize..6, 1u32..4).prop_map(|(user, item, quantity)| Op::Consume { user, item, quantity }),
         1 => Just(Op::Sweep),
+        1 => Just(Op::Walk),
         2 => (0usize..1000).prop_map(Op::Replay),
         1 => (0usize..1000).prop_map(Op::Reuse),
         3 => (0usize..3, 1i64..3000, prop::bool::weighted(0.6)).prop_map(|(user, amount, paid)| Op::CreateTopup { user, amount, paid }),
@@ -304,6 +307,10 @@ impl Model {
         for user in USERS {
             self.expire_user(user, now);
         }
+        self.purge_idempotency(now);
+    }
+
+    fn purge_idempotency(&mut self, now: i64) {
         self.idempotency.retain(|_, expires_at| *expires_at > now);
     }
 
@@ -1041,6 +1048,15 @@ impl Harness {
                 prop_assert!(outcome.is_ok());
                 self.model.sweep(now);
             }
+            Op::Walk => {
+                let outcome = self.apply(walk("", "", u32::MAX, u32::MAX), None);
+                prop_assert!(
+                    matches!(outcome, Ok(Reply::IdempotencyPurged { next: None, .. })),
+                    "{:?}",
+                    outcome
+                );
+                self.model.purge_idempotency(now);
+            }
             Op::Credit {
                 user,
                 amount,
@@ -1643,6 +1659,132 @@ fn sweep_purges_idempotency_outcomes_after_their_retention() {
     h.now += 1;
     h.run(&Op::Sweep).expect("sweep");
     assert!(!stored(&h), "purged once its retention ended");
+}
+
+fn walk(from_scope: &str, from_key: &str, scan: u32, limit: u32) -> Command {
+    Command::PurgeIdempotency(command::PurgeIdempotency {
+        from_scope: from_scope.to_owned(),
+        from_key: from_key.to_owned(),
+        scan,
+        limit,
+    })
+}
+
+/// The keys of the idempotency records stored so far (in the order they were stored) that are still in
+/// the shard.
+fn stored_keys(h: &Harness) -> Vec<(String, String)> {
+    let txn = h.store.begin_read().expect("read");
+    h.stored
+        .iter()
+        .filter_map(|(envelope, _)| envelope.idempotency.clone())
+        .map(|tag| (tag.scope, tag.key))
+        .filter(|(scope, key)| {
+            shopkeep::state::query::idempotency(&txn, scope, key)
+                .expect("read")
+                .is_some()
+        })
+        .collect()
+}
+
+fn credit_once(h: &mut Harness, external_ref: usize) {
+    h.run(&Op::Credit {
+        user: 0,
+        amount: 100,
+        external_ref,
+    })
+    .expect("credit");
+}
+
+#[test]
+fn the_walk_purges_outcomes_past_their_retention_and_later_ones_skip_the_index() {
+    let mut h = Harness::new();
+    credit_once(&mut h, 0);
+    let indexed = stored_keys(&h);
+    // The first walk (nothing due yet) turns the index off for what is stored after it.
+    let first = h.apply(walk("", "", 100, 100), None);
+    assert_eq!(
+        first,
+        Ok(Reply::IdempotencyPurged {
+            purged: 0,
+            next: None
+        })
+    );
+    credit_once(&mut h, 1);
+    let walked: Vec<_> = stored_keys(&h)
+        .into_iter()
+        .filter(|k| !indexed.contains(k))
+        .collect();
+    assert_eq!(walked.len(), 1);
+    h.now += IDEMPOTENCY_TTL_MICROS;
+    // The sweep finds only the record stored before the walk: the later one has no index row.
+    h.run(&Op::Sweep).expect("sweep");
+    assert_eq!(
+        stored_keys(&h),
+        walked,
+        "the indexed record purged, the walked one kept"
+    );
+    let txn = h.store.begin_read().expect("read");
+    let due = shopkeep::state::query::sweep_due(
+        &txn,
+        Timestamp(h.now),
+        std::time::Duration::from_secs(7 * 86_400),
+    )
+    .expect("read");
+    assert!(!due, "no index row left to sweep");
+    drop(txn);
+    let purged = h.apply(walk("", "", 100, 100), None);
+    assert!(matches!(
+        purged,
+        Ok(Reply::IdempotencyPurged {
+            purged: 1,
+            next: None
+        })
+    ));
+    assert!(stored_keys(&h).is_empty(), "the walk purged the rest");
+    let report = audit::audit(&h.store.begin_read().expect("read"), 0).expect("audit");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}
+
+#[test]
+fn the_walk_keeps_within_its_scan_and_limit_and_says_where_to_go_on() {
+    let mut h = Harness::new();
+    h.apply(walk("", "", 1, 1), None).expect("walking");
+    for reference in 0..3 {
+        credit_once(&mut h, reference);
+    }
+    h.now += IDEMPOTENCY_TTL_MICROS - 1;
+    credit_once(&mut h, 3); // not due when the others are
+    h.now += 1;
+    let mut keys = stored_keys(&h);
+    keys.sort();
+    assert_eq!(keys.len(), 4);
+    let fresh = {
+        let tag = h.stored.last().expect("stored").0.idempotency.clone();
+        let tag = tag.expect("keyed");
+        (tag.scope, tag.key)
+    };
+    let from = &keys[0];
+    let Ok(Reply::IdempotencyPurged { purged, next }) =
+        h.apply(walk(&from.0, &from.1, 2, 10), None)
+    else {
+        panic!("not a purge reply");
+    };
+    let scanned_due = keys[..2].iter().filter(|k| **k != fresh).count();
+    assert_eq!(purged as usize, scanned_due, "only what the scan looked at");
+    assert_eq!(next.as_ref(), Some(&keys[2]));
+    let next = next.expect("more");
+    let Ok(Reply::IdempotencyPurged { purged, next }) =
+        h.apply(walk(&next.0, &next.1, 10, 1), None)
+    else {
+        panic!("not a purge reply");
+    };
+    assert_eq!(purged, 1, "at most the limit");
+    let left = stored_keys(&h);
+    assert!(left.contains(&fresh), "a record inside its retention stays");
+    if next.is_some() {
+        h.apply(walk("", "", 10, 10), None).expect("walk");
+    }
+    assert_eq!(stored_keys(&h), vec![fresh]);
 }
 
 fn topup_count(h: &Harness, user: &str, ids: &[Uuid]) -> usize {

@@ -1,11 +1,17 @@
-//! Idempotency records: the stored outcome under each (scope, key), its retention index, and the two
-//! steps of a global-scope key on its home shard (`ClaimGlobalKey`, `SettleGlobalKey`).
+//! Idempotency records: the stored outcome under each (scope, key), their purge past the retention (the
+//! walk of `PurgeIdempotency`, and the retention index of the records stored before a shard's first walk),
+//! and the two steps of a global-scope key on its home shard (`ClaimGlobalKey`, `SettleGlobalKey`).
+
+use redb::ReadableTable;
 
 use super::{Applier, CommandContext, Step};
 use crate::domain::command::{self, GLOBAL_SCOPE, IdempotencyTag};
 use crate::domain::{GlobalClaim, Outcome, Rejection, Reply, Timestamp};
-use crate::state::tables::{encode, get};
-use crate::state::{IdempotencyRecord, IdempotencyState, StoreError};
+use crate::state::tables::{self, encode, get};
+use crate::state::{IdempotencyRecord, IdempotencyState, StoreError, idempotency_expiry};
+
+/// An idempotency record's key: (scope, key).
+type ScopedKey = (String, String);
 
 impl Applier<'_> {
     pub(super) fn idempotency_record(
@@ -38,17 +44,30 @@ impl Applier<'_> {
         record: &IdempotencyRecord,
     ) -> Result<(), StoreError> {
         if let Some(old) = self.idempotency_record(scope, key)? {
-            self.idempotency_expiry
-                .write()?
-                .remove((old.expires_at.micros(), scope, key))?;
+            self.unindex_idempotency_record(scope, key, &old)?;
         }
         let bytes = encode(record)?;
         self.idempotency
             .write()?
             .insert((scope, key), bytes.as_slice())?;
+        if !self.idempotency_walk {
+            self.idempotency_expiry
+                .write()?
+                .insert((record.expires_at.micros(), scope, key), ())?;
+        }
+        Ok(())
+    }
+
+    /// Removes a record's row in the retention index, if it has one (stored before the shard's walk).
+    fn unindex_idempotency_record(
+        &mut self,
+        scope: &str,
+        key: &str,
+        record: &IdempotencyRecord,
+    ) -> Result<(), StoreError> {
         self.idempotency_expiry
             .write()?
-            .insert((record.expires_at.micros(), scope, key), ())?;
+            .remove((record.expires_at.micros(), scope, key))?;
         Ok(())
     }
 
@@ -58,12 +77,58 @@ impl Applier<'_> {
         key: &str,
     ) -> Result<(), StoreError> {
         if let Some(old) = self.idempotency_record(scope, key)? {
-            self.idempotency_expiry
-                .write()?
-                .remove((old.expires_at.micros(), scope, key))?;
+            self.unindex_idempotency_record(scope, key, &old)?;
             self.idempotency.write()?.remove((scope, key))?;
         }
         Ok(())
+    }
+
+    /// Walks the records from (`from_scope`, `from_key`) in key order, looking at no more than `scan` of
+    /// them, and removes those whose retention ended by `context.now` (at most `limit`). The first walk
+    /// turns the retention index off for records stored after it. Deterministic: it decides on the
+    /// records' own `expires_at` and the command's bounds only.
+    pub(super) fn purge_idempotency(
+        &mut self,
+        context: &CommandContext,
+        command: &command::PurgeIdempotency,
+    ) -> Step<Reply> {
+        if !self.idempotency_walk {
+            self.idempotency_walk = true;
+            let walk = encode(&true)?;
+            self.meta_table
+                .insert(tables::IDEMPOTENCY_WALK_KEY, walk.as_slice())?;
+        }
+        let (due, next) = self.due_idempotency_records(context.now, command)?;
+        for (scope, key) in &due {
+            self.remove_idempotency_record(scope, key)?;
+        }
+        Ok(Reply::IdempotencyPurged {
+            purged: u32::try_from(due.len()).unwrap_or(u32::MAX),
+            next,
+        })
+    }
+
+    /// The records the walk of `command` removes at `now`, and the record it goes on from.
+    fn due_idempotency_records(
+        &self,
+        now: Timestamp,
+        command: &command::PurgeIdempotency,
+    ) -> Result<(Vec<ScopedKey>, Option<ScopedKey>), StoreError> {
+        let from = (command.from_scope.as_str(), command.from_key.as_str());
+        let scan = usize::try_from(command.scan).unwrap_or(usize::MAX);
+        let limit = usize::try_from(command.limit).unwrap_or(usize::MAX);
+        let mut due = Vec::new();
+        for (looked_at, entry) in self.idempotency.read()?.range(from..)?.enumerate() {
+            let (k, v) = entry?;
+            let (scope, key) = k.value();
+            if looked_at == scan || due.len() == limit {
+                return Ok((due, Some((scope.to_owned(), key.to_owned()))));
+            }
+            if idempotency_expiry(v.value())? <= now {
+                due.push((scope.to_owned(), key.to_owned()));
+            }
+        }
+        Ok((due, None))
     }
 
     pub(super) fn claim_global_key(

@@ -134,6 +134,9 @@ pub(crate) struct Applier<'t> {
     event_log_changed: bool,
     /// The shard's applied time: the latest time any command ran at (see `applied_time`).
     clock: Timestamp,
+    /// Whether the shard purges idempotency outcomes by walking them (`PurgeIdempotency` ran once), so
+    /// that new records get no row in the retention index.
+    idempotency_walk: bool,
 }
 
 impl<'t> Applier<'t> {
@@ -143,6 +146,7 @@ impl<'t> Applier<'t> {
         let clock = get(&meta_table, tables::CLOCK_KEY)?.unwrap_or(Timestamp(i64::MIN));
         let event_log = get(&meta_table, tables::EVENT_LOG_KEY)?.unwrap_or_default();
         let receivable = get(&meta_table, tables::RECEIVABLE_KEY)?.unwrap_or(0i64);
+        let idempotency_walk = get(&meta_table, tables::IDEMPOTENCY_WALK_KEY)?.unwrap_or(false);
         Ok(Applier {
             meta_table,
             users: LazyTable::new(txn, tables::USERS),
@@ -180,6 +184,7 @@ impl<'t> Applier<'t> {
             event_log,
             event_log_changed: false,
             clock,
+            idempotency_walk,
         })
     }
 
@@ -224,6 +229,7 @@ impl<'t> Applier<'t> {
             event_log: _,
             event_log_changed: _,
             clock: _,
+            idempotency_walk: _,
         } = self;
         for opened in [
             users.read().map(drop),
@@ -398,6 +404,7 @@ impl<'t> Applier<'t> {
             Command::CloseDispute(c) => self.close_dispute(context, c),
             Command::PutShopLimits(c) => self.put_shop_limits(context, c),
             Command::PutUserLimits(c) => self.put_user_limits(c),
+            Command::PurgeIdempotency(c) => self.purge_idempotency(context, c),
         }
     }
 }

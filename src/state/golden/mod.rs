@@ -106,6 +106,7 @@ fn golden_command(command: &Command) -> &'static str {
         }
         Command::PutShopLimits { .. } => "1d0102c0b80201010001000103",
         Command::PutUserLimits { .. } => "1e0275310001023c0100010205",
+        Command::PurgeIdempotency { .. } => "1f027531026b31a01ff403",
     }
 }
 
@@ -211,6 +212,7 @@ fn golden_reply(reply: &Reply) -> &'static str {
         }
         Reply::ShopLimits(_) => "1302c0b80201000205038080f28183898506",
         Reply::UserLimits { .. } => "1402753102c0b80201000205",
+        Reply::IdempotencyPurged { .. } => "150301027531026b32",
     }
 }
 
@@ -428,6 +430,28 @@ fn idempotency_records_encode_as_pinned() {
             "abababababababababababababababababababababababababababababababab8080f2818389850680a499dc8989850601000b01",
         ),
     ]);
+}
+
+/// The walk reads a record's retention from its leading fields only: the same `expires_at` the whole
+/// record decodes to, whatever its state.
+#[test]
+fn the_head_of_an_idempotency_record_reads_its_retention() {
+    for state in [
+        IdempotencyState::Pending(Box::new(envelope(create_user()))),
+        IdempotencyState::Done(Err(Rejection::UserNotFound)),
+    ] {
+        let record = IdempotencyRecord {
+            fingerprint: FINGERPRINT,
+            created_at: NOW,
+            expires_at: LATER,
+            state,
+        };
+        let bytes = postcard::to_stdvec(&record).expect("encodes");
+        assert_eq!(
+            crate::state::idempotency_expiry(&bytes).expect("reads"),
+            LATER
+        );
+    }
 }
 
 /// The small enums inside records, every variant: one byte each, in declaration order.

@@ -129,6 +129,8 @@ pub(super) fn commands() -> Vec<Command> {
         command(json!({"PutUserLimits": {"user_id": "u1", "changes": {"max_spend_per_day": null,
             "max_orders_per_hour": {"Max": 60}, "max_pending_topups": "Default",
             "max_refunds_per_30_days": {"Max": 5}}}})),
+        command(json!({"PurgeIdempotency": {"from_scope": "u1", "from_key": "k1", "scan": 4000,
+            "limit": 500}})),
     ]
     .into()
 }
@@ -465,6 +467,10 @@ pub(super) fn replies() -> Vec<Reply> {
         Reply::UserLimits {
             user_id: "u1".to_owned(),
             overrides: limit_set(),
+        },
+        Reply::IdempotencyPurged {
+            purged: 3,
+            next: Some(("u1".to_owned(), "k2".to_owned())),
         },
     ]
     .into()
