@@ -309,8 +309,9 @@ fn walk_look(shard: &Shard) -> String {
         .map(|_| {
             let txn = shard.store.begin_read().expect("read");
             let started = Instant::now();
-            let look = query::idempotency_walk(&txn, ("", ""), Timestamp(0), WALK_WINDOW as usize)
-                .expect("look");
+            let look =
+                query::idempotency_walk(&txn, ("", ""), Timestamp(0), |_| WALK_WINDOW as usize)
+                    .expect("look");
             let elapsed = started.elapsed();
             assert!(look.walking && look.first_due.is_none());
             elapsed

@@ -18,10 +18,24 @@ use crate::state::query;
 /// Most orders (and top-ups, and idempotency records) one sweep command handles: bounds the transaction.
 pub const SWEEP_LIMIT: u32 = 500;
 
-/// Most idempotency records the walk looks at per shard and interval, and one `PurgeIdempotency` walks
-/// over: a million records a shard are walked in about four minutes at the default interval, reading
-/// only each record's retention.
+/// Most idempotency records the walk looks at per shard and interval, and what one `PurgeIdempotency`
+/// walks over. The walk reads only each record's retention, but each record's whole page: at scale that is
+/// read traffic, so a look takes only the share of a shard's records that brings the walk round in
+/// `WALK_ROUNDS` intervals (an hour at the default `--sweep-interval`), at least `WALK_MIN_WINDOW`.
 pub const WALK_WINDOW: u32 = 4_000;
+
+/// Fewest idempotency records the walk looks at per shard and interval.
+pub const WALK_MIN_WINDOW: usize = 500;
+
+/// In how many intervals the walk comes round a shard's records (while that takes no more than
+/// `WALK_WINDOW` a look): an outcome is purged at most about that late.
+pub const WALK_ROUNDS: u64 = 3_600;
+
+/// How many records one look of the walk takes on a shard holding `records`.
+pub fn walk_window(records: u64) -> usize {
+    let share = usize::try_from(records / WALK_ROUNDS).unwrap_or(usize::MAX);
+    share.clamp(WALK_MIN_WINDOW, WALK_WINDOW as usize)
+}
 
 /// How long an EXPIRED or FAILED top-up is kept after it became final, unless `--topup-retention` says
 /// otherwise (the flag's default is this). Long enough for any late PSP event: a success that arrives
@@ -241,7 +255,7 @@ pub async fn purge_events(
     }
 }
 
-/// Looks at the next `WALK_WINDOW` idempotency records of `shard` from `from` on, and proposes a
+/// Looks at the next `walk_window` idempotency records of `shard` from `from` on, and proposes a
 /// `PurgeIdempotency` from the first one past its retention (and once on a shard that does not walk yet,
 /// which turns its retention index off); goes on while a purge removes a full `SWEEP_LIMIT`. Leaves
 /// `from` where the next look starts (the first record again after the last).
@@ -255,7 +269,7 @@ pub async fn walk_idempotency(
         let start = from.clone();
         let look = node
             .read(Consistency::Local, shard, move |txn| {
-                query::idempotency_walk(txn, (&start.0, &start.1), now, WALK_WINDOW as usize)
+                query::idempotency_walk(txn, (&start.0, &start.1), now, walk_window)
             })
             .await?;
         let purge_from = match look.first_due {
@@ -281,5 +295,18 @@ pub async fn walk_idempotency(
         if purged < SWEEP_LIMIT {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_walk_takes_a_share_of_a_shards_records_within_its_bounds() {
+        assert_eq!(walk_window(0), WALK_MIN_WINDOW);
+        assert_eq!(walk_window(1_000_000), WALK_MIN_WINDOW);
+        assert_eq!(walk_window(3_600_000), 1_000);
+        assert_eq!(walk_window(100_000_000), WALK_WINDOW as usize);
     }
 }

@@ -4,7 +4,7 @@
 //! time-dependent is computed "as of" the reader's `now`: a pending order past its deadline reads as
 //! cancelled, and its hold is left out of the wallet, even before the sweeper has written that down.
 
-use redb::{ReadTransaction, ReadableTable};
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 use uuid::Uuid;
 
 use super::tables::{self, decode, get};
@@ -218,14 +218,14 @@ pub struct WalkLook {
     pub after_window: Option<(String, String)>,
 }
 
-/// Looks at no more than `window` idempotency records from (`scope`, `key`) on, for the sweeper to
-/// propose a `PurgeIdempotency` only where one is due (and its first one on a shard that is not walking
-/// yet). Reads each record's retention only, not its outcome.
+/// Looks at no more than `window(records in the shard)` idempotency records from (`scope`, `key`) on,
+/// for the sweeper to propose a `PurgeIdempotency` only where one is due (and its first one on a shard
+/// that is not walking yet). Reads each record's retention only, not its outcome.
 pub fn idempotency_walk(
     txn: &ReadTransaction,
     from: (&str, &str),
     now: Timestamp,
-    window: usize,
+    window: impl FnOnce(u64) -> usize,
 ) -> Result<WalkLook, StoreError> {
     let meta = txn.open_table(tables::META)?;
     let mut look = WalkLook {
@@ -233,6 +233,7 @@ pub fn idempotency_walk(
         ..WalkLook::default()
     };
     let table = txn.open_table(tables::IDEMPOTENCY)?;
+    let window = window(table.len()?);
     for (seen, entry) in table.range(from..)?.enumerate() {
         let (k, v) = entry?;
         let (scope, key) = k.value();
