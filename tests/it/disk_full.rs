@@ -99,6 +99,21 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_when_space_is_freed(
         .expect("free 6 MiB");
     drop(file);
 
+    // 6 MiB free is under four reserves (12 MiB): every apply commits durably, so that no burst of pages
+    // held back for the next durable commit can land on the log's reserve at once. (A shard looks at the
+    // free space every 100 ms.)
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let before = durable_commits(&srv).await;
+    let purchases = 20;
+    for _ in 0..purchases {
+        buy(&srv, &users[0]).await.expect(201);
+    }
+    let durable = durable_commits(&srv).await - before;
+    assert!(
+        durable >= purchases as f64,
+        "near a full disk each apply commits durably: {durable} durable commits for {purchases} purchases"
+    );
+
     // Load until writes are refused because the disk is full.
     let started = Instant::now();
     let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
@@ -233,6 +248,17 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_when_space_is_freed(
 }
 
 /// The values of every `shopkeep_storage_full{file}` series in a scrape of `srv`.
+/// `shopkeep_shard_durable_commits_total`, summed over the shards.
+async fn durable_commits(srv: &Server) -> f64 {
+    srv.get("/metrics", Auth::None)
+        .await
+        .text()
+        .lines()
+        .filter(|line| line.starts_with("shopkeep_shard_durable_commits_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 async fn storage_full_gauges(srv: &Server) -> Vec<f64> {
     srv.get("/metrics", Auth::None)
         .await
