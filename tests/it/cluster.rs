@@ -116,14 +116,14 @@ async fn purchase_through_a_follower_is_applied_on_every_replica() {
             "node {id}: local entitlements {e}"
         );
     }
-    let hashes = c.state_hashes().await;
-    assert_eq!(hashes.len(), 3);
+    // Every node's audit, linearizable, names every shard with the same hash (retried while a background
+    // command lands between two nodes' audits).
+    let hashes = c.wait_converged(CONVERGE).await;
     assert_eq!(
-        hashes[&1].len(),
+        hashes.len(),
         c.opts.shards as usize,
         "audit must list every shard: {hashes:#?}"
     );
-    assert_all_equal(&hashes);
 }
 
 // ------------------------------------------------------------------------------------------------
