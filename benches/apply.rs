@@ -249,12 +249,7 @@ impl Shard {
 fn seed(shard: &mut Shard) {
     let walk = shard.envelope(
         None,
-        Command::PurgeIdempotency(command::PurgeIdempotency {
-            from_scope: String::new(),
-            from_key: String::new(),
-            scan: 1,
-            limit: 1,
-        }),
+        Command::PurgeIdempotency(command::PurgeIdempotency::from_first(1, 1)),
     );
     shard.apply([&walk].into_iter());
     let item = shard.envelope(

@@ -230,12 +230,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
         let walk = shard.envelope(
             begin,
             None,
-            Command::PurgeIdempotency(PurgeIdempotency {
-                from_scope: String::new(),
-                from_key: String::new(),
-                scan: 1,
-                limit: 1,
-            }),
+            Command::PurgeIdempotency(PurgeIdempotency::from_first(1, 1)),
         );
         shard.apply(&[walk]);
     }

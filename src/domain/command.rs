@@ -310,6 +310,18 @@ pub struct PurgeIdempotency {
     pub limit: u32,
 }
 
+impl PurgeIdempotency {
+    /// A walk from the shard's first record.
+    pub fn from_first(scan: u32, limit: u32) -> PurgeIdempotency {
+        PurgeIdempotency {
+            from_scope: String::new(),
+            from_key: String::new(),
+            scan,
+            limit,
+        }
+    }
+}
+
 /// `AckWebhook` that takes effect only if the webhook is still at `from`, where the delivered batch
 /// started: a replay that moved the position meanwhile wins, and the leader resumes from it. What the
 /// delivery worker sends (`AckWebhook` stays for entries already in logs).

@@ -247,18 +247,14 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_resumes_when_space_is_freed(
     drop(tmpfs);
 }
 
-/// The values of every `shopkeep_storage_full{file}` series in a scrape of `srv`.
 /// `shopkeep_shard_durable_commits_total`, summed over the shards.
 async fn durable_commits(srv: &Server) -> f64 {
-    srv.get("/metrics", Auth::None)
+    crate::metrics::scrape(&srv.api().base)
         .await
-        .text()
-        .lines()
-        .filter(|line| line.starts_with("shopkeep_shard_durable_commits_total{"))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+        .sum("shopkeep_shard_durable_commits_total")
 }
 
+/// The values of every `shopkeep_storage_full{file}` series in a scrape of `srv`.
 async fn storage_full_gauges(srv: &Server) -> Vec<f64> {
     srv.get("/metrics", Auth::None)
         .await

@@ -75,6 +75,11 @@ impl Scrape {
     fn all(&self, name: &str) -> Vec<&Sample> {
         self.samples.iter().filter(|s| s.name == name).collect()
     }
+
+    /// The samples of `name` summed over every label set (a counter's total over its shards, say).
+    pub(crate) fn sum(&self, name: &str) -> f64 {
+        self.all(name).iter().map(|s| s.value).sum()
+    }
 }
 
 /// `name{k="v",…} value`: label values may hold `{`, `}`, `,` and escaped quotes.

@@ -13,6 +13,9 @@ use crate::state::{IdempotencyRecord, IdempotencyState, StoreError, idempotency_
 /// An idempotency record's key: (scope, key).
 type ScopedKey = (String, String);
 
+/// A record the walk found past its retention: (scope, key, expires_at).
+type DueRecord = (String, String, Timestamp);
+
 impl Applier<'_> {
     pub(super) fn idempotency_record(
         &self,
@@ -44,7 +47,7 @@ impl Applier<'_> {
         record: &IdempotencyRecord,
     ) -> Result<(), StoreError> {
         if let Some(old) = self.idempotency_record(scope, key)? {
-            self.unindex_idempotency_record(scope, key, &old)?;
+            self.unindex_idempotency_record(scope, key, old.expires_at)?;
         }
         let bytes = encode(record)?;
         self.idempotency
@@ -58,16 +61,17 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// Removes a record's row in the retention index, if it has one (stored before the shard's walk).
+    /// Removes the row in the retention index of a record that may be purged at `expires_at`, if it has
+    /// one (stored before the shard's walk).
     fn unindex_idempotency_record(
         &mut self,
         scope: &str,
         key: &str,
-        record: &IdempotencyRecord,
+        expires_at: Timestamp,
     ) -> Result<(), StoreError> {
         self.idempotency_expiry
             .write()?
-            .remove((record.expires_at.micros(), scope, key))?;
+            .remove((expires_at.micros(), scope, key))?;
         Ok(())
     }
 
@@ -77,9 +81,20 @@ impl Applier<'_> {
         key: &str,
     ) -> Result<(), StoreError> {
         if let Some(old) = self.idempotency_record(scope, key)? {
-            self.unindex_idempotency_record(scope, key, &old)?;
-            self.idempotency.write()?.remove((scope, key))?;
+            self.forget_idempotency_record(scope, key, old.expires_at)?;
         }
+        Ok(())
+    }
+
+    /// Removes a record known to be there, with `expires_at`, and its index row.
+    fn forget_idempotency_record(
+        &mut self,
+        scope: &str,
+        key: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.unindex_idempotency_record(scope, key, expires_at)?;
+        self.idempotency.write()?.remove((scope, key))?;
         Ok(())
     }
 
@@ -99,8 +114,8 @@ impl Applier<'_> {
                 .insert(tables::IDEMPOTENCY_WALK_KEY, walk.as_slice())?;
         }
         let (due, next) = self.due_idempotency_records(context.now, command)?;
-        for (scope, key) in &due {
-            self.remove_idempotency_record(scope, key)?;
+        for (scope, key, expires_at) in &due {
+            self.forget_idempotency_record(scope, key, *expires_at)?;
         }
         Ok(Reply::IdempotencyPurged {
             purged: u32::try_from(due.len()).unwrap_or(u32::MAX),
@@ -108,12 +123,13 @@ impl Applier<'_> {
         })
     }
 
-    /// The records the walk of `command` removes at `now`, and the record it goes on from.
+    /// The records the walk of `command` removes at `now` (with their `expires_at`), and the record it
+    /// goes on from.
     fn due_idempotency_records(
         &self,
         now: Timestamp,
         command: &command::PurgeIdempotency,
-    ) -> Result<(Vec<ScopedKey>, Option<ScopedKey>), StoreError> {
+    ) -> Result<(Vec<DueRecord>, Option<ScopedKey>), StoreError> {
         let from = (command.from_scope.as_str(), command.from_key.as_str());
         let scan = usize::try_from(command.scan).unwrap_or(usize::MAX);
         let limit = usize::try_from(command.limit).unwrap_or(usize::MAX);
@@ -124,8 +140,9 @@ impl Applier<'_> {
             if looked_at == scan || due.len() == limit {
                 return Ok((due, Some((scope.to_owned(), key.to_owned()))));
             }
-            if idempotency_expiry(v.value())? <= now {
-                due.push((scope.to_owned(), key.to_owned()));
+            let expires_at = idempotency_expiry(v.value())?;
+            if expires_at <= now {
+                due.push((scope.to_owned(), key.to_owned(), expires_at));
             }
         }
         Ok((due, None))
