@@ -5,7 +5,7 @@
 //! transaction (unsynced) and as ONE record of the write-ahead file (one write, one `fdatasync`: `wal`,
 //! which also says when the redb file itself is synced), and only then reports each append as flushed (`LogFlushed::log_io_completed`) and answers each vote. The committed mark, which
 //! a crash may lose, rides along with the next such commit instead of costing an fsync of its own
-//! (`Op::Note`). Under load, while one commit
+//! (`LogDb::note`). Under load, while one commit
 //! is being flushed the next batch queues up, so the cost of an fsync is shared by every shard's entries.
 //!
 //! openraft reads entries from an in-memory mirror of the tail of each shard's log, updated before an
@@ -113,14 +113,6 @@ enum Op {
         value: Vec<u8>,
         done: oneshot::Sender<Result<(), String>>,
     },
-    /// Sets a value whose newest version may be lost in a crash (the committed mark): the writer holds
-    /// it and writes it in the next commit that something else needs, never in a commit (an fsync) of
-    /// its own. A later `Note` of the same shard and name replaces a held one.
-    Note {
-        shard: u32,
-        name: &'static str,
-        value: Vec<u8>,
-    },
     /// Deletes everything of the shard: its entries, vote, marks (`LogDb::reset_shard`).
     Reset {
         shard: u32,
@@ -160,6 +152,7 @@ impl LogDb {
             db: RwLock::new(Some(Arc::new(db))),
             wal: Mutex::new(wal),
             health,
+            notes: Mutex::new(writer::HeldNotes::new()),
         });
         let watched = Arc::downgrade(&file);
         std::thread::Builder::new()
@@ -181,6 +174,17 @@ impl LogDb {
     /// What the node reports about its disk.
     pub fn health(&self) -> &Arc<DiskHealth> {
         &self.file.health
+    }
+
+    /// Sets a value whose newest version may be lost in a crash (the committed mark): the writer
+    /// writes it with the next commit that something else needs, never in a commit (an fsync) of its
+    /// own, and is not woken for it. A later note of the same shard and name replaces a held one.
+    pub(crate) fn note(&self, shard: u32, name: &'static str, value: Vec<u8>) {
+        self.file
+            .notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((shard, name), value);
     }
 
     /// A value another module keeps beside `shard`'s log (see `RAFT_STATE`), as stored.

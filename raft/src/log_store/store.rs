@@ -350,14 +350,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let value = encode(&committed).map_err(encode_error)?;
         // Not waited for, and written with the next append rather than in an fsync of its own: the
         // committed mark only lets a restarted node apply sooner; losing the newest one costs nothing
-        // but that (and it never runs ahead of the durable log: it rides in a later commit than the
-        // entries it names).
-        self.queue(Op::Note {
-            shard: self.shard,
-            name: "committed",
-            value,
-        })
-        .await
+        // but that (and it never runs ahead of the durable log: the writer takes it only into a batch
+        // that drained its queue past the append of the entries it names). Setting it wakes no one.
+        self.db.note(self.shard, "committed", value);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

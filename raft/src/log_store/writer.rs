@@ -31,6 +31,8 @@ pub(super) struct LogFile {
     /// Only the writer thread writes it; the lock lets `reopen` replace it.
     pub(super) wal: Mutex<Wal>,
     pub(super) health: Arc<DiskHealth>,
+    /// Notes not yet written (`LogDb::note`): set by the shards' stores, taken by the writer.
+    pub(super) notes: Mutex<HeldNotes>,
 }
 
 impl LogFile {
@@ -74,6 +76,19 @@ impl LogFile {
     /// The database, or `None` while it is being reopened.
     pub(super) fn current(&self) -> Option<Arc<Database>> {
         self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The notes held now, leaving none.
+    fn take_notes(&self) -> HeldNotes {
+        std::mem::take(&mut *self.notes.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Holds `notes` again where no newer note of the same shard and name came meanwhile.
+    fn restore_notes(&self, notes: HeldNotes) {
+        let mut held = self.notes.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, value) in notes {
+            held.entry(key).or_insert(value);
+        }
     }
 
     /// The database, or an error while it is being reopened.
@@ -130,8 +145,8 @@ pub(super) fn watch_reserve(file: &std::sync::Weak<LogFile>) {
     }
 }
 
-/// Values of `Op::Note`s not yet written, by shard and name: the newest of each.
-type HeldNotes = BTreeMap<(u32, &'static str), Vec<u8>>;
+/// Values of notes (`LogDb::note`) not yet written, by shard and name: the newest of each.
+pub(super) type HeldNotes = BTreeMap<(u32, &'static str), Vec<u8>>;
 
 /// What is answered once a batch is durable (or failed): an operation without its data.
 enum Completion {
@@ -148,30 +163,34 @@ enum Completion {
     Done(oneshot::Sender<Result<(), String>>),
 }
 
-/// The writer thread: one transaction and one durable write per batch of waiting operations. A batch of
-/// notes alone is held, not committed: the notes go into the next commit (see `Op::Note`).
-/// `defer_bytes`: the most bytes of batches the redb file may lag behind (see `Deferred`).
+/// The writer thread: one transaction and one durable write per batch of waiting operations, with the
+/// notes held when it was taken. `defer_bytes`: the most bytes of batches the redb file may lag behind
+/// (see `Deferred`).
 pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>, defer_bytes: usize) {
-    let mut held = HeldNotes::new();
     let mut deferred = Deferred::default();
     while let Some(first) = queue.blocking_recv() {
+        // Taken before the queue is drained: a note names entries whose append was queued before the
+        // note was set, so once the drain below empties the queue those appends are in this batch or
+        // an earlier one, and a note never reaches a file before the entries it names.
+        let mut notes = file.take_notes();
         let mut batch = vec![first];
+        let mut drained = false;
         while batch.len() < MAX_OPS_PER_COMMIT {
             match queue.try_recv() {
                 Ok(op) => batch.push(op),
-                Err(_) => break,
+                Err(_) => {
+                    drained = true;
+                    break;
+                }
             }
         }
-        if batch.iter().all(|op| matches!(op, Op::Note { .. })) {
-            hold(&mut held, batch);
-            continue;
+        if !drained {
+            file.restore_notes(std::mem::take(&mut notes));
         }
         let started = std::time::Instant::now();
         let count = batch.len();
-        let deferrable = batch
-            .iter()
-            .all(|op| matches!(op, Op::Append { .. } | Op::Note { .. }));
-        let (ops, completions) = split(&held, batch);
+        let deferrable = batch.iter().all(|op| matches!(op, Op::Append { .. }));
+        let (ops, completions) = split(&notes, batch);
         let appended = completions
             .iter()
             .any(|c| matches!(c, Completion::Append { .. }));
@@ -180,10 +199,10 @@ pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>, defer_by
         deferred.marks.extend(marks);
         let deferrable = deferrable && deferred.bytes < defer_bytes;
         let result = commit_batch(file, &mut deferred, ops, deferrable);
-        match &result {
-            Ok(()) => held.clear(),
-            // the batch's entries are in no file: the mirror keeps them
-            Err(_) => deferred.marks.truncate(before),
+        if result.is_err() {
+            // the batch's entries are in no file: the mirror keeps them, and the notes wait
+            deferred.marks.truncate(before);
+            file.restore_notes(notes);
         }
         let result = result.map_err(|e| e.to_string());
         metrics::histogram!(crate::metrics::LOG_OPS_PER_COMMIT).record(count as f64);
@@ -199,19 +218,11 @@ pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>, defer_by
         }
     }
     // everything is in the write-ahead file already; a checkpoint leaves the redb file whole
-    let notes = split(&held, Vec::new()).0;
+    let notes = split(&file.take_notes(), Vec::new()).0;
     if let Err(error) = checkpoint_now(file, &mut deferred, notes) {
         tracing::debug!(%error, "the raft log was not checkpointed at shutdown");
     }
     tracing::debug!("raft log writer stopped");
-}
-/// Keeps the newest value of each note in `batch` (a batch of notes alone).
-fn hold(held: &mut HeldNotes, batch: Vec<Op>) {
-    for op in batch {
-        if let Op::Note { shard, name, value } = op {
-            held.insert((shard, name), value);
-        }
-    }
 }
 
 /// The batch as the redb file takes it (the held notes first), and what to answer once it is durable.
@@ -274,10 +285,6 @@ fn split(held: &HeldNotes, batch: Vec<Op>) -> (Vec<WalOp>, Vec<Completion>) {
                     WalOp::Put { shard, name, value },
                     Some(Completion::Done(done)),
                 )
-            }
-            Op::Note { shard, name, value } => {
-                let name = name.to_string();
-                (WalOp::Put { shard, name, value }, None)
             }
             Op::Reset { shard, done } => (WalOp::Reset { shard }, Some(Completion::Done(done))),
         };
