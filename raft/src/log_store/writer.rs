@@ -169,24 +169,7 @@ enum Completion {
 pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>, defer_bytes: usize) {
     let mut deferred = Deferred::default();
     while let Some(first) = queue.blocking_recv() {
-        // Taken before the queue is drained: a note names entries whose append was queued before the
-        // note was set, so once the drain below empties the queue those appends are in this batch or
-        // an earlier one, and a note never reaches a file before the entries it names.
-        let mut notes = file.take_notes();
-        let mut batch = vec![first];
-        let mut drained = false;
-        while batch.len() < MAX_OPS_PER_COMMIT {
-            match queue.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => {
-                    drained = true;
-                    break;
-                }
-            }
-        }
-        if !drained {
-            file.restore_notes(std::mem::take(&mut notes));
-        }
+        let (batch, notes) = next_batch(file, first, &mut queue);
         let started = std::time::Instant::now();
         let count = batch.len();
         let deferrable = batch.iter().all(|op| matches!(op, Op::Append { .. }));
@@ -223,6 +206,27 @@ pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>, defer_by
         tracing::debug!(%error, "the raft log was not checkpointed at shutdown");
     }
     tracing::debug!("raft log writer stopped");
+}
+
+/// The batch that starts with `first`: every operation waiting behind it (at most `MAX_OPS_PER_COMMIT`
+/// in all), and the notes to write with it. The notes are taken before the queue is drained: a note
+/// names entries whose append was queued before the note was set, so once the drain empties the queue
+/// those appends are in this batch or an earlier one. A drain stopped by the bound leaves the notes held
+/// for a later batch, so a note never reaches a file before the entries it names.
+fn next_batch(file: &LogFile, first: Op, queue: &mut mpsc::Receiver<Op>) -> (Vec<Op>, HeldNotes) {
+    let mut notes = file.take_notes();
+    let mut batch = vec![first];
+    loop {
+        if batch.len() >= MAX_OPS_PER_COMMIT {
+            file.restore_notes(std::mem::take(&mut notes));
+            break;
+        }
+        match queue.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    (batch, notes)
 }
 
 /// The batch as the redb file takes it (the held notes first), and what to answer once it is durable.
@@ -537,6 +541,49 @@ mod tests {
             .expect("range")
             .map(|row| row.expect("row").0.value().1)
             .collect()
+    }
+
+    fn put(name: &'static str) -> Op {
+        Op::Put {
+            shard: 0,
+            name,
+            value: vec![1],
+            done: oneshot::channel().0,
+        }
+    }
+
+    /// A note is written only with a batch that took everything queued when the note was taken, so it
+    /// never precedes the append of the entries it names; newer notes replace held ones.
+    #[test]
+    fn a_note_waits_for_a_batch_that_drains_the_queue_queued_before_it() {
+        let (_dir, path) = fresh();
+        let (db, wal) = LogFile::open(&path).expect("open");
+        let file = LogFile {
+            path: path.clone(),
+            db: RwLock::new(Some(Arc::new(db))),
+            wal: Mutex::new(wal),
+            health: Arc::new(DiskHealth::new()),
+            notes: Mutex::new(HeldNotes::new()),
+        };
+        let (ops, mut queue) = mpsc::channel(2 * MAX_OPS_PER_COMMIT);
+        for _ in 0..MAX_OPS_PER_COMMIT {
+            ops.try_send(put("vote")).expect("queued");
+        }
+        file.notes.lock().unwrap().insert((0, "committed"), vec![1]);
+        let first = queue.try_recv().expect("first");
+        let (batch, notes) = next_batch(&file, first, &mut queue);
+        assert_eq!(batch.len(), MAX_OPS_PER_COMMIT);
+        assert!(
+            notes.is_empty(),
+            "the queue was not drained: the note waits"
+        );
+
+        // a newer value set meanwhile is the one kept
+        file.notes.lock().unwrap().insert((0, "committed"), vec![2]);
+        let (batch, notes) = next_batch(&file, put("vote"), &mut queue);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(notes.get(&(0, "committed")), Some(&vec![2]));
+        assert!(file.notes.lock().unwrap().is_empty(), "taken");
     }
 
     /// What a power cut does to the redb file (its commits since the last checkpoint were never synced)
