@@ -212,12 +212,21 @@ pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>, defer_by
 /// in all), and the notes to write with it. The notes are taken before the queue is drained: a note
 /// names entries whose append was queued before the note was set, so once the drain empties the queue
 /// those appends are in this batch or an earlier one. A drain stopped by the bound leaves the notes held
-/// for a later batch, so a note never reaches a file before the entries it names.
+/// for a later batch, so a note never reaches a file before the entries it names; but not those of a
+/// shard the batch resets, which a later batch would write back after the reset.
 fn next_batch(file: &LogFile, first: Op, queue: &mut mpsc::Receiver<Op>) -> (Vec<Op>, HeldNotes) {
     let mut notes = file.take_notes();
     let mut batch = vec![first];
     loop {
         if batch.len() >= MAX_OPS_PER_COMMIT {
+            let reset: Vec<u32> = batch
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Reset { shard, .. } => Some(*shard),
+                    _ => None,
+                })
+                .collect();
+            notes.retain(|(shard, _), _| !reset.contains(shard));
             file.restore_notes(std::mem::take(&mut notes));
             break;
         }
@@ -553,7 +562,8 @@ mod tests {
     }
 
     /// A note is written only with a batch that took everything queued when the note was taken, so it
-    /// never precedes the append of the entries it names; newer notes replace held ones.
+    /// never precedes the append of the entries it names; a held note of a shard the batch resets is
+    /// dropped; newer notes replace held ones.
     #[test]
     fn a_note_waits_for_a_batch_that_drains_the_queue_queued_before_it() {
         let (_dir, path) = fresh();
@@ -566,16 +576,31 @@ mod tests {
             notes: Mutex::new(HeldNotes::new()),
         };
         let (ops, mut queue) = mpsc::channel(2 * MAX_OPS_PER_COMMIT);
-        for _ in 0..MAX_OPS_PER_COMMIT {
+        for _ in 0..MAX_OPS_PER_COMMIT - 1 {
             ops.try_send(put("vote")).expect("queued");
         }
-        file.notes.lock().unwrap().insert((0, "committed"), vec![1]);
+        ops.try_send(Op::Reset {
+            shard: 2,
+            done: oneshot::channel().0,
+        })
+        .expect("queued");
+        for shard in [0, 2] {
+            file.notes
+                .lock()
+                .unwrap()
+                .insert((shard, "committed"), vec![1]);
+        }
         let first = queue.try_recv().expect("first");
         let (batch, notes) = next_batch(&file, first, &mut queue);
         assert_eq!(batch.len(), MAX_OPS_PER_COMMIT);
         assert!(
             notes.is_empty(),
-            "the queue was not drained: the note waits"
+            "the queue was not drained: the notes wait"
+        );
+        assert_eq!(
+            file.notes.lock().unwrap().keys().collect::<Vec<_>>(),
+            [&(0, "committed")],
+            "held again, but not the reset shard's"
         );
 
         // a newer value set meanwhile is the one kept
