@@ -140,7 +140,7 @@ pub(crate) async fn scrape(base: &str) -> Scrape {
 }
 
 /// Every family has `# HELP` and `# TYPE`, no sample is outside a typed family, latencies are histograms
-/// with buckets, and nothing is a summary.
+/// with buckets from 0.1 ms to 10 s (and +Inf), and nothing is a summary.
 fn assert_well_formed(scrape: &Scrape) {
     for sample in &scrape.samples {
         let family = scrape
@@ -162,6 +162,19 @@ fn assert_well_formed(scrape: &Scrape) {
                     .any(|s| s.labels.get("le").is_some_and(|le| le == "+Inf")),
                 "{family} has no le=+Inf bucket"
             );
+        }
+        if kind == "histogram" && family.ends_with("_seconds") {
+            // the contract's bounds: sub-millisecond work (an apply, a log commit) is told apart
+            let bucket = format!("{family}_bucket");
+            for bound in ["0.0001", "10"] {
+                assert!(
+                    scrape
+                        .all(&bucket)
+                        .iter()
+                        .any(|s| s.labels.get("le").is_some_and(|le| le == bound)),
+                    "{family} has no le={bound} bucket"
+                );
+            }
         }
     }
 }
