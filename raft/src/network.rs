@@ -3,7 +3,10 @@
 //! network of each shard on top of it.
 //!
 //! Addresses come from the node's own `--peers` first and from the membership second, so an operator
-//! (or a test putting a proxy in between) decides how this node reaches the others.
+//! (or a test putting a proxy in between) decides how this node reaches the others. A replication
+//! stream's commit notices are held back when the follower already confirmed what they ask (`notices`).
+
+mod notices;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -19,6 +22,7 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 
+use self::notices::{Held, Next, Notices};
 use crate::TypeConfig;
 use crate::auth::{AUTH_HEADER, NodeAuth};
 use crate::clock::{ClockWatch, Reading, TIME_HEADER};
@@ -244,6 +248,7 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
             target,
             addr: self.transport.address_of(target, &node.addr),
             transport: self.transport.clone(),
+            notices: Arc::default(),
         }
     }
 }
@@ -254,6 +259,9 @@ pub struct PeerClient {
     target: u64,
     addr: String,
     transport: Arc<Transport>,
+    /// What the follower confirmed to this client and the commit notice held back for it. The lock is
+    /// held while a call is sent, so a held notice and the stream's next call never cross.
+    notices: Arc<tokio::sync::Mutex<Notices>>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -312,8 +320,27 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>> {
+        let now = Instant::now();
+        let mut notices = self.notices.lock().await;
+        if notices.answers(&rpc, now) {
+            if notices.hold(rpc, option.hard_ttl(), now) {
+                tokio::spawn(send_held(
+                    self.transport.clone(),
+                    self.addr.clone(),
+                    self.shard,
+                    self.notices.clone(),
+                ));
+            }
+            return Ok(AppendEntriesResponse::Success);
+        }
+        notices.supersede();
+        let (vote, last) = (rpc.vote, notices::last_of(&rpc));
+        // Forgotten while the call is out: a call that times out confirms nothing.
+        notices.answered(&vote, last, false, now);
         let shard = self.shard;
-        match self.send(NodeRequest::Append { shard, rpc }, &option).await {
+        let answer = self.send(NodeRequest::Append { shard, rpc }, &option).await;
+        notices.answered(&vote, last, is_success(&answer), Instant::now());
+        match answer {
             Ok(NodeResponse::Append(Ok(response))) => Ok(response),
             Ok(NodeResponse::Append(Err(error))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
@@ -355,6 +382,44 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
             Ok(other) => Err(self.unexpected(&other)),
             Err(error) => Err(self.failed(error)),
+        }
+    }
+}
+
+fn is_success(answer: &Result<NodeResponse, TransportError>) -> bool {
+    matches!(
+        answer,
+        Ok(NodeResponse::Append(Ok(AppendEntriesResponse::Success)))
+    )
+}
+
+/// Sends the commit notice held for one follower of `shard` once it was held for [`notices::HOLD`]
+/// (unless the stream's next call carried it first), and records the follower's answer.
+async fn send_held(
+    transport: Arc<Transport>,
+    addr: String,
+    shard: u32,
+    notices: Arc<tokio::sync::Mutex<Notices>>,
+) {
+    loop {
+        let mut guard = notices.lock().await;
+        match guard.next(Instant::now()) {
+            Next::Stop => return,
+            Next::Wait(remaining) => {
+                drop(guard);
+                tokio::time::sleep(remaining).await;
+            }
+            Next::Send => {
+                let Some(Held { rpc, ttl, .. }) = guard.take() else {
+                    return;
+                };
+                let (vote, last) = (rpc.vote, notices::last_of(&rpc));
+                let answer = transport
+                    .call(&addr, &NodeRequest::Append { shard, rpc }, ttl)
+                    .await;
+                guard.answered(&vote, last, is_success(&answer), Instant::now());
+                return;
+            }
         }
     }
 }
@@ -450,5 +515,217 @@ mod tests {
             read.as_ref().is_err_and(|e| e.contains("larger")),
             "{read:?}"
         );
+    }
+
+    /// A peer on loopback that answers every append with `answer(request)` and keeps what it received.
+    async fn fake_peer(
+        answer: fn(&AppendEntriesRequest<TypeConfig>) -> AppendEntriesResponse<u64>,
+    ) -> (
+        String,
+        Arc<std::sync::Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_appends(stream, answer, kept.clone()));
+            }
+        });
+        (addr, received)
+    }
+
+    /// Answers HTTP/1.1 requests on one connection until it closes.
+    async fn serve_appends(
+        mut stream: tokio::net::TcpStream,
+        answer: fn(&AppendEntriesRequest<TypeConfig>) -> AppendEntriesResponse<u64>,
+        received: Arc<std::sync::Mutex<Vec<AppendEntriesRequest<TypeConfig>>>>,
+    ) {
+        let mut buffer = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            while buffer.len() < head_end + length {
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body: Vec<u8> = buffer.drain(..head_end + length).skip(head_end).collect();
+            let Ok(NodeRequest::Append { rpc, .. }) = crate::rpc::decode_request(&body) else {
+                return;
+            };
+            let response = NodeResponse::Append(Ok(answer(&rpc)));
+            received.lock().expect("lock").push(rpc);
+            let bytes = crate::rpc::encode_response(&response).expect("encode");
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", bytes.len());
+            if stream.write_all(head.as_bytes()).await.is_err()
+                || stream.write_all(&bytes).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn log_id(index: u64) -> crate::LogId {
+        crate::LogId::new(openraft::CommittedLeaderId::new(2, 1), index)
+    }
+
+    /// An append of the leader of term 2 after entry `prev`, with entries up to `last`, committed to `commit`.
+    fn append(prev: u64, last: u64, commit: u64) -> AppendEntriesRequest<TypeConfig> {
+        let mut vote = crate::Vote::new(2, 1);
+        vote.commit();
+        AppendEntriesRequest {
+            vote,
+            prev_log_id: Some(log_id(prev)),
+            entries: (prev + 1..=last)
+                .map(|index| crate::Entry {
+                    log_id: log_id(index),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: Some(log_id(commit)),
+        }
+    }
+
+    async fn client_to(addr: &str) -> PeerClient {
+        let mut peers = BTreeMap::new();
+        peers.insert(2, addr.to_owned());
+        let transport = Transport::new(Arc::new(NodeAuth::new([1; 32], 1)), Arc::default(), peers);
+        let mut network = ShardNetwork {
+            shard: 0,
+            local: 1,
+            transport: Arc::new(transport),
+        };
+        network.new_client(2, &BasicNode::new(addr)).await
+    }
+
+    fn option() -> RPCOption {
+        RPCOption::new(Duration::from_secs(2))
+    }
+
+    /// What the peer received: (entries, commit index) of each append.
+    fn seen(
+        received: &std::sync::Mutex<Vec<AppendEntriesRequest<TypeConfig>>>,
+    ) -> Vec<(usize, u64)> {
+        received
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|rpc| {
+                (
+                    rpc.entries.len(),
+                    rpc.leader_commit.map_or(0, |id| id.index),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_commit_notice_is_answered_at_once_and_sent_later_unless_the_next_append_carries_it()
+     {
+        let (addr, received) = fake_peer(|_| AppendEntriesResponse::Success).await;
+        let mut client = client_to(&addr).await;
+
+        let answer = client.append_entries(append(4, 5, 4), option()).await;
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+        let answer = client.append_entries(append(5, 5, 5), option()).await;
+        assert!(
+            matches!(answer, Ok(AppendEntriesResponse::Success)),
+            "{answer:?}"
+        );
+        assert_eq!(seen(&received), [(1, 4)], "the notice is held");
+        client
+            .append_entries(append(5, 6, 5), option())
+            .await
+            .expect("append");
+        tokio::time::sleep(notices::HOLD * 5).await;
+        assert_eq!(
+            seen(&received),
+            [(1, 4), (1, 5)],
+            "the next append carried the notice's commit"
+        );
+
+        client
+            .append_entries(append(6, 6, 6), option())
+            .await
+            .expect("notice");
+        client
+            .append_entries(append(6, 6, 6), option())
+            .await
+            .expect("heartbeat");
+        assert_eq!(seen(&received), [(1, 4), (1, 5)]);
+        tokio::time::sleep(notices::HOLD * 5).await;
+        assert_eq!(
+            seen(&received),
+            [(1, 4), (1, 5), (0, 6)],
+            "nothing carried it: sent once, after HOLD"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_confirmation_sends_its_notice_before_it_answers() {
+        // openraft's read barrier asks each follower through a client made for that one call.
+        let (addr, received) = fake_peer(|_| AppendEntriesResponse::Success).await;
+        let mut client = client_to(&addr).await;
+        client
+            .append_entries(append(5, 5, 5), option())
+            .await
+            .expect("notice");
+        assert_eq!(seen(&received), [(0, 5)]);
+    }
+
+    #[tokio::test]
+    async fn a_held_notice_the_follower_refuses_sends_the_next_call_out_with_its_answer() {
+        let (addr, received) = fake_peer(|rpc| {
+            if rpc.entries.is_empty() {
+                AppendEntriesResponse::HigherVote(crate::Vote::new(3, 2))
+            } else {
+                AppendEntriesResponse::Success
+            }
+        })
+        .await;
+        let mut client = client_to(&addr).await;
+        client
+            .append_entries(append(4, 5, 4), option())
+            .await
+            .expect("append");
+        let held = client.append_entries(append(5, 5, 5), option()).await;
+        assert!(
+            matches!(held, Ok(AppendEntriesResponse::Success)),
+            "{held:?}"
+        );
+        tokio::time::sleep(notices::HOLD * 5).await;
+        assert_eq!(
+            seen(&received),
+            [(1, 4), (0, 5)],
+            "sent after HOLD, and refused"
+        );
+
+        let next = client.append_entries(append(5, 5, 5), option()).await;
+        assert!(
+            matches!(next, Ok(AppendEntriesResponse::HigherVote(_))),
+            "{next:?}"
+        );
+        assert_eq!(seen(&received), [(1, 4), (0, 5), (0, 5)]);
     }
 }
