@@ -6,7 +6,7 @@
 //! (or a test putting a proxy in between) decides how this node reaches the others. A replication
 //! stream's commit notices are held back when the follower already confirmed what they ask (`notices`).
 
-mod notices;
+pub(crate) mod notices;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -235,6 +235,8 @@ pub struct ShardNetwork {
     pub(crate) shard: u32,
     pub(crate) local: u64,
     pub(crate) transport: Arc<Transport>,
+    /// How long a commit notice is held (`notices::hold_for` the heartbeat).
+    pub(crate) hold: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
@@ -248,7 +250,7 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
             target,
             addr: self.transport.address_of(target, &node.addr),
             transport: self.transport.clone(),
-            notices: Arc::default(),
+            notices: Arc::new(tokio::sync::Mutex::new(Notices::new(self.hold))),
         }
     }
 }
@@ -393,7 +395,7 @@ fn is_success(answer: &Result<NodeResponse, TransportError>) -> bool {
     )
 }
 
-/// Sends the commit notice held for one follower of `shard` once it was held for [`notices::HOLD`]
+/// Sends the commit notice held for one follower of `shard` once it was held long enough
 /// (unless the stream's next call carried it first), and records the follower's answer.
 async fn send_held(
     transport: Arc<Transport>,
@@ -612,6 +614,7 @@ mod tests {
             shard: 0,
             local: 1,
             transport: Arc::new(transport),
+            hold: notices::HOLD,
         };
         network.new_client(2, &BasicNode::new(addr)).await
     }

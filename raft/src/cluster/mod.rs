@@ -369,6 +369,7 @@ impl Cluster {
                 shard,
                 local: config.node_id,
                 transport: transport.clone(),
+                hold: crate::network::notices::hold_for(config.heartbeat),
             };
             let raft = Raft::new(
                 config.node_id,

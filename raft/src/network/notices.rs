@@ -7,9 +7,10 @@
 //! the answer before it sends the next entries, and at load a notice is a third of the node calls. Such a
 //! notice asks the follower to confirm only what it confirmed last (the same leader's vote, the same last
 //! entry), so when it did, within [`FRESH`], the stream gets that answer back at once and the notice is
-//! held here; the stream's next call carries a newer commit index and replaces it, and a notice nothing
-//! replaced is sent [`HOLD`] after it was held. The follower therefore learns a commit with the next
-//! entries or at most [`HOLD`] later, and hears from its leader as often as before, [`HOLD`] late.
+//! held here; the stream's next call carries a newer commit index and replaces it, and what nothing
+//! replaced is sent [`HOLD`] (or one heartbeat, if shorter) after the first such notice was held, the
+//! latest notice then. So a follower learns a commit with the next entries or at most that much later,
+//! and hears from its leader as often as before.
 //!
 //! Nothing the leader decides rests on a held notice's answer:
 //! - A commit counts a follower only for entries it acknowledged; an append without entries moves nothing.
@@ -25,15 +26,23 @@ use openraft::raft::AppendEntriesRequest;
 
 use crate::{LogId, TypeConfig, Vote};
 
-/// How long a notice is held before it is sent if nothing replaced it.
+/// How long a notice is held before it is sent if nothing replaced it (less with a shorter heartbeat,
+/// [`hold_for`]).
 pub const HOLD: Duration = Duration::from_millis(10);
 /// How recent the follower's last confirmation must be for a notice to be answered from it.
 pub const FRESH: Duration = Duration::from_millis(250);
 
+/// How long notices are held with heartbeats every `heartbeat`: [`HOLD`], or one heartbeat when that is
+/// shorter, so a follower hears from its leader as often as it would without holding (its election
+/// timeout is at least three heartbeats).
+pub fn hold_for(heartbeat: Duration) -> Duration {
+    HOLD.min(heartbeat)
+}
+
 /// What one follower last confirmed to one shard's stream, the notice held back for it, and whether a
 /// task is due to send it.
-#[derive(Default)]
 pub struct Notices {
+    hold: Duration,
     confirmed: Option<Confirmed>,
     held: Option<Held>,
     scheduled: bool,
@@ -56,15 +65,25 @@ pub struct Held {
 /// What the task that sends held notices does next.
 #[derive(Debug, PartialEq)]
 pub enum Next {
-    /// Sleep this long: the held notice is younger than [`HOLD`].
+    /// Sleep this long: the held notice is younger than `hold`.
     Wait(Duration),
-    /// Send the notice: it was held for [`HOLD`].
+    /// Send the notice: it was held for `hold`.
     Send,
     /// Stop: nothing is held (the stream's next call carried it).
     Stop,
 }
 
 impl Notices {
+    /// Holds notices for `hold` ([`hold_for`]).
+    pub fn new(hold: Duration) -> Notices {
+        Notices {
+            hold,
+            confirmed: None,
+            held: None,
+            scheduled: false,
+        }
+    }
+
     /// Whether `rpc` asks the follower only what it confirmed within [`FRESH`] before `now`: no entries,
     /// the same vote, the same last entry.
     pub fn answers(&self, rpc: &AppendEntriesRequest<TypeConfig>, now: Instant) -> bool {
@@ -77,18 +96,17 @@ impl Notices {
     }
 
     /// Holds `rpc` (answered at once) in place of any notice held before, which it supersedes: a leader's
-    /// commit index never moves back. True when no task is due to send it yet: the caller starts one.
+    /// commit index never moves back. It goes out `hold` after the first notice nothing carried was held,
+    /// so notices that come faster than that (a short heartbeat) still reach the follower. True when no task
+    /// is due to send it yet: the caller starts one.
     pub fn hold(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         ttl: Duration,
         now: Instant,
     ) -> bool {
-        self.held = Some(Held {
-            rpc,
-            ttl,
-            since: now,
-        });
+        let since = self.held.as_ref().map_or(now, |held| held.since);
+        self.held = Some(Held { rpc, ttl, since });
         !std::mem::replace(&mut self.scheduled, true)
     }
 
@@ -104,7 +122,7 @@ impl Notices {
                 self.scheduled = false;
                 Next::Stop
             }
-            Some(held) if now < held.since + HOLD => Next::Wait(held.since + HOLD - now),
+            Some(held) if now < held.since + self.hold => Next::Wait(held.since + self.hold - now),
             Some(_) => Next::Send,
         }
     }
@@ -173,14 +191,14 @@ mod tests {
 
     #[test]
     fn a_client_that_has_no_confirmation_answers_nothing_itself() {
-        let notices = Notices::default();
+        let notices = Notices::new(HOLD);
         let now = Instant::now();
         assert!(!notices.answers(&append(leader(2), Some(log_id(2, 5)), &[], 5), now));
     }
 
     #[test]
     fn a_notice_is_answered_only_for_the_vote_and_last_entry_the_follower_confirmed() {
-        let mut notices = Notices::default();
+        let mut notices = Notices::new(HOLD);
         let now = Instant::now();
         let sent = append(leader(2), Some(log_id(2, 4)), &[log_id(2, 5)], 4);
         notices.answered(&sent.vote, last_of(&sent), true, now);
@@ -209,7 +227,7 @@ mod tests {
 
     #[test]
     fn an_answer_other_than_success_forgets_the_confirmation() {
-        let mut notices = Notices::default();
+        let mut notices = Notices::new(HOLD);
         let now = Instant::now();
         let notice = append(leader(2), Some(log_id(2, 5)), &[], 5);
         notices.answered(&notice.vote, last_of(&notice), true, now);
@@ -219,35 +237,64 @@ mod tests {
     }
 
     #[test]
-    fn a_held_notice_is_sent_hold_after_the_latest_was_held_unless_superseded() {
-        let mut notices = Notices::default();
+    fn a_held_notice_is_sent_hold_after_the_first_one_nothing_carried_unless_superseded() {
+        let mut notices = Notices::new(HOLD);
         let ttl = Duration::from_secs(1);
         let t0 = Instant::now();
         assert!(notices.hold(append(leader(2), Some(log_id(2, 5)), &[], 4), ttl, t0));
-        let t1 = t0 + HOLD / 2;
-        assert!(
-            !notices.hold(append(leader(2), Some(log_id(2, 5)), &[], 5), ttl, t1),
-            "a task is already due"
-        );
-        assert_eq!(
-            notices.next(t0 + HOLD),
-            Next::Wait(HOLD / 2),
-            "the newer one waits its own HOLD"
-        );
-        assert_eq!(notices.next(t1 + HOLD), Next::Send);
+        assert_eq!(notices.next(t0), Next::Wait(HOLD));
+        // Notices faster than HOLD (a short heartbeat) must not put the send off for ever.
+        for step in 1..5u32 {
+            let at = t0 + HOLD / 5 * step;
+            let commit = 4 + u64::from(step);
+            assert!(
+                !notices.hold(append(leader(2), Some(log_id(2, 5)), &[], commit), ttl, at),
+                "a task is already due"
+            );
+            assert_eq!(notices.next(at), Next::Wait(HOLD - HOLD / 5 * step));
+        }
+        assert_eq!(notices.next(t0 + HOLD), Next::Send);
         let held = notices.take().expect("held");
-        assert_eq!(held.rpc.leader_commit, Some(log_id(2, 5)));
+        assert_eq!(
+            held.rpc.leader_commit,
+            Some(log_id(2, 8)),
+            "the latest one goes out"
+        );
         assert!(notices.take().is_none());
 
+        let t1 = t0 + HOLD * 2;
         assert!(
-            notices.hold(append(leader(2), Some(log_id(2, 5)), &[], 6), ttl, t1),
+            notices.hold(append(leader(2), Some(log_id(2, 5)), &[], 9), ttl, t1),
             "a new task"
         );
         notices.supersede();
         assert_eq!(notices.next(t1 + HOLD), Next::Stop);
         assert!(
-            notices.hold(append(leader(2), Some(log_id(2, 5)), &[], 7), ttl, t1),
+            notices.hold(
+                append(leader(2), Some(log_id(2, 5)), &[], 10),
+                ttl,
+                t1 + HOLD
+            ),
             "the task stopped"
         );
+        assert_eq!(
+            notices.next(t1 + HOLD),
+            Next::Wait(HOLD),
+            "a new first notice"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_shorter_than_hold_is_held_one_heartbeat_at_most() {
+        assert_eq!(hold_for(Duration::from_millis(100)), HOLD);
+        assert_eq!(hold_for(Duration::from_millis(2)), Duration::from_millis(2));
+        let mut notices = Notices::new(hold_for(Duration::from_millis(2)));
+        let t0 = Instant::now();
+        notices.hold(
+            append(leader(2), Some(log_id(2, 5)), &[], 4),
+            Duration::from_secs(1),
+            t0,
+        );
+        assert_eq!(notices.next(t0 + Duration::from_millis(2)), Next::Send);
     }
 }
