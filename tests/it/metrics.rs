@@ -299,7 +299,16 @@ async fn metrics_describe_every_family_start_counters_at_zero_and_time_with_hist
 /// is served, and once the shop holds more than that the cache is full, holds no more, and evicts.
 #[tokio::test]
 async fn cache_mib_is_split_among_the_shards_and_bounds_what_each_shard_caches() {
-    let srv = Server::start_with(Opts::new().shards(2).env("SHOPKEEP_CACHE_MIB", "2")).await;
+    // Durable commits every 100 ms: what a commit wrote enters redb's read cache (what the gauge counts)
+    // when a durable commit flushes its write buffer, and a release build writes the users below in about
+    // a second, inside the default 2 s.
+    let srv = Server::start_with(
+        Opts::new()
+            .shards(2)
+            .env("SHOPKEEP_CACHE_MIB", "2")
+            .env("SHOPKEEP_DURABLE_EVERY", "100ms"),
+    )
+    .await;
     // 1,600 funded users: several MiB of rows (and their pages) in each shard file.
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..16 {
