@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use crate::config::{Config, Secrets};
 use crate::datadir;
 use crate::engine::webhooks::{self, worker::DeliveryConfig};
-use crate::engine::{Node, ShardFiles, sweeper};
+use crate::engine::{EngineError, Node, ShardFiles, sweeper};
 use crate::http::{self, auth::Authenticator, auth::TokenSigner};
 use crate::metrics::Metrics;
 use crate::secrets::{KeyPurpose, derive_key};
@@ -155,7 +155,7 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
     let node = Arc::new(Node::open(&config.data_dir, cluster_config, files).await?);
     if !clustered {
         // A single node leads every shard at once; check the catalog before serving.
-        let repaired = node.repair_catalog().await?;
+        let repaired = repair_catalog_at_start(&node).await?;
         if repaired > 0 {
             tracing::info!(repaired, "catalog copies brought up to date");
         }
@@ -223,11 +223,14 @@ pub async fn run(config: Config, secrets: Secrets) -> Result<(), StartError> {
         metrics,
         webhooks,
     );
+    // Registered before the address is announced: a SIGTERM sent as soon as it is (an orchestrator, a
+    // test restarting the node) stops the server gracefully instead of killing it by the default action.
+    let signal = shutdown_signal();
     tracing::info!(%address, shards = node.shard_count(), "serving");
     println!("shopkeep listening on http://{address}");
 
     let shutdown = async move {
-        shutdown_signal().await;
+        signal.await;
         let _ = stopping_tx.send(true);
     };
     http::listener::serve(listener, router, limits, shutdown, drain)
@@ -279,23 +282,53 @@ async fn stopped(mut stopping: watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stopping| *stopping).await;
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers for SIGTERM now (Ctrl-C once polled) and resolves when one arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    let terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let terminate = async move {
+            match terminate {
+                Some(mut signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate => {}
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
+    }
+}
+
+/// How long a single node's start keeps retrying its catalog check while its shards are unavailable.
+const CATALOG_CHECK_AT_START: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The catalog check before a single node serves. Its reads and writes have the request deadline, which
+/// a just-opened shard can miss (its leader not yet elected, a loaded machine, a short
+/// `--request-timeout`): an unavailable or overloaded shard, or a write whose outcome is unknown (the
+/// check's writes are idempotent), is retried for up to [`CATALOG_CHECK_AT_START`]; any other error stops
+/// the start.
+async fn repair_catalog_at_start(node: &Node) -> Result<usize, EngineError> {
+    let started = std::time::Instant::now();
+    loop {
+        match node.repair_catalog().await {
+            Err(
+                error @ (EngineError::Unavailable(_)
+                | EngineError::OutcomeUnknown { .. }
+                | EngineError::Overloaded { .. }),
+            ) if started.elapsed() < CATALOG_CHECK_AT_START => {
+                tracing::debug!(%error, "catalog check at start: retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
     }
 }

@@ -85,6 +85,33 @@ async fn full_shard_queue_answers_429_rate_limited_and_retries_charge_once() {
     srv.audit_ok().await;
 }
 
+/// A single node checks its catalog copies before it serves, with reads bound by the request deadline. A
+/// deadline a just-opened shard missed made the start fail ("cannot open the shards: unavailable: shard 0:
+/// no quorum confirmed the leader", once in CI under load); the check is retried instead. The restarts
+/// also send SIGTERM as soon as the address is announced, which killed the process by the default action
+/// (status 15) before its handler was registered. Both failed with three busy loops on the 2 cores.
+#[tokio::test]
+async fn a_single_node_starts_even_when_its_catalog_check_misses_a_short_request_timeout() {
+    let mut srv = Server::start_with(Opts::new().shards(8)).await;
+    srv.create_item("penny", "currency", "0.01").await;
+    srv.funded_user("early", "1.00").await;
+
+    srv.opts_mut()
+        .env
+        .push(("SHOPKEEP_REQUEST_TIMEOUT".into(), "1ms".into()));
+    // Eight shards to check, each a read barrier and a read within 1 ms.
+    for _ in 0..20 {
+        srv.restart().await;
+    }
+
+    srv.opts_mut()
+        .env
+        .retain(|(k, _)| k != "SHOPKEEP_REQUEST_TIMEOUT");
+    srv.restart().await;
+    assert_eq!(srv.wallet("early").await.balance, 100);
+    srv.audit_ok().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_timeout_answers_503_and_the_same_key_later_learns_the_one_outcome() {
     let mut srv = Server::start_with(Opts::new().shards(1)).await;
