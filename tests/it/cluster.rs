@@ -1459,6 +1459,47 @@ fn histogram_mean_since(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purchases_sent_together_share_entries_on_the_shards_leader_and_each_gets_its_own_order() {
+    let c = TestCluster::start(3).await;
+    let user = uniq("together");
+    c.api(1).create_item("gems", "currency", "1.00").await;
+    let (shard, _) = c.route(&user).await;
+    let leader = c.leader_of_shard(shard).await;
+    let api = c.api(leader);
+    api.create_user(&user).await;
+    api.credit(&user, "500.00").await;
+    let before = crate::metrics::scrape(&api.base).await;
+    let purchases = 200u32;
+    let mut buyers = tokio::task::JoinSet::new();
+    for _ in 0..purchases {
+        let (api, user) = (api.clone(), user.clone());
+        buyers.spawn(async move { api.order(&user, &[("gems", 1)], true).await });
+    }
+    let mut orders = std::collections::BTreeSet::new();
+    while let Some(order) = buyers.join_next().await {
+        let order = order.expect("a purchase");
+        orders.insert(order["order_id"].as_str().expect("order_id").to_owned());
+    }
+    assert_eq!(orders.len(), purchases as usize, "one order per purchase");
+    let after = crate::metrics::scrape(&api.base).await;
+    // One batch in flight on a shard with other members: what arrives meanwhile goes in the next entry.
+    let mean = histogram_mean_since(&before, &after, "shopkeep_raft_batch_commands")
+        .expect("the leader proposed batches");
+    assert!(
+        mean > 1.5,
+        "node {leader} proposed {mean:.2} commands per entry on average: concurrent purchases were not batched"
+    );
+    let want = Wallet {
+        balance: 30_000,
+        held: 0,
+        available: 30_000,
+    };
+    for node in c.ids() {
+        assert_eq!(c.node(node).wallet(&user).await, want, "node {node}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_applies_the_leaders_entries_in_groups_and_a_read_on_it_still_sees_every_write()
 {
     let c = TestCluster::start(3).await;

@@ -137,12 +137,11 @@ const MAX_ENTRIES_PER_APPEND: u64 = 64;
 #[allow(clippy::cast_possible_truncation)] // 64 fits every usize
 const MAX_ENTRIES_PER_APPEND_USIZE: usize = MAX_ENTRIES_PER_APPEND as usize;
 /// Batches of one shard a node has in flight at once when it is the shard's only member: while they are
-/// being committed, the next commands gather into the next batch. A shard with other members has one
-/// (a batch takes every slot): each entry then costs every follower two node calls (the append and
-/// openraft 0.9's commit notice) and an apply, so fewer, fuller entries are worth more than a second
-/// one in flight (3 nodes: +14–23 % purchases/s at 16 clients, +28–30 % at 64), where alone the second
-/// one is worth ~7–12 % at 1 client.
-const BATCHES_IN_FLIGHT: u32 = 2;
+/// being committed, the next commands gather into the next batch. A shard with other members has one:
+/// each entry then costs every follower an append and an apply, so fewer, fuller entries are worth more
+/// than a second one in flight (3 nodes: +14–23 % purchases/s at 16 clients, +28–30 % at 64), where
+/// alone the second one is worth ~7–12 % at 1 client.
+const BATCHES_IN_FLIGHT: usize = 2;
 const _: () =
     assert!(MAX_BATCH_BYTES * MAX_ENTRIES_PER_APPEND_USIZE * 2 <= crate::rpc::MAX_MESSAGE_BYTES);
 

@@ -6,8 +6,10 @@ use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     BATCHES_IN_FLIGHT, Cluster, ClusterError, MAX_BATCH_BYTES, NodeId, Waiting, fatal, logged,
@@ -315,24 +317,33 @@ impl Cluster {
     }
 }
 
-/// Gathers the commands waiting for `shard` into batches and proposes each as one entry, with at most
-/// `BATCHES_IN_FLIGHT` batches in flight. Stops when the cluster is gone.
+/// Gathers the commands waiting for `shard` into batches and proposes each as one entry: one batch in
+/// flight when the shard has other members (the next commands gather meanwhile), `BATCHES_IN_FLIGHT`
+/// when it has none. The batches in flight run inside this task, not in tasks of their own: without a
+/// task spawned per batch one node made 7–12 % more purchases/s at 16–256 clients (README, thirteenth
+/// session). Stops when the cluster is gone.
 pub(super) async fn run_batcher(
     cluster: Weak<Cluster>,
     shard: u32,
     mut queue: mpsc::Receiver<Waiting>,
 ) {
-    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT as usize));
+    let mut in_flight = FuturesUnordered::new();
     loop {
-        let slots = match cluster.upgrade() {
-            Some(cluster) if cluster.has_other_members(shard) => BATCHES_IN_FLIGHT,
-            Some(_) => 1,
+        let room = match cluster.upgrade() {
+            Some(cluster) if cluster.has_other_members(shard) => 1,
+            Some(_) => BATCHES_IN_FLIGHT,
             None => return,
         };
-        let Ok(permit) = in_flight.clone().acquire_many_owned(slots).await else {
-            return;
+        if in_flight.len() >= room {
+            in_flight.next().await;
+            continue;
+        }
+        let first = tokio::select! {
+            biased;
+            Some(()) = in_flight.next() => continue,
+            first = queue.recv() => first,
         };
-        let Some(first) = queue.recv().await else {
+        let Some(first) = first else {
             return;
         };
         let Some(cluster) = cluster.upgrade() else {
@@ -349,29 +360,28 @@ pub(super) async fn run_batcher(
                 Err(_) => break,
             }
         }
-        tokio::spawn(async move {
-            let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
-                batch.into_iter().map(|w| (w.command, w.reply)).unzip();
-            metrics::histogram!(crate::metrics::BATCH_COMMANDS).record(commands.len() as f64);
-            let started = Instant::now();
-            let written = cluster.write_batch(shard, &commands).await;
-            metrics::histogram!(crate::metrics::BATCH_SECONDS)
-                .record(started.elapsed().as_secs_f64());
-            // Free the slot before answering: the batcher's wake-up then does not displace the
-            // answered request's task from this worker's next-to-run slot.
-            drop(permit);
-            match written {
-                Ok(answers) => {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let _ = reply.send(Ok(answer));
-                    }
-                }
-                Err(error) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
+        in_flight.push(propose_batch(cluster, shard, batch));
+    }
+}
+
+/// Proposes one batch and answers each of its commands.
+async fn propose_batch(cluster: Arc<Cluster>, shard: u32, batch: Vec<Waiting>) {
+    let (commands, replies): (Vec<Vec<u8>>, Vec<_>) =
+        batch.into_iter().map(|w| (w.command, w.reply)).unzip();
+    metrics::histogram!(crate::metrics::BATCH_COMMANDS).record(commands.len() as f64);
+    let started = Instant::now();
+    let written = cluster.write_batch(shard, &commands).await;
+    metrics::histogram!(crate::metrics::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
+    match written {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
             }
-        });
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
     }
 }
