@@ -19,7 +19,9 @@ const IN_PROGRESS_RETRY: Duration = Duration::from_millis(20);
 const NEWCOMER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Cluster {
-    /// Applies a membership change to every shard, one shard at a time, on each shard's leader.
+    /// Applies a membership change to every shard, one shard at a time, on each shard's leader; then
+    /// waits until this node's replicas hold it too, so that what this node tells next (its cluster
+    /// view) shows the change.
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(), ClusterError> {
         let _serialised = self.membership_lock.lock().await;
         if let MembershipChange::AddLearner { node, addr } = &change {
@@ -41,7 +43,25 @@ impl Cluster {
             )
             .await?;
         }
+        if change
+            != (MembershipChange::Remove {
+                node: self.config.node_id,
+            })
+        {
+            self.hold_every_change().await;
+        }
         Ok(())
+    }
+
+    /// Waits until this node's replica of every shard holds what its leader committed. The change is
+    /// made either way: a shard that cannot confirm it in time is only logged (this node's view of it
+    /// then lags until its next append).
+    async fn hold_every_change(&self) {
+        for shard in 0..self.shard_count() {
+            if let Err(error) = self.read_barrier(shard).await {
+                tracing::warn!(shard, %error, "the membership change is made; this node does not hold it yet");
+            }
+        }
     }
 
     /// Refuses to add `node` when the node answering at `addr` is another one, or splits users over another
