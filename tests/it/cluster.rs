@@ -1466,8 +1466,7 @@ async fn purchases_sent_together_share_entries_on_the_shards_leader_and_each_get
     let (shard, _) = c.route(&user).await;
     let leader = c.leader_of_shard(shard).await;
     let api = c.api(leader);
-    api.create_user(&user).await;
-    api.credit(&user, "500.00").await;
+    api.funded_user(&user, "500.00").await;
     let before = crate::metrics::scrape(&api.base).await;
     let purchases = 200u32;
     let mut buyers = tokio::task::JoinSet::new();

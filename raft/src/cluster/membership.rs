@@ -43,11 +43,9 @@ impl Cluster {
             )
             .await?;
         }
-        if change
-            != (MembershipChange::Remove {
-                node: self.config.node_id,
-            })
-        {
+        let removed_itself =
+            matches!(change, MembershipChange::Remove { node } if node == self.config.node_id);
+        if !removed_itself {
             self.hold_every_change().await;
         }
         Ok(())
