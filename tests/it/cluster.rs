@@ -990,6 +990,35 @@ async fn node_traffic_without_the_cluster_secret_is_refused() {
 
 // ------------------------------------------------------------------------------------------------
 
+/// Poll the views of nodes 1–3 (≤ 10 s) until each shows `learner` as a learner of every shard and has
+/// applied as much of each shard as the others (so it knows the change committed: openraft refuses the next
+/// change while one is not); returns node 1's view.
+async fn wait_learner_everywhere(c: &TestCluster, learner: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut views = vec![];
+        for id in 1..=3 {
+            views.push(c.node(id).try_view().await.unwrap_or(Value::Null));
+        }
+        let applied = |v: &Value, shard| shard_view(v, shard)["applied_index"].as_u64();
+        let held = views.iter().all(|v| {
+            v.is_object()
+                && (0..c.opts.shards as u64).all(|shard| {
+                    ids_of(&shard_view(v, shard)["learners"]).contains(&learner)
+                        && applied(v, shard) == applied(&views[0], shard)
+                })
+        });
+        if held {
+            return views.swap_remove(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {learner} should be a learner of every shard on nodes 1-3: {views:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Poll the views of `ids` (≤ 10 s) until every shard has exactly `voters` and no learner on each of them.
 async fn wait_voters(c: &TestCluster, ids: &[u64], voters: &[u64]) {
     let shards = c.opts.shards as u64;
@@ -1120,6 +1149,76 @@ async fn membership_add_promote_remove() {
         assert_eq!(c.node(id).wallet(&user).await.balance, 1450, "node {id}");
     }
     c.wait_converged_among(&[2, 4], CONVERGE).await;
+}
+
+/// A membership change answers with the change in place on every shard, also on the shards other nodes lead
+/// while this node's replicas of them lag: their leaders commit the change with the other members, and the
+/// answer waits until this node holds it. (Regression: the answer was built from this node's replicas at
+/// once, so it could show such a shard without the change.) The election timeout is long enough that the
+/// lagging node does not stand while its links are cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_membership_change_answers_once_this_nodes_lagging_replicas_hold_it() {
+    const LAG: Duration = Duration::from_millis(1500);
+    let mut c = TestCluster::start_with(ClusterOpts {
+        election_timeout: "3s".into(),
+        ..ClusterOpts::new()
+    })
+    .await;
+    let n4 = c.start_extra_node().await;
+    let r = c
+        .api(1)
+        .call(Method::POST, "/v1/admin/cluster/nodes")
+        .auth(Auth::Admin)
+        .fresh_key()
+        .json(&json!({"node_id": n4, "address": c.node(n4).addr()}))
+        .send()
+        .await;
+    r.expect(200);
+    // Every node has applied the add before the links are cut.
+    let view = wait_learner_everywhere(&c, n4).await;
+    let led_by_others: Vec<u64> = (0..c.opts.shards as u64)
+        .filter(|&shard| shard_view(&view, shard)["leader"].as_u64() != Some(1))
+        .collect();
+    assert!(
+        !led_by_others.is_empty(),
+        "every shard is led by node 1: nothing would lag"
+    );
+
+    // Node 1's replicas of the shards nodes 2 and 3 lead get no appends; its own calls go on.
+    c.cut_link(2, 1);
+    c.cut_link(3, 1);
+    let api = c.api(1);
+    let promote = tokio::spawn(async move {
+        let answer = api
+            .call(
+                Method::POST,
+                &format!("/v1/admin/cluster/nodes/{n4}/promote"),
+            )
+            .auth(Auth::Admin)
+            .fresh_key()
+            .json(&json!({}))
+            .send()
+            .await;
+        (answer, Instant::now())
+    });
+    tokio::time::sleep(LAG).await;
+    let healed = Instant::now();
+    c.heal();
+    let (answer, answered) = promote.await.expect("the promote task");
+    let view = answer.expect(200);
+    for shard in 0..c.opts.shards as u64 {
+        let s = shard_view(&view, shard);
+        assert_eq!(
+            ids_of(&s["voters"]),
+            vec![1, 2, 3, n4],
+            "the answer shows shard {shard} (others lead {led_by_others:?}) without the change: {s}"
+        );
+        assert!(ids_of(&s["learners"]).is_empty(), "{s}");
+    }
+    assert!(
+        answered >= healed,
+        "node 1 answered while its replicas of {led_by_others:?} could not hold the change"
+    );
 }
 
 // ------------------------------------------------------------------------------------------------

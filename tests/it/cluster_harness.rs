@@ -862,6 +862,15 @@ impl TestCluster {
             .any(|(&(i, j), p)| (i == n || j == n) && p.is_cut())
     }
 
+    /// Cut the link node `from` calls node `to` over (its appends, votes and forwards to `to`, and their
+    /// answers); `to`'s calls to `from` go on.
+    pub fn cut_link(&self, from: u64, to: u64) {
+        self.proxies
+            .get(&(from, to))
+            .unwrap_or_else(|| panic!("no link {from}→{to}"))
+            .cut();
+    }
+
     /// Heal every link.
     pub fn heal(&self) {
         for p in self.proxies.values() {
