@@ -1067,15 +1067,7 @@ async fn membership_add_promote_remove() {
     );
 
     let t0 = Instant::now();
-    let r = c
-        .api(1)
-        .call(Method::POST, "/v1/admin/cluster/nodes")
-        .auth(Auth::Admin)
-        .fresh_key()
-        .json(&json!({"node_id": 4, "address": c.node(4).addr()}))
-        .send()
-        .await;
-    let view = r.expect(200);
+    let view = c.add_node(1, 4).await.expect(200);
     eprintln!("node 4 added in {} ms", t0.elapsed().as_millis());
     for shard in 0..c.opts.shards as u64 {
         let s = shard_view(&view, shard);
@@ -1165,15 +1157,7 @@ async fn a_membership_change_answers_once_this_nodes_lagging_replicas_hold_it() 
     })
     .await;
     let n4 = c.start_extra_node().await;
-    let r = c
-        .api(1)
-        .call(Method::POST, "/v1/admin/cluster/nodes")
-        .auth(Auth::Admin)
-        .fresh_key()
-        .json(&json!({"node_id": n4, "address": c.node(n4).addr()}))
-        .send()
-        .await;
-    r.expect(200);
+    c.add_node(1, n4).await.expect(200);
     // Every node has applied the add before the links are cut.
     let view = wait_learner_everywhere(&c, n4).await;
     let led_by_others: Vec<u64> = (0..c.opts.shards as u64)
@@ -1516,14 +1500,7 @@ async fn a_node_created_with_another_number_of_shards_is_refused_as_a_member_and
     c.opts.shards = 2;
     let n4 = c.start_extra_node().await;
     c.opts.shards = cluster_shards;
-    let refused = c
-        .api(1)
-        .call(Method::POST, "/v1/admin/cluster/nodes")
-        .auth(Auth::Admin)
-        .fresh_key()
-        .json(&json!({"node_id": n4, "address": c.node(n4).addr()}))
-        .send()
-        .await;
+    let refused = c.add_node(1, n4).await;
     let body = refused.expect_error(409, "invalid_state");
     let message = body["message"].as_str().unwrap_or_default();
     assert!(

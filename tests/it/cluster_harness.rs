@@ -783,6 +783,18 @@ impl TestCluster {
         id
     }
 
+    /// `POST /v1/admin/cluster/nodes` on node `via`, as the admin: add node `node` at its real address as a
+    /// learner of every shard. The answer is the test's to check.
+    pub async fn add_node(&self, via: u64, node: u64) -> Resp {
+        self.api(via)
+            .call(Method::POST, "/v1/admin/cluster/nodes")
+            .auth(Auth::Admin)
+            .fresh_key()
+            .json(&json!({"node_id": node, "address": self.node(node).addr()}))
+            .send()
+            .await
+    }
+
     pub fn ids(&self) -> Vec<u64> {
         self.nodes.keys().copied().collect()
     }
