@@ -21,6 +21,9 @@
 //!
 //! A corrupt snapshot is set aside and built again from the shard's state, on either.
 //!
+//! The shard files are verified several at a time, and so are the snapshots ([`verify_each`]): a
+//! start reads the whole data directory, and one file at a time it waited on the disk.
+//!
 //! One subtlety of redb's single-phase commits: a file whose newest commit does not verify (a torn
 //! write after a power loss, or a bit flipped in it later) falls back to the commit before. For a
 //! shard file that is crash recovery: the log re-applies what it lost. For the Raft log of a cluster
@@ -126,13 +129,19 @@ pub fn quarantine(data_dir: &Path, paths: &[PathBuf]) -> std::io::Result<PathBuf
     let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    // Created, not tested for: shards found corrupt together are set aside by several threads at once.
     let mut target = root.join(seconds.to_string());
     let mut n = 1;
-    while target.exists() {
-        target = root.join(format!("{seconds}-{n}"));
-        n += 1;
+    loop {
+        match std::fs::create_dir(&target) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                target = root.join(format!("{seconds}-{n}"));
+                n += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
-    std::fs::create_dir(&target)?;
     for path in paths {
         let Some(name) = path.file_name() else {
             continue;
@@ -147,6 +156,38 @@ pub fn quarantine(data_dir: &Path, paths: &[PathBuf]) -> std::io::Result<PathBuf
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(target)
+}
+
+/// How many files a start verifies at once. The integrity check reads a file's pages in tree order, one
+/// at a time: alone it leaves a virtual disk mostly idle (4 KiB random reads here: 46 MB/s one at a
+/// time, 156 MB/s eight at a time), and the page-cache case is bound by one core.
+pub const VERIFY_AT_ONCE: usize = 8;
+
+/// Runs `verify` on every item, at most [`VERIFY_AT_ONCE`] at a time on threads of their own, and
+/// returns the results in the items' order. A start's files are independent of each other, so their
+/// checks need not wait for one another.
+pub fn verify_each<T: Send, R: Send>(items: Vec<T>, verify: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let count = items.len();
+    let queue = std::sync::Mutex::new(items.into_iter().enumerate());
+    let results = std::sync::Mutex::new((0..count).map(|_| None).collect::<Vec<Option<R>>>());
+    std::thread::scope(|scope| {
+        for _ in 0..count.min(VERIFY_AT_ONCE) {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                    let Some((at, item)) = next else { break };
+                    let result = verify(item);
+                    results.lock().unwrap_or_else(|e| e.into_inner())[at] = Some(result);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|result| result.expect("every item was verified: a panic would have ended the scope"))
+        .collect()
 }
 
 /// What an operator of a single node does with a corrupt file.
@@ -223,6 +264,7 @@ pub fn verify_log(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
     use std::time::Instant;
 
     use redb::TableDefinition;
@@ -288,6 +330,63 @@ mod tests {
         assert!(moved.starts_with(dir.path().join(QUARANTINE_DIR)));
         assert_eq!(std::fs::read(moved.join("a.redb")).expect("moved"), b"a");
         assert!(!dir.path().join("a.redb").exists());
+    }
+
+    #[test]
+    fn files_quarantined_at_once_each_get_a_directory_of_their_own() {
+        const FILES: usize = 16;
+        let dir = tempfile::tempdir().expect("dir");
+        let paths: Vec<PathBuf> = (0..FILES)
+            .map(|n| dir.path().join(format!("shard-{n:03}.redb")))
+            .collect();
+        for path in &paths {
+            std::fs::write(path, b"x").expect("file");
+        }
+        let start = std::sync::Barrier::new(FILES);
+        let moved: Vec<PathBuf> = std::thread::scope(|scope| {
+            let threads: Vec<_> = paths
+                .iter()
+                .map(|path| {
+                    let (start, root) = (&start, dir.path());
+                    scope.spawn(move || {
+                        start.wait();
+                        quarantine(root, std::slice::from_ref(path))
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("thread").expect("quarantined"))
+                .collect()
+        });
+        let distinct: std::collections::BTreeSet<_> = moved.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            FILES,
+            "two files shared a directory: {moved:?}"
+        );
+        for (path, into) in paths.iter().zip(&moved) {
+            assert!(into.join(path.file_name().expect("name")).exists());
+        }
+    }
+
+    #[test]
+    fn verify_each_answers_in_the_items_order_and_runs_at_most_its_bound_at_once() {
+        let running = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        let items: Vec<u64> = (0..40).collect();
+        let results = verify_each(items, |n| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(5 + n % 3));
+            running.fetch_sub(1, Ordering::SeqCst);
+            n * 2
+        });
+        assert_eq!(results, (0..40).map(|n| n * 2).collect::<Vec<_>>());
+        let most = most.load(Ordering::SeqCst);
+        assert!(most > 1, "nothing ran at once");
+        assert!(most <= VERIFY_AT_ONCE, "{most} ran at once");
+        assert!(verify_each(Vec::<u64>::new(), |n| n).is_empty());
     }
 
     /// What the check costs at start: `cargo test -p shopkeep-raft --release integrity -- --ignored

@@ -196,15 +196,18 @@ impl Node {
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Corrupt(e.to_string()))?;
-        let mut stores = Vec::with_capacity(paths.len());
-        for (id, path) in (0u32..).zip(paths) {
-            let dir = data_dir.to_path_buf();
-            let store = tokio::task::spawn_blocking(move || {
+        let dir = data_dir.to_path_buf();
+        let opened = tokio::task::spawn_blocking(move || {
+            let shards = (0u32..).zip(paths).collect();
+            integrity::verify_each(shards, |(id, path)| {
                 open_shard(&dir, &path, id, clustered, shard_files)
             })
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))??;
-            stores.push(Arc::new(store));
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let mut stores = Vec::with_capacity(opened.len());
+        for store in opened {
+            stores.push(Arc::new(store?));
         }
         let applied = Arc::new(tokio::sync::watch::Sender::new(0));
         let shard_applied: Vec<_> = stores

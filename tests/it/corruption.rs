@@ -211,3 +211,46 @@ async fn a_member_sets_a_corrupt_snapshot_aside_and_builds_it_again() {
         tail(&logs, 30)
     );
 }
+
+/// A user whose rows live on `shard` of 2.
+fn user_on_shard(shard: u32) -> String {
+    loop {
+        let user = uniq("rot");
+        if shopkeep::engine::shard_of(&user, 2) == shard {
+            return user;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_sets_aside_every_corrupt_shard_file_it_verifies_at_once_and_rebuilds_each() {
+    let users = [user_on_shard(0), user_on_shard(1)];
+    let mut c =
+        TestCluster::start_with(ClusterOpts::new().nodes(3).shards(2).snapshot_every(10)).await;
+    let a1 = c.api(1);
+    for user in &users {
+        a1.funded_user(user, "10.00").await;
+        for _ in 0..20 {
+            a1.credit(user, "1.00").await;
+        }
+    }
+    c.wait_converged(CONVERGE).await;
+    c.node_mut(3).stop().await;
+    let dir = data_dir_of(&c, 3);
+    for (shard, user) in users.iter().enumerate() {
+        let file = dir.join(format!("shard-{shard:03}.redb"));
+        assert!(flip_every(&file, user.as_bytes()) > 0, "{user}'s rows");
+    }
+
+    c.restart(3).await;
+    c.wait_ready(&[3], READY_TIMEOUT).await;
+    c.wait_converged(CONVERGE).await;
+    for user in &users {
+        assert_eq!(c.node(3).local_wallet(user).await.balance, 3000);
+    }
+    assert_eq!(quarantined(&dir), ["shard-000.redb", "shard-001.redb"]);
+    let logs = c.logs(3);
+    for shard in ["shard-000.redb is corrupt", "shard-001.redb is corrupt"] {
+        assert!(logs.contains(shard), "{}", tail(&logs, 30));
+    }
+}

@@ -303,6 +303,24 @@ async fn reset_if_behind<S: ReplicatedState>(
     log_db.reset_shard(shard).await.map_err(|e| open_error(&e))
 }
 
+/// Each shard's state machine on its snapshot directory, the current snapshots verified several at a
+/// time (`integrity::verify_each`: each is read whole for its digest).
+async fn open_machines<S: ReplicatedState>(
+    shards: Vec<(Arc<S>, PathBuf)>,
+) -> Result<Vec<StateMachineStore<S>>, ClusterError> {
+    let opened = tokio::task::spawn_blocking(move || {
+        shopkeep_faults::integrity::verify_each(shards, |(state, snapshot_dir)| {
+            StateMachineStore::new(state, snapshot_dir)
+        })
+    })
+    .await
+    .map_err(|e| ClusterError::Open(e.to_string()))?;
+    opened
+        .into_iter()
+        .map(|machine| machine.map_err(|e| ClusterError::Open(format!("snapshot directory: {e}"))))
+        .collect()
+}
+
 impl Cluster {
     /// Opens the node's log, one Raft group per shard on `states` (index = shard), and the network.
     pub async fn open<S: ReplicatedState>(
@@ -333,21 +351,24 @@ impl Cluster {
         let quarantine_if_empty = config.peers.len() > 1 && !config.trust_empty_shards;
         let mut replicas = Vec::with_capacity(states.len());
         let mut queues = Vec::with_capacity(states.len());
+        let clustered = config.peers.len() > 1;
+        let mut shards = Vec::with_capacity(states.len());
         for (shard, state) in (0u32..).zip(states) {
             let snapshot_dir = config
                 .data_dir
                 .join(shopkeep_faults::integrity::SNAPSHOT_DIR)
                 .join(format!("shard-{shard:03}"));
-            let clustered = config.peers.len() > 1;
             reset_if_behind(&log_db, shard, &*state, &snapshot_dir, clustered).await?;
+            shards.push((state, snapshot_dir));
+        }
+        for (shard, machine) in (0u32..).zip(open_machines(shards).await?) {
             // the log is purged only up to what the state machine holds durably
             let gate = PurgeGate::new();
             let log = log_db
                 .shard(shard)
                 .map_err(|e| ClusterError::Open(e.to_string()))?
                 .with_purge_gate(gate.clone());
-            let mut machine = StateMachineStore::new(state, snapshot_dir)
-                .map_err(|e| ClusterError::Open(format!("snapshot directory: {e}")))?
+            let mut machine = machine
                 .with_purge_gate(gate)
                 .with_disk(health.clone(), log.clone())
                 .coalescing(config.node_id);
