@@ -465,10 +465,19 @@ impl<S: ReplicatedState> StateMachineStore<S> {
         Ok(cadence)
     }
 
-    /// Whether the current snapshot was corrupt when the shard opened (and was set aside): the owner
-    /// builds a new one before the shard's Raft starts, since a peer may need it.
-    pub fn lost_snapshot(&self) -> bool {
-        self.lost_snapshot
+    /// Whether the shard needs a snapshot before its Raft starts: its current one was corrupt when the
+    /// shard opened (and was set aside), or it has none while its log was purged (a directory restored
+    /// or loaded offline). A peer may need it, and openraft 0.9 would otherwise build it inside
+    /// `Raft::new`, one shard after another.
+    pub fn needs_snapshot_at_start(&self, log_purged: bool) -> std::io::Result<bool> {
+        Ok(self.lost_snapshot || (log_purged && self.snapshots.current()?.is_none()))
+    }
+
+    /// Builds the snapshot [`Self::needs_snapshot_at_start`] asked for, not waiting for the process's
+    /// turn: nothing is served before the shards start, so their builds may run side by side.
+    pub async fn build_snapshot_at_start(&mut self) -> Result<(), StorageError> {
+        use openraft::storage::RaftStateMachine;
+        self.get_snapshot_builder().await.build().await.map(drop)
     }
 
     /// Reports a full disk to `health`, and re-applies from `log` what a full disk rolled back.
@@ -797,6 +806,13 @@ impl<S: ReplicatedState> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<S> 
         // One build at a time in this process (see `background`): the shards reach their snapshot
         // points together, and each build is the whole shard.
         let _turn = take_turn().await.map_err(snapshot_error)?;
+        self.build().await
+    }
+}
+
+impl<S: ReplicatedState> SnapshotBuilder<S> {
+    /// Exports the state and writes it as the current snapshot, whoever else is building.
+    async fn build(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let path = self.snapshots.building_path();
         let mut backoff = Backoff::new();
         let (meta, file) = loop {

@@ -162,6 +162,14 @@ async fn a_backup_taken_under_load_restores_into_a_node_holding_every_order_ackn
     .await;
     let copy_api = copy.api();
     copy_api.audit_ok().await;
+    // The restored log starts past the state it seeds: each shard built its snapshot before serving,
+    // since a member joining later would need it.
+    for shard in 0..8 {
+        let snapshot = copy
+            .data_dir()
+            .join(format!("snapshots/shard-{shard:03}/current.snap"));
+        assert!(snapshot.exists(), "no {}", snapshot.display());
+    }
     // Raft's terms never go back: the restored shards stand after the backup's last term.
     for (shard, (was, now)) in terms_before.iter().zip(terms(&copy_api).await).enumerate() {
         assert!(

@@ -303,6 +303,46 @@ async fn reset_if_behind<S: ReplicatedState>(
     log_db.reset_shard(shard).await.map_err(|e| open_error(&e))
 }
 
+/// How many shards build their missing snapshots at once at start (`build_missing_snapshots`).
+const START_BUILDS_AT_ONCE: usize = 4;
+
+/// Builds, before any shard's Raft starts, the snapshots the shards need then
+/// (`StateMachineStore::needs_snapshot_at_start`), up to [`START_BUILDS_AT_ONCE`] side by side. Each is
+/// an export of the whole shard: one after another, a restored 10M-order node spent a minute on them.
+async fn build_missing_snapshots<S: ReplicatedState, L, C>(
+    log_db: &LogDb,
+    prepared: &mut [(StateMachineStore<S>, L, C)],
+) -> Result<(), ClusterError> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let mut missing = Vec::new();
+    for (shard, (machine, _, _)) in (0u32..).zip(prepared.iter_mut()) {
+        let open_error =
+            |e: &dyn std::fmt::Display| ClusterError::Open(format!("shard {shard}: snapshot: {e}"));
+        let purged = log_db
+            .last_purged(shard)
+            .map_err(|e| open_error(&e))?
+            .is_some();
+        if machine
+            .needs_snapshot_at_start(purged)
+            .map_err(|e| open_error(&e))?
+        {
+            tracing::info!(shard, "building the shard's snapshot before it starts");
+            missing.push((shard, machine));
+        }
+    }
+    futures_util::stream::iter(missing)
+        .map(|(shard, machine)| async move {
+            machine
+                .build_snapshot_at_start()
+                .await
+                .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))
+        })
+        .buffer_unordered(START_BUILDS_AT_ONCE)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(drop)
+}
+
 /// Each shard's state machine on its snapshot directory, the current snapshots verified several at a
 /// time (`integrity::verify_each`: each is read whole for its digest).
 async fn open_machines<S: ReplicatedState>(
@@ -361,6 +401,7 @@ impl Cluster {
             reset_if_behind(&log_db, shard, &*state, &snapshot_dir, clustered).await?;
             shards.push((state, snapshot_dir));
         }
+        let mut prepared = Vec::with_capacity(shards.len());
         for (shard, machine) in (0u32..).zip(open_machines(shards).await?) {
             // the log is purged only up to what the state machine holds durably
             let gate = PurgeGate::new();
@@ -375,16 +416,11 @@ impl Cluster {
             let cadence = machine
                 .snapshot_cadence(config.snapshot_every, config.snapshot_log_percent)
                 .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))?;
+            prepared.push((machine, log, cadence));
+        }
+        build_missing_snapshots(&log_db, &mut prepared).await?;
+        for (shard, (machine, log, cadence)) in (0u32..).zip(prepared) {
             let applied = machine.applied_index();
-            if machine.lost_snapshot() {
-                use openraft::{RaftSnapshotBuilder, storage::RaftStateMachine};
-                machine
-                    .get_snapshot_builder()
-                    .await
-                    .build_snapshot()
-                    .await
-                    .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))?;
-            }
             let network = ShardNetwork {
                 shard,
                 local: config.node_id,
