@@ -343,3 +343,14 @@ async fn a_killed_member_is_reported_once_by_each_survivor_and_again_when_it_ret
         }
     }
 }
+
+#[tokio::test]
+async fn a_single_node_restarted_on_its_data_logs_no_error() {
+    let mut srv = Server::start_with(Opts::new().shards(4)).await;
+    srv.funded_user(&uniq("calm"), "1.00").await;
+    srv.restart().await;
+    srv.api().get("/readyz", Auth::None).await.expect(200);
+    let logs = srv.logs();
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}

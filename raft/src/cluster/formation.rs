@@ -149,6 +149,11 @@ impl Cluster {
         members: BTreeMap<NodeId, String>,
     ) -> Result<(), Refusal> {
         let replica = self.replica(shard)?;
+        // Asked of an initialised shard (every restart of a single node), openraft refuses and logs
+        // the refusal at ERROR: an operator would read a fault into every restart.
+        if replica.raft.is_initialized().await.map_err(fatal)? {
+            return Ok(());
+        }
         let nodes: BTreeMap<NodeId, BasicNode> = members
             .into_iter()
             .map(|(id, addr)| (id, BasicNode::new(addr)))
