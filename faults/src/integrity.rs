@@ -163,24 +163,34 @@ pub fn quarantine(data_dir: &Path, paths: &[PathBuf]) -> std::io::Result<PathBuf
 /// time, 156 MB/s eight at a time), and the page-cache case is bound by one core.
 pub const VERIFY_AT_ONCE: usize = 8;
 
-/// Runs `verify` on every item, at most [`VERIFY_AT_ONCE`] at a time on threads of their own, and
-/// returns the results in the items' order. A start's files are independent of each other, so their
-/// checks need not wait for one another.
+/// Runs `verify` on every item, at most [`VERIFY_AT_ONCE`] at a time on threads of their own (named
+/// `verify-files`), and returns the results in the items' order. A start's files are independent of
+/// each other, so their checks need not wait for one another. Threads the system refuses are done
+/// without: the calling thread verifies what is left.
 pub fn verify_each<T: Send, R: Send>(items: Vec<T>, verify: impl Fn(T) -> R + Sync) -> Vec<R> {
     let count = items.len();
     let queue = std::sync::Mutex::new(items.into_iter().enumerate());
     let results = std::sync::Mutex::new((0..count).map(|_| None).collect::<Vec<Option<R>>>());
-    std::thread::scope(|scope| {
-        for _ in 0..count.min(VERIFY_AT_ONCE) {
-            scope.spawn(|| {
-                loop {
-                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
-                    let Some((at, item)) = next else { break };
-                    let result = verify(item);
-                    results.lock().unwrap_or_else(|e| e.into_inner())[at] = Some(result);
-                }
-            });
+    let work = || {
+        loop {
+            let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+            let Some((at, item)) = next else { break };
+            let result = verify(item);
+            results.lock().unwrap_or_else(|e| e.into_inner())[at] = Some(result);
         }
+    };
+    std::thread::scope(|scope| {
+        // The calling thread is one of them.
+        for _ in 1..count.min(VERIFY_AT_ONCE) {
+            let spawned = std::thread::Builder::new()
+                .name("verify-files".into())
+                .spawn_scoped(scope, work);
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "could not start a thread to verify files");
+                break;
+            }
+        }
+        work();
     });
     results
         .into_inner()
