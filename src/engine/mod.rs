@@ -205,10 +205,10 @@ impl Node {
         })
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let mut stores = Vec::with_capacity(opened.len());
-        for store in opened {
-            stores.push(Arc::new(store?));
-        }
+        let stores = opened
+            .into_iter()
+            .map(|store| store.map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
         let applied = Arc::new(tokio::sync::watch::Sender::new(0));
         let shard_applied: Vec<_> = stores
             .iter()

@@ -309,22 +309,20 @@ const START_BUILDS_AT_ONCE: usize = 4;
 /// Builds, before any shard's Raft starts, the snapshots the shards need then
 /// (`StateMachineStore::needs_snapshot_at_start`), up to [`START_BUILDS_AT_ONCE`] side by side. Each is
 /// an export of the whole shard: one after another, a restored 10M-order node spent a minute on them.
-async fn build_missing_snapshots<S: ReplicatedState, L, C>(
+async fn build_missing_snapshots<'m, S: ReplicatedState>(
     log_db: &LogDb,
-    prepared: &mut [(StateMachineStore<S>, L, C)],
+    machines: impl Iterator<Item = &'m mut StateMachineStore<S>>,
 ) -> Result<(), ClusterError> {
     use futures_util::{StreamExt, TryStreamExt};
     let mut missing = Vec::new();
-    for (shard, (machine, _, _)) in (0u32..).zip(prepared.iter_mut()) {
-        let open_error =
-            |e: &dyn std::fmt::Display| ClusterError::Open(format!("shard {shard}: snapshot: {e}"));
+    for (shard, machine) in (0u32..).zip(machines) {
         let purged = log_db
             .last_purged(shard)
-            .map_err(|e| open_error(&e))?
+            .map_err(|e| snapshot_open_error(shard, e))?
             .is_some();
         if machine
             .needs_snapshot_at_start(purged)
-            .map_err(|e| open_error(&e))?
+            .map_err(|e| snapshot_open_error(shard, e))?
         {
             tracing::info!(shard, "building the shard's snapshot before it starts");
             missing.push((shard, machine));
@@ -335,12 +333,17 @@ async fn build_missing_snapshots<S: ReplicatedState, L, C>(
             machine
                 .build_snapshot_at_start()
                 .await
-                .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))
+                .map_err(|e| snapshot_open_error(shard, e))
         })
         .buffer_unordered(START_BUILDS_AT_ONCE)
         .try_collect::<Vec<()>>()
         .await
         .map(drop)
+}
+
+/// A start refused because of `shard`'s snapshot.
+fn snapshot_open_error(shard: u32, error: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Open(format!("shard {shard}: snapshot: {error}"))
 }
 
 /// Each shard's state machine on its snapshot directory, the current snapshots verified several at a
@@ -415,10 +418,10 @@ impl Cluster {
                 .coalescing(config.node_id);
             let cadence = machine
                 .snapshot_cadence(config.snapshot_every, config.snapshot_log_percent)
-                .map_err(|e| ClusterError::Open(format!("shard {shard}: snapshot: {e}")))?;
+                .map_err(|e| snapshot_open_error(shard, e))?;
             prepared.push((machine, log, cadence));
         }
-        build_missing_snapshots(&log_db, &mut prepared).await?;
+        build_missing_snapshots(&log_db, prepared.iter_mut().map(|(machine, ..)| machine)).await?;
         for (shard, (machine, log, cadence)) in (0u32..).zip(prepared) {
             let applied = machine.applied_index();
             let network = ShardNetwork {
