@@ -130,6 +130,16 @@ async fn cluster_with_node_3_stopped(user: &str) -> TestCluster {
         a1.credit(user, "1.00").await;
     }
     c.wait_converged(CONVERGE).await;
+    // Each member builds its snapshots in the background: node 3's may still be on its way.
+    let snapshot = data_dir_of(&c, 3).join("snapshots/shard-000/current.snap");
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while !snapshot.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 3 built no snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     c.node_mut(3).stop().await;
     c
 }
