@@ -7,7 +7,8 @@
 //! once, `20%return` on one hit in five): at start through the `FAILPOINTS` environment variable
 //! (`name=action;name=action`), at run time through `PUT /_node/v1/failpoints/{name}`.
 
-/// The state machine committed the transaction of a batch; its replies are not sent yet.
+/// The state machine applied a batch into its write transaction, and committed that transaction if
+/// its commit was due (a shard holds it open for a few batches); the batch's replies are not sent yet.
 pub const AFTER_APPLY_COMMIT: &str = "crash-after-apply-commit";
 /// An append to the Raft log is durable; openraft has not been told yet, so nothing of it is
 /// acknowledged to the leader or applied.

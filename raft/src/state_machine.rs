@@ -2,7 +2,8 @@
 //! the adapter that plugs it into openraft, with the shard's snapshot files.
 //!
 //! Durability argument (openraft asks that `applied_state` never reports effects that a crash can lose):
-//! the application may commit an apply batch non-durably, because
+//! the application may commit an apply batch non-durably, or leave it uncommitted in a transaction it
+//! holds open for the next batches as long as its own reads see it, because
 //! 1. every applied entry is first durable in the Raft log on a majority (openraft applies only committed
 //!    entries, and our log reports an append only after its fsync);
 //! 2. the marker (last applied log id + membership) is written in the same transaction as the effects,

@@ -3,7 +3,8 @@
 //!
 //! Every replica runs this on the same log, so everything here must be deterministic, failures included:
 //! a command that cannot be decoded, or whose `apply` panics (a bug), becomes a no-op with an error reply
-//! on every replica alike, and the rest of its batch is still applied, in the same one transaction.
+//! on every replica alike, and the rest of its batch is still applied (`state::held` rebuilds the
+//! transaction the panic tore).
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
@@ -90,8 +91,9 @@ impl ReplicatedState for ShardMachine {
             .zip(&decoded)
             .map(|(item, envelope)| (item.index, envelope.as_ref().and_then(|e| e.as_ref().ok())))
             .collect();
-        // A command that panics (a bug) is skipped on every replica alike: the transaction is dropped,
-        // so nothing of the batch was written, and the batch is applied again without the culprit.
+        // A command that panics (a bug) is skipped on every replica alike: the store drops the
+        // transaction it tore and rebuilds it from the batches before this one, so nothing of this batch
+        // was written, and the batch is applied again without the culprit.
         let mut skip = BTreeSet::new();
         let applied = loop {
             let progress = Cell::new(0);

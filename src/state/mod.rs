@@ -1,10 +1,11 @@
 //! The state machine of one shard: its redb file, `apply` and the read queries.
 //!
 //! `ShardStore::apply_entries` is the only way state changes: it applies a batch of committed log
-//! entries, in order, in ONE redb write transaction that also records the position of the last one
-//! (`last_applied`) and the replication layer's marker. Either the whole batch is in the file or none
-//! of it, so a crash can never leave "debited but not granted", and on restart the shard resumes
-//! exactly after `last_applied`. Snapshots (`snapshot`) export and import the whole file's tables.
+//! entries, in order, in one redb write transaction that also records the position of the last one
+//! (`last_applied`) and the replication layer's marker. That transaction is held open for the next few
+//! batches (`held`), and committed before anything else reads or writes the file. Either a whole batch
+//! is in the file or none of it, so a crash can never leave "debited but not granted", and on restart
+//! the shard resumes exactly after `last_applied`. Snapshots (`snapshot`) export and import the whole file's tables.
 //!
 //! A full disk: a write refused for want of space leaves redb's `Database` unusable (`PreviousIo`), so
 //! the store closes it and reopens the file at the next use; the file then holds its last durable
@@ -15,6 +16,7 @@
 
 pub mod apply;
 pub mod audit;
+mod held;
 pub mod query;
 pub mod snapshot;
 pub mod tables;
@@ -36,6 +38,9 @@ use shopkeep_faults::{disk, failpoints, integrity};
 use crate::domain::{Envelope, Fingerprint, Outcome, Timestamp};
 
 pub use apply::Applied;
+pub use held::{HOLD_COMMANDS, HOLD_FOR};
+
+use held::Held;
 
 /// Storage failures. Any of them aborts the whole batch; nothing is half-applied.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +218,20 @@ pub struct ShardStore {
     cache_bytes: usize,
     /// When the file system's free space was last looked at, and whether it was near full then.
     space_seen: Mutex<(Option<Instant>, bool)>,
+    /// The apply's write transaction while it is held open between batches (`held`). Locked by every
+    /// apply, and by every other read or write of the file for as long as it takes to commit it.
+    held: Mutex<Option<Held>>,
+}
+
+impl Drop for ShardStore {
+    /// Commits what is held, so that closing the file makes it durable, as redb does with every
+    /// non-durable commit at a clean close. A failure loses nothing the log does not hold: the next start
+    /// re-applies it.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = self.flush_held();
+        }
+    }
 }
 
 /// Below this many times the log's reserve (`shopkeep_faults::disk::reserve`) of free space, every
@@ -224,6 +243,35 @@ pub const NEAR_FULL_RESERVES: u64 = 4;
 
 /// How often an apply looks at the file system's free space (one `statvfs`).
 const SPACE_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// Applies `entries` into `txn` with `marker`, skipping the positions in `skip` (see
+/// `ShardStore::apply_entries_except`).
+fn apply_into(
+    txn: &redb::WriteTransaction,
+    entries: &[(u64, Option<&Envelope>)],
+    marker: &[u8],
+    skip: &BTreeSet<usize>,
+    progress: &Cell<usize>,
+) -> Result<Vec<Option<Applied>>, StoreError> {
+    let mut applier = apply::Applier::open(txn)?;
+    let mut results = Vec::with_capacity(entries.len());
+    for (position, (index, envelope)) in entries.iter().enumerate() {
+        progress.set(position);
+        match envelope {
+            Some(envelope) if !skip.contains(&position) => {
+                results.push(Some(applier.apply_envelope(*index, envelope)?));
+            }
+            _ => {
+                applier.advance(*index);
+                results.push(None);
+            }
+        }
+    }
+    progress.set(entries.len());
+    applier.set_marker(marker)?;
+    applier.finish()?;
+    Ok(results)
+}
 
 fn open_database_with_cache(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     let mut builder = Database::builder();
@@ -290,6 +338,7 @@ impl ShardStore {
             durable_commits: AtomicU64::new(0),
             cache_bytes,
             space_seen: Mutex::new((None, false)),
+            held: Mutex::new(None),
         };
         let mut txn = store.begin_write()?;
         txn.set_durability(Durability::Immediate)
@@ -373,6 +422,8 @@ impl ShardStore {
         if let Err(error) = &result {
             if error.is_disk_full() {
                 self.behind.store(true, Ordering::Release);
+                // The held transaction (if any) is lost with the database it belongs to.
+                self.lock_held().take();
                 *self.db.write().unwrap_or_else(|p| p.into_inner()) = None;
             }
         }
@@ -384,10 +435,10 @@ impl ShardStore {
         self.behind.store(false, Ordering::Release);
     }
 
-    /// Applies committed commands in order in ONE write transaction that also stores `marker`. Each
-    /// carries the index of its log entry (the commands of one entry share it); an item without an
-    /// envelope (a new leader's blank entry, a membership change) only advances `last_applied`; its
-    /// result is `None`.
+    /// Applies committed commands in order in one write transaction that also stores `marker`, held
+    /// open for the next batches (`held`). Each carries the index of its log entry (the commands of one
+    /// entry share it); an item without an envelope (a new leader's blank entry, a membership change)
+    /// only advances `last_applied`; its result is `None`.
     ///
     /// The commit is durable (fsync) only when the last durable one is older than `durable_every`:
     /// every entry is durable in the Raft log before it is applied, and the marker rolls back with the
@@ -459,40 +510,106 @@ impl ShardStore {
         progress: &Cell<usize>,
     ) -> Result<Vec<Option<Applied>>, StoreError> {
         let durable = self.durable_commit_due(Duration::ZERO);
-        let mut txn = self.begin_write()?;
-        txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(|e| StoreError::Redb(e.into()))?;
-        let applied = {
-            let mut applier = apply::Applier::open(&txn)?;
-            let mut results = Vec::with_capacity(entries.len());
-            for (position, (index, envelope)) in entries.iter().enumerate() {
-                progress.set(position);
-                match envelope {
-                    Some(envelope) if !skip.contains(&position) => {
-                        results.push(Some(applier.apply_envelope(*index, envelope)?));
-                    }
-                    _ => {
-                        applier.advance(*index);
-                        results.push(None);
-                    }
-                }
-            }
-            progress.set(entries.len());
-            applier.set_marker(marker)?;
-            applier.finish()?;
-            results
+        let mut slot = self.lock_held();
+        let held = match slot.take() {
+            Some(torn) if torn.applying => self.rebuilt(torn)?,
+            Some(held) => held,
+            None => Held::new(self.db()?.begin_write()?),
         };
-        txn.commit()?;
+        let held = slot.insert(held);
+        held.applying = true;
+        let applied = match apply_into(&held.txn, entries, marker, skip, progress) {
+            Ok(applied) => applied,
+            Err(error) => {
+                self.discard(&mut slot);
+                return Err(error);
+            }
+        };
+        held.applied(entries, marker, skip);
+        if durable || held.due() {
+            self.commit_held(&mut slot, durable)?;
+        }
         failpoints::crash_point(failpoints::AFTER_APPLY_COMMIT);
+        Ok(applied)
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        // A panic inside a command leaves the lock poisoned and `Held::applying` set: that is handled.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new transaction holding again what `torn` held (a batch panicked half-way in it); on failure
+    /// those batches are lost, so reads are refused until an apply succeeds.
+    fn rebuilt(&self, torn: Held) -> Result<Held, StoreError> {
+        let (batches, began) = torn.into_batches();
+        let rebuild = || -> Result<redb::WriteTransaction, StoreError> {
+            let txn = self.db()?.begin_write()?;
+            for batch in &batches {
+                apply_into(
+                    &txn,
+                    &batch.borrowed(),
+                    &batch.marker,
+                    &batch.skip,
+                    &Cell::new(0),
+                )?;
+            }
+            Ok(txn)
+        };
+        match rebuild() {
+            Ok(txn) => Ok(Held::rebuilt(txn, batches, began)),
+            Err(error) => {
+                if !batches.is_empty() {
+                    self.behind.store(true, Ordering::Release);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Drops the held transaction after a failed write: what it held is lost, so reads are refused until
+    /// an apply succeeds (after a full disk, the replication layer re-applies it from the log).
+    fn discard(&self, slot: &mut Option<Held>) {
+        if slot.take().is_some_and(|held| !held.is_empty()) {
+            self.behind.store(true, Ordering::Release);
+        }
+    }
+
+    /// Commits the held transaction, if any (durably when `durable`).
+    fn commit_held(&self, slot: &mut Option<Held>, durable: bool) -> Result<(), StoreError> {
+        let Some(held) = slot.take() else {
+            return Ok(());
+        };
+        let held = if held.applying {
+            self.rebuilt(held)?
+        } else {
+            held
+        };
+        let answered = !held.is_empty();
+        let mut txn = held.txn;
+        let committed = txn
+            .set_durability(if durable {
+                Durability::Immediate
+            } else {
+                Durability::None
+            })
+            .map_err(|e| StoreError::Redb(e.into()))
+            .and_then(|()| Ok(txn.commit()?));
+        if let Err(error) = committed {
+            if answered {
+                self.behind.store(true, Ordering::Release);
+            }
+            return Err(error);
+        }
         if durable {
             *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             self.durable_commits.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(applied)
+        Ok(())
+    }
+
+    /// Commits the held transaction, if any, so that what the file holds is everything applied.
+    fn flush_held(&self) -> Result<(), StoreError> {
+        self.commit_held(&mut self.lock_held(), false)
     }
 
     /// Applies `batch` at the positions after `last_applied`, with no marker (tests and tools).
@@ -509,6 +626,7 @@ impl ShardStore {
     /// The replication marker stored by the last apply or import (read even while the state is
     /// behind: it says how far behind).
     pub fn marker(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.checked(self.flush_held())?;
         let txn = self.checked(self.db().and_then(|db| Ok(db.begin_read()?)))?;
         self.checked(query::marker(&txn))
     }
@@ -532,10 +650,17 @@ impl ShardStore {
         if self.behind.load(Ordering::Acquire) {
             return Err(self.disk_full("the shard is catching up"));
         }
+        self.checked(self.flush_held())?;
         self.checked(self.db().and_then(|db| Ok(db.begin_read()?)))
     }
 
+    /// A write transaction of the file, after the held one (if any) is committed.
     pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
-        self.checked(self.db().and_then(|db| Ok(db.begin_write()?)))
+        let mut slot = self.lock_held();
+        let began = self
+            .commit_held(&mut slot, false)
+            .and_then(|()| Ok(self.db()?.begin_write()?));
+        drop(slot);
+        self.checked(began)
     }
 }

@@ -408,3 +408,54 @@ async fn concurrent_pending_orders_respect_the_pending_limit() {
     assert_eq!(srv.wallet("pl").await.held, 500);
     assert_eq!(srv.all_orders("pl", "status=PENDING").await.len(), 5);
 }
+
+/// An answered write is found by the next request, whatever else is in flight: each of 16 clients creates
+/// users and, at once, credits and reads each one three times (the credit reads the user first: four
+/// reads race).
+/// A shard answers a batch before it commits the transaction holding it (`state::held`), and every read
+/// commits that transaction first: two readers at once must both find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_created_user_is_found_at_once_while_sixteen_clients_write() {
+    let srv = Server::start().await;
+    let api = srv.api();
+    let tasks: Vec<_> = (0..16)
+        .map(|client| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let mut missed = Vec::new();
+                for i in 0..64 {
+                    let user = format!("seen-{client}-{i}");
+                    api.create_user(&user).await;
+                    let body = json!({"amount": "1.00", "external_ref": format!("seen-{user}")});
+                    let credits = format!("/v1/users/{user}/credits");
+                    let (user_path, wallet_path) = (
+                        format!("/v1/users/{user}"),
+                        format!("/v1/users/{user}/wallet"),
+                    );
+                    let (credit, read, wallet, again) = tokio::join!(
+                        api.post(&credits, Auth::Service, &body),
+                        api.get(&user_path, Auth::Service),
+                        api.get(&wallet_path, Auth::Service),
+                        api.get(&user_path, Auth::Service),
+                    );
+                    let statuses = [credit.status, read.status, wallet.status, again.status];
+                    if statuses != [201, 200, 200, 200] {
+                        missed.push((user, statuses));
+                    }
+                }
+                missed
+            })
+        })
+        .collect();
+    let mut missed = Vec::new();
+    for task in tasks {
+        missed.extend(task.await.expect("a client task panicked"));
+    }
+    assert!(
+        missed.is_empty(),
+        "{} of 1,024 users not found right after their creation (user, [credit, user, wallet, user]): {:?}",
+        missed.len(),
+        &missed[..missed.len().min(5)]
+    );
+    srv.audit_ok().await;
+}

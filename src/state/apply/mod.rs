@@ -39,6 +39,8 @@ mod refunds;
 mod reversals;
 mod sweep;
 mod users;
+#[cfg(test)]
+pub(crate) use users::PANICS_AFTER_WRITING;
 mod webhooks;
 
 use redb::{Table, WriteTransaction};

@@ -8,6 +8,10 @@ use crate::domain::command;
 use crate::domain::{EventData, EventType, Money, PostingKind, Rejection, Reply, User};
 use crate::state::tables::{encode, get};
 
+/// In unit tests, creating a user of this id panics after the user's row is written.
+#[cfg(test)]
+pub(crate) const PANICS_AFTER_WRITING: &str = "panics-after-writing";
+
 impl Applier<'_> {
     pub(super) fn create_user(
         &mut self,
@@ -26,6 +30,12 @@ impl Applier<'_> {
             ledger_seq: 0,
         };
         self.save_user(&user)?;
+        // Unit tests make a command panic half-way, after it wrote (`state::held`).
+        #[cfg(test)]
+        assert_ne!(
+            user.user_id, PANICS_AFTER_WRITING,
+            "a command made to panic"
+        );
         self.emit(
             context,
             EventType::UserCreated,

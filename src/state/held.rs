@@ -1,0 +1,241 @@
+//! The apply's write transaction, held open from one batch to the next.
+//!
+//! A redb commit costs about as much as the commands of a small batch: it writes the new root of every
+//! table the transaction touched into the table of tables, and the next transaction copies again every
+//! page it touches. So a shard does not commit after each applied batch: it keeps the transaction open
+//! and commits it once it holds [`HOLD_COMMANDS`] commands, at the first apply [`HOLD_FOR`] after it
+//! began, when a durable commit is due, and before anything reads or writes the file otherwise
+//! (`ShardStore::begin_read`, `marker`, `sync`, `import`: see [`super::ShardStore`]). A reader therefore
+//! always sees every batch whose outcome was returned.
+//!
+//! Nothing is less safe for it. Every applied entry is durable in the Raft log first, and a commit was
+//! already not durable (except one per `--durable-every`): a crash loses the held transaction as it lost
+//! the non-durable commits, and the shard re-applies from the marker its file holds.
+//!
+//! Two things can end a held transaction early, and neither may leave in the file less than what was
+//! answered:
+//! - **a command panics** (a bug). The transaction then holds part of a batch. [`Held`] keeps its own
+//!   copy of every batch it holds, so the next use of the transaction drops it and applies those
+//!   batches again in a new one ([`Held::applying`]): apply is deterministic, so they come out as they
+//!   were answered.
+//! - **a write or commit fails** (a full disk, an I/O error). The batches are lost with the
+//!   transaction, so the store refuses reads until an apply succeeds again (`ShardStore::behind`); the
+//!   replication layer re-applies from the file's marker after a full disk.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use redb::WriteTransaction;
+
+use crate::domain::Envelope;
+
+/// A held transaction is committed once it holds this many commands. More made one node slower at
+/// 256 clients, where its batches are already large (README, Benchmarks, seventeenth session).
+pub const HOLD_COMMANDS: usize = 16;
+
+/// A held transaction is committed by the first apply at least this long after it began.
+pub const HOLD_FOR: Duration = Duration::from_millis(5);
+
+/// An open write transaction of applied batches, and what it needs to be built again.
+pub(super) struct Held {
+    pub(super) txn: WriteTransaction,
+    began: Instant,
+    commands: usize,
+    batches: Vec<HeldBatch>,
+    /// A batch is being applied into `txn`. Still set at the next use of `txn`: that batch panicked
+    /// half-way, and `txn` holds part of it.
+    pub(super) applying: bool,
+}
+
+/// One applied batch, as `ShardStore::apply_entries_except` was given it.
+pub(super) struct HeldBatch {
+    pub(super) entries: Vec<(u64, Option<Envelope>)>,
+    pub(super) marker: Vec<u8>,
+    pub(super) skip: BTreeSet<usize>,
+}
+
+impl HeldBatch {
+    /// The batch's entries as the apply takes them.
+    pub(super) fn borrowed(&self) -> Vec<(u64, Option<&Envelope>)> {
+        self.entries
+            .iter()
+            .map(|(index, envelope)| (*index, envelope.as_ref()))
+            .collect()
+    }
+}
+
+impl Held {
+    pub(super) fn new(txn: WriteTransaction) -> Held {
+        Held {
+            txn,
+            began: Instant::now(),
+            commands: 0,
+            batches: Vec::new(),
+            applying: false,
+        }
+    }
+
+    /// Whether the transaction holds any applied batch.
+    pub(super) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Records a batch that was applied in full into `txn`.
+    pub(super) fn applied(
+        &mut self,
+        entries: &[(u64, Option<&Envelope>)],
+        marker: &[u8],
+        skip: &BTreeSet<usize>,
+    ) {
+        self.applying = false;
+        self.commands = self.commands.saturating_add(entries.len());
+        self.batches.push(HeldBatch {
+            entries: entries
+                .iter()
+                .map(|(index, envelope)| (*index, envelope.cloned()))
+                .collect(),
+            marker: marker.to_vec(),
+            skip: skip.clone(),
+        });
+    }
+
+    /// Whether the transaction should be committed now.
+    pub(super) fn due(&self) -> bool {
+        self.commands >= HOLD_COMMANDS || self.began.elapsed() >= HOLD_FOR
+    }
+
+    /// The batches the transaction holds, to apply again in a new one; the torn transaction is dropped
+    /// (redb rolls it back).
+    pub(super) fn into_batches(self) -> (Vec<HeldBatch>, Instant) {
+        (self.batches, self.began)
+    }
+
+    /// A new transaction holding `batches` (applied again into `txn`), as old as the one it replaces.
+    pub(super) fn rebuilt(txn: WriteTransaction, batches: Vec<HeldBatch>, began: Instant) -> Held {
+        let commands = batches.iter().map(|batch| batch.entries.len()).sum();
+        Held {
+            txn,
+            began,
+            commands,
+            batches,
+            applying: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::collections::BTreeSet;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    use super::HOLD_COMMANDS;
+    use crate::domain::command::{self, Command};
+    use crate::domain::{Envelope, IdSeed, Reply, Timestamp};
+    use crate::state::apply::PANICS_AFTER_WRITING;
+    use crate::state::{ShardStore, query};
+
+    fn create(n: u8, user_id: &str) -> Envelope {
+        Envelope {
+            now: Timestamp(1_700_000_000_000_000 + i64::from(n)),
+            seed: IdSeed {
+                unix_millis: 1_700_000_000_000,
+                entropy: 2000 + u128::from(n),
+            },
+            idempotency: None,
+            command: Command::CreateUser(command::CreateUser {
+                user_id: user_id.into(),
+                display_name: None,
+            }),
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, ShardStore) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        (dir, store)
+    }
+
+    fn user_exists(store: &ShardStore, user_id: &str) -> bool {
+        let txn = store.begin_read().expect("reads");
+        query::user(&txn, user_id).expect("queries").is_some()
+    }
+
+    /// A batch is answered before its transaction commits; whatever reads the file next finds it, and
+    /// the marker with it.
+    #[test]
+    fn a_read_finds_every_applied_batch_though_its_transaction_is_held() {
+        let (_dir, store) = store();
+        let (a, b) = (create(1, "a"), create(2, "b"));
+        store
+            .apply_entries(&[(1, Some(&a))], b"m1")
+            .expect("applies");
+        assert!(user_exists(&store, "a"));
+        store
+            .apply_entries(&[(2, Some(&b))], b"m2")
+            .expect("applies");
+        assert_eq!(store.marker().expect("reads").as_deref(), Some(&b"m2"[..]));
+        assert!(user_exists(&store, "b"));
+        store.sync().expect("syncs");
+        let meta = query::meta(&store.begin_read().expect("reads")).expect("queries");
+        assert_eq!(meta.last_applied, 2);
+    }
+
+    /// A batch that panics half-way (a bug) leaves its transaction holding part of it. The retry without
+    /// the culprit, as the replica runs it, finds the batches held before it and none of the torn one's
+    /// writes: its first command is applied once, as new.
+    #[test]
+    fn a_batch_that_panics_half_way_keeps_the_held_batches_before_it_and_none_of_its_own_writes() {
+        let (_dir, store) = store();
+        let kept = create(1, "kept");
+        store
+            .apply_entries(&[(1, Some(&kept))], b"m1")
+            .expect("applies");
+        let (torn, culprit) = (create(2, "torn"), create(3, PANICS_AFTER_WRITING));
+        let batch = [(2, Some(&torn)), (3, Some(&culprit))];
+        let progress = Cell::new(0);
+        let panicked = catch_unwind(AssertUnwindSafe(|| {
+            store.apply_entries_except(&batch, b"m2", &BTreeSet::new(), &progress)
+        }));
+        assert!(panicked.is_err(), "the culprit did not panic");
+        assert_eq!(progress.get(), 1);
+
+        let skip = BTreeSet::from([1]);
+        let applied = store
+            .apply_entries_except(&batch, b"m2", &skip, &Cell::new(0))
+            .expect("applies without the culprit");
+        let Some(Ok(Reply::UserCreated(_))) = applied[0].as_ref().map(|a| &a.outcome) else {
+            panic!("the torn batch's first command was not applied as new: {applied:?}");
+        };
+        assert!(
+            user_exists(&store, "kept"),
+            "the held batch before the panic was lost"
+        );
+        assert!(user_exists(&store, "torn"));
+        assert!(!user_exists(&store, PANICS_AFTER_WRITING));
+    }
+
+    /// The transaction is held below `HOLD_COMMANDS` commands and committed once it holds them.
+    #[test]
+    fn a_held_transaction_is_committed_once_it_holds_its_bound_of_commands() {
+        let (_dir, store) = store();
+        let users: Vec<Envelope> = (0..HOLD_COMMANDS)
+            .map(|n| create(u8::try_from(n).expect("small"), &format!("u{n}")))
+            .collect();
+        for (index, user) in (1u64..).zip(&users) {
+            assert!(
+                index == 1 || store.lock_held().is_some(),
+                "committed after {} commands (within {:?})",
+                index - 1,
+                super::HOLD_FOR
+            );
+            store
+                .apply_entries(&[(index, Some(user))], b"m")
+                .expect("applies");
+        }
+        assert!(
+            store.lock_held().is_none(),
+            "still held after {HOLD_COMMANDS} commands"
+        );
+    }
+}
