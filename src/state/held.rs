@@ -80,7 +80,7 @@ impl Held {
         self.batches.is_empty()
     }
 
-    /// Records a batch that was applied in full into `txn`.
+    /// Records a batch that was applied in full into `txn` and stays held there.
     pub(super) fn applied(
         &mut self,
         entries: &[(u64, Option<&Envelope>)],
@@ -99,9 +99,9 @@ impl Held {
         });
     }
 
-    /// Whether the transaction should be committed now.
-    pub(super) fn due(&self) -> bool {
-        self.commands >= HOLD_COMMANDS || self.began.elapsed() >= HOLD_FOR
+    /// Whether the transaction is to be committed now that `more` commands were applied into it.
+    pub(super) fn due_with(&self, more: usize) -> bool {
+        self.commands.saturating_add(more) >= HOLD_COMMANDS || self.began.elapsed() >= HOLD_FOR
     }
 
     /// The batches the transaction holds, to apply again in a new one; the torn transaction is dropped

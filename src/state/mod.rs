@@ -510,6 +510,8 @@ impl ShardStore {
         progress: &Cell<usize>,
     ) -> Result<Vec<Option<Applied>>, StoreError> {
         let durable = self.durable_commit_due(Duration::ZERO);
+        // Out of the batch's range until a command runs: a panic before one is nobody's to skip.
+        progress.set(usize::MAX);
         let mut slot = self.lock_held();
         let held = match slot.take() {
             Some(torn) if torn.applying => self.rebuilt(torn)?,
@@ -525,9 +527,12 @@ impl ShardStore {
                 return Err(error);
             }
         };
-        held.applied(entries, marker, skip);
-        if durable || held.due() {
+        if durable || held.due_with(entries.len()) {
+            // Not recorded: its outcome is returned only once it is committed.
+            held.applying = false;
             self.commit_held(&mut slot, durable)?;
+        } else {
+            held.applied(entries, marker, skip);
         }
         failpoints::crash_point(failpoints::AFTER_APPLY_COMMIT);
         Ok(applied)
