@@ -40,7 +40,6 @@ pub const HOLD_FOR: Duration = Duration::from_millis(5);
 pub(super) struct Held {
     pub(super) txn: WriteTransaction,
     began: Instant,
-    commands: usize,
     batches: Vec<HeldBatch>,
     /// A batch is being applied into `txn`. Still set at the next use of `txn`: that batch panicked
     /// half-way, and `txn` holds part of it.
@@ -69,7 +68,6 @@ impl Held {
         Held {
             txn,
             began: Instant::now(),
-            commands: 0,
             batches: Vec::new(),
             applying: false,
         }
@@ -87,8 +85,6 @@ impl Held {
         marker: &[u8],
         skip: &BTreeSet<usize>,
     ) {
-        self.applying = false;
-        self.commands = self.commands.saturating_add(entries.len());
         self.batches.push(HeldBatch {
             entries: entries
                 .iter()
@@ -101,7 +97,8 @@ impl Held {
 
     /// Whether the transaction is to be committed now that `more` commands were applied into it.
     pub(super) fn due_with(&self, more: usize) -> bool {
-        self.commands.saturating_add(more) >= HOLD_COMMANDS || self.began.elapsed() >= HOLD_FOR
+        let held: usize = self.batches.iter().map(|batch| batch.entries.len()).sum();
+        held.saturating_add(more) >= HOLD_COMMANDS || self.began.elapsed() >= HOLD_FOR
     }
 
     /// The batches the transaction holds, to apply again in a new one; the torn transaction is dropped
@@ -112,11 +109,9 @@ impl Held {
 
     /// A new transaction holding `batches` (applied again into `txn`), as old as the one it replaces.
     pub(super) fn rebuilt(txn: WriteTransaction, batches: Vec<HeldBatch>, began: Instant) -> Held {
-        let commands = batches.iter().map(|batch| batch.entries.len()).sum();
         Held {
             txn,
             began,
-            commands,
             batches,
             applying: false,
         }
@@ -131,23 +126,18 @@ mod tests {
 
     use super::HOLD_COMMANDS;
     use crate::domain::command::{self, Command};
-    use crate::domain::{Envelope, IdSeed, Reply, Timestamp};
+    use crate::domain::{Envelope, Reply};
     use crate::state::apply::PANICS_AFTER_WRITING;
-    use crate::state::{ShardStore, query};
+    use crate::state::{ShardStore, query, test_envelope};
 
     fn create(n: u8, user_id: &str) -> Envelope {
-        Envelope {
-            now: Timestamp(1_700_000_000_000_000 + i64::from(n)),
-            seed: IdSeed {
-                unix_millis: 1_700_000_000_000,
-                entropy: 2000 + u128::from(n),
-            },
-            idempotency: None,
-            command: Command::CreateUser(command::CreateUser {
+        test_envelope(
+            n,
+            Command::CreateUser(command::CreateUser {
                 user_id: user_id.into(),
                 display_name: None,
             }),
-        }
+        )
     }
 
     fn store() -> (tempfile::TempDir, ShardStore) {

@@ -24,6 +24,20 @@ pub mod tables;
 #[cfg(test)]
 mod golden;
 
+/// An envelope for unit tests: `command` at a fixed time and seed, moved on by `n`.
+#[cfg(test)]
+pub(crate) fn test_envelope(n: u8, command: crate::domain::Command) -> Envelope {
+    Envelope {
+        now: Timestamp(1_700_000_000_000_000 + i64::from(n)),
+        seed: crate::domain::IdSeed {
+            unix_millis: 1_700_000_000_000,
+            entropy: 1000 + u128::from(n),
+        },
+        idempotency: None,
+        command,
+    }
+}
+
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -527,9 +541,9 @@ impl ShardStore {
                 return Err(error);
             }
         };
+        held.applying = false;
         if durable || held.due_with(entries.len()) {
             // Not recorded: its outcome is returned only once it is committed.
-            held.applying = false;
             self.commit_held(&mut slot, durable)?;
         } else {
             held.applied(entries, marker, skip);

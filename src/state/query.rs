@@ -488,21 +488,9 @@ pub fn usage_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Reply;
     use crate::domain::command::{self, Command};
-    use crate::domain::{Envelope, IdSeed, Reply};
-    use crate::state::ShardStore;
-
-    fn envelope(n: u8, command: Command) -> Envelope {
-        Envelope {
-            now: Timestamp(1_700_000_000_000_000 + i64::from(n)),
-            seed: IdSeed {
-                unix_millis: 1_700_000_000_000,
-                entropy: 1000 + u128::from(n),
-            },
-            idempotency: None,
-            command,
-        }
-    }
+    use crate::state::{ShardStore, test_envelope as envelope};
 
     /// A credit made before `CREDIT_IDS` existed has no index row: it is found through its user's ledger
     /// and the shard's credits; an id the user's ledger does not have is not looked for any further.
