@@ -29,12 +29,16 @@ use redb::WriteTransaction;
 
 use crate::domain::Envelope;
 
-/// A held transaction is committed once it holds this many commands. More made one node slower at
-/// 256 clients, where its batches are already large (README, Benchmarks, seventeenth session).
-pub const HOLD_COMMANDS: usize = 16;
+/// A held transaction is committed once it holds this many commands. 64 made one node slower at 256
+/// clients, where its batches are already large; 32 with [`HOLD_FOR`] at 100 ms halved the commits'
+/// share of the CPU at 16 clients against 16 and 5 ms (README, Benchmarks, eighteenth session).
+pub const HOLD_COMMANDS: usize = 32;
 
-/// A held transaction is committed by the first apply at least this long after it began.
-pub const HOLD_FOR: Duration = Duration::from_millis(5);
+/// A held transaction is committed by the first apply at least this long after it began. Long enough
+/// that the command bound decides on a busy shard: at 5 ms, a shard of one node at 16 clients committed
+/// every 3 or 4 commands. It costs no durability: a crash loses what was applied since the last durable
+/// commit (`--durable-every`) whether it was held or committed, and the log re-applies it.
+pub const HOLD_FOR: Duration = Duration::from_millis(100);
 
 /// An open write transaction of applied batches, and what it needs to be built again.
 pub(super) struct Held {
