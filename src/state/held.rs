@@ -29,9 +29,10 @@ use redb::WriteTransaction;
 
 use crate::domain::Envelope;
 
-/// A held transaction is committed once it holds this many commands. 64 made one node slower at 256
-/// clients, where its batches are already large; 32 with [`HOLD_FOR`] at 100 ms halved the commits'
-/// share of the CPU at 16 clients against 16 and 5 ms (README, Benchmarks, eighteenth session).
+/// A held transaction is committed once it holds this many commands. With [`HOLD_FOR`] at 100 ms, 32
+/// instead of 16 (at 5 ms) cut the commits' share of one node's CPU at 16 clients from 7.3 % to 4.1 %;
+/// 64 was no faster, and at 5 ms it made 256 clients slower (README, Benchmarks, seventeenth and
+/// eighteenth sessions).
 pub const HOLD_COMMANDS: usize = 32;
 
 /// A held transaction is committed by the first apply at least this long after it began. Long enough
