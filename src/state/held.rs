@@ -129,7 +129,7 @@ mod tests {
     use std::collections::BTreeSet;
     use std::panic::{AssertUnwindSafe, catch_unwind};
 
-    use super::HOLD_COMMANDS;
+    use super::{HOLD_COMMANDS, HOLD_FOR};
     use crate::domain::command::{self, Command};
     use crate::domain::{Envelope, Reply};
     use crate::state::apply::PANICS_AFTER_WRITING;
@@ -231,6 +231,33 @@ mod tests {
         assert!(
             store.lock_held().is_none(),
             "still held after {HOLD_COMMANDS} commands"
+        );
+    }
+
+    /// A transaction that holds fewer commands than its bound is committed by the first apply
+    /// `HOLD_FOR` after it began, and not before.
+    #[test]
+    fn a_held_transaction_is_committed_by_the_first_apply_once_it_is_old_enough() {
+        let (_dir, store) = store();
+        let users: Vec<Envelope> = (0..3).map(|n| create(n, &format!("u{n}"))).collect();
+        let began = std::time::Instant::now();
+        store
+            .apply_entries(&[(1, Some(&users[0]))], b"m")
+            .expect("applies");
+        store
+            .apply_entries(&[(2, Some(&users[1]))], b"m")
+            .expect("applies");
+        // "Not before" can only be checked where two commands took less than `HOLD_FOR` to apply.
+        if began.elapsed() < HOLD_FOR {
+            assert!(store.lock_held().is_some(), "committed before {HOLD_FOR:?}");
+        }
+        std::thread::sleep(HOLD_FOR);
+        store
+            .apply_entries(&[(3, Some(&users[2]))], b"m")
+            .expect("applies");
+        assert!(
+            store.lock_held().is_none(),
+            "still held {HOLD_FOR:?} after it began"
         );
     }
 }
