@@ -128,6 +128,7 @@ mod tests {
     use std::cell::Cell;
     use std::collections::BTreeSet;
     use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::time::Instant;
 
     use super::{HOLD_COMMANDS, HOLD_FOR};
     use crate::domain::command::{self, Command};
@@ -240,7 +241,7 @@ mod tests {
     fn a_held_transaction_is_committed_by_the_first_apply_once_it_is_old_enough() {
         let (_dir, store) = store();
         let users: Vec<Envelope> = (0..3).map(|n| create(n, &format!("u{n}"))).collect();
-        let began = std::time::Instant::now();
+        let began = Instant::now();
         store
             .apply_entries(&[(1, Some(&users[0]))], b"m")
             .expect("applies");

@@ -24,20 +24,6 @@ pub mod tables;
 #[cfg(test)]
 mod golden;
 
-/// An envelope for unit tests: `command` at a fixed time and seed, moved on by `n`.
-#[cfg(test)]
-pub(crate) fn test_envelope(n: u8, command: crate::domain::Command) -> Envelope {
-    Envelope {
-        now: Timestamp(1_700_000_000_000_000 + i64::from(n)),
-        seed: crate::domain::IdSeed {
-            unix_millis: 1_700_000_000_000,
-            entropy: 1000 + u128::from(n),
-        },
-        idempotency: None,
-        command,
-    }
-}
-
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -55,6 +41,20 @@ pub use apply::Applied;
 pub use held::{HOLD_COMMANDS, HOLD_FOR};
 
 use held::Held;
+
+/// An envelope for unit tests: `command` at a fixed time and seed, moved on by `n`.
+#[cfg(test)]
+pub(crate) fn test_envelope(n: u8, command: crate::domain::Command) -> Envelope {
+    Envelope {
+        now: Timestamp(1_700_000_000_000_000 + i64::from(n)),
+        seed: crate::domain::IdSeed {
+            unix_millis: 1_700_000_000_000,
+            entropy: 1000 + u128::from(n),
+        },
+        idempotency: None,
+        command,
+    }
+}
 
 /// Storage failures. Any of them aborts the whole batch; nothing is half-applied.
 #[derive(Debug, thiserror::Error)]
