@@ -112,8 +112,8 @@
 //!   it); `SHOPKEEP_BENCH_SCALE_CLUSTER` — the size of its 3-node part (default: the same, at most
 //!   300,000 users and 3,000,000 orders; a smaller
 //!   `users,orders` loads a shop of its own for it; `0` skips it). `SHOPKEEP_BENCH_SYSTEMS=none` runs
-//!   the scale run alone. Its disk: 0.9–1.3 KB per order for the loaded node (856 B at 10M orders:
-//!   8.5 GiB), half as much again for its snapshot files (13.7 GB in all at 10M), and for the 3-node
+//!   the scale run alone. Its disk: about 0.9 KB per order for the loaded node (884 B at 10M orders:
+//!   9.3 GiB with the users), 6.5 GiB more for its snapshot files (16 GB in all at 10M), and for the 3-node
 //!   part three copies and the snapshots: at 10M orders that is beyond 25 GB, so give the 3-node part a
 //!   smaller size there. Its time: the loader wrote 10M orders in 21 minutes on the busy 2-core VM.
 //! - `SHOPKEEP_BENCH_ROUTE` — where a cluster's closed-loop purchases go: `spread` (default, round-robin

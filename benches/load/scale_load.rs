@@ -15,14 +15,19 @@
 //!    `Node::credit` claims them;
 //! 3. the orders: `CreateOrder` of one `gems` with `complete: true` (what `POST
 //!    /v1/users/{id}/orders {"complete":true}` becomes), each for a user of the shard drawn at random,
-//!    with an `Idempotency-Key` tag scoped to the user.
+//!    with an `Idempotency-Key` tag scoped to the user; after each batch of them, the event purges
+//!    the leader's sweeper would have proposed by the batch's time (`PurgeEvents` with the default
+//!    `--event-retention` of 7 days, `SWEEP_LIMIT` events each, until one purges fewer), and a last
+//!    round at the load's end.
 //!
 //! Command times are spread evenly over the `HISTORY` before the load (the users' over its first tenth,
 //! the orders' over the rest), so the data looks like history: order ids (UUIDv7) and the orders'
 //! time-ordered keys are spread as a live shop's are. A tag is attached only to a command whose outcome
 //! is still within the idempotency retention (7 days, the default `--idempotency-ttl`): the state is
 //! then what a shop whose sweeper kept up would hold, and the node does not start with a purge of
-//! millions of expired outcomes to catch up on.
+//! millions of expired outcomes to catch up on. The same holds for the events every command emits: only
+//! the last 7 days' are left (without these purges, the loaded node spent its measured phases purging
+//! millions of old events: README, Benchmarks).
 //!
 //! The Raft side is that of `shopkeep restore` (`engine::backup::seed_log`): each shard's marker says
 //! it applied entries 1..=n of term 1 led by node 1, in a one-voter membership of node 1 at
@@ -36,13 +41,15 @@ use std::time::{Duration, Instant};
 
 use shopkeep::datadir::{self, FixedSettings};
 use shopkeep::domain::command::{
-    ClaimExternalRef, CreateOrder, CreateUser, Credit, LineRequest, PurgeIdempotency, PutItem,
+    ClaimExternalRef, CreateOrder, CreateUser, Credit, LineRequest, PurgeEvents, PurgeIdempotency,
+    PutItem,
 };
 use shopkeep::domain::{
     Command, Currency, Envelope, IdSeed, IdempotencyTag, ItemKind, ItemSpec, Money, RefClaim,
     Reply, Timestamp,
 };
 use shopkeep::engine::backup::{seed_log, shard_path};
+use shopkeep::engine::sweeper::{MAX_EVENT_RETENTION, SWEEP_LIMIT};
 use shopkeep::engine::{shard_of, shard_of_system_key};
 use shopkeep::state::ShardStore;
 use shopkeep_raft::StoredMembership;
@@ -61,6 +68,8 @@ const HISTORY: Duration = Duration::from_secs(30 * 86_400);
 /// The server's default `--idempotency-ttl`, `--order-ttl` and `--max-pending-orders`.
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(7 * 86_400);
 const ORDER_TTL: Duration = Duration::from_secs(15 * 60);
+/// The server's default `--event-retention` (no webhook is registered, so none holds an event back).
+const EVENT_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 const MAX_PENDING_ORDERS: u32 = 100;
 /// Threads that load shards at once.
 const THREADS: u32 = 2;
@@ -121,6 +130,29 @@ impl ShardLoad {
             self.next_index = last + 1;
         }
         replies
+    }
+
+    /// The event purges a leader's sweeper proposes at `now` (`sweeper::purge_events`): one
+    /// `PurgeEvents` after another until one purges fewer than `SWEEP_LIMIT`. The events purged.
+    fn purge_events(&mut self, now: Timestamp) -> u64 {
+        let command = Command::PurgeEvents(PurgeEvents {
+            retention_seconds: EVENT_RETENTION.as_secs(),
+            max_retention_seconds: MAX_EVENT_RETENTION.as_secs(),
+            limit: SWEEP_LIMIT,
+        });
+        let mut total = 0;
+        loop {
+            let purge = self.envelope(now, None, command.clone());
+            match self.apply(&[purge]).pop() {
+                Some(Reply::EventsPurged { purged, .. }) => {
+                    total += u64::from(purged);
+                    if purged < SWEEP_LIMIT {
+                        return total;
+                    }
+                }
+                other => panic!("shard {}: PurgeEvents answered {other:?}", self.shard),
+            }
+        }
     }
 
     fn random(&mut self) -> u64 {
@@ -316,6 +348,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
     let orders_started = Instant::now();
     let last_report = std::sync::Mutex::new(Instant::now());
     let order_done = AtomicU64::new(0);
+    let events_purged = AtomicU64::new(0);
     for_each_shard(&mut shards, |load| {
         let shard_users = load.users.len() as u64;
         if shard_users == 0 {
@@ -344,6 +377,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
             envelopes.push(load.envelope(now, tag, order));
             if envelopes.len() == BATCH {
                 load.apply(&std::mem::take(&mut envelopes));
+                events_purged.fetch_add(load.purge_events(now), Ordering::Relaxed);
                 let so_far = order_done.fetch_add(BATCH as u64, Ordering::Relaxed) + BATCH as u64;
                 let mut last = last_report.lock().unwrap();
                 if last.elapsed() >= Duration::from_secs(10) {
@@ -357,6 +391,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
             }
         }
         load.apply(&envelopes);
+        events_purged.fetch_add(load.purge_events(end), Ordering::Relaxed);
         load.store.sync().expect("sync");
     });
     let orders_seconds = orders_started.elapsed().as_secs_f64();
@@ -391,8 +426,10 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
         min_shard_entries,
     };
     eprintln!(
-        "scale: loaded {orders} orders in {orders_seconds:.1} s ({:.0}/s); {} MiB in all",
+        "scale: loaded {orders} orders in {orders_seconds:.1} s ({:.0}/s), purging {} events past \
+         the retention on the way; {} MiB in all",
         orders as f64 / orders_seconds.max(1e-9),
+        events_purged.into_inner(),
         bytes_total / (1 << 20)
     );
     loaded
