@@ -51,7 +51,7 @@ use shopkeep::domain::{
 use shopkeep::engine::backup::{seed_log, shard_path};
 use shopkeep::engine::sweeper::{MAX_EVENT_RETENTION, SWEEP_LIMIT};
 use shopkeep::engine::{shard_of, shard_of_system_key};
-use shopkeep::state::ShardStore;
+use shopkeep::state::{ShardStore, query};
 use shopkeep_raft::StoredMembership;
 use shopkeep_raft::openraft::{BasicNode, CommittedLeaderId, LogId, Membership};
 use shopkeep_raft::state_machine::offline_marker;
@@ -153,6 +153,19 @@ impl ShardLoad {
                 other => panic!("shard {}: PurgeEvents answered {other:?}", self.shard),
             }
         }
+    }
+
+    /// Panics if the shard holds an event its sweeper would purge at `now`: the loaded state must be
+    /// that of a shop whose sweeper kept up.
+    fn assert_no_event_due(&self, now: Timestamp) {
+        let txn = self.store.begin_read().expect("a read transaction");
+        let due = query::events_purge_due(&txn, now, EVENT_RETENTION, MAX_EVENT_RETENTION)
+            .unwrap_or_else(|e| panic!("shard {}: {e}", self.shard));
+        assert!(
+            !due,
+            "shard {}: events past the retention were left",
+            self.shard
+        );
     }
 
     fn random(&mut self) -> u64 {
@@ -392,6 +405,7 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
         }
         load.apply(&envelopes);
         events_purged.fetch_add(load.purge_events(end), Ordering::Relaxed);
+        load.assert_no_event_due(end);
         load.store.sync().expect("sync");
     });
     let orders_seconds = orders_started.elapsed().as_secs_f64();
