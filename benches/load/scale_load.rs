@@ -17,8 +17,9 @@
 //!    /v1/users/{id}/orders {"complete":true}` becomes), each for a user of the shard drawn at random,
 //!    with an `Idempotency-Key` tag scoped to the user; after each batch of them, the event purges
 //!    the leader's sweeper would have proposed by the batch's time (`PurgeEvents` with the default
-//!    `--event-retention` of 7 days, `SWEEP_LIMIT` events each, until one purges fewer), and a last
-//!    round at the load's end.
+//!    `--event-retention` of 7 days, `SWEEP_LIMIT` events each, until one purges fewer);
+//! 4. a last round of those purges at the load's end, on every shard, and a check that none is left
+//!    holding an event its sweeper would purge.
 //!
 //! Command times are spread evenly over the `HISTORY` before the load (the users' over its first tenth,
 //! the orders' over the rest), so the data looks like history: order ids (UUIDv7) and the orders'
@@ -404,6 +405,10 @@ pub(crate) fn load(dir: &Path, address: &str, users: u32, orders: u64) -> Loaded
             }
         }
         load.apply(&envelopes);
+        load.store.sync().expect("sync");
+    });
+    // 4. The sweeper's last round of event purges, on every shard (one without users too).
+    for_each_shard(&mut shards, |load| {
         events_purged.fetch_add(load.purge_events(end), Ordering::Relaxed);
         load.assert_no_event_due(end);
         load.store.sync().expect("sync");
