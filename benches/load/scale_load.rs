@@ -42,15 +42,14 @@ use std::time::{Duration, Instant};
 
 use shopkeep::datadir::{self, FixedSettings};
 use shopkeep::domain::command::{
-    ClaimExternalRef, CreateOrder, CreateUser, Credit, LineRequest, PurgeEvents, PurgeIdempotency,
-    PutItem,
+    ClaimExternalRef, CreateOrder, CreateUser, Credit, LineRequest, PurgeIdempotency, PutItem,
 };
 use shopkeep::domain::{
     Command, Currency, Envelope, IdSeed, IdempotencyTag, ItemKind, ItemSpec, Money, RefClaim,
     Reply, Timestamp,
 };
 use shopkeep::engine::backup::{seed_log, shard_path};
-use shopkeep::engine::sweeper::{MAX_EVENT_RETENTION, SWEEP_LIMIT};
+use shopkeep::engine::sweeper::{MAX_EVENT_RETENTION, SWEEP_LIMIT, purge_events_command};
 use shopkeep::engine::{shard_of, shard_of_system_key};
 use shopkeep::state::{ShardStore, query};
 use shopkeep_raft::StoredMembership;
@@ -133,14 +132,10 @@ impl ShardLoad {
         replies
     }
 
-    /// The event purges a leader's sweeper proposes at `now` (`sweeper::purge_events`): one
-    /// `PurgeEvents` after another until one purges fewer than `SWEEP_LIMIT`. The events purged.
+    /// The event purges a leader's sweeper proposes at `now` (`sweeper::purge_events`): its command
+    /// after another until one purges fewer than `SWEEP_LIMIT`. The events purged.
     fn purge_events(&mut self, now: Timestamp) -> u64 {
-        let command = Command::PurgeEvents(PurgeEvents {
-            retention_seconds: EVENT_RETENTION.as_secs(),
-            max_retention_seconds: MAX_EVENT_RETENTION.as_secs(),
-            limit: SWEEP_LIMIT,
-        });
+        let command = purge_events_command(EVENT_RETENTION);
         let mut total = 0;
         loop {
             let purge = self.envelope(now, None, command.clone());

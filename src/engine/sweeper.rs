@@ -212,18 +212,25 @@ pub async fn sweep_shard(
     }
 }
 
-/// Proposes event purges on `shard` while its oldest event is due (each purges at most `SWEEP_LIMIT`).
+/// The event purge the sweeper proposes for `retention` (`--event-retention`): at most `SWEEP_LIMIT`
+/// events, those past `retention` that every webhook acknowledged and those past `MAX_EVENT_RETENTION`.
 /// Both retentions travel in the command, so every replica purges the same events.
+pub fn purge_events_command(retention: Duration) -> Command {
+    Command::PurgeEvents(command::PurgeEvents {
+        retention_seconds: retention.as_secs(),
+        max_retention_seconds: MAX_EVENT_RETENTION.as_secs(),
+        limit: SWEEP_LIMIT,
+    })
+}
+
+/// Proposes event purges on `shard` while its oldest event is due (`purge_events_command`, each purging
+/// at most `SWEEP_LIMIT`).
 pub async fn purge_events(
     node: &Node,
     shard: u32,
     retention: Duration,
 ) -> Result<(), super::EngineError> {
-    let command = Command::PurgeEvents(command::PurgeEvents {
-        retention_seconds: retention.as_secs(),
-        max_retention_seconds: MAX_EVENT_RETENTION.as_secs(),
-        limit: SWEEP_LIMIT,
-    });
+    let command = purge_events_command(retention);
     loop {
         let now = Timestamp::now();
         if !node
