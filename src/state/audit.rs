@@ -36,11 +36,12 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::tables::{self, Bytes, TableVisitor, decode};
+use super::user_rows::{self, UserKey};
 use super::{MetaState, StoreError, query};
 use crate::domain::limits::Window;
 use crate::domain::{
-    Credit, Dispute, Entitlement, LimitSet, Money, Order, OrderStatus, Posting, PostingKind,
-    PostingRef, Refund, Reversal, ReversalSource, Timestamp, Topup, TopupStatus, User,
+    Credit, Dispute, LimitSet, Money, Order, OrderStatus, Posting, PostingKind, PostingRef, Refund,
+    Reversal, ReversalSource, Timestamp, Topup, TopupStatus, User,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -214,12 +215,10 @@ struct UserTotals {
 /// The user-keyed tables one user's checks read.
 struct UserTables {
     postings: ReadOnlyTable<u64, Bytes>,
-    user_postings: ReadOnlyTable<(&'static str, u64), u64>,
+    user_rows: ReadOnlyTable<UserKey, Bytes>,
     orders: ReadOnlyTable<u128, Bytes>,
-    user_orders: ReadOnlyTable<(&'static str, i64, u128), ()>,
     user_pending: ReadOnlyTable<(&'static str, u128), (i64, i64)>,
     disputes: ReadOnlyTable<(&'static str, &'static str), Bytes>,
-    entitlements: ReadOnlyTable<(&'static str, &'static str), Bytes>,
     debts: ReadOnlyTable<&'static str, i64>,
     refunds: ReadOnlyTable<u128, Bytes>,
     usage: ReadOnlyTable<(&'static str, u8, i64), i64>,
@@ -229,12 +228,10 @@ impl UserTables {
     fn open(txn: &ReadTransaction) -> Result<UserTables, StoreError> {
         Ok(UserTables {
             postings: txn.open_table(tables::POSTINGS)?,
-            user_postings: txn.open_table(tables::USER_POSTINGS)?,
+            user_rows: txn.open_table(user_rows::USER_ROWS)?,
             orders: txn.open_table(tables::ORDERS)?,
-            user_orders: txn.open_table(tables::USER_ORDERS)?,
             user_pending: txn.open_table(tables::USER_PENDING)?,
             disputes: txn.open_table(tables::DISPUTES)?,
-            entitlements: txn.open_table(tables::ENTITLEMENTS)?,
             debts: txn.open_table(tables::DEBTS)?,
             refunds: txn.open_table(tables::REFUNDS)?,
             usage: txn.open_table(tables::USAGE)?,
@@ -249,12 +246,8 @@ impl UserTables {
         mut each: impl FnMut(Posting),
     ) -> Result<u64, StoreError> {
         let mut count = 0u64;
-        for entry in self
-            .user_postings
-            .range((user_id, 0)..=(user_id, u64::MAX))?
-        {
-            let (key, seq) = entry?;
-            let (user_seq, seq) = (key.value().1, seq.value());
+        for entry in user_rows::postings(&self.user_rows, user_id, 0)? {
+            let (user_seq, seq) = entry?;
             count += 1;
             let Some(posting) = tables::get::<_, Posting, _>(&self.postings, seq)? else {
                 violations.push(format!(
@@ -295,9 +288,10 @@ impl UserTables {
         mut each: impl FnMut(Order),
     ) -> Result<u64, StoreError> {
         let mut count = 0u64;
-        let bounds = (user_id, i64::MIN, 0u128)..=(user_id, i64::MAX, u128::MAX);
-        for entry in self.user_orders.range(bounds)? {
-            let (_, created, id) = entry?.0.value();
+        for entry in
+            user_rows::orders(&self.user_rows, user_id, Bound::Unbounded, Bound::Unbounded)?
+        {
+            let (created, id) = entry?;
             count += 1;
             let order = tables::get::<_, Order, _>(&self.orders, id)?;
             match order {
@@ -322,8 +316,8 @@ fn audit_users(
 ) -> Result<UserTotals, StoreError> {
     let tables = UserTables::open(txn)?;
     let mut totals = UserTotals::default();
-    for entry in txn.open_table(tables::USERS)?.iter()? {
-        let user: User = decode(entry?.1.value())?;
+    for user in user_rows::users(&tables.user_rows)? {
+        let user = user?;
         totals.users += 1;
         totals.wallet_total += i128::from(user.balance.minor());
         let mut happened = Happened::new();
@@ -464,11 +458,17 @@ fn check_reached(
             users.disputes,
         ),
         (
-            "entitlements",
-            txn.open_table(tables::ENTITLEMENTS)?.len()?,
-            users.entitlements,
+            "user rows",
+            txn.open_table(user_rows::USER_ROWS)?.len()?,
+            users.users + users.orders + users.postings + users.entitlements,
         ),
     ];
+    let legacy = super::migrate::legacy_rows(txn)?;
+    if legacy != 0 {
+        violations.push(format!(
+            "{legacy} rows left in the user tables of schema 2, which the migration empties"
+        ));
+    }
     for (what, rows, reached) in counts {
         if rows != reached {
             violations.push(format!(
@@ -541,14 +541,10 @@ fn audit_entitlements(
             }
         }
     })?;
-    for entry in tables.entitlements.range((user_id, "")..)? {
-        let (key, value) = entry?;
-        let (owner, item_id) = key.value();
-        if owner != user_id {
-            break;
-        }
+    for entitlement in user_rows::entitlements(&tables.user_rows, user_id)? {
+        let entitlement = entitlement?;
+        let item_id = entitlement.item_id.as_str();
         totals.entitlements += 1;
-        let entitlement: Entitlement = decode(value.value())?;
         let (granted, revoked) = expected.remove(item_id).unwrap_or_default();
         if entitlement.granted != granted || entitlement.revoked != revoked {
             violations.push(format!(
@@ -757,12 +753,12 @@ fn audit_limits(txn: &ReadTransaction, violations: &mut Violations) -> Result<()
             violations.push(format!("shop-wide limits: {why}"));
         }
     }
-    let users = txn.open_table(tables::USERS)?;
+    let users = txn.open_table(user_rows::USER_ROWS)?;
     for entry in txn.open_table(tables::USER_LIMITS)?.iter()? {
         let (key, value) = entry?;
         let user_id = key.value();
         let overrides: LimitSet = decode(value.value())?;
-        if users.get(user_id)?.is_none() {
+        if !user_rows::has_user(&users, user_id)? {
             violations.push(format!("limits of {user_id}, who is not a user"));
         }
         if let Err(why) = overrides.as_changes().check() {
@@ -782,13 +778,13 @@ fn audit_orphan_usage(
     violations: &mut Violations,
 ) -> Result<(), StoreError> {
     let tables = UserTables::open(txn)?;
-    let users = txn.open_table(tables::USERS)?;
+    let users = txn.open_table(user_rows::USER_ROWS)?;
     let mut next = tables
         .usage
         .first()?
         .map(|(key, _)| key.value().0.to_owned());
     while let Some(user_id) = next.take() {
-        if users.get(user_id.as_str())?.is_none() {
+        if !user_rows::has_user(&users, &user_id)? {
             violations.push(format!("usage of {user_id}, who is not a user"));
             let happened = happened_to(&tables, &user_id)?;
             audit_usage_of(&tables, &user_id, &happened, violations)?;
@@ -970,18 +966,15 @@ impl TableVisitor for Hashing<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Timestamp;
+    use crate::domain::{Entitlement, Timestamp};
     use crate::state::ShardStore;
 
-    /// Writes `user` straight into the users table, as a corrupt or tampered file would hold it.
+    /// Writes `user` straight into the user rows, as a corrupt or tampered file would hold it.
     fn put_user(store: &ShardStore, user: &User) {
         let txn = store.begin_write().expect("writes");
         {
-            let mut users = txn.open_table(tables::USERS).expect("users");
-            let bytes = tables::encode(user).expect("encodes");
-            users
-                .insert(user.user_id.as_str(), bytes.as_slice())
-                .expect("inserts");
+            let mut rows = txn.open_table(user_rows::USER_ROWS).expect("user rows");
+            user_rows::put_user(&mut rows, user).expect("inserts");
         }
         txn.commit().expect("commits");
     }
@@ -1085,11 +1078,8 @@ mod tests {
                 consumed: 0,
                 granted_at: Timestamp::from_unix_seconds(1),
             };
-            let bytes = tables::encode(&entitlement).expect("encodes");
-            txn.open_table(tables::ENTITLEMENTS)
-                .expect("entitlements")
-                .insert(("ghost", "sword"), bytes.as_slice())
-                .expect("inserts");
+            let mut rows = txn.open_table(user_rows::USER_ROWS).expect("user rows");
+            user_rows::put_entitlement(&mut rows, "ghost", &entitlement).expect("inserts");
             txn.open_table(tables::USER_PENDING)
                 .expect("pending")
                 .insert(("ghost", 7u128), (1i64, 100i64))
@@ -1099,7 +1089,7 @@ mod tests {
         let report = audit(&store.begin_read().expect("reads"), 0).expect("audits");
         let found = |text: &str| report.violations.iter().any(|v| v.contains(text));
         assert!(
-            found("entitlements: 1 rows, but the users' own indexes reach 0"),
+            found("user rows: 1 rows, but the users' own indexes reach 0"),
             "{:?}",
             report.violations
         );

@@ -17,9 +17,11 @@
 pub mod apply;
 pub mod audit;
 mod held;
+mod migrate;
 pub mod query;
 pub mod snapshot;
 pub mod tables;
+pub mod user_rows;
 
 #[cfg(test)]
 mod golden;
@@ -114,11 +116,13 @@ redb_error_into_store_error!(
     redb::CommitError
 );
 
-/// The version of the on-disk layout; a file written by another layout is refused, not misread.
-/// Version 2: positions are Raft log indexes and `META` holds the replication marker. Bumped by any
+/// The version of the on-disk layout; a file written by another layout is refused, not misread, except
+/// one of version 2, which is migrated (`migrate`) when opened or imported.
+/// Version 2: positions are Raft log indexes and `META` holds the replication marker. Version 3: a
+/// user's rows are clustered in one table (`user_rows`). Bumped by any
 /// change to the tables or to the postcard bytes of what they hold other than a new enum variant at the
 /// end (the persisted format's rules are in `crate::domain`; `golden` pins the bytes).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// redb's page cache per shard file when the node's `--cache-mib` (32) is split among its default 8
 /// shards, and for tools that open one shard. (redb's own default is 1 GiB per file, which lets a node
@@ -293,6 +297,15 @@ fn open_database_with_cache(path: &Path, cache_bytes: usize) -> Result<Database,
     Ok(disk::open_database(&builder, path)?)
 }
 
+/// The schema version `META` holds (0 in a new file).
+fn stored_schema(txn: &redb::WriteTransaction) -> Result<u32, StoreError> {
+    let meta = txn.open_table(tables::META)?;
+    Ok(
+        tables::get::<_, MetaState, _>(&meta, tables::META_STATE_KEY)?
+            .map_or(0, |meta| meta.schema_version),
+    )
+}
+
 impl ShardStore {
     /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`,
     /// with a cache of `SHARD_CACHE_BYTES`.
@@ -357,6 +370,11 @@ impl ShardStore {
         let mut txn = store.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Redb(e.into()))?;
+        let stored = stored_schema(&txn)?;
+        if stored == 0 || stored == 2 {
+            // A new file gets the four tables of schema 2 too (empty, see `migrate`).
+            migrate::user_rows_into_one_table(&txn)?;
+        }
         {
             let mut applier = apply::Applier::open(&txn)?;
             applier.create_every_table()?;
@@ -364,6 +382,8 @@ impl ShardStore {
             if meta.schema_version == 0 {
                 meta.schema_version = SCHEMA_VERSION;
                 meta.shard = shard;
+            } else if meta.schema_version == 2 && meta.shard == shard {
+                meta.schema_version = SCHEMA_VERSION;
             } else if meta.schema_version != SCHEMA_VERSION || meta.shard != shard {
                 return Err(StoreError::Incompatible(format!(
                     "{} holds shard {} with schema {}, expected shard {shard} with schema {SCHEMA_VERSION}",

@@ -4,10 +4,13 @@
 //! time-dependent is computed "as of" the reader's `now`: a pending order past its deadline reads as
 //! cancelled, and its hold is left out of the wallet, even before the sweeper has written that down.
 
+use std::ops::Bound;
+
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 use uuid::Uuid;
 
 use super::tables::{self, decode, get};
+use super::user_rows;
 use super::{IdempotencyRecord, MetaState, StoreError};
 use crate::domain::limits::{LimitSet, ShopLimits, Usage, Window};
 use crate::domain::{
@@ -30,7 +33,7 @@ pub fn marker(txn: &ReadTransaction) -> Result<Option<Vec<u8>>, StoreError> {
 }
 
 pub fn user(txn: &ReadTransaction, user_id: &str) -> Result<Option<User>, StoreError> {
-    get(&txn.open_table(tables::USERS)?, user_id)
+    user_rows::user(&txn.open_table(user_rows::USER_ROWS)?, user_id)
 }
 
 /// The user's wallet as of `now`: holds of pending orders whose deadline has passed are released.
@@ -78,14 +81,14 @@ pub fn orders_page(
     before: Option<OrderCursor>,
     now: Timestamp,
 ) -> Result<(Vec<Order>, Option<OrderCursor>), StoreError> {
-    let index = txn.open_table(tables::USER_ORDERS)?;
+    let index = txn.open_table(user_rows::USER_ROWS)?;
     let orders = txn.open_table(tables::ORDERS)?;
-    let (end_created, end_id) = before.unwrap_or((i64::MAX, u128::MAX));
-    let range = index.range((user_id, i64::MIN, 0u128)..(user_id, end_created, end_id))?;
+    let end = before.map_or(Bound::Unbounded, Bound::Excluded);
+    let range = user_rows::orders(&index, user_id, Bound::Unbounded, end)?;
     let mut page = Vec::with_capacity(limit);
     let mut more = false;
     for entry in range.rev() {
-        let (_, created_at, order_id) = entry?.0.value();
+        let (created_at, order_id) = entry?;
         let order: Order = get(&orders, order_id)?
             .ok_or_else(|| StoreError::Corrupt(format!("indexed order {order_id} has no row")))?;
         let order = order.as_of(now);
@@ -115,17 +118,19 @@ pub fn ledger_page(
     after_seq: u64,
     limit: usize,
 ) -> Result<(Vec<Posting>, Option<u64>), StoreError> {
-    let index = txn.open_table(tables::USER_POSTINGS)?;
+    let index = txn.open_table(user_rows::USER_ROWS)?;
     let postings = txn.open_table(tables::POSTINGS)?;
     let mut page = Vec::with_capacity(limit);
     let mut more = false;
-    let start = after_seq.saturating_add(1);
-    for entry in index.range((user_id, start)..=(user_id, u64::MAX))? {
+    if after_seq == u64::MAX {
+        return Ok((page, None));
+    }
+    for entry in user_rows::postings(&index, user_id, after_seq + 1)? {
         if page.len() == limit {
             more = true;
             break;
         }
-        let seq = entry?.1.value();
+        let (_, seq) = entry?;
         let bytes = postings.get(seq)?.ok_or_else(|| {
             StoreError::Corrupt(format!("ledger entry points at missing posting {seq}"))
         })?;
@@ -141,14 +146,10 @@ pub fn ledger_page(
 
 /// The user's entitlements with a quantity above zero, by item id.
 pub fn entitlements(txn: &ReadTransaction, user_id: &str) -> Result<Vec<Entitlement>, StoreError> {
-    let table = txn.open_table(tables::ENTITLEMENTS)?;
+    let table = txn.open_table(user_rows::USER_ROWS)?;
     let mut list = Vec::new();
-    for entry in table.range((user_id, "")..)? {
-        let (key, value) = entry?;
-        if key.value().0 != user_id {
-            break;
-        }
-        let entitlement: Entitlement = tables::decode(value.value())?;
+    for entitlement in user_rows::entitlements(&table, user_id)? {
+        let entitlement = entitlement?;
         if entitlement.quantity() > 0 {
             list.push(entitlement);
         }
@@ -379,9 +380,9 @@ fn ledger_has_credit(
     credit_id: Uuid,
 ) -> Result<bool, StoreError> {
     let postings = txn.open_table(tables::POSTINGS)?;
-    let index = txn.open_table(tables::USER_POSTINGS)?;
-    for entry in index.range((user_id, 0u64)..=(user_id, u64::MAX))? {
-        let seq = entry?.1.value();
+    let index = txn.open_table(user_rows::USER_ROWS)?;
+    for entry in user_rows::postings(&index, user_id, 0)? {
+        let (_, seq) = entry?;
         let posting: Option<Posting> = get(&postings, seq)?;
         if posting.is_some_and(|p| p.reference == PostingRef::Credit(credit_id)) {
             return Ok(true);

@@ -238,8 +238,14 @@ impl ShardStore {
                 )));
             }
             let mut meta_table = txn.open_table(tables::META)?;
-            let meta: super::MetaState =
+            let mut meta: super::MetaState =
                 tables::get(&meta_table, tables::META_STATE_KEY)?.unwrap_or_default();
+            if meta.schema_version == 2 && meta.shard == self.shard() {
+                super::migrate::user_rows_into_one_table(&txn)?;
+                meta.schema_version = SCHEMA_VERSION;
+                let bytes = tables::encode(&meta)?;
+                meta_table.insert(tables::META_STATE_KEY, bytes.as_slice())?;
+            }
             if meta.schema_version != SCHEMA_VERSION || meta.shard != self.shard() {
                 return Err(StoreError::Incompatible(format!(
                     "snapshot of shard {} schema {}, this is shard {} schema {SCHEMA_VERSION}",
@@ -268,9 +274,9 @@ mod tests {
         let store = ShardStore::open(&dir.join("shard-000.redb"), 0).expect("opens");
         let txn = store.begin_write().expect("writes");
         {
-            let mut users = txn.open_table(tables::USERS).expect("users");
+            let mut items = txn.open_table(tables::ITEMS).expect("items");
             for id in ["alice", "bob", "carol"] {
-                users
+                items
                     .insert(id, format!("row of {id}").as_bytes())
                     .expect("inserts");
             }

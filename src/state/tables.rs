@@ -13,13 +13,13 @@ pub(crate) type Bytes = &'static [u8];
 
 /// name → postcard value (`MetaState`).
 pub const META: TableDefinition<&str, Bytes> = TableDefinition::new("meta");
-/// user_id → `User`
+/// Schema 2's user_id → `User`: empty since schema 3 (`user_rows`, `super::migrate`).
 pub const USERS: TableDefinition<&str, Bytes> = TableDefinition::new("users");
 /// item_id → `Item`
 pub const ITEMS: TableDefinition<&str, Bytes> = TableDefinition::new("items");
 /// order_id → `Order`
 pub const ORDERS: TableDefinition<u128, Bytes> = TableDefinition::new("orders");
-/// (user_id, created_at, order_id) → (): a user's orders, oldest first (listed newest first).
+/// Schema 2's (user_id, created_at, order_id) → (): empty since schema 3 (`user_rows`).
 pub const USER_ORDERS: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("user_orders");
 /// (expires_at, order_id) → user_id: the expiry sweeper's queue of pending orders.
 pub const PENDING_ORDERS: TableDefinition<(i64, u128), &str> =
@@ -29,9 +29,9 @@ pub const USER_PENDING: TableDefinition<(&str, u128), (i64, i64)> =
     TableDefinition::new("user_pending");
 /// seq → `Posting`: the shard's hash-chained journal.
 pub const POSTINGS: TableDefinition<u64, Bytes> = TableDefinition::new("postings");
-/// (user_id, user_seq) → seq: a user's ledger.
+/// Schema 2's (user_id, user_seq) → seq: empty since schema 3 (`user_rows`).
 pub const USER_POSTINGS: TableDefinition<(&str, u64), u64> = TableDefinition::new("user_postings");
-/// (user_id, item_id) → `Entitlement`
+/// Schema 2's (user_id, item_id) → `Entitlement`: empty since schema 3 (`user_rows`).
 pub const ENTITLEMENTS: TableDefinition<(&str, &str), Bytes> = TableDefinition::new("entitlements");
 /// external_ref → `Credit` (on the user's shard)
 pub const CREDITS: TableDefinition<&str, Bytes> = TableDefinition::new("credits");
@@ -175,6 +175,7 @@ pub fn visit_all(visitor: &mut impl TableVisitor) -> Result<(), StoreError> {
     visitor.visit(27, SHOP_LIMITS)?;
     visitor.visit(28, USER_LIMITS)?;
     visitor.visit(29, USAGE)?;
+    visitor.visit(30, super::user_rows::USER_ROWS)?;
     Ok(())
 }
 

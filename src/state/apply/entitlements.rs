@@ -3,11 +3,15 @@
 use super::{Applier, CommandContext, Step};
 use crate::domain::command;
 use crate::domain::{Entitlement, EventData, EventType, Rejection, Reply};
-use crate::state::tables::{encode, get};
+use crate::state::user_rows;
 
 impl Applier<'_> {
     pub(super) fn entitlement(&self, user_id: &str, item_id: &str) -> Step<Option<Entitlement>> {
-        Ok(get(self.entitlements.read()?, (user_id, item_id))?)
+        Ok(user_rows::entitlement(
+            self.user_rows.read()?,
+            user_id,
+            item_id,
+        )?)
     }
 
     pub(super) fn save_entitlement(
@@ -16,10 +20,7 @@ impl Applier<'_> {
         entitlement: &Entitlement,
     ) -> Step<()> {
         debug_assert!(entitlement.granted >= entitlement.revoked + entitlement.consumed);
-        let bytes = encode(entitlement)?;
-        self.entitlements
-            .write()?
-            .insert((user_id, entitlement.item_id.as_str()), bytes.as_slice())?;
+        user_rows::put_entitlement(self.user_rows.write()?, user_id, entitlement)?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use super::{Applier, CommandContext, Step};
 use crate::domain::{Money, Posting, PostingKind, PostingRef, Rejection, Timestamp, User};
 use crate::state::StoreError;
 use crate::state::tables::{decode, encode};
+use crate::state::user_rows;
 
 impl Applier<'_> {
     fn accounts(&self, user: &User) -> Accounts {
@@ -83,9 +84,12 @@ impl Applier<'_> {
         self.postings
             .write()?
             .insert(posting.seq, bytes.as_slice())?;
-        self.user_postings
-            .write()?
-            .insert((user.user_id.as_str(), user.ledger_seq), posting.seq)?;
+        user_rows::put_posting(
+            self.user_rows.write()?,
+            &user.user_id,
+            user.ledger_seq,
+            posting.seq,
+        )?;
         Ok(())
     }
 }

@@ -48,6 +48,7 @@ use redb::{Table, WriteTransaction};
 use lazy::LazyTable;
 
 use super::tables::{self, encode, get};
+use super::user_rows::{self, UserKey};
 use super::{IdempotencyState, MetaState, StoreError};
 use crate::domain::{
     Command, Envelope, EventLog, IdSequence, Outcome, Rejection, Reply, Timestamp,
@@ -97,15 +98,12 @@ struct CommandContext {
 /// batch touches them (`lazy.rs`).
 pub(crate) struct Applier<'t> {
     meta_table: Table<'t, &'static str, Bytes>,
-    users: LazyTable<'t, &'static str, Bytes>,
+    user_rows: LazyTable<'t, UserKey, Bytes>,
     items: LazyTable<'t, &'static str, Bytes>,
     orders: LazyTable<'t, u128, Bytes>,
-    user_orders: LazyTable<'t, (&'static str, i64, u128), ()>,
     pending_orders: LazyTable<'t, (i64, u128), &'static str>,
     user_pending: LazyTable<'t, (&'static str, u128), (i64, i64)>,
     postings: LazyTable<'t, u64, Bytes>,
-    user_postings: LazyTable<'t, (&'static str, u64), u64>,
-    entitlements: LazyTable<'t, (&'static str, &'static str), Bytes>,
     credits: LazyTable<'t, &'static str, Bytes>,
     external_refs: LazyTable<'t, &'static str, Bytes>,
     topups: LazyTable<'t, u128, Bytes>,
@@ -151,15 +149,12 @@ impl<'t> Applier<'t> {
         let idempotency_walk = get(&meta_table, tables::IDEMPOTENCY_WALK_KEY)?.unwrap_or(false);
         Ok(Applier {
             meta_table,
-            users: LazyTable::new(txn, tables::USERS),
+            user_rows: LazyTable::new(txn, user_rows::USER_ROWS),
             items: LazyTable::new(txn, tables::ITEMS),
             orders: LazyTable::new(txn, tables::ORDERS),
-            user_orders: LazyTable::new(txn, tables::USER_ORDERS),
             pending_orders: LazyTable::new(txn, tables::PENDING_ORDERS),
             user_pending: LazyTable::new(txn, tables::USER_PENDING),
             postings: LazyTable::new(txn, tables::POSTINGS),
-            user_postings: LazyTable::new(txn, tables::USER_POSTINGS),
-            entitlements: LazyTable::new(txn, tables::ENTITLEMENTS),
             credits: LazyTable::new(txn, tables::CREDITS),
             external_refs: LazyTable::new(txn, tables::EXTERNAL_REFS),
             topups: LazyTable::new(txn, tables::TOPUPS),
@@ -196,15 +191,12 @@ impl<'t> Applier<'t> {
         // Exhaustive: a table added to the `Applier` must be named here too.
         let Applier {
             meta_table: _,
-            users,
+            user_rows,
             items,
             orders,
-            user_orders,
             pending_orders,
             user_pending,
             postings,
-            user_postings,
-            entitlements,
             credits,
             external_refs,
             topups,
@@ -234,15 +226,12 @@ impl<'t> Applier<'t> {
             idempotency_walk: _,
         } = self;
         for opened in [
-            users.read().map(drop),
+            user_rows.read().map(drop),
             items.read().map(drop),
             orders.read().map(drop),
-            user_orders.read().map(drop),
             pending_orders.read().map(drop),
             user_pending.read().map(drop),
             postings.read().map(drop),
-            user_postings.read().map(drop),
-            entitlements.read().map(drop),
             credits.read().map(drop),
             external_refs.read().map(drop),
             topups.read().map(drop),

@@ -16,6 +16,7 @@ use crate::domain::{
 };
 use crate::state::StoreError;
 use crate::state::tables::{encode, get};
+use crate::state::user_rows;
 
 /// What a `CreateOrder` writes, decided before anything is written: the lines at the catalog's prices,
 /// and their total (checked to fit, to be available, and to post).
@@ -182,9 +183,11 @@ impl Applier<'_> {
             context.now,
         )?;
         let id = order.order_id.as_u128();
-        self.user_orders
-            .write()?
-            .insert((user_id, order.created_at.micros(), id), ())?;
+        user_rows::put_order(
+            self.user_rows.write()?,
+            user_id,
+            (order.created_at.micros(), id),
+        )?;
         self.count_usage(user_id, Window::OrdersPerHour, context.now, 1)?;
         let created = EventData::Order(order.clone());
         self.emit(context, EventType::OrderCreated, user_id, created)?;

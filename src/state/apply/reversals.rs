@@ -7,6 +7,7 @@
 //! posting lends the wallet what it lacks, from the `receivable` account, and the reversal takes it.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use redb::ReadableTable;
 use uuid::Uuid;
@@ -25,6 +26,7 @@ use crate::domain::{
     TopupStatus, User,
 };
 use crate::state::tables::{decode, encode, get};
+use crate::state::user_rows;
 
 /// Most of a user's orders a revoking reversal looks at (newest first) for refundable purchases.
 const MAX_REVOKE_SCANNED_ORDERS: usize = 1_000;
@@ -301,18 +303,15 @@ impl Applier<'_> {
         let mut revokes = Vec::new();
         let mut unspent: BTreeMap<String, u64> = BTreeMap::new();
         let mut covered = Money::ZERO;
-        let range = (user_id, since.micros(), 0u128)..=(user_id, i64::MAX, u128::MAX);
-        for entry in self
-            .user_orders
-            .read()?
-            .range(range)?
+        let since = Bound::Included((since.micros(), 0u128));
+        for entry in user_rows::orders(self.user_rows.read()?, user_id, since, Bound::Unbounded)?
             .rev()
             .take(MAX_REVOKE_SCANNED_ORDERS)
         {
             if covered >= shortfall || revokes.len() >= MAX_REVOKED_ORDERS {
                 break;
             }
-            let order_id = Uuid::from_u128(entry?.0.value().2);
+            let order_id = Uuid::from_u128(entry?.1);
             let order = self.user_order(user_id, order_id)?;
             if !matches!(
                 order.status,

@@ -6,7 +6,7 @@ use redb::ReadableTable;
 use super::{Applier, CommandContext, Step, Stop};
 use crate::domain::command;
 use crate::domain::{EventData, EventType, Money, PostingKind, Rejection, Reply, User};
-use crate::state::tables::{encode, get};
+use crate::state::user_rows;
 
 /// In unit tests, creating a user of this id panics after the user's row is written.
 #[cfg(test)]
@@ -18,7 +18,7 @@ impl Applier<'_> {
         context: &mut CommandContext,
         command: &command::CreateUser,
     ) -> Step<Reply> {
-        if self.users.read()?.get(command.user_id.as_str())?.is_some() {
+        if user_rows::user(self.user_rows.read()?, &command.user_id)?.is_some() {
             return Err(Rejection::UserExists.into());
         }
         let user = User {
@@ -55,7 +55,8 @@ impl Applier<'_> {
     }
 
     pub(super) fn existing_user(&self, user_id: &str) -> Step<User> {
-        get(self.users.read()?, user_id)?.ok_or(Stop::Reject(Rejection::UserNotFound))
+        user_rows::user(self.user_rows.read()?, user_id)?
+            .ok_or(Stop::Reject(Rejection::UserNotFound))
     }
 
     /// Loads a user for a command at `context.now`, first cancelling the user's pending orders whose deadline has
@@ -91,10 +92,7 @@ impl Applier<'_> {
     pub(super) fn save_user(&mut self, user: &User) -> Step<()> {
         debug_assert!(!user.held.is_negative(), "held is never negative");
         debug_assert!(user.held <= user.balance, "held never exceeds the balance");
-        let bytes = encode(user)?;
-        self.users
-            .write()?
-            .insert(user.user_id.as_str(), bytes.as_slice())?;
+        user_rows::put_user(self.user_rows.write()?, user)?;
         #[cfg(debug_assertions)]
         self.debug_check_holds(user)?;
         Ok(())
