@@ -7,8 +7,11 @@
 //! purchase dirties one path (schema 3; `migrate` moves a schema-2 file's rows here).
 //!
 //! The key is (user_id, kind, sub): `kind` says which of the four rows it is, and `sub` is the row's own
-//! key in big-endian bytes, so that a user's rows of one kind scan in their order (`ORDER` by creation
-//! time then id, `POSTING` by the user's ledger sequence, `ENTITLEMENT` by item id).
+//! key in big-endian bytes. The rows a purchase writes come first: the wallet, the entitlements (by item
+//! id), then the orders and the ledger **newest first** (their subs complemented), so that a user with a
+//! long history still has the wallet, the entitlements and the newest orders in one leaf, and the newest
+//! ledger entries in at most one more. The functions below give and take the orders and the ledger in
+//! their natural order, oldest first.
 
 use std::ops::Bound;
 
@@ -26,24 +29,27 @@ pub const USER_ROWS: TableDefinition<UserKey, Bytes> = TableDefinition::new("use
 
 /// The user's `User` (sub empty; value its postcard bytes).
 const USER: u8 = 0;
-/// One of the user's orders (sub: created_at in micros, order-preserving, then the order id; value empty).
-const ORDER: u8 = 1;
-/// One of the user's ledger entries (sub: the user's sequence; value: the shard's posting sequence).
-const POSTING: u8 = 2;
 /// One of the user's entitlements (sub: the item id; value: its postcard `Entitlement`).
-const ENTITLEMENT: u8 = 3;
+const ENTITLEMENT: u8 = 1;
+/// One of the user's orders (sub: created_at in micros then the order id, complemented: newest first;
+/// value empty).
+const ORDER: u8 = 2;
+/// One of the user's ledger entries (sub: the user's sequence, complemented: newest first; value: the
+/// shard's posting sequence).
+const POSTING: u8 = 3;
 
 /// The kinds, in key order; a row of another kind is corrupt.
-pub const KINDS: [u8; 4] = [USER, ORDER, POSTING, ENTITLEMENT];
+pub const KINDS: [u8; 4] = [USER, ENTITLEMENT, ORDER, POSTING];
 
 /// A user's order in their index: (created_at in micros, order id).
 pub type OrderRef = (i64, u128);
 
-/// `created_at` and the order id as bytes that sort as the pair does (the sign bit flipped).
+/// `created_at` and the order id as bytes that sort the other way round from the pair: the complement
+/// of the pair with `created_at`'s sign bit flipped (`created_at ^ i64::MAX`).
 fn order_sub((created_at, order_id): OrderRef) -> [u8; 24] {
     let mut sub = [0u8; 24];
-    sub[..8].copy_from_slice(&(created_at ^ i64::MIN).to_be_bytes());
-    sub[8..].copy_from_slice(&order_id.to_be_bytes());
+    sub[..8].copy_from_slice(&(created_at ^ i64::MAX).to_be_bytes());
+    sub[8..].copy_from_slice(&(!order_id).to_be_bytes());
     sub
 }
 
@@ -54,7 +60,12 @@ fn decode_order_sub(sub: &[u8]) -> Result<OrderRef, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("an order's key of {} bytes", sub.len())))?;
     let time = i64::from_be_bytes(time.try_into().map_err(|_| corrupt_sub("order"))?);
     let id = u128::from_be_bytes(id.try_into().map_err(|_| corrupt_sub("order"))?);
-    Ok((time ^ i64::MIN, id))
+    Ok((time ^ i64::MAX, !id))
+}
+
+/// The user's ledger sequence as bytes that sort newest first (its complement).
+fn posting_sub(user_seq: u64) -> [u8; 8] {
+    (!user_seq).to_be_bytes()
 }
 
 fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
@@ -100,19 +111,21 @@ pub fn orders(
     from: Bound<OrderRef>,
     to: Bound<OrderRef>,
 ) -> Result<impl DoubleEndedIterator<Item = Result<OrderRef, StoreError>>, StoreError> {
-    let (from, to) = (from.map(order_sub), to.map(order_sub));
-    let lower = match &from {
+    // Stored newest first: `to` is the lower key, `from` the upper.
+    let (lower, upper) = (to.map(order_sub), from.map(order_sub));
+    let lower = match &lower {
         Bound::Included(sub) => Bound::Included((user_id, ORDER, &sub[..])),
         Bound::Excluded(sub) => Bound::Excluded((user_id, ORDER, &sub[..])),
         Bound::Unbounded => Bound::Included((user_id, ORDER, &[][..])),
     };
-    let upper = match &to {
+    let upper = match &upper {
         Bound::Included(sub) => Bound::Included((user_id, ORDER, &sub[..])),
         Bound::Excluded(sub) => Bound::Excluded((user_id, ORDER, &sub[..])),
         Bound::Unbounded => Bound::Excluded((user_id, ORDER + 1, &[][..])),
     };
     Ok(table
         .range::<(&str, u8, &[u8])>((lower, upper))?
+        .rev()
         .map(|entry| decode_order_sub(entry?.0.value().2)))
 }
 
@@ -122,23 +135,25 @@ pub fn put_posting(
     user_seq: u64,
     seq: u64,
 ) -> Result<(), StoreError> {
-    let sub = user_seq.to_be_bytes();
+    let sub = posting_sub(user_seq);
     table.insert((user_id, POSTING, &sub[..]), &seq.to_be_bytes()[..])?;
     Ok(())
 }
 
-/// The user's ledger from their entry `from_user_seq` on, as (user_seq, the shard's posting seq).
+/// The user's ledger from their entry `from_user_seq` on, oldest first, as (user_seq, the shard's
+/// posting seq).
 pub fn postings(
     table: &impl ReadableTable<UserKey, Bytes>,
     user_id: &str,
     from_user_seq: u64,
 ) -> Result<impl Iterator<Item = Result<(u64, u64), StoreError>>, StoreError> {
-    let from = from_user_seq.to_be_bytes();
-    let range = (user_id, POSTING, &from[..])..(user_id, POSTING + 1, &[][..]);
-    Ok(table.range::<(&str, u8, &[u8])>(range)?.map(|entry| {
+    // Stored newest first: the ledger from `from_user_seq` is the range up to its key, read backwards.
+    let from = posting_sub(from_user_seq);
+    let range = (user_id, POSTING, &[][..])..=(user_id, POSTING, &from[..]);
+    Ok(table.range::<(&str, u8, &[u8])>(range)?.rev().map(|entry| {
         let (key, value) = entry?;
         Ok((
-            decode_u64(key.value().2, "ledger")?,
+            !decode_u64(key.value().2, "ledger")?,
             decode_u64(value.value(), "ledger")?,
         ))
     }))
@@ -209,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn order_keys_sort_by_creation_time_then_id_and_decode_back() {
+    fn order_and_ledger_keys_sort_newest_first_and_decode_back() {
         let refs = [
             (i64::MIN, 0u128),
             (-1, u128::MAX),
@@ -219,12 +234,60 @@ mod tests {
             (i64::MAX, u128::MAX),
         ];
         for pair in refs.windows(2) {
-            assert!(order_sub(pair[0]) < order_sub(pair[1]), "{pair:?}");
+            assert!(order_sub(pair[0]) > order_sub(pair[1]), "{pair:?}");
         }
         for order in refs {
             assert_eq!(decode_order_sub(&order_sub(order)).expect("decodes"), order);
         }
         assert!(decode_order_sub(&[0; 23]).is_err());
+        assert!(posting_sub(0) > posting_sub(1) && posting_sub(1) > posting_sub(u64::MAX));
+    }
+
+    /// Orders and ledger entries are stored newest first and read back oldest first, from any bound.
+    #[test]
+    fn orders_and_ledger_read_back_in_their_order_between_bounds() {
+        let file = tempfile::NamedTempFile::new().expect("a temporary file");
+        let db = redb::Database::create(file.path()).expect("creates");
+        let txn = db.begin_write().expect("writes");
+        {
+            let mut table = txn.open_table(USER_ROWS).expect("opens");
+            for n in 1..=5u64 {
+                let at = i64::try_from(n).expect("small") * 10;
+                put_order(&mut table, "ana", (at, u128::from(n))).expect("inserts");
+                put_posting(&mut table, "ana", n, 100 + n).expect("inserts");
+            }
+            put_order(&mut table, "bo", (25, 9)).expect("inserts");
+            put_posting(&mut table, "bo", 1, 7).expect("inserts");
+            let orders = |from, to| -> Vec<OrderRef> {
+                orders(&table, "ana", from, to)
+                    .expect("reads")
+                    .collect::<Result<_, _>>()
+                    .expect("decodes")
+            };
+            let all: Vec<OrderRef> = (1..=5u8)
+                .map(|n| (i64::from(n) * 10, u128::from(n)))
+                .collect();
+            assert_eq!(orders(Bound::Unbounded, Bound::Unbounded), all);
+            assert_eq!(
+                orders(Bound::Included((20, 2)), Bound::Excluded((40, 4))),
+                all[1..3]
+            );
+            assert_eq!(
+                orders(Bound::Excluded((20, 2)), Bound::Included((40, 4))),
+                all[2..4]
+            );
+            let newest_first: Vec<OrderRef> = orders(Bound::Unbounded, Bound::Unbounded)
+                .into_iter()
+                .rev()
+                .collect();
+            assert_eq!(newest_first.first(), Some(&(50, 5)));
+            let ledger: Vec<(u64, u64)> = postings(&table, "ana", 3)
+                .expect("reads")
+                .collect::<Result<_, _>>()
+                .expect("decodes");
+            assert_eq!(ledger, [(3, 103), (4, 104), (5, 105)]);
+        }
+        txn.commit().expect("commits");
     }
 
     /// The stored format of the keys (golden bytes): redb's encoding of the tuple, with each kind's sub.
@@ -233,15 +296,15 @@ mod tests {
         let order = order_sub((1_700_000_000_000_000, 0x0102));
         let cases = [
             (key_hex("ana", USER, &[]), "03616e6100"),
+            (key_hex("ana", ENTITLEMENT, b"gems"), "03616e610167656d73"),
             (
                 key_hex("ana", ORDER, &order),
-                "03616e610180060a24181e400000000000000000000000000000000102",
+                "03616e61027ff9f5dbe7e1bffffffffffffffffffffffffffffffffefd",
             ),
             (
-                key_hex("ana", POSTING, &7u64.to_be_bytes()),
-                "03616e61020000000000000007",
+                key_hex("ana", POSTING, &posting_sub(7)),
+                "03616e6103fffffffffffffff8",
             ),
-            (key_hex("ana", ENTITLEMENT, b"gems"), "03616e610367656d73"),
         ];
         for (kind, (got, want)) in cases.iter().enumerate() {
             assert_eq!(got, want, "kind {kind}");
