@@ -9,56 +9,60 @@
 //! about five million rows once, when a node of this version first opens the file. It is a pure
 //! function of the rows, so every replica of a shard comes out of it with the same state hash.
 
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{Key, ReadableTable, ReadableTableMetadata, TableDefinition, Value, WriteTransaction};
 
-use super::StoreError;
 use super::tables::{self, decode};
 use super::user_rows::{self, USER_ROWS};
+use super::{MetaState, SCHEMA_VERSION, StoreError};
 use crate::domain::{Entitlement, User};
 
+/// Brings the file `txn` writes to `SCHEMA_VERSION`, if it is of a layout this version migrates: a
+/// schema-2 file or import has its user rows moved and its `META` marked schema 3; a new file (no
+/// `META` yet) gets the four tables of schema 2, empty. Any other version is left for the caller to
+/// accept or refuse.
+pub(super) fn to_current(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut meta_table = txn.open_table(tables::META)?;
+    let meta: Option<MetaState> = tables::get(&meta_table, tables::META_STATE_KEY)?;
+    match meta {
+        None => user_rows_into_one_table(txn),
+        Some(mut meta) if meta.schema_version == 2 => {
+            user_rows_into_one_table(txn)?;
+            meta.schema_version = SCHEMA_VERSION;
+            let bytes = tables::encode(&meta)?;
+            meta_table.insert(tables::META_STATE_KEY, bytes.as_slice())?;
+            Ok(())
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// Moves schema 2's user-keyed rows into `USER_ROWS`, leaving their four tables empty.
-pub(super) fn user_rows_into_one_table(txn: &WriteTransaction) -> Result<(), StoreError> {
+fn user_rows_into_one_table(txn: &WriteTransaction) -> Result<(), StoreError> {
     let mut rows = txn.open_table(USER_ROWS)?;
     let before = rows.len()?;
-    let mut moved = 0u64;
-    let mut users = txn.open_table(tables::USERS)?;
-    for entry in users.iter()? {
-        let user: User = decode(entry?.1.value())?;
-        user_rows::put_user(&mut rows, &user)?;
-        moved += 1;
-    }
-    users.retain(|_, _| false)?;
-    let mut orders = txn.open_table(tables::USER_ORDERS)?;
-    for entry in orders.iter()? {
-        let key = entry?.0;
-        let (user_id, created_at, order_id) = key.value();
-        user_rows::put_order(&mut rows, user_id, (created_at, order_id))?;
-        moved += 1;
-    }
-    orders.retain(|_, _| false)?;
-    let mut postings = txn.open_table(tables::USER_POSTINGS)?;
-    for entry in postings.iter()? {
-        let (key, seq) = entry?;
-        let (user_id, user_seq) = key.value();
-        user_rows::put_posting(&mut rows, user_id, user_seq, seq.value())?;
-        moved += 1;
-    }
-    postings.retain(|_, _| false)?;
-    let mut entitlements = txn.open_table(tables::ENTITLEMENTS)?;
-    for entry in entitlements.iter()? {
-        let (key, value) = entry?;
-        let (user_id, item_id) = key.value();
-        let entitlement: Entitlement = decode(value.value())?;
+    let mut moved = drain(txn, tables::USERS, |_, user| {
+        user_rows::put_user(&mut rows, &decode::<User>(user)?)
+    })?;
+    moved += drain(
+        txn,
+        tables::USER_ORDERS,
+        |(user_id, created_at, order_id), ()| {
+            user_rows::put_order(&mut rows, user_id, (created_at, order_id))
+        },
+    )?;
+    moved += drain(txn, tables::USER_POSTINGS, |(user_id, user_seq), seq| {
+        user_rows::put_posting(&mut rows, user_id, user_seq, seq)
+    })?;
+    moved += drain(txn, tables::ENTITLEMENTS, |(user_id, item_id), value| {
+        let entitlement: Entitlement = decode(value)?;
         if entitlement.item_id != item_id {
             return Err(StoreError::Corrupt(format!(
                 "the entitlement {user_id}/{item_id} is of {}",
                 entitlement.item_id
             )));
         }
-        user_rows::put_entitlement(&mut rows, user_id, &entitlement)?;
-        moved += 1;
-    }
-    entitlements.retain(|_, _| false)?;
+        user_rows::put_entitlement(&mut rows, user_id, &entitlement)
+    })?;
     let after = rows.len()?;
     if before.checked_add(moved) != Some(after) {
         return Err(StoreError::Corrupt(format!(
@@ -66,6 +70,23 @@ pub(super) fn user_rows_into_one_table(txn: &WriteTransaction) -> Result<(), Sto
         )));
     }
     Ok(())
+}
+
+/// Calls `put` with every row of `table`, then empties it; returns how many rows it held.
+fn drain<K: Key + 'static, V: Value + 'static>(
+    txn: &WriteTransaction,
+    table: TableDefinition<'static, K, V>,
+    mut put: impl FnMut(K::SelfType<'_>, V::SelfType<'_>) -> Result<(), StoreError>,
+) -> Result<u64, StoreError> {
+    let mut table = txn.open_table(table)?;
+    let mut count = 0u64;
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        put(key.value(), value.value())?;
+        count += 1;
+    }
+    table.retain(|_, _| false)?;
+    Ok(count)
 }
 
 /// How many rows the four tables of schema 2 still hold (none, once a shard is migrated).

@@ -297,15 +297,6 @@ fn open_database_with_cache(path: &Path, cache_bytes: usize) -> Result<Database,
     Ok(disk::open_database(&builder, path)?)
 }
 
-/// The schema version `META` holds (0 in a new file).
-fn stored_schema(txn: &redb::WriteTransaction) -> Result<u32, StoreError> {
-    let meta = txn.open_table(tables::META)?;
-    Ok(
-        tables::get::<_, MetaState, _>(&meta, tables::META_STATE_KEY)?
-            .map_or(0, |meta| meta.schema_version),
-    )
-}
-
 impl ShardStore {
     /// Opens (or creates) the shard's file, creating its tables and checking that it belongs to `shard`,
     /// with a cache of `SHARD_CACHE_BYTES`.
@@ -370,11 +361,7 @@ impl ShardStore {
         let mut txn = store.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Redb(e.into()))?;
-        let stored = stored_schema(&txn)?;
-        if stored == 0 || stored == 2 {
-            // A new file gets the four tables of schema 2 too (empty, see `migrate`).
-            migrate::user_rows_into_one_table(&txn)?;
-        }
+        migrate::to_current(&txn)?;
         {
             let mut applier = apply::Applier::open(&txn)?;
             applier.create_every_table()?;
@@ -382,8 +369,6 @@ impl ShardStore {
             if meta.schema_version == 0 {
                 meta.schema_version = SCHEMA_VERSION;
                 meta.shard = shard;
-            } else if meta.schema_version == 2 && meta.shard == shard {
-                meta.schema_version = SCHEMA_VERSION;
             } else if meta.schema_version != SCHEMA_VERSION || meta.shard != shard {
                 return Err(StoreError::Incompatible(format!(
                     "{} holds shard {} with schema {}, expected shard {shard} with schema {SCHEMA_VERSION}",

@@ -237,15 +237,10 @@ impl ShardStore {
                     "snapshot row of unknown or out-of-order table {last}"
                 )));
             }
+            super::migrate::to_current(&txn)?;
             let mut meta_table = txn.open_table(tables::META)?;
-            let mut meta: super::MetaState =
+            let meta: super::MetaState =
                 tables::get(&meta_table, tables::META_STATE_KEY)?.unwrap_or_default();
-            if meta.schema_version == 2 && meta.shard == self.shard() {
-                super::migrate::user_rows_into_one_table(&txn)?;
-                meta.schema_version = SCHEMA_VERSION;
-                let bytes = tables::encode(&meta)?;
-                meta_table.insert(tables::META_STATE_KEY, bytes.as_slice())?;
-            }
             if meta.schema_version != SCHEMA_VERSION || meta.shard != self.shard() {
                 return Err(StoreError::Incompatible(format!(
                     "snapshot of shard {} schema {}, this is shard {} schema {SCHEMA_VERSION}",

@@ -18,7 +18,7 @@ use std::ops::Bound;
 use redb::{ReadableTable, Table, TableDefinition};
 
 use super::StoreError;
-use super::tables::{Bytes, decode, encode};
+use super::tables::{Bytes, decode, encode, get};
 use crate::domain::{Entitlement, User};
 
 /// The key of a user's row: (user_id, kind, sub).
@@ -80,10 +80,7 @@ pub fn user(
     table: &impl ReadableTable<UserKey, Bytes>,
     user_id: &str,
 ) -> Result<Option<User>, StoreError> {
-    match table.get((user_id, USER, &[][..]))? {
-        Some(row) => Ok(Some(decode(row.value())?)),
-        None => Ok(None),
-    }
+    get(table, (user_id, USER, &[][..]))
 }
 
 pub fn put_user(table: &mut Table<UserKey, Bytes>, user: &User) -> Result<(), StoreError> {
@@ -161,10 +158,7 @@ pub fn entitlement(
     user_id: &str,
     item_id: &str,
 ) -> Result<Option<Entitlement>, StoreError> {
-    match table.get((user_id, ENTITLEMENT, item_id.as_bytes()))? {
-        Some(row) => Ok(Some(decode(row.value())?)),
-        None => Ok(None),
-    }
+    get(table, (user_id, ENTITLEMENT, item_id.as_bytes()))
 }
 
 pub fn put_entitlement(

@@ -18,7 +18,7 @@ impl Applier<'_> {
         context: &mut CommandContext,
         command: &command::CreateUser,
     ) -> Step<Reply> {
-        if user_rows::user(self.user_rows.read()?, &command.user_id)?.is_some() {
+        if user_rows::has_user(self.user_rows.read()?, &command.user_id)? {
             return Err(Rejection::UserExists.into());
         }
         let user = User {
