@@ -42,7 +42,7 @@ use crate::domain::{Envelope, Fingerprint, Outcome, Timestamp};
 pub use apply::Applied;
 pub use held::{HOLD_COMMANDS, HOLD_FOR};
 
-use held::Held;
+use held::{Held, OpenTxn};
 
 /// An envelope for unit tests: `command` at a fixed time and seed, moved on by `n`.
 #[cfg(test)]
@@ -262,16 +262,15 @@ pub const NEAR_FULL_RESERVES: u64 = 4;
 /// How often an apply looks at the file system's free space (one `statvfs`).
 const SPACE_CHECK_EVERY: Duration = Duration::from_millis(100);
 
-/// Applies `entries` into `txn` with `marker`, skipping the positions in `skip` (see
-/// `ShardStore::apply_entries_except`).
+/// Applies `entries` with `applier` (over the held transaction) and stores `marker`, skipping the
+/// positions in `skip` (see `ShardStore::apply_entries_except`).
 fn apply_into(
-    txn: &redb::WriteTransaction,
+    applier: &mut apply::Applier<'_>,
     entries: &[(u64, Option<&Envelope>)],
     marker: &[u8],
     skip: &BTreeSet<usize>,
     progress: &Cell<usize>,
 ) -> Result<Vec<Option<Applied>>, StoreError> {
-    let mut applier = apply::Applier::open(txn)?;
     let mut results = Vec::with_capacity(entries.len());
     for (position, (index, envelope)) in entries.iter().enumerate() {
         progress.set(position);
@@ -535,11 +534,14 @@ impl ShardStore {
         let held = match slot.take() {
             Some(torn) if torn.applying => self.rebuilt(torn)?,
             Some(held) => held,
-            None => Held::new(self.db()?.begin_write()?),
+            None => Held::new(OpenTxn::open(self.db()?.begin_write()?)?),
         };
         let held = slot.insert(held);
         held.applying = true;
-        let applied = match apply_into(&held.txn, entries, marker, skip, progress) {
+        let applied = held
+            .open
+            .with_dependent_mut(|_, applier| apply_into(applier, entries, marker, skip, progress));
+        let applied = match applied {
             Ok(applied) => applied,
             Err(error) => {
                 self.discard(&mut slot);
@@ -566,21 +568,23 @@ impl ShardStore {
     /// those batches are lost, so reads are refused until an apply succeeds.
     fn rebuilt(&self, torn: Held) -> Result<Held, StoreError> {
         let (batches, began) = torn.into_batches();
-        let rebuild = || -> Result<redb::WriteTransaction, StoreError> {
-            let txn = self.db()?.begin_write()?;
+        let rebuild = || -> Result<OpenTxn, StoreError> {
+            let mut open = OpenTxn::open(self.db()?.begin_write()?)?;
             for batch in &batches {
-                apply_into(
-                    &txn,
-                    &batch.borrowed(),
-                    &batch.marker,
-                    &batch.skip,
-                    &Cell::new(0),
-                )?;
+                open.with_dependent_mut(|_, applier| {
+                    apply_into(
+                        applier,
+                        &batch.borrowed(),
+                        &batch.marker,
+                        &batch.skip,
+                        &Cell::new(0),
+                    )
+                })?;
             }
-            Ok(txn)
+            Ok(open)
         };
         match rebuild() {
-            Ok(txn) => Ok(Held::rebuilt(txn, batches, began)),
+            Ok(open) => Ok(Held::rebuilt(open, batches, began)),
             Err(error) => {
                 if !batches.is_empty() {
                     self.behind.store(true, Ordering::Release);
@@ -609,7 +613,7 @@ impl ShardStore {
             held
         };
         let answered = !held.is_empty();
-        let mut txn = held.txn;
+        let mut txn = held.open.into_txn();
         let committed = txn
             .set_durability(if durable {
                 Durability::Immediate

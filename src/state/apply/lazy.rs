@@ -1,4 +1,5 @@
-//! A table of the batch's write transaction, opened the first time a command of the batch touches it.
+//! A table of the apply's write transaction, opened the first time a command touches it and kept open
+//! while the transaction is held (`state/held.rs`), from batch to batch.
 //!
 //! A purchase touches about a dozen of the shard's ~30 tables; opening every one of them at each batch
 //! cost more than the rows it writes at one command per batch (see `benches/apply.rs`).
@@ -27,7 +28,7 @@ impl<'t, K: Key + 'static, V: Value + 'static> LazyTable<'t, K, V> {
         }
     }
 
-    /// The table to read, opened (and created in a new file) if no command of the batch opened it yet.
+    /// The table to read, opened (and created in a new file) if no command of the transaction opened it yet.
     pub(super) fn read(&self) -> Result<&Table<'t, K, V>, StoreError> {
         if let Some(table) = self.table.get() {
             return Ok(table);
@@ -36,7 +37,7 @@ impl<'t, K: Key + 'static, V: Value + 'static> LazyTable<'t, K, V> {
         Ok(self.table.get_or_init(|| table))
     }
 
-    /// The table to write, opened if no command of the batch opened it yet.
+    /// The table to write, opened if no command of the transaction opened it yet.
     pub(super) fn write(&mut self) -> Result<&mut Table<'t, K, V>, StoreError> {
         self.read()?;
         Ok(self.table.get_mut().expect("read() has just opened it"))

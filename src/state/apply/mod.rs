@@ -277,8 +277,9 @@ impl<'t> Applier<'t> {
         Ok(())
     }
 
-    /// Writes the shard's bookkeeping; call once, after the batch's last command.
-    pub(crate) fn finish(mut self) -> Result<(), StoreError> {
+    /// Writes the shard's bookkeeping; call after a batch's last command (the `Applier` may go on with
+    /// the next batch in the same transaction).
+    pub(crate) fn finish(&mut self) -> Result<(), StoreError> {
         let bytes = encode(&self.meta)?;
         self.meta_table
             .insert(tables::META_STATE_KEY, bytes.as_slice())?;
@@ -291,11 +292,13 @@ impl<'t> Applier<'t> {
             let receivable = encode(&self.receivable)?;
             self.meta_table
                 .insert(tables::RECEIVABLE_KEY, receivable.as_slice())?;
+            self.receivable_changed = false;
         }
         if self.event_log_changed {
             let log = encode(&self.event_log)?;
             self.meta_table
                 .insert(tables::EVENT_LOG_KEY, log.as_slice())?;
+            self.event_log_changed = false;
         }
         Ok(())
     }
