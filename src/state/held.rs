@@ -1,4 +1,5 @@
-//! The apply's write transaction, held open from one batch to the next.
+//! The apply's write transaction, held open from one batch to the next with the `Applier` over it
+//! ([`OpenTxn`]), whose tables stay open as long.
 //!
 //! A redb commit costs about as much as the commands of a small batch: it writes the new root of every
 //! table the transaction touched into the table of tables, and the next transaction copies again every
