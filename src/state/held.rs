@@ -157,10 +157,10 @@ mod tests {
     use std::time::Instant;
 
     use super::{HOLD_COMMANDS, HOLD_FOR};
-    use crate::domain::command::{self, Command};
-    use crate::domain::{Envelope, Reply};
+    use crate::domain::command::{self, Command, LineRequest};
+    use crate::domain::{Envelope, ItemKind, ItemSpec, Money, Reply, Timestamp};
     use crate::state::apply::PANICS_AFTER_WRITING;
-    use crate::state::{ShardStore, query, test_envelope};
+    use crate::state::{ShardStore, audit, query, test_envelope};
 
     fn create(n: u8, user_id: &str) -> Envelope {
         test_envelope(
@@ -286,5 +286,101 @@ mod tests {
             store.lock_held().is_none(),
             "still held {HOLD_FOR:?} after it began"
         );
+    }
+
+    /// An item, two users with credit, orders completed at once and one left pending: commands that
+    /// move the shard's bookkeeping (the clock, the outbox's log, the applied position) and a dozen tables.
+    fn shop_entries() -> Vec<(u64, Envelope)> {
+        let mut commands = vec![Command::PutItem(command::PutItem {
+            spec: ItemSpec {
+                item_id: "gems".into(),
+                name: "gems".into(),
+                kind: ItemKind::Currency,
+                price: Money::from_minor(100),
+                active: true,
+                refund_window_days: 14,
+            },
+            version: None,
+        })];
+        for user_id in ["ana", "bo"] {
+            commands.push(Command::CreateUser(command::CreateUser {
+                user_id: user_id.into(),
+                display_name: None,
+            }));
+            commands.push(Command::Credit(command::Credit {
+                user_id: user_id.into(),
+                amount: Money::from_minor(10_000),
+                external_ref: format!("ref-{user_id}"),
+                source: None,
+                ref_accepted: true,
+            }));
+            for complete in [true, true, false] {
+                commands.push(Command::CreateOrder(command::CreateOrder {
+                    user_id: user_id.into(),
+                    lines: vec![LineRequest {
+                        item_id: "gems".into(),
+                        quantity: 3,
+                    }],
+                    expected_total: None,
+                    complete,
+                    expires_at: Timestamp::from_unix_seconds(2_000_000_000),
+                    max_pending_orders: 10,
+                }));
+            }
+        }
+        (1u64..)
+            .zip(commands)
+            .map(|(index, command)| {
+                let n = u8::try_from(index).expect("a few commands");
+                (index, test_envelope(n, command))
+            })
+            .collect()
+    }
+
+    /// The shard's state hash and its audit's violations, from what its file holds.
+    fn state_of(store: &ShardStore) -> (String, Vec<String>) {
+        let txn = store.begin_read().expect("reads");
+        let hash = audit::state_hash(&txn).expect("hashes");
+        (hash, audit::audit(&txn, 0).expect("audits").violations)
+    }
+
+    /// A held transaction keeps its `Applier` (and what it read of the shard's bookkeeping) from batch to
+    /// batch. Applied one command a batch in one held transaction, the commands leave the same file as
+    /// applied all in one batch, and as applied one a batch with a commit (a fresh `Applier`) after each.
+    #[test]
+    fn batches_applied_into_one_held_transaction_leave_the_state_one_batch_of_them_leaves() {
+        let entries = shop_entries();
+        let borrowed: Vec<(u64, Option<&Envelope>)> = entries
+            .iter()
+            .map(|(index, envelope)| (*index, Some(envelope)))
+            .collect();
+        assert!(borrowed.len() < HOLD_COMMANDS, "every batch stays held");
+
+        let (_one_dir, one_batch) = store();
+        for applied in one_batch.apply_entries(&borrowed, b"m").expect("applies") {
+            assert!(applied.is_some_and(|a| a.outcome.is_ok()));
+        }
+        let (_held_dir, held) = store();
+        for entry in &borrowed {
+            held.apply_entries(std::slice::from_ref(entry), b"m")
+                .expect("applies");
+        }
+        assert!(held.lock_held().is_some(), "the batches were held together");
+        let (_fresh_dir, fresh) = store();
+        for entry in &borrowed {
+            fresh
+                .apply_entries(std::slice::from_ref(entry), b"m")
+                .expect("applies");
+            fresh.sync().expect("commits");
+        }
+
+        let expected = state_of(&one_batch);
+        assert!(
+            expected.1.is_empty(),
+            "the audit of one batch: {:?}",
+            expected.1
+        );
+        assert_eq!(state_of(&held), expected, "held one command a batch");
+        assert_eq!(state_of(&fresh), expected, "committed after every batch");
     }
 }
