@@ -58,7 +58,8 @@ impl OpenTxn {
 /// A held transaction is committed once it holds this many commands. With [`HOLD_FOR`] at 100 ms, 32
 /// instead of 16 (at 5 ms) cut the commits' share of one node's CPU at 16 clients from 7.3 % to 4.1 %;
 /// 64 was no faster, and at 5 ms it made 256 clients slower (README, Benchmarks, seventeenth and
-/// eighteenth sessions).
+/// eighteenth sessions); with the tables held open too, 64 was slower at 64 and 256 clients
+/// (twenty-first session).
 pub const HOLD_COMMANDS: usize = 32;
 
 /// A held transaction is committed by the first apply at least this long after it began. Long enough
