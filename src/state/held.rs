@@ -158,10 +158,10 @@ mod tests {
     use std::time::Instant;
 
     use super::{HOLD_COMMANDS, HOLD_FOR};
-    use crate::domain::command::{self, Command, LineRequest};
-    use crate::domain::{Envelope, ItemKind, ItemSpec, Money, Reply, Timestamp};
+    use crate::domain::command::{self, Command};
+    use crate::domain::{Envelope, ItemKind, Reply};
     use crate::state::apply::PANICS_AFTER_WRITING;
-    use crate::state::{ShardStore, audit, query, test_envelope};
+    use crate::state::{ShardStore, audit, query, test_commands, test_envelope};
 
     fn create(n: u8, user_id: &str) -> Envelope {
         test_envelope(
@@ -292,41 +292,12 @@ mod tests {
     /// An item, two users with credit, orders completed at once and one left pending: commands that
     /// move the shard's bookkeeping (the clock, the outbox's log, the applied position) and a dozen tables.
     fn shop_entries() -> Vec<(u64, Envelope)> {
-        let mut commands = vec![Command::PutItem(command::PutItem {
-            spec: ItemSpec {
-                item_id: "gems".into(),
-                name: "gems".into(),
-                kind: ItemKind::Currency,
-                price: Money::from_minor(100),
-                active: true,
-                refund_window_days: 14,
-            },
-            version: None,
-        })];
+        let mut commands = vec![test_commands::put_item("gems", ItemKind::Currency)];
         for user_id in ["ana", "bo"] {
-            commands.push(Command::CreateUser(command::CreateUser {
-                user_id: user_id.into(),
-                display_name: None,
-            }));
-            commands.push(Command::Credit(command::Credit {
-                user_id: user_id.into(),
-                amount: Money::from_minor(10_000),
-                external_ref: format!("ref-{user_id}"),
-                source: None,
-                ref_accepted: true,
-            }));
+            commands.push(test_commands::create_user(user_id));
+            commands.push(test_commands::credit(user_id));
             for complete in [true, true, false] {
-                commands.push(Command::CreateOrder(command::CreateOrder {
-                    user_id: user_id.into(),
-                    lines: vec![LineRequest {
-                        item_id: "gems".into(),
-                        quantity: 3,
-                    }],
-                    expected_total: None,
-                    complete,
-                    expires_at: Timestamp::from_unix_seconds(2_000_000_000),
-                    max_pending_orders: 10,
-                }));
+                commands.push(test_commands::order(user_id, "gems", 3, complete));
             }
         }
         (1u64..)

@@ -103,51 +103,24 @@ mod tests {
 
     use super::*;
     use crate::domain::command::{self, Command, LineRequest};
-    use crate::domain::{ItemKind, ItemSpec, Money, Reply, Timestamp};
+    use crate::domain::{ItemKind, Reply, Timestamp};
     use crate::state::test_envelope as envelope;
-    use crate::state::{MetaState, SCHEMA_VERSION, ShardStore, audit, query, snapshot};
+    use crate::state::{
+        MetaState, SCHEMA_VERSION, ShardStore, audit, query, snapshot, test_commands,
+    };
 
     /// Two users with credit, two items, and completed orders of both (one of them refunded in part):
     /// every kind of user row, written through `apply`.
     fn shop(store: &ShardStore) {
         let mut commands = Vec::new();
         for (item_id, kind) in [("sword", ItemKind::Skin), ("gems", ItemKind::Currency)] {
-            commands.push(Command::PutItem(command::PutItem {
-                spec: ItemSpec {
-                    item_id: item_id.into(),
-                    name: item_id.into(),
-                    kind,
-                    price: Money::from_minor(100),
-                    active: true,
-                    refund_window_days: 14,
-                },
-                version: None,
-            }));
+            commands.push(test_commands::put_item(item_id, kind));
         }
         for user_id in ["ana", "bo"] {
-            commands.push(Command::CreateUser(command::CreateUser {
-                user_id: user_id.into(),
-                display_name: None,
-            }));
-            commands.push(Command::Credit(command::Credit {
-                user_id: user_id.into(),
-                amount: Money::from_minor(10_000),
-                external_ref: format!("ref-{user_id}"),
-                source: None,
-                ref_accepted: true,
-            }));
+            commands.push(test_commands::create_user(user_id));
+            commands.push(test_commands::credit(user_id));
             for (item_id, quantity) in [("gems", 5), ("sword", 1), ("gems", 2)] {
-                commands.push(Command::CreateOrder(command::CreateOrder {
-                    user_id: user_id.into(),
-                    lines: vec![LineRequest {
-                        item_id: item_id.into(),
-                        quantity,
-                    }],
-                    expected_total: None,
-                    complete: true,
-                    expires_at: Timestamp::from_unix_seconds(2_000_000_000),
-                    max_pending_orders: 10,
-                }));
+                commands.push(test_commands::order(user_id, item_id, quantity, true));
             }
         }
         let envelopes: Vec<_> = (1..)

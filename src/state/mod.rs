@@ -25,6 +25,8 @@ pub mod user_rows;
 
 #[cfg(test)]
 mod golden;
+#[cfg(test)]
+mod test_commands;
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
