@@ -41,7 +41,9 @@
 //! For systems 1–4, these phases (each a warm-up that is not measured, then the measured window):
 //!
 //! - **purchases, closed loop**, at each concurrency level (default 1, 16, 64, 256): that many
-//!   clients, each with one keep-alive connection, each sending its next one-step purchase
+//!   clients, each with one keep-alive HTTP/1.1 connection (per node it sends to: hyper's client
+//!   connection driven in the client's own task, `http1.rs`; pgbench's clients each have one libpq
+//!   connection over a Unix socket), each sending its next one-step purchase
 //!   (`POST /v1/users/{id}/orders` `{"complete": true}`, one gem at 0.01, a fresh `Idempotency-Key`)
 //!   as soon as the previous one is answered. Client `w` buys for users `w`, `w + c`, `w + 2c`, …
 //!   (mod 512), so concurrent clients rarely contend on one wallet (pgbench's clients do the same).
@@ -161,6 +163,7 @@
 
 mod audit;
 mod cpu;
+mod http1;
 mod interrupt;
 // The integration tests' launcher of `shopkeep serve` processes, the same file rather than a copy; the
 // tests use parts of it (the non-blocking wait, SIGTERM) that the bench does not.

@@ -339,7 +339,7 @@ pub(crate) async fn run_scale(settings: &Settings, users: u32, orders: u64) -> S
         eprintln!("scale: the empty shop again");
         empty_node.kill_and_restart(&client).await;
         let (closed, half_peak, peak, _) =
-            measure(settings, &client, &empty_node, "empty (after)", rate).await;
+            measure(settings, &empty_node, "empty (after)", rate).await;
         drop(empty_node);
         (node, (closed, half_peak, peak))
     };
@@ -417,8 +417,7 @@ async fn run_shop(
     let snapshot_bytes = dir_bytes(&data.join("snapshots"));
 
     let rate = rate.unwrap_or(0.0);
-    let (closed, half_peak, peak_rss_kib, created) =
-        measure(settings, client, &node, name, rate).await;
+    let (closed, half_peak, peak_rss_kib, created) = measure(settings, &node, name, rate).await;
 
     let audit_started = Instant::now();
     let (checks, shard_seconds) = check_audit_by_shard(client, &node.base, orders + created).await;
@@ -463,12 +462,11 @@ async fn run_shop(
 /// loop's throughput). The peak RSS over both, and the orders the clients saw created.
 async fn measure(
     settings: &Settings,
-    client: &Client,
     node: &ScaleNode,
     name: &str,
     rate: f64,
 ) -> (LevelResult, Option<OpenLoopResult>, Option<u64>, u64) {
-    let phases = load_on(settings, client, node);
+    let phases = load_on(settings, node);
     node.reset_peak();
     let (closed, mut created) = phases
         .closed_loop(None, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
@@ -515,7 +513,7 @@ async fn load_while_auditing(
         let (client, base, stop) = (client.clone(), node.base.clone(), stop.clone());
         tokio::spawn(async move { audit_until(&client, &base, &stop).await })
     };
-    let (closed, _) = load_on(settings, client, node)
+    let (closed, _) = load_on(settings, node)
         .closed_loop(None, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
         .await;
     stop.store(true, Ordering::Relaxed);
@@ -536,9 +534,8 @@ async fn load_while_auditing(
 }
 
 /// The closed and open loops of the scale run on `node`.
-fn load_on(settings: &Settings, client: &Client, node: &ScaleNode) -> Load {
+fn load_on(settings: &Settings, node: &ScaleNode) -> Load {
     Load {
-        client: client.clone(),
         bases: vec![node.base.clone()],
         warm_up: settings.warm_up,
         duration: settings.duration,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::Client;
 
 use crate::audit::{check_audit, check_cluster_audit};
+use crate::http1::Conns;
 use crate::nodes::{Nodes, wait_ready};
 use crate::progress::Progress;
 use crate::requests::{credit, purchase, read_wallet, refund, two_step};
@@ -54,7 +55,6 @@ pub(crate) async fn drive_shopkeep(
     // Orders the clients saw created (warm-ups included), for the audit's count.
     let mut orders_created = 0u64;
     let load = Load {
-        client: client.clone(),
         bases: bases.clone(),
         warm_up: settings.warm_up,
         duration: settings.duration,
@@ -179,7 +179,6 @@ pub(crate) async fn drive_shopkeep(
 
 /// What every phase against one shopkeep deployment shares (the scale run's phases too).
 pub(crate) struct Load {
-    pub(crate) client: Client,
     pub(crate) bases: Vec<String>,
     pub(crate) warm_up: Duration,
     pub(crate) duration: Duration,
@@ -208,14 +207,15 @@ impl Load {
         concurrency: usize,
         ops: Arc<AtomicU64>,
     ) -> (LevelResult, u64) {
-        let urls = Arc::new(self.order_urls());
+        let paths = Arc::new(order_paths());
         let measure_from = Instant::now() + self.warm_up;
         let stop_at = measure_from + self.duration;
+        let nodes = self.bases.len();
 
         let mut tasks = Vec::with_capacity(concurrency);
         for worker in 0..concurrency {
-            let client = self.client.clone();
-            let urls = urls.clone();
+            let mut conns = Conns::new(&self.bases);
+            let paths = paths.clone();
             let leader_of_user = leader_of_user.clone();
             let route_to_leader = self.route_to_leader;
             let ops = ops.clone();
@@ -223,7 +223,7 @@ impl Load {
                 let mut stats = WorkerStats::default();
                 // Round-robin over the nodes, as a load balancer would spread the connections (or,
                 // routed, the node leading the user's shard at the level's start).
-                let node = worker % urls.len();
+                let node = worker % nodes;
                 // Worker-affine users: worker w buys for w, w + c, w + 2c, … (mod USERS).
                 let mut user = worker % USERS;
                 loop {
@@ -234,11 +234,11 @@ impl Load {
                     let target = match (&leader_of_user, route_to_leader) {
                         (Some(leaders), true) => leaders[user]
                             .and_then(|id| usize::try_from(id.checked_sub(1)?).ok())
-                            .filter(|&i| i < urls.len())
+                            .filter(|&i| i < nodes)
                             .unwrap_or(node),
                         _ => node,
                     };
-                    let outcome = purchase(&client, &urls[target][user]).await.map(|_| ());
+                    let outcome = purchase(&mut conns, target, &paths[user]).await.map(|_| ());
                     let latency = started.elapsed();
                     ops.fetch_add(1, Ordering::Relaxed);
                     if outcome.is_ok() {
@@ -288,14 +288,13 @@ impl Load {
     async fn mix(&self, concurrency: usize, ops: Arc<AtomicU64>) -> (MixResult, u64) {
         let measure_from = Instant::now() + self.warm_up;
         let stop_at = measure_from + self.duration;
-        let bases = Arc::new(self.bases.clone());
+        let nodes = self.bases.len();
         let mut tasks = Vec::with_capacity(concurrency);
         for worker in 0..concurrency {
-            let client = self.client.clone();
-            let bases = bases.clone();
+            let mut conns = Conns::new(&self.bases);
             let ops = ops.clone();
             tasks.push(tokio::spawn(async move {
-                let base = &bases[worker % bases.len()];
+                let node = worker % nodes;
                 let mut tallies: Vec<Tally> = MIX_KINDS.iter().map(|_| Tally::default()).collect();
                 let mut created = 0u64;
                 let mut rng = XorShift::new(worker as u64 + 1);
@@ -318,8 +317,8 @@ impl Load {
                         _ => 4,
                     };
                     let outcome = if kind == 0 {
-                        let url = format!("{base}/v1/users/{user_id}/orders");
-                        let outcome = purchase(&client, &url).await;
+                        let path = format!("/v1/users/{user_id}/orders");
+                        let outcome = purchase(&mut conns, node, &path).await;
                         if let Ok(order_id) = &outcome {
                             created += 1;
                             if bought.len() < 1024 {
@@ -328,16 +327,16 @@ impl Load {
                         }
                         outcome.map(|_| ())
                     } else if kind == 1 {
-                        let (was_created, outcome) = two_step(&client, base, &user_id).await;
+                        let (was_created, outcome) = two_step(&mut conns, node, &user_id).await;
                         created += u64::from(was_created);
                         outcome
                     } else if kind == 2 {
-                        credit(&client, base, &user_id).await
+                        credit(&mut conns, node, &user_id).await
                     } else if kind == 3 {
                         let (owner, order_id) = bought.pop_front().expect("checked above");
-                        refund(&client, base, &self::user_id(owner), &order_id).await
+                        refund(&mut conns, node, &self::user_id(owner), &order_id).await
                     } else {
-                        read_wallet(&client, base, &user_id).await
+                        read_wallet(&mut conns, node, &user_id).await
                     };
                     let latency = started.elapsed();
                     ops.fetch_add(1, Ordering::Relaxed);
@@ -390,7 +389,8 @@ impl Load {
         connections: usize,
         ops: Arc<AtomicU64>,
     ) -> (OpenLoopResult, u64) {
-        let urls = Arc::new(self.order_urls());
+        let paths = Arc::new(order_paths());
+        let nodes = self.bases.len();
         let first = Instant::now() + Duration::from_millis(20);
         let measure_from = first + self.warm_up;
         let stop_at = measure_from + self.duration;
@@ -400,12 +400,12 @@ impl Load {
 
         let mut tasks = Vec::with_capacity(connections);
         for worker in 0..connections {
-            let client = self.client.clone();
-            let urls = urls.clone();
+            let mut conns = Conns::new(&self.bases);
+            let paths = paths.clone();
             let schedule = schedule.clone();
             let ops = ops.clone();
             tasks.push(tokio::spawn(async move {
-                let urls = &urls[worker % urls.len()];
+                let node = worker % nodes;
                 let mut tally = Tally::default();
                 let mut created = 0u64;
                 let mut last_end = measure_from;
@@ -422,7 +422,7 @@ impl Load {
                         break;
                     }
                     tokio::time::sleep_until(intended.into()).await;
-                    let outcome = purchase(&client, &urls[user]).await.map(|_| ());
+                    let outcome = purchase(&mut conns, node, &paths[user]).await.map(|_| ());
                     let ended = Instant::now();
                     ops.fetch_add(1, Ordering::Relaxed);
                     if outcome.is_ok() {
@@ -459,18 +459,13 @@ impl Load {
         };
         (result, created)
     }
+}
 
-    /// `urls[node][user]`: where to POST the user's orders on each node.
-    fn order_urls(&self) -> Vec<Vec<String>> {
-        self.bases
-            .iter()
-            .map(|base| {
-                (0..USERS)
-                    .map(|i| format!("{base}/v1/users/{}/orders", user_id(i)))
-                    .collect()
-            })
-            .collect()
-    }
+/// `paths[user]`: where to POST the user's orders.
+fn order_paths() -> Vec<String> {
+    (0..USERS)
+        .map(|i| format!("/v1/users/{}/orders", user_id(i)))
+        .collect()
 }
 
 /// A small deterministic generator (xorshift64*), enough to pick operations and arrival gaps.
