@@ -96,7 +96,8 @@ pub(crate) struct ShopRun {
     pub(crate) audit_rss_kib: Option<u64>,
     pub(crate) checks: Vec<(String, bool)>,
     pub(crate) restart_ready_s: Option<f64>,
-    /// Orders the clients saw created (both phases, warm-ups included).
+    /// Orders the clients saw created (every phase, warm-ups included; the audit's check counts those
+    /// before it, the 3-node part's all of them).
     pub(crate) created: u64,
 }
 
@@ -417,7 +418,7 @@ async fn run_shop(
     let snapshot_bytes = dir_bytes(&data.join("snapshots"));
 
     let rate = rate.unwrap_or(0.0);
-    let (closed, half_peak, peak_rss_kib, created) = measure(settings, &node, name, rate).await;
+    let (closed, half_peak, peak_rss_kib, mut created) = measure(settings, &node, name, rate).await;
 
     let audit_started = Instant::now();
     let (checks, shard_seconds) = check_audit_by_shard(client, &node.base, orders + created).await;
@@ -428,7 +429,9 @@ async fn run_shop(
         "scale {name}: audit in {audit_s:.1} s (slowest shard {slowest_shard_audit_s:.1} s), peak RSS through it {} MiB",
         mib(audit_rss_kib)
     );
-    let during_audit = load_while_auditing(settings, client, &node, name).await;
+    let (during_audit, created_while_auditing) =
+        load_while_auditing(settings, client, &node, name).await;
+    created += created_while_auditing;
 
     let restart_ready_s = if orders > 0 {
         let seconds = node.kill_and_restart(client).await;
@@ -501,23 +504,23 @@ async fn measure(
 
 /// The closed loop again while the node audits its shards back to back: an audit reads one snapshot of
 /// a shard, so purchases go on meanwhile; this measures how fast. The shard audits that finished in
-/// that time come with it.
+/// that time come with it; and the orders the clients saw created (warm-up included).
 async fn load_while_auditing(
     settings: &Settings,
     client: &Client,
     node: &ScaleNode,
     name: &str,
-) -> Option<(LevelResult, u64)> {
+) -> (Option<(LevelResult, u64)>, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let auditor = {
         let (client, base, stop) = (client.clone(), node.base.clone(), stop.clone());
         tokio::spawn(async move { audit_until(&client, &base, &stop).await })
     };
-    let (closed, _) = load_on(settings, node)
+    let (closed, created) = load_on(settings, node)
         .closed_loop(None, SCALE_CONCURRENCY, Arc::new(AtomicU64::new(0)))
         .await;
     stop.store(true, Ordering::Relaxed);
-    match auditor.await.expect("the auditor panicked") {
+    let during = match auditor.await.expect("the auditor panicked") {
         Ok(audits) => {
             eprintln!(
                 "scale {name}: c={SCALE_CONCURRENCY} while auditing: {:.0} purchases/s, p99 {} ms ({audits} shard audits)",
@@ -530,7 +533,8 @@ async fn load_while_auditing(
             eprintln!("scale {name}: the audits during the load failed: {e}");
             None
         }
-    }
+    };
+    (during, created)
 }
 
 /// The closed and open loops of the scale run on `node`.
