@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::{Connection, SendRequest, handshake};
@@ -133,17 +134,20 @@ impl Conns {
             };
             tokio::pin!(work);
             // The connection does the reading and writing, so it is polled beside the request. Should it end
-            // first (the node closed it), what it read before is in the answer's channel: the request then
-            // finishes, with the whole answer or with an error, and the connection is not used again.
+            // first (the node closed it), whatever answer it read is already in the request's channels, so
+            // one more poll takes it; anything else is a failure. The connection is not used again.
             let ended = tokio::select! {
                 biased;
                 answer = &mut work => return answer,
                 ended = connection => ended,
             };
-            (ended, work.await)
+            (ended, work.now_or_never())
         };
         self.open[node] = None;
-        ended.map_err(|_| ()).and(answer)
+        match (ended, answer) {
+            (Ok(()), Some(answer)) => answer,
+            _ => Err(()),
+        }
     }
 
     async fn connect(&self, node: usize) -> Result<Open, ()> {
