@@ -23,12 +23,6 @@ use crate::SERVICE_TOKEN;
 /// The longest a request may take, connecting included (the pooled client's timeout).
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One node to connect to.
-struct Node {
-    /// `host:port`, for the TCP connection and the `Host` header.
-    authority: HeaderValue,
-}
-
 /// An open connection: the request sender and the connection it writes to (polled with each request).
 struct Open {
     sender: SendRequest<Full<Bytes>>,
@@ -37,7 +31,8 @@ struct Open {
 
 /// A worker's connections, at most one per node, opened when first used and again after a failure.
 pub(crate) struct Conns {
-    nodes: Vec<Node>,
+    /// Each node's `host:port`, for the TCP connection and the `Host` header.
+    authorities: Vec<HeaderValue>,
     open: Vec<Option<Open>>,
     authorization: HeaderValue,
 }
@@ -52,20 +47,18 @@ pub(crate) struct Call<'a> {
 impl Conns {
     /// Connections to the nodes at `bases` (`http://host:port`), none open yet.
     pub(crate) fn new(bases: &[String]) -> Conns {
-        let nodes = bases
+        let authorities = bases
             .iter()
             .map(|base| {
                 let authority = base.strip_prefix("http://").unwrap_or(base);
-                Node {
-                    authority: HeaderValue::from_str(authority).expect("a node's address"),
-                }
+                HeaderValue::from_str(authority).expect("a node's address")
             })
             .collect::<Vec<_>>();
         let authorization = HeaderValue::from_str(&format!("Bearer {SERVICE_TOKEN}"))
             .expect("the service token is a header value");
         Conns {
-            open: nodes.iter().map(|_| None).collect(),
-            nodes,
+            open: authorities.iter().map(|_| None).collect(),
+            authorities,
             authorization,
         }
     }
@@ -96,7 +89,7 @@ impl Conns {
         let mut builder = Request::builder()
             .method(call.method)
             .uri(call.path)
-            .header(HOST, self.nodes[node].authority.clone())
+            .header(HOST, self.authorities[node].clone())
             .header(AUTHORIZATION, self.authorization.clone());
         let body = match call.body {
             Some((json, key)) => {
@@ -151,7 +144,7 @@ impl Conns {
     }
 
     async fn connect(&self, node: usize) -> Result<Open, ()> {
-        let address = self.nodes[node].authority.to_str().map_err(|_| ())?;
+        let address = self.authorities[node].to_str().map_err(|_| ())?;
         let stream = TcpStream::connect(address).await.map_err(|_| ())?;
         stream.set_nodelay(true).map_err(|_| ())?;
         let (sender, connection) = handshake(TokioIo::new(stream)).await.map_err(|_| ())?;

@@ -158,19 +158,12 @@ mod tests {
     use std::time::Instant;
 
     use super::{HOLD_COMMANDS, HOLD_FOR};
-    use crate::domain::command::{self, Command};
     use crate::domain::{Envelope, ItemKind, Reply};
     use crate::state::apply::PANICS_AFTER_WRITING;
     use crate::state::{ShardStore, audit, query, test_commands, test_envelope};
 
     fn create(n: u8, user_id: &str) -> Envelope {
-        test_envelope(
-            n,
-            Command::CreateUser(command::CreateUser {
-                user_id: user_id.into(),
-                display_name: None,
-            }),
-        )
+        test_envelope(n, test_commands::create_user(user_id))
     }
 
     fn store() -> (tempfile::TempDir, ShardStore) {
