@@ -3,6 +3,9 @@
 
 /// Operations (appends, votes, purges) of all shards written in one commit of the log file.
 pub const LOG_OPS_PER_COMMIT: &str = "shopkeep_raft_log_ops_per_commit";
+/// Commits of the log file written by the appending task itself, the writer thread being idle (the
+/// others are the writer's group commits).
+pub const LOG_INLINE_COMMITS: &str = "shopkeep_raft_log_inline_commits_total";
 /// Time of one commit of the log file (its fsync included).
 pub const LOG_COMMIT_SECONDS: &str = "shopkeep_raft_log_commit_seconds";
 /// On a shard's leader: from proposing an entry to its applied reply.
@@ -60,6 +63,11 @@ pub fn describe() {
         // Registered, it is served (empty) from now on.
         let _registered = metrics::histogram!(name);
     }
+    metrics::describe_counter!(
+        LOG_INLINE_COMMITS,
+        "Commits of the Raft log file written by the appending task itself while the log writer was idle (light load); the rest are the writer's group commits"
+    );
+    metrics::counter!(LOG_INLINE_COMMITS).increment(0);
     // Labelled: served once a call was made.
     metrics::describe_histogram!(
         NODE_CALL_SECONDS,

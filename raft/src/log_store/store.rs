@@ -148,7 +148,7 @@ impl LogStore {
     }
 
     async fn queue(&self, op: Op) -> Result<(), StorageError> {
-        self.db.ops.send(op).await.map_err(|_| {
+        self.db.submit(op).await.map_err(|()| {
             StorageIOError::write_logs(openraft::AnyError::error("the log writer stopped")).into()
         })
     }
@@ -756,5 +756,70 @@ mod tests {
         let written = db.read_state(0, "committed").unwrap().unwrap();
         assert_eq!(decode::<LogId>(&written).unwrap(), later);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Appends `count` entries of term 1, one at a time, at the indexes `next` gives.
+    async fn append(store: &mut LogStore, next: &mut std::ops::RangeFrom<u64>, count: u32) {
+        for _ in 0..count {
+            let index = next.next().unwrap();
+            store.blocking_append([entry(1, index)]).await.unwrap();
+        }
+    }
+
+    /// The writer's hand-off is spared when it is idle: after `CALM_BEFORE_INLINE` commits in a row
+    /// found nothing else waiting, appends are written on the appending task's thread. An append that
+    /// finds the writer busy, or any operation queued to it, is queued behind them instead (so it
+    /// overtakes nothing), and the writer's group commit takes over until it is calm again. Written
+    /// either way, the entries and the committed mark they carry survive a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_are_written_by_their_caller_only_while_the_writer_is_idle_and_overtake_nothing()
+     {
+        use crate::log_store::writer::CALM_BEFORE_INLINE;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        let db = LogDb::open(&path).unwrap();
+        let mut store = db.shard(0).unwrap();
+        let mut next = 1..;
+        append(&mut store, &mut next, CALM_BEFORE_INLINE).await;
+        assert_eq!(db.writing.inline_commits(), 0, "the writer's, until calm");
+        append(&mut store, &mut next, 3).await;
+        assert_eq!(db.writing.inline_commits(), 3, "calm: the caller's");
+
+        // the writer busy (another shard appends meanwhile): queued behind its commit, and the writer's again
+        let held = db.writing.hold();
+        let mut other = db.shard(1).unwrap();
+        let queued = tokio::spawn(async move { other.blocking_append([entry(1, 1)]).await });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!queued.is_finished(), "waits for the writer's commit");
+        drop(held);
+        queued.await.unwrap().unwrap();
+        append(&mut store, &mut next, 1).await;
+        assert_eq!(db.writing.inline_commits(), 3, "back to group commits");
+
+        // calm again, with an operation queued: the append waits behind it
+        append(&mut store, &mut next, CALM_BEFORE_INLINE).await;
+        let calm = db.writing.inline_commits();
+        assert!(calm > 3, "calm again");
+        let committed = LogId::new(CommittedLeaderId::new(1, 1), 10);
+        store.save_committed(Some(committed)).await.unwrap();
+        db.writing.queuing();
+        append(&mut store, &mut next, 1).await;
+        db.writing.not_queued();
+        assert_eq!(
+            db.writing.inline_commits(),
+            calm,
+            "queued behind the waiting operation"
+        );
+        append(&mut store, &mut next, CALM_BEFORE_INLINE).await;
+        assert!(db.writing.inline_commits() > calm, "calm once more");
+        let last = next.start - 1;
+
+        drop(store);
+        drop(db);
+        let db = reopen_when_released(&path, MIRROR_BYTES).await;
+        let mut store = db.shard(0).unwrap();
+        let expected: Vec<(u64, u64)> = (1..=last).map(|i| (1, i)).collect();
+        assert_eq!(indexes(&mut store, 1..last + 1).await, expected);
+        assert_eq!(store.read_committed().await.unwrap(), Some(committed));
     }
 }

@@ -1,13 +1,14 @@
 //! The log file and its writer thread: one transaction and one durable write (one fsync, of the
-//! write-ahead file: `wal`) for every batch of waiting operations of all shards; a commit refused for
+//! write-ahead file: `wal`) for every batch of waiting operations of all shards, or, under light load,
+//! of one append written by the task that appends (`Writing`); a commit refused for
 //! want of space reopens the file and retries the batch. Also the watch that reports the disk full
 //! below its reserve.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use openraft::storage::LogFlushed;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
@@ -163,49 +164,236 @@ enum Completion {
     Done(oneshot::Sender<Result<(), String>>),
 }
 
-/// The writer thread: one transaction and one durable write per batch of waiting operations, with the
-/// notes held when it was taken. `defer_bytes`: the most bytes of batches the redb file may lag behind
-/// (see `Deferred`).
-pub(super) fn run_writer(file: &LogFile, mut queue: mpsc::Receiver<Op>, defer_bytes: usize) {
-    let mut deferred = Deferred::default();
-    while let Some(first) = queue.blocking_recv() {
-        let (batch, notes) = next_batch(file, first, &mut queue);
-        let started = std::time::Instant::now();
-        let count = batch.len();
-        let deferrable = batch.iter().all(|op| matches!(op, Op::Append { .. }));
-        let (ops, completions) = split(&notes, batch);
-        let appended = completions
-            .iter()
-            .any(|c| matches!(c, Completion::Append { .. }));
-        let before = deferred.marks.len();
-        let marks = completions.iter().filter_map(Completion::durable_mark);
-        deferred.marks.extend(marks);
-        let deferrable = deferrable && deferred.bytes < defer_bytes;
-        let result = commit_batch(file, &mut deferred, ops, deferrable);
-        if result.is_err() {
-            // the batch's entries are in no file: the mirror keeps them, and the notes wait
-            deferred.marks.truncate(before);
+/// Commits in a row that found nothing else waiting before appends are written on their caller's
+/// thread (see `Writing::calm`).
+pub(super) const CALM_BEFORE_INLINE: u32 = 16;
+
+/// What the writer thread and the operations written on their caller's thread (`Writing::try_inline`)
+/// share: what the redb file lags behind, under the lock that lets one of them write at a time, and how
+/// many operations are queued to the writer and not yet written.
+pub(super) struct Writing {
+    deferred: Mutex<Deferred>,
+    queued: AtomicUsize,
+    /// How many commits in a row found no other operation waiting: the writer's batches of one, and
+    /// appends written on their caller's thread that nothing queued behind meanwhile. From
+    /// `CALM_BEFORE_INLINE` on, appends are written on their caller's thread; one commit that finds
+    /// others waiting sends them back to the writer's group commit.
+    calm: AtomicU32,
+    /// Appends written on their caller's thread (also counted in `metrics::LOG_INLINE_COMMITS`).
+    inline_commits: AtomicU64,
+    /// The most bytes of batches the redb file may lag behind (see `Deferred`).
+    defer_bytes: usize,
+}
+
+impl Writing {
+    pub(super) fn new(defer_bytes: usize) -> Writing {
+        Writing {
+            deferred: Mutex::new(Deferred::default()),
+            queued: AtomicUsize::new(0),
+            calm: AtomicU32::new(0),
+            inline_commits: AtomicU64::new(0),
+            defer_bytes,
+        }
+    }
+
+    /// An operation is about to be queued to the writer.
+    pub(super) fn queuing(&self) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The writer committed a batch of `count` queued operations: one alone counts towards calm.
+    fn written(&self, count: usize) {
+        if count == 1 {
+            let _ = self
+                .calm
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |calm| {
+                    Some(calm.saturating_add(1))
+                });
+        } else {
+            self.calm.store(0, Ordering::Relaxed);
+        }
+        self.queued.fetch_sub(count, Ordering::SeqCst);
+    }
+
+    /// An operation counted by `queuing` was never queued (the writer stopped).
+    pub(super) fn not_queued(&self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Writes an append on the caller's thread when the writer is idle: nothing queued, nobody writing,
+    /// and the batch goes to the write-ahead file alone (see `Deferred`). That spares the hand-off to the
+    /// writer thread and back, which costs more than the fsync at one client; under load the writer is
+    /// busy and the append is queued for its group commit. Gives the operation back when it must be
+    /// queued. Order: with nothing queued, every operation submitted before is written, so this one
+    /// overtakes none, and the notes it takes name no entry that is not durable (see `next_batch`).
+    pub(super) fn try_inline(&self, file: &LogFile, op: Op) -> Option<Op> {
+        if !matches!(op, Op::Append { .. })
+            || self.calm.load(Ordering::Relaxed) < CALM_BEFORE_INLINE
+        {
+            return Some(op);
+        }
+        let Some(mut deferred) = self.idle() else {
+            self.calm.store(0, Ordering::Relaxed);
+            return Some(op);
+        };
+        if deferred.bytes >= self.defer_bytes {
+            return Some(op);
+        }
+        // the notes are taken before the queue is seen empty, as `next_batch` takes them before its drain
+        let notes = file.take_notes();
+        if self.queued.load(Ordering::SeqCst) != 0 {
             file.restore_notes(notes);
+            return Some(op);
         }
-        let result = result.map_err(|e| e.to_string());
-        metrics::histogram!(crate::metrics::LOG_OPS_PER_COMMIT).record(count as f64);
-        metrics::histogram!(crate::metrics::LOG_COMMIT_SECONDS)
-            .record(started.elapsed().as_secs_f64());
-        if let Err(error) = &result {
-            tracing::error!(%error, "raft log commit failed");
-        } else if appended {
-            failpoints::crash_point(failpoints::AFTER_LOG_APPEND);
+        let started = std::time::Instant::now();
+        let completion = match defer_one(file, &mut deferred, &notes, op) {
+            Ok(completion) => completion,
+            Err(op) => {
+                file.restore_notes(notes);
+                return Some(op);
+            }
+        };
+        drop(deferred);
+        if self.queued.load(Ordering::SeqCst) != 0 {
+            self.calm.store(0, Ordering::Relaxed);
         }
+        record_commit(1, started);
+        self.inline_commits.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::LOG_INLINE_COMMITS).increment(1);
+        failpoints::crash_point(failpoints::AFTER_LOG_APPEND);
+        complete(completion, Ok(()));
+        None
+    }
+
+    /// The writer's state when nobody writes and nothing is queued.
+    fn idle(&self) -> Option<MutexGuard<'_, Deferred>> {
+        match self.deferred.try_lock() {
+            Ok(deferred) if self.queued.load(Ordering::SeqCst) == 0 => Some(deferred),
+            _ => None,
+        }
+    }
+
+    /// Appends written on their caller's thread since the log was opened.
+    #[cfg(test)]
+    pub(super) fn inline_commits(&self) -> u64 {
+        self.inline_commits.load(Ordering::Relaxed)
+    }
+
+    /// Holds the writer's lock as a commit in progress does.
+    #[cfg(test)]
+    pub(super) fn hold(&self) -> MutexGuard<'_, Deferred> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Appends the append `op`, after `notes`, to the write-ahead file alone (see `Deferred`); what to
+/// answer once it is durable, or `op` back when a checkpoint is due.
+fn defer_one(
+    file: &LogFile,
+    deferred: &mut Deferred,
+    notes: &HeldNotes,
+    op: Op,
+) -> Result<Completion, Op> {
+    let (ops, mut completions) = split(notes, vec![op]);
+    let Ok(payload) = postcard::to_allocvec(&ops) else {
+        return Err(rejoin(ops, completions));
+    };
+    let marks = deferred.marks.len();
+    deferred
+        .marks
+        .extend(completions.iter().filter_map(Completion::durable_mark));
+    if let Some(ops) = try_defer(file, deferred, ops, &payload) {
+        deferred.marks.truncate(marks);
+        return Err(rejoin(ops, completions));
+    }
+    let (Some(completion), None) = (completions.pop(), completions.pop()) else {
+        unreachable!("split answers the one append with one completion");
+    };
+    Ok(completion)
+}
+
+/// The append `defer_one` split, whole again (the notes are ahead of it in `ops`).
+fn rejoin(mut ops: Vec<WalOp>, mut completions: Vec<Completion>) -> Op {
+    match (ops.pop(), completions.pop()) {
+        (
+            Some(WalOp::Append { shard, entries }),
+            Some(Completion::Append {
+                flushed, durable, ..
+            }),
+        ) => Op::Append {
+            shard,
+            entries,
+            flushed,
+            durable,
+        },
+        _ => unreachable!("defer_one splits one append"),
+    }
+}
+
+/// The writer thread: one transaction and one durable write per batch of waiting operations, with the
+/// notes held when it was taken.
+pub(super) fn run_writer(file: &LogFile, writing: &Writing, mut queue: mpsc::Receiver<Op>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut deferred = writing.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        let (batch, notes) = next_batch(file, first, &mut queue);
+        let count = batch.len();
+        let (completions, result) =
+            commit_queued(file, &mut deferred, batch, notes, writing.defer_bytes);
+        // let go before answering: the next append may be written by its caller as soon as it is sent
+        drop(deferred);
+        writing.written(count);
         for completion in completions {
             complete(completion, result.clone());
         }
     }
     // everything is in the write-ahead file already; a checkpoint leaves the redb file whole
     let notes = split(&file.take_notes(), Vec::new()).0;
+    let mut deferred = writing.deferred.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(error) = checkpoint_now(file, &mut deferred, notes) {
         tracing::debug!(%error, "the raft log was not checkpointed at shutdown");
     }
     tracing::debug!("raft log writer stopped");
+}
+
+/// Commits one batch of the writer's, with `notes`: what to answer, and with what.
+fn commit_queued(
+    file: &LogFile,
+    deferred: &mut Deferred,
+    batch: Vec<Op>,
+    notes: HeldNotes,
+    defer_bytes: usize,
+) -> (Vec<Completion>, Result<(), String>) {
+    let started = std::time::Instant::now();
+    let count = batch.len();
+    let deferrable = batch.iter().all(|op| matches!(op, Op::Append { .. }));
+    let (ops, completions) = split(&notes, batch);
+    let appended = completions
+        .iter()
+        .any(|c| matches!(c, Completion::Append { .. }));
+    let before = deferred.marks.len();
+    let marks = completions.iter().filter_map(Completion::durable_mark);
+    deferred.marks.extend(marks);
+    let deferrable = deferrable && deferred.bytes < defer_bytes;
+    let result = commit_batch(file, deferred, ops, deferrable);
+    if result.is_err() {
+        // the batch's entries are in no file: the mirror keeps them, and the notes wait
+        deferred.marks.truncate(before);
+        file.restore_notes(notes);
+    }
+    let result = result.map_err(|e| e.to_string());
+    record_commit(count, started);
+    if let Err(error) = &result {
+        tracing::error!(%error, "raft log commit failed");
+    } else if appended {
+        failpoints::crash_point(failpoints::AFTER_LOG_APPEND);
+    }
+    (completions, result)
+}
+
+/// The metrics of one commit of `count` operations started at `started`.
+fn record_commit(count: usize, started: std::time::Instant) {
+    metrics::histogram!(crate::metrics::LOG_OPS_PER_COMMIT).record(count as f64);
+    metrics::histogram!(crate::metrics::LOG_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
 }
 
 /// The batch that starts with `first`: every operation waiting behind it (at most `MAX_OPS_PER_COMMIT`
@@ -327,7 +515,7 @@ impl Completion {
 /// comes first. It spares most batches a redb transaction: at one client, +11–16 % purchases/s. Until then the mirror
 /// keeps their entries (their `marks` are raised only then), so nothing reads them from the redb file.
 #[derive(Default)]
-struct Deferred {
+pub(super) struct Deferred {
     ops: Vec<WalOp>,
     marks: Vec<(Arc<AtomicU64>, u64)>,
     /// The encoded size of `ops`.
@@ -378,16 +566,33 @@ fn commit_batch(
     deferrable: bool,
 ) -> Result<(), LogDbError> {
     let payload = postcard::to_allocvec(&ops).map_err(|e| LogDbError::Write(e.to_string()))?;
-    {
-        let mut wal = file.wal.lock().unwrap_or_else(|p| p.into_inner());
-        if deferrable && wal.takes_without_checkpoint(payload.len()) {
-            wal.append(&payload);
-            deferred.ops.extend(ops);
-            deferred.bytes += payload.len();
-            return Ok(());
+    let ops = if deferrable {
+        match try_defer(file, deferred, ops, &payload) {
+            None => return Ok(()),
+            Some(ops) => ops,
         }
-    }
+    } else {
+        ops
+    };
     write_through(file, deferred, &ops, &payload, false)
+}
+
+/// Appends a batch of appends and committed marks alone (encoded as `payload`) to the write-ahead file
+/// only, deferring it from the redb file (see `Deferred`); gives `ops` back when a checkpoint is due.
+fn try_defer(
+    file: &LogFile,
+    deferred: &mut Deferred,
+    ops: Vec<WalOp>,
+    payload: &[u8],
+) -> Option<Vec<WalOp>> {
+    let mut wal = file.wal.lock().unwrap_or_else(|p| p.into_inner());
+    if !wal.takes_without_checkpoint(payload.len()) {
+        return Some(ops);
+    }
+    wal.append(payload);
+    deferred.ops.extend(ops);
+    deferred.bytes += payload.len();
+    None
 }
 
 /// Writes what was deferred and `notes` to the redb file durably (the writer stopping).
