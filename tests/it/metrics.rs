@@ -374,6 +374,30 @@ async fn durable_every_sets_how_often_a_shards_applies_are_committed_durably() {
     }
 }
 
+/// Under light load the Raft log's appends are written by the appending task itself (the log writer
+/// idle, no hand-off to its thread): one client's writes, one after another, are counted in
+/// `shopkeep_raft_log_inline_commits_total`, which is served from the start.
+#[tokio::test]
+async fn one_clients_writes_one_after_another_are_committed_by_the_appending_task() {
+    let srv = Server::start_with(Opts::new().shards(1)).await;
+    let api = srv.api();
+    let inline = |scrape: &Scrape| {
+        scrape
+            .value("shopkeep_raft_log_inline_commits_total", &[])
+            .expect("the inline commits are served")
+    };
+    let before = inline(&scrape(&api.base).await);
+    // two writes each (the user, then the credit); the writer's first 16 commits come before any inline
+    for user in 0..40 {
+        api.funded_user(&format!("inline-{user}"), "5.00").await;
+    }
+    let after = inline(&scrape(&api.base).await);
+    assert!(
+        after - before >= 40.0,
+        "80 writes one after another: {before} inline commits before, {after} after"
+    );
+}
+
 /// Scrapes node `id` until `done` holds for its scrape (≤ `within`); the last scrape either way.
 async fn scrape_until(
     cluster: &TestCluster,
