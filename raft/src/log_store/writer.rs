@@ -174,10 +174,10 @@ pub(super) const CALM_BEFORE_INLINE: u32 = 16;
 pub(super) struct Writing {
     deferred: Mutex<Deferred>,
     queued: AtomicUsize,
-    /// How many commits in a row found no other operation waiting: the writer's batches of one, and
-    /// appends written on their caller's thread that nothing queued behind meanwhile. From
-    /// `CALM_BEFORE_INLINE` on, appends are written on their caller's thread; one commit that finds
-    /// others waiting sends them back to the writer's group commit.
+    /// How many of the writer's batches in a row held one operation alone. From `CALM_BEFORE_INLINE`
+    /// on, appends are written on their caller's thread; a batch of more, an append that finds the
+    /// writer busy or anything queued, or one behind which something was queued while it was written,
+    /// starts the count over and sends appends back to the writer's group commit.
     calm: AtomicU32,
     /// Appends written on their caller's thread (also counted in `metrics::LOG_INLINE_COMMITS`).
     inline_commits: AtomicU64,
@@ -226,6 +226,8 @@ impl Writing {
     /// busy and the append is queued for its group commit. Gives the operation back when it must be
     /// queued. Order: with nothing queued, every operation submitted before is written, so this one
     /// overtakes none, and the notes it takes name no entry that is not durable (see `next_batch`).
+    /// The caller's thread (a runtime worker) is blocked through the fsync, which is why it is done
+    /// only while the load is light.
     pub(super) fn try_inline(&self, file: &LogFile, op: Op) -> Option<Op> {
         if !matches!(op, Op::Append { .. })
             || self.calm.load(Ordering::Relaxed) < CALM_BEFORE_INLINE
