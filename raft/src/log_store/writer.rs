@@ -222,8 +222,8 @@ impl Writing {
 
     /// Writes an append on the caller's thread when the writer is idle: nothing queued, nobody writing,
     /// and the batch goes to the write-ahead file alone (see `Deferred`). That spares the hand-off to the
-    /// writer thread and back, which costs more than the fsync at one client; under load the writer is
-    /// busy and the append is queued for its group commit. Gives the operation back when it must be
+    /// writer thread and back (at one client ~0.06 ms of a purchase's ~0.4 ms in the server); under load
+    /// the writer is busy and the append is queued for its group commit. Gives the operation back when it must be
     /// queued. Order: with nothing queued, every operation submitted before is written, so this one
     /// overtakes none, and the notes it takes name no entry that is not durable (see `next_batch`).
     /// The caller's thread (a runtime worker) is blocked through the fsync, which is why it is done
