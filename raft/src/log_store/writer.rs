@@ -281,8 +281,7 @@ impl Writing {
         self.inline_commits.load(Ordering::Relaxed)
     }
 
-    /// Holds the writer's lock as a commit in progress does.
-    #[cfg(test)]
+    /// The writer's lock, held through a commit (poisoning ignored, as everywhere in this module).
     pub(super) fn hold(&self) -> MutexGuard<'_, Deferred> {
         self.deferred.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -336,7 +335,7 @@ fn rejoin(mut ops: Vec<WalOp>, mut completions: Vec<Completion>) -> Op {
 /// notes held when it was taken.
 pub(super) fn run_writer(file: &LogFile, writing: &Writing, mut queue: mpsc::Receiver<Op>) {
     while let Some(first) = queue.blocking_recv() {
-        let mut deferred = writing.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        let mut deferred = writing.hold();
         let (batch, notes) = next_batch(file, first, &mut queue);
         let count = batch.len();
         let (completions, result) =
@@ -350,7 +349,7 @@ pub(super) fn run_writer(file: &LogFile, writing: &Writing, mut queue: mpsc::Rec
     }
     // everything is in the write-ahead file already; a checkpoint leaves the redb file whole
     let notes = split(&file.take_notes(), Vec::new()).0;
-    let mut deferred = writing.deferred.lock().unwrap_or_else(|p| p.into_inner());
+    let mut deferred = writing.hold();
     if let Err(error) = checkpoint_now(file, &mut deferred, notes) {
         tracing::debug!(%error, "the raft log was not checkpointed at shutdown");
     }
