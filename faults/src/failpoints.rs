@@ -15,9 +15,17 @@ pub const AFTER_APPLY_COMMIT: &str = "crash-after-apply-commit";
 pub const AFTER_LOG_APPEND: &str = "crash-after-log-append";
 /// A snapshot being installed is half written into the state machine's transaction, not committed.
 pub const MID_SNAPSHOT_INSTALL: &str = "crash-mid-snapshot-install";
+/// The log writer is about to write a leader's own entries, which openraft was told are flushed and
+/// may have sent to the followers already: they are not durable here yet.
+pub const BEFORE_EARLY_APPEND_WRITE: &str = "crash-before-early-append-write";
 
 /// Every crash point there is.
-pub const CRASH_POINTS: [&str; 3] = [AFTER_APPLY_COMMIT, AFTER_LOG_APPEND, MID_SNAPSHOT_INSTALL];
+pub const CRASH_POINTS: [&str; 4] = [
+    AFTER_APPLY_COMMIT,
+    AFTER_LOG_APPEND,
+    MID_SNAPSHOT_INSTALL,
+    BEFORE_EARLY_APPEND_WRITE,
+];
 
 /// Aborts the process here when the crash point `name` is armed and its action fires.
 #[cfg(feature = "failpoints")]

@@ -6,6 +6,8 @@ pub const LOG_OPS_PER_COMMIT: &str = "shopkeep_raft_log_ops_per_commit";
 /// Commits of the log file written by the appending task itself, the writer thread being idle (the
 /// others are the writer's group commits).
 pub const LOG_INLINE_COMMITS: &str = "shopkeep_raft_log_inline_commits_total";
+/// Appends a shard's leader acknowledged to openraft before they were durable (its own entries).
+pub const LOG_EARLY_ACKS: &str = "shopkeep_raft_log_early_acks_total";
 /// Time of one commit of the log file (its fsync included).
 pub const LOG_COMMIT_SECONDS: &str = "shopkeep_raft_log_commit_seconds";
 /// On a shard's leader: from proposing an entry to its applied reply.
@@ -68,6 +70,11 @@ pub fn describe() {
         "Commits of the Raft log file written by the appending task itself while the log writer was idle (light load); the rest are the writer's group commits"
     );
     metrics::counter!(LOG_INLINE_COMMITS).increment(0);
+    metrics::describe_counter!(
+        LOG_EARLY_ACKS,
+        "Appends of a shard's leader's own entries acknowledged to openraft before they were durable, so that they are replicated while the log's fsync runs (applied only once durable)"
+    );
+    metrics::counter!(LOG_EARLY_ACKS).increment(0);
     // Labelled: served once a call was made.
     metrics::describe_histogram!(
         NODE_CALL_SECONDS,

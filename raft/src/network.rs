@@ -26,6 +26,7 @@ use self::notices::{Held, Next, Notices};
 use crate::TypeConfig;
 use crate::auth::{AUTH_HEADER, NodeAuth};
 use crate::clock::{ClockWatch, Reading, TIME_HEADER};
+use crate::log_store::Flushed;
 use crate::peer_health::PeerHealth;
 use crate::rpc::{CALL_PATH, MAX_MESSAGE_BYTES, NodeRequest, NodeResponse};
 
@@ -237,6 +238,9 @@ pub struct ShardNetwork {
     pub(crate) transport: Arc<Transport>,
     /// How long a commit notice is held (`notices::hold_for` the heartbeat).
     pub(crate) hold: Duration,
+    /// How far the shard's log is durable here: no follower is told more is committed (`None`: the
+    /// log acknowledges appends once durable, see `log_store::flushed`).
+    pub(crate) flushed: Option<Flushed>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
@@ -251,6 +255,7 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
             addr: self.transport.address_of(target, &node.addr),
             transport: self.transport.clone(),
             notices: Arc::new(tokio::sync::Mutex::new(Notices::new(self.hold))),
+            flushed: self.flushed.clone(),
         }
     }
 }
@@ -264,6 +269,18 @@ pub struct PeerClient {
     /// What the follower confirmed to this client and the commit notice held back for it. The lock is
     /// held while a call is sent, so a held notice and the stream's next call never cross.
     notices: Arc<tokio::sync::Mutex<Notices>>,
+    flushed: Option<Flushed>,
+}
+
+/// `rpc` with its committed index no further than `flushed` (see `log_store::flushed`), as it leaves.
+fn clamped(
+    mut rpc: AppendEntriesRequest<TypeConfig>,
+    flushed: Option<&Flushed>,
+) -> AppendEntriesRequest<TypeConfig> {
+    if let Some(flushed) = flushed {
+        rpc.leader_commit = flushed.clamp(rpc.leader_commit);
+    }
+    rpc
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -331,6 +348,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                     self.addr.clone(),
                     self.shard,
                     self.notices.clone(),
+                    self.flushed.clone(),
                 ));
             }
             return Ok(AppendEntriesResponse::Success);
@@ -339,7 +357,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let (vote, last) = (rpc.vote, notices::last_of(&rpc));
         // Forgotten while the call is out: a call that times out confirms nothing.
         notices.answered(&vote, last, false, now);
-        let shard = self.shard;
+        let (shard, rpc) = (self.shard, clamped(rpc, self.flushed.as_ref()));
         let answer = self.send(NodeRequest::Append { shard, rpc }, &option).await;
         notices.answered(&vote, last, is_success(&answer), Instant::now());
         match answer {
@@ -402,6 +420,7 @@ async fn send_held(
     addr: String,
     shard: u32,
     notices: Arc<tokio::sync::Mutex<Notices>>,
+    flushed: Option<Flushed>,
 ) {
     loop {
         let mut guard = notices.lock().await;
@@ -416,6 +435,7 @@ async fn send_held(
                     return;
                 };
                 let (vote, last) = (rpc.vote, notices::last_of(&rpc));
+                let rpc = clamped(rpc, flushed.as_ref());
                 let answer = transport
                     .call(&addr, &NodeRequest::Append { shard, rpc }, ttl)
                     .await;
@@ -615,6 +635,7 @@ mod tests {
             local: 1,
             transport: Arc::new(transport),
             hold: notices::HOLD,
+            flushed: None,
         };
         network.new_client(2, &BasicNode::new(addr)).await
     }

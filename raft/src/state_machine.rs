@@ -649,6 +649,13 @@ impl<S: ReplicatedState> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
         let Some(last) = entries.last().map(|e| e.log_id) else {
             return Ok(Vec::new());
         };
+        if let Some(log) = &self.recovery.log {
+            // a leader's own entries were committed before its log had them durable (`log_store::flushed`)
+            log.flushed()
+                .wait_for(last.index)
+                .await
+                .map_err(|error| StorageIOError::write_logs(AnyError::error(error)))?;
+        }
         for entry in &entries {
             if let EntryPayload::Membership(membership) = &entry.payload {
                 self.membership = StoredMembership::new(Some(entry.log_id), membership.clone());

@@ -250,3 +250,82 @@ async fn a_shop_limits_put_cut_off_after_its_home_shard_is_completed_after_the_r
             .expect_error(409, "limit_exceeded");
     }
 }
+
+/// Arms `name` with `actions` on node `id` of `cluster`.
+async fn arm_node(
+    cluster: &crate::cluster_harness::TestCluster,
+    id: u64,
+    name: &str,
+    actions: &str,
+) {
+    let path = format!("/_node/v1/failpoints/{name}");
+    let secret = crate::cluster_harness::CLUSTER_SECRET;
+    let status = cluster
+        .node(id)
+        .call(reqwest::Method::PUT, &path)
+        .header(
+            "x-shopkeep-node-auth",
+            &node_auth(secret, "PUT", &path, actions.as_bytes()),
+        )
+        .raw(actions.as_bytes().to_vec())
+        .send()
+        .await
+        .status;
+    assert_eq!(status, 200, "arming {name} on node {id}");
+}
+
+/// A shard's leader tells openraft its own entries are flushed once they are queued, so they reach the
+/// followers while its log writes them. Killed before it wrote them, it comes back without them while
+/// its followers hold them: it must not resume as the leader of that term (openraft 0.9 would, from
+/// its committed vote), where its next entries would take the lost entries' ids and the followers,
+/// holding entries under those ids, would keep theirs. It stands in a new term, and every member ends
+/// with the same state. Regression test: the chaos suite's EIO window found replicas that differed.
+#[tokio::test]
+async fn a_leader_killed_before_writing_entries_its_followers_hold_does_not_resume_its_term() {
+    use crate::cluster_harness::{ClusterOpts, TestCluster};
+    let mut opts = ClusterOpts::new().shards(1);
+    // the followers wait longer than the killed leader's restart before they stand
+    opts.election_timeout = "3s".into();
+    let mut cluster = TestCluster::start_with(opts).await;
+    let leader = cluster.leader_of_shard(0).await;
+    let api = cluster.api(leader);
+    api.funded_user("u1", "10.00").await;
+
+    arm_node(&cluster, leader, "crash-before-early-append-write", "pause").await;
+    let stranded = tokio::spawn(async move {
+        let body =
+            serde_json::json!({"amount": "1.00", "external_ref": "stranded", "source": "card"});
+        api.post("/v1/users/u1/credits", Auth::Service, &body).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.kill9(leader);
+    let _ = stranded.await;
+    cluster.restart(leader).await;
+
+    let mut credited = 1000;
+    for n in 0..5 {
+        // each with its key, retried until a leader is elected (the election timeout is long here)
+        let (key, path) = (new_key(), "/v1/users/u1/credits");
+        let body = serde_json::json!({"amount": "2.00", "external_ref": format!("after-{n}"), "source": "card"});
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let response = cluster
+                .api(leader)
+                .post_key(path, Auth::Service, &key, &body)
+                .await;
+            if response.status != 503 || std::time::Instant::now() > deadline {
+                response.expect(201);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        credited += 200;
+    }
+    // panics unless every member's state is the same
+    cluster.wait_converged(Duration::from_secs(30)).await;
+    let balance = cluster.api(leader).wallet("u1").await.balance;
+    assert!(
+        balance == credited || balance == credited + 100,
+        "the answered credits, and the stranded one at most once: {balance}"
+    );
+}

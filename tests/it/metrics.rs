@@ -398,6 +398,51 @@ async fn one_clients_writes_one_after_another_are_committed_by_the_appending_tas
     );
 }
 
+/// A shard's leader acknowledges its own entries to openraft before its log has them durable, so they
+/// are sent to the followers while its log writes them (`shopkeep_raft_log_early_acks_total`); its
+/// followers never do. Nothing is applied before it is durable on a majority: every write a client was
+/// answered survives the leader's SIGKILL right after it, and the members end with the same state.
+#[tokio::test]
+async fn a_shards_leader_replicates_while_its_log_writes_and_loses_no_answered_write_when_killed() {
+    let mut cluster = TestCluster::start_with(ClusterOpts::new().shards(1)).await;
+    let leader = cluster.leader_of_shard(0).await;
+    let early = |scrape: &Scrape| {
+        scrape
+            .value("shopkeep_raft_log_early_acks_total", &[])
+            .expect("the early acknowledgements are served")
+    };
+    let before = early(&scrape(&cluster.api(leader).base).await);
+    let api = cluster.api(leader);
+    for user in 0..30 {
+        api.funded_user(&format!("early-{user}"), "5.00").await;
+    }
+    let after = early(&scrape(&cluster.api(leader).base).await);
+    assert!(
+        after - before >= 30.0,
+        "60 writes one after another on the leader: {before} early acknowledgements before, {after} after"
+    );
+    let followers = others(&cluster.ids(), leader);
+    for &id in &followers {
+        let theirs = early(&scrape(&cluster.api(id).base).await);
+        assert_eq!(
+            theirs, 0.0,
+            "node {id} follows: it acknowledges once durable"
+        );
+    }
+
+    cluster.kill9(leader);
+    let new = cluster.leader_of_shard_among(0, &followers).await;
+    for user in 0..30 {
+        let wallet = cluster.api(new).wallet(&format!("early-{user}")).await;
+        assert_eq!(
+            wallet.balance, 500,
+            "early-{user}'s credit, answered before the kill"
+        );
+    }
+    cluster.restart(leader).await;
+    cluster.wait_converged(SETTLE).await;
+}
+
 /// Scrapes node `id` until `done` holds for its scrape (≤ `within`); the last scrape either way.
 async fn scrape_until(
     cluster: &TestCluster,

@@ -411,7 +411,8 @@ impl Cluster {
             let log = log_db
                 .shard(shard)
                 .map_err(|e| ClusterError::Open(e.to_string()))?
-                .with_purge_gate(gate.clone());
+                .with_purge_gate(gate.clone())
+                .acking_early_as(config.node_id, !clustered);
             let mut machine = machine
                 .with_purge_gate(gate)
                 .with_disk(health.clone(), log.clone())
@@ -429,6 +430,7 @@ impl Cluster {
                 local: config.node_id,
                 transport: transport.clone(),
                 hold: crate::network::notices::hold_for(config.heartbeat),
+                flushed: Some(log.flushed().clone()),
             };
             let raft = Raft::new(
                 config.node_id,

@@ -11,6 +11,11 @@
 //! by the task that appends, when nothing is queued and nobody writes: the same record and fsync,
 //! without the two thread hand-offs (`writer::Writing::try_inline`).
 //!
+//! One kind of append is reported flushed before it is: a shard leader's own entries, once queued, so
+//! that openraft replicates them while the writer writes them; `flushed` says how far the log really
+//! is durable, which the state machine waits for and the committed index sent to followers is clamped
+//! to.
+//!
 //! openraft reads entries from an in-memory mirror of the tail of each shard's log, updated before an
 //! operation is queued, so a read always sees what openraft has written, even before it is durable. The
 //! mirror is bounded (`MIRROR_BYTES` per shard): older entries, once in the redb file, are dropped from
@@ -28,7 +33,8 @@
 //! This module owns the file's tables, the operations queued to the writer and [`LogDb`] (opening the
 //! file, values kept beside a shard's log); `wal`: the write-ahead file, its records and checkpoints;
 //! `writer`: the open file (reopened after a full disk), the
-//! writer thread and its group commit, the disk-reserve watch; `store`: a shard's log as openraft sees
+//! writer thread and its group commit, the disk-reserve watch; `flushed`: how far a shard's log is
+//! durable, and the leader's early report; `store`: a shard's log as openraft sees
 //! it ([`LogStore`], its in-memory mirror, reads from the file, openraft's storage traits).
 
 use std::path::Path;
@@ -43,10 +49,12 @@ use crate::{LogId, TypeConfig, Vote, decode, encode};
 use shopkeep_faults::disk::DiskHealth;
 use writer::{LogFile, Writing, run_writer, watch_reserve};
 
+mod flushed;
 mod store;
 mod wal;
 mod writer;
 
+pub use flushed::Flushed;
 pub use store::LogStore;
 
 /// (shard, index) → postcard `Entry`.
@@ -92,8 +100,12 @@ enum Op {
     Append {
         shard: u32,
         entries: Vec<(u64, Vec<u8>)>,
-        flushed: LogFlushed<TypeConfig>,
+        /// openraft's callback, answered once the entries are durable; `None` when they were
+        /// acknowledged before (a leader's own entries, see `flushed`).
+        flushed: Option<LogFlushed<TypeConfig>>,
         durable: Arc<AtomicU64>,
+        /// The shard's durable mark and the last entry's id, raised to it once durable.
+        raises: (Flushed, LogId),
     },
     /// Deletes the entries at and after `from`.
     Truncate {
@@ -101,6 +113,8 @@ enum Op {
         from: u64,
         done: oneshot::Sender<Result<(), String>>,
         durable: Arc<AtomicU64>,
+        /// The shard's durable mark, which forgets the entries once they are gone.
+        forgets: Flushed,
     },
     /// Deletes the entries up to and including `upto` and records the purge mark.
     Purge {
@@ -223,9 +237,20 @@ impl LogDb {
     /// Hands `op` to the writer, or writes it on this thread when the writer is idle
     /// (`Writing::try_inline`); `Err` when the writer stopped.
     async fn submit(&self, op: Op) -> Result<(), ()> {
-        let Some(op) = self.writing.try_inline(&self.file, op) else {
+        self.submit_acking(op, false).await
+    }
+
+    /// `submit`; an append queued to the writer rather than written here is acknowledged to openraft
+    /// at once when `ack_if_queued` (a leader's own entries, see `flushed`).
+    async fn submit_acking(&self, op: Op, ack_if_queued: bool) -> Result<(), ()> {
+        let Some(mut op) = self.writing.try_inline(&self.file, op) else {
             return Ok(());
         };
+        if let (true, Op::Append { flushed, .. }) = (ack_if_queued, &mut op) {
+            if let Some(flushed) = flushed.take() {
+                flushed::acknowledge_early(flushed);
+            }
+        }
         self.writing.queuing();
         self.ops
             .send(op)

@@ -13,7 +13,8 @@ use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
 use redb::ReadableDatabase;
 use tokio::sync::oneshot;
 
-use super::{LOG, LogDb, LogDbError, Op, RAFT_STATE, redb_error};
+use super::flushed::acknowledge_early;
+use super::{Flushed, LOG, LogDb, LogDbError, Op, RAFT_STATE, redb_error};
 
 /// Most entries one purge removes in one commit of the log's writer. The writer serves every shard,
 /// and a shard snapshots by log bytes (`--snapshot-log-percent`), so a purge can cover hundreds of
@@ -92,6 +93,7 @@ impl LogDb {
             }
         }
         let durable = entries.back().map_or(0, |e| e.log_id.index + 1);
+        let flushed = Flushed::new(entries.back().map(|e| e.log_id).or(last_purged));
         Ok(LogStore {
             shard,
             db: self.clone(),
@@ -103,6 +105,9 @@ impl LogDb {
                 committed,
             })),
             durable: Arc::new(AtomicU64::new(durable)),
+            flushed,
+            leader_as: None,
+            alone: false,
             gate: PurgeGate::open(),
         })
     }
@@ -128,6 +133,13 @@ pub struct LogStore {
     /// One past the index of the newest entry known durable in the file (0: none). Only entries below it
     /// may leave the mirror.
     durable: Arc<AtomicU64>,
+    /// The newest entry durable in the write-ahead file (see `flushed`).
+    flushed: Flushed,
+    /// This node's id, when its own entries are acknowledged before they are durable while it leads
+    /// (see `flushed`); `None`: every append is acknowledged once durable.
+    leader_as: Option<u64>,
+    /// The node was started as its shards' only voter (see `acking_early_as`).
+    alone: bool,
     /// A purge waits here until the shard's state machine holds what it removes (see [`PurgeGate`]).
     gate: PurgeGate,
 }
@@ -139,6 +151,51 @@ impl LogStore {
         self
     }
 
+    /// Acknowledges the entries node `me` appends as the shard's leader before they are durable (see
+    /// `flushed`): the shard's state machine must wait for them (`StateMachineStore::with_disk`) and
+    /// its network clamp the committed index it sends ([`Flushed::clamp`]).
+    /// `alone`: the node was started as the only voter, and its entries are then acknowledged early
+    /// only when queued to the writer (not when written on the appending thread, which is quicker).
+    ///
+    /// A log opened with this node's own committed vote is presented to openraft with the vote not
+    /// committed: openraft 0.9 would otherwise resume as the leader of the same term at once
+    /// (`Engine::startup`), and entries it acknowledged early and lost in the crash may be on
+    /// followers, which would take its new entries under the same ids for the old ones. It stands
+    /// in a new term instead, like any restarted member.
+    pub fn acking_early_as(mut self, me: u64, alone: bool) -> Self {
+        self.leader_as = Some(me);
+        self.alone = alone;
+        let mut mirror = self.mirror();
+        if let Some(vote) = mirror
+            .vote
+            .filter(|vote| vote.is_committed() && vote.leader_id().voted_for() == Some(me))
+        {
+            mirror.vote = Some(Vote::new(vote.leader_id().get_term(), me));
+        }
+        drop(mirror);
+        self
+    }
+
+    /// How far the log is durable.
+    pub fn flushed(&self) -> &Flushed {
+        &self.flushed
+    }
+
+    /// Whether `entries` are this node's own as the leader its vote names, and ordinary commands:
+    /// the entries acknowledged before they are durable. A membership change or a leader's first
+    /// (blank) entry is acknowledged once durable, as any entry of another leader's.
+    fn own_entries(&self, vote: Option<&Vote>, entries: &[Entry]) -> bool {
+        let (Some(me), Some(vote)) = (self.leader_as, vote) else {
+            return false;
+        };
+        vote.is_committed()
+            && vote.leader_id().voted_for() == Some(me)
+            && entries.iter().all(|entry| {
+                entry.log_id.leader_id == *vote.leader_id()
+                    && matches!(entry.payload, openraft::EntryPayload::Normal(_))
+            })
+    }
+
     fn mirror(&self) -> MutexGuard<'_, Mirror> {
         // A panic while holding the lock cannot leave the mirror half-updated: every update is a single
         // push/pop sequence checked before it starts.
@@ -148,9 +205,16 @@ impl LogStore {
     }
 
     async fn queue(&self, op: Op) -> Result<(), StorageError> {
-        self.db.submit(op).await.map_err(|()| {
-            StorageIOError::write_logs(openraft::AnyError::error("the log writer stopped")).into()
-        })
+        self.db.submit(op).await.map_err(|()| writer_stopped())
+    }
+
+    /// `queue`, acknowledging an append to openraft at once if it is queued to the writer rather
+    /// than written on this thread.
+    async fn queue_acking(&self, op: Op) -> Result<(), StorageError> {
+        self.db
+            .submit_acking(op, true)
+            .await
+            .map_err(|()| writer_stopped())
     }
 
     async fn queue_and_wait(
@@ -166,6 +230,10 @@ impl LogStore {
             Err(_) => Err(failed(openraft::AnyError::error("the log writer stopped")).into()),
         }
     }
+}
+
+fn writer_stopped() -> StorageError {
+    StorageIOError::write_logs(openraft::AnyError::error("the log writer stopped")).into()
 }
 
 fn encode_error(e: postcard::Error) -> StorageError {
@@ -369,9 +437,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let mut encoded = Vec::new();
+        let (early, last);
         {
             let mut mirror = self.mirror();
+            early = self.own_entries(mirror.vote.as_ref(), &entries);
+            last = entries.last().map(|e| e.log_id);
             for entry in entries {
                 let index = entry.log_id.index;
                 if let Some(last) = mirror.entries.back() {
@@ -400,17 +472,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
             }
         }
-        if encoded.is_empty() {
+        let (true, Some(last)) = (!encoded.is_empty(), last) else {
             callback.log_io_completed(Ok(()));
             return Ok(());
-        }
-        self.queue(Op::Append {
+        };
+        let mut op = Op::Append {
             shard: self.shard,
             entries: encoded,
-            flushed: callback,
+            flushed: Some(callback),
             durable: self.durable.clone(),
-        })
-        .await
+            raises: (self.flushed.clone(), last),
+        };
+        if early && self.alone {
+            // the only voter: writing it here when the writer is idle is quicker than acknowledging
+            // early, which hands the write to the writer's thread; under load it is acknowledged
+            return self.queue_acking(op).await;
+        }
+        if let (true, Op::Append { flushed, .. }) = (early, &mut op) {
+            // replicated while the writer makes it durable here
+            if let Some(flushed) = flushed.take() {
+                acknowledge_early(flushed);
+            }
+        }
+        self.queue(op).await
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -427,13 +511,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         let shard = self.shard;
-        let durable = self.durable.clone();
+        let (durable, forgets) = (self.durable.clone(), self.flushed.clone());
         self.queue_and_wait(
             |done| Op::Truncate {
                 shard,
                 from: log_id.index,
                 done,
                 durable,
+                forgets,
             },
             StorageIOError::write_logs,
         )
@@ -837,5 +922,126 @@ mod tests {
         let expected: Vec<(u64, u64)> = (1..=last).map(|i| (1, i)).collect();
         assert_eq!(indexes(&mut store, 1..last + 1).await, expected);
         assert_eq!(store.read_committed().await.unwrap(), Some(later));
+    }
+
+    /// Whether an append of `entries` is acknowledged while the writer cannot write (its lock held).
+    async fn acknowledged_before_durable(
+        db: &LogDb,
+        store: &LogStore,
+        entries: Vec<Entry>,
+    ) -> bool {
+        let held = db.writing.hold();
+        let mut appending = store.clone();
+        let append = tokio::spawn(async move { appending.blocking_append(entries).await });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let early = append.is_finished();
+        drop(held);
+        append.await.unwrap().unwrap();
+        early
+    }
+
+    /// A leader's own entries are acknowledged to openraft before they are durable, so that they are
+    /// replicated while the writer writes them; what is durable is known apart (`Flushed`), for the
+    /// state machine to wait on and the followers' commit index to be clamped to. Every other append
+    /// (without a vote of this node's, another leader's entries, a leader's blank or membership entry)
+    /// is acknowledged only once durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leaders_own_entries_are_acknowledged_before_they_are_durable_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = LogDb::open(&dir.path().join("log.redb")).unwrap();
+        let mut store = db.shard(0).unwrap().acking_early_as(1, false);
+        let flushed = store.flushed().clone();
+        let id = |term, index| LogId::new(CommittedLeaderId::new(term, 1), index);
+
+        assert!(
+            !acknowledged_before_durable(&db, &store, vec![entry(1, 1)]).await,
+            "no vote"
+        );
+        store.save_vote(&Vote::new_committed(1, 2)).await.unwrap();
+        assert!(
+            !acknowledged_before_durable(&db, &store, vec![entry(1, 2)]).await,
+            "node 2 leads"
+        );
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(
+            !acknowledged_before_durable(&db, &store, vec![entry(1, 3)]).await,
+            "a candidate"
+        );
+
+        store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+        let blank = Entry {
+            log_id: id(1, 4),
+            payload: EntryPayload::Blank,
+        };
+        assert!(
+            !acknowledged_before_durable(&db, &store, vec![blank]).await,
+            "a blank entry"
+        );
+        assert_eq!(flushed.clamp(Some(id(1, 4))), Some(id(1, 4)));
+
+        let held = db.writing.hold();
+        let mut appending = store.clone();
+        let append =
+            tokio::spawn(
+                async move { appending.blocking_append([entry(1, 5), entry(1, 6)]).await },
+            );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            append.is_finished(),
+            "acknowledged while the writer cannot write"
+        );
+        assert_eq!(
+            flushed.clamp(Some(id(1, 6))),
+            Some(id(1, 4)),
+            "not durable yet"
+        );
+        let waiting = tokio::spawn({
+            let flushed = flushed.clone();
+            async move { flushed.wait_for(6).await }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!waiting.is_finished(), "the state machine waits for them");
+        drop(held);
+        append.await.unwrap().unwrap();
+        waiting.await.unwrap().unwrap();
+        assert_eq!(flushed.clamp(Some(id(1, 6))), Some(id(1, 6)));
+
+        let mut others = entry(1, 7);
+        others.log_id = LogId::new(CommittedLeaderId::new(1, 2), 7);
+        assert!(
+            !acknowledged_before_durable(&db, &store, vec![others]).await,
+            "another leader's"
+        );
+    }
+
+    /// openraft 0.9 resumes a node whose log holds its own committed vote as the leader of that term
+    /// at once; one that acknowledges its entries early may have lost some its followers hold, so its
+    /// log gives openraft that vote not committed, and it stands in a new term like any member.
+    #[tokio::test]
+    async fn a_log_that_acknowledges_early_reopens_with_its_own_leaders_vote_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        let db = LogDb::open(&path).unwrap();
+        let mut store = db.shard(0).unwrap().acking_early_as(1, false);
+        store.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
+        let mut other = db.shard(1).unwrap().acking_early_as(1, false);
+        other.save_vote(&Vote::new_committed(3, 2)).await.unwrap();
+        drop((store, other));
+        drop(db);
+
+        let db = reopen_when_released(&path, MIRROR_BYTES).await;
+        let mut plain = db.shard(0).unwrap();
+        assert_eq!(
+            plain.read_vote().await.unwrap(),
+            Some(Vote::new_committed(3, 1))
+        );
+        let mut store = db.shard(0).unwrap().acking_early_as(1, false);
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+        let mut other = db.shard(1).unwrap().acking_early_as(1, false);
+        assert_eq!(
+            other.read_vote().await.unwrap(),
+            Some(Vote::new_committed(3, 2)),
+            "another leader's vote stays as it is"
+        );
     }
 }

@@ -14,12 +14,13 @@ use openraft::storage::LogFlushed;
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
+use super::Flushed;
 use super::wal::{self, Wal, WalOp};
 use super::{
     EPOCH_KEY, LOG, LOG_CACHE_BYTES, LogDbError, MAX_OPS_PER_COMMIT, Op, RAFT_STATE, WAL_STATE,
     redb_error,
 };
-use crate::TypeConfig;
+use crate::{LogId, TypeConfig};
 use shopkeep_faults::disk::{self, Backoff, DiskHealth};
 use shopkeep_faults::failpoints;
 
@@ -152,14 +153,16 @@ pub(super) type HeldNotes = BTreeMap<(u32, &'static str), Vec<u8>>;
 /// What is answered once a batch is durable (or failed): an operation without its data.
 enum Completion {
     Append {
-        flushed: LogFlushed<TypeConfig>,
+        flushed: Option<LogFlushed<TypeConfig>>,
         durable: Arc<AtomicU64>,
         last: Option<u64>,
+        raises: (Flushed, LogId),
     },
     Truncate {
         done: oneshot::Sender<Result<(), String>>,
         durable: Arc<AtomicU64>,
         from: u64,
+        forgets: Flushed,
     },
     Done(oneshot::Sender<Result<(), String>>),
 }
@@ -229,8 +232,14 @@ impl Writing {
     /// The caller's thread (a runtime worker) is blocked through the fsync, which is why it is done
     /// only while the load is light.
     pub(super) fn try_inline(&self, file: &LogFile, op: Op) -> Option<Op> {
-        if !matches!(op, Op::Append { .. })
-            || self.calm.load(Ordering::Relaxed) < CALM_BEFORE_INLINE
+        // an append acknowledged already is written by the writer: its caller goes on meanwhile
+        if !matches!(
+            op,
+            Op::Append {
+                flushed: Some(_),
+                ..
+            }
+        ) || self.calm.load(Ordering::Relaxed) < CALM_BEFORE_INLINE
         {
             return Some(op);
         }
@@ -319,13 +328,17 @@ fn rejoin(mut ops: Vec<WalOp>, mut completions: Vec<Completion>) -> Op {
         (
             Some(WalOp::Append { shard, entries }),
             Some(Completion::Append {
-                flushed, durable, ..
+                flushed,
+                durable,
+                raises,
+                ..
             }),
         ) => Op::Append {
             shard,
             entries,
             flushed,
             durable,
+            raises,
         },
         _ => unreachable!("defer_one splits one append"),
     }
@@ -375,6 +388,9 @@ fn commit_queued(
     let marks = completions.iter().filter_map(Completion::durable_mark);
     deferred.marks.extend(marks);
     let deferrable = deferrable && deferred.bytes < defer_bytes;
+    if completions.iter().any(Completion::acknowledged_early) {
+        failpoints::crash_point(failpoints::BEFORE_EARLY_APPEND_WRITE);
+    }
     let result = commit_batch(file, deferred, ops, deferrable);
     if result.is_err() {
         // the batch's entries are in no file: the mirror keeps them, and the notes wait
@@ -445,12 +461,14 @@ fn split(held: &HeldNotes, batch: Vec<Op>) -> (Vec<WalOp>, Vec<Completion>) {
                 entries,
                 flushed,
                 durable,
+                raises,
             } => {
                 let last = entries.last().map(|(index, _)| *index);
                 let completion = Completion::Append {
                     flushed,
                     durable,
                     last,
+                    raises,
                 };
                 (WalOp::Append { shard, entries }, Some(completion))
             }
@@ -459,11 +477,13 @@ fn split(held: &HeldNotes, batch: Vec<Op>) -> (Vec<WalOp>, Vec<Completion>) {
                 from,
                 done,
                 durable,
+                forgets,
             } => {
                 let completion = Completion::Truncate {
                     done,
                     durable,
                     from,
+                    forgets,
                 };
                 (WalOp::Truncate { shard, from }, Some(completion))
             }
@@ -497,6 +517,11 @@ fn split(held: &HeldNotes, batch: Vec<Op>) -> (Vec<WalOp>, Vec<Completion>) {
 }
 
 impl Completion {
+    /// An append openraft was told is flushed before it was written (see `flushed`).
+    fn acknowledged_early(&self) -> bool {
+        matches!(self, Completion::Append { flushed: None, .. })
+    }
+
     /// The mark an append raises once its entries are in the redb file: the mirror may drop them.
     fn durable_mark(&self) -> Option<(Arc<AtomicU64>, u64)> {
         match self {
@@ -538,15 +563,28 @@ impl Deferred {
 /// of each shard's log (entries below `durable`) only moves as the file does.
 fn complete(completion: Completion, outcome: Result<(), String>) {
     match completion {
-        Completion::Append { flushed, .. } => {
-            flushed.log_io_completed(outcome.map_err(std::io::Error::other));
+        Completion::Append {
+            flushed,
+            raises: (mark, last),
+            ..
+        } => {
+            // raised before openraft hears of it: what it then commits finds its entries durable
+            match &outcome {
+                Ok(()) => mark.raise(last),
+                Err(_) => mark.fail(),
+            }
+            if let Some(flushed) = flushed {
+                flushed.log_io_completed(outcome.map_err(std::io::Error::other));
+            }
         }
         Completion::Truncate {
             done,
             durable,
             from,
+            forgets,
         } => {
             durable.fetch_min(from, Ordering::AcqRel);
+            forgets.truncated(from);
             let _ = done.send(outcome);
         }
         Completion::Done(done) => {
