@@ -137,6 +137,17 @@ enum Op {
     },
 }
 
+impl Op {
+    /// Tells openraft an append is flushed now, before the writer writes it (see `flushed`).
+    fn acknowledge_early(&mut self) {
+        if let Op::Append { flushed, .. } = self {
+            if let Some(flushed) = flushed.take() {
+                flushed::acknowledge_early(flushed);
+            }
+        }
+    }
+}
+
 /// The node's log file and its writer thread.
 #[derive(Clone)]
 pub struct LogDb {
@@ -246,10 +257,8 @@ impl LogDb {
         let Some(mut op) = self.writing.try_inline(&self.file, op) else {
             return Ok(());
         };
-        if let (true, Op::Append { flushed, .. }) = (ack_if_queued, &mut op) {
-            if let Some(flushed) = flushed.take() {
-                flushed::acknowledge_early(flushed);
-            }
+        if ack_if_queued {
+            op.acknowledge_early();
         }
         self.writing.queuing();
         self.ops

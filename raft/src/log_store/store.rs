@@ -13,7 +13,6 @@ use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
 use redb::ReadableDatabase;
 use tokio::sync::oneshot;
 
-use super::flushed::acknowledge_early;
 use super::{Flushed, LOG, LogDb, LogDbError, Op, RAFT_STATE, redb_error};
 
 /// Most entries one purge removes in one commit of the log's writer. The writer serves every shard,
@@ -472,7 +471,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
             }
         }
-        let (true, Some(last)) = (!encoded.is_empty(), last) else {
+        // no entries (each entry is encoded, or the append failed above)
+        let Some(last) = last else {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
@@ -488,11 +488,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // early, which hands the write to the writer's thread; under load it is acknowledged
             return self.queue_acking(op).await;
         }
-        if let (true, Op::Append { flushed, .. }) = (early, &mut op) {
+        if early {
             // replicated while the writer makes it durable here
-            if let Some(flushed) = flushed.take() {
-                acknowledge_early(flushed);
-            }
+            op.acknowledge_early();
         }
         self.queue(op).await
     }
