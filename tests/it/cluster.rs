@@ -616,8 +616,13 @@ async fn a_shard_snapshots_again_only_once_its_log_holds_its_share_of_the_last_s
         "a snapshot came before the log held {needed} bytes: {after}"
     );
 
-    // Once the log holds the bytes, the next one comes.
-    let per_entry = logged / (3 * EVERY);
+    // Once the log holds the bytes, the next one comes. The entries since the snapshot are more than
+    // the 3 × EVERY credits above: the credits that waited for it went on while it was being built.
+    let since = after["applied_index"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(first.unwrap_or(0));
+    let per_entry = logged / since.max(1);
     let more = (needed - logged) / per_entry.max(1) + 2 * EVERY;
     for _ in 0..more {
         api.credit_retrying_unavailable(&user, "0.01").await;
