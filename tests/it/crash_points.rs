@@ -19,9 +19,10 @@ async fn single_node() -> Server {
     .await
 }
 
-async fn arm(srv: &Server, name: &str, actions: &str, secret: &str) -> u16 {
+/// Arms the crash point `name` with `actions` on the node `api` talks to; the answer's status.
+async fn arm(api: &Api, name: &str, actions: &str, secret: &str) -> u16 {
     let path = format!("/_node/v1/failpoints/{name}");
-    srv.call(reqwest::Method::PUT, &path)
+    api.call(reqwest::Method::PUT, &path)
         .header(
             "x-shopkeep-node-auth",
             &node_auth(secret, "PUT", &path, actions.as_bytes()),
@@ -251,29 +252,6 @@ async fn a_shop_limits_put_cut_off_after_its_home_shard_is_completed_after_the_r
     }
 }
 
-/// Arms `name` with `actions` on node `id` of `cluster`.
-async fn arm_node(
-    cluster: &crate::cluster_harness::TestCluster,
-    id: u64,
-    name: &str,
-    actions: &str,
-) {
-    let path = format!("/_node/v1/failpoints/{name}");
-    let secret = crate::cluster_harness::CLUSTER_SECRET;
-    let status = cluster
-        .node(id)
-        .call(reqwest::Method::PUT, &path)
-        .header(
-            "x-shopkeep-node-auth",
-            &node_auth(secret, "PUT", &path, actions.as_bytes()),
-        )
-        .raw(actions.as_bytes().to_vec())
-        .send()
-        .await
-        .status;
-    assert_eq!(status, 200, "arming {name} on node {id}");
-}
-
 /// A shard's leader tells openraft its own entries are flushed once they are queued, so they reach the
 /// followers while its log writes them. Killed before it wrote them, it comes back without them while
 /// its followers hold them: it must not resume as the leader of that term (openraft 0.9 would, from
@@ -291,7 +269,9 @@ async fn a_leader_killed_before_writing_entries_its_followers_hold_does_not_resu
     let api = cluster.api(leader);
     api.funded_user("u1", "10.00").await;
 
-    arm_node(&cluster, leader, "crash-before-early-append-write", "pause").await;
+    let secret = crate::cluster_harness::CLUSTER_SECRET;
+    let point = "crash-before-early-append-write";
+    assert_eq!(arm(cluster.node(leader), point, "pause", secret).await, 200);
     let stranded = tokio::spawn(async move {
         let body =
             serde_json::json!({"amount": "1.00", "external_ref": "stranded", "source": "card"});
