@@ -10,8 +10,13 @@
 //!   read (`input::read_body`, the webhook, node traffic);
 //! - **memory**: at most `MAX_HEADERS` headers and `MAX_HEAD_BYTES` of request head per connection.
 //!
+//! Connections may be upgraded (node streams, `node_stream`); an upgraded one leaves the census once it
+//! is handed over, and the node-stream limit bounds it from then on.
+//!
 //! On shutdown it stops accepting, lets in-flight requests finish (bounded by the caller) and closes
-//! idle connections.
+//! idle connections. (hyper-util's `GracefulShutdown` cannot watch an upgradeable HTTP/1 connection, so
+//! each connection task watches the shutdown signal itself, and the drain waits for every task's
+//! `Draining` handle to drop.)
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +26,6 @@ use std::time::Duration;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -121,7 +125,8 @@ pub async fn serve(
         per_peer: HashMap::new(),
         gauge,
     }));
-    let graceful = GracefulShutdown::new();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let (draining, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -142,35 +147,59 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         match admit(&census, peer.ip(), &limits) {
-            Ok(admitted) => spawn_connection(&builder, &graceful, stream, router.clone(), admitted),
+            Ok(admitted) => spawn_connection(
+                &builder,
+                Stop {
+                    signal: stopping.clone(),
+                    _draining: draining.clone(),
+                },
+                stream,
+                router.clone(),
+                admitted,
+            ),
             Err(reason) => refuse(stream, peer, reason),
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop.send(true);
+    drop(draining);
+    // `None` once every connection task dropped its `Stop`.
+    if tokio::time::timeout(drain, drained.recv()).await.is_err() {
         tracing::warn!("in-flight requests did not finish within {drain:?}; stopping anyway");
     }
     Ok(())
 }
 
+/// What a connection task holds of the listener's shutdown: the signal, and a handle the drain waits
+/// for (dropped when the task ends).
+struct Stop {
+    signal: tokio::sync::watch::Receiver<bool>,
+    _draining: tokio::sync::mpsc::Sender<()>,
+}
+
 fn spawn_connection(
     builder: &http1::Builder,
-    graceful: &GracefulShutdown,
+    mut stop: Stop,
     stream: TcpStream,
     router: Router,
     admitted: Admitted,
 ) {
     let _ = stream.set_nodelay(true);
-    let connection =
-        builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
-    let connection = graceful.watch(connection);
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router))
+        .with_upgrades();
     tokio::spawn(async move {
+        let mut connection = std::pin::pin!(connection);
         // Errors here are a peer's doing (a reset, a timeout, a malformed request): nothing to report.
-        let _ = connection.await;
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            _ = stop.signal.changed() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
         drop(admitted);
+        drop(stop);
     });
 }
 
