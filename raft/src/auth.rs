@@ -147,6 +147,11 @@ impl NodeAuth {
         format!("{VERSION},{sender},{timestamp},{nonce},{digest},{tag}")
     }
 
+    /// The key of the node stream opened by the upgrade that `auth_header` signed (see `crate::stream`).
+    pub fn stream_key(&self, auth_header: &[u8]) -> crate::stream::StreamKey {
+        crate::stream::StreamKey::derive(&self.key, auth_header)
+    }
+
     /// Checks a call from its headers alone; the body is checked later with [`Verified::body`].
     pub fn verify(
         &self,

@@ -43,6 +43,7 @@ pub mod network;
 pub mod peer_health;
 pub mod rpc;
 pub mod state_machine;
+pub mod stream;
 
 /// The openraft this crate is built on (for its test kit and types).
 pub use openraft;

@@ -24,6 +24,9 @@ pub const NODE_CALL_SECONDS: &str = "shopkeep_node_call_seconds";
 /// What a call takes beyond this is the transport: both HTTP stacks, the network, the task hops.
 pub const NODE_SERVE_SECONDS: &str = "shopkeep_node_serve_seconds";
 
+/// Node streams open (label `direction`: `out`, opened by this node; `in`, accepted from a peer).
+pub const NODE_STREAMS: &str = "shopkeep_node_streams";
+
 /// Log entries applied to a shard's state in one transaction (a follower holds other leaders' entries
 /// back and applies them together, see `state_machine::coalesce`).
 pub const APPLY_ENTRIES: &str = "shopkeep_raft_apply_entries";
@@ -75,6 +78,13 @@ pub fn describe() {
         "Appends of a shard's leader's own entries acknowledged to openraft before they were durable, so that they are replicated while the log's fsync runs (applied only once durable)"
     );
     metrics::counter!(LOG_EARLY_ACKS).increment(0);
+    metrics::describe_gauge!(
+        NODE_STREAMS,
+        "Node streams open, by direction: out (opened by this node to a peer) and in (accepted from a peer); each carries that pair's appends, heartbeats, votes, forwarded writes and read indexes"
+    );
+    for direction in ["out", "in"] {
+        metrics::gauge!(NODE_STREAMS, "direction" => direction).set(0.0);
+    }
     // Labelled: served once a call was made.
     metrics::describe_histogram!(
         NODE_CALL_SECONDS,

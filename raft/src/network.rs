@@ -1,12 +1,14 @@
-//! Node-to-node calls: one keep-alive HTTP client per node, postcard bodies, a per-request MAC
-//! (`auth`), a deadline on every call, no redirects, answers read up to a size bound, and the openraft
-//! network of each shard on top of it.
+//! Node-to-node calls: the frequent ones over one stream per peer (`crate::stream`, `streams`), the
+//! others over a keep-alive HTTP client; postcard bodies, a MAC on every call (`auth`), a deadline on
+//! every call, no redirects, answers read up to a size bound, and the openraft network of each shard on
+//! top of it.
 //!
 //! Addresses come from the node's own `--peers` first and from the membership second, so an operator
 //! (or a test putting a proxy in between) decides how this node reaches the others. A replication
 //! stream's commit notices are held back when the follower already confirmed what they ask (`notices`).
 
 pub(crate) mod notices;
+mod streams;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -23,6 +25,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
 
 use self::notices::{Held, Next, Notices};
+use self::streams::{StreamFailure, Streams};
 use crate::TypeConfig;
 use crate::auth::{AUTH_HEADER, NodeAuth};
 use crate::clock::{ClockWatch, Reading, TIME_HEADER};
@@ -51,6 +54,7 @@ pub struct Transport {
     peers: RwLock<BTreeMap<u64, String>>,
     /// Which peers fail their calls (logged as changes).
     health: PeerHealth,
+    streams: Streams,
 }
 
 impl Transport {
@@ -76,6 +80,7 @@ impl Transport {
             clock,
             peers: RwLock::new(peers),
             health: PeerHealth::default(),
+            streams: Streams::default(),
         }
     }
 
@@ -119,13 +124,80 @@ impl Transport {
         timeout: Duration,
     ) -> Result<NodeResponse, TransportError> {
         let body = crate::encode(request).map_err(|e| TransportError::Encode(e.to_string()))?;
-        let unreachable = |e: reqwest::Error| TransportError::Unreachable {
-            addr: addr.to_owned(),
-            reason: e.to_string(),
-        };
-        let authorization = self.auth.sign("POST", CALL_PATH, &body);
         let started = Instant::now();
         let sent = Reading::now();
+        // Looked up once: the health, the clock and the call's metric are all the callee's.
+        let node = self.node_at(addr);
+        let answered = match request.rides_stream() {
+            true => self.call_over_stream(addr, &body, timeout).await,
+            false => None,
+        };
+        let answered = match answered {
+            Some(answered) => answered,
+            None => self.call_over_http(addr, body, timeout).await,
+        };
+        let answered = match answered {
+            Ok(answered) => {
+                self.health.answered(addr, node);
+                answered
+            }
+            Err(error) => {
+                self.health.failed(addr, node, &error.to_string());
+                return Err(error);
+            }
+        };
+        // Sampled from any answer, a refusal too: a node refused for its clock learns how far off it is.
+        if let (Some(peer), Some(peer_time)) = (node, answered.peer_time) {
+            self.clock
+                .observe_answer(peer, sent, Reading::now(), peer_time);
+        }
+        let bytes = answered.body?;
+        let answer = crate::decode(&bytes).map_err(|e| TransportError::Decode {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?;
+        record_call(node, request.kind(), started);
+        Ok(answer)
+    }
+
+    /// The peer's answer over the stream to `addr` (`Err`: unreachable); `None` if `addr` takes no
+    /// streams (the call goes over HTTP).
+    async fn call_over_stream(
+        &self,
+        addr: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Option<Result<Answered, TransportError>> {
+        Some(
+            match self.streams.call(&self.auth, addr, body, timeout).await {
+                Ok(answer) => Ok(Answered {
+                    peer_time: Some(answer.time_micros),
+                    body: Ok(answer.payload),
+                }),
+                Err(StreamFailure::NotSupported) => return None,
+                Err(StreamFailure::Refused { status, peer_time }) => Ok(Answered {
+                    peer_time,
+                    body: Err(TransportError::Status {
+                        addr: addr.to_owned(),
+                        status,
+                    }),
+                }),
+                Err(StreamFailure::Unreachable(reason)) => Err(TransportError::Unreachable {
+                    addr: addr.to_owned(),
+                    reason,
+                }),
+            },
+        )
+    }
+
+    /// The peer's answer to one HTTP call (`Err`: unreachable).
+    async fn call_over_http(
+        &self,
+        addr: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Answered, TransportError> {
+        let authorization = self.auth.sign("POST", CALL_PATH, &body);
         let response = self
             .client
             .post(format!("http://{addr}{CALL_PATH}"))
@@ -134,41 +206,38 @@ impl Transport {
             .timeout(timeout)
             .body(body)
             .send()
-            .await;
-        // Looked up once: the health, the clock and the call's metric are all the callee's.
-        let node = self.node_at(addr);
-        let response = match response {
-            Ok(response) => {
-                self.health.answered(addr, node);
-                response
-            }
-            Err(error) => {
-                let error = unreachable(error);
-                self.health.failed(addr, node, &error.to_string());
-                return Err(error);
-            }
-        };
-        self.observe_clock(node, sent, &response);
+            .await
+            .map_err(|e| TransportError::Unreachable {
+                addr: addr.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let peer_time = response
+            .headers()
+            .get(TIME_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.parse::<i64>().ok());
         let status = response.status();
-        if !status.is_success() {
-            return Err(TransportError::Status {
+        let body = if status.is_success() {
+            read_bounded(response, MAX_MESSAGE_BYTES)
+                .await
+                .map_err(|reason| TransportError::Decode {
+                    addr: addr.to_owned(),
+                    reason,
+                })
+        } else {
+            Err(TransportError::Status {
                 addr: addr.to_owned(),
                 status: status.as_u16(),
-            });
-        }
-        let bytes = read_bounded(response, MAX_MESSAGE_BYTES)
-            .await
-            .map_err(|reason| TransportError::Decode {
-                addr: addr.to_owned(),
-                reason,
-            })?;
-        let answer = crate::decode(&bytes).map_err(|e| TransportError::Decode {
-            addr: addr.to_owned(),
-            reason: e.to_string(),
-        })?;
-        record_call(node, request.kind(), started);
-        Ok(answer)
+            })
+        };
+        Ok(Answered { peer_time, body })
     }
+}
+
+/// What a peer answered: the body (or why it is not one), and its clock as it answered, if it said.
+struct Answered {
+    peer_time: Option<i64>,
+    body: Result<Vec<u8>, TransportError>,
 }
 
 impl Transport {
@@ -186,23 +255,6 @@ impl Transport {
     pub fn answers(&self, node: u64) -> bool {
         let addr = self.address_of(node, "");
         addr.is_empty() || !self.health.is_failing(&addr)
-    }
-
-    /// Records the peer's clock from the time it stamped on its answer, if it is a known member (`node`).
-    fn observe_clock(&self, node: Option<u64>, sent: Reading, response: &reqwest::Response) {
-        let Some(peer) = node else {
-            return;
-        };
-        let Some(peer_time) = response
-            .headers()
-            .get(TIME_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|text| text.parse::<i64>().ok())
-        else {
-            return;
-        };
-        self.clock
-            .observe_answer(peer, sent, Reading::now(), peer_time);
     }
 }
 
@@ -484,6 +536,109 @@ mod tests {
         )
     }
 
+    /// A peer of an older version on loopback: it answers the stream's upgrade 404 and each HTTP call
+    /// with `answer`; counts the upgrades it was asked for and the calls it answered.
+    async fn older_peer(answer: NodeResponse) -> (String, Arc<std::sync::Mutex<(u32, u32)>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let seen = Arc::new(std::sync::Mutex::new((0, 0)));
+        let body = crate::rpc::encode_response(&answer).expect("encode");
+        let counts = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (counts, body) = (counts.clone(), body.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push(byte[0]);
+                        }
+                        let head = String::from_utf8_lossy(&head).to_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|line| line.strip_prefix("content-length: "))
+                            .and_then(|n| n.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        let mut request_body = vec![0u8; length];
+                        let _ = stream.read_exact(&mut request_body).await;
+                        let answer = if head.starts_with("post /_node/v1/stream ") {
+                            counts.lock().expect("counts").0 += 1;
+                            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec()
+                        } else {
+                            counts.lock().expect("counts").1 += 1;
+                            let mut answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            answer.extend_from_slice(&body);
+                            answer
+                        };
+                        if stream.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_takes_no_stream_is_called_over_http_and_not_asked_again_at_once() {
+        let (addr, seen) = older_peer(NodeResponse::ReadIndex(Ok(7))).await;
+        let transport = transport();
+        for _ in 0..3 {
+            let answer = transport
+                .call(
+                    &addr,
+                    &NodeRequest::ReadIndex { shard: 0 },
+                    Duration::from_secs(2),
+                )
+                .await;
+            assert!(
+                matches!(answer, Ok(NodeResponse::ReadIndex(Ok(7)))),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(
+            *seen.lock().expect("counts"),
+            (1, 3),
+            "one upgrade asked for, three calls over HTTP"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_fails_as_unreachable_as_soon_as_its_stream_ends() {
+        // Upgraded, then closed before any answer: the call fails at once, not at its deadline.
+        let (addr, _) = answer_once(
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: shopkeep-node-stream/1\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let answer = transport()
+            .call(
+                &addr,
+                &NodeRequest::ReadIndex { shard: 0 },
+                Duration::from_secs(10),
+            )
+            .await;
+        assert!(
+            matches!(answer, Err(TransportError::Unreachable { .. })),
+            "{answer:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the call waited {:?} for a stream that had ended",
+            started.elapsed()
+        );
+    }
+
     #[tokio::test]
     async fn a_redirect_is_not_followed() {
         let (target, target_hit) = answer_once(b"HTTP/1.1 200 OK\r\n\r\n".to_vec()).await;
@@ -558,7 +713,7 @@ mod tests {
         (addr, received)
     }
 
-    /// Answers HTTP/1.1 requests on one connection until it closes.
+    /// Answers HTTP/1.1 requests on one connection until it closes (a node of a version without streams).
     async fn serve_appends(
         mut stream: tokio::net::TcpStream,
         answer: fn(&AppendEntriesRequest<TypeConfig>) -> AppendEntriesResponse<u64>,
@@ -590,6 +745,14 @@ mod tests {
                 }
             }
             let body: Vec<u8> = buffer.drain(..head_end + length).skip(head_end).collect();
+            if head.starts_with("post /_node/v1/stream ") {
+                // A peer that takes no streams: its appends come as HTTP calls.
+                let refused = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+                if stream.write_all(refused).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let Ok(NodeRequest::Append { rpc, .. }) = crate::rpc::decode_request(&body) else {
                 return;
             };

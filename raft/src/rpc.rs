@@ -89,6 +89,18 @@ impl NodeRequest {
         }
     }
 
+    /// Whether the call goes over the node stream to its callee (`crate::stream`): the frequent, small
+    /// ones. Snapshot chunks and the rare calls of membership and formation are HTTP calls of their own.
+    pub fn rides_stream(&self) -> bool {
+        matches!(
+            self,
+            NodeRequest::Append { .. }
+                | NodeRequest::Vote { .. }
+                | NodeRequest::Write { .. }
+                | NodeRequest::ReadIndex { .. }
+        )
+    }
+
     /// (shard, term) of a message only a leader sends: an append or a snapshot.
     pub fn from_leader_of_term(&self) -> Option<(u32, u64)> {
         match self {

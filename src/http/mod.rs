@@ -13,6 +13,7 @@ pub mod dto;
 pub mod error;
 pub mod input;
 pub mod listener;
+mod node_stream;
 mod node_traffic;
 pub mod render;
 mod routes;

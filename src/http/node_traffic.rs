@@ -1,4 +1,5 @@
-//! Node-to-node traffic (`/_node/v1/call`), on the client listener or on its own (`--node-listen`).
+//! Node-to-node traffic (`/_node/v1/call`, and the upgrade to a stream, `node_stream`), on the client
+//! listener or on its own (`--node-listen`).
 //!
 //! A call is authenticated from its headers alone (`shopkeep_raft::auth`: a per-request MAC with a
 //! timestamp and a nonce) before a byte of its body is read, so a stranger costs one small HMAC and no
@@ -16,10 +17,11 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
-use shopkeep_raft::auth::{AUTH_HEADER, NodeAuth, NodeAuthError};
+use shopkeep_raft::auth::{AUTH_HEADER, NodeAuth, NodeAuthError, Verified};
 use shopkeep_raft::clock::{TIME_HEADER, unix_micros};
 use shopkeep_raft::rpc::{self, CALL_PATH, MAX_MESSAGE_BYTES};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use shopkeep_raft::stream::STREAM_PATH;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 use super::input;
@@ -33,10 +35,13 @@ const MAX_CRASH_POINT_BODY_BYTES: usize = 1024;
 /// The path prefix of crash points (test builds).
 const CRASH_POINT_PATH: &str = "/_node/v1/failpoints/{name}";
 
-struct NodeTraffic {
-    node: Arc<Node>,
-    auth: Arc<NodeAuth>,
-    inflight: Semaphore,
+pub(super) struct NodeTraffic {
+    pub(super) node: Arc<Node>,
+    pub(super) auth: Arc<NodeAuth>,
+    /// Node calls being answered, over HTTP and streams alike.
+    pub(super) inflight: Arc<Semaphore>,
+    /// Streams accepted and open (`node_stream::MAX_NODE_STREAMS`).
+    pub(super) streams: Arc<Semaphore>,
     stale_log: RateLimitedLog,
 }
 
@@ -49,7 +54,7 @@ struct RateLimitedLog {
 impl RateLimitedLog {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-    fn warn(&self, sender: u64, error: &NodeAuthError) {
+    pub(super) fn warn(&self, sender: u64, error: &NodeAuthError) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|at| at.elapsed() >= Self::EVERY) {
             *last = Some(std::time::Instant::now());
@@ -62,10 +67,13 @@ pub fn router(node: Arc<Node>, auth: Arc<NodeAuth>) -> Router {
     let state = Arc::new(NodeTraffic {
         node,
         auth,
-        inflight: Semaphore::new(MAX_NODE_CALLS_INFLIGHT),
+        inflight: Arc::new(Semaphore::new(MAX_NODE_CALLS_INFLIGHT)),
+        streams: Arc::new(Semaphore::new(super::node_stream::MAX_NODE_STREAMS)),
         stale_log: RateLimitedLog::default(),
     });
-    let router = Router::new().route(CALL_PATH, post(call));
+    let router = Router::new()
+        .route(CALL_PATH, post(call))
+        .route(STREAM_PATH, post(super::node_stream::open));
     // Crash points exist only in test builds; elsewhere the path is not routed at all (404).
     let router = if shopkeep_faults::failpoints::ENABLED {
         router.route(
@@ -91,7 +99,7 @@ async fn stamp_time(mut response: Response) -> Response {
 
 impl NodeTraffic {
     /// Counts and (for a member's clock too far off, at most once a minute) logs a refused call.
-    fn refused(&self, error: &NodeAuthError) -> ApiError {
+    pub(super) fn refused(&self, error: &NodeAuthError) -> ApiError {
         metrics::counter!(crate::metrics::NODE_TRAFFIC_REFUSED).increment(1);
         if let NodeAuthError::Stale { sender, .. } = error {
             self.stale_log.warn(*sender, error);
@@ -101,13 +109,8 @@ impl NodeTraffic {
         ApiError::unauthenticated_because(error.to_string())
     }
 
-    /// Authenticates a call from its headers, takes a place among the calls in flight, then reads and
-    /// checks its body.
-    async fn admit(
-        &self,
-        request: Request,
-        limit: usize,
-    ) -> Result<(SemaphorePermit<'_>, Bytes), ApiError> {
+    /// Authenticates a call (or a stream's upgrade) from its headers, and samples the caller's clock.
+    pub(super) fn authenticate(&self, request: &Request) -> Result<Verified, ApiError> {
         let verified = self
             .auth
             .verify(
@@ -123,11 +126,21 @@ impl NodeTraffic {
             .cluster()
             .clock()
             .observe(verified.sender, verified.offset_micros, verified.at);
-        let signed = verified.body;
-        let permit = self
-            .inflight
-            .try_acquire()
-            .map_err(|_| ApiError::rate_limited("too many node calls in flight; retry shortly"))?;
+        Ok(verified)
+    }
+
+    /// Authenticates a call from its headers, takes a place among the calls in flight, then reads and
+    /// checks its body.
+    async fn admit(
+        &self,
+        request: Request,
+        limit: usize,
+    ) -> Result<(OwnedSemaphorePermit, Bytes), ApiError> {
+        let signed = self.authenticate(&request)?.body;
+        let permit =
+            self.inflight.clone().try_acquire_owned().map_err(|_| {
+                ApiError::rate_limited("too many node calls in flight; retry shortly")
+            })?;
         let body = input::read_limited(request, limit).await?;
         signed.check(&body).map_err(|error| {
             metrics::counter!(crate::metrics::NODE_TRAFFIC_REFUSED).increment(1);

@@ -48,6 +48,7 @@ mod launcher;
 mod leaders;
 mod logs;
 mod metrics;
+mod node_stream;
 mod outcome_unknown;
 mod props;
 mod raft_conformance;

@@ -71,6 +71,15 @@ impl Scrape {
             .map(|s| s.value)
     }
 
+    /// The samples of `name` whose label `key` is `value`, summed over their other labels.
+    pub(crate) fn sum_where(&self, name: &str, key: &str, value: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name && s.labels.get(key).is_some_and(|v| v == value))
+            .map(|s| s.value)
+            .sum()
+    }
+
     /// Every sample of `name` (any labels).
     fn all(&self, name: &str) -> Vec<&Sample> {
         self.samples.iter().filter(|s| s.name == name).collect()
