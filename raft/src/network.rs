@@ -613,6 +613,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn calls_to_a_peer_that_never_answers_the_upgrade_fail_by_their_own_deadlines() {
+        // It accepts connections and says nothing: each call's deadline bounds its wait for the stream,
+        // the wait for another call's opening included.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let transport = Arc::new(transport());
+        let started = std::time::Instant::now();
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let (transport, addr) = (transport.clone(), addr.clone());
+                tokio::spawn(async move {
+                    transport
+                        .call(
+                            &addr,
+                            &NodeRequest::ReadIndex { shard: 0 },
+                            Duration::from_millis(300),
+                        )
+                        .await
+                })
+            })
+            .collect();
+        for call in calls {
+            let answer = call.await.expect("task");
+            assert!(
+                matches!(answer, Err(TransportError::Unreachable { .. })),
+                "{answer:?}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "three calls of 300 ms took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
     async fn a_call_fails_as_unreachable_as_soon_as_its_stream_ends() {
         // Upgraded, then closed before any answer: the call fails at once, not at its deadline.
         let (addr, _) = answer_once(

@@ -77,7 +77,13 @@ impl Streams {
             return Err(StreamFailure::NotSupported);
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        let stream = self.stream_to(auth, addr, timeout).await?;
+        let opening = self.stream_to(auth, addr, timeout);
+        let Ok(stream) = tokio::time::timeout_at(deadline, opening).await else {
+            return Err(StreamFailure::Unreachable(format!(
+                "{addr}: no stream within {timeout:?}"
+            )));
+        };
+        let stream = stream?;
         stream
             .call(payload, deadline)
             .await
