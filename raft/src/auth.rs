@@ -202,12 +202,7 @@ impl NodeAuth {
         .verify_slice(&tag)
         .map_err(|_| NodeAuthError::BadSignature)?;
         let offset_micros = timestamp.saturating_sub(now);
-        if offset_micros.unsigned_abs() > window_micros() {
-            return Err(NodeAuthError::Stale {
-                sender,
-                offset_seconds: offset_micros.unsigned_abs() / 1_000_000,
-            });
-        }
+        check_window(sender, offset_micros)?;
         self.seen
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -221,6 +216,18 @@ impl NodeAuth {
             },
         })
     }
+}
+
+/// Refuses a call from `sender` whose clock is `offset_micros` away from this node's by more than
+/// [`REPLAY_WINDOW`] (a node call's timestamp, or a stream frame's time).
+pub fn check_window(sender: u64, offset_micros: i64) -> Result<(), NodeAuthError> {
+    if offset_micros.unsigned_abs() > window_micros() {
+        return Err(NodeAuthError::Stale {
+            sender,
+            offset_seconds: offset_micros.unsigned_abs() / 1_000_000,
+        });
+    }
+    Ok(())
 }
 
 fn window_micros() -> u64 {

@@ -211,11 +211,7 @@ impl Transport {
                 addr: addr.to_owned(),
                 reason: e.to_string(),
             })?;
-        let peer_time = response
-            .headers()
-            .get(TIME_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|text| text.parse::<i64>().ok());
+        let peer_time = stamped_time(response.headers());
         let status = response.status();
         let body = if status.is_success() {
             read_bounded(response, MAX_MESSAGE_BYTES)
@@ -256,6 +252,14 @@ impl Transport {
         let addr = self.address_of(node, "");
         addr.is_empty() || !self.health.is_failing(&addr)
     }
+}
+
+/// The time a node stamped on its answer (`TIME_HEADER`), if it did.
+fn stamped_time(headers: &hyper::HeaderMap) -> Option<i64> {
+    headers
+        .get(TIME_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<i64>().ok())
 }
 
 /// Records an answered call's time under its kind and the callee's id.

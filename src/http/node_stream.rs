@@ -19,7 +19,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
-use shopkeep_raft::auth::{AUTH_HEADER, NodeAuthError, REPLAY_WINDOW};
+use shopkeep_raft::auth::{AUTH_HEADER, NodeAuthError, check_window};
 use shopkeep_raft::clock::{Reading, unix_micros};
 use shopkeep_raft::rpc::{self, MAX_MESSAGE_BYTES};
 use shopkeep_raft::stream::{Direction, Frame, PROTOCOL, StreamError, StreamKey};
@@ -128,11 +128,7 @@ async fn serve_calls(
         last_id = frame.id;
         let at = Reading::now();
         let offset_micros = frame.time_micros.saturating_sub(at.unix_micros);
-        if offset_micros.unsigned_abs() > window_micros() {
-            let error = NodeAuthError::Stale {
-                sender,
-                offset_seconds: offset_micros.unsigned_abs() / 1_000_000,
-            };
+        if let Err(error) = check_window(sender, offset_micros) {
             let _refused = traffic.refused(&error);
             return;
         }
@@ -209,8 +205,4 @@ async fn answer_call(
 fn refuse(sender: u64, reason: &str) {
     metrics::counter!(crate::metrics::NODE_TRAFFIC_REFUSED).increment(1);
     tracing::warn!(peer = sender, reason, "node stream closed");
-}
-
-fn window_micros() -> u64 {
-    u64::try_from(REPLAY_WINDOW.as_micros()).unwrap_or(u64::MAX)
 }

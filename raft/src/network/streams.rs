@@ -21,7 +21,7 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
 use crate::auth::{AUTH_HEADER, NodeAuth};
-use crate::clock::{TIME_HEADER, unix_micros};
+use crate::clock::unix_micros;
 use crate::rpc::MAX_MESSAGE_BYTES;
 use crate::stream::{Direction, Frame, PROTOCOL, STREAM_PATH, StreamKey};
 
@@ -177,14 +177,9 @@ async fn open(
                 return Err(StreamFailure::NotSupported);
             }
             status => {
-                let peer_time = response
-                    .headers()
-                    .get(TIME_HEADER)
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|text| text.parse::<i64>().ok());
                 return Err(StreamFailure::Refused {
                     status: status.as_u16(),
-                    peer_time,
+                    peer_time: super::stamped_time(response.headers()),
                 });
             }
         }
