@@ -40,19 +40,26 @@ impl Applier<'_> {
         self.put_idempotency_record(&tag.scope, &tag.key, &record)
     }
 
+    /// Writes `record` under (`scope`, `key`) with one B-tree operation: the insert hands back the record
+    /// it replaces, if any, whose row in the retention index is then removed.
     fn put_idempotency_record(
         &mut self,
         scope: &str,
         key: &str,
         record: &IdempotencyRecord,
     ) -> Result<(), StoreError> {
-        if let Some(old) = self.idempotency_record(scope, key)? {
-            self.unindex_idempotency_record(scope, key, old.expires_at)?;
-        }
         let bytes = encode(record)?;
-        self.idempotency
+        let replaced = match self
+            .idempotency
             .write()?
-            .insert((scope, key), bytes.as_slice())?;
+            .insert((scope, key), bytes.as_slice())?
+        {
+            Some(old) => Some(idempotency_expiry(old.value())?),
+            None => None,
+        };
+        if let Some(expires_at) = replaced {
+            self.unindex_idempotency_record(scope, key, expires_at)?;
+        }
         if !self.idempotency_walk {
             self.idempotency_expiry
                 .write()?
@@ -207,5 +214,50 @@ impl Applier<'_> {
                 ))))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{ReadableTable, ReadableTableMetadata};
+
+    use super::*;
+    use crate::domain::Rejection;
+    use crate::state::ShardStore;
+
+    fn tag(expires_at: i64) -> IdempotencyTag {
+        IdempotencyTag {
+            scope: "u1".to_owned(),
+            key: "k1".to_owned(),
+            fingerprint: [7; 32],
+            expires_at: Timestamp(expires_at),
+        }
+    }
+
+    #[test]
+    fn a_replaced_record_keeps_one_row_in_the_retention_index_at_its_new_expiry() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = ShardStore::open(&dir.path().join("shard-000.redb"), 0).expect("opens");
+        let txn = store.begin_write().expect("writes");
+        let mut a = Applier::open(&txn).expect("opens the tables");
+        let done = |r: Rejection| IdempotencyState::Done(Err(r));
+        a.store_idempotency(&tag(100), Timestamp(1), done(Rejection::OrderNotFound))
+            .expect("stores");
+        a.store_idempotency(
+            &tag(200),
+            Timestamp(2),
+            done(Rejection::IdempotencyKeyReused),
+        )
+        .expect("replaces");
+
+        let record = a.idempotency_record("u1", "k1").expect("reads");
+        assert_eq!(
+            record.map(|r| (r.expires_at, r.state)),
+            Some((Timestamp(200), done(Rejection::IdempotencyKeyReused)))
+        );
+        let index = a.idempotency_expiry.read().expect("opens");
+        assert_eq!(index.len().expect("counts"), 1, "the first row went");
+        let (row, _) = index.first().expect("reads").expect("a row");
+        assert_eq!(row.value(), (200, "u1", "k1"));
     }
 }
