@@ -991,12 +991,8 @@ impl TestCluster {
         )
     }
 
-    /// Per running node, shard → state_hash from `GET /v1/admin/audit` (linearizable by default; retried ≤ 20 s
-    /// while a node answers 503 e.g. during an election), asserting the audit is ok.
-    pub async fn state_hashes(&self) -> BTreeMap<u64, BTreeMap<u64, String>> {
-        self.audit_hashes(&self.running_ids(), false).await
-    }
-
+    /// Per node of `ids`, shard → state_hash from `GET /v1/admin/audit` (linearizable unless `local`; retried
+    /// ≤ 20 s while a node answers 503 e.g. during an election), asserting the audit is ok.
     pub async fn audit_hashes(
         &self,
         ids: &[u64],

@@ -512,10 +512,6 @@ async fn limits_set_on_one_node_hold_for_a_user_whose_shard_another_node_leads()
             .expect(200);
         assert_eq!(shop["limits"]["max_orders_per_hour"], 1, "node {id}");
     }
-    let hashes = c.state_hashes().await;
-    let first = hashes.values().next().unwrap();
-    assert!(
-        hashes.values().all(|h| h == first),
-        "replicas differ: {hashes:#?}"
-    );
+    // The sweeper's commands keep committing: compare the replicas once they have all applied the same.
+    c.wait_converged(Duration::from_secs(30)).await;
 }
