@@ -128,9 +128,10 @@ impl Transport {
         let sent = Reading::now();
         // Looked up once: the health, the clock and the call's metric are all the callee's.
         let node = self.node_at(addr);
-        let answered = match request.rides_stream() {
-            true => self.call_over_stream(addr, &body, timeout).await,
-            false => None,
+        let answered = if request.rides_stream() {
+            self.call_over_stream(addr, &body, timeout).await
+        } else {
+            None
         };
         let answered = match answered {
             Some(answered) => answered,

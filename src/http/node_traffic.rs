@@ -142,10 +142,7 @@ impl NodeTraffic {
                 ApiError::rate_limited("too many node calls in flight; retry shortly")
             })?;
         let body = input::read_limited(request, limit).await?;
-        signed.check(&body).map_err(|error| {
-            metrics::counter!(crate::metrics::NODE_TRAFFIC_REFUSED).increment(1);
-            ApiError::unauthenticated_because(error.to_string())
-        })?;
+        signed.check(&body).map_err(|error| self.refused(&error))?;
         Ok((permit, body))
     }
 }
