@@ -5,6 +5,7 @@
 //! - the upgrade is authenticated from its headers alone, like a call, and its body must be empty;
 //! - at most [`MAX_NODE_STREAMS`] streams are open at once (a member opens one per peer);
 //! - a frame's payload is read up to `MAX_MESSAGE_BYTES`, and its tag is checked before it is decoded;
+//! - a stream's reader buffers at most `READ_BUFFER_BYTES` ahead of the frame it reads;
 //!   a call's id must grow and its time be within the replay window of this node's clock;
 //! - a stream that sends no frame for [`IDLE_TIMEOUT`] is closed (heartbeats flow far more often);
 //! - calls take a place among the node calls in flight (`node_traffic::MAX_NODE_CALLS_INFLIGHT`) before
@@ -22,8 +23,8 @@ use hyper_util::rt::TokioIo;
 use shopkeep_raft::auth::{AUTH_HEADER, NodeAuthError, check_window};
 use shopkeep_raft::clock::{Reading, unix_micros};
 use shopkeep_raft::rpc::{self, MAX_MESSAGE_BYTES};
-use shopkeep_raft::stream::{Direction, Frame, PROTOCOL, StreamError, StreamKey};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use shopkeep_raft::stream::{Direction, Frame, PROTOCOL, StreamError, StreamKey, buffered};
+use tokio::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::Mutex;
 
 use super::error::ApiError;
@@ -95,7 +96,7 @@ pub(super) async fn open(
 async fn serve(traffic: Arc<NodeTraffic>, key: StreamKey, sender: u64, io: Io) {
     let (reader, writer) = tokio::io::split(io);
     let writer = Arc::new(Mutex::new(writer));
-    serve_calls(&traffic, &key, sender, reader, &writer).await;
+    serve_calls(&traffic, &key, sender, buffered(reader), &writer).await;
     let _ = writer.lock().await.shutdown().await;
 }
 
@@ -105,7 +106,7 @@ async fn serve_calls(
     traffic: &Arc<NodeTraffic>,
     key: &StreamKey,
     sender: u64,
-    mut reader: ReadHalf<Io>,
+    mut reader: BufReader<ReadHalf<Io>>,
     writer: &Arc<Mutex<WriteHalf<Io>>>,
 ) {
     let mut last_id = 0;
@@ -159,7 +160,7 @@ enum Ended {
     Broken(StreamError),
 }
 
-async fn read_call(key: &StreamKey, reader: &mut ReadHalf<Io>) -> Result<Frame, Ended> {
+async fn read_call(key: &StreamKey, reader: &mut BufReader<ReadHalf<Io>>) -> Result<Frame, Ended> {
     match tokio::time::timeout(
         IDLE_TIMEOUT,
         key.read(reader, Direction::Call, MAX_MESSAGE_BYTES),

@@ -17,13 +17,13 @@ use hyper::body::Bytes;
 use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
 use crate::auth::{AUTH_HEADER, NodeAuth};
 use crate::clock::unix_micros;
 use crate::rpc::MAX_MESSAGE_BYTES;
-use crate::stream::{Direction, Frame, PROTOCOL, STREAM_PATH, StreamKey};
+use crate::stream::{Direction, Frame, PROTOCOL, STREAM_PATH, StreamKey, buffered};
 
 /// How long a peer that refused to upgrade is called over HTTP before it is asked again.
 const RETRY_REFUSED: Duration = Duration::from_secs(60);
@@ -219,7 +219,7 @@ impl PeerStream {
             last_used: Mutex::new(Instant::now()),
         });
         metrics::gauge!(crate::metrics::NODE_STREAMS, "direction" => "out").increment(1.0);
-        tokio::spawn(stream.clone().read_answers(reader));
+        tokio::spawn(stream.clone().read_answers(buffered(reader)));
         stream
     }
 
@@ -251,7 +251,7 @@ impl PeerStream {
     }
 
     /// Hands each answer to its call until the stream ends, then fails the calls still waiting.
-    async fn read_answers(self: Arc<Self>, mut reader: ReadHalf<Io>) {
+    async fn read_answers(self: Arc<Self>, mut reader: BufReader<ReadHalf<Io>>) {
         loop {
             match self
                 .key
