@@ -246,7 +246,7 @@ fn main() {
     });
     let mut reports = Vec::new();
     for &system in &settings.systems {
-        settle(system);
+        settle(&system.label());
         let cpu_before = CpuSample::take();
         let mut report = match system {
             System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
@@ -282,20 +282,39 @@ fn main() {
     print_report(&settings, &reports, scale.as_ref(), wall);
 }
 
-/// Lets the disk settle before `system` starts: writes back what the previous system left in the
-/// page cache (`sync`) and waits a moment, so that no system's fsyncs queue behind another's leftovers
-/// (the removal of PostgreSQL's data directories, the files of the system before).
-fn settle(system: System) {
+/// Lets the disk settle before `label`'s load starts: writes back what came before it from the page
+/// cache (`sync`) and waits a moment, so that no load's fsyncs queue behind another's leftovers (the
+/// removal of PostgreSQL's data directories, the files of the system before, a loaded shop's files).
+/// Prints what was left to write back, and the memory the kernel had available.
+pub(crate) fn settle(label: &str) {
     let started = Instant::now();
+    let before = page_cache_summary();
     let synced = std::process::Command::new("sync").status();
     std::thread::sleep(Duration::from_secs(2));
     eprintln!(
-        "{}: disk settled before the start ({}, {:.1}s)",
-        system.label(),
+        "{label}: disk settled before the start ({}, {:.1}s; before it: {before})",
         match synced {
             Ok(status) if status.success() => "sync ok",
             _ => "no sync",
         },
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Dirty and under-writeback page cache, and the memory available, from `/proc/meminfo`.
+fn page_cache_summary() -> String {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mib = |field: &str| {
+        meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.trim().strip_suffix(" kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .map_or_else(|| "?".to_owned(), |kib| (kib / 1024).to_string())
+    };
+    format!(
+        "dirty {} MiB, writeback {} MiB, available {} MiB",
+        mib("Dirty:"),
+        mib("Writeback:"),
+        mib("MemAvailable:")
+    )
 }
