@@ -5,8 +5,8 @@
 //! - the upgrade is authenticated from its headers alone, like a call, and its body must be empty;
 //! - at most [`MAX_NODE_STREAMS`] streams are open at once (a member opens one per peer);
 //! - a frame's payload is read up to `MAX_MESSAGE_BYTES`, and its tag is checked before it is decoded;
-//! - a stream's reader buffers at most `READ_BUFFER_BYTES` ahead of the frame it reads;
 //!   a call's id must grow and its time be within the replay window of this node's clock;
+//! - a stream's reader buffers at most `READ_BUFFER_BYTES` ahead of the frame it reads;
 //! - a stream that sends no frame for [`IDLE_TIMEOUT`] is closed (heartbeats flow far more often);
 //! - calls take a place among the node calls in flight (`node_traffic::MAX_NODE_CALLS_INFLIGHT`) before
 //!   they run; while there is none, the stream is not read further.
