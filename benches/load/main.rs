@@ -305,16 +305,13 @@ pub(crate) fn settle(label: &str) {
 fn page_cache_summary() -> String {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mib = |field: &str| {
-        meminfo
-            .lines()
-            .find_map(|line| line.strip_prefix(field)?.trim().strip_suffix(" kB"))
-            .and_then(|kib| kib.trim().parse::<u64>().ok())
+        nodes::kib_field(&meminfo, field)
             .map_or_else(|| "?".to_owned(), |kib| (kib / 1024).to_string())
     };
     format!(
         "dirty {} MiB, writeback {} MiB, available {} MiB",
-        mib("Dirty:"),
-        mib("Writeback:"),
-        mib("MemAvailable:")
+        mib("Dirty"),
+        mib("Writeback"),
+        mib("MemAvailable")
     )
 }

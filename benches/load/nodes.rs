@@ -184,6 +184,11 @@ impl Drop for Nodes {
 /// A `kB` field of `/proc/<pid>/status` (Linux only).
 pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    kib_field(&text, field)
+}
+
+/// The `field: <n> kB` line of a `/proc` file's `text` (`/proc/<pid>/status`, `/proc/meminfo`).
+pub(crate) fn kib_field(text: &str, field: &str) -> Option<u64> {
     text.lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|value| value.trim().strip_suffix("kB"))

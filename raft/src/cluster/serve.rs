@@ -93,7 +93,6 @@ impl Cluster {
         }
     }
 
-    /// Whether this node currently leads `shard` (background work runs on leaders only).
     /// Whether `shard`'s membership names a node besides this one (a voter or a learner).
     pub fn has_other_members(&self, shard: u32) -> bool {
         self.replicas.get(shard as usize).is_some_and(|r| {
@@ -107,6 +106,7 @@ impl Cluster {
         })
     }
 
+    /// Whether this node currently leads `shard` (background work runs on leaders only).
     pub fn is_leader(&self, shard: u32) -> bool {
         self.replicas.get(shard as usize).is_some_and(|r| {
             let metrics = r.raft.metrics();

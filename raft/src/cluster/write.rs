@@ -330,7 +330,9 @@ pub(super) async fn run_batcher(
     loop {
         let room = match cluster.upgrade() {
             Some(cluster) => {
-                batches_in_flight(cluster.has_other_members(shard), cluster.is_leader(shard))
+                // Leadership matters only when there are other members: a single node does not look.
+                let other_members = cluster.has_other_members(shard);
+                batches_in_flight(other_members, other_members && cluster.is_leader(shard))
             }
             None => return,
         };
