@@ -1,6 +1,9 @@
 //! `shopkeep audit`: every invariant recomputed on every shard, one request per shard
-//! (`GET /v1/admin/audit?shard=N`, so `--timeout` bounds one shard's audit, not the whole shop's); exit 4
+//! (`GET /v1/admin/audit?shard=N`, so `--timeout`, 15 minutes when not given, bounds one shard's audit,
+//! not the whole shop's); exit 4
 //! (`audit_failed`) when a shard has a violation.
+
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -16,7 +19,7 @@ pub struct Args {}
 pub async fn run(_args: Args, ctx: &Context) -> Result<(), CliError> {
     let client = ctx.admin()?;
     let cluster = client.get(&["v1", "cluster"], &[]).await?.json;
-    let audit = every_shard(&client, &cluster).await?;
+    let audit = every_shard(&client, &cluster, ctx.audit_timeout()).await?;
     ctx.out.document(&audit, report);
     match failed(&audit) {
         None => Ok(()),
@@ -28,8 +31,12 @@ pub async fn run(_args: Args, ctx: &Context) -> Result<(), CliError> {
 }
 
 /// The audit of every shard `cluster` (the node's `GET /v1/cluster`) lists, one request each, as
-/// `GET /v1/admin/audit` answers for all of them: `{"ok", "shards": [...]}`.
-pub async fn every_shard(client: &Client, cluster: &Value) -> Result<Value, CliError> {
+/// `GET /v1/admin/audit` answers for all of them: `{"ok", "shards": [...]}`, each request given `timeout`.
+pub async fn every_shard(
+    client: &Client,
+    cluster: &Value,
+    timeout: Duration,
+) -> Result<Value, CliError> {
     let numbers = shard_numbers(cluster)?;
     let mut reports = Vec::with_capacity(numbers.len());
     let mut ok = true;
@@ -37,7 +44,11 @@ pub async fn every_shard(client: &Client, cluster: &Value) -> Result<Value, CliE
         let what = format!("auditing shard {shard} ({} of {})", i + 1, numbers.len());
         let answer = progress::shown(
             &what,
-            client.get(&["v1", "admin", "audit"], &[("shard", &shard.to_string())]),
+            client.get_within(
+                &["v1", "admin", "audit"],
+                &[("shard", &shard.to_string())],
+                timeout,
+            ),
         )
         .await?;
         ok &= answer.json["ok"].as_bool() == Some(true);

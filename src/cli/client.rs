@@ -66,6 +66,19 @@ impl Client {
         send(request, None).await
     }
 
+    /// A `GET` that may take longer than the client's timeout (one shard's audit): `timeout` instead.
+    pub async fn get_within(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Answer, CliError> {
+        let request = self
+            .request(Method::GET, self.url(segments, query))
+            .timeout(timeout);
+        send(request, None).await
+    }
+
     /// A `PUT` (idempotent by itself: no key).
     pub async fn put(&self, segments: &[&str], body: &Value) -> Result<Answer, CliError> {
         let request = self

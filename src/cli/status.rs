@@ -3,6 +3,8 @@
 //! view. Exit 4 with `not_ready` when the node is not ready, or `audit_failed` when the audit is not ok
 //! (or could not be run).
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use crate::cli::client::Client;
@@ -17,7 +19,7 @@ pub async fn run(_args: Args, ctx: &Context) -> Result<(), CliError> {
     let client = ctx.admin()?;
     let cluster = client.get(&["v1", "cluster"], &[]).await?.json;
     let ready = readiness(&client).await?;
-    let audit = audit_summary(&client, &cluster).await?;
+    let audit = audit_summary(&client, &cluster, ctx.audit_timeout()).await?;
     let view = json!({ "cluster": cluster, "ready": ready, "audit": audit });
     ctx.out.document(&view, human);
     verdict(&view)
@@ -35,8 +37,12 @@ async fn readiness(client: &Client) -> Result<Value, CliError> {
 
 /// `{"ok": bool, "shards": [{"shard", "violations": count}], "error": text|null}`; an audit that could
 /// not be run is not ok, with the reason.
-async fn audit_summary(client: &Client, cluster: &Value) -> Result<Value, CliError> {
-    match audit::every_shard(client, cluster).await {
+async fn audit_summary(
+    client: &Client,
+    cluster: &Value,
+    timeout: Duration,
+) -> Result<Value, CliError> {
+    match audit::every_shard(client, cluster, timeout).await {
         Ok(audit) => {
             let shards: Vec<Value> = audit::shards(&audit)
                 .iter()
