@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Number of shards users are spread over, fixed when the data directory is created [default: 8 for a
+    /// Number of shards users are spread over, fixed when the data directory is created [default: 3 for a
     /// new directory; an existing one keeps its own, and naming another number is refused].
     #[arg(long, env = "SHOPKEEP_SHARDS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub shards: Option<u32>,
@@ -84,8 +84,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_SNAPSHOT_LOG_PERCENT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub snapshot_log_percent: u32,
 
-    /// redb's page cache of this node, in MiB, split evenly among its shards (32 with the default 8
-    /// shards: 4 MiB each). At least 1 MiB per shard. More makes a shop of millions of orders faster
+    /// redb's page cache of this node, in MiB, split evenly among its shards (32 with the default 3
+    /// shards: 10.7 MiB each). At least 1 MiB per shard. More makes a shop of millions of orders faster
     /// for memory: at 3,000,000 orders, 64 made purchases 44 % faster than 32 for 48 MiB more peak RSS
     /// (README, Benchmarks). The OS caches the files anyway; `shopkeep_shard_cache_reads_total` says
     /// how often a read misses.

@@ -122,7 +122,7 @@
 //!   over the nodes as behind a load balancer) or `leader` (to the node leading the user's shard at the
 //!   level's start, as a client that asks `GET /v1/cluster/route/{user_id}` would; a note says so).
 //! - `SHOPKEEP_BENCH_SHARDS` — `--shards` of every node of the shopkeep systems (`1`, `3`…) (default: the server's
-//!   own default, 8).
+//!   own default, 3).
 //! - `SHOPKEEP_BENCH_SERVER_ARGS` — more flags for every `shopkeep serve` it starts, split at whitespace
 //!   (e.g. `--cache-mib 64`; the servers never inherit the caller's `SHOPKEEP_*` variables).
 //! - `SHOPKEEP_BENCH_SERVER_LOG` — the servers' `RUST_LOG` (default `warn`, without the access log;

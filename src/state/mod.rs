@@ -126,10 +126,10 @@ redb_error_into_store_error!(
 /// end (the persisted format's rules are in `crate::domain`; `golden` pins the bytes).
 pub const SCHEMA_VERSION: u32 = 3;
 
-/// redb's page cache per shard file when the node's `--cache-mib` (32) is split among its default 8
-/// shards, and for tools that open one shard. (redb's own default is 1 GiB per file, which lets a node
-/// with 8 shards grow far beyond what it needs: reads are of recent rows, and the OS caches the file
-/// anyway.) 4 MiB holds the hot pages of the purchase path on a small shop: 16 MiB was no faster there
+/// redb's page cache of a shard file a tool opens on its own (a node splits its `--cache-mib` among its
+/// shards instead; this is what each of eight got from the default 32). (redb's own default is 1 GiB
+/// per file, which lets a node with 8 shards grow far beyond what it needs: reads are of recent rows,
+/// and the OS caches the file anyway.) 4 MiB holds the hot pages of the purchase path on a small shop: 16 MiB was no faster there
 /// and cost 100 MiB of peak RSS at 256 clients (`cargo bench --bench load`). On a shop of 3,000,000
 /// orders 16 MiB made 19 % more purchases/s (3,828 against 3,223 at 64 clients), but the node peaked at
 /// 283 MiB, over the 256 MiB budget (README, Benchmarks, 2026-12-03 fifth session): an operator with

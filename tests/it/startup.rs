@@ -158,24 +158,24 @@ async fn served_shards(srv: &Server) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_data_directory_gets_eight_shards_unless_told_otherwise() {
+async fn a_new_data_directory_gets_three_shards_unless_told_otherwise() {
     let srv = Server::start_with(Opts::new()).await;
-    assert_eq!(served_shards(&srv).await, 8);
+    assert_eq!(served_shards(&srv).await, 3);
     let named = Server::start_with(Opts::new().shards(5)).await;
     assert_eq!(served_shards(&named).await, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_keeps_its_shards_when_restarted_without_naming_them() {
-    let mut srv = Server::start_with(Opts::new().shards(3)).await;
+    let mut srv = Server::start_with(Opts::new().shards(5)).await;
     let users: Vec<String> = (0..12).map(|i| format!("kept-{i}")).collect();
     for user in &users {
         srv.create_user(user).await;
     }
     srv.opts_mut().shards = None;
     srv.restart().await;
-    assert_eq!(served_shards(&srv).await, 3);
-    // Every user is found on the shard it was created on: the hash still spreads over three.
+    assert_eq!(served_shards(&srv).await, 5);
+    // Every user is found on the shard it was created on: the hash still spreads over five.
     for user in &users {
         srv.get(&format!("/v1/users/{user}"), Auth::Service)
             .await
