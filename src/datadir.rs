@@ -67,7 +67,7 @@ pub fn restrict_new_files() {
 /// periodic durable commit, its snapshot) to a smaller share of the users. Measured on two cores against
 /// eight (README, Benchmarks, twenty-eighth session, paired rounds): three gave a three-node cluster 14–34 %
 /// more purchases/s at 16 clients and 13–49 % at 64, and one node 27–28 % more at 64 clients and 10–36 % at
-/// 256, at the same p99 at half its peak. A shard applies on one thread: a node with many more cores
+/// 256, at the same or a lower p99 at half the peak. A shard applies on one thread: a node with many more cores
 /// than shards may do better with more, named when its data directory is created.
 pub const DEFAULT_SHARDS: u32 = 3;
 
