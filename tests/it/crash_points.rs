@@ -136,10 +136,12 @@ async fn crash_points_refuse_unknown_names_and_a_wrong_secret() {
 /// every shard reach the receiver.
 #[tokio::test]
 async fn a_webhook_put_cut_off_after_its_home_shard_is_completed_after_the_restart() {
+    // No sweep until the restart: the crash point fires after the first apply on any shard, and a sweep's
+    // command applied between the arming and the PUT would fire it before the PUT reached its home.
     let mut srv = Server::start_with(
         Opts::new()
             .shards(8)
-            .sweep_interval("200ms")
+            .sweep_interval("1h")
             .env("SHOPKEEP_CLUSTER_SECRET", SECRET),
     )
     .await;
@@ -157,6 +159,7 @@ async fn a_webhook_put_cut_off_after_its_home_shard_is_completed_after_the_resta
     assert!(cut.as_ref().map_or(true, |r| r.status >= 500), "{cut:?}");
     let status = srv.wait_exit(Duration::from_secs(10)).await;
     assert!(status.is_some_and(|s| !s.success()), "no abort: {status:?}");
+    srv.opts_mut().sweep_interval = Some("200ms".to_owned());
     srv.restart().await;
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -186,9 +189,11 @@ async fn a_webhook_put_cut_off_after_its_home_shard_is_completed_after_the_resta
 /// sweeper copies the home shard's limits to every other shard, so users on every shard are held to them.
 #[tokio::test]
 async fn a_shop_limits_put_cut_off_after_its_home_shard_is_completed_after_the_restart() {
+    // No sweep until the restart: the crash point fires after the first apply on any shard, and a sweep's
+    // command applied between the arming and the PUT would fire it before the PUT reached its home.
     let mut srv = Server::start_with(
         Opts::new()
-            .sweep_interval("200ms")
+            .sweep_interval("1h")
             .env("SHOPKEEP_CLUSTER_SECRET", SECRET),
     )
     .await;
@@ -210,6 +215,7 @@ async fn a_shop_limits_put_cut_off_after_its_home_shard_is_completed_after_the_r
     assert!(cut.as_ref().map_or(true, |r| r.status >= 500), "{cut:?}");
     let status = srv.wait_exit(Duration::from_secs(10)).await;
     assert!(status.is_some_and(|s| !s.success()), "no abort: {status:?}");
+    srv.opts_mut().sweep_interval = Some("200ms".to_owned());
     srv.restart().await;
 
     let limits = srv.get("/v1/admin/limits", Auth::Admin).await.expect(200);
