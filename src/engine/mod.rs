@@ -24,7 +24,7 @@ pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redb::ReadTransaction;
 use shopkeep_faults::integrity;
@@ -138,13 +138,15 @@ pub struct Node {
 }
 
 /// Opens shard `id`'s file, verifying it (see `shopkeep_faults::integrity`). A corrupt file is set aside
-/// in a cluster (the shard then rebuilds from its peers) and refused on a single node.
+/// in a cluster (the shard then rebuilds from its peers) and refused on a single node. Its durable commits
+/// take its own phase among the node's `shards` opened from `opened` (`state::first_durable_due`).
 fn open_shard(
     data_dir: &Path,
     path: &Path,
     id: u32,
     clustered: bool,
     files: ShardFiles,
+    (opened, shards): (Instant, u32),
 ) -> Result<ShardStore, EngineError> {
     let cache_bytes = files.cache_bytes;
     let store = match ShardStore::open_verified(path, id, cache_bytes) {
@@ -166,7 +168,7 @@ fn open_shard(
         }
         other => other?,
     };
-    Ok(store.durable_every(files.durable_every))
+    Ok(store.durable_every(files.durable_every, opened, shards))
 }
 
 /// How a node keeps its shard files: the operator's `--cache-mib` and `--durable-every`.
@@ -197,10 +199,11 @@ impl Node {
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Corrupt(e.to_string()))?;
         let dir = data_dir.to_path_buf();
+        let (began, shards) = (Instant::now(), config.shards);
         let opened = tokio::task::spawn_blocking(move || {
-            let shards = (0u32..).zip(paths).collect();
-            integrity::verify_each(shards, |(id, path)| {
-                open_shard(&dir, &path, id, clustered, shard_files)
+            let each = (0u32..).zip(paths).collect();
+            integrity::verify_each(each, |(id, path)| {
+                open_shard(&dir, &path, id, clustered, shard_files, (began, shards))
             })
         })
         .await

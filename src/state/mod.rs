@@ -173,6 +173,35 @@ pub const MIN_DURABLE_EVERY: Duration = Duration::from_millis(100);
 /// under a shard file stops the node within it.
 pub const MAX_DURABLE_EVERY: Duration = Duration::from_secs(60);
 
+/// How long after opening its file shard `shard` of a node's `shards` first commits durably: its own
+/// share of `every` (shard 0 after `every / shards`, the last after `every`). Each later durable commit
+/// is due a whole `every` after the one before (`next_durable_due`), so the shards keep these phases:
+/// their durable commits are spread over the interval instead of coming together.
+///
+/// Why: a durable commit writes out every page the commits since the last one left in redb's write
+/// buffer, then fsyncs them (6–10 MB per shard at 2,000 purchases/s, 25–50 ms), and the shard applies
+/// nothing meanwhile. When the shards of a node were opened together they stayed in step, so all of
+/// them paused at once, each fsync slowed by the others' (README, Benchmarks, twenty-ninth session).
+pub fn first_durable_due(every: Duration, shard: u32, shards: u32) -> Duration {
+    let shards = shards.max(1);
+    let position = shard % shards + 1;
+    every.mul_f64(f64::from(position) / f64::from(shards))
+}
+
+/// When the durable commit after one due at `due` and taken at `now` is due: `due` plus the fewest
+/// whole `every`s that put it after `now`, so a late commit (no apply came while it was due) keeps the
+/// shard's phase instead of moving it; `due` itself when the commit came before it.
+fn next_durable_due(due: Instant, every: Duration, now: Instant) -> Instant {
+    if now < due {
+        // Taken early (a near-full disk makes every commit durable): the schedule stays.
+        return due;
+    }
+    let late = now.saturating_duration_since(due);
+    let every_nanos = every.as_nanos().max(1);
+    let skipped = u32::try_from(late.as_nanos() / every_nanos).unwrap_or(u32::MAX);
+    due + every.saturating_mul(skipped.saturating_add(1))
+}
+
 /// Shard-wide bookkeeping, one row in `META`, rewritten once per batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaState {
@@ -228,8 +257,8 @@ pub struct ShardStore {
     /// The file was reopened after a full disk and may hold less than was applied: reads are refused
     /// until a write succeeds.
     behind: AtomicBool,
-    /// When the state was last committed durably.
-    durable_at: Mutex<Instant>,
+    /// When the next apply's commit is due to be durable (`first_durable_due`, `next_durable_due`).
+    durable_due: Mutex<Instant>,
     /// Longest time between two durable commits (`DEFAULT_DURABLE_EVERY` unless set).
     durable_every: Duration,
     /// Durable commits of applied batches since the file was opened (the metric's counter).
@@ -352,7 +381,7 @@ impl ShardStore {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
             behind: AtomicBool::new(false),
-            durable_at: Mutex::new(Instant::now()),
+            durable_due: Mutex::new(Instant::now() + DEFAULT_DURABLE_EVERY),
             durable_every: DEFAULT_DURABLE_EVERY,
             durable_commits: AtomicU64::new(0),
             cache_bytes,
@@ -491,8 +520,8 @@ impl ShardStore {
     /// interval is over, or the disk is near full (`NEAR_FULL_RESERVES`).
     pub fn durable_commit_due(&self, margin: Duration) -> bool {
         let due = {
-            let durable_at = self.durable_at.lock().unwrap_or_else(|p| p.into_inner());
-            durable_at.elapsed() + margin >= self.durable_every
+            let durable_due = self.durable_due.lock().unwrap_or_else(|p| p.into_inner());
+            Instant::now() + margin >= *durable_due
         };
         due || self.near_full()
     }
@@ -511,9 +540,16 @@ impl ShardStore {
     }
 
     /// The same store, its state committed durably at least every `every` (clamped to
-    /// `MIN_DURABLE_EVERY`..=`MAX_DURABLE_EVERY`) instead of `DEFAULT_DURABLE_EVERY`.
-    pub fn durable_every(mut self, every: Duration) -> ShardStore {
+    /// `MIN_DURABLE_EVERY`..=`MAX_DURABLE_EVERY`) instead of `DEFAULT_DURABLE_EVERY`, at this shard's
+    /// own phase of `every` among a node's `shards`, counted from `opened` (when the node began opening
+    /// them; see `first_durable_due`).
+    pub fn durable_every(mut self, every: Duration, opened: Instant, shards: u32) -> ShardStore {
         self.durable_every = every.clamp(MIN_DURABLE_EVERY, MAX_DURABLE_EVERY);
+        *self
+            .durable_due
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner()) =
+            opened + first_durable_due(self.durable_every, self.shard, shards);
         self
     }
 
@@ -631,7 +667,8 @@ impl ShardStore {
             return Err(error);
         }
         if durable {
-            *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            let mut due = self.durable_due.lock().unwrap_or_else(|p| p.into_inner());
+            *due = next_durable_due(*due, self.durable_every, Instant::now());
             self.durable_commits.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -670,8 +707,8 @@ impl ShardStore {
         let mut txn = self.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Redb(e.into()))?;
+        // The schedule stays: one more durable commit only shortens the interval it falls in.
         txn.commit()?;
-        *self.durable_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         Ok(())
     }
 
@@ -692,5 +729,68 @@ impl ShardStore {
             .and_then(|()| Ok(self.db()?.begin_write()?));
         drop(slot);
         self.checked(began)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shards_of_a_node_first_commit_durably_each_at_its_own_share_of_the_interval() {
+        let every = Duration::from_secs(2);
+        let firsts: Vec<Duration> = (0..3)
+            .map(|shard| first_durable_due(every, shard, 3))
+            .collect();
+        assert_eq!(firsts[2], every);
+        assert!(firsts[0] < firsts[1] && firsts[1] < firsts[2], "{firsts:?}");
+        assert!(
+            firsts[0] >= every / 3 - Duration::from_millis(1),
+            "{firsts:?}"
+        );
+        assert_eq!(first_durable_due(every, 0, 1), every);
+        // Never more than the interval, whatever it is told.
+        assert_eq!(
+            first_durable_due(every, 7, 3),
+            first_durable_due(every, 1, 3)
+        );
+        assert_eq!(first_durable_due(every, 0, 0), every);
+    }
+
+    #[test]
+    fn a_late_durable_commit_keeps_its_shards_phase_and_an_early_one_keeps_the_schedule() {
+        let every = Duration::from_secs(2);
+        let due = Instant::now();
+        assert_eq!(next_durable_due(due, every, due), due + every);
+        let just_late = due + Duration::from_millis(30);
+        assert_eq!(next_durable_due(due, every, just_late), due + every);
+        let idle = due + Duration::from_millis(5_300);
+        assert_eq!(next_durable_due(due, every, idle), due + every * 3);
+        let early = due.checked_sub(Duration::from_millis(500));
+        if let Some(early) = early {
+            assert_eq!(next_durable_due(due, every, early), due);
+        }
+    }
+
+    #[test]
+    fn shards_opened_together_are_not_due_to_commit_durably_together() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let opened = Instant::now();
+        let every = Duration::from_secs(60);
+        let stores: Vec<ShardStore> = (0..3)
+            .map(|shard| {
+                let path = dir.path().join(format!("shard-{shard}.redb"));
+                ShardStore::open(&path, shard)
+                    .expect("a new shard file")
+                    .durable_every(every, opened, 3)
+            })
+            .collect();
+        // Within the first shard's share of the interval, only the first shard is due.
+        let margin = Duration::from_secs(30).saturating_sub(opened.elapsed());
+        let due: Vec<bool> = stores
+            .iter()
+            .map(|s| s.durable_commit_due(margin))
+            .collect();
+        assert_eq!(due, [true, false, false]);
     }
 }
