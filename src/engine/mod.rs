@@ -146,7 +146,8 @@ fn open_shard(
     id: u32,
     clustered: bool,
     files: ShardFiles,
-    (opened, shards): (Instant, u32),
+    opened: Instant,
+    shards: u32,
 ) -> Result<ShardStore, EngineError> {
     let cache_bytes = files.cache_bytes;
     let store = match ShardStore::open_verified(path, id, cache_bytes) {
@@ -203,7 +204,7 @@ impl Node {
         let opened = tokio::task::spawn_blocking(move || {
             let each = (0u32..).zip(paths).collect();
             integrity::verify_each(each, |(id, path)| {
-                open_shard(&dir, &path, id, clustered, shard_files, (began, shards))
+                open_shard(&dir, &path, id, clustered, shard_files, began, shards)
             })
         })
         .await

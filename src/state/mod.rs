@@ -182,7 +182,7 @@ pub const MAX_DURABLE_EVERY: Duration = Duration::from_secs(60);
 /// buffer, then fsyncs them (6–10 MB per shard at 2,000 purchases/s, 25–50 ms), and the shard applies
 /// nothing meanwhile. When the shards of a node were opened together they stayed in step, so all of
 /// them paused at once, each fsync slowed by the others' (README, Benchmarks, twenty-ninth session).
-pub fn first_durable_due(every: Duration, shard: u32, shards: u32) -> Duration {
+fn first_durable_due(every: Duration, shard: u32, shards: u32) -> Duration {
     let shards = shards.max(1);
     let position = shard % shards + 1;
     every.mul_f64(f64::from(position) / f64::from(shards))
@@ -196,7 +196,7 @@ fn next_durable_due(due: Instant, every: Duration, now: Instant) -> Instant {
         // Taken early (a near-full disk makes every commit durable): the schedule stays.
         return due;
     }
-    let late = now.saturating_duration_since(due);
+    let late = now.duration_since(due);
     let every_nanos = every.as_nanos().max(1);
     let skipped = u32::try_from(late.as_nanos() / every_nanos).unwrap_or(u32::MAX);
     due + every.saturating_mul(skipped.saturating_add(1))
