@@ -101,6 +101,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_DURABLE_EVERY", default_value = "2s", value_parser = parse_durable_every)]
     pub durable_every: Duration,
 
+    /// Threads that run the node's requests, Raft and applies [default: the cores this process may use].
+    /// Several nodes sharing one machine's cores each do better with their share than with all of them:
+    /// three nodes on 2 cores with 1 each bought 4–18 % at one client, and one node with 1 instead of 2
+    /// lost 17–25 % at 16–64 clients (README, Benchmarks). Blocking work (durable commits, snapshots,
+    /// reads of the audit) runs on threads of its own either way.
+    #[arg(long, env = "SHOPKEEP_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
     /// ISO code of the deployment's one currency. Fixed when the data directory is created.
     #[arg(long, env = "SHOPKEEP_CURRENCY", default_value = "EUR")]
     pub currency: String,
@@ -385,6 +393,8 @@ pub struct Config {
     pub cache_mib: u64,
     /// See `ServeArgs::durable_every`.
     pub durable_every: Duration,
+    /// See `ServeArgs::workers` (`None`: the runtime's default, one per core).
+    pub workers: Option<usize>,
     /// See `ServeArgs::restoring_from_backup`.
     pub restoring_from_backup: bool,
 }
@@ -487,6 +497,7 @@ impl Config {
             snapshot_log_percent: args.snapshot_log_percent,
             cache_mib: args.cache_mib,
             durable_every: args.durable_every,
+            workers: args.workers.map(usize::from),
             restoring_from_backup: args.restoring_from_backup,
         })
     }
@@ -517,6 +528,17 @@ mod tests {
         }
         let error = serve(&["--durable-every", "61s"]).unwrap_err().to_string();
         assert!(error.contains("from 100ms to 1m apart"), "{error}");
+    }
+
+    #[test]
+    fn workers_default_to_the_runtimes_choice_and_are_refused_outside_1_to_1024() {
+        assert_eq!(serve(&[]).unwrap().workers, None);
+        let args = serve(&["--workers", "1"]).unwrap();
+        assert_eq!(Config::from_args(&args).unwrap().workers, Some(1));
+        for refused in ["0", "1025", "65536", "many"] {
+            let error = serve(&["--workers", refused]).unwrap_err().to_string();
+            assert!(error.contains("--workers"), "{refused}: {error}");
+        }
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub const PEER_CLOCK_OFFSET: &str = "shopkeep_peer_clock_offset_seconds";
 /// Set by `shopkeep_faults::disk::DiskHealth` (which names it itself).
 pub const STORAGE_FULL: &str = "shopkeep_storage_full";
 pub const BUILD_INFO: &str = "shopkeep_build_info";
+pub const RUNTIME_WORKERS: &str = "shopkeep_runtime_workers";
 pub const SHARD_IS_LEADER: &str = "shopkeep_shard_is_leader";
 pub const RAFT_TERM: &str = "shopkeep_raft_term";
 pub const RAFT_APPLIED_INDEX: &str = "shopkeep_raft_applied_index";
@@ -141,7 +142,7 @@ const COUNTERS: [(&str, &str); 18] = [
     ),
 ];
 
-const GAUGES: [(&str, &str); 15] = [
+const GAUGES: [(&str, &str); 16] = [
     (
         WEBHOOK_LAG,
         "Events of a shard this node leads not yet acknowledged by a webhook, by webhook and shard",
@@ -165,6 +166,10 @@ const GAUGES: [(&str, &str); 15] = [
     (
         BUILD_INFO,
         "Always 1; the version label says which build runs",
+    ),
+    (
+        RUNTIME_WORKERS,
+        "Threads of the async runtime that run requests, Raft and applies (--workers; by default one per core)",
     ),
     (
         SHARD_IS_LEADER,
@@ -263,6 +268,9 @@ impl Metrics {
             let _registered = metrics::histogram!(APPLY_SECONDS, "shard" => shard.to_string());
         }
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            metrics::gauge!(RUNTIME_WORKERS).set(runtime.metrics().num_workers() as f64);
+        }
         Ok(Metrics {
             handle,
             published: Mutex::new(Published::default()),

@@ -820,3 +820,25 @@ async fn a_node_that_loses_a_shards_leadership_stops_reporting_follower_lag_and_
     );
     write.abort();
 }
+
+/// `--workers N` runs the node on N threads of its async runtime, which serve requests, and
+/// `shopkeep_runtime_workers` says how many; without it there is one per core.
+#[tokio::test]
+async fn workers_set_the_runtimes_threads_and_the_gauge_says_how_many() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    for (workers, expected) in [(Some(1), 1), (Some(3), 3), (None, cores)] {
+        let opts = match workers {
+            Some(n) => Opts::new().env("SHOPKEEP_WORKERS", &n.to_string()),
+            None => Opts::new(),
+        };
+        let srv = Server::start_with(opts).await;
+        let api = srv.api();
+        api.funded_user("worker-count", "5.00").await;
+        let scrape = scrape(&api.base).await;
+        assert_eq!(
+            scrape.value("shopkeep_runtime_workers", &[]),
+            Some(expected as f64),
+            "--workers {workers:?}"
+        );
+    }
+}

@@ -199,3 +199,12 @@ async fn a_data_directory_refuses_another_number_of_shards_and_says_which_it_has
         "the refusal does not say why: {refused}"
     );
 }
+
+/// `--workers` outside 1–1024 is refused before anything is served.
+#[test]
+fn workers_outside_1_to_1024_are_refused_before_anything_is_served() {
+    for refused in ["0", "1025"] {
+        let stderr = refused_start(&["--workers", refused], &[]);
+        assert!(stderr.contains("--workers"), "{refused}: {stderr}");
+    }
+}
