@@ -100,6 +100,9 @@ impl Nodes {
             if let Some(shards) = shards {
                 launch = launch.args(["--shards", &shards.to_string()]);
             }
+            if let Some(workers) = crate::settings::cluster_workers(count) {
+                launch = launch.args(["--workers", &workers.to_string()]);
+            }
             if let Some(peers) = &peers {
                 launch = launch
                     .args(["--node-id", &id.to_string()])

@@ -188,6 +188,22 @@ pub(crate) fn for_every_server(launch: Launch) -> Launch {
     }
 }
 
+/// The `--workers` of each of the `nodes` members of a cluster on this machine: its cores shared among
+/// them, at least 1, as an operator running several nodes on one machine would set it (each node's
+/// default is every core, so three nodes would run three times as many runtime threads as there are
+/// cores). `None` for one node, or when `SHOPKEEP_BENCH_SERVER_ARGS` names `--workers` itself.
+pub(crate) fn cluster_workers(nodes: u64) -> Option<u64> {
+    let named = env_text("SHOPKEEP_BENCH_SERVER_ARGS").is_some_and(|text| {
+        text.split_whitespace()
+            .any(|flag| flag.starts_with("--workers"))
+    });
+    if nodes < 2 || named {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    Some((cores / nodes).max(1))
+}
+
 fn env_text(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|t| !t.trim().is_empty())
 }

@@ -60,6 +60,12 @@ pub(crate) async fn drive_shopkeep(
         duration: settings.duration,
         route_to_leader: settings.route_to_leader && clustered,
     };
+    if let Some(workers) = crate::settings::cluster_workers(nodes.nodes.len() as u64) {
+        report.notes.push(format!(
+            "each node runs --workers {workers}: the machine's cores shared among the {} nodes",
+            nodes.nodes.len()
+        ));
+    }
     if load.route_to_leader {
         report.notes.push(
             "closed-loop purchases routed to each user's shard leader (SHOPKEEP_BENCH_ROUTE=leader), \
