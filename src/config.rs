@@ -101,10 +101,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SHOPKEEP_DURABLE_EVERY", default_value = "2s", value_parser = parse_durable_every)]
     pub durable_every: Duration,
 
-    /// Threads that run the node's requests, Raft and applies [default: the cores this process may use].
+    /// Threads that run the node's requests, Raft and applies [default: one per core this process may use,
+    /// or tokio's `TOKIO_WORKER_THREADS`].
     /// Several nodes sharing one machine's cores each do better with their share than with all of them:
-    /// three nodes on 2 cores with 1 each bought 4–18 % at one client, and one node with 1 instead of 2
-    /// lost 17–25 % at 16–64 clients (README, Benchmarks). Blocking work (durable commits, snapshots,
+    /// three nodes on 2 cores with 1 each made 3–18 % more purchases/s at one client in 10 of 11 paired
+    /// rounds, and one node with 1 instead of 2 lost 17–25 % at 16–64 clients (README, Benchmarks). Blocking work (durable commits, snapshots,
     /// reads of the audit) runs on threads of its own either way.
     #[arg(long, env = "SHOPKEEP_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,

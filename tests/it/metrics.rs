@@ -822,10 +822,14 @@ async fn a_node_that_loses_a_shards_leadership_stops_reporting_follower_lag_and_
 }
 
 /// `--workers N` runs the node on N threads of its async runtime, which serve requests, and
-/// `shopkeep_runtime_workers` says how many; without it there is one per core.
+/// `shopkeep_runtime_workers` says how many; without it, the runtime's default (one per core).
 #[tokio::test]
 async fn workers_set_the_runtimes_threads_and_the_gauge_says_how_many() {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // Unset, tokio's default: `TOKIO_WORKER_THREADS` when the environment has it, else one per core.
+    let cores = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     for (workers, expected) in [(Some(1), 1), (Some(3), 3), (None, cores)] {
         let opts = match workers {
             Some(n) => Opts::new().env("SHOPKEEP_WORKERS", &n.to_string()),
