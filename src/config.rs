@@ -102,11 +102,11 @@ pub struct ServeArgs {
     pub durable_every: Duration,
 
     /// Threads that run the node's requests, Raft and applies [default: one per core this process may use,
-    /// or tokio's `TOKIO_WORKER_THREADS`].
-    /// Several nodes sharing one machine's cores each do better with their share than with all of them:
-    /// three nodes on 2 cores with 1 each made 3–18 % more purchases/s at one client in 10 of 11 paired
-    /// rounds, and one node with 1 instead of 2 lost 17–25 % at 16–64 clients (README, Benchmarks). Blocking work (durable commits, snapshots,
-    /// reads of the audit) runs on threads of its own either way.
+    /// or tokio's `TOKIO_WORKER_THREADS`]. Nodes sharing one machine each do better with their share of its
+    /// cores than with all of them: three nodes on 2 cores with 1 each made 3–18 % more purchases/s at one
+    /// client in 10 of 11 paired rounds, while one node alone with 1 instead of 2 lost 15–28 % at 16 and 64
+    /// clients (README, Benchmarks). Blocking work (durable commits, snapshots, the audit's reads) runs on
+    /// threads of its own either way.
     #[arg(long, env = "SHOPKEEP_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
