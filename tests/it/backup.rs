@@ -267,8 +267,11 @@ async fn verify_backup_fails_on_any_changed_byte_and_restore_refuses_a_bad_backu
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() {
+/// A 3-node cluster's shop (six players, one purchase each) backed up through node 2 and restored into a
+/// fresh data directory: the players' orders, the id of the member the backup came from, and the options
+/// that start the restored cluster (that member on the restored directory, the others empty with
+/// `SHOPKEEP_RESTORING_FROM_BACKUP`). `scratch` holds the backup and the restored directory.
+async fn restored_cluster_opts(scratch: &Path) -> (Vec<(String, String)>, u64, ClusterOpts) {
     let cluster = TestCluster::start_with(ClusterOpts::new().nodes(3)).await;
     let api = cluster.node(2).api();
     let users = seed_shop(&api, 6).await;
@@ -276,8 +279,7 @@ async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() 
     for user in &users {
         orders.push((user.clone(), buy(&api, user).await.expect("a purchase")));
     }
-    let scratch = tempfile::tempdir().expect("a temporary directory");
-    let backup_dir = scratch.path().join("backup");
+    let backup_dir = scratch.join("backup");
     // Taken through a member that leads some shards and follows in others.
     let backup = shopkeep(&api.base, &["backup", "--out", path(&backup_dir)]).await;
     backup.success();
@@ -288,7 +290,7 @@ async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() 
     let seed_id = manifest["node_id"].as_u64().expect("node_id");
     drop(cluster);
 
-    let seed_dir = scratch.path().join("seed");
+    let seed_dir = scratch.join("seed");
     let restore = shopkeep(
         &api.base,
         &[
@@ -305,20 +307,14 @@ async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() 
     for other in (1..=3).filter(|&id| id != seed_id) {
         opts = opts.node_env(other, "SHOPKEEP_RESTORING_FROM_BACKUP", "true");
     }
-    let restored = TestCluster::start_with(opts).await;
-    for id in 1..=3 {
-        let node = restored.node(id);
-        if id != seed_id {
-            assert!(
-                node.logs().contains("RESTORING FROM BACKUP"),
-                "node {id} says loudly that it restores: {}",
-                node.logs()
-            );
-        }
-    }
+    (orders, seed_id, opts)
+}
+
+/// Every backed-up order is there, COMPLETED, read through node 1, and the cluster takes a purchase.
+async fn serves_the_backed_up_orders(restored: &TestCluster, orders: &[(String, String)]) {
     let api = restored.node(1).api();
     api.audit_ok().await;
-    for (user, order) in &orders {
+    for (user, order) in orders {
         let found = api.get_order(user, order).await;
         assert_eq!(
             found["status"],
@@ -327,9 +323,63 @@ async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() 
         );
     }
     assert!(
-        buy(&api, &users[0]).await.is_some(),
+        buy(&api, &orders[0].0).await.is_some(),
         "the restored cluster takes writes"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_restored_from_one_members_backup_serves_the_backed_up_shop() {
+    let scratch = tempfile::tempdir().expect("a temporary directory");
+    let (orders, seed_id, opts) = restored_cluster_opts(scratch.path()).await;
+    let restored = TestCluster::start_with(opts).await;
+    for id in (1..=3).filter(|&id| id != seed_id) {
+        let logs = restored.node(id).logs();
+        assert!(
+            logs.contains("RESTORING FROM BACKUP"),
+            "node {id} says loudly that it restores: {logs}"
+        );
+    }
+    serves_the_backed_up_orders(&restored, &orders).await;
+}
+
+/// The empty members of a restore that reach each other but not the restored member form no cluster of
+/// their own: once they reach it, the restored shop is what they serve. (They used to form a new, empty
+/// cluster after a few seconds without it, and the restored cluster then answered 404 for backed-up
+/// players, or worse, as its first terms clashed with the restored log's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restoring_members_that_cannot_reach_the_restored_one_form_no_cluster_of_their_own() {
+    let scratch = tempfile::tempdir().expect("a temporary directory");
+    let (orders, seed_id, opts) = restored_cluster_opts(scratch.path()).await;
+    let empties: Vec<u64> = (1..=3).filter(|&id| id != seed_id).collect();
+    let restored = TestCluster::start_with(opts.isolated_at_start(seed_id).wait_ready(&[])).await;
+    // Formation forms a cluster of a majority after about five rounds of 0.5 s without the rest.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Without the restored member there is no shop to read yet, rather than an empty one.
+    let (user, order) = &orders[0];
+    let read = restored
+        .node(empties[0])
+        .api()
+        .get(&format!("/v1/users/{user}/orders/{order}"), Auth::Service)
+        .await;
+    assert_eq!(
+        read.status,
+        503,
+        "a backed-up order read without the restored member: {}",
+        read.text()
+    );
+    restored.heal();
+    restored
+        .wait_ready(&[1, 2, 3], Duration::from_secs(60))
+        .await;
+    serves_the_backed_up_orders(&restored, &orders).await;
+    for &id in &empties {
+        let logs = restored.node(id).logs();
+        assert!(
+            logs.contains("forms no new cluster"),
+            "node {id} does not say it waits for the restored member: {logs}"
+        );
+    }
 }
 
 /// Exit 4 with `shopkeep: backup_invalid: …` last on stderr (after the per-shard progress lines).

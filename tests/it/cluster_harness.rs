@@ -46,6 +46,8 @@ pub struct ClusterOpts {
     pub wait_ready: Option<Vec<u64>>,
     /// Nodes whose data directory is a link to this directory (e.g. a small file system).
     pub data_dirs: Vec<(u64, PathBuf)>,
+    /// Nodes cut off from every other before any starts (`TestCluster::heal` joins them).
+    pub isolated_at_start: Vec<u64>,
 }
 
 impl Default for ClusterOpts {
@@ -61,6 +63,7 @@ impl Default for ClusterOpts {
             node_env: vec![],
             wait_ready: None,
             data_dirs: Vec::new(),
+            isolated_at_start: Vec::new(),
         }
     }
 }
@@ -94,6 +97,10 @@ impl ClusterOpts {
     }
     pub fn data_dir_on(mut self, node: u64, dir: &std::path::Path) -> Self {
         self.data_dirs.push((node, dir.to_path_buf()));
+        self
+    }
+    pub fn isolated_at_start(mut self, node: u64) -> Self {
+        self.isolated_at_start.push(node);
         self
     }
     pub fn wait_ready(mut self, nodes: &[u64]) -> Self {
@@ -697,6 +704,9 @@ impl TestCluster {
             let peers = c.peers_arg(i, &ports);
             let node = c.make_node(i, ports[&i], peers);
             c.nodes.insert(i, node);
+        }
+        for &n in &opts.isolated_at_start {
+            c.isolate(n);
         }
         for node in c.nodes.values_mut() {
             node.spawn();

@@ -41,11 +41,13 @@ impl Cluster {
 
     /// Exactly one initialisation: only a node that sees a majority of pristine peers, none of them
     /// initialised and itself the lowest id among them, initialises; each shard on its preferred node.
+    /// A node restoring from a backup (`trust_empty_shards`) never does.
     /// (Two nodes initialising with the same members, which a race can cause, is safe in openraft.)
     async fn form_in_background(self: Arc<Self>) {
         let me = self.config.node_id;
         let majority = self.config.peers.len() / 2 + 1;
         let mut rounds_with_majority = 0u32;
+        let mut waiting_for_restored = false;
         loop {
             if self.any_initialized().await {
                 tracing::info!("this node is part of a cluster");
@@ -79,6 +81,20 @@ impl Cluster {
             if joined {
                 tracing::info!("the cluster exists; waiting for its leaders to contact this node");
                 return;
+            }
+            if self.config.trust_empty_shards {
+                // Restored from one member's backup (`rebuild`): the cluster lives in that member's data.
+                // Empty members that reach each other without it must not form a new, empty one (its
+                // first terms would clash with the restored log's), so this node only ever waits.
+                if !waiting_for_restored {
+                    tracing::warn!(
+                        "restoring from a backup: waiting for the member restored from it to lead; this \
+                         node forms no new cluster"
+                    );
+                    waiting_for_restored = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
             }
             if reachable.len() >= majority {
                 // A new cluster: its first elections need this node's vote.

@@ -29,7 +29,8 @@
 //! marks when it sees a majority of its peers pristine, or when the node that forms the cluster tells
 //! it so ([`NodeRequest::Forming`]); and when a cluster is restored from one member's backup, the
 //! members emptied on purpose are told so by the operator (`ClusterConfig::trust_empty_shards`), since
-//! the backup is the only truth left.
+//! the backup is the only truth left; those never form a cluster among themselves (`formation`), which
+//! would start an empty shop whose first terms clash with the restored log's.
 //!
 //! The price: while a member rebuilds, its shard needs a majority of the *other* members, as it must,
 //! since the data it rebuilds from lives only there.
