@@ -394,7 +394,7 @@ pub struct Config {
     pub cache_mib: u64,
     /// See `ServeArgs::durable_every`.
     pub durable_every: Duration,
-    /// See `ServeArgs::workers` (`None`: the runtime's default, one per core).
+    /// See `ServeArgs::workers` (`None`: tokio's default).
     pub workers: Option<usize>,
     /// See `ServeArgs::restoring_from_backup`.
     pub restoring_from_backup: bool,
