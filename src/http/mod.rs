@@ -16,6 +16,7 @@ pub mod listener;
 mod node_stream;
 mod node_traffic;
 pub mod render;
+mod request_id;
 mod routes;
 
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::config::Config;
 use crate::domain::{Command, Fingerprint, IdempotencyTag, Timestamp};
@@ -171,7 +172,7 @@ pub fn router(
         ))
         .layer(axum::middleware::from_fn(access_log::log_access))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+        .layer(SetRequestIdLayer::x_request_id(request_id::RandomRequestId));
     match node_traffic {
         // Node traffic has its own authentication and limits, and is never refused for client load.
         Some(node_traffic) => router.merge(node_traffic),
@@ -189,7 +190,7 @@ pub fn metrics_router(node: Arc<Node>, metrics: Arc<Metrics>) -> Router {
         .fallback(|| async { ApiError::no_such_endpoint() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(request_id::RandomRequestId))
 }
 
 /// Registers the request counter (at 0) for every status the document says each operation may answer,

@@ -344,6 +344,7 @@ async fn every_response_carries_x_request_id() {
             Some(b"{}".to_vec()),
         ),
     ];
+    let mut generated_ids = std::collections::HashSet::new();
     for (i, (m, p, a, body)) in calls.into_iter().enumerate() {
         // echoed when sent
         let rid = format!("it-req-{i}-{}", new_key());
@@ -376,9 +377,12 @@ async fn every_response_carries_x_request_id() {
             c = c.raw(b);
         }
         let r = c.send().await;
+        let generated = r.header("x-request-id").expect("a generated X-Request-Id");
+        let uuid = uuid::Uuid::parse_str(&generated).expect("the generated id is a UUID");
+        assert_eq!(uuid.get_version_num(), 4, "{generated}: a random UUID");
         assert!(
-            r.header("x-request-id").is_some_and(|v| !v.is_empty()),
-            "no X-Request-Id: {r:?}"
+            generated_ids.insert(generated),
+            "an id was generated twice: {r:?}"
         );
     }
 }
