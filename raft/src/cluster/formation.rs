@@ -11,6 +11,9 @@ use openraft::error::{InitializeError, RaftError};
 use super::{Cluster, NodeId, fatal};
 use crate::rpc::{NodeRequest, NodeResponse, Refusal};
 
+/// How often a node that is not yet part of a cluster probes its peers again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
 impl Cluster {
     /// Forms the cluster if it has not been: a single node initialises its shards at once; in a
     /// cluster, formation runs in the background until a majority of the peers is reachable.
@@ -93,7 +96,7 @@ impl Cluster {
                     );
                     waiting_for_restored = true;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(PROBE_EVERY).await;
                 continue;
             }
             if reachable.len() >= majority {
@@ -125,7 +128,7 @@ impl Cluster {
                     }
                 }
                 if joined_formation < majority {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(PROBE_EVERY).await;
                     continue;
                 }
                 tracing::info!(members = ?self.config.peers.keys(), "forming the cluster");
@@ -155,7 +158,7 @@ impl Cluster {
                 }
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(PROBE_EVERY).await;
         }
     }
 
