@@ -163,6 +163,7 @@
 
 mod audit;
 mod cpu;
+mod disk;
 mod http1;
 mod interrupt;
 // The integration tests' launcher of `shopkeep serve` processes, the same file rather than a copy; the
@@ -188,6 +189,7 @@ mod stats;
 use std::time::{Duration, Instant};
 
 use crate::cpu::CpuSample;
+use crate::disk::DiskSync;
 use crate::interrupt::run_interrupt_cleanups;
 use crate::nodes::Nodes;
 use crate::postgres::run_postgres;
@@ -230,7 +232,7 @@ fn main() {
 
     // One worker: the load's tasks then never wake each other across threads, and the generator takes
     // ~14 µs of CPU per purchase at 256 clients (0.2 of a core at 14,700/s), ~52 µs at one client,
-    // against 23 and 80 µs with two workers and the pooled client (README, twenty-second session). Still
+    // against 23 and 80 µs with two workers and the pooled client (docs/BENCHMARKS.md, twenty-second session). Still
     // the multi-thread scheduler: the scale run's loader leaves it through `block_in_place`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -246,7 +248,7 @@ fn main() {
     });
     let mut reports = Vec::new();
     for &system in &settings.systems {
-        settle(&system.label());
+        let disk = settle(&system.label());
         let cpu_before = CpuSample::take();
         let mut report = match system {
             System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
@@ -271,6 +273,7 @@ fn main() {
             }
         };
         report.cpu = cpu_before.and_then(|before| before.share_since(report.server_cpu_seconds));
+        report.disk = disk;
         reports.push(report);
     }
     let scale = settings
@@ -285,8 +288,9 @@ fn main() {
 /// Lets the disk settle before `label`'s load starts: writes back what came before it from the page
 /// cache (`sync`) and waits a moment, so that no load's fsyncs queue behind another's leftovers (the
 /// removal of PostgreSQL's data directories, the files of the system before, a loaded shop's files).
-/// Prints what was left to write back, and the memory the kernel had available.
-pub(crate) fn settle(label: &str) {
+/// Prints what was left to write back and the memory the kernel had available, then times durable
+/// writes in the directory the servers' data goes to ([`DiskSync`]), which it returns.
+pub(crate) fn settle(label: &str) -> Option<DiskSync> {
     let started = Instant::now();
     let before = page_cache_summary();
     let synced = std::process::Command::new("sync").status();
@@ -299,6 +303,16 @@ pub(crate) fn settle(label: &str) {
         },
         started.elapsed().as_secs_f64()
     );
+    match DiskSync::probe(&std::env::temp_dir()) {
+        Ok(sync) => {
+            eprintln!("{label}: {}", sync.describe());
+            Some(sync)
+        }
+        Err(error) => {
+            eprintln!("{label}: the durable-write probe failed: {error}");
+            None
+        }
+    }
 }
 
 /// Dirty and under-writeback page cache, and the memory available, from `/proc/meminfo`.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cpu::OTHER_CPU_WARNING;
+use crate::disk::DiskSync;
 use crate::plot;
 use crate::results::{LevelResult, MixResult, OpenLoopResult, SystemReport};
 use crate::scale::{ScaleReport, print_scale};
@@ -125,6 +126,9 @@ fn print_system(settings: &Settings, report: &SystemReport) {
                 ""
             }
         );
+    }
+    if let Some(disk) = &report.disk {
+        println!("disk, right before this system's run: {}", disk.describe());
     }
     println!(
         "{:>11} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>16}  error statuses",
@@ -333,6 +337,23 @@ fn print_table(rows: &[Vec<String>]) {
 /// The summary: completed purchases per second of the closed-loop levels, each shopkeep deployment
 /// next to the PostgreSQL of the same durability, with their ratio, per level and at the best level of
 /// each; then each system's half-peak p99. Its JSON.
+/// What a durable write cost before each system: the disk each column of the summary ran on.
+fn print_disk_line(reports: &[SystemReport]) {
+    let each: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            r.disk
+                .map(|d| format!("{} {:.0} µs", r.system.label(), d.p50_us))
+        })
+        .collect();
+    if !each.is_empty() {
+        println!(
+            "a durable 4 KiB write right before each system's run, p50: {}",
+            each.join(", ")
+        );
+    }
+}
+
 fn print_summary(settings: &Settings, reports: &[SystemReport]) -> Value {
     let text = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let ratio_text = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
@@ -385,6 +406,7 @@ fn print_summary(settings: &Settings, reports: &[SystemReport]) -> Value {
         "summary: completed purchases per second, closed loop (ratio: the shopkeep column / the PostgreSQL column to its left; best: each at its own best level)"
     );
     print_table(&rows);
+    print_disk_line(reports);
 
     let mut half_rows = vec![vec![
         "system".to_string(),
@@ -625,6 +647,7 @@ fn system_json(report: &SystemReport) -> Value {
             "other_processes_and_steal_cores": round2(c.other_cores),
             "cores": c.cores,
         })),
+        "disk_sync_before": report.disk.map(DiskSync::to_json),
     })
 }
 

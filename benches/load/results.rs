@@ -4,6 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::cpu::CpuShare;
+use crate::disk::DiskSync;
 use crate::settings::System;
 use crate::stats::{Stats, round2};
 
@@ -24,6 +25,8 @@ pub(crate) struct SystemReport {
     pub(crate) server_cpu_seconds: f64,
     /// Who used the CPU during the system's run.
     pub(crate) cpu: Option<CpuShare>,
+    /// What a durable write cost right before the system's run.
+    pub(crate) disk: Option<DiskSync>,
 }
 
 impl SystemReport {
@@ -45,6 +48,7 @@ impl SystemReport {
             skipped: None,
             server_cpu_seconds: 0.0,
             cpu: None,
+            disk: None,
             notes: Vec::new(),
         }
     }
