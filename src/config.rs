@@ -87,7 +87,7 @@ pub struct ServeArgs {
     /// redb's page cache of this node, in MiB, split evenly among its shards (32 with the default 3
     /// shards: 10.7 MiB each). At least 1 MiB per shard. More makes a shop of millions of orders faster
     /// for memory: at 3,000,000 orders, 64 made purchases 44 % faster than 32 for 48 MiB more peak RSS
-    /// (README, Benchmarks). The OS caches the files anyway; `shopkeep_shard_cache_reads_total` says
+    /// (docs/BENCHMARKS.md). The OS caches the files anyway; `shopkeep_shard_cache_reads_total` says
     /// how often a read misses.
     #[arg(long, env = "SHOPKEEP_CACHE_MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub cache_mib: u64,
@@ -97,7 +97,7 @@ pub struct ServeArgs {
     /// long a failing disk under a shard file goes unnoticed (the node stops within it). Shorter costs
     /// throughput on a big shop (at 3,000,000 orders 100ms made 30 % fewer purchases/s than 500ms);
     /// longer lengthens each durable commit's pause (5s doubled one node's p99.9 at half its peak) and
-    /// was not reliably faster (README, Benchmarks).
+    /// was not reliably faster (docs/BENCHMARKS.md).
     #[arg(long, env = "SHOPKEEP_DURABLE_EVERY", default_value = "2s", value_parser = parse_durable_every)]
     pub durable_every: Duration,
 
@@ -105,7 +105,7 @@ pub struct ServeArgs {
     /// or tokio's `TOKIO_WORKER_THREADS`]. Nodes sharing one machine each do better with their share of its
     /// cores than with all of them: three nodes on 2 cores with 1 each made 3–18 % more purchases/s at one
     /// client in 10 of 11 paired rounds, while one node alone with 1 instead of 2 lost 15–28 % at 16 and 64
-    /// clients (README, Benchmarks). Blocking work (durable commits, snapshots, the audit's reads) runs on
+    /// clients (docs/BENCHMARKS.md). Blocking work (durable commits, snapshots, the audit's reads) runs on
     /// threads of its own either way.
     #[arg(long, env = "SHOPKEEP_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,

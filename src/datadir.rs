@@ -65,7 +65,7 @@ pub fn restrict_new_files() {
 /// log entry and apply transaction (every entry costs its appends, commit notices and one apply on each
 /// member, however few commands it carries); more shards apply in parallel and confine a shard's stall (its
 /// periodic durable commit, its snapshot) to a smaller share of the users. Measured on two cores against
-/// eight (README, Benchmarks, twenty-eighth session, paired rounds): three gave a three-node cluster 14–34 %
+/// eight (docs/BENCHMARKS.md, twenty-eighth session, paired rounds): three gave a three-node cluster 14–34 %
 /// more purchases/s at 16 clients and 13–49 % at 64, and one node 27–28 % more at 64 clients and 10–36 % at
 /// 256, at the same or a lower p99 at half the peak. A shard applies on one thread: a node with many more cores
 /// than shards may do better with more, named when its data directory is created.

@@ -124,7 +124,7 @@ pub struct Common {
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One shard's audit's longest wait when `--timeout` is not given: the audit reads every row of the
-/// shard, 90 s for a shard of 3,300,000 orders under load on two cores (README, Benchmarks, the
+/// shard, 90 s for a shard of 3,300,000 orders under load on two cores (docs/BENCHMARKS.md, the
 /// twenty-eighth session's scale run).
 const DEFAULT_AUDIT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 

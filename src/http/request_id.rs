@@ -1,7 +1,7 @@
 //! The `X-Request-Id` given to a request that came without one: a random (version 4) UUID.
 //!
 //! tower-http's `MakeRequestUuid` asks the kernel for the 16 random bytes of every id (a `getrandom`
-//! system call per request, 0.7 % of one node's CPU at 256 clients: README, Benchmarks, thirty-first
+//! system call per request, 0.7 % of one node's CPU at 256 clients: docs/BENCHMARKS.md, thirty-first
 //! session). These come from `rand`'s thread-local generator instead (ChaCha, seeded from the kernel and
 //! reseeded after every 64 KiB it gives: one system call per 4,096 ids). An id only has to be unique
 //! enough to find a request in the logs; it guards nothing.

@@ -35,7 +35,7 @@ use crate::domain::Envelope;
 self_cell::self_cell!(
     /// A write transaction and the `Applier` over it, kept together so that the tables a command opened
     /// stay open for the next batches: opening and closing a dozen tables at every batch was a fifth of
-    /// the apply's CPU at one or two commands a batch (README, Benchmarks, twenty-first session).
+    /// the apply's CPU at one or two commands a batch (docs/BENCHMARKS.md, twenty-first session).
     pub(super) struct OpenTxn {
         owner: WriteTransaction,
         #[not_covariant]
@@ -57,7 +57,7 @@ impl OpenTxn {
 
 /// A held transaction is committed once it holds this many commands. With [`HOLD_FOR`] at 100 ms, 32
 /// instead of 16 (at 5 ms) cut the commits' share of one node's CPU at 16 clients from 7.3 % to 4.1 %;
-/// 64 was no faster, and at 5 ms it made 256 clients slower (README, Benchmarks, seventeenth and
+/// 64 was no faster, and at 5 ms it made 256 clients slower (docs/BENCHMARKS.md, seventeenth and
 /// eighteenth sessions); with the tables held open too, 64 was slower at 64 and 256 clients
 /// (twenty-first session).
 pub const HOLD_COMMANDS: usize = 32;

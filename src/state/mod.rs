@@ -132,7 +132,7 @@ pub const SCHEMA_VERSION: u32 = 3;
 /// and the OS caches the file anyway.) 4 MiB holds the hot pages of the purchase path on a small shop: 16 MiB was no faster there
 /// and cost 100 MiB of peak RSS at 256 clients (`cargo bench --bench load`). On a shop of 3,000,000
 /// orders 16 MiB made 19 % more purchases/s (3,828 against 3,223 at 64 clients), but the node peaked at
-/// 283 MiB, over the 256 MiB budget (README, Benchmarks, 2026-12-03 fifth session): an operator with
+/// 283 MiB, over the 256 MiB budget (docs/BENCHMARKS.md, 2026-12-03 fifth session): an operator with
 /// the memory gives `--cache-mib` more.
 pub const SHARD_CACHE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -164,7 +164,7 @@ pub const IMPORT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// 3,000,000 orders one node made 2,564–2,755 purchases/s at 64 clients with 500 ms, 3,381 with 2 s
 /// and 4,536 with 5 s (two more pairs a session later: 2 s 3,178 and 2,454, 5 s 2,625 and 2,648, so
 /// 5 s is not reliably faster); and with 5 s the commit's own pause doubled one node's p99.9 at half
-/// its peak on an empty shop, where 2 s left it as it was (README, Benchmarks, seventh and eighth
+/// its peak on an empty shop, where 2 s left it as it was (docs/BENCHMARKS.md, seventh and eighth
 /// sessions).
 pub const DEFAULT_DURABLE_EVERY: Duration = Duration::from_secs(2);
 /// The shortest `--durable-every`: below it the durable commits' fsyncs and page copies dominate.
@@ -181,7 +181,7 @@ pub const MAX_DURABLE_EVERY: Duration = Duration::from_secs(60);
 /// Why: a durable commit writes out every page the commits since the last one left in redb's write
 /// buffer, then fsyncs them (6–10 MB per shard at 2,000 purchases/s, 25–50 ms), and the shard applies
 /// nothing meanwhile. When the shards of a node were opened together they stayed in step, so all of
-/// them paused at once, each fsync slowed by the others' (README, Benchmarks, twenty-ninth session).
+/// them paused at once, each fsync slowed by the others' (docs/BENCHMARKS.md, twenty-ninth session).
 fn first_durable_due(every: Duration, shard: u32, shards: u32) -> Duration {
     let shards = shards.max(1);
     let position = shard % shards + 1;

@@ -320,7 +320,7 @@ impl Cluster {
 /// Gathers the commands waiting for `shard` into batches and proposes each as one entry, with as many
 /// batches in flight as [`batches_in_flight`] allows. The batches in flight run inside this task, not
 /// in tasks of their own: without a task spawned per batch one node made 7–12 % more purchases/s at
-/// 16–256 clients (README, thirteenth session). Stops when the cluster is gone.
+/// 16–256 clients (docs/BENCHMARKS.md, thirteenth session). Stops when the cluster is gone.
 pub(super) async fn run_batcher(
     cluster: Weak<Cluster>,
     shard: u32,
