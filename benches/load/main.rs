@@ -148,7 +148,8 @@
 //! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
 //! `postgres.rs` (the baselines' phases) over `pg.rs` (the PostgreSQL servers, standbys and pgbench);
 //! `scale.rs` (the scale run) over `scale_load.rs` (its loader);
-//! `stats.rs`, `results.rs`, `cpu.rs`, `report.rs`, `plot.rs` (the output); `progress.rs`,
+//! `stats.rs`, `results.rs`, `cpu.rs`, `disk.rs` (the durable-write probe), `report.rs`, `plot.rs` (the
+//! output); `progress.rs`,
 //! `interrupt.rs` (Ctrl-C).
 
 // A benchmark converts counts to rates, percentiles and plot coordinates, and a broken setup may panic:
