@@ -5,7 +5,8 @@
 //! Why not the pooled `reqwest` client the seeding and the audit use: the load generator shares the two
 //! cores with the servers it measures, and pgbench, PostgreSQL's client, is a C program on a Unix socket.
 //! With `reqwest` (and two runtime workers) the generator took ~80 µs of CPU per purchase at one client
-//! and ~23 µs at 256; with this client and one worker, ~52 and ~14 µs (docs/BENCHMARKS.md, twenty-second session).
+//! and ~23 µs at 256; with this client and one worker, ~52 and ~14 µs (docs/BENCHMARKS.md,
+//! twenty-second session).
 
 use std::time::Duration;
 

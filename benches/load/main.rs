@@ -233,7 +233,8 @@ fn main() {
 
     // One worker: the load's tasks then never wake each other across threads, and the generator takes
     // ~14 µs of CPU per purchase at 256 clients (0.2 of a core at 14,700/s), ~52 µs at one client,
-    // against 23 and 80 µs with two workers and the pooled client (docs/BENCHMARKS.md, twenty-second session). Still
+    // against 23 and 80 µs with two workers and the pooled client (docs/BENCHMARKS.md, twenty-second
+    // session). Still
     // the multi-thread scheduler: the scale run's loader leaves it through `block_in_place`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -249,7 +250,8 @@ fn main() {
     });
     let mut reports = Vec::new();
     for &system in &settings.systems {
-        let disk = settle(&system.label());
+        settle(&system.label());
+        let disk = probe_disk(&system.label());
         let cpu_before = CpuSample::take();
         let mut report = match system {
             System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
@@ -289,9 +291,8 @@ fn main() {
 /// Lets the disk settle before `label`'s load starts: writes back what came before it from the page
 /// cache (`sync`) and waits a moment, so that no load's fsyncs queue behind another's leftovers (the
 /// removal of PostgreSQL's data directories, the files of the system before, a loaded shop's files).
-/// Prints what was left to write back and the memory the kernel had available, then times durable
-/// writes in the directory the servers' data goes to ([`DiskSync`]), which it returns.
-pub(crate) fn settle(label: &str) -> Option<DiskSync> {
+/// Prints what was left to write back, and the memory the kernel had available.
+pub(crate) fn settle(label: &str) {
     let started = Instant::now();
     let before = page_cache_summary();
     let synced = std::process::Command::new("sync").status();
@@ -304,6 +305,11 @@ pub(crate) fn settle(label: &str) -> Option<DiskSync> {
         },
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Times durable writes in the directory the servers' data goes to ([`DiskSync`]) and prints the
+/// result under `label`: what every server of the run to come will wait on.
+pub(crate) fn probe_disk(label: &str) -> Option<DiskSync> {
     match DiskSync::probe(&std::env::temp_dir()) {
         Ok(sync) => {
             eprintln!("{label}: {}", sync.describe());

@@ -470,7 +470,11 @@ async fn measure(
     rate: f64,
 ) -> (LevelResult, Option<OpenLoopResult>, Option<u64>, u64) {
     let label = format!("scale {name}");
-    let _ = tokio::task::spawn_blocking(move || crate::settle(&label)).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        crate::settle(&label);
+        crate::probe_disk(&label)
+    })
+    .await;
     let phases = load_on(settings, node);
     node.reset_peak();
     let (closed, mut created) = phases

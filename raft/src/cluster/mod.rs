@@ -146,8 +146,8 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// The leader puts forwarded commands into its own queue, so they join its next entry whatever batch
 /// they came in: holding them back until the previous forward is answered saves no entry, and made
 /// each wait a round trip to the leader for nothing (3 nodes, 4 against 1: +9.7 % purchases/s at 16
-/// clients and +8 % at 64 over paired rounds, level at 256; docs/BENCHMARKS.md, twenty-seventh session). Bounded, so
-/// a node under heavy load still sends its commands to the leader in batches.
+/// clients and +8 % at 64 over paired rounds, level at 256; docs/BENCHMARKS.md, twenty-seventh
+/// session). Bounded, so a node under heavy load still sends its commands to the leader in batches.
 const FORWARDS_IN_FLIGHT: usize = 4;
 const _: () =
     assert!(MAX_BATCH_BYTES * MAX_ENTRIES_PER_APPEND_USIZE * 2 <= crate::rpc::MAX_MESSAGE_BYTES);
