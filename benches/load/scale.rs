@@ -46,6 +46,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
 use crate::audit::{audit_until, check_audit_by_shard, check_cluster_audit};
+use crate::disk::DiskSync;
 use crate::interrupt::{forget_interrupt, on_interrupt};
 use crate::launcher::{Launch, Process};
 use crate::nodes::{CLUSTER_SECRET, proc_status_kib};
@@ -85,6 +86,8 @@ pub(crate) struct ShopRun {
     pub(crate) half_peak: Option<OpenLoopResult>,
     /// The peak RSS of the node over both load phases, KiB.
     pub(crate) peak_rss_kib: Option<u64>,
+    /// What a durable 4 KiB write cost right before the load phases.
+    pub(crate) disk: Option<DiskSync>,
     /// The audit of every shard, one request each (`?shard=N`), one after the other.
     pub(crate) audit_s: f64,
     /// The longest of those requests.
@@ -116,6 +119,8 @@ pub(crate) struct ScaleReport {
     pub(crate) empty: ShopRun,
     /// The empty shop measured again after the loaded one: closed loop, open loop, peak RSS.
     pub(crate) empty_after: (LevelResult, Option<OpenLoopResult>, Option<u64>),
+    /// What a durable 4 KiB write cost right before it.
+    pub(crate) empty_after_disk: Option<DiskSync>,
     pub(crate) big: ShopRun,
     pub(crate) joins: Vec<Join>,
     pub(crate) cluster_checks: Vec<(String, bool)>,
@@ -339,15 +344,15 @@ pub(crate) async fn run_scale(settings: &Settings, users: u32, orders: u64) -> S
         node.process.kill();
         eprintln!("scale: the empty shop again");
         empty_node.kill_and_restart(&client).await;
-        let (closed, half_peak, peak, _) =
-            measure(settings, &empty_node, "empty (after)", rate).await;
+        let after = measure(settings, &empty_node, "empty (after)", rate).await;
         drop(empty_node);
-        (node, (closed, half_peak, peak))
+        (node, after)
     };
-    let (node, empty_after) = node;
+    let (node, after) = node;
     let mut report = ScaleReport {
         empty,
-        empty_after,
+        empty_after: (after.closed, after.half_peak, after.peak_rss_kib),
+        empty_after_disk: after.disk,
         big,
         joins: Vec::new(),
         cluster_checks: Vec::new(),
@@ -418,7 +423,13 @@ async fn run_shop(
     let snapshot_bytes = dir_bytes(&data.join("snapshots"));
 
     let rate = rate.unwrap_or(0.0);
-    let (closed, half_peak, peak_rss_kib, mut created) = measure(settings, &node, name, rate).await;
+    let Measured {
+        closed,
+        half_peak,
+        peak_rss_kib,
+        mut created,
+        disk,
+    } = measure(settings, &node, name, rate).await;
 
     let audit_started = Instant::now();
     let (checks, shard_seconds) = check_audit_by_shard(client, &node.base, orders + created).await;
@@ -450,6 +461,7 @@ async fn run_shop(
         closed,
         half_peak,
         peak_rss_kib,
+        disk,
         audit_s,
         slowest_shard_audit_s,
         during_audit,
@@ -463,18 +475,15 @@ async fn run_shop(
 
 /// The load phases on `node`: the closed loop, then the open loop at `rate` (0: at half of the closed
 /// loop's throughput). The peak RSS over both, and the orders the clients saw created.
-async fn measure(
-    settings: &Settings,
-    node: &ScaleNode,
-    name: &str,
-    rate: f64,
-) -> (LevelResult, Option<OpenLoopResult>, Option<u64>, u64) {
+async fn measure(settings: &Settings, node: &ScaleNode, name: &str, rate: f64) -> Measured {
     let label = format!("scale {name}");
-    let _ = tokio::task::spawn_blocking(move || {
+    let disk = tokio::task::spawn_blocking(move || {
         crate::settle(&label);
         crate::probe_disk(&label)
     })
-    .await;
+    .await
+    .ok()
+    .flatten();
     let phases = load_on(settings, node);
     node.reset_peak();
     let (closed, mut created) = phases
@@ -505,7 +514,23 @@ async fn measure(
     } else {
         None
     };
-    (closed, half_peak, node.peak_kib(), created)
+    Measured {
+        closed,
+        half_peak,
+        peak_rss_kib: node.peak_kib(),
+        created,
+        disk,
+    }
+}
+
+/// What [`measure`] found: the closed loop, the open loop, the peak RSS over both, the orders the
+/// clients saw created, and what a durable 4 KiB write cost right before.
+struct Measured {
+    closed: LevelResult,
+    half_peak: Option<OpenLoopResult>,
+    peak_rss_kib: Option<u64>,
+    created: u64,
+    disk: Option<DiskSync>,
 }
 
 /// The closed loop again while the node audits its shards back to back: an audit reads one snapshot of
@@ -715,6 +740,13 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         mib(e.peak_rss_kib),
         mib(*after_peak)
     );
+    let p50 = |disk: Option<DiskSync>| disk.map_or("-".into(), |d| format!("{:.0}", d.p50_us));
+    println!(
+        "a durable 4 KiB write right before each, p50 µs: empty shop {} / {}, loaded shop {}",
+        p50(e.disk),
+        p50(report.empty_after_disk),
+        p50(b.disk)
+    );
     println!(
         "{:<34} {:>14} {:>14} {:>8}",
         "", "empty (best)", "loaded shop", "goal"
@@ -864,6 +896,7 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             "closed_loop": run.closed.stats.to_json(),
             "half_peak": run.half_peak.as_ref().map(OpenLoopResult::to_json),
             "peak_rss_kib": run.peak_rss_kib,
+            "disk_sync_before": run.disk.map(DiskSync::to_json),
             "audit_seconds": round2(run.audit_s),
             "audit_peak_rss_kib": run.audit_rss_kib,
             "audit_slowest_shard_seconds": round2(run.slowest_shard_audit_s),
@@ -883,6 +916,7 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             "closed_loop": after_closed.stats.to_json(),
             "half_peak": after_half.as_ref().map(OpenLoopResult::to_json),
             "peak_rss_kib": after_peak,
+            "disk_sync_before": report.empty_after_disk.map(DiskSync::to_json),
         },
         "loaded": shop(b),
         "bytes_per_user": round2(per_user),
