@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::stats::round2;
+use crate::stats::{micros, percentile_ms, round2};
 
 /// Durable writes timed per probe: about a tenth of a second on a disk whose fsync takes 0.25 ms.
 const PROBE_WRITES: usize = 400;
@@ -33,18 +33,19 @@ impl DiskSync {
         let file = tempfile::tempfile_in(dir)?;
         let block = vec![0xA5u8; BLOCK_BYTES];
         written_and_synced(&file, &block)?;
-        let mut micros = Vec::with_capacity(PROBE_WRITES);
+        let mut sorted_us = Vec::with_capacity(PROBE_WRITES);
         for slot in 0..PROBE_WRITES {
             let started = Instant::now();
             file.write_all_at(&block, offset(slot))?;
             file.sync_data()?;
-            micros.push(started.elapsed().as_secs_f64() * 1e6);
+            sorted_us.push(micros(started.elapsed()));
         }
-        micros.sort_by(f64::total_cmp);
+        sorted_us.sort_unstable();
+        let us = |q: f64| percentile_ms(&sorted_us, q) * 1000.0;
         Ok(DiskSync {
-            p50_us: micros[micros.len() / 2],
-            p90_us: micros[micros.len() * 9 / 10],
-            max_us: micros[micros.len() - 1],
+            p50_us: us(0.50),
+            p90_us: us(0.90),
+            max_us: us(1.0),
         })
     }
 

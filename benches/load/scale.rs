@@ -117,10 +117,8 @@ pub(crate) struct Join {
 
 pub(crate) struct ScaleReport {
     pub(crate) empty: ShopRun,
-    /// The empty shop measured again after the loaded one: closed loop, open loop, peak RSS.
-    pub(crate) empty_after: (LevelResult, Option<OpenLoopResult>, Option<u64>),
-    /// What a durable 4 KiB write cost right before it.
-    pub(crate) empty_after_disk: Option<DiskSync>,
+    /// The empty shop measured again after the loaded one: closed loop, open loop, peak RSS, the disk.
+    pub(crate) empty_after: Measured,
     pub(crate) big: ShopRun,
     pub(crate) joins: Vec<Join>,
     pub(crate) cluster_checks: Vec<(String, bool)>,
@@ -351,8 +349,7 @@ pub(crate) async fn run_scale(settings: &Settings, users: u32, orders: u64) -> S
     let (node, after) = node;
     let mut report = ScaleReport {
         empty,
-        empty_after: (after.closed, after.half_peak, after.peak_rss_kib),
-        empty_after_disk: after.disk,
+        empty_after: after,
         big,
         joins: Vec::new(),
         cluster_checks: Vec::new(),
@@ -525,12 +522,12 @@ async fn measure(settings: &Settings, node: &ScaleNode, name: &str, rate: f64) -
 
 /// What [`measure`] found: the closed loop, the open loop, the peak RSS over both, the orders the
 /// clients saw created, and what a durable 4 KiB write cost right before.
-struct Measured {
-    closed: LevelResult,
-    half_peak: Option<OpenLoopResult>,
-    peak_rss_kib: Option<u64>,
-    created: u64,
-    disk: Option<DiskSync>,
+pub(crate) struct Measured {
+    pub(crate) closed: LevelResult,
+    pub(crate) half_peak: Option<OpenLoopResult>,
+    pub(crate) peak_rss_kib: Option<u64>,
+    pub(crate) created: u64,
+    pub(crate) disk: Option<DiskSync>,
 }
 
 /// The closed loop again while the node audits its shards back to back: an audit reads one snapshot of
@@ -695,7 +692,8 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
     let per_order = order_bytes as f64 / b.orders.max(1) as f64;
     // The empty shop's reference: the better of its runs before and after the loaded shop (a mean
     // would let one disturbed run of the empty shop turn a loaded shop's FAIL into a PASS).
-    let (after_closed, after_half, after_peak) = &report.empty_after;
+    let after = &report.empty_after;
+    let (after_closed, after_half) = (&after.closed, &after.half_peak);
     let ref_throughput = e.closed.stats.throughput.max(after_closed.stats.throughput);
     let ref_p99 = e.closed.stats.p99_ms.min(after_closed.stats.p99_ms);
     let ref_half_p99 = match (&e.half_peak, after_half) {
@@ -738,13 +736,13 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             .as_ref()
             .map_or("-".into(), |h| ms(h.stats.p99_ms)),
         mib(e.peak_rss_kib),
-        mib(*after_peak)
+        mib(after.peak_rss_kib)
     );
     let p50 = |disk: Option<DiskSync>| disk.map_or("-".into(), |d| format!("{:.0}", d.p50_us));
     println!(
         "a durable 4 KiB write right before each, p50 µs: empty shop {} / {}, loaded shop {}",
         p50(e.disk),
-        p50(report.empty_after_disk),
+        p50(after.disk),
         p50(b.disk)
     );
     println!(
@@ -915,8 +913,8 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         "empty_after": {
             "closed_loop": after_closed.stats.to_json(),
             "half_peak": after_half.as_ref().map(OpenLoopResult::to_json),
-            "peak_rss_kib": after_peak,
-            "disk_sync_before": report.empty_after_disk.map(DiskSync::to_json),
+            "peak_rss_kib": after.peak_rss_kib,
+            "disk_sync_before": after.disk.map(DiskSync::to_json),
         },
         "loaded": shop(b),
         "bytes_per_user": round2(per_user),

@@ -121,12 +121,12 @@ impl Stats {
     }
 }
 
-fn micros(d: Duration) -> u64 {
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Nearest-rank percentile of sorted microsecond samples, in milliseconds (NaN when there are none).
-fn percentile_ms(sorted_us: &[u64], q: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted_us: &[u64], q: f64) -> f64 {
     if sorted_us.is_empty() {
         return f64::NAN;
     }
