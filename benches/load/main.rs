@@ -148,7 +148,8 @@
 //! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
 //! `postgres.rs` (the baselines' phases) over `pg.rs` (the PostgreSQL servers, standbys and pgbench);
 //! `scale.rs` (the scale run) over `scale_load.rs` (its loader);
-//! `stats.rs`, `results.rs`, `cpu.rs`, `disk.rs` (the durable-write probe), `report.rs`, `plot.rs` (the
+//! `stats.rs`, `results.rs`, `cpu.rs`, `disk.rs` (the durable-write probe), `cores.rs` (the
+//! core probe), `report.rs`, `plot.rs` (the
 //! output); `progress.rs`,
 //! `interrupt.rs` (Ctrl-C).
 
@@ -163,6 +164,7 @@
 )]
 
 mod audit;
+mod cores;
 mod cpu;
 mod disk;
 mod http1;
@@ -189,6 +191,7 @@ mod stats;
 
 use std::time::{Duration, Instant};
 
+use crate::cores::CoreSpeed;
 use crate::cpu::CpuSample;
 use crate::disk::DiskSync;
 use crate::interrupt::run_interrupt_cleanups;
@@ -252,6 +255,7 @@ fn main() {
     for &system in &settings.systems {
         settle(&system.label());
         let disk = probe_disk(&system.label());
+        let cores = probe_cores(&system.label());
         let cpu_before = CpuSample::take();
         let mut report = match system {
             System::Postgres(servers) => run_postgres(system, servers, &settings, &progress),
@@ -277,6 +281,7 @@ fn main() {
         };
         report.cpu = cpu_before.and_then(|before| before.share_since(report.server_cpu_seconds));
         report.disk = disk;
+        report.cores = Some(cores);
         reports.push(report);
     }
     let scale = settings
@@ -320,6 +325,14 @@ pub(crate) fn probe_disk(label: &str) -> Option<DiskSync> {
             None
         }
     }
+}
+
+/// Times a fixed CPU loop alone and on every core at once ([`CoreSpeed`]) and prints the result under
+/// `label`: what the machine's cores gave right before the run to come.
+pub(crate) fn probe_cores(label: &str) -> CoreSpeed {
+    let cores = CoreSpeed::probe();
+    eprintln!("{label}: {}", cores.describe());
+    cores
 }
 
 /// Dirty and under-writeback page cache, and the memory available, from `/proc/meminfo`.

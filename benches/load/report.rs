@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::cores::CoreSpeed;
 use crate::cpu::OTHER_CPU_WARNING;
 use crate::disk::DiskSync;
 use crate::plot;
@@ -129,6 +130,12 @@ fn print_system(settings: &Settings, report: &SystemReport) {
     }
     if let Some(disk) = &report.disk {
         println!("disk, right before this system's run: {}", disk.describe());
+    }
+    if let Some(cores) = &report.cores {
+        println!(
+            "cores, right before this system's run: {}",
+            cores.describe()
+        );
     }
     println!(
         "{:>11} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>16}  error statuses",
@@ -354,6 +361,25 @@ fn print_disk_line(reports: &[SystemReport]) {
     }
 }
 
+/// What the fixed CPU loop took before each system: the cores each column of the summary ran on.
+fn print_cores_line(reports: &[SystemReport]) {
+    let each: Vec<String> = reports
+        .iter()
+        .filter_map(|r| {
+            r.cores.map(|c| {
+                let label = r.system.label();
+                format!("{label} {:.0} / {:.0}", c.alone_ms, c.together_ms)
+            })
+        })
+        .collect();
+    if !each.is_empty() {
+        println!(
+            "a fixed CPU loop right before each system's run, ms alone / on every core at once: {}",
+            each.join(", ")
+        );
+    }
+}
+
 fn print_summary(settings: &Settings, reports: &[SystemReport]) -> Value {
     let text = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let ratio_text = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
@@ -407,6 +433,7 @@ fn print_summary(settings: &Settings, reports: &[SystemReport]) -> Value {
     );
     print_table(&rows);
     print_disk_line(reports);
+    print_cores_line(reports);
 
     let mut half_rows = vec![vec![
         "system".to_string(),
@@ -648,6 +675,7 @@ fn system_json(report: &SystemReport) -> Value {
             "cores": c.cores,
         })),
         "disk_sync_before": report.disk.map(DiskSync::to_json),
+        "cpu_loop_before": report.cores.map(CoreSpeed::to_json),
     })
 }
 

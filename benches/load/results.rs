@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use crate::cores::CoreSpeed;
 use crate::cpu::CpuShare;
 use crate::disk::DiskSync;
 use crate::settings::System;
@@ -27,6 +28,8 @@ pub(crate) struct SystemReport {
     pub(crate) cpu: Option<CpuShare>,
     /// What a durable write cost right before the system's run.
     pub(crate) disk: Option<DiskSync>,
+    /// What a fixed CPU loop took right before the system's run.
+    pub(crate) cores: Option<CoreSpeed>,
 }
 
 impl SystemReport {
@@ -49,6 +52,7 @@ impl SystemReport {
             server_cpu_seconds: 0.0,
             cpu: None,
             disk: None,
+            cores: None,
             notes: Vec::new(),
         }
     }

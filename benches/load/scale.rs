@@ -46,6 +46,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
 use crate::audit::{audit_until, check_audit_by_shard, check_cluster_audit};
+use crate::cores::CoreSpeed;
 use crate::disk::DiskSync;
 use crate::interrupt::{forget_interrupt, on_interrupt};
 use crate::launcher::{Launch, Process};
@@ -88,6 +89,8 @@ pub(crate) struct ShopRun {
     pub(crate) peak_rss_kib: Option<u64>,
     /// What a durable 4 KiB write cost right before the load phases.
     pub(crate) disk: Option<DiskSync>,
+    /// What a fixed CPU loop took right before the load phases.
+    pub(crate) cores: Option<CoreSpeed>,
     /// The audit of every shard, one request each (`?shard=N`), one after the other.
     pub(crate) audit_s: f64,
     /// The longest of those requests.
@@ -117,7 +120,8 @@ pub(crate) struct Join {
 
 pub(crate) struct ScaleReport {
     pub(crate) empty: ShopRun,
-    /// The empty shop measured again after the loaded one: closed loop, open loop, peak RSS, the disk.
+    /// The empty shop measured again after the loaded one: closed loop, open loop, peak RSS, the disk
+    /// and the cores.
     pub(crate) empty_after: Measured,
     pub(crate) big: ShopRun,
     pub(crate) joins: Vec<Join>,
@@ -426,6 +430,7 @@ async fn run_shop(
         peak_rss_kib,
         mut created,
         disk,
+        cores,
     } = measure(settings, &node, name, rate).await;
 
     let audit_started = Instant::now();
@@ -459,6 +464,7 @@ async fn run_shop(
         half_peak,
         peak_rss_kib,
         disk,
+        cores,
         audit_s,
         slowest_shard_audit_s,
         during_audit,
@@ -474,13 +480,12 @@ async fn run_shop(
 /// loop's throughput). The peak RSS over both, and the orders the clients saw created.
 async fn measure(settings: &Settings, node: &ScaleNode, name: &str, rate: f64) -> Measured {
     let label = format!("scale {name}");
-    let disk = tokio::task::spawn_blocking(move || {
+    let (disk, cores) = tokio::task::spawn_blocking(move || {
         crate::settle(&label);
-        crate::probe_disk(&label)
+        (crate::probe_disk(&label), Some(crate::probe_cores(&label)))
     })
     .await
-    .ok()
-    .flatten();
+    .unwrap_or((None, None));
     let phases = load_on(settings, node);
     node.reset_peak();
     let (closed, mut created) = phases
@@ -517,17 +522,19 @@ async fn measure(settings: &Settings, node: &ScaleNode, name: &str, rate: f64) -
         peak_rss_kib: node.peak_kib(),
         created,
         disk,
+        cores,
     }
 }
 
 /// What [`measure`] found: the closed loop, the open loop, the peak RSS over both, the orders the
-/// clients saw created, and what a durable 4 KiB write cost right before.
+/// clients saw created, and what a durable 4 KiB write and a fixed CPU loop cost right before.
 pub(crate) struct Measured {
     pub(crate) closed: LevelResult,
     pub(crate) half_peak: Option<OpenLoopResult>,
     pub(crate) peak_rss_kib: Option<u64>,
     pub(crate) created: u64,
     pub(crate) disk: Option<DiskSync>,
+    pub(crate) cores: Option<CoreSpeed>,
 }
 
 /// The closed loop again while the node audits its shards back to back: an audit reads one snapshot of
@@ -745,6 +752,17 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
         p50(after.disk),
         p50(b.disk)
     );
+    let loop_ms = |cores: Option<CoreSpeed>| {
+        cores.map_or("-".into(), |c| {
+            format!("{:.0} / {:.0}", c.alone_ms, c.together_ms)
+        })
+    };
+    println!(
+        "a fixed CPU loop right before each, ms alone / on every core at once: empty shop {}, then {}; loaded shop {}",
+        loop_ms(e.cores),
+        loop_ms(after.cores),
+        loop_ms(b.cores)
+    );
     println!(
         "{:<34} {:>14} {:>14} {:>8}",
         "", "empty (best)", "loaded shop", "goal"
@@ -895,6 +913,7 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             "half_peak": run.half_peak.as_ref().map(OpenLoopResult::to_json),
             "peak_rss_kib": run.peak_rss_kib,
             "disk_sync_before": run.disk.map(DiskSync::to_json),
+            "cpu_loop_before": run.cores.map(CoreSpeed::to_json),
             "audit_seconds": round2(run.audit_s),
             "audit_peak_rss_kib": run.audit_rss_kib,
             "audit_slowest_shard_seconds": round2(run.slowest_shard_audit_s),
@@ -915,6 +934,7 @@ pub(crate) fn print_scale(report: &ScaleReport) -> Value {
             "half_peak": after_half.as_ref().map(OpenLoopResult::to_json),
             "peak_rss_kib": after.peak_rss_kib,
             "disk_sync_before": after.disk.map(DiskSync::to_json),
+            "cpu_loop_before": after.cores.map(CoreSpeed::to_json),
         },
         "loaded": shop(b),
         "bytes_per_user": round2(per_user),
