@@ -1,8 +1,9 @@
 //! What the machine's cores gave when a system's run began: a fixed chain of dependent multiplies over
 //! 1 MiB, timed on one thread alone and then on every core at once. On the 2-core VM every system made
 //! about half in one session of what it made in the one before, on a disk that measured the same, and
-//! two threads of this loop at once ran 8–35 % slower each than one alone (docs/BENCHMARKS.md,
-//! thirty-third session), so the report gives it per system, beside the disk's latency (`disk.rs`).
+//! the same loop in C ran 8–35 % slower on each of two threads at once than on one alone
+//! (docs/BENCHMARKS.md, thirty-third session), so the report gives it per system, beside the disk's
+//! latency (`disk.rs`).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -148,10 +148,8 @@
 //! `seed.rs`, `shopkeep.rs` (its phases: the load generator), `requests.rs`, `audit.rs`;
 //! `postgres.rs` (the baselines' phases) over `pg.rs` (the PostgreSQL servers, standbys and pgbench);
 //! `scale.rs` (the scale run) over `scale_load.rs` (its loader);
-//! `stats.rs`, `results.rs`, `cpu.rs`, `disk.rs` (the durable-write probe), `cores.rs` (the
-//! core probe), `report.rs`, `plot.rs` (the
-//! output); `progress.rs`,
-//! `interrupt.rs` (Ctrl-C).
+//! `stats.rs`, `results.rs`, `cpu.rs`, `disk.rs` (the durable-write probe), `cores.rs` (the CPU loop
+//! probe), `report.rs`, `plot.rs` (the output); `progress.rs`, `interrupt.rs` (Ctrl-C).
 
 // A benchmark converts counts to rates, percentiles and plot coordinates, and a broken setup may panic:
 // the workspace's cast and unwrap lints guard the service, not its measuring tools.
