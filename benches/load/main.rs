@@ -235,8 +235,8 @@ fn main() {
     // One worker: the load's tasks then never wake each other across threads, and the generator takes
     // ~14 µs of CPU per purchase at 256 clients (0.2 of a core at 14,700/s), ~52 µs at one client,
     // against 23 and 80 µs with two workers and the pooled client (docs/BENCHMARKS.md, twenty-second
-    // session). Still
-    // the multi-thread scheduler: the scale run's loader leaves it through `block_in_place`.
+    // session). Still the multi-thread scheduler: the scale run's loader leaves it through
+    // `block_in_place`.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -341,45 +341,42 @@ fn print_table(rows: &[Vec<String>]) {
     }
 }
 
+/// The lines under the summary that say what each system's run began on: the disk and the cores.
+fn print_probe_lines(reports: &[SystemReport]) {
+    print_per_system_line(
+        reports,
+        "a durable 4 KiB write right before each system's run, p50",
+        |r| r.disk.map(|d| format!("{:.0} µs", d.p50_us)),
+    );
+    print_per_system_line(
+        reports,
+        "a fixed CPU loop right before each system's run, ms alone / on every core at once",
+        |r| {
+            r.cores
+                .map(|c| format!("{:.0} / {:.0}", c.alone_ms, c.together_ms))
+        },
+    );
+}
+
+/// `what`, then each system's label and its `figure` (systems without one left out; no line if none
+/// has one).
+fn print_per_system_line(
+    reports: &[SystemReport],
+    what: &str,
+    figure: impl Fn(&SystemReport) -> Option<String>,
+) {
+    let each: Vec<String> = reports
+        .iter()
+        .filter_map(|r| figure(r).map(|f| format!("{} {f}", r.system.label())))
+        .collect();
+    if !each.is_empty() {
+        println!("{what}: {}", each.join(", "));
+    }
+}
+
 /// The summary: completed purchases per second of the closed-loop levels, each shopkeep deployment
 /// next to the PostgreSQL of the same durability, with their ratio, per level and at the best level of
 /// each; then each system's half-peak p99. Its JSON.
-/// What a durable write cost before each system: the disk each column of the summary ran on.
-fn print_disk_line(reports: &[SystemReport]) {
-    let each: Vec<String> = reports
-        .iter()
-        .filter_map(|r| {
-            r.disk
-                .map(|d| format!("{} {:.0} µs", r.system.label(), d.p50_us))
-        })
-        .collect();
-    if !each.is_empty() {
-        println!(
-            "a durable 4 KiB write right before each system's run, p50: {}",
-            each.join(", ")
-        );
-    }
-}
-
-/// What the fixed CPU loop took before each system: the cores each column of the summary ran on.
-fn print_cores_line(reports: &[SystemReport]) {
-    let each: Vec<String> = reports
-        .iter()
-        .filter_map(|r| {
-            r.cores.map(|c| {
-                let label = r.system.label();
-                format!("{label} {:.0} / {:.0}", c.alone_ms, c.together_ms)
-            })
-        })
-        .collect();
-    if !each.is_empty() {
-        println!(
-            "a fixed CPU loop right before each system's run, ms alone / on every core at once: {}",
-            each.join(", ")
-        );
-    }
-}
-
 fn print_summary(settings: &Settings, reports: &[SystemReport]) -> Value {
     let text = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
     let ratio_text = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
@@ -432,8 +429,7 @@ fn print_summary(settings: &Settings, reports: &[SystemReport]) -> Value {
         "summary: completed purchases per second, closed loop (ratio: the shopkeep column / the PostgreSQL column to its left; best: each at its own best level)"
     );
     print_table(&rows);
-    print_disk_line(reports);
-    print_cores_line(reports);
+    print_probe_lines(reports);
 
     let mut half_rows = vec![vec![
         "system".to_string(),
